@@ -1,0 +1,224 @@
+// The C ABI entry points: argument checks, then the runtime and kernels. Every entry point is wrapped in
+// guarded_call so no exception crosses the boundary.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "comm.hpp"
+#include "cuda_utils.hpp"
+#include "deepep/deepep.h"
+#include "error.hpp"
+#include "layout.hpp"
+
+namespace deepep {
+namespace {
+
+template <class T>
+void require_out(T* pointer, const char* name) {
+  DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL", name);
+}
+
+// A caller's array must be device memory of the communicator's device (or managed memory), suitably aligned.
+void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment,
+                        const char* name) {
+  if (bytes == 0) return;
+  DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL but must hold %zu bytes", name, bytes);
+  DEEPEP_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, "%s (%p) is not aligned to %zu bytes", name,
+                 pointer, alignment);
+  cudaPointerAttributes attributes = {};
+  const cudaError_t status = cudaPointerGetAttributes(&attributes, pointer);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    fail(deepepInvalidArgument, "%s (%p) is not memory CUDA knows: %s", name, pointer, cudaGetErrorString(status));
+  }
+  if (attributes.type == cudaMemoryTypeManaged) return;
+  if (attributes.type != cudaMemoryTypeDevice) {
+    fail(deepepInvalidArgument, "%s (%p) is %s memory; it must be device memory on device %d", name, pointer,
+         attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", comm.device);
+  }
+  if (attributes.device != comm.device) {
+    fail(deepepInvalidArgument, "%s (%p) lives on device %d but the communicator uses device %d", name, pointer,
+         attributes.device, comm.device);
+  }
+}
+
+size_t element_bytes(deepepDataType_t type) {
+  switch (type) {
+    case deepepInt32: return 4;
+    case deepepInt64: return 8;
+    case deepepFloat32: return 4;
+    case deepepBFloat16: return 2;
+    case deepepFloat8E4M3: return 1;
+    case deepepUInt8: return 1;
+  }
+  fail(deepepInvalidArgument, "unknown deepepDataType_t value %d", static_cast<int>(type));
+}
+
+}  // namespace
+}  // namespace deepep
+
+using namespace deepep;
+
+extern "C" {
+
+DEEPEP_API deepepResult_t deepepGetVersion(int* version) {
+  return guarded_call(__func__, [&] {
+    require_out(version, "version");
+    *version = DEEPEP_VERSION;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config) {
+  return guarded_call(__func__, [&] {
+    require_out(config, "config");
+    const deepepConfig defaults = DEEPEP_CONFIG_INIT;
+    *config = defaults;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id) {
+  return guarded_call(__func__, [&] {
+    require_out(id, "id");
+    get_unique_id(id);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, int nranks, size_t* bytes) {
+  return guarded_call(__func__, [&] {
+    require_out(bytes, "bytes");
+    DEEPEP_REQUIRE(nranks >= 1 && nranks <= DEEPEP_MAX_RANKS, "nranks is %d; it must be in [1, %d]", nranks,
+                   DEEPEP_MAX_RANKS);
+    *bytes = buffer_size_for(resolve_config(config), nranks);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
+                                             const deepepConfig* config) {
+  return guarded_call(__func__, [&] {
+    require_out(comm, "comm");
+    *comm = nullptr;
+    require_out(id, "id");
+    DEEPEP_REQUIRE(nranks >= 1 && nranks <= DEEPEP_MAX_RANKS, "nranks is %d; it must be in [1, %d]", nranks,
+                   DEEPEP_MAX_RANKS);
+    DEEPEP_REQUIRE(rank >= 0 && rank < nranks, "rank is %d; it must be in [0, nranks = %d)", rank, nranks);
+    const deepepConfig resolved = resolve_config(config);
+    *comm = create_comm(nranks, *id, rank, resolved);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm) {
+  return guarded_call(__func__, [&] {
+    if (comm == nullptr) return;
+    destroy_comm(checked_comm(comm));
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommRank(deepepComm_t comm, int* rank) {
+  return guarded_call(__func__, [&] {
+    require_out(rank, "rank");
+    *rank = checked_comm(comm)->rank;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommSize(deepepComm_t comm, int* nranks) {
+  return guarded_call(__func__, [&] {
+    require_out(nranks, "nranks");
+    *nranks = checked_comm(comm)->nranks;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ranks_per_domain) {
+  return guarded_call(__func__, [&] {
+    require_out(ranks_per_domain, "ranks_per_domain");
+    *ranks_per_domain = checked_comm(comm)->ranks_per_nvl_domain;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device) {
+  return guarded_call(__func__, [&] {
+    require_out(device, "device");
+    *device = checked_comm(comm)->device;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes) {
+  return guarded_call(__func__, [&] {
+    require_out(bytes, "bytes");
+    *bytes = checked_comm(comm)->buffer_bytes;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream) {
+  return guarded_call(__func__, [&] {
+    require_out(stream, "stream");
+    *stream = checked_comm(comm)->stream;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error) {
+  // Not through guarded_call's success path alone: a found fault must also leave its description as the message.
+  deepepResult_t found = deepepSuccess;
+  const deepepResult_t status = guarded_call(__func__, [&] {
+    require_out(async_error, "async_error");
+    const deepepComm* c = checked_comm(comm);
+    const volatile AsyncErrorRecord* record = c->async_error;
+    const int32_t code = record->code;
+    *async_error = deepepSuccess;
+    if (code <= 0) return;  // nothing, or a record still being written (it is published on a later read)
+    found = static_cast<deepepResult_t>(code);
+    *async_error = found;
+    char text[512];
+    if (found == deepepTimeout) {
+      std::snprintf(text, sizeof(text), "rank %d timed out in %s waiting for rank %d", record->rank,
+                    phase_name(record->phase), record->peer);
+    } else {
+      std::snprintf(text, sizeof(text), "rank %d found %s in %s: entry %lld has value %lld", record->rank,
+                    deepepGetErrorString(found), phase_name(record->phase),
+                    static_cast<long long>(record->detail), static_cast<long long>(record->value));
+    }
+    set_last_error_message(std::string("asynchronous error: ") + text);
+  });
+  return status;
+}
+
+DEEPEP_API deepepResult_t deepepCommClearAsyncError(deepepComm_t comm) {
+  return guarded_call(__func__, [&] {
+    deepepComm* c = checked_comm(comm);
+    std::memset(c->async_error, 0, sizeof(AsyncErrorRecord));
+  });
+}
+
+DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void* topk_idx, deepepDataType_t topk_type,
+                                                  int64_t num_tokens, int num_topk, int64_t topk_row_stride,
+                                                  int num_experts, int32_t* num_tokens_per_rank,
+                                                  int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank,
+                                                  struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    DEEPEP_REQUIRE(topk_type == deepepInt64 || topk_type == deepepInt32,
+                   "topk_type is %d; topk_idx must be deepepInt64 or deepepInt32", static_cast<int>(topk_type));
+    DEEPEP_REQUIRE(num_tokens >= 0, "num_tokens is %lld; it must be >= 0", static_cast<long long>(num_tokens));
+    DEEPEP_REQUIRE(num_topk >= 1 && num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]", num_topk,
+                   DEEPEP_MAX_TOPK);
+    DEEPEP_REQUIRE(topk_row_stride >= num_topk, "topk_row_stride is %lld; it must be >= num_topk (%d)",
+                   static_cast<long long>(topk_row_stride), num_topk);
+    DEEPEP_REQUIRE(num_experts >= 1, "num_experts is %d; it must be positive", num_experts);
+    DEEPEP_REQUIRE(num_experts % c.nranks == 0, "num_experts (%d) is not divisible by the number of ranks (%d)",
+                   num_experts, c.nranks);
+    DEEPEP_REQUIRE(num_experts / c.nranks <= DEEPEP_MAX_LOCAL_EXPERTS,
+                   "num_experts / nranks is %d; at most %d experts per rank are supported", num_experts / c.nranks,
+                   DEEPEP_MAX_LOCAL_EXPERTS);
+    const size_t index_bytes = element_bytes(topk_type);
+    const size_t topk_bytes =
+        num_tokens == 0 ? 0 : ((num_tokens - 1) * topk_row_stride + num_topk) * index_bytes;
+    check_device_array(c, topk_idx, topk_bytes, index_bytes, "topk_idx");
+    check_device_array(c, num_tokens_per_rank, sizeof(int32_t) * c.nranks, 4, "num_tokens_per_rank");
+    check_device_array(c, num_tokens_per_expert, sizeof(int32_t) * num_experts, 4, "num_tokens_per_expert");
+    check_device_array(c, is_token_in_rank, static_cast<size_t>(num_tokens) * c.nranks, 1, "is_token_in_rank");
+    DeviceGuard guard(c.device);
+    launch_dispatch_layout(c, topk_idx, topk_type, num_tokens, num_topk, topk_row_stride, num_experts,
+                           num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, stream);
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,48 @@
+// The host-visible record of a fault found on the device. It lives in mapped pinned memory so the host can read it
+// while kernels run; the first fault wins and later ones are dropped (the first is the cause, the rest follow).
+#pragma once
+
+#include <cstdint>
+
+#include "deepep/deepep.h"
+
+namespace deepep {
+
+enum class Phase : int32_t { kNone = 0, kLayout = 1 };
+
+inline const char* phase_name(int32_t phase) {
+  switch (static_cast<Phase>(phase)) {
+    case Phase::kNone: return "none";
+    case Phase::kLayout: return "dispatch layout";
+  }
+  return "unknown phase";
+}
+
+struct AsyncErrorRecord {
+  int32_t code;    // deepepResult_t; 0 while nothing happened
+  int32_t rank;    // the rank that saw the fault
+  int32_t phase;   // Phase
+  int32_t peer;    // the peer waited for, or -1
+  int64_t detail;  // e.g. the flat index of an out-of-range expert id
+  int64_t value;   // e.g. the offending value
+};
+
+#ifdef __CUDACC__
+// Records a fault once. Safe from any thread of any block; later faults leave the first record intact.
+__device__ inline void record_async_error(AsyncErrorRecord* record, deepepResult_t code, int rank, Phase phase,
+                                          int peer, int64_t detail, int64_t value) {
+  // Claim with a CAS to -1 ("being written"), fill the details, then publish the code after a system fence: a host
+  // that reads a positive code also reads the details that go with it. The host treats -1 as "not yet published".
+  if (atomicCAS(reinterpret_cast<int*>(&record->code), 0, -1) == 0) {
+    record->rank = rank;
+    record->phase = static_cast<int32_t>(phase);
+    record->peer = peer;
+    record->detail = detail;
+    record->value = value;
+    __threadfence_system();
+    atomicExch(reinterpret_cast<int*>(&record->code), static_cast<int>(code));
+  }
+}
+#endif
+
+}  // namespace deepep

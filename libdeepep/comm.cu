@@ -1,0 +1,294 @@
+#include "comm.hpp"
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <algorithm>
+#include <memory>
+#include <set>
+#include <string>
+
+#include "bounded.hpp"
+#include "cuda_utils.hpp"
+#include "error.hpp"
+
+namespace deepep {
+
+namespace {
+
+static_assert(sizeof(nvshmemx_uniqueid_t) == DEEPEP_UNIQUE_ID_BYTES, "deepepUniqueId must hold NVSHMEM's id");
+
+// The size of the first published deepepConfig: callers compiled against it send exactly this struct_size.
+constexpr size_t kConfigV1Size = offsetof(deepepConfig, num_experts) + sizeof(int);
+
+// Space for control words (counters, flags) at the start of the buffer, ahead of the data region.
+constexpr size_t kControlBytes = size_t(1) << 20;
+
+// Live communicators: lets every entry point reject freed or foreign handles without touching their memory, and
+// enforces one communicator per process (NVSHMEM is a per-process runtime).
+std::mutex registry_mutex;
+std::set<deepepComm*> live_comms;
+bool comm_being_created = false;
+
+// What each rank publishes at setup so that ranks can check they agree before any collective relies on it.
+struct RankHello {
+  int64_t rank;
+  int64_t nranks;
+  int64_t buffer_bytes;
+  int64_t version;
+};
+
+size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
+
+}  // namespace
+
+deepepConfig resolve_config(const deepepConfig* config) {
+  deepepConfig resolved = DEEPEP_CONFIG_INIT;
+  if (config == nullptr) return resolved;
+  if (config->struct_size < kConfigV1Size || config->struct_size > (size_t(1) << 16)) {
+    fail(deepepInvalidArgument,
+         "config->struct_size is %zu; set it with deepepConfigInit or DEEPEP_CONFIG_INIT (expected at least %zu)",
+         config->struct_size, kConfigV1Size);
+  }
+  std::memcpy(&resolved, config, std::min(config->struct_size, sizeof(deepepConfig)));
+  resolved.struct_size = sizeof(deepepConfig);
+  DEEPEP_REQUIRE(resolved.device >= -1, "config->device is %d; use a device ordinal or -1 for the current device",
+                 resolved.device);
+  DEEPEP_REQUIRE(resolved.allow_nvlink_multicast == 0 || resolved.allow_nvlink_multicast == 1,
+                 "config->allow_nvlink_multicast is %d; it must be 0 or 1", resolved.allow_nvlink_multicast);
+  DEEPEP_REQUIRE(resolved.timeout_seconds > 0 && resolved.timeout_seconds <= 86400.0,
+                 "config->timeout_seconds is %g; it must be in (0, 86400]", resolved.timeout_seconds);
+  if (resolved.buffer_bytes == 0) {
+    DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
+                   resolved.max_tokens_per_rank);
+    DEEPEP_REQUIRE(resolved.hidden > 0 && resolved.hidden % 8 == 0,
+                   "config->hidden is %d; it must be a positive multiple of 8 (16-byte BF16 rows)", resolved.hidden);
+    DEEPEP_REQUIRE(resolved.num_topk >= 1 && resolved.num_topk <= DEEPEP_MAX_TOPK,
+                   "config->num_topk is %d; it must be in [1, %d]", resolved.num_topk, DEEPEP_MAX_TOPK);
+    DEEPEP_REQUIRE(resolved.num_experts >= 1, "config->num_experts is %d; it must be positive", resolved.num_experts);
+  }
+  return resolved;
+}
+
+size_t buffer_size_for(const deepepConfig& config, int nranks) {
+  if (config.buffer_bytes != 0) return config.buffer_bytes;
+  // Worst case of a receiving rank: every token of every rank arrives, each row carrying its BF16 payload (the
+  // larger of the two payload forms), FP8 scales, top-k ids and weights, and its source index.
+  const size_t hidden = static_cast<size_t>(config.hidden);
+  const size_t row_bytes = align_up(hidden * 2, 16) + align_up((hidden + 127) / 128 * 4, 16) +
+                           align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16;
+  return kControlBytes + static_cast<size_t>(nranks) * static_cast<size_t>(config.max_tokens_per_rank) * row_bytes;
+}
+
+void get_unique_id(deepepUniqueId* id) {
+  nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  const int status = nvshmemx_get_uniqueid(&nvshmem_id);
+  if (status != 0) fail(deepepNvshmemError, "nvshmemx_get_uniqueid failed with status %d", status);
+  std::memcpy(id->internal, &nvshmem_id, sizeof(nvshmem_id));
+}
+
+// What the setup thread hands back. Shared with that thread, which may outlive a timed-out caller.
+struct SetupRequest {
+  int rank = 0;
+  int nranks = 0;
+  int device = 0;
+  size_t buffer_bytes = 0;
+  deepepUniqueId id = {};
+  // Results:
+  void* buffer = nullptr;
+  std::vector<void*> peer_buffers;
+};
+
+// Everything NVSHMEM does at setup; runs on a helper thread under the timeout (see run_bounded).
+static void nvshmem_setup(SetupRequest* comm) {
+  const deepepUniqueId& id = comm->id;
+  DEEPEP_CUDA_CHECK(cudaSetDevice(comm->device));
+
+  nvshmemx_uniqueid_t nvshmem_id;
+  std::memcpy(&nvshmem_id, id.internal, sizeof(nvshmem_id));
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  int status = nvshmemx_set_attr_uniqueid_args(comm->rank, comm->nranks, &nvshmem_id, &attr);
+  if (status != 0) fail(deepepNvshmemError, "nvshmemx_set_attr_uniqueid_args failed with status %d", status);
+  // nvshmemx_init_attr() would exit the process on failure; call the initialiser it wraps and report instead.
+  int provided = 0;
+  nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                NVSHMEM_VENDOR_PATCH_VERSION};
+  status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
+  if (status != 0) fail(deepepNvshmemError, "NVSHMEM initialisation failed with status %d (rank %d of %d)", status,
+                        comm->rank, comm->nranks);
+  if (nvshmem_n_pes() != comm->nranks || nvshmem_my_pe() != comm->rank) {
+    fail(deepepInvalidArgument, "NVSHMEM placed this process as PE %d of %d, but the caller said rank %d of %d",
+         nvshmem_my_pe(), nvshmem_n_pes(), comm->rank, comm->nranks);
+  }
+
+  // Agree on the buffer size before allocating it: nvshmem_malloc requires the same size on every PE.
+  auto* hellos = static_cast<RankHello*>(nvshmem_malloc(sizeof(RankHello)));
+  if (hellos == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", sizeof(RankHello));
+  const RankHello mine = {comm->rank, comm->nranks, static_cast<int64_t>(comm->buffer_bytes), DEEPEP_VERSION};
+  DEEPEP_CUDA_CHECK(cudaMemcpy(hellos, &mine, sizeof(mine), cudaMemcpyHostToDevice));
+  nvshmem_barrier_all();
+  std::string disagreement;
+  for (int peer = 0; peer < comm->nranks && disagreement.empty(); ++peer) {
+    RankHello theirs = {};
+    nvshmem_getmem(&theirs, hellos, sizeof(theirs), peer);
+    nvshmem_quiet();
+    if (theirs.buffer_bytes != mine.buffer_bytes || theirs.version != mine.version || theirs.nranks != mine.nranks) {
+      disagreement = "rank " + std::to_string(peer) + " has buffer_bytes " + std::to_string(theirs.buffer_bytes) +
+                     " and library version " + std::to_string(theirs.version) + "; this rank has " +
+                     std::to_string(mine.buffer_bytes) + " and " + std::to_string(mine.version);
+    }
+  }
+  nvshmem_barrier_all();
+  nvshmem_free(hellos);
+  if (!disagreement.empty()) {
+    nvshmem_finalize();
+    fail(deepepInvalidArgument, "ranks disagree on the communicator setup: %s", disagreement.c_str());
+  }
+
+  comm->buffer = nvshmem_malloc(comm->buffer_bytes);
+  if (comm->buffer == nullptr) {
+    nvshmem_finalize();
+    fail(deepepOutOfMemory, "nvshmem_malloc of the %zu-byte communication buffer failed", comm->buffer_bytes);
+  }
+  DEEPEP_CUDA_CHECK(cudaMemset(comm->buffer, 0, kControlBytes));
+
+  comm->peer_buffers.assign(comm->nranks, nullptr);
+  for (int peer = 0; peer < comm->nranks; ++peer) comm->peer_buffers[peer] = nvshmem_ptr(comm->buffer, peer);
+  nvshmem_barrier_all();
+}
+
+// Ranks reached by NVLink must form a block of consecutive ranks around this one.
+static int nvl_domain_size(const deepepComm& comm) {
+  int count = 0;
+  for (void* p : comm.peer_buffers) count += p != nullptr;
+  const int first = comm.rank / count * count;
+  for (int peer = first; peer < first + count; ++peer) {
+    if (peer >= comm.nranks || comm.peer_buffers[peer] == nullptr) {
+      fail(deepepNotSupported,
+           "the %d ranks reachable over NVLink from rank %d are not the consecutive block [%d, %d); order the ranks "
+           "so that each NVLink domain holds consecutive ranks",
+           count, comm.rank, first, first + count);
+    }
+  }
+  return count;
+}
+
+static void free_local_resources(deepepComm* comm) {
+  if (comm->stream != nullptr) cudaStreamDestroy(comm->stream);
+  if (comm->peer_buffers_device != nullptr) cudaFree(comm->peer_buffers_device);
+  if (comm->async_error != nullptr) cudaFreeHost(comm->async_error);
+  comm->stream = nullptr;
+  comm->peer_buffers_device = nullptr;
+  comm->async_error = nullptr;
+}
+
+deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const deepepConfig& config) {
+  const int count = device_count();
+  int device = config.device;
+  if (device < 0) DEEPEP_CUDA_CHECK(cudaGetDevice(&device));
+  DEEPEP_REQUIRE(device < count, "config->device is %d but this process sees %d CUDA device(s)", device, count);
+
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    if (!live_comms.empty() || comm_being_created) {
+      fail(deepepInvalidUsage,
+           "a communicator already exists in this process; this release supports one at a time (destroy it first)");
+    }
+    comm_being_created = true;
+  }
+  struct CreationFlag {
+    ~CreationFlag() {
+      std::lock_guard<std::mutex> lock(registry_mutex);
+      comm_being_created = false;
+    }
+  } creation_flag;
+
+  // NVLink multicast can take shared GPUs down and nothing here needs it: off unless the caller asks.
+  if (!config.allow_nvlink_multicast) setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
+
+  auto comm = std::make_unique<deepepComm>();
+  comm->rank = rank;
+  comm->nranks = nranks;
+  comm->device = device;
+  comm->timeout_seconds = config.timeout_seconds;
+  comm->buffer_bytes = buffer_size_for(config, nranks);
+
+  DeviceGuard guard(device);
+  auto request = std::make_shared<SetupRequest>();
+  request->rank = rank;
+  request->nranks = nranks;
+  request->device = device;
+  request->buffer_bytes = comm->buffer_bytes;
+  request->id = id;
+  run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)", [request]() { nvshmem_setup(request.get()); });
+  comm->buffer = request->buffer;
+  comm->peer_buffers = request->peer_buffers;
+  deepepComm* raw = comm.get();
+
+  try {
+    comm->ranks_per_nvl_domain = nvl_domain_size(*comm);
+    DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&comm->stream, cudaStreamNonBlocking));
+    DEEPEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&comm->async_error), sizeof(AsyncErrorRecord),
+                                    cudaHostAllocMapped));
+    std::memset(comm->async_error, 0, sizeof(AsyncErrorRecord));
+    DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device),
+                                               comm->async_error, 0));
+    DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->peer_buffers_device), sizeof(void*) * nranks));
+    DEEPEP_CUDA_CHECK(cudaMemcpy(comm->peer_buffers_device, comm->peer_buffers.data(), sizeof(void*) * nranks,
+                                 cudaMemcpyHostToDevice));
+  } catch (...) {
+    // The peers finished setup; release the symmetric heap collectively so they are not left waiting forever.
+    free_local_resources(raw);
+    try {
+      run_bounded(config.timeout_seconds, "NVSHMEM teardown after a failed setup", [device, buffer = raw->buffer]() {
+        cudaSetDevice(device);
+        nvshmem_free(buffer);
+        nvshmem_finalize();
+      });
+    } catch (const Error&) {
+    }
+    throw;
+  }
+
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  live_comms.insert(raw);
+  return comm.release();
+}
+
+void destroy_comm(deepepComm* comm) {
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    live_comms.erase(comm);
+  }
+  std::unique_ptr<deepepComm> owner(comm);
+  DeviceGuard guard(comm->device);
+  cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
+  free_local_resources(comm);
+  comm->magic = 0;
+  // Collective part: NVSHMEM frees the heap and finalises with barriers among all ranks.
+  run_bounded(comm->timeout_seconds, "NVSHMEM teardown (deepepCommDestroy)",
+              [device = comm->device, buffer = comm->buffer]() {
+                DEEPEP_CUDA_CHECK(cudaSetDevice(device));
+                nvshmem_barrier_all();
+                nvshmem_free(buffer);
+                nvshmem_finalize();
+              });
+  if (stream_status != cudaSuccess) {
+    fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
+  }
+}
+
+deepepComm* checked_comm(deepepComm_t comm) {
+  DEEPEP_REQUIRE(comm != nullptr, "comm is NULL");
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  if (live_comms.count(comm) == 0 || comm->magic != deepepComm::kMagic) {
+    fail(deepepInvalidUsage, "comm %p is not a live communicator (destroyed, or never created)",
+         static_cast<void*>(comm));
+  }
+  return comm;
+}
+
+}  // namespace deepep

@@ -1,0 +1,49 @@
+// The communicator: NVSHMEM bootstrap, the communication buffer on the symmetric heap, NVLink peer addresses,
+// the communicator stream and the asynchronous-error record.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "async_error.hpp"
+#include "deepep/deepep.h"
+
+namespace deepep {
+
+// A config after validation, with the caller's struct_size honoured (fields past it take their defaults).
+deepepConfig resolve_config(const deepepConfig* config);
+
+// Bytes of communication buffer per rank for the workload in `config` on `nranks` ranks.
+size_t buffer_size_for(const deepepConfig& config, int nranks);
+
+}  // namespace deepep
+
+struct deepepComm {
+  static constexpr uint64_t kMagic = 0x6465657065704331ull;  // "deepepC1": detects stale or foreign handles
+  uint64_t magic = kMagic;
+  int rank = 0;
+  int nranks = 0;
+  int device = -1;
+  int ranks_per_nvl_domain = 1;
+  double timeout_seconds = 100.0;
+  size_t buffer_bytes = 0;
+  void* buffer = nullptr;                    // this rank's communication buffer (symmetric heap)
+  std::vector<void*> peer_buffers;           // NVLink-mapped address of each rank's buffer, nullptr outside domain
+  void** peer_buffers_device = nullptr;      // the same table in device memory, for kernels
+  cudaStream_t stream = nullptr;             // the communicator stream (asynchronous calls run on it)
+  deepep::AsyncErrorRecord* async_error = nullptr;         // mapped pinned memory, host address
+  deepep::AsyncErrorRecord* async_error_device = nullptr;  // device address of the same record
+};
+
+namespace deepep {
+
+deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const deepepConfig& config);
+// Collective; frees everything even when the collective part times out (then throws deepepTimeout).
+void destroy_comm(deepepComm* comm);
+// Validates a handle passed in by a caller.
+deepepComm* checked_comm(deepepComm_t comm);
+void get_unique_id(deepepUniqueId* id);
+
+}  // namespace deepep
