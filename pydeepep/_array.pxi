@@ -1,0 +1,262 @@
+# DeviceArray: a typed view of device memory that exports DLPack and the CUDA array interface v3, so CuPy, PyTorch,
+# JAX and numba take library outputs without a copy. Included into _core.pyx.
+
+from cpython.pycapsule cimport PyCapsule_New, PyCapsule_IsValid, PyCapsule_GetPointer
+from cpython.ref cimport Py_INCREF, Py_DECREF, PyObject
+from libc.stdlib cimport malloc, free
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+
+cdef extern from *:
+    """
+    /* DLPack structures (DLPack 1.x ABI), declared here so no DLPack header is needed at build time. */
+    typedef struct { int32_t device_type; int32_t device_id; } pydeepep_DLDevice;
+    typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } pydeepep_DLDataType;
+    typedef struct {
+      void* data; pydeepep_DLDevice device; int32_t ndim; pydeepep_DLDataType dtype;
+      int64_t* shape; int64_t* strides; uint64_t byte_offset;
+    } pydeepep_DLTensor;
+    typedef struct pydeepep_DLManagedTensor {
+      pydeepep_DLTensor dl_tensor; void* manager_ctx; void (*deleter)(struct pydeepep_DLManagedTensor*);
+    } pydeepep_DLManagedTensor;
+    typedef struct { uint32_t major; uint32_t minor; } pydeepep_DLPackVersion;
+    typedef struct pydeepep_DLManagedTensorVersioned {
+      pydeepep_DLPackVersion version; void* manager_ctx;
+      void (*deleter)(struct pydeepep_DLManagedTensorVersioned*); uint64_t flags; pydeepep_DLTensor dl_tensor;
+    } pydeepep_DLManagedTensorVersioned;
+    """
+    ctypedef struct pydeepep_DLDevice:
+        int32_t device_type
+        int32_t device_id
+    ctypedef struct pydeepep_DLDataType:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+    ctypedef struct pydeepep_DLTensor:
+        void* data
+        pydeepep_DLDevice device
+        int32_t ndim
+        pydeepep_DLDataType dtype
+        int64_t* shape
+        int64_t* strides
+        uint64_t byte_offset
+    ctypedef struct pydeepep_DLManagedTensor:
+        pydeepep_DLTensor dl_tensor
+        void* manager_ctx
+        void (*deleter)(pydeepep_DLManagedTensor*) noexcept nogil
+    ctypedef struct pydeepep_DLPackVersion:
+        uint32_t major
+        uint32_t minor
+    ctypedef struct pydeepep_DLManagedTensorVersioned:
+        pydeepep_DLPackVersion version
+        void* manager_ctx
+        void (*deleter)(pydeepep_DLManagedTensorVersioned*) noexcept nogil
+        uint64_t flags
+        pydeepep_DLTensor dl_tensor
+
+cdef enum:
+    DL_CUDA = 2
+    DL_INT = 0
+    DL_UINT = 1
+    DL_FLOAT = 2
+    DL_BFLOAT = 4
+    DL_BOOL = 6
+
+# (DLPack type code, bits) of each dtype a DeviceArray can hold; bfloat16 and float8 travel as their raw bytes
+# where the consumer has no such dtype (the library reports them by name in `dtype_name`).
+_DLPACK_TYPES = {
+    "int32": (DL_INT, 32), "int64": (DL_INT, 64), "uint8": (DL_UINT, 8), "bool": (DL_BOOL, 8),
+    "float32": (DL_FLOAT, 32),
+}
+
+# Everything a consumer's DLPack tensor points to, freed by the deleter.
+ctypedef struct _ExportContext:
+    PyObject* owner
+    int64_t shape[8]
+    int64_t strides[8]
+
+
+cdef _ExportContext* _new_context(DeviceArray array) except NULL:
+    cdef _ExportContext* ctx = <_ExportContext*>malloc(sizeof(_ExportContext))
+    if ctx == NULL:
+        raise MemoryError()
+    cdef int i
+    for i in range(len(array.shape)):
+        ctx.shape[i] = array.shape[i]
+        ctx.strides[i] = array._element_strides[i]
+    ctx.owner = <PyObject*>array
+    Py_INCREF(array)
+    return ctx
+
+
+cdef void _release_context(void* raw) noexcept nogil:
+    cdef _ExportContext* ctx = <_ExportContext*>raw
+    with gil:
+        Py_DECREF(<object>ctx.owner)
+    free(ctx)
+
+
+cdef void _delete_managed(pydeepep_DLManagedTensor* managed) noexcept nogil:
+    _release_context(managed.manager_ctx)
+    free(managed)
+
+
+cdef void _delete_versioned(pydeepep_DLManagedTensorVersioned* managed) noexcept nogil:
+    _release_context(managed.manager_ctx)
+    free(managed)
+
+
+cdef void _capsule_destructor(object capsule) noexcept:
+    # Called when the capsule dies; if no consumer took it (name unchanged) the tensor is still ours to delete.
+    cdef pydeepep_DLManagedTensor* managed
+    cdef pydeepep_DLManagedTensorVersioned* versioned
+    if PyCapsule_IsValid(capsule, b"dltensor"):
+        managed = <pydeepep_DLManagedTensor*>PyCapsule_GetPointer(capsule, b"dltensor")
+        managed.deleter(managed)
+    elif PyCapsule_IsValid(capsule, b"dltensor_versioned"):
+        versioned = <pydeepep_DLManagedTensorVersioned*>PyCapsule_GetPointer(capsule, b"dltensor_versioned")
+        versioned.deleter(versioned)
+
+
+cdef void _fill_tensor(pydeepep_DLTensor* tensor, DeviceArray array, _ExportContext* ctx):
+    code, bits = _DLPACK_TYPES[array.dtype.name]
+    tensor.data = <void*><size_t>array.ptr
+    tensor.device.device_type = DL_CUDA
+    tensor.device.device_id = array.device_id
+    tensor.ndim = len(array.shape)
+    tensor.dtype.code = code
+    tensor.dtype.bits = bits
+    tensor.dtype.lanes = 1
+    tensor.shape = ctx.shape
+    tensor.strides = ctx.strides
+    tensor.byte_offset = 0
+
+
+def _make_stream_wait(producer, consumer):
+    """Makes `consumer` wait for the work enqueued so far on `producer` (no host wait)."""
+    from cuda.bindings import driver
+
+    def _check(result):
+        status = result[0]
+        if status != driver.CUresult.CUDA_SUCCESS:
+            raise DeepEPCudaError(f"CUDA driver call failed while ordering streams: {status!r}", 3)
+        return result[1] if len(result) > 1 else None
+
+    event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+    try:
+        _check(driver.cuEventRecord(event, driver.CUstream(producer)))
+        _check(driver.cuStreamWaitEvent(driver.CUstream(consumer), event, 0))
+    finally:
+        driver.cuEventDestroy(event)
+
+
+cdef class DeviceArray:
+    """A C-contiguous array in device memory produced by pydeepep.
+
+    It exports ``__dlpack__`` / ``__dlpack_device__`` (honouring the consumer's stream) and
+    ``__cuda_array_interface__`` v3 (with the producing stream), so ``cupy.asarray``, ``torch.from_dlpack``,
+    ``jax.dlpack.from_dlpack`` and ``numba.cuda.as_cuda_array`` use the memory without a copy.
+    """
+
+    cdef readonly object shape
+    cdef readonly object dtype
+    cdef readonly size_t ptr
+    cdef readonly int device_id
+    cdef readonly object stream   # int handle of the stream whose work produces the data
+    cdef object _owner            # keeps the memory alive (a cuda.core Buffer), or None
+    cdef object _element_strides
+
+    def __init__(self, size_t ptr, shape, dtype, int device_id, stream, owner=None):
+        self.ptr = ptr
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) > 8:
+            raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.name not in _DLPACK_TYPES:
+            raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype.name}", 1)
+        self.device_id = device_id
+        self.stream = stream_handle(stream)
+        self._owner = owner
+        strides = []
+        step = 1
+        for extent in reversed(self.shape):
+            strides.append(step)
+            step *= max(extent, 1)
+        self._element_strides = tuple(reversed(strides))
+
+    @property
+    def size(self):
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self):
+        return self.size * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self):
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "version": 3,
+            "strides": None,
+            "stream": self.stream,
+        }
+
+    def __dlpack_device__(self):
+        return (DL_CUDA, self.device_id)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("pydeepep.DeviceArray exports without copying; copy=True is not supported")
+        if dl_device is not None and tuple(dl_device) != (DL_CUDA, self.device_id):
+            raise BufferError(f"cannot export to device {dl_device}; the data is on CUDA device {self.device_id}")
+        # DLPack: None means the legacy default stream, -1 means "do not synchronise".
+        if stream != -1:
+            consumer = LEGACY_DEFAULT_STREAM if stream is None else stream_handle(stream)
+            if consumer != self.stream:
+                _make_stream_wait(self.stream, consumer)
+        cdef _ExportContext* ctx = _new_context(self)
+        cdef pydeepep_DLManagedTensorVersioned* versioned
+        cdef pydeepep_DLManagedTensor* managed
+        try:
+            if max_version is not None and tuple(max_version)[0] >= 1:
+                versioned = <pydeepep_DLManagedTensorVersioned*>malloc(sizeof(pydeepep_DLManagedTensorVersioned))
+                if versioned == NULL:
+                    raise MemoryError()
+                versioned.version.major = 1
+                versioned.version.minor = 0
+                versioned.manager_ctx = ctx
+                versioned.deleter = _delete_versioned
+                versioned.flags = 0
+                _fill_tensor(&versioned.dl_tensor, self, ctx)
+                return PyCapsule_New(versioned, b"dltensor_versioned", <void(*)(object) noexcept>_capsule_destructor)
+            managed = <pydeepep_DLManagedTensor*>malloc(sizeof(pydeepep_DLManagedTensor))
+            if managed == NULL:
+                raise MemoryError()
+            managed.manager_ctx = ctx
+            managed.deleter = _delete_managed
+            _fill_tensor(&managed.dl_tensor, self, ctx)
+            return PyCapsule_New(managed, b"dltensor", <void(*)(object) noexcept>_capsule_destructor)
+        except BaseException:
+            _release_context(ctx)
+            raise
+
+    def to_numpy(self):
+        """Copies the array to a new NumPy array (waits for the producing stream)."""
+        from cuda.bindings import driver
+
+        out = np.empty(self.shape, dtype=self.dtype)
+        if out.nbytes:
+            status, = driver.cuMemcpyDtoHAsync(out.ctypes.data, self.ptr, out.nbytes, driver.CUstream(self.stream))
+            if status == driver.CUresult.CUDA_SUCCESS:
+                status, = driver.cuStreamSynchronize(driver.CUstream(self.stream))
+            if status != driver.CUresult.CUDA_SUCCESS:
+                raise DeepEPCudaError(f"copy to host failed: {status!r}", 3)
+        return out
+
+    def __repr__(self):
+        return (f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, device={self.device_id}, "
+                f"ptr=0x{self.ptr:x}, stream={self.stream})")

@@ -1,0 +1,89 @@
+"""Stream and array protocol handling, kept free of CUDA calls so it can be checked without a GPU.
+
+Streams: a ``cuda.core`` Stream, anything whose ``__cuda_stream__()`` returns ``(0, handle)``, a PyTorch stream
+(``.cuda_stream``), a CuPy stream (``.ptr``), or a raw integer handle. ``None`` and ``0`` mean the legacy default
+stream, spelled ``1`` everywhere here (the CUDA array interface reserves 0, and the runtime and driver accept 1 as
+the legacy default stream).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import DeepEPInvalidArgument
+
+LEGACY_DEFAULT_STREAM = 1
+PER_THREAD_DEFAULT_STREAM = 2
+
+
+def stream_handle(stream: Any) -> int:
+    """The raw CUstream handle (an int) of any supported stream object; None means the legacy default stream."""
+    if stream is None:
+        return LEGACY_DEFAULT_STREAM
+    if isinstance(stream, bool):
+        raise DeepEPInvalidArgument(f"stream must be a stream object or an integer handle, not {stream!r}")
+    if isinstance(stream, int):
+        handle = stream
+    elif hasattr(stream, "__cuda_stream__"):
+        protocol = stream.__cuda_stream__()
+        if not (isinstance(protocol, tuple) and len(protocol) == 2 and protocol[0] == 0):
+            raise DeepEPInvalidArgument(
+                f"{type(stream).__name__}.__cuda_stream__() returned {protocol!r}; expected (0, handle)"
+            )
+        handle = int(protocol[1])
+    elif hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
+        handle = int(stream.cuda_stream)
+    elif hasattr(stream, "ptr") and not callable(stream.ptr):  # cupy.cuda.Stream
+        handle = int(stream.ptr)
+    else:
+        raise DeepEPInvalidArgument(
+            f"cannot take a CUDA stream from {type(stream).__name__}: pass a cuda.core Stream, an object with "
+            "__cuda_stream__, a PyTorch or CuPy stream, or an integer handle"
+        )
+    if handle < 0:
+        raise DeepEPInvalidArgument(f"stream handle {handle} is negative")
+    return LEGACY_DEFAULT_STREAM if handle == 0 else handle
+
+
+# C element types (deepepDataType_t) of the dtypes the ABI takes.
+DTYPE_CODES = {
+    np.dtype(np.int32): 0,
+    np.dtype(np.int64): 1,
+    np.dtype(np.float32): 2,
+    np.dtype(np.uint8): 5,
+    np.dtype(np.bool_): 5,
+}
+
+
+def check_matrix(view: Any, name: str, dtypes: tuple, device: int, ncols: int | None = None) -> tuple[int, int, int]:
+    """Checks a 2-D strided view (a StridedMemoryView or anything with ptr/shape/strides/dtype/device_id) and returns
+    (rows, cols, row_stride in elements). Rows may be strided; elements inside a row must be contiguous."""
+    if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
+        raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array on device {device}")
+    if view.device_id != device:
+        raise DeepEPInvalidArgument(
+            f"{name} lives on device {view.device_id} but the communicator uses device {device}"
+        )
+    dtype = np.dtype(view.dtype)
+    if dtype not in [np.dtype(d) for d in dtypes]:
+        allowed = " or ".join(np.dtype(d).name for d in dtypes)
+        raise DeepEPInvalidArgument(f"{name} has dtype {dtype.name}; it must be {allowed}")
+    shape = tuple(view.shape)
+    if len(shape) != 2:
+        raise DeepEPInvalidArgument(f"{name} has shape {shape}; it must be 2-D")
+    rows, cols = shape
+    if ncols is not None and cols != ncols:
+        raise DeepEPInvalidArgument(f"{name} has {cols} columns; {ncols} are needed")
+    strides = view.strides
+    if strides is None:
+        return rows, cols, cols
+    row_stride, col_stride = strides
+    if cols > 1 and col_stride != 1:
+        raise DeepEPInvalidArgument(
+            f"{name} has element strides {tuple(strides)}; elements of a row must be contiguous (stride 1)"
+        )
+    if rows > 1 and row_stride < cols:
+        raise DeepEPInvalidArgument(f"{name} has row stride {row_stride} < {cols} columns (overlapping rows)")
+    return rows, cols, max(row_stride, cols) if rows > 1 else cols

@@ -1,0 +1,77 @@
+# Cython declarations of include/deepep/deepep.h (keep in step with the header).
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+
+cdef extern from "deepep/deepep.h" nogil:
+    cdef struct CUstream_st
+    cdef struct CUevent_st
+
+    enum: DEEPEP_UNIQUE_ID_BYTES
+    enum: DEEPEP_MAX_RANKS
+    enum: DEEPEP_MAX_TOPK
+    enum: DEEPEP_MAX_LOCAL_EXPERTS
+    enum: DEEPEP_VERSION
+
+    ctypedef enum deepepResult_t:
+        deepepSuccess
+        deepepInvalidArgument
+        deepepInvalidUsage
+        deepepCudaError
+        deepepNvshmemError
+        deepepOutOfMemory
+        deepepTimeout
+        deepepNoDevice
+        deepepNotSupported
+        deepepInternalError
+        deepepBufferTooSmall
+        deepepRemoteError
+
+    ctypedef enum deepepDataType_t:
+        deepepInt32
+        deepepInt64
+        deepepFloat32
+        deepepBFloat16
+        deepepFloat8E4M3
+        deepepUInt8
+
+    ctypedef struct deepepUniqueId:
+        char internal[128]
+
+    cdef struct deepepComm
+    ctypedef deepepComm* deepepComm_t
+
+    ctypedef struct deepepConfig:
+        size_t struct_size
+        int device
+        int allow_nvlink_multicast
+        double timeout_seconds
+        size_t buffer_bytes
+        int max_tokens_per_rank
+        int hidden
+        int num_topk
+        int num_experts
+
+    const char* deepepGetErrorString(deepepResult_t result)
+    const char* deepepGetLastErrorMessage()
+    deepepResult_t deepepGetVersion(int* version)
+    deepepResult_t deepepConfigInit(deepepConfig* config)
+
+    deepepResult_t deepepGetUniqueId(deepepUniqueId* id)
+    deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
+                                      const deepepConfig* config)
+    deepepResult_t deepepCommDestroy(deepepComm_t comm)
+    deepepResult_t deepepCommRank(deepepComm_t comm, int* rank)
+    deepepResult_t deepepCommSize(deepepComm_t comm, int* nranks)
+    deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ranks_per_domain)
+    deepepResult_t deepepCommDevice(deepepComm_t comm, int* device)
+    deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes)
+    deepepResult_t deepepCommGetStream(deepepComm_t comm, CUstream_st** stream)
+    deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error)
+    deepepResult_t deepepCommClearAsyncError(deepepComm_t comm)
+    deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, int nranks, size_t* bytes)
+
+    deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void* topk_idx, deepepDataType_t topk_type,
+                                           int64_t num_tokens, int num_topk, int64_t topk_row_stride,
+                                           int num_experts, int32_t* num_tokens_per_rank,
+                                           int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank,
+                                           CUstream_st* stream)

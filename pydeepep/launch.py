@@ -1,0 +1,143 @@
+"""Single-node launcher: one spawned process per local GPU, each handed its rank, the world size and the bootstrap id.
+
+Processes are started with the "spawn" method (never fork after CUDA use). Rank 0 makes the unique id and passes it
+to the others through a queue; nothing listens once the job is over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+# Never let a job started here use NVLink multicast (it can take shared GPUs down); callers may still override.
+_SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    """What a spawned rank needs to create its Communicator: ``Communicator(info.unique_id, info.rank,
+    info.nranks, device=info.device)``."""
+
+    rank: int
+    nranks: int
+    device: int
+    unique_id: bytes
+
+
+class LaunchError(RuntimeError):
+    """A spawned rank failed or did not finish in time; the message holds that rank's traceback."""
+
+
+def local_device_count() -> int:
+    """CUDA devices visible to this process (0 where there is no driver)."""
+    try:
+        from cuda.bindings import driver
+
+        status, = driver.cuInit(0)
+        if status != driver.CUresult.CUDA_SUCCESS:
+            return 0
+        status, count = driver.cuDeviceGetCount()
+        return count if status == driver.CUresult.CUDA_SUCCESS else 0
+    except Exception:
+        return 0
+
+
+def _rank_main(fn, rank, nranks, id_queue, result_queue, args, kwargs):
+    for key, value in _SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        from . import get_unique_id
+
+        if rank == 0:
+            unique_id = get_unique_id()
+            for _ in range(nranks - 1):
+                id_queue.put(unique_id)
+        else:
+            unique_id = id_queue.get(timeout=120)
+        value = fn(RankInfo(rank, nranks, rank, unique_id), *args, **kwargs)
+        result_queue.put((rank, True, value))
+    except BaseException:  # report everything, KeyboardInterrupt included, then exit non-zero
+        result_queue.put((rank, False, traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    timeout: float | None = 600.0,
+) -> list:
+    """Runs ``fn(RankInfo, *args, **kwargs)`` in ``nprocs`` spawned processes (default: one per local GPU) and
+    returns their return values ordered by rank. ``fn`` must be importable (defined at module level).
+
+    Raises :class:`LaunchError` with the failing rank's traceback if any rank raises or exits abnormally, and after
+    ``timeout`` seconds kills every rank and raises, so a hung job never outlives the call.
+    """
+    if nprocs is None:
+        nprocs = local_device_count()
+        if nprocs == 0:
+            raise LaunchError("no CUDA device is visible: nothing to launch")
+    if nprocs < 1:
+        raise ValueError(f"nprocs is {nprocs}; it must be at least 1")
+    ctx = mp.get_context("spawn")
+    id_queue = ctx.Queue()
+    result_queue = ctx.Queue()
+    saved = {key: os.environ.get(key) for key in _SAFE_ENV}
+    for key, value in _SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, rank, nprocs, id_queue, result_queue, args, kwargs or {}),
+                        name=f"pydeepep-rank{rank}")
+            for rank in range(nprocs)
+        ]
+        for p in procs:
+            p.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    results: dict[int, Any] = {}
+    failure = None
+    try:
+        while len(results) < nprocs and failure is None:
+            try:
+                rank, ok, value = result_queue.get(timeout=0.2)
+                if ok:
+                    results[rank] = value
+                else:
+                    failure = f"rank {rank} failed:\n{value}"
+            except queue.Empty:
+                for rank, p in enumerate(procs):
+                    if rank not in results and p.exitcode is not None and p.exitcode != 0:
+                        # Give its report a moment to arrive before declaring a silent death.
+                        time.sleep(0.5)
+                        if result_queue.empty():
+                            failure = f"rank {rank} exited with code {p.exitcode} without reporting"
+                        break
+            if deadline is not None and time.monotonic() > deadline and failure is None:
+                missing = sorted(set(range(nprocs)) - set(results))
+                failure = f"ranks {missing} did not finish within {timeout} s"
+    finally:
+        if failure is not None:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failure is not None:
+        raise LaunchError(failure)
+    return [results[r] for r in range(nprocs)]

@@ -1,0 +1,100 @@
+"""Builds libdeepep with CMake, places it inside the package (with an $ORIGIN run path), then builds the Cython
+extension against it. `pip install .` does everything; `python setup.py build_ext --inplace` builds in the tree.
+
+Environment knobs: NVSHMEM_DIR (an NVSHMEM tree instead of the pip wheel), CUDA_ARCHITECTURES (default 90),
+DEEPEP_BUILD_TYPE (default Release), DEEPEP_BUILD_JOBS.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def project_version() -> str:
+    text = (ROOT / "CMakeLists.txt").read_text()
+    return re.search(r"project\(deepep VERSION ([0-9.]+)", text).group(1)
+
+
+def cmake_executable() -> str:
+    try:
+        import cmake  # the PyPI package puts a current CMake beside the interpreter
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        return shutil.which("cmake") or "cmake"
+
+
+class BuildWithCMake(build_ext):
+    """Configures, builds and installs libdeepep into the package directory, then builds the extension."""
+
+    def run(self):
+        package_dir = Path(self.get_ext_fullpath("pydeepep._core")).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = cmake_executable()
+        configure = [
+            cmake,
+            str(ROOT),
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('DEEPEP_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_INSTALL_PREFIX={package_dir}",
+            "-DCMAKE_INSTALL_LIBDIR=lib",
+            "-DCMAKE_INSTALL_INCLUDEDIR=include",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+        ]
+        if os.environ.get("CUDA_ARCHITECTURES"):
+            configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHITECTURES']}")
+        if os.environ.get("NVSHMEM_DIR"):
+            configure.append(f"-DNVSHMEM_DIR={os.environ['NVSHMEM_DIR']}")
+        if shutil.which("ninja") or _has_ninja_module():
+            configure += ["-G", "Ninja"]
+        jobs = os.environ.get("DEEPEP_BUILD_JOBS", str(os.cpu_count() or 2))
+        subprocess.check_call(configure, cwd=build_dir)
+        subprocess.check_call([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir)
+        subprocess.check_call([cmake, "--install", "."], cwd=build_dir)
+
+        for ext in self.extensions:
+            ext.include_dirs.append(str(package_dir / "include"))
+            ext.library_dirs.append(str(package_dir / "lib"))
+        super().run()
+
+
+def _has_ninja_module() -> bool:
+    try:
+        import ninja  # noqa: F401
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return True
+    except ImportError:
+        return False
+
+
+def extensions():
+    from Cython.Build import cythonize
+    import numpy  # noqa: F401  (build requirement; numpy is used at run time only)
+
+    core = Extension(
+        "pydeepep._core",
+        sources=["pydeepep/_core.pyx"],
+        include_dirs=[str(ROOT / "include")],
+        libraries=["deepep"],
+        runtime_library_dirs=["$ORIGIN/lib"],
+    )
+    return cythonize([core], compiler_directives={"language_level": "3"}, include_path=[str(ROOT)])
+
+
+setup(
+    version=project_version(),
+    packages=["pydeepep"],
+    package_data={"pydeepep": ["*.pyi", "py.typed", "*.pxd"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildWithCMake},
+    zip_safe=False,
+)
