@@ -163,6 +163,7 @@ cdef class DeviceArray:
     cdef readonly int device_id
     cdef readonly object stream   # int handle of the stream whose work produces the data
     cdef object _owner            # keeps the memory alive (a cuda.core Buffer), or None
+    cdef public object _stream_owner  # the Python stream object the memory was allocated on, kept alive
     cdef object _element_strides
 
     def __init__(self, size_t ptr, shape, dtype, int device_id, stream, owner=None):
@@ -182,6 +183,15 @@ cdef class DeviceArray:
             strides.append(step)
             step *= max(extent, 1)
         self._element_strides = tuple(reversed(strides))
+
+    def __dealloc__(self):
+        # Free the memory while the stream it was allocated on is certainly alive (_stream_owner is released
+        # only after this method).
+        if self._owner is not None:
+            try:
+                self._owner.close()
+            except Exception:
+                pass  # at interpreter exit the context may already be gone; the driver reclaims the memory
 
     @property
     def size(self):

@@ -8,7 +8,7 @@ import numpy as np
 from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, error_for_status
-from ._interop import LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, stream_handle
+from ._interop import LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, is_device_array, stream_handle
 
 from pydeepep.deepep cimport *
 
@@ -75,9 +75,13 @@ def _as_view(obj, stream):
     """A StridedMemoryView of any DLPack / CAI device array, ordered after its producer on `stream`."""
     from cuda.core.utils import StridedMemoryView
 
+    if not is_device_array(obj):
+        raise DeepEPInvalidArgument(
+            f"expected a CUDA device array (DLPack or __cuda_array_interface__), got host data of type "
+            f"{type(obj).__name__}; copy it to the device first (e.g. pydeepep.to_device)", 1)
     try:
         return StridedMemoryView(obj, stream_ptr=stream)
-    except (BufferError, TypeError, AttributeError) as exc:
+    except (BufferError, TypeError, AttributeError, ValueError) as exc:
         raise DeepEPInvalidArgument(
             f"expected a device array exposing DLPack or __cuda_array_interface__, got {type(obj).__name__}: {exc}",
             1) from exc
@@ -107,7 +111,11 @@ def empty(shape, dtype, *, int device, stream=None):
     dev = Device(device)
     dev.set_current()
     buffer = dev.allocate(nbytes, stream=_core_stream(handle))
-    return DeviceArray(int(buffer.handle), shape, dtype, device, handle, buffer)
+    array = DeviceArray(int(buffer.handle), shape, dtype, device, handle, buffer)
+    # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
+    # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
+    array._stream_owner = stream
+    return array
 
 
 def to_device(array, *, int device, stream=None):

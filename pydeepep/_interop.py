@@ -47,6 +47,23 @@ def stream_handle(stream: Any) -> int:
     return LEGACY_DEFAULT_STREAM if handle == 0 else handle
 
 
+_DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def is_device_array(obj: Any) -> bool:
+    """Whether `obj` offers CUDA device memory through DLPack or the CUDA array interface (no CUDA call made)."""
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    dlpack_device = getattr(obj, "__dlpack_device__", None)
+    if dlpack_device is None:
+        return False
+    try:
+        device_type, _ = dlpack_device()
+    except Exception:
+        return False
+    return int(device_type) in _DLPACK_CUDA_DEVICES
+
+
 # C element types (deepepDataType_t) of the dtypes the ABI takes.
 DTYPE_CODES = {
     np.dtype(np.int32): 0,

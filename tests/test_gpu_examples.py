@@ -1,0 +1,52 @@
+"""GPU tier: the shipped examples run and report success."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pydeepep
+
+from conftest import gpu_count, requires_gpus
+
+pytestmark = [pytest.mark.gpu, requires_gpus(1)]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+
+
+def run(cmd, **kwargs):
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+    print(result.stdout, result.stderr)
+    return result
+
+
+def test_python_example_with_numpy_data():
+    result = run([sys.executable, str(EXAMPLES / "python" / "dispatch_layout.py")])
+    assert result.returncode == 0
+    assert result.stdout.count("matches the reference") == gpu_count()
+
+
+def test_python_example_with_cupy_arrays():
+    pytest.importorskip("cupy")
+    result = run([sys.executable, str(EXAMPLES / "python" / "dispatch_layout.py"), "--cupy"])
+    assert result.returncode == 0
+    assert result.stdout.count("matches the reference") == gpu_count()
+
+
+def test_c_example_over_all_gpus(tmp_path):
+    if shutil.which("cc") is None or not (CUDA_HOME / "include" / "cuda_runtime.h").exists():
+        pytest.skip("needs a C compiler and the CUDA toolkit headers")
+    binary = tmp_path / "dispatch_layout"
+    lib_dir = pydeepep.get_lib_dir()
+    build = run(["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", str(EXAMPLES / "c" / "dispatch_layout.c"),
+                 f"-I{pydeepep.get_include()}", f"-I{CUDA_HOME / 'include'}", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}",
+                 "-ldeepep", f"-L{CUDA_HOME / 'lib64'}", f"-Wl,-rpath,{CUDA_HOME / 'lib64'}", "-lcudart",
+                 "-o", str(binary)])
+    assert build.returncode == 0
+    result = run([str(binary), str(gpu_count())])
+    assert result.returncode == 0
+    assert result.stdout.count("layout OK") == gpu_count()

@@ -1,0 +1,361 @@
+"""CPU tier for the Python package: the reference, stream and array protocol handling, DeviceArray export, errors,
+the launcher and the command line. Nothing here needs a GPU."""
+
+import ctypes
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pydeepep
+from pydeepep import _interop, reference
+from pydeepep.launch import LaunchError, spawn
+
+from conftest import gpu_count
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: hand-checked cases.
+
+
+def test_reference_layout_hand_checked():
+    # 4 experts on 2 ranks: experts 0,1 on rank 0; 2,3 on rank 1.
+    topk = np.array([[0, 1], [1, 2], [3, -1], [-1, -1]])
+    per_rank, per_expert, in_rank = reference.dispatch_layout(topk, 4, 2)
+    # token 0 -> rank 0 (twice, counted once); token 1 -> ranks 0 and 1; token 2 -> rank 1; token 3 -> nowhere
+    assert per_rank.tolist() == [2, 2]
+    assert per_expert.tolist() == [1, 2, 1, 1]
+    assert in_rank.tolist() == [[True, False], [True, True], [False, True], [False, False]]
+    assert per_rank.dtype == np.int32 and per_expert.dtype == np.int32 and in_rank.dtype == np.bool_
+
+
+def test_reference_layout_counts_a_token_once_per_rank():
+    topk = np.array([[0, 1, 2, 3]])  # four experts, all on rank 0 of 2 (E = 8)
+    per_rank, per_expert, in_rank = reference.dispatch_layout(topk, 8, 2)
+    assert per_rank.tolist() == [1, 0]
+    assert per_expert.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_reference_layout_with_no_tokens():
+    per_rank, per_expert, in_rank = reference.dispatch_layout(np.zeros((0, 3), np.int64), 6, 3)
+    assert per_rank.tolist() == [0, 0, 0] and per_expert.tolist() == [0] * 6 and in_rank.shape == (0, 3)
+
+
+def test_reference_layout_takes_per_rank_lists():
+    results = reference.dispatch_layout([np.array([[0]]), np.array([[1], [1]])], 2, 2)
+    assert [r[0].tolist() for r in results] == [[1, 0], [0, 2]]
+
+
+@pytest.mark.parametrize("num_experts, num_ranks", [(7, 2), (0, 1), (4, 0)])
+def test_reference_layout_refuses_experts_not_divisible_by_ranks(num_experts, num_ranks):
+    with pytest.raises(ValueError, match="multiple"):
+        reference.dispatch_layout(np.zeros((1, 1), np.int64), num_experts, num_ranks)
+
+
+@pytest.mark.parametrize("bad", [-2, 4])
+def test_reference_layout_refuses_out_of_range_ids(bad):
+    with pytest.raises(ValueError, match=r"\[-1, 4\)"):
+        reference.dispatch_layout(np.array([[0, bad]]), 4, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streams.
+
+
+class CudaStreamProtocol:
+    def __init__(self, result):
+        self.result = result
+
+    def __cuda_stream__(self):
+        return self.result
+
+
+class TorchLikeStream:
+    cuda_stream = 0xABC0
+
+
+class CupyLikeStream:
+    ptr = 0xDEF0
+
+
+@pytest.mark.parametrize(
+    "stream, handle",
+    [(None, 1), (0, 1), (1, 1), (2, 2), (0x7F00AA, 0x7F00AA), (CudaStreamProtocol((0, 0x1234)), 0x1234),
+     (TorchLikeStream(), 0xABC0), (CupyLikeStream(), 0xDEF0)],
+)
+def test_stream_handles_are_taken_from_every_supported_form(stream, handle):
+    assert _interop.stream_handle(stream) == handle
+
+
+@pytest.mark.parametrize("stream", [CudaStreamProtocol((1, 5)), CudaStreamProtocol(5), -3, True, "s", 1.5])
+def test_bad_streams_are_refused_with_a_clear_error(stream):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument):
+        _interop.stream_handle(stream)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Array protocol handling against fakes.
+
+
+class FakeView:
+    def __init__(self, shape=(10, 4), strides=None, dtype=np.int64, device_id=0, device_accessible=True):
+        self.shape, self.strides, self.dtype = shape, strides, np.dtype(dtype)
+        self.device_id, self.is_device_accessible = device_id, device_accessible
+
+
+def test_contiguous_matrix_gives_its_row_stride():
+    assert _interop.check_matrix(FakeView(), "x", (np.int64,), 0) == (10, 4, 4)
+
+
+def test_strided_rows_are_accepted():
+    assert _interop.check_matrix(FakeView(strides=(11, 1)), "x", (np.int64,), 0) == (10, 4, 11)
+
+
+def test_non_contiguous_columns_are_refused():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="contiguous"):
+        _interop.check_matrix(FakeView(strides=(8, 2)), "topk_idx", (np.int64,), 0)
+
+
+def test_overlapping_rows_are_refused():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="overlapping"):
+        _interop.check_matrix(FakeView(strides=(2, 1)), "topk_idx", (np.int64,), 0)
+
+
+def test_wrong_dtype_is_refused_by_name():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="topk_idx has dtype float32; it must be int64 or int32"):
+        _interop.check_matrix(FakeView(dtype=np.float32), "topk_idx", (np.int64, np.int32), 0)
+
+
+def test_wrong_rank_is_refused():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="2-D"):
+        _interop.check_matrix(FakeView(shape=(10,)), "topk_idx", (np.int64,), 0)
+
+
+def test_host_memory_is_refused():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="host memory"):
+        _interop.check_matrix(FakeView(device_id=-1, device_accessible=False), "topk_idx", (np.int64,), 0)
+
+
+def test_another_devices_memory_is_refused():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="lives on device 1"):
+        _interop.check_matrix(FakeView(device_id=1), "topk_idx", (np.int64,), 0)
+
+
+class FakeCAI:
+    __cuda_array_interface__ = {"shape": (2,), "typestr": "<i8", "data": (0x1000, False), "version": 3}
+
+
+class FakeDLPackHost:
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+class FakeDLPackCuda:
+    def __dlpack_device__(self):
+        return (2, 1)
+
+
+@pytest.mark.parametrize("obj, expected", [(FakeCAI(), True), (FakeDLPackCuda(), True), (FakeDLPackHost(), False),
+                                           (np.zeros(3), False), ([1, 2], False)])
+def test_device_arrays_are_told_from_host_data(obj, expected):
+    assert _interop.is_device_array(obj) is expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeviceArray export (no CUDA call is made for stream=-1 or an equal stream).
+
+
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", DLDevice), ("ndim", ctypes.c_int32), ("dtype", DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("manager_ctx", ctypes.c_void_p),
+                ("deleter", ctypes.c_void_p), ("flags", ctypes.c_uint64), ("dl_tensor", DLTensor)]
+
+
+def _capsule_pointer(capsule, name):
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return get(capsule, name)
+
+
+def test_cuda_array_interface_describes_the_array():
+    a = pydeepep.DeviceArray(0x7000, (3, 4), np.int32, 1, 0x55)
+    cai = a.__cuda_array_interface__
+    assert cai == {"shape": (3, 4), "typestr": "<i4", "data": (0x7000, False), "version": 3, "strides": None,
+                   "stream": 0x55}
+
+
+def test_cuda_array_interface_never_reports_stream_zero():
+    assert pydeepep.DeviceArray(0x7000, (1,), np.int32, 0, 0).__cuda_array_interface__["stream"] == 1
+
+
+def test_legacy_dlpack_capsule_describes_the_array():
+    a = pydeepep.DeviceArray(0x7000, (5, 2), np.bool_, 1, 9)
+    capsule = a.__dlpack__(stream=-1)
+    tensor = DLTensor.from_address(_capsule_pointer(capsule, b"dltensor"))
+    assert tensor.data == 0x7000 and (tensor.device.device_type, tensor.device.device_id) == (2, 1)
+    assert tensor.ndim == 2 and [tensor.shape[i] for i in range(2)] == [5, 2]
+    assert [tensor.strides[i] for i in range(2)] == [2, 1]
+    assert (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes) == (6, 8, 1)  # kDLBool
+
+
+def test_versioned_dlpack_capsule_when_the_consumer_asks_for_it():
+    a = pydeepep.DeviceArray(0x9000, (7,), np.int32, 0, 9)
+    capsule = a.__dlpack__(stream=9, max_version=(1, 1))
+    managed = DLManagedTensorVersioned.from_address(_capsule_pointer(capsule, b"dltensor_versioned"))
+    assert (managed.major, managed.minor) == (1, 0)
+    assert managed.dl_tensor.data == 0x9000 and managed.dl_tensor.shape[0] == 7
+    assert (managed.dl_tensor.dtype.code, managed.dl_tensor.dtype.bits) == (0, 32)
+
+
+def test_an_exported_capsule_keeps_the_array_alive():
+    a = pydeepep.DeviceArray(0x9000, (7,), np.int32, 0, 9)
+    before = sys.getrefcount(a)
+    capsule = a.__dlpack__(stream=-1)
+    assert sys.getrefcount(a) == before + 1
+    del capsule
+    assert sys.getrefcount(a) == before
+
+
+def test_dlpack_device_and_refusals():
+    a = pydeepep.DeviceArray(0x9000, (7,), np.int32, 3, 9)
+    assert a.__dlpack_device__() == (2, 3)
+    with pytest.raises(BufferError, match="copy"):
+        a.__dlpack__(stream=-1, copy=True)
+    with pytest.raises(BufferError, match="device"):
+        a.__dlpack__(stream=-1, dl_device=(1, 0))
+
+
+def test_device_array_refuses_unsupported_dtypes():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="complex128"):
+        pydeepep.DeviceArray(0x9000, (7,), np.complex128, 0, 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors, configuration, communicator without a GPU.
+
+
+@pytest.mark.parametrize("status, cls", [(1, pydeepep.DeepEPInvalidArgument), (6, pydeepep.DeepEPTimeoutError),
+                                         (7, pydeepep.DeepEPNoDevice), (10, pydeepep.DeepEPBufferTooSmall)])
+def test_errors_map_status_to_class_and_survive_pickling(status, cls):
+    from pydeepep.errors import error_for_status
+
+    err = error_for_status(status, "what went wrong")
+    assert type(err) is cls and err.status == status and str(err) == "what went wrong"
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls and back.status == status and back.message == "what went wrong"
+
+
+def test_error_classes_are_also_standard_exceptions():
+    assert issubclass(pydeepep.DeepEPInvalidArgument, ValueError)
+    assert issubclass(pydeepep.DeepEPTimeoutError, TimeoutError)
+    assert all(issubclass(c, pydeepep.DeepEPError) for c in (pydeepep.DeepEPNoDevice, pydeepep.DeepEPCudaError))
+
+
+def test_error_strings_come_from_the_library():
+    assert pydeepep.error_string(6) == "timeout"
+    assert pydeepep.error_string(1234) == "unknown deepep result code"
+
+
+def test_unique_ids_are_128_fresh_bytes():
+    a, b = pydeepep.get_unique_id(), pydeepep.get_unique_id()
+    assert len(a) == len(b) == 128 and a != b
+
+
+def test_buffer_size_hint_follows_the_workload():
+    small = pydeepep.buffer_size_hint(2, max_tokens_per_rank=128, hidden=1024)
+    assert pydeepep.buffer_size_hint(4, max_tokens_per_rank=128, hidden=1024) > small
+    assert pydeepep.buffer_size_hint(2, buffer_bytes=12345) == 12345
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="hidden"):
+        pydeepep.buffer_size_hint(2, hidden=7)
+
+
+def test_communicator_refuses_a_malformed_unique_id():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="128 bytes"):
+        pydeepep.Communicator(b"short", 0, 1)
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="checks behaviour on a machine without GPUs")
+def test_communicator_without_a_gpu_raises_no_device():
+    with pytest.raises(pydeepep.DeepEPNoDevice, match="deepepCommInitRank"):
+        pydeepep.Communicator(pydeepep.get_unique_id(), 0, 1)
+
+
+def test_communicator_refuses_rank_out_of_range_before_touching_a_gpu():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="rank is 3"):
+        pydeepep.Communicator(pydeepep.get_unique_id(), 3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher (spawned processes; rank 0 makes the id, which needs no GPU).
+
+
+def report_rank(info, extra):
+    return (info.rank, info.nranks, info.device, info.unique_id, extra)
+
+
+def fail_on_rank_one(info):
+    if info.rank == 1:
+        raise RuntimeError("rank one is broken")
+    return info.rank
+
+
+def hang_on_rank_one(info):
+    import time
+
+    if info.rank == 1:
+        time.sleep(60)
+    return info.rank
+
+
+def test_spawn_returns_results_by_rank_with_a_shared_unique_id():
+    results = spawn(report_rank, nprocs=3, args=("x",), timeout=120)
+    assert [r[:3] for r in results] == [(0, 3, 0), (1, 3, 1), (2, 3, 2)]
+    assert len({r[3] for r in results}) == 1 and len(results[0][3]) == 128
+    assert all(r[4] == "x" for r in results)
+
+
+def test_spawn_reports_the_failing_rank_with_its_traceback():
+    with pytest.raises(LaunchError, match="(?s)rank 1 failed.*rank one is broken"):
+        spawn(fail_on_rank_one, nprocs=2, timeout=120)
+
+
+def test_spawn_kills_a_hung_job_at_its_timeout():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match=r"ranks \[1\] did not finish"):
+        spawn(hang_on_rank_one, nprocs=2, timeout=8)
+    assert time.monotonic() - start < 45
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+@pytest.mark.parametrize("flag", ["--version", "--include-dir", "--lib-dir", "--cmake-dir"])
+def test_command_line_prints_what_a_c_build_needs(flag):
+    out = subprocess.run([sys.executable, "-m", "pydeepep", flag], capture_output=True, text=True, check=True)
+    value = out.stdout.strip()
+    if flag == "--version":
+        assert value == pydeepep.__version__ == "%d.%d.%d" % pydeepep.version()
+    elif flag == "--include-dir":
+        assert (Path(value) / "deepep" / "deepep.h").is_file() and (Path(value) / "deepep" / "version.h").is_file()
+    elif flag == "--lib-dir":
+        assert (Path(value) / "libdeepep.so").exists()
+    else:
+        assert (Path(value) / "deepepConfig.cmake").is_file()
