@@ -76,10 +76,19 @@ deepepConfig resolve_config(const deepepConfig* config) {
 size_t buffer_size_for(const deepepConfig& config, int nranks) {
   if (config.buffer_bytes != 0) return config.buffer_bytes;
   // Worst case of a receiving rank: every token of every rank arrives, each row carrying its BF16 payload (the
-  // larger of the two payload forms), FP8 scales, top-k ids and weights, and its source index.
+  // larger of the two payload forms), FP8 scales, top-k ids and weights, and its source index. Computed in
+  // long double first so that an absurd workload is refused instead of wrapping around.
   const size_t hidden = static_cast<size_t>(config.hidden);
   const size_t row_bytes = align_up(hidden * 2, 16) + align_up((hidden + 127) / 128 * 4, 16) +
                            align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16;
+  const long double total = static_cast<long double>(kControlBytes) +
+                            static_cast<long double>(nranks) * config.max_tokens_per_rank * row_bytes;
+  if (total > static_cast<long double>(size_t(1) << 48)) {
+    fail(deepepInvalidArgument,
+         "the workload (max_tokens_per_rank %d, hidden %d, num_topk %d, %d ranks) needs %.3Le bytes of buffer per "
+         "rank, more than any GPU holds",
+         config.max_tokens_per_rank, config.hidden, config.num_topk, nranks, total);
+  }
   return kControlBytes + static_cast<size_t>(nranks) * static_cast<size_t>(config.max_tokens_per_rank) * row_bytes;
 }
 

@@ -14,6 +14,7 @@ if ! $PY -m pip install --no-build-isolation --no-deps . > "$LOG/build.log" 2>&1
 fi
 echo "built in $(( $(date +%s) - start )) s"
 echo "== exported symbols"
-nm -D --defined-only "$($PY -m pydeepep --lib-dir)/libdeepep.so" | awk '{print $3}' | tee "$LOG/symbols.txt" | grep -v '^deepep' && echo "NON-deepep SYMBOLS EXPORTED" || echo "all $(wc -l < "$LOG/symbols.txt") exported symbols start with deepep"
+LIBDIR=$(cd /tmp && $PY -m pydeepep --lib-dir)
+nm -D --defined-only "$LIBDIR/libdeepep.so" | awk '{print $3}' | tee "$LOG/symbols.txt" | grep -v '^deepep' && echo "NON-deepep SYMBOLS EXPORTED" || echo "all $(wc -l < "$LOG/symbols.txt") exported symbols start with deepep"
 echo "== tests"
 $PY -P -m pytest -p no:cacheprovider -rA -q tests "$@" 2>&1 | tee "$LOG/tests.log" | tail -80

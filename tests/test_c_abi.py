@@ -522,7 +522,6 @@ def test_buffer_size_hint_uses_buffer_bytes_when_given(lib):
         assert size_hint(lib, config, nranks) == (SUCCESS, 123 << 20)
 
 
-@pytest.mark.xfail(strict=True, reason="libdeepep bug: buffer_size_for() has no overflow check; it wraps around")
 def test_buffer_size_hint_never_wraps_around(lib):
     config = default_config(lib)
     config.hidden = 2**31 - 8

@@ -348,8 +348,10 @@ def test_spawn_kills_a_hung_job_at_its_timeout():
 
 
 @pytest.mark.parametrize("flag", ["--version", "--include-dir", "--lib-dir", "--cmake-dir"])
-def test_command_line_prints_what_a_c_build_needs(flag):
-    out = subprocess.run([sys.executable, "-m", "pydeepep", flag], capture_output=True, text=True, check=True)
+def test_command_line_prints_what_a_c_build_needs(flag, tmp_path):
+    # Run outside the source tree, whose pydeepep/ (without the built extension) would shadow the installed one.
+    out = subprocess.run([sys.executable, "-m", "pydeepep", flag], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     value = out.stdout.strip()
     if flag == "--version":
         assert value == pydeepep.__version__ == "%d.%d.%d" % pydeepep.version()
