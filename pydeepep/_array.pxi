@@ -149,6 +149,22 @@ def _make_stream_wait(producer, consumer):
         driver.cuEventDestroy(event)
 
 
+def _free_on_device(buffer, int device_id):
+    from cuda.bindings import driver
+
+    status, device = driver.cuDeviceGet(device_id)
+    status, context = driver.cuDevicePrimaryCtxRetain(device)
+    if status != driver.CUresult.CUDA_SUCCESS:
+        buffer.close()
+        return
+    driver.cuCtxPushCurrent(context)
+    try:
+        buffer.close()
+    finally:
+        driver.cuCtxPopCurrent()
+        driver.cuDevicePrimaryCtxRelease(device)
+
+
 cdef class DeviceArray:
     """A C-contiguous array in device memory produced by pydeepep.
 
@@ -185,13 +201,19 @@ cdef class DeviceArray:
         self._element_strides = tuple(reversed(strides))
 
     def __dealloc__(self):
-        # Free the memory while the stream it was allocated on is certainly alive (_stream_owner is released
-        # only after this method).
+        # Free the memory while the stream it was allocated on is certainly alive (_stream_owner is released only
+        # after this method), with the owning device's context current whatever the caller's thread has made
+        # current since (a CuPy or PyTorch device switch, say).
         if self._owner is not None:
             try:
-                self._owner.close()
+                _free_on_device(self._owner, self.device_id)
             except Exception:
                 pass  # at interpreter exit the context may already be gone; the driver reclaims the memory
+
+    @property
+    def strides(self):
+        """None: DeviceArrays are C-contiguous (as in the CUDA array interface)."""
+        return None
 
     @property
     def size(self):

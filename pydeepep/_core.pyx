@@ -75,6 +75,11 @@ def _as_view(obj, stream):
     """A StridedMemoryView of any DLPack / CAI device array, ordered after its producer on `stream`."""
     from cuda.core.utils import StridedMemoryView
 
+    if isinstance(obj, DeviceArray):
+        # Our own arrays need no protocol round trip: order the stream after the producer and describe them.
+        if obj.stream != stream:
+            _make_stream_wait(obj.stream, stream)
+        return obj
     if not is_device_array(obj):
         raise DeepEPInvalidArgument(
             f"expected a CUDA device array (DLPack or __cuda_array_interface__), got host data of type "
@@ -97,10 +102,22 @@ def _core_stream(handle):
     return Stream.from_handle(handle)
 
 
+_devices = {}
+
+
+def _device(int ordinal):
+    """The cuda.core Device for `ordinal`, made current for this thread (cached: Device() lookups are not free)."""
+    dev = _devices.get(ordinal)
+    if dev is None:
+        from cuda.core import Device
+
+        dev = _devices[ordinal] = Device(ordinal)
+    dev.set_current()
+    return dev
+
+
 def empty(shape, dtype, *, int device, stream=None):
     """A new DeviceArray, allocated stream-ordered on `stream` from the device's memory pool (contents undefined)."""
-    from cuda.core import Device
-
     handle = stream_handle(stream)
     dtype = np.dtype(dtype)
     nbytes = dtype.itemsize
@@ -108,9 +125,7 @@ def empty(shape, dtype, *, int device, stream=None):
         nbytes *= int(s)
     if nbytes == 0:
         return DeviceArray(0, shape, dtype, device, handle, None)
-    dev = Device(device)
-    dev.set_current()
-    buffer = dev.allocate(nbytes, stream=_core_stream(handle))
+    buffer = _device(device).allocate(nbytes, stream=_core_stream(handle))
     array = DeviceArray(int(buffer.handle), shape, dtype, device, handle, buffer)
     # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
     # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
@@ -239,12 +254,14 @@ cdef class Communicator:
     def clear_async_error(self):
         _check(deepepCommClearAsyncError(self._live()))
 
-    def get_dispatch_layout(self, topk_idx, int num_experts, stream=None):
+    def get_dispatch_layout(self, topk_idx, int num_experts, stream=None, out=None):
         """Per-rank and per-expert token counts and the token-to-rank mask of a routing decision.
 
         ``topk_idx``: [N, K] int64 or int32 device array (rows may be strided), entries in [-1, num_experts).
         Returns ``(num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)``
-        as DeviceArrays produced on ``stream``. Stream-ordered; no host synchronisation.
+        as DeviceArrays produced on ``stream``, or writes into ``out``, a tuple of three contiguous device arrays of
+        those shapes and dtypes (uint8 accepted for the mask), and returns it. Stream-ordered; no host
+        synchronisation; capturable in a CUDA graph.
         """
         cdef deepepComm_t comm = self._live()
         cdef size_t s = stream_handle(stream)
@@ -254,14 +271,26 @@ cdef class Communicator:
             raise DeepEPInvalidArgument(
                 f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({self.nranks})",
                 1)
-        per_rank = empty((self.nranks,), np.int32, device=self.device, stream=s)
-        per_expert = empty((num_experts,), np.int32, device=self.device, stream=s)
-        in_rank = empty((num_tokens, self.nranks), np.bool_, device=self.device, stream=s)
+        if out is None:
+            results = (empty((self.nranks,), np.int32, device=self.device, stream=s),
+                       empty((num_experts,), np.int32, device=self.device, stream=s),
+                       empty((num_tokens, self.nranks), np.bool_, device=self.device, stream=s))
+            pointers = [a.ptr for a in results]
+        else:
+            if len(out) != 3:
+                raise DeepEPInvalidArgument("out must be a tuple of 3 arrays", 1)
+            results = tuple(out)
+            pointers = [
+                _out_pointer(results[0], s, "num_tokens_per_rank", (self.nranks,), (np.int32,), self.device),
+                _out_pointer(results[1], s, "num_tokens_per_expert", (num_experts,), (np.int32,), self.device),
+                _out_pointer(results[2], s, "is_token_in_rank", (num_tokens, self.nranks), (np.bool_, np.uint8),
+                             self.device),
+            ]
         cdef deepepDataType_t index_type = deepepInt64 if np.dtype(view.dtype) == np.int64 else deepepInt32
         cdef size_t topk_ptr = view.ptr
-        cdef size_t rank_ptr = per_rank.ptr
-        cdef size_t expert_ptr = per_expert.ptr
-        cdef size_t mask_ptr = in_rank.ptr
+        cdef size_t rank_ptr = pointers[0]
+        cdef size_t expert_ptr = pointers[1]
+        cdef size_t mask_ptr = pointers[2]
         cdef int64_t n = num_tokens
         cdef int k = num_topk
         cdef int64_t stride = row_stride
@@ -271,4 +300,26 @@ cdef class Communicator:
                                              <int32_t*>rank_ptr, <int32_t*>expert_ptr, <uint8_t*>mask_ptr,
                                              <CUstream_st*>s)
         _check(status)
-        return per_rank, per_expert, in_rank
+        return results
+
+
+def _out_pointer(array, stream, name, shape, dtypes, int device):
+    """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype."""
+    view = _as_view(array, stream)
+    if tuple(view.shape) != tuple(shape):
+        raise DeepEPInvalidArgument(f"out {name} has shape {tuple(view.shape)}; {tuple(shape)} is needed", 1)
+    if np.dtype(view.dtype) not in [np.dtype(d) for d in dtypes]:
+        raise DeepEPInvalidArgument(f"out {name} has dtype {np.dtype(view.dtype).name}; it must be "
+                                    + " or ".join(np.dtype(d).name for d in dtypes), 1)
+    if view.device_id != device:
+        raise DeepEPInvalidArgument(f"out {name} lives on device {view.device_id}, not {device}", 1)
+    strides = getattr(view, "strides", None)
+    if strides is not None:
+        expected, step = [], 1
+        for extent in reversed(tuple(shape)):
+            expected.append(step)
+            step *= max(extent, 1)
+        expected = tuple(reversed(expected))
+        if any(extent > 1 and st != want for extent, st, want in zip(shape, strides, expected)):
+            raise DeepEPInvalidArgument(f"out {name} must be contiguous (strides {tuple(strides)})", 1)
+    return view.ptr

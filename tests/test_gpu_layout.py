@@ -62,8 +62,10 @@ def layout_scenarios(info):
                 taken = cupy.from_dlpack(in_rank)
                 out["dlpack_zero_copy"] = taken.data.ptr == in_rank.ptr and taken.dtype == cupy.bool_
                 out["cai_zero_copy"] = cupy.asarray(per_rank).data.ptr == per_rank.ptr
+                out["graph_replay"] = graph_replay_matches(comm, rng, cupy)
         except ImportError:
             out["strided_rows"] = out["dlpack_zero_copy"] = out["cai_zero_copy"] = "cupy missing"
+            out["graph_replay"] = "cupy missing"
         # E not divisible by R is refused with a message naming it.
         try:
             comm.get_dispatch_layout(pydeepep.to_device(random_topk(rng, 10, 2, 7), device=comm.device), 7)
@@ -99,6 +101,28 @@ def layout_scenarios(info):
     return out
 
 
+def graph_replay_matches(comm, rng, cupy):
+    """Captures the layout (into caller-provided outputs) in a CUDA graph and replays it on new routing."""
+    from pydeepep.bench import CapturedGraph
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        topk_buf = cupy.asarray(random_topk(rng, 512, 8, 64))
+        outs = comm.get_dispatch_layout(topk_buf, 64, stream=stream.ptr)
+        graph = CapturedGraph(lambda: comm.get_dispatch_layout(topk_buf, 64, stream=stream.ptr, out=outs),
+                              stream.ptr)
+        matches = []
+        for _ in range(3):
+            routing = random_topk(rng, 512, 8, 64)
+            topk_buf.set(routing, stream=stream)
+            graph.launch()
+            got = [a.to_numpy() for a in outs]
+            want = reference.dispatch_layout(routing, 64, comm.nranks)
+            matches.append(all(np.array_equal(g, w) for g, w in zip(got, want)))
+        graph.close()
+    return all(matches)
+
+
 def _closed_use(comm):
     try:
         comm.get_dispatch_layout(None, 8)
@@ -120,7 +144,8 @@ def test_two_ranks_create_a_communicator_with_nvlink_peers(results):
 
 
 @pytest.mark.parametrize("scenario", ["random_int64", "random_int32", "empty_rank", "one_token", "all_minus_one",
-                                      "many_experts", "strided_rows", "deterministic"])
+                                      "many_experts", "strided_rows", "deterministic",
+                                      "graph_replay"])
 def test_layout_equals_oracle(results, scenario):
     assert [r[scenario] for r in results] == [True, True]
 
