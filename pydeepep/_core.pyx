@@ -272,9 +272,10 @@ cdef class Communicator:
                 f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({self.nranks})",
                 1)
         if out is None:
-            results = (empty((self.nranks,), np.int32, device=self.device, stream=s),
-                       empty((num_experts,), np.int32, device=self.device, stream=s),
-                       empty((num_tokens, self.nranks), np.bool_, device=self.device, stream=s))
+            # Pass the caller's stream object itself: the arrays keep it alive until their memory is freed on it.
+            results = (empty((self.nranks,), np.int32, device=self.device, stream=stream),
+                       empty((num_experts,), np.int32, device=self.device, stream=stream),
+                       empty((num_tokens, self.nranks), np.bool_, device=self.device, stream=stream))
             pointers = [a.ptr for a in results]
         else:
             if len(out) != 3:

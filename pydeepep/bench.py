@@ -1,8 +1,9 @@
 """`python -m pydeepep.bench`: measures libdeepep on the GPUs of this machine, one rank per local GPU.
 
 This release measures the dispatch layout (N in {512, 4096, 16384}, K = 8, E = 256); the high-throughput and
-low-latency sections arrive with those kernels. "device us" is the median time per call replayed from a CUDA graph (what the GPU spends, no host gaps);
-"Python call us" is the median per call made from Python one by one (binding overhead included).
+low-latency sections arrive with those kernels. "device us" is the median time per call replayed from a CUDA
+graph (what the GPU spends, no host gaps); "Python call us" is the median per call made from Python one by one
+(binding overhead included).
 Writes a JSON record (machine, commit, command, results) to --output.
 """
 
