@@ -200,8 +200,11 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
     DEEPEP_REQUIRE(num_tokens >= 0, "num_tokens is %lld; it must be >= 0", static_cast<long long>(num_tokens));
     DEEPEP_REQUIRE(num_topk >= 1 && num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]", num_topk,
                    DEEPEP_MAX_TOPK);
-    DEEPEP_REQUIRE(topk_row_stride >= num_topk, "topk_row_stride is %lld; it must be >= num_topk (%d)",
+    DEEPEP_REQUIRE(topk_row_stride >= num_topk && topk_row_stride <= (int64_t(1) << 32),
+                   "topk_row_stride is %lld; it must be in [num_topk (%d), 2^32]",
                    static_cast<long long>(topk_row_stride), num_topk);
+    DEEPEP_REQUIRE(num_tokens <= (int64_t(1) << 31), "num_tokens is %lld; at most 2^31 tokens are supported",
+                   static_cast<long long>(num_tokens));
     DEEPEP_REQUIRE(num_experts >= 1, "num_experts is %d; it must be positive", num_experts);
     DEEPEP_REQUIRE(num_experts % c.nranks == 0, "num_experts (%d) is not divisible by the number of ranks (%d)",
                    num_experts, c.nranks);

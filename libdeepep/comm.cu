@@ -173,6 +173,7 @@ static void nvshmem_setup(SetupRequest* comm) {
 static int nvl_domain_size(const deepepComm& comm) {
   int count = 0;
   for (void* p : comm.peer_buffers) count += p != nullptr;
+  if (count == 0) fail(deepepNvshmemError, "NVSHMEM gives no address for this rank's own buffer");
   const int first = comm.rank / count * count;
   for (int peer = first; peer < first + count; ++peer) {
     if (peer >= comm.nranks || comm.peer_buffers[peer] == nullptr) {

@@ -54,7 +54,7 @@ from ._core import (  # noqa: E402
 )
 from .launch import spawn  # noqa: E402
 
-__version__ = "%d.%d.%d" % version()
+__version__ = "{}.{}.{}".format(*version())
 
 __all__ = [
     "Communicator",

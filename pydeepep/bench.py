@@ -63,8 +63,7 @@ class CapturedGraph:
 
         self.stream = driver.CUstream(stream)
         self.repeat = repeat
-        _check(driver.cuStreamBeginCapture(self.stream,
-                                           driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+        _check(driver.cuStreamBeginCapture(self.stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
         try:
             for _ in range(repeat):
                 fn()
@@ -98,8 +97,9 @@ def bench_rank(info, warmup, iters):
     from cuda.core import Device
 
     rows = []
-    with pydeepep.Communicator(info.unique_id, info.rank, info.nranks, device=info.device,
-                               buffer_bytes=64 << 20) as comm:
+    with pydeepep.Communicator(
+        info.unique_id, info.rank, info.nranks, device=info.device, buffer_bytes=64 << 20
+    ) as comm:
         stream = Device(comm.device).create_stream()
         handle = int(stream.handle)
         rng = np.random.default_rng(info.rank)
@@ -107,14 +107,24 @@ def bench_rank(info, warmup, iters):
             topk = np.argsort(rng.random((n, NUM_EXPERTS)), axis=1)[:, :NUM_TOPK].astype(np.int64)
             topk_dev = pydeepep.to_device(topk, device=comm.device, stream=handle)
             outs = comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=handle)
-            call = lambda: comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=handle, out=outs)  # noqa: E731
+
+            def call(topk_dev=topk_dev, outs=outs):
+                return comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=handle, out=outs)
+
             host_us = time_calls(call, handle, warmup, iters)
             us = device_time(call, handle)
-            rows.append({"case": "layout", "num_tokens": n, "num_topk": NUM_TOPK, "num_experts": NUM_EXPERTS,
-                         "us": us, "python_call_us": host_us})
+            rows.append(
+                {
+                    "case": "layout",
+                    "num_tokens": n,
+                    "num_topk": NUM_TOPK,
+                    "num_experts": NUM_EXPERTS,
+                    "us": us,
+                    "python_call_us": host_us,
+                }
+            )
             if info.rank == 0:
-                print(f"  layout N={n:<6} {us:8.1f} us on the device ({host_us:.1f} us per Python call)",
-                      flush=True)
+                print(f"  layout N={n:<6} {us:8.1f} us on the device ({host_us:.1f} us per Python call)", flush=True)
         comm.check_async_error()
     return rows
 
@@ -134,15 +144,20 @@ def machine_description() -> str:
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except Exception:
         return "unknown"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pydeepep.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pydeepep.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nranks", type=int, default=None, help="ranks (default: one per local GPU)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--iters", type=int, default=100)
@@ -151,8 +166,11 @@ def main(argv=None) -> int:
 
     gpus = local_device_count()
     if gpus == 0:
-        print("python -m pydeepep.bench: no CUDA GPU is visible on this machine; the benchmark needs at least one "
-              "(two or more for communication). Nothing was measured.", file=sys.stderr)
+        print(
+            "python -m pydeepep.bench: no CUDA GPU is visible on this machine; the benchmark needs at least one "
+            "(two or more for communication). Nothing was measured.",
+            file=sys.stderr,
+        )
         return 2
     nranks = args.nranks or gpus
     print(f"pydeepep {pydeepep.__version__} benchmark: {nranks} rank(s) on {machine_description()}", flush=True)
@@ -171,8 +189,9 @@ def main(argv=None) -> int:
     print(f"\n{'case':<10}{'N':>8}{'device us (rank 0)':>20}{'slowest rank':>14}{'Python call us':>16}")
     for i, row in enumerate(per_rank[0]):
         slowest = max(rank_rows[i]["us"] for rank_rows in per_rank)
-        print(f"{row['case']:<10}{row['num_tokens']:>8}{row['us']:>20.1f}{slowest:>14.1f}"
-              f"{row['python_call_us']:>16.1f}")
+        print(
+            f"{row['case']:<10}{row['num_tokens']:>8}{row['us']:>20.1f}{slowest:>14.1f}{row['python_call_us']:>16.1f}"
+        )
     print(f"(record written to {args.output})")
     return 0
 

@@ -12,7 +12,8 @@ import os
 import queue
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # Never let a job started here use NVLink multicast (it can take shared GPUs down); callers may still override.
 _SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -38,7 +39,7 @@ def local_device_count() -> int:
     try:
         from cuda.bindings import driver
 
-        status, = driver.cuInit(0)
+        (status,) = driver.cuInit(0)
         if status != driver.CUresult.CUDA_SUCCESS:
             return 0
         status, count = driver.cuDeviceGetCount()
@@ -63,7 +64,7 @@ def _rank_main(fn, rank, nranks, id_queue, result_queue, args, kwargs):
         result_queue.put((rank, True, value))
     except BaseException:  # report everything, KeyboardInterrupt included, then exit non-zero
         result_queue.put((rank, False, traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def spawn(
@@ -93,8 +94,11 @@ def spawn(
         os.environ.setdefault(key, value)
     try:
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, rank, nprocs, id_queue, result_queue, args, kwargs or {}),
-                        name=f"pydeepep-rank{rank}")
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, rank, nprocs, id_queue, result_queue, args, kwargs or {}),
+                name=f"pydeepep-rank{rank}",
+            )
             for rank in range(nprocs)
         ]
         for p in procs:

@@ -317,8 +317,9 @@ def combine(ys, recv_srcs, num_tokens, biases=None, *, topk_weights=None):
     ``biases[r]`` is None, one array or a tuple of up to two [N_r, H] arrays. With ``topk_weights`` (per rank
     [M_d, K]) each result is ``(out, combined_weights [N_r, K] float32)``, summed the same way and not rounded.
     """
-    num_ranks = _num_ranks(ys, ("recv_srcs", recv_srcs), ("num_tokens", num_tokens), ("biases", biases),
-                           ("topk_weights", topk_weights))
+    num_ranks = _num_ranks(
+        ys, ("recv_srcs", recv_srcs), ("num_tokens", num_tokens), ("biases", biases), ("topk_weights", topk_weights)
+    )
     ys = [np.asarray(y, dtype=np.float32) for y in ys]
     if any(y.ndim != 2 for y in ys):
         raise ValueError("every ys entry must be [num_received, hidden]")
@@ -351,8 +352,9 @@ def combine(ys, recv_srcs, num_tokens, biases=None, *, topk_weights=None):
         num_topk = weights_in[0].shape[1] if weights_in[0].ndim == 2 else -1
         for rank, w in enumerate(weights_in):
             if w.shape != (ys[rank].shape[0], num_topk):
-                raise ValueError(f"topk_weights of rank {rank} has shape {w.shape}; it must be "
-                                 f"[{ys[rank].shape[0]}, {num_topk}]")
+                raise ValueError(
+                    f"topk_weights of rank {rank} has shape {w.shape}; it must be [{ys[rank].shape[0]}, {num_topk}]"
+                )
 
     acc = [np.zeros((n, hidden), dtype=np.float32) for n in num_tokens]
     acc_weights = [np.zeros((n, weights_in[0].shape[1]), dtype=np.float32) for n in num_tokens] if weights_in else None
@@ -381,8 +383,9 @@ def combine(ys, recv_srcs, num_tokens, biases=None, *, topk_weights=None):
 # Low-latency dispatch and combine.
 
 
-def low_latency_dispatch(xs, topk_idxs, num_experts: int, max_tokens: int, use_fp8: bool = True,
-                         round_scale: bool = False):
+def low_latency_dispatch(
+    xs, topk_idxs, num_experts: int, max_tokens: int, use_fp8: bool = True, round_scale: bool = False
+):
     """LL dispatch over all ranks. Per rank returns ``(recv_x [E_loc, R*T, H] float32, recv_scales
     [E_loc, R*T, H/128] float32 or None, recv_count [E_loc] int32, recv_src [E_loc, R*T, 2] int64)``.
 
@@ -420,14 +423,15 @@ def low_latency_dispatch(xs, topk_idxs, num_experts: int, max_tokens: int, use_f
         order = np.lexsort((tokens, experts))
         tokens, experts = tokens[order], experts[order]
         bounds = np.searchsorted(experts, np.arange(num_experts + 1))
-        tokens_of_expert.append([tokens[bounds[e]:bounds[e + 1]] for e in range(num_experts)])
+        tokens_of_expert.append([tokens[bounds[e] : bounds[e + 1]] for e in range(num_experts)])
 
     rows_per_expert = num_ranks * max_tokens
     results = []
     for dst in range(num_ranks):
         recv_x = np.zeros((experts_per_rank, rows_per_expert, hidden), dtype=np.float32)
-        recv_scales = (np.zeros((experts_per_rank, rows_per_expert, hidden // FP8_BLOCK), dtype=np.float32)
-                       if use_fp8 else None)
+        recv_scales = (
+            np.zeros((experts_per_rank, rows_per_expert, hidden // FP8_BLOCK), dtype=np.float32) if use_fp8 else None
+        )
         recv_count = np.zeros(experts_per_rank, dtype=np.int32)
         recv_src = np.full((experts_per_rank, rows_per_expert, 2), -1, dtype=np.int64)
         for local in range(experts_per_rank):

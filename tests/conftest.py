@@ -6,7 +6,7 @@ import os
 import pytest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_count() -> int:
     from pydeepep.launch import local_device_count
 

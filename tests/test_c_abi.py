@@ -60,11 +60,13 @@ def deepep_paths() -> tuple[list[str], str]:
         import pydeepep
 
         return [pydeepep.get_include()], pydeepep.get_lib_dir()
-    except ImportError:
+    except ImportError as error:
         include = os.environ.get("DEEPEP_INCLUDE_DIRS", "")
         lib = os.environ.get("DEEPEP_LIB_DIR", "")
         if not include or not lib:
-            pytest.skip("pydeepep does not import and DEEPEP_INCLUDE_DIRS / DEEPEP_LIB_DIR are not set")
+            # Fail, not skip: a source checkout's pydeepep/ shadowing the installed one (`python -m pytest` from the
+            # repository root) would otherwise turn this whole file into silent skips.
+            pytest.fail(f"pydeepep does not import ({error}) and DEEPEP_INCLUDE_DIRS / DEEPEP_LIB_DIR are not set")
         return [p for p in include.split(os.pathsep) if p], lib
 
 

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import gpu_count, requires_gpus
 
 import pydeepep
-
-from conftest import gpu_count, requires_gpus
 
 pytestmark = [pytest.mark.gpu, requires_gpus(1)]
 
@@ -44,10 +43,27 @@ def test_c_example_over_all_gpus(tmp_path):
         pytest.skip("needs a C compiler and the CUDA toolkit headers")
     binary = tmp_path / "dispatch_layout"
     lib_dir = pydeepep.get_lib_dir()
-    build = run(["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", str(EXAMPLES / "c" / "dispatch_layout.c"),
-                 f"-I{pydeepep.get_include()}", f"-I{CUDA_HOME / 'include'}", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}",
-                 "-ldeepep", f"-L{CUDA_HOME / 'lib64'}", f"-Wl,-rpath,{CUDA_HOME / 'lib64'}", "-lcudart",
-                 "-o", str(binary)])
+    build = run(
+        [
+            "cc",
+            "-std=c99",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            str(EXAMPLES / "c" / "dispatch_layout.c"),
+            f"-I{pydeepep.get_include()}",
+            f"-I{CUDA_HOME / 'include'}",
+            f"-L{lib_dir}",
+            f"-Wl,-rpath,{lib_dir}",
+            "-ldeepep",
+            f"-L{CUDA_HOME / 'lib64'}",
+            f"-Wl,-rpath,{CUDA_HOME / 'lib64'}",
+            "-lcudart",
+            "-o",
+            str(binary),
+        ]
+    )
     assert build.returncode == 0
     result = run([str(binary), str(gpu_count())])
     assert result.returncode == 0

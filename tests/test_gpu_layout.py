@@ -5,19 +5,21 @@ All scenarios run inside one 2-rank job (NVSHMEM setup costs seconds); each test
 
 import numpy as np
 import pytest
+from conftest import requires_gpus
 
 import pydeepep
 from pydeepep import reference
-
-from conftest import requires_gpus
 
 pytestmark = [pytest.mark.gpu, requires_gpus(2)]
 
 
 def random_topk(rng, num_tokens, num_topk, num_experts, dtype=np.int64, drop=0.2):
     """K distinct experts per token, with a fraction of slots set to -1."""
-    topk = np.stack([rng.choice(num_experts, size=num_topk, replace=False) for _ in range(num_tokens)]) \
-        if num_tokens else np.zeros((0, num_topk), dtype=np.int64)
+    topk = (
+        np.stack([rng.choice(num_experts, size=num_topk, replace=False) for _ in range(num_tokens)])
+        if num_tokens
+        else np.zeros((0, num_topk), dtype=np.int64)
+    )
     topk = topk.astype(dtype)
     topk[rng.random(topk.shape) < drop] = -1
     return topk
@@ -28,19 +30,22 @@ def layout_matches(comm, topk_host, num_experts, device_input=None):
     per_rank, per_expert, in_rank = comm.get_dispatch_layout(device_input, num_experts)
     want = reference.dispatch_layout(topk_host, num_experts, comm.nranks)
     got = (per_rank.to_numpy(), per_expert.to_numpy(), in_rank.to_numpy())
-    return all(g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w) for g, w in zip(got, want))
+    pairs = zip(got, want, strict=True)
+    return all(g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w) for g, w in pairs)
 
 
 def layout_scenarios(info):
     """Runs every scenario on one rank; returns {name: result} (results compared by the tests)."""
     out = {}
     rng = np.random.default_rng(1234 + info.rank)
-    with pydeepep.Communicator(info.unique_id, info.rank, info.nranks, device=info.device, timeout=60,
-                               max_tokens_per_rank=1024, hidden=1024) as comm:
+    with pydeepep.Communicator(
+        info.unique_id, info.rank, info.nranks, device=info.device, timeout=60, max_tokens_per_rank=1024, hidden=1024
+    ) as comm:
         out["topology"] = (comm.rank, comm.nranks, comm.device, comm.ranks_per_nvl_domain, comm.buffer_bytes)
         out["random_int64"] = all(
             layout_matches(comm, random_topk(rng, n, k, e), e)
-            for n, k, e in [(4096, 8, 256), (777, 4, 16), (64, 32, 64), (300, 1, 2)])
+            for n, k, e in [(4096, 8, 256), (777, 4, 16), (64, 32, 64), (300, 1, 2)]
+        )
         out["random_int32"] = layout_matches(comm, random_topk(rng, 1000, 8, 64, np.int32), 64)
         # Rank 1 has no tokens at all.
         n = 0 if info.rank == 1 else 128
@@ -66,6 +71,14 @@ def layout_scenarios(info):
         except ImportError:
             out["strided_rows"] = out["dlpack_zero_copy"] = out["cai_zero_copy"] = "cupy missing"
             out["graph_replay"] = "cupy missing"
+        # A CUDA-array-interface-only producer (numba) works too.
+        try:
+            from numba import cuda as numba_cuda
+
+            routing = random_topk(rng, 300, 6, 32)
+            out["cai_input"] = layout_matches(comm, routing, 32, numba_cuda.to_device(routing))
+        except ImportError:
+            out["cai_input"] = "numba missing"
         # E not divisible by R is refused with a message naming it.
         try:
             comm.get_dispatch_layout(pydeepep.to_device(random_topk(rng, 10, 2, 7), device=comm.device), 7)
@@ -95,8 +108,11 @@ def layout_scenarios(info):
         topk = pydeepep.to_device(random_topk(rng, 4096, 8, 256), device=comm.device)
         first = [a.to_numpy() for a in comm.get_dispatch_layout(topk, 256)]
         out["deterministic"] = all(
-            all(np.array_equal(a.to_numpy(), f) for a, f in zip(comm.get_dispatch_layout(topk, 256), first))
-            for _ in range(20))
+            all(
+                np.array_equal(a.to_numpy(), f) for a, f in zip(comm.get_dispatch_layout(topk, 256), first, strict=True)
+            )
+            for _ in range(20)
+        )
     out["closed_use"] = _closed_use(comm)
     return out
 
@@ -109,8 +125,7 @@ def graph_replay_matches(comm, rng, cupy):
     with stream:
         topk_buf = cupy.asarray(random_topk(rng, 512, 8, 64))
         outs = comm.get_dispatch_layout(topk_buf, 64, stream=stream.ptr)
-        graph = CapturedGraph(lambda: comm.get_dispatch_layout(topk_buf, 64, stream=stream.ptr, out=outs),
-                              stream.ptr)
+        graph = CapturedGraph(lambda: comm.get_dispatch_layout(topk_buf, 64, stream=stream.ptr, out=outs), stream.ptr)
         matches = []
         for _ in range(3):
             routing = random_topk(rng, 512, 8, 64)
@@ -118,7 +133,7 @@ def graph_replay_matches(comm, rng, cupy):
             graph.launch()
             got = [a.to_numpy() for a in outs]
             want = reference.dispatch_layout(routing, 64, comm.nranks)
-            matches.append(all(np.array_equal(g, w) for g, w in zip(got, want)))
+            matches.append(all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)))
         graph.close()
     return all(matches)
 
@@ -143,11 +158,28 @@ def test_two_ranks_create_a_communicator_with_nvlink_peers(results):
         assert r["topology"][4] >= pydeepep.buffer_size_hint(2, max_tokens_per_rank=1024, hidden=1024) - 1
 
 
-@pytest.mark.parametrize("scenario", ["random_int64", "random_int32", "empty_rank", "one_token", "all_minus_one",
-                                      "many_experts", "strided_rows", "deterministic",
-                                      "graph_replay"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "random_int64",
+        "random_int32",
+        "empty_rank",
+        "one_token",
+        "all_minus_one",
+        "many_experts",
+        "strided_rows",
+        "deterministic",
+        "graph_replay",
+    ],
+)
 def test_layout_equals_oracle(results, scenario):
     assert [r[scenario] for r in results] == [True, True]
+
+
+def test_layout_takes_cuda_array_interface_inputs(results):
+    if results[0]["cai_input"] == "numba missing":
+        pytest.skip("numba is not installed")
+    assert [r["cai_input"] for r in results] == [True, True]
 
 
 def test_layout_outputs_are_taken_without_copy(results):
@@ -193,8 +225,9 @@ def late_peer(info):
         return "slept"
     start = time.monotonic()
     try:
-        pydeepep.Communicator(info.unique_id, info.rank, info.nranks, device=info.device, timeout=4,
-                              max_tokens_per_rank=128)
+        pydeepep.Communicator(
+            info.unique_id, info.rank, info.nranks, device=info.device, timeout=4, max_tokens_per_rank=128
+        )
         return "created"
     except pydeepep.DeepEPTimeoutError as exc:
         return ("timeout", time.monotonic() - start, str(exc))

@@ -37,10 +37,15 @@ def test_cmake_find_package_gives_a_linkable_target(tmp_path):
     (tmp_path / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.24)\nproject(consumer CXX)\n"
         "find_package(deepep 0.1 CONFIG REQUIRED)\n"
-        "add_executable(consumer main.cpp)\ntarget_link_libraries(consumer PRIVATE deepep::deepep)\n")
+        "add_executable(consumer main.cpp)\ntarget_link_libraries(consumer PRIVATE deepep::deepep)\n"
+    )
     build = tmp_path / "build"
-    subprocess.run([cmake(), "-S", str(tmp_path), "-B", str(build), f"-Ddeepep_DIR={pydeepep.get_cmake_dir()}"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [cmake(), "-S", str(tmp_path), "-B", str(build), f"-Ddeepep_DIR={pydeepep.get_cmake_dir()}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     subprocess.run([cmake(), "--build", str(build)], check=True, capture_output=True, text=True)
     out = subprocess.run([str(build / "consumer")], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("deepep ")
@@ -49,17 +54,25 @@ def test_cmake_find_package_gives_a_linkable_target(tmp_path):
 @pytest.mark.skipif(shutil.which("pkg-config") is None or shutil.which("cc") is None, reason="needs pkg-config, cc")
 def test_pkg_config_describes_the_installed_library(tmp_path):
     env = dict(os.environ, PKG_CONFIG_PATH=str(Path(pydeepep.get_lib_dir()) / "pkgconfig"))
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "deepep"], env=env, check=True, capture_output=True,
-                           text=True).stdout.split()
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "deepep"], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
     assert "-ldeepep" in flags
     source = tmp_path / "main.c"
-    source.write_text("#include <deepep/deepep.h>\nint main(void){int v=0;"
-                      "return deepepGetVersion(&v) == deepepSuccess && v == DEEPEP_VERSION ? 0 : 1;}\n")
+    source.write_text(
+        "#include <deepep/deepep.h>\nint main(void){int v=0;"
+        "return deepepGetVersion(&v) == deepepSuccess && v == DEEPEP_VERSION ? 0 : 1;}\n"
+    )
     subprocess.run(["cc", "-std=c99", str(source), *flags, "-o", str(tmp_path / "main")], check=True)
     assert subprocess.run([str(tmp_path / "main")]).returncode == 0
 
 
 def test_version_of_package_and_library_agree():
-    out = subprocess.run([sys.executable, "-c", "import pydeepep; print(pydeepep.__version__)"],
-                         capture_output=True, text=True, check=True, cwd="/")
-    assert out.stdout.strip() == "%d.%d.%d" % pydeepep.version()
+    out = subprocess.run(
+        [sys.executable, "-c", "import pydeepep; print(pydeepep.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    )
+    assert out.stdout.strip() == "{}.{}.{}".format(*pydeepep.version())

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import gpu_count
 
 import pydeepep
 from pydeepep import _interop, reference
 from pydeepep.launch import LaunchError, spawn
-
-from conftest import gpu_count
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference: hand-checked cases.
@@ -82,8 +81,16 @@ class CupyLikeStream:
 
 @pytest.mark.parametrize(
     "stream, handle",
-    [(None, 1), (0, 1), (1, 1), (2, 2), (0x7F00AA, 0x7F00AA), (CudaStreamProtocol((0, 0x1234)), 0x1234),
-     (TorchLikeStream(), 0xABC0), (CupyLikeStream(), 0xDEF0)],
+    [
+        (None, 1),
+        (0, 1),
+        (1, 1),
+        (2, 2),
+        (0x7F00AA, 0x7F00AA),
+        (CudaStreamProtocol((0, 0x1234)), 0x1234),
+        (TorchLikeStream(), 0xABC0),
+        (CupyLikeStream(), 0xDEF0),
+    ],
 )
 def test_stream_handles_are_taken_from_every_supported_form(stream, handle):
     assert _interop.stream_handle(stream) == handle
@@ -157,8 +164,10 @@ class FakeDLPackCuda:
         return (2, 1)
 
 
-@pytest.mark.parametrize("obj, expected", [(FakeCAI(), True), (FakeDLPackCuda(), True), (FakeDLPackHost(), False),
-                                           (np.zeros(3), False), ([1, 2], False)])
+@pytest.mark.parametrize(
+    "obj, expected",
+    [(FakeCAI(), True), (FakeDLPackCuda(), True), (FakeDLPackHost(), False), (np.zeros(3), False), ([1, 2], False)],
+)
 def test_device_arrays_are_told_from_host_data(obj, expected):
     assert _interop.is_device_array(obj) is expected
 
@@ -176,14 +185,26 @@ class DLDataType(ctypes.Structure):
 
 
 class DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", DLDevice), ("ndim", ctypes.c_int32), ("dtype", DLDataType),
-                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
-                ("byte_offset", ctypes.c_uint64)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
 
 
 class DLManagedTensorVersioned(ctypes.Structure):
-    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("manager_ctx", ctypes.c_void_p),
-                ("deleter", ctypes.c_void_p), ("flags", ctypes.c_uint64), ("dl_tensor", DLTensor)]
+    _fields_ = [
+        ("major", ctypes.c_uint32),
+        ("minor", ctypes.c_uint32),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
 
 
 def _capsule_pointer(capsule, name):
@@ -195,8 +216,14 @@ def _capsule_pointer(capsule, name):
 def test_cuda_array_interface_describes_the_array():
     a = pydeepep.DeviceArray(0x7000, (3, 4), np.int32, 1, 0x55)
     cai = a.__cuda_array_interface__
-    assert cai == {"shape": (3, 4), "typestr": "<i4", "data": (0x7000, False), "version": 3, "strides": None,
-                   "stream": 0x55}
+    assert cai == {
+        "shape": (3, 4),
+        "typestr": "<i4",
+        "data": (0x7000, False),
+        "version": 3,
+        "strides": None,
+        "stream": 0x55,
+    }
 
 
 def test_cuda_array_interface_never_reports_stream_zero():
@@ -249,8 +276,15 @@ def test_device_array_refuses_unsupported_dtypes():
 # Errors, configuration, communicator without a GPU.
 
 
-@pytest.mark.parametrize("status, cls", [(1, pydeepep.DeepEPInvalidArgument), (6, pydeepep.DeepEPTimeoutError),
-                                         (7, pydeepep.DeepEPNoDevice), (10, pydeepep.DeepEPBufferTooSmall)])
+@pytest.mark.parametrize(
+    "status, cls",
+    [
+        (1, pydeepep.DeepEPInvalidArgument),
+        (6, pydeepep.DeepEPTimeoutError),
+        (7, pydeepep.DeepEPNoDevice),
+        (10, pydeepep.DeepEPBufferTooSmall),
+    ],
+)
 def test_errors_map_status_to_class_and_survive_pickling(status, cls):
     from pydeepep.errors import error_for_status
 
@@ -350,11 +384,12 @@ def test_spawn_kills_a_hung_job_at_its_timeout():
 @pytest.mark.parametrize("flag", ["--version", "--include-dir", "--lib-dir", "--cmake-dir"])
 def test_command_line_prints_what_a_c_build_needs(flag, tmp_path):
     # Run outside the source tree, whose pydeepep/ (without the built extension) would shadow the installed one.
-    out = subprocess.run([sys.executable, "-m", "pydeepep", flag], capture_output=True, text=True, check=True,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "pydeepep", flag], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     value = out.stdout.strip()
     if flag == "--version":
-        assert value == pydeepep.__version__ == "%d.%d.%d" % pydeepep.version()
+        assert value == pydeepep.__version__ == "{}.{}.{}".format(*pydeepep.version())
     elif flag == "--include-dir":
         assert (Path(value) / "deepep" / "deepep.h").is_file() and (Path(value) / "deepep" / "version.h").is_file()
     elif flag == "--lib-dir":

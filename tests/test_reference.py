@@ -60,8 +60,10 @@ def test_dispatch_counts_received_tokens_per_local_expert():
     assert n0.dtype == np.int32
 
 
-@pytest.mark.parametrize("alignment, want0, want1", [(1, [2, 2], [2, 1]), (2, [2, 2], [2, 2]), (3, [3, 3], [3, 3]),
-                                                     (128, [128, 128], [128, 128])])
+@pytest.mark.parametrize(
+    "alignment, want0, want1",
+    [(1, [2, 2], [2, 1]), (2, [2, 2], [2, 2]), (3, [3, 3], [3, 3]), (128, [128, 128], [128, 128])],
+)
 def test_dispatch_rounds_counts_up_to_the_expert_alignment(alignment, want0, want1):
     (_, _, _, n0, _), (_, _, _, n1, _) = reference.dispatch(XS, TOPK, None, 4, expert_alignment=alignment)
     assert n0.tolist() == want0 and n1.tolist() == want1
@@ -113,9 +115,9 @@ def test_dispatch_with_thirty_two_experts_per_token():
     # E = 64 on 2 ranks (E_loc = 32); the token picks the even experts 0, 2, ..., 62: 16 on each rank
     topk = [np.arange(0, 64, 2)[None, :]]
     weights = [np.arange(1, 33, dtype=f32)[None, :]]
-    (_, idx0, w0, n0, _), (_, idx1, w1, n1, _) = reference.dispatch([rows(1), np.zeros((0, 4), f32)],
-                                                                    topk + [np.zeros((0, 32), np.int64)],
-                                                                    weights + [np.zeros((0, 32), f32)], 64)
+    (_, idx0, w0, n0, _), (_, idx1, w1, n1, _) = reference.dispatch(
+        [rows(1), np.zeros((0, 4), f32)], topk + [np.zeros((0, 32), np.int64)], weights + [np.zeros((0, 32), f32)], 64
+    )
     want0 = [2 * k if k < 16 else -1 for k in range(32)]
     want1 = [-1 if k < 16 else 2 * k - 32 for k in range(32)]
     assert idx0.tolist() == [want0] and idx1.tolist() == [want1]
@@ -161,7 +163,7 @@ def test_dispatch_counts_agree_with_the_layout():
     per_expert = sum(layout[1] for layout in layouts)
     per_rank = sum(layout[0] for layout in layouts)
     for rank, (_, _, _, counts, src) in enumerate(results):
-        assert counts.tolist() == per_expert[2 * rank:2 * rank + 2].tolist()
+        assert counts.tolist() == per_expert[2 * rank : 2 * rank + 2].tolist()
         assert src.shape[0] == per_rank[rank]
 
 
@@ -186,10 +188,10 @@ def test_combine_inverts_dispatch_for_bf16_values():
     hidden, num_experts = 256, 8
     mantissa = rng.integers(128, 256, (2, 5, hidden)).astype(f32)  # 8 significant bits: BF16-representable
     sign = np.where(rng.random((2, 5, hidden)) < 0.5, f32(-1), f32(1))
-    xs = [sign[r] * mantissa[r] * f32(2.0 ** -7) * f32(2.0) ** rng.integers(-20, 20, (5, 1)).astype(f32)
-          for r in range(2)]
-    topk = [np.array([[0, 5], [1, 2], [-1, 6], [3, 0], [-1, -1]]), np.array([[7, 4], [0, -1], [2, 1], [6, 6],
-                                                                              [5, 3]])]
+    xs = [
+        sign[r] * mantissa[r] * f32(2.0**-7) * f32(2.0) ** rng.integers(-20, 20, (5, 1)).astype(f32) for r in range(2)
+    ]
+    topk = [np.array([[0, 5], [1, 2], [-1, 6], [3, 0], [-1, -1]]), np.array([[7, 4], [0, -1], [2, 1], [6, 6], [5, 3]])]
     reached = [np.array([2, 1, 1, 1, 0]), np.array([1, 1, 1, 1, 2])]  # E_loc = 4: ranks reached, by hand
     results = reference.dispatch(xs, topk, None, num_experts)
     outs = reference.combine([r[0] for r in results], [r[4] for r in results], [5, 5])
@@ -211,27 +213,26 @@ def test_combine_adds_ranks_in_ascending_order_in_float32():
     # Token 0 of rank 0 comes back from ranks 0, 1, 2 with 2^20, -2^20, 2^-10. Ascending: (2^20 - 2^20) + 2^-10 =
     # 2^-10. Descending would give (2^-10 - 2^20) + 2^20 = -2^20 + 2^20 = 0 in float32.
     srcs = [np.array([[0, 0]])] * 3
-    ys = [rows(2.0 ** 20, hidden=2), rows(-(2.0 ** 20), hidden=2), rows(2.0 ** -10, hidden=2)]
+    ys = [rows(2.0**20, hidden=2), rows(-(2.0**20), hidden=2), rows(2.0**-10, hidden=2)]
     out = reference.combine(ys, srcs, [1, 0, 0])[0]
-    assert out.tolist() == [[2.0 ** -10] * 2]
+    assert out.tolist() == [[2.0**-10] * 2]
 
 
 def test_combine_adds_bias0_then_bias1_after_the_ranks():
     # y = 2^-10, bias0 = 2^20, bias1 = -2^20: (y + b0) + b1 = 2^20 + (-2^20) = 0 in float32 (2^-10 is lost in the
     # first add). Adding the biases first, or bias1 before bias0, would give 2^-10 or a different value.
-    ys = [rows(2.0 ** -10, hidden=2)]
-    biases = [(rows(2.0 ** 20, hidden=2), rows(-(2.0 ** 20), hidden=2))]
+    ys = [rows(2.0**-10, hidden=2)]
+    biases = [(rows(2.0**20, hidden=2), rows(-(2.0**20), hidden=2))]
     assert reference.combine(ys, [np.array([[0, 0]])], [1], biases=biases)[0].tolist() == [[0.0, 0.0]]
     # and the order inside: y = 2^20, bias0 = -2^20, bias1 = 2^-10 gives 2^-10 (bias1 first would give 0)
-    ys = [rows(2.0 ** 20, hidden=2)]
-    biases = [(rows(-(2.0 ** 20), hidden=2), rows(2.0 ** -10, hidden=2))]
-    assert reference.combine(ys, [np.array([[0, 0]])], [1], biases=biases)[0].tolist() == [[2.0 ** -10] * 2]
+    ys = [rows(2.0**20, hidden=2)]
+    biases = [(rows(-(2.0**20), hidden=2), rows(2.0**-10, hidden=2))]
+    assert reference.combine(ys, [np.array([[0, 0]])], [1], biases=biases)[0].tolist() == [[2.0**-10] * 2]
 
 
 def test_combine_gives_tokens_that_went_nowhere_their_biases():
     biases = [(rows(1.5, 2.5, hidden=2),), None]
-    out0, out1 = reference.combine([np.zeros((0, 2), f32)] * 2, [np.zeros((0, 2), np.int64)] * 2, [2, 1],
-                                   biases=biases)
+    out0, out1 = reference.combine([np.zeros((0, 2), f32)] * 2, [np.zeros((0, 2), np.int64)] * 2, [2, 1], biases=biases)
     assert out0.tolist() == [[1.5, 1.5], [2.5, 2.5]] and out1.tolist() == [[0.0, 0.0]]
 
 
@@ -239,21 +240,21 @@ def test_combine_rounds_once_to_bf16_at_the_end():
     # 1 + 2^-8 + 2^-8 = 1 + 2^-7, exact in float32 and in BF16. Rounding after each add would give
     # bf16(1 + 2^-8) = 1 (a tie, to even), then 1 again.
     srcs = [np.array([[0, 0]])] * 3
-    ys = [rows(1.0, hidden=2), rows(2.0 ** -8, hidden=2), rows(2.0 ** -8, hidden=2)]
-    assert reference.combine(ys, srcs, [1, 0, 0])[0].tolist() == [[1 + 2.0 ** -7] * 2]
+    ys = [rows(1.0, hidden=2), rows(2.0**-8, hidden=2), rows(2.0**-8, hidden=2)]
+    assert reference.combine(ys, srcs, [1, 0, 0])[0].tolist() == [[1 + 2.0**-7] * 2]
     # A bias that lands the sum on a BF16 tie: 1 + 2^-8 rounds to 1 (even); 1 + 3 * 2^-8 rounds up to 1 + 2^-6.
     ys = [rows(1.0, 1.0, hidden=2)]
-    biases = [(rows(2.0 ** -8, 3 * 2.0 ** -8, hidden=2),)]
+    biases = [(rows(2.0**-8, 3 * 2.0**-8, hidden=2),)]
     out = reference.combine(ys, [np.array([[0, 0], [0, 1]])], [2], biases=biases)[0]
-    assert out[:, 0].tolist() == [1.0, 1 + 2.0 ** -6]
+    assert out[:, 0].tolist() == [1.0, 1 + 2.0**-6]
 
 
 def test_combine_sums_topk_weights_in_float32_without_rounding():
     srcs = [np.array([[0, 0], [0, 1]]), np.array([[0, 0]])]
     ys = [rows(1, 2, hidden=2), rows(3, hidden=2)]
-    weights = [np.array([[0.5, 1 + 2.0 ** -20], [0.25, 0.0]], f32), np.array([[0.125, 2.0 ** -20]], f32)]
+    weights = [np.array([[0.5, 1 + 2.0**-20], [0.25, 0.0]], f32), np.array([[0.125, 2.0**-20]], f32)]
     (out, w), (_, w1) = reference.combine(ys, srcs, [2, 0], topk_weights=weights)
-    assert w.tolist() == [[0.625, 1 + 2.0 ** -19], [0.25, 0.0]]  # 1 + 2^-19 is no BF16 value: kept as float32
+    assert w.tolist() == [[0.625, 1 + 2.0**-19], [0.25, 0.0]]  # 1 + 2^-19 is no BF16 value: kept as float32
     assert w.dtype == np.float32 and w1.shape == (0, 2) and out[:, 0].tolist() == [4, 2]
 
 
@@ -270,16 +271,19 @@ def test_combine_refuses_a_token_twice_from_one_rank_and_foreign_tokens():
 # Numerics: BF16 rounding, the e4m3 grid, the FP8 cast, UE8M0 packing.
 
 
-@pytest.mark.parametrize("value, want", [
-    (1.0, 1.0),
-    (1 + 2.0 ** -7, 1 + 2.0 ** -7),                 # representable
-    (1 + 2.0 ** -8, 1.0),                           # tie between 1 and 1 + 2^-7: to even (1)
-    (1 + 3 * 2.0 ** -8, 1 + 2.0 ** -6),             # tie between 1 + 2^-7 and 1 + 2^-6: to even (1 + 2^-6)
-    (1 + 2.0 ** -8 + 2.0 ** -23, 1 + 2.0 ** -7),    # just past the tie: up
-    (-(1 + 2.0 ** -8 + 2.0 ** -23), -(1 + 2.0 ** -7)),
-    (3.4028234663852886e38, np.inf),                # the largest float32 lies past the last BF16 tie
-    (0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        (1.0, 1.0),
+        (1 + 2.0**-7, 1 + 2.0**-7),  # representable
+        (1 + 2.0**-8, 1.0),  # tie between 1 and 1 + 2^-7: to even (1)
+        (1 + 3 * 2.0**-8, 1 + 2.0**-6),  # tie between 1 + 2^-7 and 1 + 2^-6: to even (1 + 2^-6)
+        (1 + 2.0**-8 + 2.0**-23, 1 + 2.0**-7),  # just past the tie: up
+        (-(1 + 2.0**-8 + 2.0**-23), -(1 + 2.0**-7)),
+        (3.4028234663852886e38, np.inf),  # the largest float32 lies past the last BF16 tie
+        (0.0, 0.0),
+    ],
+)
 def test_bf16_round_is_round_to_nearest_even(value, want):
     got = reference.bf16_round(np.array([value], f32))
     assert got.dtype == np.float32 and got.tolist() == [want]
@@ -290,36 +294,48 @@ def test_bf16_round_keeps_nan_and_signed_zero():
     assert np.isnan(got[0]) and got[1] == 0 and np.signbit(got[1])
 
 
-@pytest.mark.parametrize("value, want", [
-    (1.0, 1.0), (1.125, 1.125), (448.0, 448.0), (240.0, 240.0),  # grid values
-    (2.0 ** -6, 2.0 ** -6),                                      # smallest normal
-    (7 * 2.0 ** -9, 7 * 2.0 ** -9), (2.0 ** -9, 2.0 ** -9),      # largest and smallest subnormal
-    (1.0625, 1.0),                      # tie between 1 (mantissa 000) and 1.125 (001): to 1
-    (1.1875, 1.25),                     # tie between 1.125 (001) and 1.25 (010): to 1.25
-    (17.0, 16.0), (19.0, 20.0),         # ties in [16, 32), step 2
-    (432.0, 448.0),                     # tie between 416 (101) and 448 (110)
-    (1.07, 1.125), (1.05, 1.0),         # plain nearest
-    (449.0, 448.0), (464.0, 448.0), (1e6, 448.0), (np.inf, 448.0),  # saturate
-    (1.5 * 2.0 ** -9, 2.0 ** -8),       # subnormal tie between 1 and 2 steps of 2^-9: to 2 (even)
-    (2.5 * 2.0 ** -9, 2.0 ** -8),       # subnormal tie between 2 and 3 steps: to 2
-    (0.6 * 2.0 ** -9, 2.0 ** -9),
-    (7.5 * 2.0 ** -9, 2.0 ** -6),       # tie between the largest subnormal and the smallest normal: to 2^-6
-    (2.0 ** -10, 0.0),                  # half the smallest subnormal: tie, to 0
-    (1e-40, 0.0),                       # a float32 subnormal
-])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        (1.0, 1.0),
+        (1.125, 1.125),
+        (448.0, 448.0),
+        (240.0, 240.0),  # grid values
+        (2.0**-6, 2.0**-6),  # smallest normal
+        (7 * 2.0**-9, 7 * 2.0**-9),
+        (2.0**-9, 2.0**-9),  # largest and smallest subnormal
+        (1.0625, 1.0),  # tie between 1 (mantissa 000) and 1.125 (001): to 1
+        (1.1875, 1.25),  # tie between 1.125 (001) and 1.25 (010): to 1.25
+        (17.0, 16.0),
+        (19.0, 20.0),  # ties in [16, 32), step 2
+        (432.0, 448.0),  # tie between 416 (101) and 448 (110)
+        (1.07, 1.125),
+        (1.05, 1.0),  # plain nearest
+        (449.0, 448.0),
+        (464.0, 448.0),
+        (1e6, 448.0),
+        (np.inf, 448.0),  # saturate
+        (1.5 * 2.0**-9, 2.0**-8),  # subnormal tie between 1 and 2 steps of 2^-9: to 2 (even)
+        (2.5 * 2.0**-9, 2.0**-8),  # subnormal tie between 2 and 3 steps: to 2
+        (0.6 * 2.0**-9, 2.0**-9),
+        (7.5 * 2.0**-9, 2.0**-6),  # tie between the largest subnormal and the smallest normal: to 2^-6
+        (2.0**-10, 0.0),  # half the smallest subnormal: tie, to 0
+        (1e-40, 0.0),  # a float32 subnormal
+    ],
+)
 def test_e4m3_round_on_hand_picked_values(value, want):
     got = reference.e4m3_round(np.array([value, -value], f32))
     assert got.dtype == np.float32 and got.tolist() == [want, -want]
 
 
 def test_e4m3_round_keeps_the_sign_of_underflow_and_nan():
-    got = reference.e4m3_round(np.array([-(2.0 ** -11), 2.0 ** -11, np.nan], f32))
+    got = reference.e4m3_round(np.array([-(2.0**-11), 2.0**-11, np.nan], f32))
     assert got[0] == 0 and np.signbit(got[0]) and not np.signbit(got[1]) and np.isnan(got[2])
 
 
 def test_e4m3_round_leaves_every_grid_value_alone():
-    subnormals = [m * 2.0 ** -9 for m in range(8)]
-    normals = [(1 + m / 8) * 2.0 ** e for e in range(-6, 9) for m in range(8) if (1 + m / 8) * 2.0 ** e <= 448]
+    subnormals = [m * 2.0**-9 for m in range(8)]
+    normals = [(1 + m / 8) * 2.0**e for e in range(-6, 9) for m in range(8) if (1 + m / 8) * 2.0**e <= 448]
     grid = np.array(subnormals + normals, f32)
     assert len(normals) == 15 * 8 - 1  # 2^8 * 1.875 = 480 is NaN in e4m3fn
     assert np.array_equal(reference.e4m3_round(grid), grid)
@@ -332,9 +348,9 @@ def test_e4m3_round_leaves_every_grid_value_alone():
 def test_fp8_cast_scales_each_block_by_its_amax():
     x = np.zeros((2, 256), f32)
     x[0, :128] = 1.0
-    x[0, 5] = 896.0      # block (0, 0): amax 896, scale 2; 1 / 2 = 0.5, 896 / 2 = 448
-    x[0, 128] = -3.0     # block (0, 1): amax 3, scale 3 / 448; -3 / scale = -448
-    x[1, 200] = 2.125    # block (1, 1): amax 2.125; row 1 block 0 is zero: amax floored to 1e-4
+    x[0, 5] = 896.0  # block (0, 0): amax 896, scale 2; 1 / 2 = 0.5, 896 / 2 = 448
+    x[0, 128] = -3.0  # block (0, 1): amax 3, scale 3 / 448; -3 / scale = -448
+    x[1, 200] = 2.125  # block (1, 1): amax 2.125; row 1 block 0 is zero: amax floored to 1e-4
     q, scales = reference.fp8_cast(x)
     assert scales.dtype == np.float32 and scales.shape == (2, 2)
     assert scales.tolist() == [[2.0, f32(3.0) / f32(448.0)], [f32(1e-4) / f32(448.0), f32(2.125) / f32(448.0)]]
@@ -350,13 +366,16 @@ def test_fp8_cast_divides_in_float32_and_rounds_ties_to_even():
     assert scales.tolist() == [[2.0]] and q[0, :3].tolist() == [448.0, 1.0, 1.25]
 
 
-@pytest.mark.parametrize("amax, want_scale, want_q", [
-    (448.0 * 3, 4.0, 320.0),     # scale 3 -> 4; 1344 / 4 = 336, a tie between 320 (010) and 352 (011): 320
-    (448.0 * 4, 4.0, 448.0),     # scale exactly 4 stays 4
-    (448.0 * 0.75, 1.0, 320.0),  # scale 0.75 -> 1; 336 again
-    (448.0 * 2.0 ** -10, 2.0 ** -10, 448.0),
-    (0.0, 2.0 ** -22, 0.0),      # 1e-4 / 448 = 2.23e-7 lies in (2^-23, 2^-22]
-])
+@pytest.mark.parametrize(
+    "amax, want_scale, want_q",
+    [
+        (448.0 * 3, 4.0, 320.0),  # scale 3 -> 4; 1344 / 4 = 336, a tie between 320 (010) and 352 (011): 320
+        (448.0 * 4, 4.0, 448.0),  # scale exactly 4 stays 4
+        (448.0 * 0.75, 1.0, 320.0),  # scale 0.75 -> 1; 336 again
+        (448.0 * 2.0**-10, 2.0**-10, 448.0),
+        (0.0, 2.0**-22, 0.0),  # 1e-4 / 448 = 2.23e-7 lies in (2^-23, 2^-22]
+    ],
+)
 def test_fp8_cast_round_scale_gives_the_next_power_of_two(amax, want_scale, want_q):
     x = np.zeros((1, 128), f32)
     x[0, 0] = amax
@@ -375,7 +394,7 @@ def test_ue8m0_pack_puts_block_4j_plus_i_in_bits_8i():
     assert packed.dtype == np.int32 and packed.shape == (1, 2)
     word0 = 127 | 128 << 8 | 126 << 16 | 135 << 24  # top byte >= 128: negative as int32
     assert packed.view(np.uint32).tolist() == [[word0, 129]]  # the last word padded with zero bytes
-    assert packed[0, 0] == word0 - 2 ** 32
+    assert packed[0, 0] == word0 - 2**32
 
 
 def test_ue8m0_pack_refuses_scales_that_are_not_powers_of_two():
@@ -397,8 +416,8 @@ def test_low_latency_dispatch_delivers_every_pair_grouped_by_source_rank_then_to
     (x0, s0, n0, src0), (x1, s1, n1, src1) = reference.low_latency_dispatch(xs, LL_TOPK, 4, 4, use_fp8=False)
     assert s0 is None and s1 is None
     assert n0.tolist() == [2, 3] and n1.tolist() == [1, 1] and n0.dtype == np.int32
-    assert src0[0, :2].tolist() == [[0, 0], [1, 1]]              # expert 0: r0t0, r1t1
-    assert src0[1, :3].tolist() == [[0, 0], [1, 0], [1, 1]]      # expert 1: r0t0 (again), r1t0, r1t1
+    assert src0[0, :2].tolist() == [[0, 0], [1, 1]]  # expert 0: r0t0, r1t1
+    assert src0[1, :3].tolist() == [[0, 0], [1, 0], [1, 1]]  # expert 1: r0t0 (again), r1t0, r1t1
     assert src1[0, :1].tolist() == [[1, 0]] and src1[1, :1].tolist() == [[0, 1]]
     assert x0[0, :2, 0].tolist() == [1, 20] and x0[1, :3, 0].tolist() == [1, 10, 20]
     assert x1[0, 0, 0] == 10 and x1[1, 0, 0] == 2
@@ -414,17 +433,17 @@ def test_low_latency_dispatch_leaves_unused_rows_zero_and_marked():
 
 def test_low_latency_dispatch_casts_to_fp8_per_token():
     x0 = np.zeros((2, 128), f32)
-    x0[0, :2] = [448.0, 1.0625]   # scale 1: 1.0625 is a tie, to 1.0
-    x0[1, :2] = [896.0, 3.0]      # scale 2: 448, 1.5
+    x0[0, :2] = [448.0, 1.0625]  # scale 1: 1.0625 is a tie, to 1.0
+    x0[1, :2] = [896.0, 3.0]  # scale 2: 448, 1.5
     x1 = np.zeros((3, 128), f32)  # all-zero tokens: amax floored, scale 1e-4 / 448
     (rx0, rs0, _, _), (rx1, rs1, _, _) = reference.low_latency_dispatch([x0, x1], LL_TOPK, 4, 4)
-    assert rx0[0, 0, :2].tolist() == [448.0, 1.0] and rs0[0, 0].tolist() == [1.0]   # r0t0 on expert 0
-    assert rx0[1, 0, :2].tolist() == [448.0, 1.0] and rs0[1, 0].tolist() == [1.0]   # r0t0 again on expert 1
-    assert rx1[1, 0, :2].tolist() == [448.0, 1.5] and rs1[1, 0].tolist() == [2.0]   # r0t1 on expert 3
-    assert rs0[0, 1].tolist() == [f32(1e-4) / f32(448.0)] and not rx0[0, 1].any()   # r1t1
+    assert rx0[0, 0, :2].tolist() == [448.0, 1.0] and rs0[0, 0].tolist() == [1.0]  # r0t0 on expert 0
+    assert rx0[1, 0, :2].tolist() == [448.0, 1.0] and rs0[1, 0].tolist() == [1.0]  # r0t0 again on expert 1
+    assert rx1[1, 0, :2].tolist() == [448.0, 1.5] and rs1[1, 0].tolist() == [2.0]  # r0t1 on expert 3
+    assert rs0[0, 1].tolist() == [f32(1e-4) / f32(448.0)] and not rx0[0, 1].any()  # r1t1
     assert rs0.shape == (2, 8, 1) and not rs0[0, 2:].any()
     _, rs_round, _, _ = reference.low_latency_dispatch([x0, x1], LL_TOPK, 4, 4, round_scale=True)[1]
-    assert rs_round[1, 0].tolist() == [2.0] and rs_round[0, 0].tolist() == [2.0 ** -22]
+    assert rs_round[1, 0].tolist() == [2.0] and rs_round[0, 0].tolist() == [2.0**-22]
 
 
 def test_low_latency_dispatch_refuses_more_tokens_than_max_tokens():
@@ -446,22 +465,27 @@ def test_low_latency_takes_a_rank_with_no_tokens():
     (x0, _, n0, src0), (x1, _, n1, src1) = results
     assert n0.tolist() == [1, 0] and n1.tolist() == [0, 1]
     assert src0[0, 0].tolist() == [1, 0] and src1[1, 0].tolist() == [1, 0] and x1[1, 0, 0] == 5
-    outs = reference.low_latency_combine([x0, x1], topk, [np.zeros((0, 2), f32), np.array([[0.5, 0.25]], f32)],
-                                         [src0, src1])
+    outs = reference.low_latency_combine(
+        [x0, x1], topk, [np.zeros((0, 2), f32), np.array([[0.5, 0.25]], f32)], [src0, src1]
+    )
     assert outs[0].shape == (0, 2) and outs[1].tolist() == [[3.75, 3.75]]  # 0.5 * 5 + 0.25 * 5
 
 
 def test_low_latency_combine_weights_each_expert_row_and_skips_empty_slots():
     # Row places (from the dispatch test): rank 0 expert 0: r0t0, r1t1; rank 0 expert 1: r0t0, r1t0, r1t1;
     # rank 1 expert 0 (global 2): r1t0; rank 1 expert 1 (global 3): r0t1.
-    srcs = [r[3] for r in reference.low_latency_dispatch([rows(0, 0, hidden=2), rows(0, 0, 0, hidden=2)], LL_TOPK,
-                                                          4, 4, use_fp8=False)]
+    srcs = [
+        r[3]
+        for r in reference.low_latency_dispatch(
+            [rows(0, 0, hidden=2), rows(0, 0, 0, hidden=2)], LL_TOPK, 4, 4, use_fp8=False
+        )
+    ]
     y0 = np.zeros((2, 8, 2), f32)
     y1 = np.zeros((2, 8, 2), f32)
-    y0[0, 0], y0[0, 1] = 2.0, 6.0          # expert 0 on r0t0, r1t1
+    y0[0, 0], y0[0, 1] = 2.0, 6.0  # expert 0 on r0t0, r1t1
     y0[1, 0], y0[1, 1], y0[1, 2] = 3.0, 5.0, 7.0  # expert 1 on r0t0, r1t0, r1t1
-    y1[0, 0] = 9.0                          # expert 2 on r1t0
-    y1[1, 0] = 4.0                          # expert 3 on r0t1
+    y1[0, 0] = 9.0  # expert 2 on r1t0
+    y1[1, 0] = 4.0  # expert 3 on r0t1
     weights = [np.array([[0.5, 0.25], [0.5, 100.0]], f32), np.array([[1.0, 2.0], [0.25, 0.5], [8.0, 8.0]], f32)]
     out0, out1 = reference.low_latency_combine([y0, y1], LL_TOPK, weights, srcs)
     assert out0[:, 0].tolist() == [0.5 * 2 + 0.25 * 3, 0.5 * 4]  # the -1 slot's weight 100 is ignored
@@ -473,9 +497,9 @@ def test_low_latency_combine_sums_slots_in_ascending_order():
     # w * y per slot: 2^20, -2^20, 2^-10. Ascending gives 2^-10; descending would give 0.
     topk = [np.array([[0, 1, 2]])]
     srcs = [np.full((3, 1, 2), 0, np.int64)]  # one rank, three experts, each holding r0t0 in row 0
-    ys = [np.array([[[2.0 ** 20]], [[-(2.0 ** 20)]], [[2.0 ** -10]]], f32)]
+    ys = [np.array([[[2.0**20]], [[-(2.0**20)]], [[2.0**-10]]], f32)]
     out = reference.low_latency_combine(ys, topk, [np.ones((1, 3), f32)], srcs)[0]
-    assert out.tolist() == [[2.0 ** -10]]
+    assert out.tolist() == [[2.0**-10]]
 
 
 def test_low_latency_combine_rounds_the_product_before_adding():
@@ -485,8 +509,8 @@ def test_low_latency_combine_rounds_the_product_before_adding():
     # round up to 1 + 2^-8 + 2^-23 and give BF16 1 + 2^-7.
     topk = [np.array([[0, 1]])]
     srcs = [np.full((2, 1, 2), 0, np.int64)]
-    ys = [np.array([[[1.0]], [[(2 - 2.0 ** -7) * 2.0 ** -25]]], f32)]
-    weights = [np.array([[1 + 2.0 ** -8, 1 + 2.0 ** -8 + 2.0 ** -16 + 2.0 ** -23]], f32)]
+    ys = [np.array([[[1.0]], [[(2 - 2.0**-7) * 2.0**-25]]], f32)]
+    weights = [np.array([[1 + 2.0**-8, 1 + 2.0**-8 + 2.0**-16 + 2.0**-23]], f32)]
     assert reference.low_latency_combine(ys, topk, weights, srcs)[0].tolist() == [[1.0]]
 
 
@@ -494,8 +518,8 @@ def test_low_latency_combine_rounds_once_to_bf16():
     # 1 * 1 + 1 * 2^-8 + 1 * 2^-8 = 1 + 2^-7 exactly; rounding after each slot would give 1.
     topk = [np.array([[0, 1, 2]])]
     srcs = [np.full((3, 1, 2), 0, np.int64)]
-    ys = [np.array([[[1.0]], [[2.0 ** -8]], [[2.0 ** -8]]], f32)]
-    assert reference.low_latency_combine(ys, topk, [np.ones((1, 3), f32)], srcs)[0].tolist() == [[1 + 2.0 ** -7]]
+    ys = [np.array([[[1.0]], [[2.0**-8]], [[2.0**-8]]], f32)]
+    assert reference.low_latency_combine(ys, topk, [np.ones((1, 3), f32)], srcs)[0].tolist() == [[1 + 2.0**-7]]
 
 
 def test_low_latency_combine_refuses_a_pair_that_was_never_received():

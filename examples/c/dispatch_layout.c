@@ -107,22 +107,22 @@ static uint64_t next_random(uint64_t* state) {
   return *state * 0x2545F4914F6CDD1DULL;
 }
 
-/* Each token picks NUM_TOPK distinct experts; about one slot in eight is -1 ("no expert"). */
+/* Each token picks between 0 and NUM_TOPK distinct experts; the other slots, at random places, hold -1 ("no expert"). */
 static void make_topk_idx(int rank, int num_experts, int64_t* topk_idx) {
   uint64_t state = 0x9E3779B97F4A7C15ULL ^ (uint64_t)(rank + 1) * 0xBF58476D1CE4E5B9ULL;
   int t, k, j;
   for (t = 0; t < NUM_TOKENS; ++t) {
     int64_t* row = topk_idx + (size_t)t * NUM_TOPK;
-    for (k = 0; k < NUM_TOPK; ++k) {
+    const int chosen = (int)(next_random(&state) % (NUM_TOPK + 1));
+    const int shift = (int)(next_random(&state) % NUM_TOPK);
+    for (k = 0; k < NUM_TOPK; ++k) row[k] = -1;
+    for (k = 0; k < chosen; ++k) {
+      int64_t* slot = &row[(k + shift) % NUM_TOPK];
       int fresh = 0;
-      if (next_random(&state) % 8 == 0) {
-        row[k] = -1;
-        continue;
-      }
       while (!fresh) {
-        row[k] = (int64_t)(next_random(&state) % (uint64_t)num_experts);
+        *slot = (int64_t)(next_random(&state) % (uint64_t)num_experts);
         fresh = 1;
-        for (j = 0; j < k; ++j) fresh = fresh && row[j] != row[k];
+        for (j = 0; j < NUM_TOPK; ++j) fresh = fresh && (&row[j] == slot || row[j] != *slot);
       }
     }
   }

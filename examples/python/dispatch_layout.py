@@ -23,8 +23,9 @@ def run_rank(info, use_cupy):
     topk_idx = np.argsort(rng.random((NUM_TOKENS, num_experts)), axis=1)[:, :NUM_TOPK].astype(np.int64)
     topk_idx[rng.random(topk_idx.shape) < 0.1] = -1  # some slots unused
 
-    with pydeepep.Communicator(info.unique_id, info.rank, info.nranks, device=info.device,
-                               max_tokens_per_rank=NUM_TOKENS) as comm:
+    with pydeepep.Communicator(
+        info.unique_id, info.rank, info.nranks, device=info.device, max_tokens_per_rank=NUM_TOKENS
+    ) as comm:
         if use_cupy:
             import cupy
 
@@ -43,8 +44,11 @@ def run_rank(info, use_cupy):
 
     want_per_rank, _, want_mask = reference.dispatch_layout(topk_idx, num_experts, info.nranks)
     ok = np.array_equal(tokens_per_rank, want_per_rank) and np.array_equal(mask, want_mask)
-    print(f"rank {info.rank}/{info.nranks}: tokens per rank {tokens_per_rank.tolist()} "
-          f"{'matches the reference' if ok else 'DIFFERS from the reference'}", flush=True)
+    print(
+        f"rank {info.rank}/{info.nranks}: tokens per rank {tokens_per_rank.tolist()} "
+        f"{'matches the reference' if ok else 'DIFFERS from the reference'}",
+        flush=True,
+    )
     return ok
 
 

@@ -124,7 +124,8 @@ DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config);
 DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
 
 /* Creates the communicator of rank `rank` among `nranks`. Blocking and collective: every rank calls it with the
- * same id and nranks. Binds the calling thread to config->device. Initialises NVSHMEM (NVLink multicast off
+ * same id and nranks. Works on config->device and leaves the calling thread's current device as it was. Sets
+ * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast. Initialises NVSHMEM (NVLink multicast off
  * unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers. Every wait is bounded
  * by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup thread is then
  * left behind, and the process should exit). Not graph-capturable.
