@@ -76,7 +76,8 @@ def layout_scenarios(info):
             from numba import cuda as numba_cuda
 
             routing = random_topk(rng, 300, 6, 32)
-            out["cai_input"] = layout_matches(comm, routing, 32, numba_cuda.to_device(routing))
+            with numba_cuda.gpus[comm.device]:
+                out["cai_input"] = layout_matches(comm, routing, 32, numba_cuda.to_device(routing))
         except ImportError:
             out["cai_input"] = "numba missing"
         # E not divisible by R is refused with a message naming it.
