@@ -312,8 +312,6 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
     if np.dtype(view.dtype) not in [np.dtype(d) for d in dtypes]:
         raise DeepEPInvalidArgument(f"out {name} has dtype {np.dtype(view.dtype).name}; it must be "
                                     + " or ".join(np.dtype(d).name for d in dtypes), 1)
-    if view.device_id != device:
-        raise DeepEPInvalidArgument(f"out {name} lives on device {view.device_id}, not {device}", 1)
     strides = getattr(view, "strides", None)
     if strides is not None:
         expected, step = [], 1

@@ -79,10 +79,7 @@ def check_matrix(view: Any, name: str, dtypes: tuple, device: int, ncols: int | 
     (rows, cols, row_stride in elements). Rows may be strided; elements inside a row must be contiguous."""
     if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
         raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array on device {device}")
-    if view.device_id != device:
-        raise DeepEPInvalidArgument(
-            f"{name} lives on device {view.device_id} but the communicator uses device {device}"
-        )
+    # Which device holds the memory is checked by the library itself (from the pointer's own attributes).
     dtype = np.dtype(view.dtype)
     if dtype not in [np.dtype(d) for d in dtypes]:
         allowed = " or ".join(np.dtype(d).name for d in dtypes)

@@ -68,9 +68,17 @@ def layout_scenarios(info):
                 out["dlpack_zero_copy"] = taken.data.ptr == in_rank.ptr and taken.dtype == cupy.bool_
                 out["cai_zero_copy"] = cupy.asarray(per_rank).data.ptr == per_rank.ptr
                 out["graph_replay"] = graph_replay_matches(comm, rng, cupy)
+            # Memory of the other GPU is refused by name (checked by the library from the pointer itself).
+            with cupy.cuda.Device(1 - comm.device):
+                elsewhere = cupy.asarray(random_topk(rng, 8, 2, 8))
+            try:
+                comm.get_dispatch_layout(elsewhere, 8)
+                out["other_device"] = "accepted"
+            except pydeepep.DeepEPInvalidArgument as exc:
+                out["other_device"] = str(exc)
         except ImportError:
             out["strided_rows"] = out["dlpack_zero_copy"] = out["cai_zero_copy"] = "cupy missing"
-            out["graph_replay"] = "cupy missing"
+            out["graph_replay"] = out["other_device"] = "cupy missing"
         # A CUDA-array-interface-only producer (numba) works too.
         try:
             from numba import cuda as numba_cuda
@@ -200,6 +208,11 @@ def test_host_memory_input_is_refused(results):
 def test_out_of_range_expert_is_reported_asynchronously(results):
     for r in results:
         assert "dispatch layout" in r["bad_expert"] and "value 16" in r["bad_expert"], r["bad_expert"]
+
+
+def test_another_gpus_memory_is_refused(results):
+    for rank, r in enumerate(results):
+        assert f"lives on device {1 - rank} but the communicator uses device {rank}" in r["other_device"], r
 
 
 def test_calls_after_close_are_refused(results):
