@@ -42,6 +42,15 @@ void check_device_array(const deepepComm& comm, const void* pointer, size_t byte
   }
 }
 
+// A local query: validates the handle and the out pointer, then stores one field of the communicator.
+template <class T, class Field>
+deepepResult_t query(const char* function, deepepComm_t comm, T* out, const char* name, Field field) {
+  return guarded_call(function, [&] {
+    require_out(out, name);
+    *out = field(*checked_comm(comm));
+  });
+}
+
 size_t element_bytes(deepepDataType_t type) {
   switch (type) {
     case deepepInt32: return 4;
@@ -114,45 +123,28 @@ DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm) {
 }
 
 DEEPEP_API deepepResult_t deepepCommRank(deepepComm_t comm, int* rank) {
-  return guarded_call(__func__, [&] {
-    require_out(rank, "rank");
-    *rank = checked_comm(comm)->rank;
-  });
+  return query(__func__, comm, rank, "rank", [](const deepepComm& c) { return c.rank; });
 }
 
 DEEPEP_API deepepResult_t deepepCommSize(deepepComm_t comm, int* nranks) {
-  return guarded_call(__func__, [&] {
-    require_out(nranks, "nranks");
-    *nranks = checked_comm(comm)->nranks;
-  });
+  return query(__func__, comm, nranks, "nranks", [](const deepepComm& c) { return c.nranks; });
 }
 
 DEEPEP_API deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ranks_per_domain) {
-  return guarded_call(__func__, [&] {
-    require_out(ranks_per_domain, "ranks_per_domain");
-    *ranks_per_domain = checked_comm(comm)->ranks_per_nvl_domain;
-  });
+  return query(__func__, comm, ranks_per_domain, "ranks_per_domain",
+               [](const deepepComm& c) { return c.ranks_per_nvl_domain; });
 }
 
 DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device) {
-  return guarded_call(__func__, [&] {
-    require_out(device, "device");
-    *device = checked_comm(comm)->device;
-  });
+  return query(__func__, comm, device, "device", [](const deepepComm& c) { return c.device; });
 }
 
 DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes) {
-  return guarded_call(__func__, [&] {
-    require_out(bytes, "bytes");
-    *bytes = checked_comm(comm)->buffer_bytes;
-  });
+  return query(__func__, comm, bytes, "bytes", [](const deepepComm& c) { return c.buffer_bytes; });
 }
 
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream) {
-  return guarded_call(__func__, [&] {
-    require_out(stream, "stream");
-    *stream = checked_comm(comm)->stream;
-  });
+  return query(__func__, comm, stream, "stream", [](const deepepComm& c) { return c.stream; });
 }
 
 DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error) {
