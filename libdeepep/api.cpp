@@ -9,6 +9,7 @@
 #include "deepep/deepep.h"
 #include "error.hpp"
 #include "layout.hpp"
+#include "validation.hpp"
 
 namespace deepep {
 namespace {
@@ -16,30 +17,6 @@ namespace {
 template <class T>
 void require_out(T* pointer, const char* name) {
   DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL", name);
-}
-
-// A caller's array must be device memory of the communicator's device (or managed memory), suitably aligned.
-void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment,
-                        const char* name) {
-  if (bytes == 0) return;
-  DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL but must hold %zu bytes", name, bytes);
-  DEEPEP_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, "%s (%p) is not aligned to %zu bytes", name,
-                 pointer, alignment);
-  cudaPointerAttributes attributes = {};
-  const cudaError_t status = cudaPointerGetAttributes(&attributes, pointer);
-  if (status != cudaSuccess) {
-    cudaGetLastError();
-    fail(deepepInvalidArgument, "%s (%p) is not memory CUDA knows: %s", name, pointer, cudaGetErrorString(status));
-  }
-  if (attributes.type == cudaMemoryTypeManaged) return;
-  if (attributes.type != cudaMemoryTypeDevice) {
-    fail(deepepInvalidArgument, "%s (%p) is %s memory; it must be device memory on device %d", name, pointer,
-         attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", comm.device);
-  }
-  if (attributes.device != comm.device) {
-    fail(deepepInvalidArgument, "%s (%p) lives on device %d but the communicator uses device %d", name, pointer,
-         attributes.device, comm.device);
-  }
 }
 
 // A local query: validates the handle and the out pointer, then stores one field of the communicator.
@@ -148,29 +125,13 @@ DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream
 }
 
 DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error) {
-  // Not through guarded_call's success path alone: a found fault must also leave its description as the message.
-  deepepResult_t found = deepepSuccess;
-  const deepepResult_t status = guarded_call(__func__, [&] {
+  return guarded_call(__func__, [&] {
     require_out(async_error, "async_error");
-    const deepepComm* c = checked_comm(comm);
-    const volatile AsyncErrorRecord* record = c->async_error;
-    const int32_t code = record->code;
-    *async_error = deepepSuccess;
-    if (code <= 0) return;  // nothing, or a record still being written (it is published on a later read)
-    found = static_cast<deepepResult_t>(code);
-    *async_error = found;
-    char text[512];
-    if (found == deepepTimeout) {
-      std::snprintf(text, sizeof(text), "rank %d timed out in %s waiting for rank %d", record->rank,
-                    phase_name(record->phase), record->peer);
-    } else {
-      std::snprintf(text, sizeof(text), "rank %d found %s in %s: entry %lld has value %lld", record->rank,
-                    deepepGetErrorString(found), phase_name(record->phase),
-                    static_cast<long long>(record->detail), static_cast<long long>(record->value));
-    }
-    set_last_error_message(std::string("asynchronous error: ") + text);
+    std::string message;
+    *async_error = read_async_error(*checked_comm(comm), &message);
+    // A found fault is described through the calling thread's message, like a failed call.
+    if (*async_error != deepepSuccess) set_last_error_message(message);
   });
-  return status;
 }
 
 DEEPEP_API deepepResult_t deepepCommClearAsyncError(deepepComm_t comm) {

@@ -24,8 +24,6 @@ static_assert(sizeof(nvshmemx_uniqueid_t) == DEEPEP_UNIQUE_ID_BYTES, "deepepUniq
 // The size of the first published deepepConfig: callers compiled against it send exactly this struct_size.
 constexpr size_t kConfigV1Size = offsetof(deepepConfig, num_experts) + sizeof(int);
 
-// Space for control words (counters, flags) at the start of the buffer, ahead of the data region.
-constexpr size_t kControlBytes = size_t(1) << 20;
 
 // Live communicators: lets every entry point reject freed or foreign handles without touching their memory, and
 // enforces one communicator per process (NVSHMEM is a per-process runtime).
@@ -190,6 +188,8 @@ static void free_local_resources(deepepComm* comm) {
   if (comm->stream != nullptr) cudaStreamDestroy(comm->stream);
   if (comm->peer_buffers_device != nullptr) cudaFree(comm->peer_buffers_device);
   if (comm->async_error != nullptr) cudaFreeHost(comm->async_error);
+  if (comm->op_state_device != nullptr) cudaFree(comm->op_state_device);
+  comm->op_state_device = nullptr;
   comm->stream = nullptr;
   comm->peer_buffers_device = nullptr;
   comm->async_error = nullptr;
@@ -225,6 +225,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   comm->device = device;
   comm->timeout_seconds = config.timeout_seconds;
   comm->buffer_bytes = buffer_size_for(config, nranks);
+  comm->max_tokens_per_rank = config.max_tokens_per_rank;
 
   DeviceGuard guard(device);
   auto request = std::make_shared<SetupRequest>();
@@ -246,6 +247,8 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     std::memset(comm->async_error, 0, sizeof(AsyncErrorRecord));
     DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device),
                                                comm->async_error, 0));
+    DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->op_state_device), 4 * sizeof(uint32_t)));
+    DEEPEP_CUDA_CHECK(cudaMemset(comm->op_state_device, 0, 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->peer_buffers_device), sizeof(void*) * nranks));
     DEEPEP_CUDA_CHECK(cudaMemcpy(comm->peer_buffers_device, comm->peer_buffers.data(), sizeof(void*) * nranks,
                                  cudaMemcpyHostToDevice));

@@ -12,6 +12,9 @@
 
 namespace deepep {
 
+// Space for control words (counters, flags) at the start of every communication buffer, ahead of the data region.
+constexpr size_t kControlBytes = size_t(1) << 20;
+
 // A config after validation, with the caller's struct_size honoured (fields past it take their defaults).
 deepepConfig resolve_config(const deepepConfig* config);
 
@@ -29,12 +32,16 @@ struct deepepComm {
   int ranks_per_nvl_domain = 1;
   double timeout_seconds = 100.0;
   size_t buffer_bytes = 0;
+  int64_t max_tokens_per_rank = 0;           // from the config: the most tokens one call may pass
   void* buffer = nullptr;                    // this rank's communication buffer (symmetric heap)
   std::vector<void*> peer_buffers;           // NVLink-mapped address of each rank's buffer, nullptr outside domain
   void** peer_buffers_device = nullptr;      // the same table in device memory, for kernels
   cudaStream_t stream = nullptr;             // the communicator stream (asynchronous calls run on it)
   deepep::AsyncErrorRecord* async_error = nullptr;         // mapped pinned memory, host address
   deepep::AsyncErrorRecord* async_error_device = nullptr;  // device address of the same record
+  // Sequence number of the collective operations that use the buffer, on the device so that replayed CUDA graphs
+  // advance it too (see intranode.cu).
+  uint32_t* op_state_device = nullptr;
 };
 
 namespace deepep {

@@ -45,6 +45,8 @@ def get_cmake_dir() -> str:
 from ._core import (  # noqa: E402
     Communicator,
     DeviceArray,
+    DispatchResult,
+    Handle,
     buffer_size_hint,
     empty,
     error_string,
@@ -59,6 +61,8 @@ __version__ = "{}.{}.{}".format(*version())
 __all__ = [
     "Communicator",
     "DeviceArray",
+    "DispatchResult",
+    "Handle",
     "DeepEPError",
     "DeepEPBufferTooSmall",
     "DeepEPCudaError",

@@ -60,13 +60,16 @@ cdef enum:
     DL_FLOAT = 2
     DL_BFLOAT = 4
     DL_BOOL = 6
+    DL_FLOAT8_E4M3FN = 10
 
-# (DLPack type code, bits) of each dtype a DeviceArray can hold; bfloat16 and float8 travel as their raw bytes
-# where the consumer has no such dtype (the library reports them by name in `dtype_name`).
+# (DLPack type code, bits) of each element type a DeviceArray can hold, by name. NumPy has no bfloat16 or float8:
+# such arrays keep their raw bits in a uint16 / uint8 `dtype` (what to_numpy() and the CUDA array interface show)
+# and export their true type through DLPack (`dtype_name` says which).
 _DLPACK_TYPES = {
-    "int32": (DL_INT, 32), "int64": (DL_INT, 64), "uint8": (DL_UINT, 8), "bool": (DL_BOOL, 8),
-    "float32": (DL_FLOAT, 32),
+    "int32": (DL_INT, 32), "int64": (DL_INT, 64), "uint8": (DL_UINT, 8), "uint16": (DL_UINT, 16),
+    "bool": (DL_BOOL, 8), "float32": (DL_FLOAT, 32), "bfloat16": (DL_BFLOAT, 16), "float8_e4m3fn": (DL_FLOAT8_E4M3FN, 8),
 }
+_STORAGE_DTYPES = {"bfloat16": np.dtype(np.uint16), "float8_e4m3fn": np.dtype(np.uint8)}
 
 # Everything a consumer's DLPack tensor points to, freed by the deleter.
 ctypedef struct _ExportContext:
@@ -118,7 +121,7 @@ cdef void _capsule_destructor(object capsule) noexcept:
 
 
 cdef void _fill_tensor(pydeepep_DLTensor* tensor, DeviceArray array, _ExportContext* ctx):
-    code, bits = _DLPACK_TYPES[array.dtype.name]
+    code, bits = _DLPACK_TYPES[array.dtype_name]
     tensor.data = <void*><size_t>array.ptr
     tensor.device.device_type = DL_CUDA
     tensor.device.device_id = array.device_id
@@ -174,7 +177,8 @@ cdef class DeviceArray:
     """
 
     cdef readonly object shape
-    cdef readonly object dtype
+    cdef readonly object dtype       # NumPy dtype of the stored bits
+    cdef readonly str dtype_name     # element type: a NumPy name, or "bfloat16" / "float8_e4m3fn"
     cdef readonly size_t ptr
     cdef readonly int device_id
     cdef readonly object stream   # int handle of the stream whose work produces the data
@@ -187,9 +191,14 @@ cdef class DeviceArray:
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) > 8:
             raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
-        self.dtype = np.dtype(dtype)
-        if self.dtype.name not in _DLPACK_TYPES:
-            raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype.name}", 1)
+        if isinstance(dtype, str) and dtype in _STORAGE_DTYPES:
+            self.dtype_name = dtype
+            self.dtype = _STORAGE_DTYPES[dtype]
+        else:
+            self.dtype = np.dtype(dtype)
+            self.dtype_name = self.dtype.name
+        if self.dtype_name not in _DLPACK_TYPES:
+            raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype_name}", 1)
         self.device_id = device_id
         self.stream = stream_handle(stream)
         self._owner = owner
@@ -290,5 +299,5 @@ cdef class DeviceArray:
         return out
 
     def __repr__(self):
-        return (f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, device={self.device_id}, "
+        return (f"DeviceArray(shape={self.shape}, dtype={self.dtype_name}, device={self.device_id}, "
                 f"ptr=0x{self.ptr:x}, stream={self.stream})")

@@ -1,6 +1,7 @@
 # cython: language_level=3, embedsignature=True
 """Thin Cython layer over the libdeepep C ABI (include/deepep/deepep.h)."""
 
+import collections
 import warnings
 
 import numpy as np
@@ -8,7 +9,8 @@ import numpy as np
 from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, error_for_status
-from ._interop import LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, is_device_array, stream_handle
+from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, is_device_array, payload_kind,
+                       stream_handle)
 
 from pydeepep.deepep cimport *
 
@@ -119,8 +121,7 @@ def _device(int ordinal):
 def empty(shape, dtype, *, int device, stream=None):
     """A new DeviceArray, allocated stream-ordered on `stream` from the device's memory pool (contents undefined)."""
     handle = stream_handle(stream)
-    dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize
+    nbytes = (_STORAGE_DTYPES[dtype] if isinstance(dtype, str) and dtype in _STORAGE_DTYPES else np.dtype(dtype)).itemsize
     for s in shape:
         nbytes *= int(s)
     if nbytes == 0:
@@ -147,6 +148,85 @@ def to_device(array, *, int device, stream=None):
         if status != driver.CUresult.CUDA_SUCCESS:
             raise DeepEPCudaError(f"copy to device failed: {status!r}", 3)
     return out
+
+
+
+DispatchResult = collections.namedtuple(
+    "DispatchResult",
+    ["recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert", "recv_src_idx",
+     "handle"])
+DispatchResult.__doc__ = """What a dispatch returns. ``recv_x`` [rows, H] (bfloat16 or float8_e4m3fn), ``recv_scales``
+[rows, S] for FP8 (else None), ``recv_topk_idx`` [rows, K] int64 receiver-local expert ids (-1 elsewhere; None
+without topk_idx), ``recv_topk_weights`` [rows, K] float32 (None without weights), ``num_recv_tokens_per_expert``
+a list of ints (empty in worst-case mode), ``recv_src_idx`` [rows] int32 source token of each row (-1 in padding),
+``handle`` the routing for combine and cached dispatches."""
+
+
+cdef class Handle:
+    """The routing of a dispatch, reused by combine and by cached dispatches (same routing, new data).
+
+    Create one up front (``Handle(comm)``) to keep worst-case dispatches capturable in a CUDA graph; otherwise an
+    exact-size dispatch makes one. Freed when garbage-collected or on :meth:`close` (local, not collective).
+    """
+
+    cdef deepepHandle_t _h
+    cdef readonly object comm
+    cdef public object num_recv_rows             # rows of the outputs of dispatches under this routing
+    cdef public object num_recv_tokens_per_expert
+    cdef public object num_experts
+    cdef public object num_tokens
+
+    def __cinit__(self):
+        self._h = NULL
+
+    def __init__(self, Communicator comm):
+        cdef deepepHandle_t h = NULL
+        _check(deepepHandleCreate(comm._live(), &h))
+        self._h = h
+        self.comm = comm
+        self.num_recv_rows = None
+        self.num_recv_tokens_per_expert = []
+        self.num_experts = None
+        self.num_tokens = None
+
+    cdef deepepHandle_t _live(self) except NULL:
+        if self._h == NULL:
+            raise DeepEPInvalidUsage("the handle is closed", 2)
+        return self._h
+
+    def close(self):
+        if self._h != NULL:
+            h = self._h
+            self._h = NULL
+            _check(deepepHandleDestroy(h))
+
+    def __dealloc__(self):
+        if self._h != NULL:
+            deepepHandleDestroy(self._h)
+            self._h = NULL
+
+
+cdef class _View:
+    """A checked 2-D input: pointer, rows, columns, row stride (elements), element kind."""
+    cdef public size_t ptr
+    cdef public int64_t rows
+    cdef public int64_t cols
+    cdef public int64_t stride
+    cdef public object kind
+    cdef public object keep
+
+
+cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None):
+    view = _as_view(obj, stream)
+    rows, cols, stride = check_matrix(view, name, dtypes, device)
+    cdef _View v = _View()
+    v.ptr = view.ptr
+    v.rows = rows
+    v.cols = cols
+    v.stride = stride
+    v.kind = kind if kind is not None else np.dtype(view.dtype).name
+    v.keep = view
+    return v
 
 
 cdef class Communicator:
@@ -243,6 +323,18 @@ cdef class Communicator:
                 f"pydeepep.Communicator (rank {self.rank}) was never closed; its resources stay allocated until the "
                 "process exits. Call close() on every rank.", ResourceWarning, stacklevel=2)
 
+    def measure_push_bandwidth(self, int num_sms, size_t nbytes=256 << 20, int iterations=10, stream=None):
+        """Diagnostic: GB/s of SM-driven 16-byte stores into the next rank's buffer with ``num_sms`` blocks (median
+        of ``iterations`` passes). Every rank calls it at the same time, with no dispatch or combine in flight."""
+        cdef deepepComm_t comm = self._live()
+        cdef size_t s = stream_handle(stream)
+        cdef double gbps = 0
+        cdef deepepResult_t status
+        with nogil:
+            status = deepepCommMeasurePushBandwidth(comm, num_sms, nbytes, iterations, &gbps, <CUstream_st*>s)
+        _check(status)
+        return gbps
+
     def check_async_error(self):
         """Raises the error a stream-ordered call recorded on the device (a timeout, an out-of-range expert id), if
         any. Does not wait for the stream: synchronise first to see faults of work still in flight."""
@@ -302,6 +394,203 @@ cdef class Communicator:
                                              <CUstream_st*>s)
         _check(status)
         return results
+
+
+    def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, x_scales=None, handle=None,
+                 int expert_alignment=1, int64_t num_worst_tokens=0, int num_sms=0, stream=None, out=None):
+        """High-throughput dispatch: sends each token to every rank holding one of its experts (once per rank).
+
+        ``x`` [N, H]: bfloat16 (or its bits as uint16) or float8_e4m3fn (or uint8) with ``x_scales`` [N, H/128]
+        float32 or UE8M0-packed int32 [N, ceil(H/512)]; rows may be strided. ``topk_idx`` [N, K] int64/int32 and
+        ``num_experts`` give the routing (exact-size and worst-case modes); ``topk_weights`` [N, K] float32 travel
+        with the tokens. Modes: no ``handle`` and ``num_worst_tokens == 0``: exact size (a count exchange and one host
+        synchronisation); ``handle`` given and ``num_worst_tokens == 0``: cached (same routing, new data, no host
+        synchronisation); ``num_worst_tokens > 0``: outputs of that many rows, no host synchronisation (``handle``,
+        if given, is refilled: create it beforehand to capture the call in a CUDA graph). Returns a
+        :data:`DispatchResult`; outputs are produced on ``stream``. ``out``: a DispatchResult of an earlier call
+        with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs).
+        """
+        cdef deepepComm_t comm = self._live()
+        s = stream_handle(stream)
+        cdef CUstream_st* cs = <CUstream_st*><size_t>s
+        cdef deepepDispatchArgs a
+        _check(deepepDispatchArgsInit(&a))
+        view = _as_view(x, s)
+        kind = getattr(x, "dtype_name", None) or payload_kind(view, "x")
+        if kind not in ("bfloat16", "float8_e4m3fn"):
+            kind = payload_kind(view, "x")
+        cdef _View xv = _matrix(x, s, "x", None, self.device, kind)
+        fp8 = kind == "float8_e4m3fn"
+        a.num_tokens = xv.rows
+        a.x = <const void*><size_t>xv.ptr
+        a.x_type = deepepFloat8E4M3 if fp8 else deepepBFloat16
+        a.hidden = <int>xv.cols
+        a.x_row_stride = xv.stride
+        cdef _View sv
+        scales_dtype = None
+        if fp8:
+            if x_scales is None:
+                raise DeepEPInvalidArgument("x is FP8 but x_scales is missing", 1)
+            sv = _matrix(x_scales, s, "x_scales", (np.float32, np.int32), self.device)
+            if sv.rows != xv.rows:
+                raise DeepEPInvalidArgument(f"x_scales has {sv.rows} rows but x has {xv.rows}", 1)
+            scales_dtype = np.float32 if sv.kind == "float32" else np.int32
+            a.x_scales = <const void*><size_t>sv.ptr
+            a.scales_type = deepepFloat32 if sv.kind == "float32" else deepepInt32
+            a.num_scales = <int>sv.cols
+            a.scales_row_stride = sv.stride
+        elif x_scales is not None:
+            raise DeepEPInvalidArgument("x_scales are given but x is BF16", 1)
+        cdef _View tv
+        num_topk = 0
+        if topk_idx is not None:
+            tv = _matrix(topk_idx, s, "topk_idx", (np.int64, np.int32), self.device)
+            if tv.rows != xv.rows:
+                raise DeepEPInvalidArgument(f"topk_idx has {tv.rows} rows but x has {xv.rows}", 1)
+            num_topk = tv.cols
+            a.topk_idx = <const void*><size_t>tv.ptr
+            a.topk_type = deepepInt64 if tv.kind == "int64" else deepepInt32
+            a.num_topk = <int>tv.cols
+            a.topk_row_stride = tv.stride
+        cdef _View wv
+        if topk_weights is not None:
+            if topk_idx is None:
+                raise DeepEPInvalidArgument("topk_weights are given without topk_idx", 1)
+            wv = _matrix(topk_weights, s, "topk_weights", (np.float32,), self.device, None)
+            if wv.rows != xv.rows or wv.cols != num_topk:
+                raise DeepEPInvalidArgument(f"topk_weights has shape {(wv.rows, wv.cols)}; {(xv.rows, num_topk)} "
+                                            "is needed", 1)
+            a.topk_weights = <const float*><size_t>wv.ptr
+            a.weights_row_stride = wv.stride
+        a.expert_alignment = expert_alignment
+        a.num_worst_tokens = num_worst_tokens
+        a.num_sms = num_sms
+        cdef Handle h
+        cdef deepepResult_t status
+        routing_given = handle is None or num_worst_tokens > 0
+        if routing_given:
+            if topk_idx is None or num_experts is None:
+                raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
+            a.num_experts = num_experts
+        if handle is None:
+            h = Handle(self)
+        else:
+            h = handle
+            if h.comm is not self:
+                raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
+        cdef deepepHandle_t hh = h._live()
+        cdef int64_t rows
+        cdef int64_t received = 0
+        cdef int local_experts
+        if num_worst_tokens > 0:
+            rows = num_worst_tokens
+            h.num_experts = num_experts
+            h.num_recv_rows = rows
+            h.num_recv_tokens_per_expert = []
+        elif handle is None:
+            with nogil:
+                status = deepepDispatchNotify(comm, &a, hh, cs)
+            _check(status)
+            _check(deepepHandleGetNumRecvTokens(hh, &received))
+            rows = received
+            local_experts = num_experts // self.nranks
+            counts = np.zeros(local_experts, np.int32)
+            _check(deepepHandleGetRecvTokensPerExpert(hh, <int32_t*><size_t>counts.ctypes.data, local_experts))
+            h.num_experts = num_experts
+            h.num_recv_rows = rows
+            h.num_recv_tokens_per_expert = [int(c) for c in counts]
+        else:
+            if h.num_recv_rows is None:
+                raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
+            rows = h.num_recv_rows
+        h.num_tokens = xv.rows
+        if out is None:
+            recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
+            recv_scales = empty((rows, a.num_scales), scales_dtype, device=self.device, stream=stream) if fp8 else None
+            recv_topk_idx = (empty((rows, num_topk), np.int64, device=self.device, stream=stream)
+                             if topk_idx is not None else None)
+            recv_topk_weights = (empty((rows, num_topk), np.float32, device=self.device, stream=stream)
+                                 if topk_weights is not None else None)
+            recv_src_idx = empty((rows,), np.int32, device=self.device, stream=stream)
+        else:
+            recv_x, recv_scales, recv_topk_idx, recv_topk_weights, _, recv_src_idx, _ = out
+            if recv_x.shape != (rows, xv.cols) or (recv_scales is None) == fp8 or recv_src_idx.shape != (rows,):
+                raise DeepEPInvalidArgument("out does not match this dispatch's shapes", 1)
+            if (recv_topk_idx is None) != (topk_idx is None) or (recv_topk_weights is None) != (topk_weights is None):
+                raise DeepEPInvalidArgument("out does not match this dispatch's top-k arguments", 1)
+        a.recv_x = <void*><size_t>recv_x.ptr
+        a.recv_scales = <void*><size_t>(recv_scales.ptr if fp8 else 0)
+        a.recv_topk_idx = <int64_t*><size_t>(recv_topk_idx.ptr if recv_topk_idx is not None else 0)
+        a.recv_topk_weights = <float*><size_t>(recv_topk_weights.ptr if recv_topk_weights is not None else 0)
+        a.recv_src_idx = <int32_t*><size_t>recv_src_idx.ptr
+        a.num_recv_rows = rows
+        with nogil:
+            status = deepepDispatch(comm, &a, hh, cs)
+        _check(status)
+        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+                              list(h.num_recv_tokens_per_expert), recv_src_idx, h)
+
+    def combine(self, x, Handle handle, *, topk_weights=None, bias=None, stream=None, out=None):
+        """High-throughput combine: returns to each source the sum, over the ranks that received each of its tokens
+        (ascending), of their rows of ``x`` [rows, H] bfloat16 (bits as uint16 accepted) in the handle's receive
+        order, plus up to two ``bias`` arrays [N, H] (one array or a tuple), all in float32, rounded once to
+        bfloat16. ``topk_weights`` [rows, K] float32 are summed the same way. Returns ``(out [N, H] bfloat16,
+        combined_weights [N, K] float32 or None)`` produced on ``stream``; no host synchronisation. ``out``: the
+        pair an earlier combine returned, written again instead of new arrays (needed inside CUDA graphs)."""
+        cdef deepepComm_t comm = self._live()
+        cdef deepepHandle_t hh = handle._live()
+        if handle.comm is not self:
+            raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
+        s = stream_handle(stream)
+        cdef CUstream_st* cs = <CUstream_st*><size_t>s
+        cdef deepepCombineArgs a
+        _check(deepepCombineArgsInit(&a))
+        view = _as_view(x, s)
+        kind = getattr(x, "dtype_name", None) or payload_kind(view, "x")
+        if kind != "bfloat16":
+            raise DeepEPInvalidArgument(f"combine takes bfloat16 rows; x is {kind}", 1)
+        cdef _View xv = _matrix(x, s, "x", None, self.device, kind)
+        a.x = <const void*><size_t>xv.ptr
+        a.hidden = <int>xv.cols
+        a.num_rows = xv.rows
+        a.x_row_stride = xv.stride
+        cdef _View wv
+        num_topk = 0
+        if topk_weights is not None:
+            wv = _matrix(topk_weights, s, "topk_weights", (np.float32,), self.device)
+            if wv.rows != xv.rows:
+                raise DeepEPInvalidArgument(f"topk_weights has {wv.rows} rows but x has {xv.rows}", 1)
+            num_topk = wv.cols
+            a.topk_weights = <const float*><size_t>wv.ptr
+            a.num_topk = <int>wv.cols
+            a.weights_row_stride = wv.stride
+        biases = () if bias is None else (tuple(bias) if isinstance(bias, (tuple, list)) else (bias,))
+        if len(biases) > 2:
+            raise DeepEPInvalidArgument(f"at most two bias arrays are supported, got {len(biases)}", 1)
+        cdef _View bv
+        keep = []
+        n = handle.num_tokens
+        for i, b in enumerate(biases):
+            bv = _matrix(b, s, f"bias[{i}]", None, self.device, "bfloat16")
+            if bv.rows != n or bv.cols != xv.cols:
+                raise DeepEPInvalidArgument(f"bias[{i}] has shape {(bv.rows, bv.cols)}; {(n, xv.cols)} is needed", 1)
+            a.bias[i] = <const void*><size_t>bv.ptr
+            a.bias_row_stride[i] = bv.stride
+            keep.append(bv)
+        if out is None:
+            out = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
+            out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
+        else:
+            out, out_weights = out
+            if out.shape != (n, xv.cols) or (out_weights is None) != (num_topk == 0):
+                raise DeepEPInvalidArgument("out does not match this combine's shapes", 1)
+        a.out = <void*><size_t>out.ptr
+        a.out_topk_weights = <float*><size_t>(out_weights.ptr if out_weights is not None else 0)
+        cdef deepepResult_t status
+        with nogil:
+            status = deepepCombine(comm, &a, hh, cs)
+        _check(status)
+        return out, out_weights
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):

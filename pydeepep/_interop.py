@@ -74,14 +74,16 @@ DTYPE_CODES = {
 }
 
 
-def check_matrix(view: Any, name: str, dtypes: tuple, device: int, ncols: int | None = None) -> tuple[int, int, int]:
+def check_matrix(
+    view: Any, name: str, dtypes: tuple | None, device: int, ncols: int | None = None
+) -> tuple[int, int, int]:
     """Checks a 2-D strided view (a StridedMemoryView or anything with ptr/shape/strides/dtype/device_id) and returns
     (rows, cols, row_stride in elements). Rows may be strided; elements inside a row must be contiguous."""
     if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
         raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array on device {device}")
     # Which device holds the memory is checked by the library itself (from the pointer's own attributes).
     dtype = np.dtype(view.dtype)
-    if dtype not in [np.dtype(d) for d in dtypes]:
+    if dtypes is not None and dtype not in [np.dtype(d) for d in dtypes]:
         allowed = " or ".join(np.dtype(d).name for d in dtypes)
         raise DeepEPInvalidArgument(f"{name} has dtype {dtype.name}; it must be {allowed}")
     shape = tuple(view.shape)
@@ -101,3 +103,16 @@ def check_matrix(view: Any, name: str, dtypes: tuple, device: int, ncols: int | 
     if rows > 1 and row_stride < cols:
         raise DeepEPInvalidArgument(f"{name} has row stride {row_stride} < {cols} columns (overlapping rows)")
     return rows, cols, max(row_stride, cols) if rows > 1 else cols
+
+
+def payload_kind(view: Any, name: str) -> str:
+    """ "bfloat16" or "float8_e4m3fn" for a payload view: true bfloat16 / float8 dtypes, or their raw bits held as
+    2-byte / 1-byte integers (NumPy and CuPy have no such dtypes)."""
+    dtype = np.dtype(view.dtype)
+    if dtype.itemsize == 2 and (dtype.name == "bfloat16" or dtype.kind in "ui"):
+        return "bfloat16"
+    if dtype.itemsize == 1 and (dtype.name.startswith("float8_e4m3") or dtype.kind in "ui"):
+        return "float8_e4m3fn"
+    raise DeepEPInvalidArgument(
+        f"{name} has dtype {dtype.name}; it must be bfloat16 or float8_e4m3fn (or their bits as uint16 / uint8)"
+    )

@@ -1,10 +1,10 @@
 """`python -m pydeepep.bench`: measures libdeepep on the GPUs of this machine, one rank per local GPU.
 
-This release measures the dispatch layout (N in {512, 4096, 16384}, K = 8, E = 256); the high-throughput and
-low-latency sections arrive with those kernels. "device us" is the median time per call replayed from a CUDA
-graph (what the GPU spends, no host gaps); "Python call us" is the median per call made from Python one by one
-(binding overhead included).
-Writes a JSON record (machine, commit, command, results) to --output.
+For N in {512, 4096, 16384} tokens per rank (H = 7168, K = 8, E = 256) and SMs in {8, 16, 24, 32, 48}: the SM-push
+NVLink ceiling, the dispatch layout, full dispatch (count exchange and host synchronisation), cached dispatch in BF16
+and FP8, and combine. GB/s counts the bytes that cross NVLink (rows sent to other ranks). Times are medians: device
+time per call replayed from a CUDA graph (no host gaps) for the graph-capturable calls; per call from Python, host
+synchronisation included, for the full dispatch. Writes a JSON record (machine, commit, command, results).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 import pydeepep
+from pydeepep import reference
 from pydeepep.launch import local_device_count
 
 NUM_TOKENS = (512, 4096, 16384)
@@ -93,38 +94,143 @@ def device_time(fn, stream: int, repeat: int = 20, launches: int = 30) -> float:
         graph.close()
 
 
-def bench_rank(info, warmup, iters):
+HIDDEN = 7168
+SMS = (8, 16, 24, 32, 48)
+
+
+def _log(info, text):
+    if info.rank == 0:
+        print(text, flush=True)
+
+
+def bench_layout(comm, info, stream, warmup, iters):
+    rows = []
+    rng = np.random.default_rng(info.rank)
+    for n in NUM_TOKENS:
+        topk = np.argsort(rng.random((n, NUM_EXPERTS)), axis=1)[:, :NUM_TOPK].astype(np.int64)
+        topk_dev = pydeepep.to_device(topk, device=comm.device, stream=stream)
+        outs = comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=stream)
+
+        def call(topk_dev=topk_dev, outs=outs):
+            return comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=stream, out=outs)
+
+        host_us = time_calls(call, stream, warmup, iters)
+        us = device_time(call, stream)
+        rows.append({"case": "layout", "num_tokens": n, "sms": 0, "us": us, "python_call_us": host_us})
+        _log(info, f"  layout             N={n:<6}        {us:8.1f} us ({host_us:.1f} us per Python call)")
+    return rows
+
+
+class Inputs:
+    """Device inputs of one benchmark size."""
+
+    def __init__(self, x, q, scales, topk_idx, weights):
+        self.x, self.q, self.scales, self.topk_idx, self.weights = x, q, scales, topk_idx, weights
+
+
+def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
+    def full():
+        return comm.dispatch(
+            inp.x, topk_idx=inp.topk_idx, topk_weights=inp.weights, num_experts=NUM_EXPERTS, num_sms=sms, stream=stream
+        )
+
+    first = full()
+    handle = first.handle
+    full_us = time_calls(full, stream, 3, max(10, iters // 5))
+    fp8_first = comm.dispatch(
+        inp.q, x_scales=inp.scales, topk_idx=inp.topk_idx, topk_weights=inp.weights, handle=handle, stream=stream
+    )
+    comb = comm.combine(first.recv_x, handle, stream=stream)
+
+    def cached_bf16():
+        comm.dispatch(inp.x, topk_idx=inp.topk_idx, topk_weights=inp.weights, handle=handle, stream=stream, out=first)
+
+    def cached_fp8():
+        comm.dispatch(
+            inp.q,
+            x_scales=inp.scales,
+            topk_idx=inp.topk_idx,
+            topk_weights=inp.weights,
+            handle=handle,
+            stream=stream,
+            out=fp8_first,
+        )
+
+    def combine():
+        comm.combine(first.recv_x, handle, stream=stream, out=comb)
+
+    results = {
+        "dispatch_full_bf16": (full_us, HIDDEN * 2),
+        "dispatch_cached_bf16": (device_time(cached_bf16, stream), HIDDEN * 2),
+        "dispatch_cached_fp8": (device_time(cached_fp8, stream), HIDDEN + HIDDEN // 128 * 4),
+        "combine_bf16": (device_time(combine, stream), HIDDEN * 2),
+    }
+    comm.check_async_error()
+    rows = []
+    for case, (us, row_bytes) in results.items():
+        gbps = remote_rows * row_bytes / (us * 1e-6) / 1e9
+        rows.append(
+            {
+                "case": case,
+                "num_tokens": n,
+                "sms": sms,
+                "us": us,
+                "gbps": gbps,
+                "ceiling_gbps": ceiling,
+                "ratio": gbps / ceiling,
+            }
+        )
+        _log(
+            info, f"  {case:<20} N={n:<6} SMs={sms:<3} {us:8.1f} us {gbps:7.1f} GB/s ({gbps / ceiling:.0%} of ceiling)"
+        )
+    return rows
+
+
+def bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list):
+    """Full dispatch (count exchange + host sync), cached dispatch BF16 / FP8 and combine per (N, SMs), with the
+    bytes that cross NVLink (rows sent to other ranks) and the SM-push ceiling of the same SM count."""
+    rows = []
+    ceilings = {sms: comm.measure_push_bandwidth(sms, stream=stream) for sms in sms_list}
+    for sms, gbps in ceilings.items():
+        rows.append({"case": "ceiling_push", "num_tokens": 0, "sms": sms, "gbps": gbps})
+        _log(info, f"  SM-push ceiling    SMs={sms:<3}            {gbps:8.1f} GB/s")
+    rng = np.random.default_rng(100 + info.rank)
+    for n in tokens_list:
+        topk = np.argsort(rng.random((n, NUM_EXPERTS)), axis=1)[:, :NUM_TOPK].astype(np.int64)
+        in_rank = reference.dispatch_layout(topk, NUM_EXPERTS, comm.nranks)[2]
+        remote_rows = int(np.delete(in_rank, comm.rank, axis=1).sum())
+        bits = rng.integers(0, 1 << 15, size=(n, HIDDEN), dtype=np.uint16)
+        x = pydeepep.to_device(bits, device=comm.device, stream=stream)
+        q = pydeepep.to_device(
+            rng.integers(0, 0x7E, size=(n, HIDDEN), dtype=np.uint8), device=comm.device, stream=stream
+        )
+        scales = pydeepep.to_device(
+            rng.random((n, HIDDEN // 128)).astype(np.float32), device=comm.device, stream=stream
+        )
+        topk_dev = pydeepep.to_device(topk, device=comm.device, stream=stream)
+        weights = pydeepep.to_device(rng.random((n, NUM_TOPK)).astype(np.float32), device=comm.device, stream=stream)
+        inputs = Inputs(x, q, scales, topk_dev, weights)
+        for sms in sms_list:
+            rows += bench_case(comm, info, stream, iters, inputs, n, sms, ceilings[sms], remote_rows)
+    return rows
+
+
+def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
     from cuda.core import Device
 
-    rows = []
     with pydeepep.Communicator(
-        info.unique_id, info.rank, info.nranks, device=info.device, buffer_bytes=64 << 20
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        max_tokens_per_rank=max(tokens_list),
+        hidden=HIDDEN,
+        num_topk=NUM_TOPK,
+        num_experts=NUM_EXPERTS,
     ) as comm:
-        stream = Device(comm.device).create_stream()
-        handle = int(stream.handle)
-        rng = np.random.default_rng(info.rank)
-        for n in NUM_TOKENS:
-            topk = np.argsort(rng.random((n, NUM_EXPERTS)), axis=1)[:, :NUM_TOPK].astype(np.int64)
-            topk_dev = pydeepep.to_device(topk, device=comm.device, stream=handle)
-            outs = comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=handle)
-
-            def call(topk_dev=topk_dev, outs=outs):
-                return comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=handle, out=outs)
-
-            host_us = time_calls(call, handle, warmup, iters)
-            us = device_time(call, handle)
-            rows.append(
-                {
-                    "case": "layout",
-                    "num_tokens": n,
-                    "num_topk": NUM_TOPK,
-                    "num_experts": NUM_EXPERTS,
-                    "us": us,
-                    "python_call_us": host_us,
-                }
-            )
-            if info.rank == 0:
-                print(f"  layout N={n:<6} {us:8.1f} us on the device ({host_us:.1f} us per Python call)", flush=True)
+        stream = int(Device(comm.device).create_stream().handle)
+        rows = bench_layout(comm, info, stream, warmup, iters)
+        rows += bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list)
         comm.check_async_error()
     return rows
 
@@ -162,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--output", default="pydeepep_bench.json", help="where to write the JSON record")
+    parser.add_argument("--sms", default=",".join(map(str, SMS)), help="SM counts, comma-separated")
+    parser.add_argument("--tokens", default=",".join(map(str, NUM_TOKENS)), help="tokens per rank, comma-separated")
     args = parser.parse_args(argv)
 
     gpus = local_device_count()
@@ -175,7 +283,11 @@ def main(argv=None) -> int:
     nranks = args.nranks or gpus
     print(f"pydeepep {pydeepep.__version__} benchmark: {nranks} rank(s) on {machine_description()}", flush=True)
     started = time.time()
-    per_rank = pydeepep.spawn(bench_rank, nprocs=nranks, args=(args.warmup, args.iters), timeout=900)
+    sms_list = tuple(int(v) for v in args.sms.split(","))
+    tokens_list = tuple(int(v) for v in args.tokens.split(","))
+    per_rank = pydeepep.spawn(
+        bench_rank, nprocs=nranks, args=(args.warmup, args.iters, sms_list, tokens_list), timeout=900
+    )
     record = {
         "machine": machine_description(),
         "commit": git_commit(),
@@ -186,12 +298,15 @@ def main(argv=None) -> int:
     }
     with open(args.output, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"\n{'case':<10}{'N':>8}{'device us (rank 0)':>20}{'slowest rank':>14}{'Python call us':>16}")
+    print(f"\n{'case':<22}{'N':>7}{'SMs':>5}{'us (median)':>13}{'GB/s':>8}{'ceiling':>9}{'ratio':>7}")
     for i, row in enumerate(per_rank[0]):
-        slowest = max(rank_rows[i]["us"] for rank_rows in per_rank)
-        print(
-            f"{row['case']:<10}{row['num_tokens']:>8}{row['us']:>20.1f}{slowest:>14.1f}{row['python_call_us']:>16.1f}"
-        )
+        if row["case"] == "ceiling_push":
+            continue
+        slowest = max(rank_rows[i].get("us", 0.0) for rank_rows in per_rank)
+        gbps = f"{row['gbps']:8.1f}" if "gbps" in row else " " * 8
+        ceiling = f"{row['ceiling_gbps']:9.1f}" if "ceiling_gbps" in row else " " * 9
+        ratio = f"{row['ratio']:7.0%}" if "ratio" in row else " " * 7
+        print(f"{row['case']:<22}{row['num_tokens']:>7}{row['sms'] or '':>5}{slowest:>13.1f}{gbps}{ceiling}{ratio}")
     print(f"(record written to {args.output})")
     return 0
 

@@ -75,3 +75,67 @@ cdef extern from "deepep/deepep.h" nogil:
                                            int num_experts, int32_t* num_tokens_per_rank,
                                            int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank,
                                            CUstream_st* stream)
+
+    cdef struct deepepHandle
+    ctypedef deepepHandle* deepepHandle_t
+
+    deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle)
+    deepepResult_t deepepHandleDestroy(deepepHandle_t handle)
+    deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, int64_t* num_recv_tokens)
+    deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t handle, int32_t* counts, int num_local_experts)
+    deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_t* num_tokens)
+
+    ctypedef struct deepepDispatchArgs:
+        size_t struct_size
+        int64_t num_tokens
+        const void* topk_idx
+        deepepDataType_t topk_type
+        int num_topk
+        int64_t topk_row_stride
+        int num_experts
+        int expert_alignment
+        int64_t num_worst_tokens
+        int num_sms
+        const void* x
+        deepepDataType_t x_type
+        int hidden
+        int64_t x_row_stride
+        const void* x_scales
+        deepepDataType_t scales_type
+        int num_scales
+        int64_t scales_row_stride
+        const float* topk_weights
+        int64_t weights_row_stride
+        void* recv_x
+        void* recv_scales
+        int64_t* recv_topk_idx
+        float* recv_topk_weights
+        int32_t* recv_src_idx
+        int32_t* num_recv_tokens_per_expert
+        int64_t num_recv_rows
+
+    deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args)
+    deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
+                                        CUstream_st* stream)
+    deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
+                                  CUstream_st* stream)
+
+    ctypedef struct deepepCombineArgs:
+        size_t struct_size
+        const void* x
+        int hidden
+        int64_t num_rows
+        int64_t x_row_stride
+        const float* topk_weights
+        int num_topk
+        int64_t weights_row_stride
+        const void* bias[2]
+        int64_t bias_row_stride[2]
+        void* out
+        float* out_topk_weights
+
+    deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
+                                                  double* gb_per_s, CUstream_st* stream)
+    deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args)
+    deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
+                                 CUstream_st* stream)

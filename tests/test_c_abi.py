@@ -47,6 +47,17 @@ EXPECTED_API = {
     "deepepCommClearAsyncError",
     "deepepGetBufferSizeHint",
     "deepepGetDispatchLayout",
+    "deepepHandleCreate",
+    "deepepHandleDestroy",
+    "deepepHandleGetNumRecvTokens",
+    "deepepHandleGetRecvTokensPerExpert",
+    "deepepHandleGetNumTokens",
+    "deepepDispatchArgsInit",
+    "deepepDispatchNotify",
+    "deepepDispatch",
+    "deepepCombineArgsInit",
+    "deepepCombine",
+    "deepepCommMeasurePushBandwidth",
 }
 
 

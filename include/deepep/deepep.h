@@ -180,6 +180,123 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
                                                   int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank,
                                                   struct CUstream_st* stream);
 
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* High-throughput (HT) dispatch and combine inside one NVLink domain.
+ *
+ * A dispatch sends token t to every rank d with is_token_in_rank[t, d], once; rank d receives M rows grouped by
+ * source rank ascending, then by source token index ascending. A combine is the inverse: each rank returns the rows
+ * it received (in the same order) and every source sums, in float32 and rank order, the rows of each of its tokens.
+ * The routing of a dispatch lives in a handle, which combine and later *cached* dispatches (same routing, new
+ * data) reuse.
+ *
+ * Flows (all collective: every rank of the communicator makes the same calls in the same order):
+ *  - exact size: deepepDispatchNotify (exchanges counts, blocks until the receive counts are known; read them with
+ *    deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert), allocate outputs of that many rows, then
+ *    deepepDispatch with the handle;
+ *  - cached: deepepDispatch with a handle a previous dispatch filled (no host synchronisation, graph-capturable);
+ *  - worst case: deepepDispatch with num_worst_tokens > 0 and the routing in the arguments: outputs have
+ *    num_worst_tokens rows, rows past the real count get recv_topk_idx -1 and zero weights; no host
+ *    synchronisation, graph-capturable. More rows than num_worst_tokens is an error (asynchronous, with the count),
+ *    never silent truncation;
+ *  - deepepCombine with a filled handle: no host synchronisation, graph-capturable.
+ * All ranks must use the same num_sms in calls that share a handle; all arrays are device memory of the
+ * communicator's device; stream-ordered calls may finish with an asynchronous error (deepepCommGetAsyncError). */
+
+typedef struct deepepHandle* deepepHandle_t;
+
+/* Creates an empty handle for dispatches of up to config->max_tokens_per_rank tokens on `comm`. Local, blocking
+ * (allocates device memory; not capturable). Destroy accepts NULL. */
+DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle);
+DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
+/* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify; after a
+ * worst-case dispatch it is only on the device, and this returns deepepInvalidUsage. */
+DEEPEP_API deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, int64_t* num_recv_tokens);
+/* [out] counts [num_local_experts] (host memory): rows received per local expert, each rounded up to the
+ * expert_alignment of the notify call. Same availability as deepepHandleGetNumRecvTokens. */
+DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t handle, int32_t* counts,
+                                                             int num_local_experts);
+/* Tokens of this rank the handle's routing covers (the N of its dispatch). */
+DEEPEP_API deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_t* num_tokens);
+
+/* Arguments of deepepDispatchNotify and deepepDispatch. Initialise with deepepDispatchArgsInit. Row strides are in
+ * elements; 0 means "contiguous rows". */
+typedef struct {
+  size_t struct_size;
+  /* Routing (read by deepepDispatchNotify and by worst-case dispatches; ignored by cached dispatches). */
+  int64_t num_tokens;              /* N of this rank, <= config max_tokens_per_rank */
+  const void* topk_idx;            /* [N, num_topk] deepepInt64 or deepepInt32, entries in [-1, num_experts) */
+  deepepDataType_t topk_type;
+  int num_topk;                    /* K in [1, DEEPEP_MAX_TOPK] */
+  int64_t topk_row_stride;
+  int num_experts;                 /* E, divisible by the number of ranks */
+  int expert_alignment;            /* receive counts per local expert are rounded up to this (>= 1) */
+  int64_t num_worst_tokens;        /* > 0: worst-case mode with outputs of this many rows */
+  int num_sms;                     /* blocks (one per SM) the kernel uses; 0: default for the rank count */
+  /* Payload (deepepDispatch). */
+  const void* x;                   /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
+  deepepDataType_t x_type;
+  int hidden;                      /* BF16: multiple of 8; FP8: multiple of 128 */
+  int64_t x_row_stride;
+  const void* x_scales;            /* FP8 only: [N, num_scales] float32 (num_scales = hidden / 128) or UE8M0-packed
+                                      int32 (num_scales = ceil(hidden / 512)); NULL for BF16 */
+  deepepDataType_t scales_type;    /* deepepFloat32 or deepepInt32 */
+  int num_scales;
+  int64_t scales_row_stride;
+  const float* topk_weights;       /* optional [N, num_topk]; travels with the token */
+  int64_t weights_row_stride;
+  /* Outputs of deepepDispatch, rows = num_recv_tokens (or num_worst_tokens). Optional ones may be NULL. */
+  void* recv_x;                    /* [rows, hidden] of x_type, contiguous */
+  void* recv_scales;               /* [rows, num_scales] of scales_type, contiguous (FP8 only) */
+  int64_t* recv_topk_idx;          /* optional [rows, num_topk]: receiver-local expert ids, -1 elsewhere */
+  float* recv_topk_weights;        /* optional [rows, num_topk]: 0 where the expert is elsewhere */
+  int32_t* recv_src_idx;           /* optional [rows]: source token index of each row (-1 in padding rows) */
+  int32_t* num_recv_tokens_per_expert; /* optional [num_experts / nranks]: aligned receive counts */
+  int64_t num_recv_rows;           /* rows the outputs hold (checked against what arrives) */
+} deepepDispatchArgs;
+
+DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args);
+
+/* Fills `handle` with the routing of args (topk_idx, num_tokens, num_experts, expert_alignment, num_sms) and
+ * exchanges counts with every rank. Collective; blocks the host until the counts are known (bounded by the
+ * timeout); not capturable. */
+DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args,
+                                               deepepHandle_t handle, struct CUstream_st* stream);
+
+/* Moves the payload under the handle's routing (cached) or, with num_worst_tokens > 0, under the routing in args
+ * (which it records in the handle). Collective, stream-ordered, no host synchronisation, capturable. */
+DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
+                                         struct CUstream_st* stream);
+
+/* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
+typedef struct {
+  size_t struct_size;
+  const void* x;                   /* [rows, hidden] deepepBFloat16 in the handle's receive order */
+  int hidden;
+  int64_t num_rows;                /* rows of x: the handle's receive count, or the worst-case row count */
+  int64_t x_row_stride;
+  const float* topk_weights;       /* optional [rows, num_topk] in receive order */
+  int num_topk;
+  int64_t weights_row_stride;
+  const void* bias[2];             /* optional [N, hidden] BF16 each, added after the sum in order */
+  int64_t bias_row_stride[2];
+  void* out;                       /* [N, hidden] BF16, contiguous */
+  float* out_topk_weights;         /* [N, num_topk] float32, required when topk_weights is given */
+} deepepCombineArgs;
+
+DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args);
+
+/* out[t] = bf16(sum over ranks d that received t, ascending, of float(x_d[row of t]) + bias0 + bias1), all sums in
+ * float32. Collective, stream-ordered, no host synchronisation, capturable. */
+DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
+                                        struct CUstream_st* stream);
+
+/* Diagnostic: the SM-driven NVLink push bandwidth this rank reaches into the next rank's buffer (rank + 1 modulo
+ * nranks; its own buffer on one rank) with `num_sms` blocks of 16-byte stores, `bytes` per pass (clamped to the
+ * buffer), median of `iterations` passes. [out] gb_per_s. Blocking. Every rank calls it at the same time (it
+ * overwrites peers' receive regions, so no dispatch or combine may be in flight anywhere). */
+DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
+                                                         double* gb_per_s, struct CUstream_st* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -1,0 +1,412 @@
+// C ABI of the high-throughput calls: handles, dispatch notify, dispatch, combine. Checks every argument, then
+// launches the intranode kernels.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "comm.hpp"
+#include "cuda_utils.hpp"
+#include "deepep/deepep.h"
+#include "error.hpp"
+#include "handle.hpp"
+#include "intranode.hpp"
+#include "validation.hpp"
+
+using namespace deepep;
+
+namespace {
+
+std::mutex handle_registry_mutex;
+std::set<deepepHandle*> live_handles;
+
+deepepHandle* checked_handle(deepepHandle_t handle, const deepepComm* comm) {
+  DEEPEP_REQUIRE(handle != nullptr, "handle is NULL");
+  std::lock_guard<std::mutex> lock(handle_registry_mutex);
+  if (live_handles.count(handle) == 0 || handle->magic != deepepHandle::kMagic) {
+    fail(deepepInvalidUsage, "handle %p is not a live handle (destroyed, or never created)",
+         static_cast<void*>(handle));
+  }
+  if (comm != nullptr && handle->comm != comm) {
+    fail(deepepInvalidUsage, "the handle belongs to another communicator");
+  }
+  return handle;
+}
+
+// The intranode kernels reach every rank by NVLink loads and stores.
+void require_intranode(const deepepComm& comm) {
+  if (comm.nranks > kMaxNvlRanks || comm.ranks_per_nvl_domain != comm.nranks) {
+    fail(deepepNotSupported,
+         "high-throughput calls need all %d ranks in one NVLink domain of at most %d ranks (this domain has %d)",
+         comm.nranks, kMaxNvlRanks, comm.ranks_per_nvl_domain);
+  }
+}
+
+int resolve_num_sms(const deepepComm& comm, int requested) {
+  const int num_sms = requested == 0 ? default_num_sms(comm.nranks) : requested;
+  int sm_count = 0;
+  DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, comm.device));
+  DEEPEP_REQUIRE(num_sms >= 1 && num_sms <= std::min(kMaxBlocks, sm_count),
+                 "num_sms is %d; it must be in [1, %d] on this device (0 picks the default)", num_sms,
+                 std::min(kMaxBlocks, sm_count));
+  return num_sms;
+}
+
+void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
+  DEEPEP_REQUIRE(a.num_tokens >= 0 && a.num_tokens <= comm.max_tokens_per_rank,
+                 "num_tokens is %lld; it must be in [0, max_tokens_per_rank = %lld] (set in the config)",
+                 static_cast<long long>(a.num_tokens), static_cast<long long>(comm.max_tokens_per_rank));
+  DEEPEP_REQUIRE(a.topk_type == deepepInt64 || a.topk_type == deepepInt32,
+                 "topk_type is %d; topk_idx must be deepepInt64 or deepepInt32", static_cast<int>(a.topk_type));
+  DEEPEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]",
+                 a.num_topk, DEEPEP_MAX_TOPK);
+  const int64_t stride = a.topk_row_stride != 0 ? a.topk_row_stride : a.num_topk;
+  DEEPEP_REQUIRE(stride >= a.num_topk && stride <= (int64_t(1) << 32), "topk_row_stride %lld is below num_topk %d",
+                 static_cast<long long>(stride), a.num_topk);
+  DEEPEP_REQUIRE(a.num_experts >= 1 && a.num_experts % comm.nranks == 0,
+                 "num_experts (%d) must be a positive multiple of the number of ranks (%d)", a.num_experts,
+                 comm.nranks);
+  DEEPEP_REQUIRE(a.num_experts / comm.nranks <= DEEPEP_MAX_LOCAL_EXPERTS,
+                 "num_experts / nranks is %d; at most %d experts per rank are supported",
+                 a.num_experts / comm.nranks, DEEPEP_MAX_LOCAL_EXPERTS);
+  DEEPEP_REQUIRE(a.expert_alignment >= 1, "expert_alignment is %d; it must be >= 1", a.expert_alignment);
+  const size_t element = a.topk_type == deepepInt64 ? 8 : 4;
+  check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element,
+                     "topk_idx");
+}
+
+// Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch.
+void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& a, cudaStream_t stream) {
+  check_routing(comm, a);
+  const int num_sms = resolve_num_sms(comm, a.num_sms);
+  handle.routed = false;
+  handle.recv_counts_on_host = false;
+  handle.num_tokens = a.num_tokens;
+  handle.num_experts = a.num_experts;
+  handle.expert_alignment = a.expert_alignment;
+  handle.num_sms = num_sms;
+  launch_prepare_routing(comm, handle, a, num_sms, stream);
+  handle.routed = true;
+}
+
+// Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
+void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what) {
+  cudaEvent_t done = nullptr;
+  DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  const cudaError_t recorded = cudaEventRecord(done, stream);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(comm.timeout_seconds + 5);
+  cudaError_t status = recorded;
+  while (status == cudaSuccess) {
+    status = cudaEventQuery(done);
+    if (status == cudaSuccess) break;
+    if (status != cudaErrorNotReady) break;
+    status = cudaSuccess;
+    if (comm.async_error->code > 0) break;  // a kernel gave up: its stream will finish on its own
+    if (std::chrono::steady_clock::now() > deadline) {
+      cudaEventDestroy(done);
+      fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  cudaEventDestroy(done);
+  if (status != cudaSuccess) fail_cuda(status, what, __FILE__, __LINE__);
+  raise_async_error(comm);
+}
+
+}  // namespace
+
+extern "C" {
+
+DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(handle != nullptr, "handle is NULL");
+    *handle = nullptr;
+    deepepComm* c = checked_comm(comm);
+    require_intranode(*c);
+    DeviceGuard guard(c->device);
+    auto h = std::make_unique<deepepHandle>();
+    h->comm = c;
+    h->max_tokens = c->max_tokens_per_rank;
+    const size_t R = static_cast<size_t>(c->nranks);
+    const size_t ints = static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS +
+                        2 * R * kMaxBlocks * 2 + R;
+    const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
+    DEEPEP_CUDA_CHECK(cudaMalloc(&h->device_storage, bytes));
+    auto* base = static_cast<uint8_t*>(h->device_storage);
+    h->num_recv_device = reinterpret_cast<int64_t*>(base);
+    int32_t* next = reinterpret_cast<int32_t*>(base + sizeof(int64_t));
+    auto take = [&](size_t count) {
+      int32_t* p = next;
+      next += count;
+      return p;
+    };
+    h->send_pos = take(static_cast<size_t>(h->max_tokens) * R);
+    h->send_counts = take(R);
+    h->expert_counts = take(R * DEEPEP_MAX_LOCAL_EXPERTS);
+    h->send_ranges = take(R * kMaxBlocks * 2);
+    h->recv_ranges = take(R * kMaxBlocks * 2);
+    h->recv_counts = take(R);
+    DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));
+    const cudaError_t status =
+        cudaHostAlloc(reinterpret_cast<void**>(&h->host), sizeof(HandleHostInfo), cudaHostAllocMapped);
+    if (status != cudaSuccess) {
+      cudaFree(h->device_storage);
+      fail_cuda(status, "cudaHostAlloc(handle host info)", __FILE__, __LINE__);
+    }
+    std::memset(h->host, 0, sizeof(HandleHostInfo));
+    DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&h->host_device), h->host, 0));
+    std::lock_guard<std::mutex> lock(handle_registry_mutex);
+    live_handles.insert(h.get());
+    *handle = h.release();
+  });
+}
+
+DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
+  return guarded_call(__func__, [&] {
+    if (handle == nullptr) return;
+    deepepHandle* h = checked_handle(handle, nullptr);
+    {
+      std::lock_guard<std::mutex> lock(handle_registry_mutex);
+      live_handles.erase(h);
+    }
+    h->magic = 0;
+    // Work on any stream may still read the handle: wait for the device before freeing.
+    cudaDeviceSynchronize();
+    cudaFree(h->device_storage);
+    cudaFreeHost(h->host);
+    delete h;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, int64_t* num_recv_tokens) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(num_recv_tokens != nullptr, "num_recv_tokens is NULL");
+    deepepHandle* h = checked_handle(handle, nullptr);
+    if (!h->recv_counts_on_host) {
+      fail(deepepInvalidUsage, "the handle's receive count is not on the host (no deepepDispatchNotify filled it)");
+    }
+    *num_recv_tokens = h->host->num_recv_tokens;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t handle, int32_t* counts,
+                                                             int num_local_experts) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(counts != nullptr, "counts is NULL");
+    deepepHandle* h = checked_handle(handle, nullptr);
+    if (!h->recv_counts_on_host) {
+      fail(deepepInvalidUsage, "the handle's receive counts are not on the host (no deepepDispatchNotify filled them)");
+    }
+    const int local = h->num_experts / h->comm->nranks;
+    DEEPEP_REQUIRE(num_local_experts == local, "num_local_experts is %d; the handle's routing has %d", num_local_experts,
+                   local);
+    std::memcpy(counts, h->host->recv_tokens_per_expert, sizeof(int32_t) * local);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_t* num_tokens) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(num_tokens != nullptr, "num_tokens is NULL");
+    deepepHandle* h = checked_handle(handle, nullptr);
+    DEEPEP_REQUIRE(h->routed, "the handle holds no routing yet");
+    *num_tokens = h->num_tokens;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
+    std::memset(args, 0, sizeof(*args));
+    args->struct_size = sizeof(deepepDispatchArgs);
+    args->topk_type = deepepInt64;
+    args->expert_alignment = 1;
+    args->x_type = deepepBFloat16;
+    args->scales_type = deepepFloat32;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
+    std::memset(args, 0, sizeof(*args));
+    args->struct_size = sizeof(deepepCombineArgs);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args,
+                                               deepepHandle_t handle, struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    const deepepDispatchArgs a = checked_struct(args, "args");
+    deepepHandle& h = *checked_handle(handle, &c);
+    require_intranode(c);
+    DeviceGuard guard(c.device);
+    prepare(c, h, a, stream);
+    launch_notify(c, h, a.expert_alignment, stream);
+    wait_bounded(c, stream, "the dispatch count exchange");
+    h.recv_counts_on_host = true;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
+                                         struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    const deepepDispatchArgs a = checked_struct(args, "args");
+    deepepHandle& h = *checked_handle(handle, &c);
+    require_intranode(c);
+    const bool worst_case = a.num_worst_tokens > 0;
+    DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
+                   static_cast<long long>(a.num_worst_tokens));
+    if (!worst_case) {
+      if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: call deepepDispatchNotify first, or "
+                                              "pass num_worst_tokens > 0 with the routing");
+      DEEPEP_REQUIRE(a.num_tokens == h.num_tokens,
+                     "num_tokens is %lld but the handle's routing is for %lld tokens (a cached dispatch needs the "
+                     "same tokens)",
+                     static_cast<long long>(a.num_tokens), static_cast<long long>(h.num_tokens));
+    }
+    // Payload.
+    DEEPEP_REQUIRE(a.x_type == deepepBFloat16 || a.x_type == deepepFloat8E4M3,
+                   "x_type is %d; x must be deepepBFloat16 or deepepFloat8E4M3", static_cast<int>(a.x_type));
+    const bool fp8 = a.x_type == deepepFloat8E4M3;
+    DEEPEP_REQUIRE(a.hidden > 0 && (fp8 ? a.hidden % 128 == 0 : a.hidden % 8 == 0),
+                   "hidden is %d; it must be a positive multiple of %d for %s", a.hidden, fp8 ? 128 : 8,
+                   fp8 ? "FP8" : "BF16");
+    const size_t element = fp8 ? 1 : 2;
+    const int64_t x_stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
+    DEEPEP_REQUIRE(x_stride >= a.hidden, "x_row_stride %lld is below hidden %d", static_cast<long long>(x_stride),
+                   a.hidden);
+    check_device_array(c, a.x, matrix_bytes(a.num_tokens, a.hidden, x_stride, element), element, "x");
+    size_t scale_bytes = 0;
+    if (fp8) {
+      DEEPEP_REQUIRE(a.x_scales != nullptr || a.num_tokens == 0, "x_scales is NULL; FP8 payloads need scales");
+      DEEPEP_REQUIRE(a.scales_type == deepepFloat32 || a.scales_type == deepepInt32,
+                     "scales_type is %d; scales are deepepFloat32 or UE8M0-packed deepepInt32",
+                     static_cast<int>(a.scales_type));
+      const int expected = a.scales_type == deepepFloat32 ? a.hidden / 128 : (a.hidden / 128 + 3) / 4;
+      DEEPEP_REQUIRE(a.num_scales == expected, "num_scales is %d; %s scales of hidden %d need %d per row",
+                     a.num_scales, a.scales_type == deepepFloat32 ? "float32" : "UE8M0-packed", a.hidden, expected);
+      const int64_t stride = a.scales_row_stride != 0 ? a.scales_row_stride : a.num_scales;
+      DEEPEP_REQUIRE(stride >= a.num_scales, "scales_row_stride %lld is below num_scales %d",
+                     static_cast<long long>(stride), a.num_scales);
+      check_device_array(c, a.x_scales, matrix_bytes(a.num_tokens, a.num_scales, stride, 4), 4, "x_scales");
+      scale_bytes = static_cast<size_t>(a.num_scales) * 4;
+    } else {
+      DEEPEP_REQUIRE(a.x_scales == nullptr, "x_scales is given but x is BF16 (scales are for FP8 payloads)");
+    }
+    if (a.topk_idx != nullptr && !worst_case) check_routing(c, a);  // topk ids travel with the tokens
+    if (a.topk_weights != nullptr) {
+      DEEPEP_REQUIRE(a.topk_idx != nullptr, "topk_weights are given without topk_idx");
+      const int64_t stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
+      DEEPEP_REQUIRE(stride >= a.num_topk, "weights_row_stride is below num_topk");
+      check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, stride, 4), 4, "topk_weights");
+    }
+    const int num_topk = a.topk_idx != nullptr ? a.num_topk : 0;
+    const DispatchRowLayout layout = dispatch_row_layout(element * a.hidden, scale_bytes, num_topk);
+    const int64_t capacity = region_capacity_rows(c, layout.row_bytes);
+    if (a.num_tokens > capacity) {
+      fail(deepepBufferTooSmall,
+           "%lld tokens of %zu-byte rows need %zu bytes of communication buffer per rank on %d ranks; this "
+           "communicator has %zu (raise buffer_bytes or the workload in the config)",
+           static_cast<long long>(a.num_tokens), layout.row_bytes,
+           static_cast<size_t>(kControlBytes + c.nranks * a.num_tokens * layout.row_bytes + 256 * c.nranks),
+           c.nranks, c.buffer_bytes);
+    }
+    // Outputs.
+    const int64_t rows = worst_case ? a.num_worst_tokens : a.num_recv_rows;
+    DEEPEP_REQUIRE(rows >= 0, "num_recv_rows is %lld", static_cast<long long>(rows));
+    if (!worst_case && h.recv_counts_on_host) {
+      DEEPEP_REQUIRE(rows >= h.host->num_recv_tokens,
+                     "the outputs hold %lld rows but %lld arrive (deepepHandleGetNumRecvTokens)",
+                     static_cast<long long>(rows), static_cast<long long>(h.host->num_recv_tokens));
+    }
+    DEEPEP_REQUIRE(worst_case || a.num_recv_rows >= 0, "num_recv_rows must be set");
+    check_device_array(c, a.recv_x, static_cast<size_t>(rows) * a.hidden * element, element, "recv_x");
+    if (fp8) check_device_array(c, a.recv_scales, static_cast<size_t>(rows) * scale_bytes, 4, "recv_scales");
+    DEEPEP_REQUIRE(fp8 || a.recv_scales == nullptr, "recv_scales is given but x is BF16");
+    if (a.recv_topk_idx != nullptr || a.recv_topk_weights != nullptr) {
+      DEEPEP_REQUIRE(a.topk_idx != nullptr, "recv_topk_idx / recv_topk_weights need topk_idx");
+    }
+    check_device_array(c, a.recv_topk_idx, static_cast<size_t>(rows) * num_topk * 8, 8, "recv_topk_idx");
+    check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
+    check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
+    DeviceGuard guard(c.device);
+    if (worst_case) prepare(c, h, a, stream);
+    DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || h.num_experts > 0, "no routing for expert counts");
+    check_device_array(c, a.num_recv_tokens_per_expert, static_cast<size_t>(h.num_experts / c.nranks) * 4, 4,
+                       "num_recv_tokens_per_expert");
+    deepepDispatchArgs launch = a;
+    launch.num_recv_rows = rows;
+    launch_dispatch(c, h, launch, worst_case, stream);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
+                                        struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    const deepepCombineArgs a = checked_struct(args, "args");
+    deepepHandle& h = *checked_handle(handle, &c);
+    require_intranode(c);
+    if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
+    DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "hidden is %d; it must be a positive multiple of 8", a.hidden);
+    DEEPEP_REQUIRE(a.num_rows >= 0, "num_rows is %lld", static_cast<long long>(a.num_rows));
+    if (h.recv_counts_on_host) {
+      DEEPEP_REQUIRE(a.num_rows >= h.host->num_recv_tokens,
+                     "x has %lld rows but the handle's dispatch delivered %lld", static_cast<long long>(a.num_rows),
+                     static_cast<long long>(h.host->num_recv_tokens));
+    }
+    const int64_t stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
+    DEEPEP_REQUIRE(stride >= a.hidden && (stride * 2) % 16 == 0,
+                   "x_row_stride is %lld; rows must be >= hidden and start on 16-byte boundaries",
+                   static_cast<long long>(stride));
+    check_device_array(c, a.x, matrix_bytes(a.num_rows, a.hidden, stride, 2), 16, "x");
+    if (a.topk_weights != nullptr) {
+      DEEPEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]",
+                     a.num_topk, DEEPEP_MAX_TOPK);
+      const int64_t wstride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
+      DEEPEP_REQUIRE(wstride >= a.num_topk, "weights_row_stride is below num_topk");
+      check_device_array(c, a.topk_weights, matrix_bytes(a.num_rows, a.num_topk, wstride, 4), 4, "topk_weights");
+      DEEPEP_REQUIRE(a.out_topk_weights != nullptr || h.num_tokens == 0, "out_topk_weights is NULL but topk_weights "
+                                                                         "are given");
+      check_device_array(c, a.out_topk_weights, static_cast<size_t>(h.num_tokens) * a.num_topk * 4, 4,
+                         "out_topk_weights");
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (a.bias[i] == nullptr) continue;
+      const int64_t bstride = a.bias_row_stride[i] != 0 ? a.bias_row_stride[i] : a.hidden;
+      DEEPEP_REQUIRE(bstride >= a.hidden && (bstride * 2) % 16 == 0,
+                     "bias %d row stride %lld: rows must be >= hidden and start on 16-byte boundaries", i,
+                     static_cast<long long>(bstride));
+      check_device_array(c, a.bias[i], matrix_bytes(h.num_tokens, a.hidden, bstride, 2), 16, i == 0 ? "bias[0]" : "bias[1]");
+    }
+    check_device_array(c, a.out, static_cast<size_t>(h.num_tokens) * a.hidden * 2, 16, "out");
+    const size_t row_bytes = combine_row_bytes(a.hidden, a.topk_weights != nullptr ? a.num_topk : 0);
+    if (h.num_tokens > region_capacity_rows(c, row_bytes)) {
+      fail(deepepBufferTooSmall, "combine rows of %zu bytes for %lld tokens do not fit this communicator's buffer",
+           row_bytes, static_cast<long long>(h.num_tokens));
+    }
+    DeviceGuard guard(c.device);
+    launch_combine(c, h, a, stream);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
+                                                         double* gb_per_s, struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(gb_per_s != nullptr, "gb_per_s is NULL");
+    const deepepComm& c = *checked_comm(comm);
+    DEEPEP_REQUIRE(iterations >= 1 && iterations <= 10000, "iterations is %d; it must be in [1, 10000]", iterations);
+    DEEPEP_REQUIRE(bytes >= 16, "bytes is %zu; at least 16 are needed", bytes);
+    DEEPEP_REQUIRE(c.peer_buffers[(c.rank + 1) % c.nranks] != nullptr, "the next rank is not reachable over NVLink");
+    const int blocks = resolve_num_sms(c, num_sms);
+    DeviceGuard guard(c.device);
+    *gb_per_s = measure_push_bandwidth(c, blocks, bytes, iterations, stream);
+  });
+}
+
+}  // extern "C"

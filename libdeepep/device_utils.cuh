@@ -1,0 +1,94 @@
+// Device helpers shared by the communication kernels: system-scope acquire/release on flags, bounded spin waits,
+// and vectorised row copies.
+#pragma once
+
+#include <cstdint>
+
+#include "async_error.hpp"
+
+namespace deepep {
+
+// Flags that cross GPUs are 64-bit words read with acquire and written with release at system scope: the data a
+// peer wrote before its release store is visible after our acquire load that sees the flag.
+__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void store_release_sys(uint64_t* address, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+
+// Spins until `ready(load_acquire_sys(flag))` or the deadline passes. On expiry records a timeout naming the peer
+// and returns false (never traps: the kernel winds down and the host reports the error).
+template <class Ready>
+__device__ __forceinline__ bool wait_flag(const uint64_t* flag, Ready ready, uint64_t deadline_ns,
+                                          AsyncErrorRecord* error, int rank, Phase phase, int peer,
+                                          uint64_t* seen = nullptr) {
+  uint64_t value = load_acquire_sys(flag);
+  while (!ready(value)) {
+    if (global_timer_ns() > deadline_ns) {
+      record_async_error(error, deepepTimeout, rank, phase, peer, 0, 0);
+      return false;
+    }
+    __nanosleep(32);
+    value = load_acquire_sys(flag);
+  }
+  if (seen != nullptr) *seen = value;
+  return true;
+}
+
+// Copies `bytes` from src to dst with one warp: 16-byte vectors with several loads in flight when both addresses
+// and the size allow it, 4-byte words or single bytes otherwise. kReadOnly sources (caller inputs, constant during
+// the kernel) go through the non-coherent cache; data a peer wrote during the kernel must not, so it is read with
+// plain loads after the acquire that made it visible.
+template <bool kReadOnly>
+__device__ __forceinline__ int4 load16(const int4* p) {
+  if constexpr (kReadOnly) return __ldg(p);
+  return *p;
+}
+
+template <bool kReadOnly>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes, int lane) {
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
+  const uintptr_t s = reinterpret_cast<uintptr_t>(src);
+  if (((d | s | bytes) & 15) == 0) {
+    const int4* in = static_cast<const int4*>(src);
+    int4* out = static_cast<int4*>(dst);
+    const size_t n = bytes / 16;
+    constexpr int kUnroll = 4;
+    size_t i = lane;
+    for (; i + (kUnroll - 1) * 32 < n; i += kUnroll * 32) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = load16<kReadOnly>(in + i + u * 32);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) out[i + u * 32] = v[u];
+    }
+    for (; i < n; i += 32) out[i] = load16<kReadOnly>(in + i);
+    return;
+  }
+  if (((d | s | bytes) & 3) == 0) {
+    const uint32_t* in = static_cast<const uint32_t*>(src);
+    uint32_t* out = static_cast<uint32_t*>(dst);
+    for (size_t i = lane; i < bytes / 4; i += 32) out[i] = in[i];
+    return;
+  }
+  const uint8_t* in = static_cast<const uint8_t*>(src);
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  for (size_t i = lane; i < bytes; i += 32) out[i] = in[i];
+}
+
+// Named barrier among the first `threads` threads of the block (a warp-specialised group).
+__device__ __forceinline__ void group_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace deepep

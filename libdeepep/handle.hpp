@@ -1,0 +1,49 @@
+// The routing of a high-throughput dispatch, kept for combine and cached dispatches.
+#pragma once
+
+#include <cstdint>
+
+#include "deepep/deepep.h"
+
+struct deepepComm;
+
+namespace deepep {
+
+constexpr int kMaxNvlRanks = 8;    // ranks of one NVLink domain the intranode kernels serve
+constexpr int kMaxBlocks = 160;    // num_sms limit (one block per SM)
+
+// Host-visible results of a count exchange (mapped pinned memory, written by the notify kernel).
+struct HandleHostInfo {
+  int64_t num_recv_tokens;
+  int32_t recv_tokens_per_expert[DEEPEP_MAX_LOCAL_EXPERTS];
+};
+
+}  // namespace deepep
+
+struct deepepHandle {
+  static constexpr uint64_t kMagic = 0x6465657065704831ull;  // "deepepH1"
+  uint64_t magic = kMagic;
+  deepepComm* comm = nullptr;
+  int64_t max_tokens = 0;
+
+  // What the routing in the device arrays describes (host copies, set by notify / worst-case dispatch).
+  bool routed = false;              // send-side routing computed
+  bool recv_counts_on_host = false; // host->num_recv_tokens is valid
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int expert_alignment = 1;
+  int num_sms = 0;
+
+  // Device arrays, one allocation (see deepepHandleCreate).
+  void* device_storage = nullptr;
+  int32_t* send_pos = nullptr;       // [max_tokens, R]: row of token t in rank d's receive order, -1 if not sent
+  int32_t* send_counts = nullptr;    // [R]: tokens sent to each rank
+  int32_t* expert_counts = nullptr;  // [R * max local experts]: this rank's tokens per expert
+  int32_t* send_ranges = nullptr;    // [R][kMaxBlocks][2]: (first row, rows) each block sends to each rank
+  int32_t* recv_ranges = nullptr;    // [R][kMaxBlocks][2]: (first row, rows) each block receives from each rank
+  int32_t* recv_counts = nullptr;    // [R]: rows received from each rank
+  int64_t* num_recv_device = nullptr;
+
+  deepep::HandleHostInfo* host = nullptr;         // mapped pinned
+  deepep::HandleHostInfo* host_device = nullptr;  // its device address
+};

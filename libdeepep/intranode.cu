@@ -1,0 +1,847 @@
+// High-throughput dispatch and combine over NVLink (all ranks in one NVLink domain).
+//
+// Every rank's communication buffer holds a control region (flags and counts that peers write) and one receive
+// region per source rank. A dispatch is one collective operation with sequence number `seq` (kept on the device so
+// that replayed CUDA graphs advance it):
+//   1. wait until every destination acknowledged the previous operation (its regions may be reused);
+//   2. block 0 sends each destination its token count (and per-expert counts); every block waits for the counts
+//      of all sources and derives the receive offsets (rows ordered by source rank, then source token);
+//   3. block b's send warps push the rows of block b's token range straight into each destination's region for
+//      this source (rows to this rank go straight to the output), publishing progress after every chunk;
+//   4. block b's receive warps copy what block b of every source published into the outputs, in order;
+//   5. the last block to finish acknowledges the operation to every source.
+// A combine runs the same protocol backwards: each rank pushes the rows it received back to their sources, and the
+// sources add them up per token in rank order (float32, deterministic). Every wait is bounded by the timeout.
+#include "intranode.hpp"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "async_error.hpp"
+#include "comm.hpp"
+#include "cuda_utils.hpp"
+#include "device_utils.cuh"
+#include "handle.hpp"
+
+namespace deepep {
+
+namespace {
+
+struct alignas(16) CountMessage {
+  uint64_t flag;      // seq of the operation the message belongs to
+  int32_t tokens;     // rows the source sends to this rank
+  int32_t num_blocks; // the source's block count (must match: block b talks to block b)
+  int32_t experts[DEEPEP_MAX_LOCAL_EXPERTS];  // the source's tokens per expert of this rank
+};
+
+struct alignas(16) RangeMessage {
+  uint64_t flag;
+  int32_t start;  // first row (in the source's receive-order numbering) block b sends here
+  int32_t count;  // rows block b sends here
+};
+
+struct ControlRegion {
+  CountMessage notify[kMaxNvlRanks];
+  CountMessage counts[kMaxNvlRanks];
+  RangeMessage ranges[kMaxNvlRanks][kMaxBlocks];
+  uint64_t progress[kMaxNvlRanks][kMaxBlocks];          // (seq << 32) | rows of block b's dispatch range done
+  uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine
+  uint64_t ack[kMaxNvlRanks];                           // last seq each destination finished consuming
+};
+static_assert(sizeof(ControlRegion) <= kControlBytes, "control region outgrew its reservation");
+
+constexpr int kPrepareThreads = 1024;
+constexpr int kDispatchSendWarps = 16;
+constexpr int kDispatchRecvWarps = 8;
+constexpr int kCombinePushWarps = 12;
+constexpr int kCombineReduceWarps = 12;
+constexpr int kTokensPerWarpPerChunk = 2;
+
+__device__ __forceinline__ ControlRegion* control_of(void* const* peers, int rank) {
+  return static_cast<ControlRegion*>(peers[rank]);
+}
+
+// Region of `source` in `owner`'s buffer.
+__device__ __forceinline__ uint8_t* region_of(void* const* peers, int owner, int source, size_t region_bytes) {
+  return static_cast<uint8_t*>(peers[owner]) + kControlBytes + static_cast<size_t>(source) * region_bytes;
+}
+
+__device__ __forceinline__ uint64_t tagged(uint32_t seq, uint32_t value) {
+  return (static_cast<uint64_t>(seq) << 32) | value;
+}
+
+struct Protocol {
+  void* const* peers;
+  int rank;
+  int nranks;
+  uint32_t* op_state;  // [0]: last finished seq, [1]: blocks finished in the running operation
+  AsyncErrorRecord* error;
+  uint64_t timeout_ns;
+};
+
+// Step 1: before writing anything a destination reads, make sure it consumed the previous operation.
+__device__ bool wait_acks(const Protocol& p, uint32_t seq, uint64_t deadline, Phase phase) {
+  ControlRegion* mine = control_of(p.peers, p.rank);
+  bool ok = true;
+  const int lane = threadIdx.x % 32;
+  for (int d = lane; d < p.nranks; d += 32) {
+    if (d == p.rank) continue;
+    ok &= wait_flag(&mine->ack[d], [&](uint64_t v) { return v + 1 >= seq; }, deadline, p.error, p.rank, phase, d);
+  }
+  return __all_sync(0xffffffffu, ok);
+}
+
+// Step 5: the last block to finish acknowledges `seq` to every source and advances the sequence.
+__device__ void finish_operation(const Protocol& p, uint32_t seq) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    const uint32_t finished = atomicAdd(&p.op_state[1], 1u);
+    if (finished == gridDim.x - 1) {
+      for (int s = 0; s < p.nranks; ++s) {
+        if (s != p.rank) store_release_sys(&control_of(p.peers, s)->ack[p.rank], seq);
+      }
+      p.op_state[1] = 0;
+      p.op_state[0] = seq;
+      __threadfence();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Routing: send positions, per-destination counts, per-expert counts and per-block ranges (one block).
+
+template <typename Index>
+__device__ __forceinline__ uint32_t rank_mask(const Index* ids, int num_topk, int num_experts, int experts_per_rank,
+                                              bool count_experts, int32_t* expert_counts, AsyncErrorRecord* error,
+                                              int rank, int64_t token) {
+  uint32_t mask = 0;
+  for (int k = 0; k < num_topk; ++k) {
+    const int64_t e = static_cast<int64_t>(ids[k]);
+    if (e == -1) continue;
+    if (e < -1 || e >= num_experts) {
+      if (count_experts) record_async_error(error, deepepInvalidArgument, rank, Phase::kRouting, -1,
+                                            token * num_topk + k, e);
+      continue;
+    }
+    if (count_experts) atomicAdd(&expert_counts[e], 1);
+    mask |= 1u << (e / experts_per_rank);
+  }
+  return mask;
+}
+
+template <typename Index>
+__global__ void __launch_bounds__(kPrepareThreads)
+    prepare_routing_kernel(const Index* __restrict__ topk_idx, int64_t num_tokens, int num_topk, int64_t stride,
+                           int num_experts, int nranks, int num_blocks, int32_t* send_pos, int32_t* send_counts,
+                           int32_t* expert_counts, int32_t* send_ranges, AsyncErrorRecord* error, int rank) {
+  __shared__ int32_t prefix[kPrepareThreads][kMaxNvlRanks];
+  const int experts_per_rank = num_experts / nranks;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) expert_counts[e] = 0;
+  __syncthreads();
+
+  const int64_t chunk = (num_tokens + kPrepareThreads - 1) / kPrepareThreads;
+  const int64_t first = threadIdx.x * chunk;
+  const int64_t last = min(num_tokens, first + chunk);
+  int32_t counts[kMaxNvlRanks] = {};
+  for (int64_t t = first; t < last; ++t) {
+    const uint32_t mask = rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, true,
+                                    expert_counts, error, rank, t);
+    for (int d = 0; d < nranks; ++d) counts[d] += (mask >> d) & 1u;
+  }
+  for (int d = 0; d < nranks; ++d) prefix[threadIdx.x][d] = counts[d];
+  __syncthreads();
+
+  // Exclusive scan of the per-thread counts, one warp per destination: each lane sums 32 consecutive entries.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < nranks) {
+    const int d = warp;
+    int32_t lane_sum = 0;
+    for (int i = 0; i < 32; ++i) lane_sum += prefix[lane * 32 + i][d];
+    int32_t inclusive = lane_sum;
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    int32_t running = inclusive - lane_sum;
+    for (int i = 0; i < 32; ++i) {
+      const int32_t value = prefix[lane * 32 + i][d];
+      prefix[lane * 32 + i][d] = running;
+      running += value;
+    }
+    if (lane == 31) send_counts[d] = inclusive;
+  }
+  __syncthreads();
+
+  int32_t next[kMaxNvlRanks];
+  for (int d = 0; d < nranks; ++d) next[d] = prefix[threadIdx.x][d];
+  for (int64_t t = first; t < last; ++t) {
+    const uint32_t mask = rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, false,
+                                    expert_counts, error, rank, t);
+    for (int d = 0; d < nranks; ++d) send_pos[t * nranks + d] = ((mask >> d) & 1u) ? next[d]++ : -1;
+  }
+  __syncthreads();
+
+  // Per-block ranges: positions grow with the token index, so a block's rows to d are one contiguous run.
+  const int64_t per_block = (num_tokens + num_blocks - 1) / num_blocks;
+  for (int pair = warp; pair < num_blocks * nranks; pair += kPrepareThreads / 32) {
+    const int b = pair / nranks, d = pair % nranks;
+    const int64_t t0 = min(num_tokens, b * per_block), t1 = min(num_tokens, t0 + per_block);
+    int32_t lo = INT32_MAX, hi = -1;
+    for (int64_t t = t0 + lane; t < t1; t += 32) {
+      const int32_t pos = send_pos[t * nranks + d];
+      if (pos >= 0) {
+        lo = min(lo, pos);
+        hi = max(hi, pos);
+      }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
+      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
+    }
+    if (lane == 0) {
+      int32_t* range = send_ranges + (static_cast<size_t>(d) * kMaxBlocks + b) * 2;
+      range[0] = hi >= 0 ? lo : 0;
+      range[1] = hi >= 0 ? hi - lo + 1 : 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Notify: count exchange for exact-size outputs (one block).
+
+__global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
+                              int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
+                              int64_t* num_recv_device, HandleHostInfo* host) {
+  const uint32_t seq = p.op_state[0] + 1;
+  const uint64_t deadline = global_timer_ns() + p.timeout_ns;
+  __shared__ bool ok;
+  if (threadIdx.x == 0) ok = true;
+  __syncthreads();
+  if (threadIdx.x < 32 && !wait_acks(p, seq, deadline, Phase::kDispatchNotify) && threadIdx.x == 0) ok = false;
+  __syncthreads();
+  for (int d = 0; d < p.nranks && ok; ++d) {
+    CountMessage* message = &control_of(p.peers, d)->notify[p.rank];
+    for (int i = threadIdx.x; i < experts_per_rank; i += blockDim.x)
+      message->experts[i] = expert_counts[d * experts_per_rank + i];
+    if (threadIdx.x == 0) {
+      message->tokens = send_counts[d];
+      message->num_blocks = num_blocks;
+    }
+  }
+  __syncthreads();
+  if (ok && threadIdx.x < p.nranks) {
+    __threadfence_system();
+    store_release_sys(&control_of(p.peers, threadIdx.x)->notify[p.rank].flag, seq);
+  }
+  ControlRegion* mine = control_of(p.peers, p.rank);
+  if (ok && threadIdx.x < p.nranks) {
+    if (!wait_flag(&mine->notify[threadIdx.x].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error,
+                   p.rank, Phase::kDispatchNotify, threadIdx.x))
+      ok = false;
+  }
+  __syncthreads();
+  if (ok) {
+    for (int i = threadIdx.x; i < experts_per_rank; i += blockDim.x) {
+      int64_t sum = 0;
+      for (int s = 0; s < p.nranks; ++s) sum += mine->notify[s].experts[i];
+      host->recv_tokens_per_expert[i] =
+          static_cast<int32_t>((sum + expert_alignment - 1) / expert_alignment * expert_alignment);
+    }
+    if (threadIdx.x == 0) {
+      int64_t total = 0;
+      for (int s = 0; s < p.nranks; ++s) {
+        recv_counts[s] = mine->notify[s].tokens;
+        total += mine->notify[s].tokens;
+        if (mine->notify[s].num_blocks != num_blocks)
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatchNotify, s,
+                             mine->notify[s].num_blocks, num_blocks);
+      }
+      *num_recv_device = total;
+      host->num_recv_tokens = total;
+    }
+  }
+  finish_operation(p, seq);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch.
+
+struct DispatchParams {
+  Protocol p;
+  size_t region_bytes;
+  DispatchRowLayout layout;
+  // Routing (from the handle).
+  const int32_t* send_pos;
+  const int32_t* send_counts;
+  const int32_t* expert_counts;
+  const int32_t* send_ranges;
+  int32_t* recv_ranges;
+  int32_t* recv_counts;
+  int64_t* num_recv_device;
+  int64_t num_tokens;
+  int experts_per_rank;
+  int expert_alignment;
+  // Payload.
+  const uint8_t* x;
+  int64_t x_stride_bytes;
+  const uint8_t* scales;
+  int64_t scales_stride_bytes;
+  const void* topk_idx;
+  bool topk_int64;
+  int64_t topk_stride;
+  const float* weights;
+  int64_t weights_stride;
+  // Outputs.
+  uint8_t* recv_x;
+  uint8_t* recv_scales;
+  int64_t* recv_topk_idx;
+  float* recv_weights;
+  int32_t* recv_src_idx;
+  int32_t* recv_per_expert;
+  int64_t out_rows;
+  bool worst_case;
+};
+
+__device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t token, int k) {
+  return q.topk_int64 ? static_cast<int32_t>(static_cast<const int64_t*>(q.topk_idx)[token * q.topk_stride + k])
+                      : static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
+}
+
+// Writes row `out_row` of the metadata outputs from a global top-k id and weight (lanes take slots).
+__device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_row, int32_t src_token,
+                                           const int32_t* global_ids, const float* weights, int lane) {
+  const int num_topk = q.layout.num_topk;
+  const int first_local = q.p.rank * q.experts_per_rank;
+  for (int k = lane; k < num_topk; k += 32) {
+    const int32_t e = global_ids[k];
+    const bool here = e >= first_local && e < first_local + q.experts_per_rank;
+    if (q.recv_topk_idx != nullptr) q.recv_topk_idx[out_row * num_topk + k] = here ? e - first_local : -1;
+    if (q.recv_weights != nullptr) q.recv_weights[out_row * num_topk + k] = here && weights != nullptr ? weights[k] : 0.f;
+  }
+  if (lane == 0 && q.recv_src_idx != nullptr) q.recv_src_idx[out_row] = src_token;
+}
+
+__global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32)
+    dispatch_kernel(DispatchParams q) {
+  const Protocol& p = q.p;
+  const uint32_t seq = p.op_state[0] + 1;
+  const uint64_t deadline = global_timer_ns() + p.timeout_ns;
+  const int b = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int R = p.nranks;
+  ControlRegion* mine = control_of(p.peers, p.rank);
+
+  __shared__ int64_t offsets[kMaxNvlRanks + 1];
+  __shared__ int32_t rows_done[kMaxNvlRanks];
+  __shared__ bool ok;
+  if (threadIdx.x == 0) ok = true;
+  if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = 0;
+  __syncthreads();
+
+  // Steps 1-2.
+  if (warp == 0) {
+    bool fine = wait_acks(p, seq, deadline, Phase::kDispatch);
+    if (fine && b == 0) {
+      for (int d = 0; d < R; ++d) {
+        CountMessage* message = &control_of(p.peers, d)->counts[p.rank];
+        for (int i = lane; i < q.experts_per_rank; i += 32)
+          message->experts[i] = q.expert_counts[d * q.experts_per_rank + i];
+        if (lane == 0) {
+          message->tokens = q.send_counts[d];
+          message->num_blocks = gridDim.x;
+        }
+      }
+      __syncwarp();
+      __threadfence_system();
+      if (lane < R) store_release_sys(&control_of(p.peers, lane)->counts[p.rank].flag, seq);
+    }
+    if (lane == 0) {
+      // One lane acquires every source's counts, then reads them (its own acquires order its reads).
+      for (int s = 0; s < R && fine; ++s)
+        fine = wait_flag(&mine->counts[s].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
+                         Phase::kDispatch, s);
+      ok = fine;
+      int64_t total = 0;
+      for (int s = 0; s < R; ++s) {
+        offsets[s] = total;
+        total += fine ? mine->counts[s].tokens : 0;
+        if (fine && mine->counts[s].num_blocks != static_cast<int>(gridDim.x)) {
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s,
+                             mine->counts[s].num_blocks, gridDim.x);
+          ok = false;
+        }
+      }
+      offsets[R] = total;
+      if (ok && total > q.out_rows) {
+        // More rows arrive than the outputs hold: report the count, write nothing past the end.
+        record_async_error(p.error, deepepBufferTooSmall, p.rank, Phase::kDispatch, -1, total, q.out_rows);
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t total_rows = offsets[R];
+
+  if (ok && b == 0) {
+    if (threadIdx.x < R) q.recv_counts[threadIdx.x] = mine->counts[threadIdx.x].tokens;
+    if (threadIdx.x == 0) *q.num_recv_device = total_rows;
+    if (q.recv_per_expert != nullptr) {
+      for (int i = threadIdx.x; i < q.experts_per_rank; i += blockDim.x) {
+        int64_t sum = 0;
+        for (int s = 0; s < R; ++s) sum += mine->counts[s].experts[i];
+        q.recv_per_expert[i] =
+            static_cast<int32_t>((sum + q.expert_alignment - 1) / q.expert_alignment * q.expert_alignment);
+      }
+    }
+  }
+  // Padding rows of a worst-case output: no token, -1 ids, zero weights.
+  if (ok && q.worst_case) {
+    const int num_topk = q.layout.num_topk;
+    for (int64_t row = total_rows + static_cast<int64_t>(b) * blockDim.x + threadIdx.x; row < q.out_rows;
+         row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      if (q.recv_src_idx != nullptr) q.recv_src_idx[row] = -1;
+      for (int k = 0; k < num_topk; ++k) {
+        if (q.recv_topk_idx != nullptr) q.recv_topk_idx[row * num_topk + k] = -1;
+        if (q.recv_weights != nullptr) q.recv_weights[row * num_topk + k] = 0.f;
+      }
+    }
+  }
+
+  const DispatchRowLayout& L = q.layout;
+  if (ok && warp < kDispatchSendWarps) {
+    // Step 3: send warps.
+    if (warp == 0 && lane < R && lane != p.rank) {
+      const int32_t* range = q.send_ranges + (static_cast<size_t>(lane) * kMaxBlocks + b) * 2;
+      RangeMessage* message = &control_of(p.peers, lane)->ranges[p.rank][b];
+      message->start = range[0];
+      message->count = range[1];
+      __threadfence_system();
+      store_release_sys(&message->flag, seq);
+    }
+    const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
+    const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
+    const int64_t chunk_tokens = kDispatchSendWarps * kTokensPerWarpPerChunk;
+    for (int64_t c0 = t0; c0 < t1; c0 += chunk_tokens) {
+      for (int i = 0; i < kTokensPerWarpPerChunk; ++i) {
+        const int64_t t = c0 + i * kDispatchSendWarps + warp;
+        if (t >= t1) break;
+        const uint8_t* x_row = q.x + t * q.x_stride_bytes;
+        const uint8_t* scale_row = q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr;
+        int32_t ids[DEEPEP_MAX_TOPK];
+        float weights[DEEPEP_MAX_TOPK];
+        for (int k = 0; k < L.num_topk; ++k) {
+          ids[k] = q.topk_idx != nullptr ? topk_entry(q, t, k) : -1;
+          weights[k] = q.weights != nullptr ? q.weights[t * q.weights_stride + k] : 0.f;
+        }
+        for (int d = 0; d < R; ++d) {
+          const int32_t j = q.send_pos[t * R + d];
+          if (j < 0) continue;
+          if (d == p.rank) {
+            const int64_t out_row = offsets[d] + j;
+            if (out_row < q.out_rows) {
+              warp_copy<true>(q.recv_x + out_row * L.payload_bytes, x_row, L.payload_bytes, lane);
+              if (scale_row != nullptr)
+                warp_copy<true>(q.recv_scales + out_row * L.scale_bytes, scale_row, L.scale_bytes, lane);
+              write_meta(q, out_row, static_cast<int32_t>(t), ids, q.weights != nullptr ? weights : nullptr, lane);
+            }
+          } else {
+            uint8_t* row = region_of(p.peers, d, p.rank, q.region_bytes) + static_cast<size_t>(j) * L.row_bytes;
+            warp_copy<true>(row, x_row, L.payload_bytes, lane);
+            if (scale_row != nullptr) warp_copy<true>(row + L.scales_offset, scale_row, L.scale_bytes, lane);
+            int32_t* meta = reinterpret_cast<int32_t*>(row + L.meta_offset);
+            if (lane == 0) meta[0] = static_cast<int32_t>(t);
+            for (int k = lane; k < L.num_topk; k += 32) {
+              meta[1 + k] = ids[k];
+              reinterpret_cast<float*>(meta + 1 + L.num_topk)[k] = weights[k];
+            }
+            __syncwarp();
+            if (lane == 0) atomicAdd(&rows_done[d], 1);
+          }
+        }
+      }
+      // Publish progress: every sender makes its stores visible system-wide, then one lane per destination
+      // releases the new row count.
+      __threadfence_system();
+      group_barrier(1, kDispatchSendWarps * 32);
+      if (warp == 0 && lane < R && lane != p.rank) {
+        store_release_sys(&control_of(p.peers, lane)->progress[p.rank][b],
+                          tagged(seq, static_cast<uint32_t>(rows_done[lane])));
+      }
+    }
+  } else if (ok) {
+    // Step 4: receive warps copy what block b of each source published, rows interleaved across the warps.
+    const int rw = warp - kDispatchSendWarps;
+    for (int s = 0; s < R; ++s) {
+      int32_t start, count;
+      if (s == p.rank) {
+        const int32_t* range = q.send_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
+        start = range[0];
+        count = range[1];
+      } else {
+        if (!wait_flag(&mine->ranges[s][b].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
+                       Phase::kDispatch, s))
+          break;
+        start = mine->ranges[s][b].start;
+        count = mine->ranges[s][b].count;
+      }
+      if (rw == 0 && lane == 0) {
+        int32_t* out = q.recv_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
+        out[0] = start;
+        out[1] = count;
+      }
+      if (s == p.rank) continue;  // rows to self were written by the send warps
+      const uint8_t* region = region_of(p.peers, p.rank, s, q.region_bytes);
+      uint32_t available = 0;
+      bool alive = true;
+      for (int i = rw; i < count && alive; i += kDispatchRecvWarps) {
+        if (available <= static_cast<uint32_t>(i)) {
+          uint64_t seen = 0;
+          alive = wait_flag(&mine->progress[s][b],
+                            [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > static_cast<uint64_t>(i); },
+                            deadline, p.error, p.rank, Phase::kDispatch, s, &seen);
+          available = static_cast<uint32_t>(seen & 0xffffffffu);
+          if (!alive) break;
+        }
+        const int64_t j = start + i;
+        const int64_t out_row = offsets[s] + j;
+        if (out_row >= q.out_rows) continue;
+        const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
+        warp_copy<false>(q.recv_x + out_row * L.payload_bytes, row, L.payload_bytes, lane);
+        if (q.recv_scales != nullptr)
+          warp_copy<false>(q.recv_scales + out_row * L.scale_bytes, row + L.scales_offset, L.scale_bytes, lane);
+        const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
+        write_meta(q, out_row, meta[0], meta + 1, reinterpret_cast<const float*>(meta + 1 + L.num_topk), lane);
+      }
+    }
+  }
+  finish_operation(p, seq);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Combine.
+
+struct CombineParams {
+  Protocol p;
+  size_t region_bytes;
+  size_t row_bytes;
+  int hidden;
+  int num_topk;
+  const int32_t* send_pos;
+  const int32_t* send_ranges;
+  const int32_t* recv_ranges;
+  const int32_t* recv_counts;
+  int64_t num_tokens;
+  const uint8_t* x;
+  int64_t x_stride_bytes;
+  const float* weights;
+  int64_t weights_stride;
+  const uint8_t* bias0;
+  int64_t bias0_stride_bytes;
+  const uint8_t* bias1;
+  int64_t bias1_stride_bytes;
+  __nv_bfloat16* out;
+  float* out_weights;
+};
+
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 packed) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    acc[2 * i] = __fadd_rn(acc[2 * i], f.x);
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], f.y);
+  }
+}
+
+__global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32) combine_kernel(CombineParams q) {
+  const Protocol& p = q.p;
+  const uint32_t seq = p.op_state[0] + 1;
+  const uint64_t deadline = global_timer_ns() + p.timeout_ns;
+  const int b = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int R = p.nranks;
+  ControlRegion* mine = control_of(p.peers, p.rank);
+  const size_t payload_bytes = static_cast<size_t>(q.hidden) * 2;
+  const size_t weights_offset = (payload_bytes + 15) / 16 * 16;
+
+  __shared__ int64_t offsets[kMaxNvlRanks + 1];
+  __shared__ bool ok;
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int s = 0; s < R; ++s) {
+      offsets[s] = total;
+      total += q.recv_counts[s];
+    }
+    offsets[R] = total;
+  }
+  if (warp == 0) {
+    const bool fine = wait_acks(p, seq, deadline, Phase::kCombine);
+    if (lane == 0) ok = fine;
+  }
+  __syncthreads();
+
+  if (ok && warp < kCombinePushWarps) {
+    // Push the rows received from each source back to it, in chunks, publishing progress per source.
+    int32_t start[kMaxNvlRanks], count[kMaxNvlRanks];
+    int32_t longest = 0;
+    for (int s = 0; s < R; ++s) {
+      const int32_t* range = q.recv_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
+      start[s] = range[0];
+      count[s] = s == p.rank ? 0 : range[1];
+      longest = max(longest, count[s]);
+    }
+    const int chunk_rows = kCombinePushWarps * kTokensPerWarpPerChunk;
+    for (int c0 = 0; c0 < longest; c0 += chunk_rows) {
+      for (int s = 0; s < R; ++s) {
+        if (s == p.rank) continue;
+        uint8_t* region = region_of(p.peers, s, p.rank, q.region_bytes);
+        for (int i = c0 + warp; i < min(count[s], c0 + chunk_rows); i += kCombinePushWarps) {
+          const int64_t j = start[s] + i;
+          const int64_t in_row = offsets[s] + j;
+          uint8_t* row = region + static_cast<size_t>(j) * q.row_bytes;
+          warp_copy<true>(row, q.x + in_row * q.x_stride_bytes, payload_bytes, lane);
+          if (q.weights != nullptr) {
+            for (int k = lane; k < q.num_topk; k += 32)
+              reinterpret_cast<float*>(row + weights_offset)[k] = q.weights[in_row * q.weights_stride + k];
+          }
+        }
+      }
+      __threadfence_system();
+      group_barrier(1, kCombinePushWarps * 32);
+      if (warp == 0 && lane < R && lane != p.rank) {
+        const uint32_t done = static_cast<uint32_t>(min(count[lane], c0 + chunk_rows));
+        store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done));
+      }
+    }
+  } else if (ok) {
+    // Reduce the tokens of block b: for each, the rows of the ranks that got it, in rank order.
+    const int rw = warp - kCombinePushWarps;
+    const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
+    const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
+    int32_t range_start[kMaxNvlRanks];
+    uint32_t available[kMaxNvlRanks];
+    for (int d = 0; d < R; ++d) {
+      range_start[d] = q.send_ranges[(static_cast<size_t>(d) * kMaxBlocks + b) * 2];
+      available[d] = 0;
+    }
+    bool alive = true;
+    for (int64_t t = t0 + rw; t < t1 && alive; t += kCombineReduceWarps) {
+      const uint8_t* rows[kMaxNvlRanks];
+      const float* row_weights[kMaxNvlRanks];
+      for (int d = 0; d < R; ++d) {
+        const int32_t j = q.send_pos[t * R + d];
+        rows[d] = nullptr;
+        row_weights[d] = nullptr;
+        if (j < 0) continue;
+        if (d == p.rank) {
+          const int64_t in_row = offsets[d] + j;
+          rows[d] = q.x + in_row * q.x_stride_bytes;
+          if (q.weights != nullptr) row_weights[d] = q.weights + in_row * q.weights_stride;
+          continue;
+        }
+        const uint32_t needed = static_cast<uint32_t>(j - range_start[d]);
+        if (available[d] <= needed) {
+          uint64_t seen = 0;
+          alive = wait_flag(&mine->combine_progress[d][b],
+                            [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > needed; }, deadline,
+                            p.error, p.rank, Phase::kCombine, d, &seen);
+          if (!alive) break;
+          available[d] = static_cast<uint32_t>(seen & 0xffffffffu);
+        }
+        rows[d] = region_of(p.peers, p.rank, d, q.region_bytes) + static_cast<size_t>(j) * q.row_bytes;
+        if (q.weights != nullptr) row_weights[d] = reinterpret_cast<const float*>(rows[d] + weights_offset);
+      }
+      if (!alive) break;
+      const int vectors = q.hidden / 8;
+      for (int v = lane; v < vectors; v += 32) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int d = 0; d < R; ++d) {
+          if (rows[d] == nullptr) continue;
+          add_bf16x8(acc, reinterpret_cast<const int4*>(rows[d])[v]);
+        }
+        if (q.bias0 != nullptr) add_bf16x8(acc, reinterpret_cast<const int4*>(q.bias0 + t * q.bias0_stride_bytes)[v]);
+        if (q.bias1 != nullptr) add_bf16x8(acc, reinterpret_cast<const int4*>(q.bias1 + t * q.bias1_stride_bytes)[v]);
+        int4 packed;
+        __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+        reinterpret_cast<int4*>(q.out + t * q.hidden)[v] = packed;
+      }
+      if (q.out_weights != nullptr) {
+        for (int k = lane; k < q.num_topk; k += 32) {
+          float acc = 0.f;
+          for (int d = 0; d < R; ++d)
+            if (row_weights[d] != nullptr) acc = __fadd_rn(acc, row_weights[d][k]);
+          q.out_weights[t * q.num_topk + k] = acc;
+        }
+      }
+    }
+  }
+  finish_operation(p, seq);
+}
+
+__global__ void __launch_bounds__(512) push_kernel(int4* __restrict__ dst, const int4* __restrict__ src, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    dst[i] = __ldg(src + i);
+}
+
+Protocol protocol_of(const deepepComm& comm) {
+  Protocol p;
+  p.peers = comm.peer_buffers_device;
+  p.rank = comm.rank;
+  p.nranks = comm.nranks;
+  p.op_state = comm.op_state_device;
+  p.error = comm.async_error_device;
+  p.timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
+  return p;
+}
+
+size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+}  // namespace
+
+DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, int num_topk) {
+  DispatchRowLayout layout;
+  layout.payload_bytes = payload_bytes;
+  layout.scale_bytes = scale_bytes;
+  layout.num_topk = num_topk;
+  layout.scales_offset = align16(payload_bytes);
+  layout.meta_offset = layout.scales_offset + align16(scale_bytes);
+  layout.row_bytes = layout.meta_offset + align16(sizeof(int32_t) * (1 + 2 * static_cast<size_t>(num_topk)));
+  return layout;
+}
+
+size_t combine_row_bytes(int hidden, int num_topk) {
+  return align16(static_cast<size_t>(hidden) * 2) + align16(sizeof(float) * static_cast<size_t>(num_topk));
+}
+
+static size_t region_bytes_of(const deepepComm& comm) {
+  return (comm.buffer_bytes - kControlBytes) / static_cast<size_t>(comm.nranks) / 256 * 256;
+}
+
+int64_t region_capacity_rows(const deepepComm& comm, size_t row_bytes) {
+  if (comm.buffer_bytes <= kControlBytes) return 0;
+  return static_cast<int64_t>(region_bytes_of(comm) / row_bytes);
+}
+
+double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes, int iterations, cudaStream_t stream) {
+  const size_t region = region_bytes_of(comm);
+  const size_t n = std::min(bytes, region) / 16;
+  const int peer = (comm.rank + 1) % comm.nranks;
+  auto* src = reinterpret_cast<const int4*>(static_cast<uint8_t*>(comm.buffer) + kControlBytes);
+  // The peer's region for this rank: only this rank writes there, so concurrent measurements do not overlap.
+  auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(comm.peer_buffers[peer]) + kControlBytes +
+                                      static_cast<size_t>(comm.rank) * region);
+  cudaEvent_t start = nullptr, stop = nullptr;
+  DEEPEP_CUDA_CHECK(cudaEventCreate(&start));
+  DEEPEP_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  for (int i = 0; i < iterations + 2; ++i) {
+    DEEPEP_CUDA_CHECK(cudaEventRecord(start, stream));
+    push_kernel<<<num_sms, 512, 0, stream>>>(dst, src, n);
+    DEEPEP_CUDA_CHECK(cudaEventRecord(stop, stream));
+    DEEPEP_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.f;
+    DEEPEP_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 2) times.push_back(ms);  // the first passes warm up
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  const double ms = times[times.size() / 2];
+  return static_cast<double>(n * 16) / (ms * 1e-3) / 1e9;
+}
+
+int default_num_sms(int nranks) { return nranks <= 2 ? 24 : 32; }
+
+void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
+                            int num_sms, cudaStream_t stream) {
+  if (args.topk_type == deepepInt64) {
+    prepare_routing_kernel<int64_t><<<1, kPrepareThreads, 0, stream>>>(
+        static_cast<const int64_t*>(args.topk_idx), args.num_tokens, args.num_topk, args.topk_row_stride,
+        args.num_experts, comm.nranks, num_sms, handle.send_pos, handle.send_counts, handle.expert_counts,
+        handle.send_ranges, comm.async_error_device, comm.rank);
+  } else {
+    prepare_routing_kernel<int32_t><<<1, kPrepareThreads, 0, stream>>>(
+        static_cast<const int32_t*>(args.topk_idx), args.num_tokens, args.num_topk, args.topk_row_stride,
+        args.num_experts, comm.nranks, num_sms, handle.send_pos, handle.send_counts, handle.expert_counts,
+        handle.send_ranges, comm.async_error_device, comm.rank);
+  }
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream) {
+  notify_kernel<<<1, 256, 0, stream>>>(protocol_of(comm), handle.send_counts, handle.expert_counts,
+                                       handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
+                                       handle.recv_counts, handle.num_recv_device, handle.host_device);
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, bool worst_case,
+                     cudaStream_t stream) {
+  const size_t element = args.x_type == deepepBFloat16 ? 2 : 1;
+  const size_t scale_bytes = args.x_scales != nullptr ? static_cast<size_t>(args.num_scales) * 4 : 0;
+  DispatchParams q = {};
+  q.p = protocol_of(comm);
+  q.region_bytes = region_bytes_of(comm);
+  q.layout = dispatch_row_layout(element * args.hidden, scale_bytes, args.topk_idx != nullptr ? args.num_topk : 0);
+  q.send_pos = handle.send_pos;
+  q.send_counts = handle.send_counts;
+  q.expert_counts = handle.expert_counts;
+  q.send_ranges = handle.send_ranges;
+  q.recv_ranges = handle.recv_ranges;
+  q.recv_counts = handle.recv_counts;
+  q.num_recv_device = handle.num_recv_device;
+  q.num_tokens = handle.num_tokens;
+  q.experts_per_rank = handle.num_experts / comm.nranks;
+  q.expert_alignment = handle.expert_alignment;
+  q.x = static_cast<const uint8_t*>(args.x);
+  q.x_stride_bytes = (args.x_row_stride != 0 ? args.x_row_stride : args.hidden) * static_cast<int64_t>(element);
+  q.scales = static_cast<const uint8_t*>(args.x_scales);
+  q.scales_stride_bytes = (args.scales_row_stride != 0 ? args.scales_row_stride : args.num_scales) * int64_t(4);
+  q.topk_idx = args.topk_idx;
+  q.topk_int64 = args.topk_type == deepepInt64;
+  q.topk_stride = args.topk_row_stride != 0 ? args.topk_row_stride : args.num_topk;
+  q.weights = args.topk_weights;
+  q.weights_stride = args.weights_row_stride != 0 ? args.weights_row_stride : args.num_topk;
+  q.recv_x = static_cast<uint8_t*>(args.recv_x);
+  q.recv_scales = static_cast<uint8_t*>(args.recv_scales);
+  q.recv_topk_idx = args.recv_topk_idx;
+  q.recv_weights = args.recv_topk_weights;
+  q.recv_src_idx = args.recv_src_idx;
+  q.recv_per_expert = args.num_recv_tokens_per_expert;
+  q.out_rows = args.num_recv_rows;
+  q.worst_case = worst_case;
+  dispatch_kernel<<<handle.num_sms, (kDispatchSendWarps + kDispatchRecvWarps) * 32, 0, stream>>>(q);
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args,
+                    cudaStream_t stream) {
+  CombineParams q = {};
+  q.p = protocol_of(comm);
+  q.region_bytes = region_bytes_of(comm);
+  q.row_bytes = combine_row_bytes(args.hidden, args.topk_weights != nullptr ? args.num_topk : 0);
+  q.hidden = args.hidden;
+  q.num_topk = args.topk_weights != nullptr ? args.num_topk : 0;
+  q.send_pos = handle.send_pos;
+  q.send_ranges = handle.send_ranges;
+  q.recv_ranges = handle.recv_ranges;
+  q.recv_counts = handle.recv_counts;
+  q.num_tokens = handle.num_tokens;
+  q.x = static_cast<const uint8_t*>(args.x);
+  q.x_stride_bytes = (args.x_row_stride != 0 ? args.x_row_stride : args.hidden) * int64_t(2);
+  q.weights = args.topk_weights;
+  q.weights_stride = args.weights_row_stride != 0 ? args.weights_row_stride : args.num_topk;
+  q.bias0 = static_cast<const uint8_t*>(args.bias[0]);
+  q.bias0_stride_bytes = (args.bias_row_stride[0] != 0 ? args.bias_row_stride[0] : args.hidden) * int64_t(2);
+  q.bias1 = static_cast<const uint8_t*>(args.bias[1]);
+  q.bias1_stride_bytes = (args.bias_row_stride[1] != 0 ? args.bias_row_stride[1] : args.hidden) * int64_t(2);
+  q.out = static_cast<__nv_bfloat16*>(args.out);
+  q.out_weights = args.out_topk_weights;
+  combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, 0, stream>>>(q);
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace deepep

@@ -1,0 +1,49 @@
+// High-throughput dispatch and combine inside one NVLink domain: launchers (arguments already validated).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "deepep/deepep.h"
+
+struct deepepComm;
+struct deepepHandle;
+
+namespace deepep {
+
+// Byte layout of one dispatched row in a peer's receive region: payload, FP8 scales, then metadata (source token
+// index, top-k ids as int32, top-k weights), each part 16-byte aligned.
+struct DispatchRowLayout {
+  size_t payload_bytes = 0;
+  size_t scale_bytes = 0;
+  int num_topk = 0;
+  size_t scales_offset = 0;
+  size_t meta_offset = 0;
+  size_t row_bytes = 0;
+};
+DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, int num_topk);
+
+// Bytes of a combine row: BF16 payload then top-k weights.
+size_t combine_row_bytes(int hidden, int num_topk);
+
+// Rows that fit in one source's receive region of the communication buffer.
+int64_t region_capacity_rows(const deepepComm& comm, size_t row_bytes);
+
+int default_num_sms(int nranks);
+
+// Computes send positions, counts and per-block ranges from topk_idx into the handle (one kernel).
+void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
+                            int num_sms, cudaStream_t stream);
+// Exchanges counts with every rank and writes receive counts into the handle (device and mapped host memory).
+void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream);
+void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, bool worst_case,
+                     cudaStream_t stream);
+void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args,
+                    cudaStream_t stream);
+
+// Median GB/s of `iterations` passes of 16-byte stores from this rank's region to the next rank's (blocking).
+double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes, int iterations, cudaStream_t stream);
+
+}  // namespace deepep

@@ -1,0 +1,60 @@
+#include "validation.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+namespace deepep {
+
+void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment,
+                        const char* name) {
+  if (bytes == 0) return;
+  DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL but must hold %zu bytes", name, bytes);
+  DEEPEP_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, "%s (%p) is not aligned to %zu bytes", name,
+                 pointer, alignment);
+  cudaPointerAttributes attributes = {};
+  const cudaError_t status = cudaPointerGetAttributes(&attributes, pointer);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    fail(deepepInvalidArgument, "%s (%p) is not memory CUDA knows: %s", name, pointer, cudaGetErrorString(status));
+  }
+  if (attributes.type == cudaMemoryTypeManaged) return;
+  if (attributes.type != cudaMemoryTypeDevice) {
+    fail(deepepInvalidArgument, "%s (%p) is %s memory; it must be device memory on device %d", name, pointer,
+         attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", comm.device);
+  }
+  if (attributes.device != comm.device) {
+    fail(deepepInvalidArgument, "%s (%p) lives on device %d but the communicator uses device %d", name, pointer,
+         attributes.device, comm.device);
+  }
+}
+
+deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
+  const volatile AsyncErrorRecord* record = comm.async_error;
+  const int32_t code = record->code;
+  if (code <= 0) return deepepSuccess;  // nothing, or a record still being written (published on a later read)
+  const auto found = static_cast<deepepResult_t>(code);
+  char text[512];
+  if (found == deepepTimeout) {
+    std::snprintf(text, sizeof(text), "rank %d timed out in %s waiting for rank %d", record->rank,
+                  phase_name(record->phase), record->peer);
+  } else if (found == deepepBufferTooSmall) {
+    std::snprintf(text, sizeof(text), "rank %d in %s: %lld rows arrive but the outputs hold %lld", record->rank,
+                  phase_name(record->phase), static_cast<long long>(record->detail),
+                  static_cast<long long>(record->value));
+  } else {
+    std::snprintf(text, sizeof(text), "rank %d found %s in %s: entry %lld has value %lld (peer %d)", record->rank,
+                  deepepGetErrorString(found), phase_name(record->phase), static_cast<long long>(record->detail),
+                  static_cast<long long>(record->value), record->peer);
+  }
+  *message = std::string("asynchronous error: ") + text;
+  return found;
+}
+
+void raise_async_error(const deepepComm& comm) {
+  std::string message;
+  const deepepResult_t found = read_async_error(comm, &message);
+  if (found != deepepSuccess) throw Error(found, message);
+}
+
+}  // namespace deepep

@@ -1,0 +1,42 @@
+// Argument checks shared by the C entry points.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "comm.hpp"
+#include "error.hpp"
+
+namespace deepep {
+
+// A caller's array must be device memory of the communicator's device (or managed memory), suitably aligned.
+// Nothing is checked when `bytes` is 0 (NULL is then accepted).
+void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment,
+                        const char* name);
+
+// Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart.
+inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t element) {
+  return rows <= 0 ? 0 : static_cast<size_t>((rows - 1) * stride + cols) * element;
+}
+
+// Copies a size-versioned argument struct: fields past the caller's struct_size keep their defaults (zero).
+template <class Args>
+Args checked_struct(const Args* args, const char* name) {
+  DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
+  DEEPEP_REQUIRE(args->struct_size >= sizeof(size_t) && args->struct_size <= (size_t(1) << 16),
+                 "%s->struct_size is %zu; initialise the struct with its Init function", name, args->struct_size);
+  Args copy;
+  std::memset(&copy, 0, sizeof(copy));
+  std::memcpy(&copy, args, std::min(args->struct_size, sizeof(Args)));
+  copy.struct_size = sizeof(Args);
+  return copy;
+}
+
+// The fault a kernel recorded, in words; deepepSuccess and "" when there is none.
+deepepResult_t read_async_error(const deepepComm& comm, std::string* message);
+// Throws the recorded fault, if any.
+void raise_async_error(const deepepComm& comm);
+
+}  // namespace deepep

@@ -1,0 +1,338 @@
+"""GPU tier: high-throughput dispatch and combine on 2 ranks against the NumPy oracle, bit for bit.
+
+Every rank builds every rank's inputs from the same seeds (the oracle needs them all), runs its part on the GPU and
+compares its own outputs. All scenarios run in one 2-rank job; each test asserts on its scenario.
+"""
+
+import traceback
+
+import numpy as np
+import pytest
+from conftest import requires_gpus
+
+import pydeepep
+from pydeepep import reference
+
+pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+cupy = pytest.importorskip("cupy")
+
+MAX_TOKENS = 4096
+
+
+def bf16_bits(values):
+    return (reference.bf16_round(values).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def bf16_values(bits):
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def e4m3_values(bits):
+    bits = np.asarray(bits).astype(np.int64)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 0x7
+    value = np.where(exponent == 0, mantissa / 8.0 * 2.0**-6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7.0))
+    return (sign * value).astype(np.float32)
+
+
+def make_inputs(seed, rank, n, h, k, e, fp8=False, ue8m0=False, to_rank=None, drop=0.2):
+    rng = np.random.default_rng([seed, rank])
+    if n:
+        topk = np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int64)
+    else:
+        topk = np.zeros((0, k), np.int64)
+    if to_rank is not None:  # every token's experts live on one rank
+        local = e // 2
+        topk = np.stack([to_rank * local + rng.choice(local, size=k, replace=False) for _ in range(n)])
+    topk[rng.random(topk.shape) < drop] = -1
+    weights = rng.random((n, k)).astype(np.float32)
+    if fp8:
+        q_bits = rng.integers(0, 256, size=(n, h), dtype=np.uint8)
+        q_bits[(q_bits & 0x7F) == 0x7F] = 0  # no NaN patterns
+        if ue8m0:
+            scales = rng.integers(100, 150, size=(n, (h // 128 + 3) // 4 * 4), dtype=np.int32).astype(np.uint8)
+            scales = scales.view(np.int32).reshape(n, -1) if n else np.zeros((0, (h // 128 + 3) // 4), np.int32)
+        else:
+            scales = rng.random((n, h // 128)).astype(np.float32)
+        return (q_bits, scales), topk, weights
+    x_bits = bf16_bits(rng.standard_normal((n, h)).astype(np.float32))
+    return x_bits, topk, weights
+
+
+def dev(a):
+    return cupy.asarray(a)
+
+
+def run_case(
+    comm,
+    seed,
+    n,
+    h,
+    k,
+    e,
+    fp8=False,
+    ue8m0=False,
+    alignment=1,
+    biases=0,
+    strided=False,
+    worst=0,
+    to_rank=None,
+    weights=True,
+    num_sms=0,
+    reruns=0,
+):
+    """Dispatch then combine one case; returns True or a description of the first mismatch."""
+    R, me = comm.nranks, comm.rank
+    ns = [n(r) if callable(n) else n for r in range(R)]
+    inputs = [make_inputs(seed, r, ns[r], h, k, e, fp8, ue8m0, to_rank) for r in range(R)]
+    x_mine, topk_mine, w_mine = inputs[me]
+    if fp8:
+        xs_oracle = [(e4m3_values(x[0]), x[1]) for x, _, _ in inputs]
+    else:
+        xs_oracle = [bf16_values(x) for x, _, _ in inputs]
+    want = reference.dispatch(
+        xs_oracle, [t for _, t, _ in inputs], [w for _, _, w in inputs] if weights else None, e, alignment
+    )
+    with cupy.cuda.Device(comm.device):
+        if fp8:
+            x_dev, scales_dev = dev(x_mine[0]), dev(x_mine[1])
+        else:
+            x_dev, scales_dev = dev(x_mine), None
+            if strided:  # rows 16 elements apart from the row length
+                wide = cupy.zeros((x_mine.shape[0], h + 16), cupy.uint16)
+                wide[:, :h] = x_dev
+                x_dev = wide[:, :h]
+        topk_dev, w_dev = dev(topk_mine), dev(w_mine) if weights else None
+        result = comm.dispatch(
+            x_dev,
+            x_scales=scales_dev,
+            topk_idx=topk_dev,
+            topk_weights=w_dev,
+            num_experts=e,
+            expert_alignment=alignment,
+            num_worst_tokens=worst,
+            num_sms=num_sms,
+        )
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        exp_x, exp_idx, exp_w, exp_counts, exp_src = want[me]
+        m = exp_src.shape[0]
+        rows = worst if worst else m
+        if result.recv_x.shape[0] != rows:
+            return f"recv_x has {result.recv_x.shape[0]} rows, expected {rows}"
+        if fp8:
+            got_q = result.recv_x.to_numpy()[:m]
+            if not np.array_equal(e4m3_values(got_q), exp_x[0]):
+                return "FP8 payload differs"
+            if not np.array_equal(result.recv_scales.to_numpy()[:m], exp_x[1]):
+                return "FP8 scales differ"
+        elif not np.array_equal(bf16_values(result.recv_x.to_numpy()[:m]), exp_x):
+            return "BF16 payload differs"
+        src = result.recv_src_idx.to_numpy()
+        if not np.array_equal(src[:m], exp_src[:, 1]):
+            return "recv_src_idx differs"
+        if not np.array_equal(result.recv_topk_idx.to_numpy()[:m], exp_idx):
+            return "recv_topk_idx differs"
+        if weights and not np.array_equal(result.recv_topk_weights.to_numpy()[:m], exp_w):
+            return "recv_topk_weights differ"
+        if worst:
+            if not (np.all(src[m:] == -1) and np.all(result.recv_topk_idx.to_numpy()[m:] == -1)):
+                return "worst-case padding rows are not marked with -1"
+        elif result.num_recv_tokens_per_expert != [int(c) for c in exp_counts]:
+            return f"per-expert counts {result.num_recv_tokens_per_expert} != {list(exp_counts)}"
+
+        # Combine: fresh BF16 rows in receive order on every rank.
+        ms = [w[4].shape[0] for w in want]
+        ys_bits = [
+            bf16_bits(np.random.default_rng([seed, 99, r]).standard_normal((ms[r], h)).astype(np.float32))
+            for r in range(R)
+        ]
+        yw = [np.random.default_rng([seed, 98, r]).random((ms[r], k)).astype(np.float32) for r in range(R)]
+        bias_bits = [
+            [
+                bf16_bits(np.random.default_rng([seed, 97, r, i]).standard_normal((ns[r], h)).astype(np.float32))
+                for i in range(biases)
+            ]
+            for r in range(R)
+        ]
+        want_out = reference.combine(
+            [bf16_values(y) for y in ys_bits],
+            [w[4] for w in want],
+            ns,
+            [tuple(bf16_values(b) for b in bb) for bb in bias_bits],
+            topk_weights=yw,
+        )
+        y_dev = cupy.zeros((rows, h), cupy.uint16)
+        y_dev[:m] = dev(ys_bits[me])
+        yw_dev = cupy.zeros((rows, k), cupy.float32)
+        yw_dev[:m] = dev(yw[me])
+        bias_dev = tuple(dev(b) for b in bias_bits[me])
+        out, out_w = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None)
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        if not np.array_equal(bf16_values(out.to_numpy()), want_out[me][0]):
+            return "combine output differs"
+        if not np.array_equal(out_w.to_numpy(), want_out[me][1]):
+            return "combined weights differ"
+
+        # Cached dispatch with new data, same routing, and reruns bitwise identical.
+        for _ in range(reruns):
+            again = comm.dispatch(
+                x_dev, x_scales=scales_dev, topk_idx=topk_dev, topk_weights=w_dev, handle=result.handle
+            )
+            out2, _ = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None)
+            if not (
+                np.array_equal(again.recv_x.to_numpy(), result.recv_x.to_numpy())
+                and np.array_equal(out2.to_numpy(), out.to_numpy())
+            ):
+                return "a rerun differs"
+    return True
+
+
+def graph_case(comm, seed):
+    """Cached dispatch + combine captured in a CUDA graph, replayed with new data."""
+    from pydeepep.bench import CapturedGraph
+
+    R, me, n, h, k, e = comm.nranks, comm.rank, 256, 512, 4, 16
+    with cupy.cuda.Device(comm.device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            x0, topk, w = make_inputs(seed, me, n, h, k, e)
+            x_dev, topk_dev = dev(x0), dev(topk)
+            first = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=stream)
+            handle, rows = first.handle, first.recv_x.shape[0]
+            y_dev = cupy.zeros((rows, h), cupy.uint16)
+
+            # Outputs allocated once, outside the capture, and passed as out=.
+            d_out = comm.dispatch(x_dev, topk_idx=topk_dev, handle=handle, stream=stream)
+            c_out = comm.combine(y_dev, handle, stream=stream)
+
+            def step():
+                comm.dispatch(x_dev, topk_idx=topk_dev, handle=handle, stream=stream, out=d_out)
+                y_dev[...] = cupy.asarray(d_out.recv_x)  # expert "computation": identity
+                comm.combine(y_dev, handle, stream=stream, out=c_out)
+
+            graph = CapturedGraph(step, stream.ptr)
+            results = []
+            for trial in range(3):
+                new = [make_inputs(seed + 1 + trial, r, n, h, k, e)[0] for r in range(R)]
+                x_dev[...] = dev(new[me])
+                graph.launch()
+                stream.synchronize()
+                # Identity experts: each token comes back times the number of ranks it reached.
+                reached = reference.dispatch_layout(topk, e, R)[2].sum(axis=1).astype(np.float32)
+                want = reference.bf16_round(bf16_values(new[me]) * reached[:, None])
+                results.append(np.array_equal(bf16_values(c_out[0].to_numpy()), want))
+            graph.close()
+    comm.check_async_error()
+    return all(results) or f"replays matched: {results}"
+
+
+def ht_scenarios(info):
+    out = {}
+    with pydeepep.Communicator(
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        timeout=60,
+        max_tokens_per_rank=MAX_TOKENS,
+        hidden=7168,
+        num_topk=32,
+    ) as comm:
+        cases = {
+            "random_bf16": dict(seed=1, n=512, h=2560, k=8, e=64),
+            "bf16_h7168": dict(seed=2, n=4096, h=7168, k=8, e=256),
+            "bf16_h128": dict(seed=3, n=300, h=128, k=4, e=8),
+            "bf16_h_not_128_multiple": dict(seed=4, n=200, h=1032, k=6, e=32),
+            "empty_rank": dict(seed=5, n=lambda r: 0 if r == 1 else 100, h=256, k=4, e=16),
+            "one_token": dict(seed=6, n=1, h=256, k=4, e=16),
+            "all_to_one_rank": dict(seed=7, n=150, h=256, k=4, e=16, to_rank=1),
+            "k1": dict(seed=8, n=333, h=512, k=1, e=16),
+            "k32": dict(seed=9, n=64, h=512, k=32, e=64),
+            "expert_alignment": dict(seed=10, n=257, h=256, k=8, e=32, alignment=128),
+            "biases": dict(seed=11, n=200, h=512, k=4, e=16, biases=2),
+            "one_bias": dict(seed=12, n=200, h=512, k=4, e=16, biases=1),
+            "strided_rows": dict(seed=13, n=128, h=512, k=4, e=16, strided=True),
+            "fp8_float_scales": dict(seed=14, n=512, h=2560, k=8, e=64, fp8=True),
+            "fp8_ue8m0_scales": dict(seed=15, n=512, h=7168, k=8, e=64, fp8=True, ue8m0=True),
+            "fp8_h7168": dict(seed=16, n=4096, h=7168, k=8, e=256, fp8=True),
+            "worst_case": dict(seed=17, n=300, h=256, k=4, e=16, worst=700),
+            "no_weights": dict(seed=18, n=100, h=256, k=4, e=16, weights=False),
+            "eight_sms": dict(seed=19, n=1000, h=512, k=8, e=32, num_sms=8),
+            "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
+        }
+        for name, case in cases.items():
+            try:
+                out[name] = run_case(comm, **case)
+            except Exception:
+                out[name] = traceback.format_exc()
+        try:
+            out["graph_replay"] = graph_case(comm, 30)
+        except Exception:
+            out["graph_replay"] = traceback.format_exc()
+        # Too many rows for a worst-case output: an error with the count, never truncation.
+        try:
+            with cupy.cuda.Device(comm.device):
+                x, topk, _ = make_inputs(40, info.rank, 200, 256, 4, 16, drop=0.0)
+                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=16, num_worst_tokens=10)
+                cupy.cuda.runtime.deviceSynchronize()
+            comm.check_async_error()
+            out["worst_overflow"] = "no error"
+        except pydeepep.DeepEPBufferTooSmall as exc:
+            out["worst_overflow"] = str(exc)
+        comm.clear_async_error()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return pydeepep.spawn(ht_scenarios, nprocs=2, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "random_bf16",
+        "bf16_h7168",
+        "bf16_h128",
+        "bf16_h_not_128_multiple",
+        "empty_rank",
+        "one_token",
+        "all_to_one_rank",
+        "k1",
+        "k32",
+        "expert_alignment",
+        "biases",
+        "one_bias",
+        "strided_rows",
+        "fp8_float_scales",
+        "fp8_ue8m0_scales",
+        "fp8_h7168",
+        "worst_case",
+        "no_weights",
+        "eight_sms",
+        "reruns_identical",
+        "graph_replay",
+    ],
+)
+def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
+    assert [r[scenario] for r in results] == [True, True], [r[scenario] for r in results]
+
+
+def test_worst_case_overflow_is_an_error_with_the_count(results):
+    for r in results:
+        assert "rows arrive but the outputs hold 10" in r["worst_overflow"], r["worst_overflow"]
+
+
+def one_rank_ht(info):
+    with pydeepep.Communicator(
+        info.unique_id, 0, 1, device=0, timeout=60, max_tokens_per_rank=512, hidden=1024
+    ) as comm:
+        return run_case(comm, seed=50, n=300, h=1024, k=4, e=8, biases=1)
+
+
+@requires_gpus(1)
+def test_ht_on_one_rank():
+    assert pydeepep.spawn(one_rank_ht, nprocs=1, timeout=300) == [True]
