@@ -236,7 +236,7 @@ def ht_scenarios(info):
         info.rank,
         info.nranks,
         device=info.device,
-        timeout=60,
+        timeout=20,
         max_tokens_per_rank=MAX_TOKENS,
         hidden=7168,
         num_topk=32,
