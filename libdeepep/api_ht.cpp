@@ -298,7 +298,13 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     } else {
       DEEPEP_REQUIRE(a.x_scales == nullptr, "x_scales is given but x is BF16 (scales are for FP8 payloads)");
     }
-    if (a.topk_idx != nullptr && !worst_case) check_routing(c, a);  // topk ids travel with the tokens
+    if (a.topk_idx != nullptr && !worst_case) {
+      // Cached: the ids only travel with the tokens; the expert count is the handle's.
+      deepepDispatchArgs ids = a;
+      ids.num_experts = h.num_experts;
+      ids.expert_alignment = 1;
+      check_routing(c, ids);
+    }
     if (a.topk_weights != nullptr) {
       DEEPEP_REQUIRE(a.topk_idx != nullptr, "topk_weights are given without topk_idx");
       const int64_t stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
