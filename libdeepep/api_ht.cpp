@@ -337,14 +337,18 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     if (a.recv_topk_idx != nullptr || a.recv_topk_weights != nullptr) {
       DEEPEP_REQUIRE(a.topk_idx != nullptr, "recv_topk_idx / recv_topk_weights need topk_idx");
     }
-    check_device_array(c, a.recv_topk_idx, static_cast<size_t>(rows) * num_topk * 8, 8, "recv_topk_idx");
-    check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
-    check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
+    // Optional outputs are checked when given.
+    if (a.recv_topk_idx != nullptr)
+      check_device_array(c, a.recv_topk_idx, static_cast<size_t>(rows) * num_topk * 8, 8, "recv_topk_idx");
+    if (a.recv_topk_weights != nullptr)
+      check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
+    if (a.recv_src_idx != nullptr) check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
     DeviceGuard guard(c.device);
     if (worst_case) prepare(c, h, a, stream);
     DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || h.num_experts > 0, "no routing for expert counts");
-    check_device_array(c, a.num_recv_tokens_per_expert, static_cast<size_t>(h.num_experts / c.nranks) * 4, 4,
-                       "num_recv_tokens_per_expert");
+    if (a.num_recv_tokens_per_expert != nullptr)
+      check_device_array(c, a.num_recv_tokens_per_expert, static_cast<size_t>(h.num_experts / c.nranks) * 4, 4,
+                         "num_recv_tokens_per_expert");
     deepepDispatchArgs launch = a;
     launch.num_recv_rows = rows;
     launch_dispatch(c, h, launch, worst_case, stream);

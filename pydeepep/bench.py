@@ -228,10 +228,12 @@ def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
         num_topk=NUM_TOPK,
         num_experts=NUM_EXPERTS,
     ) as comm:
-        stream = int(Device(comm.device).create_stream().handle)
+        stream_owner = Device(comm.device).create_stream()  # keeps the stream alive while its handle is used
+        stream = int(stream_owner.handle)
         rows = bench_layout(comm, info, stream, warmup, iters)
         rows += bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list)
         comm.check_async_error()
+        stream_owner.close()
     return rows
 
 

@@ -4,6 +4,7 @@ Every rank builds every rank's inputs from the same seeds (the oracle needs them
 compares its own outputs. All scenarios run in one 2-rank job; each test asserts on its scenario.
 """
 
+import os
 import traceback
 
 import numpy as np
@@ -229,6 +230,14 @@ def graph_case(comm, seed):
     return all(results) or f"replays matched: {results}"
 
 
+def log(info, name, result):
+    """Each rank's scenario results, as they come, in $DEEPEP_TEST_LOG_DIR when set (for debugging runs)."""
+    directory = os.environ.get("DEEPEP_TEST_LOG_DIR")
+    if directory:
+        with open(os.path.join(directory, f"ht_rank{info.rank}.log"), "a") as f:
+            f.write(f"{name}: {result}\n")
+
+
 def ht_scenarios(info):
     out = {}
     with pydeepep.Communicator(
@@ -268,10 +277,12 @@ def ht_scenarios(info):
                 out[name] = run_case(comm, **case)
             except Exception:
                 out[name] = traceback.format_exc()
+            log(info, name, out[name])
         try:
             out["graph_replay"] = graph_case(comm, 30)
         except Exception:
             out["graph_replay"] = traceback.format_exc()
+        log(info, "graph_replay", out["graph_replay"])
         # Too many rows for a worst-case output: an error with the count, never truncation.
         try:
             with cupy.cuda.Device(comm.device):
@@ -282,6 +293,9 @@ def ht_scenarios(info):
             out["worst_overflow"] = "no error"
         except pydeepep.DeepEPBufferTooSmall as exc:
             out["worst_overflow"] = str(exc)
+        except Exception:
+            out["worst_overflow"] = traceback.format_exc()
+        log(info, "worst_overflow", out["worst_overflow"])
         comm.clear_async_error()
     return out
 
