@@ -278,6 +278,10 @@ def ht_scenarios(info):
             except Exception:
                 out[name] = traceback.format_exc()
             log(info, name, out[name])
+            if isinstance(out[name], str) and "Timeout" in out[name]:
+                break  # the ranks are out of step: later scenarios would only time out too
+        if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
+            return out
         try:
             out["graph_replay"] = graph_case(comm, 30)
         except Exception:
@@ -332,12 +336,12 @@ def results():
     ],
 )
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
-    assert [r[scenario] for r in results] == [True, True], [r[scenario] for r in results]
+    assert [r.get(scenario, "not run") for r in results] == [True, True], [r.get(scenario) for r in results]
 
 
 def test_worst_case_overflow_is_an_error_with_the_count(results):
     for r in results:
-        assert "rows arrive but the outputs hold 10" in r["worst_overflow"], r["worst_overflow"]
+        assert "rows arrive but the outputs hold 10" in r.get("worst_overflow", ""), r.get("worst_overflow")
 
 
 def one_rank_ht(info):
