@@ -93,7 +93,7 @@ def check_matrix(
     if ncols is not None and cols != ncols:
         raise DeepEPInvalidArgument(f"{name} has {cols} columns; {ncols} are needed")
     strides = view.strides
-    if strides is None:
+    if strides is None or rows == 0:
         return rows, cols, cols
     row_stride, col_stride = strides
     if cols > 1 and col_stride != 1:
