@@ -298,7 +298,10 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     } else {
       DEEPEP_REQUIRE(a.x_scales == nullptr, "x_scales is given but x is BF16 (scales are for FP8 payloads)");
     }
-    if (a.topk_idx != nullptr && !worst_case) {
+    // Top-k ids travel with the tokens; a rank with no tokens may pass NULL and still declares num_topk, so that
+    // every rank lays out rows alike.
+    const bool has_topk = a.num_topk > 0 && (a.topk_idx != nullptr || a.num_tokens == 0);
+    if (has_topk && !worst_case) {
       // Cached: the ids only travel with the tokens; the expert count is the handle's.
       deepepDispatchArgs ids = a;
       ids.num_experts = h.num_experts;
@@ -306,12 +309,12 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_routing(c, ids);
     }
     if (a.topk_weights != nullptr) {
-      DEEPEP_REQUIRE(a.topk_idx != nullptr, "topk_weights are given without topk_idx");
+      DEEPEP_REQUIRE(has_topk, "topk_weights are given without topk_idx");
       const int64_t stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
       DEEPEP_REQUIRE(stride >= a.num_topk, "weights_row_stride is below num_topk");
       check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, stride, 4), 4, "topk_weights");
     }
-    const int num_topk = a.topk_idx != nullptr ? a.num_topk : 0;
+    const int num_topk = has_topk ? a.num_topk : 0;
     const DispatchRowLayout layout = dispatch_row_layout(element * a.hidden, scale_bytes, num_topk);
     const int64_t capacity = region_capacity_rows(c, layout.row_bytes);
     if (a.num_tokens > capacity) {
@@ -335,7 +338,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     if (fp8) check_device_array(c, a.recv_scales, static_cast<size_t>(rows) * scale_bytes, 4, "recv_scales");
     DEEPEP_REQUIRE(fp8 || a.recv_scales == nullptr, "recv_scales is given but x is BF16");
     if (a.recv_topk_idx != nullptr || a.recv_topk_weights != nullptr) {
-      DEEPEP_REQUIRE(a.topk_idx != nullptr, "recv_topk_idx / recv_topk_weights need topk_idx");
+      DEEPEP_REQUIRE(has_topk, "recv_topk_idx / recv_topk_weights need topk_idx");
     }
     // Optional outputs are checked when given.
     if (a.recv_topk_idx != nullptr)
@@ -351,6 +354,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                          "num_recv_tokens_per_expert");
     deepepDispatchArgs launch = a;
     launch.num_recv_rows = rows;
+    launch.num_topk = num_topk;
     launch_dispatch(c, h, launch, worst_case, stream);
   });
 }

@@ -785,7 +785,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   DispatchParams q = {};
   q.p = protocol_of(comm);
   q.region_bytes = region_bytes_of(comm);
-  q.layout = dispatch_row_layout(element * args.hidden, scale_bytes, args.topk_idx != nullptr ? args.num_topk : 0);
+  q.layout = dispatch_row_layout(element * args.hidden, scale_bytes, args.num_topk);  // 0 without top-k
   q.send_pos = handle.send_pos;
   q.send_counts = handle.send_counts;
   q.expert_counts = handle.expert_counts;
