@@ -379,14 +379,14 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
                    "x_row_stride is %lld; rows must be >= hidden and start on 16-byte boundaries",
                    static_cast<long long>(stride));
     check_device_array(c, a.x, matrix_bytes(a.num_rows, a.hidden, stride, 2), 16, "x");
-    if (a.topk_weights != nullptr) {
+    if (a.topk_weights != nullptr || a.num_topk != 0) {
       DEEPEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]",
                      a.num_topk, DEEPEP_MAX_TOPK);
       const int64_t wstride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
       DEEPEP_REQUIRE(wstride >= a.num_topk, "weights_row_stride is below num_topk");
       check_device_array(c, a.topk_weights, matrix_bytes(a.num_rows, a.num_topk, wstride, 4), 4, "topk_weights");
-      DEEPEP_REQUIRE(a.out_topk_weights != nullptr || h.num_tokens == 0, "out_topk_weights is NULL but topk_weights "
-                                                                         "are given");
+      DEEPEP_REQUIRE(a.out_topk_weights != nullptr || h.num_tokens == 0,
+                     "out_topk_weights is NULL but topk_weights are given");
       check_device_array(c, a.out_topk_weights, static_cast<size_t>(h.num_tokens) * a.num_topk * 4, 4,
                          "out_topk_weights");
     }
@@ -399,13 +399,17 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
       check_device_array(c, a.bias[i], matrix_bytes(h.num_tokens, a.hidden, bstride, 2), 16, i == 0 ? "bias[0]" : "bias[1]");
     }
     check_device_array(c, a.out, static_cast<size_t>(h.num_tokens) * a.hidden * 2, 16, "out");
-    const size_t row_bytes = combine_row_bytes(a.hidden, a.topk_weights != nullptr ? a.num_topk : 0);
+    // A rank with no rows may pass NULL weights and still declares num_topk: every rank lays out rows alike.
+    const bool has_weights = a.num_topk > 0 && (a.topk_weights != nullptr || a.num_rows == 0);
+    const size_t row_bytes = combine_row_bytes(a.hidden, has_weights ? a.num_topk : 0);
     if (h.num_tokens > region_capacity_rows(c, row_bytes)) {
       fail(deepepBufferTooSmall, "combine rows of %zu bytes for %lld tokens do not fit this communicator's buffer",
            row_bytes, static_cast<long long>(h.num_tokens));
     }
     DeviceGuard guard(c.device);
-    launch_combine(c, h, a, stream);
+    deepepCombineArgs launch = a;
+    launch.num_topk = has_weights ? a.num_topk : 0;
+    launch_combine(c, h, launch, stream);
   });
 }
 

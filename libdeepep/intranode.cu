@@ -649,7 +649,8 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
           available[d] = static_cast<uint32_t>(seen & 0xffffffffu);
         }
         rows[d] = region_of(p.peers, p.rank, d, q.region_bytes) + static_cast<size_t>(j) * q.row_bytes;
-        if (q.weights != nullptr) row_weights[d] = reinterpret_cast<const float*>(rows[d] + weights_offset);
+        // Remote rows carry weights whenever the operation has them, even if this rank had no rows to send.
+        if (q.num_topk > 0) row_weights[d] = reinterpret_cast<const float*>(rows[d] + weights_offset);
       }
       if (!alive) break;
       const int vectors = q.hidden / 8;
@@ -822,9 +823,9 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   CombineParams q = {};
   q.p = protocol_of(comm);
   q.region_bytes = region_bytes_of(comm);
-  q.row_bytes = combine_row_bytes(args.hidden, args.topk_weights != nullptr ? args.num_topk : 0);
+  q.row_bytes = combine_row_bytes(args.hidden, args.num_topk);  // num_topk is 0 without weights
   q.hidden = args.hidden;
-  q.num_topk = args.topk_weights != nullptr ? args.num_topk : 0;
+  q.num_topk = args.num_topk;
   q.send_pos = handle.send_pos;
   q.send_ranges = handle.send_ranges;
   q.recv_ranges = handle.recv_ranges;

@@ -211,7 +211,8 @@ def graph_case(comm, seed):
 
             def step():
                 comm.dispatch(x_dev, topk_idx=topk_dev, handle=handle, stream=stream, out=d_out)
-                y_dev[...] = cupy.asarray(d_out.recv_x)  # expert "computation": identity
+                # Expert "computation": identity (a device copy, legal inside the capture).
+                cupy.cuda.runtime.memcpyAsync(y_dev.data.ptr, d_out.recv_x.ptr, d_out.recv_x.nbytes, 3, stream.ptr)
                 comm.combine(y_dev, handle, stream=stream, out=c_out)
 
             graph = CapturedGraph(step, stream.ptr)
