@@ -179,7 +179,7 @@ cdef class Handle:
     def __cinit__(self):
         self._h = NULL
 
-    def __init__(self, Communicator comm):
+    def __init__(self, Communicator comm not None):
         cdef deepepHandle_t h = NULL
         _check(deepepHandleCreate(comm._live(), &h))
         self._h = h
@@ -530,7 +530,7 @@ cdef class Communicator:
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
                               list(h.num_recv_tokens_per_expert), recv_src_idx, h)
 
-    def combine(self, x, Handle handle, *, topk_weights=None, bias=None, stream=None, out=None):
+    def combine(self, x, Handle handle not None, *, topk_weights=None, bias=None, stream=None, out=None):
         """High-throughput combine: returns to each source the sum, over the ranks that received each of its tokens
         (ascending), of their rows of ``x`` [rows, H] bfloat16 (bits as uint16 accepted) in the handle's receive
         order, plus up to two ``bias`` arrays [N, H] (one array or a tuple), all in float32, rounded once to
