@@ -250,6 +250,9 @@ def machine_description() -> str:
 
 
 def git_commit() -> str:
+    """The commit measured: $DEEPEP_COMMIT when set (a copy without .git), else what git says here."""
+    if os.environ.get("DEEPEP_COMMIT"):
+        return os.environ["DEEPEP_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return (
@@ -260,6 +263,38 @@ def git_commit() -> str:
         )
     except Exception:
         return "unknown"
+
+
+def plot(record: dict, path: str) -> bool:
+    """GB/s against SMs, one panel per token count, with the same-run ceiling; False where matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = record["results"][0]
+    tokens = sorted({r["num_tokens"] for r in rows if "ratio" in r})
+    if not tokens:
+        return False
+    fig, axes = plt.subplots(1, len(tokens), figsize=(5 * len(tokens), 4), squeeze=False)
+    ceiling = sorted((r["sms"], r["gbps"]) for r in rows if r["case"] == "ceiling_push")
+    for ax, n in zip(axes[0], tokens, strict=False):
+        for case in sorted({r["case"] for r in rows if "ratio" in r}):
+            points = sorted((r["sms"], r["gbps"]) for r in rows if r["case"] == case and r["num_tokens"] == n)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=case)
+        ax.plot([c[0] for c in ceiling], [c[1] for c in ceiling], "k--", label="SM-push ceiling")
+        ax.set_title(f"N = {n}")
+        ax.set_xlabel("SMs")
+        ax.set_ylabel("remote GB/s")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"pydeepep on {record['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -310,6 +345,9 @@ def main(argv=None) -> int:
         ratio = f"{row['ratio']:7.0%}" if "ratio" in row else " " * 7
         print(f"{row['case']:<22}{row['num_tokens']:>7}{row['sms'] or '':>5}{slowest:>13.1f}{gbps}{ceiling}{ratio}")
     print(f"(record written to {args.output})")
+    png = os.path.splitext(args.output)[0] + ".png"
+    if plot(record, png):
+        print(f"(plot written to {png})")
     return 0
 
 

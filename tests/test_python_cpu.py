@@ -391,3 +391,38 @@ def test_command_line_prints_what_a_c_build_needs(flag, tmp_path):
         assert (Path(value) / "libdeepep.so").exists()
     else:
         assert (Path(value) / "deepepConfig.cmake").is_file()
+
+
+def test_type_stub_declares_everything_the_extension_defines():
+    import ast
+
+    import pydeepep._core as core
+
+    stub = Path(pydeepep.__file__).with_name("_core.pyi")
+    declared = {n.name for n in ast.parse(stub.read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined = {
+        name
+        for name in dir(core)
+        if not name.startswith("_") and getattr(getattr(core, name), "__module__", None) == "pydeepep._core"
+    }
+    assert defined and defined <= declared, defined - declared
+
+
+def test_bench_plot_draws_gbps_against_sms(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pydeepep.bench import plot
+
+    rows = [{"case": "ceiling_push", "num_tokens": 0, "sms": s, "gbps": 300.0 + s} for s in (8, 16)]
+    rows += [
+        {"case": "combine_bf16", "num_tokens": 4096, "sms": s, "us": 100.0, "gbps": 10.0 * s, "ratio": 0.5}
+        for s in (8, 16)
+    ]
+    assert plot({"machine": "test", "results": [rows]}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_bench_without_a_gpu_says_so_and_fails(tmp_path):
+    if gpu_count() > 0:
+        pytest.skip("checks behaviour on a machine without GPUs")
+    out = subprocess.run([sys.executable, "-m", "pydeepep.bench"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "no CUDA GPU" in out.stderr

@@ -1,0 +1,124 @@
+"""Type stub of the Cython extension pydeepep._core (the thin layer over include/deepep/deepep.h)."""
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+def version() -> tuple[int, int, int]: ...
+def error_string(status: int) -> str: ...
+def get_unique_id() -> bytes: ...
+def buffer_size_hint(
+    nranks: int,
+    *,
+    buffer_bytes: int = ...,
+    max_tokens_per_rank: int = ...,
+    hidden: int = ...,
+    num_topk: int = ...,
+    num_experts: int = ...,
+) -> int: ...
+def empty(shape: tuple[int, ...], dtype: Any, *, device: int, stream: Any = ...) -> DeviceArray: ...
+def to_device(array: np.ndarray, *, device: int, stream: Any = ...) -> DeviceArray: ...
+
+class DeviceArray:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    dtype_name: str
+    ptr: int
+    device_id: int
+    stream: int
+    def __init__(
+        self, ptr: int, shape: tuple[int, ...], dtype: Any, device_id: int, stream: Any, owner: Any = ...
+    ) -> None: ...
+    @property
+    def strides(self) -> None: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    def __dlpack__(
+        self, *, stream: Any = ..., max_version: tuple[int, int] | None = ..., dl_device: Any = ..., copy: Any = ...
+    ) -> Any: ...
+    def to_numpy(self) -> np.ndarray: ...
+
+class DispatchResult(NamedTuple):
+    recv_x: DeviceArray
+    recv_scales: DeviceArray | None
+    recv_topk_idx: DeviceArray | None
+    recv_topk_weights: DeviceArray | None
+    num_recv_tokens_per_expert: list[int]
+    recv_src_idx: DeviceArray
+    handle: Handle
+
+class Handle:
+    comm: Communicator
+    num_recv_rows: int | None
+    num_recv_tokens_per_expert: list[int]
+    num_experts: int | None
+    num_tokens: int | None
+    def __init__(self, comm: Communicator) -> None: ...
+    def close(self) -> None: ...
+
+class Communicator:
+    rank: int
+    nranks: int
+    device: int
+    ranks_per_nvl_domain: int
+    buffer_bytes: int
+    def __init__(
+        self,
+        unique_id: bytes,
+        rank: int,
+        nranks: int,
+        *,
+        device: int | None = ...,
+        timeout: float = ...,
+        buffer_bytes: int = ...,
+        max_tokens_per_rank: int = ...,
+        hidden: int = ...,
+        num_topk: int = ...,
+        num_experts: int = ...,
+        allow_nvlink_multicast: bool = ...,
+    ) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def stream(self) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Communicator: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool: ...
+    def measure_push_bandwidth(
+        self, num_sms: int, nbytes: int = ..., iterations: int = ..., stream: Any = ...
+    ) -> float: ...
+    def check_async_error(self) -> None: ...
+    def clear_async_error(self) -> None: ...
+    def get_dispatch_layout(
+        self, topk_idx: Any, num_experts: int, stream: Any = ..., out: Any = ...
+    ) -> tuple[DeviceArray, DeviceArray, DeviceArray]: ...
+    def dispatch(
+        self,
+        x: Any,
+        *,
+        topk_idx: Any = ...,
+        topk_weights: Any = ...,
+        num_experts: int | None = ...,
+        x_scales: Any = ...,
+        handle: Handle | None = ...,
+        expert_alignment: int = ...,
+        num_worst_tokens: int = ...,
+        num_sms: int = ...,
+        stream: Any = ...,
+        out: DispatchResult | None = ...,
+    ) -> DispatchResult: ...
+    def combine(
+        self,
+        x: Any,
+        handle: Handle,
+        *,
+        topk_weights: Any = ...,
+        bias: Any = ...,
+        stream: Any = ...,
+        out: tuple[DeviceArray, DeviceArray | None] | None = ...,
+    ) -> tuple[DeviceArray, DeviceArray | None]: ...
