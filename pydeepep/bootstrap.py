@@ -1,0 +1,126 @@
+"""Obtain (rank, nranks, device, unique_id) from the launcher a program already uses.
+
+- :func:`from_env`: ``torchrun``-style variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) plus the unique id in
+  ``DEEPEP_UNIQUE_ID`` (hex) or in a file named by ``DEEPEP_UNIQUE_ID_FILE`` that rank 0 writes (mode 0600) and the
+  other ranks read;
+- :func:`from_mpi`: an ``mpi4py`` communicator (``mpirun -np 2 python prog.py``); rank 0's id is broadcast;
+- :func:`from_torch_distributed`: an initialised ``torch.distributed`` group; rank 0's id is broadcast.
+
+Each returns a :class:`pydeepep.launch.RankInfo`, so ``Communicator(info.unique_id, info.rank, info.nranks,
+device=info.device)`` follows. None of them is needed by the core; :func:`pydeepep.spawn` covers single-node runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from . import get_unique_id
+from .errors import DeepEPInvalidArgument, DeepEPTimeoutError
+from .launch import RankInfo
+
+__all__ = ["from_env", "from_mpi", "from_torch_distributed"]
+
+
+def _int_env(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise DeepEPInvalidArgument(f"environment variable {name} is not set (a launcher such as torchrun sets it)")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DeepEPInvalidArgument(f"environment variable {name} is {value!r}, not an integer") from None
+
+
+def _write_id_file(path: str, unique_id: bytes) -> None:
+    """Writes the id so that no reader ever sees a partial file and nobody but this user can read it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".deepep-id-")  # created with mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(unique_id)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _read_id_file(path: str, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if len(data) == 128:
+                return data
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise DeepEPTimeoutError(f"rank 0 did not write the unique id to {path} within {timeout} s")
+        time.sleep(0.05)
+
+
+def from_env(timeout: float = 120.0) -> RankInfo:
+    """Rank, world size and device from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (device defaults to
+    ``LOCAL_RANK``, else 0), and the unique id from ``DEEPEP_UNIQUE_ID`` (256 hex digits) or
+    ``DEEPEP_UNIQUE_ID_FILE`` (rank 0 writes it; the others wait up to ``timeout`` seconds for it). Use a fresh
+    file path per job: a stale file from an earlier job would be read as this job's id."""
+    rank, nranks = _int_env("RANK"), _int_env("WORLD_SIZE")
+    if not 0 <= rank < nranks:
+        raise DeepEPInvalidArgument(f"RANK={rank} is outside [0, WORLD_SIZE={nranks})")
+    device = _int_env("LOCAL_RANK", 0)
+    text = os.environ.get("DEEPEP_UNIQUE_ID")
+    path = os.environ.get("DEEPEP_UNIQUE_ID_FILE")
+    if text is not None:
+        try:
+            unique_id = bytes.fromhex(text)
+        except ValueError:
+            raise DeepEPInvalidArgument("DEEPEP_UNIQUE_ID is not hex (use get_unique_id().hex())") from None
+        if len(unique_id) != 128:
+            raise DeepEPInvalidArgument(f"DEEPEP_UNIQUE_ID holds {len(unique_id)} bytes; 128 are needed")
+    elif path is not None:
+        if rank == 0:
+            unique_id = get_unique_id()
+            _write_id_file(path, unique_id)
+        else:
+            unique_id = _read_id_file(path, timeout)
+    else:
+        raise DeepEPInvalidArgument("set DEEPEP_UNIQUE_ID (hex) or DEEPEP_UNIQUE_ID_FILE (a path all ranks share)")
+    return RankInfo(rank, nranks, device, unique_id)
+
+
+def from_mpi(comm=None, device: int | None = None) -> RankInfo:
+    """From an ``mpi4py`` communicator (default ``MPI.COMM_WORLD``): rank 0 makes the id and broadcasts it. The
+    device defaults to the rank within the node (``Split_type(COMM_TYPE_SHARED)``)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    unique_id = comm.bcast(get_unique_id() if comm.Get_rank() == 0 else None, root=0)
+    if device is None:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        device = node.Get_rank()
+        node.Free()
+    return RankInfo(comm.Get_rank(), comm.Get_size(), device, unique_id)
+
+
+def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
+    """From an initialised ``torch.distributed`` process group (default: the world): its rank 0 makes the id and
+    broadcasts it. The device defaults to ``LOCAL_RANK``, else torch's current CUDA device."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise DeepEPInvalidArgument("torch.distributed is not initialised (call init_process_group first)")
+    rank, nranks = dist.get_rank(group), dist.get_world_size(group)
+    payload = [get_unique_id() if rank == 0 else None]
+    dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if device is None:
+        if "LOCAL_RANK" in os.environ:
+            device = _int_env("LOCAL_RANK")
+        else:
+            import torch
+
+            device = torch.cuda.current_device()
+    return RankInfo(rank, nranks, device, payload[0])

@@ -1,0 +1,107 @@
+"""CPU tier: the launcher helpers derive rank, size, device and one shared unique id (no GPU needed)."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import pydeepep
+from pydeepep import bootstrap
+
+PROBE = (
+    "from pydeepep import bootstrap; i = bootstrap.from_env(timeout=30); "
+    "print(i.rank, i.nranks, i.device, i.unique_id.hex())"
+)
+
+
+def run_ranks(nranks, env_extra, tmp_path):
+    procs = []
+    for rank in range(nranks):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nranks), LOCAL_RANK=str(rank % 2), **env_extra)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", PROBE],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    return [o[0].split() for o in outs]
+
+
+def test_from_env_shares_rank_zeros_id_through_a_file(tmp_path):
+    path = tmp_path / "job.id"
+    rows = run_ranks(3, {"DEEPEP_UNIQUE_ID_FILE": str(path)}, tmp_path)
+    assert [r[:3] for r in rows] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "0"]]
+    assert len({r[3] for r in rows}) == 1 and len(bytes.fromhex(rows[0][3])) == 128
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # only this user can read the job's secret
+
+
+def test_from_env_takes_a_hex_id(tmp_path):
+    unique_id = pydeepep.get_unique_id()
+    rows = run_ranks(2, {"DEEPEP_UNIQUE_ID": unique_id.hex()}, tmp_path)
+    assert [r[3] for r in rows] == [unique_id.hex()] * 2
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "2"}, "RANK is not set"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "outside"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "not an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "DEEPEP_UNIQUE_ID"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "DEEPEP_UNIQUE_ID": "zz"}, "not hex"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "DEEPEP_UNIQUE_ID": "00" * 12}, "12 bytes"),
+    ],
+)
+def test_from_env_refuses_incomplete_environments(monkeypatch, env, message):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DEEPEP_UNIQUE_ID", "DEEPEP_UNIQUE_ID_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=message):
+        bootstrap.from_env()
+
+
+def test_from_env_times_out_when_rank_zero_never_writes(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("DEEPEP_UNIQUE_ID", raising=False)
+    monkeypatch.setenv("DEEPEP_UNIQUE_ID_FILE", str(tmp_path / "never"))
+    with pytest.raises(pydeepep.DeepEPTimeoutError, match="did not write"):
+        bootstrap.from_env(timeout=0.3)
+
+
+def test_from_torch_distributed_broadcasts_rank_zeros_id(tmp_path):
+    pytest.importorskip("torch.distributed")
+    script = (
+        "import os, torch.distributed as dist\n"
+        "from pydeepep import bootstrap\n"
+        "dist.init_process_group('gloo')\n"
+        "i = bootstrap.from_torch_distributed(device=0)\n"
+        "print(i.rank, i.nranks, i.unique_id.hex())\n"
+        "dist.destroy_process_group()\n"
+    )
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    rows = [o[0].split() for o in outs]
+    assert [r[:2] for r in rows] == [["0", "2"], ["1", "2"]] and rows[0][2] == rows[1][2]
