@@ -1,7 +1,8 @@
 """Single-node launcher: one spawned process per local GPU, each handed its rank, the world size and the bootstrap id.
 
 Processes are started with the "spawn" method (never fork after CUDA use). Rank 0 makes the unique id and passes it
-to the others through a queue; nothing listens once the job is over.
+to the others through a queue (never the network); NVSHMEM's bootstrap listens on the loopback interface, and
+nothing listens once the job is over.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-# Never let a job started here use NVLink multicast (it can take shared GPUs down); callers may still override.
-_SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+# Defaults for the processes a single-node job starts (a caller's own setting wins): never NVLink multicast (it can
+# take shared GPUs down), and the NVSHMEM bootstrap listens on the loopback interface only, since every rank is on
+# this host (nothing outside the machine can reach it).
+_JOB_ENV = {
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +57,7 @@ def local_device_count() -> int:
 
 
 def _rank_main(fn, rank, nranks, id_queue, result_queue, args, kwargs):
-    for key, value in _SAFE_ENV.items():
+    for key, value in _JOB_ENV.items():
         os.environ.setdefault(key, value)
     try:
         from . import get_unique_id
@@ -89,8 +97,8 @@ def spawn(
     ctx = mp.get_context("spawn")
     id_queue = ctx.Queue()
     result_queue = ctx.Queue()
-    saved = {key: os.environ.get(key) for key in _SAFE_ENV}
-    for key, value in _SAFE_ENV.items():
+    saved = {key: os.environ.get(key) for key in _JOB_ENV}
+    for key, value in _JOB_ENV.items():
         os.environ.setdefault(key, value)
     try:
         procs = [

@@ -1,0 +1,82 @@
+"""CPU tier: what the bootstrap exposes. The unique id names a listening socket of the process that made it (the
+NVSHMEM bootstrap root); single-node jobs keep it on the loopback interface; nothing outlives the job; the
+installed files are not world-writable."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pydeepep
+from pydeepep.launch import spawn
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """Local addresses (hex ip:port as /proc shows them) of the TCP sockets `pid` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "0A":  # 0A: LISTEN
+                found.append(fields[1])
+    return found
+
+
+LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
+
+
+def make_id_and_report(env):
+    code = (
+        "import os, pydeepep, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_security import listening_sockets\n"
+        "pydeepep.get_unique_id()\n"
+        "print(' '.join(listening_sockets(os.getpid())))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_unique_id_opens_one_listening_socket_in_its_maker():
+    env = {k: v for k, v in os.environ.items() if k != "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"}
+    assert len(make_id_and_report(env)) == 1
+
+
+def test_bootstrap_can_be_kept_on_loopback():
+    sockets = make_id_and_report(dict(os.environ, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo"))
+    assert len(sockets) == 1 and sockets[0].startswith(LOOPBACK + ":")
+
+
+def rank_zero_listeners(info):
+    return listening_sockets(os.getpid()) if info.rank == 0 else None
+
+
+def test_single_node_jobs_listen_on_loopback_only():
+    sockets = spawn(rank_zero_listeners, nprocs=2, timeout=120)[0]
+    assert sockets and all(s.startswith(LOOPBACK + ":") for s in sockets), sockets
+
+
+def test_nothing_listens_after_the_process_that_made_the_id_exits():
+    sockets = make_id_and_report(dict(os.environ, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo"))
+    port = sockets[0].split(":")[1]
+    still = [
+        line
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if line.split()[1].endswith(":" + port) and line.split()[3] == "0A"
+    ]
+    assert still == []
+
+
+def test_installed_files_are_not_world_writable():
+    root = Path(pydeepep.__file__).parent
+    writable = [p for p in root.rglob("*") if not p.is_symlink() and p.stat().st_mode & stat.S_IWOTH]
+    assert writable == []
