@@ -30,12 +30,18 @@ deepepResult_t query(const char* function, deepepComm_t comm, T* out, const char
 
 size_t element_bytes(deepepDataType_t type) {
   switch (type) {
-    case deepepInt32: return 4;
-    case deepepInt64: return 8;
-    case deepepFloat32: return 4;
-    case deepepBFloat16: return 2;
-    case deepepFloat8E4M3: return 1;
-    case deepepUInt8: return 1;
+    case deepepInt32:
+      return 4;
+    case deepepInt64:
+      return 8;
+    case deepepFloat32:
+      return 4;
+    case deepepBFloat16:
+      return 2;
+    case deepepFloat8E4M3:
+      return 1;
+    case deepepUInt8:
+      return 1;
   }
   fail(deepepInvalidArgument, "unknown deepepDataType_t value %d", static_cast<int>(type));
 }
@@ -165,8 +171,7 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
                    "num_experts / nranks is %d; at most %d experts per rank are supported", num_experts / c.nranks,
                    DEEPEP_MAX_LOCAL_EXPERTS);
     const size_t index_bytes = element_bytes(topk_type);
-    const size_t topk_bytes =
-        num_tokens == 0 ? 0 : ((num_tokens - 1) * topk_row_stride + num_topk) * index_bytes;
+    const size_t topk_bytes = num_tokens == 0 ? 0 : ((num_tokens - 1) * topk_row_stride + num_topk) * index_bytes;
     check_device_array(c, topk_idx, topk_bytes, index_bytes, "topk_idx");
     check_device_array(c, num_tokens_per_rank, sizeof(int32_t) * c.nranks, 4, "num_tokens_per_rank");
     check_device_array(c, num_tokens_per_expert, sizeof(int32_t) * num_experts, 4, "num_tokens_per_expert");

@@ -61,8 +61,8 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
                  static_cast<long long>(a.num_tokens), static_cast<long long>(comm.max_tokens_per_rank));
   DEEPEP_REQUIRE(a.topk_type == deepepInt64 || a.topk_type == deepepInt32,
                  "topk_type is %d; topk_idx must be deepepInt64 or deepepInt32", static_cast<int>(a.topk_type));
-  DEEPEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]",
-                 a.num_topk, DEEPEP_MAX_TOPK);
+  DEEPEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]", a.num_topk,
+                 DEEPEP_MAX_TOPK);
   const int64_t stride = a.topk_row_stride != 0 ? a.topk_row_stride : a.num_topk;
   DEEPEP_REQUIRE(stride >= a.num_topk && stride <= (int64_t(1) << 32), "topk_row_stride %lld is below num_topk %d",
                  static_cast<long long>(stride), a.num_topk);
@@ -70,12 +70,11 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
                  "num_experts (%d) must be a positive multiple of the number of ranks (%d)", a.num_experts,
                  comm.nranks);
   DEEPEP_REQUIRE(a.num_experts / comm.nranks <= DEEPEP_MAX_LOCAL_EXPERTS,
-                 "num_experts / nranks is %d; at most %d experts per rank are supported",
-                 a.num_experts / comm.nranks, DEEPEP_MAX_LOCAL_EXPERTS);
+                 "num_experts / nranks is %d; at most %d experts per rank are supported", a.num_experts / comm.nranks,
+                 DEEPEP_MAX_LOCAL_EXPERTS);
   DEEPEP_REQUIRE(a.expert_alignment >= 1, "expert_alignment is %d; it must be >= 1", a.expert_alignment);
   const size_t element = a.topk_type == deepepInt64 ? 8 : 4;
-  check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element,
-                     "topk_idx");
+  check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element, "topk_idx");
 }
 
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch.
@@ -131,8 +130,8 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->comm = c;
     h->max_tokens = c->max_tokens_per_rank;
     const size_t R = static_cast<size_t>(c->nranks);
-    const size_t ints = static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS +
-                        2 * R * kMaxBlocks * 2 + R;
+    const size_t ints =
+        static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS + 2 * R * kMaxBlocks * 2 + R;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
     DEEPEP_CUDA_CHECK(cudaMalloc(&h->device_storage, bytes));
     auto* base = static_cast<uint8_t*>(h->device_storage);
@@ -201,8 +200,8 @@ DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t hand
       fail(deepepInvalidUsage, "the handle's receive counts are not on the host (no deepepDispatchNotify filled them)");
     }
     const int local = h->num_experts / h->comm->nranks;
-    DEEPEP_REQUIRE(num_local_experts == local, "num_local_experts is %d; the handle's routing has %d", num_local_experts,
-                   local);
+    DEEPEP_REQUIRE(num_local_experts == local, "num_local_experts is %d; the handle's routing has %d",
+                   num_local_experts, local);
     std::memcpy(counts, h->host->recv_tokens_per_expert, sizeof(int32_t) * local);
   });
 }
@@ -236,8 +235,8 @@ DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args) {
   });
 }
 
-DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args,
-                                               deepepHandle_t handle, struct CUstream_st* stream) {
+DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
+                                               struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const deepepDispatchArgs a = checked_struct(args, "args");
@@ -262,8 +261,10 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
                    static_cast<long long>(a.num_worst_tokens));
     if (!worst_case) {
-      if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: call deepepDispatchNotify first, or "
-                                              "pass num_worst_tokens > 0 with the routing");
+      if (!h.routed)
+        fail(deepepInvalidUsage,
+             "the handle holds no routing: call deepepDispatchNotify first, or "
+             "pass num_worst_tokens > 0 with the routing");
       DEEPEP_REQUIRE(a.num_tokens == h.num_tokens,
                      "num_tokens is %lld but the handle's routing is for %lld tokens (a cached dispatch needs the "
                      "same tokens)",
@@ -288,8 +289,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                      "scales_type is %d; scales are deepepFloat32 or UE8M0-packed deepepInt32",
                      static_cast<int>(a.scales_type));
       const int expected = a.scales_type == deepepFloat32 ? a.hidden / 128 : (a.hidden / 128 + 3) / 4;
-      DEEPEP_REQUIRE(a.num_scales == expected, "num_scales is %d; %s scales of hidden %d need %d per row",
-                     a.num_scales, a.scales_type == deepepFloat32 ? "float32" : "UE8M0-packed", a.hidden, expected);
+      DEEPEP_REQUIRE(a.num_scales == expected, "num_scales is %d; %s scales of hidden %d need %d per row", a.num_scales,
+                     a.scales_type == deepepFloat32 ? "float32" : "UE8M0-packed", a.hidden, expected);
       const int64_t stride = a.scales_row_stride != 0 ? a.scales_row_stride : a.num_scales;
       DEEPEP_REQUIRE(stride >= a.num_scales, "scales_row_stride %lld is below num_scales %d",
                      static_cast<long long>(stride), a.num_scales);
@@ -322,8 +323,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
            "%lld tokens of %zu-byte rows need %zu bytes of communication buffer per rank on %d ranks; this "
            "communicator has %zu (raise buffer_bytes or the workload in the config)",
            static_cast<long long>(a.num_tokens), layout.row_bytes,
-           static_cast<size_t>(kControlBytes + c.nranks * a.num_tokens * layout.row_bytes + 256 * c.nranks),
-           c.nranks, c.buffer_bytes);
+           static_cast<size_t>(kControlBytes + c.nranks * a.num_tokens * layout.row_bytes + 256 * c.nranks), c.nranks,
+           c.buffer_bytes);
     }
     // Outputs.
     const int64_t rows = worst_case ? a.num_worst_tokens : a.num_recv_rows;
@@ -345,7 +346,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_device_array(c, a.recv_topk_idx, static_cast<size_t>(rows) * num_topk * 8, 8, "recv_topk_idx");
     if (a.recv_topk_weights != nullptr)
       check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
-    if (a.recv_src_idx != nullptr) check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
+    if (a.recv_src_idx != nullptr)
+      check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
     DeviceGuard guard(c.device);
     if (worst_case) prepare(c, h, a, stream);
     DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || h.num_experts > 0, "no routing for expert counts");
@@ -370,9 +372,8 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "hidden is %d; it must be a positive multiple of 8", a.hidden);
     DEEPEP_REQUIRE(a.num_rows >= 0, "num_rows is %lld", static_cast<long long>(a.num_rows));
     if (h.recv_counts_on_host) {
-      DEEPEP_REQUIRE(a.num_rows >= h.host->num_recv_tokens,
-                     "x has %lld rows but the handle's dispatch delivered %lld", static_cast<long long>(a.num_rows),
-                     static_cast<long long>(h.host->num_recv_tokens));
+      DEEPEP_REQUIRE(a.num_rows >= h.host->num_recv_tokens, "x has %lld rows but the handle's dispatch delivered %lld",
+                     static_cast<long long>(a.num_rows), static_cast<long long>(h.host->num_recv_tokens));
     }
     const int64_t stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
     DEEPEP_REQUIRE(stride >= a.hidden && (stride * 2) % 16 == 0,
@@ -396,7 +397,8 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
       DEEPEP_REQUIRE(bstride >= a.hidden && (bstride * 2) % 16 == 0,
                      "bias %d row stride %lld: rows must be >= hidden and start on 16-byte boundaries", i,
                      static_cast<long long>(bstride));
-      check_device_array(c, a.bias[i], matrix_bytes(h.num_tokens, a.hidden, bstride, 2), 16, i == 0 ? "bias[0]" : "bias[1]");
+      check_device_array(c, a.bias[i], matrix_bytes(h.num_tokens, a.hidden, bstride, 2), 16,
+                         i == 0 ? "bias[0]" : "bias[1]");
     }
     check_device_array(c, a.out, static_cast<size_t>(h.num_tokens) * a.hidden * 2, 16, "out");
     // A rank with no rows may pass NULL weights and still declares num_topk: every rank lays out rows alike.

@@ -12,12 +12,18 @@ enum class Phase : int32_t { kNone = 0, kLayout = 1, kDispatchNotify = 2, kDispa
 
 inline const char* phase_name(int32_t phase) {
   switch (static_cast<Phase>(phase)) {
-    case Phase::kNone: return "none";
-    case Phase::kLayout: return "dispatch layout";
-    case Phase::kDispatchNotify: return "dispatch notify (count exchange)";
-    case Phase::kDispatch: return "dispatch";
-    case Phase::kCombine: return "combine";
-    case Phase::kRouting: return "dispatch routing";
+    case Phase::kNone:
+      return "none";
+    case Phase::kLayout:
+      return "dispatch layout";
+    case Phase::kDispatchNotify:
+      return "dispatch notify (count exchange)";
+    case Phase::kDispatch:
+      return "dispatch";
+    case Phase::kCombine:
+      return "combine";
+    case Phase::kRouting:
+      return "dispatch routing";
   }
   return "unknown phase";
 }

@@ -1,17 +1,16 @@
-#include "comm.hpp"
-
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <algorithm>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 
 #include "bounded.hpp"
+#include "comm.hpp"
 #include "cuda_utils.hpp"
 #include "error.hpp"
 
@@ -23,7 +22,6 @@ static_assert(sizeof(nvshmemx_uniqueid_t) == DEEPEP_UNIQUE_ID_BYTES, "deepepUniq
 
 // The size of the first published deepepConfig: callers compiled against it send exactly this struct_size.
 constexpr size_t kConfigV1Size = offsetof(deepepConfig, num_experts) + sizeof(int);
-
 
 // Live communicators: lets every entry point reject freed or foreign handles without touching their memory, and
 // enforces one communicator per process (NVSHMEM is a per-process runtime).
@@ -124,8 +122,9 @@ static void nvshmem_setup(SetupRequest* comm) {
   nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                 NVSHMEM_VENDOR_PATCH_VERSION};
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
-  if (status != 0) fail(deepepNvshmemError, "NVSHMEM initialisation failed with status %d (rank %d of %d)", status,
-                        comm->rank, comm->nranks);
+  if (status != 0)
+    fail(deepepNvshmemError, "NVSHMEM initialisation failed with status %d (rank %d of %d)", status, comm->rank,
+         comm->nranks);
   if (nvshmem_n_pes() != comm->nranks || nvshmem_my_pe() != comm->rank) {
     fail(deepepInvalidArgument, "NVSHMEM placed this process as PE %d of %d, but the caller said rank %d of %d",
          nvshmem_my_pe(), nvshmem_n_pes(), comm->rank, comm->nranks);
@@ -234,7 +233,8 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   request->device = device;
   request->buffer_bytes = comm->buffer_bytes;
   request->id = id;
-  run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)", [request]() { nvshmem_setup(request.get()); });
+  run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",
+              [request]() { nvshmem_setup(request.get()); });
   comm->buffer = request->buffer;
   comm->peer_buffers = request->peer_buffers;
   deepepComm* raw = comm.get();
@@ -242,11 +242,11 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   try {
     comm->ranks_per_nvl_domain = nvl_domain_size(*comm);
     DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&comm->stream, cudaStreamNonBlocking));
-    DEEPEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&comm->async_error), sizeof(AsyncErrorRecord),
-                                    cudaHostAllocMapped));
+    DEEPEP_CUDA_CHECK(
+        cudaHostAlloc(reinterpret_cast<void**>(&comm->async_error), sizeof(AsyncErrorRecord), cudaHostAllocMapped));
     std::memset(comm->async_error, 0, sizeof(AsyncErrorRecord));
-    DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device),
-                                               comm->async_error, 0));
+    DEEPEP_CUDA_CHECK(
+        cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device), comm->async_error, 0));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->op_state_device), 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMemset(comm->op_state_device, 0, 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->peer_buffers_device), sizeof(void*) * nranks));

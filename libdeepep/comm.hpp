@@ -32,11 +32,11 @@ struct deepepComm {
   int ranks_per_nvl_domain = 1;
   double timeout_seconds = 100.0;
   size_t buffer_bytes = 0;
-  int64_t max_tokens_per_rank = 0;           // from the config: the most tokens one call may pass
-  void* buffer = nullptr;                    // this rank's communication buffer (symmetric heap)
-  std::vector<void*> peer_buffers;           // NVLink-mapped address of each rank's buffer, nullptr outside domain
-  void** peer_buffers_device = nullptr;      // the same table in device memory, for kernels
-  cudaStream_t stream = nullptr;             // the communicator stream (asynchronous calls run on it)
+  int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
+  void* buffer = nullptr;                // this rank's communication buffer (symmetric heap)
+  std::vector<void*> peer_buffers;       // NVLink-mapped address of each rank's buffer, nullptr outside domain
+  void** peer_buffers_device = nullptr;  // the same table in device memory, for kernels
+  cudaStream_t stream = nullptr;         // the communicator stream (asynchronous calls run on it)
   deepep::AsyncErrorRecord* async_error = nullptr;         // mapped pinned memory, host address
   deepep::AsyncErrorRecord* async_error_device = nullptr;  // device address of the same record
   // Sequence number of the collective operations that use the buffer, on the device so that replayed CUDA graphs

@@ -11,9 +11,9 @@ namespace deepep {
 // "this machine has no GPU" from a failure.
 [[noreturn]] void fail_cuda(cudaError_t status, const char* expression, const char* file, int line);
 
-#define DEEPEP_CUDA_CHECK(expr)                                                   \
-  do {                                                                            \
-    const cudaError_t deepep_status_ = (expr);                                    \
+#define DEEPEP_CUDA_CHECK(expr)                                                                        \
+  do {                                                                                                 \
+    const cudaError_t deepep_status_ = (expr);                                                         \
     if (deepep_status_ != cudaSuccess) ::deepep::fail_cuda(deepep_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 

@@ -33,18 +33,30 @@ DEEPEP_API const char* deepepGetLastErrorMessage(void) { return deepep::last_err
 
 DEEPEP_API const char* deepepGetErrorString(deepepResult_t result) {
   switch (result) {
-    case deepepSuccess: return "success";
-    case deepepInvalidArgument: return "invalid argument";
-    case deepepInvalidUsage: return "invalid usage";
-    case deepepCudaError: return "CUDA error";
-    case deepepNvshmemError: return "NVSHMEM error";
-    case deepepOutOfMemory: return "out of memory";
-    case deepepTimeout: return "timeout";
-    case deepepNoDevice: return "no CUDA device";
-    case deepepNotSupported: return "not supported";
-    case deepepInternalError: return "internal error";
-    case deepepBufferTooSmall: return "buffer too small";
-    case deepepRemoteError: return "remote error";
+    case deepepSuccess:
+      return "success";
+    case deepepInvalidArgument:
+      return "invalid argument";
+    case deepepInvalidUsage:
+      return "invalid usage";
+    case deepepCudaError:
+      return "CUDA error";
+    case deepepNvshmemError:
+      return "NVSHMEM error";
+    case deepepOutOfMemory:
+      return "out of memory";
+    case deepepTimeout:
+      return "timeout";
+    case deepepNoDevice:
+      return "no CUDA device";
+    case deepepNotSupported:
+      return "not supported";
+    case deepepInternalError:
+      return "internal error";
+    case deepepBufferTooSmall:
+      return "buffer too small";
+    case deepepRemoteError:
+      return "remote error";
   }
   return "unknown deepep result code";
 }

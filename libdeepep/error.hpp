@@ -47,8 +47,8 @@ deepepResult_t guarded_call(const char* function, Body&& body) noexcept {
 }
 
 // Argument checks that read like the rule they enforce.
-#define DEEPEP_REQUIRE(cond, ...)                       \
-  do {                                                  \
+#define DEEPEP_REQUIRE(cond, ...)                                    \
+  do {                                                               \
     if (!(cond)) ::deepep::fail(deepepInvalidArgument, __VA_ARGS__); \
   } while (0)
 

@@ -9,8 +9,8 @@ struct deepepComm;
 
 namespace deepep {
 
-constexpr int kMaxNvlRanks = 8;    // ranks of one NVLink domain the intranode kernels serve
-constexpr int kMaxBlocks = 160;    // num_sms limit (one block per SM)
+constexpr int kMaxNvlRanks = 8;  // ranks of one NVLink domain the intranode kernels serve
+constexpr int kMaxBlocks = 160;  // num_sms limit (one block per SM)
 
 // Host-visible results of a count exchange (mapped pinned memory, written by the notify kernel).
 struct HandleHostInfo {
@@ -27,8 +27,8 @@ struct deepepHandle {
   int64_t max_tokens = 0;
 
   // What the routing in the device arrays describes (host copies, set by notify / worst-case dispatch).
-  bool routed = false;              // send-side routing computed
-  bool recv_counts_on_host = false; // host->num_recv_tokens is valid
+  bool routed = false;               // send-side routing computed
+  bool recv_counts_on_host = false;  // host->num_recv_tokens is valid
   int64_t num_tokens = 0;
   int num_experts = 0;
   int expert_alignment = 1;

@@ -12,8 +12,6 @@
 //   5. the last block to finish acknowledges the operation to every source.
 // A combine runs the same protocol backwards: each rank pushes the rows it received back to their sources, and the
 // sources add them up per token in rank order (float32, deterministic). Every wait is bounded by the timeout.
-#include "intranode.hpp"
-
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -24,15 +22,16 @@
 #include "cuda_utils.hpp"
 #include "device_utils.cuh"
 #include "handle.hpp"
+#include "intranode.hpp"
 
 namespace deepep {
 
 namespace {
 
 struct alignas(16) CountMessage {
-  uint64_t flag;      // seq of the operation the message belongs to
-  int32_t tokens;     // rows the source sends to this rank
-  int32_t num_blocks; // the source's block count (must match: block b talks to block b)
+  uint64_t flag;                              // seq of the operation the message belongs to
+  int32_t tokens;                             // rows the source sends to this rank
+  int32_t num_blocks;                         // the source's block count (must match: block b talks to block b)
   int32_t experts[DEEPEP_MAX_LOCAL_EXPERTS];  // the source's tokens per expert of this rank
 };
 
@@ -122,8 +121,8 @@ __device__ __forceinline__ uint32_t rank_mask(const Index* ids, int num_topk, in
     const int64_t e = static_cast<int64_t>(ids[k]);
     if (e == -1) continue;
     if (e < -1 || e >= num_experts) {
-      if (count_experts) record_async_error(error, deepepInvalidArgument, rank, Phase::kRouting, -1,
-                                            token * num_topk + k, e);
+      if (count_experts)
+        record_async_error(error, deepepInvalidArgument, rank, Phase::kRouting, -1, token * num_topk + k, e);
       continue;
     }
     if (count_experts) atomicAdd(&expert_counts[e], 1);
@@ -147,8 +146,8 @@ __global__ void __launch_bounds__(kPrepareThreads)
   const int64_t last = min(num_tokens, first + chunk);
   int32_t counts[kMaxNvlRanks] = {};
   for (int64_t t = first; t < last; ++t) {
-    const uint32_t mask = rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, true,
-                                    expert_counts, error, rank, t);
+    const uint32_t mask =
+        rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, true, expert_counts, error, rank, t);
     for (int d = 0; d < nranks; ++d) counts[d] += (mask >> d) & 1u;
   }
   for (int d = 0; d < nranks; ++d) prefix[threadIdx.x][d] = counts[d];
@@ -178,8 +177,8 @@ __global__ void __launch_bounds__(kPrepareThreads)
   int32_t next[kMaxNvlRanks];
   for (int d = 0; d < nranks; ++d) next[d] = prefix[threadIdx.x][d];
   for (int64_t t = first; t < last; ++t) {
-    const uint32_t mask = rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, false,
-                                    expert_counts, error, rank, t);
+    const uint32_t mask =
+        rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, false, expert_counts, error, rank, t);
     for (int d = 0; d < nranks; ++d) send_pos[t * nranks + d] = ((mask >> d) & 1u) ? next[d]++ : -1;
   }
   __syncthreads();
@@ -238,8 +237,9 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
   }
   ControlRegion* mine = control_of(p.peers, p.rank);
   if (ok && threadIdx.x < p.nranks) {
-    if (!wait_flag(&mine->notify[threadIdx.x].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error,
-                   p.rank, Phase::kDispatchNotify, threadIdx.x))
+    if (!wait_flag(
+            &mine->notify[threadIdx.x].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
+            Phase::kDispatchNotify, threadIdx.x))
       ok = false;
   }
   __syncthreads();
@@ -319,13 +319,13 @@ __device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_
     const int32_t e = global_ids[k];
     const bool here = e >= first_local && e < first_local + q.experts_per_rank;
     if (q.recv_topk_idx != nullptr) q.recv_topk_idx[out_row * num_topk + k] = here ? e - first_local : -1;
-    if (q.recv_weights != nullptr) q.recv_weights[out_row * num_topk + k] = here && weights != nullptr ? weights[k] : 0.f;
+    if (q.recv_weights != nullptr)
+      q.recv_weights[out_row * num_topk + k] = here && weights != nullptr ? weights[k] : 0.f;
   }
   if (lane == 0 && q.recv_src_idx != nullptr) q.recv_src_idx[out_row] = src_token;
 }
 
-__global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32)
-    dispatch_kernel(DispatchParams q) {
+__global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32) dispatch_kernel(DispatchParams q) {
   const Protocol& p = q.p;
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
@@ -360,16 +360,17 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
     if (lane == 0) {
       // One lane acquires every source's counts, then reads them (its own acquires order its reads).
       for (int s = 0; s < R && fine; ++s)
-        fine = wait_flag(&mine->counts[s].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
-                         Phase::kDispatch, s);
+        fine = wait_flag(
+            &mine->counts[s].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
+            s);
       ok = fine;
       int64_t total = 0;
       for (int s = 0; s < R; ++s) {
         offsets[s] = total;
         total += fine ? mine->counts[s].tokens : 0;
         if (fine && mine->counts[s].num_blocks != static_cast<int>(gridDim.x)) {
-          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s,
-                             mine->counts[s].num_blocks, gridDim.x);
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].num_blocks,
+                             gridDim.x);
           ok = false;
         }
       }
@@ -479,8 +480,9 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         start = range[0];
         count = range[1];
       } else {
-        if (!wait_flag(&mine->ranges[s][b].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
-                       Phase::kDispatch, s))
+        if (!wait_flag(
+                &mine->ranges[s][b].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
+                Phase::kDispatch, s))
           break;
         start = mine->ranges[s][b].start;
         count = mine->ranges[s][b].count;
@@ -497,9 +499,10 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
       for (int i = rw; i < count && alive; i += kDispatchRecvWarps) {
         if (available <= static_cast<uint32_t>(i)) {
           uint64_t seen = 0;
-          alive = wait_flag(&mine->progress[s][b],
-                            [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > static_cast<uint64_t>(i); },
-                            deadline, p.error, p.rank, Phase::kDispatch, s, &seen);
+          alive = wait_flag(
+              &mine->progress[s][b],
+              [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > static_cast<uint64_t>(i); }, deadline,
+              p.error, p.rank, Phase::kDispatch, s, &seen);
           available = static_cast<uint32_t>(seen & 0xffffffffu);
           if (!alive) break;
         }
@@ -642,9 +645,9 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         const uint32_t needed = static_cast<uint32_t>(j - range_start[d]);
         if (available[d] <= needed) {
           uint64_t seen = 0;
-          alive = wait_flag(&mine->combine_progress[d][b],
-                            [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > needed; }, deadline,
-                            p.error, p.rank, Phase::kCombine, d, &seen);
+          alive = wait_flag(
+              &mine->combine_progress[d][b], [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > needed; },
+              deadline, p.error, p.rank, Phase::kCombine, d, &seen);
           if (!alive) break;
           available[d] = static_cast<uint32_t>(seen & 0xffffffffu);
         }
@@ -756,8 +759,8 @@ double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes,
 
 int default_num_sms(int nranks) { return nranks <= 2 ? 24 : 32; }
 
-void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
-                            int num_sms, cudaStream_t stream) {
+void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,
+                            cudaStream_t stream) {
   if (args.topk_type == deepepInt64) {
     prepare_routing_kernel<int64_t><<<1, kPrepareThreads, 0, stream>>>(
         static_cast<const int64_t*>(args.topk_idx), args.num_tokens, args.num_topk, args.topk_row_stride,
@@ -818,8 +821,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args,
-                    cudaStream_t stream) {
+void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream) {
   CombineParams q = {};
   q.p = protocol_of(comm);
   q.region_bytes = region_bytes_of(comm);

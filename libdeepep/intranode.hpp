@@ -34,14 +34,13 @@ int64_t region_capacity_rows(const deepepComm& comm, size_t row_bytes);
 int default_num_sms(int nranks);
 
 // Computes send positions, counts and per-block ranges from topk_idx into the handle (one kernel).
-void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
-                            int num_sms, cudaStream_t stream);
+void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,
+                            cudaStream_t stream);
 // Exchanges counts with every rank and writes receive counts into the handle (device and mapped host memory).
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream);
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, bool worst_case,
                      cudaStream_t stream);
-void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args,
-                    cudaStream_t stream);
+void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream);
 
 // Median GB/s of `iterations` passes of 16-byte stores from this rank's region to the next rank's (blocking).
 double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes, int iterations, cudaStream_t stream);

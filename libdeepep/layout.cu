@@ -1,12 +1,11 @@
 // Dispatch layout: per-rank and per-expert token counts and the token-to-rank mask, from the router's top-k ids.
 // Integer counts are accumulated with atomics, which commute, so the result is deterministic.
-#include "layout.hpp"
-
 #include <algorithm>
 
 #include "async_error.hpp"
 #include "comm.hpp"
 #include "cuda_utils.hpp"
+#include "layout.hpp"
 
 namespace deepep {
 
@@ -89,13 +88,13 @@ void launch_dispatch_layout(const deepepComm& comm, const void* topk_idx, deepep
   if (topk_type == deepepInt64) {
     dispatch_layout_kernel<int64_t><<<blocks, kThreads, shared_bytes, stream>>>(
         static_cast<const int64_t*>(topk_idx), num_tokens, num_topk, topk_row_stride, num_experts, experts_per_rank,
-        nranks, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, shared_counters,
-        comm.async_error_device, comm.rank);
+        nranks, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, shared_counters, comm.async_error_device,
+        comm.rank);
   } else {
     dispatch_layout_kernel<int32_t><<<blocks, kThreads, shared_bytes, stream>>>(
         static_cast<const int32_t*>(topk_idx), num_tokens, num_topk, topk_row_stride, num_experts, experts_per_rank,
-        nranks, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, shared_counters,
-        comm.async_error_device, comm.rank);
+        nranks, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, shared_counters, comm.async_error_device,
+        comm.rank);
   }
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }

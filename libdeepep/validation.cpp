@@ -6,8 +6,7 @@
 
 namespace deepep {
 
-void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment,
-                        const char* name) {
+void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name) {
   if (bytes == 0) return;
   DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL but must hold %zu bytes", name, bytes);
   DEEPEP_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, "%s (%p) is not aligned to %zu bytes", name,

@@ -13,8 +13,7 @@ namespace deepep {
 
 // A caller's array must be device memory of the communicator's device (or managed memory), suitably aligned.
 // Nothing is checked when `bytes` is 0 (NULL is then accepted).
-void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment,
-                        const char* name);
+void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name);
 
 // Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart.
 inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t element) {

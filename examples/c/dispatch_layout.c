@@ -36,24 +36,24 @@
 #define MAX_GPUS 64
 
 /* Reports a failed libdeepep call with the code's text and what the library found wrong. */
-#define CHECK_DEEPEP(rank, call)                                                                                  \
-  do {                                                                                                            \
-    deepepResult_t check_result_ = (call);                                                                        \
-    if (check_result_ != deepepSuccess) {                                                                         \
-      fprintf(stderr, "rank %d: %s failed: %s (%d): %s\n", (rank), #call, deepepGetErrorString(check_result_),    \
-              (int)check_result_, deepepGetLastErrorMessage());                                                   \
-      goto fail;                                                                                                  \
-    }                                                                                                             \
+#define CHECK_DEEPEP(rank, call)                                                                               \
+  do {                                                                                                         \
+    deepepResult_t check_result_ = (call);                                                                     \
+    if (check_result_ != deepepSuccess) {                                                                      \
+      fprintf(stderr, "rank %d: %s failed: %s (%d): %s\n", (rank), #call, deepepGetErrorString(check_result_), \
+              (int)check_result_, deepepGetLastErrorMessage());                                                \
+      goto fail;                                                                                               \
+    }                                                                                                          \
   } while (0)
 
-#define CHECK_CUDA(rank, call)                                                                                    \
-  do {                                                                                                            \
-    cudaError_t check_status_ = (call);                                                                           \
-    if (check_status_ != cudaSuccess) {                                                                           \
-      fprintf(stderr, "rank %d: %s failed: %s (%s)\n", (rank), #call, cudaGetErrorString(check_status_),          \
-              cudaGetErrorName(check_status_));                                                                   \
-      goto fail;                                                                                                  \
-    }                                                                                                             \
+#define CHECK_CUDA(rank, call)                                                                           \
+  do {                                                                                                   \
+    cudaError_t check_status_ = (call);                                                                  \
+    if (check_status_ != cudaSuccess) {                                                                  \
+      fprintf(stderr, "rank %d: %s failed: %s (%s)\n", (rank), #call, cudaGetErrorString(check_status_), \
+              cudaGetErrorName(check_status_));                                                          \
+      goto fail;                                                                                         \
+    }                                                                                                    \
   } while (0)
 
 /* ---- choosing the number of GPUs without initialising CUDA in the parent ---- */
@@ -107,7 +107,8 @@ static uint64_t next_random(uint64_t* state) {
   return *state * 0x2545F4914F6CDD1DULL;
 }
 
-/* Each token picks between 0 and NUM_TOPK distinct experts; the other slots, at random places, hold -1 ("no expert"). */
+/* Each token picks between 0 and NUM_TOPK distinct experts; the other slots, at random places, hold -1 ("no expert").
+ */
 static void make_topk_idx(int rank, int num_experts, int64_t* topk_idx) {
   uint64_t state = 0x9E3779B97F4A7C15ULL ^ (uint64_t)(rank + 1) * 0xBF58476D1CE4E5B9ULL;
   int t, k, j;
@@ -205,9 +206,9 @@ static int run_rank(int rank, int nranks, const deepepUniqueId* id) {
   CHECK_CUDA(rank, cudaMemcpy(d_topk_idx, topk_idx, topk_bytes, cudaMemcpyHostToDevice));
 
   /* Stream-ordered: the results are ready once the stream has reached this point. */
-  CHECK_DEEPEP(rank, deepepGetDispatchLayout(comm, d_topk_idx, deepepInt64, NUM_TOKENS, NUM_TOPK, NUM_TOPK,
-                                             num_experts, (int32_t*)d_per_rank, (int32_t*)d_per_expert,
-                                             (uint8_t*)d_in_rank, stream));
+  CHECK_DEEPEP(rank,
+               deepepGetDispatchLayout(comm, d_topk_idx, deepepInt64, NUM_TOKENS, NUM_TOPK, NUM_TOPK, num_experts,
+                                       (int32_t*)d_per_rank, (int32_t*)d_per_expert, (uint8_t*)d_in_rank, stream));
   CHECK_CUDA(rank, cudaStreamSynchronize(stream));
   CHECK_CUDA(rank, cudaMemcpy(per_rank, d_per_rank, per_rank_bytes, cudaMemcpyDeviceToHost));
   CHECK_CUDA(rank, cudaMemcpy(per_expert, d_per_expert, per_expert_bytes, cudaMemcpyDeviceToHost));
@@ -224,8 +225,7 @@ static int run_rank(int rank, int nranks, const deepepUniqueId* id) {
   ok = 1;
   for (i = 0; i < nranks; ++i) {
     if (per_rank[i] != want_per_rank[i]) {
-      fprintf(stderr, "rank %d: num_tokens_per_rank[%d] is %d, expected %d\n", rank, i, per_rank[i],
-              want_per_rank[i]);
+      fprintf(stderr, "rank %d: num_tokens_per_rank[%d] is %d, expected %d\n", rank, i, per_rank[i], want_per_rank[i]);
       ok = 0;
     }
   }

@@ -58,8 +58,8 @@ int main() {
   DeviceArray<int32_t> per_rank(1), per_expert(num_experts);
   DeviceArray<uint8_t> in_rank(num_tokens);
   cudaMemcpy(topk_dev.data, topk.data(), sizeof(int64_t) * topk.size(), cudaMemcpyHostToDevice);
-  bool good = ok(deepepGetDispatchLayout(comm, topk_dev.data, deepepInt64, num_tokens, num_topk, num_topk,
-                                         num_experts, per_rank.data, per_expert.data, in_rank.data, nullptr),
+  bool good = ok(deepepGetDispatchLayout(comm, topk_dev.data, deepepInt64, num_tokens, num_topk, num_topk, num_experts,
+                                         per_rank.data, per_expert.data, in_rank.data, nullptr),
                  "deepepGetDispatchLayout");
   std::vector<int32_t> experts(num_experts);
   int32_t tokens_here = -1;

@@ -48,17 +48,17 @@ struct CUevent_st;
 /* Result codes. Values are fixed forever; new codes are only appended. */
 typedef enum {
   deepepSuccess = 0,
-  deepepInvalidArgument = 1,  /* a bad pointer, size, shape, dtype or value: the message names it */
-  deepepInvalidUsage = 2,     /* a call in the wrong state (e.g. a second communicator in one process) */
-  deepepCudaError = 3,        /* the CUDA runtime failed: the message gives CUDA's text */
-  deepepNvshmemError = 4,     /* NVSHMEM failed to initialise, allocate or finalise */
-  deepepOutOfMemory = 5,      /* host or device memory could not be allocated */
-  deepepTimeout = 6,          /* a wait passed the configured timeout: the message names the stalled peer */
-  deepepNoDevice = 7,         /* no usable CUDA device or driver in this process */
-  deepepNotSupported = 8,     /* valid but not supported by this build or device */
-  deepepInternalError = 9,    /* a bug in libdeepep: please report it with the message */
-  deepepBufferTooSmall = 10,  /* the communication buffer is too small: the message gives the size needed */
-  deepepRemoteError = 11      /* a peer reported a failure during a collective */
+  deepepInvalidArgument = 1, /* a bad pointer, size, shape, dtype or value: the message names it */
+  deepepInvalidUsage = 2,    /* a call in the wrong state (e.g. a second communicator in one process) */
+  deepepCudaError = 3,       /* the CUDA runtime failed: the message gives CUDA's text */
+  deepepNvshmemError = 4,    /* NVSHMEM failed to initialise, allocate or finalise */
+  deepepOutOfMemory = 5,     /* host or device memory could not be allocated */
+  deepepTimeout = 6,         /* a wait passed the configured timeout: the message names the stalled peer */
+  deepepNoDevice = 7,        /* no usable CUDA device or driver in this process */
+  deepepNotSupported = 8,    /* valid but not supported by this build or device */
+  deepepInternalError = 9,   /* a bug in libdeepep: please report it with the message */
+  deepepBufferTooSmall = 10, /* the communication buffer is too small: the message gives the size needed */
+  deepepRemoteError = 11     /* a peer reported a failure during a collective */
 } deepepResult_t;
 
 /* Element types of arrays that cross the ABI. Values are fixed forever. */
@@ -125,11 +125,11 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
 
 /* Creates the communicator of rank `rank` among `nranks`. Blocking and collective: every rank calls it with the
  * same id and nranks. Works on config->device and leaves the calling thread's current device as it was. Sets
- * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast. Initialises NVSHMEM (NVLink multicast off
- * unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers. Every wait is bounded
- * by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup thread is then
- * left behind, and the process should exit). Not graph-capturable.
- * [out] comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
+ * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast. Initialises NVSHMEM (NVLink
+ * multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers. Every wait
+ * is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup thread is
+ * then left behind, and the process should exit). Not graph-capturable. [out] comm; [in] nranks, id, rank; [in] config:
+ * NULL for the defaults. */
 DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
                                              const deepepConfig* config);
 
@@ -223,35 +223,35 @@ DEEPEP_API deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_
 typedef struct {
   size_t struct_size;
   /* Routing (read by deepepDispatchNotify and by worst-case dispatches; ignored by cached dispatches). */
-  int64_t num_tokens;              /* N of this rank, <= config max_tokens_per_rank */
-  const void* topk_idx;            /* [N, num_topk] deepepInt64 or deepepInt32, entries in [-1, num_experts) */
+  int64_t num_tokens;   /* N of this rank, <= config max_tokens_per_rank */
+  const void* topk_idx; /* [N, num_topk] deepepInt64 or deepepInt32, entries in [-1, num_experts) */
   deepepDataType_t topk_type;
-  int num_topk;                    /* K in [1, DEEPEP_MAX_TOPK] */
+  int num_topk; /* K in [1, DEEPEP_MAX_TOPK] */
   int64_t topk_row_stride;
-  int num_experts;                 /* E, divisible by the number of ranks */
-  int expert_alignment;            /* receive counts per local expert are rounded up to this (>= 1) */
-  int64_t num_worst_tokens;        /* > 0: worst-case mode with outputs of this many rows */
-  int num_sms;                     /* blocks (one per SM) the kernel uses; 0: default for the rank count */
+  int num_experts;          /* E, divisible by the number of ranks */
+  int expert_alignment;     /* receive counts per local expert are rounded up to this (>= 1) */
+  int64_t num_worst_tokens; /* > 0: worst-case mode with outputs of this many rows */
+  int num_sms;              /* blocks (one per SM) the kernel uses; 0: default for the rank count */
   /* Payload (deepepDispatch). */
-  const void* x;                   /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
+  const void* x; /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
   deepepDataType_t x_type;
-  int hidden;                      /* BF16: multiple of 8; FP8: multiple of 128 */
+  int hidden; /* BF16: multiple of 8; FP8: multiple of 128 */
   int64_t x_row_stride;
-  const void* x_scales;            /* FP8 only: [N, num_scales] float32 (num_scales = hidden / 128) or UE8M0-packed
-                                      int32 (num_scales = ceil(hidden / 512)); NULL for BF16 */
-  deepepDataType_t scales_type;    /* deepepFloat32 or deepepInt32 */
+  const void* x_scales;         /* FP8 only: [N, num_scales] float32 (num_scales = hidden / 128) or UE8M0-packed
+                                   int32 (num_scales = ceil(hidden / 512)); NULL for BF16 */
+  deepepDataType_t scales_type; /* deepepFloat32 or deepepInt32 */
   int num_scales;
   int64_t scales_row_stride;
-  const float* topk_weights;       /* optional [N, num_topk]; travels with the token */
+  const float* topk_weights; /* optional [N, num_topk]; travels with the token */
   int64_t weights_row_stride;
   /* Outputs of deepepDispatch, rows = num_recv_tokens (or num_worst_tokens). Optional ones may be NULL. */
-  void* recv_x;                    /* [rows, hidden] of x_type, contiguous */
-  void* recv_scales;               /* [rows, num_scales] of scales_type, contiguous (FP8 only) */
-  int64_t* recv_topk_idx;          /* optional [rows, num_topk]: receiver-local expert ids, -1 elsewhere */
-  float* recv_topk_weights;        /* optional [rows, num_topk]: 0 where the expert is elsewhere */
-  int32_t* recv_src_idx;           /* optional [rows]: source token index of each row (-1 in padding rows) */
+  void* recv_x;                        /* [rows, hidden] of x_type, contiguous */
+  void* recv_scales;                   /* [rows, num_scales] of scales_type, contiguous (FP8 only) */
+  int64_t* recv_topk_idx;              /* optional [rows, num_topk]: receiver-local expert ids, -1 elsewhere */
+  float* recv_topk_weights;            /* optional [rows, num_topk]: 0 where the expert is elsewhere */
+  int32_t* recv_src_idx;               /* optional [rows]: source token index of each row (-1 in padding rows) */
   int32_t* num_recv_tokens_per_expert; /* optional [num_experts / nranks]: aligned receive counts */
-  int64_t num_recv_rows;           /* rows the outputs hold (checked against what arrives) */
+  int64_t num_recv_rows;               /* rows the outputs hold (checked against what arrives) */
 } deepepDispatchArgs;
 
 DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args);
@@ -259,8 +259,8 @@ DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args);
 /* Fills `handle` with the routing of args (topk_idx, num_tokens, num_experts, expert_alignment, num_sms) and
  * exchanges counts with every rank. Collective; blocks the host until the counts are known (bounded by the
  * timeout); not capturable. */
-DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args,
-                                               deepepHandle_t handle, struct CUstream_st* stream);
+DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
+                                               struct CUstream_st* stream);
 
 /* Moves the payload under the handle's routing (cached) or, with num_worst_tokens > 0, under the routing in args
  * (which it records in the handle). Collective, stream-ordered, no host synchronisation, capturable. */
@@ -270,17 +270,17 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
 /* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
 typedef struct {
   size_t struct_size;
-  const void* x;                   /* [rows, hidden] deepepBFloat16 in the handle's receive order */
+  const void* x; /* [rows, hidden] deepepBFloat16 in the handle's receive order */
   int hidden;
-  int64_t num_rows;                /* rows of x: the handle's receive count, or the worst-case row count */
+  int64_t num_rows; /* rows of x: the handle's receive count, or the worst-case row count */
   int64_t x_row_stride;
-  const float* topk_weights;       /* optional [rows, num_topk] in receive order */
+  const float* topk_weights; /* optional [rows, num_topk] in receive order */
   int num_topk;
   int64_t weights_row_stride;
-  const void* bias[2];             /* optional [N, hidden] BF16 each, added after the sum in order */
+  const void* bias[2]; /* optional [N, hidden] BF16 each, added after the sum in order */
   int64_t bias_row_stride[2];
-  void* out;                       /* [N, hidden] BF16, contiguous */
-  float* out_topk_weights;         /* [N, num_topk] float32, required when topk_weights is given */
+  void* out;               /* [N, hidden] BF16, contiguous */
+  float* out_topk_weights; /* [N, num_topk] float32, required when topk_weights is given */
 } deepepCombineArgs;
 
 DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args);
