@@ -43,9 +43,11 @@ def get_cmake_dir() -> str:
 
 
 from ._core import (  # noqa: E402
+    CombineResult,
     Communicator,
     DeviceArray,
     DispatchResult,
+    Event,
     Handle,
     buffer_size_hint,
     empty,
@@ -60,8 +62,10 @@ __version__ = "{}.{}.{}".format(*version())
 
 __all__ = [
     "Communicator",
+    "CombineResult",
     "DeviceArray",
     "DispatchResult",
+    "Event",
     "Handle",
     "DeepEPError",
     "DeepEPBufferTooSmall",

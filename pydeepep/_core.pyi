@@ -43,6 +43,14 @@ class DeviceArray:
     ) -> Any: ...
     def to_numpy(self) -> np.ndarray: ...
 
+class Event:
+    handle: int
+    @staticmethod
+    def record(stream: int) -> Event: ...
+    def wait(self, stream: Any = ...) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool: ...
+
 class DispatchResult(NamedTuple):
     recv_x: DeviceArray
     recv_scales: DeviceArray | None
@@ -51,6 +59,12 @@ class DispatchResult(NamedTuple):
     num_recv_tokens_per_expert: list[int]
     recv_src_idx: DeviceArray
     handle: Handle
+    event: Event | None
+
+class CombineResult(NamedTuple):
+    out: DeviceArray
+    topk_weights: DeviceArray | None
+    event: Event | None
 
 class Handle:
     comm: Communicator
@@ -111,6 +125,8 @@ class Communicator:
         num_sms: int = ...,
         stream: Any = ...,
         out: DispatchResult | None = ...,
+        previous_event: Any = ...,
+        async_finish: bool = ...,
     ) -> DispatchResult: ...
     def combine(
         self,
@@ -120,5 +136,7 @@ class Communicator:
         topk_weights: Any = ...,
         bias: Any = ...,
         stream: Any = ...,
-        out: tuple[DeviceArray, DeviceArray | None] | None = ...,
-    ) -> tuple[DeviceArray, DeviceArray | None]: ...
+        out: CombineResult | None = ...,
+        previous_event: Any = ...,
+        async_finish: bool = ...,
+    ) -> CombineResult: ...

@@ -154,12 +154,83 @@ def to_device(array, *, int device, stream=None):
 DispatchResult = collections.namedtuple(
     "DispatchResult",
     ["recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert", "recv_src_idx",
-     "handle"])
+     "handle", "event"])
 DispatchResult.__doc__ = """What a dispatch returns. ``recv_x`` [rows, H] (bfloat16 or float8_e4m3fn), ``recv_scales``
 [rows, S] for FP8 (else None), ``recv_topk_idx`` [rows, K] int64 receiver-local expert ids (-1 elsewhere; None
 without topk_idx), ``recv_topk_weights`` [rows, K] float32 (None without weights), ``num_recv_tokens_per_expert``
 a list of ints (empty in worst-case mode), ``recv_src_idx`` [rows] int32 source token of each row (-1 in padding),
-``handle`` the routing for combine and cached dispatches."""
+``handle`` the routing for combine and cached dispatches, ``event`` an :class:`Event` with ``async_finish``."""
+
+CombineResult = collections.namedtuple("CombineResult", ["out", "topk_weights", "event"])
+CombineResult.__doc__ = """What a combine returns: ``out`` [N, H] bfloat16, ``topk_weights`` [N, K] float32 (None
+without weights), ``event`` an :class:`Event` with ``async_finish``."""
+
+
+def _event_handle(event):
+    """The CUevent handle of a pydeepep Event, a cuda.core Event, a CuPy / PyTorch event or an integer."""
+    if isinstance(event, Event):
+        return (<Event>event).handle
+    for attribute in ("handle", "ptr", "cuda_event"):  # cuda.core, CuPy, PyTorch
+        if hasattr(event, attribute):
+            return int(getattr(event, attribute))
+    if isinstance(event, int) and not isinstance(event, bool):
+        return event
+    raise DeepEPInvalidArgument(f"cannot take a CUDA event from {type(event).__name__}", 1)
+
+
+def _wait_event(stream, event):
+    from cuda.bindings import driver
+
+    status, = driver.cuStreamWaitEvent(driver.CUstream(stream), driver.CUevent(_event_handle(event)), 0)
+    if status != driver.CUresult.CUDA_SUCCESS:
+        raise DeepEPCudaError(f"waiting for previous_event failed: {status!r}", 3)
+
+
+cdef class Event:
+    """A CUDA event marking the end of an asynchronous call. ``wait(stream)`` makes a stream wait for it (no host
+    wait); ``synchronize()`` waits on the host; ``query()`` tells whether it has happened; ``handle`` is the raw
+    CUevent for other libraries."""
+
+    cdef readonly size_t handle
+
+    @staticmethod
+    def record(stream):
+        from cuda.bindings import driver
+
+        status, event = driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+        if status != driver.CUresult.CUDA_SUCCESS:
+            raise DeepEPCudaError(f"cuEventCreate failed: {status!r}", 3)
+        cdef Event e = Event.__new__(Event)
+        e.handle = int(event)
+        status, = driver.cuEventRecord(event, driver.CUstream(stream))
+        if status != driver.CUresult.CUDA_SUCCESS:
+            raise DeepEPCudaError(f"cuEventRecord failed: {status!r}", 3)
+        return e
+
+    def wait(self, stream=None):
+        _wait_event(stream_handle(stream), self)
+
+    def synchronize(self):
+        from cuda.bindings import driver
+
+        status, = driver.cuEventSynchronize(driver.CUevent(self.handle))
+        if status != driver.CUresult.CUDA_SUCCESS:
+            raise DeepEPCudaError(f"cuEventSynchronize failed: {status!r}", 3)
+
+    def query(self):
+        from cuda.bindings import driver
+
+        status, = driver.cuEventQuery(driver.CUevent(self.handle))
+        return status == driver.CUresult.CUDA_SUCCESS
+
+    def __dealloc__(self):
+        if self.handle:
+            try:
+                from cuda.bindings import driver
+
+                driver.cuEventDestroy(driver.CUevent(self.handle))
+            except Exception:
+                pass
 
 
 cdef class Handle:
@@ -323,6 +394,17 @@ cdef class Communicator:
                 f"pydeepep.Communicator (rank {self.rank}) was never closed; its resources stay allocated until the "
                 "process exits. Call close() on every rank.", ResourceWarning, stacklevel=2)
 
+    def _start(self, stream, previous_event, bint async_finish):
+        """The stream a call runs on (and its owner object): the caller's, or with ``async_finish`` the
+        communicator's, ordered after the caller's work; both wait for ``previous_event`` when given."""
+        caller = stream_handle(stream)
+        run_on, owner = (self.stream, self) if async_finish else (caller, stream)
+        if run_on != caller:
+            _make_stream_wait(caller, run_on)
+        if previous_event is not None:
+            _wait_event(run_on, previous_event)
+        return owner, run_on
+
     def measure_push_bandwidth(self, int num_sms, size_t nbytes=256 << 20, int iterations=10, stream=None):
         """Diagnostic: GB/s of SM-driven 16-byte stores into the next rank's buffer with ``num_sms`` blocks (median
         of ``iterations`` passes). Every rank calls it at the same time, with no dispatch or combine in flight."""
@@ -397,7 +479,8 @@ cdef class Communicator:
 
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, x_scales=None, handle=None,
-                 int expert_alignment=1, int64_t num_worst_tokens=0, int num_sms=0, stream=None, out=None):
+                 int expert_alignment=1, int64_t num_worst_tokens=0, int num_sms=0, stream=None, out=None,
+                 previous_event=None, bint async_finish=False):
         """High-throughput dispatch: sends each token to every rank holding one of its experts (once per rank).
 
         ``x`` [N, H]: bfloat16 (or its bits as uint16) or float8_e4m3fn (or uint8) with ``x_scales`` [N, H/128]
@@ -409,9 +492,12 @@ cdef class Communicator:
         if given, is refilled: create it beforehand to capture the call in a CUDA graph). Returns a
         :data:`DispatchResult`; outputs are produced on ``stream``. ``out``: a DispatchResult of an earlier call
         with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs).
+        ``previous_event``: work waits for this event first. ``async_finish``: run on the communicator's stream
+        (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
+        produced on the communicator's stream.
         """
         cdef deepepComm_t comm = self._live()
-        s = stream_handle(stream)
+        stream, s = self._start(stream, previous_event, async_finish)
         cdef CUstream_st* cs = <CUstream_st*><size_t>s
         cdef deepepDispatchArgs a
         _check(deepepDispatchArgsInit(&a))
@@ -513,7 +599,8 @@ cdef class Communicator:
                                  if topk_weights is not None else None)
             recv_src_idx = empty((rows,), np.int32, device=self.device, stream=stream)
         else:
-            recv_x, recv_scales, recv_topk_idx, recv_topk_weights, _, recv_src_idx, _ = out
+            recv_x, recv_scales, recv_src_idx = out.recv_x, out.recv_scales, out.recv_src_idx
+            recv_topk_idx, recv_topk_weights = out.recv_topk_idx, out.recv_topk_weights
             if recv_x.shape != (rows, xv.cols) or (recv_scales is None) == fp8 or recv_src_idx.shape != (rows,):
                 raise DeepEPInvalidArgument("out does not match this dispatch's shapes", 1)
             if (recv_topk_idx is None) != (topk_idx is None) or (recv_topk_weights is None) != (topk_weights is None):
@@ -528,20 +615,23 @@ cdef class Communicator:
             status = deepepDispatch(comm, &a, hh, cs)
         _check(status)
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
-                              list(h.num_recv_tokens_per_expert), recv_src_idx, h)
+                              list(h.num_recv_tokens_per_expert), recv_src_idx, h,
+                              Event.record(s) if async_finish else None)
 
-    def combine(self, x, Handle handle not None, *, topk_weights=None, bias=None, stream=None, out=None):
+    def combine(self, x, Handle handle not None, *, topk_weights=None, bias=None, stream=None, out=None,
+                previous_event=None, bint async_finish=False):
         """High-throughput combine: returns to each source the sum, over the ranks that received each of its tokens
         (ascending), of their rows of ``x`` [rows, H] bfloat16 (bits as uint16 accepted) in the handle's receive
         order, plus up to two ``bias`` arrays [N, H] (one array or a tuple), all in float32, rounded once to
         bfloat16. ``topk_weights`` [rows, K] float32 are summed the same way. Returns ``(out [N, H] bfloat16,
         combined_weights [N, K] float32 or None)`` produced on ``stream``; no host synchronisation. ``out``: the
-        pair an earlier combine returned, written again instead of new arrays (needed inside CUDA graphs)."""
+        pair an earlier combine returned, written again instead of new arrays (needed inside CUDA graphs).
+        ``previous_event`` and ``async_finish`` as in :meth:`dispatch`; returns a :data:`CombineResult`."""
         cdef deepepComm_t comm = self._live()
         cdef deepepHandle_t hh = handle._live()
         if handle.comm is not self:
             raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
-        s = stream_handle(stream)
+        stream, s = self._start(stream, previous_event, async_finish)
         cdef CUstream_st* cs = <CUstream_st*><size_t>s
         cdef deepepCombineArgs a
         _check(deepepCombineArgsInit(&a))
@@ -581,7 +671,7 @@ cdef class Communicator:
             out = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
         else:
-            out, out_weights = out
+            out, out_weights = out[0], out[1]
             if out.shape != (n, xv.cols) or (out_weights is None) != (num_topk == 0):
                 raise DeepEPInvalidArgument("out does not match this combine's shapes", 1)
         a.out = <void*><size_t>out.ptr
@@ -590,7 +680,7 @@ cdef class Communicator:
         with nogil:
             status = deepepCombine(comm, &a, hh, cs)
         _check(status)
-        return out, out_weights
+        return CombineResult(out, out_weights, Event.record(s) if async_finish else None)
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):

@@ -169,7 +169,7 @@ def run_case(
         yw_dev = cupy.zeros((rows, k), cupy.float32)
         yw_dev[:m] = dev(yw[me])
         bias_dev = tuple(dev(b) for b in bias_bits[me])
-        out, out_w = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None)
+        out, out_w, _ = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None)
         cupy.cuda.runtime.deviceSynchronize()
         comm.check_async_error()
         if not np.array_equal(bf16_values(out.to_numpy()), want_out[me][0]):
@@ -182,7 +182,7 @@ def run_case(
             again = comm.dispatch(
                 x_dev, x_scales=scales_dev, topk_idx=topk_dev, topk_weights=w_dev, handle=result.handle
             )
-            out2, _ = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None)
+            out2 = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None).out
             if not (
                 np.array_equal(again.recv_x.to_numpy(), result.recv_x.to_numpy())
                 and np.array_equal(out2.to_numpy(), out.to_numpy())
@@ -239,6 +239,45 @@ def log(info, name, result):
             f.write(f"{name}: {result}\n")
 
 
+def slow_then_fill(target, host_values, stream):
+    """Enqueues tens of milliseconds of matrix work, then the real values, on `stream`: a call that does not wait
+    for `stream` reads the zeros that are there before."""
+    with stream:
+        work = cupy.ones((4096, 4096), cupy.float32)
+        for _ in range(8):
+            work = (work @ work) * cupy.float32(1e-4)
+        target[...] = cupy.asarray(host_values)
+
+
+def async_case(comm, seed, use_event):
+    """async_finish (runs on the communicator stream after the caller's work) or previous_event (waits for an event
+    of another stream): either way the dispatch must see inputs that become ready late."""
+    R, me, n, h, k, e = comm.nranks, comm.rank, 256, 512, 4, 16
+    inputs = [make_inputs(seed, r, n, h, k, e) for r in range(R)]
+    want = reference.dispatch([bf16_values(x) for x, _, _ in inputs], [t for _, t, _ in inputs], None, e)[me]
+    with cupy.cuda.Device(comm.device):
+        producer = cupy.cuda.Stream(non_blocking=True)
+        x_dev = cupy.zeros((n, h), cupy.uint16)
+        topk_dev = cupy.asarray(inputs[me][1])
+        cupy.cuda.runtime.deviceSynchronize()
+        slow_then_fill(x_dev, inputs[me][0], producer)
+        if use_event:
+            ready = cupy.cuda.Event()
+            ready.record(producer)
+            consumer = cupy.cuda.Stream(non_blocking=True)
+            result = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=consumer.ptr, previous_event=ready)
+        else:
+            result = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=producer, async_finish=True)
+            if result.event is None or result.recv_x.stream != comm.stream:
+                return "async dispatch did not run on the communicator stream with an event"
+            result.event.synchronize()
+            if not result.event.query():
+                return "the event is not complete after synchronize()"
+        got = bf16_values(result.recv_x.to_numpy())
+    comm.check_async_error()
+    return bool(np.array_equal(got, want[0])) or "the dispatch read inputs before they were ready"
+
+
 def ht_scenarios(info):
     out = {}
     with pydeepep.Communicator(
@@ -283,6 +322,12 @@ def ht_scenarios(info):
                 break  # the ranks are out of step: later scenarios would only time out too
         if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
             return out
+        for name, use_event in (("async_finish", False), ("previous_event", True)):
+            try:
+                out[name] = async_case(comm, 31, use_event)
+            except Exception:
+                out[name] = traceback.format_exc()
+            log(info, name, out[name])
         try:
             out["graph_replay"] = graph_case(comm, 30)
         except Exception:
@@ -333,6 +378,8 @@ def results():
         "no_weights",
         "eight_sms",
         "reruns_identical",
+        "async_finish",
+        "previous_event",
         "graph_replay",
     ],
 )

@@ -204,7 +204,9 @@ def test_dispatch_result_names_its_fields():
         "num_recv_tokens_per_expert",
         "recv_src_idx",
         "handle",
+        "event",
     )
+    assert pydeepep.CombineResult._fields == ("out", "topk_weights", "event")
 
 
 def test_bfloat16_and_float8_arrays_export_their_true_dlpack_types():

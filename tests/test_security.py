@@ -42,7 +42,8 @@ def make_id_and_report(env):
         "pydeepep.get_unique_id()\n"
         "print(' '.join(listening_sockets(os.getpid())))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # Run outside the source tree, whose pydeepep/ (without the built extension) would shadow the installed one.
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd="/")
     return out.stdout.split()
 
 
