@@ -96,7 +96,8 @@ void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what)
   cudaEvent_t done = nullptr;
   DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   const cudaError_t recorded = cudaEventRecord(done, stream);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(comm.timeout_seconds + 5);
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + std::chrono::duration<double>(comm.timeout_seconds + 5);
   cudaError_t status = recorded;
   while (status == cudaSuccess) {
     status = cudaEventQuery(done);
@@ -108,7 +109,12 @@ void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what)
       cudaEventDestroy(done);
       fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
+    // Count exchanges finish in tens of microseconds: spin first, then stop burning the core.
+    if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
   }
   cudaEventDestroy(done);
   if (status != cudaSuccess) fail_cuda(status, what, __FILE__, __LINE__);
@@ -149,14 +155,6 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
     DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));
-    const cudaError_t status =
-        cudaHostAlloc(reinterpret_cast<void**>(&h->host), sizeof(HandleHostInfo), cudaHostAllocMapped);
-    if (status != cudaSuccess) {
-      cudaFree(h->device_storage);
-      fail_cuda(status, "cudaHostAlloc(handle host info)", __FILE__, __LINE__);
-    }
-    std::memset(h->host, 0, sizeof(HandleHostInfo));
-    DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&h->host_device), h->host, 0));
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
     live_handles.insert(h.get());
     *handle = h.release();
@@ -175,7 +173,6 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     // Work on any stream may still read the handle: wait for the device before freeing.
     cudaDeviceSynchronize();
     cudaFree(h->device_storage);
-    cudaFreeHost(h->host);
     delete h;
   });
 }
@@ -187,7 +184,7 @@ DEEPEP_API deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, in
     if (!h->recv_counts_on_host) {
       fail(deepepInvalidUsage, "the handle's receive count is not on the host (no deepepDispatchNotify filled it)");
     }
-    *num_recv_tokens = h->host->num_recv_tokens;
+    *num_recv_tokens = h->host_info.num_recv_tokens;
   });
 }
 
@@ -202,7 +199,7 @@ DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t hand
     const int local = h->num_experts / h->comm->nranks;
     DEEPEP_REQUIRE(num_local_experts == local, "num_local_experts is %d; the handle's routing has %d",
                    num_local_experts, local);
-    std::memcpy(counts, h->host->recv_tokens_per_expert, sizeof(int32_t) * local);
+    std::memcpy(counts, h->host_info.recv_tokens_per_expert, sizeof(int32_t) * local);
   });
 }
 
@@ -246,6 +243,7 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     prepare(c, h, a, stream);
     launch_notify(c, h, a.expert_alignment, stream);
     wait_bounded(c, stream, "the dispatch count exchange");
+    std::memcpy(&h.host_info, c.notify_host, sizeof(HandleHostInfo));
     h.recv_counts_on_host = true;
   });
 }
@@ -330,9 +328,9 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     const int64_t rows = worst_case ? a.num_worst_tokens : a.num_recv_rows;
     DEEPEP_REQUIRE(rows >= 0, "num_recv_rows is %lld", static_cast<long long>(rows));
     if (!worst_case && h.recv_counts_on_host) {
-      DEEPEP_REQUIRE(rows >= h.host->num_recv_tokens,
+      DEEPEP_REQUIRE(rows >= h.host_info.num_recv_tokens,
                      "the outputs hold %lld rows but %lld arrive (deepepHandleGetNumRecvTokens)",
-                     static_cast<long long>(rows), static_cast<long long>(h.host->num_recv_tokens));
+                     static_cast<long long>(rows), static_cast<long long>(h.host_info.num_recv_tokens));
     }
     DEEPEP_REQUIRE(worst_case || a.num_recv_rows >= 0, "num_recv_rows must be set");
     check_device_array(c, a.recv_x, static_cast<size_t>(rows) * a.hidden * element, element, "recv_x");
@@ -372,8 +370,9 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "hidden is %d; it must be a positive multiple of 8", a.hidden);
     DEEPEP_REQUIRE(a.num_rows >= 0, "num_rows is %lld", static_cast<long long>(a.num_rows));
     if (h.recv_counts_on_host) {
-      DEEPEP_REQUIRE(a.num_rows >= h.host->num_recv_tokens, "x has %lld rows but the handle's dispatch delivered %lld",
-                     static_cast<long long>(a.num_rows), static_cast<long long>(h.host->num_recv_tokens));
+      DEEPEP_REQUIRE(a.num_rows >= h.host_info.num_recv_tokens,
+                     "x has %lld rows but the handle's dispatch delivered %lld", static_cast<long long>(a.num_rows),
+                     static_cast<long long>(h.host_info.num_recv_tokens));
     }
     const int64_t stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
     DEEPEP_REQUIRE(stride >= a.hidden && (stride * 2) % 16 == 0,

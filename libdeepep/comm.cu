@@ -13,6 +13,7 @@
 #include "comm.hpp"
 #include "cuda_utils.hpp"
 #include "error.hpp"
+#include "handle.hpp"
 
 namespace deepep {
 
@@ -188,7 +189,9 @@ static void free_local_resources(deepepComm* comm) {
   if (comm->peer_buffers_device != nullptr) cudaFree(comm->peer_buffers_device);
   if (comm->async_error != nullptr) cudaFreeHost(comm->async_error);
   if (comm->op_state_device != nullptr) cudaFree(comm->op_state_device);
+  if (comm->notify_host != nullptr) cudaFreeHost(comm->notify_host);
   comm->op_state_device = nullptr;
+  comm->notify_host = nullptr;
   comm->stream = nullptr;
   comm->peer_buffers_device = nullptr;
   comm->async_error = nullptr;
@@ -247,6 +250,9 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     std::memset(comm->async_error, 0, sizeof(AsyncErrorRecord));
     DEEPEP_CUDA_CHECK(
         cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device), comm->async_error, 0));
+    DEEPEP_CUDA_CHECK(cudaHostAlloc(&comm->notify_host, sizeof(HandleHostInfo), cudaHostAllocMapped));
+    std::memset(comm->notify_host, 0, sizeof(HandleHostInfo));
+    DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(&comm->notify_host_device, comm->notify_host, 0));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->op_state_device), 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMemset(comm->op_state_device, 0, 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->peer_buffers_device), sizeof(void*) * nranks));

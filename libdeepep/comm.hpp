@@ -42,6 +42,10 @@ struct deepepComm {
   // Sequence number of the collective operations that use the buffer, on the device so that replayed CUDA graphs
   // advance it too (see intranode.cu).
   uint32_t* op_state_device = nullptr;
+  // Where the notify kernel leaves receive counts for the host (mapped pinned deepep::HandleHostInfo): one per
+  // communicator, since notify calls block the host one at a time.
+  void* notify_host = nullptr;
+  void* notify_host_device = nullptr;
 };
 
 namespace deepep {

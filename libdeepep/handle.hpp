@@ -44,6 +44,5 @@ struct deepepHandle {
   int32_t* recv_counts = nullptr;    // [R]: rows received from each rank
   int64_t* num_recv_device = nullptr;
 
-  deepep::HandleHostInfo* host = nullptr;         // mapped pinned
-  deepep::HandleHostInfo* host_device = nullptr;  // its device address
+  deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)
 };

@@ -778,7 +778,8 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream) {
   notify_kernel<<<1, 256, 0, stream>>>(protocol_of(comm), handle.send_counts, handle.expert_counts,
                                        handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
-                                       handle.recv_counts, handle.num_recv_device, handle.host_device);
+                                       handle.recv_counts, handle.num_recv_device,
+                                       static_cast<HandleHostInfo*>(comm.notify_host_device));
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -11,6 +11,7 @@
  *  - Structs that cross the ABI start with `size_t struct_size`; fill them with their *Init function (or the
  *    DEEPEP_*_INIT initialiser) so that fields added later take their defaults.
  *  - The stream is the last parameter of every stream-ordered call.
+ *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
  * Limits of this release
  *  - One communicator per process at a time (NVSHMEM is initialised once per process). A second
@@ -205,7 +206,8 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
 typedef struct deepepHandle* deepepHandle_t;
 
 /* Creates an empty handle for dispatches of up to config->max_tokens_per_rank tokens on `comm`. Local, blocking
- * (allocates device memory; not capturable). Destroy accepts NULL. */
+ * (allocates device memory; not capturable). Destroy accepts NULL; it blocks until the device is idle, since queued
+ * work on any stream may still read the handle (keep handles across steps rather than destroying one per step). */
 DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle);
 DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
 /* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify; after a
