@@ -57,6 +57,7 @@ constexpr int kDispatchRecvWarps = 8;
 constexpr int kCombinePushWarps = 12;
 constexpr int kCombineReduceWarps = 12;
 constexpr int kTokensPerWarpPerChunk = 2;
+constexpr int kVectorsInFlight = 4;  // combine: 16-byte loads each lane keeps in flight per row
 
 __device__ __forceinline__ ControlRegion* control_of(void* const* peers, int rank) {
   return static_cast<ControlRegion*>(peers[rank]);
@@ -656,20 +657,38 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         if (q.num_topk > 0) row_weights[d] = reinterpret_cast<const float*>(rows[d] + weights_offset);
       }
       if (!alive) break;
+      // Each lane sums kVectorsInFlight 8-element vectors at a time, loading them all from a row before adding, so
+      // that several loads are in flight (the sum is latency-bound otherwise). Per element the additions stay in
+      // rank order, then bias0, then bias1.
       const int vectors = q.hidden / 8;
-      for (int v = lane; v < vectors; v += 32) {
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int d = 0; d < R; ++d) {
-          if (rows[d] == nullptr) continue;
-          add_bf16x8(acc, reinterpret_cast<const int4*>(rows[d])[v]);
-        }
-        if (q.bias0 != nullptr) add_bf16x8(acc, reinterpret_cast<const int4*>(q.bias0 + t * q.bias0_stride_bytes)[v]);
-        if (q.bias1 != nullptr) add_bf16x8(acc, reinterpret_cast<const int4*>(q.bias1 + t * q.bias1_stride_bytes)[v]);
-        int4 packed;
-        __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+      const uint8_t* biases[2] = {q.bias0 != nullptr ? q.bias0 + t * q.bias0_stride_bytes : nullptr,
+                                  q.bias1 != nullptr ? q.bias1 + t * q.bias1_stride_bytes : nullptr};
+      for (int v0 = lane; v0 < vectors; v0 += 32 * kVectorsInFlight) {
+        float acc[kVectorsInFlight][8] = {};
+        for (int source = 0; source < R + 2; ++source) {
+          const uint8_t* row = source < R ? rows[source] : biases[source - R];
+          if (row == nullptr) continue;
+          int4 loaded[kVectorsInFlight];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-        reinterpret_cast<int4*>(q.out + t * q.hidden)[v] = packed;
+          for (int u = 0; u < kVectorsInFlight; ++u) {
+            const int v = v0 + u * 32;
+            if (v < vectors) loaded[u] = reinterpret_cast<const int4*>(row)[v];
+          }
+#pragma unroll
+          for (int u = 0; u < kVectorsInFlight; ++u) {
+            if (v0 + u * 32 < vectors) add_bf16x8(acc[u], loaded[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kVectorsInFlight; ++u) {
+          const int v = v0 + u * 32;
+          if (v >= vectors) continue;
+          int4 packed;
+          __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[u][2 * i], acc[u][2 * i + 1]);
+          reinterpret_cast<int4*>(q.out + t * q.hidden)[v] = packed;
+        }
       }
       if (q.out_weights != nullptr) {
         for (int k = lane; k < q.num_topk; k += 32) {
