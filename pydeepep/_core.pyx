@@ -370,6 +370,10 @@ cdef class Communicator:
         _check(deepepCommGetStream(self._live(), &s))
         return <size_t>s
 
+    def __cuda_stream__(self):
+        """The communicator's own stream, in the CUDA stream protocol: a Communicator can be passed as a stream."""
+        return (0, self.stream)
+
     def close(self):
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing."""
         if self._comm == NULL:
