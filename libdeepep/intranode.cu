@@ -463,12 +463,14 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         }
       }
       // Publish progress: every sender makes its stores visible system-wide, then one lane per destination
-      // releases the new row count.
+      // releases the new row count. The count is read between two barriers: after this chunk's increments, before
+      // the next chunk's (whose rows are not fenced yet).
       __threadfence_system();
       group_barrier(1, kDispatchSendWarps * 32);
+      const uint32_t done = warp == 0 && lane < R ? static_cast<uint32_t>(rows_done[lane]) : 0;
+      group_barrier(1, kDispatchSendWarps * 32);
       if (warp == 0 && lane < R && lane != p.rank) {
-        store_release_sys(&control_of(p.peers, lane)->progress[p.rank][b],
-                          tagged(seq, static_cast<uint32_t>(rows_done[lane])));
+        store_release_sys(&control_of(p.peers, lane)->progress[p.rank][b], tagged(seq, done));
       }
     }
   } else if (ok) {
