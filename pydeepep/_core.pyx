@@ -287,8 +287,9 @@ cdef class _View:
     cdef public object keep
 
 
-cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None):
-    view = _as_view(obj, stream)
+cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=None):
+    if view is None:
+        view = _as_view(obj, stream)
     rows, cols, stride = check_matrix(view, name, dtypes, device)
     cdef _View v = _View()
     v.ptr = view.ptr
@@ -509,7 +510,7 @@ cdef class Communicator:
         kind = getattr(x, "dtype_name", None) or payload_kind(view, "x")
         if kind not in ("bfloat16", "float8_e4m3fn"):
             kind = payload_kind(view, "x")
-        cdef _View xv = _matrix(x, s, "x", None, self.device, kind)
+        cdef _View xv = _matrix(x, s, "x", None, self.device, kind, view)
         fp8 = kind == "float8_e4m3fn"
         a.num_tokens = xv.rows
         a.x = <const void*><size_t>xv.ptr
@@ -643,7 +644,7 @@ cdef class Communicator:
         kind = getattr(x, "dtype_name", None) or payload_kind(view, "x")
         if kind != "bfloat16":
             raise DeepEPInvalidArgument(f"combine takes bfloat16 rows; x is {kind}", 1)
-        cdef _View xv = _matrix(x, s, "x", None, self.device, kind)
+        cdef _View xv = _matrix(x, s, "x", None, self.device, kind, view)
         a.x = <const void*><size_t>xv.ptr
         a.hidden = <int>xv.cols
         a.num_rows = xv.rows
