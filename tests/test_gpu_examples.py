@@ -38,6 +38,12 @@ def test_python_example_with_cupy_arrays():
     assert "Warning" not in result.stdout + result.stderr
 
 
+def test_python_dispatch_combine_example():
+    result = run([sys.executable, str(EXAMPLES / "python" / "dispatch_combine.py")])
+    assert result.returncode == 0
+    assert result.stdout.count("combine matches the reference") == gpu_count()
+
+
 def test_c_example_over_all_gpus(tmp_path):
     if shutil.which("cc") is None or not (CUDA_HOME / "include" / "cuda_runtime.h").exists():
         pytest.skip("needs a C compiler and the CUDA toolkit headers")
