@@ -78,8 +78,10 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
 }
 
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch.
-void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& a, cudaStream_t stream) {
-  check_routing(comm, a);
+void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& given, cudaStream_t stream) {
+  check_routing(comm, given);
+  deepepDispatchArgs a = given;
+  if (a.topk_row_stride == 0) a.topk_row_stride = a.num_topk;  // 0 means contiguous rows
   const int num_sms = resolve_num_sms(comm, a.num_sms);
   handle.routed = false;
   handle.recv_counts_on_host = false;
@@ -140,6 +142,12 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
         static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS + 2 * R * kMaxBlocks * 2 + R;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
     DEEPEP_CUDA_CHECK(cudaMalloc(&h->device_storage, bytes));
+    struct FreeOnFailure {
+      deepepHandle* handle;
+      ~FreeOnFailure() {
+        if (handle != nullptr) cudaFree(handle->device_storage);
+      }
+    } free_on_failure{h.get()};
     auto* base = static_cast<uint8_t*>(h->device_storage);
     h->num_recv_device = reinterpret_cast<int64_t*>(base);
     int32_t* next = reinterpret_cast<int32_t*>(base + sizeof(int64_t));
@@ -155,6 +163,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
     DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));
+    free_on_failure.handle = nullptr;  // the handle owns its storage from here on
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
     live_handles.insert(h.get());
     *handle = h.release();

@@ -71,7 +71,15 @@ deepepConfig resolve_config(const deepepConfig* config) {
 }
 
 size_t buffer_size_for(const deepepConfig& config, int nranks) {
-  if (config.buffer_bytes != 0) return config.buffer_bytes;
+  if (config.buffer_bytes != 0) {
+    // The control region plus room for at least a few rows from every rank.
+    const size_t minimum = kControlBytes + static_cast<size_t>(nranks) * kMinRegionBytes;
+    DEEPEP_REQUIRE(config.buffer_bytes >= minimum,
+                   "config->buffer_bytes is %zu; at least %zu are needed on %d ranks (1 MiB of control words plus "
+                   "%zu bytes per rank)",
+                   config.buffer_bytes, minimum, nranks, kMinRegionBytes);
+    return config.buffer_bytes;
+  }
   // Worst case of a receiving rank: every token of every rank arrives, each row carrying its BF16 payload (the
   // larger of the two payload forms), FP8 scales, top-k ids and weights, and its source index. Computed in
   // long double first so that an absurd workload is refused instead of wrapping around.

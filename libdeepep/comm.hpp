@@ -14,6 +14,8 @@ namespace deepep {
 
 // Space for control words (counters, flags) at the start of every communication buffer, ahead of the data region.
 constexpr size_t kControlBytes = size_t(1) << 20;
+// Smallest receive region per source rank an explicit buffer_bytes may leave.
+constexpr size_t kMinRegionBytes = size_t(64) << 10;
 
 // A config after validation, with the caller's struct_size honoured (fields past it take their defaults).
 deepepConfig resolve_config(const deepepConfig* config);

@@ -29,9 +29,11 @@ namespace deepep {
 namespace {
 
 struct alignas(16) CountMessage {
-  uint64_t flag;                              // seq of the operation the message belongs to
-  int32_t tokens;                             // rows the source sends to this rank
-  int32_t num_blocks;                         // the source's block count (must match: block b talks to block b)
+  uint64_t flag;       // seq of the operation the message belongs to
+  int32_t tokens;      // rows the source sends to this rank
+  int32_t num_blocks;  // the source's block count (must match: block b talks to block b)
+  int32_t row_bytes;   // the source's dispatch row layout (must match: rows are read here)
+  int32_t pad;
   int32_t experts[DEEPEP_MAX_LOCAL_EXPERTS];  // the source's tokens per expert of this rank
 };
 
@@ -88,7 +90,10 @@ __device__ bool wait_acks(const Protocol& p, uint32_t seq, uint64_t deadline, Ph
   const int lane = threadIdx.x % 32;
   for (int d = lane; d < p.nranks; d += 32) {
     if (d == p.rank) continue;
-    ok &= wait_flag(&mine->ack[d], [&](uint64_t v) { return v + 1 >= seq; }, deadline, p.error, p.rank, phase, d);
+    // Acknowledged at least seq - 1, compared modulo 2^32 so that the sequence may wrap around.
+    ok &= wait_flag(
+        &mine->ack[d], [&](uint64_t v) { return static_cast<int32_t>(static_cast<uint32_t>(v) - (seq - 1u)) >= 0; },
+        deadline, p.error, p.rank, phase, d);
   }
   return __all_sync(0xffffffffu, ok);
 }
@@ -100,6 +105,7 @@ __device__ void finish_operation(const Protocol& p, uint32_t seq) {
     __threadfence_system();
     const uint32_t finished = atomicAdd(&p.op_state[1], 1u);
     if (finished == gridDim.x - 1) {
+      __threadfence_system();  // acquire side of the other blocks' fence + increment
       for (int s = 0; s < p.nranks; ++s) {
         if (s != p.rank) store_release_sys(&control_of(p.peers, s)->ack[p.rank], seq);
       }
@@ -352,6 +358,7 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         if (lane == 0) {
           message->tokens = q.send_counts[d];
           message->num_blocks = gridDim.x;
+          message->row_bytes = static_cast<int32_t>(q.layout.row_bytes);
         }
       }
       __syncwarp();
@@ -372,6 +379,13 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         if (fine && mine->counts[s].num_blocks != static_cast<int>(gridDim.x)) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].num_blocks,
                              gridDim.x);
+          ok = false;
+        }
+        // Ranks that disagree on the payload (hidden size, FP8 or BF16, scales, top-k) would misread each other's
+        // rows: refuse instead.
+        if (fine && mine->counts[s].row_bytes != static_cast<int32_t>(q.layout.row_bytes)) {
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].row_bytes,
+                             static_cast<int64_t>(q.layout.row_bytes));
           ok = false;
         }
       }
@@ -397,8 +411,9 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
       }
     }
   }
-  // Padding rows of a worst-case output: no token, -1 ids, zero weights.
-  if (ok && q.worst_case) {
+  // Padding rows (a worst-case output, or a cached call into worst-case sized outputs): no token, -1 ids, zero
+  // weights.
+  if (ok && total_rows < q.out_rows) {
     const int num_topk = q.layout.num_topk;
     for (int64_t row = total_rows + static_cast<int64_t>(b) * blockDim.x + threadIdx.x; row < q.out_rows;
          row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -531,6 +546,7 @@ struct CombineParams {
   Protocol p;
   size_t region_bytes;
   size_t row_bytes;
+  int64_t num_rows;  // rows of x: pushing never reads past them
   int hidden;
   int num_topk;
   const int32_t* send_pos;
@@ -596,10 +612,24 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
       count[s] = s == p.rank ? 0 : range[1];
       longest = max(longest, count[s]);
     }
+    // Rows that are not in x (a worst-case handle whose dispatch overflowed, or too few rows passed) or that do not
+    // fit the source's region are not pushed: the fault is recorded, and progress is still published so that no
+    // rank waits forever.
+    bool pushable[kMaxNvlRanks];
+    for (int s = 0; s < R; ++s) {
+      const bool in_x = offsets[s] + start[s] + count[s] <= q.num_rows;
+      const bool fits = static_cast<size_t>(start[s] + count[s]) * q.row_bytes <= q.region_bytes;
+      pushable[s] = in_x && fits;
+      if (!pushable[s] && warp == 0 && lane == 0)
+        record_async_error(p.error, deepepBufferTooSmall, p.rank, Phase::kCombine, s,
+                           in_x ? static_cast<int64_t>(start[s] + count[s]) * static_cast<int64_t>(q.row_bytes)
+                                : offsets[s] + start[s] + count[s],
+                           in_x ? static_cast<int64_t>(q.region_bytes) : q.num_rows);
+    }
     const int chunk_rows = kCombinePushWarps * kTokensPerWarpPerChunk;
     for (int c0 = 0; c0 < longest; c0 += chunk_rows) {
       for (int s = 0; s < R; ++s) {
-        if (s == p.rank) continue;
+        if (s == p.rank || !pushable[s]) continue;
         uint8_t* region = region_of(p.peers, s, p.rank, q.region_bytes);
         for (int i = c0 + warp; i < min(count[s], c0 + chunk_rows); i += kCombinePushWarps) {
           const int64_t j = start[s] + i;
@@ -848,6 +878,7 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.p = protocol_of(comm);
   q.region_bytes = region_bytes_of(comm);
   q.row_bytes = combine_row_bytes(args.hidden, args.num_topk);  // num_topk is 0 without weights
+  q.num_rows = args.num_rows;
   q.hidden = args.hidden;
   q.num_topk = args.num_topk;
   q.send_pos = handle.send_pos;

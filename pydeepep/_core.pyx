@@ -575,9 +575,6 @@ cdef class Communicator:
         cdef int local_experts
         if num_worst_tokens > 0:
             rows = num_worst_tokens
-            h.num_experts = num_experts
-            h.num_recv_rows = rows
-            h.num_recv_tokens_per_expert = []
         elif handle is None:
             with nogil:
                 status = deepepDispatchNotify(comm, &a, hh, cs)
@@ -594,7 +591,6 @@ cdef class Communicator:
             if h.num_recv_rows is None:
                 raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
             rows = h.num_recv_rows
-        h.num_tokens = xv.rows
         if out is None:
             recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
             recv_scales = empty((rows, a.num_scales), scales_dtype, device=self.device, stream=stream) if fp8 else None
@@ -604,12 +600,16 @@ cdef class Communicator:
                                  if topk_weights is not None else None)
             recv_src_idx = empty((rows,), np.int32, device=self.device, stream=stream)
         else:
-            recv_x, recv_scales, recv_src_idx = out.recv_x, out.recv_scales, out.recv_src_idx
-            recv_topk_idx, recv_topk_weights = out.recv_topk_idx, out.recv_topk_weights
-            if recv_x.shape != (rows, xv.cols) or (recv_scales is None) == fp8 or recv_src_idx.shape != (rows,):
-                raise DeepEPInvalidArgument("out does not match this dispatch's shapes", 1)
-            if (recv_topk_idx is None) != (topk_idx is None) or (recv_topk_weights is None) != (topk_weights is None):
-                raise DeepEPInvalidArgument("out does not match this dispatch's top-k arguments", 1)
+            # The library cannot see the sizes of caller arrays: check every one against what will be written.
+            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x")
+            recv_scales = (_expect(out.recv_scales, (rows, a.num_scales), scales_dtype, "recv_scales")
+                           if fp8 else _expect(out.recv_scales, None, None, "recv_scales"))
+            recv_topk_idx = _expect(out.recv_topk_idx, (rows, num_topk) if topk_idx is not None else None, np.int64,
+                                    "recv_topk_idx")
+            recv_topk_weights = _expect(out.recv_topk_weights,
+                                        (rows, num_topk) if topk_weights is not None else None, np.float32,
+                                        "recv_topk_weights")
+            recv_src_idx = _expect(out.recv_src_idx, (rows,), np.int32, "recv_src_idx")
         a.recv_x = <void*><size_t>recv_x.ptr
         a.recv_scales = <void*><size_t>(recv_scales.ptr if fp8 else 0)
         a.recv_topk_idx = <int64_t*><size_t>(recv_topk_idx.ptr if recv_topk_idx is not None else 0)
@@ -619,6 +619,12 @@ cdef class Communicator:
         with nogil:
             status = deepepDispatch(comm, &a, hh, cs)
         _check(status)
+        # The handle's Python view of its routing changes only once the library accepted the call.
+        h.num_tokens = xv.rows
+        if num_worst_tokens > 0:
+            h.num_experts = num_experts
+            h.num_recv_rows = rows
+            h.num_recv_tokens_per_expert = []
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
                               list(h.num_recv_tokens_per_expert), recv_src_idx, h,
                               Event.record(s) if async_finish else None)
@@ -664,7 +670,8 @@ cdef class Communicator:
             raise DeepEPInvalidArgument(f"at most two bias arrays are supported, got {len(biases)}", 1)
         cdef _View bv
         keep = []
-        n = handle.num_tokens
+        cdef int64_t n = 0
+        _check(deepepHandleGetNumTokens(hh, &n))
         for i, b in enumerate(biases):
             bv = _matrix(b, s, f"bias[{i}]", None, self.device, "bfloat16")
             if bv.rows != n or bv.cols != xv.cols:
@@ -676,9 +683,8 @@ cdef class Communicator:
             out = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
         else:
-            out, out_weights = out[0], out[1]
-            if out.shape != (n, xv.cols) or (out_weights is None) != (num_topk == 0):
-                raise DeepEPInvalidArgument("out does not match this combine's shapes", 1)
+            out = _expect(out[0], (n, xv.cols), np.uint16, "out")
+            out_weights = _expect(out[1], (n, num_topk) if num_topk else None, np.float32, "out topk_weights")
         a.out = <void*><size_t>out.ptr
         a.out_topk_weights = <float*><size_t>(out_weights.ptr if out_weights is not None else 0)
         cdef deepepResult_t status
@@ -686,6 +692,21 @@ cdef class Communicator:
             status = deepepCombine(comm, &a, hh, cs)
         _check(status)
         return CombineResult(out, out_weights, Event.record(s) if async_finish else None)
+
+
+def _expect(array, shape, dtype, str name):
+    """A caller-provided output with exactly `shape` and `dtype`'s element size, or None where `shape` is None."""
+    if shape is None:
+        if array is not None:
+            raise DeepEPInvalidArgument(f"out {name} is given but this call does not write it", 1)
+        return None
+    if array is None:
+        raise DeepEPInvalidArgument(f"out {name} is missing", 1)
+    if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype).itemsize != np.dtype(dtype).itemsize:
+        raise DeepEPInvalidArgument(
+            f"out {name} has shape {tuple(array.shape)} and dtype {np.dtype(array.dtype).name}; this call writes "
+            f"{tuple(shape)} of {np.dtype(dtype).name}", 1)
+    return array
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):

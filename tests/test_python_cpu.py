@@ -308,7 +308,9 @@ def test_unique_ids_are_128_fresh_bytes():
 def test_buffer_size_hint_follows_the_workload():
     small = pydeepep.buffer_size_hint(2, max_tokens_per_rank=128, hidden=1024)
     assert pydeepep.buffer_size_hint(4, max_tokens_per_rank=128, hidden=1024) > small
-    assert pydeepep.buffer_size_hint(2, buffer_bytes=12345) == 12345
+    assert pydeepep.buffer_size_hint(2, buffer_bytes=12345 << 10) == 12345 << 10
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="buffer_bytes is 12345; at least"):
+        pydeepep.buffer_size_hint(2, buffer_bytes=12345)
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="hidden"):
         pydeepep.buffer_size_hint(2, hidden=7)
 
