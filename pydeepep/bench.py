@@ -4,7 +4,8 @@ For N in {512, 4096, 16384} tokens per rank (H = 7168, K = 8, E = 256) and SMs i
 NVLink ceiling, the dispatch layout, full dispatch (count exchange and host synchronisation), cached dispatch in BF16
 and FP8, and combine. GB/s counts the bytes that cross NVLink (rows sent to other ranks). Times are medians: device
 time per call replayed from a CUDA graph (no host gaps) for the graph-capturable calls; per call from Python, host
-synchronisation included, for the full dispatch. Writes a JSON record (machine, commit, command, results).
+synchronisation included, for the full dispatch. N = 0 rows give the protocol's fixed cost. Writes a JSON record
+(machine, commit, command, results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
     comm.check_async_error()
     rows = []
     for case, (us, row_bytes) in results.items():
-        gbps = remote_rows * row_bytes / (us * 1e-6) / 1e9
+        gbps = remote_rows * row_bytes / (us * 1e-6) / 1e9  # 0 for the N = 0 protocol floor
         rows.append(
             {
                 "case": case,
@@ -223,7 +224,7 @@ def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
         info.rank,
         info.nranks,
         device=info.device,
-        max_tokens_per_rank=max(tokens_list),
+        max_tokens_per_rank=max(max(tokens_list), 1),
         hidden=HIDDEN,
         num_topk=NUM_TOPK,
         num_experts=NUM_EXPERTS,
@@ -275,7 +276,7 @@ def plot(record: dict, path: str) -> bool:
     except ImportError:
         return False
     rows = record["results"][0]
-    tokens = sorted({r["num_tokens"] for r in rows if "ratio" in r})
+    tokens = sorted({r["num_tokens"] for r in rows if "ratio" in r and r["num_tokens"] > 0})
     if not tokens:
         return False
     fig, axes = plt.subplots(1, len(tokens), figsize=(5 * len(tokens), 4), squeeze=False)
@@ -307,6 +308,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="pydeepep_bench.json", help="where to write the JSON record")
     parser.add_argument("--sms", default=",".join(map(str, SMS)), help="SM counts, comma-separated")
     parser.add_argument("--tokens", default=",".join(map(str, NUM_TOKENS)), help="tokens per rank, comma-separated")
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the N = 0 runs (the protocol's fixed cost: launch, acknowledgements, count exchange)",
+    )
     args = parser.parse_args(argv)
 
     gpus = local_device_count()
@@ -322,6 +328,8 @@ def main(argv=None) -> int:
     started = time.time()
     sms_list = tuple(int(v) for v in args.sms.split(","))
     tokens_list = tuple(int(v) for v in args.tokens.split(","))
+    if not args.no_floor and 0 not in tokens_list:
+        tokens_list = (0, *tokens_list)
     per_rank = pydeepep.spawn(
         bench_rank, nprocs=nranks, args=(args.warmup, args.iters, sms_list, tokens_list), timeout=900
     )
