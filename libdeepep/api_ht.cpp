@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -77,6 +78,18 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
   check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element, "topk_idx");
 }
 
+// Remembers the handle's last use on `stream`, so that its storage is reused only after that work (see
+// deepepHandleDestroy). Inside a stream capture the graph may run at any later time: the handle is marked instead.
+void note_use(deepepHandle& handle, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    handle.used_in_capture = true;
+    return;
+  }
+  DEEPEP_CUDA_CHECK(cudaEventRecord(handle.last_use, stream));
+}
+
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch.
 void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& given, cudaStream_t stream) {
   check_routing(comm, given);
@@ -141,11 +154,36 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     const size_t ints =
         static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS + 2 * R * kMaxBlocks * 2 + R;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
-    DEEPEP_CUDA_CHECK(cudaMalloc(&h->device_storage, bytes));
+    {
+      // Reuse the storage of a destroyed handle whose last use has finished (no allocation, no device sync).
+      std::lock_guard<std::mutex> lock(c->retired_mutex);
+      for (auto it = c->retired_handles.begin(); it != c->retired_handles.end(); ++it) {
+        const cudaError_t status = cudaEventQuery(it->last_use);
+        if (status == cudaSuccess) {
+          h->device_storage = it->storage;
+          h->last_use = it->last_use;
+          c->retired_handles.erase(it);
+          break;
+        }
+        if (status != cudaErrorNotReady) fail_cuda(status, "cudaEventQuery(retired handle)", __FILE__, __LINE__);
+      }
+    }
+    const bool fresh = h->device_storage == nullptr;
+    if (fresh) {
+      DEEPEP_CUDA_CHECK(cudaMalloc(&h->device_storage, bytes));
+      const cudaError_t status = cudaEventCreateWithFlags(&h->last_use, cudaEventDisableTiming);
+      if (status != cudaSuccess) {
+        cudaFree(h->device_storage);
+        fail_cuda(status, "cudaEventCreateWithFlags", __FILE__, __LINE__);
+      }
+    }
     struct FreeOnFailure {
       deepepHandle* handle;
       ~FreeOnFailure() {
-        if (handle != nullptr) cudaFree(handle->device_storage);
+        if (handle != nullptr) {
+          cudaFree(handle->device_storage);
+          cudaEventDestroy(handle->last_use);
+        }
       }
     } free_on_failure{h.get()};
     auto* base = static_cast<uint8_t*>(h->device_storage);
@@ -162,7 +200,9 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->send_ranges = take(R * kMaxBlocks * 2);
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
-    DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));
+    // New storage starts zeroed; reused storage keeps stale routing, which nothing reads before a dispatch rewrites
+    // it (calls check `routed` first).
+    if (fresh) DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));
     free_on_failure.handle = nullptr;  // the handle owns its storage from here on
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
     live_handles.insert(h.get());
@@ -179,10 +219,26 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
       live_handles.erase(h);
     }
     h->magic = 0;
-    // Work on any stream may still read the handle: wait for the device before freeing.
+    std::unique_ptr<deepepHandle> owner(h);
+    deepepComm* c = h->comm;
+    if (!h->used_in_capture && is_live_comm(c)) {
+      // Park the storage with the event of its last use; a later handle reuses it once that work is done.
+      std::lock_guard<std::mutex> lock(c->retired_mutex);
+      constexpr size_t kMaxRetired = 8;
+      if (c->retired_handles.size() >= kMaxRetired) {
+        const auto oldest = c->retired_handles.front();
+        cudaEventSynchronize(oldest.last_use);
+        cudaFree(oldest.storage);
+        cudaEventDestroy(oldest.last_use);
+        c->retired_handles.erase(c->retired_handles.begin());
+      }
+      c->retired_handles.push_back({h->device_storage, h->last_use});
+      return;
+    }
+    // Used inside a captured graph (or the communicator is gone): work on any stream may still read the storage.
     cudaDeviceSynchronize();
     cudaFree(h->device_storage);
-    delete h;
+    cudaEventDestroy(h->last_use);
   });
 }
 
@@ -253,6 +309,7 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     launch_notify(c, h, a.expert_alignment, stream);
     wait_bounded(c, stream, "the dispatch count exchange");
     std::memcpy(&h.host_info, c.notify_host, sizeof(HandleHostInfo));
+    note_use(h, stream);
     h.recv_counts_on_host = true;
   });
 }
@@ -365,6 +422,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;
     launch_dispatch(c, h, launch, worst_case, stream);
+    note_use(h, stream);
   });
 }
 
@@ -420,6 +478,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     deepepCombineArgs launch = a;
     launch.num_topk = has_weights ? a.num_topk : 0;
     launch_combine(c, h, launch, stream);
+    note_use(h, stream);
   });
 }
 

@@ -193,6 +193,14 @@ static int nvl_domain_size(const deepepComm& comm) {
 }
 
 static void free_local_resources(deepepComm* comm) {
+  if (!comm->retired_handles.empty()) {
+    cudaDeviceSynchronize();  // their last uses may be on any stream
+    for (const auto& retired : comm->retired_handles) {
+      cudaFree(retired.storage);
+      cudaEventDestroy(retired.last_use);
+    }
+    comm->retired_handles.clear();
+  }
   if (comm->stream != nullptr) cudaStreamDestroy(comm->stream);
   if (comm->peer_buffers_device != nullptr) cudaFree(comm->peer_buffers_device);
   if (comm->async_error != nullptr) cudaFreeHost(comm->async_error);
@@ -306,6 +314,11 @@ void destroy_comm(deepepComm* comm) {
   if (stream_status != cudaSuccess) {
     fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
   }
+}
+
+bool is_live_comm(const deepepComm* comm) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  return live_comms.count(const_cast<deepepComm*>(comm)) != 0;
 }
 
 deepepComm* checked_comm(deepepComm_t comm) {

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "async_error.hpp"
@@ -48,6 +49,14 @@ struct deepepComm {
   // communicator, since notify calls block the host one at a time.
   void* notify_host = nullptr;
   void* notify_host_device = nullptr;
+  // Device storage of destroyed handles with the event of its last use: a new handle takes one whose event has
+  // completed, so that destroying a handle never waits for the device. Freed with the communicator.
+  struct RetiredHandleStorage {
+    void* storage;
+    cudaEvent_t last_use;
+  };
+  std::mutex retired_mutex;
+  std::vector<RetiredHandleStorage> retired_handles;
 };
 
 namespace deepep {
@@ -57,6 +66,8 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 void destroy_comm(deepepComm* comm);
 // Validates a handle passed in by a caller.
 deepepComm* checked_comm(deepepComm_t comm);
+// Whether `comm` is a live communicator (never throws).
+bool is_live_comm(const deepepComm* comm);
 void get_unique_id(deepepUniqueId* id);
 
 }  // namespace deepep

@@ -1,6 +1,8 @@
 // The routing of a high-throughput dispatch, kept for combine and cached dispatches.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 #include "deepep/deepep.h"
@@ -34,8 +36,10 @@ struct deepepHandle {
   int expert_alignment = 1;
   int num_sms = 0;
 
-  // Device arrays, one allocation (see deepepHandleCreate).
+  // Device arrays, one allocation (see deepepHandleCreate), and the event recorded after each call that uses them.
   void* device_storage = nullptr;
+  cudaEvent_t last_use = nullptr;
+  bool used_in_capture = false;      // a captured graph may use the storage at any time: destroy waits for the device
   int32_t* send_pos = nullptr;       // [max_tokens, R]: row of token t in rank d's receive order, -1 if not sent
   int32_t* send_counts = nullptr;    // [R]: tokens sent to each rank
   int32_t* expert_counts = nullptr;  // [R * max local experts]: this rank's tokens per expert

@@ -206,8 +206,10 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
 typedef struct deepepHandle* deepepHandle_t;
 
 /* Creates an empty handle for dispatches of up to config->max_tokens_per_rank tokens on `comm`. Local, blocking
- * (allocates device memory; not capturable). Destroy accepts NULL; it blocks until the device is idle, since queued
- * work on any stream may still read the handle (keep handles across steps rather than destroying one per step). */
+ * (may allocate device memory; not capturable). Destroy accepts NULL and does not wait: the storage is kept with an
+ * event of its last use and reused by a later handle once that work is done. A handle used inside a stream capture
+ * is the exception: its destroy waits for the device (a replay may use it at any time), so keep such handles for
+ * the graph's lifetime. */
 DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle);
 DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
 /* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify; after a
