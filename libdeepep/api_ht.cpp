@@ -103,6 +103,7 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   handle.expert_alignment = a.expert_alignment;
   handle.num_sms = num_sms;
   launch_prepare_routing(comm, handle, a, num_sms, stream);
+  note_use(handle, stream);
   handle.routed = true;
 }
 
@@ -149,6 +150,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     DeviceGuard guard(c->device);
     auto h = std::make_unique<deepepHandle>();
     h->comm = c;
+    h->device = c->device;
     h->max_tokens = c->max_tokens_per_rank;
     const size_t R = static_cast<size_t>(c->nranks);
     const size_t ints =
@@ -220,6 +222,7 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     }
     h->magic = 0;
     std::unique_ptr<deepepHandle> owner(h);
+    DeviceGuard guard(h->device);
     deepepComm* c = h->comm;
     if (!h->used_in_capture && is_live_comm(c)) {
       // Park the storage with the event of its last use; a later handle reuses it once that work is done.

@@ -26,6 +26,7 @@ struct deepepHandle {
   static constexpr uint64_t kMagic = 0x6465657065704831ull;  // "deepepH1"
   uint64_t magic = kMagic;
   deepepComm* comm = nullptr;
+  int device = -1;  // the communicator's device (kept: the handle may outlive its communicator)
   int64_t max_tokens = 0;
 
   // What the routing in the device arrays describes (host copies, set by notify / worst-case dispatch).
