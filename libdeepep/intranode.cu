@@ -29,11 +29,11 @@ namespace deepep {
 namespace {
 
 struct alignas(16) CountMessage {
-  uint64_t flag;       // seq of the operation the message belongs to
-  int32_t tokens;      // rows the source sends to this rank
-  int32_t num_blocks;  // the source's block count (must match: block b talks to block b)
-  int32_t row_bytes;   // the source's dispatch row layout (must match: rows are read here)
-  int32_t pad;
+  uint64_t flag;                              // seq of the operation the message belongs to
+  int32_t tokens;                             // rows the source sends to this rank
+  int32_t num_blocks;                         // the source's block count (must match: block b talks to block b)
+  int32_t row_bytes;                          // the source's dispatch row layout (must match: rows are read here)
+  int32_t experts_per_rank;                   // the source's E / R (must match: expert counts are indexed by it)
   int32_t experts[DEEPEP_MAX_LOCAL_EXPERTS];  // the source's tokens per expert of this rank
 };
 
@@ -235,6 +235,7 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
     if (threadIdx.x == 0) {
       message->tokens = send_counts[d];
       message->num_blocks = num_blocks;
+      message->experts_per_rank = experts_per_rank;
     }
   }
   __syncthreads();
@@ -265,6 +266,10 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
         if (mine->notify[s].num_blocks != num_blocks)
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatchNotify, s,
                              mine->notify[s].num_blocks, num_blocks);
+        // Ranks that disagree on the expert count (a collective parameter) are told so, never silently miscounted.
+        if (mine->notify[s].experts_per_rank != experts_per_rank)
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatchNotify, s,
+                             mine->notify[s].experts_per_rank, experts_per_rank);
       }
       *num_recv_device = total;
       host->num_recv_tokens = total;
@@ -359,6 +364,7 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
           message->tokens = q.send_counts[d];
           message->num_blocks = gridDim.x;
           message->row_bytes = static_cast<int32_t>(q.layout.row_bytes);
+          message->experts_per_rank = q.experts_per_rank;
         }
       }
       __syncwarp();
@@ -383,6 +389,11 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         }
         // Ranks that disagree on the payload (hidden size, FP8 or BF16, scales, top-k) would misread each other's
         // rows: refuse instead.
+        if (fine && mine->counts[s].experts_per_rank != q.experts_per_rank) {
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s,
+                             mine->counts[s].experts_per_rank, q.experts_per_rank);
+          ok = false;
+        }
         if (fine && mine->counts[s].row_bytes != static_cast<int32_t>(q.layout.row_bytes)) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].row_bytes,
                              static_cast<int64_t>(q.layout.row_bytes));
