@@ -346,6 +346,19 @@ def ht_scenarios(info):
         except Exception:
             out["worst_overflow"] = traceback.format_exc()
         log(info, "worst_overflow", out["worst_overflow"])
+        # Ranks that disagree on a collective parameter (here E) get an error, never corrupted counts.
+        try:
+            experts = 16 if info.rank == 0 else 32
+            with cupy.cuda.Device(comm.device):
+                x, topk, _ = make_inputs(41, info.rank, 64, 256, 4, 16)
+                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=experts)
+            out["disagreeing_experts"] = "no error"
+        except pydeepep.DeepEPInvalidArgument as exc:
+            out["disagreeing_experts"] = str(exc)
+        except Exception:
+            out["disagreeing_experts"] = traceback.format_exc()
+        comm.clear_async_error()
+        log(info, "disagreeing_experts", out["disagreeing_experts"])
         comm.clear_async_error()
     return out
 
@@ -385,6 +398,11 @@ def results():
 )
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
     assert [r.get(scenario, "not run") for r in results] == [True, True], [r.get(scenario) for r in results]
+
+
+def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
+    for r in results:
+        assert "dispatch notify" in r.get("disagreeing_experts", ""), r.get("disagreeing_experts")
 
 
 def test_worst_case_overflow_is_an_error_with_the_count(results):
