@@ -184,6 +184,7 @@ cdef class DeviceArray:
     cdef readonly object stream   # int handle of the stream whose work produces the data
     cdef object _owner            # keeps the memory alive (a cuda.core Buffer), or None
     cdef public object _stream_owner  # the Python stream object the memory was allocated on, kept alive
+    cdef object _base                 # an array whose memory this one views (kept alive, never freed here)
     cdef object _element_strides
 
     def __init__(self, size_t ptr, shape, dtype, int device_id, stream, owner=None):
@@ -284,6 +285,15 @@ cdef class DeviceArray:
         except BaseException:
             _release_context(ctx)
             raise
+
+    def bits(self):
+        """The same memory typed as its raw bits (uint16 for bfloat16, uint8 for float8; itself otherwise), for
+        consumers without those DLPack types. Keeps this array alive."""
+        if self.dtype_name == self.dtype.name:
+            return self
+        cdef DeviceArray view = DeviceArray(self.ptr, self.shape, self.dtype, self.device_id, self.stream)
+        view._base = self
+        return view
 
     def to_numpy(self):
         """Copies the array to a new NumPy array (waits for the producing stream)."""

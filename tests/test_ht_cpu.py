@@ -222,3 +222,15 @@ def pydeepep_np():
     import numpy
 
     return numpy
+
+
+def test_bits_view_shares_memory_and_keeps_the_array_alive():
+    import sys
+
+    bf16 = pydeepep.DeviceArray(0x1000, (4, 8), "bfloat16", 0, 7)
+    before = sys.getrefcount(bf16)
+    raw = bf16.bits()
+    assert (raw.ptr, raw.shape, raw.dtype_name, raw.stream) == (0x1000, (4, 8), "uint16", 7)
+    assert sys.getrefcount(bf16) == before + 1
+    plain = pydeepep.DeviceArray(0x2000, (3,), "int32", 0, 7)
+    assert plain.bits() is plain

@@ -428,3 +428,12 @@ def test_bench_without_a_gpu_says_so_and_fails(tmp_path):
         pytest.skip("checks behaviour on a machine without GPUs")
     out = subprocess.run([sys.executable, "-m", "pydeepep.bench"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
+
+
+def test_the_core_never_imports_an_ml_framework():
+    code = (
+        "import sys, pydeepep, pydeepep.reference, pydeepep.bootstrap\n"
+        "print([m for m in ('torch', 'jax', 'cupy') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "[]"
