@@ -44,6 +44,73 @@ def test_python_dispatch_combine_example():
     assert result.stdout.count("combine matches the reference") == gpu_count()
 
 
+@requires_gpus(2)
+def test_launcher_example_from_environment_variables(tmp_path):
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            DEEPEP_UNIQUE_ID_FILE=str(tmp_path / "job.id"),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(EXAMPLES / "python" / "launchers.py"), "--via", "env"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    print(outs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sum(o[0].count("layout OK") for o in outs) == 2
+
+
+@requires_gpus(2)
+def test_launcher_example_under_mpirun():
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed")
+    pytest.importorskip("mpi4py")
+    result = run(
+        [
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            sys.executable,
+            str(EXAMPLES / "python" / "launchers.py"),
+            "--via",
+            "mpi",
+        ]
+    )
+    assert result.returncode == 0
+    assert result.stdout.count("layout OK") == 2
+
+
+@requires_gpus(2)
+def test_launcher_example_under_torchrun():
+    pytest.importorskip("torch.distributed")
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "python" / "launchers.py"),
+            "--via",
+            "torch",
+        ]
+    )
+    assert result.returncode == 0
+    assert result.stdout.count("layout OK") == 2
+
+
 def test_c_example_over_all_gpus(tmp_path):
     if shutil.which("cc") is None or not (CUDA_HOME / "include" / "cuda_runtime.h").exists():
         pytest.skip("needs a C compiler and the CUDA toolkit headers")
