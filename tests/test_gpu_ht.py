@@ -420,3 +420,30 @@ def one_rank_ht(info):
 @requires_gpus(1)
 def test_ht_on_one_rank():
     assert pydeepep.spawn(one_rank_ht, nprocs=1, timeout=300) == [True]
+
+
+def skipping_peer(info):
+    """Rank 1 never joins a dispatch: rank 0 must get a timeout naming it, and both ranks must still close."""
+    import time
+
+    with pydeepep.Communicator(
+        info.unique_id, info.rank, info.nranks, device=info.device, timeout=4, max_tokens_per_rank=256, hidden=256
+    ) as comm:
+        if info.rank == 1:
+            time.sleep(8)
+            return "skipped"
+        with cupy.cuda.Device(comm.device):
+            x, topk, _ = make_inputs(60, 0, 64, 256, 4, 16)
+            start = time.monotonic()
+            try:
+                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=16)
+                return "no error"
+            except pydeepep.DeepEPTimeoutError as exc:
+                return ("timeout", time.monotonic() - start, str(exc))
+
+
+def test_a_peer_that_skips_a_dispatch_gives_a_timeout_naming_it():
+    rank0, rank1 = pydeepep.spawn(skipping_peer, nprocs=2, timeout=120)
+    assert rank1 == "skipped"
+    assert rank0[0] == "timeout" and rank0[1] < 4 + 5, rank0
+    assert "waiting for rank 1" in rank0[2], rank0
