@@ -322,17 +322,16 @@ __device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t t
                       : static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
 }
 
-// Writes row `out_row` of the metadata outputs from a global top-k id and weight (lanes take slots).
-__device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_row, int32_t src_token,
-                                           const int32_t* global_ids, const float* weights, int lane) {
+// Writes row `out_row` of the metadata outputs. Lane k (< num_topk, at most 32) holds slot k's global expert id and
+// weight, so the slots are written in parallel and no lane keeps all of them.
+__device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_row, int32_t src_token, int32_t id,
+                                           float weight, int lane) {
   const int num_topk = q.layout.num_topk;
-  const int first_local = q.p.rank * q.experts_per_rank;
-  for (int k = lane; k < num_topk; k += 32) {
-    const int32_t e = global_ids[k];
-    const bool here = e >= first_local && e < first_local + q.experts_per_rank;
-    if (q.recv_topk_idx != nullptr) q.recv_topk_idx[out_row * num_topk + k] = here ? e - first_local : -1;
-    if (q.recv_weights != nullptr)
-      q.recv_weights[out_row * num_topk + k] = here && weights != nullptr ? weights[k] : 0.f;
+  if (lane < num_topk) {
+    const int first_local = q.p.rank * q.experts_per_rank;
+    const bool here = id >= first_local && id < first_local + q.experts_per_rank;
+    if (q.recv_topk_idx != nullptr) q.recv_topk_idx[out_row * num_topk + lane] = here ? id - first_local : -1;
+    if (q.recv_weights != nullptr) q.recv_weights[out_row * num_topk + lane] = here ? weight : 0.f;
   }
   if (lane == 0 && q.recv_src_idx != nullptr) q.recv_src_idx[out_row] = src_token;
 }
@@ -456,11 +455,12 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         if (t >= t1) break;
         const uint8_t* x_row = q.x + t * q.x_stride_bytes;
         const uint8_t* scale_row = q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr;
-        int32_t ids[DEEPEP_MAX_TOPK];
-        float weights[DEEPEP_MAX_TOPK];
-        for (int k = 0; k < L.num_topk; ++k) {
-          ids[k] = q.topk_idx != nullptr ? topk_entry(q, t, k) : -1;
-          weights[k] = q.weights != nullptr ? q.weights[t * q.weights_stride + k] : 0.f;
+        // Lane k loads slot k's id and weight (one load each, all in flight together).
+        int32_t my_id = -1;
+        float my_weight = 0.f;
+        if (lane < L.num_topk) {
+          if (q.topk_idx != nullptr) my_id = topk_entry(q, t, lane);
+          if (q.weights != nullptr) my_weight = q.weights[t * q.weights_stride + lane];
         }
         for (int d = 0; d < R; ++d) {
           const int32_t j = q.send_pos[t * R + d];
@@ -471,7 +471,7 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
               warp_copy<true>(q.recv_x + out_row * L.payload_bytes, x_row, L.payload_bytes, lane);
               if (scale_row != nullptr)
                 warp_copy<true>(q.recv_scales + out_row * L.scale_bytes, scale_row, L.scale_bytes, lane);
-              write_meta(q, out_row, static_cast<int32_t>(t), ids, q.weights != nullptr ? weights : nullptr, lane);
+              write_meta(q, out_row, static_cast<int32_t>(t), my_id, my_weight, lane);
             }
           } else {
             uint8_t* row = region_of(p.peers, d, p.rank, q.region_bytes) + static_cast<size_t>(j) * L.row_bytes;
@@ -479,9 +479,9 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
             if (scale_row != nullptr) warp_copy<true>(row + L.scales_offset, scale_row, L.scale_bytes, lane);
             int32_t* meta = reinterpret_cast<int32_t*>(row + L.meta_offset);
             if (lane == 0) meta[0] = static_cast<int32_t>(t);
-            for (int k = lane; k < L.num_topk; k += 32) {
-              meta[1 + k] = ids[k];
-              reinterpret_cast<float*>(meta + 1 + L.num_topk)[k] = weights[k];
+            if (lane < L.num_topk) {
+              meta[1 + lane] = my_id;
+              reinterpret_cast<float*>(meta + 1 + L.num_topk)[lane] = my_weight;
             }
             __syncwarp();
             if (lane == 0) atomicAdd(&rows_done[d], 1);
@@ -543,7 +543,9 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         if (q.recv_scales != nullptr)
           warp_copy<false>(q.recv_scales + out_row * L.scale_bytes, row + L.scales_offset, L.scale_bytes, lane);
         const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
-        write_meta(q, out_row, meta[0], meta + 1, reinterpret_cast<const float*>(meta + 1 + L.num_topk), lane);
+        const int32_t id = lane < L.num_topk ? meta[1 + lane] : -1;
+        const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
+        write_meta(q, out_row, meta[0], id, weight, lane);
       }
     }
   }
