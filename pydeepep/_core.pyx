@@ -376,7 +376,8 @@ cdef class Communicator:
         return (0, self.stream)
 
     def close(self):
-        """Destroys the communicator (collective: every rank calls it). Calling it again does nothing."""
+        """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Release the
+        arrays of ``async_finish`` calls first: they are freed on the communicator's stream, which ends here."""
         if self._comm == NULL:
             return
         cdef deepepComm_t comm = self._comm
