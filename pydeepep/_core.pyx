@@ -245,7 +245,6 @@ cdef class Handle:
     cdef public object num_recv_rows             # rows of the outputs of dispatches under this routing
     cdef public object num_recv_tokens_per_expert
     cdef public object num_experts
-    cdef public object num_tokens
 
     def __cinit__(self):
         self._h = NULL
@@ -258,12 +257,19 @@ cdef class Handle:
         self.num_recv_rows = None
         self.num_recv_tokens_per_expert = []
         self.num_experts = None
-        self.num_tokens = None
 
     cdef deepepHandle_t _live(self) except NULL:
         if self._h == NULL:
             raise DeepEPInvalidUsage("the handle is closed", 2)
         return self._h
+
+    @property
+    def num_tokens(self):
+        """Tokens of this rank the routing covers (None before a dispatch filled the handle)."""
+        cdef int64_t n = 0
+        if self._h == NULL or deepepHandleGetNumTokens(self._h, &n) != deepepSuccess:
+            return None
+        return n
 
     def close(self):
         if self._h != NULL:
@@ -285,6 +291,12 @@ cdef class _View:
     cdef public int64_t stride
     cdef public object kind
     cdef public object keep
+
+
+def _payload_kind(x, view):
+    """The payload's element type: a DeviceArray's own bfloat16 / float8, else what its view's dtype says."""
+    kind = getattr(x, "dtype_name", None)
+    return kind if kind in ("bfloat16", "float8_e4m3fn") else payload_kind(view, "x")
 
 
 cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=None):
@@ -508,9 +520,7 @@ cdef class Communicator:
         cdef deepepDispatchArgs a
         _check(deepepDispatchArgsInit(&a))
         view = _as_view(x, s)
-        kind = getattr(x, "dtype_name", None) or payload_kind(view, "x")
-        if kind not in ("bfloat16", "float8_e4m3fn"):
-            kind = payload_kind(view, "x")
+        kind = _payload_kind(x, view)
         cdef _View xv = _matrix(x, s, "x", None, self.device, kind, view)
         fp8 = kind == "float8_e4m3fn"
         a.num_tokens = xv.rows
@@ -621,7 +631,6 @@ cdef class Communicator:
             status = deepepDispatch(comm, &a, hh, cs)
         _check(status)
         # The handle's Python view of its routing changes only once the library accepted the call.
-        h.num_tokens = xv.rows
         if num_worst_tokens > 0:
             h.num_experts = num_experts
             h.num_recv_rows = rows
@@ -648,7 +657,7 @@ cdef class Communicator:
         cdef deepepCombineArgs a
         _check(deepepCombineArgsInit(&a))
         view = _as_view(x, s)
-        kind = getattr(x, "dtype_name", None) or payload_kind(view, "x")
+        kind = _payload_kind(x, view)
         if kind != "bfloat16":
             raise DeepEPInvalidArgument(f"combine takes bfloat16 rows; x is {kind}", 1)
         cdef _View xv = _matrix(x, s, "x", None, self.device, kind, view)

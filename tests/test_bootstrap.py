@@ -16,13 +16,14 @@ PROBE = (
 )
 
 
-def run_ranks(nranks, env_extra, tmp_path):
+def run_ranks(nranks, env_extra, tmp_path, code=PROBE):
+    """Runs `code` as `nranks` processes with torchrun-style variables; returns each one's printed words."""
     procs = []
     for rank in range(nranks):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nranks), LOCAL_RANK=str(rank % 2), **env_extra)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", PROBE],
+                [sys.executable, "-c", code],
                 env=env,
                 cwd=tmp_path,
                 stdout=subprocess.PIPE,
@@ -88,20 +89,5 @@ def test_from_torch_distributed_broadcasts_rank_zeros_id(tmp_path):
         "print(i.rank, i.nranks, i.unique_id.hex())\n"
         "dist.destroy_process_group()\n"
     )
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", script],
-                env=env,
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    rows = [o[0].split() for o in outs]
+    rows = run_ranks(2, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}, tmp_path, code=script)
     assert [r[:2] for r in rows] == [["0", "2"], ["1", "2"]] and rows[0][2] == rows[1][2]
