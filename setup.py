@@ -77,8 +77,8 @@ def _has_ninja_module() -> bool:
 
 
 def extensions():
-    from Cython.Build import cythonize
     import numpy  # noqa: F401  (build requirement; numpy is used at run time only)
+    from Cython.Build import cythonize
 
     core = Extension(
         "pydeepep._core",

@@ -118,15 +118,39 @@ def _device(int ordinal):
     return dev
 
 
+_pools = {}
+
+
+def _pool(int ordinal):
+    """pydeepep's stream-ordered memory pool on device `ordinal`. It keeps freed memory for reuse instead of
+    returning it to the driver at every synchronisation (the default pool's behaviour), which would make each new
+    output pay for mapping fresh pages: tens of microseconds per call at prefill sizes."""
+    pool = _pools.get(ordinal)
+    if pool is None:
+        from cuda.bindings import driver
+        from cuda.core import DeviceMemoryResource, DeviceMemoryResourceOptions
+
+        pool = DeviceMemoryResource(ordinal, DeviceMemoryResourceOptions())
+        status, = driver.cuMemPoolSetAttribute(
+            driver.CUmemoryPool(int(pool.handle)), driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            driver.cuuint64_t(0xFFFFFFFFFFFFFFFF))
+        if status != driver.CUresult.CUDA_SUCCESS:
+            raise DeepEPCudaError(f"setting the memory pool's release threshold failed: {status!r}", 3)
+        _pools[ordinal] = pool
+    return pool
+
+
 def empty(shape, dtype, *, int device, stream=None):
-    """A new DeviceArray, allocated stream-ordered on `stream` from the device's memory pool (contents undefined)."""
+    """A new DeviceArray, allocated stream-ordered on `stream` from pydeepep's memory pool on `device` (contents
+    undefined). Freed memory stays in that pool for later outputs."""
     handle = stream_handle(stream)
     nbytes = (_STORAGE_DTYPES[dtype] if isinstance(dtype, str) and dtype in _STORAGE_DTYPES else np.dtype(dtype)).itemsize
     for s in shape:
         nbytes *= int(s)
     if nbytes == 0:
         return DeviceArray(0, shape, dtype, device, handle, None)
-    buffer = _device(device).allocate(nbytes, stream=_core_stream(handle))
+    _device(device)  # made current
+    buffer = _pool(device).allocate(nbytes, stream=_core_stream(handle))
     array = DeviceArray(int(buffer.handle), shape, dtype, device, handle, buffer)
     # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
     # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
@@ -326,6 +350,7 @@ cdef class Communicator:
     cdef readonly int device
     cdef readonly int ranks_per_nvl_domain
     cdef readonly size_t buffer_bytes
+    cdef object _async_stream  # cuda.core Stream of async_finish calls; the arrays made on it keep it alive
 
     def __cinit__(self):
         self._comm = NULL
@@ -363,9 +388,9 @@ cdef class Communicator:
         self.ranks_per_nvl_domain = value
         _check(deepepCommBufferBytes(comm, &nbytes))
         self.buffer_bytes = nbytes
-        if device is None:
-            from cuda.core import Device
-            Device(self.device).set_current()
+        # The stream of async_finish calls is owned here rather than by the library, so that outputs made on it
+        # can be freed on it after close().
+        self._async_stream = _device(self.device).create_stream()
 
     cdef deepepComm_t _live(self) except NULL:
         if self._comm == NULL:
@@ -378,18 +403,17 @@ cdef class Communicator:
 
     @property
     def stream(self):
-        """The communicator's own stream, as an integer handle."""
-        cdef CUstream_st* s = NULL
-        _check(deepepCommGetStream(self._live(), &s))
-        return <size_t>s
+        """The communicator's own stream (where ``async_finish`` calls run), as an integer handle."""
+        self._live()
+        return int(self._async_stream.handle)
 
     def __cuda_stream__(self):
         """The communicator's own stream, in the CUDA stream protocol: a Communicator can be passed as a stream."""
         return (0, self.stream)
 
     def close(self):
-        """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Release the
-        arrays of ``async_finish`` calls first: they are freed on the communicator's stream, which ends here."""
+        """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
+        calls returned stay valid; the communicator's stream lives on until the last one made on it is freed."""
         if self._comm == NULL:
             return
         cdef deepepComm_t comm = self._comm
@@ -416,7 +440,7 @@ cdef class Communicator:
         """The stream a call runs on (and its owner object): the caller's, or with ``async_finish`` the
         communicator's, ordered after the caller's work; both wait for ``previous_event`` when given."""
         caller = stream_handle(stream)
-        run_on, owner = (self.stream, self) if async_finish else (caller, stream)
+        run_on, owner = (self.stream, self._async_stream) if async_finish else (caller, stream)
         if run_on != caller:
             _make_stream_wait(caller, run_on)
         if previous_event is not None:
@@ -690,18 +714,18 @@ cdef class Communicator:
             a.bias_row_stride[i] = bv.stride
             keep.append(bv)
         if out is None:
-            out = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
+            out_x = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
         else:
-            out = _expect(out[0], (n, xv.cols), np.uint16, "out")
+            out_x = _expect(out[0], (n, xv.cols), np.uint16, "out")
             out_weights = _expect(out[1], (n, num_topk) if num_topk else None, np.float32, "out topk_weights")
-        a.out = <void*><size_t>out.ptr
+        a.out = <void*><size_t>out_x.ptr
         a.out_topk_weights = <float*><size_t>(out_weights.ptr if out_weights is not None else 0)
         cdef deepepResult_t status
         with nogil:
             status = deepepCombine(comm, &a, hh, cs)
         _check(status)
-        return CombineResult(out, out_weights, Event.record(s) if async_finish else None)
+        return CombineResult(out_x, out_weights, Event.record(s) if async_finish else None)
 
 
 def _expect(array, shape, dtype, str name):

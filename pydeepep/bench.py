@@ -160,8 +160,37 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
     def combine():
         comm.combine(first.recv_x, handle, stream=stream, out=comb)
 
+    # Worst-case mode: routing preparation + dispatch with no count exchange or host synchronisation; next to the
+    # cached figure it gives the routing's cost, and next to the full one the count exchange's.
+    worst_rows = max(n * comm.nranks, 1)
+    worst_handle = pydeepep.Handle(comm)
+    worst_out = comm.dispatch(
+        inp.x,
+        topk_idx=inp.topk_idx,
+        topk_weights=inp.weights,
+        num_experts=NUM_EXPERTS,
+        num_sms=sms,
+        num_worst_tokens=worst_rows,
+        handle=worst_handle,
+        stream=stream,
+    )
+
+    def worst_bf16():
+        comm.dispatch(
+            inp.x,
+            topk_idx=inp.topk_idx,
+            topk_weights=inp.weights,
+            num_experts=NUM_EXPERTS,
+            num_sms=sms,
+            num_worst_tokens=worst_rows,
+            handle=worst_handle,
+            stream=stream,
+            out=worst_out,
+        )
+
     results = {
         "dispatch_full_bf16": (full_us, HIDDEN * 2),
+        "dispatch_worst_bf16": (device_time(worst_bf16, stream), HIDDEN * 2),
         "dispatch_cached_bf16": (device_time(cached_bf16, stream), HIDDEN * 2),
         "dispatch_cached_fp8": (device_time(cached_fp8, stream), HIDDEN + HIDDEN // 128 * 4),
         "combine_bf16": (device_time(combine, stream), HIDDEN * 2),

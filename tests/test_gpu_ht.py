@@ -265,7 +265,7 @@ def async_case(comm, seed, use_event):
             ready = cupy.cuda.Event()
             ready.record(producer)
             consumer = cupy.cuda.Stream(non_blocking=True)
-            result = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=consumer.ptr, previous_event=ready)
+            result = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=consumer, previous_event=ready)
         else:
             result = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=producer, async_finish=True)
             if result.event is None or result.recv_x.stream != comm.stream:
@@ -346,6 +346,7 @@ def ht_scenarios(info):
         except Exception:
             out["worst_overflow"] = traceback.format_exc()
         log(info, "worst_overflow", out["worst_overflow"])
+        comm.clear_async_error()  # the overflow's record stays until cleared, and would fail the next call
         # Ranks that disagree on a collective parameter (here E) get an error, never corrupted counts.
         try:
             experts = 16 if info.rank == 0 else 32
@@ -357,7 +358,6 @@ def ht_scenarios(info):
             out["disagreeing_experts"] = str(exc)
         except Exception:
             out["disagreeing_experts"] = traceback.format_exc()
-        comm.clear_async_error()
         log(info, "disagreeing_experts", out["disagreeing_experts"])
         comm.clear_async_error()
     return out
