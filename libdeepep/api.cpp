@@ -80,7 +80,7 @@ DEEPEP_API deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, in
     require_out(bytes, "bytes");
     DEEPEP_REQUIRE(nranks >= 1 && nranks <= DEEPEP_MAX_RANKS, "nranks is %d; it must be in [1, %d]", nranks,
                    DEEPEP_MAX_RANKS);
-    *bytes = buffer_size_for(resolve_config(config), nranks);
+    *bytes = total_buffer_size(resolve_config(config), nranks);
   });
 }
 
@@ -123,7 +123,7 @@ DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device) {
 }
 
 DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes) {
-  return query(__func__, comm, bytes, "bytes", [](const deepepComm& c) { return c.buffer_bytes; });
+  return query(__func__, comm, bytes, "bytes", [](const deepepComm& c) { return c.total_buffer_bytes; });
 }
 
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream) {

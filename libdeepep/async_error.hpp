@@ -8,7 +8,16 @@
 
 namespace deepep {
 
-enum class Phase : int32_t { kNone = 0, kLayout = 1, kDispatchNotify = 2, kDispatch = 3, kCombine = 4, kRouting = 5 };
+enum class Phase : int32_t {
+  kNone = 0,
+  kLayout = 1,
+  kDispatchNotify = 2,
+  kDispatch = 3,
+  kCombine = 4,
+  kRouting = 5,
+  kLowLatencyDispatch = 6,
+  kLowLatencyCombine = 7,
+};
 
 inline const char* phase_name(int32_t phase) {
   switch (static_cast<Phase>(phase)) {
@@ -24,6 +33,10 @@ inline const char* phase_name(int32_t phase) {
       return "combine";
     case Phase::kRouting:
       return "dispatch routing";
+    case Phase::kLowLatencyDispatch:
+      return "low-latency dispatch";
+    case Phase::kLowLatencyCombine:
+      return "low-latency combine";
   }
   return "unknown phase";
 }

@@ -58,7 +58,10 @@ deepepConfig resolve_config(const deepepConfig* config) {
                  "config->allow_nvlink_multicast is %d; it must be 0 or 1", resolved.allow_nvlink_multicast);
   DEEPEP_REQUIRE(resolved.timeout_seconds > 0 && resolved.timeout_seconds <= 86400.0,
                  "config->timeout_seconds is %g; it must be in (0, 86400]", resolved.timeout_seconds);
-  if (resolved.buffer_bytes == 0) {
+  DEEPEP_REQUIRE(resolved.low_latency_max_tokens >= 0 && resolved.low_latency_max_tokens <= DEEPEP_LL_MAX_TOKENS,
+                 "config->low_latency_max_tokens is %d; it must be in [0, %d] (0: no low-latency area)",
+                 resolved.low_latency_max_tokens, DEEPEP_LL_MAX_TOKENS);
+  if (resolved.buffer_bytes == 0 || resolved.low_latency_max_tokens > 0) {
     DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
                    resolved.max_tokens_per_rank);
     DEEPEP_REQUIRE(resolved.hidden > 0 && resolved.hidden % 8 == 0,
@@ -97,6 +100,14 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
   return kControlBytes + static_cast<size_t>(nranks) * static_cast<size_t>(config.max_tokens_per_rank) * row_bytes;
 }
 
+size_t low_latency_offset(size_t ht_bytes) { return align_up(ht_bytes, 4096); }
+
+size_t total_buffer_size(const deepepConfig& config, int nranks) {
+  const size_t ht = buffer_size_for(config, nranks);
+  const LowLatencyArea area = low_latency_area(config, nranks);
+  return area.total_bytes == 0 ? ht : low_latency_offset(ht) + area.total_bytes;
+}
+
 void get_unique_id(deepepUniqueId* id) {
   nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
   const int status = nvshmemx_get_uniqueid(&nvshmem_id);
@@ -109,7 +120,9 @@ struct SetupRequest {
   int rank = 0;
   int nranks = 0;
   int device = 0;
-  size_t buffer_bytes = 0;
+  size_t buffer_bytes = 0;      // the whole allocation
+  size_t ll_offset = 0;         // start of the low-latency area (0: none)
+  size_t ll_control_bytes = 0;  // its control words, zeroed before any peer can write them
   deepepUniqueId id = {};
   // Results:
   void* buffer = nullptr;
@@ -169,6 +182,9 @@ static void nvshmem_setup(SetupRequest* comm) {
     fail(deepepOutOfMemory, "nvshmem_malloc of the %zu-byte communication buffer failed", comm->buffer_bytes);
   }
   DEEPEP_CUDA_CHECK(cudaMemset(comm->buffer, 0, kControlBytes));
+  if (comm->ll_control_bytes != 0) {
+    DEEPEP_CUDA_CHECK(cudaMemset(static_cast<uint8_t*>(comm->buffer) + comm->ll_offset, 0, comm->ll_control_bytes));
+  }
 
   comm->peer_buffers.assign(comm->nranks, nullptr);
   for (int peer = 0; peer < comm->nranks; ++peer) comm->peer_buffers[peer] = nvshmem_ptr(comm->buffer, peer);
@@ -236,6 +252,14 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 
   // NVLink multicast can take shared GPUs down and nothing here needs it: off unless the caller asks.
   if (!config.allow_nvlink_multicast) setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
+  const size_t total_bytes = total_buffer_size(config, nranks);
+  // NVSHMEM reserves a 1 GiB symmetric heap by default; a low-latency area can need more. A caller's own setting
+  // wins.
+  constexpr size_t kDefaultHeap = size_t(1) << 30;
+  if (total_bytes + (size_t(128) << 20) > kDefaultHeap) {
+    const std::string heap = std::to_string(align_up(total_bytes + (size_t(256) << 20), size_t(1) << 20));
+    setenv("NVSHMEM_SYMMETRIC_SIZE", heap.c_str(), 0);
+  }
 
   auto comm = std::make_unique<deepepComm>();
   comm->rank = rank;
@@ -243,14 +267,20 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   comm->device = device;
   comm->timeout_seconds = config.timeout_seconds;
   comm->buffer_bytes = buffer_size_for(config, nranks);
+  comm->total_buffer_bytes = total_bytes;
+  comm->ll_area = low_latency_area(config, nranks);
+  comm->ll_offset = comm->ll_area.total_bytes == 0 ? 0 : low_latency_offset(comm->buffer_bytes);
   comm->max_tokens_per_rank = config.max_tokens_per_rank;
+  DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&comm->num_sms, cudaDevAttrMultiProcessorCount, device));
 
   DeviceGuard guard(device);
   auto request = std::make_shared<SetupRequest>();
   request->rank = rank;
   request->nranks = nranks;
   request->device = device;
-  request->buffer_bytes = comm->buffer_bytes;
+  request->buffer_bytes = comm->total_buffer_bytes;
+  request->ll_offset = comm->ll_offset;
+  request->ll_control_bytes = comm->ll_area.control_bytes;
   request->id = id;
   run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",
               [request]() { nvshmem_setup(request.get()); });

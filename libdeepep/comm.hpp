@@ -10,6 +10,7 @@
 
 #include "async_error.hpp"
 #include "deepep/deepep.h"
+#include "lowlatency.hpp"
 
 namespace deepep {
 
@@ -21,8 +22,12 @@ constexpr size_t kMinRegionBytes = size_t(64) << 10;
 // A config after validation, with the caller's struct_size honoured (fields past it take their defaults).
 deepepConfig resolve_config(const deepepConfig* config);
 
-// Bytes of communication buffer per rank for the workload in `config` on `nranks` ranks.
+// Bytes of communication buffer per rank for the high-throughput workload in `config` on `nranks` ranks.
 size_t buffer_size_for(const deepepConfig& config, int nranks);
+// Where the low-latency area starts in a buffer whose high-throughput part has `ht_bytes`.
+size_t low_latency_offset(size_t ht_bytes);
+// Everything a rank allocates: the high-throughput part plus the low-latency area (what the size hint reports).
+size_t total_buffer_size(const deepepConfig& config, int nranks);
 
 }  // namespace deepep
 
@@ -34,7 +39,11 @@ struct deepepComm {
   int device = -1;
   int ranks_per_nvl_domain = 1;
   double timeout_seconds = 100.0;
-  size_t buffer_bytes = 0;
+  size_t buffer_bytes = 0;               // the high-throughput part (control region and receive regions)
+  size_t total_buffer_bytes = 0;         // the whole allocation: buffer_bytes, padding, then the low-latency area
+  size_t ll_offset = 0;                  // where the low-latency area starts in every rank's buffer
+  deepep::LowLatencyArea ll_area;        // its layout (max_tokens 0: none)
+  int num_sms = 0;                       // of the device
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
   void* buffer = nullptr;                // this rank's communication buffer (symmetric heap)
   std::vector<void*> peer_buffers;       // NVLink-mapped address of each rank's buffer, nullptr outside domain

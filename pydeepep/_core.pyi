@@ -1,5 +1,6 @@
 """Type stub of the Cython extension pydeepep._core (the thin layer over include/deepep/deepep.h)."""
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,6 +16,7 @@ def buffer_size_hint(
     hidden: int = ...,
     num_topk: int = ...,
     num_experts: int = ...,
+    low_latency_max_tokens: int = ...,
 ) -> int: ...
 def empty(shape: tuple[int, ...], dtype: Any, *, device: int, stream: Any = ...) -> DeviceArray: ...
 def to_device(array: np.ndarray, *, device: int, stream: Any = ...) -> DeviceArray: ...
@@ -67,6 +69,26 @@ class CombineResult(NamedTuple):
     topk_weights: DeviceArray | None
     event: Event | None
 
+class LowLatencyDispatchResult:
+    recv_x: DeviceArray
+    recv_scales: DeviceArray | None
+    recv_count: DeviceArray
+    recv_src_info: DeviceArray
+    recv_layout_range: DeviceArray
+    hook: Callable[[], None] | None
+    buffer_set: int
+    generation: int
+    num_experts: int
+    num_tokens: int
+    num_topk: int
+    hidden: int
+    use_fp8: bool
+    comm: Communicator
+
+class LowLatencyCombineResult(NamedTuple):
+    out: DeviceArray
+    hook: Callable[[], None] | None
+
 class Handle:
     comm: Communicator
     num_recv_rows: int | None
@@ -96,6 +118,7 @@ class Communicator:
         num_topk: int = ...,
         num_experts: int = ...,
         allow_nvlink_multicast: bool = ...,
+        low_latency_max_tokens: int = ...,
     ) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -142,3 +165,29 @@ class Communicator:
         previous_event: Any = ...,
         async_finish: bool = ...,
     ) -> CombineResult: ...
+    def low_latency_dispatch(
+        self,
+        x: Any,
+        topk_idx: Any,
+        num_experts: int,
+        *,
+        use_fp8: bool = ...,
+        round_scale: bool = ...,
+        use_ue8m0: bool = ...,
+        return_recv_hook: bool = ...,
+        stream: Any = ...,
+        out: LowLatencyDispatchResult | None = ...,
+    ) -> LowLatencyDispatchResult: ...
+    def low_latency_combine(
+        self,
+        x: Any,
+        topk_idx: Any,
+        topk_weights: Any,
+        handle: LowLatencyDispatchResult,
+        *,
+        zero_copy: bool = ...,
+        return_recv_hook: bool = ...,
+        stream: Any = ...,
+        out: Any = ...,
+    ) -> LowLatencyCombineResult: ...
+    def low_latency_combine_buffer(self, handle: LowLatencyDispatchResult) -> DeviceArray: ...

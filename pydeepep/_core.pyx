@@ -48,7 +48,7 @@ def get_unique_id():
 
 
 cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden, num_topk, num_experts,
-                               allow_nvlink_multicast) except *:
+                               allow_nvlink_multicast, low_latency_max_tokens=0) except *:
     cdef deepepConfig config
     _check(deepepConfigInit(&config))
     config.device = -1 if device is None else int(device)
@@ -59,15 +59,16 @@ cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_ran
     config.num_topk = int(num_topk)
     config.num_experts = int(num_experts)
     config.allow_nvlink_multicast = 1 if allow_nvlink_multicast else 0
+    config.low_latency_max_tokens = int(low_latency_max_tokens)
     return config
 
 
 def buffer_size_hint(int nranks, *, buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8,
-                     num_experts=256):
+                     num_experts=256, low_latency_max_tokens=0):
     """Bytes of communication buffer per rank a workload needs on `nranks` ranks (what a Communicator with the same
     arguments allocates)."""
     cdef deepepConfig config = _make_config(None, 100.0, buffer_bytes, max_tokens_per_rank, hidden, num_topk,
-                                            num_experts, False)
+                                            num_experts, False, low_latency_max_tokens)
     cdef size_t nbytes = 0
     _check(deepepGetBufferSizeHint(&config, nranks, &nbytes))
     return nbytes
@@ -351,19 +352,21 @@ cdef class Communicator:
     cdef readonly int ranks_per_nvl_domain
     cdef readonly size_t buffer_bytes
     cdef object _async_stream  # cuda.core Stream of async_finish calls; the arrays made on it keep it alive
+    cdef object _ll  # low-latency buffer-set bookkeeping (_lowlatency.pxi)
 
     def __cinit__(self):
         self._comm = NULL
 
     def __init__(self, bytes unique_id, int rank, int nranks, *, device=None, double timeout=100.0,
                  buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8, num_experts=256,
-                 allow_nvlink_multicast=False):
+                 allow_nvlink_multicast=False, low_latency_max_tokens=0):
         if len(unique_id) != DEEPEP_UNIQUE_ID_BYTES:
             raise DeepEPInvalidArgument(
                 f"unique_id has {len(unique_id)} bytes; it must be the {DEEPEP_UNIQUE_ID_BYTES} bytes that "
                 "get_unique_id() returns", 1)
         cdef deepepConfig config = _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden,
-                                                num_topk, num_experts, allow_nvlink_multicast)
+                                                num_topk, num_experts, allow_nvlink_multicast,
+                                                low_latency_max_tokens)
         cdef deepepUniqueId uid
         memcpy(uid.internal, <const char*>unique_id, DEEPEP_UNIQUE_ID_BYTES)
         if device is not None:
@@ -727,6 +730,37 @@ cdef class Communicator:
         _check(status)
         return CombineResult(out_x, out_weights, Event.record(s) if async_finish else None)
 
+    def low_latency_dispatch(self, x, topk_idx, int num_experts, *, bint use_fp8=True, bint round_scale=False,
+                             bint use_ue8m0=False, bint return_recv_hook=False, stream=None, out=None):
+        """Low-latency dispatch (decoding): every valid (token, expert) pair goes to the expert's rank.
+
+        ``x`` [N, H] bfloat16 (bits as uint16 accepted), N <= ``low_latency_max_tokens``; ``topk_idx`` [N, K]
+        int64/int32 in [-1, num_experts). Outputs per local expert [E_loc, R*T, H]: FP8 cast in the kernel
+        (``use_fp8``; scales float32, powers of two with ``round_scale``, UE8M0-packed int32 with ``use_ue8m0``) or
+        bfloat16. Returns a :class:`LowLatencyDispatchResult` (also the handle of the combine), produced on
+        ``stream`` with no host synchronisation (capturable). ``return_recv_hook``: only send; ``result.hook()``
+        receives later. ``out``: an earlier result of the same shapes whose arrays are written again. Dispatches
+        alternate between two buffer sets: a result stays valid until the dispatch after next."""
+        return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
+                                     return_recv_hook, stream, out)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,
+                            bint return_recv_hook=False, stream=None, out=None):
+        """Low-latency combine: ``out[t] = bf16(sum over k ascending, topk_idx[t, k] != -1, of topk_weights[t, k]
+        * y)`` with y the expert output of (t, k) (float32 products and sums, no fused multiply-add).
+
+        ``x`` [E_loc, R*T, H] bfloat16 in the layout of ``handle`` (the :class:`LowLatencyDispatchResult`), or None
+        with ``zero_copy`` (the outputs were written into :meth:`low_latency_combine_buffer`); ``topk_idx`` and
+        ``topk_weights`` [N, K] as given to the dispatch. Returns a :data:`LowLatencyCombineResult` ``(out, hook)``
+        produced on ``stream``; ``out``: an array [N, H] bfloat16 to write instead of a new one."""
+        return _low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, stream,
+                                    out)
+
+    def low_latency_combine_buffer(self, handle):
+        """The library's combine buffer of ``handle``'s buffer set, [E_loc, R*T, H] bfloat16 (a view, no copy):
+        write expert outputs there and combine with ``zero_copy=True``. Valid until the next dispatch on the set."""
+        return _low_latency_combine_buffer(self, handle)
+
 
 def _expect(array, shape, dtype, str name):
     """A caller-provided output with exactly `shape` and `dtype`'s element size, or None where `shape` is None."""
@@ -761,3 +795,6 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
         if any(extent > 1 and st != want for extent, st, want in zip(shape, strides, expected)):
             raise DeepEPInvalidArgument(f"out {name} must be contiguous (strides {tuple(strides)})", 1)
     return view.ptr
+
+
+include "_lowlatency.pxi"

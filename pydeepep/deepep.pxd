@@ -10,6 +10,7 @@ cdef extern from "deepep/deepep.h" nogil:
     enum: DEEPEP_MAX_RANKS
     enum: DEEPEP_MAX_TOPK
     enum: DEEPEP_MAX_LOCAL_EXPERTS
+    enum: DEEPEP_LL_MAX_TOKENS
     enum: DEEPEP_VERSION
 
     ctypedef enum deepepResult_t:
@@ -50,6 +51,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int hidden
         int num_topk
         int num_experts
+        int low_latency_max_tokens
 
     const char* deepepGetErrorString(deepepResult_t result)
     const char* deepepGetLastErrorMessage()
@@ -139,3 +141,61 @@ cdef extern from "deepep/deepep.h" nogil:
     deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args)
     deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
                                  CUstream_st* stream)
+
+    # Low-latency dispatch and combine.
+    ctypedef enum deepepLowLatencyPhase_t:
+        deepepLowLatencySendRecv
+        deepepLowLatencySend
+        deepepLowLatencyRecv
+
+    ctypedef struct deepepLowLatencyDispatchArgs:
+        size_t struct_size
+        int buffer_set
+        deepepLowLatencyPhase_t phase
+        int64_t num_tokens
+        const void* x
+        int hidden
+        int64_t x_row_stride
+        const void* topk_idx
+        deepepDataType_t topk_type
+        int num_topk
+        int64_t topk_row_stride
+        int num_experts
+        int use_fp8
+        int round_scale
+        int use_ue8m0
+        void* recv_x
+        void* recv_scales
+        int32_t* recv_count
+        int32_t* recv_src_info
+        int32_t* recv_layout_range
+
+    deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args)
+    deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deepepLowLatencyDispatchArgs* args,
+                                            CUstream_st* stream)
+
+    ctypedef struct deepepLowLatencyCombineArgs:
+        size_t struct_size
+        int buffer_set
+        deepepLowLatencyPhase_t phase
+        const void* x
+        int zero_copy
+        int hidden
+        int num_experts
+        const int32_t* src_info
+        const int32_t* layout_range
+        int64_t num_tokens
+        const void* topk_idx
+        deepepDataType_t topk_type
+        int num_topk
+        int64_t topk_row_stride
+        const float* topk_weights
+        int64_t weights_row_stride
+        void* out
+
+    deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args)
+    deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepepLowLatencyCombineArgs* args,
+                                           CUstream_st* stream)
+    deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden, int num_experts,
+                                                    void** buffer)
+    deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens)

@@ -58,6 +58,12 @@ EXPECTED_API = {
     "deepepCombineArgsInit",
     "deepepCombine",
     "deepepCommMeasurePushBandwidth",
+    "deepepLowLatencyDispatchArgsInit",
+    "deepepLowLatencyDispatch",
+    "deepepLowLatencyCombineArgsInit",
+    "deepepLowLatencyCombine",
+    "deepepLowLatencyGetCombineBuffer",
+    "deepepCommLowLatencyMaxTokens",
 }
 
 
@@ -176,6 +182,7 @@ class Config(ctypes.Structure):
         ("hidden", ctypes.c_int),
         ("num_topk", ctypes.c_int),
         ("num_experts", ctypes.c_int),
+        ("low_latency_max_tokens", ctypes.c_int),
     ]
 
 
@@ -305,15 +312,17 @@ int main(void) {
       braced.allow_nvlink_multicast != filled.allow_nvlink_multicast ||
       braced.timeout_seconds != filled.timeout_seconds || braced.buffer_bytes != filled.buffer_bytes ||
       braced.max_tokens_per_rank != filled.max_tokens_per_rank || braced.hidden != filled.hidden ||
-      braced.num_topk != filled.num_topk || braced.num_experts != filled.num_experts) {
+      braced.num_topk != filled.num_topk || braced.num_experts != filled.num_experts ||
+      braced.low_latency_max_tokens != filled.low_latency_max_tokens) {
     fprintf(stderr, "DEEPEP_CONFIG_INIT differs from deepepConfigInit\n");
     return 14;
   }
-  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
+  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
          offsetof(deepepConfig, struct_size), offsetof(deepepConfig, device),
          offsetof(deepepConfig, allow_nvlink_multicast), offsetof(deepepConfig, timeout_seconds),
          offsetof(deepepConfig, buffer_bytes), offsetof(deepepConfig, max_tokens_per_rank),
-         offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts));
+         offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts),
+         offsetof(deepepConfig, low_latency_max_tokens));
   printf("unique_id %zu\n", sizeof(deepepUniqueId));
   return 0;
 }

@@ -45,6 +45,7 @@ struct CUevent_st;
 #define DEEPEP_MAX_RANKS 1024
 #define DEEPEP_MAX_TOPK 32
 #define DEEPEP_MAX_LOCAL_EXPERTS 1024
+#define DEEPEP_LL_MAX_TOKENS 1024 /* most tokens per rank of one low-latency call (config low_latency_max_tokens) */
 
 /* Result codes. Values are fixed forever; new codes are only appended. */
 typedef enum {
@@ -94,10 +95,14 @@ typedef struct {
   int hidden;                 /* workload: hidden size H in elements (default 7168) */
   int num_topk;               /* workload: experts chosen per token K (default 8) */
   int num_experts;            /* workload: experts in total E (default 256) */
+  /* Low-latency area. 0 (default): none is reserved and low-latency calls are refused. 1..DEEPEP_LL_MAX_TOKENS: T,
+   * the most tokens per rank of one low-latency call; two buffer sets are reserved on top of buffer_bytes, sized
+   * from T and from hidden, num_topk and num_experts above (the largest H, K and E the low-latency calls may use). */
+  int low_latency_max_tokens;
 } deepepConfig;
 
 /* Plain-brace initialiser with the defaults, valid in C and C++. Keep in field order. */
-#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256}
+#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0}
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Errors and version. Local, thread-safe, never fail for valid pointers.                                            */
@@ -145,7 +150,7 @@ DEEPEP_API deepepResult_t deepepCommSize(deepepComm_t comm, int* nranks);
  * domains of consecutive ranks). */
 DEEPEP_API deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ranks_per_domain);
 DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device);
-/* Bytes of the communication buffer this rank holds. */
+/* Bytes of the communication buffer this rank holds (high-throughput part plus low-latency area). */
 DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes);
 /* The communicator's own stream (used by asynchronous calls). Do not destroy it. */
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream);
@@ -158,8 +163,9 @@ DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResul
 /* Clears the flag. Local; call after the stream that raised it has finished. */
 DEEPEP_API deepepResult_t deepepCommClearAsyncError(deepepComm_t comm);
 
-/* Bytes of communication buffer per rank that `config`'s workload needs on `nranks` ranks (what buffer_bytes = 0
- * allocates). Local, needs no GPU. [in] config (NULL: defaults), nranks; [out] bytes */
+/* Bytes of communication buffer per rank that `config` needs on `nranks` ranks: the high-throughput part (buffer_bytes,
+ * or what the workload needs when it is 0) plus the low-latency area when low_latency_max_tokens > 0. Local, needs no
+ * GPU. [in] config (NULL: defaults), nranks; [out] bytes */
 DEEPEP_API deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, int nranks, size_t* bytes);
 
 /* ---------------------------------------------------------------------------------------------------------------- */
@@ -300,6 +306,132 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
  * overwrites peers' receive regions, so no dispatch or combine may be in flight anywhere). */
 DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
                                                          double* gb_per_s, struct CUstream_st* stream);
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Low-latency (LL) dispatch and combine, for decoding.
+ *
+ * Fixed worst-case shapes, no host synchronisation, capturable in a CUDA graph (sequence numbers live on the device,
+ * so a replayed graph advances them), deterministic. T = config low_latency_max_tokens, E_loc = num_experts / R.
+ *
+ * Dispatch: every valid (token, expert) pair of every rank is delivered to the expert's rank (a token with two
+ * experts on one rank arrives twice). Local expert e receives into recv_x[e] ([R*T, H] rows) recv_count[e] rows,
+ * grouped by source rank ascending, then by source token index ascending; rows past recv_count[e] are left as they
+ * were (recv_src_info holds -1 there). Payload: BF16 rows unchanged, or FP8 e4m3 cast inside the kernel per token
+ * and per 128 channels (amax floored at 1e-4, scale = amax / 448, optionally rounded up to a power of two, q =
+ * saturate(x / scale) with IEEE division and round-to-nearest-even), with float32 scales or UE8M0-packed scales
+ * (exponent bytes, four 128-channel blocks per int32, block 4j+i in bits 8i..8i+7; needs round_scale).
+ * A top-k slot naming an expert already named by an earlier slot of the same token is delivered once (combine then
+ * counts that row once per slot).
+ *
+ * Combine: out[t] = bf16(sum over slots k ascending with topk_idx[t, k] != -1 of topk_weights[t, k] * y), where y is
+ * the row of (this rank, token t) under expert topk_idx[t, k] in the x of that expert's rank, the product and the
+ * sum each rounded to float32 (no fused multiply-add), and one rounding to BF16 at the end.
+ *
+ * Buffer sets and lifetimes. The low-latency area holds two buffer sets; each call names one (`buffer_set`, 0 or 1).
+ * Use set (i % 2) for the i-th dispatch and the dispatch's set for its combine: then a dispatch's results (its
+ * recv_src_info / recv_layout_range, which combine reads, the combine buffer of deepepLowLatencyGetCombineBuffer,
+ * and data waiting for a Recv phase) stay valid until the dispatch after next starts (dispatch i + 2, which reuses
+ * the set). The outputs written into caller arrays are the caller's and never expire.
+ *
+ * Phases (the receive hook). phase deepepLowLatencySendRecv does everything in one kernel. deepepLowLatencySend
+ * issues the stores to the peers, publishes them and returns: nothing stays on the SMs while the data travels;
+ * a later call with the same arguments and deepepLowLatencyRecv waits for the peers' data and finishes the outputs.
+ * Between the Send and the Recv of one operation, only calls on the other buffer set may run, and every Send must be
+ * followed by its Recv before its set is used again.
+ *
+ * Ordering rules. Every low-latency call is collective: all ranks make the same calls (kind, phase, buffer_set,
+ * num_experts, hidden, num_topk, use_fp8) in the same order, and calls on one communicator are stream-ordered (one
+ * stream, or ordered by events). High-throughput and low-latency calls use separate regions and separate sequence
+ * numbers: they may be interleaved freely under the same collective-order rule, with no reset between them. After
+ * an asynchronous error (e.g. a timeout) the communicator's sequence numbers are out of step: destroy it.
+ *
+ * Transport: this release reaches every peer through NVLink stores (all ranks must be in one NVLink domain;
+ * otherwise the calls return deepepNotSupported). All arrays are device memory of the communicator's device.
+ * Arguments are checked before anything is launched; the calls may finish with an asynchronous error
+ * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. */
+
+typedef enum {
+  deepepLowLatencySendRecv = 0, /* send, wait for the peers, finish the outputs: one kernel */
+  deepepLowLatencySend = 1,     /* send and return (no SM waits while the data travels) */
+  deepepLowLatencyRecv = 2      /* after a Send with the same arguments: wait for the peers and finish the outputs */
+} deepepLowLatencyPhase_t;
+
+/* Arguments of deepepLowLatencyDispatch. Initialise with deepepLowLatencyDispatchArgsInit. Row strides are in
+ * elements; 0 means contiguous rows. Outputs are contiguous. */
+typedef struct {
+  size_t struct_size;
+  int buffer_set; /* 0 or 1: see "Buffer sets and lifetimes" */
+  deepepLowLatencyPhase_t phase;
+  /* Inputs. */
+  int64_t num_tokens;   /* N of this rank, in [0, T] */
+  const void* x;        /* [N, hidden] deepepBFloat16 */
+  int hidden;           /* H: a multiple of 128 with use_fp8, of 8 without; at most config hidden */
+  int64_t x_row_stride; /* elements; rows must start on 16-byte boundaries */
+  const void* topk_idx; /* [N, num_topk] deepepInt64 or deepepInt32, entries in [-1, num_experts) */
+  deepepDataType_t topk_type;
+  int num_topk; /* K in [1, DEEPEP_MAX_TOPK], at most config num_topk */
+  int64_t topk_row_stride;
+  int num_experts; /* E: divisible by R, E / R <= DEEPEP_MAX_LOCAL_EXPERTS, E / R <= config num_experts / R */
+  int use_fp8;     /* 1: FP8 e4m3 output with scales (default); 0: BF16 output */
+  int round_scale; /* FP8: 1 rounds every scale up to a power of two */
+  int use_ue8m0;   /* FP8: 1 packs the scales as UE8M0 (needs round_scale) */
+  /* Outputs (rows: R*T per local expert). */
+  void* recv_x;               /* [E_loc, R*T, hidden] deepepFloat8E4M3 (use_fp8) or deepepBFloat16 */
+  void* recv_scales;          /* use_fp8: [E_loc, R*T, hidden / 128] float32, or with use_ue8m0 [E_loc, R*T,
+                                 ceil(hidden / 512)] int32; NULL without use_fp8 */
+  int32_t* recv_count;        /* [E_loc]: rows received per local expert */
+  int32_t* recv_src_info;     /* [E_loc, R*T]: source token index | (source top-k slot << 16); -1 past the count */
+  int32_t* recv_layout_range; /* [E_loc, R, 2]: (first row, rows) that each source rank's tokens occupy */
+} deepepLowLatencyDispatchArgs;
+
+DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args);
+
+/* Low-latency dispatch (see above). Collective, stream-ordered, no host synchronisation, capturable in a CUDA graph
+ * (every phase). Send writes none of the outputs; Recv and SendRecv write all of them. */
+DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deepepLowLatencyDispatchArgs* args,
+                                                   struct CUstream_st* stream);
+
+/* Arguments of deepepLowLatencyCombine. Initialise with deepepLowLatencyCombineArgsInit. */
+typedef struct {
+  size_t struct_size;
+  int buffer_set; /* the buffer_set of the dispatch whose layout x follows */
+  deepepLowLatencyPhase_t phase;
+  const void* x; /* [E_loc, R*T, hidden] deepepBFloat16 expert outputs in the dispatch's layout; NULL with zero_copy */
+  int zero_copy; /* 1: the expert outputs are already in the set's combine buffer (deepepLowLatencyGetCombineBuffer) */
+  int hidden;    /* multiple of 8, at most config hidden */
+  int num_experts;
+  /* From the dispatch: */
+  const int32_t* src_info;     /* its recv_src_info */
+  const int32_t* layout_range; /* its recv_layout_range */
+  /* The routing of this rank's tokens (as given to the dispatch): */
+  int64_t num_tokens;
+  const void* topk_idx;
+  deepepDataType_t topk_type;
+  int num_topk; /* the dispatch's num_topk */
+  int64_t topk_row_stride;
+  const float* topk_weights; /* [N, num_topk] float32 */
+  int64_t weights_row_stride;
+  void* out; /* [N, hidden] deepepBFloat16, contiguous; written by Recv and SendRecv */
+} deepepLowLatencyCombineArgs;
+
+DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args);
+
+/* Low-latency combine (see above). Collective, stream-ordered, no host synchronisation, capturable in a CUDA graph
+ * (every phase). Send reads x (or the combine buffer) and the dispatch's recv_src_info / recv_layout_range; Recv reads
+ * topk_idx and topk_weights and writes out. */
+DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepepLowLatencyCombineArgs* args,
+                                                  struct CUstream_st* stream);
+
+/* The combine buffer of `buffer_set`: [num_experts / R, R*T, hidden] deepepBFloat16 in device memory of this rank,
+ * contiguous. Write expert outputs there (after the set's dispatch finished its Recv) and combine with zero_copy = 1.
+ * It shares memory with the set's receive area: it is valid from the end of the set's dispatch until the next
+ * dispatch on the set. Local, non-blocking. [out] buffer */
+DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden,
+                                                           int num_experts, void** buffer);
+
+/* T of the low-latency calls (config low_latency_max_tokens; 0 when the communicator has no low-latency area).
+ * Local. */
+DEEPEP_API deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -1,0 +1,225 @@
+// C ABI of the low-latency calls: dispatch, combine, the zero-copy combine buffer. Checks every argument, then
+// launches the low-latency kernels.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "comm.hpp"
+#include "cuda_utils.hpp"
+#include "deepep/deepep.h"
+#include "error.hpp"
+#include "lowlatency.hpp"
+#include "validation.hpp"
+
+using namespace deepep;
+
+namespace {
+
+// The communicator must have a low-latency area, and (this release) reach every rank with NVLink stores.
+void require_low_latency(const deepepComm& comm) {
+  if (comm.ll_area.max_tokens <= 0) {
+    fail(deepepInvalidUsage,
+         "this communicator has no low-latency area: create it with config low_latency_max_tokens > 0 (the most "
+         "tokens per rank of a low-latency call)");
+  }
+  if (comm.ranks_per_nvl_domain != comm.nranks) {
+    fail(deepepNotSupported,
+         "low-latency calls need all %d ranks in one NVLink domain in this release (this domain has %d); the NVSHMEM "
+         "transport for other peers is not implemented yet",
+         comm.nranks, comm.ranks_per_nvl_domain);
+  }
+}
+
+void check_set_and_phase(int buffer_set, deepepLowLatencyPhase_t phase) {
+  DEEPEP_REQUIRE(buffer_set == 0 || buffer_set == 1, "buffer_set is %d; it must be 0 or 1", buffer_set);
+  DEEPEP_REQUIRE(phase == deepepLowLatencySendRecv || phase == deepepLowLatencySend || phase == deepepLowLatencyRecv,
+                 "phase is %d; it must be deepepLowLatencySendRecv (0), deepepLowLatencySend (1) or "
+                 "deepepLowLatencyRecv (2)",
+                 static_cast<int>(phase));
+}
+
+void check_flag(int value, const char* name) {
+  DEEPEP_REQUIRE(value == 0 || value == 1, "%s is %d; it must be 0 or 1", name, value);
+}
+
+int check_experts(const deepepComm& comm, int num_experts) {
+  DEEPEP_REQUIRE(num_experts >= 1 && num_experts % comm.nranks == 0,
+                 "num_experts (%d) must be a positive multiple of the number of ranks (%d)", num_experts, comm.nranks);
+  const int local = num_experts / comm.nranks;
+  DEEPEP_REQUIRE(local <= DEEPEP_MAX_LOCAL_EXPERTS, "num_experts / nranks is %d; at most %d experts per rank", local,
+                 DEEPEP_MAX_LOCAL_EXPERTS);
+  return local;
+}
+
+// Checks the tokens' routing; returns the element size of topk_idx.
+void check_routing(const deepepComm& comm, int64_t num_tokens, const void* topk_idx, deepepDataType_t topk_type,
+                   int num_topk, int64_t topk_row_stride) {
+  const int64_t T = comm.ll_area.max_tokens;
+  DEEPEP_REQUIRE(num_tokens >= 0 && num_tokens <= T,
+                 "num_tokens is %lld; it must be in [0, %lld] (config low_latency_max_tokens)",
+                 static_cast<long long>(num_tokens), static_cast<long long>(T));
+  DEEPEP_REQUIRE(topk_type == deepepInt64 || topk_type == deepepInt32,
+                 "topk_type is %d; topk_idx must be deepepInt64 or deepepInt32", static_cast<int>(topk_type));
+  DEEPEP_REQUIRE(num_topk >= 1 && num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]", num_topk,
+                 DEEPEP_MAX_TOPK);
+  DEEPEP_REQUIRE(num_topk <= comm.ll_area.max_topk,
+                 "num_topk is %d; this communicator's low-latency area holds at most %d (config num_topk)", num_topk,
+                 comm.ll_area.max_topk);
+  const int64_t stride = topk_row_stride != 0 ? topk_row_stride : num_topk;
+  DEEPEP_REQUIRE(stride >= num_topk && stride <= (int64_t(1) << 32), "topk_row_stride %lld is below num_topk %d",
+                 static_cast<long long>(stride), num_topk);
+  const size_t element = topk_type == deepepInt64 ? 8 : 4;
+  check_device_array(comm, topk_idx, matrix_bytes(num_tokens, num_topk, stride, element), element, "topk_idx");
+}
+
+[[noreturn]] void fail_too_small(const deepepComm& comm, const char* what, size_t needed, size_t have) {
+  fail(deepepBufferTooSmall,
+       "%s needs %zu bytes per buffer set but the low-latency area holds %zu (sized from config hidden %d, num_topk "
+       "%d, num_experts %d over %d ranks, low_latency_max_tokens %lld): raise those config fields",
+       what, needed, have, comm.ll_area.max_hidden, comm.ll_area.max_topk, comm.ll_area.max_local_experts * comm.nranks,
+       comm.nranks, static_cast<long long>(comm.ll_area.max_tokens));
+}
+
+size_t combine_buffer_bytes(const deepepComm& comm, int local_experts, int hidden) {
+  return static_cast<size_t>(local_experts) * comm.nranks * comm.ll_area.max_tokens * hidden * 2;
+}
+
+}  // namespace
+
+extern "C" {
+
+DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
+    std::memset(args, 0, sizeof(*args));
+    args->struct_size = sizeof(deepepLowLatencyDispatchArgs);
+    args->phase = deepepLowLatencySendRecv;
+    args->topk_type = deepepInt64;
+    args->use_fp8 = 1;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
+    std::memset(args, 0, sizeof(*args));
+    args->struct_size = sizeof(deepepLowLatencyCombineArgs);
+    args->phase = deepepLowLatencySendRecv;
+    args->topk_type = deepepInt64;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(max_tokens != nullptr, "max_tokens is NULL");
+    *max_tokens = static_cast<int>(checked_comm(comm)->ll_area.max_tokens);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deepepLowLatencyDispatchArgs* args,
+                                                   struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    const deepepLowLatencyDispatchArgs a = checked_struct(args, "args");
+    require_low_latency(c);
+    check_set_and_phase(a.buffer_set, a.phase);
+    const int local = check_experts(c, a.num_experts);
+    check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
+    check_flag(a.use_fp8, "use_fp8");
+    check_flag(a.round_scale, "round_scale");
+    check_flag(a.use_ue8m0, "use_ue8m0");
+    const bool fp8 = a.use_fp8 != 0;
+    DEEPEP_REQUIRE(fp8 || (a.round_scale == 0 && a.use_ue8m0 == 0),
+                   "round_scale and use_ue8m0 shape FP8 scales; they need use_fp8 = 1");
+    DEEPEP_REQUIRE(!a.use_ue8m0 || a.round_scale, "use_ue8m0 needs round_scale = 1 (UE8M0 holds powers of two)");
+    DEEPEP_REQUIRE(a.hidden > 0 && (fp8 ? a.hidden % 128 == 0 : a.hidden % 8 == 0),
+                   "hidden is %d; it must be a positive multiple of %s", a.hidden,
+                   fp8 ? "128 for FP8 output (one scale per 128 channels)" : "8 for BF16 output (16-byte rows)");
+    DEEPEP_REQUIRE(a.hidden <= c.ll_area.max_hidden,
+                   "hidden is %d; this communicator's low-latency area holds rows of at most %d (config hidden)",
+                   a.hidden, c.ll_area.max_hidden);
+    const int64_t x_stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
+    DEEPEP_REQUIRE(x_stride >= a.hidden && (x_stride * 2) % 16 == 0,
+                   "x_row_stride is %lld; rows must hold hidden (%d) elements and start on 16-byte boundaries",
+                   static_cast<long long>(x_stride), a.hidden);
+    check_device_array(c, a.x, matrix_bytes(a.num_tokens, a.hidden, x_stride, 2), 16, "x");
+    const LowLatencyRow row = low_latency_row(a.hidden, fp8);
+    const size_t T = static_cast<size_t>(c.ll_area.max_tokens);
+    const size_t slots = static_cast<size_t>(local) * c.nranks * T;
+    if (slots * row.row_bytes > c.ll_area.receive_bytes) {
+      fail_too_small(c, "the dispatch's receive slots", slots * row.row_bytes, c.ll_area.receive_bytes);
+    }
+    check_device_array(c, a.recv_x, slots * row.payload_bytes, 16, "recv_x");
+    if (fp8) {
+      const size_t scales = a.use_ue8m0 ? (a.hidden / 128 + 3) / 4 : a.hidden / 128;
+      check_device_array(c, a.recv_scales, slots * scales * 4, 4, "recv_scales");
+    } else {
+      DEEPEP_REQUIRE(a.recv_scales == nullptr, "recv_scales is given but the output is BF16 (use_fp8 = 0)");
+    }
+    check_device_array(c, a.recv_count, static_cast<size_t>(local) * 4, 4, "recv_count");
+    check_device_array(c, a.recv_src_info, slots * 4, 4, "recv_src_info");
+    check_device_array(c, a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "recv_layout_range");
+    DeviceGuard guard(c.device);
+    launch_low_latency_dispatch(c, a, stream);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepepLowLatencyCombineArgs* args,
+                                                  struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    const deepepLowLatencyCombineArgs a = checked_struct(args, "args");
+    require_low_latency(c);
+    check_set_and_phase(a.buffer_set, a.phase);
+    const int local = check_experts(c, a.num_experts);
+    check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
+    check_flag(a.zero_copy, "zero_copy");
+    DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0,
+                   "hidden is %d; it must be a positive multiple of 8 (16-byte rows)", a.hidden);
+    DEEPEP_REQUIRE(a.hidden <= c.ll_area.max_hidden,
+                   "hidden is %d; this communicator's low-latency area holds rows of at most %d (config hidden)",
+                   a.hidden, c.ll_area.max_hidden);
+    const size_t T = static_cast<size_t>(c.ll_area.max_tokens);
+    const size_t slots = static_cast<size_t>(local) * c.nranks * T;
+    const size_t combine_rows = T * a.num_topk * a.hidden * 2;
+    if (combine_rows > c.ll_area.combine_rows_bytes) {
+      fail_too_small(c, "the combine's receive rows", combine_rows, c.ll_area.combine_rows_bytes);
+    }
+    if (a.zero_copy) {
+      DEEPEP_REQUIRE(a.x == nullptr, "x is given with zero_copy = 1 (the rows are read from the combine buffer)");
+      if (combine_buffer_bytes(c, local, a.hidden) > c.ll_area.receive_bytes) {
+        fail_too_small(c, "the combine buffer", combine_buffer_bytes(c, local, a.hidden), c.ll_area.receive_bytes);
+      }
+    } else {
+      check_device_array(c, a.x, slots * a.hidden * 2, 16, "x");
+    }
+    check_device_array(c, a.src_info, slots * 4, 4, "src_info");
+    check_device_array(c, a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "layout_range");
+    const int64_t w_stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
+    DEEPEP_REQUIRE(w_stride >= a.num_topk, "weights_row_stride %lld is below num_topk %d",
+                   static_cast<long long>(w_stride), a.num_topk);
+    check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, w_stride, 4), 4, "topk_weights");
+    check_device_array(c, a.out, static_cast<size_t>(a.num_tokens) * a.hidden * 2, 16, "out");
+    DeviceGuard guard(c.device);
+    launch_low_latency_combine(c, a, stream);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden,
+                                                           int num_experts, void** buffer) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(buffer != nullptr, "buffer is NULL");
+    *buffer = nullptr;
+    const deepepComm& c = *checked_comm(comm);
+    require_low_latency(c);
+    check_set_and_phase(buffer_set, deepepLowLatencySendRecv);
+    const int local = check_experts(c, num_experts);
+    DEEPEP_REQUIRE(hidden > 0 && hidden % 8 == 0, "hidden is %d; it must be a positive multiple of 8", hidden);
+    if (combine_buffer_bytes(c, local, hidden) > c.ll_area.receive_bytes) {
+      fail_too_small(c, "the combine buffer", combine_buffer_bytes(c, local, hidden), c.ll_area.receive_bytes);
+    }
+    *buffer = low_latency_combine_buffer(c, buffer_set);
+  });
+}
+
+}  // extern "C"

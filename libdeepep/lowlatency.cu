@@ -1,0 +1,728 @@
+// Low-latency dispatch and combine over NVLink stores (all ranks in one NVLink domain).
+//
+// Protocol. Every low-latency operation (a dispatch or a combine) runs on one of two buffer sets and carries a
+// sequence number `seq`, per set, kept on the device (LowLatencyState) so that replayed CUDA graphs advance it.
+// Every rank makes the same operations in the same order, so all ranks agree on seq without talking about it.
+//   Dispatch, send side: block b owns global experts b, b + G, ... For a group of its experts it scans topk_idx to
+//   list, in ascending token order, the tokens naming each expert (the first slot naming it); its warps then cast
+//   (FP8) or copy (BF16) each listed token's row and store it with 16-byte stores straight into slot
+//   [e_loc][this rank][position] of the expert's rank; after a block barrier one thread per expert publishes
+//   (seq << 32) | rows with a system-scope release into that rank's dispatch flag [e_loc][this rank]. Positions come
+//   from the scan, never from atomics: the layout is deterministic.
+//   Dispatch, receive side: block b owns local experts b, b + G, ...; it acquires the R flags of each, derives the
+//   packed offsets (source rank ascending), and copies the rows into recv_x / recv_scales / recv_src_info.
+//   Combine, send side: block b owns local experts; each row of the expert's input goes back to its source rank,
+//   into that rank's combine row [token][slot] (from recv_src_info), then one release per (expert, source) says
+//   the rows are there.
+//   Combine, receive side: block b owns tokens b, b + G, ...; it acquires the flags of the token's experts and sums
+//   weight * row over the slots in ascending order in float32 (separately rounded products and sums).
+// Reuse of a set: before a rank writes into a peer's set for operation seq, it waits until that peer acknowledged
+// the operations that last read the same bytes: for a dispatch (receive slots) the previous operation on the set,
+// for a combine (combine rows) the previous combine on the set. The last block of each operation's final kernel
+// writes seq into every peer's ack word. Send-only (hook) kernels change no state; the receive kernel completes
+// the operation. Every wait is bounded by the timeout and records rank, phase and peer on expiry.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+
+#include "async_error.hpp"
+#include "comm.hpp"
+#include "cuda_utils.hpp"
+#include "device_utils.cuh"
+#include "error.hpp"
+#include "lowlatency.hpp"
+
+namespace deepep {
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kExpertsPerRound = 4;  // dispatch send: experts a block scans together
+constexpr int kMaxRanksLL = DEEPEP_MAX_RANKS;
+constexpr uint32_t kSlotShift = 16;  // src_info = token | slot << 16
+
+// Rank-local part of the area (never written by peers).
+struct LowLatencyState {
+  uint32_t seq[kLowLatencySets];           // last completed operation on each set
+  uint32_t last_combine[kLowLatencySets];  // seq of the last completed combine on each set
+  uint32_t finished[kLowLatencySets];      // blocks of the running final kernel that are done
+};
+
+size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
+
+constexpr size_t kStateBytes = 256;
+static_assert(sizeof(LowLatencyState) <= kStateBytes, "low-latency state outgrew its reservation");
+
+enum : int { kSend = 1, kRecv = 2 };
+
+// Everything a kernel needs to find the area on every rank.
+struct Area {
+  void* const* peers;  // base of every rank's communication buffer (NVLink-mapped)
+  size_t offset;       // of the low-latency area in every buffer
+  size_t ack_offset;
+  size_t dispatch_flags_offset;
+  size_t combine_flags_offset;
+  size_t control_bytes;
+  size_t set_bytes;
+  size_t combine_rows_offset;
+  int rank;
+  int nranks;
+  int set;
+  AsyncErrorRecord* error;
+  uint64_t timeout_ns;
+
+  __device__ __forceinline__ uint8_t* base(int owner) const { return static_cast<uint8_t*>(peers[owner]) + offset; }
+  __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(base(rank)); }
+  __device__ __forceinline__ uint64_t* ack(int owner, int source) const {
+    return reinterpret_cast<uint64_t*>(base(owner) + ack_offset) + set * nranks + source;
+  }
+  __device__ __forceinline__ uint64_t* dispatch_flag(int owner, int local_expert, int source) const {
+    return reinterpret_cast<uint64_t*>(base(owner) + dispatch_flags_offset) +
+           (static_cast<size_t>(set) * DEEPEP_MAX_LOCAL_EXPERTS + local_expert) * nranks + source;
+  }
+  __device__ __forceinline__ uint64_t* combine_flag(int owner, int expert) const {
+    return reinterpret_cast<uint64_t*>(base(owner) + combine_flags_offset) +
+           static_cast<size_t>(set) * DEEPEP_MAX_LOCAL_EXPERTS * nranks + expert;
+  }
+  __device__ __forceinline__ uint8_t* set_base(int owner) const {
+    return base(owner) + control_bytes + static_cast<size_t>(set) * set_bytes;
+  }
+};
+
+__device__ __forceinline__ uint64_t tagged(uint32_t seq, uint32_t value) {
+  return (static_cast<uint64_t>(seq) << 32) | value;
+}
+
+// Whether ack value `v` says the peer finished operation `needed` (or a later one), modulo 2^32.
+__device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
+  return static_cast<int32_t>(static_cast<uint32_t>(v) - needed) >= 0;
+}
+
+// Waits (warp 0 of the block) until every peer finished operation `needed` on the set. Returns the verdict to the
+// whole block. Acks are written by the peers into this rank's area, so the loads stay local.
+__device__ bool wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline, Phase phase) {
+  __shared__ int all_ok;
+  if (threadIdx.x == 0) all_ok = 1;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    bool ok = true;
+    for (int d = threadIdx.x; d < a.nranks; d += 32) {
+      if (d == a.rank) continue;
+      ok &= wait_flag(
+          a.ack(a.rank, d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d);
+    }
+    if (!ok) all_ok = 0;
+  }
+  __syncthreads();
+  return all_ok != 0;
+}
+
+// End of an operation's final kernel: the last block records the operation as complete and acknowledges it to
+// every peer (release: our reads of the set happen before a peer's next writes into it).
+__device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    LowLatencyState* state = a.state();
+    __threadfence_system();
+    const uint32_t done = atomicAdd(&state->finished[a.set], 1u);
+    if (done == gridDim.x - 1) {
+      __threadfence_system();  // the other blocks' work before their increments is ordered before the acks
+      state->finished[a.set] = 0;
+      state->seq[a.set] = seq;
+      if (combine) state->last_combine[a.set] = seq;
+      for (int d = 0; d < a.nranks; ++d) {
+        if (d != a.rank) store_release_sys(a.ack(d, a.rank), seq);
+      }
+      __threadfence();
+    }
+  }
+}
+
+// Block-wide exclusive prefix of per-thread 0/1 values (several at once); returns the thread's offsets and the
+// block totals. `scratch` holds kWarps ints per value.
+template <int kCount>
+__device__ __forceinline__ void block_scan(const bool (&flag)[kCount], int (&offset)[kCount], int (&total)[kCount],
+                                           int (*scratch)[kWarps]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t below = (1u << lane) - 1u;
+  int within[kCount];
+#pragma unroll
+  for (int r = 0; r < kCount; ++r) {
+    const uint32_t ballot = __ballot_sync(0xffffffffu, flag[r]);
+    within[r] = __popc(ballot & below);
+    if (lane == 0) scratch[r][warp] = __popc(ballot);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kCount; ++r) {
+    int before = 0, sum = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int v = scratch[r][w];
+      before += w < warp ? v : 0;
+      sum += v;
+    }
+    offset[r] = before + within[r];
+    total[r] = sum;
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// FP8 cast of one row, per 128-channel block: each lane holds 16 consecutive channels, 8 lanes a block.
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+__device__ __forceinline__ float pow2_ceil(float scale) {
+  // scale is a positive normal float: 2^ceil(log2(scale)) is scale itself when its mantissa is 0, else the next
+  // power of two.
+  const uint32_t bits = __float_as_uint(scale);
+  const uint32_t exponent = bits & 0x7f800000u;
+  return __uint_as_float((bits & 0x007fffffu) ? exponent + 0x00800000u : exponent);
+}
+
+// Casts a BF16 row of `hidden` channels to e4m3 and stores payload and float32 scales at `dst_payload` /
+// `dst_scales` (a peer's slot). One warp per row.
+__device__ __forceinline__ void cast_row_fp8(const uint16_t* __restrict__ src, uint8_t* dst_payload, float* dst_scales,
+                                             int hidden, bool round_scale, int lane) {
+  for (int base = lane * 16; base - lane * 16 < hidden; base += 512) {
+    const bool valid = base < hidden;  // whole 8-lane groups are valid or not (hidden % 128 == 0)
+    int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+    if (valid) {
+      raw[0] = __ldg(reinterpret_cast<const int4*>(src + base));
+      raw[1] = __ldg(reinterpret_cast<const int4*>(src + base) + 1);
+    }
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
+      v[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    // max is exact and order-free: the 8 lanes of the block agree whatever the reduction order.
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, 1e-4f);
+    float scale = __fdiv_rn(amax, 448.0f);
+    if (round_scale) scale = pow2_ceil(scale);
+    if (valid) {
+      uint32_t packed[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fdiv_rn(v[4 * i], scale), __fdiv_rn(v[4 * i + 1], scale)), __NV_SATFINITE, __NV_E4M3);
+        const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fdiv_rn(v[4 * i + 2], scale), __fdiv_rn(v[4 * i + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+        packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+      *reinterpret_cast<int4*>(dst_payload + base) =
+          make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
+                    static_cast<int>(packed[3]));
+      if ((lane & 7) == 0) dst_scales[base / 128] = scale;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch.
+
+struct DispatchParams {
+  Area area;
+  const uint16_t* x;  // BF16 bits
+  int64_t x_stride;
+  const void* topk_idx;
+  int64_t topk_stride;
+  int64_t num_tokens;
+  int num_topk;
+  int num_experts;
+  int experts_per_rank;
+  int hidden;
+  int64_t max_tokens;  // T
+  bool fp8;
+  bool round_scale;
+  bool ue8m0;
+  LowLatencyRow row;
+  uint8_t* recv_x;
+  void* recv_scales;
+  int32_t* recv_count;
+  int32_t* recv_src_info;
+  int32_t* recv_layout_range;
+};
+
+template <typename Index>
+__device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
+  const Area& a = p.area;
+  __shared__ int32_t list[kExpertsPerRound][DEEPEP_LL_MAX_TOKENS];  // token | slot << 16, ascending tokens
+  __shared__ int count[kExpertsPerRound];
+  __shared__ int scratch[kExpertsPerRound][kWarps];
+  const Index* topk = static_cast<const Index*>(p.topk_idx);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int G = gridDim.x;
+  if (!wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch)) return;
+
+  for (int first = blockIdx.x; first < p.num_experts; first += G * kExpertsPerRound) {
+    int expert[kExpertsPerRound];
+#pragma unroll
+    for (int r = 0; r < kExpertsPerRound; ++r) expert[r] = first + r * G < p.num_experts ? first + r * G : -1;
+    int base[kExpertsPerRound] = {};
+    // Scan: token t is listed under expert e at its first slot naming e.
+    for (int64_t chunk = 0; chunk < p.num_tokens; chunk += kThreads) {
+      const int64_t t = chunk + threadIdx.x;
+      bool found[kExpertsPerRound] = {};
+      int slot[kExpertsPerRound];
+      if (t < p.num_tokens) {
+        const Index* ids = topk + t * p.topk_stride;
+        for (int k = p.num_topk - 1; k >= 0; --k) {
+          const int64_t e = static_cast<int64_t>(ids[k]);
+          if (e < -1 || e >= p.num_experts) {
+            // Only block 0 reports, once per bad entry; every block ignores the entry alike.
+            if (blockIdx.x == 0 && first == 0) {
+              record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1,
+                                 t * p.num_topk + k, e);
+            }
+            continue;
+          }
+#pragma unroll
+          for (int r = 0; r < kExpertsPerRound; ++r) {
+            if (e == expert[r]) {
+              found[r] = true;
+              slot[r] = k;  // descending k: the last write is the first slot
+            }
+          }
+        }
+      }
+      int offset[kExpertsPerRound], total[kExpertsPerRound];
+      block_scan(found, offset, total, scratch);
+#pragma unroll
+      for (int r = 0; r < kExpertsPerRound; ++r) {
+        if (found[r]) list[r][base[r] + offset[r]] = static_cast<int32_t>(t) | (slot[r] << kSlotShift);
+        base[r] += total[r];
+      }
+    }
+    if (threadIdx.x < kExpertsPerRound) count[threadIdx.x] = base[threadIdx.x];
+    __syncthreads();
+
+    // Rows: the warps share the listed (expert, position) pairs of the round.
+    int rows = 0;
+#pragma unroll
+    for (int r = 0; r < kExpertsPerRound; ++r) rows += count[r];
+    for (int item = warp; item < rows; item += kWarps) {
+      int r = 0, position = item;
+      while (position >= count[r]) position -= count[r++];
+      const int32_t info = list[r][position];
+      const int64_t t = info & ((1 << kSlotShift) - 1);
+      const int dest = expert[r] / p.experts_per_rank;
+      const int local = expert[r] % p.experts_per_rank;
+      uint8_t* row = a.set_base(dest) +
+                     ((static_cast<size_t>(local) * a.nranks + a.rank) * p.max_tokens + position) * p.row.row_bytes;
+      const uint16_t* src = p.x + t * p.x_stride;
+      if (p.fp8) {
+        cast_row_fp8(src, row, reinterpret_cast<float*>(row + p.row.scales_offset), p.hidden, p.round_scale, lane);
+      } else {
+        warp_copy<true>(row, src, p.row.payload_bytes, lane);
+      }
+      if (lane == 0) *reinterpret_cast<int32_t*>(row + p.row.meta_offset) = info;
+    }
+    __syncthreads();
+    // Publish each expert's row count after its rows (release at system scope; the fence orders the other warps'
+    // stores, which the barrier above ordered before this thread's).
+    if (threadIdx.x < kExpertsPerRound && expert[threadIdx.x] >= 0) {
+      const int r = threadIdx.x;
+      __threadfence_system();
+      store_release_sys(a.dispatch_flag(expert[r] / p.experts_per_rank, expert[r] % p.experts_per_rank, a.rank),
+                        tagged(seq, static_cast<uint32_t>(count[r])));
+    }
+    __syncthreads();  // count and list are reused by the next round
+  }
+}
+
+__device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
+  const Area& a = p.area;
+  __shared__ int32_t counts[kMaxRanksLL];
+  __shared__ int32_t offsets[kMaxRanksLL + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
+  const int num_scales = p.hidden / 128;
+  const int num_words = (num_scales + 3) / 4;
+
+  for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
+    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
+      uint64_t seen = 0;
+      const bool ok = wait_flag(
+          a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; },
+          deadline, a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+      int32_t rows = ok ? static_cast<int32_t>(static_cast<uint32_t>(seen)) : 0;
+      if (rows > p.max_tokens) {  // a peer with a different T (or a corrupted flag): never write out of bounds
+        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local, rows);
+        rows = 0;
+      }
+      counts[s] = rows;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int32_t running = 0;
+      for (int s = 0; s < a.nranks; ++s) {
+        offsets[s] = running;
+        running += counts[s];
+      }
+      offsets[a.nranks] = running;
+      p.recv_count[local] = running;
+    }
+    __syncthreads();
+    const int32_t total = offsets[a.nranks];
+    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
+      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2] = offsets[s];
+      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2 + 1] = counts[s];
+    }
+    int32_t* src_info = p.recv_src_info + local * rows_per_expert;
+    for (int64_t j = total + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
+
+    for (int j = warp; j < total; j += kWarps) {
+      // Source of output row j: the last s with offsets[s] <= j.
+      int lo = 0, hi = a.nranks - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (offsets[mid] <= j) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      const int s = lo;
+      const uint8_t* row =
+          a.set_base(a.rank) +
+          ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - offsets[s])) * p.row.row_bytes;
+      const int64_t out_row = local * rows_per_expert + j;
+      // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
+      warp_copy<false>(p.recv_x + out_row * static_cast<int64_t>(p.row.payload_bytes), row, p.row.payload_bytes, lane);
+      if (p.fp8) {
+        const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
+        if (p.ue8m0) {
+          int32_t* out = static_cast<int32_t*>(p.recv_scales) + out_row * num_words;
+          for (int w = lane; w < num_words; w += 32) {
+            uint32_t word = 0;
+            for (int i = 0; i < 4; ++i) {
+              const int b = 4 * w + i;
+              if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
+            }
+            out[w] = static_cast<int32_t>(word);
+          }
+        } else {
+          float* out = static_cast<float*>(p.recv_scales) + out_row * num_scales;
+          for (int b = lane; b < num_scales; b += 32) out[b] = scales[b];
+        }
+      }
+      if (lane == 0) src_info[j] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
+    }
+    __syncthreads();  // counts / offsets are reused for the next expert
+  }
+}
+
+template <typename Index>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
+  const uint32_t seq = p.area.state()->seq[p.area.set] + 1u;
+  const uint64_t deadline = global_timer_ns() + p.area.timeout_ns;
+  if (phases & kSend) dispatch_send<Index>(p, seq, deadline);
+  if (phases & kRecv) {
+    dispatch_recv(p, seq, deadline);
+    finish_operation(p.area, seq, false);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Combine.
+
+struct CombineParams {
+  Area area;
+  const uint16_t* x;  // [E_loc, R*T, H] BF16 bits
+  const int32_t* src_info;
+  const int32_t* layout_range;
+  const void* topk_idx;
+  int64_t topk_stride;
+  const float* weights;
+  int64_t weights_stride;
+  int64_t num_tokens;
+  int num_topk;
+  int num_experts;
+  int experts_per_rank;
+  int hidden;
+  int64_t max_tokens;
+  uint16_t* out;
+};
+
+__device__ __forceinline__ uint8_t* combine_row(const CombineParams& p, int owner, int64_t token, int slot) {
+  return p.area.set_base(owner) + p.area.combine_rows_offset +
+         (static_cast<size_t>(token) * p.num_topk + slot) * static_cast<size_t>(p.hidden) * 2;
+}
+
+__device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t previous_combine, uint64_t deadline) {
+  const Area& a = p.area;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
+  const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
+  if (!wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine)) return;
+
+  for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
+    const int32_t* range = p.layout_range + static_cast<size_t>(local) * a.nranks * 2;
+    int64_t total = 0;
+    for (int s = 0; s < a.nranks; ++s) total = max(total, static_cast<int64_t>(range[2 * s]) + range[2 * s + 1]);
+    total = min(total, rows_per_expert);  // never read past the expert's rows, whatever the ranges say
+    for (int64_t j = warp; j < total; j += kWarps) {
+      // Source rank of row j: the last s whose range starts at or before j.
+      int s = 0;
+      for (int r = 0; r < a.nranks; ++r) {
+        if (range[2 * r + 1] > 0 && range[2 * r] <= j) s = r;
+      }
+      const int32_t info = p.src_info[local * rows_per_expert + j];
+      const int64_t token = info & ((1 << kSlotShift) - 1);
+      const int slot = info >> kSlotShift;
+      if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
+        if (lane == 0) {
+          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
+                             local * rows_per_expert + j, info);
+        }
+        continue;
+      }
+      warp_copy<true>(combine_row(p, s, token, slot), p.x + (local * rows_per_expert + j) * p.hidden, row_bytes, lane);
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
+      __threadfence_system();
+      store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
+    }
+  }
+}
+
+template <typename Index>
+__device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t deadline) {
+  const Area& a = p.area;
+  __shared__ int source_slot[DEEPEP_MAX_TOPK];  // slot whose row holds slot k's data; -1: skip
+  __shared__ float weight[DEEPEP_MAX_TOPK];
+  const Index* topk = static_cast<const Index*>(p.topk_idx);
+  const int vectors = p.hidden / 8;
+
+  for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    if (threadIdx.x < p.num_topk) {
+      const int k = threadIdx.x;
+      const Index* ids = topk + t * p.topk_stride;
+      const int64_t e = static_cast<int64_t>(ids[k]);
+      int from = -1;
+      if (e >= 0 && e < p.num_experts) {
+        from = k;
+        for (int j = 0; j < k; ++j) {
+          if (static_cast<int64_t>(ids[j]) == e) {
+            from = j;
+            break;
+          }
+        }
+        if (from == k && !wait_flag(
+                             a.combine_flag(a.rank, static_cast<int>(e)),
+                             [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; }, deadline, a.error, a.rank,
+                             Phase::kLowLatencyCombine, static_cast<int>(e / p.experts_per_rank))) {
+          from = -1;
+        }
+      } else if (e != -1) {
+        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
+                           e);
+      }
+      source_slot[k] = from;
+      weight[k] = p.weights[t * p.weights_stride + k];
+    }
+    __syncthreads();
+    // A duplicate slot whose first slot timed out must be skipped too.
+    for (int v = threadIdx.x; v < vectors; v += kThreads) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      for (int k = 0; k < p.num_topk; ++k) {
+        const int from = source_slot[k];
+        if (from < 0 || source_slot[from] < 0) continue;
+        // Written by peers during the kernel: a plain load after the acquire.
+        const int4 raw = *reinterpret_cast<const int4*>(combine_row(p, a.rank, t, from) + static_cast<size_t>(v) * 16);
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw);
+        const float w = weight[k];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(words[i] & 0xffffu)));
+          acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(words[i] >> 16)));
+        }
+      }
+      uint32_t packed[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
+        const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
+        packed[i] = lo | (hi << 16);
+      }
+      *reinterpret_cast<int4*>(p.out + t * p.hidden + static_cast<int64_t>(v) * 8) =
+          make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
+                    static_cast<int>(packed[3]));
+    }
+    __syncthreads();  // shared slots are reused by the next token
+  }
+}
+
+template <typename Index>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, int phases) {
+  const LowLatencyState* state = p.area.state();
+  const uint32_t seq = state->seq[p.area.set] + 1u;
+  const uint32_t previous_combine = state->last_combine[p.area.set];
+  const uint64_t deadline = global_timer_ns() + p.area.timeout_ns;
+  if (phases & kSend) combine_send(p, seq, previous_combine, deadline);
+  if (phases & kRecv) {
+    combine_recv<Index>(p, seq, deadline);
+    finish_operation(p.area, seq, true);
+  }
+}
+
+Area make_area(const deepepComm& comm, int set) {
+  const LowLatencyArea& l = comm.ll_area;
+  Area a;
+  a.peers = comm.peer_buffers_device;
+  a.offset = comm.ll_offset;
+  a.ack_offset = l.ack_offset;
+  a.dispatch_flags_offset = l.dispatch_flags_offset;
+  a.combine_flags_offset = l.combine_flags_offset;
+  a.control_bytes = l.control_bytes;
+  a.set_bytes = l.set_bytes;
+  a.combine_rows_offset = l.combine_rows_offset;
+  a.rank = comm.rank;
+  a.nranks = comm.nranks;
+  a.set = set;
+  a.error = comm.async_error_device;
+  a.timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
+  return a;
+}
+
+int phase_bits(deepepLowLatencyPhase_t phase) {
+  switch (phase) {
+    case deepepLowLatencySendRecv:
+      return kSend | kRecv;
+    case deepepLowLatencySend:
+      return kSend;
+    case deepepLowLatencyRecv:
+      return kRecv;
+  }
+  fail(deepepInvalidArgument, "phase is %d; it must be a deepepLowLatencyPhase_t", static_cast<int>(phase));
+}
+
+}  // namespace
+
+LowLatencyRow low_latency_row(int hidden, bool fp8) {
+  LowLatencyRow row;
+  const size_t h = static_cast<size_t>(hidden);
+  row.payload_bytes = fp8 ? h : 2 * h;
+  row.scales_offset = align_up(row.payload_bytes, 16);
+  row.meta_offset = row.scales_offset + (fp8 ? align_up(h / 128 * 4, 16) : 0);
+  row.row_bytes = row.meta_offset + 16;
+  return row;
+}
+
+LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
+  LowLatencyArea l;
+  if (config.low_latency_max_tokens <= 0) return l;
+  DEEPEP_REQUIRE(config.num_experts % nranks == 0,
+                 "config->num_experts (%d) is not divisible by the number of ranks (%d); the low-latency area is "
+                 "sized for num_experts / nranks experts per rank",
+                 config.num_experts, nranks);
+  DEEPEP_REQUIRE(config.num_experts / nranks <= DEEPEP_MAX_LOCAL_EXPERTS,
+                 "config->num_experts / nranks is %d; at most %d experts per rank are supported",
+                 config.num_experts / nranks, DEEPEP_MAX_LOCAL_EXPERTS);
+  l.max_tokens = config.low_latency_max_tokens;
+  l.max_hidden = config.hidden;
+  l.max_topk = config.num_topk;
+  l.max_local_experts = config.num_experts / nranks;
+  const size_t R = static_cast<size_t>(nranks);
+  l.ack_offset = kStateBytes;
+  l.dispatch_flags_offset = align_up(l.ack_offset + kLowLatencySets * R * 8, 256);
+  l.combine_flags_offset = l.dispatch_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
+  l.control_bytes = align_up(l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8, 4096);
+  const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
+                              config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
+  const long double receive = static_cast<long double>(l.max_local_experts) * R * l.max_tokens * row;
+  const long double combine = static_cast<long double>(l.max_tokens) * l.max_topk * config.hidden * 2;
+  if (receive + combine > static_cast<long double>(size_t(1) << 46)) {
+    fail(deepepInvalidArgument,
+         "the low-latency area (T %d, hidden %d, num_topk %d, num_experts %d, %d ranks) needs %.3Le bytes per set, "
+         "more than any GPU holds",
+         config.low_latency_max_tokens, config.hidden, config.num_topk, config.num_experts, nranks, receive + combine);
+  }
+  l.receive_bytes = align_up(static_cast<size_t>(receive), 4096);
+  l.combine_rows_offset = l.receive_bytes;
+  l.combine_rows_bytes = align_up(static_cast<size_t>(combine), 4096);
+  l.set_bytes = l.receive_bytes + l.combine_rows_bytes;
+  l.total_bytes = l.control_bytes + kLowLatencySets * l.set_bytes;
+  return l;
+}
+
+void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set) {
+  return static_cast<uint8_t*>(comm.buffer) + comm.ll_offset + comm.ll_area.control_bytes +
+         static_cast<size_t>(buffer_set) * comm.ll_area.set_bytes;
+}
+
+void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args,
+                                 cudaStream_t stream) {
+  DispatchParams p;
+  p.area = make_area(comm, args.buffer_set);
+  p.x = static_cast<const uint16_t*>(args.x);
+  p.x_stride = args.x_row_stride != 0 ? args.x_row_stride : args.hidden;
+  p.topk_idx = args.topk_idx;
+  p.topk_stride = args.topk_row_stride != 0 ? args.topk_row_stride : args.num_topk;
+  p.num_tokens = args.num_tokens;
+  p.num_topk = args.num_topk;
+  p.num_experts = args.num_experts;
+  p.experts_per_rank = args.num_experts / comm.nranks;
+  p.hidden = args.hidden;
+  p.max_tokens = comm.ll_area.max_tokens;
+  p.fp8 = args.use_fp8 != 0;
+  p.round_scale = args.round_scale != 0;
+  p.ue8m0 = args.use_ue8m0 != 0;
+  p.row = low_latency_row(args.hidden, p.fp8);
+  p.recv_x = static_cast<uint8_t*>(args.recv_x);
+  p.recv_scales = args.recv_scales;
+  p.recv_count = args.recv_count;
+  p.recv_src_info = args.recv_src_info;
+  p.recv_layout_range = args.recv_layout_range;
+  const int phases = phase_bits(args.phase);
+  const int blocks = std::max(1, comm.num_sms);
+  if (args.topk_type == deepepInt64) {
+    dispatch_kernel<int64_t><<<blocks, kThreads, 0, stream>>>(p, phases);
+  } else {
+    dispatch_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(p, phases);
+  }
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream) {
+  CombineParams p;
+  p.area = make_area(comm, args.buffer_set);
+  p.x = static_cast<const uint16_t*>(args.zero_copy ? low_latency_combine_buffer(comm, args.buffer_set) : args.x);
+  p.src_info = args.src_info;
+  p.layout_range = args.layout_range;
+  p.topk_idx = args.topk_idx;
+  p.topk_stride = args.topk_row_stride != 0 ? args.topk_row_stride : args.num_topk;
+  p.weights = args.topk_weights;
+  p.weights_stride = args.weights_row_stride != 0 ? args.weights_row_stride : args.num_topk;
+  p.num_tokens = args.num_tokens;
+  p.num_topk = args.num_topk;
+  p.num_experts = args.num_experts;
+  p.experts_per_rank = args.num_experts / comm.nranks;
+  p.hidden = args.hidden;
+  p.max_tokens = comm.ll_area.max_tokens;
+  p.out = static_cast<uint16_t*>(args.out);
+  const int phases = phase_bits(args.phase);
+  const int blocks = std::max(1, comm.num_sms);
+  if (args.topk_type == deepepInt64) {
+    combine_kernel<int64_t><<<blocks, kThreads, 0, stream>>>(p, phases);
+  } else {
+    combine_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(p, phases);
+  }
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace deepep

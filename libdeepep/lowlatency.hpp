@@ -1,0 +1,68 @@
+// Low-latency dispatch and combine: the layout of the low-latency area of the communication buffer, and the
+// launchers (arguments already validated by api_ll.cpp).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "deepep/deepep.h"
+
+struct deepepComm;
+
+namespace deepep {
+
+constexpr int kLowLatencySets = 2;
+
+// Byte layout of the low-latency area, identical on every rank (it follows from the config). Offsets are from the
+// area's start, which lies `ll_offset` bytes into every rank's communication buffer:
+//   state            LowLatencyState, local to the rank (peers never touch it)
+//   acks             uint64 [set][R]: the last operation on the set each rank finished (written by that rank)
+//   dispatch flags   uint64 [set][DEEPEP_MAX_LOCAL_EXPERTS][R]: (seq << 32) | rows, written by source rank s after
+//                    its rows for local expert e
+//   combine flags    uint64 [set][DEEPEP_MAX_LOCAL_EXPERTS * R]: seq, written by the rank of global expert e after
+//                    the rows of this rank's tokens under e
+//   set 0, set 1     each: receive slots [E_loc][R][T] rows (dispatch; the same bytes are the combine buffer
+//                    [E_loc][R*T][H] BF16 of the zero-copy combine), then combine rows [T][K] BF16 [H]
+struct LowLatencyArea {
+  int64_t max_tokens = 0;  // T; 0: no area
+  int max_hidden = 0;
+  int max_topk = 0;
+  int max_local_experts = 0;
+  size_t ack_offset = 0;
+  size_t dispatch_flags_offset = 0;
+  size_t combine_flags_offset = 0;
+  size_t control_bytes = 0;        // everything before set 0 (zeroed at setup)
+  size_t receive_bytes = 0;        // per set
+  size_t combine_rows_offset = 0;  // from the set's start
+  size_t combine_rows_bytes = 0;   // per set
+  size_t set_bytes = 0;
+  size_t total_bytes = 0;
+};
+
+// The area `config` asks for on `nranks` ranks (all zero when low_latency_max_tokens is 0). Throws for a config
+// whose numbers cannot describe one.
+LowLatencyArea low_latency_area(const deepepConfig& config, int nranks);
+
+// Byte layout of one dispatched row in a receive slot: payload (FP8 bytes or BF16), float32 scales (FP8 only), then
+// 16 bytes of metadata (source token | slot << 16).
+struct LowLatencyRow {
+  size_t payload_bytes = 0;
+  size_t scales_offset = 0;
+  size_t meta_offset = 0;
+  size_t row_bytes = 0;
+};
+LowLatencyRow low_latency_row(int hidden, bool fp8);
+
+// How peers are reached. Only direct NVLink stores exist in this release; an NVSHMEM put/signal transport (for peers
+// outside the NVLink domain, or forced for testing) is meant to slot in here, chosen per communicator.
+enum class LowLatencyTransport { kNvlinkStores = 0 };
+
+void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args, cudaStream_t stream);
+void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream);
+
+// Device address of `buffer_set`'s combine buffer on this rank.
+void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set);
+
+}  // namespace deepep

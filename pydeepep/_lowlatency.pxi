@@ -1,0 +1,341 @@
+# Low-latency dispatch and combine (include/deepep/deepep.h, "Low-latency (LL) dispatch and combine"). Included into
+# _core.pyx; the Communicator methods low_latency_* forward here.
+#
+# Buffer sets: dispatch i runs on set i % 2 and its combine on the same set. The Python side remembers, per set, the
+# generation (dispatches started on it) and an unfinished Send phase, and refuses what would read a reused set: a
+# combine or a combine buffer of a result whose set a later dispatch took (dispatch i + 2), a second Send on a set
+# whose receive hook was never called, a hook called twice or after its set was reused.
+
+
+class LowLatencyDispatchResult:
+    """What :meth:`Communicator.low_latency_dispatch` returns, and the handle its combine takes.
+
+    ``recv_x`` [E_loc, R*T, H] float8_e4m3fn (or bfloat16 without FP8); ``recv_scales`` [E_loc, R*T, H/128] float32,
+    or UE8M0-packed int32 [E_loc, R*T, ceil(H/512)], or None; ``recv_count`` [E_loc] int32 rows per local expert
+    (rows grouped by source rank, then source token); ``recv_src_info`` [E_loc, R*T] int32: source token index in
+    bits 0..15 and the source's top-k slot from bit 16, -1 past the count; ``recv_layout_range`` [E_loc, R, 2] int32:
+    (first row, rows) of each source rank. ``hook``: with ``return_recv_hook``, a callable that receives (the arrays
+    hold the data once it ran, stream-ordered); else None. ``buffer_set`` and ``generation`` name the buffer set the
+    result lives in; it stays valid until the dispatch after next starts.
+    """
+
+    __slots__ = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range", "hook", "buffer_set",
+                 "generation", "num_experts", "num_tokens", "num_topk", "hidden", "use_fp8", "comm")
+
+    def __repr__(self):
+        return (f"LowLatencyDispatchResult(set={self.buffer_set}, generation={self.generation}, "
+                f"num_tokens={self.num_tokens}, hidden={self.hidden}, num_experts={self.num_experts}, "
+                f"use_fp8={self.use_fp8}, hook={'pending' if self.hook is not None else None})")
+
+
+LowLatencyCombineResult = collections.namedtuple("LowLatencyCombineResult", ["out", "hook"])
+LowLatencyCombineResult.__doc__ = """What a low-latency combine returns: ``out`` [N, H] bfloat16 and ``hook`` (with
+``return_recv_hook``, a callable that receives and writes ``out``; else None)."""
+
+
+class _LowLatencyBook:
+    """Per-communicator bookkeeping of the two buffer sets (host side, cheap checks only)."""
+
+    def __init__(self, int max_tokens):
+        self.max_tokens = max_tokens
+        self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
+        self.generation = [0, 0]          # dispatches started on each set
+        self.pending = [None, None]       # an unfinished Send on the set: its hook object
+
+    def check_not_pending(self, int buffer_set, str what):
+        if self.pending[buffer_set] is not None:
+            raise DeepEPInvalidUsage(
+                f"{what} on buffer set {buffer_set}, but the receive hook of the {self.pending[buffer_set].kind} "
+                f"sent on that set was never called; call it first", 2)
+
+    def check_current(self, handle, str what):
+        if handle.generation != self.generation[handle.buffer_set]:
+            raise DeepEPInvalidUsage(
+                f"{what}: the dispatch result is stale (buffer set {handle.buffer_set} was reused by a later "
+                "dispatch; a result stays valid until the dispatch after next)", 2)
+
+
+cdef object _ll_book(Communicator comm):
+    cdef int max_tokens = 0
+    cdef deepepComm_t c = comm._live()
+    if comm._ll is None:
+        _check(deepepCommLowLatencyMaxTokens(c, &max_tokens))
+        comm._ll = _LowLatencyBook(max_tokens)
+    book = comm._ll
+    if book.max_tokens <= 0:
+        raise DeepEPInvalidUsage(
+            "this communicator has no low-latency area: create it with low_latency_max_tokens > 0", 2)
+    return book
+
+
+cdef class _LowLatencyHook:
+    """The receive phase of a low-latency call sent with return_recv_hook: calling it launches the receive kernel on
+    the stream of the send (no host synchronisation; capturable). Call it exactly once, before the set is reused."""
+
+    cdef deepepLowLatencyDispatchArgs dispatch_args
+    cdef deepepLowLatencyCombineArgs combine_args
+    cdef readonly str kind
+    cdef object comm
+    cdef object book
+    cdef int buffer_set
+    cdef object generation
+    cdef size_t stream
+    cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
+    cdef bint done
+
+    def __call__(self):
+        if self.done:
+            raise DeepEPInvalidUsage(f"this {self.kind} receive hook was already called", 2)
+        cdef Communicator comm = self.comm
+        cdef deepepComm_t c = comm._live()
+        if self.book.pending[self.buffer_set] is not self or self.book.generation[self.buffer_set] != self.generation:
+            raise DeepEPInvalidUsage(f"this {self.kind} receive hook belongs to a buffer set that was reused", 2)
+        cdef deepepResult_t status
+        cdef CUstream_st* cs = <CUstream_st*>self.stream
+        if self.kind == "dispatch":
+            self.dispatch_args.phase = deepepLowLatencyRecv
+            with nogil:
+                status = deepepLowLatencyDispatch(c, &self.dispatch_args, cs)
+        else:
+            self.combine_args.phase = deepepLowLatencyRecv
+            with nogil:
+                status = deepepLowLatencyCombine(c, &self.combine_args, cs)
+        _check(status)
+        self.done = True
+        self.book.pending[self.buffer_set] = None
+        self.keep = None
+
+
+def _array3(obj, stream, str name, shape, kinds, int device):
+    """Pointer and element kind of a contiguous 3-D device array of exactly `shape` whose kind is in `kinds`."""
+    view = _as_view(obj, stream)
+    if tuple(view.shape) != tuple(shape):
+        raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; {tuple(shape)} is needed", 1)
+    kind = _payload_kind(obj, view) if "bfloat16" in kinds else np.dtype(view.dtype).name
+    if kind not in kinds:
+        raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
+    strides = getattr(view, "strides", None)
+    if strides is not None:
+        step = 1
+        for extent, stride in reversed(list(zip(shape, strides))):
+            if extent > 1 and stride != step:
+                raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})", 1)
+            step *= max(extent, 1)
+    return view.ptr, view
+
+
+def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max_tokens):
+    cdef _View tv = _matrix(topk_idx, stream, "topk_idx", (np.int64, np.int32), comm.device)
+    if num_tokens >= 0 and tv.rows != num_tokens:
+        raise DeepEPInvalidArgument(f"topk_idx has {tv.rows} rows; {num_tokens} are needed", 1)
+    if tv.rows > max_tokens:
+        raise DeepEPInvalidArgument(
+            f"{tv.rows} tokens are more than the low-latency max_tokens ({max_tokens}) of this communicator", 1)
+    if not 1 <= tv.cols <= DEEPEP_MAX_TOPK:
+        raise DeepEPInvalidArgument(f"topk_idx has {tv.cols} columns; num_topk must be in [1, {DEEPEP_MAX_TOPK}]", 1)
+    return tv
+
+
+def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint use_fp8, bint round_scale,
+                          bint use_ue8m0, bint return_recv_hook, stream, out):
+    book = _ll_book(comm)
+    cdef deepepComm_t c = comm._live()
+    cdef size_t s = stream_handle(stream)
+    cdef int R = comm.nranks
+    if num_experts <= 0 or num_experts % R != 0:
+        raise DeepEPInvalidArgument(
+            f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({R})", 1)
+    if use_ue8m0 and not round_scale:
+        raise DeepEPInvalidArgument("use_ue8m0 needs round_scale=True (UE8M0 holds powers of two)", 1)
+    if not use_fp8 and (round_scale or use_ue8m0):
+        raise DeepEPInvalidArgument("round_scale and use_ue8m0 shape FP8 scales; they need use_fp8=True", 1)
+    view = _as_view(x, s)
+    kind = _payload_kind(x, view)
+    if kind != "bfloat16":
+        raise DeepEPInvalidArgument(f"x has dtype {kind}; low-latency dispatch takes bfloat16 rows (FP8 is cast "
+                                    "inside the kernel)", 1)
+    cdef _View xv = _matrix(x, s, "x", None, comm.device, kind, view)
+    cdef int T = book.max_tokens
+    if xv.rows > T:
+        raise DeepEPInvalidArgument(
+            f"x has {xv.rows} tokens, more than the low-latency max_tokens ({T}) of this communicator", 1)
+    if use_fp8 and xv.cols % 128 != 0:
+        raise DeepEPInvalidArgument(f"hidden is {xv.cols}; FP8 output needs a multiple of 128", 1)
+    cdef _View tv = _ll_routing(comm, topk_idx, s, xv.rows, T)
+    cdef int buffer_set = book.dispatches % 2
+    book.check_not_pending(buffer_set, "a dispatch")
+
+    cdef int local = num_experts // R
+    cdef int64_t hidden = xv.cols
+    cdef int64_t rows = <int64_t>R * T
+    payload = "float8_e4m3fn" if use_fp8 else "bfloat16"
+    scales_shape = (local, rows, (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128)
+    scales_dtype = np.int32 if use_ue8m0 else np.float32
+    if out is None:
+        recv_x = empty((local, rows, hidden), payload, device=comm.device, stream=stream)
+        recv_scales = empty(scales_shape, scales_dtype, device=comm.device, stream=stream) if use_fp8 else None
+        recv_count = empty((local,), np.int32, device=comm.device, stream=stream)
+        recv_src_info = empty((local, rows), np.int32, device=comm.device, stream=stream)
+        recv_layout_range = empty((local, R, 2), np.int32, device=comm.device, stream=stream)
+    else:
+        recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x")
+        recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales")
+        recv_count = _expect(out.recv_count, (local,), np.int32, "recv_count")
+        recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info")
+        recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range")
+
+    cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
+    cdef deepepLowLatencyDispatchArgs* a = &hook.dispatch_args
+    _check(deepepLowLatencyDispatchArgsInit(a))
+    a.buffer_set = buffer_set
+    a.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    a.num_tokens = xv.rows
+    a.x = <const void*><size_t>xv.ptr
+    a.hidden = <int>hidden
+    a.x_row_stride = xv.stride
+    a.topk_idx = <const void*><size_t>tv.ptr
+    a.topk_type = deepepInt64 if tv.kind == "int64" else deepepInt32
+    a.num_topk = <int>tv.cols
+    a.topk_row_stride = tv.stride
+    a.num_experts = num_experts
+    a.use_fp8 = 1 if use_fp8 else 0
+    a.round_scale = 1 if round_scale else 0
+    a.use_ue8m0 = 1 if use_ue8m0 else 0
+    a.recv_x = <void*><size_t>recv_x.ptr
+    a.recv_scales = <void*><size_t>(recv_scales.ptr if recv_scales is not None else 0)
+    a.recv_count = <int32_t*><size_t>recv_count.ptr
+    a.recv_src_info = <int32_t*><size_t>recv_src_info.ptr
+    a.recv_layout_range = <int32_t*><size_t>recv_layout_range.ptr
+    cdef deepepResult_t status
+    with nogil:
+        status = deepepLowLatencyDispatch(c, a, <CUstream_st*>s)
+    _check(status)
+    # The call was accepted: the set now belongs to this dispatch.
+    book.dispatches += 1
+    book.generation[buffer_set] += 1
+
+    result = LowLatencyDispatchResult()
+    result.recv_x = recv_x
+    result.recv_scales = recv_scales
+    result.recv_count = recv_count
+    result.recv_src_info = recv_src_info
+    result.recv_layout_range = recv_layout_range
+    result.buffer_set = buffer_set
+    result.generation = book.generation[buffer_set]
+    result.num_experts = num_experts
+    result.num_tokens = xv.rows
+    result.num_topk = tv.cols
+    result.hidden = hidden
+    result.use_fp8 = use_fp8
+    result.comm = comm
+    result.hook = None
+    if return_recv_hook:
+        hook.kind = "dispatch"
+        hook.comm = comm
+        hook.book = book
+        hook.buffer_set = buffer_set
+        hook.generation = result.generation
+        hook.stream = s
+        hook.keep = (xv, tv, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, stream)
+        book.pending[buffer_set] = hook
+        result.hook = hook
+    return result
+
+
+def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, bint zero_copy,
+                         bint return_recv_hook, stream, out):
+    book = _ll_book(comm)
+    cdef deepepComm_t c = comm._live()
+    if not isinstance(handle, LowLatencyDispatchResult):
+        raise DeepEPInvalidArgument(
+            f"handle must be the LowLatencyDispatchResult of a low-latency dispatch, not {type(handle).__name__}", 1)
+    if handle.comm is not comm:
+        raise DeepEPInvalidUsage("the dispatch result belongs to another communicator", 2)
+    cdef int buffer_set = handle.buffer_set
+    book.check_current(handle, "low-latency combine")
+    book.check_not_pending(buffer_set, "a combine")
+    cdef size_t s = stream_handle(stream)
+    cdef int R = comm.nranks
+    cdef int local = handle.num_experts // R
+    cdef int64_t rows = <int64_t>R * book.max_tokens
+    cdef int64_t hidden
+    cdef size_t x_ptr = 0
+    keep_x = None
+    if zero_copy:
+        if x is not None:
+            raise DeepEPInvalidArgument("x is given with zero_copy=True (the rows are read from the combine buffer)",
+                                        1)
+        hidden = handle.hidden
+    else:
+        if x is None:
+            raise DeepEPInvalidArgument("x is missing (pass the expert outputs, or zero_copy=True)", 1)
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 3:
+            raise DeepEPInvalidArgument(f"x has shape {shape}; it must be [{local}, {rows}, hidden]", 1)
+        hidden = shape[2]
+        x_ptr, keep_x = _array3(x, s, "x", (local, rows, hidden), ("bfloat16",), comm.device)
+    cdef _View tv = _ll_routing(comm, topk_idx, s, handle.num_tokens, book.max_tokens)
+    if tv.cols != handle.num_topk:
+        raise DeepEPInvalidArgument(f"topk_idx has {tv.cols} columns but the dispatch had {handle.num_topk}", 1)
+    cdef _View wv = _matrix(topk_weights, s, "topk_weights", (np.float32,), comm.device)
+    if wv.rows != tv.rows or wv.cols != tv.cols:
+        raise DeepEPInvalidArgument(f"topk_weights has shape {(wv.rows, wv.cols)}; {(tv.rows, tv.cols)} is needed",
+                                    1)
+    if out is None:
+        out_x = empty((tv.rows, hidden), "bfloat16", device=comm.device, stream=stream)
+    else:
+        out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out")
+
+    cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
+    cdef deepepLowLatencyCombineArgs* a = &hook.combine_args
+    _check(deepepLowLatencyCombineArgsInit(a))
+    a.buffer_set = buffer_set
+    a.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    a.x = <const void*>x_ptr
+    a.zero_copy = 1 if zero_copy else 0
+    a.hidden = <int>hidden
+    a.num_experts = handle.num_experts
+    a.src_info = <const int32_t*><size_t>handle.recv_src_info.ptr
+    a.layout_range = <const int32_t*><size_t>handle.recv_layout_range.ptr
+    a.num_tokens = tv.rows
+    a.topk_idx = <const void*><size_t>tv.ptr
+    a.topk_type = deepepInt64 if tv.kind == "int64" else deepepInt32
+    a.num_topk = <int>tv.cols
+    a.topk_row_stride = tv.stride
+    a.topk_weights = <const float*><size_t>wv.ptr
+    a.weights_row_stride = wv.stride
+    a.out = <void*><size_t>out_x.ptr
+    cdef deepepResult_t status
+    with nogil:
+        status = deepepLowLatencyCombine(c, a, <CUstream_st*>s)
+    _check(status)
+    if not return_recv_hook:
+        return LowLatencyCombineResult(out_x, None)
+    hook.kind = "combine"
+    hook.comm = comm
+    hook.book = book
+    hook.buffer_set = buffer_set
+    hook.generation = handle.generation
+    hook.stream = s
+    hook.keep = (keep_x, tv, wv, out_x, handle, stream)
+    book.pending[buffer_set] = hook
+    return LowLatencyCombineResult(out_x, hook)
+
+
+def _low_latency_combine_buffer(Communicator comm, handle):
+    book = _ll_book(comm)
+    if not isinstance(handle, LowLatencyDispatchResult):
+        raise DeepEPInvalidArgument(
+            f"handle must be the LowLatencyDispatchResult of a low-latency dispatch, not {type(handle).__name__}", 1)
+    if handle.comm is not comm:
+        raise DeepEPInvalidUsage("the dispatch result belongs to another communicator", 2)
+    book.check_current(handle, "low-latency combine buffer")
+    book.check_not_pending(handle.buffer_set, "the combine buffer is asked for")
+    cdef void* pointer = NULL
+    _check(deepepLowLatencyGetCombineBuffer(comm._live(), handle.buffer_set, handle.hidden, handle.num_experts,
+                                            &pointer))
+    cdef int local = handle.num_experts // comm.nranks
+    cdef DeviceArray view = DeviceArray(<size_t>pointer, (local, comm.nranks * book.max_tokens, handle.hidden),
+                                        "bfloat16", comm.device, handle.recv_x.stream)
+    view._base = comm  # library memory: lives as long as the communicator's buffer
+    return view

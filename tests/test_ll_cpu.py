@@ -1,0 +1,259 @@
+"""CPU tier for the low-latency C ABI and Python layer: argument structs and their defaults, the struct layouts the
+ctypes mirrors and the Cython declarations rely on, checks that need no GPU, the size of the low-latency area, and
+the Python buffer-set bookkeeping."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import pydeepep
+from pydeepep import _core
+
+SUCCESS, INVALID_ARGUMENT, INVALID_USAGE = 0, 1, 2
+INT64 = 1
+LL_MAX_TOKENS = 1024
+
+
+class LowLatencyDispatchArgs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("buffer_set", ctypes.c_int),
+        ("phase", ctypes.c_int),
+        ("num_tokens", ctypes.c_int64),
+        ("x", ctypes.c_void_p),
+        ("hidden", ctypes.c_int),
+        ("x_row_stride", ctypes.c_int64),
+        ("topk_idx", ctypes.c_void_p),
+        ("topk_type", ctypes.c_int),
+        ("num_topk", ctypes.c_int),
+        ("topk_row_stride", ctypes.c_int64),
+        ("num_experts", ctypes.c_int),
+        ("use_fp8", ctypes.c_int),
+        ("round_scale", ctypes.c_int),
+        ("use_ue8m0", ctypes.c_int),
+        ("recv_x", ctypes.c_void_p),
+        ("recv_scales", ctypes.c_void_p),
+        ("recv_count", ctypes.c_void_p),
+        ("recv_src_info", ctypes.c_void_p),
+        ("recv_layout_range", ctypes.c_void_p),
+    ]
+
+
+class LowLatencyCombineArgs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("buffer_set", ctypes.c_int),
+        ("phase", ctypes.c_int),
+        ("x", ctypes.c_void_p),
+        ("zero_copy", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("num_experts", ctypes.c_int),
+        ("src_info", ctypes.c_void_p),
+        ("layout_range", ctypes.c_void_p),
+        ("num_tokens", ctypes.c_int64),
+        ("topk_idx", ctypes.c_void_p),
+        ("topk_type", ctypes.c_int),
+        ("num_topk", ctypes.c_int),
+        ("topk_row_stride", ctypes.c_int64),
+        ("topk_weights", ctypes.c_void_p),
+        ("weights_row_stride", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+    ]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    library = ctypes.CDLL(str(Path(pydeepep.get_lib_dir()) / "libdeepep.so"))
+    library.deepepGetLastErrorMessage.restype = ctypes.c_char_p
+    return library
+
+
+def message(lib) -> str:
+    return lib.deepepGetLastErrorMessage().decode()
+
+
+def bogus_pointer():
+    return ctypes.cast(ctypes.create_string_buffer(256), ctypes.c_void_p)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# C ABI
+
+
+def test_dispatch_args_init_fills_size_and_defaults(lib):
+    args = LowLatencyDispatchArgs()
+    args.hidden = 99
+    assert lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(args)) == SUCCESS
+    assert args.struct_size == ctypes.sizeof(LowLatencyDispatchArgs)
+    assert (args.buffer_set, args.phase, args.topk_type, args.use_fp8) == (0, 0, INT64, 1)
+    assert (args.round_scale, args.use_ue8m0, args.hidden, args.recv_x) == (0, 0, 0, None)
+
+
+def test_combine_args_init_fills_size_and_defaults(lib):
+    args = LowLatencyCombineArgs()
+    args.zero_copy = 1
+    assert lib.deepepLowLatencyCombineArgsInit(ctypes.byref(args)) == SUCCESS
+    assert args.struct_size == ctypes.sizeof(LowLatencyCombineArgs)
+    assert (args.buffer_set, args.phase, args.topk_type, args.zero_copy, args.out) == (0, 0, INT64, 0, None)
+
+
+@pytest.mark.parametrize("function", ["deepepLowLatencyDispatchArgsInit", "deepepLowLatencyCombineArgsInit"])
+def test_args_init_rejects_null(lib, function):
+    assert getattr(lib, function)(None) == INVALID_ARGUMENT
+    assert "args is NULL" in message(lib)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
+    fields = [
+        ("deepepLowLatencyDispatchArgs", LowLatencyDispatchArgs),
+        ("deepepLowLatencyCombineArgs", LowLatencyCombineArgs),
+    ]
+    lines = []
+    for c_name, mirror in fields:
+        lines.append(f'printf("%zu\\n", sizeof({c_name}));')
+        for name, _ in mirror._fields_:
+            lines.append(f'printf("%zu\\n", offsetof({c_name}, {name}));')
+    program = tmp_path / "layout.c"
+    program.write_text(
+        "#include <deepep/deepep.h>\n#include <stdio.h>\n#include <stddef.h>\nint main(void) {\n"
+        + "\n".join(lines)
+        + '\nprintf("%d %d %d\\n", (int)deepepLowLatencySendRecv, (int)deepepLowLatencySend, '
+        '(int)deepepLowLatencyRecv);\nprintf("%d\\n", DEEPEP_LL_MAX_TOKENS);\nreturn 0; }\n'
+    )
+    binary = tmp_path / "layout"
+    subprocess.run(
+        ["cc", "-std=c99", "-Wall", "-Werror", str(program), f"-I{pydeepep.get_include()}", "-o", str(binary)],
+        check=True,
+    )
+    output = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout.split("\n")
+    expected = []
+    for _, mirror in fields:
+        expected.append(str(ctypes.sizeof(mirror)))
+        expected += [str(getattr(mirror, name).offset) for name, _ in mirror._fields_]
+    assert output[: len(expected)] == expected
+    assert output[len(expected)] == "0 1 2"
+    assert int(output[len(expected) + 1]) == LL_MAX_TOKENS
+
+
+def test_dispatch_and_combine_need_a_live_communicator(lib):
+    dispatch = LowLatencyDispatchArgs()
+    lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(dispatch))
+    assert lib.deepepLowLatencyDispatch(None, ctypes.byref(dispatch), None) == INVALID_ARGUMENT
+    assert "comm is NULL" in message(lib)
+    assert lib.deepepLowLatencyDispatch(bogus_pointer(), ctypes.byref(dispatch), None) == INVALID_USAGE
+    assert "not a live communicator" in message(lib)
+    combine = LowLatencyCombineArgs()
+    lib.deepepLowLatencyCombineArgsInit(ctypes.byref(combine))
+    assert lib.deepepLowLatencyCombine(None, ctypes.byref(combine), None) == INVALID_ARGUMENT
+    assert lib.deepepLowLatencyCombine(bogus_pointer(), ctypes.byref(combine), None) == INVALID_USAGE
+
+
+def test_combine_buffer_and_max_tokens_queries_refuse_bad_calls(lib):
+    buffer = ctypes.c_void_p(1)
+    assert lib.deepepLowLatencyGetCombineBuffer(bogus_pointer(), 0, 128, 16, None) == INVALID_ARGUMENT
+    assert "buffer is NULL" in message(lib)
+    assert lib.deepepLowLatencyGetCombineBuffer(bogus_pointer(), 0, 128, 16, ctypes.byref(buffer)) == INVALID_USAGE
+    assert buffer.value is None  # cleared on failure
+    value = ctypes.c_int()
+    assert lib.deepepCommLowLatencyMaxTokens(None, ctypes.byref(value)) == INVALID_ARGUMENT
+    assert lib.deepepCommLowLatencyMaxTokens(bogus_pointer(), None) == INVALID_ARGUMENT
+    assert "max_tokens is NULL" in message(lib)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The low-latency area and the buffer size hint
+
+
+def hint(**kwargs) -> int:
+    return pydeepep.buffer_size_hint(2, **kwargs)
+
+
+def test_no_low_latency_area_by_default():
+    assert hint() == hint(low_latency_max_tokens=0)
+    assert hint(buffer_bytes=12345 << 10) == 12345 << 10
+
+
+def test_low_latency_area_holds_two_sets_of_the_worst_case():
+    workload = dict(max_tokens_per_rank=128, hidden=7168, num_topk=8, num_experts=288)
+    extra = hint(**workload, low_latency_max_tokens=128) - hint(**workload)
+    # Per set: 144 local experts x 2 sources x 128 slots of a BF16 row (+16 bytes of metadata), plus 128 x 8 combine
+    # rows of 7168 BF16 values.
+    per_set = 144 * 2 * 128 * (7168 * 2 + 16) + 128 * 8 * 7168 * 2
+    assert 2 * per_set <= extra <= 2 * per_set + (8 << 20)
+
+
+def test_low_latency_area_grows_with_its_workload():
+    base = dict(max_tokens_per_rank=64, hidden=1024, num_topk=4, num_experts=16)
+    small = hint(**base, low_latency_max_tokens=32)
+    assert hint(**base, low_latency_max_tokens=64) > small
+    assert hint(**{**base, "hidden": 2048}, low_latency_max_tokens=32) > small
+    assert hint(**{**base, "num_experts": 32}, low_latency_max_tokens=32) > small
+    assert hint(**{**base, "num_topk": 8}, low_latency_max_tokens=32) > small
+
+
+def test_low_latency_area_is_added_to_an_explicit_buffer_size():
+    workload = dict(hidden=1024, num_topk=4, num_experts=16)
+    assert hint(buffer_bytes=8 << 20, **workload, low_latency_max_tokens=16) > 8 << 20
+
+
+@pytest.mark.parametrize("tokens", [-1, LL_MAX_TOKENS + 1])
+def test_low_latency_max_tokens_out_of_range_is_refused(tokens):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="low_latency_max_tokens"):
+        hint(low_latency_max_tokens=tokens)
+
+
+def test_low_latency_max_tokens_at_the_limit_is_accepted():
+    assert hint(hidden=128, num_topk=1, num_experts=2, low_latency_max_tokens=LL_MAX_TOKENS) > 0
+
+
+def test_low_latency_area_needs_experts_divisible_by_ranks():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="not divisible by the number of ranks"):
+        pydeepep.buffer_size_hint(3, num_experts=16, low_latency_max_tokens=8)
+
+
+def test_low_latency_area_needs_a_valid_workload_even_with_buffer_bytes():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="num_topk"):
+        hint(buffer_bytes=8 << 20, num_topk=0, low_latency_max_tokens=8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Python layer
+
+
+def test_low_latency_results_are_exported():
+    assert pydeepep.LowLatencyCombineResult._fields == ("out", "hook")
+    assert "recv_src_info" in pydeepep.LowLatencyDispatchResult.__slots__
+    for method in ("low_latency_dispatch", "low_latency_combine", "low_latency_combine_buffer"):
+        assert callable(getattr(pydeepep.Communicator, method))
+
+
+class FakeResult:
+    def __init__(self, buffer_set, generation):
+        self.buffer_set, self.generation = buffer_set, generation
+
+
+class FakeHook:
+    kind = "dispatch"
+
+
+def test_book_refuses_a_result_whose_set_was_reused():
+    book = _core._LowLatencyBook(128)
+    book.generation = [3, 2]
+    book.check_current(FakeResult(0, 3), "combine")
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="stale"):
+        book.check_current(FakeResult(0, 2), "combine")
+
+
+def test_book_refuses_a_set_whose_receive_hook_was_never_called():
+    book = _core._LowLatencyBook(128)
+    book.check_not_pending(1, "a dispatch")
+    book.pending[1] = FakeHook()
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="receive hook of the dispatch"):
+        book.check_not_pending(1, "a dispatch")
+    book.check_not_pending(0, "a dispatch")  # the other set is free
