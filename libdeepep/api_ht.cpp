@@ -2,6 +2,7 @@
 // launches the intranode kernels.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -102,7 +103,7 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   handle.num_experts = a.num_experts;
   handle.expert_alignment = a.expert_alignment;
   handle.num_sms = num_sms;
-  if (!(diag_bits() & kDiagSkipPrepare)) launch_prepare_routing(comm, handle, a, num_sms, stream);
+  launch_prepare_routing(comm, handle, a, num_sms, stream);
   note_use(handle, stream);
   handle.routed = true;
 }
@@ -153,8 +154,9 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->device = c->device;
     h->max_tokens = c->max_tokens_per_rank;
     const size_t R = static_cast<size_t>(c->nranks);
-    const size_t ints =
-        static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS + 2 * R * kMaxBlocks * 2 + R;
+    const size_t tiles = std::max<size_t>(1, (static_cast<size_t>(h->max_tokens) + kRoutingTile - 1) / kRoutingTile);
+    const size_t ints = static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS +
+                        2 * R * kMaxBlocks * 2 + R + tiles * R + 1;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
     {
       // Reuse the storage of a destroyed handle whose last use has finished (no allocation, no device sync).
@@ -202,6 +204,8 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->send_ranges = take(R * kMaxBlocks * 2);
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
+    h->tile_counts = take(tiles * R);
+    h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
     // New storage starts zeroed; reused storage keeps stale routing, which nothing reads before a dispatch rewrites
     // it (calls check `routed` first).
     if (fresh) DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));

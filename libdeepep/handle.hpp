@@ -13,6 +13,7 @@ namespace deepep {
 
 constexpr int kMaxNvlRanks = 8;  // ranks of one NVLink domain the intranode kernels serve
 constexpr int kMaxBlocks = 160;  // num_sms limit (one block per SM)
+constexpr int kRoutingTile = 256;  // tokens per block of the routing kernels (one thread each)
 
 // Host-visible results of a count exchange (mapped pinned memory, written by the notify kernel).
 struct HandleHostInfo {
@@ -47,6 +48,8 @@ struct deepepHandle {
   int32_t* send_ranges = nullptr;    // [R][kMaxBlocks][2]: (first row, rows) each block sends to each rank
   int32_t* recv_ranges = nullptr;    // [R][kMaxBlocks][2]: (first row, rows) each block receives from each rank
   int32_t* recv_counts = nullptr;    // [R]: rows received from each rank
+  int32_t* tile_counts = nullptr;    // [ceil(max_tokens / kRoutingTile), R]: scratch of the routing kernels
+  uint32_t* routing_ticket = nullptr;  // routing tiles finished (0 between calls)
   int64_t* num_recv_device = nullptr;
 
   deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)

@@ -8,7 +8,8 @@
 //      of all sources and derives the receive offsets (rows ordered by source rank, then source token);
 //   3. block b's send warps push the rows of block b's token range straight into each destination's region for
 //      this source (rows to this rank go straight to the output), publishing progress after every chunk;
-//   4. block b's receive warps copy what block b of every source published into the outputs, in order;
+//   4. block b's receive warps (joined by its send warps once they are done) copy what block b of every source
+//      published into the outputs;
 //   5. the last block to finish acknowledges the operation to every source.
 // A combine runs the same protocol backwards: each rank pushes the rows it received back to their sources, and the
 // sources add them up per token in rank order (float32, deterministic). Every wait is bounded by the timeout.
@@ -54,24 +55,46 @@ struct ControlRegion {
 };
 static_assert(sizeof(ControlRegion) <= kControlBytes, "control region outgrew its reservation");
 
-constexpr int kPrepareThreads = 1024;
 constexpr int kDispatchSendWarps = 16;
 constexpr int kDispatchRecvWarps = 8;
 constexpr int kCombinePushWarps = 12;
 constexpr int kCombineReduceWarps = 12;
-// Rows each pushing warp sends between two progress releases: larger chunks mean fewer fences and flags, smaller
+// Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
-// 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us.
+// 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped).
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kCombineRowsPerWarpPerChunk = 1;
-constexpr int kVectorsInFlight = 4;  // combine: 16-byte loads each lane keeps in flight per row
+constexpr int kVectorsInFlight = 4;
+// Combine's reduction stages its loads in shared memory: kReduceGroup addend rows per step, kReduceStages steps in
+// flight per warp.
+constexpr int kReduceGroup = 2;
+constexpr int kReduceStages = 2;
+constexpr int kReduceStageVectorsPerWarp = kReduceStages * kReduceGroup * kVectorsInFlight * 32;
+constexpr size_t kReduceStageBytes =
+    sizeof(int4) * kReduceStageVectorsPerWarp * (kCombinePushWarps + kCombineReduceWarps);
+
+__device__ __forceinline__ int4* stage_slot(int4* stage, int step_stage, int group, int u, int lane) {
+  return stage + ((step_stage * kReduceGroup + group) * kVectorsInFlight + u) * 32 + lane;
+}
+
+// cp.async of 16 bytes (through L2 only: data peers wrote during the kernel is read after an acquire).
+__device__ __forceinline__ void copy16_async(int4* shared_dst, const int4* global_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}  // combine: 16-byte loads each lane keeps in flight per row
 
 // Diagnostics (environment variable DEEPEP_DIAG_SKIP, a sum of these bits): leave one stage out so that timing the
 // others shows where the time goes. Results are wrong while any bit is set; the protocol still runs in full.
 constexpr int kDiagSkipLocalRows = 1;   // dispatch: rows to this rank; combine: reduction
 constexpr int kDiagSkipCopyOut = 2;     // dispatch: receive warps' copy into the outputs
 constexpr int kDiagSkipRemotePush = 4;  // dispatch and combine: payload stores into peers' regions
-constexpr int kDiagSkipChunkFence = 8;  // dispatch and combine: system fence before each progress release
 
 __device__ __forceinline__ ControlRegion* control_of(void* const* peers, int rank) {
   return static_cast<ControlRegion*>(peers[rank]);
@@ -129,101 +152,133 @@ __device__ void finish_operation(const Protocol& p, uint32_t seq) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Routing: send positions, per-destination counts, per-expert counts and per-block ranges (one block).
+// Routing: send positions, per-destination counts, per-expert counts and per-block ranges. Two kernels over tiles of
+// kRoutingTile tokens (one thread per token): the first counts, the second turns counts into positions.
 
 template <typename Index>
 __device__ __forceinline__ uint32_t rank_mask(const Index* ids, int num_topk, int num_experts, int experts_per_rank,
-                                              bool count_experts, int32_t* expert_counts, AsyncErrorRecord* error,
-                                              int rank, int64_t token) {
+                                              int32_t* expert_counts, AsyncErrorRecord* error, int rank,
+                                              int64_t token) {
   uint32_t mask = 0;
   for (int k = 0; k < num_topk; ++k) {
     const int64_t e = static_cast<int64_t>(ids[k]);
     if (e == -1) continue;
     if (e < -1 || e >= num_experts) {
-      if (count_experts)
-        record_async_error(error, deepepInvalidArgument, rank, Phase::kRouting, -1, token * num_topk + k, e);
+      record_async_error(error, deepepInvalidArgument, rank, Phase::kRouting, -1, token * num_topk + k, e);
       continue;
     }
-    if (count_experts) atomicAdd(&expert_counts[e], 1);
-    mask |= 1u << (e / experts_per_rank);
+    atomicAdd(&expert_counts[e], 1);
+    mask |= 1u << (static_cast<int>(e) / experts_per_rank);
   }
   return mask;
 }
 
+struct RoutingParams {
+  const void* topk_idx;
+  bool topk_int64;
+  int64_t num_tokens;
+  int num_topk;
+  int64_t stride;
+  int num_experts;
+  int nranks;
+  int num_blocks;  // of the dispatch: one send range per (destination, block)
+  int num_tiles;
+  int32_t* send_pos;     // [N, R]; the first kernel leaves each token's rank mask in column 0
+  int32_t* send_counts;  // [R]
+  int32_t* expert_counts;
+  int32_t* send_ranges;  // [R][kMaxBlocks][2]
+  int32_t* tile_counts;  // [tiles, R]
+  uint32_t* ticket;      // tiles finished in the second kernel (the last one resets it)
+  AsyncErrorRecord* error;
+  int rank;
+};
+
+// Kernel 1: each token's rank mask, per-expert counts (shared histogram, then one global add per expert and
+// tile), and each tile's token count per destination.
 template <typename Index>
-__global__ void __launch_bounds__(kPrepareThreads)
-    prepare_routing_kernel(const Index* __restrict__ topk_idx, int64_t num_tokens, int num_topk, int64_t stride,
-                           int num_experts, int nranks, int num_blocks, int32_t* send_pos, int32_t* send_counts,
-                           int32_t* expert_counts, int32_t* send_ranges, AsyncErrorRecord* error, int rank) {
-  __shared__ int32_t prefix[kPrepareThreads][kMaxNvlRanks];
-  const int experts_per_rank = num_experts / nranks;
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) expert_counts[e] = 0;
+__global__ void __launch_bounds__(kRoutingTile) routing_count_kernel(RoutingParams q) {
+  extern __shared__ int32_t histogram[];  // [num_experts]
+  __shared__ int32_t tile_count[kMaxNvlRanks];
+  for (int e = threadIdx.x; e < q.num_experts; e += blockDim.x) histogram[e] = 0;
+  if (threadIdx.x < kMaxNvlRanks) tile_count[threadIdx.x] = 0;
   __syncthreads();
-
-  const int64_t chunk = (num_tokens + kPrepareThreads - 1) / kPrepareThreads;
-  const int64_t first = threadIdx.x * chunk;
-  const int64_t last = min(num_tokens, first + chunk);
-  int32_t counts[kMaxNvlRanks] = {};
-  for (int64_t t = first; t < last; ++t) {
-    const uint32_t mask =
-        rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, true, expert_counts, error, rank, t);
-    for (int d = 0; d < nranks; ++d) counts[d] += (mask >> d) & 1u;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRoutingTile + threadIdx.x;
+  uint32_t mask = 0;
+  if (t < q.num_tokens) {
+    mask = rank_mask(static_cast<const Index*>(q.topk_idx) + t * q.stride, q.num_topk, q.num_experts,
+                     q.num_experts / q.nranks, histogram, q.error, q.rank, t);
+    q.send_pos[t * q.nranks] = static_cast<int32_t>(mask);
   }
-  for (int d = 0; d < nranks; ++d) prefix[threadIdx.x][d] = counts[d];
+  for (int d = 0; d < q.nranks; ++d) {
+    const int in_warp = __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1u));
+    if (threadIdx.x % 32 == 0 && in_warp > 0) atomicAdd(&tile_count[d], in_warp);
+  }
   __syncthreads();
+  for (int e = threadIdx.x; e < q.num_experts; e += blockDim.x)
+    if (histogram[e] != 0) atomicAdd(&q.expert_counts[e], histogram[e]);
+  if (threadIdx.x < q.nranks) q.tile_counts[blockIdx.x * q.nranks + threadIdx.x] = tile_count[threadIdx.x];
+}
 
-  // Exclusive scan of the per-thread counts, one warp per destination: each lane sums 32 consecutive entries.
+// Kernel 2: positions (the tile's offset per destination plus the token's rank among the tile's tokens to it), and
+// the start of each dispatch block's range: the position the block's first token would take. The last tile to
+// finish derives the totals and the range lengths.
+__global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingParams q) {
+  __shared__ int32_t base[kMaxNvlRanks];
+  __shared__ int32_t warp_prefix[kRoutingTile / 32][kMaxNvlRanks];
+  __shared__ bool last;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (warp < nranks) {
-    const int d = warp;
-    int32_t lane_sum = 0;
-    for (int i = 0; i < 32; ++i) lane_sum += prefix[lane * 32 + i][d];
-    int32_t inclusive = lane_sum;
-    for (int offset = 1; offset < 32; offset *= 2) {
-      const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += other;
-    }
-    int32_t running = inclusive - lane_sum;
-    for (int i = 0; i < 32; ++i) {
-      const int32_t value = prefix[lane * 32 + i][d];
-      prefix[lane * 32 + i][d] = running;
-      running += value;
-    }
-    if (lane == 31) send_counts[d] = inclusive;
+  if (threadIdx.x < q.nranks) {
+    int32_t sum = 0;
+    for (int tile = 0; tile < static_cast<int>(blockIdx.x); ++tile) sum += q.tile_counts[tile * q.nranks + threadIdx.x];
+    base[threadIdx.x] = sum;
+  }
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRoutingTile + threadIdx.x;
+  const uint32_t mask = t < q.num_tokens ? static_cast<uint32_t>(q.send_pos[t * q.nranks]) : 0u;
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  int32_t in_warp[kMaxNvlRanks];
+  for (int d = 0; d < q.nranks; ++d) {
+    const uint32_t ballot = __ballot_sync(0xffffffffu, (mask >> d) & 1u);
+    in_warp[d] = __popc(ballot & lanes_below);
+    if (lane == 0) warp_prefix[warp][d] = __popc(ballot);
   }
   __syncthreads();
-
-  int32_t next[kMaxNvlRanks];
-  for (int d = 0; d < nranks; ++d) next[d] = prefix[threadIdx.x][d];
-  for (int64_t t = first; t < last; ++t) {
-    const uint32_t mask =
-        rank_mask(topk_idx + t * stride, num_topk, num_experts, experts_per_rank, false, expert_counts, error, rank, t);
-    for (int d = 0; d < nranks; ++d) send_pos[t * nranks + d] = ((mask >> d) & 1u) ? next[d]++ : -1;
+  const int64_t per_block = (q.num_tokens + q.num_blocks - 1) / q.num_blocks;
+  const bool block_start = t < q.num_tokens && per_block > 0 && t % per_block == 0;
+  for (int d = 0; d < q.nranks; ++d) {
+    int32_t position = base[d] + in_warp[d];
+    for (int w = 0; w < warp; ++w) position += warp_prefix[w][d];
+    if (t < q.num_tokens) q.send_pos[t * q.nranks + d] = (mask >> d) & 1u ? position : -1;
+    // Positions grow with the token index, so a block's rows to d are one contiguous run starting here.
+    if (block_start) q.send_ranges[(static_cast<size_t>(d) * kMaxBlocks + t / per_block) * 2] = position;
+  }
+  __syncthreads();  // every thread's writes are issued before the ticket is taken
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(q.ticket, 1u) == static_cast<uint32_t>(q.num_tiles - 1);
   }
   __syncthreads();
-
-  // Per-block ranges: positions grow with the token index, so a block's rows to d are one contiguous run.
-  const int64_t per_block = (num_tokens + num_blocks - 1) / num_blocks;
-  for (int pair = warp; pair < num_blocks * nranks; pair += kPrepareThreads / 32) {
-    const int b = pair / nranks, d = pair % nranks;
-    const int64_t t0 = min(num_tokens, b * per_block), t1 = min(num_tokens, t0 + per_block);
-    int32_t lo = INT32_MAX, hi = -1;
-    for (int64_t t = t0 + lane; t < t1; t += 32) {
-      const int32_t pos = send_pos[t * nranks + d];
-      if (pos >= 0) {
-        lo = min(lo, pos);
-        hi = max(hi, pos);
-      }
-    }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
-      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
-    }
-    if (lane == 0) {
-      int32_t* range = send_ranges + (static_cast<size_t>(d) * kMaxBlocks + b) * 2;
-      range[0] = hi >= 0 ? lo : 0;
-      range[1] = hi >= 0 ? hi - lo + 1 : 0;
-    }
+  if (!last) return;
+  __threadfence();  // acquire side of the other tiles' fence + ticket
+  if (threadIdx.x < q.nranks) {
+    int32_t total = 0;
+    for (int tile = 0; tile < q.num_tiles; ++tile) total += q.tile_counts[tile * q.nranks + threadIdx.x];
+    q.send_counts[threadIdx.x] = total;
+  }
+  if (threadIdx.x == 0) *q.ticket = 0;
+  __syncthreads();
+  // Blocks whose token range starts past the end start at the total; each length is the next start minus this one.
+  for (int pair = threadIdx.x; pair < q.nranks * q.num_blocks; pair += blockDim.x) {
+    const int d = pair / q.num_blocks, block = pair % q.num_blocks;
+    int32_t* range = q.send_ranges + (static_cast<size_t>(d) * kMaxBlocks + block) * 2;
+    const bool empty = per_block == 0 || static_cast<int64_t>(block) * per_block >= q.num_tokens;
+    if (empty) range[0] = q.send_counts[d];
+  }
+  __syncthreads();
+  for (int pair = threadIdx.x; pair < q.nranks * q.num_blocks; pair += blockDim.x) {
+    const int d = pair / q.num_blocks, block = pair % q.num_blocks;
+    int32_t* range = q.send_ranges + (static_cast<size_t>(d) * kMaxBlocks + block) * 2;
+    const int32_t next = block + 1 < q.num_blocks ? range[2] : q.send_counts[d];
+    range[1] = next - range[0];
   }
 }
 
@@ -359,9 +414,10 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
 
   __shared__ int64_t offsets[kMaxNvlRanks + 1];
   __shared__ int32_t rows_done[kMaxNvlRanks];
+  __shared__ int32_t rows_claimed[kMaxNvlRanks];  // receive side: next row of each source's range to copy out
   __shared__ bool ok;
   if (threadIdx.x == 0) ok = true;
-  if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = 0;
+  if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = rows_claimed[threadIdx.x] = 0;
   __syncthreads();
 
   // Steps 1-2.
@@ -468,15 +524,17 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         if (t >= t1) break;
         const uint8_t* x_row = q.x + t * q.x_stride_bytes;
         const uint8_t* scale_row = q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr;
-        // Lane k loads slot k's id and weight (one load each, all in flight together).
+        // Lane k loads slot k's id and weight, and lane d the token's position at rank d: one round of loads, all
+        // in flight together, before any row moves.
         int32_t my_id = -1;
         float my_weight = 0.f;
         if (lane < L.num_topk) {
           if (q.topk_idx != nullptr) my_id = topk_entry(q, t, lane);
           if (q.weights != nullptr) my_weight = q.weights[t * q.weights_stride + lane];
         }
+        const int32_t my_pos = lane < R ? q.send_pos[t * R + lane] : -1;
         for (int d = 0; d < R; ++d) {
-          const int32_t j = q.send_pos[t * R + d];
+          const int32_t j = __shfl_sync(0xffffffffu, my_pos, d);
           if (j < 0) continue;
           if (d == p.rank) {
             const int64_t out_row = offsets[d] + j;
@@ -502,10 +560,10 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
           }
         }
       }
-      // Publish progress: every sender makes its stores visible system-wide, then one lane per destination
-      // releases the new row count. The count is read between two barriers: after this chunk's increments, before
-      // the next chunk's (whose rows are not fenced yet).
-      if (!(q.diag & kDiagSkipChunkFence)) __threadfence_system();
+      // Publish progress: after a barrier of the senders, one lane per destination releases the new row count at
+      // system scope. The release is cumulative: it orders every store the barrier ordered before it, the other
+      // warps' rows included, so the senders need no fence of their own. The count is read between two barriers:
+      // after this chunk's increments, before the next chunk's.
       group_barrier(1, kDispatchSendWarps * 32);
       const uint32_t done = warp == 0 && lane < R ? static_cast<uint32_t>(rows_done[lane]) : 0;
       group_barrier(1, kDispatchSendWarps * 32);
@@ -513,9 +571,12 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         store_release_sys(&control_of(p.peers, lane)->progress[p.rank][b], tagged(seq, done));
       }
     }
-  } else if (ok) {
-    // Step 4: receive warps copy what block b of each source published, rows interleaved across the warps.
-    const int rw = warp - kDispatchSendWarps;
+  }
+  if (ok) {
+    // Step 4: the receive warps copy what block b of each source published into the outputs; the send warps join
+    // them once their own rows are out. Warps claim rows one at a time, so the copy-out speeds up as senders
+    // finish (with few tokens it would otherwise start only after the single chunk and run on a third of the
+    // warps).
     for (int s = 0; s < R; ++s) {
       int32_t start, count;
       if (s == p.rank) {
@@ -530,7 +591,7 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         start = mine->ranges[s][b].start;
         count = mine->ranges[s][b].count;
       }
-      if (rw == 0 && lane == 0) {
+      if (warp == kDispatchSendWarps && lane == 0) {
         int32_t* out = q.recv_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
         out[0] = start;
         out[1] = count;
@@ -539,7 +600,10 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
       const uint8_t* region = region_of(p.peers, p.rank, s, q.region_bytes);
       uint32_t available = 0;
       bool alive = true;
-      for (int i = rw; i < count && alive; i += kDispatchRecvWarps) {
+      while (alive) {
+        int32_t i = lane == 0 ? atomicAdd(&rows_claimed[s], 1) : 0;
+        i = __shfl_sync(0xffffffffu, i, 0);
+        if (i >= count) break;
         if (available <= static_cast<uint32_t>(i)) {
           uint64_t seen = 0;
           alive = wait_flag(
@@ -562,6 +626,7 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
         write_meta(q, out_row, meta[0], id, weight, lane);
       }
+      if (!alive) break;
     }
   }
   finish_operation(p, seq);
@@ -616,8 +681,10 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
   const size_t weights_offset = (payload_bytes + 15) / 16 * 16;
 
   __shared__ int64_t offsets[kMaxNvlRanks + 1];
+  __shared__ int32_t tokens_claimed;  // reduction: tokens of the block's range taken by a warp so far
   __shared__ bool ok;
   if (threadIdx.x == 0) {
+    tokens_claimed = 0;
     int64_t total = 0;
     for (int s = 0; s < R; ++s) {
       offsets[s] = total;
@@ -672,16 +739,18 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
           }
         }
       }
-      if (!(q.diag & kDiagSkipChunkFence)) __threadfence_system();
-      group_barrier(1, kCombinePushWarps * 32);
+      group_barrier(1, kCombinePushWarps * 32);  // then a cumulative release, as in dispatch
       if (warp == 0 && lane < R && lane != p.rank) {
         const uint32_t done = static_cast<uint32_t>(min(count[lane], c0 + chunk_rows));
         store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done));
       }
     }
-  } else if (ok) {
-    // Reduce the tokens of block b: for each, the rows of the ranks that got it, in rank order.
-    const int rw = warp - kCombinePushWarps;
+  }
+  if (ok) {
+    // Reduce the tokens of block b: for each, the rows of the ranks that got it, in rank order. Warps claim tokens
+    // one at a time; the push warps join when their rows are out.
+    extern __shared__ int4 reduce_stages[];  // [warps][kReduceStages][kReduceGroup][kVectorsInFlight][32]
+    int4* stage = reduce_stages + static_cast<size_t>(warp) * kReduceStageVectorsPerWarp;
     const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
     const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
     int32_t range_start[kMaxNvlRanks];
@@ -691,11 +760,15 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
       available[d] = 0;
     }
     bool alive = true;
-    for (int64_t t = t0 + rw; t < t1 && alive; t += kCombineReduceWarps) {
+    while (alive) {
+      int32_t claimed = lane == 0 ? atomicAdd(&tokens_claimed, 1) : 0;
+      const int64_t t = t0 + __shfl_sync(0xffffffffu, claimed, 0);
+      if (t >= t1) break;
       const uint8_t* rows[kMaxNvlRanks];
       const float* row_weights[kMaxNvlRanks];
+      const int32_t my_pos = lane < R ? q.send_pos[t * R + lane] : -1;  // lane d: the token's row at rank d
       for (int d = 0; d < R; ++d) {
-        const int32_t j = q.send_pos[t * R + d];
+        const int32_t j = __shfl_sync(0xffffffffu, my_pos, d);
         rows[d] = nullptr;
         row_weights[d] = nullptr;
         if (j < 0) continue;
@@ -726,28 +799,46 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         if (rows[d] != nullptr) addends[num_addends++] = rows[d];
       if (q.bias0 != nullptr) addends[num_addends++] = q.bias0 + t * q.bias0_stride_bytes;
       if (q.bias1 != nullptr) addends[num_addends++] = q.bias1 + t * q.bias1_stride_bytes;
-      // Each lane sums kVectorsInFlight 8-element vectors at a time, and loads the next addend's vectors before
-      // adding the current one's, so that two rows' loads are in flight (the sum is latency-bound otherwise).
+      // Each lane sums kVectorsInFlight 8-element vectors at a time. Its loads go through shared memory with cp.async
+      // (no registers held while they fly), kReduceGroup addends per step and kReduceStages steps in flight, so
+      // that several rows' loads overlap: the sum is latency-bound otherwise. A lane only ever reads the slots it
+      // filled itself, so no synchronisation beyond its own wait is needed. Per element the additions stay in
+      // rank order, then bias0, then bias1.
       const int vectors = q.diag & kDiagSkipLocalRows ? 0 : q.hidden / 8;
-      for (int v0 = lane; v0 < vectors; v0 += 32 * kVectorsInFlight) {
-        float acc[kVectorsInFlight][8] = {};
-        int4 current[kVectorsInFlight], next[kVectorsInFlight];
-        auto load = [&](int4* into, const uint8_t* row) {
+      const int groups = (num_addends + kReduceGroup - 1) / kReduceGroup;
+      const int steps = (vectors + 32 * kVectorsInFlight - 1) / (32 * kVectorsInFlight) * groups;
+      auto issue = [&](int step) {
+        if (step < steps) {
+          const int v0 = step / groups * 32 * kVectorsInFlight + lane, first = step % groups * kReduceGroup;
+          for (int g = 0; g < kReduceGroup && first + g < num_addends; ++g) {
+            const int4* row = reinterpret_cast<const int4*>(addends[first + g]);
 #pragma unroll
-          for (int u = 0; u < kVectorsInFlight; ++u) {
-            const int v = v0 + u * 32;
-            if (v < vectors) into[u] = reinterpret_cast<const int4*>(row)[v];
-          }
-        };
-        if (num_addends > 0) load(current, addends[0]);
-        for (int a = 0; a < num_addends; ++a) {
-          if (a + 1 < num_addends) load(next, addends[a + 1]);
-#pragma unroll
-          for (int u = 0; u < kVectorsInFlight; ++u) {
-            if (v0 + u * 32 < vectors) add_bf16x8(acc[u], current[u]);
-            current[u] = next[u];
+            for (int u = 0; u < kVectorsInFlight; ++u) {
+              const int v = v0 + u * 32;
+              if (v < vectors) copy16_async(stage_slot(stage, step % kReduceStages, g, u, lane), row + v);
+            }
           }
         }
+        cp_async_commit();  // an empty group past the end keeps the count of groups in flight uniform
+      };
+      for (int step = 0; step < kReduceStages - 1; ++step) issue(step);
+      float acc[kVectorsInFlight][8];
+      for (int step = 0; step < steps; ++step) {
+        issue(step + kReduceStages - 1);
+        cp_async_wait<kReduceStages - 1>();  // this step's group has landed
+        const int v0 = step / groups * 32 * kVectorsInFlight + lane, first = step % groups * kReduceGroup;
+        if (first == 0) {
+#pragma unroll
+          for (int u = 0; u < kVectorsInFlight; ++u)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[u][i] = 0.f;
+        }
+        for (int g = 0; g < kReduceGroup && first + g < num_addends; ++g) {
+#pragma unroll
+          for (int u = 0; u < kVectorsInFlight; ++u)
+            if (v0 + u * 32 < vectors) add_bf16x8(acc[u], *stage_slot(stage, step % kReduceStages, g, u, lane));
+        }
+        if (first + kReduceGroup < num_addends) continue;  // more addends for these vectors
 #pragma unroll
         for (int u = 0; u < kVectorsInFlight; ++u) {
           const int v = v0 + u * 32;
@@ -758,6 +849,11 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
           for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[u][2 * i], acc[u][2 * i + 1]);
           reinterpret_cast<int4*>(q.out + t * q.hidden)[v] = packed;
         }
+      }
+      cp_async_wait<0>();      // nothing of this token left in flight into the slots
+      if (num_addends == 0) {  // a token no rank received and no bias: the sum is zero
+        for (int v = lane; v < vectors; v += 32)
+          reinterpret_cast<int4*>(q.out + t * q.hidden)[v] = make_int4(0, 0, 0, 0);
       }
       if (q.out_weights != nullptr) {
         for (int k = lane; k < q.num_topk; k += 32) {
@@ -870,17 +966,33 @@ int diag_bits() {
 
 void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,
                             cudaStream_t stream) {
-  if (args.topk_type == deepepInt64) {
-    prepare_routing_kernel<int64_t><<<1, kPrepareThreads, 0, stream>>>(
-        static_cast<const int64_t*>(args.topk_idx), args.num_tokens, args.num_topk, args.topk_row_stride,
-        args.num_experts, comm.nranks, num_sms, handle.send_pos, handle.send_counts, handle.expert_counts,
-        handle.send_ranges, comm.async_error_device, comm.rank);
+  RoutingParams q = {};
+  q.topk_idx = args.topk_idx;
+  q.topk_int64 = args.topk_type == deepepInt64;
+  q.num_tokens = args.num_tokens;
+  q.num_topk = args.num_topk;
+  q.stride = args.topk_row_stride;
+  q.num_experts = args.num_experts;
+  q.nranks = comm.nranks;
+  q.num_blocks = num_sms;
+  q.num_tiles = std::max<int>(1, static_cast<int>((args.num_tokens + kRoutingTile - 1) / kRoutingTile));
+  q.send_pos = handle.send_pos;
+  q.send_counts = handle.send_counts;
+  q.expert_counts = handle.expert_counts;
+  q.send_ranges = handle.send_ranges;
+  q.tile_counts = handle.tile_counts;
+  q.ticket = handle.routing_ticket;
+  q.error = comm.async_error_device;
+  q.rank = comm.rank;
+  DEEPEP_CUDA_CHECK(cudaMemsetAsync(handle.expert_counts, 0, sizeof(int32_t) * args.num_experts, stream));
+  const size_t histogram_bytes = sizeof(int32_t) * args.num_experts;
+  if (q.topk_int64) {
+    routing_count_kernel<int64_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);
   } else {
-    prepare_routing_kernel<int32_t><<<1, kPrepareThreads, 0, stream>>>(
-        static_cast<const int32_t*>(args.topk_idx), args.num_tokens, args.num_topk, args.topk_row_stride,
-        args.num_experts, comm.nranks, num_sms, handle.send_pos, handle.send_counts, handle.expert_counts,
-        handle.send_ranges, comm.async_error_device, comm.rank);
+    routing_count_kernel<int32_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);
   }
+  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  routing_position_kernel<<<q.num_tiles, kRoutingTile, 0, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -956,7 +1068,13 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.out = static_cast<__nv_bfloat16*>(args.out);
   q.out_weights = args.out_topk_weights;
   q.diag = diag_bits();
-  combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, 0, stream>>>(q);
+  static bool opted_in[64] = {};  // per device: the staging needs more than the default 48 KiB of shared memory
+  if (comm.device >= 64 || !opted_in[comm.device]) {
+    DEEPEP_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kReduceStageBytes)));
+    if (comm.device < 64) opted_in[comm.device] = true;
+  }
+  combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 

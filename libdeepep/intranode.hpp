@@ -35,7 +35,6 @@ int default_num_sms(int nranks);
 
 // DEEPEP_DIAG_SKIP: kDiag* bits of stages to leave out when timing the others (0 in normal use).
 int diag_bits();
-constexpr int kDiagSkipPrepare = 16;  // routing preparation (valid only when the handle already holds this routing)
 
 // Computes send positions, counts and per-block ranges from topk_idx into the handle (one kernel).
 void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,

@@ -152,20 +152,128 @@ def _make_stream_wait(producer, consumer):
         driver.cuEventDestroy(event)
 
 
-def _free_on_device(buffer, int device_id):
+# Stream-ordered allocation with direct calls into the driver: a Python-level allocator costs tens of microseconds per
+# array, more than a whole small dispatch. The few entry points are looked up once in libcuda (by the same names
+# cuda.h maps to); the pool and the contexts are set up once through cuda.bindings.
+cdef extern from *:
+    """
+    typedef int (*pydeepep_alloc_fn)(unsigned long long*, size_t, void*, void*);
+    typedef int (*pydeepep_free_fn)(unsigned long long, void*);
+    typedef int (*pydeepep_push_fn)(void*);
+    typedef int (*pydeepep_pop_fn)(void**);
+    static pydeepep_alloc_fn pydeepep_mem_alloc_from_pool_async = 0;
+    static pydeepep_free_fn pydeepep_mem_free_async = 0;
+    static pydeepep_push_fn pydeepep_ctx_push = 0;
+    static pydeepep_pop_fn pydeepep_ctx_pop = 0;
+    """
+    ctypedef int (*pydeepep_alloc_fn)(unsigned long long*, size_t, void*, void*) noexcept nogil
+    ctypedef int (*pydeepep_free_fn)(unsigned long long, void*) noexcept nogil
+    ctypedef int (*pydeepep_push_fn)(void*) noexcept nogil
+    ctypedef int (*pydeepep_pop_fn)(void**) noexcept nogil
+    pydeepep_alloc_fn pydeepep_mem_alloc_from_pool_async
+    pydeepep_free_fn pydeepep_mem_free_async
+    pydeepep_push_fn pydeepep_ctx_push
+    pydeepep_pop_fn pydeepep_ctx_pop
+
+cdef int CUDA_ERROR_OUT_OF_MEMORY = 2
+cdef dict _pools = {}      # device ordinal -> CUmemoryPool handle, created on first use and kept for the process
+cdef dict _contexts = {}   # device ordinal -> retained primary context handle
+
+
+cdef int _load_driver() except -1:
+    if pydeepep_mem_alloc_from_pool_async != NULL:
+        return 0
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise DeepEPCudaError(f"the CUDA driver (libcuda.so.1) could not be loaded: {exc}", 3) from exc
+    cdef size_t free_fn = ctypes.cast(lib.cuMemFreeAsync, ctypes.c_void_p).value
+    cdef size_t push_fn = ctypes.cast(lib.cuCtxPushCurrent_v2, ctypes.c_void_p).value
+    cdef size_t pop_fn = ctypes.cast(lib.cuCtxPopCurrent_v2, ctypes.c_void_p).value
+    cdef size_t alloc_fn = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
+    global pydeepep_mem_alloc_from_pool_async, pydeepep_mem_free_async, pydeepep_ctx_push, pydeepep_ctx_pop
+    pydeepep_mem_free_async = <pydeepep_free_fn>free_fn
+    pydeepep_ctx_push = <pydeepep_push_fn>push_fn
+    pydeepep_ctx_pop = <pydeepep_pop_fn>pop_fn
+    pydeepep_mem_alloc_from_pool_async = <pydeepep_alloc_fn>alloc_fn  # last: it marks the table as loaded
+    return 0
+
+
+def _driver_result(result, str what):
     from cuda.bindings import driver
 
-    status, device = driver.cuDeviceGet(device_id)
-    status, context = driver.cuDevicePrimaryCtxRetain(device)
-    if status != driver.CUresult.CUDA_SUCCESS:
-        buffer.close()
-        return
-    driver.cuCtxPushCurrent(context)
-    try:
-        buffer.close()
-    finally:
-        driver.cuCtxPopCurrent()
-        driver.cuDevicePrimaryCtxRelease(device)
+    if result[0] != driver.CUresult.CUDA_SUCCESS:
+        raise DeepEPCudaError(f"{what} failed: {result[0]!r}", 3)
+    return result[1] if len(result) > 1 else None
+
+
+cdef size_t _primary_context(int device) except 0:
+    context = _contexts.get(device)
+    if context is None:
+        from cuda.bindings import driver
+
+        _driver_result(driver.cuInit(0), "cuInit")
+        dev = _driver_result(driver.cuDeviceGet(device), "cuDeviceGet")
+        context = _contexts[device] = int(_driver_result(driver.cuDevicePrimaryCtxRetain(dev), "retaining the context"))
+    return context
+
+
+cdef size_t _pool(int device) except 0:
+    """pydeepep's memory pool on `device`. It keeps freed memory for reuse instead of returning it to the driver at
+    every synchronisation (the default pool's behaviour), which would make each new output map fresh pages."""
+    pool = _pools.get(device)
+    if pool is None:
+        from cuda.bindings import driver
+
+        props = driver.CUmemPoolProps()
+        props.allocType = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        props.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        props.location.id = device
+        handle = _driver_result(driver.cuMemPoolCreate(props), "creating the memory pool")
+        _driver_result(driver.cuMemPoolSetAttribute(
+            handle, driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            driver.cuuint64_t(0xFFFFFFFFFFFFFFFF)), "setting the memory pool's release threshold")
+        pool = _pools[device] = int(handle)
+    return pool
+
+
+cdef class _Allocation:
+    """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on."""
+    cdef unsigned long long ptr
+    cdef size_t stream
+    cdef size_t context
+
+    def __dealloc__(self):
+        cdef void* previous = NULL
+        if self.ptr == 0:
+            return
+        # The legacy default stream means "the current context's": make the owning device's context current.
+        if pydeepep_ctx_push(<void*>self.context) == 0:
+            pydeepep_mem_free_async(self.ptr, <void*>self.stream)  # fails harmlessly at interpreter exit
+            pydeepep_ctx_pop(&previous)
+
+
+cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
+    _load_driver()
+    cdef _Allocation block = _Allocation.__new__(_Allocation)
+    cdef void* previous = NULL
+    cdef int status
+    cdef size_t pool = _pool(device)
+    block.context = _primary_context(device)
+    block.stream = stream
+    status = pydeepep_ctx_push(<void*>block.context)
+    if status != 0:
+        raise DeepEPCudaError(f"making device {device}'s context current failed (CUDA driver error {status})", 3)
+    status = pydeepep_mem_alloc_from_pool_async(&block.ptr, nbytes, <void*>pool, <void*>stream)
+    pydeepep_ctx_pop(&previous)
+    if status != 0:
+        block.ptr = 0
+        if status == CUDA_ERROR_OUT_OF_MEMORY:
+            raise DeepEPCudaError(f"out of device memory allocating {nbytes} bytes on device {device}", 3)
+        raise DeepEPCudaError(f"cuMemAllocFromPoolAsync of {nbytes} bytes failed (CUDA driver error {status})", 3)
+    return block
 
 
 cdef class DeviceArray:
@@ -182,7 +290,7 @@ cdef class DeviceArray:
     cdef readonly size_t ptr
     cdef readonly int device_id
     cdef readonly object stream   # int handle of the stream whose work produces the data
-    cdef object _owner            # keeps the memory alive (a cuda.core Buffer), or None
+    cdef object _owner            # keeps the memory alive (an _Allocation), or None
     cdef public object _stream_owner  # the Python stream object the memory was allocated on, kept alive
     cdef object _base                 # an array whose memory this one views (kept alive, never freed here)
     cdef object _element_strides
@@ -211,14 +319,9 @@ cdef class DeviceArray:
         self._element_strides = tuple(reversed(strides))
 
     def __dealloc__(self):
-        # Free the memory while the stream it was allocated on is certainly alive (_stream_owner is released only
-        # after this method), with the owning device's context current whatever the caller's thread has made
-        # current since (a CuPy or PyTorch device switch, say).
-        if self._owner is not None:
-            try:
-                _free_on_device(self._owner, self.device_id)
-            except Exception:
-                pass  # at interpreter exit the context may already be gone; the driver reclaims the memory
+        # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:
+        # _stream_owner is released only after this method.
+        self._owner = None
 
     @property
     def strides(self):

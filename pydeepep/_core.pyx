@@ -9,8 +9,8 @@ import numpy as np
 from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, error_for_status
-from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, is_device_array, payload_kind,
-                       stream_handle)
+from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, dtype_name, is_device_array,
+                       payload_kind, stream_handle)
 
 from pydeepep.deepep cimport *
 
@@ -95,16 +95,6 @@ def _as_view(obj, stream):
             1) from exc
 
 
-def _core_stream(handle):
-    from cuda.core import LEGACY_DEFAULT_STREAM as legacy, PER_THREAD_DEFAULT_STREAM as per_thread, Stream
-
-    if handle == LEGACY_DEFAULT_STREAM:
-        return legacy
-    if handle == PER_THREAD_DEFAULT_STREAM:
-        return per_thread
-    return Stream.from_handle(handle)
-
-
 _devices = {}
 
 
@@ -119,28 +109,6 @@ def _device(int ordinal):
     return dev
 
 
-_pools = {}
-
-
-def _pool(int ordinal):
-    """pydeepep's stream-ordered memory pool on device `ordinal`. It keeps freed memory for reuse instead of
-    returning it to the driver at every synchronisation (the default pool's behaviour), which would make each new
-    output pay for mapping fresh pages: tens of microseconds per call at prefill sizes."""
-    pool = _pools.get(ordinal)
-    if pool is None:
-        from cuda.bindings import driver
-        from cuda.core import DeviceMemoryResource, DeviceMemoryResourceOptions
-
-        pool = DeviceMemoryResource(ordinal, DeviceMemoryResourceOptions())
-        status, = driver.cuMemPoolSetAttribute(
-            driver.CUmemoryPool(int(pool.handle)), driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            driver.cuuint64_t(0xFFFFFFFFFFFFFFFF))
-        if status != driver.CUresult.CUDA_SUCCESS:
-            raise DeepEPCudaError(f"setting the memory pool's release threshold failed: {status!r}", 3)
-        _pools[ordinal] = pool
-    return pool
-
-
 def empty(shape, dtype, *, int device, stream=None):
     """A new DeviceArray, allocated stream-ordered on `stream` from pydeepep's memory pool on `device` (contents
     undefined). Freed memory stays in that pool for later outputs."""
@@ -150,9 +118,8 @@ def empty(shape, dtype, *, int device, stream=None):
         nbytes *= int(s)
     if nbytes == 0:
         return DeviceArray(0, shape, dtype, device, handle, None)
-    _device(device)  # made current
-    buffer = _pool(device).allocate(nbytes, stream=_core_stream(handle))
-    array = DeviceArray(int(buffer.handle), shape, dtype, device, handle, buffer)
+    block = _allocate(nbytes, device, handle)
+    array = DeviceArray(<size_t>block.ptr, shape, dtype, device, handle, block)
     # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
     # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
     array._stream_owner = stream
@@ -333,7 +300,7 @@ cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=No
     v.rows = rows
     v.cols = cols
     v.stride = stride
-    v.kind = kind if kind is not None else np.dtype(view.dtype).name
+    v.kind = kind if kind is not None else dtype_name(view.dtype)
     v.keep = view
     return v
 

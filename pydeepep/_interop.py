@@ -74,6 +74,27 @@ DTYPE_CODES = {
 }
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """`np.dtype(dtype).name`, cached: NumPy computes names in Python, slowly enough to show in every call."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = np.dtype(dtype).name
+    return name
+
+
+_ALLOWED: dict = {}
+
+
+def _allowed_names(dtypes: tuple) -> frozenset:
+    names = _ALLOWED.get(dtypes)
+    if names is None:
+        names = _ALLOWED[dtypes] = frozenset(np.dtype(d).name for d in dtypes)
+    return names
+
+
 def check_matrix(
     view: Any, name: str, dtypes: tuple | None, device: int, ncols: int | None = None
 ) -> tuple[int, int, int]:
@@ -82,10 +103,9 @@ def check_matrix(
     if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
         raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array on device {device}")
     # Which device holds the memory is checked by the library itself (from the pointer's own attributes).
-    dtype = np.dtype(view.dtype)
-    if dtypes is not None and dtype not in [np.dtype(d) for d in dtypes]:
+    if dtypes is not None and dtype_name(view.dtype) not in _allowed_names(dtypes):
         allowed = " or ".join(np.dtype(d).name for d in dtypes)
-        raise DeepEPInvalidArgument(f"{name} has dtype {dtype.name}; it must be {allowed}")
+        raise DeepEPInvalidArgument(f"{name} has dtype {dtype_name(view.dtype)}; it must be {allowed}")
     shape = tuple(view.shape)
     if len(shape) != 2:
         raise DeepEPInvalidArgument(f"{name} has shape {shape}; it must be 2-D")
@@ -109,9 +129,9 @@ def payload_kind(view: Any, name: str) -> str:
     """ "bfloat16" or "float8_e4m3fn" for a payload view: true bfloat16 / float8 dtypes, or their raw bits held as
     2-byte / 1-byte integers (NumPy and CuPy have no such dtypes)."""
     dtype = np.dtype(view.dtype)
-    if dtype.itemsize == 2 and (dtype.name == "bfloat16" or dtype.kind in "ui"):
+    if dtype.itemsize == 2 and (dtype.kind in "ui" or dtype_name(dtype) == "bfloat16"):
         return "bfloat16"
-    if dtype.itemsize == 1 and (dtype.name.startswith("float8_e4m3") or dtype.kind in "ui"):
+    if dtype.itemsize == 1 and (dtype.kind in "ui" or dtype_name(dtype).startswith("float8_e4m3")):
         return "float8_e4m3fn"
     raise DeepEPInvalidArgument(
         f"{name} has dtype {dtype.name}; it must be bfloat16 or float8_e4m3fn (or their bits as uint16 / uint8)"
