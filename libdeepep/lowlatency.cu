@@ -280,6 +280,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
         const Index* ids = topk + t * p.topk_stride;
         for (int k = p.num_topk - 1; k >= 0; --k) {
           const int64_t e = static_cast<int64_t>(ids[k]);
+          if (e == -1) continue;  // an empty slot (it must not match expert[r] == -1, a round with no expert)
           if (e < -1 || e >= p.num_experts) {
             // Only block 0 reports, once per bad entry; every block ignores the entry alike.
             if (blockIdx.x == 0 && first == 0) {
@@ -290,7 +291,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
           }
 #pragma unroll
           for (int r = 0; r < kExpertsPerRound; ++r) {
-            if (e == expert[r]) {
+            if (expert[r] >= 0 && e == expert[r]) {
               found[r] = true;
               slot[r] = k;  // descending k: the last write is the first slot
             }
