@@ -4,8 +4,10 @@ For N in {512, 4096, 16384} tokens per rank (H = 7168, K = 8, E = 256) and SMs i
 NVLink ceiling, the dispatch layout, full dispatch (count exchange and host synchronisation), cached dispatch in BF16
 and FP8, and combine. GB/s counts the bytes that cross NVLink (rows sent to other ranks). Times are medians: device
 time per call replayed from a CUDA graph (no host gaps) for the graph-capturable calls; per call from Python, host
-synchronisation included, for the full dispatch. N = 0 rows give the protocol's fixed cost. Writes a JSON record
-(machine, commit, command, results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
+synchronisation included, for the full dispatch. N = 0 rows give the protocol's fixed cost. The low-latency section
+times, for T in {1, 32, 128, 256} tokens per rank (H = 7168, K = 8, E = 288), FP8 dispatch and BF16 combine replayed
+from CUDA graphs, and the send and receive phases of hooked calls. Writes a JSON record (machine, commit, command,
+results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 import pydeepep
 from pydeepep import reference
-from pydeepep.launch import local_device_count
+from pydeepep.launch import LaunchError, local_device_count
 
 NUM_TOKENS = (512, 4096, 16384)
 NUM_TOPK, NUM_EXPERTS = 8, 256
@@ -267,6 +269,138 @@ def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
     return rows
 
 
+LL_TOKENS = (1, 32, 128, 256)
+LL_TOPK, LL_EXPERTS = 8, 288
+
+
+def phase_times(send, receive, stream: int, repeat: int = 10) -> tuple[float, float]:
+    """Median device microseconds of the send and the receive phase of hooked calls: `send()` then `receive()`
+    captured `repeat` times into a graph with a timing event before, between and after, replayed once."""
+    from cuda.bindings import driver
+
+    s = driver.CUstream(stream)
+    marks = [_check(driver.cuEventCreate(0)) for _ in range(3 * repeat)]
+    _check(driver.cuStreamBeginCapture(s, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+    try:
+        for i in range(repeat):
+            _check(driver.cuEventRecord(marks[3 * i], s))
+            send()
+            _check(driver.cuEventRecord(marks[3 * i + 1], s))
+            receive()
+            _check(driver.cuEventRecord(marks[3 * i + 2], s))
+    finally:
+        graph = _check(driver.cuStreamEndCapture(s))
+    graph_exec = _check(driver.cuGraphInstantiate(graph, 0))
+    try:
+        for _ in range(3):  # the last replay's marks are read
+            _check(driver.cuGraphLaunch(graph_exec, s))
+        _check(driver.cuStreamSynchronize(s))
+        sends = [_check(driver.cuEventElapsedTime(marks[3 * i], marks[3 * i + 1])) * 1e3 for i in range(repeat)]
+        receives = [_check(driver.cuEventElapsedTime(marks[3 * i + 1], marks[3 * i + 2])) * 1e3 for i in range(repeat)]
+    finally:
+        driver.cuGraphExecDestroy(graph_exec)
+        driver.cuGraphDestroy(graph)
+        for mark in marks:
+            driver.cuEventDestroy(mark)
+    return float(np.median(sends)), float(np.median(receives))
+
+
+def hook_phases(comm, stream, x, topk, weights, y, dispatch_out, combine_out, fp8_row) -> dict:
+    """Send and receive phases of hooked low-latency dispatch and combine (see phase_times)."""
+    hooked = {}
+
+    def dispatch_send():
+        hooked["dispatch"] = comm.low_latency_dispatch(
+            x, topk, LL_EXPERTS, stream=stream, out=dispatch_out, return_recv_hook=True
+        )
+
+    def dispatch_receive():
+        hooked["dispatch"].hook()
+
+    def combine_send():
+        hooked["combine"] = comm.low_latency_combine(
+            y, topk, weights, hooked["dispatch"], stream=stream, out=combine_out, return_recv_hook=True
+        ).hook
+
+    def combine_receive():
+        hooked["combine"]()
+
+    found = {}
+    send_us, receive_us = phase_times(dispatch_send, dispatch_receive, stream)
+    found["ll_dispatch_send"] = (send_us, fp8_row)
+    found["ll_dispatch_receive"] = (receive_us, 0)
+    dispatch_send()  # a current dispatch for the combines (those captured above belong to the graph)
+    dispatch_receive()
+    send_us, receive_us = phase_times(combine_send, combine_receive, stream)
+    found["ll_combine_send"] = (send_us, HIDDEN * 2)
+    found["ll_combine_receive"] = (receive_us, 0)
+    return found
+
+
+def bench_ll_rank(info, tokens_list):
+    """Low-latency dispatch (FP8 cast in the kernel) and combine (BF16) for each T, H = 7168, K = 8, E = 288: whole
+    calls replayed from CUDA graphs, then the send and receive phases of hooked calls. GB/s counts the rows that
+    cross NVLink (token-expert pairs whose expert lives on another rank)."""
+    from cuda.core import Device
+
+    rows = []
+    max_tokens = max(tokens_list)
+    with pydeepep.Communicator(
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        max_tokens_per_rank=max_tokens,
+        hidden=HIDDEN,
+        num_topk=LL_TOPK,
+        num_experts=LL_EXPERTS,
+        low_latency_max_tokens=max_tokens,
+    ) as comm:
+        stream_owner = Device(comm.device).create_stream()
+        stream = int(stream_owner.handle)
+        local = LL_EXPERTS // comm.nranks
+        rng = np.random.default_rng(200 + info.rank)
+        y = pydeepep.empty((local, comm.nranks * max_tokens, HIDDEN), "bfloat16", device=comm.device, stream=stream)
+        for t in tokens_list:
+            topk_np = np.argsort(rng.random((t, LL_EXPERTS)), axis=1)[:, :LL_TOPK].astype(np.int64)
+            remote_pairs = int(np.count_nonzero(topk_np // local != comm.rank))
+            x = pydeepep.to_device(
+                rng.integers(0, 1 << 14, size=(t, HIDDEN), dtype=np.uint16), device=comm.device, stream=stream
+            )
+            topk = pydeepep.to_device(topk_np, device=comm.device, stream=stream)
+            weights = pydeepep.to_device(rng.random((t, LL_TOPK)).astype(np.float32), device=comm.device, stream=stream)
+            results = [comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream) for _ in range(2)]
+            outs = [comm.low_latency_combine(y, topk, weights, r, stream=stream).out for r in results]
+
+            def dispatches(x=x, topk=topk, results=results):
+                for r in results:
+                    comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=r)
+
+            def pairs(x=x, topk=topk, weights=weights, results=results, outs=outs):
+                for r, o in zip(results, outs, strict=True):
+                    d = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=r)
+                    comm.low_latency_combine(y, topk, weights, d, stream=stream, out=o)
+
+            dispatch_us = device_time(dispatches, stream, repeat=5) / 2
+            combine_us = device_time(pairs, stream, repeat=5) / 2 - dispatch_us
+            fp8_row = HIDDEN + HIDDEN // 128 * 4
+            found = {
+                "ll_dispatch_fp8": (dispatch_us, fp8_row),
+                "ll_combine_bf16": (combine_us, HIDDEN * 2),
+            }
+            try:
+                found.update(hook_phases(comm, stream, x, topk, weights, y, results[0], outs[0], fp8_row))
+            except Exception as exc:  # a figure not measured is reported, not fatal
+                _log(info, f"  (hook phases not measured at T={t}: {exc})")
+            for case, (us, row_bytes) in found.items():
+                gbps = remote_pairs * row_bytes / (us * 1e-6) / 1e9 if row_bytes else 0.0
+                rows.append({"case": case, "num_tokens": t, "sms": 0, "us": us, "gbps": gbps})
+                _log(info, f"  {case:<20} T={t:<5} {us:8.1f} us {gbps:7.1f} GB/s")
+        comm.check_async_error()
+        stream_owner.close()
+    return rows
+
+
 def machine_description() -> str:
     try:
         from cuda.bindings import driver
@@ -338,6 +472,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sms", default=",".join(map(str, SMS)), help="SM counts, comma-separated")
     parser.add_argument("--tokens", default=",".join(map(str, NUM_TOKENS)), help="tokens per rank, comma-separated")
     parser.add_argument(
+        "--ll-tokens", default=",".join(map(str, LL_TOKENS)), help="low-latency tokens per rank T, comma-separated"
+    )
+    parser.add_argument("--modes", default="ht,ll", help="which sections to run: ht, ll or both (comma-separated)")
+    parser.add_argument(
         "--no-floor",
         action="store_true",
         help="skip the N = 0 runs (the protocol's fixed cost: launch, acknowledgements, count exchange)",
@@ -359,9 +497,19 @@ def main(argv=None) -> int:
     tokens_list = tuple(int(v) for v in args.tokens.split(","))
     if not args.no_floor and 0 not in tokens_list:
         tokens_list = (0, *tokens_list)
-    per_rank = pydeepep.spawn(
-        bench_rank, nprocs=nranks, args=(args.warmup, args.iters, sms_list, tokens_list), timeout=900
-    )
+    modes = set(args.modes.split(","))
+    per_rank = [[] for _ in range(nranks)]
+    if "ht" in modes:
+        per_rank = pydeepep.spawn(
+            bench_rank, nprocs=nranks, args=(args.warmup, args.iters, sms_list, tokens_list), timeout=900
+        )
+    if "ll" in modes:
+        ll_tokens = tuple(int(v) for v in args.ll_tokens.split(","))
+        try:
+            ll_rows = pydeepep.spawn(bench_ll_rank, nprocs=nranks, args=(ll_tokens,), timeout=600)
+            per_rank = [rows + more for rows, more in zip(per_rank, ll_rows, strict=True)]
+        except LaunchError as exc:  # keep what the high-throughput section measured
+            print(f"low-latency section failed: {exc}", file=sys.stderr)
     record = {
         "machine": machine_description(),
         "commit": git_commit(),
