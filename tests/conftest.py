@@ -1,8 +1,12 @@
-"""Shared test helpers: GPU detection (GPU tests skip cleanly where none exists)."""
+"""Shared test helpers: GPU detection (GPU tests skip cleanly where none exists), BF16 / FP8 bit conversions, and
+the library loaded through ctypes for the C ABI tests."""
 
+import ctypes
 import functools
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -22,3 +26,44 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+
+
+def bf16_bits(values):
+    """float32 values rounded to bfloat16, as their 16-bit patterns (NumPy has no bfloat16)."""
+    from pydeepep import reference
+
+    return (reference.bf16_round(values).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def bf16_values(bits):
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def e4m3_values(bits):
+    """float32 values of float8 e4m3 bit patterns."""
+    bits = np.asarray(bits).astype(np.int64)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 0x7
+    value = np.where(exponent == 0, mantissa / 8.0 * 2.0**-6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7.0))
+    return (sign * value).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """libdeepep through ctypes alone, as another language's FFI would load it."""
+    import pydeepep
+
+    library = ctypes.CDLL(str(Path(pydeepep.get_lib_dir()) / "libdeepep.so"))
+    library.deepepGetLastErrorMessage.restype = ctypes.c_char_p
+    library.deepepGetErrorString.restype = ctypes.c_char_p
+    return library
+
+
+def last_error(lib) -> str:
+    return lib.deepepGetLastErrorMessage().decode()
+
+
+def bogus_pointer():
+    """A host address the library must refuse as device memory."""
+    return ctypes.cast(ctypes.create_string_buffer(256), ctypes.c_void_p)

@@ -9,7 +9,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import requires_gpus
+from conftest import bf16_bits, bf16_values, e4m3_values, requires_gpus
 
 import pydeepep
 from pydeepep import reference
@@ -18,23 +18,6 @@ pytestmark = [pytest.mark.gpu, requires_gpus(2)]
 cupy = pytest.importorskip("cupy")
 
 MAX_TOKENS = 4096
-
-
-def bf16_bits(values):
-    return (reference.bf16_round(values).view(np.uint32) >> 16).astype(np.uint16)
-
-
-def bf16_values(bits):
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
-
-
-def e4m3_values(bits):
-    bits = np.asarray(bits).astype(np.int64)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exponent = (bits >> 3) & 0xF
-    mantissa = bits & 0x7
-    value = np.where(exponent == 0, mantissa / 8.0 * 2.0**-6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7.0))
-    return (sign * value).astype(np.float32)
 
 
 def make_inputs(seed, rank, n, h, k, e, fp8=False, ue8m0=False, to_rank=None, drop=0.2):

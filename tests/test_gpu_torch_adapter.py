@@ -18,10 +18,6 @@ torch = pytest.importorskip("torch")
 N, H, K, E = 512, 1024, 4, 16
 
 
-def bf16_values(bits):
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
-
-
 def inputs(rank):
     rng = np.random.default_rng(rank)
     x = reference.bf16_round(rng.standard_normal((N, H)).astype(np.float32))

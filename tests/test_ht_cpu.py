@@ -6,9 +6,9 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import bogus_pointer, last_error
 
 import pydeepep
 
@@ -65,22 +65,6 @@ class CombineArgs(ctypes.Structure):
     ]
 
 
-@pytest.fixture(scope="module")
-def lib():
-    library = ctypes.CDLL(str(Path(pydeepep.get_lib_dir()) / "libdeepep.so"))
-    library.deepepGetLastErrorMessage.restype = ctypes.c_char_p
-    library.deepepGetErrorString.restype = ctypes.c_char_p
-    return library
-
-
-def message(lib) -> str:
-    return lib.deepepGetLastErrorMessage().decode()
-
-
-def bogus_pointer():
-    return ctypes.cast(ctypes.create_string_buffer(256), ctypes.c_void_p)
-
-
 def test_dispatch_args_init_fills_size_and_defaults(lib):
     args = DispatchArgs()
     assert lib.deepepDispatchArgsInit(ctypes.byref(args)) == SUCCESS
@@ -99,7 +83,7 @@ def test_combine_args_init_fills_size_and_zeroes(lib):
 @pytest.mark.parametrize("function", ["deepepDispatchArgsInit", "deepepCombineArgsInit"])
 def test_args_init_rejects_null(lib, function):
     assert getattr(lib, function)(None) == INVALID_ARGUMENT
-    assert "args is NULL" in message(lib)
+    assert "args is NULL" in last_error(lib)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -126,25 +110,25 @@ def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
 def test_handle_create_needs_a_communicator(lib):
     handle = ctypes.c_void_p(1)
     assert lib.deepepHandleCreate(None, ctypes.byref(handle)) == INVALID_ARGUMENT
-    assert "comm is NULL" in message(lib)
+    assert "comm is NULL" in last_error(lib)
     assert handle.value is None  # cleared on failure
 
 
 def test_handle_create_refuses_a_bogus_communicator(lib):
     handle = ctypes.c_void_p()
     assert lib.deepepHandleCreate(bogus_pointer(), ctypes.byref(handle)) == INVALID_USAGE
-    assert "not a live communicator" in message(lib)
+    assert "not a live communicator" in last_error(lib)
 
 
 def test_handle_create_rejects_a_null_out_pointer(lib):
     assert lib.deepepHandleCreate(bogus_pointer(), None) == INVALID_ARGUMENT
-    assert "handle is NULL" in message(lib)
+    assert "handle is NULL" in last_error(lib)
 
 
 def test_handle_destroy_accepts_null_and_refuses_bogus_handles(lib):
     assert lib.deepepHandleDestroy(None) == SUCCESS
     assert lib.deepepHandleDestroy(bogus_pointer()) == INVALID_USAGE
-    assert "not a live handle" in message(lib)
+    assert "not a live handle" in last_error(lib)
 
 
 @pytest.mark.parametrize("query", ["deepepHandleGetNumRecvTokens", "deepepHandleGetNumTokens"])
@@ -158,7 +142,7 @@ def test_per_expert_counts_query_refuses_bad_calls(lib):
     counts = (ctypes.c_int32 * 4)()
     assert lib.deepepHandleGetRecvTokensPerExpert(bogus_pointer(), counts, 4) == INVALID_USAGE
     assert lib.deepepHandleGetRecvTokensPerExpert(bogus_pointer(), None, 4) == INVALID_ARGUMENT
-    assert "counts is NULL" in message(lib)
+    assert "counts is NULL" in last_error(lib)
 
 
 @pytest.mark.parametrize("function", ["deepepDispatchNotify", "deepepDispatch"])
@@ -166,7 +150,7 @@ def test_dispatch_calls_need_a_live_communicator(lib, function):
     args = DispatchArgs()
     lib.deepepDispatchArgsInit(ctypes.byref(args))
     assert getattr(lib, function)(None, ctypes.byref(args), bogus_pointer(), None) == INVALID_ARGUMENT
-    assert "comm is NULL" in message(lib)
+    assert "comm is NULL" in last_error(lib)
     assert getattr(lib, function)(bogus_pointer(), ctypes.byref(args), bogus_pointer(), None) == INVALID_USAGE
 
 
@@ -182,7 +166,7 @@ def test_push_bandwidth_diagnostic_refuses_bad_calls(lib):
     assert lib.deepepCommMeasurePushBandwidth(bogus_pointer(), 8, ctypes.c_size_t(1 << 20), 3, None, None) == (
         INVALID_ARGUMENT
     )
-    assert "gb_per_s is NULL" in message(lib)
+    assert "gb_per_s is NULL" in last_error(lib)
     assert lib.deepepCommMeasurePushBandwidth(None, 8, ctypes.c_size_t(1 << 20), 3, ctypes.byref(gbps), None) == (
         INVALID_ARGUMENT
     )

@@ -7,9 +7,9 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import bogus_pointer, last_error
 
 import pydeepep
 from pydeepep import _core
@@ -66,21 +66,6 @@ class LowLatencyCombineArgs(ctypes.Structure):
     ]
 
 
-@pytest.fixture(scope="module")
-def lib():
-    library = ctypes.CDLL(str(Path(pydeepep.get_lib_dir()) / "libdeepep.so"))
-    library.deepepGetLastErrorMessage.restype = ctypes.c_char_p
-    return library
-
-
-def message(lib) -> str:
-    return lib.deepepGetLastErrorMessage().decode()
-
-
-def bogus_pointer():
-    return ctypes.cast(ctypes.create_string_buffer(256), ctypes.c_void_p)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # C ABI
 
@@ -105,7 +90,7 @@ def test_combine_args_init_fills_size_and_defaults(lib):
 @pytest.mark.parametrize("function", ["deepepLowLatencyDispatchArgsInit", "deepepLowLatencyCombineArgsInit"])
 def test_args_init_rejects_null(lib, function):
     assert getattr(lib, function)(None) == INVALID_ARGUMENT
-    assert "args is NULL" in message(lib)
+    assert "args is NULL" in last_error(lib)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -145,9 +130,9 @@ def test_dispatch_and_combine_need_a_live_communicator(lib):
     dispatch = LowLatencyDispatchArgs()
     lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(dispatch))
     assert lib.deepepLowLatencyDispatch(None, ctypes.byref(dispatch), None) == INVALID_ARGUMENT
-    assert "comm is NULL" in message(lib)
+    assert "comm is NULL" in last_error(lib)
     assert lib.deepepLowLatencyDispatch(bogus_pointer(), ctypes.byref(dispatch), None) == INVALID_USAGE
-    assert "not a live communicator" in message(lib)
+    assert "not a live communicator" in last_error(lib)
     combine = LowLatencyCombineArgs()
     lib.deepepLowLatencyCombineArgsInit(ctypes.byref(combine))
     assert lib.deepepLowLatencyCombine(None, ctypes.byref(combine), None) == INVALID_ARGUMENT
@@ -157,13 +142,13 @@ def test_dispatch_and_combine_need_a_live_communicator(lib):
 def test_combine_buffer_and_max_tokens_queries_refuse_bad_calls(lib):
     buffer = ctypes.c_void_p(1)
     assert lib.deepepLowLatencyGetCombineBuffer(bogus_pointer(), 0, 128, 16, None) == INVALID_ARGUMENT
-    assert "buffer is NULL" in message(lib)
+    assert "buffer is NULL" in last_error(lib)
     assert lib.deepepLowLatencyGetCombineBuffer(bogus_pointer(), 0, 128, 16, ctypes.byref(buffer)) == INVALID_USAGE
     assert buffer.value is None  # cleared on failure
     value = ctypes.c_int()
     assert lib.deepepCommLowLatencyMaxTokens(None, ctypes.byref(value)) == INVALID_ARGUMENT
     assert lib.deepepCommLowLatencyMaxTokens(bogus_pointer(), None) == INVALID_ARGUMENT
-    assert "max_tokens is NULL" in message(lib)
+    assert "max_tokens is NULL" in last_error(lib)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
