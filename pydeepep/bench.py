@@ -166,19 +166,9 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
     # cached figure it gives the routing's cost, and next to the full one the count exchange's.
     worst_rows = max(n * comm.nranks, 1)
     worst_handle = pydeepep.Handle(comm)
-    worst_out = comm.dispatch(
-        inp.x,
-        topk_idx=inp.topk_idx,
-        topk_weights=inp.weights,
-        num_experts=NUM_EXPERTS,
-        num_sms=sms,
-        num_worst_tokens=worst_rows,
-        handle=worst_handle,
-        stream=stream,
-    )
 
-    def worst_bf16():
-        comm.dispatch(
+    def worst_bf16(out=None):
+        return comm.dispatch(
             inp.x,
             topk_idx=inp.topk_idx,
             topk_weights=inp.weights,
@@ -187,12 +177,14 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
             num_worst_tokens=worst_rows,
             handle=worst_handle,
             stream=stream,
-            out=worst_out,
+            out=out,
         )
+
+    worst_out = worst_bf16()
 
     results = {
         "dispatch_full_bf16": (full_us, HIDDEN * 2),
-        "dispatch_worst_bf16": (device_time(worst_bf16, stream), HIDDEN * 2),
+        "dispatch_worst_bf16": (device_time(lambda: worst_bf16(worst_out), stream), HIDDEN * 2),
         "dispatch_cached_bf16": (device_time(cached_bf16, stream), HIDDEN * 2),
         "dispatch_cached_fp8": (device_time(cached_fp8, stream), HIDDEN + HIDDEN // 128 * 4),
         "combine_bf16": (device_time(combine, stream), HIDDEN * 2),
