@@ -405,28 +405,57 @@ def test_ht_on_one_rank():
     assert pydeepep.spawn(one_rank_ht, nprocs=1, timeout=300) == [True]
 
 
-def skipping_peer(info):
-    """Rank 1 never joins a dispatch: rank 0 must get a timeout naming it, and both ranks must still close."""
+def skipping_peer(info, call):
+    """Rank 1 never joins `call`: rank 0 must get a timeout naming it, within the timeout plus a few seconds, and both
+    ranks must still close. Stream-ordered calls report it through the asynchronous error after a synchronisation."""
     import time
 
     with pydeepep.Communicator(
-        info.unique_id, info.rank, info.nranks, device=info.device, timeout=4, max_tokens_per_rank=256, hidden=256
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        timeout=4,
+        max_tokens_per_rank=256,
+        hidden=256,
+        num_topk=4,
+        num_experts=16,
+        low_latency_max_tokens=64 if call.startswith("ll_") else 0,
     ) as comm:
-        if info.rank == 1:
-            time.sleep(6)  # past rank 0's 4 s timeout, well inside its teardown's
-            return "skipped"
         with cupy.cuda.Device(comm.device):
-            x, topk, _ = make_inputs(60, 0, 64, 256, 4, 16)
+            x, topk, weights = make_inputs(60, info.rank, 64, 256, 4, 16)
+            x_dev, topk_dev, w_dev = dev(x), dev(topk), dev(weights)
+            # What both ranks do first: the call before the skipped one.
+            if call == "combine":
+                first = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=16)
+            elif call == "ll_combine":
+                first = comm.low_latency_dispatch(x_dev, topk_dev, 16, use_fp8=False)
+            cupy.cuda.runtime.deviceSynchronize()
+            comm.check_async_error()
+            if info.rank == 1:
+                time.sleep(6)  # past rank 0's 4 s timeout, well inside its teardown's
+                return "skipped"
             start = time.monotonic()
             try:
-                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=16)
+                if call == "dispatch":
+                    comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=16)
+                elif call == "combine":
+                    comm.combine(first.recv_x, first.handle)
+                elif call == "ll_dispatch":
+                    comm.low_latency_dispatch(x_dev, topk_dev, 16)
+                else:
+                    y = cupy.zeros((8, 2 * 64, 256), cupy.uint16)
+                    comm.low_latency_combine(y, topk_dev, w_dev, first)
+                cupy.cuda.runtime.deviceSynchronize()
+                comm.check_async_error()
                 return "no error"
             except pydeepep.DeepEPTimeoutError as exc:
                 return ("timeout", time.monotonic() - start, str(exc))
 
 
-def test_a_peer_that_skips_a_dispatch_gives_a_timeout_naming_it():
-    rank0, rank1 = pydeepep.spawn(skipping_peer, nprocs=2, timeout=120)
+@pytest.mark.parametrize("call", ["dispatch", "combine", "ll_dispatch", "ll_combine"])
+def test_a_peer_that_skips_a_call_gives_a_timeout_naming_it(call):
+    rank0, rank1 = pydeepep.spawn(skipping_peer, nprocs=2, args=(call,), timeout=120)
     assert rank1 == "skipped"
     assert rank0[0] == "timeout" and rank0[1] < 4 + 5, rank0
     assert "waiting for rank 1" in rank0[2], rank0
