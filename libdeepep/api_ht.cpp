@@ -206,9 +206,17 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->recv_counts = take(R);
     h->tile_counts = take(tiles * R);
     h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
-    // New storage starts zeroed; reused storage keeps stale routing, which nothing reads before a dispatch rewrites
-    // it (calls check `routed` first).
-    if (fresh) DEEPEP_CUDA_CHECK(cudaMemset(h->device_storage, 0, bytes));
+    // New storage starts zeroed (reused storage keeps stale routing, which nothing reads before a routing rewrites
+    // it: calls check `routed` first). The clearing is finished before the handle is returned: a memset left on the
+    // legacy stream would race with routings on non-blocking streams.
+    if (fresh) {
+      cudaStream_t clear = nullptr;
+      DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&clear, cudaStreamNonBlocking));
+      cudaError_t status = cudaMemsetAsync(h->device_storage, 0, bytes, clear);
+      if (status == cudaSuccess) status = cudaStreamSynchronize(clear);
+      cudaStreamDestroy(clear);
+      if (status != cudaSuccess) fail_cuda(status, "clearing the handle's storage", __FILE__, __LINE__);
+    }
     free_on_failure.handle = nullptr;  // the handle owns its storage from here on
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
     live_handles.insert(h.get());

@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <vector>
 
@@ -197,7 +198,8 @@ struct RoutingParams {
 // tile), and each tile's token count per destination.
 template <typename Index>
 __global__ void __launch_bounds__(kRoutingTile) routing_count_kernel(RoutingParams q) {
-  extern __shared__ int32_t histogram[];  // [num_experts]
+  if (blockIdx.x == 0 && threadIdx.x == 0) *q.ticket = 0;  // kernel 2 runs after this one (same stream)
+  extern __shared__ int32_t histogram[];                   // [num_experts]
   __shared__ int32_t tile_count[kMaxNvlRanks];
   for (int e = threadIdx.x; e < q.num_experts; e += blockDim.x) histogram[e] = 0;
   if (threadIdx.x < kMaxNvlRanks) tile_count[threadIdx.x] = 0;
@@ -584,9 +586,11 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         start = range[0];
         count = range[1];
       } else {
-        if (!wait_flag(
-                &mine->ranges[s][b].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
-                Phase::kDispatch, s))
+        // Waits are made warp-uniform (every lane acquires; the warp goes on only if all did), so that the warp's
+        // shuffles below always see all 32 lanes.
+        if (!__all_sync(0xffffffffu, wait_flag(
+                                         &mine->ranges[s][b].flag, [&](uint64_t v) { return v == seq; }, deadline,
+                                         p.error, p.rank, Phase::kDispatch, s)))
           break;
         start = mine->ranges[s][b].start;
         count = mine->ranges[s][b].count;
@@ -606,12 +610,14 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         if (i >= count) break;
         if (available <= static_cast<uint32_t>(i)) {
           uint64_t seen = 0;
-          alive = wait_flag(
-              &mine->progress[s][b],
-              [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > static_cast<uint64_t>(i); }, deadline,
-              p.error, p.rank, Phase::kDispatch, s, &seen);
-          available = static_cast<uint32_t>(seen & 0xffffffffu);
+          alive = __all_sync(0xffffffffu, wait_flag(
+                                              &mine->progress[s][b],
+                                              [&](uint64_t v) {
+                                                return (v >> 32) == seq && (v & 0xffffffffu) > static_cast<uint64_t>(i);
+                                              },
+                                              deadline, p.error, p.rank, Phase::kDispatch, s, &seen));
           if (!alive) break;
+          available = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen & 0xffffffffu));  // all lanes saw it
         }
         const int64_t j = start + i;
         const int64_t out_row = offsets[s] + j;
@@ -774,6 +780,11 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         if (j < 0) continue;
         if (d == p.rank) {
           const int64_t in_row = offsets[d] + j;
+          if (in_row >= q.num_rows) {  // fewer rows passed than the handle's routing has: never read past x
+            if (lane == 0)
+              record_async_error(p.error, deepepBufferTooSmall, p.rank, Phase::kCombine, d, in_row + 1, q.num_rows);
+            continue;
+          }
           rows[d] = q.x + in_row * q.x_stride_bytes;
           if (q.weights != nullptr) row_weights[d] = q.weights + in_row * q.weights_stride;
           continue;
@@ -781,11 +792,13 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         const uint32_t needed = static_cast<uint32_t>(j - range_start[d]);
         if (available[d] <= needed) {
           uint64_t seen = 0;
-          alive = wait_flag(
-              &mine->combine_progress[d][b], [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > needed; },
-              deadline, p.error, p.rank, Phase::kCombine, d, &seen);
+          alive =
+              __all_sync(0xffffffffu, wait_flag(
+                                          &mine->combine_progress[d][b],
+                                          [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > needed; },
+                                          deadline, p.error, p.rank, Phase::kCombine, d, &seen));
           if (!alive) break;
-          available[d] = static_cast<uint32_t>(seen & 0xffffffffu);
+          available[d] = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen & 0xffffffffu));
         }
         rows[d] = region_of(p.peers, p.rank, d, q.region_bytes) + static_cast<size_t>(j) * q.row_bytes;
         // Remote rows carry weights whenever the operation has them, even if this rank had no rows to send.
@@ -1068,11 +1081,18 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.out = static_cast<__nv_bfloat16*>(args.out);
   q.out_weights = args.out_topk_weights;
   q.diag = diag_bits();
-  static bool opted_in[64] = {};  // per device: the staging needs more than the default 48 KiB of shared memory
-  if (comm.device >= 64 || !opted_in[comm.device]) {
+  // Per device, once: the staging needs more than the default 48 KiB of shared memory.
+  static std::atomic<bool> opted_in[64] = {};
+  if (comm.device >= 64 || !opted_in[comm.device].load(std::memory_order_relaxed)) {
+    int limit = 0;
+    DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, comm.device));
+    if (static_cast<size_t>(limit) < kReduceStageBytes) {
+      fail(deepepNotSupported, "combine needs %zu bytes of shared memory per block; device %d allows %d",
+           kReduceStageBytes, comm.device, limit);
+    }
     DEEPEP_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kReduceStageBytes)));
-    if (comm.device < 64) opted_in[comm.device] = true;
+    if (comm.device < 64) opted_in[comm.device].store(true, std::memory_order_relaxed);
   }
   combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());

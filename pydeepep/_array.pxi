@@ -187,12 +187,16 @@ cdef int _load_driver() except -1:
 
     try:
         lib = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise DeepEPCudaError(f"the CUDA driver (libcuda.so.1) could not be loaded: {exc}", 3) from exc
-    cdef size_t free_fn = ctypes.cast(lib.cuMemFreeAsync, ctypes.c_void_p).value
-    cdef size_t push_fn = ctypes.cast(lib.cuCtxPushCurrent_v2, ctypes.c_void_p).value
-    cdef size_t pop_fn = ctypes.cast(lib.cuCtxPopCurrent_v2, ctypes.c_void_p).value
-    cdef size_t alloc_fn = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
+        free_address = ctypes.cast(lib.cuMemFreeAsync, ctypes.c_void_p).value
+        push_address = ctypes.cast(lib.cuCtxPushCurrent_v2, ctypes.c_void_p).value
+        pop_address = ctypes.cast(lib.cuCtxPopCurrent_v2, ctypes.c_void_p).value
+        alloc_address = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
+    except (OSError, AttributeError) as exc:  # no driver, or one too old for stream-ordered pools
+        raise DeepEPCudaError(f"the CUDA driver (libcuda.so.1) could not be used: {exc}", 3) from exc
+    cdef size_t free_fn = free_address
+    cdef size_t push_fn = push_address
+    cdef size_t pop_fn = pop_address
+    cdef size_t alloc_fn = alloc_address
     global pydeepep_mem_alloc_from_pool_async, pydeepep_mem_free_async, pydeepep_ctx_push, pydeepep_ctx_pop
     pydeepep_mem_free_async = <pydeepep_free_fn>free_fn
     pydeepep_ctx_push = <pydeepep_push_fn>push_fn
@@ -260,8 +264,8 @@ cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
     cdef _Allocation block = _Allocation.__new__(_Allocation)
     cdef void* previous = NULL
     cdef int status
+    block.context = _primary_context(device)  # first: it initialises the driver
     cdef size_t pool = _pool(device)
-    block.context = _primary_context(device)
     block.stream = stream
     status = pydeepep_ctx_push(<void*>block.context)
     if status != 0:

@@ -131,6 +131,7 @@ def to_device(array, *, int device, stream=None):
     from cuda.bindings import driver
 
     host = np.ascontiguousarray(array)
+    _device(device)  # current: a copy on the legacy default stream goes to the current context's device
     out = empty(host.shape, host.dtype, device=device, stream=stream)
     if host.nbytes:
         status, = driver.cuMemcpyHtoDAsync(out.ptr, host.ctypes.data, host.nbytes, driver.CUstream(out.stream))
