@@ -243,6 +243,19 @@ cdef size_t _pool(int device) except 0:
     return pool
 
 
+def empty_cache(device=None):
+    """Returns the free memory of pydeepep's pools (all devices, or `device`) to the driver, as
+    ``torch.cuda.empty_cache()`` does for PyTorch's: memory held by live arrays stays. Frees still in flight on
+    their streams are returned once they complete, at a later call."""
+    if not _pools:
+        return
+    from cuda.bindings import driver
+
+    for ordinal, pool in list(_pools.items()):
+        if device is None or ordinal == int(device):
+            _driver_result(driver.cuMemPoolTrimTo(driver.CUmemoryPool(pool), 0), "trimming the memory pool")
+
+
 cdef class _Allocation:
     """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on."""
     cdef unsigned long long ptr

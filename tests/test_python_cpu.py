@@ -437,3 +437,9 @@ def test_the_core_never_imports_an_ml_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "[]"
+
+
+def test_empty_cache_with_nothing_allocated_needs_no_gpu():
+    # Nothing was allocated in this process (no GPU here): there is no pool to trim, and no CUDA call is made.
+    assert pydeepep.empty_cache() is None
+    assert pydeepep.empty_cache(0) is None
