@@ -911,11 +911,6 @@ Protocol protocol_of(const deepepComm& comm) {
 
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-int env_int(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : fallback;
-}
-
 }  // namespace
 
 DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, int num_topk) {
@@ -973,7 +968,10 @@ double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes,
 int default_num_sms(int nranks) { return nranks <= 2 ? 24 : 32; }
 
 int diag_bits() {
-  static const int bits = env_int("DEEPEP_DIAG_SKIP", 0);
+  static const int bits = [] {
+    const char* value = std::getenv("DEEPEP_DIAG_SKIP");
+    return value != nullptr ? std::max(0, std::atoi(value)) : 0;
+  }();
   return bits;
 }
 

@@ -138,16 +138,11 @@ def _make_stream_wait(producer, consumer):
     """Makes `consumer` wait for the work enqueued so far on `producer` (no host wait)."""
     from cuda.bindings import driver
 
-    def _check(result):
-        status = result[0]
-        if status != driver.CUresult.CUDA_SUCCESS:
-            raise DeepEPCudaError(f"CUDA driver call failed while ordering streams: {status!r}", 3)
-        return result[1] if len(result) > 1 else None
-
-    event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+    what = "ordering two streams"
+    event = _driver_result(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), what)
     try:
-        _check(driver.cuEventRecord(event, driver.CUstream(producer)))
-        _check(driver.cuStreamWaitEvent(driver.CUstream(consumer), event, 0))
+        _driver_result(driver.cuEventRecord(event, driver.CUstream(producer)), what)
+        _driver_result(driver.cuStreamWaitEvent(driver.CUstream(consumer), event, 0), what)
     finally:
         driver.cuEventDestroy(event)
 

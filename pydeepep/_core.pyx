@@ -174,9 +174,8 @@ def _event_handle(event):
 def _wait_event(stream, event):
     from cuda.bindings import driver
 
-    status, = driver.cuStreamWaitEvent(driver.CUstream(stream), driver.CUevent(_event_handle(event)), 0)
-    if status != driver.CUresult.CUDA_SUCCESS:
-        raise DeepEPCudaError(f"waiting for previous_event failed: {status!r}", 3)
+    _driver_result(driver.cuStreamWaitEvent(driver.CUstream(stream), driver.CUevent(_event_handle(event)), 0),
+                   "waiting for previous_event")
 
 
 cdef class Event:

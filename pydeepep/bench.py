@@ -267,31 +267,30 @@ LL_TOPK, LL_EXPERTS = 8, 288
 
 def phase_times(send, receive, stream: int, repeat: int = 10) -> tuple[float, float]:
     """Median device microseconds of the send and the receive phase of hooked calls: `send()` then `receive()`
-    captured `repeat` times into a graph with a timing event before, between and after, replayed once."""
+    captured `repeat` times into a graph with a timing event before, between and after, replayed a few times."""
     from cuda.bindings import driver
 
     s = driver.CUstream(stream)
     marks = [_check(driver.cuEventCreate(0)) for _ in range(3 * repeat)]
-    _check(driver.cuStreamBeginCapture(s, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
-    try:
-        for i in range(repeat):
-            _check(driver.cuEventRecord(marks[3 * i], s))
-            send()
-            _check(driver.cuEventRecord(marks[3 * i + 1], s))
-            receive()
-            _check(driver.cuEventRecord(marks[3 * i + 2], s))
-    finally:
-        graph = _check(driver.cuStreamEndCapture(s))
-    graph_exec = _check(driver.cuGraphInstantiate(graph, 0))
+    captured = iter(range(repeat))
+
+    def step():
+        i = next(captured)
+        _check(driver.cuEventRecord(marks[3 * i], s))
+        send()
+        _check(driver.cuEventRecord(marks[3 * i + 1], s))
+        receive()
+        _check(driver.cuEventRecord(marks[3 * i + 2], s))
+
+    graph = CapturedGraph(step, stream, repeat)
     try:
         for _ in range(3):  # the last replay's marks are read
-            _check(driver.cuGraphLaunch(graph_exec, s))
+            graph.launch()
         _check(driver.cuStreamSynchronize(s))
         sends = [_check(driver.cuEventElapsedTime(marks[3 * i], marks[3 * i + 1])) * 1e3 for i in range(repeat)]
         receives = [_check(driver.cuEventElapsedTime(marks[3 * i + 1], marks[3 * i + 2])) * 1e3 for i in range(repeat)]
     finally:
-        driver.cuGraphExecDestroy(graph_exec)
-        driver.cuGraphDestroy(graph)
+        graph.close()
         for mark in marks:
             driver.cuEventDestroy(mark)
     return float(np.median(sends)), float(np.median(receives))
