@@ -159,6 +159,11 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     check_device_array(c, a.recv_count, static_cast<size_t>(local) * 4, 4, "recv_count");
     check_device_array(c, a.recv_src_info, slots * 4, 4, "recv_src_info");
     check_device_array(c, a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "recv_layout_range");
+    if (a.stats_recv_count != nullptr) {
+      check_device_array(c, a.stats_recv_count, static_cast<size_t>(local) * 8, 8, "stats_recv_count");
+    }
+    if (a.stats_wait_ns != nullptr)
+      check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
     DeviceGuard guard(c.device);
     launch_low_latency_dispatch(c, a, stream);
   });

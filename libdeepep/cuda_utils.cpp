@@ -1,5 +1,9 @@
 #include "cuda_utils.hpp"
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 namespace deepep {
 
 void fail_cuda(cudaError_t status, const char* expression, const char* file, int line) {
@@ -18,6 +22,24 @@ DeviceGuard::DeviceGuard(int device) {
 DeviceGuard::~DeviceGuard() {
   int current = -1;
   if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+}
+
+void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, const char* what) {
+  constexpr size_t kWithoutOptIn = 48 * 1024;
+  if (bytes <= kWithoutOptIn) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes already allowed
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = allowed[{kernel, device}];
+  if (current >= bytes) return;
+  int limit = 0;
+  DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<size_t>(limit)) {
+    fail(deepepNotSupported, "%s needs %zu bytes of shared memory per block; device %d allows %d", what, bytes, device,
+         limit);
+  }
+  DEEPEP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  current = bytes;
 }
 
 int device_count() {

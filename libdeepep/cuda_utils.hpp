@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
+
 #include "error.hpp"
 
 namespace deepep {
@@ -28,6 +30,10 @@ class DeviceGuard {
  private:
   int previous_ = -1;
 };
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on `device` (the current device), opting in past the
+// default 48 KiB once per kernel and device; throws deepepNotSupported naming `what` when the device allows less.
+void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, const char* what);
 
 // Number of CUDA devices; throws deepepNoDevice when there is no driver or no device.
 int device_count();

@@ -16,7 +16,6 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <vector>
 
@@ -1079,19 +1078,8 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.out = static_cast<__nv_bfloat16*>(args.out);
   q.out_weights = args.out_topk_weights;
   q.diag = diag_bits();
-  // Per device, once: the staging needs more than the default 48 KiB of shared memory.
-  static std::atomic<bool> opted_in[64] = {};
-  if (comm.device >= 64 || !opted_in[comm.device].load(std::memory_order_relaxed)) {
-    int limit = 0;
-    DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, comm.device));
-    if (static_cast<size_t>(limit) < kReduceStageBytes) {
-      fail(deepepNotSupported, "combine needs %zu bytes of shared memory per block; device %d allows %d",
-           kReduceStageBytes, comm.device, limit);
-    }
-    DEEPEP_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(kReduceStageBytes)));
-    if (comm.device < 64) opted_in[comm.device].store(true, std::memory_order_relaxed);
-  }
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(combine_kernel), kReduceStageBytes, comm.device,
+                              "combine's reduction staging");
   combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }

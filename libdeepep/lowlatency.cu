@@ -3,12 +3,12 @@
 // Protocol. Every low-latency operation (a dispatch or a combine) runs on one of two buffer sets and carries a
 // sequence number `seq`, per set, kept on the device (LowLatencyState) so that replayed CUDA graphs advance it.
 // Every rank makes the same operations in the same order, so all ranks agree on seq without talking about it.
-//   Dispatch, send side: block b owns global experts b, b + G, ... For a group of its experts it scans topk_idx to
-//   list, in ascending token order, the tokens naming each expert (the first slot naming it); its warps then cast
-//   (FP8) or copy (BF16) each listed token's row and store it with 16-byte stores straight into slot
-//   [e_loc][this rank][position] of the expert's rank; after a block barrier one thread per expert publishes
-//   (seq << 32) | rows with a system-scope release into that rank's dispatch flag [e_loc][this rank]. Positions come
-//   from the scan, never from atomics: the layout is deterministic.
+//   Dispatch, send side: block b owns a contiguous range of tokens. It counts, per expert, the tokens before its
+//   range that name the expert (the first slot naming it); a token's position under an expert is that count, so the
+//   layout is deterministic and no slot is claimed by atomics. For each of its tokens it reads and casts (FP8) the
+//   row once and stores it with 16-byte stores straight into slot [e_loc][this rank][position] of every named
+//   expert's rank. The blocks add up the rows per expert; the last block to finish publishes (seq << 32) | rows
+//   with a system-scope release into every expert's dispatch flag [e_loc][this rank] on its rank.
 //   Dispatch, receive side: block b owns local experts b, b + G, ...; it acquires the R flags of each, derives the
 //   packed offsets (source rank ascending), and copies the rows into recv_x / recv_scales / recv_src_info.
 //   Combine, send side: block b owns local experts; each row of the expert's input goes back to its source rank,
@@ -40,7 +40,6 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kExpertsPerRound = 4;  // dispatch send: experts a block scans together
 constexpr int kMaxRanksLL = DEEPEP_MAX_RANKS;
 constexpr uint32_t kSlotShift = 16;  // src_info = token | slot << 16
 
@@ -49,6 +48,7 @@ struct LowLatencyState {
   uint32_t seq[kLowLatencySets];           // last completed operation on each set
   uint32_t last_combine[kLowLatencySets];  // seq of the last completed combine on each set
   uint32_t finished[kLowLatencySets];      // blocks of the running final kernel that are done
+  uint32_t send_done[kLowLatencySets];     // blocks of the running dispatch send that are done
 };
 
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
@@ -141,35 +141,6 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
   }
 }
 
-// Block-wide exclusive prefix of per-thread 0/1 values (several at once); returns the thread's offsets and the
-// block totals. `scratch` holds kWarps ints per value.
-template <int kCount>
-__device__ __forceinline__ void block_scan(const bool (&flag)[kCount], int (&offset)[kCount], int (&total)[kCount],
-                                           int (*scratch)[kWarps]) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t below = (1u << lane) - 1u;
-  int within[kCount];
-#pragma unroll
-  for (int r = 0; r < kCount; ++r) {
-    const uint32_t ballot = __ballot_sync(0xffffffffu, flag[r]);
-    within[r] = __popc(ballot & below);
-    if (lane == 0) scratch[r][warp] = __popc(ballot);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < kCount; ++r) {
-    int before = 0, sum = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      const int v = scratch[r][w];
-      before += w < warp ? v : 0;
-      sum += v;
-    }
-    offset[r] = before + within[r];
-    total[r] = sum;
-  }
-  __syncthreads();
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // FP8 cast of one row, per 128-channel block: each lane holds 16 consecutive channels, 8 lanes a block.
 
@@ -183,50 +154,53 @@ __device__ __forceinline__ float pow2_ceil(float scale) {
   return __uint_as_float((bits & 0x007fffffu) ? exponent + 0x00800000u : exponent);
 }
 
-// Casts a BF16 row of `hidden` channels to e4m3 and stores payload and float32 scales at `dst_payload` /
-// `dst_scales` (a peer's slot). One warp per row.
-__device__ __forceinline__ void cast_row_fp8(const uint16_t* __restrict__ src, uint8_t* dst_payload, float* dst_scales,
-                                             int hidden, bool round_scale, int lane) {
-  for (int base = lane * 16; base - lane * 16 < hidden; base += 512) {
-    const bool valid = base < hidden;  // whole 8-lane groups are valid or not (hidden % 128 == 0)
-    int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
-    if (valid) {
-      raw[0] = __ldg(reinterpret_cast<const int4*>(src + base));
-      raw[1] = __ldg(reinterpret_cast<const int4*>(src + base) + 1);
-    }
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);
-    float v[16];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      v[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
-      v[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
-    }
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    // max is exact and order-free: the 8 lanes of the block agree whatever the reduction order.
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, 1e-4f);
-    float scale = __fdiv_rn(amax, 448.0f);
-    if (round_scale) scale = pow2_ceil(scale);
-    if (valid) {
-      uint32_t packed[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-            make_float2(__fdiv_rn(v[4 * i], scale), __fdiv_rn(v[4 * i + 1], scale)), __NV_SATFINITE, __NV_E4M3);
-        const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-            make_float2(__fdiv_rn(v[4 * i + 2], scale), __fdiv_rn(v[4 * i + 3], scale)), __NV_SATFINITE, __NV_E4M3);
-        packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-      }
-      *reinterpret_cast<int4*>(dst_payload + base) =
-          make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
-                    static_cast<int>(packed[3]));
-      if ((lane & 7) == 0) dst_scales[base / 128] = scale;
-    }
+// Slot k of a token is the first slot naming its expert (a later slot naming the same expert is delivered once).
+template <typename Index>
+__device__ __forceinline__ bool first_slot(const Index* ids, int k, int64_t expert) {
+  for (int j = 0; j < k; ++j) {
+    if (static_cast<int64_t>(ids[j]) == expert) return false;
   }
+  return true;
+}
+
+// Casts 16 consecutive channels (this thread's part of an 8-thread, 128-channel group; every lane of the warp takes
+// part in the shuffles) to e4m3 with the group's scale.
+__device__ __forceinline__ int4 cast_16_fp8(const uint16_t* __restrict__ src, bool valid, bool round_scale,
+                                            float* scale_out) {
+  int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+  if (valid) {
+    raw[0] = __ldg(reinterpret_cast<const int4*>(src));
+    raw[1] = __ldg(reinterpret_cast<const int4*>(src) + 1);
+  }
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);
+  float v[16];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    v[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
+    v[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  // max is exact and order-free: the 8 threads of the group agree whatever the reduction order.
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, 1e-4f);
+  float scale = __fdiv_rn(amax, 448.0f);
+  if (round_scale) scale = pow2_ceil(scale);
+  *scale_out = scale;
+  uint32_t packed[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+        make_float2(__fdiv_rn(v[4 * i], scale), __fdiv_rn(v[4 * i + 1], scale)), __NV_SATFINITE, __NV_E4M3);
+    const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+        make_float2(__fdiv_rn(v[4 * i + 2], scale), __fdiv_rn(v[4 * i + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+    packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  return make_int4(static_cast<int>(packed[0]), static_cast<int>(packed[1]), static_cast<int>(packed[2]),
+                   static_cast<int>(packed[3]));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -253,94 +227,104 @@ struct DispatchParams {
   int32_t* recv_count;
   int32_t* recv_src_info;
   int32_t* recv_layout_range;
+  int64_t* stats_recv_count;  // optional, [experts_per_rank]
+  int64_t* stats_wait_ns;     // optional, [nranks]
+  uint32_t* send_counts;      // [num_experts] rows this rank sends to each expert, summed over blocks (rank-local)
 };
 
 template <typename Index>
 __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
-  __shared__ int32_t list[kExpertsPerRound][DEEPEP_LL_MAX_TOKENS];  // token | slot << 16, ascending tokens
-  __shared__ int count[kExpertsPerRound];
-  __shared__ int scratch[kExpertsPerRound][kWarps];
+  extern __shared__ int32_t tokens_before[];      // [num_experts]: earlier tokens naming each expert
+  __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // where slot k of the current token goes; nullptr: nowhere
+  __shared__ int last_block;
   const Index* topk = static_cast<const Index*>(p.topk_idx);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int G = gridDim.x;
   if (!wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch)) return;
 
-  for (int first = blockIdx.x; first < p.num_experts; first += G * kExpertsPerRound) {
-    int expert[kExpertsPerRound];
-#pragma unroll
-    for (int r = 0; r < kExpertsPerRound; ++r) expert[r] = first + r * G < p.num_experts ? first + r * G : -1;
-    int base[kExpertsPerRound] = {};
-    // Scan: token t is listed under expert e at its first slot naming e.
-    for (int64_t chunk = 0; chunk < p.num_tokens; chunk += kThreads) {
-      const int64_t t = chunk + threadIdx.x;
-      bool found[kExpertsPerRound] = {};
-      int slot[kExpertsPerRound];
-      if (t < p.num_tokens) {
-        const Index* ids = topk + t * p.topk_stride;
-        for (int k = p.num_topk - 1; k >= 0; --k) {
-          const int64_t e = static_cast<int64_t>(ids[k]);
-          if (e == -1) continue;  // an empty slot (it must not match expert[r] == -1, a round with no expert)
-          if (e < -1 || e >= p.num_experts) {
-            // Only block 0 reports, once per bad entry; every block ignores the entry alike.
-            if (blockIdx.x == 0 && first == 0) {
-              record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1,
-                                 t * p.num_topk + k, e);
-            }
-            continue;
-          }
-#pragma unroll
-          for (int r = 0; r < kExpertsPerRound; ++r) {
-            if (expert[r] >= 0 && e == expert[r]) {
-              found[r] = true;
-              slot[r] = k;  // descending k: the last write is the first slot
-            }
+  // This block's tokens: a contiguous range, so one count over the tokens before it gives every position.
+  const int64_t per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
+  const int64_t first = min(p.num_tokens, static_cast<int64_t>(blockIdx.x) * per_block);
+  const int64_t end = min(p.num_tokens, first + per_block);
+  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) tokens_before[e] = 0;
+  __syncthreads();
+  if (first < end) {
+    for (int64_t t = threadIdx.x; t < first; t += kThreads) {
+      const Index* ids = topk + t * p.topk_stride;
+      for (int k = 0; k < p.num_topk; ++k) {
+        const int64_t e = static_cast<int64_t>(ids[k]);
+        if (e >= 0 && e < p.num_experts && first_slot(ids, k, e)) atomicAdd(&tokens_before[e], 1);
+      }
+    }
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32;
+  for (int64_t t = first; t < end; ++t) {
+    const Index* ids = topk + t * p.topk_stride;
+    if (threadIdx.x < p.num_topk) {
+      const int k = threadIdx.x;
+      const int64_t e = static_cast<int64_t>(ids[k]);
+      uint8_t* row = nullptr;
+      if (e < -1 || e >= p.num_experts) {
+        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1, t * p.num_topk + k,
+                           e);
+      } else if (e >= 0 && first_slot(ids, k, e)) {
+        // The first slots of one token name distinct experts: thread k alone touches tokens_before[e] here.
+        const int position = tokens_before[e]++;
+        const int dest = static_cast<int>(e) / p.experts_per_rank;
+        const int local = static_cast<int>(e) % p.experts_per_rank;
+        row = a.set_base(dest) +
+              ((static_cast<size_t>(local) * a.nranks + a.rank) * p.max_tokens + position) * p.row.row_bytes;
+        *reinterpret_cast<int32_t*>(row + p.row.meta_offset) = static_cast<int32_t>(t) | (k << kSlotShift);
+        atomicAdd(&p.send_counts[e], 1u);
+      }
+      slot_row[k] = row;
+    }
+    __syncthreads();
+    // The row is read and cast once, then stored into every slot that names an expert.
+    const uint16_t* src = p.x + t * p.x_stride;
+    if (p.fp8) {
+      for (int chunk = 0; chunk < p.hidden; chunk += kThreads * 16) {
+        const int c = chunk + threadIdx.x * 16;
+        const bool valid = c < p.hidden;  // whole 8-thread groups are valid or not (hidden % 128 == 0)
+        float scale;
+        const int4 packed = cast_16_fp8(src + c, valid, p.round_scale, &scale);
+        if (valid) {
+          for (int k = 0; k < p.num_topk; ++k) {
+            uint8_t* row = slot_row[k];
+            if (row == nullptr) continue;
+            *reinterpret_cast<int4*>(row + c) = packed;
+            if ((lane & 7) == 0) reinterpret_cast<float*>(row + p.row.scales_offset)[c / 128] = scale;
           }
         }
       }
-      int offset[kExpertsPerRound], total[kExpertsPerRound];
-      block_scan(found, offset, total, scratch);
-#pragma unroll
-      for (int r = 0; r < kExpertsPerRound; ++r) {
-        if (found[r]) list[r][base[r] + offset[r]] = static_cast<int32_t>(t) | (slot[r] << kSlotShift);
-        base[r] += total[r];
+    } else {
+      for (int c = threadIdx.x * 8; c < p.hidden; c += kThreads * 8) {
+        const int4 v = __ldg(reinterpret_cast<const int4*>(src + c));
+        for (int k = 0; k < p.num_topk; ++k) {
+          uint8_t* row = slot_row[k];
+          if (row != nullptr) *reinterpret_cast<int4*>(row + 2 * static_cast<size_t>(c)) = v;
+        }
       }
     }
-    if (threadIdx.x < kExpertsPerRound) count[threadIdx.x] = base[threadIdx.x];
-    __syncthreads();
-
-    // Rows: the warps share the listed (expert, position) pairs of the round.
-    int rows = 0;
-#pragma unroll
-    for (int r = 0; r < kExpertsPerRound; ++r) rows += count[r];
-    for (int item = warp; item < rows; item += kWarps) {
-      int r = 0, position = item;
-      while (position >= count[r]) position -= count[r++];
-      const int32_t info = list[r][position];
-      const int64_t t = info & ((1 << kSlotShift) - 1);
-      const int dest = expert[r] / p.experts_per_rank;
-      const int local = expert[r] % p.experts_per_rank;
-      uint8_t* row = a.set_base(dest) +
-                     ((static_cast<size_t>(local) * a.nranks + a.rank) * p.max_tokens + position) * p.row.row_bytes;
-      const uint16_t* src = p.x + t * p.x_stride;
-      if (p.fp8) {
-        cast_row_fp8(src, row, reinterpret_cast<float*>(row + p.row.scales_offset), p.hidden, p.round_scale, lane);
-      } else {
-        warp_copy<true>(row, src, p.row.payload_bytes, lane);
-      }
-      if (lane == 0) *reinterpret_cast<int32_t*>(row + p.row.meta_offset) = info;
-    }
-    __syncthreads();
-    // Publish each expert's row count after its rows (release at system scope; the fence orders the other warps'
-    // stores, which the barrier above ordered before this thread's).
-    if (threadIdx.x < kExpertsPerRound && expert[threadIdx.x] >= 0) {
-      const int r = threadIdx.x;
-      __threadfence_system();
-      store_release_sys(a.dispatch_flag(expert[r] / p.experts_per_rank, expert[r] % p.experts_per_rank, a.rank),
-                        tagged(seq, static_cast<uint32_t>(count[r])));
-    }
-    __syncthreads();  // count and list are reused by the next round
+    __syncthreads();  // slot_row is rewritten for the next token
   }
+
+  // The last block to finish publishes every expert's row count after all blocks' rows (each block's barrier and
+  // system fence order its stores before its increment; the last block's fence orders them before the flags).
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    const uint32_t done = atomicAdd(&a.state()->send_done[a.set], 1u);
+    last_block = done == gridDim.x - 1;
+    if (last_block) __threadfence_system();
+  }
+  __syncthreads();
+  if (!last_block) return;
+  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
+    const uint32_t rows = atomicExch(&p.send_counts[e], 0u);  // reset for the set's next dispatch
+    store_release_sys(a.dispatch_flag(e / p.experts_per_rank, e % p.experts_per_rank, a.rank), tagged(seq, rows));
+  }
+  if (threadIdx.x == 0) a.state()->send_done[a.set] = 0;
 }
 
 __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
@@ -355,9 +339,14 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
       uint64_t seen = 0;
+      const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
       const bool ok = wait_flag(
           a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; },
           deadline, a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+      if (p.stats_wait_ns != nullptr) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
+                  static_cast<unsigned long long>(global_timer_ns() - wait_start));
+      }
       int32_t rows = ok ? static_cast<int32_t>(static_cast<uint32_t>(seen)) : 0;
       if (rows > p.max_tokens) {  // a peer with a different T (or a corrupted flag): never write out of bounds
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local, rows);
@@ -374,6 +363,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       }
       offsets[a.nranks] = running;
       p.recv_count[local] = running;
+      if (p.stats_recv_count != nullptr) p.stats_recv_count[local] += running;  // one block owns each expert
     }
     __syncthreads();
     const int32_t total = offsets[a.nranks];
@@ -463,10 +453,12 @@ __device__ __forceinline__ uint8_t* combine_row(const CombineParams& p, int owne
 }
 
 __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t previous_combine, uint64_t deadline) {
+  constexpr int kRowsPerBatch = 64;
+  constexpr int kInFlight = 4;                     // 16-byte loads per thread before their stores
+  __shared__ uint8_t* destination[kRowsPerBatch];  // combine row of each row of the batch on its source rank
   const Area& a = p.area;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
-  const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
+  const int vectors = p.hidden / 8;  // 16-byte vectors per row
   if (!wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine)) return;
 
   for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
@@ -474,25 +466,48 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
     int64_t total = 0;
     for (int s = 0; s < a.nranks; ++s) total = max(total, static_cast<int64_t>(range[2 * s]) + range[2 * s + 1]);
     total = min(total, rows_per_expert);  // never read past the expert's rows, whatever the ranges say
-    for (int64_t j = warp; j < total; j += kWarps) {
-      // Source rank of row j: the last s whose range starts at or before j.
-      int s = 0;
-      for (int r = 0; r < a.nranks; ++r) {
-        if (range[2 * r + 1] > 0 && range[2 * r] <= j) s = r;
-      }
-      const int32_t info = p.src_info[local * rows_per_expert + j];
-      const int64_t token = info & ((1 << kSlotShift) - 1);
-      const int slot = info >> kSlotShift;
-      if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
-        if (lane == 0) {
+    const uint16_t* x = p.x + local * rows_per_expert * p.hidden;
+    // All threads of the block copy a batch of rows together, several vectors in flight per thread.
+    for (int64_t batch = 0; batch < total; batch += kRowsPerBatch) {
+      const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerBatch), total - batch));
+      if (threadIdx.x < rows) {
+        const int64_t j = batch + threadIdx.x;
+        // Source rank of row j: the last s whose range starts at or before j.
+        int s = 0;
+        for (int r = 0; r < a.nranks; ++r) {
+          if (range[2 * r + 1] > 0 && range[2 * r] <= j) s = r;
+        }
+        const int32_t info = p.src_info[local * rows_per_expert + j];
+        const int64_t token = info & ((1 << kSlotShift) - 1);
+        const int slot = info >> kSlotShift;
+        uint8_t* row = nullptr;
+        if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
                              local * rows_per_expert + j, info);
+        } else {
+          row = combine_row(p, s, token, slot);
         }
-        continue;
+        destination[threadIdx.x] = row;
       }
-      warp_copy<true>(combine_row(p, s, token, slot), p.x + (local * rows_per_expert + j) * p.hidden, row_bytes, lane);
+      __syncthreads();
+      const int items = rows * vectors;
+      const int4* src = reinterpret_cast<const int4*>(x + batch * p.hidden);
+      for (int first = threadIdx.x; first < items; first += kThreads * kInFlight) {
+        int4 v[kInFlight];
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          if (first + u * kThreads < items) v[u] = __ldg(src + first + u * kThreads);
+        }
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          const int item = first + u * kThreads;
+          if (item >= items) continue;
+          uint8_t* row = destination[item / vectors];
+          if (row != nullptr) reinterpret_cast<int4*>(row)[item % vectors] = v[u];
+        }
+      }
+      __syncthreads();  // destination is rewritten by the next batch
     }
-    __syncthreads();
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
       __threadfence_system();
       store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
@@ -541,17 +556,31 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       float acc[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      for (int k = 0; k < p.num_topk; ++k) {
-        const int from = source_slot[k];
-        if (from < 0 || source_slot[from] < 0) continue;
-        // Written by peers during the kernel: a plain load after the acquire.
-        const int4 raw = *reinterpret_cast<const int4*>(combine_row(p, a.rank, t, from) + static_cast<size_t>(v) * 16);
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw);
-        const float w = weight[k];
+      // Loads of up to kInFlight slots are issued before their sums, which stay in ascending slot order.
+      constexpr int kInFlight = 8;
+      for (int k0 = 0; k0 < p.num_topk; k0 += kInFlight) {
+        int4 raw[kInFlight];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(words[i] & 0xffffu)));
-          acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(words[i] >> 16)));
+        for (int u = 0; u < kInFlight; ++u) {
+          const int k = k0 + u;
+          const int from = k < p.num_topk ? source_slot[k] : -1;
+          // Written by peers during the kernel: a plain load after the acquire.
+          if (from >= 0 && source_slot[from] >= 0) {
+            raw[u] = *reinterpret_cast<const int4*>(combine_row(p, a.rank, t, from) + static_cast<size_t>(v) * 16);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          const int k = k0 + u;
+          const int from = k < p.num_topk ? source_slot[k] : -1;
+          if (from < 0 || source_slot[from] < 0) continue;
+          const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw[u]);
+          const float w = weight[k];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(words[i] & 0xffffu)));
+            acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(words[i] >> 16)));
+          }
         }
       }
       uint32_t packed[4];
@@ -643,7 +672,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.ack_offset = kStateBytes;
   l.dispatch_flags_offset = align_up(l.ack_offset + kLowLatencySets * R * 8, 256);
   l.combine_flags_offset = l.dispatch_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
-  l.control_bytes = align_up(l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8, 4096);
+  l.send_counts_offset = l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
+  l.control_bytes = align_up(l.send_counts_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 4, 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
   const long double receive = static_cast<long double>(l.max_local_experts) * R * l.max_tokens * row;
@@ -700,14 +730,19 @@ void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyD
   p.recv_count = args.recv_count;
   p.recv_src_info = args.recv_src_info;
   p.recv_layout_range = args.recv_layout_range;
+  p.stats_recv_count = args.stats_recv_count;
+  p.stats_wait_ns = args.stats_wait_ns;
+  p.send_counts = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset +
+                                              comm.ll_area.send_counts_offset) +
+                  static_cast<size_t>(args.buffer_set) * comm.nranks * DEEPEP_MAX_LOCAL_EXPERTS;
   const int blocks = std::max(1, comm.num_sms);
+  auto* kernel = args.topk_type == deepepInt64 ? dispatch_kernel<int64_t> : dispatch_kernel<int32_t>;
+  const size_t shared = static_cast<size_t>(args.num_experts) * sizeof(int32_t);  // the send's per-expert counts
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), shared, comm.device,
+                              "low-latency dispatch (4 bytes per expert)");
   for (const int phases : launch_phases(args.phase)) {
     if (phases == 0) continue;
-    if (args.topk_type == deepepInt64) {
-      dispatch_kernel<int64_t><<<blocks, kThreads, 0, stream>>>(p, phases);
-    } else {
-      dispatch_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(p, phases);
-    }
+    kernel<<<blocks, kThreads, (phases & kSend) ? shared : 0, stream>>>(p, phases);
     DEEPEP_CUDA_CHECK(cudaGetLastError());
   }
 }

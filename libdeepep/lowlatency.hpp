@@ -23,6 +23,8 @@ constexpr int kLowLatencySets = 2;
 //                    its rows for local expert e
 //   combine flags    uint64 [set][DEEPEP_MAX_LOCAL_EXPERTS * R]: seq, written by the rank of global expert e after
 //                    the rows of this rank's tokens under e
+//   send counts      uint32 [set][R * DEEPEP_MAX_LOCAL_EXPERTS]: rows the running dispatch send stores to each
+//                    expert, added up by its blocks (local; back to zero when the send ends)
 //   set 0, set 1     each: receive slots [E_loc][R][T] rows (dispatch; the same bytes are the combine buffer
 //                    [E_loc][R*T][H] BF16 of the zero-copy combine), then combine rows [T][K] BF16 [H]
 struct LowLatencyArea {
@@ -33,6 +35,7 @@ struct LowLatencyArea {
   size_t ack_offset = 0;
   size_t dispatch_flags_offset = 0;
   size_t combine_flags_offset = 0;
+  size_t send_counts_offset = 0;
   size_t control_bytes = 0;        // everything before set 0 (zeroed at setup)
   size_t receive_bytes = 0;        // per set
   size_t combine_rows_offset = 0;  // from the set's start

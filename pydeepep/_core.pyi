@@ -178,6 +178,8 @@ class Communicator:
         return_recv_hook: bool = ...,
         stream: Any = ...,
         out: LowLatencyDispatchResult | None = ...,
+        stats_recv_count: Any = ...,
+        stats_wait_ns: Any = ...,
     ) -> LowLatencyDispatchResult: ...
     def low_latency_combine(
         self,

@@ -698,7 +698,8 @@ cdef class Communicator:
         return CombineResult(out_x, out_weights, Event.record(s) if async_finish else None)
 
     def low_latency_dispatch(self, x, topk_idx, int num_experts, *, bint use_fp8=True, bint round_scale=False,
-                             bint use_ue8m0=False, bint return_recv_hook=False, stream=None, out=None):
+                             bint use_ue8m0=False, bint return_recv_hook=False, stream=None, out=None,
+                             stats_recv_count=None, stats_wait_ns=None):
         """Low-latency dispatch (decoding): every valid (token, expert) pair goes to the expert's rank.
 
         ``x`` [N, H] bfloat16 (bits as uint16 accepted), N <= ``low_latency_max_tokens``; ``topk_idx`` [N, K]
@@ -707,9 +708,13 @@ cdef class Communicator:
         bfloat16. Returns a :class:`LowLatencyDispatchResult` (also the handle of the combine), produced on
         ``stream`` with no host synchronisation (capturable). ``return_recv_hook``: only send; ``result.hook()``
         receives later. ``out``: an earlier result of the same shapes whose arrays are written again. Dispatches
-        alternate between two buffer sets: a result stays valid until the dispatch after next."""
+        alternate between two buffer sets: a result stays valid until the dispatch after next.
+
+        Load statistics (optional, cumulative: the receive adds to them, the caller zeroes them):
+        ``stats_recv_count`` int64 [E_loc] gains the rows each local expert received; ``stats_wait_ns`` int64 [R]
+        gains the nanoseconds the receive waited for each source rank, summed over the local experts."""
         return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
-                                     return_recv_hook, stream, out)
+                                     return_recv_hook, stream, out, stats_recv_count, stats_wait_ns)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,
                             bint return_recv_hook=False, stream=None, out=None):

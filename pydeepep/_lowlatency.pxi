@@ -124,6 +124,21 @@ def _array3(obj, stream, str name, shape, kinds, int device):
     return view.ptr, view
 
 
+def _stats_array(obj, stream, str name, int64_t length):
+    """Device pointer of an optional contiguous int64 array [length] of load statistics (0 for None)."""
+    if obj is None:
+        return 0, None
+    view = _as_view(obj, stream)
+    if tuple(view.shape) != (length,):
+        raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; ({length},) is needed", 1)
+    if np.dtype(view.dtype) != np.dtype(np.int64):
+        raise DeepEPInvalidArgument(f"{name} has dtype {np.dtype(view.dtype).name}; it must be int64", 1)
+    strides = getattr(view, "strides", None)
+    if length > 1 and strides is not None and strides[0] != 1:
+        raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})", 1)
+    return view.ptr, view
+
+
 def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max_tokens):
     cdef _View tv = _matrix(topk_idx, stream, "topk_idx", (np.int64, np.int32), comm.device)
     if num_tokens >= 0 and tv.rows != num_tokens:
@@ -137,7 +152,8 @@ def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max
 
 
 def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint use_fp8, bint round_scale,
-                          bint use_ue8m0, bint return_recv_hook, stream, out):
+                          bint use_ue8m0, bint return_recv_hook, stream, out, stats_recv_count=None,
+                          stats_wait_ns=None):
     book = _ll_book(comm)
     cdef deepepComm_t c = comm._live()
     cdef size_t s = stream_handle(stream)
@@ -184,6 +200,9 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
         recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info")
         recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range")
 
+    count_ptr, count_view = _stats_array(stats_recv_count, s, "stats_recv_count", local)
+    wait_ptr, wait_view = _stats_array(stats_wait_ns, s, "stats_wait_ns", R)
+
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     cdef deepepLowLatencyDispatchArgs* a = &hook.dispatch_args
     _check(deepepLowLatencyDispatchArgsInit(a))
@@ -206,6 +225,8 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     a.recv_count = <int32_t*><size_t>recv_count.ptr
     a.recv_src_info = <int32_t*><size_t>recv_src_info.ptr
     a.recv_layout_range = <int32_t*><size_t>recv_layout_range.ptr
+    a.stats_recv_count = <int64_t*><size_t>count_ptr
+    a.stats_wait_ns = <int64_t*><size_t>wait_ptr
     cdef deepepResult_t status
     with nogil:
         status = deepepLowLatencyDispatch(c, a, <CUstream_st*>s)
@@ -236,7 +257,8 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
         hook.buffer_set = buffer_set
         hook.generation = result.generation
         hook.stream = s
-        hook.keep = (xv, tv, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, stream)
+        hook.keep = (xv, tv, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, stream, count_view,
+                     wait_view)
         book.pending[buffer_set] = hook
         result.hook = hook
     return result

@@ -257,7 +257,6 @@ def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
         rows = bench_layout(comm, info, stream, warmup, iters)
         rows += bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list)
         comm.check_async_error()
-        stream_owner.close()
     return rows
 
 
@@ -274,13 +273,17 @@ def phase_times(send, receive, stream: int, repeat: int = 10) -> tuple[float, fl
     marks = [_check(driver.cuEventCreate(0)) for _ in range(3 * repeat)]
     captured = iter(range(repeat))
 
+    def mark(event):
+        # Inside a capture, only an "external" record becomes a node of the graph that records the time.
+        _check(driver.cuEventRecordWithFlags(event, s, driver.CUevent_record_flags.CU_EVENT_RECORD_EXTERNAL))
+
     def step():
         i = next(captured)
-        _check(driver.cuEventRecord(marks[3 * i], s))
+        mark(marks[3 * i])
         send()
-        _check(driver.cuEventRecord(marks[3 * i + 1], s))
+        mark(marks[3 * i + 1])
         receive()
-        _check(driver.cuEventRecord(marks[3 * i + 2], s))
+        mark(marks[3 * i + 2])
 
     graph = CapturedGraph(step, stream, repeat)
     try:
@@ -291,8 +294,8 @@ def phase_times(send, receive, stream: int, repeat: int = 10) -> tuple[float, fl
         receives = [_check(driver.cuEventElapsedTime(marks[3 * i + 1], marks[3 * i + 2])) * 1e3 for i in range(repeat)]
     finally:
         graph.close()
-        for mark in marks:
-            driver.cuEventDestroy(mark)
+        for event in marks:
+            driver.cuEventDestroy(event)
     return float(np.median(sends)), float(np.median(receives))
 
 
@@ -317,12 +320,13 @@ def hook_phases(comm, stream, x, topk, weights, y, dispatch_out, combine_out, fp
         hooked["combine"]()
 
     found = {}
-    send_us, receive_us = phase_times(dispatch_send, dispatch_receive, stream)
+    ptr = int(stream.handle)
+    send_us, receive_us = phase_times(dispatch_send, dispatch_receive, ptr)
     found["ll_dispatch_send"] = (send_us, fp8_row)
     found["ll_dispatch_receive"] = (receive_us, 0)
     dispatch_send()  # a current dispatch for the combines (those captured above belong to the graph)
     dispatch_receive()
-    send_us, receive_us = phase_times(combine_send, combine_receive, stream)
+    send_us, receive_us = phase_times(combine_send, combine_receive, ptr)
     found["ll_combine_send"] = (send_us, HIDDEN * 2)
     found["ll_combine_receive"] = (receive_us, 0)
     return found
@@ -347,8 +351,10 @@ def bench_ll_rank(info, tokens_list):
         num_experts=LL_EXPERTS,
         low_latency_max_tokens=max_tokens,
     ) as comm:
-        stream_owner = Device(comm.device).create_stream()
-        stream = int(stream_owner.handle)
+        # Arrays allocated on a stream are freed on it: passing the stream object (not its handle) lets every array
+        # keep it alive, however late Python frees them.
+        stream = Device(comm.device).create_stream()
+        ptr = int(stream.handle)
         local = LL_EXPERTS // comm.nranks
         rng = np.random.default_rng(200 + info.rank)
         y = pydeepep.empty((local, comm.nranks * max_tokens, HIDDEN), "bfloat16", device=comm.device, stream=stream)
@@ -372,8 +378,8 @@ def bench_ll_rank(info, tokens_list):
                     d = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=r)
                     comm.low_latency_combine(y, topk, weights, d, stream=stream, out=o)
 
-            dispatch_us = device_time(dispatches, stream, repeat=5) / 2
-            combine_us = device_time(pairs, stream, repeat=5) / 2 - dispatch_us
+            dispatch_us = device_time(dispatches, ptr, repeat=5) / 2
+            combine_us = device_time(pairs, ptr, repeat=5) / 2 - dispatch_us
             fp8_row = HIDDEN + HIDDEN // 128 * 4
             found = {
                 "ll_dispatch_fp8": (dispatch_us, fp8_row),
@@ -388,7 +394,6 @@ def bench_ll_rank(info, tokens_list):
                 rows.append({"case": case, "num_tokens": t, "sms": 0, "us": us, "gbps": gbps})
                 _log(info, f"  {case:<20} T={t:<5} {us:8.1f} us {gbps:7.1f} GB/s")
         comm.check_async_error()
-        stream_owner.close()
     return rows
 
 

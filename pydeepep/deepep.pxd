@@ -169,6 +169,8 @@ cdef extern from "deepep/deepep.h" nogil:
         int32_t* recv_count
         int32_t* recv_src_info
         int32_t* recv_layout_range
+        int64_t* stats_recv_count
+        int64_t* stats_wait_ns
 
     deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args)
     deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deepepLowLatencyDispatchArgs* args,

@@ -332,6 +332,42 @@ def stale_case(comm, seed):
     return True
 
 
+def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
+    """The load statistics add up: rows per local expert over several calls (on top of what the caller put there),
+    and the wait for a source rank that starts late (rank 1 sleeps before its first dispatch)."""
+    import time
+
+    R, me = comm.nranks, comm.rank
+    local = e // R
+    with cupy.cuda.Device(comm.device):
+        x, topk, _ = (dev(a) for a in make_inputs(seed, me, 100, h, k, e, R))
+        counts = cupy.full((local,), 7, cupy.int64)
+        waits = cupy.zeros((R,), cupy.int64)
+        cupy.cuda.runtime.deviceSynchronize()
+        if me == 1:
+            time.sleep(delay)
+        total = np.zeros(local, np.int64)
+        for _ in range(calls):
+            result = comm.low_latency_dispatch(x, topk, e, stats_recv_count=counts, stats_wait_ns=waits)
+            cupy.cuda.runtime.deviceSynchronize()
+            total += result.recv_count.to_numpy()
+        comm.check_async_error()
+        if not np.array_equal(counts.get(), total + 7):
+            return f"stats_recv_count {counts.get().tolist()} != {(total + 7).tolist()}"
+        wait = waits.get()
+        if np.any(wait < 0):
+            return f"negative waits {wait.tolist()}"
+        if me == 0 and R > 1 and not (wait[1] >= 0.5 * delay * 1e9 and wait[1] > 10 * wait[0]):
+            return f"waits per source {wait.tolist()} ns do not show rank 1 starting {delay} s late"
+        try:
+            comm.low_latency_dispatch(x, topk, e, stats_recv_count=cupy.zeros((local + 1,), cupy.int64))
+            return "stats_recv_count of the wrong length was accepted"
+        except pydeepep.DeepEPInvalidArgument as exc:
+            if "stats_recv_count" not in str(exc):
+                return str(exc)
+    return True
+
+
 CASES = {
     "fp8_float_scales": dict(seed=1, n=100, h=2048, k=8, e=16),
     "fp8_round_scale": dict(seed=2, n=100, h=1024, k=8, e=16, round_scale=True),
@@ -360,6 +396,7 @@ EXTRA = {
     "graph_replay": lambda comm: graph_case(comm, 60),
     "ht_then_ll": lambda comm: ht_then_ll_case(comm, 70),
     "stale_result_refused": lambda comm: stale_case(comm, 80),
+    "load_statistics": lambda comm: stats_case(comm, 85),
 }
 
 

@@ -41,6 +41,8 @@ class LowLatencyDispatchArgs(ctypes.Structure):
         ("recv_count", ctypes.c_void_p),
         ("recv_src_info", ctypes.c_void_p),
         ("recv_layout_range", ctypes.c_void_p),
+        ("stats_recv_count", ctypes.c_void_p),
+        ("stats_wait_ns", ctypes.c_void_p),
     ]
 
 

@@ -382,6 +382,11 @@ typedef struct {
   int32_t* recv_count;        /* [E_loc]: rows received per local expert */
   int32_t* recv_src_info;     /* [E_loc, R*T]: source token index | (source top-k slot << 16); -1 past the count */
   int32_t* recv_layout_range; /* [E_loc, R, 2]: (first row, rows) that each source rank's tokens occupy */
+  /* Optional load statistics, cumulative over calls (the caller zeroes them when it wants; NULL: not kept). Recv
+   * and SendRecv add to them. */
+  int64_t* stats_recv_count; /* [E_loc]: rows received per local expert */
+  int64_t* stats_wait_ns;    /* [R]: nanoseconds this rank's receive spent waiting for each source rank, summed over
+                                the local experts (a late or overloaded source stands out) */
 } deepepLowLatencyDispatchArgs;
 
 DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args);
