@@ -96,6 +96,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispa
     args->phase = deepepLowLatencySendRecv;
     args->topk_type = deepepInt64;
     args->use_fp8 = 1;
+    args->stats_recv_count_type = deepepInt64;
   });
 }
 
@@ -159,8 +160,13 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     check_device_array(c, a.recv_count, static_cast<size_t>(local) * 4, 4, "recv_count");
     check_device_array(c, a.recv_src_info, slots * 4, 4, "recv_src_info");
     check_device_array(c, a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "recv_layout_range");
+    check_flag(a.scales_token_contiguous, "scales_token_contiguous");
+    DEEPEP_REQUIRE(a.stats_recv_count_type == deepepInt64 || a.stats_recv_count_type == deepepInt32,
+                   "stats_recv_count_type is %d; it must be deepepInt64 or deepepInt32",
+                   static_cast<int>(a.stats_recv_count_type));
     if (a.stats_recv_count != nullptr) {
-      check_device_array(c, a.stats_recv_count, static_cast<size_t>(local) * 8, 8, "stats_recv_count");
+      const size_t element = a.stats_recv_count_type == deepepInt64 ? 8 : 4;
+      check_device_array(c, a.stats_recv_count, static_cast<size_t>(local) * element, element, "stats_recv_count");
     }
     if (a.stats_wait_ns != nullptr)
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");

@@ -227,9 +227,11 @@ struct DispatchParams {
   int32_t* recv_count;
   int32_t* recv_src_info;
   int32_t* recv_layout_range;
-  int64_t* stats_recv_count;  // optional, [experts_per_rank]
-  int64_t* stats_wait_ns;     // optional, [nranks]
-  uint32_t* send_counts;      // [num_experts] rows this rank sends to each expert, summed over blocks (rank-local)
+  bool scales_token_contiguous;
+  void* stats_recv_count;  // optional, [experts_per_rank] int64 or int32
+  bool stats_recv_count_int32;
+  int64_t* stats_wait_ns;  // optional, [nranks]
+  uint32_t* send_counts;   // [num_experts] rows this rank sends to each expert, summed over blocks (rank-local)
 };
 
 template <typename Index>
@@ -363,7 +365,13 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       }
       offsets[a.nranks] = running;
       p.recv_count[local] = running;
-      if (p.stats_recv_count != nullptr) p.stats_recv_count[local] += running;  // one block owns each expert
+      if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
+        if (p.stats_recv_count_int32) {
+          static_cast<int32_t*>(p.stats_recv_count)[local] += running;
+        } else {
+          static_cast<int64_t*>(p.stats_recv_count)[local] += running;
+        }
+      }
     }
     __syncthreads();
     const int32_t total = offsets[a.nranks];
@@ -390,23 +398,28 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
           a.set_base(a.rank) +
           ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - offsets[s])) * p.row.row_bytes;
       const int64_t out_row = local * rows_per_expert + j;
+      // Element of scale column c of this row in recv_scales (`columns` per row).
+      auto scale_at = [&](int c, int columns) {
+        return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
+                                         : out_row * columns + c;
+      };
       // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
       warp_copy<false>(p.recv_x + out_row * static_cast<int64_t>(p.row.payload_bytes), row, p.row.payload_bytes, lane);
       if (p.fp8) {
         const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
         if (p.ue8m0) {
-          int32_t* out = static_cast<int32_t*>(p.recv_scales) + out_row * num_words;
+          int32_t* out = static_cast<int32_t*>(p.recv_scales);
           for (int w = lane; w < num_words; w += 32) {
             uint32_t word = 0;
             for (int i = 0; i < 4; ++i) {
               const int b = 4 * w + i;
               if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
             }
-            out[w] = static_cast<int32_t>(word);
+            out[scale_at(w, num_words)] = static_cast<int32_t>(word);
           }
         } else {
-          float* out = static_cast<float*>(p.recv_scales) + out_row * num_scales;
-          for (int b = lane; b < num_scales; b += 32) out[b] = scales[b];
+          float* out = static_cast<float*>(p.recv_scales);
+          for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
         }
       }
       if (lane == 0) src_info[j] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
@@ -730,7 +743,9 @@ void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyD
   p.recv_count = args.recv_count;
   p.recv_src_info = args.recv_src_info;
   p.recv_layout_range = args.recv_layout_range;
+  p.scales_token_contiguous = args.scales_token_contiguous != 0;
   p.stats_recv_count = args.stats_recv_count;
+  p.stats_recv_count_int32 = args.stats_recv_count_type == deepepInt32;
   p.stats_wait_ns = args.stats_wait_ns;
   p.send_counts = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset +
                                               comm.ll_area.send_counts_offset) +

@@ -180,6 +180,7 @@ class Communicator:
         out: LowLatencyDispatchResult | None = ...,
         stats_recv_count: Any = ...,
         stats_wait_ns: Any = ...,
+        scales_token_contiguous: bool = ...,
     ) -> LowLatencyDispatchResult: ...
     def low_latency_combine(
         self,

@@ -699,7 +699,7 @@ cdef class Communicator:
 
     def low_latency_dispatch(self, x, topk_idx, int num_experts, *, bint use_fp8=True, bint round_scale=False,
                              bint use_ue8m0=False, bint return_recv_hook=False, stream=None, out=None,
-                             stats_recv_count=None, stats_wait_ns=None):
+                             stats_recv_count=None, stats_wait_ns=None, bint scales_token_contiguous=False):
         """Low-latency dispatch (decoding): every valid (token, expert) pair goes to the expert's rank.
 
         ``x`` [N, H] bfloat16 (bits as uint16 accepted), N <= ``low_latency_max_tokens``; ``topk_idx`` [N, K]
@@ -710,11 +710,15 @@ cdef class Communicator:
         receives later. ``out``: an earlier result of the same shapes whose arrays are written again. Dispatches
         alternate between two buffer sets: a result stays valid until the dispatch after next.
 
+        ``scales_token_contiguous``: the scales are stored [E_loc, columns, R*T] (row index fastest) instead of
+        [E_loc, R*T, columns].
+
         Load statistics (optional, cumulative: the receive adds to them, the caller zeroes them):
-        ``stats_recv_count`` int64 [E_loc] gains the rows each local expert received; ``stats_wait_ns`` int64 [R]
-        gains the nanoseconds the receive waited for each source rank, summed over the local experts."""
+        ``stats_recv_count`` int64 or int32 [E_loc] gains the rows each local expert received; ``stats_wait_ns``
+        int64 [R] gains the nanoseconds the receive waited for each source rank, summed over the local experts."""
         return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
-                                     return_recv_hook, stream, out, stats_recv_count, stats_wait_ns)
+                                     return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
+                                     scales_token_contiguous)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,
                             bint return_recv_hook=False, stream=None, out=None):

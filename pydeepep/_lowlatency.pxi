@@ -124,19 +124,21 @@ def _array3(obj, stream, str name, shape, kinds, int device):
     return view.ptr, view
 
 
-def _stats_array(obj, stream, str name, int64_t length):
-    """Device pointer of an optional contiguous int64 array [length] of load statistics (0 for None)."""
+def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
+    """(device pointer, view, dtype name) of an optional contiguous array [length] of load statistics whose dtype is
+    in `kinds` ((0, None, None) for None)."""
     if obj is None:
-        return 0, None
+        return 0, None, None
     view = _as_view(obj, stream)
     if tuple(view.shape) != (length,):
         raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; ({length},) is needed", 1)
-    if np.dtype(view.dtype) != np.dtype(np.int64):
-        raise DeepEPInvalidArgument(f"{name} has dtype {np.dtype(view.dtype).name}; it must be int64", 1)
+    kind = np.dtype(view.dtype).name
+    if kind not in kinds:
+        raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
     strides = getattr(view, "strides", None)
     if length > 1 and strides is not None and strides[0] != 1:
         raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})", 1)
-    return view.ptr, view
+    return view.ptr, view, kind
 
 
 def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max_tokens):
@@ -153,7 +155,7 @@ def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max
 
 def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint use_fp8, bint round_scale,
                           bint use_ue8m0, bint return_recv_hook, stream, out, stats_recv_count=None,
-                          stats_wait_ns=None):
+                          stats_wait_ns=None, bint scales_token_contiguous=False):
     book = _ll_book(comm)
     cdef deepepComm_t c = comm._live()
     cdef size_t s = stream_handle(stream)
@@ -185,7 +187,8 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     cdef int64_t hidden = xv.cols
     cdef int64_t rows = <int64_t>R * T
     payload = "float8_e4m3fn" if use_fp8 else "bfloat16"
-    scales_shape = (local, rows, (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128)
+    columns = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+    scales_shape = (local, columns, rows) if scales_token_contiguous else (local, rows, columns)
     scales_dtype = np.int32 if use_ue8m0 else np.float32
     if out is None:
         recv_x = empty((local, rows, hidden), payload, device=comm.device, stream=stream)
@@ -200,8 +203,9 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
         recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info")
         recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range")
 
-    count_ptr, count_view = _stats_array(stats_recv_count, s, "stats_recv_count", local)
-    wait_ptr, wait_view = _stats_array(stats_wait_ns, s, "stats_wait_ns", R)
+    count_ptr, count_view, count_kind = _stats_array(stats_recv_count, s, "stats_recv_count", local,
+                                                     ("int64", "int32"))
+    wait_ptr, wait_view, _ = _stats_array(stats_wait_ns, s, "stats_wait_ns", R)
 
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     cdef deepepLowLatencyDispatchArgs* a = &hook.dispatch_args
@@ -225,7 +229,9 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     a.recv_count = <int32_t*><size_t>recv_count.ptr
     a.recv_src_info = <int32_t*><size_t>recv_src_info.ptr
     a.recv_layout_range = <int32_t*><size_t>recv_layout_range.ptr
-    a.stats_recv_count = <int64_t*><size_t>count_ptr
+    a.scales_token_contiguous = 1 if scales_token_contiguous else 0
+    a.stats_recv_count = <void*><size_t>count_ptr
+    a.stats_recv_count_type = deepepInt32 if count_kind == "int32" else deepepInt64
     a.stats_wait_ns = <int64_t*><size_t>wait_ptr
     cdef deepepResult_t status
     with nogil:

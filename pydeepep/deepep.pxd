@@ -169,7 +169,9 @@ cdef extern from "deepep/deepep.h" nogil:
         int32_t* recv_count
         int32_t* recv_src_info
         int32_t* recv_layout_range
-        int64_t* stats_recv_count
+        int scales_token_contiguous
+        void* stats_recv_count
+        deepepDataType_t stats_recv_count_type
         int64_t* stats_wait_ns
 
     deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args)

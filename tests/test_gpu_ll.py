@@ -46,7 +46,7 @@ def dev(a):
     return cupy.asarray(a)
 
 
-def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0):
+def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0, token_contiguous=False):
     """Compares one rank's dispatch outputs with the oracle's; True or a description of the first mismatch."""
     exp_x, exp_scales, exp_count, exp_src = want
     local = e // nranks
@@ -57,6 +57,8 @@ def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0):
     info = result.recv_src_info.to_numpy()
     ranges = result.recv_layout_range.to_numpy()
     got_scales = result.recv_scales.to_numpy() if use_fp8 else None
+    if token_contiguous:  # stored [E_loc, columns, R*T]
+        got_scales = got_scales.transpose(0, 2, 1)
     for le in range(local):
         m = int(counts[le])
         starts, sizes = ranges[le, :, 0], ranges[le, :, 1]
@@ -104,6 +106,7 @@ def run_case(
     index_dtype=np.int64,
     combine=True,
     reruns=0,
+    token_contiguous=False,
 ):
     """Dispatch then combine one case; True or a description of the first mismatch."""
     R, me = comm.nranks, comm.rank
@@ -123,6 +126,7 @@ def run_case(
             round_scale=round_scale,
             use_ue8m0=ue8m0,
             return_recv_hook=hook,
+            scales_token_contiguous=token_contiguous,
         )
         if hook:
             if result.hook is None:
@@ -130,7 +134,7 @@ def run_case(
             result.hook()
         cupy.cuda.runtime.deviceSynchronize()
         comm.check_async_error()
-        verdict = check_dispatch(result, want[me], inputs, me, e, R, use_fp8, ue8m0)
+        verdict = check_dispatch(result, want[me], inputs, me, e, R, use_fp8, ue8m0, token_contiguous)
         if verdict is not True or not combine:
             return verdict
 
@@ -342,6 +346,7 @@ def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
     with cupy.cuda.Device(comm.device):
         x, topk, _ = (dev(a) for a in make_inputs(seed, me, 100, h, k, e, R))
         counts = cupy.full((local,), 7, cupy.int64)
+        counts32 = cupy.full((local,), 3, cupy.int32)
         waits = cupy.zeros((R,), cupy.int64)
         cupy.cuda.runtime.deviceSynchronize()
         if me == 1:
@@ -349,11 +354,14 @@ def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
         total = np.zeros(local, np.int64)
         for _ in range(calls):
             result = comm.low_latency_dispatch(x, topk, e, stats_recv_count=counts, stats_wait_ns=waits)
+            comm.low_latency_dispatch(x, topk, e, stats_recv_count=counts32)
             cupy.cuda.runtime.deviceSynchronize()
             total += result.recv_count.to_numpy()
         comm.check_async_error()
         if not np.array_equal(counts.get(), total + 7):
             return f"stats_recv_count {counts.get().tolist()} != {(total + 7).tolist()}"
+        if not np.array_equal(counts32.get(), total + 3):
+            return f"int32 stats_recv_count {counts32.get().tolist()} != {(total + 3).tolist()}"
         wait = waits.get()
         if np.any(wait < 0):
             return f"negative waits {wait.tolist()}"
@@ -387,6 +395,10 @@ CASES = {
     "hook": dict(seed=16, n=100, h=2048, k=8, e=16, hook=True),
     "hook_bf16_zero_copy": dict(seed=17, n=100, h=1024, k=8, e=16, use_fp8=False, hook=True, zero_copy=True),
     "zero_copy": dict(seed=18, n=90, h=1024, k=4, e=16, zero_copy=True),
+    "scales_token_contiguous": dict(seed=20, n=100, h=1024, k=8, e=16, token_contiguous=True),
+    "ue8m0_token_contiguous": dict(
+        seed=21, n=90, h=1536, k=4, e=16, round_scale=True, ue8m0=True, token_contiguous=True
+    ),
     "reruns_identical": dict(seed=19, n=T, h=2048, k=8, e=32, round_scale=True, ue8m0=True, reruns=20),
 }
 

@@ -41,7 +41,9 @@ class LowLatencyDispatchArgs(ctypes.Structure):
         ("recv_count", ctypes.c_void_p),
         ("recv_src_info", ctypes.c_void_p),
         ("recv_layout_range", ctypes.c_void_p),
+        ("scales_token_contiguous", ctypes.c_int),
         ("stats_recv_count", ctypes.c_void_p),
+        ("stats_recv_count_type", ctypes.c_int),
         ("stats_wait_ns", ctypes.c_void_p),
     ]
 
@@ -79,6 +81,7 @@ def test_dispatch_args_init_fills_size_and_defaults(lib):
     assert args.struct_size == ctypes.sizeof(LowLatencyDispatchArgs)
     assert (args.buffer_set, args.phase, args.topk_type, args.use_fp8) == (0, 0, INT64, 1)
     assert (args.round_scale, args.use_ue8m0, args.hidden, args.recv_x) == (0, 0, 0, None)
+    assert (args.scales_token_contiguous, args.stats_recv_count, args.stats_recv_count_type) == (0, None, INT64)
 
 
 def test_combine_args_init_fills_size_and_defaults(lib):

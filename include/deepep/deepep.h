@@ -376,17 +376,20 @@ typedef struct {
   int round_scale; /* FP8: 1 rounds every scale up to a power of two */
   int use_ue8m0;   /* FP8: 1 packs the scales as UE8M0 (needs round_scale) */
   /* Outputs (rows: R*T per local expert). */
-  void* recv_x;               /* [E_loc, R*T, hidden] deepepFloat8E4M3 (use_fp8) or deepepBFloat16 */
-  void* recv_scales;          /* use_fp8: [E_loc, R*T, hidden / 128] float32, or with use_ue8m0 [E_loc, R*T,
-                                 ceil(hidden / 512)] int32; NULL without use_fp8 */
-  int32_t* recv_count;        /* [E_loc]: rows received per local expert */
-  int32_t* recv_src_info;     /* [E_loc, R*T]: source token index | (source top-k slot << 16); -1 past the count */
-  int32_t* recv_layout_range; /* [E_loc, R, 2]: (first row, rows) that each source rank's tokens occupy */
+  void* recv_x;                /* [E_loc, R*T, hidden] deepepFloat8E4M3 (use_fp8) or deepepBFloat16 */
+  void* recv_scales;           /* use_fp8: [E_loc, R*T, hidden / 128] float32, or with use_ue8m0 [E_loc, R*T,
+                                  ceil(hidden / 512)] int32; NULL without use_fp8 */
+  int32_t* recv_count;         /* [E_loc]: rows received per local expert */
+  int32_t* recv_src_info;      /* [E_loc, R*T]: source token index | (source top-k slot << 16); -1 past the count */
+  int32_t* recv_layout_range;  /* [E_loc, R, 2]: (first row, rows) that each source rank's tokens occupy */
+  int scales_token_contiguous; /* 1: recv_scales is stored [E_loc, columns, R*T] instead (the row index varies
+                                  fastest, the layout DeepEP returns); 0 (default): [E_loc, R*T, columns] */
   /* Optional load statistics, cumulative over calls (the caller zeroes them when it wants; NULL: not kept). Recv
    * and SendRecv add to them. */
-  int64_t* stats_recv_count; /* [E_loc]: rows received per local expert */
-  int64_t* stats_wait_ns;    /* [R]: nanoseconds this rank's receive spent waiting for each source rank, summed over
-                                the local experts (a late or overloaded source stands out) */
+  void* stats_recv_count;                 /* [E_loc]: rows received per local expert */
+  deepepDataType_t stats_recv_count_type; /* deepepInt64 (default) or deepepInt32 */
+  int64_t* stats_wait_ns; /* [R]: nanoseconds this rank's receive spent waiting for each source rank, summed over
+                             the local experts (a late or overloaded source stands out) */
 } deepepLowLatencyDispatchArgs;
 
 DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args);
