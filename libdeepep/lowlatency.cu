@@ -25,7 +25,6 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
-#include <array>
 
 #include "async_error.hpp"
 #include "comm.hpp"
@@ -710,14 +709,26 @@ void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set) {
          static_cast<size_t>(buffer_set) * comm.ll_area.set_bytes;
 }
 
-// The kernels of one call. A call with both phases runs a send-only kernel and then a receive-only one: in a single
-// kernel, blocks waiting to receive could hold every SM while a block that still has to send to this rank waits for
-// one (other streams' kernels take SMs too), a deadlock until the timeout. Measured at T = 128, H = 7168, K = 8,
-// E = 288 on 2 ranks, the second launch costs about 3 us (dispatch 80.8 against 78.0 us).
-std::array<int, 2> launch_phases(deepepLowLatencyPhase_t phase) {
+// Launches the kernel of one call. A call with both phases is one cooperative launch: all its blocks are resident
+// at once, so blocks waiting to receive can never keep a block that still has to send (to this rank or to a peer)
+// off the SMs while other streams' kernels take SMs. A hooked phase is an ordinary launch.
+template <typename Params>
+void launch_call(void (*kernel)(Params, int), const Params& params, deepepLowLatencyPhase_t phase, int blocks,
+                 size_t shared, cudaStream_t stream) {
   const int phases = phase_bits(phase);
-  if (phases == (kSend | kRecv)) return {kSend, kRecv};
-  return {phases, 0};
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute cooperative = {};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  if (phases == (kSend | kRecv)) {
+    config.attrs = &cooperative;
+    config.numAttrs = 1;
+  }
+  DEEPEP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params, phases));
 }
 
 void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args,
@@ -755,11 +766,7 @@ void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyD
   const size_t shared = static_cast<size_t>(args.num_experts) * sizeof(int32_t);  // the send's per-expert counts
   allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), shared, comm.device,
                               "low-latency dispatch (4 bytes per expert)");
-  for (const int phases : launch_phases(args.phase)) {
-    if (phases == 0) continue;
-    kernel<<<blocks, kThreads, (phases & kSend) ? shared : 0, stream>>>(p, phases);
-    DEEPEP_CUDA_CHECK(cudaGetLastError());
-  }
+  launch_call(kernel, p, args.phase, blocks, args.phase == deepepLowLatencyRecv ? 0 : shared, stream);
 }
 
 void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream) {
@@ -780,15 +787,8 @@ void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCo
   p.max_tokens = comm.ll_area.max_tokens;
   p.out = static_cast<uint16_t*>(args.out);
   const int blocks = std::max(1, comm.num_sms);
-  for (const int phases : launch_phases(args.phase)) {
-    if (phases == 0) continue;
-    if (args.topk_type == deepepInt64) {
-      combine_kernel<int64_t><<<blocks, kThreads, 0, stream>>>(p, phases);
-    } else {
-      combine_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(p, phases);
-    }
-    DEEPEP_CUDA_CHECK(cudaGetLastError());
-  }
+  launch_call(args.topk_type == deepepInt64 ? combine_kernel<int64_t> : combine_kernel<int32_t>, p, args.phase, blocks,
+              0, stream);
 }
 
 }  // namespace deepep

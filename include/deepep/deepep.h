@@ -333,11 +333,11 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * and data waiting for a Recv phase) stay valid until the dispatch after next starts (dispatch i + 2, which reuses
  * the set). The outputs written into caller arrays are the caller's and never expire.
  *
- * Phases (the receive hook). phase deepepLowLatencySendRecv does everything (a send kernel, then a receive kernel, on
- * the stream). deepepLowLatencySend issues the stores to the peers, publishes them and returns: nothing stays on the
- * SMs while the data travels; a later call with the same arguments and deepepLowLatencyRecv waits for the peers' data
- * and finishes the outputs. Between the Send and the Recv of one operation, only calls on the other buffer set may run,
- * and every Send must be followed by its Recv before its set is used again.
+ * Phases (the receive hook). phase deepepLowLatencySendRecv does everything (one cooperative kernel: its blocks run at
+ * once, on the stream). deepepLowLatencySend issues the stores to the peers, publishes them and returns: nothing stays
+ * on the SMs while the data travels; a later call with the same arguments and deepepLowLatencyRecv waits for the peers'
+ * data and finishes the outputs. Between the Send and the Recv of one operation, only calls on the other buffer set may
+ * run, and every Send must be followed by its Recv before its set is used again.
  *
  * Ordering rules. Every low-latency call is collective: all ranks make the same calls (kind, phase, buffer_set,
  * num_experts, hidden, num_topk, use_fp8) in the same order, and calls on one communicator are stream-ordered (one
