@@ -330,6 +330,19 @@ cdef class DeviceArray:
             step *= max(extent, 1)
         self._element_strides = tuple(reversed(strides))
 
+    cdef _written_on(self, stream):
+        """Re-targets an ``out=`` array to the call about to write it on `stream` (a handle or a stream object): the
+        call first waits for the array's last producer, consumers then wait for the call, and the memory is freed on
+        `stream`, after the write (the stream object is kept alive, as for new arrays)."""
+        cdef size_t handle = stream_handle(stream)
+        if handle == self.stream:
+            return
+        _make_stream_wait(self.stream, handle)
+        self.stream = handle
+        if isinstance(self._owner, _Allocation):
+            (<_Allocation>self._owner).stream = handle
+            self._stream_owner = stream
+
     def __dealloc__(self):
         # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:
         # _stream_owner is released only after this method.

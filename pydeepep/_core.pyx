@@ -606,15 +606,15 @@ cdef class Communicator:
             recv_src_idx = empty((rows,), np.int32, device=self.device, stream=stream)
         else:
             # The library cannot see the sizes of caller arrays: check every one against what will be written.
-            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x")
-            recv_scales = (_expect(out.recv_scales, (rows, a.num_scales), scales_dtype, "recv_scales")
-                           if fp8 else _expect(out.recv_scales, None, None, "recv_scales"))
+            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream)
+            recv_scales = (_expect(out.recv_scales, (rows, a.num_scales), scales_dtype, "recv_scales", stream) if fp8
+                           else _expect(out.recv_scales, None, None, "recv_scales", stream))
             recv_topk_idx = _expect(out.recv_topk_idx, (rows, num_topk) if topk_idx is not None else None, np.int64,
-                                    "recv_topk_idx")
+                                    "recv_topk_idx", stream)
             recv_topk_weights = _expect(out.recv_topk_weights,
                                         (rows, num_topk) if topk_weights is not None else None, np.float32,
-                                        "recv_topk_weights")
-            recv_src_idx = _expect(out.recv_src_idx, (rows,), np.int32, "recv_src_idx")
+                                        "recv_topk_weights", stream)
+            recv_src_idx = _expect(out.recv_src_idx, (rows,), np.int32, "recv_src_idx", stream)
         a.recv_x = <void*><size_t>recv_x.ptr
         a.recv_scales = <void*><size_t>(recv_scales.ptr if fp8 else 0)
         a.recv_topk_idx = <int64_t*><size_t>(recv_topk_idx.ptr if recv_topk_idx is not None else 0)
@@ -687,8 +687,9 @@ cdef class Communicator:
             out_x = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
         else:
-            out_x = _expect(out[0], (n, xv.cols), np.uint16, "out")
-            out_weights = _expect(out[1], (n, num_topk) if num_topk else None, np.float32, "out topk_weights")
+            out_x = _expect(out[0], (n, xv.cols), np.uint16, "out", stream)
+            out_weights = _expect(out[1], (n, num_topk) if num_topk else None, np.float32, "out topk_weights",
+                                  stream)
         a.out = <void*><size_t>out_x.ptr
         a.out_topk_weights = <float*><size_t>(out_weights.ptr if out_weights is not None else 0)
         cdef deepepResult_t status
@@ -738,8 +739,9 @@ cdef class Communicator:
         return _low_latency_combine_buffer(self, handle)
 
 
-def _expect(array, shape, dtype, str name):
-    """A caller-provided output with exactly `shape` and `dtype`'s element size, or None where `shape` is None."""
+def _expect(array, shape, dtype, str name, stream):
+    """A caller-provided output with exactly `shape` and `dtype`'s element size, or None where `shape` is None; a
+    DeviceArray is re-targeted to the call that writes it on `stream`."""
     if shape is None:
         if array is not None:
             raise DeepEPInvalidArgument(f"out {name} is given but this call does not write it", 1)
@@ -750,6 +752,8 @@ def _expect(array, shape, dtype, str name):
         raise DeepEPInvalidArgument(
             f"out {name} has shape {tuple(array.shape)} and dtype {np.dtype(array.dtype).name}; this call writes "
             f"{tuple(shape)} of {np.dtype(dtype).name}", 1)
+    if isinstance(array, DeviceArray):
+        (<DeviceArray>array)._written_on(stream)
     return array
 
 

@@ -197,11 +197,13 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
         recv_src_info = empty((local, rows), np.int32, device=comm.device, stream=stream)
         recv_layout_range = empty((local, R, 2), np.int32, device=comm.device, stream=stream)
     else:
-        recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x")
-        recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales")
-        recv_count = _expect(out.recv_count, (local,), np.int32, "recv_count")
-        recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info")
-        recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range")
+        recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream)
+        recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
+                              stream)
+        recv_count = _expect(out.recv_count, (local,), np.int32, "recv_count", stream)
+        recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info", stream)
+        recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range",
+                                    stream)
 
     count_ptr, count_view, count_kind = _stats_array(stats_recv_count, s, "stats_recv_count", local,
                                                      ("int64", "int32"))
@@ -312,7 +314,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     if out is None:
         out_x = empty((tv.rows, hidden), "bfloat16", device=comm.device, stream=stream)
     else:
-        out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out")
+        out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out", stream)
 
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     cdef deepepLowLatencyCombineArgs* a = &hook.combine_args

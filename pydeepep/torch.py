@@ -1,10 +1,15 @@
 """A drop-in for code written against DeepEP's ``deep_ep.Buffer`` on PyTorch tensors: ``import pydeepep.torch as
 deep_ep``. Importable only where PyTorch is installed; the core never imports it.
 
-Same names, arguments and return tuples as DeepEP V1 (../shared/docs/COMPAT.md) for the layout and the
-high-throughput calls. Tensors go in and out through DLPack without copies or host synchronisations beyond what the
-call itself needs (the exact-size dispatch waits once for the receive count, as DeepEP does). The low-latency calls
-are refused with a clear error until pydeepep's low-latency mode exists.
+Same names, arguments and return tuples as DeepEP V1 (../shared/docs/COMPAT.md) for the layout, high-throughput and
+low-latency calls. Tensors go in and out through DLPack without copies or host synchronisations beyond what the call
+itself needs (the exact-size dispatch waits once for the receive count, as DeepEP does).
+
+Low-latency mode: pydeepep sizes its low-latency area when the communicator is created, DeepEP only learns the sizes
+at call time. A ``Buffer(..., low_latency_mode=True)`` therefore creates its communicator on its first call (a
+collective, like every low-latency call): a low-latency call or ``clean_low_latency_buffer`` sizes the area from its
+arguments (T, hidden, num_topk, num_experts); later calls may use those sizes or smaller ones. That first call cannot
+be captured in a CUDA graph: make one before capturing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.utils.dlpack
 
 import pydeepep
 from pydeepep import bootstrap
-from pydeepep.errors import DeepEPInvalidArgument, DeepEPNotSupported
+from pydeepep.errors import DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPNotSupported
 
 __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
 
@@ -91,8 +96,54 @@ def _bits(tensor):
     return tensor
 
 
+# The low-latency sizes (T, hidden, num_topk, num_experts), named as DeepEP's arguments name them.
+_LL_FIELDS = ("num_max_dispatch_tokens_per_rank", "hidden", "num_topk", "num_experts")
+# num_topk of a low-latency area sized by clean_low_latency_buffer, which does not name it (DeepEP's usual top-k).
+_DEFAULT_LL_TOPK = 8
+
+
+def _capturing() -> bool:
+    """Whether PyTorch's current stream is capturing a CUDA graph (False where CUDA is absent)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _width(tensor, name: str) -> int:
+    """Columns of a 2-D tensor."""
+    if tensor.dim() != 2:
+        raise DeepEPInvalidArgument(f"{name} has shape {tuple(tensor.shape)}; it must be 2-D", 1)
+    return tensor.shape[1]
+
+
+def _check_phases(async_finish: bool, return_recv_hook: bool) -> None:
+    if async_finish and return_recv_hook:
+        raise DeepEPInvalidArgument(
+            "async_finish and return_recv_hook cannot be combined: the hook receives on the current stream", 1
+        )
+
+
+def _output(tensor, device: int, stream):
+    """A caller's output tensor as a DeviceArray over its memory (no copy). pydeepep writes `out=` arrays through
+    their pointer, so the tensor must be contiguous bfloat16 on the communicator's device; the shape is checked by
+    the call."""
+    if not (
+        isinstance(tensor, torch.Tensor)
+        and tensor.dtype == torch.bfloat16
+        and tensor.is_cuda
+        and tensor.device.index == device
+        and tensor.is_contiguous()
+    ):
+        described = (
+            f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, contiguous={tensor.is_contiguous()}"
+            if isinstance(tensor, torch.Tensor)
+            else type(tensor).__name__
+        )
+        raise DeepEPInvalidArgument(f"out must be a contiguous bfloat16 tensor on cuda:{device}; got {described}", 1)
+    return pydeepep.DeviceArray(tensor.data_ptr(), tuple(tensor.shape), "bfloat16", device, stream, owner=tensor)
+
+
 class Buffer:
-    """The communication buffer of one process group (collective creation and destruction)."""
+    """The communication buffer of one process group (collective creation and destruction). With
+    ``low_latency_mode`` the communicator is created by the Buffer's first call (see the module docstring)."""
 
     num_sms = 24
 
@@ -110,32 +161,107 @@ class Buffer:
         enable_shrink: bool = False,
         comm=None,
     ):
-        if low_latency_mode:
-            raise DeepEPNotSupported("low-latency mode is not available in pydeepep yet", 8)
         if allow_mnnvl or use_fabric:
             raise DeepEPNotSupported("multi-node NVLink (allow_mnnvl / use_fabric) is not supported", 8)
         if comm is not None:
             raise DeepEPNotSupported("comm= (an existing communicator) is not supported; pass the process group", 8)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DeepEPInvalidArgument("torch.distributed is not initialised (call init_process_group first)", 1)
         self.group = group
         self.explicitly_destroy = explicitly_destroy
-        info = bootstrap.from_torch_distributed(group, device=torch.cuda.current_device())
-        self.rank, self.group_size = info.rank, info.nranks
-        buffer_bytes = max(int(num_nvl_bytes), 0)
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_nvl_bytes = max(int(num_nvl_bytes), 0)
+        self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
+        # The device current now is the Buffer's (as with DeepEP), also when the communicator comes later.
+        self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.comm = None
+        self._ll_sizes = None  # (T, hidden, num_topk, num_experts) of the communicator's low-latency area, if any
+        if not self.low_latency_mode:
+            self._create_communicator(None)
+
+    # ---- the communicator -----------------------------------------------------------------------------------------
+
+    def _create_communicator(self, ll_sizes) -> None:
+        """Creates the communicator (collective), with a low-latency area for `ll_sizes` (T, hidden, num_topk,
+        num_experts) or none."""
+        if _capturing():
+            raise DeepEPInvalidUsage(
+                "the first call on a low_latency_mode Buffer creates its communicator, which is collective and cannot "
+                "be captured in a CUDA graph: make one low-latency call (or clean_low_latency_buffer) before capturing",
+                2,
+            )
+        self.comm = self._new_communicator(ll_sizes)
+        self._ll_sizes = ll_sizes
+
+    def _new_communicator(self, ll_sizes):
+        info = bootstrap.from_torch_distributed(self.group, device=self._device)
         minimum = pydeepep.buffer_size_hint(info.nranks, max_tokens_per_rank=1, hidden=8, num_topk=1)
-        # DeepEP sizes buffers in bytes, not tokens: accept any size that holds at least a few rows per rank.
-        self.comm = pydeepep.Communicator(
+        if self.num_nvl_bytes:
+            # DeepEP sizes buffers in bytes, not tokens: accept any size that holds at least a few rows per rank.
+            buffer_bytes = max(self.num_nvl_bytes, minimum + info.nranks * (64 << 10))
+        elif self.low_latency_mode:
+            # DeepEP code gives low-latency Buffers no NVLink bytes. A small high-throughput part (1 MiB per rank)
+            # keeps high-throughput calls working (slowly) rather than sizing it for the largest workload.
+            buffer_bytes = minimum + info.nranks * (1 << 20)
+        else:
+            buffer_bytes = 0  # sized from the workload
+        workload = {}
+        if ll_sizes is not None:
+            tokens, hidden, num_topk, num_experts = ll_sizes
+            workload = dict(low_latency_max_tokens=tokens, hidden=hidden, num_topk=num_topk, num_experts=num_experts)
+        return pydeepep.Communicator(
             info.unique_id,
             info.rank,
             info.nranks,
             device=info.device,
-            buffer_bytes=max(buffer_bytes, minimum + info.nranks * (64 << 10)) if buffer_bytes else 0,
+            buffer_bytes=buffer_bytes,
             max_tokens_per_rank=int(os.environ.get("DEEPEP_MAX_TOKENS_PER_RANK", 16384)),
+            **workload,
         )
+
+    def _communicator(self):
+        """The communicator of a high-throughput call. In low-latency mode the first call creates it; before any
+        low-latency call it has no low-latency area (the sizes are not known yet)."""
+        if self.comm is None:
+            self._create_communicator(None)
+        return self.comm
+
+    def _low_latency_communicator(self, sizes=None):
+        """The communicator of a low-latency call needing `sizes` (T, hidden, num_topk, num_experts; None where the
+        call does not say): created with an area of those sizes by the Buffer's first call, else checked against
+        its area. Calls passing a handle (sizes None) need the communicator of an earlier dispatch."""
+        if not self.low_latency_mode:
+            raise DeepEPInvalidUsage("low-latency calls need a Buffer created with low_latency_mode=True", 2)
+        if self.comm is None:
+            if sizes is None:
+                raise DeepEPInvalidUsage("no low-latency dispatch was made on this Buffer; pass the handle of one", 2)
+            tokens, hidden, num_topk, num_experts = sizes
+            self._create_communicator((tokens, hidden, _DEFAULT_LL_TOPK if num_topk is None else num_topk, num_experts))
+        elif self._ll_sizes is None:
+            raise DeepEPInvalidUsage(
+                "this Buffer's communicator was created by a high-throughput call before any low-latency call, so it "
+                "has no low-latency area (pydeepep sizes it when the communicator is created): on a low_latency_mode "
+                "Buffer, call clean_low_latency_buffer(...) or a low-latency call before the first high-throughput "
+                "call",
+                2,
+            )
+        for name, wanted, held in zip(_LL_FIELDS, sizes or (None,) * 4, self._ll_sizes, strict=True):
+            if wanted is not None and wanted > held:
+                raise DeepEPInvalidArgument(
+                    f"{name} is {wanted}, more than the {held} this Buffer's low-latency area was sized for by its "
+                    "first low-latency call (or clean_low_latency_buffer); pydeepep cannot resize the area: make the "
+                    "first call with the largest sizes",
+                    1,
+                )
+        return self.comm
 
     # ---- lifetime and statics -------------------------------------------------------------------------------------
 
     def destroy(self) -> None:
-        self.comm.close()
+        if self.comm is not None:
+            self.comm.close()
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
@@ -157,13 +283,24 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
-        raise DeepEPNotSupported("low-latency mode is not available in pydeepep yet", 8)
+        """Bytes of communication buffer per rank for low-latency calls of these sizes (num_topk 8). A hint only:
+        pydeepep sizes the area from the first low-latency call, whatever num_rdma_bytes says."""
+        return pydeepep.buffer_size_hint(
+            num_ranks,
+            max_tokens_per_rank=1,
+            hidden=hidden,
+            num_topk=_DEFAULT_LL_TOPK,
+            num_experts=num_experts,
+            low_latency_max_tokens=max_tokens,
+        )
 
     @staticmethod
     def is_sm90_compiled() -> bool:
         return True
 
     def get_comm_stream(self):
+        if self.comm is None:
+            raise DeepEPInvalidUsage("this low_latency_mode Buffer has no communicator until its first call", 2)
         return torch.cuda.ExternalStream(self.comm.stream)
 
     def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0, use_rdma_buffer: bool = False):
@@ -184,14 +321,15 @@ class Buffer:
     def get_dispatch_layout(
         self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
     ):
+        comm = self._communicator()
         stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
         if event is not None:
-            event.wait(self.comm if async_finish else stream)
+            event.wait(comm if async_finish else stream)
         if async_finish:
-            pydeepep.Event.record(stream).wait(self.comm)
-        run_on = self.comm if async_finish else stream
-        per_rank, per_expert, in_rank = self.comm.get_dispatch_layout(topk_idx, num_experts, stream=run_on)
-        done = EventOverlap(pydeepep.Event.record(self.comm.stream)) if async_finish else EventOverlap()
+            pydeepep.Event.record(stream).wait(comm)
+        run_on = comm if async_finish else stream
+        per_rank, per_expert, in_rank = comm.get_dispatch_layout(topk_idx, num_experts, stream=run_on)
+        done = EventOverlap(pydeepep.Event.record(comm.stream)) if async_finish else EventOverlap()
         return _to_torch(per_rank), None, _to_torch(per_expert), _to_torch(in_rank), done
 
     def dispatch(
@@ -219,7 +357,7 @@ class Buffer:
             if num_tokens_per_expert is None or topk_idx is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_tokens_per_expert", 1)
             num_experts = num_tokens_per_expert.numel()
-        result = self.comm.dispatch(
+        result = self._communicator().dispatch(
             _bits(payload),
             x_scales=scales,
             topk_idx=topk_idx,
@@ -258,7 +396,7 @@ class Buffer:
     ):
         stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
         biases = None if bias is None else tuple(_bits(b) for b in (bias if isinstance(bias, tuple) else (bias,)))
-        result = self.comm.combine(
+        result = self._communicator().combine(
             _bits(x),
             handle,
             topk_weights=topk_weights,
@@ -269,16 +407,132 @@ class Buffer:
         )
         return _to_torch(result.out), _to_torch(result.topk_weights), EventOverlap(result.event)
 
-    # ---- low-latency calls (not yet available) ----------------------------------------------------------------------
+    # ---- low-latency calls ----------------------------------------------------------------------------------------
 
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
-        raise DeepEPNotSupported("low-latency mode is not available in pydeepep yet", 8)
+    def _low_latency_stream(self, async_finish: bool):
+        """Where a low-latency call runs: PyTorch's current stream, or with ``async_finish`` the communicator's,
+        after the work already on the current stream (the Communicator is the stream object: arrays made on it
+        keep it alive)."""
+        current = torch.cuda.current_stream()
+        if not async_finish:
+            return current
+        pydeepep.Event.record(current.cuda_stream).wait(self.comm)
+        return self.comm
 
-    def low_latency_dispatch(self, *args, **kwargs):
-        raise DeepEPNotSupported("low-latency mode is not available in pydeepep yet", 8)
+    def _low_latency_done(self, async_finish: bool, tensors) -> EventOverlap:
+        """The EventOverlap of a low-latency call. With ``async_finish``: an event on the communicator's stream, and
+        the caller's tensors kept from reuse by PyTorch's allocator until that stream is done with them."""
+        if not async_finish:
+            return EventOverlap()
+        stream = torch.cuda.ExternalStream(self.comm.stream, device=self.comm.device)
+        kept = tuple(t for t in tensors if isinstance(t, torch.Tensor))
+        for tensor in kept:
+            tensor.record_stream(stream)
+        return EventOverlap(pydeepep.Event.record(self.comm.stream), kept)
 
-    def low_latency_combine(self, *args, **kwargs):
-        raise DeepEPNotSupported("low-latency mode is not available in pydeepep yet", 8)
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Nothing to clean: pydeepep's low-latency calls tell fresh data from stale by sequence numbers, so no
+        buffer needs zeroing. As the Buffer's first call, creates the communicator (collective) with an area of these
+        sizes (num_topk 8); later, checks that the sizes fit the area."""
+        self._low_latency_communicator((num_max_dispatch_tokens_per_rank, hidden, None, num_experts))
+
+    def low_latency_dispatch(
+        self,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats=None,
+        dispatch_wait_recv_cost_stats=None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """``(recv_x, recv_count [E_loc] int32, handle, EventOverlap, hook)``. ``recv_x``: with ``use_fp8`` a pair
+        (float8_e4m3fn [E_loc, R*T, H], scales float32 [E_loc, R*T, H/128] or UE8M0-packed int32 [E_loc, R*T,
+        ceil(H/512)], stored column-major), else bfloat16 [E_loc, R*T, H]; T is the low-latency area's (that of the
+        first call). ``handle`` is pydeepep's LowLatencyDispatchResult; ``hook`` receives (with
+        ``return_recv_hook``) or is None. The statistics tensors (int32/int64 [E_loc] rows received per local
+        expert; int64 [R] nanoseconds waited per source rank) are added to."""
+        _check_phases(async_finish, return_recv_hook)
+        hidden = _width(x, "x")
+        if x.shape[0] > num_max_dispatch_tokens_per_rank:
+            raise DeepEPInvalidArgument(
+                f"x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank "
+                f"({num_max_dispatch_tokens_per_rank})",
+                1,
+            )
+        comm = self._low_latency_communicator(
+            (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
+        )
+        stream = self._low_latency_stream(async_finish)
+        result = comm.low_latency_dispatch(
+            _bits(x),
+            topk_idx,
+            num_experts,
+            use_fp8=use_fp8,
+            # DeepEP ignores the scale options of a BF16 dispatch; pydeepep would refuse them.
+            round_scale=bool(use_fp8 and round_scale),
+            use_ue8m0=bool(use_fp8 and use_ue8m0),
+            return_recv_hook=return_recv_hook,
+            stream=stream,
+            stats_recv_count=cumulative_local_expert_recv_stats,
+            stats_wait_ns=dispatch_wait_recv_cost_stats,
+            # DeepEP's scales are column-major: stored [E_loc, columns, R*T], returned transposed (a view, no copy).
+            scales_token_contiguous=True,
+        )
+        recv_x = _to_torch(result.recv_x)
+        if use_fp8:
+            recv_x = (recv_x, _to_torch(result.recv_scales).transpose(1, 2))
+        done = self._low_latency_done(
+            async_finish, (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        )
+        return recv_x, _to_torch(result.recv_count), result, done, result.hook
+
+    def low_latency_combine(
+        self,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out=None,
+        combine_wait_recv_cost_stats=None,
+    ):
+        """``(combined_x [N, H] bfloat16, EventOverlap, hook)``. ``x`` [E_loc, R*T, H] bfloat16 in the layout of
+        ``handle``; with ``zero_copy`` it is ignored (the rows are in get_next_low_latency_combine_buffer). ``out``: a
+        contiguous bfloat16 tensor [N, H] to write and return."""
+        if use_logfmt:
+            raise DeepEPNotSupported("use_logfmt (LogFMT-compressed combine) is not supported: pydeepep sends BF16", 8)
+        if combine_wait_recv_cost_stats is not None:
+            raise DeepEPNotSupported(
+                "combine_wait_recv_cost_stats is not supported: pydeepep keeps wait statistics for the dispatch only "
+                "(dispatch_wait_recv_cost_stats)",
+                8,
+            )
+        _check_phases(async_finish, return_recv_hook)
+        comm = self._low_latency_communicator()
+        stream = self._low_latency_stream(async_finish)
+        result = comm.low_latency_combine(
+            # DeepEP passes the combine buffer itself as x with zero_copy; pydeepep reads the buffer and wants no x.
+            None if zero_copy else _bits(x),
+            topk_idx,
+            topk_weights,
+            handle,
+            zero_copy=zero_copy,
+            return_recv_hook=return_recv_hook,
+            stream=stream,
+            out=None if out is None else _output(out, comm.device, stream),
+        )
+        done = self._low_latency_done(async_finish, (x, topk_idx, topk_weights, out))
+        return (_to_torch(result.out) if out is None else out), done, result.hook
 
     def get_next_low_latency_combine_buffer(self, handle):
-        raise DeepEPNotSupported("low-latency mode is not available in pydeepep yet", 8)
+        """The combine buffer of ``handle``'s dispatch, bfloat16 [E_loc, R*T, H] (a view of pydeepep's buffer): write
+        the expert outputs there and combine with ``zero_copy=True``."""
+        return _to_torch(self._low_latency_communicator().low_latency_combine_buffer(handle))

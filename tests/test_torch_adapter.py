@@ -60,12 +60,154 @@ def test_event_overlap_without_an_event_is_a_no_op():
 
 
 def test_unsupported_modes_are_refused_before_any_communication():
-    with pytest.raises(pydeepep.DeepEPNotSupported, match="low-latency"):
-        deep_ep.Buffer(None, low_latency_mode=True)
     with pytest.raises(pydeepep.DeepEPNotSupported, match="multi-node"):
         deep_ep.Buffer(None, allow_mnnvl=True)
-    with pytest.raises(pydeepep.DeepEPNotSupported, match="low-latency"):
-        deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    with pytest.raises(pydeepep.DeepEPNotSupported, match="comm="):
+        deep_ep.Buffer(None, comm=object())
+
+
+def test_a_buffer_needs_torch_distributed():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="init_process_group"):
+        deep_ep.Buffer(None, low_latency_mode=True)
+
+
+def test_low_latency_size_hint():
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    assert isinstance(hint, int) and hint > 0
+    assert hint == pydeepep.buffer_size_hint(
+        8, max_tokens_per_rank=1, hidden=7168, num_topk=8, num_experts=256, low_latency_max_tokens=128
+    )
+    assert hint > deep_ep.Buffer.get_low_latency_rdma_size_hint(64, 7168, 8, 256)
+
+
+# ---- low-latency Buffers without a GPU: a world of one gloo rank, and a stand-in for the communicator -------------
+
+
+class FakeCommunicator:
+    """Stands in for pydeepep.Communicator where no GPU exists (the adapter's checks run before any call on it)."""
+
+    device = 0
+
+    def __init__(self, ll_sizes):
+        self.ll_sizes = ll_sizes
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def created(monkeypatch):
+    """The low-latency sizes of every communicator the adapter creates (with FakeCommunicator instead)."""
+    made = []
+
+    def fake(self, ll_sizes):
+        made.append(ll_sizes)
+        return FakeCommunicator(ll_sizes)
+
+    monkeypatch.setattr(deep_ep.Buffer, "_new_communicator", fake)
+    return made
+
+
+def ll_inputs(tokens=4, hidden=1024, num_topk=8):
+    return torch.zeros(tokens, hidden, dtype=torch.bfloat16), torch.zeros(tokens, num_topk, dtype=torch.int64)
+
+
+def test_low_latency_buffer_creates_its_communicator_on_the_first_call(group, created):
+    buffer = deep_ep.Buffer(group, 0, 1 << 20, low_latency_mode=True, num_qps_per_rank=16)
+    assert buffer.comm is None and created == []
+    buffer.clean_low_latency_buffer(128, 1024, 16)
+    assert created == [(128, 1024, 8, 16)]  # num_topk 8: clean_low_latency_buffer does not name it
+    buffer.clean_low_latency_buffer(64, 512, 16)  # fits: nothing to do
+    assert len(created) == 1
+    x, topk = ll_inputs()
+    too_large = [
+        ((x, ll_inputs(num_topk=9)[1], 128, 16), "num_topk"),
+        ((ll_inputs(hidden=2048)[0], topk, 128, 16), "hidden"),
+        ((x, topk, 256, 16), "num_max_dispatch_tokens_per_rank"),
+        ((x, topk, 128, 32), "num_experts"),
+    ]
+    for args, field in too_large:
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"^{field} is"):
+            buffer.low_latency_dispatch(*args)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="^num_experts is 32"):
+        buffer.clean_low_latency_buffer(128, 1024, 32)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="more than num_max_dispatch_tokens_per_rank"):
+        buffer.low_latency_dispatch(*ll_inputs(tokens=65), 64, 16)
+    assert len(created) == 1
+    comm = buffer.comm
+    buffer.destroy()
+    assert comm.closed
+
+
+def test_the_first_low_latency_call_cannot_be_captured(group, created, monkeypatch):
+    monkeypatch.setattr(deep_ep, "_capturing", lambda: True)
+    buffer = deep_ep.Buffer(group, 0, 0, low_latency_mode=True)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="before capturing"):
+        buffer.clean_low_latency_buffer(128, 1024, 16)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="before capturing"):
+        buffer.low_latency_dispatch(*ll_inputs(), 128, 16)
+    assert created == [] and buffer.comm is None
+
+
+def test_a_high_throughput_call_first_leaves_no_low_latency_area(group, created):
+    buffer = deep_ep.Buffer(group, 0, 0, low_latency_mode=True)
+    buffer._communicator()  # what a high-throughput call does first
+    assert created == [None]
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="clean_low_latency_buffer"):
+        buffer.clean_low_latency_buffer(128, 1024, 16)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="clean_low_latency_buffer"):
+        buffer.low_latency_dispatch(*ll_inputs(), 128, 16)
+
+
+def test_low_latency_calls_need_low_latency_mode(group, created):
+    buffer = deep_ep.Buffer(group, 0, 0)
+    assert created == [None]
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="low_latency_mode=True"):
+        buffer.low_latency_dispatch(*ll_inputs(), 128, 16)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="low_latency_mode=True"):
+        buffer.clean_low_latency_buffer(128, 1024, 16)
+
+
+def test_low_latency_options_pydeepep_lacks_are_refused_before_any_communication(group, created):
+    buffer = deep_ep.Buffer(group, 0, 0, low_latency_mode=True)
+    x, topk = ll_inputs()
+    weights = torch.zeros(4, 8)
+    with pytest.raises(pydeepep.DeepEPNotSupported, match="use_logfmt"):
+        buffer.low_latency_combine(x, topk, weights, None, use_logfmt=True)
+    with pytest.raises(pydeepep.DeepEPNotSupported, match="combine_wait_recv_cost_stats"):
+        buffer.low_latency_combine(
+            x, topk, weights, None, combine_wait_recv_cost_stats=torch.zeros(1, dtype=torch.int64)
+        )
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="return_recv_hook"):
+        buffer.low_latency_dispatch(x, topk, 128, 16, async_finish=True, return_recv_hook=True)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="no low-latency dispatch"):
+        buffer.low_latency_combine(x, topk, weights, None)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="no low-latency dispatch"):
+        buffer.get_next_low_latency_combine_buffer(None)
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="first call"):
+        buffer.get_comm_stream()
+    assert created == []
+
+
+def test_combine_out_must_be_a_contiguous_bfloat16_cuda_tensor():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out must be"):
+        deep_ep._output(torch.zeros(4, 8, dtype=torch.bfloat16), 0, None)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out must be"):
+        deep_ep._output(torch.zeros(4, 8), 0, None)
 
 
 def test_bfloat16_tensors_travel_as_their_bits_without_a_copy():
