@@ -124,6 +124,7 @@ void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what)
     if (comm.async_error->code > 0) break;  // a kernel gave up: its stream will finish on its own
     if (std::chrono::steady_clock::now() > deadline) {
       cudaEventDestroy(done);
+      comm.peer_timed_out.store(true);
       fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
     }
     // Count exchanges finish in tens of microseconds: spin first, then stop burning the core.

@@ -333,6 +333,14 @@ void destroy_comm(deepepComm* comm) {
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
   free_local_resources(comm);
   comm->magic = 0;
+  if (comm->peer_timed_out.load()) {
+    // A peer may be dead: NVSHMEM's barrier would spin on the device forever and keep this process from exiting.
+    // The heap stays mapped until the process exits; NVSHMEM cannot be initialised again in this process.
+    if (stream_status != cudaSuccess) {
+      fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
+    }
+    return;
+  }
   // Collective part: NVSHMEM frees the heap and finalises with barriers among all ranks.
   run_bounded(comm->timeout_seconds, "NVSHMEM teardown (deepepCommDestroy)",
               [device = comm->device, buffer = comm->buffer]() {

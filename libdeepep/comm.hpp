@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -51,6 +52,9 @@ struct deepepComm {
   cudaStream_t stream = nullptr;         // the communicator stream (asynchronous calls run on it)
   deepep::AsyncErrorRecord* async_error = nullptr;         // mapped pinned memory, host address
   deepep::AsyncErrorRecord* async_error_device = nullptr;  // device address of the same record
+  // Set once a timeout was read from the record (sticky, clearing the record keeps it): a peer may be gone, so
+  // destroying the communicator skips NVSHMEM's collective teardown, whose barrier would wait forever on the device.
+  mutable std::atomic<bool> peer_timed_out{false};
   // Sequence number of the collective operations that use the buffer, on the device so that replayed CUDA graphs
   // advance it too (see intranode.cu).
   uint32_t* op_state_device = nullptr;

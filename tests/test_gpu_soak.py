@@ -294,7 +294,7 @@ def soak_rank(info, iterations):
     shared = np.random.default_rng(SEED)  # the same sequence of choices on every rank
     baseline_at = min(BASELINE_AT, max(1, iterations // 2))
     baseline = None
-    with pydeepep.Communicator(
+    comm = pydeepep.Communicator(
         info.unique_id,
         info.rank,
         info.nranks,
@@ -305,7 +305,10 @@ def soak_rank(info, iterations):
         num_topk=MAX_K,
         num_experts=MAX_E,
         low_latency_max_tokens=T,
-    ) as comm:
+    )
+    # Not a `with` block: a failing close (the peer stopped early) is recorded, so every rank's own report (and the
+    # first error, whichever rank met it) reaches the test instead of only the first rank to raise.
+    try:
         start = time.monotonic()
         it = -1
         try:
@@ -328,6 +331,11 @@ def soak_rank(info, iterations):
         except Exception:
             out["error"] = f"iteration {it}:\n{traceback.format_exc()}"
         out["seconds"] = time.monotonic() - start
+    finally:
+        try:
+            comm.close()
+        except Exception:
+            out["error"] = (out["error"] or "") + f"\nclose:\n{traceback.format_exc()}"
     return out
 
 

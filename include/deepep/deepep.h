@@ -140,7 +140,9 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
                                              const deepepConfig* config);
 
 /* Destroys a communicator; NULL is accepted and does nothing. Blocking and collective (frees the symmetric heap
- * and finalises NVSHMEM); bounded by the communicator's timeout. Waits for the communicator's own stream. */
+ * and finalises NVSHMEM); bounded by the communicator's timeout. Waits for the communicator's own stream. After a
+ * call reported a timeout (a peer may be dead), it frees only this rank's resources and skips NVSHMEM's collective
+ * teardown, which would wait for the peer forever: the process should then exit (NVSHMEM cannot start again in it). */
 DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm);
 
 /* Local queries. */
