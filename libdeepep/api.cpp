@@ -154,6 +154,7 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
                                                   struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     DEEPEP_REQUIRE(topk_type == deepepInt64 || topk_type == deepepInt32,
                    "topk_type is %d; topk_idx must be deepepInt64 or deepepInt32", static_cast<int>(topk_type));
     DEEPEP_REQUIRE(num_tokens >= 0, "num_tokens is %lld; it must be >= 0", static_cast<long long>(num_tokens));

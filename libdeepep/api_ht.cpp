@@ -334,6 +334,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                                          struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     const deepepDispatchArgs a = checked_struct(args, "args");
     deepepHandle& h = *checked_handle(handle, &c);
     require_intranode(c);
@@ -446,6 +447,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
                                         struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     const deepepCombineArgs a = checked_struct(args, "args");
     deepepHandle& h = *checked_handle(handle, &c);
     require_intranode(c);

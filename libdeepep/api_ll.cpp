@@ -121,6 +121,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
                                                    struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     const deepepLowLatencyDispatchArgs a = checked_struct(args, "args");
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
@@ -179,6 +180,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
                                                   struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     const deepepLowLatencyCombineArgs a = checked_struct(args, "args");
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);

@@ -6,6 +6,21 @@
 
 namespace deepep {
 
+namespace {
+thread_local bool checking_in_capture = false;
+}  // namespace
+
+CaptureScope::CaptureScope(cudaStream_t stream) : previous_(checking_in_capture) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    cudaGetLastError();  // an invalid stream is reported by the launch itself
+    status = cudaStreamCaptureStatusNone;
+  }
+  checking_in_capture = status == cudaStreamCaptureStatusActive;
+}
+
+CaptureScope::~CaptureScope() { checking_in_capture = previous_; }
+
 void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name) {
   if (bytes == 0) return;
   DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL but must hold %zu bytes", name, bytes);
@@ -18,6 +33,7 @@ void check_device_array(const deepepComm& comm, const void* pointer, size_t byte
     fail(deepepInvalidArgument, "%s (%p) is not memory CUDA knows: %s", name, pointer, cudaGetErrorString(status));
   }
   if (attributes.type == cudaMemoryTypeManaged) return;
+  if (attributes.type == cudaMemoryTypeUnregistered && checking_in_capture) return;  // a graph allocation
   if (attributes.type != cudaMemoryTypeDevice) {
     fail(deepepInvalidArgument, "%s (%p) is %s memory; it must be device memory on device %d", name, pointer,
          attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", comm.device);

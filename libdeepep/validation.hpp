@@ -1,6 +1,8 @@
 // Argument checks shared by the C entry points.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -12,8 +14,22 @@
 namespace deepep {
 
 // A caller's array must be device memory of the communicator's device (or managed memory), suitably aligned.
-// Nothing is checked when `bytes` is 0 (NULL is then accepted).
+// Nothing is checked when `bytes` is 0 (NULL is then accepted). Inside a CaptureScope of a capturing stream, memory
+// unknown to CUDA is accepted: an allocation made by the capture itself (a graph allocation node) has no pointer
+// attributes until the graph runs.
 void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name);
+
+// Marks, for this thread, the argument checks of one call on `stream` (see check_device_array).
+class CaptureScope {
+ public:
+  explicit CaptureScope(cudaStream_t stream);
+  ~CaptureScope();
+  CaptureScope(const CaptureScope&) = delete;
+  CaptureScope& operator=(const CaptureScope&) = delete;
+
+ private:
+  bool previous_;
+};
 
 // Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart.
 inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t element) {

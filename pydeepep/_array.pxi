@@ -200,6 +200,18 @@ cdef int _load_driver() except -1:
     return 0
 
 
+def _refuse_capture(size_t stream, str call):
+    """Raises when `stream` is capturing a CUDA graph: outputs pydeepep allocated there would be allocations of the
+    graph, and a graph holding allocations it does not free cannot be launched a second time."""
+    from cuda.bindings import driver
+
+    status = _driver_result(driver.cuStreamIsCapturing(driver.CUstream(stream)), "cuStreamIsCapturing")
+    if status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE:
+        raise DeepEPInvalidUsage(
+            f"{call} is being captured in a CUDA graph without out= arrays: pass out= arrays allocated before the "
+            "capture (for instance the result of an earlier call), so that every replay writes the same arrays", 2)
+
+
 def _driver_result(result, str what):
     from cuda.bindings import driver
 

@@ -15,6 +15,7 @@ be captured in a CUDA graph: make one before capturing.
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 import torch.utils.dlpack
@@ -139,6 +140,34 @@ def _output(tensor, device: int, stream):
         )
         raise DeepEPInvalidArgument(f"out must be a contiguous bfloat16 tensor on cuda:{device}; got {described}", 1)
     return pydeepep.DeviceArray(tensor.data_ptr(), tuple(tensor.shape), "bfloat16", device, stream, owner=tensor)
+
+
+def _ll_dispatch_outputs(comm, tokens, num_experts, hidden, use_fp8, use_ue8m0, stream):
+    """The outputs of a low-latency dispatch as PyTorch tensors, wrapped for pydeepep's ``out=`` (``.tensors`` names
+    them). PyTorch's allocator serves them, hence its graph pool inside a capture, as with DeepEP: allocations of
+    pydeepep's own made inside a capture would be graph allocations, which forbid replaying the graph."""
+    local, rows = num_experts // comm.nranks, comm.nranks * tokens
+    device = f"cuda:{comm.device}"
+    payload_type = torch.uint8 if use_fp8 else torch.bfloat16
+    tensors = {"recv_x": torch.empty((local, rows, hidden), dtype=payload_type, device=device)}
+    if use_fp8:
+        columns = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+        scales_type = torch.int32 if use_ue8m0 else torch.float32
+        tensors["recv_scales"] = torch.empty((local, columns, rows), dtype=scales_type, device=device)
+    tensors["recv_count"] = torch.empty((local,), dtype=torch.int32, device=device)
+    tensors["recv_src_info"] = torch.empty((local, rows), dtype=torch.int32, device=device)
+    tensors["recv_layout_range"] = torch.empty((local, comm.nranks, 2), dtype=torch.int32, device=device)
+    names = {torch.uint8: "float8_e4m3fn", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32"}
+
+    def wrap(tensor):
+        return pydeepep.DeviceArray(
+            tensor.data_ptr(), tuple(tensor.shape), names[tensor.dtype], comm.device, stream, owner=tensor
+        )
+
+    outputs = types.SimpleNamespace(**{name: wrap(t) for name, t in tensors.items()}, tensors=tensors)
+    if not use_fp8:
+        outputs.recv_scales = None
+    return outputs
 
 
 class Buffer:
@@ -468,6 +497,7 @@ class Buffer:
             (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
         )
         stream = self._low_latency_stream(async_finish)
+        outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)
         result = comm.low_latency_dispatch(
             _bits(x),
             topk_idx,
@@ -482,14 +512,17 @@ class Buffer:
             stats_wait_ns=dispatch_wait_recv_cost_stats,
             # DeepEP's scales are column-major: stored [E_loc, columns, R*T], returned transposed (a view, no copy).
             scales_token_contiguous=True,
+            out=outputs,
         )
-        recv_x = _to_torch(result.recv_x)
+        tensors = outputs.tensors
+        recv_x = tensors["recv_x"]
         if use_fp8:
-            recv_x = (recv_x, _to_torch(result.recv_scales).transpose(1, 2))
+            recv_x = (recv_x.view(_TORCH_TYPES["float8_e4m3fn"]), tensors["recv_scales"].transpose(1, 2))
         done = self._low_latency_done(
-            async_finish, (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+            async_finish,
+            (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, *tensors.values()),
         )
-        return recv_x, _to_torch(result.recv_count), result, done, result.hook
+        return recv_x, tensors["recv_count"], result, done, result.hook
 
     def low_latency_combine(
         self,
@@ -518,6 +551,9 @@ class Buffer:
         _check_phases(async_finish, return_recv_hook)
         comm = self._low_latency_communicator()
         stream = self._low_latency_stream(async_finish)
+        if out is None:
+            # PyTorch's allocator (its graph pool inside a capture), as for the dispatch's outputs.
+            out = torch.empty((topk_idx.shape[0], handle.hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
         result = comm.low_latency_combine(
             # DeepEP passes the combine buffer itself as x with zero_copy; pydeepep reads the buffer and wants no x.
             None if zero_copy else _bits(x),
@@ -527,10 +563,10 @@ class Buffer:
             zero_copy=zero_copy,
             return_recv_hook=return_recv_hook,
             stream=stream,
-            out=None if out is None else _output(out, comm.device, stream),
+            out=_output(out, comm.device, stream),
         )
         done = self._low_latency_done(async_finish, (x, topk_idx, topk_weights, out))
-        return (_to_torch(result.out) if out is None else out), done, result.hook
+        return out, done, result.hook
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The combine buffer of ``handle``'s dispatch, bfloat16 [E_loc, R*T, H] (a view of pydeepep's buffer): write

@@ -290,6 +290,26 @@ def graph_case(comm, seed, n=96, h=1024, k=6, e=16):
     return all(d is True and c for d, c in verdicts) or f"replays: {verdicts}"
 
 
+def capture_without_out_case(comm, seed, n=80, h=512, k=4, e=16):
+    """A capture that would make pydeepep allocate the outputs is refused before anything is launched (a graph holding
+    its own allocations could not be replayed), and the communicator carries on."""
+    from pydeepep.bench import CapturedGraph
+
+    R, me = comm.nranks, comm.rank
+    with cupy.cuda.Device(comm.device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        x, topk, _ = (dev(a) for a in make_inputs(seed, me, n, h, k, e, R))
+        cupy.cuda.runtime.deviceSynchronize()
+        try:
+            with stream:  # CuPy's current stream: the inputs are exported without a cross-stream wait
+                CapturedGraph(lambda: comm.low_latency_dispatch(x, topk, e, stream=stream.ptr), stream.ptr)
+            return "a captured dispatch without out= was accepted"
+        except pydeepep.DeepEPInvalidUsage as exc:
+            if "out=" not in str(exc):
+                return str(exc)
+    return run_case(comm, seed + 1, n=n, h=h, k=k, e=e)
+
+
 def ht_then_ll_case(comm, seed):
     """High-throughput dispatch and combine, then low-latency, then high-throughput again, in one communicator."""
     R, me = comm.nranks, comm.rank
@@ -406,6 +426,7 @@ EXTRA = {
     "alternating_sets": lambda comm: alternating_case(comm, 40),
     "double_hook": lambda comm: double_hook_case(comm, 50),
     "graph_replay": lambda comm: graph_case(comm, 60),
+    "capture_without_out_refused": lambda comm: capture_without_out_case(comm, 65),
     "ht_then_ll": lambda comm: ht_then_ll_case(comm, 70),
     "stale_result_refused": lambda comm: stale_case(comm, 80),
     "load_statistics": lambda comm: stats_case(comm, 85),
