@@ -110,8 +110,7 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
 
 // Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
 void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what) {
-  cudaEvent_t done = nullptr;
-  DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  cudaEvent_t done = comm.host_wait_event;
   const cudaError_t recorded = cudaEventRecord(done, stream);
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + std::chrono::duration<double>(comm.timeout_seconds + 5);
@@ -123,7 +122,6 @@ void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what)
     status = cudaSuccess;
     if (comm.async_error->code > 0) break;  // a kernel gave up: its stream will finish on its own
     if (std::chrono::steady_clock::now() > deadline) {
-      cudaEventDestroy(done);
       comm.peer_timed_out.store(true);
       fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
     }
@@ -134,7 +132,6 @@ void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what)
       std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
-  cudaEventDestroy(done);
   if (status != cudaSuccess) fail_cuda(status, what, __FILE__, __LINE__);
   raise_async_error(comm);
 }

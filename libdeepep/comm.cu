@@ -222,6 +222,8 @@ static void free_local_resources(deepepComm* comm) {
   if (comm->async_error != nullptr) cudaFreeHost(comm->async_error);
   if (comm->op_state_device != nullptr) cudaFree(comm->op_state_device);
   if (comm->notify_host != nullptr) cudaFreeHost(comm->notify_host);
+  if (comm->host_wait_event != nullptr) cudaEventDestroy(comm->host_wait_event);
+  comm->host_wait_event = nullptr;
   comm->op_state_device = nullptr;
   comm->notify_host = nullptr;
   comm->stream = nullptr;
@@ -297,6 +299,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     DEEPEP_CUDA_CHECK(
         cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device), comm->async_error, 0));
     DEEPEP_CUDA_CHECK(cudaHostAlloc(&comm->notify_host, sizeof(HandleHostInfo), cudaHostAllocMapped));
+    DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&comm->host_wait_event, cudaEventDisableTiming));
     std::memset(comm->notify_host, 0, sizeof(HandleHostInfo));
     DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(&comm->notify_host_device, comm->notify_host, 0));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->op_state_device), 4 * sizeof(uint32_t)));

@@ -4,8 +4,10 @@
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} PYTHONUNBUFFERED=1
+# Per-rank scenario logs go to a scratch folder and travel as one archive ($LOG/logs.tar.gz): the device tool brings
+# back at most 8 files.
 LOG=${OUT:-/tmp}
-export DEEPEP_TEST_LOG_DIR=$LOG
+export DEEPEP_TEST_LOG_DIR=$(mktemp -d)
 PY=${PYTHON:-python3}
 nvidia-smi -L
 echo "== build"
@@ -16,6 +18,8 @@ fi
 echo "built in $(( $(date +%s) - start )) s"
 echo "== exported symbols"
 LIBDIR=$(cd /tmp && $PY -m pydeepep --lib-dir)
-nm -D --defined-only "$LIBDIR/libdeepep.so" | awk '{print $3}' | tee "$LOG/symbols.txt" | grep -v '^deepep' && echo "NON-deepep SYMBOLS EXPORTED" || echo "all $(wc -l < "$LOG/symbols.txt") exported symbols start with deepep"
+SYMBOLS=$DEEPEP_TEST_LOG_DIR/symbols.txt
+nm -D --defined-only "$LIBDIR/libdeepep.so" | awk '{print $3}' | tee "$SYMBOLS" | grep -v '^deepep' && echo "NON-deepep SYMBOLS EXPORTED" || echo "all $(wc -l < "$SYMBOLS") exported symbols start with deepep"
 echo "== tests"
 $PY -P -m pytest -p no:cacheprovider -rA -q "${@:-tests}" 2>&1 | tee "$LOG/tests.log" | tail -80
+tar -czf "$LOG/logs.tar.gz" -C "$DEEPEP_TEST_LOG_DIR" . && rm -rf "$DEEPEP_TEST_LOG_DIR"
