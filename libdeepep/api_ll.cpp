@@ -110,6 +110,25 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombin
   });
 }
 
+DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
+                                                       int* num_blocks) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(marks != nullptr && num_blocks != nullptr, "marks and num_blocks must not be NULL");
+    const deepepComm& c = *checked_comm(comm);
+    if (c.ll_timeline_device == nullptr) {
+      fail(deepepInvalidUsage,
+           "the low-latency timeline is off: set DEEPEP_LL_TIMELINE=1 before creating the communicator");
+    }
+    DEEPEP_REQUIRE(capacity_blocks >= c.num_sms, "capacity_blocks is %d; the timeline has %d blocks", capacity_blocks,
+                   c.num_sms);
+    DeviceGuard guard(c.device);
+    DEEPEP_CUDA_CHECK(cudaMemcpy(marks, c.ll_timeline_device,
+                                 static_cast<size_t>(c.num_sms) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t),
+                                 cudaMemcpyDeviceToHost));
+    *num_blocks = c.num_sms;
+  });
+}
+
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens) {
   return guarded_call(__func__, [&] {
     DEEPEP_REQUIRE(max_tokens != nullptr, "max_tokens is NULL");

@@ -223,6 +223,8 @@ static void free_local_resources(deepepComm* comm) {
   if (comm->op_state_device != nullptr) cudaFree(comm->op_state_device);
   if (comm->notify_host != nullptr) cudaFreeHost(comm->notify_host);
   if (comm->host_wait_event != nullptr) cudaEventDestroy(comm->host_wait_event);
+  if (comm->ll_timeline_device != nullptr) cudaFree(comm->ll_timeline_device);
+  comm->ll_timeline_device = nullptr;
   comm->host_wait_event = nullptr;
   comm->op_state_device = nullptr;
   comm->notify_host = nullptr;
@@ -300,6 +302,12 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
         cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device), comm->async_error, 0));
     DEEPEP_CUDA_CHECK(cudaHostAlloc(&comm->notify_host, sizeof(HandleHostInfo), cudaHostAllocMapped));
     DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&comm->host_wait_event, cudaEventDisableTiming));
+    const char* timeline = std::getenv("DEEPEP_LL_TIMELINE");
+    if (timeline != nullptr && std::strcmp(timeline, "1") == 0) {
+      const size_t bytes = static_cast<size_t>(comm->num_sms) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t);
+      DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->ll_timeline_device), bytes));
+      DEEPEP_CUDA_CHECK(cudaMemset(comm->ll_timeline_device, 0, bytes));
+    }
     std::memset(comm->notify_host, 0, sizeof(HandleHostInfo));
     DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(&comm->notify_host_device, comm->notify_host, 0));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->op_state_device), 4 * sizeof(uint32_t)));

@@ -62,6 +62,7 @@ struct deepepComm {
   // communicator, since notify calls block the host one at a time.
   void* notify_host = nullptr;
   void* notify_host_device = nullptr;
+  int64_t* ll_timeline_device = nullptr;  // [num_sms][DEEPEP_LL_TIMELINE_MARKS]; DEEPEP_LL_TIMELINE=1 only
   // Recorded after a call's work that the host waits for (wait_bounded); one per communicator, like notify_host.
   cudaEvent_t host_wait_event = nullptr;
   // Device storage of destroyed handles with the event of its last use: a new handle takes one whose event has

@@ -72,6 +72,8 @@ struct Area {
   int set;
   AsyncErrorRecord* error;
   uint64_t timeout_ns;
+  int64_t*
+      timeline;  // diagnostic marks [block][DEEPEP_LL_TIMELINE_MARKS], or nullptr (see deepepCommLowLatencyTimeline)
 
   __device__ __forceinline__ uint8_t* base(int owner) const { return static_cast<uint8_t*>(peers[owner]) + offset; }
   __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(base(rank)); }
@@ -90,6 +92,33 @@ struct Area {
     return base(owner) + control_bytes + static_cast<size_t>(set) * set_bytes;
   }
 };
+
+// Timeline marks (diagnostic; see deepepCommLowLatencyTimeline).
+enum : int {
+  kMarkStart = 0,
+  kMarkAcks = 1,
+  kMarkCounted = 2,
+  kMarkStored = 3,
+  kMarkPublished = 4,
+  kMarkFlagsSeen = 5,
+  kMarkWritten = 6,
+  kMarkEnd = 7
+};
+
+// Thread 0 notes when its block reached `mark` (the block's earlier work is behind a barrier at every call site).
+__device__ __forceinline__ void timeline_mark(const Area& a, int mark) {
+  if (a.timeline != nullptr && threadIdx.x == 0) {
+    a.timeline[blockIdx.x * DEEPEP_LL_TIMELINE_MARKS + mark] = static_cast<int64_t>(global_timer_ns());
+  }
+}
+
+// Clears the block's marks of the previous kernel and notes the start.
+__device__ __forceinline__ void timeline_start(const Area& a) {
+  if (a.timeline != nullptr && threadIdx.x == 0) {
+    for (int m = 1; m < DEEPEP_LL_TIMELINE_MARKS; ++m) a.timeline[blockIdx.x * DEEPEP_LL_TIMELINE_MARKS + m] = 0;
+  }
+  timeline_mark(a, kMarkStart);
+}
 
 __device__ __forceinline__ uint64_t tagged(uint32_t seq, uint32_t value) {
   return (static_cast<uint64_t>(seq) << 32) | value;
@@ -241,6 +270,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   __shared__ int last_block;
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   if (!wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch)) return;
+  timeline_mark(a, kMarkAcks);
 
   // This block's tokens: a contiguous range, so one count over the tokens before it gives every position.
   const int64_t per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
@@ -258,6 +288,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     }
   }
   __syncthreads();
+  timeline_mark(a, kMarkCounted);
 
   const int lane = threadIdx.x % 32;
   for (int64_t t = first; t < end; ++t) {
@@ -313,6 +344,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
 
   // The last block to finish publishes every expert's row count after all blocks' rows (each block's barrier and
   // system fence order its stores before its increment; the last block's fence orders them before the flags).
+  timeline_mark(a, kMarkStored);
   if (threadIdx.x == 0) {
     __threadfence_system();
     const uint32_t done = atomicAdd(&a.state()->send_done[a.set], 1u);
@@ -326,6 +358,8 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     store_release_sys(a.dispatch_flag(e / p.experts_per_rank, e % p.experts_per_rank, a.rank), tagged(seq, rows));
   }
   if (threadIdx.x == 0) a.state()->send_done[a.set] = 0;
+  __syncthreads();
+  timeline_mark(a, kMarkPublished);
 }
 
 __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
@@ -356,6 +390,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       counts[s] = rows;
     }
     __syncthreads();
+    timeline_mark(a, kMarkFlagsSeen);
     if (threadIdx.x == 0) {
       int32_t running = 0;
       for (int s = 0; s < a.nranks; ++s) {
@@ -424,6 +459,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       if (lane == 0) src_info[j] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
     }
     __syncthreads();  // counts / offsets are reused for the next expert
+    timeline_mark(a, kMarkWritten);
   }
 }
 
@@ -431,11 +467,13 @@ template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
   const uint32_t seq = p.area.state()->seq[p.area.set] + 1u;
   const uint64_t deadline = global_timer_ns() + p.area.timeout_ns;
+  timeline_start(p.area);
   if (phases & kSend) dispatch_send<Index>(p, seq, deadline);
   if (phases & kRecv) {
     dispatch_recv(p, seq, deadline);
     finish_operation(p.area, seq, false);
   }
+  timeline_mark(p.area, kMarkEnd);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -472,6 +510,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int vectors = p.hidden / 8;  // 16-byte vectors per row
   if (!wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine)) return;
+  timeline_mark(a, kMarkAcks);
 
   for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
     const int32_t* range = p.layout_range + static_cast<size_t>(local) * a.nranks * 2;
@@ -520,11 +559,14 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
       }
       __syncthreads();  // destination is rewritten by the next batch
     }
+    timeline_mark(a, kMarkStored);
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
       __threadfence_system();
       store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
     }
   }
+  __syncthreads();
+  timeline_mark(a, kMarkPublished);
 }
 
 template <typename Index>
@@ -563,6 +605,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       weight[k] = p.weights[t * p.weights_stride + k];
     }
     __syncthreads();
+    timeline_mark(a, kMarkFlagsSeen);
     // A duplicate slot whose first slot timed out must be skipped too.
     for (int v = threadIdx.x; v < vectors; v += kThreads) {
       float acc[8];
@@ -607,6 +650,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
                     static_cast<int>(packed[3]));
     }
     __syncthreads();  // shared slots are reused by the next token
+    timeline_mark(a, kMarkWritten);
   }
 }
 
@@ -616,11 +660,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
   const uint32_t seq = state->seq[p.area.set] + 1u;
   const uint32_t previous_combine = state->last_combine[p.area.set];
   const uint64_t deadline = global_timer_ns() + p.area.timeout_ns;
+  timeline_start(p.area);
   if (phases & kSend) combine_send(p, seq, previous_combine, deadline);
   if (phases & kRecv) {
     combine_recv<Index>(p, seq, deadline);
     finish_operation(p.area, seq, true);
   }
+  timeline_mark(p.area, kMarkEnd);
 }
 
 Area make_area(const deepepComm& comm, int set) {
@@ -639,6 +685,7 @@ Area make_area(const deepepComm& comm, int set) {
   a.set = set;
   a.error = comm.async_error_device;
   a.timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
+  a.timeline = comm.ll_timeline_device;
   return a;
 }
 

@@ -166,6 +166,7 @@ class Communicator:
         previous_event: Any = ...,
         async_finish: bool = ...,
     ) -> CombineResult: ...
+    def low_latency_timeline(self) -> Any: ...
     def low_latency_dispatch(
         self,
         x: Any,

@@ -429,6 +429,18 @@ cdef class Communicator:
         _check(status)
         return gbps
 
+    def low_latency_timeline(self):
+        """Diagnostic (needs DEEPEP_LL_TIMELINE=1 when the communicator was created): int64 [blocks, 8] of the
+        %globaltimer nanoseconds at which each block of the last low-latency kernel reached: start, peers'
+        acknowledgements seen, send positions counted, rows stored, counts or flags published, peers' flags seen,
+        outputs written, end (0: not reached). Synchronise with the kernel first."""
+        cdef deepepComm_t comm = self._live()
+        marks = np.zeros((1024, 8), np.int64)  # one row per block; GPUs have fewer SMs
+        cdef int64_t[:, ::1] view = marks
+        cdef int blocks = 0
+        _check(deepepCommLowLatencyTimeline(comm, &view[0, 0], <int>marks.shape[0], &blocks))
+        return marks[:blocks]
+
     def check_async_error(self):
         """Raises the error a stream-ordered call recorded on the device (a timeout, an out-of-range expert id), if
         any. Does not wait for the stream: synchronise first to see faults of work still in flight."""

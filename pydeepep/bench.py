@@ -332,6 +332,40 @@ def hook_phases(comm, stream, x, topk, weights, y, dispatch_out, combine_out, fp
     return found
 
 
+TIMELINE_MARKS = ("start", "acks", "counted", "stored", "published", "flags seen", "written", "end")
+
+
+def timeline_summary(comm) -> str:
+    """The last low-latency kernel's timeline (DEEPEP_LL_TIMELINE=1): per mark, median / max over the blocks that
+    reached it, in µs after the first block started."""
+    marks = comm.low_latency_timeline()
+    start = marks[:, 0][marks[:, 0] > 0].min()
+    parts = []
+    for m, name in enumerate(TIMELINE_MARKS[1:], start=1):
+        reached = marks[:, m][marks[:, m] > 0]
+        if reached.size:
+            after = (reached - start) / 1e3
+            parts.append(f"{name} {np.median(after):.1f}/{after.max():.1f}")
+    return ", ".join(parts)
+
+
+def ll_timelines(comm, info, stream, x, topk, weights, y, result, out, t):
+    """One dispatch and one combine, each followed by its timeline (logged by rank 0)."""
+    from cuda.bindings import driver
+
+    ptr = driver.CUstream(int(stream.handle))
+    dispatched = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=result)
+    _check(driver.cuStreamSynchronize(ptr))
+    _log(
+        info,
+        f"  ll_dispatch T={t} timeline, us after the first block's start (median/max over blocks): "
+        + timeline_summary(comm),
+    )
+    comm.low_latency_combine(y, topk, weights, dispatched, stream=stream, out=out)
+    _check(driver.cuStreamSynchronize(ptr))
+    _log(info, f"  ll_combine  T={t} timeline: " + timeline_summary(comm))
+
+
 def bench_ll_rank(info, tokens_list):
     """Low-latency dispatch (FP8 cast in the kernel) and combine (BF16) for each T, H = 7168, K = 8, E = 288: whole
     calls replayed from CUDA graphs, then the send and receive phases of hooked calls. GB/s counts the rows that
@@ -385,6 +419,8 @@ def bench_ll_rank(info, tokens_list):
                 "ll_dispatch_fp8": (dispatch_us, fp8_row),
                 "ll_combine_bf16": (combine_us, HIDDEN * 2),
             }
+            if os.environ.get("DEEPEP_LL_TIMELINE") == "1":
+                ll_timelines(comm, info, stream, x, topk, weights, y, results[0], outs[0], t)
             try:
                 found.update(hook_phases(comm, stream, x, topk, weights, y, results[0], outs[0], fp8_row))
             except Exception as exc:  # a figure not measured is reported, not fatal

@@ -174,6 +174,8 @@ cdef extern from "deepep/deepep.h" nogil:
         deepepDataType_t stats_recv_count_type
         int64_t* stats_wait_ns
 
+    deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
+                                                int* num_blocks)
     deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args)
     deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deepepLowLatencyDispatchArgs* args,
                                             CUstream_st* stream)

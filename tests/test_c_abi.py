@@ -64,6 +64,7 @@ EXPECTED_API = {
     "deepepLowLatencyCombine",
     "deepepLowLatencyGetCombineBuffer",
     "deepepCommLowLatencyMaxTokens",
+    "deepepCommLowLatencyTimeline",
 }
 
 

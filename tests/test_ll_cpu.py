@@ -98,6 +98,16 @@ def test_args_init_rejects_null(lib, function):
     assert "args is NULL" in last_error(lib)
 
 
+def test_timeline_refuses_null_outputs_and_a_null_communicator(lib):
+    blocks = ctypes.c_int(-1)
+    assert lib.deepepCommLowLatencyTimeline(None, None, 0, ctypes.byref(blocks)) == INVALID_ARGUMENT
+    assert "must not be NULL" in last_error(lib)
+    marks = (ctypes.c_int64 * 8)()
+    assert lib.deepepCommLowLatencyTimeline(None, marks, 1, ctypes.byref(blocks)) == INVALID_ARGUMENT
+    assert "comm is NULL" in last_error(lib)
+    assert blocks.value == -1
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
     fields = [

@@ -439,6 +439,17 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
 DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden,
                                                            int num_experts, void** buffer);
 
+/* Diagnostic: when the environment variable DEEPEP_LL_TIMELINE=1 is set at communicator creation, every low-latency
+ * kernel records per block the %globaltimer nanoseconds at DEEPEP_LL_TIMELINE_MARKS points of its work: 0 start,
+ * 1 peers' acknowledgements seen, 2 send positions counted (dispatch), 3 rows stored, 4 row counts or arrival flags
+ * published (dispatch: the last block only), 5 receive: peers' flags seen, 6 receive: outputs written, 7 end; 0 where
+ * a block did not pass a point. Fills `marks` [num_blocks][DEEPEP_LL_TIMELINE_MARKS] with those of the last
+ * low-latency kernel launched (after the caller synchronised with it). Blocking. [out] marks, num_blocks. Returns
+ * deepepInvalidUsage when the timeline is off. */
+#define DEEPEP_LL_TIMELINE_MARKS 8
+DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
+                                                       int* num_blocks);
+
 /* T of the low-latency calls (config low_latency_max_tokens; 0 when the communicator has no low-latency area).
  * Local. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens);
