@@ -17,26 +17,12 @@ import traceback
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' shared helpers (run with -P)
+from conftest import bf16_bits, bf16_values, e4m3_values  # noqa: E402
+
 WORKLOADS = ("layout", "ht_dispatch", "ht_combine", "ll")
 N, H, E, K = 64, 256, 16, 4  # tokens per rank, hidden, experts, top-k
 T = 32  # low-latency max tokens per rank
-
-
-def bf16_bits(values, reference):
-    return (reference.bf16_round(values).view(np.uint32) >> 16).astype(np.uint16)
-
-
-def bf16_values(bits):
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
-
-
-def e4m3_values(bits):
-    bits = np.asarray(bits).astype(np.int64)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exponent = (bits >> 3) & 0xF
-    mantissa = bits & 0x7
-    value = np.where(exponent == 0, mantissa / 8.0 * 2.0**-6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7.0))
-    return (sign * value).astype(np.float32)
 
 
 def routing(seed, rank, n, drop=0.2):
@@ -47,10 +33,10 @@ def routing(seed, rank, n, drop=0.2):
     return topk, rng.random((n, K)).astype(np.float32)
 
 
-def payload(seed, rank, n, h, reference):
+def payload(seed, rank, n, h):
     rng = np.random.default_rng([seed, 7, rank])
     magnitude = 10.0 ** rng.uniform(-2, 2, size=(n, 1))
-    return bf16_bits((rng.standard_normal((n, h)) * magnitude).astype(np.float32), reference)
+    return bf16_bits((rng.standard_normal((n, h)) * magnitude).astype(np.float32))
 
 
 class Checker:
@@ -109,10 +95,10 @@ def run_ht_dispatch(comm, check, pydeepep, reference):
     topks, weights = [t for t, _ in routes], [w for _, w in routes]
 
     # Exact size, BF16, with weights; then a cached dispatch of new data under the same routing.
-    xs = [payload(3, r, N, H, reference) for r in range(R)]
+    xs = [payload(3, r, N, H) for r in range(R)]
     result = comm.dispatch(pydeepep.to_device(xs[me], device=dev), topk_idx=topk_dev, topk_weights=w_dev, num_experts=E)
     check_ht_dispatch(check, "BF16 dispatch", result, reference.dispatch(xs, topks, weights, E)[me], False)
-    xs2 = [payload(4, r, N, H, reference) for r in range(R)]
+    xs2 = [payload(4, r, N, H) for r in range(R)]
     cached = comm.dispatch(
         pydeepep.to_device(xs2[me], device=dev), topk_idx=topk_dev, topk_weights=w_dev, handle=result.handle
     )
@@ -149,7 +135,7 @@ def run_ht_combine(comm, check, pydeepep, reference):
     R, me, dev = comm.nranks, comm.rank, comm.device
     routes = [routing(6, r, N) for r in range(R)]
     topks, weights = [t for t, _ in routes], [w for _, w in routes]
-    xs = [payload(7, r, N, H, reference) for r in range(R)]
+    xs = [payload(7, r, N, H) for r in range(R)]
     result = comm.dispatch(
         pydeepep.to_device(xs[me], device=dev),
         topk_idx=pydeepep.to_device(topks[me], device=dev),
@@ -158,8 +144,8 @@ def run_ht_combine(comm, check, pydeepep, reference):
     )
     want = reference.dispatch(xs, topks, weights, E)
     ms = [w[4].shape[0] for w in want]
-    ys = [payload(8, r, ms[r], H, reference) for r in range(R)]
-    biases = [payload(9, r, N, H, reference) for r in range(R)]
+    ys = [payload(8, r, ms[r], H) for r in range(R)]
+    biases = [payload(9, r, N, H) for r in range(R)]
     out, out_w, _ = comm.combine(
         pydeepep.to_device(ys[me], device=dev),
         result.handle,
@@ -208,7 +194,7 @@ def run_ll(comm, check, pydeepep, reference):
         seed = 10 + 10 * step
         routes = [routing(seed, r, T) for r in range(R)]
         topks, weights = [t for t, _ in routes], [w for _, w in routes]
-        xs = [payload(seed + 1, r, T, H, reference) for r in range(R)]
+        xs = [payload(seed + 1, r, T, H) for r in range(R)]
         topk_dev = pydeepep.to_device(topks[me], device=dev)
         w_dev = pydeepep.to_device(weights[me], device=dev)
         result = comm.low_latency_dispatch(
