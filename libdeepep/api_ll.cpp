@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <vector>
 
 #include "comm.hpp"
 #include "cuda_utils.hpp"
@@ -107,6 +108,32 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombin
     args->struct_size = sizeof(deepepLowLatencyCombineArgs);
     args->phase = deepepLowLatencySendRecv;
     args->topk_type = deepepInt64;
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    require_low_latency(c);
+    DEEPEP_REQUIRE(rank >= 0 && rank < c.nranks, "rank is %d; it must be in [0, %d)", rank, c.nranks);
+    DEEPEP_REQUIRE(rank != c.rank, "rank %d is this rank: a rank cannot mask itself", rank);
+    check_flag(masked, "masked");
+    DeviceGuard guard(c.device);
+    set_low_latency_mask(c, rank, masked != 0);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int* masked) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(masked != nullptr, "masked is NULL");
+    const deepepComm& c = *checked_comm(comm);
+    require_low_latency(c);
+    DeviceGuard guard(c.device);
+    DEEPEP_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint32_t> mask(static_cast<size_t>(c.nranks));
+    DEEPEP_CUDA_CHECK(
+        cudaMemcpy(mask.data(), low_latency_mask(c), mask.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost));
+    for (int r = 0; r < c.nranks; ++r) masked[r] = mask[static_cast<size_t>(r)] != 0 ? 1 : 0;
   });
 }
 

@@ -72,8 +72,8 @@ struct Area {
   int set;
   AsyncErrorRecord* error;
   uint64_t timeout_ns;
-  int64_t*
-      timeline;  // diagnostic marks [block][DEEPEP_LL_TIMELINE_MARKS], or nullptr (see deepepCommLowLatencyTimeline)
+  uint32_t* mask;     // [nranks], this rank's: 1 for a rank masked out (never waited for, never written to)
+  int64_t* timeline;  // diagnostic [block][DEEPEP_LL_TIMELINE_MARKS] marks, or nullptr
 
   __device__ __forceinline__ uint8_t* base(int owner) const { return static_cast<uint8_t*>(peers[owner]) + offset; }
   __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(base(rank)); }
@@ -124,6 +124,14 @@ __device__ __forceinline__ uint64_t tagged(uint32_t seq, uint32_t value) {
   return (static_cast<uint64_t>(seq) << 32) | value;
 }
 
+// Whether rank `r` is masked out of low-latency calls (set by the host, or by a timeout waiting for it).
+__device__ __forceinline__ bool is_masked(const Area& a, int r) {
+  return *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+}
+
+// A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it.
+__device__ __forceinline__ void mask_after_timeout(const Area& a, int r) { atomicExch(a.mask + r, 1u); }
+
 // Whether ack value `v` says the peer finished operation `needed` (or a later one), modulo 2^32.
 __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
   return static_cast<int32_t>(static_cast<uint32_t>(v) - needed) >= 0;
@@ -138,9 +146,12 @@ __device__ bool wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline
   if (threadIdx.x < 32) {
     bool ok = true;
     for (int d = threadIdx.x; d < a.nranks; d += 32) {
-      if (d == a.rank) continue;
-      ok &= wait_flag(
-          a.ack(a.rank, d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d);
+      if (d == a.rank || is_masked(a, d)) continue;
+      if (!wait_flag(
+              a.ack(a.rank, d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d)) {
+        mask_after_timeout(a, d);
+        ok = false;
+      }
     }
     if (!ok) all_ok = 0;
   }
@@ -162,7 +173,7 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
       state->seq[a.set] = seq;
       if (combine) state->last_combine[a.set] = seq;
       for (int d = 0; d < a.nranks; ++d) {
-        if (d != a.rank) store_release_sys(a.ack(d, a.rank), seq);
+        if (d != a.rank && !is_masked(a, d)) store_release_sys(a.ack(d, a.rank), seq);
       }
       __threadfence();
     }
@@ -300,8 +311,9 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
       if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1, t * p.num_topk + k,
                            e);
-      } else if (e >= 0 && first_slot(ids, k, e)) {
-        // The first slots of one token name distinct experts: thread k alone touches tokens_before[e] here.
+      } else if (e >= 0 && first_slot(ids, k, e) && !is_masked(a, static_cast<int>(e) / p.experts_per_rank)) {
+        // The first slots of one token name distinct experts: thread k alone touches tokens_before[e] here. (The
+        // positions under a masked rank's experts are never used: nothing goes there.)
         const int position = tokens_before[e]++;
         const int dest = static_cast<int>(e) / p.experts_per_rank;
         const int local = static_cast<int>(e) % p.experts_per_rank;
@@ -355,7 +367,9 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   if (!last_block) return;
   for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
     const uint32_t rows = atomicExch(&p.send_counts[e], 0u);  // reset for the set's next dispatch
-    store_release_sys(a.dispatch_flag(e / p.experts_per_rank, e % p.experts_per_rank, a.rank), tagged(seq, rows));
+    const int dest = e / p.experts_per_rank;
+    if (!is_masked(a, dest))
+      store_release_sys(a.dispatch_flag(dest, e % p.experts_per_rank, a.rank), tagged(seq, rows));
   }
   if (threadIdx.x == 0) a.state()->send_done[a.set] = 0;
   __syncthreads();
@@ -375,9 +389,12 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
       uint64_t seen = 0;
       const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
-      const bool ok = wait_flag(
-          a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; },
-          deadline, a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+      // A masked source sends nothing and is not waited for.
+      bool ok = !is_masked(a, s) && wait_flag(
+                                        a.dispatch_flag(a.rank, local, s),
+                                        [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline,
+                                        a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+      if (!ok && !is_masked(a, s)) mask_after_timeout(a, s);
       if (p.stats_wait_ns != nullptr) {
         atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
                   static_cast<unsigned long long>(global_timer_ns() - wait_start));
@@ -535,7 +552,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
         if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
                              local * rows_per_expert + j, info);
-        } else {
+        } else if (!is_masked(a, s)) {
           row = combine_row(p, s, token, slot);
         }
         destination[threadIdx.x] = row;
@@ -561,6 +578,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
     }
     timeline_mark(a, kMarkStored);
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
+      if (is_masked(a, s)) continue;
       __threadfence_system();
       store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
     }
@@ -583,7 +601,8 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       const Index* ids = topk + t * p.topk_stride;
       const int64_t e = static_cast<int64_t>(ids[k]);
       int from = -1;
-      if (e >= 0 && e < p.num_experts) {
+      // Slots naming an expert of a masked rank are skipped, like -1 slots.
+      if (e >= 0 && e < p.num_experts && !is_masked(a, static_cast<int>(e / p.experts_per_rank))) {
         from = k;
         for (int j = 0; j < k; ++j) {
           if (static_cast<int64_t>(ids[j]) == e) {
@@ -591,13 +610,15 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
             break;
           }
         }
+        const int owner = static_cast<int>(e / p.experts_per_rank);
         if (from == k && !wait_flag(
                              a.combine_flag(a.rank, static_cast<int>(e)),
                              [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; }, deadline, a.error, a.rank,
-                             Phase::kLowLatencyCombine, static_cast<int>(e / p.experts_per_rank))) {
+                             Phase::kLowLatencyCombine, owner)) {
+          mask_after_timeout(a, owner);
           from = -1;
         }
-      } else if (e != -1) {
+      } else if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
                            e);
       }
@@ -686,6 +707,7 @@ Area make_area(const deepepComm& comm, int set) {
   a.error = comm.async_error_device;
   a.timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
   a.timeline = comm.ll_timeline_device;
+  a.mask = low_latency_mask(comm);
   return a;
 }
 
@@ -732,7 +754,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.dispatch_flags_offset = align_up(l.ack_offset + kLowLatencySets * R * 8, 256);
   l.combine_flags_offset = l.dispatch_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
   l.send_counts_offset = l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
-  l.control_bytes = align_up(l.send_counts_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 4, 4096);
+  l.mask_offset = l.send_counts_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 4;
+  l.control_bytes = align_up(l.mask_offset + R * 4, 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
   const long double receive = static_cast<long double>(l.max_local_experts) * R * l.max_tokens * row;
@@ -749,6 +772,31 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.set_bytes = l.receive_bytes + l.combine_rows_bytes;
   l.total_bytes = l.control_bytes + kLowLatencySets * l.set_bytes;
   return l;
+}
+
+uint32_t* low_latency_mask(const deepepComm& comm) {
+  return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset + comm.ll_area.mask_offset);
+}
+
+void set_low_latency_mask(const deepepComm& comm, int rank, bool masked) {
+  DEEPEP_CUDA_CHECK(cudaDeviceSynchronize());  // kernels read the mask, and a timeout writes it
+  uint32_t* mask = low_latency_mask(comm) + rank;
+  uint32_t was = 0;
+  DEEPEP_CUDA_CHECK(cudaMemcpy(&was, mask, sizeof(was), cudaMemcpyDeviceToHost));
+  if (was != 0 && !masked) {
+    // The rank sent no acknowledgements while masked (and this rank waited for none): take its acknowledgements as
+    // up to date, or the next call would wait for acknowledgements of operations the rank made without this one.
+    uint8_t* area = static_cast<uint8_t*>(comm.buffer) + comm.ll_offset;
+    LowLatencyState state;
+    DEEPEP_CUDA_CHECK(cudaMemcpy(&state, area, sizeof(state), cudaMemcpyDeviceToHost));
+    for (int set = 0; set < kLowLatencySets; ++set) {
+      const uint64_t acked = state.seq[set];
+      auto* ack = reinterpret_cast<uint64_t*>(area + comm.ll_area.ack_offset) + set * comm.nranks + rank;
+      DEEPEP_CUDA_CHECK(cudaMemcpy(ack, &acked, sizeof(acked), cudaMemcpyHostToDevice));
+    }
+  }
+  const uint32_t value = masked ? 1u : 0u;
+  DEEPEP_CUDA_CHECK(cudaMemcpy(mask, &value, sizeof(value), cudaMemcpyHostToDevice));
 }
 
 void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set) {

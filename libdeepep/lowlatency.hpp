@@ -25,6 +25,7 @@ constexpr int kLowLatencySets = 2;
 //                    the rows of this rank's tokens under e
 //   send counts      uint32 [set][R * DEEPEP_MAX_LOCAL_EXPERTS]: rows the running dispatch send stores to each
 //                    expert, added up by its blocks (local; back to zero when the send ends)
+//   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
 //   set 0, set 1     each: receive slots [E_loc][R][T] rows (dispatch; the same bytes are the combine buffer
 //                    [E_loc][R*T][H] BF16 of the zero-copy combine), then combine rows [T][K] BF16 [H]
 struct LowLatencyArea {
@@ -36,6 +37,7 @@ struct LowLatencyArea {
   size_t dispatch_flags_offset = 0;
   size_t combine_flags_offset = 0;
   size_t send_counts_offset = 0;
+  size_t mask_offset = 0;
   size_t control_bytes = 0;        // everything before set 0 (zeroed at setup)
   size_t receive_bytes = 0;        // per set
   size_t combine_rows_offset = 0;  // from the set's start
@@ -64,6 +66,12 @@ enum class LowLatencyTransport { kNvlinkStores = 0 };
 
 void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args, cudaStream_t stream);
 void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream);
+
+// The device array [R] of this rank's low-latency mask (1: masked).
+uint32_t* low_latency_mask(const deepepComm& comm);
+
+// Masks `rank` (or takes it back, taking its acknowledgements as up to date). Synchronises the device first.
+void set_low_latency_mask(const deepepComm& comm, int rank, bool masked);
 
 // Device address of `buffer_set`'s combine buffer on this rank.
 void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set);

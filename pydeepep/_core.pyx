@@ -429,6 +429,28 @@ cdef class Communicator:
         _check(status)
         return gbps
 
+    def low_latency_mask_rank(self, int rank, bint masked=True):
+        """Masks ``rank`` out of low-latency calls (or takes it back with ``masked=False``): it is never waited for or
+        written to, and this rank's tokens routed to its experts are skipped like -1 slots. A low-latency call that
+        times out waiting for a rank masks it by itself; after ``clear_async_error()`` the survivors go on among
+        themselves. Every surviving rank must mask the same ranks. Blocking (synchronises the device)."""
+        cdef deepepComm_t comm = self._live()
+        cdef deepepResult_t status
+        with nogil:
+            status = deepepCommLowLatencyMaskRank(comm, rank, 1 if masked else 0)
+        _check(status)
+
+    def low_latency_masked_ranks(self):
+        """A list of ``nranks`` booleans: which ranks this rank has masked out of low-latency calls."""
+        cdef deepepComm_t comm = self._live()
+        flags = np.zeros(self.nranks, np.intc)
+        cdef int[::1] view = flags
+        cdef deepepResult_t status
+        with nogil:
+            status = deepepCommLowLatencyMaskedRanks(comm, &view[0])
+        _check(status)
+        return [bool(v) for v in flags]
+
     def low_latency_timeline(self):
         """Diagnostic (needs DEEPEP_LL_TIMELINE=1 when the communicator was created): int64 [blocks, 8] of the
         %globaltimer nanoseconds at which each block of the last low-latency kernel reached: start, peers'

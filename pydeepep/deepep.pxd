@@ -174,6 +174,8 @@ cdef extern from "deepep/deepep.h" nogil:
         deepepDataType_t stats_recv_count_type
         int64_t* stats_wait_ns
 
+    deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked)
+    deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int* masked)
     deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
                                                 int* num_blocks)
     deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args)

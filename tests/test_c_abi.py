@@ -65,6 +65,8 @@ EXPECTED_API = {
     "deepepLowLatencyGetCombineBuffer",
     "deepepCommLowLatencyMaxTokens",
     "deepepCommLowLatencyTimeline",
+    "deepepCommLowLatencyMaskRank",
+    "deepepCommLowLatencyMaskedRanks",
 }
 
 

@@ -310,6 +310,43 @@ def capture_without_out_case(comm, seed, n=80, h=512, k=4, e=16):
     return run_case(comm, seed + 1, n=n, h=h, k=k, e=e)
 
 
+def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
+    """Each rank masks the other out: dispatch and combine then run on each rank alone, as if the other rank had no
+    tokens and every slot naming its experts were -1; taken back, the ranks work together again."""
+    R, me = comm.nranks, comm.rank
+    if R != 2:
+        return True
+    other, local = 1 - me, e // R
+    inputs = [make_inputs(seed, r, n, h, k, e, R) for r in range(R)]
+    x_mine, topk_mine, w_mine = inputs[me]
+    seen = [make_inputs(seed, r, n if r == me else 0, h, k, e, R) for r in range(R)]  # the other sends nothing
+    seen[me] = (x_mine, np.where(topk_mine // local == other, -1, topk_mine), w_mine)
+    topks = [t for _, t, _ in seen]
+    want = reference.low_latency_dispatch([bf16_values(x) for x, _, _ in seen], topks, e, T)
+    ys = [bf16_bits(np.random.default_rng([seed, 3, r]).standard_normal((local, R * T, h))) for r in range(R)]
+    want_out = reference.low_latency_combine(
+        [bf16_values(y) for y in ys], topks, [w for _, _, w in seen], [w[3] for w in want]
+    )[me]
+    comm.low_latency_mask_rank(other)
+    try:
+        if comm.low_latency_masked_ranks() != [r == other for r in range(R)]:
+            return f"masked ranks {comm.low_latency_masked_ranks()}"
+        with cupy.cuda.Device(comm.device):
+            topk_dev = dev(topk_mine)  # the real routing: the library skips the masked rank's experts itself
+            result = comm.low_latency_dispatch(dev(x_mine), topk_dev, e)
+            out = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), result).out
+            cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        verdict = check_dispatch(result, want[me], seen, me, e, R, True, False)
+        if verdict is not True:
+            return f"masked: {verdict}"
+        if not np.array_equal(bf16_values(out.to_numpy()), want_out):
+            return "masked: combine output differs"
+    finally:
+        comm.low_latency_mask_rank(other, masked=False)
+    return run_case(comm, seed + 1, n=n, h=h, k=k, e=e)
+
+
 def ht_then_ll_case(comm, seed):
     """High-throughput dispatch and combine, then low-latency, then high-throughput again, in one communicator."""
     R, me = comm.nranks, comm.rank
@@ -427,6 +464,7 @@ EXTRA = {
     "double_hook": lambda comm: double_hook_case(comm, 50),
     "graph_replay": lambda comm: graph_case(comm, 60),
     "capture_without_out_refused": lambda comm: capture_without_out_case(comm, 65),
+    "masked_peer": lambda comm: masked_peer_case(comm, 67),
     "ht_then_ll": lambda comm: ht_then_ll_case(comm, 70),
     "stale_result_refused": lambda comm: stale_case(comm, 80),
     "load_statistics": lambda comm: stats_case(comm, 85),

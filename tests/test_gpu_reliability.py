@@ -18,9 +18,10 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, requires_gpus
+from conftest import bf16_bits, bf16_values, requires_gpus
 
 import pydeepep
+from pydeepep import reference
 from pydeepep.launch import RankInfo
 
 pytestmark = [pytest.mark.gpu, requires_gpus(2)]
@@ -59,6 +60,36 @@ def step(comm, call, x, topk, weights):
     comm.check_async_error()
 
 
+def survive_alone(comm, host_inputs, inputs_dev):
+    """After a low-latency call timed out waiting for the dead rank 1, rank 0 has masked it: it clears the error and
+    goes on alone; its dispatch and combine match the oracle without rank 1 (no tokens from it, and the slots naming
+    its experts skipped). True or what differs."""
+    masked = comm.low_latency_masked_ranks()
+    if masked != [False, True]:
+        return f"masked ranks after the timeout: {masked}"
+    comm.clear_async_error()
+    x, topk, weights = inputs_dev
+    result = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
+    out = comm.low_latency_combine(result.recv_x, topk, weights, result).out
+    synchronize()
+    comm.check_async_error()
+    x_np, topk_np, w_np = host_inputs
+    local = E // 2
+    seen = [np.where(topk_np // local == 1, -1, topk_np), np.zeros((0, K), np.int64)]
+    want = reference.low_latency_dispatch([bf16_values(x_np), np.zeros((0, H), np.float32)], seen, E, T, use_fp8=False)
+    if not np.array_equal(result.recv_count.to_numpy(), want[0][2]):
+        return f"recv_count {result.recv_count.to_numpy().tolist()} != {want[0][2].tolist()}"
+    got_x = bf16_values(result.recv_x.to_numpy())
+    for le, m in enumerate(want[0][2]):
+        if not np.array_equal(got_x[le, :m], want[0][0][le, :m]):
+            return f"rows of local expert {le} differ"
+    ys = [got_x, np.zeros_like(got_x)]
+    want_out = reference.low_latency_combine(ys, seen, [w_np, np.zeros((0, K), np.float32)], [w[3] for w in want])[0]
+    if not np.array_equal(bf16_values(out.to_numpy()), want_out):
+        return "combine output differs"
+    return True
+
+
 def killed_peer(info, post, may_die, peer_dead, call):
     """Rank 1 dies after WARMUP_STEPS steps; rank 0 then makes `call` and closes. Reports go through `post`."""
     comm = pydeepep.Communicator(
@@ -74,7 +105,8 @@ def killed_peer(info, post, may_die, peer_dead, call):
         low_latency_max_tokens=T if call.startswith("ll_") else 0,
     )
     try:
-        x, topk, weights = (pydeepep.to_device(a, device=comm.device) for a in inputs(info.rank))
+        host_inputs = inputs(info.rank)
+        x, topk, weights = (pydeepep.to_device(a, device=comm.device) for a in host_inputs)
         for _ in range(WARMUP_STEPS):
             step(comm, call, x, topk, weights)
         post("warmup", WARMUP_STEPS)
@@ -96,6 +128,11 @@ def killed_peer(info, post, may_die, peer_dead, call):
             post("call", ("no error", time.monotonic() - start, ""))
         except pydeepep.DeepEPError as exc:
             post("call", (type(exc).__name__, time.monotonic() - start, str(exc)))
+        if call == "ll_dispatch":
+            try:
+                post("survivor", survive_alone(comm, host_inputs, (x, topk, weights)))
+            except Exception:
+                post("survivor", traceback.format_exc())
     finally:
         start = time.monotonic()
         try:
@@ -194,6 +231,8 @@ def test_a_killed_peer_gives_a_timeout_naming_it_and_the_survivor_exits_cleanly(
     assert kind == "DeepEPTimeoutError", outcome
     assert seconds < TIMEOUT + GRACE, outcome
     assert "waiting for rank 1" in message, outcome
+    if call == "ll_dispatch":
+        assert rank0.get("survivor") is True, rank0.get("survivor")
 
     closed = rank0.get("close")
     assert isinstance(closed, tuple), f"rank 0 never finished close(): {rank0}"

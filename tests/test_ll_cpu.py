@@ -98,6 +98,16 @@ def test_args_init_rejects_null(lib, function):
     assert "args is NULL" in last_error(lib)
 
 
+def test_masking_refuses_a_null_communicator_and_null_output(lib):
+    assert lib.deepepCommLowLatencyMaskRank(None, 1, 1) == INVALID_ARGUMENT
+    assert "comm is NULL" in last_error(lib)
+    flags = (ctypes.c_int * 2)()
+    assert lib.deepepCommLowLatencyMaskedRanks(None, flags) == INVALID_ARGUMENT
+    assert "comm is NULL" in last_error(lib)
+    assert lib.deepepCommLowLatencyMaskedRanks(None, None) == INVALID_ARGUMENT
+    assert "masked is NULL" in last_error(lib)
+
+
 def test_timeline_refuses_null_outputs_and_a_null_communicator(lib):
     blocks = ctypes.c_int(-1)
     assert lib.deepepCommLowLatencyTimeline(None, None, 0, ctypes.byref(blocks)) == INVALID_ARGUMENT

@@ -439,6 +439,18 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
 DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden,
                                                            int num_experts, void** buffer);
 
+/* Masking a rank out of low-latency calls (for serving that goes on when a rank dies). A masked rank is never waited
+ * for and never written to: this rank's tokens routed to its experts are not delivered (as if their top-k slots were
+ * -1, in dispatch and combine alike), and nothing is received from it. A low-latency call that times out waiting for
+ * a rank masks it on its own (the call still reports the timeout): after clearing the asynchronous error, the
+ * survivors' next calls go on among themselves. Every surviving rank must mask the same ranks. Masking does not
+ * apply to high-throughput calls. Blocking (synchronises the device first); not capturable. [in] rank: not this
+ * rank; masked: 1 to mask, 0 to take the rank back (only once it makes the same low-latency calls again). */
+DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
+
+/* The low-latency mask of this rank: masked[r] is 1 for a masked rank, else 0. Blocking. [out] masked [nranks] */
+DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int* masked);
+
 /* Diagnostic: when the environment variable DEEPEP_LL_TIMELINE=1 is set at communicator creation, every low-latency
  * kernel records per block the %globaltimer nanoseconds at DEEPEP_LL_TIMELINE_MARKS points of its work: 0 start,
  * 1 peers' acknowledgements seen, 2 send positions counted (dispatch), 3 rows stored, 4 row counts or arrival flags
