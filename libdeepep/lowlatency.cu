@@ -21,6 +21,8 @@
 // for a combine (combine rows) the previous combine on the set. The last block of each operation's final kernel
 // writes seq into every peer's ack word. Send-only (hook) kernels change no state; the receive kernel completes
 // the operation. Every wait is bounded by the timeout and records rank, phase and peer on expiry.
+// Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to; the
+// slots naming their experts are skipped like -1 slots, so the other ranks' operations complete without them.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -130,33 +132,30 @@ __device__ __forceinline__ bool is_masked(const Area& a, int r) {
 }
 
 // A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it.
-__device__ __forceinline__ void mask_after_timeout(const Area& a, int r) { atomicExch(a.mask + r, 1u); }
+// A rank never masks itself (its own flags come late only when something else failed).
+__device__ __forceinline__ void mask_after_timeout(const Area& a, int r) {
+  if (r != a.rank) atomicExch(a.mask + r, 1u);
+}
 
 // Whether ack value `v` says the peer finished operation `needed` (or a later one), modulo 2^32.
 __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
   return static_cast<int32_t>(static_cast<uint32_t>(v) - needed) >= 0;
 }
 
-// Waits (warp 0 of the block) until every peer finished operation `needed` on the set. Returns the verdict to the
-// whole block. Acks are written by the peers into this rank's area, so the loads stay local.
-__device__ bool wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline, Phase phase) {
-  __shared__ int all_ok;
-  if (threadIdx.x == 0) all_ok = 1;
-  __syncthreads();
+// Waits (warp 0 of the block) until every peer that is not masked finished operation `needed` on the set. Acks are
+// written by the peers into this rank's area, so the loads stay local. A peer whose ack does not come in time is
+// masked (the timeout is recorded): the block goes on without writing to it, so the survivors' operation completes.
+__device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline, Phase phase) {
   if (threadIdx.x < 32) {
-    bool ok = true;
     for (int d = threadIdx.x; d < a.nranks; d += 32) {
       if (d == a.rank || is_masked(a, d)) continue;
       if (!wait_flag(
               a.ack(a.rank, d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d)) {
         mask_after_timeout(a, d);
-        ok = false;
       }
     }
-    if (!ok) all_ok = 0;
   }
   __syncthreads();
-  return all_ok != 0;
 }
 
 // End of an operation's final kernel: the last block records the operation as complete and acknowledges it to
@@ -280,7 +279,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // where slot k of the current token goes; nullptr: nowhere
   __shared__ int last_block;
   const Index* topk = static_cast<const Index*>(p.topk_idx);
-  if (!wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch)) return;
+  wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch);
   timeline_mark(a, kMarkAcks);
 
   // This block's tokens: a contiguous range, so one count over the tokens before it gives every position.
@@ -526,7 +525,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   const Area& a = p.area;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int vectors = p.hidden / 8;  // 16-byte vectors per row
-  if (!wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine)) return;
+  wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine);
   timeline_mark(a, kMarkAcks);
 
   for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
