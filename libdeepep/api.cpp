@@ -143,6 +143,7 @@ DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResul
 DEEPEP_API deepepResult_t deepepCommClearAsyncError(deepepComm_t comm) {
   return guarded_call(__func__, [&] {
     deepepComm* c = checked_comm(comm);
+    if (c->async_error->code == deepepTimeout) c->peer_timed_out.store(true);  // sticky: see destroy_comm
     std::memset(c->async_error, 0, sizeof(AsyncErrorRecord));
   });
 }

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "bounded.hpp"
 #include "comm.hpp"
@@ -334,6 +335,24 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   return comm.release();
 }
 
+// Whether a peer may be gone: a timeout was read, or is recorded unread, or a low-latency call masked a rank.
+static bool peer_may_be_lost(const deepepComm& comm) {
+  if (comm.peer_timed_out.load()) return true;
+  if (comm.async_error != nullptr && comm.async_error->code == deepepTimeout) return true;
+  if (comm.ll_area.max_tokens > 0) {
+    std::vector<uint32_t> mask(static_cast<size_t>(comm.nranks));
+    if (cudaMemcpy(mask.data(), low_latency_mask(comm), mask.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    for (const uint32_t bit : mask) {
+      if (bit != 0) return true;
+    }
+  }
+  return false;
+}
+
 void destroy_comm(deepepComm* comm) {
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
@@ -342,6 +361,7 @@ void destroy_comm(deepepComm* comm) {
   std::unique_ptr<deepepComm> owner(comm);
   DeviceGuard guard(comm->device);
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
+  if (peer_may_be_lost(*comm)) comm->peer_timed_out.store(true);
   free_local_resources(comm);
   comm->magic = 0;
   if (comm->peer_timed_out.load()) {

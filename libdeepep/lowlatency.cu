@@ -482,11 +482,12 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
   const uint32_t seq = p.area.state()->seq[p.area.set] + 1u;
-  const uint64_t deadline = global_timer_ns() + p.area.timeout_ns;
   timeline_start(p.area);
-  if (phases & kSend) dispatch_send<Index>(p, seq, deadline);
+  // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
+  // must still wait for the live ranks.
+  if (phases & kSend) dispatch_send<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
-    dispatch_recv(p, seq, deadline);
+    dispatch_recv(p, seq, global_timer_ns() + p.area.timeout_ns);
     finish_operation(p.area, seq, false);
   }
   timeline_mark(p.area, kMarkEnd);
@@ -679,11 +680,10 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
   const LowLatencyState* state = p.area.state();
   const uint32_t seq = state->seq[p.area.set] + 1u;
   const uint32_t previous_combine = state->last_combine[p.area.set];
-  const uint64_t deadline = global_timer_ns() + p.area.timeout_ns;
   timeline_start(p.area);
-  if (phases & kSend) combine_send(p, seq, previous_combine, deadline);
+  if (phases & kSend) combine_send(p, seq, previous_combine, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
-    combine_recv<Index>(p, seq, deadline);
+    combine_recv<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
     finish_operation(p.area, seq, true);
   }
   timeline_mark(p.area, kMarkEnd);

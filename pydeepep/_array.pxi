@@ -200,13 +200,18 @@ cdef int _load_driver() except -1:
     return 0
 
 
-def _refuse_capture(size_t stream, str call):
-    """Raises when `stream` is capturing a CUDA graph: outputs pydeepep allocated there would be allocations of the
-    graph, and a graph holding allocations it does not free cannot be launched a second time."""
+def _capturing(size_t stream):
+    """Whether `stream` is capturing a CUDA graph."""
     from cuda.bindings import driver
 
     status = _driver_result(driver.cuStreamIsCapturing(driver.CUstream(stream)), "cuStreamIsCapturing")
-    if status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE:
+    return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+
+def _refuse_capture(size_t stream, str call):
+    """Raises when `stream` is capturing a CUDA graph: outputs pydeepep allocated there would be allocations of the
+    graph, and a graph holding allocations it does not free cannot be launched a second time."""
+    if _capturing(stream):
         raise DeepEPInvalidUsage(
             f"{call} is being captured in a CUDA graph without out= arrays: pass out= arrays allocated before the "
             "capture (for instance the result of an earlier call), so that every replay writes the same arrays", 2)
@@ -349,6 +354,11 @@ cdef class DeviceArray:
         cdef size_t handle = stream_handle(stream)
         if handle == self.stream:
             return
+        if _capturing(handle):
+            # The wait would be on an event recorded outside the capture, and the memory would be freed inside it.
+            raise DeepEPInvalidUsage(
+                "an out= array made on another stream is written by a call being captured in a CUDA graph: make the "
+                "out= arrays on the capturing stream (before the capture)", 2)
         _make_stream_wait(self.stream, handle)
         self.stream = handle
         if isinstance(self._owner, _Allocation):

@@ -517,7 +517,8 @@ class Buffer:
         tensors = outputs.tensors
         recv_x = tensors["recv_x"]
         if use_fp8:
-            recv_x = (recv_x.view(_TORCH_TYPES["float8_e4m3fn"]), tensors["recv_scales"].transpose(1, 2))
+            fp8 = _TORCH_TYPES["float8_e4m3fn"]  # None in PyTorch builds without float8: the bits stay uint8
+            recv_x = (recv_x if fp8 is None else recv_x.view(fp8), tensors["recv_scales"].transpose(1, 2))
         done = self._low_latency_done(
             async_finish,
             (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, *tensors.values()),

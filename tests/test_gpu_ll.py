@@ -344,7 +344,15 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
             return "masked: combine output differs"
     finally:
         comm.low_latency_mask_rank(other, masked=False)
+        host_barrier(comm)  # taking a rank back needs every rank idle and unmasked before the next call
     return run_case(comm, seed + 1, n=n, h=h, k=k, e=e)
+
+
+def host_barrier(comm):
+    """The ranks meet on the host: an exact-size high-throughput dispatch waits for every rank's counts."""
+    with cupy.cuda.Device(comm.device):
+        comm.dispatch(cupy.zeros((1, 256), cupy.uint16), topk_idx=cupy.zeros((1, 1), cupy.int64), num_experts=16)
+        cupy.cuda.runtime.deviceSynchronize()
 
 
 def ht_then_ll_case(comm, seed):

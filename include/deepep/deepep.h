@@ -442,10 +442,13 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
 /* Masking a rank out of low-latency calls (for serving that goes on when a rank dies). A masked rank is never waited
  * for and never written to: this rank's tokens routed to its experts are not delivered (as if their top-k slots were
  * -1, in dispatch and combine alike), and nothing is received from it. A low-latency call that times out waiting for
- * a rank masks it on its own (the call still reports the timeout): after clearing the asynchronous error, the
- * survivors' next calls go on among themselves. Every surviving rank must mask the same ranks. Masking does not
- * apply to high-throughput calls. Blocking (synchronises the device first); not capturable. [in] rank: not this
- * rank; masked: 1 to mask, 0 to take the rank back (only once it makes the same low-latency calls again). */
+ * a rank masks it on its own (the call still reports the timeout; each phase of a call waits at most the timeout).
+ * Every surviving rank must mask the same ranks: with more than two ranks, gather deepepCommLowLatencyMaskedRanks
+ * from the survivors (outside this library) and mask the union everywhere before the next call, then clear the
+ * asynchronous error. Taking a rank back (masked = 0) takes its acknowledgements as current: do it only while no
+ * rank has a low-latency call in flight, on every rank, followed by a host barrier before the next call. Masking
+ * does not apply to high-throughput calls. Blocking (synchronises the device first); not capturable. [in] rank: not
+ * this rank; masked: 1 to mask, 0 to take back. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
 
 /* The low-latency mask of this rank: masked[r] is 1 for a masked rank, else 0. Blocking. [out] masked [nranks] */
