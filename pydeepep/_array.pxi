@@ -156,19 +156,23 @@ cdef extern from *:
     typedef int (*pydeepep_free_fn)(unsigned long long, void*);
     typedef int (*pydeepep_push_fn)(void*);
     typedef int (*pydeepep_pop_fn)(void**);
+    typedef int (*pydeepep_capturing_fn)(void*, int*);
     static pydeepep_alloc_fn pydeepep_mem_alloc_from_pool_async = 0;
     static pydeepep_free_fn pydeepep_mem_free_async = 0;
     static pydeepep_push_fn pydeepep_ctx_push = 0;
     static pydeepep_pop_fn pydeepep_ctx_pop = 0;
+    static pydeepep_capturing_fn pydeepep_stream_is_capturing = 0;
     """
     ctypedef int (*pydeepep_alloc_fn)(unsigned long long*, size_t, void*, void*) noexcept nogil
     ctypedef int (*pydeepep_free_fn)(unsigned long long, void*) noexcept nogil
     ctypedef int (*pydeepep_push_fn)(void*) noexcept nogil
     ctypedef int (*pydeepep_pop_fn)(void**) noexcept nogil
+    ctypedef int (*pydeepep_capturing_fn)(void*, int*) noexcept nogil
     pydeepep_alloc_fn pydeepep_mem_alloc_from_pool_async
     pydeepep_free_fn pydeepep_mem_free_async
     pydeepep_push_fn pydeepep_ctx_push
     pydeepep_pop_fn pydeepep_ctx_pop
+    pydeepep_capturing_fn pydeepep_stream_is_capturing
 
 cdef int CUDA_ERROR_OUT_OF_MEMORY = 2
 cdef dict _pools = {}      # device ordinal -> CUmemoryPool handle, created on first use and kept for the process
@@ -186,13 +190,17 @@ cdef int _load_driver() except -1:
         push_address = ctypes.cast(lib.cuCtxPushCurrent_v2, ctypes.c_void_p).value
         pop_address = ctypes.cast(lib.cuCtxPopCurrent_v2, ctypes.c_void_p).value
         alloc_address = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
+        capturing_address = ctypes.cast(lib.cuStreamIsCapturing, ctypes.c_void_p).value
     except (OSError, AttributeError) as exc:  # no driver, or one too old for stream-ordered pools
         raise DeepEPCudaError(f"the CUDA driver (libcuda.so.1) could not be used: {exc}", 3) from exc
     cdef size_t free_fn = free_address
     cdef size_t push_fn = push_address
     cdef size_t pop_fn = pop_address
     cdef size_t alloc_fn = alloc_address
+    cdef size_t capturing_fn = capturing_address
     global pydeepep_mem_alloc_from_pool_async, pydeepep_mem_free_async, pydeepep_ctx_push, pydeepep_ctx_pop
+    global pydeepep_stream_is_capturing
+    pydeepep_stream_is_capturing = <pydeepep_capturing_fn>capturing_fn
     pydeepep_mem_free_async = <pydeepep_free_fn>free_fn
     pydeepep_ctx_push = <pydeepep_push_fn>push_fn
     pydeepep_ctx_pop = <pydeepep_pop_fn>pop_fn
@@ -200,21 +208,18 @@ cdef int _load_driver() except -1:
     return 0
 
 
-def _capturing(size_t stream):
-    """Whether `stream` is capturing a CUDA graph."""
-    from cuda.bindings import driver
-
-    status = _driver_result(driver.cuStreamIsCapturing(driver.CUstream(stream)), "cuStreamIsCapturing")
-    return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
-
-
-def _refuse_capture(size_t stream, str call):
-    """Raises when `stream` is capturing a CUDA graph: outputs pydeepep allocated there would be allocations of the
-    graph, and a graph holding allocations it does not free cannot be launched a second time."""
-    if _capturing(stream):
-        raise DeepEPInvalidUsage(
-            f"{call} is being captured in a CUDA graph without out= arrays: pass out= arrays allocated before the "
-            "capture (for instance the result of an earlier call), so that every replay writes the same arrays", 2)
+cdef bint _capturing(size_t stream, int device) except -1:
+    """Whether `stream` (of `device`) is capturing a CUDA graph (a direct driver call: it runs on every allocation)."""
+    _load_driver()
+    cdef void* previous = NULL
+    cdef int capture = 0
+    cdef int status = pydeepep_ctx_push(<void*>_primary_context(device))  # the legacy stream is the context's
+    if status == 0:
+        status = pydeepep_stream_is_capturing(<void*>stream, &capture)
+        pydeepep_ctx_pop(&previous)
+    if status != 0:
+        raise DeepEPCudaError(f"cuStreamIsCapturing failed (CUDA driver error {status})", 3)
+    return capture != 0
 
 
 def _driver_result(result, str what):
@@ -285,7 +290,12 @@ cdef class _Allocation:
 
 
 cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
-    _load_driver()
+    if _capturing(stream, device):
+        # The memory would belong to the graph, and a graph holding allocations it does not free cannot be launched
+        # a second time.
+        raise DeepEPInvalidUsage(
+            "pydeepep cannot allocate on a stream that is capturing a CUDA graph: pass out= arrays allocated before "
+            "the capture (for instance the result of an earlier call), so that every replay writes the same arrays", 2)
     cdef _Allocation block = _Allocation.__new__(_Allocation)
     cdef void* previous = NULL
     cdef int status
@@ -354,7 +364,7 @@ cdef class DeviceArray:
         cdef size_t handle = stream_handle(stream)
         if handle == self.stream:
             return
-        if _capturing(handle):
+        if _capturing(handle, self.device_id):
             # The wait would be on an event recorded outside the capture, and the memory would be freed inside it.
             raise DeepEPInvalidUsage(
                 "an out= array made on another stream is written by a call being captured in a CUDA graph: make the "

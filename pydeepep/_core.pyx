@@ -492,7 +492,6 @@ cdef class Communicator:
                 f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({self.nranks})",
                 1)
         if out is None:
-            _refuse_capture(s, "get_dispatch_layout")
             # Pass the caller's stream object itself: the arrays keep it alive until their memory is freed on it.
             results = (empty((self.nranks,), np.int32, device=self.device, stream=stream),
                        empty((num_experts,), np.int32, device=self.device, stream=stream),
@@ -632,7 +631,6 @@ cdef class Communicator:
                 raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
             rows = h.num_recv_rows
         if out is None:
-            _refuse_capture(s, "dispatch")
             recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
             recv_scales = empty((rows, a.num_scales), scales_dtype, device=self.device, stream=stream) if fp8 else None
             recv_topk_idx = (empty((rows, num_topk), np.int64, device=self.device, stream=stream)
@@ -720,7 +718,6 @@ cdef class Communicator:
             a.bias_row_stride[i] = bv.stride
             keep.append(bv)
         if out is None:
-            _refuse_capture(s, "combine")
             out_x = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
         else:

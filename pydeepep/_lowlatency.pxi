@@ -191,7 +191,6 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     scales_shape = (local, columns, rows) if scales_token_contiguous else (local, rows, columns)
     scales_dtype = np.int32 if use_ue8m0 else np.float32
     if out is None:
-        _refuse_capture(s, "low_latency_dispatch")
         recv_x = empty((local, rows, hidden), payload, device=comm.device, stream=stream)
         recv_scales = empty(scales_shape, scales_dtype, device=comm.device, stream=stream) if use_fp8 else None
         recv_count = empty((local,), np.int32, device=comm.device, stream=stream)
@@ -313,7 +312,6 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         raise DeepEPInvalidArgument(f"topk_weights has shape {(wv.rows, wv.cols)}; {(tv.rows, tv.cols)} is needed",
                                     1)
     if out is None:
-        _refuse_capture(s, "low_latency_combine")
         out_x = empty((tv.rows, hidden), "bfloat16", device=comm.device, stream=stream)
     else:
         out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out", stream)
