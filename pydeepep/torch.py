@@ -139,7 +139,12 @@ def _output(tensor, device: int, stream):
             else type(tensor).__name__
         )
         raise DeepEPInvalidArgument(f"out must be a contiguous bfloat16 tensor on cuda:{device}; got {described}", 1)
-    return pydeepep.DeviceArray(tensor.data_ptr(), tuple(tensor.shape), "bfloat16", device, stream, owner=tensor)
+    return _device_array(tensor, "bfloat16", device, stream)
+
+
+def _device_array(tensor, dtype_name: str, device: int, stream):
+    """A contiguous tensor as a pydeepep DeviceArray over the same memory (kept alive by it), produced on `stream`."""
+    return pydeepep.DeviceArray(tensor.data_ptr(), tuple(tensor.shape), dtype_name, device, stream, owner=tensor)
 
 
 def _ll_dispatch_outputs(comm, tokens, num_experts, hidden, use_fp8, use_ue8m0, stream):
@@ -158,13 +163,8 @@ def _ll_dispatch_outputs(comm, tokens, num_experts, hidden, use_fp8, use_ue8m0, 
     tensors["recv_src_info"] = torch.empty((local, rows), dtype=torch.int32, device=device)
     tensors["recv_layout_range"] = torch.empty((local, comm.nranks, 2), dtype=torch.int32, device=device)
     names = {torch.uint8: "float8_e4m3fn", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32"}
-
-    def wrap(tensor):
-        return pydeepep.DeviceArray(
-            tensor.data_ptr(), tuple(tensor.shape), names[tensor.dtype], comm.device, stream, owner=tensor
-        )
-
-    outputs = types.SimpleNamespace(**{name: wrap(t) for name, t in tensors.items()}, tensors=tensors)
+    arrays = {name: _device_array(t, names[t.dtype], comm.device, stream) for name, t in tensors.items()}
+    outputs = types.SimpleNamespace(**arrays, tensors=tensors)
     if not use_fp8:
         outputs.recv_scales = None
     return outputs
