@@ -335,7 +335,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   return comm.release();
 }
 
-// Whether a peer may be gone: a timeout was read, or is recorded unread, or a low-latency call masked a rank.
+// Whether a peer may be gone: a timeout is recorded or was, or a low-latency call masked a rank.
 static bool peer_may_be_lost(const deepepComm& comm) {
   if (comm.peer_timed_out.load()) return true;
   if (comm.async_error != nullptr && comm.async_error->code == deepepTimeout) return true;
@@ -361,10 +361,10 @@ void destroy_comm(deepepComm* comm) {
   std::unique_ptr<deepepComm> owner(comm);
   DeviceGuard guard(comm->device);
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
-  if (peer_may_be_lost(*comm)) comm->peer_timed_out.store(true);
+  const bool peer_lost = peer_may_be_lost(*comm);  // before the record is freed
   free_local_resources(comm);
   comm->magic = 0;
-  if (comm->peer_timed_out.load()) {
+  if (peer_lost) {
     // A peer may be dead: NVSHMEM's barrier would spin on the device forever and keep this process from exiting.
     // The heap stays mapped until the process exits; NVSHMEM cannot be initialised again in this process.
     if (stream_status != cudaSuccess) {

@@ -52,8 +52,8 @@ struct deepepComm {
   cudaStream_t stream = nullptr;         // the communicator stream (asynchronous calls run on it)
   deepep::AsyncErrorRecord* async_error = nullptr;         // mapped pinned memory, host address
   deepep::AsyncErrorRecord* async_error_device = nullptr;  // device address of the same record
-  // Set once a timeout was read from the record (sticky, clearing the record keeps it): a peer may be gone, so
-  // destroying the communicator skips NVSHMEM's collective teardown, whose barrier would wait forever on the device.
+  // A timeout the record no longer shows (it was cleared, or a host wait timed out with nothing recorded). With a
+  // recorded timeout or a masked rank it means a peer may be gone (see destroy_comm).
   mutable std::atomic<bool> peer_timed_out{false};
   // Sequence number of the collective operations that use the buffer, on the device so that replayed CUDA graphs
   // advance it too (see intranode.cu).

@@ -51,7 +51,6 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
   const auto found = static_cast<deepepResult_t>(code);
   char text[512];
   if (found == deepepTimeout) {
-    comm.peer_timed_out.store(true);
     std::snprintf(text, sizeof(text), "rank %d timed out in %s waiting for rank %d", record->rank,
                   phase_name(record->phase), record->peer);
   } else if (found == deepepBufferTooSmall) {
