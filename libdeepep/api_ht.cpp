@@ -435,7 +435,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     deepepDispatchArgs launch = a;
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;
-    launch_dispatch(c, h, launch, worst_case, stream);
+    launch_dispatch(c, h, launch, layout, worst_case, stream);
     note_use(h, stream);
   });
 }

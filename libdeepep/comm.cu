@@ -13,6 +13,7 @@
 #include "bounded.hpp"
 #include "comm.hpp"
 #include "cuda_utils.hpp"
+#include "device_utils.cuh"
 #include "error.hpp"
 #include "handle.hpp"
 
@@ -353,6 +354,52 @@ static bool peer_may_be_lost(const deepepComm& comm) {
   return false;
 }
 
+__device__ __forceinline__ uint64_t* arrival_word(void* buffer, int rank) {
+  return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(buffer) + kArrivalOffset) + rank;
+}
+
+// Thread `peer` sets this rank's arrival word in `peer`'s buffer, then waits until `peer` set its word here.
+static __global__ void arrival_barrier_kernel(void* const* peers, int rank, int nranks, uint64_t timeout_ns,
+                                              int* all_arrived) {
+  const int peer = threadIdx.x;
+  bool arrived = true;
+  if (peer < nranks) {
+    store_release_sys(arrival_word(peers[peer], rank), 1);
+    const uint64_t deadline = global_timer_ns() + timeout_ns;
+    while (load_acquire_sys(arrival_word(peers[rank], peer)) == 0) {
+      if (global_timer_ns() > deadline) {
+        arrived = false;
+        break;
+      }
+      __nanosleep(1000);
+    }
+  }
+  arrived = __syncthreads_and(arrived);
+  if (threadIdx.x == 0) *all_arrived = arrived;
+}
+
+// Whether every rank reached deepepCommDestroy within the timeout (this rank waits at most that long). Ranks outside
+// the NVLink domain have no words to write: then the answer is yes, and NVSHMEM's own teardown decides.
+static bool every_rank_arrives(const deepepComm& comm) {
+  if (comm.nranks > kMaxArrivalRanks) return true;
+  for (void* peer : comm.peer_buffers) {
+    if (peer == nullptr) return true;
+  }
+  int* flag = nullptr;
+  int arrived = 0;
+  const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
+  bool ok = cudaMalloc(reinterpret_cast<void**>(&flag), sizeof(int)) == cudaSuccess;
+  if (ok) {
+    arrival_barrier_kernel<<<1, 32 * ((comm.nranks + 31) / 32), 0, comm.stream>>>(comm.peer_buffers_device, comm.rank,
+                                                                                  comm.nranks, timeout_ns, flag);
+    ok = cudaGetLastError() == cudaSuccess && cudaStreamSynchronize(comm.stream) == cudaSuccess &&
+         cudaMemcpy(&arrived, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+  }
+  if (flag != nullptr) cudaFree(flag);
+  if (!ok) cudaGetLastError();
+  return ok && arrived != 0;
+}
+
 void destroy_comm(deepepComm* comm) {
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
@@ -362,15 +409,22 @@ void destroy_comm(deepepComm* comm) {
   DeviceGuard guard(comm->device);
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
   const bool peer_lost = peer_may_be_lost(*comm);  // before the record is freed
+  // NVSHMEM's teardown spins on the device until every rank joins: with a dead peer it would never end and would keep
+  // this process from exiting. So the ranks first meet through words in their buffers, with a bounded wait, and only
+  // when all arrive does the collective teardown run.
+  const bool all_arrived = stream_status == cudaSuccess && every_rank_arrives(*comm);
   free_local_resources(comm);
   comm->magic = 0;
-  if (peer_lost) {
-    // A peer may be dead: NVSHMEM's barrier would spin on the device forever and keep this process from exiting.
+  if (stream_status != cudaSuccess) {
+    fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
+  }
+  if (!all_arrived) {
     // The heap stays mapped until the process exits; NVSHMEM cannot be initialised again in this process.
-    if (stream_status != cudaSuccess) {
-      fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
-    }
-    return;
+    if (peer_lost) return;  // the caller already had the timeout that says so
+    fail(deepepTimeout,
+         "a peer rank did not reach deepepCommDestroy within %.1f s (timeout_seconds); this rank's resources are "
+         "freed, NVSHMEM's collective teardown was skipped",
+         comm->timeout_seconds);
   }
   // Collective part: NVSHMEM frees the heap and finalises with barriers among all ranks.
   run_bounded(comm->timeout_seconds, "NVSHMEM teardown (deepepCommDestroy)",
@@ -380,9 +434,6 @@ void destroy_comm(deepepComm* comm) {
                 nvshmem_free(buffer);
                 nvshmem_finalize();
               });
-  if (stream_status != cudaSuccess) {
-    fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
-  }
 }
 
 bool is_live_comm(const deepepComm* comm) {

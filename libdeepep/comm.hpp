@@ -17,6 +17,10 @@ namespace deepep {
 
 // Space for control words (counters, flags) at the start of every communication buffer, ahead of the data region.
 constexpr size_t kControlBytes = size_t(1) << 20;
+// The last words of the control space: one per rank, set by that rank when it reaches deepepCommDestroy (see
+// destroy_comm). Nothing else writes them, and the control space is zeroed at setup.
+constexpr int kMaxArrivalRanks = 64;
+constexpr size_t kArrivalOffset = kControlBytes - kMaxArrivalRanks * sizeof(uint64_t);
 // Smallest receive region per source rank an explicit buffer_bytes may leave.
 constexpr size_t kMinRegionBytes = size_t(64) << 10;
 

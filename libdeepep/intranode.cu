@@ -53,7 +53,7 @@ struct ControlRegion {
   uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine
   uint64_t ack[kMaxNvlRanks];                           // last seq each destination finished consuming
 };
-static_assert(sizeof(ControlRegion) <= kControlBytes, "control region outgrew its reservation");
+static_assert(sizeof(ControlRegion) <= kArrivalOffset, "control region outgrew its reservation");
 
 constexpr int kDispatchSendWarps = 16;
 constexpr int kDispatchRecvWarps = 8;
@@ -1014,14 +1014,13 @@ void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alig
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, bool worst_case,
-                     cudaStream_t stream) {
+void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
+                     const DispatchRowLayout& layout, bool worst_case, cudaStream_t stream) {
   const size_t element = args.x_type == deepepBFloat16 ? 2 : 1;
-  const size_t scale_bytes = args.x_scales != nullptr ? static_cast<size_t>(args.num_scales) * 4 : 0;
   DispatchParams q = {};
   q.p = protocol_of(comm);
   q.region_bytes = region_bytes_of(comm);
-  q.layout = dispatch_row_layout(element * args.hidden, scale_bytes, args.num_topk);  // 0 without top-k
+  q.layout = layout;
   q.send_pos = handle.send_pos;
   q.send_counts = handle.send_counts;
   q.expert_counts = handle.expert_counts;

@@ -41,8 +41,10 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
                             cudaStream_t stream);
 // Exchanges counts with every rank and writes receive counts into the handle (device and mapped host memory).
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream);
-void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, bool worst_case,
-                     cudaStream_t stream);
+// `layout` is the validated row layout: the same on every rank for the same call, whatever this rank's token count
+// (a rank with no tokens may pass NULL scales).
+void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
+                     const DispatchRowLayout& layout, bool worst_case, cudaStream_t stream);
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream);
 
 // Median GB/s of `iterations` passes of 16-byte stores from this rank's region to the next rank's (blocking).

@@ -9,11 +9,12 @@
 //   row once and stores it with 16-byte stores straight into slot [e_loc][this rank][position] of every named
 //   expert's rank. The blocks add up the rows per expert; the last block to finish publishes (seq << 32) | rows
 //   with a system-scope release into every expert's dispatch flag [e_loc][this rank] on its rank.
-//   Dispatch, receive side: block b owns local experts b, b + G, ...; it acquires the R flags of each, derives the
-//   packed offsets (source rank ascending), and copies the rows into recv_x / recv_scales / recv_src_info.
-//   Combine, send side: block b owns local experts; each row of the expert's input goes back to its source rank,
-//   into that rank's combine row [token][slot] (from recv_src_info), then one release per (expert, source) says
-//   the rows are there.
+//   Dispatch, receive side: every block acquires every (local expert, source) flag, lays the experts' rows end to
+//   end (per expert, source rank ascending) and copies its even share of them into recv_x / recv_scales /
+//   recv_src_info; block b also writes the counts and ranges of local experts b, b + G, ...
+//   Combine, send side: the blocks share the rows of all local experts evenly; each row goes back to its source
+//   rank, into that rank's combine row [token][slot] (from recv_src_info). The last block to finish releases every
+//   (expert, source) combine flag.
 //   Combine, receive side: block b owns tokens b, b + G, ...; it acquires the flags of the token's experts and sums
 //   weight * row over the slots in ascending order in float32 (separately rounded products and sums).
 // Reuse of a set: before a rank writes into a peer's set for operation seq, it waits until that peer acknowledged
@@ -27,6 +28,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <cub/block/block_scan.cuh>
 
 #include "async_error.hpp"
 #include "comm.hpp"
@@ -41,15 +43,15 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxRanksLL = DEEPEP_MAX_RANKS;
 constexpr uint32_t kSlotShift = 16;  // src_info = token | slot << 16
 
 // Rank-local part of the area (never written by peers).
 struct LowLatencyState {
-  uint32_t seq[kLowLatencySets];           // last completed operation on each set
-  uint32_t last_combine[kLowLatencySets];  // seq of the last completed combine on each set
-  uint32_t finished[kLowLatencySets];      // blocks of the running final kernel that are done
-  uint32_t send_done[kLowLatencySets];     // blocks of the running dispatch send that are done
+  uint32_t seq[kLowLatencySets];                // last completed operation on each set
+  uint32_t last_combine[kLowLatencySets];       // seq of the last completed combine on each set
+  uint32_t finished[kLowLatencySets];           // blocks of the running final kernel that are done
+  uint32_t send_done[kLowLatencySets];          // blocks of the running dispatch send that are done
+  uint32_t combine_send_done[kLowLatencySets];  // blocks of the running combine send that are done
 };
 
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
@@ -124,6 +126,51 @@ __device__ __forceinline__ void timeline_start(const Area& a) {
 
 __device__ __forceinline__ uint64_t tagged(uint32_t seq, uint32_t value) {
   return (static_cast<uint64_t>(seq) << 32) | value;
+}
+
+// The rows of the local experts laid end to end, so that the blocks can share them out evenly whatever their experts
+// (144 experts on 132 blocks, one each, would leave 12 blocks twice the work of the others). Every block computes
+// expert_end[l] = rows of experts 0..l from rows_of(l) and gets the total.
+constexpr int kExpertsPerThread = (DEEPEP_MAX_LOCAL_EXPERTS + kThreads - 1) / kThreads;
+template <class RowsOf>
+__device__ int32_t lay_out_experts(int experts, RowsOf rows_of, int32_t* expert_end) {
+  using Scan = cub::BlockScan<int32_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  int32_t rows[kExpertsPerThread];
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    const int local = threadIdx.x * kExpertsPerThread + i;
+    rows[i] = local < experts ? rows_of(local) : 0;
+  }
+  Scan(scan).InclusiveSum(rows, rows);
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    const int local = threadIdx.x * kExpertsPerThread + i;
+    if (local < experts) expert_end[local] = rows[i];
+  }
+  __syncthreads();
+  return experts > 0 ? expert_end[experts - 1] : 0;
+}
+
+// The local expert that row g of the laid-out rows belongs to (the first l with expert_end[l] > g).
+__device__ __forceinline__ int expert_of_row(const int32_t* expert_end, int experts, int64_t g) {
+  int lo = 0, hi = experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (expert_end[mid] > g) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// This block's share [first, end) of `total` rows.
+__device__ __forceinline__ void block_share(int64_t total, int64_t* first, int64_t* end) {
+  const int64_t per_block = (total + gridDim.x - 1) / gridDim.x;
+  *first = min(total, static_cast<int64_t>(blockIdx.x) * per_block);
+  *end = min(total, *first + per_block);
 }
 
 // Whether rank `r` is masked out of low-latency calls (set by the host, or by a timeout waiting for it).
@@ -375,108 +422,128 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   timeline_mark(a, kMarkPublished);
 }
 
+// Rows source `s` sent to local expert `local` in operation `seq`, read after the block waited for every flag: 0 for a
+// masked source (a wait that timed out masked it) and for a count past T (recorded as an error when waited for).
+__device__ __forceinline__ int32_t received_rows(const DispatchParams& p, int local, int s, uint32_t seq) {
+  if (is_masked(p.area, s)) return 0;
+  const uint64_t v = *reinterpret_cast<const volatile uint64_t*>(p.area.dispatch_flag(p.area.rank, local, s));
+  const uint32_t rows = static_cast<uint32_t>(v);
+  return static_cast<uint32_t>(v >> 32) == seq && rows <= p.max_tokens ? static_cast<int32_t>(rows) : 0;
+}
+
 __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
-  __shared__ int32_t counts[kMaxRanksLL];
-  __shared__ int32_t offsets[kMaxRanksLL + 1];
+  __shared__ int32_t expert_end[DEEPEP_MAX_LOCAL_EXPERTS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int experts = p.experts_per_rank;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int num_scales = p.hidden / 128;
   const int num_words = (num_scales + 3) / 4;
+  // Expert `local`'s outputs other than its rows (counts, ranges, statistics) are written by one block.
+  auto owns = [&](int local) { return local % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x); };
 
-  for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
-    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
-      uint64_t seen = 0;
-      const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
-      // A masked source sends nothing and is not waited for.
-      bool ok = !is_masked(a, s) && wait_flag(
-                                        a.dispatch_flag(a.rank, local, s),
-                                        [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline,
-                                        a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
-      if (!ok && !is_masked(a, s)) mask_after_timeout(a, s);
-      if (p.stats_wait_ns != nullptr) {
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
-                  static_cast<unsigned long long>(global_timer_ns() - wait_start));
-      }
-      int32_t rows = ok ? static_cast<int32_t>(static_cast<uint32_t>(seen)) : 0;
-      if (rows > p.max_tokens) {  // a peer with a different T (or a corrupted flag): never write out of bounds
-        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local, rows);
-        rows = 0;
-      }
-      counts[s] = rows;
+  // Every block waits for every (expert, source) flag: the rows are then shared out evenly, whatever their experts.
+  for (int i = threadIdx.x; i < experts * a.nranks; i += kThreads) {
+    const int local = i / a.nranks, s = i % a.nranks;
+    if (is_masked(a, s)) continue;  // a masked source sends nothing and is not waited for
+    const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
+    uint64_t seen = 0;
+    const bool ok = wait_flag(
+        a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline,
+        a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+    if (!ok) mask_after_timeout(a, s);
+    if (!owns(local)) continue;
+    if (p.stats_wait_ns != nullptr) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
+                static_cast<unsigned long long>(global_timer_ns() - wait_start));
     }
-    __syncthreads();
-    timeline_mark(a, kMarkFlagsSeen);
-    if (threadIdx.x == 0) {
-      int32_t running = 0;
-      for (int s = 0; s < a.nranks; ++s) {
-        offsets[s] = running;
-        running += counts[s];
-      }
-      offsets[a.nranks] = running;
-      p.recv_count[local] = running;
-      if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
-        if (p.stats_recv_count_int32) {
-          static_cast<int32_t*>(p.stats_recv_count)[local] += running;
-        } else {
-          static_cast<int64_t*>(p.stats_recv_count)[local] += running;
-        }
-      }
+    if (ok && static_cast<uint32_t>(seen) > p.max_tokens) {
+      // A peer with a different T (or a corrupted flag): its rows are dropped, never written out of bounds.
+      record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local,
+                         static_cast<uint32_t>(seen));
     }
-    __syncthreads();
-    const int32_t total = offsets[a.nranks];
-    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
-      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2] = offsets[s];
-      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2 + 1] = counts[s];
-    }
-    int32_t* src_info = p.recv_src_info + local * rows_per_expert;
-    for (int64_t j = total + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
-
-    for (int j = warp; j < total; j += kWarps) {
-      // Source of output row j: the last s with offsets[s] <= j.
-      int lo = 0, hi = a.nranks - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (offsets[mid] <= j) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
-        }
-      }
-      const int s = lo;
-      const uint8_t* row =
-          a.set_base(a.rank) +
-          ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - offsets[s])) * p.row.row_bytes;
-      const int64_t out_row = local * rows_per_expert + j;
-      // Element of scale column c of this row in recv_scales (`columns` per row).
-      auto scale_at = [&](int c, int columns) {
-        return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
-                                         : out_row * columns + c;
-      };
-      // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
-      warp_copy<false>(p.recv_x + out_row * static_cast<int64_t>(p.row.payload_bytes), row, p.row.payload_bytes, lane);
-      if (p.fp8) {
-        const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
-        if (p.ue8m0) {
-          int32_t* out = static_cast<int32_t*>(p.recv_scales);
-          for (int w = lane; w < num_words; w += 32) {
-            uint32_t word = 0;
-            for (int i = 0; i < 4; ++i) {
-              const int b = 4 * w + i;
-              if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
-            }
-            out[scale_at(w, num_words)] = static_cast<int32_t>(word);
-          }
-        } else {
-          float* out = static_cast<float*>(p.recv_scales);
-          for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
-        }
-      }
-      if (lane == 0) src_info[j] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
-    }
-    __syncthreads();  // counts / offsets are reused for the next expert
-    timeline_mark(a, kMarkWritten);
   }
+  __syncthreads();
+  timeline_mark(a, kMarkFlagsSeen);
+
+  const int32_t total = lay_out_experts(
+      experts,
+      [&](int local) {
+        int32_t rows = 0;
+        for (int s = 0; s < a.nranks; ++s) rows += received_rows(p, local, s, seq);
+        return rows;
+      },
+      expert_end);
+
+  // Counts, per-source ranges and statistics of the experts this block owns, and -1 past their rows.
+  for (int local = blockIdx.x + threadIdx.x * gridDim.x; local < experts; local += kThreads * gridDim.x) {
+    int32_t offset = 0;
+    for (int s = 0; s < a.nranks; ++s) {
+      const int32_t rows = received_rows(p, local, s, seq);
+      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2] = offset;
+      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2 + 1] = rows;
+      offset += rows;
+    }
+    p.recv_count[local] = offset;
+    if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
+      if (p.stats_recv_count_int32) {
+        static_cast<int32_t*>(p.stats_recv_count)[local] += offset;
+      } else {
+        static_cast<int64_t*>(p.stats_recv_count)[local] += offset;
+      }
+    }
+  }
+  for (int local = blockIdx.x; local < experts; local += gridDim.x) {
+    const int32_t rows = expert_end[local] - (local > 0 ? expert_end[local - 1] : 0);
+    int32_t* src_info = p.recv_src_info + local * rows_per_expert;
+    for (int64_t j = rows + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
+  }
+
+  // This block's share of the rows, one warp per row.
+  int64_t first, end;
+  block_share(total, &first, &end);
+  for (int64_t g = first + warp; g < end; g += kWarps) {
+    const int local = expert_of_row(expert_end, experts, g);
+    const int64_t j = g - (local > 0 ? expert_end[local - 1] : 0);
+    // Source of row j: rows are ordered by source rank.
+    int s = 0;
+    int64_t before = 0;  // rows of the sources ahead of s
+    for (; s < a.nranks - 1; ++s) {
+      const int32_t rows = received_rows(p, local, s, seq);
+      if (j < before + rows) break;
+      before += rows;
+    }
+    const uint8_t* row = a.set_base(a.rank) +
+                         ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes;
+    const int64_t out_row = local * rows_per_expert + j;
+    // Element of scale column c of this row in recv_scales (`columns` per row).
+    auto scale_at = [&](int c, int columns) {
+      return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
+                                       : out_row * columns + c;
+    };
+    // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
+    warp_copy<false>(p.recv_x + out_row * static_cast<int64_t>(p.row.payload_bytes), row, p.row.payload_bytes, lane);
+    if (p.fp8) {
+      const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
+      if (p.ue8m0) {
+        int32_t* out = static_cast<int32_t*>(p.recv_scales);
+        for (int w = lane; w < num_words; w += 32) {
+          uint32_t word = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int b = 4 * w + i;
+            if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
+          }
+          out[scale_at(w, num_words)] = static_cast<int32_t>(word);
+        }
+      } else {
+        float* out = static_cast<float*>(p.recv_scales);
+        for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
+      }
+    }
+    if (lane == 0) p.recv_src_info[out_row] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
+  }
+  __syncthreads();
+  timeline_mark(a, kMarkWritten);
 }
 
 template <typename Index>
@@ -519,70 +586,93 @@ __device__ __forceinline__ uint8_t* combine_row(const CombineParams& p, int owne
          (static_cast<size_t>(token) * p.num_topk + slot) * static_cast<size_t>(p.hidden) * 2;
 }
 
+// Rows of local expert `local` this rank holds (never past the expert's rows, whatever the ranges say).
+__device__ __forceinline__ int32_t expert_rows(const CombineParams& p, int local) {
+  const int32_t* range = p.layout_range + static_cast<size_t>(local) * p.area.nranks * 2;
+  int32_t total = 0;
+  for (int s = 0; s < p.area.nranks; ++s) total = max(total, range[2 * s] + range[2 * s + 1]);
+  return min(total, static_cast<int32_t>(p.area.nranks * p.max_tokens));
+}
+
 __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t previous_combine, uint64_t deadline) {
   constexpr int kRowsPerBatch = 64;
-  constexpr int kInFlight = 4;                     // 16-byte loads per thread before their stores
-  __shared__ uint8_t* destination[kRowsPerBatch];  // combine row of each row of the batch on its source rank
+  constexpr int kInFlight = 4;  // 16-byte loads per thread before their stores
+  __shared__ int32_t expert_end[DEEPEP_MAX_LOCAL_EXPERTS];
+  __shared__ const int4* source[kRowsPerBatch];    // each row of the batch in x
+  __shared__ uint8_t* destination[kRowsPerBatch];  // its combine row on its source rank; nullptr: nowhere
+  __shared__ int last_block;
   const Area& a = p.area;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int vectors = p.hidden / 8;  // 16-byte vectors per row
   wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine);
   timeline_mark(a, kMarkAcks);
 
-  for (int local = blockIdx.x; local < p.experts_per_rank; local += gridDim.x) {
-    const int32_t* range = p.layout_range + static_cast<size_t>(local) * a.nranks * 2;
-    int64_t total = 0;
-    for (int s = 0; s < a.nranks; ++s) total = max(total, static_cast<int64_t>(range[2 * s]) + range[2 * s + 1]);
-    total = min(total, rows_per_expert);  // never read past the expert's rows, whatever the ranges say
-    const uint16_t* x = p.x + local * rows_per_expert * p.hidden;
-    // All threads of the block copy a batch of rows together, several vectors in flight per thread.
-    for (int64_t batch = 0; batch < total; batch += kRowsPerBatch) {
-      const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerBatch), total - batch));
-      if (threadIdx.x < rows) {
-        const int64_t j = batch + threadIdx.x;
-        // Source rank of row j: the last s whose range starts at or before j.
-        int s = 0;
-        for (int r = 0; r < a.nranks; ++r) {
-          if (range[2 * r + 1] > 0 && range[2 * r] <= j) s = r;
-        }
-        const int32_t info = p.src_info[local * rows_per_expert + j];
-        const int64_t token = info & ((1 << kSlotShift) - 1);
-        const int slot = info >> kSlotShift;
-        uint8_t* row = nullptr;
-        if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
-          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
-                             local * rows_per_expert + j, info);
-        } else if (!is_masked(a, s)) {
-          row = combine_row(p, s, token, slot);
-        }
-        destination[threadIdx.x] = row;
+  const int32_t total =
+      lay_out_experts(p.experts_per_rank, [&](int local) { return expert_rows(p, local); }, expert_end);
+  int64_t first, end;
+  block_share(total, &first, &end);
+  // All threads of the block copy a batch of rows together, several vectors in flight per thread.
+  for (int64_t batch = first; batch < end; batch += kRowsPerBatch) {
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerBatch), end - batch));
+    if (threadIdx.x < rows) {
+      const int64_t g = batch + threadIdx.x;
+      const int local = expert_of_row(expert_end, p.experts_per_rank, g);
+      const int64_t j = g - (local > 0 ? expert_end[local - 1] : 0);
+      const int32_t* range = p.layout_range + static_cast<size_t>(local) * a.nranks * 2;
+      // Source rank of row j: the last s whose range starts at or before j.
+      int s = 0;
+      for (int r = 0; r < a.nranks; ++r) {
+        if (range[2 * r + 1] > 0 && range[2 * r] <= j) s = r;
       }
-      __syncthreads();
-      const int items = rows * vectors;
-      const int4* src = reinterpret_cast<const int4*>(x + batch * p.hidden);
-      for (int first = threadIdx.x; first < items; first += kThreads * kInFlight) {
-        int4 v[kInFlight];
-#pragma unroll
-        for (int u = 0; u < kInFlight; ++u) {
-          if (first + u * kThreads < items) v[u] = __ldg(src + first + u * kThreads);
-        }
-#pragma unroll
-        for (int u = 0; u < kInFlight; ++u) {
-          const int item = first + u * kThreads;
-          if (item >= items) continue;
-          uint8_t* row = destination[item / vectors];
-          if (row != nullptr) reinterpret_cast<int4*>(row)[item % vectors] = v[u];
-        }
+      const int32_t info = p.src_info[local * rows_per_expert + j];
+      const int64_t token = info & ((1 << kSlotShift) - 1);
+      const int slot = info >> kSlotShift;
+      uint8_t* row = nullptr;
+      if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
+        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
+                           local * rows_per_expert + j, info);
+      } else if (!is_masked(a, s)) {
+        row = combine_row(p, s, token, slot);
       }
-      __syncthreads();  // destination is rewritten by the next batch
+      source[threadIdx.x] = reinterpret_cast<const int4*>(p.x + (local * rows_per_expert + j) * p.hidden);
+      destination[threadIdx.x] = row;
     }
-    timeline_mark(a, kMarkStored);
-    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
-      if (is_masked(a, s)) continue;
-      __threadfence_system();
-      store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
+    __syncthreads();
+    const int items = rows * vectors;
+    for (int first_item = threadIdx.x; first_item < items; first_item += kThreads * kInFlight) {
+      int4 v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int item = first_item + u * kThreads;
+        if (item < items) v[u] = __ldg(source[item / vectors] + item % vectors);
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int item = first_item + u * kThreads;
+        if (item >= items) continue;
+        uint8_t* row = destination[item / vectors];
+        if (row != nullptr) reinterpret_cast<int4*>(row)[item % vectors] = v[u];
+      }
     }
+    __syncthreads();  // source and destination are rewritten by the next batch
   }
+  timeline_mark(a, kMarkStored);
+
+  // The last block to finish says every expert's rows are there, to every source (each block's barrier and system
+  // fence order its stores before its increment; the last block's fence orders them before the flags).
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    const uint32_t done = atomicAdd(&a.state()->combine_send_done[a.set], 1u);
+    last_block = done == gridDim.x - 1;
+    if (last_block) __threadfence_system();
+  }
+  __syncthreads();
+  if (!last_block) return;
+  for (int i = threadIdx.x; i < p.experts_per_rank * a.nranks; i += kThreads) {
+    const int local = i / a.nranks, s = i % a.nranks;
+    if (!is_masked(a, s)) store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
+  }
+  if (threadIdx.x == 0) a.state()->combine_send_done[a.set] = 0;
   __syncthreads();
   timeline_mark(a, kMarkPublished);
 }

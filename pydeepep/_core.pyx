@@ -383,7 +383,9 @@ cdef class Communicator:
 
     def close(self):
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
-        calls returned stay valid; the communicator's stream lives on until the last one made on it is freed."""
+        calls returned stay valid; the communicator's stream lives on until the last one made on it is freed. Waits
+        at most the timeout for the other ranks: if one never comes, frees this rank's resources and raises
+        :class:`DeepEPTimeoutError` (unless a call already reported a timeout); the process should then exit."""
         if self._comm == NULL:
             return
         cdef deepepComm_t comm = self._comm

@@ -279,6 +279,8 @@ def ht_scenarios(info):
             "bf16_h128": dict(seed=3, n=300, h=128, k=4, e=8),
             "bf16_h_not_128_multiple": dict(seed=4, n=200, h=1032, k=6, e=32),
             "empty_rank": dict(seed=5, n=lambda r: 0 if r == 1 else 100, h=256, k=4, e=16),
+            # The empty rank passes no scales (a zero-size array) and must still receive FP8 rows with theirs.
+            "fp8_empty_rank": dict(seed=21, n=lambda r: 0 if r == 0 else 237, h=512, k=4, e=32, fp8=True),
             "one_token": dict(seed=6, n=1, h=256, k=4, e=16),
             "all_to_one_rank": dict(seed=7, n=150, h=256, k=4, e=16, to_rank=1),
             "k1": dict(seed=8, n=333, h=512, k=1, e=16),
@@ -359,6 +361,7 @@ def results():
         "bf16_h128",
         "bf16_h_not_128_multiple",
         "empty_rank",
+        "fp8_empty_rank",
         "one_token",
         "all_to_one_rank",
         "k1",

@@ -140,9 +140,11 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
                                              const deepepConfig* config);
 
 /* Destroys a communicator; NULL is accepted and does nothing. Blocking and collective (frees the symmetric heap
- * and finalises NVSHMEM); bounded by the communicator's timeout. Waits for the communicator's own stream. After a
- * call reported a timeout (a peer may be dead), it frees only this rank's resources and skips NVSHMEM's collective
- * teardown, which would wait for the peer forever: the process should then exit (NVSHMEM cannot start again in it). */
+ * and finalises NVSHMEM). Waits for the communicator's own stream, then for every rank to reach this call, at most
+ * the communicator's timeout. If a rank does not arrive (it may be dead), this rank's resources are freed and
+ * NVSHMEM's collective teardown, which would wait for it forever, is skipped: the result is deepepTimeout, or
+ * deepepSuccess when an earlier call already reported a timeout or masked a rank. The process should then exit
+ * (NVSHMEM cannot start again in it). */
 DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm);
 
 /* Local queries. */
