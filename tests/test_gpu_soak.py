@@ -72,6 +72,7 @@ def choose(rng, it, nranks):
     if it < len(VARIANTS):
         c.update(VARIANTS[it])
     c["k"] = min(c["k"], c["e"])
+    c["round_scale"] = c["round_scale"] and c["fp8"]  # scale options shape FP8 scales only
     c["ue8m0"] = c["ue8m0"] and c["round_scale"]
     c["h"] = c["hf"] if c["fp8"] else c["hb"]
     tokens = c["ht_tokens"] if c["kind"] == "ht" else c["ll_tokens"]
