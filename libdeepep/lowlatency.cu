@@ -334,14 +334,25 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   const int64_t first = min(p.num_tokens, static_cast<int64_t>(blockIdx.x) * per_block);
   const int64_t end = min(p.num_tokens, first + per_block);
   for (int e = threadIdx.x; e < p.num_experts; e += kThreads) tokens_before[e] = 0;
-  __syncthreads();
-  if (first < end) {
-    for (int64_t t = threadIdx.x; t < first; t += kThreads) {
-      const Index* ids = topk + t * p.topk_stride;
-      for (int k = 0; k < p.num_topk; ++k) {
-        const int64_t e = static_cast<int64_t>(ids[k]);
-        if (e >= 0 && e < p.num_experts && first_slot(ids, k, e)) atomicAdd(&tokens_before[e], 1);
-      }
+  // The ids of the earlier tokens go through shared memory a chunk at a time: consecutive threads load consecutive
+  // ids (one load each, coalesced), then each id is counted if it is its token's first slot naming the expert.
+  constexpr int kStagedIds = 2048;
+  __shared__ int32_t staged[kStagedIds];  // ids of the chunk's tokens, -1 for -1 and out-of-range slots
+  const int64_t chunk_tokens = kStagedIds / p.num_topk;
+  for (int64_t t0 = 0; t0 < (first < end ? first : 0); t0 += chunk_tokens) {
+    const int n = static_cast<int>(min(chunk_tokens, first - t0)) * p.num_topk;
+    __syncthreads();  // zeroed counts, or the previous chunk counted
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const int64_t e = static_cast<int64_t>(topk[(t0 + i / p.num_topk) * p.topk_stride + i % p.num_topk]);
+      staged[i] = e >= 0 && e < p.num_experts ? static_cast<int32_t>(e) : -1;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const int32_t e = staged[i];
+      const int k = i % p.num_topk;
+      bool first_naming = e >= 0;
+      for (int j = 1; j <= k && first_naming; ++j) first_naming = staged[i - j] != e;
+      if (first_naming) atomicAdd(&tokens_before[e], 1);
     }
   }
   __syncthreads();
@@ -499,48 +510,87 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int64_t j = rows + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
   }
 
-  // This block's share of the rows, one warp per row.
+  // This block's share of the rows, a batch at a time: the payloads are copied by the whole block with several
+  // 16-byte loads in flight per thread (a warp per row would leave most warps idle and each row latency-bound), then
+  // a warp per row writes its scales and source.
+  constexpr int kRowsPerBatch = 64;
+  constexpr int kInFlight = 4;
+  __shared__ const uint8_t* batch_row[kRowsPerBatch];  // the row in the receive slots
+  __shared__ int64_t batch_out[kRowsPerBatch];         // its output row
+  __shared__ int64_t batch_j[kRowsPerBatch];           // its position under its expert
+  __shared__ int batch_expert[kRowsPerBatch];
+  const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
   int64_t first, end;
   block_share(total, &first, &end);
-  for (int64_t g = first + warp; g < end; g += kWarps) {
-    const int local = expert_of_row(expert_end, experts, g);
-    const int64_t j = g - (local > 0 ? expert_end[local - 1] : 0);
-    // Source of row j: rows are ordered by source rank.
-    int s = 0;
-    int64_t before = 0;  // rows of the sources ahead of s
-    for (; s < a.nranks - 1; ++s) {
-      const int32_t rows = received_rows(p, local, s, seq);
-      if (j < before + rows) break;
-      before += rows;
+  for (int64_t batch = first; batch < end; batch += kRowsPerBatch) {
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerBatch), end - batch));
+    if (threadIdx.x < rows) {
+      const int64_t g = batch + threadIdx.x;
+      const int local = expert_of_row(expert_end, experts, g);
+      const int64_t j = g - (local > 0 ? expert_end[local - 1] : 0);
+      // Source of row j: rows are ordered by source rank.
+      int s = 0;
+      int64_t before = 0;  // rows of the sources ahead of s
+      for (; s < a.nranks - 1; ++s) {
+        const int32_t from_s = received_rows(p, local, s, seq);
+        if (j < before + from_s) break;
+        before += from_s;
+      }
+      batch_row[threadIdx.x] =
+          a.set_base(a.rank) +
+          ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes;
+      batch_out[threadIdx.x] = local * rows_per_expert + j;
+      batch_j[threadIdx.x] = j;
+      batch_expert[threadIdx.x] = local;
     }
-    const uint8_t* row = a.set_base(a.rank) +
-                         ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes;
-    const int64_t out_row = local * rows_per_expert + j;
-    // Element of scale column c of this row in recv_scales (`columns` per row).
-    auto scale_at = [&](int c, int columns) {
-      return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
-                                       : out_row * columns + c;
-    };
+    __syncthreads();
     // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
-    warp_copy<false>(p.recv_x + out_row * static_cast<int64_t>(p.row.payload_bytes), row, p.row.payload_bytes, lane);
-    if (p.fp8) {
-      const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
-      if (p.ue8m0) {
-        int32_t* out = static_cast<int32_t*>(p.recv_scales);
-        for (int w = lane; w < num_words; w += 32) {
-          uint32_t word = 0;
-          for (int i = 0; i < 4; ++i) {
-            const int b = 4 * w + i;
-            if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
-          }
-          out[scale_at(w, num_words)] = static_cast<int32_t>(word);
+    const int items = rows * vectors;
+    for (int first_item = threadIdx.x; first_item < items; first_item += kThreads * kInFlight) {
+      int4 v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int item = first_item + u * kThreads;
+        if (item < items) v[u] = reinterpret_cast<const int4*>(batch_row[item / vectors])[item % vectors];
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int item = first_item + u * kThreads;
+        if (item < items) {
+          reinterpret_cast<int4*>(p.recv_x + batch_out[item / vectors] *
+                                                 static_cast<int64_t>(p.row.payload_bytes))[item % vectors] = v[u];
         }
-      } else {
-        float* out = static_cast<float*>(p.recv_scales);
-        for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
       }
     }
-    if (lane == 0) p.recv_src_info[out_row] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
+    for (int r = warp; r < rows; r += kWarps) {
+      const uint8_t* row = batch_row[r];
+      const int64_t out_row = batch_out[r], j = batch_j[r];
+      const int local = batch_expert[r];
+      // Element of scale column c of this row in recv_scales (`columns` per row).
+      auto scale_at = [&](int c, int columns) {
+        return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
+                                         : out_row * columns + c;
+      };
+      if (p.fp8) {
+        const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
+        if (p.ue8m0) {
+          int32_t* out = static_cast<int32_t*>(p.recv_scales);
+          for (int w = lane; w < num_words; w += 32) {
+            uint32_t word = 0;
+            for (int i = 0; i < 4; ++i) {
+              const int b = 4 * w + i;
+              if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
+            }
+            out[scale_at(w, num_words)] = static_cast<int32_t>(word);
+          }
+        } else {
+          float* out = static_cast<float*>(p.recv_scales);
+          for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
+        }
+      }
+      if (lane == 0) p.recv_src_info[out_row] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
+    }
+    __syncthreads();  // the batch's rows are rewritten by the next batch
   }
   __syncthreads();
   timeline_mark(a, kMarkWritten);
