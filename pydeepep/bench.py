@@ -337,11 +337,11 @@ TIMELINE_MARKS = ("start", "acks", "counted", "stored", "published", "flags seen
 
 def timeline_summary(comm) -> str:
     """The last low-latency kernel's timeline (DEEPEP_LL_TIMELINE=1): per mark, median / max over the blocks that
-    reached it, in µs after the first block started."""
+    reached it, in µs after the first block started ("start" shows how late the other blocks began)."""
     marks = comm.low_latency_timeline()
     start = marks[:, 0][marks[:, 0] > 0].min()
     parts = []
-    for m, name in enumerate(TIMELINE_MARKS[1:], start=1):
+    for m, name in enumerate(TIMELINE_MARKS):
         reached = marks[:, m][marks[:, m] > 0]
         if reached.size:
             after = (reached - start) / 1e3
@@ -350,20 +350,23 @@ def timeline_summary(comm) -> str:
 
 
 def ll_timelines(comm, info, stream, x, topk, weights, y, result, out, t):
-    """One dispatch and one combine, each followed by its timeline (logged by rank 0)."""
+    """The timeline of a dispatch and of a combine (logged by rank 0), each the last of several back-to-back steps
+    so that the ranks run in step (a lone call after a host synchronisation mostly shows how late the peer was)."""
     from cuda.bindings import driver
 
     ptr = driver.CUstream(int(stream.handle))
-    dispatched = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=result)
-    _check(driver.cuStreamSynchronize(ptr))
-    _log(
-        info,
-        f"  ll_dispatch T={t} timeline, us after the first block's start (median/max over blocks): "
-        + timeline_summary(comm),
-    )
-    comm.low_latency_combine(y, topk, weights, dispatched, stream=stream, out=out)
-    _check(driver.cuStreamSynchronize(ptr))
-    _log(info, f"  ll_combine  T={t} timeline: " + timeline_summary(comm))
+    steps = 5
+    for last in ("dispatch", "combine"):
+        for step in range(steps):
+            dispatched = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=result)
+            if last == "dispatch" and step == steps - 1:
+                break
+            comm.low_latency_combine(y, topk, weights, dispatched, stream=stream, out=out)
+        _check(driver.cuStreamSynchronize(ptr))
+        label = f"  ll_{last:<8} T={t} timeline"
+        if last == "dispatch":
+            label += ", us after the first block's start (median/max over blocks)"
+        _log(info, f"{label}: " + timeline_summary(comm))
 
 
 def bench_ll_rank(info, tokens_list):

@@ -423,6 +423,21 @@ def test_bench_plot_draws_gbps_against_sms(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_bench_timeline_summary_gives_median_and_max_after_the_first_start():
+    from pydeepep.bench import TIMELINE_MARKS, timeline_summary
+
+    marks = np.zeros((4, len(TIMELINE_MARKS)), np.int64)  # 4 blocks; 0 = mark not reached
+    marks[:, 0] = [1000, 2000, 3000, 0]  # the fourth block never ran
+    marks[:3, 1] = [3000, 4000, 11000]  # acks: 2, 3, 10 us after the first start
+    marks[0, 4] = 21000  # published: one block only
+
+    class Comm:
+        def low_latency_timeline(self):
+            return marks
+
+    assert timeline_summary(Comm()) == "start 1.0/2.0, acks 3.0/10.0, published 20.0/20.0"
+
+
 def test_bench_without_a_gpu_says_so_and_fails(tmp_path):
     if gpu_count() > 0:
         pytest.skip("checks behaviour on a machine without GPUs")
