@@ -1,0 +1,232 @@
+"""GPU tier: bad input to dispatch, combine and the low-latency calls on 2 ranks, one case each.
+
+Every case must be refused with the named error class and a message that names the problem; afterwards the
+communicator must still give the oracle's results (nothing was corrupted), and every call on a closed communicator
+is refused. Both ranks make the same calls in the same order, so the collective parts (a dispatch's count exchange,
+a low-latency call) stay in step; ids out of range are found on the device and reported through the asynchronous
+error, which each case clears. The layout's own refusals are in test_gpu_layout.py, ranks that disagree on E and the
+worst-case overflow in test_gpu_ht.py, a stale low-latency result in test_gpu_ll.py.
+"""
+
+import traceback
+
+import numpy as np
+import pytest
+from conftest import bf16_bits, bf16_values, requires_gpus
+
+import pydeepep
+from pydeepep import reference
+
+pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+cupy = pytest.importorskip("cupy")
+
+N, H, K, E = 64, 1024, 4, 16  # a valid call: N tokens per rank of hidden H, top-K of E experts
+MAX_TOKENS, T = 256, 64  # the communicator's max_tokens_per_rank and low_latency_max_tokens
+
+
+def inputs(rank, n=N, h=H, k=K, e=E, seed=0):
+    rng = np.random.default_rng([seed, rank])
+    topk = np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int64)
+    x = bf16_bits(rng.standard_normal((n, h)).astype(np.float32))
+    return x, topk, rng.random((n, k)).astype(np.float32)
+
+
+def outcome(comm, call):
+    """'accepted', or the error class and message of a refused call (raised at once, or recorded on the device)."""
+    try:
+        call()
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        return "accepted"
+    except pydeepep.DeepEPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.clear_async_error()
+
+
+def cases(comm, rank):
+    """name -> the call to refuse (a closure over this rank's valid inputs, with one thing wrong)."""
+    x_np, topk_np, w_np = inputs(rank)
+    x, topk, w = cupy.asarray(x_np), cupy.asarray(topk_np), cupy.asarray(w_np)
+
+    def dispatch(x=x, topk=topk, **kw):
+        return lambda: comm.dispatch(x, topk_idx=topk, num_experts=kw.pop("num_experts", E), **kw)
+
+    def ll_dispatch(x=x, topk=topk, **kw):
+        return lambda: comm.low_latency_dispatch(x, topk, kw.pop("num_experts", E), **kw)
+
+    def with_id(value):
+        bad = topk_np.copy()
+        bad[N // 2, 1] = value
+        return cupy.asarray(bad)
+
+    with cupy.cuda.Device((rank + 1) % 2):
+        x_elsewhere = cupy.asarray(x_np)
+    big_x, big_topk, _ = inputs(rank, n=MAX_TOKENS, h=7168)
+    many_x, many_topk, _ = inputs(rank, n=MAX_TOKENS + 1)
+    ll_many_x, ll_many_topk, _ = inputs(rank, n=T + 1)
+    wide_topk = inputs(rank, k=33, e=64)[1]
+    fp8_x = cupy.zeros((N, 1000), cupy.uint8)
+    fp8_scales = cupy.ones((N, 8), cupy.float32)
+    done = comm.dispatch(x, topk_idx=topk, num_experts=E)  # for the handle cases
+    delivered = cupy.asarray(done.recv_x)
+    local = E // comm.nranks
+
+    def ll_combine_with_rows(rows):
+        # A fresh dispatch (collective), then a combine whose x does not have the dispatch's [E_loc, R * T, H].
+        result = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
+        return comm.low_latency_combine(cupy.zeros((local, rows, H), cupy.uint16), topk, w, result)
+
+    return {
+        "dtype": dispatch(x=x.astype(cupy.float32)),
+        "topk_dtype": dispatch(topk=topk.astype(cupy.float32)),
+        "shape": dispatch(x=x.reshape(-1)),
+        "topk_rows": dispatch(topk=topk[:-1]),
+        "stride": dispatch(x=cupy.asarray(bf16_bits(np.zeros((N, 2 * H), np.float32)))[:, ::2]),
+        "host_memory": dispatch(x=x_np),
+        "other_device": dispatch(x=x_elsewhere),
+        "id_at_e": dispatch(topk=with_id(E)),
+        "id_below_minus_one": dispatch(topk=with_id(-2)),
+        "ll_id_at_e": ll_dispatch(topk=with_id(E)),
+        "ll_id_below_minus_one": ll_dispatch(topk=with_id(-2)),
+        "fp8_hidden": dispatch(x=fp8_x, x_scales=fp8_scales),
+        "k_above_32": dispatch(topk=cupy.asarray(wide_topk), num_experts=64),
+        "ll_k_above_config": ll_dispatch(topk=cupy.asarray(inputs(rank, k=9)[1])),
+        "ll_hidden_above_config": ll_dispatch(x=cupy.asarray(inputs(rank, n=8, h=2 * H)[0]), topk=topk[:8]),
+        "ll_fp8_hidden": ll_dispatch(x=cupy.asarray(inputs(rank, h=1000)[0])),
+        "tokens_above_max": dispatch(x=cupy.asarray(many_x), topk=cupy.asarray(many_topk)),
+        "ll_tokens_above_max": ll_dispatch(x=cupy.asarray(ll_many_x), topk=cupy.asarray(ll_many_topk)),
+        "buffer_too_small": dispatch(x=cupy.asarray(big_x), topk=cupy.asarray(big_topk)),
+        "handle_other_tokens": lambda: comm.dispatch(x[: N // 2], topk_idx=topk[: N // 2], handle=done.handle),
+        "handle_other_rows": lambda: comm.combine(delivered[:-1], done.handle),
+        "ll_handle_other_rows": lambda: ll_combine_with_rows(comm.nranks * T - 1),
+    }
+
+
+# name -> (error class, words the message must hold)
+EXPECTED = {
+    "dtype": ("DeepEPInvalidArgument", ["x has dtype float32"]),
+    "topk_dtype": ("DeepEPInvalidArgument", ["topk_idx has dtype float32"]),
+    "shape": ("DeepEPInvalidArgument", ["x has shape", "2-D"]),
+    "topk_rows": ("DeepEPInvalidArgument", [f"topk_idx has {N - 1} rows but x has {N}"]),
+    "stride": ("DeepEPInvalidArgument", ["x has element strides", "contiguous"]),
+    "host_memory": ("DeepEPInvalidArgument", ["expected a CUDA device array", "host data of type ndarray"]),
+    "other_device": ("DeepEPInvalidArgument", ["x", "lives on device", "the communicator uses device"]),
+    "id_at_e": ("DeepEPInvalidArgument", ["asynchronous error", "dispatch routing", f"has value {E}"]),
+    "id_below_minus_one": ("DeepEPInvalidArgument", ["asynchronous error", "dispatch routing", "has value -2"]),
+    "ll_id_at_e": ("DeepEPInvalidArgument", ["asynchronous error", "low-latency dispatch", f"has value {E}"]),
+    "ll_id_below_minus_one": ("DeepEPInvalidArgument", ["asynchronous error", "low-latency dispatch", "has value -2"]),
+    "fp8_hidden": ("DeepEPInvalidArgument", ["hidden is 1000", "multiple of 128"]),
+    "k_above_32": ("DeepEPInvalidArgument", ["num_topk is 33", "[1, 32]"]),
+    "ll_k_above_config": ("DeepEPInvalidArgument", ["num_topk is 9", "at most 4"]),
+    "ll_hidden_above_config": ("DeepEPInvalidArgument", [f"hidden is {2 * H}", f"at most {H}"]),
+    "ll_fp8_hidden": ("DeepEPInvalidArgument", ["hidden is 1000", "multiple of 128"]),
+    "tokens_above_max": ("DeepEPInvalidArgument", [f"num_tokens is {MAX_TOKENS + 1}", f"= {MAX_TOKENS}"]),
+    "ll_tokens_above_max": ("DeepEPInvalidArgument", [f"{T + 1} tokens", f"max_tokens ({T})"]),
+    "buffer_too_small": ("DeepEPBufferTooSmall", ["need", "bytes of communication buffer", "this communicator has"]),
+    "handle_other_tokens": ("DeepEPInvalidArgument", [f"num_tokens is {N // 2}", f"routing is for {N} tokens"]),
+    "handle_other_rows": ("DeepEPInvalidArgument", ["x has", "rows but the handle's dispatch delivered"]),
+    "ll_handle_other_rows": ("DeepEPInvalidArgument", ["x has shape", f"({E // 2}, {2 * T}, {H}) is needed"]),
+}
+
+
+def still_works(comm, rank, seed):
+    """A dispatch + combine and a low-latency dispatch + combine after the refusals match the oracle."""
+    R = comm.nranks
+    data = [inputs(r, seed=seed) for r in range(R)]
+    x, topk, w = (cupy.asarray(a) for a in data[rank])
+    result = comm.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E)
+    want = reference.dispatch([bf16_values(d[0]) for d in data], [d[1] for d in data], [d[2] for d in data], E)
+    if not np.array_equal(bf16_values(result.recv_x.to_numpy()), want[rank][0]):
+        return "dispatch differs from the oracle"
+    combined = comm.combine(result.recv_x, result.handle)
+    ys = [bf16_values(want[r][0]) for r in range(R)]
+    want_out = reference.combine(ys, [want[r][4] for r in range(R)], [N] * R)[rank]
+    if not np.array_equal(bf16_values(combined.out.to_numpy()), want_out):
+        return "combine differs from the oracle"
+    ll = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
+    want_ll = reference.low_latency_dispatch([bf16_values(d[0]) for d in data], [d[1] for d in data], E, T)
+    if not np.array_equal(ll.recv_count.to_numpy(), want_ll[rank][2]):
+        return "low-latency counts differ from the oracle"
+    y = cupy.asarray(bf16_bits(np.ones((E // R, R * T, H), np.float32)))
+    out, _ = comm.low_latency_combine(y, topk, w, ll)
+    want_ll_out = reference.low_latency_combine(
+        [np.ones((E // R, R * T, H), np.float32)] * R,
+        [d[1] for d in data],
+        [d[2] for d in data],
+        [wl[3] for wl in want_ll],
+    )[rank]
+    if not np.array_equal(bf16_values(out.to_numpy()), want_ll_out):
+        return "low-latency combine differs from the oracle"
+    comm.check_async_error()
+    return True
+
+
+def bad_input_rank(info):
+    out = {}
+    comm = pydeepep.Communicator(
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        timeout=20,
+        max_tokens_per_rank=MAX_TOKENS,
+        hidden=H,
+        num_topk=K,
+        num_experts=E,
+        low_latency_max_tokens=T,
+    )
+    try:
+        with cupy.cuda.Device(comm.device):
+            for name, call in cases(comm, info.rank).items():
+                out[name] = outcome(comm, call)
+            try:
+                out["still_works"] = still_works(comm, info.rank, seed=5)
+            except Exception:
+                out["still_works"] = traceback.format_exc()
+            x, topk, w = (cupy.asarray(a) for a in inputs(info.rank))
+            handle = comm.dispatch(x, topk_idx=topk, num_experts=E)
+            ll = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
+            y = cupy.zeros((E // 2, 2 * T, H), cupy.uint16)
+    finally:
+        comm.close()
+    with cupy.cuda.Device(info.device):
+        closed = {
+            "closed_dispatch": lambda: comm.dispatch(x, topk_idx=topk, num_experts=E),
+            "closed_combine": lambda: comm.combine(handle.recv_x, handle.handle),
+            "closed_ll_dispatch": lambda: comm.low_latency_dispatch(x, topk, E),
+            "closed_ll_combine": lambda: comm.low_latency_combine(y, topk, w, ll),
+        }
+        for name, call in closed.items():
+            try:
+                call()
+                out[name] = "accepted"
+            except pydeepep.DeepEPError as exc:
+                out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return pydeepep.spawn(bad_input_rank, nprocs=2, timeout=300)
+
+
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_bad_input_is_refused_with_a_message_naming_the_problem(results, case):
+    kind, words = EXPECTED[case]
+    for rank, r in enumerate(results):
+        got = r.get(case, "not run")
+        assert got.startswith(kind + ":"), f"rank {rank}: {got}"
+        for word in words:
+            assert word in got, f"rank {rank}: {word!r} not in {got!r}"
+
+
+def test_the_communicator_still_matches_the_oracle_after_the_refusals(results):
+    assert [r.get("still_works") for r in results] == [True, True], [r.get("still_works") for r in results]
+
+
+@pytest.mark.parametrize("call", ["closed_dispatch", "closed_combine", "closed_ll_dispatch", "closed_ll_combine"])
+def test_every_call_after_close_is_refused(results, call):
+    for rank, r in enumerate(results):
+        assert r.get(call) == "DeepEPInvalidUsage: the communicator is closed", f"rank {rank}: {r.get(call)}"
