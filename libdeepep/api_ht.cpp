@@ -320,9 +320,11 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
     launch_notify(c, h, a.expert_alignment, stream);
+    // Before the wait, which may throw while the notify still writes the handle's storage: a destroyed handle's
+    // storage is reused only once its last use is done.
+    note_use(h, stream);
     wait_bounded(c, stream, "the dispatch count exchange");
     std::memcpy(&h.host_info, c.notify_host, sizeof(HandleHostInfo));
-    note_use(h, stream);
     h.recv_counts_on_host = true;
   });
 }
