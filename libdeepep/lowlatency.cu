@@ -226,6 +226,23 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
   }
 }
 
+// Whether this block is the last of the grid to get here; `done` counts the blocks and goes back to zero for the
+// next kernel. Each block's barrier and system fence order its stores before its increment, and the last block's
+// fence orders all of them before whatever it writes next (the flags that say the rows are there).
+__device__ bool last_block_to_finish(uint32_t* done) {
+  __shared__ int last;
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+    if (last) {
+      __threadfence_system();
+      *done = 0;
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // FP8 cast of one row, per 128-channel block: each lane holds 16 consecutive channels, 8 lanes a block.
 
@@ -324,7 +341,6 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   const Area& a = p.area;
   extern __shared__ int32_t tokens_before[];      // [num_experts]: earlier tokens naming each expert
   __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // where slot k of the current token goes; nullptr: nowhere
-  __shared__ int last_block;
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch);
   timeline_mark(a, kMarkAcks);
@@ -411,24 +427,15 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     __syncthreads();  // slot_row is rewritten for the next token
   }
 
-  // The last block to finish publishes every expert's row count after all blocks' rows (each block's barrier and
-  // system fence order its stores before its increment; the last block's fence orders them before the flags).
+  // The last block to finish publishes every expert's row count, after all blocks' rows.
   timeline_mark(a, kMarkStored);
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    const uint32_t done = atomicAdd(&a.state()->send_done[a.set], 1u);
-    last_block = done == gridDim.x - 1;
-    if (last_block) __threadfence_system();
-  }
-  __syncthreads();
-  if (!last_block) return;
+  if (!last_block_to_finish(&a.state()->send_done[a.set])) return;
   for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
     const uint32_t rows = atomicExch(&p.send_counts[e], 0u);  // reset for the set's next dispatch
     const int dest = e / p.experts_per_rank;
     if (!is_masked(a, dest))
       store_release_sys(a.dispatch_flag(dest, e % p.experts_per_rank, a.rank), tagged(seq, rows));
   }
-  if (threadIdx.x == 0) a.state()->send_done[a.set] = 0;
   __syncthreads();
   timeline_mark(a, kMarkPublished);
 }
@@ -650,7 +657,6 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   __shared__ int32_t expert_end[DEEPEP_MAX_LOCAL_EXPERTS];
   __shared__ const int4* source[kRowsPerBatch];    // each row of the batch in x
   __shared__ uint8_t* destination[kRowsPerBatch];  // its combine row on its source rank; nullptr: nowhere
-  __shared__ int last_block;
   const Area& a = p.area;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int vectors = p.hidden / 8;  // 16-byte vectors per row
@@ -708,21 +714,12 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   }
   timeline_mark(a, kMarkStored);
 
-  // The last block to finish says every expert's rows are there, to every source (each block's barrier and system
-  // fence order its stores before its increment; the last block's fence orders them before the flags).
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    const uint32_t done = atomicAdd(&a.state()->combine_send_done[a.set], 1u);
-    last_block = done == gridDim.x - 1;
-    if (last_block) __threadfence_system();
-  }
-  __syncthreads();
-  if (!last_block) return;
+  // The last block to finish says every expert's rows are there, to every source.
+  if (!last_block_to_finish(&a.state()->combine_send_done[a.set])) return;
   for (int i = threadIdx.x; i < p.experts_per_rank * a.nranks; i += kThreads) {
     const int local = i / a.nranks, s = i % a.nranks;
     if (!is_masked(a, s)) store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
   }
-  if (threadIdx.x == 0) a.state()->combine_send_done[a.set] = 0;
   __syncthreads();
   timeline_mark(a, kMarkPublished);
 }
