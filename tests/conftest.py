@@ -67,3 +67,12 @@ def last_error(lib) -> str:
 def bogus_pointer():
     """A host address the library must refuse as device memory."""
     return ctypes.cast(ctypes.create_string_buffer(256), ctypes.c_void_p)
+
+
+def log_scenario(suite: str, info, name: str, result) -> None:
+    """A rank's scenario result as it comes, in $DEEPEP_TEST_LOG_DIR/<suite>_rank<r>.log when that is set (the GPU
+    tier script packs these files for debugging runs)."""
+    directory = os.environ.get("DEEPEP_TEST_LOG_DIR")
+    if directory:
+        with open(os.path.join(directory, f"{suite}_rank{info.rank}.log"), "a") as f:
+            f.write(f"{name}: {result}\n")

@@ -4,12 +4,11 @@ Every rank builds every rank's inputs from the same seeds (the oracle needs them
 compares its own outputs. All scenarios run in one 2-rank job; each test asserts on its scenario.
 """
 
-import os
 import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, e4m3_values, requires_gpus
+from conftest import bf16_bits, bf16_values, e4m3_values, log_scenario, requires_gpus
 
 import pydeepep
 from pydeepep import reference
@@ -214,14 +213,6 @@ def graph_case(comm, seed):
     return all(results) or f"replays matched: {results}"
 
 
-def log(info, name, result):
-    """Each rank's scenario results, as they come, in $DEEPEP_TEST_LOG_DIR when set (for debugging runs)."""
-    directory = os.environ.get("DEEPEP_TEST_LOG_DIR")
-    if directory:
-        with open(os.path.join(directory, f"ht_rank{info.rank}.log"), "a") as f:
-            f.write(f"{name}: {result}\n")
-
-
 def slow_then_fill(target, host_values, stream):
     """Enqueues tens of milliseconds of matrix work, then the real values, on `stream`: a call that does not wait
     for `stream` reads the zeros that are there before."""
@@ -302,7 +293,7 @@ def ht_scenarios(info):
                 out[name] = run_case(comm, **case)
             except Exception:
                 out[name] = traceback.format_exc()
-            log(info, name, out[name])
+            log_scenario("ht", info, name, out[name])
             if isinstance(out[name], str) and "Timeout" in out[name]:
                 break  # the ranks are out of step: later scenarios would only time out too
         if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
@@ -312,12 +303,12 @@ def ht_scenarios(info):
                 out[name] = async_case(comm, 31, use_event)
             except Exception:
                 out[name] = traceback.format_exc()
-            log(info, name, out[name])
+            log_scenario("ht", info, name, out[name])
         try:
             out["graph_replay"] = graph_case(comm, 30)
         except Exception:
             out["graph_replay"] = traceback.format_exc()
-        log(info, "graph_replay", out["graph_replay"])
+        log_scenario("ht", info, "graph_replay", out["graph_replay"])
         # Too many rows for a worst-case output: an error with the count, never truncation.
         try:
             with cupy.cuda.Device(comm.device):
@@ -330,7 +321,7 @@ def ht_scenarios(info):
             out["worst_overflow"] = str(exc)
         except Exception:
             out["worst_overflow"] = traceback.format_exc()
-        log(info, "worst_overflow", out["worst_overflow"])
+        log_scenario("ht", info, "worst_overflow", out["worst_overflow"])
         comm.clear_async_error()  # the overflow's record stays until cleared, and would fail the next call
         # Ranks that disagree on a collective parameter (here E) get an error, never corrupted counts.
         try:
@@ -343,7 +334,7 @@ def ht_scenarios(info):
             out["disagreeing_experts"] = str(exc)
         except Exception:
             out["disagreeing_experts"] = traceback.format_exc()
-        log(info, "disagreeing_experts", out["disagreeing_experts"])
+        log_scenario("ht", info, "disagreeing_experts", out["disagreeing_experts"])
         comm.clear_async_error()
     return out
 

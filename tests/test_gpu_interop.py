@@ -23,7 +23,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, requires_gpus
+from conftest import bf16_bits, bf16_values, log_scenario, requires_gpus
 
 import pydeepep
 from pydeepep import reference
@@ -697,14 +697,6 @@ SCENARIOS = [
 ]
 
 
-def log(info, name, result):
-    """Each rank's results as they come, in $DEEPEP_TEST_LOG_DIR when set (for debugging runs)."""
-    directory = os.environ.get("DEEPEP_TEST_LOG_DIR")
-    if directory:
-        with open(os.path.join(directory, f"interop_rank{info.rank}.log"), "a") as f:
-            f.write(f"{name}: {result}\n")
-
-
 def interop_scenarios(info):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = {}
@@ -738,7 +730,7 @@ def interop_scenarios(info):
                         comm.clear_async_error()
                     except Exception:
                         pass
-                log(info, name, out[name])
+                log_scenario("interop", info, name, out[name])
                 if isinstance(out[name], str) and "Timeout" in out[name]:
                     stopped = name  # later collective calls would only time out too
         finally:

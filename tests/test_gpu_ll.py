@@ -5,12 +5,11 @@ compares its own outputs: FP8 payloads and scales (float32, power-of-two, UE8M0-
 source information and combine outputs. All scenarios run in one 2-rank job; each test asserts on its scenario.
 """
 
-import os
 import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, e4m3_values, requires_gpus
+from conftest import bf16_bits, bf16_values, e4m3_values, log_scenario, requires_gpus
 
 import pydeepep
 from pydeepep import reference
@@ -479,13 +478,6 @@ EXTRA = {
 }
 
 
-def log(info, name, result):
-    directory = os.environ.get("DEEPEP_TEST_LOG_DIR")
-    if directory:
-        with open(os.path.join(directory, f"ll_rank{info.rank}.log"), "a") as f:
-            f.write(f"{name}: {result}\n")
-
-
 def ll_scenarios(info):
     out = {}
     with pydeepep.Communicator(
@@ -507,7 +499,7 @@ def ll_scenarios(info):
                 out[name] = scenario(comm)
             except Exception:
                 out[name] = traceback.format_exc()
-            log(info, name, out[name])
+            log_scenario("ll", info, name, out[name])
             if isinstance(out[name], str) and "Timeout" in out[name]:
                 break  # the ranks are out of step: later scenarios would only time out too
     return out
