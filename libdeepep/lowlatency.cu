@@ -166,6 +166,31 @@ __device__ __forceinline__ int expert_of_row(const int32_t* expert_end, int expe
   return lo;
 }
 
+// Rows a block handles per batch, and the 16-byte loads each thread keeps in flight while copying them.
+constexpr int kRowsPerBatch = 64;
+constexpr int kCopyInFlight = 4;
+
+// Copies a batch of `rows` rows of `vectors` 16-byte vectors with the whole block, several loads in flight per
+// thread (a warp per row would leave most warps idle and each row latency-bound): row r goes from src[r] to dst[r],
+// and is skipped when dst[r] is nullptr. Both tables are in shared memory. kReadOnly as in load16.
+template <bool kReadOnly>
+__device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* dst, int rows, int vectors) {
+  const int items = rows * vectors;
+  for (int first = threadIdx.x; first < items; first += kThreads * kCopyInFlight) {
+    int4 v[kCopyInFlight];
+#pragma unroll
+    for (int u = 0; u < kCopyInFlight; ++u) {
+      const int item = first + u * kThreads;
+      if (item < items) v[u] = load16<kReadOnly>(src[item / vectors] + item % vectors);
+    }
+#pragma unroll
+    for (int u = 0; u < kCopyInFlight; ++u) {
+      const int item = first + u * kThreads;
+      if (item < items && dst[item / vectors] != nullptr) dst[item / vectors][item % vectors] = v[u];
+    }
+  }
+}
+
 // This block's share [first, end) of `total` rows.
 __device__ __forceinline__ void block_share(int64_t total, int64_t* first, int64_t* end) {
   const int64_t per_block = (total + gridDim.x - 1) / gridDim.x;
@@ -517,14 +542,12 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int64_t j = rows + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
   }
 
-  // This block's share of the rows, a batch at a time: the payloads are copied by the whole block with several
-  // 16-byte loads in flight per thread (a warp per row would leave most warps idle and each row latency-bound), then
-  // a warp per row writes its scales and source.
-  constexpr int kRowsPerBatch = 64;
-  constexpr int kInFlight = 4;
-  __shared__ const uint8_t* batch_row[kRowsPerBatch];  // the row in the receive slots
-  __shared__ int64_t batch_out[kRowsPerBatch];         // its output row
-  __shared__ int64_t batch_j[kRowsPerBatch];           // its position under its expert
+  // This block's share of the rows, a batch at a time: the block copies the payloads, then a warp per row writes
+  // its scales and source.
+  __shared__ const int4* batch_row[kRowsPerBatch];  // the row in the receive slots
+  __shared__ int4* batch_payload[kRowsPerBatch];    // where its payload goes in recv_x
+  __shared__ int64_t batch_out[kRowsPerBatch];      // its output row
+  __shared__ int64_t batch_j[kRowsPerBatch];        // its position under its expert
   __shared__ int batch_expert[kRowsPerBatch];
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
   int64_t first, end;
@@ -543,34 +566,20 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
         if (j < before + from_s) break;
         before += from_s;
       }
-      batch_row[threadIdx.x] =
+      batch_row[threadIdx.x] = reinterpret_cast<const int4*>(
           a.set_base(a.rank) +
-          ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes;
+          ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes);
       batch_out[threadIdx.x] = local * rows_per_expert + j;
+      batch_payload[threadIdx.x] =
+          reinterpret_cast<int4*>(p.recv_x + (local * rows_per_expert + j) * static_cast<int64_t>(p.row.payload_bytes));
       batch_j[threadIdx.x] = j;
       batch_expert[threadIdx.x] = local;
     }
     __syncthreads();
     // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
-    const int items = rows * vectors;
-    for (int first_item = threadIdx.x; first_item < items; first_item += kThreads * kInFlight) {
-      int4 v[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int item = first_item + u * kThreads;
-        if (item < items) v[u] = reinterpret_cast<const int4*>(batch_row[item / vectors])[item % vectors];
-      }
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int item = first_item + u * kThreads;
-        if (item < items) {
-          reinterpret_cast<int4*>(p.recv_x + batch_out[item / vectors] *
-                                                 static_cast<int64_t>(p.row.payload_bytes))[item % vectors] = v[u];
-        }
-      }
-    }
+    copy_rows<false>(batch_row, batch_payload, rows, vectors);
     for (int r = warp; r < rows; r += kWarps) {
-      const uint8_t* row = batch_row[r];
+      const uint8_t* row = reinterpret_cast<const uint8_t*>(batch_row[r]);
       const int64_t out_row = batch_out[r], j = batch_j[r];
       const int local = batch_expert[r];
       // Element of scale column c of this row in recv_scales (`columns` per row).
@@ -652,11 +661,9 @@ __device__ __forceinline__ int32_t expert_rows(const CombineParams& p, int local
 }
 
 __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t previous_combine, uint64_t deadline) {
-  constexpr int kRowsPerBatch = 64;
-  constexpr int kInFlight = 4;  // 16-byte loads per thread before their stores
   __shared__ int32_t expert_end[DEEPEP_MAX_LOCAL_EXPERTS];
-  __shared__ const int4* source[kRowsPerBatch];    // each row of the batch in x
-  __shared__ uint8_t* destination[kRowsPerBatch];  // its combine row on its source rank; nullptr: nowhere
+  __shared__ const int4* source[kRowsPerBatch];  // each row of the batch in x
+  __shared__ int4* destination[kRowsPerBatch];   // its combine row on its source rank; nullptr: nowhere
   const Area& a = p.area;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int vectors = p.hidden / 8;  // 16-byte vectors per row
@@ -667,7 +674,6 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
       lay_out_experts(p.experts_per_rank, [&](int local) { return expert_rows(p, local); }, expert_end);
   int64_t first, end;
   block_share(total, &first, &end);
-  // All threads of the block copy a batch of rows together, several vectors in flight per thread.
   for (int64_t batch = first; batch < end; batch += kRowsPerBatch) {
     const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerBatch), end - batch));
     if (threadIdx.x < rows) {
@@ -691,25 +697,10 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
         row = combine_row(p, s, token, slot);
       }
       source[threadIdx.x] = reinterpret_cast<const int4*>(p.x + (local * rows_per_expert + j) * p.hidden);
-      destination[threadIdx.x] = row;
+      destination[threadIdx.x] = reinterpret_cast<int4*>(row);
     }
     __syncthreads();
-    const int items = rows * vectors;
-    for (int first_item = threadIdx.x; first_item < items; first_item += kThreads * kInFlight) {
-      int4 v[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int item = first_item + u * kThreads;
-        if (item < items) v[u] = __ldg(source[item / vectors] + item % vectors);
-      }
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int item = first_item + u * kThreads;
-        if (item >= items) continue;
-        uint8_t* row = destination[item / vectors];
-        if (row != nullptr) reinterpret_cast<int4*>(row)[item % vectors] = v[u];
-      }
-    }
+    copy_rows<true>(source, destination, rows, vectors);
     __syncthreads();  // source and destination are rewritten by the next batch
   }
   timeline_mark(a, kMarkStored);
