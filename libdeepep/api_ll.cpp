@@ -43,6 +43,15 @@ void check_flag(int value, const char* name) {
   DEEPEP_REQUIRE(value == 0 || value == 1, "%s is %d; it must be 0 or 1", name, value);
 }
 
+// hidden must be a positive multiple of `multiple` (`why` says what needs it) and fit the area's rows.
+void check_hidden(const deepepComm& comm, int hidden, int multiple, const char* why) {
+  DEEPEP_REQUIRE(hidden > 0 && hidden % multiple == 0, "hidden is %d; it must be a positive multiple of %d %s", hidden,
+                 multiple, why);
+  DEEPEP_REQUIRE(hidden <= comm.ll_area.max_hidden,
+                 "hidden is %d; this communicator's low-latency area holds rows of at most %d (config hidden)", hidden,
+                 comm.ll_area.max_hidden);
+}
+
 int check_experts(const deepepComm& comm, int num_experts) {
   DEEPEP_REQUIRE(num_experts >= 1 && num_experts % comm.nranks == 0,
                  "num_experts (%d) must be a positive multiple of the number of ranks (%d)", num_experts, comm.nranks);
@@ -180,12 +189,11 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     DEEPEP_REQUIRE(fp8 || (a.round_scale == 0 && a.use_ue8m0 == 0),
                    "round_scale and use_ue8m0 shape FP8 scales; they need use_fp8 = 1");
     DEEPEP_REQUIRE(!a.use_ue8m0 || a.round_scale, "use_ue8m0 needs round_scale = 1 (UE8M0 holds powers of two)");
-    DEEPEP_REQUIRE(a.hidden > 0 && (fp8 ? a.hidden % 128 == 0 : a.hidden % 8 == 0),
-                   "hidden is %d; it must be a positive multiple of %s", a.hidden,
-                   fp8 ? "128 for FP8 output (one scale per 128 channels)" : "8 for BF16 output (16-byte rows)");
-    DEEPEP_REQUIRE(a.hidden <= c.ll_area.max_hidden,
-                   "hidden is %d; this communicator's low-latency area holds rows of at most %d (config hidden)",
-                   a.hidden, c.ll_area.max_hidden);
+    if (fp8) {
+      check_hidden(c, a.hidden, 128, "for FP8 output (one scale per 128 channels)");
+    } else {
+      check_hidden(c, a.hidden, 8, "for BF16 output (16-byte rows)");
+    }
     const int64_t x_stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
     DEEPEP_REQUIRE(x_stride >= a.hidden && (x_stride * 2) % 16 == 0,
                    "x_row_stride is %lld; rows must hold hidden (%d) elements and start on 16-byte boundaries",
@@ -233,11 +241,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
     check_flag(a.zero_copy, "zero_copy");
-    DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0,
-                   "hidden is %d; it must be a positive multiple of 8 (16-byte rows)", a.hidden);
-    DEEPEP_REQUIRE(a.hidden <= c.ll_area.max_hidden,
-                   "hidden is %d; this communicator's low-latency area holds rows of at most %d (config hidden)",
-                   a.hidden, c.ll_area.max_hidden);
+    check_hidden(c, a.hidden, 8, "(16-byte rows)");
     const size_t T = static_cast<size_t>(c.ll_area.max_tokens);
     const size_t slots = static_cast<size_t>(local) * c.nranks * T;
     const size_t combine_rows = T * a.num_topk * a.hidden * 2;
