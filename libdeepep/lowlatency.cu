@@ -486,26 +486,40 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   auto owns = [&](int local) { return local % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x); };
 
   // Every block waits for every (expert, source) flag: the rows are then shared out evenly, whatever their experts.
+  // The counts it saw stay in shared memory when they fit (E <= kCachedCounts), so that laying out the rows and
+  // finding each row's source take no further round trips to memory.
+  constexpr int kCachedCounts = 2048;
+  __shared__ int32_t cached[kCachedCounts];  // [local expert][source] rows, as this block's wait saw them
+  const bool cache = experts * a.nranks <= kCachedCounts;
   for (int i = threadIdx.x; i < experts * a.nranks; i += kThreads) {
     const int local = i / a.nranks, s = i % a.nranks;
-    if (is_masked(a, s)) continue;  // a masked source sends nothing and is not waited for
-    const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
-    uint64_t seen = 0;
-    const bool ok = wait_flag(
-        a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline,
-        a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
-    if (!ok) mask_after_timeout(a, s);
-    if (!owns(local)) continue;
-    if (p.stats_wait_ns != nullptr) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
-                static_cast<unsigned long long>(global_timer_ns() - wait_start));
+    int32_t rows = 0;
+    if (!is_masked(a, s)) {  // a masked source sends nothing and is not waited for
+      const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
+      uint64_t seen = 0;
+      const bool ok = wait_flag(
+          a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; },
+          deadline, a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+      if (!ok) mask_after_timeout(a, s);
+      const bool fits = static_cast<uint32_t>(seen) <= p.max_tokens;
+      if (ok && fits) rows = static_cast<int32_t>(static_cast<uint32_t>(seen));
+      if (owns(local)) {
+        if (p.stats_wait_ns != nullptr) {
+          atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
+                    static_cast<unsigned long long>(global_timer_ns() - wait_start));
+        }
+        if (ok && !fits) {
+          // A peer with a different T (or a corrupted flag): its rows are dropped, never written out of bounds.
+          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local,
+                             static_cast<uint32_t>(seen));
+        }
+      }
     }
-    if (ok && static_cast<uint32_t>(seen) > p.max_tokens) {
-      // A peer with a different T (or a corrupted flag): its rows are dropped, never written out of bounds.
-      record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local,
-                         static_cast<uint32_t>(seen));
-    }
+    if (cache) cached[i] = rows;
   }
+  auto rows_from = [&](int local, int s) {
+    return cache ? cached[local * a.nranks + s] : received_rows(p, local, s, seq);
+  };
   __syncthreads();
   timeline_mark(a, kMarkFlagsSeen);
 
@@ -513,7 +527,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       experts,
       [&](int local) {
         int32_t rows = 0;
-        for (int s = 0; s < a.nranks; ++s) rows += received_rows(p, local, s, seq);
+        for (int s = 0; s < a.nranks; ++s) rows += rows_from(local, s);
         return rows;
       },
       expert_end);
@@ -522,7 +536,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   for (int local = blockIdx.x + threadIdx.x * gridDim.x; local < experts; local += kThreads * gridDim.x) {
     int32_t offset = 0;
     for (int s = 0; s < a.nranks; ++s) {
-      const int32_t rows = received_rows(p, local, s, seq);
+      const int32_t rows = rows_from(local, s);
       p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2] = offset;
       p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2 + 1] = rows;
       offset += rows;
@@ -562,7 +576,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       int s = 0;
       int64_t before = 0;  // rows of the sources ahead of s
       for (; s < a.nranks - 1; ++s) {
-        const int32_t from_s = received_rows(p, local, s, seq);
+        const int32_t from_s = rows_from(local, s);
         if (j < before + from_s) break;
         before += from_s;
       }
