@@ -16,18 +16,12 @@ using namespace deepep;
 
 namespace {
 
-// The communicator must have a low-latency area, and (this release) reach every rank with NVLink stores.
+// The communicator must have a low-latency area. (Peers outside the NVLink domain are reached through NVSHMEM.)
 void require_low_latency(const deepepComm& comm) {
   if (comm.ll_area.max_tokens <= 0) {
     fail(deepepInvalidUsage,
          "this communicator has no low-latency area: create it with config low_latency_max_tokens > 0 (the most "
          "tokens per rank of a low-latency call)");
-  }
-  if (comm.ranks_per_nvl_domain != comm.nranks) {
-    fail(deepepNotSupported,
-         "low-latency calls need all %d ranks in one NVLink domain in this release (this domain has %d); the NVSHMEM "
-         "transport for other peers is not implemented yet",
-         comm.nranks, comm.ranks_per_nvl_domain);
   }
 }
 

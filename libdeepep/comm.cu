@@ -63,6 +63,11 @@ deepepConfig resolve_config(const deepepConfig* config) {
   DEEPEP_REQUIRE(resolved.low_latency_max_tokens >= 0 && resolved.low_latency_max_tokens <= DEEPEP_LL_MAX_TOKENS,
                  "config->low_latency_max_tokens is %d; it must be in [0, %d] (0: no low-latency area)",
                  resolved.low_latency_max_tokens, DEEPEP_LL_MAX_TOKENS);
+  DEEPEP_REQUIRE(resolved.low_latency_transport == DEEPEP_LL_TRANSPORT_AUTO ||
+                     resolved.low_latency_transport == DEEPEP_LL_TRANSPORT_NVSHMEM,
+                 "config->low_latency_transport is %d; it must be DEEPEP_LL_TRANSPORT_AUTO (0) or "
+                 "DEEPEP_LL_TRANSPORT_NVSHMEM (1)",
+                 resolved.low_latency_transport);
   if (resolved.buffer_bytes == 0 || resolved.low_latency_max_tokens > 0) {
     DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
                    resolved.max_tokens_per_rank);
@@ -221,6 +226,7 @@ static void free_local_resources(deepepComm* comm) {
   }
   if (comm->stream != nullptr) cudaStreamDestroy(comm->stream);
   if (comm->peer_buffers_device != nullptr) cudaFree(comm->peer_buffers_device);
+  if (comm->ll_direct_device != nullptr) cudaFree(comm->ll_direct_device);
   if (comm->async_error != nullptr) cudaFreeHost(comm->async_error);
   if (comm->op_state_device != nullptr) cudaFree(comm->op_state_device);
   if (comm->notify_host != nullptr) cudaFreeHost(comm->notify_host);
@@ -232,6 +238,7 @@ static void free_local_resources(deepepComm* comm) {
   comm->notify_host = nullptr;
   comm->stream = nullptr;
   comm->peer_buffers_device = nullptr;
+  comm->ll_direct_device = nullptr;
   comm->async_error = nullptr;
 }
 
@@ -317,6 +324,10 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->peer_buffers_device), sizeof(void*) * nranks));
     DEEPEP_CUDA_CHECK(cudaMemcpy(comm->peer_buffers_device, comm->peer_buffers.data(), sizeof(void*) * nranks,
                                  cudaMemcpyHostToDevice));
+    const std::vector<void*> direct = low_latency_direct_table(*comm, config.low_latency_transport);
+    DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->ll_direct_device), sizeof(void*) * nranks));
+    DEEPEP_CUDA_CHECK(
+        cudaMemcpy(comm->ll_direct_device, direct.data(), sizeof(void*) * nranks, cudaMemcpyHostToDevice));
   } catch (...) {
     // The peers finished setup; release the symmetric heap collectively so they are not left waiting forever.
     free_local_resources(raw);

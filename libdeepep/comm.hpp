@@ -53,6 +53,7 @@ struct deepepComm {
   void* buffer = nullptr;                // this rank's communication buffer (symmetric heap)
   std::vector<void*> peer_buffers;       // NVLink-mapped address of each rank's buffer, nullptr outside domain
   void** peer_buffers_device = nullptr;  // the same table in device memory, for kernels
+  void** ll_direct_device = nullptr;     // the low-latency kernels' table (see low_latency_direct_table)
   cudaStream_t stream = nullptr;         // the communicator stream (asynchronous calls run on it)
   deepep::AsyncErrorRecord* async_error = nullptr;         // mapped pinned memory, host address
   deepep::AsyncErrorRecord* async_error_device = nullptr;  // device address of the same record

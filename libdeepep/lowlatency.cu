@@ -24,8 +24,14 @@
 // the operation. Every wait is bounded by the timeout and records rank, phase and peer on expiry.
 // Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to; the
 // slots naming their experts are skipped like -1 slots, so the other ranks' operations complete without them.
+// Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
+// every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric buffer
+// (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag, and
+// flags and acknowledgements are NVSHMEM puts of the 64-bit word. Every wait reads this rank's own buffer either way.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
 
 #include <algorithm>
 #include <cub/block/block_scan.cuh>
@@ -61,16 +67,19 @@ static_assert(sizeof(LowLatencyState) <= kStateBytes, "low-latency state outgrew
 
 enum : int { kSend = 1, kRecv = 2 };
 
-// Everything a kernel needs to find the area on every rank.
+// Everything a kernel needs to find the area on every rank. Peers in `direct` are written with NVLink stores; the
+// others (nullptr there) through NVSHMEM, which names a peer's object by the address of the same object in this
+// rank's own buffer (the symmetric heap). Reads are always of this rank's own buffer.
 struct Area {
-  void* const* peers;  // base of every rank's communication buffer (NVLink-mapped)
-  size_t offset;       // of the low-latency area in every buffer
+  void* const* direct;  // [nranks]: NVLink-mapped base of every rank's buffer, nullptr for peers reached by NVSHMEM
+  size_t offset;        // of the low-latency area in every buffer
   size_t ack_offset;
   size_t dispatch_flags_offset;
   size_t combine_flags_offset;
   size_t control_bytes;
   size_t set_bytes;
   size_t combine_rows_offset;
+  size_t send_rows_offset;
   int rank;
   int nranks;
   int set;
@@ -79,23 +88,50 @@ struct Area {
   uint32_t* mask;     // [nranks], this rank's: 1 for a rank masked out (never waited for, never written to)
   int64_t* timeline;  // diagnostic [block][DEEPEP_LL_TIMELINE_MARKS] marks, or nullptr
 
-  __device__ __forceinline__ uint8_t* base(int owner) const { return static_cast<uint8_t*>(peers[owner]) + offset; }
-  __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(base(rank)); }
-  __device__ __forceinline__ uint64_t* ack(int owner, int source) const {
-    return reinterpret_cast<uint64_t*>(base(owner) + ack_offset) + set * nranks + source;
+  // Addresses in this rank's own area (also the symmetric addresses of the same objects on every peer).
+  __device__ __forceinline__ uint8_t* mine() const { return static_cast<uint8_t*>(direct[rank]) + offset; }
+  __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(mine()); }
+  __device__ __forceinline__ uint64_t* ack(int source) const {
+    return reinterpret_cast<uint64_t*>(mine() + ack_offset) + set * nranks + source;
   }
-  __device__ __forceinline__ uint64_t* dispatch_flag(int owner, int local_expert, int source) const {
-    return reinterpret_cast<uint64_t*>(base(owner) + dispatch_flags_offset) +
+  __device__ __forceinline__ uint64_t* dispatch_flag(int local_expert, int source) const {
+    return reinterpret_cast<uint64_t*>(mine() + dispatch_flags_offset) +
            (static_cast<size_t>(set) * DEEPEP_MAX_LOCAL_EXPERTS + local_expert) * nranks + source;
   }
-  __device__ __forceinline__ uint64_t* combine_flag(int owner, int expert) const {
-    return reinterpret_cast<uint64_t*>(base(owner) + combine_flags_offset) +
+  __device__ __forceinline__ uint64_t* combine_flag(int expert) const {
+    return reinterpret_cast<uint64_t*>(mine() + combine_flags_offset) +
            static_cast<size_t>(set) * DEEPEP_MAX_LOCAL_EXPERTS * nranks + expert;
   }
-  __device__ __forceinline__ uint8_t* set_base(int owner) const {
-    return base(owner) + control_bytes + static_cast<size_t>(set) * set_bytes;
+  __device__ __forceinline__ uint8_t* set_base() const {
+    return mine() + control_bytes + static_cast<size_t>(set) * set_bytes;
+  }
+  // Where `owner` keeps the object this rank keeps at `ours`, for NVLink stores; nullptr when NVSHMEM reaches it.
+  template <typename T>
+  __device__ __forceinline__ T* at(int owner, T* ours) const {
+    uint8_t* base = static_cast<uint8_t*>(direct[owner]);
+    if (base == nullptr) return nullptr;
+    return reinterpret_cast<T*>(base + (reinterpret_cast<uint8_t*>(ours) - static_cast<uint8_t*>(direct[rank])));
   }
 };
+
+// Sets `owner`'s copy of the flag this rank keeps at `ours`, after everything this thread (and, through the barriers
+// and fences before it, its block) wrote before: a system-scope release store over NVLink, or an NVSHMEM put of the
+// value after a system fence (the callers complete their NVSHMEM data puts with a quiet first).
+__device__ __forceinline__ void signal(const Area& a, int owner, uint64_t* ours, uint64_t value) {
+  if (uint64_t* there = a.at(owner, ours)) {
+    store_release_sys(there, value);
+  } else {
+    __threadfence_system();
+    nvshmem_uint64_p(ours, value, owner);
+  }
+}
+
+// Completes this block's NVSHMEM puts (every thread, since each warp's lanes issued their own parts) before the block
+// says its rows are there.
+__device__ __forceinline__ void complete_puts(bool any) {
+  if (any) nvshmem_quiet();
+  __syncthreads();
+}
 
 // Timeline marks (diagnostic; see deepepCommLowLatencyTimeline).
 enum : int {
@@ -221,8 +257,7 @@ __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline
   if (threadIdx.x < 32) {
     for (int d = threadIdx.x; d < a.nranks; d += 32) {
       if (d == a.rank || is_masked(a, d)) continue;
-      if (!wait_flag(
-              a.ack(a.rank, d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d)) {
+      if (!wait_flag(a.ack(d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d)) {
         mask_after_timeout(a, d);
       }
     }
@@ -244,7 +279,7 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
       state->seq[a.set] = seq;
       if (combine) state->last_combine[a.set] = seq;
       for (int d = 0; d < a.nranks; ++d) {
-        if (d != a.rank && !is_masked(a, d)) store_release_sys(a.ack(d, a.rank), seq);
+        if (d != a.rank && !is_masked(a, d)) signal(a, d, a.ack(a.rank), seq);
       }
       __threadfence();
     }
@@ -365,7 +400,9 @@ template <typename Index>
 __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
   extern __shared__ int32_t tokens_before[];      // [num_experts]: earlier tokens naming each expert
-  __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // where slot k of the current token goes; nullptr: nowhere
+  __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // where slot k of the current token is stored; nullptr: not stored
+  __shared__ uint8_t* slot_put[DEEPEP_MAX_TOPK];  // or the slot's symmetric address, for an NVSHMEM put
+  __shared__ int slot_rank[DEEPEP_MAX_TOPK];
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch);
   timeline_mark(a, kMarkAcks);
@@ -399,13 +436,16 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   __syncthreads();
   timeline_mark(a, kMarkCounted);
 
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  bool block_puts = false;  // whether this block sent anything through NVSHMEM
   for (int64_t t = first; t < end; ++t) {
     const Index* ids = topk + t * p.topk_stride;
+    bool puts = false;
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
       const int64_t e = static_cast<int64_t>(ids[k]);
       uint8_t* row = nullptr;
+      uint8_t* put = nullptr;
       if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1, t * p.num_topk + k,
                            e);
@@ -415,15 +455,28 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
         const int position = tokens_before[e]++;
         const int dest = static_cast<int>(e) / p.experts_per_rank;
         const int local = static_cast<int>(e) % p.experts_per_rank;
-        row = a.set_base(dest) +
-              ((static_cast<size_t>(local) * a.nranks + a.rank) * p.max_tokens + position) * p.row.row_bytes;
-        *reinterpret_cast<int32_t*>(row + p.row.meta_offset) = static_cast<int32_t>(t) | (k << kSlotShift);
+        uint8_t* ours = a.set_base() +
+                        ((static_cast<size_t>(local) * a.nranks + a.rank) * p.max_tokens + position) * p.row.row_bytes;
+        const int32_t meta = static_cast<int32_t>(t) | (k << kSlotShift);
+        row = a.at(dest, ours);
+        if (row != nullptr) {
+          *reinterpret_cast<int32_t*>(row + p.row.meta_offset) = meta;
+        } else {
+          put = ours;
+          nvshmem_int32_p(reinterpret_cast<int32_t*>(ours + p.row.meta_offset), meta, dest);
+        }
+        slot_rank[k] = dest;
         atomicAdd(&p.send_counts[e], 1u);
       }
       slot_row[k] = row;
+      slot_put[k] = put;
+      puts = put != nullptr;
     }
-    __syncthreads();
-    // The row is read and cast once, then stored into every slot that names an expert.
+    puts = __syncthreads_or(puts);
+    block_puts |= puts;
+    // The row is read and cast once, then stored into every slot that names an expert, and into this token's
+    // staging row when a slot goes through NVSHMEM (puts read symmetric memory, which the caller's x is not).
+    uint8_t* stage = puts ? a.set_base() + a.send_rows_offset + static_cast<size_t>(t) * p.row.row_bytes : nullptr;
     const uint16_t* src = p.x + t * p.x_stride;
     if (p.fp8) {
       for (int chunk = 0; chunk < p.hidden; chunk += kThreads * 16) {
@@ -438,6 +491,10 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
             *reinterpret_cast<int4*>(row + c) = packed;
             if ((lane & 7) == 0) reinterpret_cast<float*>(row + p.row.scales_offset)[c / 128] = scale;
           }
+          if (stage != nullptr) {
+            *reinterpret_cast<int4*>(stage + c) = packed;
+            if ((lane & 7) == 0) reinterpret_cast<float*>(stage + p.row.scales_offset)[c / 128] = scale;
+          }
         }
       }
     } else {
@@ -447,10 +504,19 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
           uint8_t* row = slot_row[k];
           if (row != nullptr) *reinterpret_cast<int4*>(row + 2 * static_cast<size_t>(c)) = v;
         }
+        if (stage != nullptr) *reinterpret_cast<int4*>(stage + 2 * static_cast<size_t>(c)) = v;
       }
     }
-    __syncthreads();  // slot_row is rewritten for the next token
+    __syncthreads();  // the staging row is complete
+    if (puts) {
+      for (int k = warp; k < p.num_topk; k += kWarps) {
+        // Payload and scales; the metadata went with its own put above.
+        if (slot_put[k] != nullptr) nvshmemx_putmem_nbi_warp(slot_put[k], stage, p.row.meta_offset, slot_rank[k]);
+      }
+      __syncthreads();  // slot_put is rewritten for the next token
+    }
   }
+  complete_puts(block_puts);
 
   // The last block to finish publishes every expert's row count, after all blocks' rows.
   timeline_mark(a, kMarkStored);
@@ -458,8 +524,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
     const uint32_t rows = atomicExch(&p.send_counts[e], 0u);  // reset for the set's next dispatch
     const int dest = e / p.experts_per_rank;
-    if (!is_masked(a, dest))
-      store_release_sys(a.dispatch_flag(dest, e % p.experts_per_rank, a.rank), tagged(seq, rows));
+    if (!is_masked(a, dest)) signal(a, dest, a.dispatch_flag(e % p.experts_per_rank, a.rank), tagged(seq, rows));
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
@@ -469,7 +534,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
 // masked source (a wait that timed out masked it) and for a count past T (recorded as an error when waited for).
 __device__ __forceinline__ int32_t received_rows(const DispatchParams& p, int local, int s, uint32_t seq) {
   if (is_masked(p.area, s)) return 0;
-  const uint64_t v = *reinterpret_cast<const volatile uint64_t*>(p.area.dispatch_flag(p.area.rank, local, s));
+  const uint64_t v = *reinterpret_cast<const volatile uint64_t*>(p.area.dispatch_flag(local, s));
   const uint32_t rows = static_cast<uint32_t>(v);
   return static_cast<uint32_t>(v >> 32) == seq && rows <= p.max_tokens ? static_cast<int32_t>(rows) : 0;
 }
@@ -498,7 +563,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
       uint64_t seen = 0;
       const bool ok = wait_flag(
-          a.dispatch_flag(a.rank, local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; },
+          a.dispatch_flag(local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; },
           deadline, a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
       if (!ok) mask_after_timeout(a, s);
       const bool fits = static_cast<uint32_t>(seen) <= p.max_tokens;
@@ -581,8 +646,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
         before += from_s;
       }
       batch_row[threadIdx.x] = reinterpret_cast<const int4*>(
-          a.set_base(a.rank) +
-          ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes);
+          a.set_base() + ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes);
       batch_out[threadIdx.x] = local * rows_per_expert + j;
       batch_payload[threadIdx.x] =
           reinterpret_cast<int4*>(p.recv_x + (local * rows_per_expert + j) * static_cast<int64_t>(p.row.payload_bytes));
@@ -659,10 +723,12 @@ struct CombineParams {
   int hidden;
   int64_t max_tokens;
   uint16_t* out;
+  bool x_symmetric;  // x is this set's combine buffer (zero-copy): NVSHMEM puts may read it in place
 };
 
-__device__ __forceinline__ uint8_t* combine_row(const CombineParams& p, int owner, int64_t token, int slot) {
-  return p.area.set_base(owner) + p.area.combine_rows_offset +
+// Combine row [token][slot] in this rank's own area (a source rank's copy is where its token's slot arrives).
+__device__ __forceinline__ uint8_t* combine_row(const CombineParams& p, int64_t token, int slot) {
+  return p.area.set_base() + p.area.combine_rows_offset +
          (static_cast<size_t>(token) * p.num_topk + slot) * static_cast<size_t>(p.hidden) * 2;
 }
 
@@ -677,10 +743,16 @@ __device__ __forceinline__ int32_t expert_rows(const CombineParams& p, int local
 __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t previous_combine, uint64_t deadline) {
   __shared__ int32_t expert_end[DEEPEP_MAX_LOCAL_EXPERTS];
   __shared__ const int4* source[kRowsPerBatch];  // each row of the batch in x
-  __shared__ int4* destination[kRowsPerBatch];   // its combine row on its source rank; nullptr: nowhere
+  __shared__ int4* destination[kRowsPerBatch];   // its combine row on its source rank, for stores; nullptr: none
+  __shared__ uint8_t* put_to[kRowsPerBatch];     // or that row's symmetric address, for an NVSHMEM put
+  __shared__ int4* put_from[kRowsPerBatch];      // the row in this set's combine buffer (symmetric), for the put
+  __shared__ int4* stage_to[kRowsPerBatch];      // put_from when x must be copied there first; nullptr otherwise
+  __shared__ int source_rank[kRowsPerBatch];
   const Area& a = p.area;
   const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
   const int vectors = p.hidden / 8;  // 16-byte vectors per row
+  const int warp = threadIdx.x / 32;
+  bool block_puts = false;  // whether this block sent anything through NVSHMEM
   wait_peer_acks(a, previous_combine, deadline, Phase::kLowLatencyCombine);
   timeline_mark(a, kMarkAcks);
 
@@ -704,26 +776,44 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
       const int64_t token = info & ((1 << kSlotShift) - 1);
       const int slot = info >> kSlotShift;
       uint8_t* row = nullptr;
+      uint8_t* put = nullptr;
       if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
                            local * rows_per_expert + j, info);
       } else if (!is_masked(a, s)) {
-        row = combine_row(p, s, token, slot);
+        row = a.at(s, combine_row(p, token, slot));
+        if (row == nullptr) put = combine_row(p, token, slot);
       }
-      source[threadIdx.x] = reinterpret_cast<const int4*>(p.x + (local * rows_per_expert + j) * p.hidden);
+      const size_t element = (local * rows_per_expert + j) * p.hidden;  // of the row in x and in the combine buffer
+      source[threadIdx.x] = reinterpret_cast<const int4*>(p.x + element);
       destination[threadIdx.x] = reinterpret_cast<int4*>(row);
+      put_to[threadIdx.x] = put;
+      put_from[threadIdx.x] = reinterpret_cast<int4*>(reinterpret_cast<uint16_t*>(a.set_base()) + element);
+      stage_to[threadIdx.x] = put != nullptr && !p.x_symmetric ? put_from[threadIdx.x] : nullptr;
+      source_rank[threadIdx.x] = s;
     }
-    __syncthreads();
+    const bool puts = __syncthreads_or(threadIdx.x < rows && put_to[threadIdx.x] != nullptr);
+    block_puts |= puts;
     copy_rows<true>(source, destination, rows, vectors);
-    __syncthreads();  // source and destination are rewritten by the next batch
+    // A row put through NVSHMEM is read from symmetric memory: the combine buffer, where x is copied first unless it
+    // is already there (zero-copy).
+    if (puts && !p.x_symmetric) copy_rows<true>(source, stage_to, rows, vectors);
+    __syncthreads();  // the batch's rows are in the combine buffer
+    if (puts) {
+      for (int r = warp; r < rows; r += kWarps) {
+        if (put_to[r] != nullptr) nvshmemx_putmem_nbi_warp(put_to[r], put_from[r], p.hidden * 2, source_rank[r]);
+      }
+      __syncthreads();  // the batch's tables are rewritten by the next batch
+    }
   }
+  complete_puts(block_puts);
   timeline_mark(a, kMarkStored);
 
   // The last block to finish says every expert's rows are there, to every source.
   if (!last_block_to_finish(&a.state()->combine_send_done[a.set])) return;
   for (int i = threadIdx.x; i < p.experts_per_rank * a.nranks; i += kThreads) {
     const int local = i / a.nranks, s = i % a.nranks;
-    if (!is_masked(a, s)) store_release_sys(a.combine_flag(s, a.rank * p.experts_per_rank + local), seq);
+    if (!is_masked(a, s)) signal(a, s, a.combine_flag(a.rank * p.experts_per_rank + local), seq);
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
@@ -753,10 +843,10 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
           }
         }
         const int owner = static_cast<int>(e / p.experts_per_rank);
-        if (from == k && !wait_flag(
-                             a.combine_flag(a.rank, static_cast<int>(e)),
-                             [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; }, deadline, a.error, a.rank,
-                             Phase::kLowLatencyCombine, owner)) {
+        if (from == k &&
+            !wait_flag(
+                a.combine_flag(static_cast<int>(e)), [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; },
+                deadline, a.error, a.rank, Phase::kLowLatencyCombine, owner)) {
           mask_after_timeout(a, owner);
           from = -1;
         }
@@ -784,7 +874,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
           const int from = k < p.num_topk ? source_slot[k] : -1;
           // Written by peers during the kernel: a plain load after the acquire.
           if (from >= 0 && source_slot[from] >= 0) {
-            raw[u] = *reinterpret_cast<const int4*>(combine_row(p, a.rank, t, from) + static_cast<size_t>(v) * 16);
+            raw[u] = *reinterpret_cast<const int4*>(combine_row(p, t, from) + static_cast<size_t>(v) * 16);
           }
         }
 #pragma unroll
@@ -834,7 +924,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
 Area make_area(const deepepComm& comm, int set) {
   const LowLatencyArea& l = comm.ll_area;
   Area a;
-  a.peers = comm.peer_buffers_device;
+  a.direct = comm.ll_direct_device;
   a.offset = comm.ll_offset;
   a.ack_offset = l.ack_offset;
   a.dispatch_flags_offset = l.dispatch_flags_offset;
@@ -842,6 +932,7 @@ Area make_area(const deepepComm& comm, int set) {
   a.control_bytes = l.control_bytes;
   a.set_bytes = l.set_bytes;
   a.combine_rows_offset = l.combine_rows_offset;
+  a.send_rows_offset = l.send_rows_offset;
   a.rank = comm.rank;
   a.nranks = comm.nranks;
   a.set = set;
@@ -910,9 +1001,19 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.receive_bytes = align_up(static_cast<size_t>(receive), 4096);
   l.combine_rows_offset = l.receive_bytes;
   l.combine_rows_bytes = align_up(static_cast<size_t>(combine), 4096);
-  l.set_bytes = l.receive_bytes + l.combine_rows_bytes;
+  l.send_rows_offset = l.combine_rows_offset + l.combine_rows_bytes;
+  l.send_rows_bytes = align_up(static_cast<size_t>(l.max_tokens) * row, 4096);
+  l.set_bytes = l.receive_bytes + l.combine_rows_bytes + l.send_rows_bytes;
   l.total_bytes = l.control_bytes + kLowLatencySets * l.set_bytes;
   return l;
+}
+
+std::vector<void*> low_latency_direct_table(const deepepComm& comm, int transport) {
+  std::vector<void*> direct(comm.peer_buffers);
+  for (int r = 0; r < comm.nranks; ++r) {
+    if (r != comm.rank && transport == DEEPEP_LL_TRANSPORT_NVSHMEM) direct[r] = nullptr;
+  }
+  return direct;
 }
 
 uint32_t* low_latency_mask(const deepepComm& comm) {
@@ -1009,6 +1110,7 @@ void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCo
   CombineParams p;
   p.area = make_area(comm, args.buffer_set);
   p.x = static_cast<const uint16_t*>(args.zero_copy ? low_latency_combine_buffer(comm, args.buffer_set) : args.x);
+  p.x_symmetric = args.zero_copy != 0;
   p.src_info = args.src_info;
   p.layout_range = args.layout_range;
   p.topk_idx = args.topk_idx;

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "deepep/deepep.h"
 
@@ -27,7 +28,9 @@ constexpr int kLowLatencySets = 2;
 //                    expert, added up by its blocks (local; back to zero when the send ends)
 //   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
 //   set 0, set 1     each: receive slots [E_loc][R][T] rows (dispatch; the same bytes are the combine buffer
-//                    [E_loc][R*T][H] BF16 of the zero-copy combine), then combine rows [T][K] BF16 [H]
+//                    [E_loc][R*T][H] BF16 of the zero-copy combine, and where a combine copies its rows for NVSHMEM
+//                    puts), then combine rows [T][K] BF16 [H], then send rows [T] (a dispatch's cast rows, staged in
+//                    symmetric memory for NVSHMEM puts)
 struct LowLatencyArea {
   int64_t max_tokens = 0;  // T; 0: no area
   int max_hidden = 0;
@@ -42,6 +45,8 @@ struct LowLatencyArea {
   size_t receive_bytes = 0;        // per set
   size_t combine_rows_offset = 0;  // from the set's start
   size_t combine_rows_bytes = 0;   // per set
+  size_t send_rows_offset = 0;     // from the set's start
+  size_t send_rows_bytes = 0;      // per set
   size_t set_bytes = 0;
   size_t total_bytes = 0;
 };
@@ -60,9 +65,10 @@ struct LowLatencyRow {
 };
 LowLatencyRow low_latency_row(int hidden, bool fp8);
 
-// How peers are reached. Only direct NVLink stores exist in this release; an NVSHMEM put/signal transport (for peers
-// outside the NVLink domain, or forced for testing) is meant to slot in here, chosen per communicator.
-enum class LowLatencyTransport { kNvlinkStores = 0 };
+// The table of buffer bases the low-latency kernels store through ([nranks], device memory): a peer's NVLink address,
+// or nullptr for a peer reached through NVSHMEM (outside the NVLink domain, or every peer with
+// DEEPEP_LL_TRANSPORT_NVSHMEM). This rank's own entry is always its buffer.
+std::vector<void*> low_latency_direct_table(const deepepComm& comm, int transport);
 
 void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args, cudaStream_t stream);
 void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream);

@@ -120,6 +120,7 @@ class Communicator:
         num_experts: int = ...,
         allow_nvlink_multicast: bool = ...,
         low_latency_max_tokens: int = ...,
+        low_latency_transport: str = ...,
     ) -> None: ...
     @property
     def closed(self) -> bool: ...

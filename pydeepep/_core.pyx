@@ -48,7 +48,8 @@ def get_unique_id():
 
 
 cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden, num_topk, num_experts,
-                               allow_nvlink_multicast, low_latency_max_tokens=0) except *:
+                               allow_nvlink_multicast, low_latency_max_tokens=0,
+                               low_latency_transport="auto") except *:
     cdef deepepConfig config
     _check(deepepConfigInit(&config))
     config.device = -1 if device is None else int(device)
@@ -60,6 +61,11 @@ cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_ran
     config.num_experts = int(num_experts)
     config.allow_nvlink_multicast = 1 if allow_nvlink_multicast else 0
     config.low_latency_max_tokens = int(low_latency_max_tokens)
+    transports = {"auto": DEEPEP_LL_TRANSPORT_AUTO, "nvshmem": DEEPEP_LL_TRANSPORT_NVSHMEM}
+    if low_latency_transport not in transports:
+        raise DeepEPInvalidArgument(
+            f"low_latency_transport is {low_latency_transport!r}; it must be 'auto' or 'nvshmem'", 1)
+    config.low_latency_transport = transports[low_latency_transport]
     return config
 
 
@@ -326,14 +332,14 @@ cdef class Communicator:
 
     def __init__(self, bytes unique_id, int rank, int nranks, *, device=None, double timeout=100.0,
                  buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8, num_experts=256,
-                 allow_nvlink_multicast=False, low_latency_max_tokens=0):
+                 allow_nvlink_multicast=False, low_latency_max_tokens=0, low_latency_transport="auto"):
         if len(unique_id) != DEEPEP_UNIQUE_ID_BYTES:
             raise DeepEPInvalidArgument(
                 f"unique_id has {len(unique_id)} bytes; it must be the {DEEPEP_UNIQUE_ID_BYTES} bytes that "
                 "get_unique_id() returns", 1)
         cdef deepepConfig config = _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden,
                                                 num_topk, num_experts, allow_nvlink_multicast,
-                                                low_latency_max_tokens)
+                                                low_latency_max_tokens, low_latency_transport)
         cdef deepepUniqueId uid
         memcpy(uid.internal, <const char*>unique_id, DEEPEP_UNIQUE_ID_BYTES)
         if device is not None:

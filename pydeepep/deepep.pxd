@@ -11,6 +11,8 @@ cdef extern from "deepep/deepep.h" nogil:
     enum: DEEPEP_MAX_TOPK
     enum: DEEPEP_MAX_LOCAL_EXPERTS
     enum: DEEPEP_LL_MAX_TOKENS
+    enum: DEEPEP_LL_TRANSPORT_AUTO
+    enum: DEEPEP_LL_TRANSPORT_NVSHMEM
     enum: DEEPEP_VERSION
 
     ctypedef enum deepepResult_t:
@@ -52,6 +54,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int num_topk
         int num_experts
         int low_latency_max_tokens
+        int low_latency_transport
 
     const char* deepepGetErrorString(deepepResult_t result)
     const char* deepepGetLastErrorMessage()

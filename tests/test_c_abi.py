@@ -186,6 +186,7 @@ class Config(ctypes.Structure):
         ("num_topk", ctypes.c_int),
         ("num_experts", ctypes.c_int),
         ("low_latency_max_tokens", ctypes.c_int),
+        ("low_latency_transport", ctypes.c_int),
     ]
 
 
@@ -316,16 +317,17 @@ int main(void) {
       braced.timeout_seconds != filled.timeout_seconds || braced.buffer_bytes != filled.buffer_bytes ||
       braced.max_tokens_per_rank != filled.max_tokens_per_rank || braced.hidden != filled.hidden ||
       braced.num_topk != filled.num_topk || braced.num_experts != filled.num_experts ||
-      braced.low_latency_max_tokens != filled.low_latency_max_tokens) {
+      braced.low_latency_max_tokens != filled.low_latency_max_tokens ||
+      braced.low_latency_transport != filled.low_latency_transport) {
     fprintf(stderr, "DEEPEP_CONFIG_INIT differs from deepepConfigInit\n");
     return 14;
   }
-  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
+  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
          offsetof(deepepConfig, struct_size), offsetof(deepepConfig, device),
          offsetof(deepepConfig, allow_nvlink_multicast), offsetof(deepepConfig, timeout_seconds),
          offsetof(deepepConfig, buffer_bytes), offsetof(deepepConfig, max_tokens_per_rank),
          offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts),
-         offsetof(deepepConfig, low_latency_max_tokens));
+         offsetof(deepepConfig, low_latency_max_tokens), offsetof(deepepConfig, low_latency_transport));
   printf("unique_id %zu\n", sizeof(deepepUniqueId));
   return 0;
 }
@@ -523,6 +525,17 @@ def test_buffer_size_hint_rejects_a_non_positive_timeout(lib, timeout):
     config.timeout_seconds = timeout
     assert size_hint(lib, config, 1)[0] == INVALID_ARGUMENT
     assert "timeout_seconds" in last_error(lib)
+
+
+@pytest.mark.parametrize("transport", [-1, 2])
+def test_buffer_size_hint_rejects_an_unknown_low_latency_transport(lib, transport):
+    config = default_config(lib)
+    assert config.low_latency_transport == 0  # DEEPEP_LL_TRANSPORT_AUTO
+    config.low_latency_transport = transport
+    assert size_hint(lib, config, 1)[0] == INVALID_ARGUMENT
+    assert "low_latency_transport" in last_error(lib)
+    config.low_latency_transport = 1  # DEEPEP_LL_TRANSPORT_NVSHMEM
+    assert size_hint(lib, config, 1)[0] == 0
 
 
 @pytest.mark.parametrize("num_topk", [0, 33])

@@ -478,7 +478,7 @@ EXTRA = {
 }
 
 
-def ll_scenarios(info):
+def ll_scenarios(info, transport):
     out = {}
     with pydeepep.Communicator(
         info.unique_id,
@@ -491,6 +491,7 @@ def ll_scenarios(info):
         num_topk=32,
         num_experts=288,
         low_latency_max_tokens=T,
+        low_latency_transport=transport,
     ) as comm:
         scenarios = [(name, lambda c, case=case: run_case(c, **case)) for name, case in CASES.items()]
         scenarios += list(EXTRA.items())
@@ -499,15 +500,16 @@ def ll_scenarios(info):
                 out[name] = scenario(comm)
             except Exception:
                 out[name] = traceback.format_exc()
-            log_scenario("ll", info, name, out[name])
+            log_scenario("ll", info, f"{transport} {name}", out[name])
             if isinstance(out[name], str) and "Timeout" in out[name]:
                 break  # the ranks are out of step: later scenarios would only time out too
     return out
 
 
-@pytest.fixture(scope="module")
-def results():
-    return pydeepep.spawn(ll_scenarios, nprocs=2, timeout=600)
+# Every scenario runs with NVLink stores between the two GPUs ("auto") and with NVSHMEM puts forced between them.
+@pytest.fixture(scope="module", params=["auto", "nvshmem"])
+def results(request):
+    return pydeepep.spawn(ll_scenarios, nprocs=2, args=(request.param,), timeout=600)
 
 
 @pytest.mark.parametrize("scenario", [*CASES, *EXTRA])

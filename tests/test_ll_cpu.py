@@ -192,9 +192,9 @@ def test_no_low_latency_area_by_default():
 def test_low_latency_area_holds_two_sets_of_the_worst_case():
     workload = dict(max_tokens_per_rank=128, hidden=7168, num_topk=8, num_experts=288)
     extra = hint(**workload, low_latency_max_tokens=128) - hint(**workload)
-    # Per set: 144 local experts x 2 sources x 128 slots of a BF16 row (+16 bytes of metadata), plus 128 x 8 combine
-    # rows of 7168 BF16 values.
-    per_set = 144 * 2 * 128 * (7168 * 2 + 16) + 128 * 8 * 7168 * 2
+    # Per set: 144 local experts x 2 sources x 128 slots of a BF16 row (+16 bytes of metadata), 128 x 8 combine rows
+    # of 7168 BF16 values, and 128 send rows (staged for NVSHMEM puts).
+    per_set = 144 * 2 * 128 * (7168 * 2 + 16) + 128 * 8 * 7168 * 2 + 128 * (7168 * 2 + 16)
     assert 2 * per_set <= extra <= 2 * per_set + (8 << 20)
 
 
@@ -234,6 +234,11 @@ def test_low_latency_area_needs_a_valid_workload_even_with_buffer_bytes():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Python layer
+
+
+def test_low_latency_transport_must_be_auto_or_nvshmem():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="low_latency_transport is 'rdma'"):
+        pydeepep.Communicator(pydeepep.get_unique_id(), 0, 1, low_latency_transport="rdma")
 
 
 def test_low_latency_results_are_exported():

@@ -99,10 +99,17 @@ typedef struct {
    * the most tokens per rank of one low-latency call; two buffer sets are reserved on top of buffer_bytes, sized
    * from T and from hidden, num_topk and num_experts above (the largest H, K and E the low-latency calls may use). */
   int low_latency_max_tokens;
+  /* How low-latency calls reach peers: DEEPEP_LL_TRANSPORT_AUTO (default) stores through NVLink to peers in this
+   * rank's NVLink domain and uses NVSHMEM puts and signals for the others; DEEPEP_LL_TRANSPORT_NVSHMEM uses NVSHMEM
+   * for every peer, so that path can be run (and tested) on one machine. Every rank must pass the same value. */
+  int low_latency_transport;
 } deepepConfig;
 
+#define DEEPEP_LL_TRANSPORT_AUTO 0
+#define DEEPEP_LL_TRANSPORT_NVSHMEM 1
+
 /* Plain-brace initialiser with the defaults, valid in C and C++. Keep in field order. */
-#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0}
+#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0, DEEPEP_LL_TRANSPORT_AUTO}
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Errors and version. Local, thread-safe, never fail for valid pointers.                                            */
