@@ -242,11 +242,12 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     if (combine_rows > c.ll_area.combine_rows_bytes) {
       fail_too_small(c, "the combine's receive rows", combine_rows, c.ll_area.combine_rows_bytes);
     }
+    // The combine buffer holds the rows of a zero-copy combine, and the rows any combine puts through NVSHMEM.
+    if (combine_buffer_bytes(c, local, a.hidden) > c.ll_area.receive_bytes) {
+      fail_too_small(c, "the combine buffer", combine_buffer_bytes(c, local, a.hidden), c.ll_area.receive_bytes);
+    }
     if (a.zero_copy) {
       DEEPEP_REQUIRE(a.x == nullptr, "x is given with zero_copy = 1 (the rows are read from the combine buffer)");
-      if (combine_buffer_bytes(c, local, a.hidden) > c.ll_area.receive_bytes) {
-        fail_too_small(c, "the combine buffer", combine_buffer_bytes(c, local, a.hidden), c.ll_area.receive_bytes);
-      }
     } else {
       check_device_array(c, a.x, slots * a.hidden * 2, 16, "x");
     }

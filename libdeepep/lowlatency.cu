@@ -27,7 +27,9 @@
 // Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
 // every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric buffer
 // (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag, and
-// flags and acknowledgements are NVSHMEM puts of the 64-bit word. Every wait reads this rank's own buffer either way.
+// flags and acknowledgements are NVSHMEM signals. Every wait reads this rank's own buffer either way, with acquire
+// loads: enough over NVLink (also when NVSHMEM drives it) and over GPUDirect RDMA that orders its writes; transports
+// that need NVSHMEM's own wait to make data visible at the target are not handled yet.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <nvshmem.h>
@@ -115,22 +117,24 @@ struct Area {
 };
 
 // Sets `owner`'s copy of the flag this rank keeps at `ours`, after everything this thread (and, through the barriers
-// and fences before it, its block) wrote before: a system-scope release store over NVLink, or an NVSHMEM put of the
-// value after a system fence (the callers complete their NVSHMEM data puts with a quiet first).
+// and fences before it, its block) wrote before: a system-scope release store over NVLink, or an NVSHMEM signal
+// (atomic, unlike a put of the word) after a system fence; the callers complete their NVSHMEM data puts first.
 __device__ __forceinline__ void signal(const Area& a, int owner, uint64_t* ours, uint64_t value) {
   if (uint64_t* there = a.at(owner, ours)) {
     store_release_sys(there, value);
   } else {
     __threadfence_system();
-    nvshmem_uint64_p(ours, value, owner);
+    nvshmemx_signal_op(ours, value, NVSHMEM_SIGNAL_SET, owner);
   }
 }
 
-// Completes this block's NVSHMEM puts (every thread, since each warp's lanes issued their own parts) before the block
-// says its rows are there.
+// Completes this block's NVSHMEM puts before the block says its rows are there. One quiet completes everything this
+// PE posted, and over NVLink it is a system fence, which (after the barrier) covers the stores of every warp. It is
+// not bounded by the timeout: over a network transport a quiet towards a dead peer may wait for NVSHMEM's own
+// transport timeout.
 __device__ __forceinline__ void complete_puts(bool any) {
-  if (any) nvshmem_quiet();
   __syncthreads();
+  if (any && threadIdx.x == 0) nvshmem_quiet();
 }
 
 // Timeline marks (diagnostic; see deepepCommLowLatencyTimeline).
