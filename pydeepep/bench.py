@@ -369,10 +369,11 @@ def ll_timelines(comm, info, stream, x, topk, weights, y, result, out, t):
         _log(info, f"{label}: " + timeline_summary(comm))
 
 
-def bench_ll_rank(info, tokens_list):
+def bench_ll_rank(info, tokens_list, transport="auto"):
     """Low-latency dispatch (FP8 cast in the kernel) and combine (BF16) for each T, H = 7168, K = 8, E = 288: whole
     calls replayed from CUDA graphs, then the send and receive phases of hooked calls. GB/s counts the rows that
-    cross NVLink (token-expert pairs whose expert lives on another rank)."""
+    cross NVLink (token-expert pairs whose expert lives on another rank). `transport`: the communicator's
+    low_latency_transport."""
     from cuda.core import Device
 
     rows = []
@@ -387,6 +388,7 @@ def bench_ll_rank(info, tokens_list):
         num_topk=LL_TOPK,
         num_experts=LL_EXPERTS,
         low_latency_max_tokens=max_tokens,
+        low_latency_transport=transport,
     ) as comm:
         # Arrays allocated on a stream are freed on it: passing the stream object (not its handle) lets every array
         # keep it alive, however late Python frees them.
@@ -509,6 +511,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--ll-tokens", default=",".join(map(str, LL_TOKENS)), help="low-latency tokens per rank T, comma-separated"
     )
+    parser.add_argument(
+        "--ll-transport",
+        default="auto",
+        choices=("auto", "nvshmem"),
+        help="low-latency transport: auto (NVLink stores to NVLink peers) or nvshmem (NVSHMEM puts to every peer)",
+    )
     parser.add_argument("--modes", default="ht,ll", help="which sections to run: ht, ll or both (comma-separated)")
     parser.add_argument(
         "--no-floor",
@@ -541,7 +549,7 @@ def main(argv=None) -> int:
     if "ll" in modes:
         ll_tokens = tuple(int(v) for v in args.ll_tokens.split(","))
         try:
-            ll_rows = pydeepep.spawn(bench_ll_rank, nprocs=nranks, args=(ll_tokens,), timeout=600)
+            ll_rows = pydeepep.spawn(bench_ll_rank, nprocs=nranks, args=(ll_tokens, args.ll_transport), timeout=600)
             per_rank = [rows + more for rows, more in zip(per_rank, ll_rows, strict=True)]
         except LaunchError as exc:  # keep what the high-throughput section measured
             print(f"low-latency section failed: {exc}", file=sys.stderr)
