@@ -367,6 +367,12 @@ def ll_timelines(comm, info, stream, x, topk, weights, y, result, out, t):
         if last == "dispatch":
             label += ", us after the first block's start (median/max over blocks)"
         _log(info, f"{label}: " + timeline_summary(comm))
+    # The receive kernel of a hooked dispatch on its own (its send finished before it started).
+    hooked = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=result, return_recv_hook=True)
+    _check(driver.cuStreamSynchronize(ptr))
+    hooked.hook()
+    _check(driver.cuStreamSynchronize(ptr))
+    _log(info, f"  ll_dispatch T={t} hooked receive timeline: " + timeline_summary(comm))
 
 
 def bench_ll_rank(info, tokens_list, transport="auto"):

@@ -21,8 +21,9 @@ T = 128  # low_latency_max_tokens of the test communicators
 SLOT_SHIFT = 16  # recv_src_info = token | slot << 16
 
 
-def make_inputs(seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dtype=np.int64):
-    """BF16 bits [n, h] (rows of very different magnitudes, row 0 all zeros), topk [n, k], weights [n, k]."""
+def make_inputs(seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dtype=np.int64, any_bits=False):
+    """BF16 bits [n, h] (rows of very different magnitudes, row 0 all zeros; with `any_bits`, every finite BF16 bit
+    pattern equally likely: zeros, subnormals and tiny channels next to huge ones), topk [n, k], weights [n, k]."""
     rng = np.random.default_rng([seed, rank])
     if to_rank is not None:  # every token's experts live on one rank: several experts of a token on that rank
         local = e // nranks
@@ -38,6 +39,9 @@ def make_inputs(seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dt
     if n:
         x[0] = 0.0  # amax floored at 1e-4
     weights = rng.random((n, k)).astype(np.float32)
+    if any_bits:  # exponent field below 0xff: no inf or NaN
+        bits = rng.integers(0, 0x7F80, size=(n, h), dtype=np.uint16) | (rng.integers(0, 2, size=(n, h)) << 15)
+        return bits.astype(np.uint16), topk.astype(index_dtype), weights
     return bf16_bits(x), topk.astype(index_dtype), weights
 
 
@@ -106,11 +110,12 @@ def run_case(
     combine=True,
     reruns=0,
     token_contiguous=False,
+    any_bits=False,
 ):
     """Dispatch then combine one case; True or a description of the first mismatch."""
     R, me = comm.nranks, comm.rank
     ns = [n(r) if callable(n) else n for r in range(R)]
-    inputs = [make_inputs(seed, r, ns[r], h, k, e, R, drop, to_rank, index_dtype) for r in range(R)]
+    inputs = [make_inputs(seed, r, ns[r], h, k, e, R, drop, to_rank, index_dtype, any_bits) for r in range(R)]
     xs = [bf16_values(x) for x, _, _ in inputs]
     topks = [t.astype(np.int64) for _, t, _ in inputs]
     want = reference.low_latency_dispatch(xs, topks, e, T, use_fp8=use_fp8, round_scale=round_scale)
@@ -445,6 +450,7 @@ CASES = {
     "fp8_round_scale": dict(seed=2, n=100, h=1024, k=8, e=16, round_scale=True),
     "fp8_ue8m0": dict(seed=3, n=100, h=640, k=8, e=16, round_scale=True, ue8m0=True),
     "fp8_h7168": dict(seed=4, n=64, h=7168, k=8, e=16),
+    "fp8_any_bf16_bits": dict(seed=22, n=100, h=1024, k=8, e=16, any_bits=True, combine=False),
     "bf16": dict(seed=5, n=100, h=1032, k=8, e=16, use_fp8=False),
     "bf16_h7168": dict(seed=6, n=50, h=7168, k=8, e=16, use_fp8=False),
     "e288": dict(seed=7, n=T, h=512, k=8, e=288),
