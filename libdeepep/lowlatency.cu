@@ -3,15 +3,16 @@
 // Protocol. Every low-latency operation (a dispatch or a combine) runs on one of two buffer sets and carries a
 // sequence number `seq`, per set, kept on the device (LowLatencyState) so that replayed CUDA graphs advance it.
 // Every rank makes the same operations in the same order, so all ranks agree on seq without talking about it.
-//   Dispatch, send side: block b owns a contiguous range of tokens. It counts, per expert, the tokens before its
-//   range that name the expert (the first slot naming it); a token's position under an expert is that count, so the
-//   layout is deterministic and no slot is claimed by atomics. For each of its tokens it reads and casts (FP8) the
-//   row once and stores it with 16-byte stores straight into slot [e_loc][this rank][position] of every named
-//   expert's rank. The blocks add up the rows per expert; the last block to finish publishes (seq << 32) | rows
-//   with a system-scope release into every expert's dispatch flag [e_loc][this rank] on its rank.
-//   Dispatch, receive side: every block acquires every (local expert, source) flag, lays the experts' rows end to
-//   end (per expert, source rank ascending) and copies its even share of them into recv_x / recv_scales /
-//   recv_src_info; block b also writes the counts and ranges of local experts b, b + G, ...
+//   Dispatch, send side: block b owns a contiguous range of tokens. It stores its tokens' expert ids into every rank
+//   (ids [this rank][token][slot]), then reads and casts (FP8) each token's row once and stores it with 16-byte
+//   stores into slot [this rank][token] of every rank holding any of the token's experts: once per rank, however
+//   many of the rank's experts the token names. The last block to finish publishes (seq << 32) | K << 16 | tokens
+//   with a system-scope release into its dispatch flag [this rank] on every rank.
+//   Dispatch, receive side: every block acquires every source's flag and lays the sources' tokens end to end (source
+//   rank ascending, then token); a token's row under a local expert is the number of earlier tokens naming the
+//   expert, which every block counts from the ids, so the layout is deterministic and no slot is claimed by atomics.
+//   Block b copies the rows of its even share of the tokens (a token's slot once per local expert it names) into
+//   recv_x / recv_scales / recv_src_info, and writes the counts and ranges of local experts b, b + G, ...
 //   Combine, send side: the blocks share the rows of all local experts evenly; each row goes back to its source
 //   rank, into that rank's combine row [token][slot] (from recv_src_info). The last block to finish releases every
 //   (expert, source) combine flag.
@@ -82,6 +83,8 @@ struct Area {
   size_t set_bytes;
   size_t combine_rows_offset;
   size_t send_rows_offset;
+  size_t ids_offset;
+  size_t send_ids_offset;
   int rank;
   int nranks;
   int set;
@@ -96,9 +99,8 @@ struct Area {
   __device__ __forceinline__ uint64_t* ack(int source) const {
     return reinterpret_cast<uint64_t*>(mine() + ack_offset) + set * nranks + source;
   }
-  __device__ __forceinline__ uint64_t* dispatch_flag(int local_expert, int source) const {
-    return reinterpret_cast<uint64_t*>(mine() + dispatch_flags_offset) +
-           (static_cast<size_t>(set) * DEEPEP_MAX_LOCAL_EXPERTS + local_expert) * nranks + source;
+  __device__ __forceinline__ uint64_t* dispatch_flag(int source) const {
+    return reinterpret_cast<uint64_t*>(mine() + dispatch_flags_offset) + static_cast<size_t>(set) * nranks + source;
   }
   __device__ __forceinline__ uint64_t* combine_flag(int expert) const {
     return reinterpret_cast<uint64_t*>(mine() + combine_flags_offset) +
@@ -320,15 +322,6 @@ __device__ __forceinline__ float pow2_ceil(float scale) {
   return __uint_as_float((bits & 0x007fffffu) ? exponent + 0x00800000u : exponent);
 }
 
-// Slot k of a token is the first slot naming its expert (a later slot naming the same expert is delivered once).
-template <typename Index>
-__device__ __forceinline__ bool first_slot(const Index* ids, int k, int64_t expert) {
-  for (int j = 0; j < k; ++j) {
-    if (static_cast<int64_t>(ids[j]) == expert) return false;
-  }
-  return true;
-}
-
 // Casts 16 consecutive channels (this thread's part of an 8-thread, 128-channel group; every lane of the warp takes
 // part in the shuffles) to e4m3 with the group's scale.
 __device__ __forceinline__ int4 cast_16_fp8(const uint16_t* __restrict__ src, bool valid, bool round_scale,
@@ -407,80 +400,95 @@ struct DispatchParams {
   void* stats_recv_count;  // optional, [experts_per_rank] int64 or int32
   bool stats_recv_count_int32;
   int64_t* stats_wait_ns;  // optional, [nranks]
-  uint32_t* send_counts;   // [num_experts] rows this rank sends to each expert, summed over blocks (rank-local)
 };
 
+constexpr uint32_t kFlagTopkShift = 16;  // a dispatch flag's low word: tokens | num_topk << 16
+
+// Source `source`'s expert ids [T][K] int32 in this rank's own area (every rank keeps its own slab at the same offset
+// on every rank).
+__device__ __forceinline__ int32_t* source_ids(const DispatchParams& p, int source) {
+  return reinterpret_cast<int32_t*>(p.area.set_base() + p.area.ids_offset) +
+         static_cast<size_t>(source) * p.max_tokens * p.num_topk;
+}
+
+// The receive slot of token `token` of source `source` in this rank's own area.
+__device__ __forceinline__ uint8_t* token_slot(const DispatchParams& p, int source, int64_t token) {
+  return p.area.set_base() + (static_cast<size_t>(source) * p.max_tokens + token) * p.row.row_bytes;
+}
+
+// The rank holding the expert slot k names, or -1 (a -1 slot, or an id out of range).
+template <typename Index>
+__device__ __forceinline__ int rank_of_slot(const DispatchParams& p, const Index* ids, int k) {
+  const int64_t e = static_cast<int64_t>(ids[k]);
+  return e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
+}
+
+// Send: every token goes once to each rank holding any of its experts, into the slot [this rank][token] there, and
+// every token's ids go to every rank; the receivers work out, from the ids, which of their experts get which rows.
 template <typename Index>
 __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
-  extern __shared__ int32_t tokens_before[];      // [num_experts]: earlier tokens naming each expert
-  __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // where slot k of the current token is stored; nullptr: not stored
-  __shared__ uint8_t* slot_put[DEEPEP_MAX_TOPK];  // or the slot's symmetric address, for an NVSHMEM put
+  __shared__ uint8_t* slot_row[DEEPEP_MAX_TOPK];  // the token's slot on the rank slot k is the first to name; stores
+  __shared__ uint8_t* slot_put[DEEPEP_MAX_TOPK];  // or that slot's symmetric address, for an NVSHMEM put
   __shared__ int slot_rank[DEEPEP_MAX_TOPK];
   const Index* topk = static_cast<const Index*>(p.topk_idx);
+  const int K = p.num_topk;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch);
   timeline_mark(a, kMarkAcks);
 
-  // This block's tokens: a contiguous range, so one count over the tokens before it gives every position.
+  // This block's tokens: a contiguous range.
   const int64_t per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
   const int64_t first = min(p.num_tokens, static_cast<int64_t>(blockIdx.x) * per_block);
   const int64_t end = min(p.num_tokens, first + per_block);
-  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) tokens_before[e] = 0;
-  // The ids of the earlier tokens go through shared memory a chunk at a time: consecutive threads load consecutive
-  // ids (one load each, coalesced), then each id is counted if it is its token's first slot naming the expert.
-  constexpr int kStagedIds = 2048;
-  __shared__ int32_t staged[kStagedIds];  // ids of the chunk's tokens, -1 for -1 and out-of-range slots
-  const int64_t chunk_tokens = kStagedIds / p.num_topk;
-  for (int64_t t0 = 0; t0 < (first < end ? first : 0); t0 += chunk_tokens) {
-    const int n = static_cast<int>(min(chunk_tokens, first - t0)) * p.num_topk;
-    __syncthreads();  // zeroed counts, or the previous chunk counted
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const int64_t e = static_cast<int64_t>(topk[(t0 + i / p.num_topk) * p.topk_stride + i % p.num_topk]);
-      staged[i] = e >= 0 && e < p.num_experts ? static_cast<int32_t>(e) : -1;
+
+  // The ids of the block's tokens, to every rank that is not masked (-1 for -1 and for ids out of range, which are
+  // recorded as errors): stored into NVLink peers, staged in symmetric memory and put to the others.
+  int32_t* ids_mine = source_ids(p, a.rank);
+  int32_t* ids_staged = reinterpret_cast<int32_t*>(a.set_base() + a.send_ids_offset);
+  bool block_puts = false;  // whether this block sends anything through NVSHMEM
+  for (int d = 0; d < a.nranks && !block_puts; ++d) block_puts = a.at(d, ids_mine) == nullptr && !is_masked(a, d);
+  const int64_t ids = (end - first) * K;
+  for (int64_t i = threadIdx.x; i < ids; i += kThreads) {
+    const int64_t at = first * K + i;  // token at / K, slot at % K
+    const int64_t e = static_cast<int64_t>(topk[(at / K) * p.topk_stride + at % K]);
+    int32_t id = static_cast<int32_t>(e);
+    if (e < -1 || e >= p.num_experts) {
+      record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1, at, e);
+      id = -1;
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const int32_t e = staged[i];
-      const int k = i % p.num_topk;
-      bool first_naming = e >= 0;
-      for (int j = 1; j <= k && first_naming; ++j) first_naming = staged[i - j] != e;
-      if (first_naming) atomicAdd(&tokens_before[e], 1);
+    for (int d = 0; d < a.nranks; ++d) {
+      if (is_masked(a, d)) continue;
+      if (int32_t* there = a.at(d, ids_mine + at)) *there = id;
     }
+    if (block_puts) ids_staged[at] = id;
   }
   __syncthreads();
+  if (block_puts && ids > 0) {
+    for (int d = warp; d < a.nranks; d += kWarps) {
+      if (!is_masked(a, d) && a.at(d, ids_mine) == nullptr) {
+        nvshmemx_putmem_nbi_warp(ids_mine + first * K, ids_staged + first * K, ids * sizeof(int32_t), d);
+      }
+    }
+  }
   timeline_mark(a, kMarkCounted);
 
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  bool block_puts = false;  // whether this block sent anything through NVSHMEM
   for (int64_t t = first; t < end; ++t) {
-    const Index* ids = topk + t * p.topk_stride;
+    const Index* ids_of_t = topk + t * p.topk_stride;
     bool puts = false;
-    if (threadIdx.x < p.num_topk) {
+    if (threadIdx.x < K) {
+      // Slot k sends the token to its expert's rank when it is the first slot naming that rank.
       const int k = threadIdx.x;
-      const int64_t e = static_cast<int64_t>(ids[k]);
+      const int dest = rank_of_slot(p, ids_of_t, k);
+      bool first_naming = dest >= 0;
+      for (int j = 0; j < k && first_naming; ++j) first_naming = rank_of_slot(p, ids_of_t, j) != dest;
       uint8_t* row = nullptr;
       uint8_t* put = nullptr;
-      if (e < -1 || e >= p.num_experts) {
-        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1, t * p.num_topk + k,
-                           e);
-      } else if (e >= 0 && first_slot(ids, k, e) && !is_masked(a, static_cast<int>(e) / p.experts_per_rank)) {
-        // The first slots of one token name distinct experts: thread k alone touches tokens_before[e] here. (The
-        // positions under a masked rank's experts are never used: nothing goes there.)
-        const int position = tokens_before[e]++;
-        const int dest = static_cast<int>(e) / p.experts_per_rank;
-        const int local = static_cast<int>(e) % p.experts_per_rank;
-        uint8_t* ours = a.set_base() +
-                        ((static_cast<size_t>(local) * a.nranks + a.rank) * p.max_tokens + position) * p.row.row_bytes;
-        const int32_t meta = static_cast<int32_t>(t) | (k << kSlotShift);
+      if (first_naming && !is_masked(a, dest)) {
+        uint8_t* ours = token_slot(p, a.rank, t);
         row = a.at(dest, ours);
-        if (row != nullptr) {
-          *reinterpret_cast<int32_t*>(row + p.row.meta_offset) = meta;
-        } else {
-          put = ours;
-          nvshmem_int32_p(reinterpret_cast<int32_t*>(ours + p.row.meta_offset), meta, dest);
-        }
+        if (row == nullptr) put = ours;
         slot_rank[k] = dest;
-        atomicAdd(&p.send_counts[e], 1u);
       }
       slot_row[k] = row;
       slot_put[k] = put;
@@ -488,8 +496,8 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     }
     puts = __syncthreads_or(puts);
     block_puts |= puts;
-    // The row is read and cast once, then stored into every slot that names an expert, and into this token's
-    // staging row when a slot goes through NVSHMEM (puts read symmetric memory, which the caller's x is not).
+    // The row is read and cast once, then stored into the token's slot on every rank it goes to, and into its
+    // staging row when it goes anywhere through NVSHMEM (puts read symmetric memory, which the caller's x is not).
     uint8_t* stage = puts ? a.set_base() + a.send_rows_offset + static_cast<size_t>(t) * p.row.row_bytes : nullptr;
     const uint16_t* src = p.x + t * p.x_stride;
     if (p.fp8) {
@@ -499,7 +507,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
         float scale;
         const int4 packed = cast_16_fp8(src + c, valid, p.round_scale, &scale);
         if (valid) {
-          for (int k = 0; k < p.num_topk; ++k) {
+          for (int k = 0; k < K; ++k) {
             uint8_t* row = slot_row[k];
             if (row == nullptr) continue;
             *reinterpret_cast<int4*>(row + c) = packed;
@@ -514,161 +522,219 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     } else {
       for (int c = threadIdx.x * 8; c < p.hidden; c += kThreads * 8) {
         const int4 v = __ldg(reinterpret_cast<const int4*>(src + c));
-        for (int k = 0; k < p.num_topk; ++k) {
+        for (int k = 0; k < K; ++k) {
           uint8_t* row = slot_row[k];
           if (row != nullptr) *reinterpret_cast<int4*>(row + 2 * static_cast<size_t>(c)) = v;
         }
         if (stage != nullptr) *reinterpret_cast<int4*>(stage + 2 * static_cast<size_t>(c)) = v;
       }
     }
-    __syncthreads();  // the staging row is complete
+    __syncthreads();  // the staging row is complete; slot_row is rewritten for the next token
     if (puts) {
-      for (int k = warp; k < p.num_topk; k += kWarps) {
-        // Payload and scales; the metadata went with its own put above.
-        if (slot_put[k] != nullptr) nvshmemx_putmem_nbi_warp(slot_put[k], stage, p.row.meta_offset, slot_rank[k]);
+      for (int k = warp; k < K; k += kWarps) {
+        if (slot_put[k] != nullptr) nvshmemx_putmem_nbi_warp(slot_put[k], stage, p.row.row_bytes, slot_rank[k]);
       }
       __syncthreads();  // slot_put is rewritten for the next token
     }
   }
   complete_puts(block_puts);
 
-  // The last block to finish publishes every expert's row count, after all blocks' rows.
+  // The last block to finish tells every rank how many tokens this rank has, after all blocks' rows and ids.
   timeline_mark(a, kMarkStored);
   if (!last_block_to_finish(&a.state()->send_done[a.set])) return;
-  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
-    const uint32_t rows = atomicExch(&p.send_counts[e], 0u);  // reset for the set's next dispatch
-    const int dest = e / p.experts_per_rank;
-    if (!is_masked(a, dest)) signal(a, dest, a.dispatch_flag(e % p.experts_per_rank, a.rank), tagged(seq, rows));
+  const uint32_t tokens = static_cast<uint32_t>(p.num_tokens) | static_cast<uint32_t>(K) << kFlagTopkShift;
+  for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
+    if (!is_masked(a, d)) signal(a, d, a.dispatch_flag(a.rank), tagged(seq, tokens));
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
 }
 
-// Rows source `s` sent to local expert `local` in operation `seq`, read after the block waited for every flag: 0 for a
-// masked source (a wait that timed out masked it) and for a count past T (recorded as an error when waited for).
-__device__ __forceinline__ int32_t received_rows(const DispatchParams& p, int local, int s, uint32_t seq) {
-  if (is_masked(p.area, s)) return 0;
-  const uint64_t v = *reinterpret_cast<const volatile uint64_t*>(p.area.dispatch_flag(local, s));
-  const uint32_t rows = static_cast<uint32_t>(v);
-  return static_cast<uint32_t>(v >> 32) == seq && rows <= p.max_tokens ? static_cast<int32_t>(rows) : 0;
+// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv).
+size_t dispatch_recv_shared_bytes(int local_experts, int nranks, int blocks) {
+  const size_t owned = (static_cast<size_t>(local_experts) + blocks - 1) / blocks;
+  return (local_experts + owned * nranks + nranks + 1) * sizeof(int32_t);
 }
 
+// Receive: the sources' tokens laid end to end (source rank ascending, then token) are shared out evenly over the
+// blocks; a row's position under an expert is the number of earlier tokens naming the expert, which every block
+// counts from the ids, so the layout is deterministic and needs no atomics across blocks.
 __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
-  __shared__ int32_t expert_end[DEEPEP_MAX_LOCAL_EXPERTS];
+  const int R = a.nranks, K = p.num_topk, experts = p.experts_per_rank;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int experts = p.experts_per_rank;
-  const int64_t rows_per_expert = static_cast<int64_t>(a.nranks) * p.max_tokens;
+  const int first_expert = a.rank * experts;
+  const int64_t rows_per_expert = static_cast<int64_t>(R) * p.max_tokens;
   const int num_scales = p.hidden / 128;
   const int num_words = (num_scales + 3) / 4;
   // Expert `local`'s outputs other than its rows (counts, ranges, statistics) are written by one block.
-  auto owns = [&](int local) { return local % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x); };
+  const int blocks = static_cast<int>(gridDim.x);
+  auto owns = [&](int local) { return local % blocks == static_cast<int>(blockIdx.x); };
+  const int owned_experts = (experts + blocks - 1) / blocks;
+  extern __shared__ int32_t dynamic_shared[];             // dispatch_recv_shared_bytes
+  int32_t* before = dynamic_shared;                       // [experts]: rows of the tokens ahead of this block's
+  int32_t* owned_rows = before + experts;                 // [owned expert][source]: rows of the experts this block owns
+  int32_t* token_start = owned_rows + owned_experts * R;  // [R + 1]: first token of each source
+  for (int i = threadIdx.x; i < experts + owned_experts * R; i += kThreads) dynamic_shared[i] = 0;
 
-  // Every block waits for every (expert, source) flag: the rows are then shared out evenly, whatever their experts.
-  // The counts it saw stay in shared memory when they fit (E <= kCachedCounts), so that laying out the rows and
-  // finding each row's source take no further round trips to memory.
-  constexpr int kCachedCounts = 2048;
-  __shared__ int32_t cached[kCachedCounts];  // [local expert][source] rows, as this block's wait saw them
-  const bool cache = experts * a.nranks <= kCachedCounts;
-  for (int i = threadIdx.x; i < experts * a.nranks; i += kThreads) {
-    const int local = i / a.nranks, s = i % a.nranks;
-    int32_t rows = 0;
+  // Every block waits for every source's flag: its token count, after its rows and ids.
+  for (int s = threadIdx.x; s < R; s += kThreads) {
+    int32_t tokens = 0;
     if (!is_masked(a, s)) {  // a masked source sends nothing and is not waited for
       const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
       uint64_t seen = 0;
       const bool ok = wait_flag(
-          a.dispatch_flag(local, s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline,
-          a.error, a.rank, Phase::kLowLatencyDispatch, s, &seen);
+          a.dispatch_flag(s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, a.error,
+          a.rank, Phase::kLowLatencyDispatch, s, &seen);
       if (!ok) mask_after_timeout(a, s);
-      const bool fits = static_cast<uint32_t>(seen) <= p.max_tokens;
-      if (ok && fits) rows = static_cast<int32_t>(static_cast<uint32_t>(seen));
-      if (owns(local)) {
+      const uint32_t count = static_cast<uint32_t>(seen) & ((1u << kFlagTopkShift) - 1);
+      const bool fits =
+          count <= p.max_tokens && static_cast<uint32_t>(seen) >> kFlagTopkShift == static_cast<uint32_t>(K);
+      if (ok && fits) tokens = static_cast<int32_t>(count);
+      if (blockIdx.x == 0) {
         if (p.stats_wait_ns != nullptr) {
           atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
                     static_cast<unsigned long long>(global_timer_ns() - wait_start));
         }
         if (ok && !fits) {
-          // A peer with a different T (or a corrupted flag): its rows are dropped, never written out of bounds.
-          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, local,
+          // A peer with another T or K (or a corrupted flag): its tokens are dropped, never read or written out of
+          // bounds.
+          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, -1,
                              static_cast<uint32_t>(seen));
         }
       }
     }
-    if (cache) cached[i] = rows;
+    token_start[s + 1] = tokens;
   }
-  auto rows_from = [&](int local, int s) {
-    return cache ? cached[local * a.nranks + s] : received_rows(p, local, s, seq);
-  };
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    token_start[0] = 0;
+    for (int s = 0; s < R; ++s) token_start[s + 1] += token_start[s];
+  }
   __syncthreads();
   timeline_mark(a, kMarkFlagsSeen);
-
-  const int32_t total = lay_out_experts(
-      experts,
-      [&](int local) {
-        int32_t rows = 0;
-        for (int s = 0; s < a.nranks; ++s) rows += rows_from(local, s);
-        return rows;
-      },
-      expert_end);
-
-  // Counts, per-source ranges and statistics of the experts this block owns, and -1 past their rows.
-  for (int local = blockIdx.x + threadIdx.x * gridDim.x; local < experts; local += kThreads * gridDim.x) {
-    int32_t offset = 0;
-    for (int s = 0; s < a.nranks; ++s) {
-      const int32_t rows = rows_from(local, s);
-      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2] = offset;
-      p.recv_layout_range[(static_cast<size_t>(local) * a.nranks + s) * 2 + 1] = rows;
-      offset += rows;
-    }
-    p.recv_count[local] = offset;
-    if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
-      if (p.stats_recv_count_int32) {
-        static_cast<int32_t*>(p.stats_recv_count)[local] += offset;
+  const int64_t total = token_start[R];
+  // The source of token f of the sources' tokens laid end to end: the last source starting at or before f (an empty
+  // source starts where the next one does).
+  auto source_of = [&](int64_t f) {
+    int lo = 0, hi = R - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (token_start[mid] <= f) {
+        lo = mid;
       } else {
-        static_cast<int64_t*>(p.stats_recv_count)[local] += offset;
+        hi = mid - 1;
       }
     }
+    return lo;
+  };
+  // Slot k of token f's ids, as the source sent them (plain loads after the acquire, never the read-only cache).
+  auto id_at = [&](int64_t f, int k) {
+    const int s = source_of(f);
+    return source_ids(p, s)[(f - token_start[s]) * K + k];
+  };
+  // The local expert slot k names when it is the first of the token's slots naming it (`ids`: the token's K ids),
+  // else -1.
+  auto local_of = [&](const int32_t* ids, int k) {
+    const int32_t local = ids[k] - first_expert;
+    if (local < 0 || local >= experts) return -1;
+    for (int j = 0; j < k; ++j) {
+      if (ids[j] == ids[k]) return -1;
+    }
+    return local;
+  };
+
+  // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
+  // per source, the rows of the experts it owns. The ids go through shared memory a chunk of whole tokens at a time.
+  int64_t first, end;
+  block_share(total, &first, &end);
+  constexpr int kStagedIds = 2048;
+  __shared__ int32_t staged[kStagedIds];
+  const int64_t chunk_tokens = kStagedIds / K;
+  for (int64_t f0 = 0; f0 < total; f0 += chunk_tokens) {
+    const int n = static_cast<int>(min(chunk_tokens, total - f0)) * K;
+    __syncthreads();  // the previous chunk is counted
+    for (int i = threadIdx.x; i < n; i += kThreads) staged[i] = id_at(f0 + i / K, i % K);
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const int local = local_of(staged + i - i % K, i % K);
+      if (local < 0) continue;
+      const int64_t f = f0 + i / K;
+      if (f < first) atomicAdd(&before[local], 1);
+      if (owns(local)) atomicAdd(&owned_rows[(local / blocks) * R + source_of(f)], 1);
+    }
   }
-  for (int local = blockIdx.x; local < experts; local += gridDim.x) {
-    const int32_t rows = expert_end[local] - (local > 0 ? expert_end[local - 1] : 0);
+  __syncthreads();
+
+  // Counts, per-source ranges and statistics of the experts this block owns, and -1 past their rows.
+  for (int local = blockIdx.x; local < experts; local += blocks) {
+    const int32_t* rows_from = owned_rows + (local / blocks) * R;
+    int32_t rows = 0;
+    for (int s = 0; s < R; ++s) rows += rows_from[s];
+    for (int s = threadIdx.x; s < R; s += kThreads) {
+      int32_t offset = 0;
+      for (int before_s = 0; before_s < s; ++before_s) offset += rows_from[before_s];
+      p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2] = offset;
+      p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2 + 1] = rows_from[s];
+    }
+    if (threadIdx.x == 0) {
+      p.recv_count[local] = rows;
+      if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
+        if (p.stats_recv_count_int32) {
+          static_cast<int32_t*>(p.stats_recv_count)[local] += rows;
+        } else {
+          static_cast<int64_t*>(p.stats_recv_count)[local] += rows;
+        }
+      }
+    }
     int32_t* src_info = p.recv_src_info + local * rows_per_expert;
     for (int64_t j = rows + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
   }
 
-  // This block's share of the rows, a batch at a time: the block copies the payloads, then a warp per row writes
-  // its scales and source.
-  __shared__ const int4* batch_row[kRowsPerBatch];  // the row in the receive slots
-  __shared__ int4* batch_payload[kRowsPerBatch];    // where its payload goes in recv_x
+  // This block's tokens, a batch at a time: warp 0 gives each slot naming an expert here its row (token after token,
+  // so the positions follow the tokens' order), the block copies the payloads (a token's slot is read once per
+  // expert it names), then a warp per row writes its scales and source.
+  __shared__ const int4* batch_row[kRowsPerBatch];  // the token's receive slot
+  __shared__ int4* batch_payload[kRowsPerBatch];    // where the row's payload goes in recv_x
   __shared__ int64_t batch_out[kRowsPerBatch];      // its output row
   __shared__ int64_t batch_j[kRowsPerBatch];        // its position under its expert
   __shared__ int batch_expert[kRowsPerBatch];
+  __shared__ int32_t batch_info[kRowsPerBatch];  // source token | slot << kSlotShift
+  __shared__ int32_t batch_ids[kRowsPerBatch];   // the batch tokens' ids
+  __shared__ int batch_rows;
+  const int tokens_per_batch = max(1, kRowsPerBatch / K);
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
-  int64_t first, end;
-  block_share(total, &first, &end);
-  for (int64_t batch = first; batch < end; batch += kRowsPerBatch) {
-    const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerBatch), end - batch));
-    if (threadIdx.x < rows) {
-      const int64_t g = batch + threadIdx.x;
-      const int local = expert_of_row(expert_end, experts, g);
-      const int64_t j = g - (local > 0 ? expert_end[local - 1] : 0);
-      // Source of row j: rows are ordered by source rank.
-      int s = 0;
-      int64_t before = 0;  // rows of the sources ahead of s
-      for (; s < a.nranks - 1; ++s) {
-        const int32_t from_s = rows_from(local, s);
-        if (j < before + from_s) break;
-        before += from_s;
+  for (int64_t f0 = first; f0 < end; f0 += tokens_per_batch) {
+    const int tokens = static_cast<int>(min(static_cast<int64_t>(tokens_per_batch), end - f0));
+    if (threadIdx.x < tokens * K) batch_ids[threadIdx.x] = id_at(f0 + threadIdx.x / K, threadIdx.x % K);
+    __syncthreads();
+    if (warp == 0) {
+      int rows = 0;
+      for (int i = 0; i < tokens; ++i) {
+        const int local = lane < K ? local_of(batch_ids + i * K, lane) : -1;
+        const uint32_t naming = __ballot_sync(0xffffffffu, local >= 0);
+        if (local >= 0) {
+          // The first slots naming distinct experts: each lane alone touches before[local] here.
+          const int r = rows + __popc(naming & ((1u << lane) - 1u));
+          const int64_t f = f0 + i;
+          const int s = source_of(f);
+          const int64_t t = f - token_start[s];
+          const int64_t j = before[local]++;
+          batch_row[r] = reinterpret_cast<const int4*>(token_slot(p, s, t));
+          batch_out[r] = local * rows_per_expert + j;
+          batch_payload[r] =
+              reinterpret_cast<int4*>(p.recv_x + batch_out[r] * static_cast<int64_t>(p.row.payload_bytes));
+          batch_j[r] = j;
+          batch_expert[r] = local;
+          batch_info[r] = static_cast<int32_t>(t) | (lane << kSlotShift);
+        }
+        rows += __popc(naming);
+        __syncwarp();
       }
-      batch_row[threadIdx.x] = reinterpret_cast<const int4*>(
-          a.set_base() + ((static_cast<size_t>(local) * a.nranks + s) * p.max_tokens + (j - before)) * p.row.row_bytes);
-      batch_out[threadIdx.x] = local * rows_per_expert + j;
-      batch_payload[threadIdx.x] =
-          reinterpret_cast<int4*>(p.recv_x + (local * rows_per_expert + j) * static_cast<int64_t>(p.row.payload_bytes));
-      batch_j[threadIdx.x] = j;
-      batch_expert[threadIdx.x] = local;
+      if (lane == 0) batch_rows = rows;
     }
     __syncthreads();
-    // Peers wrote these bytes during the kernel: plain loads after the acquire (never the read-only cache).
+    const int rows = batch_rows;
     copy_rows<false>(batch_row, batch_payload, rows, vectors);
     for (int r = warp; r < rows; r += kWarps) {
       const uint8_t* row = reinterpret_cast<const uint8_t*>(batch_row[r]);
@@ -696,9 +762,9 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
           for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
         }
       }
-      if (lane == 0) p.recv_src_info[out_row] = *reinterpret_cast<const int32_t*>(row + p.row.meta_offset);
+      if (lane == 0) p.recv_src_info[out_row] = batch_info[r];
     }
-    __syncthreads();  // the batch's rows are rewritten by the next batch
+    __syncthreads();  // the batch's tables are rewritten by the next batch
   }
   __syncthreads();
   timeline_mark(a, kMarkWritten);
@@ -947,6 +1013,8 @@ Area make_area(const deepepComm& comm, int set) {
   a.set_bytes = l.set_bytes;
   a.combine_rows_offset = l.combine_rows_offset;
   a.send_rows_offset = l.send_rows_offset;
+  a.ids_offset = l.ids_offset;
+  a.send_ids_offset = l.send_ids_offset;
   a.rank = comm.rank;
   a.nranks = comm.nranks;
   a.set = set;
@@ -976,8 +1044,7 @@ LowLatencyRow low_latency_row(int hidden, bool fp8) {
   const size_t h = static_cast<size_t>(hidden);
   row.payload_bytes = fp8 ? h : 2 * h;
   row.scales_offset = align_up(row.payload_bytes, 16);
-  row.meta_offset = row.scales_offset + (fp8 ? align_up(h / 128 * 4, 16) : 0);
-  row.row_bytes = row.meta_offset + 16;
+  row.row_bytes = row.scales_offset + (fp8 ? align_up(h / 128 * 4, 16) : 0);
   return row;
 }
 
@@ -998,9 +1065,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   const size_t R = static_cast<size_t>(nranks);
   l.ack_offset = kStateBytes;
   l.dispatch_flags_offset = align_up(l.ack_offset + kLowLatencySets * R * 8, 256);
-  l.combine_flags_offset = l.dispatch_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
-  l.send_counts_offset = l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
-  l.mask_offset = l.send_counts_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 4;
+  l.combine_flags_offset = l.dispatch_flags_offset + kLowLatencySets * R * 8;
+  l.mask_offset = l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
   l.control_bytes = align_up(l.mask_offset + R * 4, 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
@@ -1017,7 +1083,10 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.combine_rows_bytes = align_up(static_cast<size_t>(combine), 4096);
   l.send_rows_offset = l.combine_rows_offset + l.combine_rows_bytes;
   l.send_rows_bytes = align_up(static_cast<size_t>(l.max_tokens) * row, 4096);
-  l.set_bytes = l.receive_bytes + l.combine_rows_bytes + l.send_rows_bytes;
+  const size_t ids = static_cast<size_t>(l.max_tokens) * l.max_topk * sizeof(int32_t);  // [T][K] of one rank
+  l.ids_offset = l.send_rows_offset + l.send_rows_bytes;
+  l.send_ids_offset = l.ids_offset + align_up(R * ids, 4096);
+  l.set_bytes = l.send_ids_offset + align_up(ids, 4096);
   l.total_bytes = l.control_bytes + kLowLatencySets * l.set_bytes;
   return l;
 }
@@ -1109,15 +1178,13 @@ void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyD
   p.stats_recv_count = args.stats_recv_count;
   p.stats_recv_count_int32 = args.stats_recv_count_type == deepepInt32;
   p.stats_wait_ns = args.stats_wait_ns;
-  p.send_counts = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset +
-                                              comm.ll_area.send_counts_offset) +
-                  static_cast<size_t>(args.buffer_set) * comm.nranks * DEEPEP_MAX_LOCAL_EXPERTS;
   const int blocks = std::max(1, comm.num_sms);
   auto* kernel = args.topk_type == deepepInt64 ? dispatch_kernel<int64_t> : dispatch_kernel<int32_t>;
-  const size_t shared = static_cast<size_t>(args.num_experts) * sizeof(int32_t);  // the send's per-expert counts
+  const size_t shared =
+      args.phase == deepepLowLatencySend ? 0 : dispatch_recv_shared_bytes(p.experts_per_rank, comm.nranks, blocks);
   allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), shared, comm.device,
-                              "low-latency dispatch (4 bytes per expert)");
-  launch_call(kernel, p, args.phase, blocks, args.phase == deepepLowLatencyRecv ? 0 : shared, stream);
+                              "low-latency dispatch receive (counts per local expert and per owned expert and rank)");
+  launch_call(kernel, p, args.phase, blocks, shared, stream);
 }
 
 void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream) {

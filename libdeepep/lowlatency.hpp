@@ -20,17 +20,18 @@ constexpr int kLowLatencySets = 2;
 // area's start, which lies `ll_offset` bytes into every rank's communication buffer:
 //   state            LowLatencyState, local to the rank (peers never touch it)
 //   acks             uint64 [set][R]: the last operation on the set each rank finished (written by that rank)
-//   dispatch flags   uint64 [set][DEEPEP_MAX_LOCAL_EXPERTS][R]: (seq << 32) | rows, written by source rank s after
-//                    its rows for local expert e
+//   dispatch flags   uint64 [set][R]: (seq << 32) | num_topk << 16 | tokens, written by source rank s after its token
+//                    rows and ids
 //   combine flags    uint64 [set][DEEPEP_MAX_LOCAL_EXPERTS * R]: seq, written by the rank of global expert e after
 //                    the rows of this rank's tokens under e
-//   send counts      uint32 [set][R * DEEPEP_MAX_LOCAL_EXPERTS]: rows the running dispatch send stores to each
-//                    expert, added up by its blocks (local; back to zero when the send ends)
 //   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
-//   set 0, set 1     each: receive slots [E_loc][R][T] rows (dispatch; the same bytes are the combine buffer
-//                    [E_loc][R*T][H] BF16 of the zero-copy combine, and where a combine copies its rows for NVSHMEM
-//                    puts), then combine rows [T][K] BF16 [H], then send rows [T] (a dispatch's cast rows, staged in
-//                    symmetric memory for NVSHMEM puts)
+//   set 0, set 1     each: receive region, E_loc * R * T rows: a dispatch receives into its first R * T rows
+//                    ([source][token], one row per token that names an expert here, however many it names), and the
+//                    same bytes are the combine buffer [E_loc][R*T][H] BF16 of the zero-copy combine, and where a
+//                    combine copies its rows for NVSHMEM puts; then combine rows [T][K] BF16 [H]; then send rows [T]
+//                    (a dispatch's cast rows, staged in symmetric memory for NVSHMEM puts); then ids [R][T][K] int32
+//                    (every source token's expert ids, -1 for none); then send ids [T][K] (this rank's, staged for
+//                    NVSHMEM puts)
 struct LowLatencyArea {
   int64_t max_tokens = 0;  // T; 0: no area
   int max_hidden = 0;
@@ -39,7 +40,6 @@ struct LowLatencyArea {
   size_t ack_offset = 0;
   size_t dispatch_flags_offset = 0;
   size_t combine_flags_offset = 0;
-  size_t send_counts_offset = 0;
   size_t mask_offset = 0;
   size_t control_bytes = 0;        // everything before set 0 (zeroed at setup)
   size_t receive_bytes = 0;        // per set
@@ -47,6 +47,8 @@ struct LowLatencyArea {
   size_t combine_rows_bytes = 0;   // per set
   size_t send_rows_offset = 0;     // from the set's start
   size_t send_rows_bytes = 0;      // per set
+  size_t ids_offset = 0;           // from the set's start
+  size_t send_ids_offset = 0;      // from the set's start
   size_t set_bytes = 0;
   size_t total_bytes = 0;
 };
@@ -55,12 +57,10 @@ struct LowLatencyArea {
 // whose numbers cannot describe one.
 LowLatencyArea low_latency_area(const deepepConfig& config, int nranks);
 
-// Byte layout of one dispatched row in a receive slot: payload (FP8 bytes or BF16), float32 scales (FP8 only), then
-// 16 bytes of metadata (source token | slot << 16).
+// Byte layout of one dispatched row in a receive slot: payload (FP8 bytes or BF16), then float32 scales (FP8 only).
 struct LowLatencyRow {
   size_t payload_bytes = 0;
   size_t scales_offset = 0;
-  size_t meta_offset = 0;
   size_t row_bytes = 0;
 };
 LowLatencyRow low_latency_row(int hidden, bool fp8);

@@ -758,7 +758,7 @@ cdef class Communicator:
 
         Load statistics (optional, cumulative: the receive adds to them, the caller zeroes them):
         ``stats_recv_count`` int64 or int32 [E_loc] gains the rows each local expert received; ``stats_wait_ns``
-        int64 [R] gains the nanoseconds the receive waited for each source rank, summed over the local experts."""
+        int64 [R] gains the nanoseconds the receive waited for each source rank's tokens."""
         return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
                                      return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
                                      scales_token_contiguous)

@@ -399,8 +399,8 @@ typedef struct {
    * and SendRecv add to them. */
   void* stats_recv_count;                 /* [E_loc]: rows received per local expert */
   deepepDataType_t stats_recv_count_type; /* deepepInt64 (default) or deepepInt32 */
-  int64_t* stats_wait_ns; /* [R]: nanoseconds this rank's receive spent waiting for each source rank, summed over
-                             the local experts (a late or overloaded source stands out) */
+  int64_t* stats_wait_ns; /* [R]: nanoseconds this rank's receive spent waiting for each source rank's tokens (a
+                             late or overloaded source stands out) */
 } deepepLowLatencyDispatchArgs;
 
 DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args);
