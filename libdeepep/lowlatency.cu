@@ -645,16 +645,30 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   };
 
   // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
-  // per source, the rows of the experts it owns. The ids go through shared memory a chunk of whole tokens at a time.
+  // per source, the rows of the experts it owns. The ids go through shared memory a chunk of whole tokens at a time,
+  // each thread with all its loads of the chunk in flight; when one chunk holds them all, they stay there for the
+  // copy below.
   int64_t first, end;
   block_share(total, &first, &end);
-  constexpr int kStagedIds = 2048;
+  constexpr int kStagedIds = 4096;
+  constexpr int kIdsPerThread = kStagedIds / kThreads;
   __shared__ int32_t staged[kStagedIds];
   const int64_t chunk_tokens = kStagedIds / K;
+  const bool all_staged = total <= chunk_tokens;
   for (int64_t f0 = 0; f0 < total; f0 += chunk_tokens) {
     const int n = static_cast<int>(min(chunk_tokens, total - f0)) * K;
     __syncthreads();  // the previous chunk is counted
-    for (int i = threadIdx.x; i < n; i += kThreads) staged[i] = id_at(f0 + i / K, i % K);
+    int32_t loaded[kIdsPerThread];
+#pragma unroll
+    for (int u = 0; u < kIdsPerThread; ++u) {
+      const int i = threadIdx.x + u * kThreads;
+      if (i < n) loaded[u] = id_at(f0 + i / K, i % K);
+    }
+#pragma unroll
+    for (int u = 0; u < kIdsPerThread; ++u) {
+      const int i = threadIdx.x + u * kThreads;
+      if (i < n) staged[i] = loaded[u];
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += kThreads) {
       const int local = local_of(staged + i - i % K, i % K);
@@ -700,18 +714,19 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   __shared__ int64_t batch_j[kRowsPerBatch];        // its position under its expert
   __shared__ int batch_expert[kRowsPerBatch];
   __shared__ int32_t batch_info[kRowsPerBatch];  // source token | slot << kSlotShift
-  __shared__ int32_t batch_ids[kRowsPerBatch];   // the batch tokens' ids
+  __shared__ int32_t batch_ids[kRowsPerBatch];   // the batch tokens' ids, unless all are staged
   __shared__ int batch_rows;
   const int tokens_per_batch = max(1, kRowsPerBatch / K);
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
   for (int64_t f0 = first; f0 < end; f0 += tokens_per_batch) {
     const int tokens = static_cast<int>(min(static_cast<int64_t>(tokens_per_batch), end - f0));
-    if (threadIdx.x < tokens * K) batch_ids[threadIdx.x] = id_at(f0 + threadIdx.x / K, threadIdx.x % K);
+    const int32_t* ids = all_staged ? staged + f0 * K : batch_ids;  // the batch tokens' ids, K per token
+    if (!all_staged && threadIdx.x < tokens * K) batch_ids[threadIdx.x] = id_at(f0 + threadIdx.x / K, threadIdx.x % K);
     __syncthreads();
     if (warp == 0) {
       int rows = 0;
       for (int i = 0; i < tokens; ++i) {
-        const int local = lane < K ? local_of(batch_ids + i * K, lane) : -1;
+        const int local = lane < K ? local_of(ids + i * K, lane) : -1;
         const uint32_t naming = __ballot_sync(0xffffffffu, local >= 0);
         if (local >= 0) {
           // The first slots naming distinct experts: each lane alone touches before[local] here.
