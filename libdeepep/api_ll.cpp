@@ -196,7 +196,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     const LowLatencyRow row = low_latency_row(a.hidden, fp8);
     const size_t T = static_cast<size_t>(c.ll_area.max_tokens);
     const size_t slots = static_cast<size_t>(local) * c.nranks * T;  // output rows: [E_loc][R * T]
-    const size_t token_rows = static_cast<size_t>(c.nranks) * T;      // receive slots: [R][T]
+    const size_t token_rows = static_cast<size_t>(c.nranks) * T;     // receive slots: [R][T]
     if (token_rows * row.row_bytes > c.ll_area.receive_bytes) {
       fail_too_small(c, "the dispatch's receive slots", token_rows * row.row_bytes, c.ll_area.receive_bytes);
     }
