@@ -462,8 +462,8 @@ cdef class Communicator:
     def low_latency_timeline(self):
         """Diagnostic (needs DEEPEP_LL_TIMELINE=1 when the communicator was created): int64 [blocks, 8] of the
         %globaltimer nanoseconds at which each block of the last low-latency kernel reached: start, peers'
-        acknowledgements seen, send positions counted, rows stored, counts or flags published, peers' flags seen,
-        outputs written, end (0: not reached). Synchronise with the kernel first."""
+        acknowledgements seen, (dispatch) the tokens' expert ids sent, rows stored, flags published, peers' flags
+        seen, outputs written, end (0: not reached). Synchronise with the kernel first."""
         cdef deepepComm_t comm = self._live()
         marks = np.zeros((1024, 8), np.int64)  # one row per block; GPUs have fewer SMs
         cdef int64_t[:, ::1] view = marks
