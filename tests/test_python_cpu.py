@@ -445,6 +445,16 @@ def test_bench_without_a_gpu_says_so_and_fails(tmp_path):
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 
 
+def test_bench_refuses_an_unknown_low_latency_transport(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pydeepep.bench", "--ll-transport", "carrier-pigeon"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "--ll-transport" in out.stderr and "invalid choice" in out.stderr, out.stderr
+
+
 def test_the_core_never_imports_an_ml_framework():
     code = (
         "import sys, pydeepep, pydeepep.reference, pydeepep.bootstrap\n"
