@@ -133,9 +133,8 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int
     require_low_latency(c);
     DeviceGuard guard(c.device);
     DEEPEP_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<uint32_t> mask(static_cast<size_t>(c.nranks));
-    DEEPEP_CUDA_CHECK(
-        cudaMemcpy(mask.data(), low_latency_mask(c), mask.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost));
+    std::vector<uint32_t> mask;
+    DEEPEP_CUDA_CHECK(read_low_latency_mask(c, &mask));
     for (int r = 0; r < c.nranks; ++r) masked[r] = mask[static_cast<size_t>(r)] != 0 ? 1 : 0;
   });
 }

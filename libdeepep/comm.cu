@@ -352,9 +352,8 @@ static bool peer_may_be_lost(const deepepComm& comm) {
   if (comm.peer_timed_out.load()) return true;
   if (comm.async_error != nullptr && comm.async_error->code == deepepTimeout) return true;
   if (comm.ll_area.max_tokens > 0) {
-    std::vector<uint32_t> mask(static_cast<size_t>(comm.nranks));
-    if (cudaMemcpy(mask.data(), low_latency_mask(comm), mask.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost) !=
-        cudaSuccess) {
+    std::vector<uint32_t> mask;
+    if (read_low_latency_mask(comm, &mask) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }

@@ -271,27 +271,6 @@ __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline
   __syncthreads();
 }
 
-// End of an operation's final kernel: the last block records the operation as complete and acknowledges it to
-// every peer (release: our reads of the set happen before a peer's next writes into it).
-__device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    LowLatencyState* state = a.state();
-    __threadfence_system();
-    const uint32_t done = atomicAdd(&state->finished[a.set], 1u);
-    if (done == gridDim.x - 1) {
-      __threadfence_system();  // the other blocks' work before their increments is ordered before the acks
-      state->finished[a.set] = 0;
-      state->seq[a.set] = seq;
-      if (combine) state->last_combine[a.set] = seq;
-      for (int d = 0; d < a.nranks; ++d) {
-        if (d != a.rank && !is_masked(a, d)) signal(a, d, a.ack(a.rank), seq);
-      }
-      __threadfence();
-    }
-  }
-}
-
 // Whether this block is the last of the grid to get here; `done` counts the blocks and goes back to zero for the
 // next kernel. Each block's barrier and system fence order its stores before its increment, and the last block's
 // fence orders all of them before whatever it writes next (the flags that say the rows are there).
@@ -307,6 +286,20 @@ __device__ bool last_block_to_finish(uint32_t* done) {
   }
   __syncthreads();
   return last;
+}
+
+// End of an operation's final kernel: the last block records the operation as complete and acknowledges it to
+// every peer (release: our reads of the set happen before a peer's next writes into it).
+__device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
+  __syncthreads();
+  LowLatencyState* state = a.state();
+  if (!last_block_to_finish(&state->finished[a.set]) || threadIdx.x != 0) return;
+  state->seq[a.set] = seq;
+  if (combine) state->last_combine[a.set] = seq;
+  for (int d = 0; d < a.nranks; ++d) {
+    if (d != a.rank && !is_masked(a, d)) signal(a, d, a.ack(a.rank), seq);
+  }
+  __threadfence();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1116,6 +1109,11 @@ std::vector<void*> low_latency_direct_table(const deepepComm& comm, int transpor
 
 uint32_t* low_latency_mask(const deepepComm& comm) {
   return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset + comm.ll_area.mask_offset);
+}
+
+cudaError_t read_low_latency_mask(const deepepComm& comm, std::vector<uint32_t>* mask) {
+  mask->assign(static_cast<size_t>(comm.nranks), 0);
+  return cudaMemcpy(mask->data(), low_latency_mask(comm), mask->size() * sizeof(uint32_t), cudaMemcpyDeviceToHost);
 }
 
 void set_low_latency_mask(const deepepComm& comm, int rank, bool masked) {

@@ -76,6 +76,9 @@ void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCo
 // The device array [R] of this rank's low-latency mask (1: masked).
 uint32_t* low_latency_mask(const deepepComm& comm);
 
+// This rank's low-latency mask, copied to the host (1: masked); does not synchronise the device first.
+cudaError_t read_low_latency_mask(const deepepComm& comm, std::vector<uint32_t>* mask);
+
 // Masks `rank` (or takes it back, taking its acknowledgements as up to date). Synchronises the device first.
 void set_low_latency_mask(const deepepComm& comm, int rank, bool masked);
 

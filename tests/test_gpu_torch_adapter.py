@@ -115,10 +115,15 @@ def adapter_rank(info, init_file):
     return out
 
 
+def spawn_with_process_group(target):
+    """Runs `target(info, init_file)` on 2 ranks, which meet in torch.distributed through a fresh init file."""
+    init_file = os.path.join(tempfile.mkdtemp(), "pg")
+    return pydeepep.spawn(target, nprocs=2, args=(init_file,), timeout=300)
+
+
 @pytest.fixture(scope="module")
 def results():
-    init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    return pydeepep.spawn(adapter_rank, nprocs=2, args=(init_file,), timeout=300)
+    return spawn_with_process_group(adapter_rank)
 
 
 @pytest.mark.parametrize(
@@ -424,8 +429,7 @@ def ll_adapter_rank(info, init_file):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    return pydeepep.spawn(ll_adapter_rank, nprocs=2, args=(init_file,), timeout=300)
+    return spawn_with_process_group(ll_adapter_rank)
 
 
 @pytest.mark.parametrize("step", ["lazy_creation", *LL_STEPS])
