@@ -1,4 +1,4 @@
-"""GPU tier: array and stream interop on 2 ranks, against the NumPy oracle.
+"""GPU tier: array and stream interop on RANKS ranks (conftest), against the NumPy oracle.
 
 Inputs from CuPy, PyTorch, JAX and numba; outputs taken by each library without a copy; every accepted kind of stream;
 and stream ordering both ways. The contract under test (pydeepep/_core.pyx, _array.pxi):
@@ -23,12 +23,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, log_scenario, requires_gpus
+from conftest import RANKS, all_true, bf16_bits, bf16_values, log_scenario, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
 
 # JAX would otherwise reserve most of each GPU's memory when it starts (the spawned ranks inherit this).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -740,7 +740,7 @@ def interop_scenarios(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(interop_scenarios, nprocs=2, timeout=480)
+    return pydeepep.spawn(interop_scenarios, nprocs=RANKS, timeout=480)
 
 
 def outcome(results, name):
@@ -748,7 +748,7 @@ def outcome(results, name):
     for value in values:
         if isinstance(value, str) and value.startswith(MISSING):
             pytest.skip(value)
-    assert values == [True, True], "\n".join(f"rank {r}: {v}" for r, v in enumerate(values))
+    assert all_true(values), "\n".join(f"rank {r}: {v}" for r, v in enumerate(values))
 
 
 @pytest.mark.parametrize("library", ["cupy", "torch", "jax", "numba"])
