@@ -2,7 +2,7 @@
 
 Every case must be refused with the named error class and a message that names the problem; afterwards the
 communicator must still give the oracle's results (nothing was corrupted), and every call on a closed communicator
-is refused. Both ranks make the same calls in the same order, so the collective parts (a dispatch's count exchange,
+is refused. All ranks make the same calls in the same order, so the collective parts (a dispatch's count exchange,
 a low-latency call) stay in step; ids out of range are found on the device and reported through the asynchronous
 error, which each case clears. The layout's own refusals are in test_gpu_layout.py, ranks that disagree on E and the
 worst-case overflow in test_gpu_ht.py, a stale low-latency result in test_gpu_ll.py.
@@ -215,7 +215,7 @@ def bad_input_rank(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(bad_input_rank, nprocs=RANKS, timeout=300)
+    return pydeepep.spawn(bad_input_rank, nprocs=RANKS, timeout=150 * RANKS)
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))

@@ -21,14 +21,14 @@ cupy = pytest.importorskip("cupy")
 MAX_TOKENS = 4096
 
 
-def make_inputs(seed, rank, n, h, k, e, fp8=False, ue8m0=False, to_rank=None, drop=0.2):
+def make_inputs(seed, rank, n, h, k, e, fp8=False, ue8m0=False, to_rank=None, drop=0.2, nranks=2):
     rng = np.random.default_rng([seed, rank])
     if n:
         topk = np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int64)
     else:
         topk = np.zeros((0, k), np.int64)
     if to_rank is not None:  # every token's experts live on one rank
-        local = e // RANKS
+        local = e // nranks
         topk = np.stack([to_rank * local + rng.choice(local, size=k, replace=False) for _ in range(n)])
     topk[rng.random(topk.shape) < drop] = -1
     weights = rng.random((n, k)).astype(np.float32)
@@ -70,7 +70,7 @@ def run_case(
     """Dispatch then combine one case; returns True or a description of the first mismatch."""
     R, me = comm.nranks, comm.rank
     ns = [n(r) if callable(n) else n for r in range(R)]
-    inputs = [make_inputs(seed, r, ns[r], h, k, e, fp8, ue8m0, to_rank) for r in range(R)]
+    inputs = [make_inputs(seed, r, ns[r], h, k, e, fp8, ue8m0, to_rank, nranks=R) for r in range(R)]
     x_mine, topk_mine, w_mine = inputs[me]
     if fp8:
         xs_oracle = [(e4m3_values(x[0]), x[1]) for x, _, _ in inputs]
@@ -343,7 +343,7 @@ def ht_scenarios(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(ht_scenarios, nprocs=RANKS, timeout=300)
+    return pydeepep.spawn(ht_scenarios, nprocs=RANKS, timeout=150 * RANKS)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ The ordering scenarios put ~300 ms of spinning in front of the data, so a missin
 a sentinel the outputs were filled with); controls that skip the wait on purpose show that the scenarios would see it.
 The dispatches there use a handle (cached mode), which has no host synchronisation.
 
-Everything runs in one 2-rank job, each library imported inside the ranks when its scenario comes; a library that is
+Everything runs in one job, each library imported inside the ranks when its scenario comes; a library that is
 not installed (or has no CUDA) makes its scenarios return "missing: ...", which the tests skip.
 """
 
@@ -740,7 +740,7 @@ def interop_scenarios(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(interop_scenarios, nprocs=RANKS, timeout=480)
+    return pydeepep.spawn(interop_scenarios, nprocs=RANKS, timeout=240 * RANKS)
 
 
 def outcome(results, name):

@@ -158,7 +158,7 @@ def _closed_use(comm):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(layout_scenarios, nprocs=RANKS, timeout=300)
+    return pydeepep.spawn(layout_scenarios, nprocs=RANKS, timeout=150 * RANKS)
 
 
 def test_the_ranks_create_a_communicator_with_nvlink_peers(results):

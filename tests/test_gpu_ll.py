@@ -521,10 +521,10 @@ def ll_scenarios(info, transport):
     return out
 
 
-# Every scenario runs with NVLink stores between the two GPUs ("auto") and with NVSHMEM puts forced between them.
+# Every scenario runs with NVLink stores between the GPUs ("auto") and with NVSHMEM puts forced between them.
 @pytest.fixture(scope="module", params=["auto", "nvshmem"])
 def results(request):
-    return pydeepep.spawn(ll_scenarios, nprocs=RANKS, args=(request.param,), timeout=600)
+    return pydeepep.spawn(ll_scenarios, nprocs=RANKS, args=(request.param,), timeout=300 * RANKS)
 
 
 @pytest.mark.parametrize("scenario", [*CASES, *EXTRA])

@@ -343,7 +343,7 @@ def soak_rank(info, iterations):
 
 @pytest.fixture(scope="module")
 def soak():
-    results = pydeepep.spawn(soak_rank, nprocs=RANKS, args=(ITERATIONS,), timeout=1200)
+    results = pydeepep.spawn(soak_rank, nprocs=RANKS, args=(ITERATIONS,), timeout=600 * RANKS)
     for rank, r in enumerate(results):
         memory = r["memory"] and [None if v is None else round(v / 2**20, 1) for v in r["memory"]]
         print(

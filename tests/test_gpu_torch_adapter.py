@@ -118,7 +118,7 @@ def adapter_rank(info, init_file):
 @pytest.fixture(scope="module")
 def results():
     init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    return pydeepep.spawn(adapter_rank, nprocs=RANKS, args=(init_file,), timeout=300)
+    return pydeepep.spawn(adapter_rank, nprocs=RANKS, args=(init_file,), timeout=150 * RANKS)
 
 
 @pytest.mark.parametrize(
@@ -425,7 +425,7 @@ def ll_adapter_rank(info, init_file):
 @pytest.fixture(scope="module")
 def ll_results():
     init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    return pydeepep.spawn(ll_adapter_rank, nprocs=RANKS, args=(init_file,), timeout=300)
+    return pydeepep.spawn(ll_adapter_rank, nprocs=RANKS, args=(init_file,), timeout=150 * RANKS)
 
 
 @pytest.mark.parametrize("step", ["lazy_creation", *LL_STEPS])
