@@ -17,6 +17,18 @@ def gpu_count() -> int:
     return local_device_count()
 
 
+# Ranks of the multi-rank GPU suites: DEEPEP_TEST_RANKS, default 2 (the EP4 and EP8 runs set 4 or 8). Tests of one
+# mechanism between two ranks (a peer that skips a call, dies or comes late) keep 2.
+RANKS = int(os.environ.get("DEEPEP_TEST_RANKS", "2"))
+if RANKS not in (2, 4, 8):
+    raise ValueError(f"DEEPEP_TEST_RANKS is {RANKS}; the multi-rank suites run on 2, 4 or 8 ranks")
+
+
+def all_true(results) -> bool:
+    """Whether every rank's result is True (a scenario passed on all RANKS ranks)."""
+    return len(results) == RANKS and all(r is True for r in results)
+
+
 def requires_gpus(n: int):
     return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} CUDA GPU(s); this machine has {gpu_count()}")
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds pydeepep from source on a GPU machine and runs the GPU tier and the examples; logs go to $OUT if set.
 # Usage (repo root): bash tests/run_gpu_tier.sh [pytest args, default: tests]
+# DEEPEP_TEST_RANKS=4 (or 8) runs the multi-rank suites on that many ranks (EP4, EP8; default 2); tests of one
+# mechanism between two ranks (a peer that skips a call, dies or comes late; the examples) stay on 2.
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} PYTHONUNBUFFERED=1

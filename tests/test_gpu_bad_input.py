@@ -1,8 +1,8 @@
-"""GPU tier: bad input to dispatch, combine and the low-latency calls on 2 ranks, one case each.
+"""GPU tier: bad input to dispatch, combine and the low-latency calls on RANKS ranks (conftest), one case each.
 
 Every case must be refused with the named error class and a message that names the problem; afterwards the
 communicator must still give the oracle's results (nothing was corrupted), and every call on a closed communicator
-is refused. Both ranks make the same calls in the same order, so the collective parts (a dispatch's count exchange,
+is refused. All ranks make the same calls in the same order, so the collective parts (a dispatch's count exchange,
 a low-latency call) stay in step; ids out of range are found on the device and reported through the asynchronous
 error, which each case clears. The layout's own refusals are in test_gpu_layout.py, ranks that disagree on E and the
 worst-case overflow in test_gpu_ht.py, a stale low-latency result in test_gpu_ll.py.
@@ -12,12 +12,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, requires_gpus
+from conftest import RANKS, all_true, bf16_bits, bf16_values, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(max(RANKS, 2))]
 cupy = pytest.importorskip("cupy")
 
 N, H, K, E = 64, 1024, 4, 16  # a valid call: N tokens per rank of hidden H, top-K of E experts
@@ -61,7 +61,7 @@ def cases(comm, rank):
         bad[N // 2, 1] = value
         return cupy.asarray(bad)
 
-    with cupy.cuda.Device((rank + 1) % 2):
+    with cupy.cuda.Device((rank + 1) % comm.nranks):
         x_elsewhere = cupy.asarray(x_np)
     big_x, big_topk, _ = inputs(rank, n=MAX_TOKENS, h=7168)
     many_x, many_topk, _ = inputs(rank, n=MAX_TOKENS + 1)
@@ -127,7 +127,7 @@ EXPECTED = {
     "buffer_too_small": ("DeepEPBufferTooSmall", ["need", "bytes of communication buffer", "this communicator has"]),
     "handle_other_tokens": ("DeepEPInvalidArgument", [f"num_tokens is {N // 2}", f"routing is for {N} tokens"]),
     "handle_other_rows": ("DeepEPInvalidArgument", ["x has", "rows but the handle's dispatch delivered"]),
-    "ll_handle_other_rows": ("DeepEPInvalidArgument", ["x has shape", f"({E // 2}, {2 * T}, {H}) is needed"]),
+    "ll_handle_other_rows": ("DeepEPInvalidArgument", ["x has shape", f"({E // RANKS}, {RANKS * T}, {H}) is needed"]),
 }
 
 
@@ -194,7 +194,7 @@ def bad_input_rank(info):
             x, topk, w = (cupy.asarray(a) for a in inputs(info.rank))
             handle = comm.dispatch(x, topk_idx=topk, num_experts=E)
             ll = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
-            y = cupy.zeros((E // 2, 2 * T, H), cupy.uint16)
+            y = cupy.zeros((E // comm.nranks, comm.nranks * T, H), cupy.uint16)
     finally:
         comm.close()
     with cupy.cuda.Device(info.device):
@@ -215,7 +215,7 @@ def bad_input_rank(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(bad_input_rank, nprocs=2, timeout=300)
+    return pydeepep.spawn(bad_input_rank, nprocs=RANKS, timeout=150 * RANKS)
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
@@ -229,7 +229,7 @@ def test_bad_input_is_refused_with_a_message_naming_the_problem(results, case):
 
 
 def test_the_communicator_still_matches_the_oracle_after_the_refusals(results):
-    assert [r.get("still_works") for r in results] == [True, True], [r.get("still_works") for r in results]
+    assert all_true([r.get("still_works") for r in results]), [r.get("still_works") for r in results]
 
 
 @pytest.mark.parametrize("call", ["closed_dispatch", "closed_combine", "closed_ll_dispatch", "closed_ll_combine"])

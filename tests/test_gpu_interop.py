@@ -1,4 +1,4 @@
-"""GPU tier: array and stream interop on 2 ranks, against the NumPy oracle.
+"""GPU tier: array and stream interop on RANKS ranks (conftest), against the NumPy oracle.
 
 Inputs from CuPy, PyTorch, JAX and numba; outputs taken by each library without a copy; every accepted kind of stream;
 and stream ordering both ways. The contract under test (pydeepep/_core.pyx, _array.pxi):
@@ -13,7 +13,7 @@ The ordering scenarios put ~300 ms of spinning in front of the data, so a missin
 a sentinel the outputs were filled with); controls that skip the wait on purpose show that the scenarios would see it.
 The dispatches there use a handle (cached mode), which has no host synchronisation.
 
-Everything runs in one 2-rank job, each library imported inside the ranks when its scenario comes; a library that is
+Everything runs in one job, each library imported inside the ranks when its scenario comes; a library that is
 not installed (or has no CUDA) makes its scenarios return "missing: ...", which the tests skip.
 """
 
@@ -23,12 +23,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, log_scenario, requires_gpus
+from conftest import RANKS, all_true, bf16_bits, bf16_values, log_scenario, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
 
 # JAX would otherwise reserve most of each GPU's memory when it starts (the spawned ranks inherit this).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -740,7 +740,7 @@ def interop_scenarios(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(interop_scenarios, nprocs=2, timeout=480)
+    return pydeepep.spawn(interop_scenarios, nprocs=RANKS, timeout=240 * RANKS)
 
 
 def outcome(results, name):
@@ -748,7 +748,7 @@ def outcome(results, name):
     for value in values:
         if isinstance(value, str) and value.startswith(MISSING):
             pytest.skip(value)
-    assert values == [True, True], "\n".join(f"rank {r}: {v}" for r, v in enumerate(values))
+    assert all_true(values), "\n".join(f"rank {r}: {v}" for r, v in enumerate(values))
 
 
 @pytest.mark.parametrize("library", ["cupy", "torch", "jax", "numba"])

@@ -1,16 +1,17 @@
-"""GPU tier: communicators on 2 ranks and the dispatch layout against the NumPy oracle.
+"""GPU tier: communicators on RANKS ranks (2 unless DEEPEP_TEST_RANKS says otherwise) and the dispatch layout
+against the NumPy oracle.
 
-All scenarios run inside one 2-rank job (NVSHMEM setup costs seconds); each test asserts on its own scenario.
+All scenarios run inside one job (NVSHMEM setup costs seconds); each test asserts on its own scenario.
 """
 
 import numpy as np
 import pytest
-from conftest import requires_gpus
+from conftest import RANKS, all_true, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(max(RANKS, 2))]
 
 
 def random_topk(rng, num_tokens, num_topk, num_experts, dtype=np.int64, drop=0.2):
@@ -44,7 +45,7 @@ def layout_scenarios(info):
         out["topology"] = (comm.rank, comm.nranks, comm.device, comm.ranks_per_nvl_domain, comm.buffer_bytes)
         out["random_int64"] = all(
             layout_matches(comm, random_topk(rng, n, k, e), e)
-            for n, k, e in [(4096, 8, 256), (777, 4, 16), (64, 32, 64), (300, 1, 2)]
+            for n, k, e in [(4096, 8, 256), (777, 4, 16), (64, 32, 64), (300, 1, RANKS)]
         )
         out["random_int32"] = layout_matches(comm, random_topk(rng, 1000, 8, 64, np.int32), 64)
         # Rank 1 has no tokens at all.
@@ -69,7 +70,7 @@ def layout_scenarios(info):
                 out["cai_zero_copy"] = cupy.asarray(per_rank).data.ptr == per_rank.ptr
                 out["graph_replay"] = graph_replay_matches(comm, rng, cupy)
             # Memory of the other GPU is refused by name (checked by the library from the pointer itself).
-            with cupy.cuda.Device(1 - comm.device):
+            with cupy.cuda.Device((comm.device + 1) % comm.nranks):
                 elsewhere = cupy.asarray(random_topk(rng, 8, 2, 8))
             try:
                 comm.get_dispatch_layout(elsewhere, 8)
@@ -157,14 +158,15 @@ def _closed_use(comm):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(layout_scenarios, nprocs=2, timeout=300)
+    return pydeepep.spawn(layout_scenarios, nprocs=RANKS, timeout=150 * RANKS)
 
 
-def test_two_ranks_create_a_communicator_with_nvlink_peers(results):
+def test_the_ranks_create_a_communicator_with_nvlink_peers(results):
+    assert len(results) == RANKS
     for rank, r in enumerate(results):
-        assert r["topology"][:3] == (rank, 2, rank)
-        assert r["topology"][3] == 2  # both ranks reachable over NVLink
-        assert r["topology"][4] >= pydeepep.buffer_size_hint(2, max_tokens_per_rank=1024, hidden=1024) - 1
+        assert r["topology"][:3] == (rank, RANKS, rank)
+        assert r["topology"][3] == RANKS  # every rank reachable over NVLink
+        assert r["topology"][4] >= pydeepep.buffer_size_hint(RANKS, max_tokens_per_rank=1024, hidden=1024) - 1
 
 
 @pytest.mark.parametrize(
@@ -182,17 +184,17 @@ def test_two_ranks_create_a_communicator_with_nvlink_peers(results):
     ],
 )
 def test_layout_equals_oracle(results, scenario):
-    assert [r[scenario] for r in results] == [True, True]
+    assert all_true([r[scenario] for r in results]), [r[scenario] for r in results]
 
 
 def test_layout_takes_cuda_array_interface_inputs(results):
     if results[0]["cai_input"] == "numba missing":
         pytest.skip("numba is not installed")
-    assert [r["cai_input"] for r in results] == [True, True]
+    assert all_true([r["cai_input"] for r in results]), [r["cai_input"] for r in results]
 
 
 def test_layout_outputs_are_taken_without_copy(results):
-    assert [(r["dlpack_zero_copy"], r["cai_zero_copy"]) for r in results] == [(True, True)] * 2
+    assert [(r["dlpack_zero_copy"], r["cai_zero_copy"]) for r in results] == [(True, True)] * RANKS
 
 
 def test_experts_not_divisible_by_ranks_is_refused(results):
@@ -212,7 +214,8 @@ def test_out_of_range_expert_is_reported_asynchronously(results):
 
 def test_another_gpus_memory_is_refused(results):
     for rank, r in enumerate(results):
-        assert f"lives on device {1 - rank} but the communicator uses device {rank}" in r["other_device"], r
+        other = (rank + 1) % RANKS
+        assert f"lives on device {other} but the communicator uses device {rank}" in r["other_device"], r
 
 
 def test_calls_after_close_are_refused(results):

@@ -1,20 +1,21 @@
-"""GPU tier: low-latency dispatch and combine on 2 ranks (and on 1) against the NumPy oracle, bit for bit.
+"""GPU tier: low-latency dispatch and combine on RANKS ranks (conftest: 2 unless DEEPEP_TEST_RANKS says otherwise)
+and on 1, against the NumPy oracle, bit for bit.
 
 Every rank builds every rank's inputs from the same seeds (the oracle needs them all), runs its part on the GPU and
 compares its own outputs: FP8 payloads and scales (float32, power-of-two, UE8M0-packed), BF16 payloads, counts,
-source information and combine outputs. All scenarios run in one 2-rank job; each test asserts on its scenario.
+source information and combine outputs. All scenarios run in one job; each test asserts on its scenario.
 """
 
 import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, e4m3_values, log_scenario, requires_gpus
+from conftest import RANKS, all_true, bf16_bits, bf16_values, e4m3_values, log_scenario, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
 cupy = pytest.importorskip("cupy")
 
 T = 128  # low_latency_max_tokens of the test communicators
@@ -315,28 +316,35 @@ def capture_without_out_case(comm, seed, n=80, h=512, k=4, e=16):
 
 
 def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
-    """Each rank masks the other out: dispatch and combine then run on each rank alone, as if the other rank had no
-    tokens and every slot naming its experts were -1; taken back, the ranks work together again."""
+    """The last rank is masked out: every other rank masks it, and it masks every other rank. Dispatch and combine then
+    run in two groups (the last rank alone, the others together), as if the ranks outside a group had no tokens and
+    every slot naming their experts were -1; taken back, the ranks work together again. (With 2 ranks: each rank
+    masks the other.)"""
     R, me = comm.nranks, comm.rank
-    if R != 2:
-        return True
-    other, local = 1 - me, e // R
+    outcast, local = R - 1, e // R
+    group = [me] if me == outcast else [r for r in range(R) if r != outcast]  # the ranks this one works with
+    masked = [r for r in range(R) if r not in group]
     inputs = [make_inputs(seed, r, n, h, k, e, R) for r in range(R)]
+
+    def seen_from(r):  # rank r's tokens as this rank's group sees them
+        x, topk, w = inputs[r] if r in group else make_inputs(seed, r, 0, h, k, e, R)
+        return x, np.where(np.isin(topk // local, group), topk, -1), w
+
+    seen = [seen_from(r) for r in range(R)]
     x_mine, topk_mine, w_mine = inputs[me]
-    seen = [make_inputs(seed, r, n if r == me else 0, h, k, e, R) for r in range(R)]  # the other sends nothing
-    seen[me] = (x_mine, np.where(topk_mine // local == other, -1, topk_mine), w_mine)
     topks = [t for _, t, _ in seen]
     want = reference.low_latency_dispatch([bf16_values(x) for x, _, _ in seen], topks, e, T)
     ys = [bf16_bits(np.random.default_rng([seed, 3, r]).standard_normal((local, R * T, h))) for r in range(R)]
     want_out = reference.low_latency_combine(
         [bf16_values(y) for y in ys], topks, [w for _, _, w in seen], [w[3] for w in want]
     )[me]
-    comm.low_latency_mask_rank(other)
+    for r in masked:
+        comm.low_latency_mask_rank(r)
     try:
-        if comm.low_latency_masked_ranks() != [r == other for r in range(R)]:
+        if comm.low_latency_masked_ranks() != [r in masked for r in range(R)]:
             return f"masked ranks {comm.low_latency_masked_ranks()}"
         with cupy.cuda.Device(comm.device):
-            topk_dev = dev(topk_mine)  # the real routing: the library skips the masked rank's experts itself
+            topk_dev = dev(topk_mine)  # the real routing: the library skips the masked ranks' experts itself
             result = comm.low_latency_dispatch(dev(x_mine), topk_dev, e)
             out = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), result).out
             cupy.cuda.runtime.deviceSynchronize()
@@ -347,7 +355,8 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
         if not np.array_equal(bf16_values(out.to_numpy()), want_out):
             return "masked: combine output differs"
     finally:
-        comm.low_latency_mask_rank(other, masked=False)
+        for r in masked:
+            comm.low_latency_mask_rank(r, masked=False)
         host_barrier(comm)  # taking a rank back needs every rank idle and unmasked before the next call
     return run_case(comm, seed + 1, n=n, h=h, k=k, e=e)
 
@@ -394,12 +403,12 @@ def stale_case(comm, seed):
         comm.low_latency_dispatch(x, topk, 16)
         third = comm.low_latency_dispatch(x, topk, 16)
         try:
-            comm.low_latency_combine(cupy.zeros((8, R * T, 256), cupy.uint16), topk, w, first)
+            comm.low_latency_combine(cupy.zeros((16 // R, R * T, 256), cupy.uint16), topk, w, first)
             return "a stale result was accepted"
         except pydeepep.DeepEPInvalidUsage as exc:
             if "stale" not in str(exc):
                 return str(exc)
-        comm.low_latency_combine(cupy.zeros((8, R * T, 256), cupy.uint16), topk, w, third)
+        comm.low_latency_combine(cupy.zeros((16 // R, R * T, 256), cupy.uint16), topk, w, third)
         cupy.cuda.runtime.deviceSynchronize()
     comm.check_async_error()
     return True
@@ -458,7 +467,7 @@ CASES = {
     "minus_one_slots": dict(seed=9, n=120, h=512, k=8, e=16, drop=0.5),
     "empty_rank": dict(seed=10, n=lambda r: 0 if r == 1 else 90, h=512, k=4, e=16),
     "n_equals_t": dict(seed=11, n=T, h=1024, k=8, e=32),
-    "several_experts_on_one_rank": dict(seed=12, n=100, h=512, k=6, e=16, to_rank=0),
+    "several_experts_on_one_rank": dict(seed=12, n=100, h=512, k=6, e=8 * RANKS, to_rank=0),
     "k1": dict(seed=13, n=100, h=512, k=1, e=16),
     "k32": dict(seed=14, n=100, h=512, k=32, e=64),
     "int32_topk": dict(seed=15, n=77, h=512, k=4, e=16, index_dtype=np.int32),
@@ -512,15 +521,15 @@ def ll_scenarios(info, transport):
     return out
 
 
-# Every scenario runs with NVLink stores between the two GPUs ("auto") and with NVSHMEM puts forced between them.
+# Every scenario runs with NVLink stores between the GPUs ("auto") and with NVSHMEM puts forced between them.
 @pytest.fixture(scope="module", params=["auto", "nvshmem"])
 def results(request):
-    return pydeepep.spawn(ll_scenarios, nprocs=2, args=(request.param,), timeout=600)
+    return pydeepep.spawn(ll_scenarios, nprocs=RANKS, args=(request.param,), timeout=300 * RANKS)
 
 
 @pytest.mark.parametrize("scenario", [*CASES, *EXTRA])
 def test_ll_dispatch_and_combine_match_the_oracle(results, scenario):
-    assert [r.get(scenario, "not run") for r in results] == [True, True], [r.get(scenario) for r in results]
+    assert all_true([r.get(scenario, "not run") for r in results]), [r.get(scenario) for r in results]
 
 
 def one_rank_ll(info):

@@ -1,7 +1,8 @@
-"""GPU soak: many mixed high-throughput and low-latency calls with random shapes and routing on 2 ranks.
+"""GPU soak: many mixed high-throughput and low-latency calls with random shapes and routing on RANKS ranks (2
+unless DEEPEP_TEST_RANKS says otherwise).
 
 Each iteration is either HT (dispatch + combine, sometimes a cached dispatch + combine under the same routing) or LL
-(low_latency_dispatch + low_latency_combine), with random N, H, K, E, -1 slots, payload type and options. Both ranks
+(low_latency_dispatch + low_latency_combine), with random N, H, K, E, -1 slots, payload type and options. All ranks
 draw these choices from one shared seed, so every call stays collective; each rank draws only its own data, except
 on checked iterations (the first of each variant, then every CHECK_EVERY-th, and the last), where it draws every
 rank's to compare its outputs with pydeepep.reference bit for bit. Device memory in use (after a synchronisation and
@@ -18,12 +19,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import bf16_bits, bf16_values, e4m3_values, requires_gpus
+from conftest import RANKS, bf16_bits, bf16_values, e4m3_values, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
 
 ITERATIONS = int(os.environ.get("DEEPEP_SOAK_ITERS", "1000"))
 CHECK_EVERY = 50
@@ -114,7 +115,7 @@ def expert_outputs(rank, h, shape):
     block = _EXPERT_OUTPUTS.get((rank, h))
     if block is None:
         rng = np.random.default_rng([SEED, 99, rank, h])
-        rows = max(2 * MAX_N, MAX_E * T)  # enough for HT (R * N rows) and LL (E_loc * R * T rows) on 2 ranks
+        rows = max(RANKS * MAX_N, MAX_E * T)  # enough for HT (R * N rows) and LL (E_loc * R * T rows)
         block = _EXPERT_OUTPUTS[(rank, h)] = bf16_bits(rng.standard_normal((rows, h), dtype=np.float32))
     count = int(np.prod(shape[:-1]))
     return block[:count].reshape(shape)
@@ -342,7 +343,7 @@ def soak_rank(info, iterations):
 
 @pytest.fixture(scope="module")
 def soak():
-    results = pydeepep.spawn(soak_rank, nprocs=2, args=(ITERATIONS,), timeout=1200)
+    results = pydeepep.spawn(soak_rank, nprocs=RANKS, args=(ITERATIONS,), timeout=600 * RANKS)
     for rank, r in enumerate(results):
         memory = r["memory"] and [None if v is None else round(v / 2**20, 1) for v in r["memory"]]
         print(

@@ -1,6 +1,6 @@
-"""GPU tier for the PyTorch adapter: DeepEP-style code (`import pydeepep.torch as deep_ep`) on 2 ranks, through
-torch tensors, against the NumPy oracle: high-throughput calls on a normal Buffer, and the low-latency calls (plus
-high-throughput ones) on a low_latency_mode Buffer, each in its own 2-rank job."""
+"""GPU tier for the PyTorch adapter: DeepEP-style code (`import pydeepep.torch as deep_ep`) on RANKS ranks (conftest),
+through torch tensors, against the NumPy oracle: high-throughput calls on a normal Buffer, and the low-latency calls
+(plus high-throughput ones) on a low_latency_mode Buffer, each in its own job."""
 
 import os
 import tempfile
@@ -8,12 +8,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import e4m3_values, requires_gpus
+from conftest import RANKS, all_true, e4m3_values, requires_gpus
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(2)]
+pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
 torch = pytest.importorskip("torch")
 
 N, H, K, E = 512, 1024, 4, 16
@@ -116,9 +116,9 @@ def adapter_rank(info, init_file):
 
 
 def spawn_with_process_group(target):
-    """Runs `target(info, init_file)` on 2 ranks, which meet in torch.distributed through a fresh init file."""
+    """Runs `target(info, init_file)` on RANKS ranks, which meet in torch.distributed through a fresh init file."""
     init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    return pydeepep.spawn(target, nprocs=2, args=(init_file,), timeout=300)
+    return pydeepep.spawn(target, nprocs=RANKS, args=(init_file,), timeout=150 * RANKS)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def results():
 )
 def test_deepep_style_code_runs_unchanged(results, step):
     got = [r.get(step, r.get("error")) for r in results]
-    assert got == [True, True], "\n".join(f"rank {rank}: {value}" for rank, value in enumerate(got))
+    assert all_true(got), "\n".join(f"rank {rank}: {value}" for rank, value in enumerate(got))
 
 
 # ---- low-latency mode ------------------------------------------------------------------------------------------------
@@ -436,4 +436,4 @@ def ll_results():
 def test_deepep_style_low_latency_code_runs_unchanged(ll_results, step):
     got = [r.get(step, r.get("error", "not run")) for r in ll_results]
     # The message carries every rank's whole traceback (an assertion's own diff would cut it short).
-    assert got == [True, True], "\n".join(f"rank {rank}: {value}" for rank, value in enumerate(got))
+    assert all_true(got), "\n".join(f"rank {rank}: {value}" for rank, value in enumerate(got))
