@@ -45,7 +45,9 @@ __device__ __forceinline__ bool wait_flag(const uint64_t* flag, Ready ready, uin
   return true;
 }
 
-// Copies `bytes` from src to dst with one warp: 16-byte vectors with several loads in flight when both addresses
+// Copies `bytes` from src with one warp to every destination that some lane holds (lane i holds the address of
+// destination i in `lane_dst`, or nullptr): each piece of the source is loaded once and stored to all destinations,
+// so a row bound for several places costs one read. 16-byte vectors with several loads in flight when every address
 // and the size allow it, 4-byte words or single bytes otherwise. kReadOnly sources (caller inputs, constant during
 // the kernel) go through the non-coherent cache; data a peer wrote during the kernel must not, so it is read with
 // plain loads after the acquire that made it visible.
@@ -56,34 +58,57 @@ __device__ __forceinline__ int4 load16(const int4* p) {
 }
 
 template <bool kReadOnly>
-__device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes, int lane) {
-  const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
+__device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* src, size_t bytes, int lane) {
+  const uint32_t holders = __ballot_sync(0xffffffffu, lane_dst != nullptr);
+  if (holders == 0) return;
   const uintptr_t s = reinterpret_cast<uintptr_t>(src);
-  if (((d | s | bytes) & 15) == 0) {
+  const uintptr_t mine = reinterpret_cast<uintptr_t>(lane_dst);
+  auto destination = [&](uint32_t remaining) {  // the first destination left, the same in every lane
+    return __shfl_sync(0xffffffffu, static_cast<unsigned long long>(mine), __ffs(remaining) - 1);
+  };
+  const bool vectors = __all_sync(0xffffffffu, ((mine | s | bytes) & 15) == 0);
+  if (vectors) {
     const int4* in = static_cast<const int4*>(src);
-    int4* out = static_cast<int4*>(dst);
     const size_t n = bytes / 16;
     constexpr int kUnroll = 4;
-    size_t i = lane;
-    for (; i + (kUnroll - 1) * 32 < n; i += kUnroll * 32) {
+    // Loop bounds depend on the warp's first vector only, so that every lane takes part in every shuffle.
+    size_t base = 0;
+    for (; base + kUnroll * 32 <= n; base += kUnroll * 32) {
       int4 v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = load16<kReadOnly>(in + i + u * 32);
+      for (int u = 0; u < kUnroll; ++u) v[u] = load16<kReadOnly>(in + base + u * 32 + lane);
+      for (uint32_t left = holders; left != 0; left &= left - 1) {
+        int4* out = reinterpret_cast<int4*>(destination(left)) + base + lane;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) out[i + u * 32] = v[u];
+        for (int u = 0; u < kUnroll; ++u) out[u * 32] = v[u];
+      }
     }
-    for (; i < n; i += 32) out[i] = load16<kReadOnly>(in + i);
+    for (; base < n; base += 32) {
+      const size_t i = base + lane;
+      const int4 v = i < n ? load16<kReadOnly>(in + i) : int4{};
+      for (uint32_t left = holders; left != 0; left &= left - 1) {
+        int4* out = reinterpret_cast<int4*>(destination(left));
+        if (i < n) out[i] = v;
+      }
+    }
     return;
   }
-  if (((d | s | bytes) & 3) == 0) {
-    const uint32_t* in = static_cast<const uint32_t*>(src);
-    uint32_t* out = static_cast<uint32_t*>(dst);
-    for (size_t i = lane; i < bytes / 4; i += 32) out[i] = in[i];
-    return;
+  const bool words = __all_sync(0xffffffffu, ((mine | s | bytes) & 3) == 0);
+  for (uint32_t left = holders; left != 0; left &= left - 1) {
+    const uintptr_t d = destination(left);
+    if (words) {
+      for (size_t i = lane; i < bytes / 4; i += 32)
+        reinterpret_cast<uint32_t*>(d)[i] = static_cast<const uint32_t*>(src)[i];
+    } else {
+      for (size_t i = lane; i < bytes; i += 32) reinterpret_cast<uint8_t*>(d)[i] = static_cast<const uint8_t*>(src)[i];
+    }
   }
-  const uint8_t* in = static_cast<const uint8_t*>(src);
-  uint8_t* out = static_cast<uint8_t*>(dst);
-  for (size_t i = lane; i < bytes; i += 32) out[i] = in[i];
+}
+
+// Copies `bytes` from src to dst with one warp (every lane passes the same arguments).
+template <bool kReadOnly>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes, int lane) {
+  warp_copy_to_each<kReadOnly>(lane == 0 ? dst : nullptr, src, bytes, lane);
 }
 
 // Named barrier among the first `threads` threads of the block (a warp-specialised group).

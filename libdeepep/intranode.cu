@@ -534,31 +534,40 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
           if (q.weights != nullptr) my_weight = q.weights[t * q.weights_stride + lane];
         }
         const int32_t my_pos = lane < R ? q.send_pos[t * R + lane] : -1;
+        // Lane d holds where the token's row goes at rank d: the output row for this rank, the row in this
+        // source's region at a peer. Each piece of the row is then loaded once and stored to every destination.
+        const int64_t my_out_row = lane == p.rank && my_pos >= 0 ? offsets[lane] + my_pos : -1;
+        uint8_t* my_row = nullptr;  // the row's place at rank `lane` (payload at 0, then scales and meta)
+        if (lane < R && my_pos >= 0 && lane != p.rank)
+          my_row = region_of(p.peers, lane, p.rank, q.region_bytes) + static_cast<size_t>(my_pos) * L.row_bytes;
+        const bool my_out_fits = my_out_row >= 0 && my_out_row < q.out_rows;
+        uint8_t* payload_dst = my_row;
+        if (q.diag & kDiagSkipRemotePush) payload_dst = nullptr;
+        if (my_out_fits && !(q.diag & kDiagSkipLocalRows)) payload_dst = q.recv_x + my_out_row * L.payload_bytes;
+        warp_copy_to_each<true>(payload_dst, x_row, L.payload_bytes, lane);
+        if (scale_row != nullptr) {
+          uint8_t* scales_dst = my_row != nullptr ? my_row + L.scales_offset : nullptr;
+          if (my_out_fits) scales_dst = q.recv_scales + my_out_row * L.scale_bytes;
+          warp_copy_to_each<true>(scales_dst, scale_row, L.scale_bytes, lane);
+        }
         for (int d = 0; d < R; ++d) {
-          const int32_t j = __shfl_sync(0xffffffffu, my_pos, d);
-          if (j < 0) continue;
           if (d == p.rank) {
-            const int64_t out_row = offsets[d] + j;
-            if (out_row < q.out_rows) {
-              if (!(q.diag & kDiagSkipLocalRows))
-                warp_copy<true>(q.recv_x + out_row * L.payload_bytes, x_row, L.payload_bytes, lane);
-              if (scale_row != nullptr)
-                warp_copy<true>(q.recv_scales + out_row * L.scale_bytes, scale_row, L.scale_bytes, lane);
+            const int64_t out_row = __shfl_sync(0xffffffffu, my_out_row, d);
+            if (out_row >= 0 && out_row < q.out_rows)
               write_meta(q, out_row, static_cast<int32_t>(t), my_id, my_weight, lane);
-            }
-          } else {
-            uint8_t* row = region_of(p.peers, d, p.rank, q.region_bytes) + static_cast<size_t>(j) * L.row_bytes;
-            if (!(q.diag & kDiagSkipRemotePush)) warp_copy<true>(row, x_row, L.payload_bytes, lane);
-            if (scale_row != nullptr) warp_copy<true>(row + L.scales_offset, scale_row, L.scale_bytes, lane);
-            int32_t* meta = reinterpret_cast<int32_t*>(row + L.meta_offset);
-            if (lane == 0) meta[0] = static_cast<int32_t>(t);
-            if (lane < L.num_topk) {
-              meta[1 + lane] = my_id;
-              reinterpret_cast<float*>(meta + 1 + L.num_topk)[lane] = my_weight;
-            }
-            __syncwarp();
-            if (lane == 0) atomicAdd(&rows_done[d], 1);
+            continue;
           }
+          uint8_t* row =
+              reinterpret_cast<uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_row), d));
+          if (row == nullptr) continue;
+          int32_t* meta = reinterpret_cast<int32_t*>(row + L.meta_offset);
+          if (lane == 0) meta[0] = static_cast<int32_t>(t);
+          if (lane < L.num_topk) {
+            meta[1 + lane] = my_id;
+            reinterpret_cast<float*>(meta + 1 + L.num_topk)[lane] = my_weight;
+          }
+          __syncwarp();
+          if (lane == 0) atomicAdd(&rows_done[d], 1);
         }
       }
       // Publish progress: after a barrier of the senders, one lane per destination releases the new row count at
