@@ -95,6 +95,7 @@ __device__ __forceinline__ void cp_async_wait() {
 constexpr int kDiagSkipLocalRows = 1;   // dispatch: rows to this rank; combine: reduction
 constexpr int kDiagSkipCopyOut = 2;     // dispatch: receive warps' copy into the outputs
 constexpr int kDiagSkipRemotePush = 4;  // dispatch and combine: payload stores into peers' regions
+constexpr int kDiagNoBulkCopies = 8;    // dispatch: rows copied with the warps' loads and stores (results stay right)
 
 __device__ __forceinline__ ControlRegion* control_of(void* const* peers, int rank) {
   return static_cast<ControlRegion*>(peers[rank]);
@@ -419,6 +420,12 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
   __shared__ bool ok;
   if (threadIdx.x == 0) ok = true;
   if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = rows_claimed[threadIdx.x] = 0;
+  // Rows move through the TMA unit where their addresses allow (each warp has its own buffers).
+  extern __shared__ __align__(128) uint8_t bulk_buffers[];  // [warp][kBulkBytesPerWarp]
+  __shared__ uint64_t bulk_landed[kDispatchSendWarps + kDispatchRecvWarps][2];
+  BulkPipe pipe{bulk_buffers + warp * kBulkBytesPerWarp, bulk_landed[warp]};
+  bulk_pipe_init(pipe, lane);
+  const bool bulk = !(q.diag & kDiagNoBulkCopies);
   __syncthreads();
 
   // Steps 1-2.
@@ -519,7 +526,13 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
     const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
     const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
     const int64_t chunk_tokens = kDispatchSendWarps * kDispatchTokensPerWarpPerChunk;
+    uint32_t done_before = 0;  // warp 0, lane d: rows to rank d counted at the end of the previous chunk
+    auto release_progress = [&](uint32_t rows) {
+      if (warp == 0 && lane < R && lane != p.rank && rows > 0)
+        store_release_sys(&control_of(p.peers, lane)->progress[p.rank][b], tagged(seq, rows));
+    };
     for (int64_t c0 = t0; c0 < t1; c0 += chunk_tokens) {
+      const uint32_t committed_before = pipe.committed;
       for (int i = 0; i < kDispatchTokensPerWarpPerChunk; ++i) {
         const int64_t t = c0 + i * kDispatchSendWarps + warp;
         if (t >= t1) break;
@@ -544,7 +557,10 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         uint8_t* payload_dst = my_row;
         if (q.diag & kDiagSkipRemotePush) payload_dst = nullptr;
         if (my_out_fits && !(q.diag & kDiagSkipLocalRows)) payload_dst = q.recv_x + my_out_row * L.payload_bytes;
-        warp_copy_to_each<true>(payload_dst, x_row, L.payload_bytes, lane);
+        if (bulk && bulk_copy_fits(payload_dst, x_row, L.payload_bytes))
+          bulk_copy_to_each(pipe, payload_dst, x_row, L.payload_bytes, lane);
+        else
+          warp_copy_to_each<true>(payload_dst, x_row, L.payload_bytes, lane);
         if (scale_row != nullptr) {
           uint8_t* scales_dst = my_row != nullptr ? my_row + L.scales_offset : nullptr;
           if (my_out_fits) scales_dst = q.recv_scales + my_out_row * L.scale_bytes;
@@ -570,17 +586,21 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
           if (lane == 0) atomicAdd(&rows_done[d], 1);
         }
       }
-      // Publish progress: after a barrier of the senders, one lane per destination releases the new row count at
-      // system scope. The release is cumulative: it orders every store the barrier ordered before it, the other
-      // warps' rows included, so the senders need no fence of their own. The count is read between two barriers:
-      // after this chunk's increments, before the next chunk's.
+      // Publish progress one chunk late: the previous chunk's rows, once their bulk stores are complete (this
+      // chunk's may still fly, so the pushes never drain). Lane 0 waits for its stores, then a barrier of the senders
+      // orders everything they wrote before the release by one lane per destination; the release is cumulative, so
+      // the senders need no fence of their own. The counts are read between two barriers: after this chunk's
+      // increments, before the next chunk's.
+      if (lane == 0) bulk_wait_complete_allowing(pipe.committed - committed_before);
       group_barrier(1, kDispatchSendWarps * 32);
-      const uint32_t done = warp == 0 && lane < R ? static_cast<uint32_t>(rows_done[lane]) : 0;
+      const uint32_t done_now = warp == 0 && lane < R ? static_cast<uint32_t>(rows_done[lane]) : 0;
       group_barrier(1, kDispatchSendWarps * 32);
-      if (warp == 0 && lane < R && lane != p.rank) {
-        store_release_sys(&control_of(p.peers, lane)->progress[p.rank][b], tagged(seq, done));
-      }
+      release_progress(done_before);
+      done_before = done_now;
     }
+    if (lane == 0) bulk_wait_complete_allowing(0);
+    group_barrier(1, kDispatchSendWarps * 32);  // every row counted and complete
+    release_progress(warp == 0 && lane < R ? static_cast<uint32_t>(rows_done[lane]) : 0);
   }
   if (ok) {
     // Step 4: the receive warps copy what block b of each source published into the outputs; the send warps join
@@ -631,8 +651,16 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         const int64_t out_row = offsets[s] + j;
         if (out_row >= q.out_rows) continue;
         const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
-        if (!(q.diag & kDiagSkipCopyOut))
-          warp_copy<false>(q.recv_x + out_row * L.payload_bytes, row, L.payload_bytes, lane);
+        if (!(q.diag & kDiagSkipCopyOut)) {
+          void* dst = lane == 0 ? q.recv_x + out_row * L.payload_bytes : nullptr;
+          if (bulk && bulk_copy_fits(dst, row, L.payload_bytes)) {
+            // The row was written by the peer (generic stores) and acquired by this warp; the TMA unit reads it.
+            if (lane == 0) fence_proxy_async();
+            bulk_copy_to_each(pipe, dst, row, L.payload_bytes, lane);
+          } else {
+            warp_copy_to_each<false>(dst, row, L.payload_bytes, lane);
+          }
+        }
         if (q.recv_scales != nullptr)
           warp_copy<false>(q.recv_scales + out_row * L.scale_bytes, row + L.scales_offset, L.scale_bytes, lane);
         const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
@@ -643,6 +671,7 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
       if (!alive) break;
     }
   }
+  if (lane == 0) bulk_wait_complete_allowing(0);  // the block's bulk stores are done before it finishes
   finish_operation(p, seq);
 }
 
@@ -1058,7 +1087,10 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.out_rows = args.num_recv_rows;
   q.worst_case = worst_case;
   q.diag = diag_bits();
-  dispatch_kernel<<<handle.num_sms, (kDispatchSendWarps + kDispatchRecvWarps) * 32, 0, stream>>>(q);
+  constexpr size_t kBulkBytes = (kDispatchSendWarps + kDispatchRecvWarps) * kBulkBytesPerWarp;
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(dispatch_kernel), kBulkBytes, comm.device,
+                              "dispatch's bulk-copy buffers");
+  dispatch_kernel<<<handle.num_sms, (kDispatchSendWarps + kDispatchRecvWarps) * 32, kBulkBytes, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
