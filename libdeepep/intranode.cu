@@ -95,7 +95,6 @@ __device__ __forceinline__ void cp_async_wait() {
 constexpr int kDiagSkipLocalRows = 1;   // dispatch: rows to this rank; combine: reduction
 constexpr int kDiagSkipCopyOut = 2;     // dispatch: receive warps' copy into the outputs
 constexpr int kDiagSkipRemotePush = 4;  // dispatch and combine: payload stores into peers' regions
-constexpr int kDiagNoBulkCopies = 8;    // dispatch: copy-out with the warps' loads and stores (results stay right)
 
 __device__ __forceinline__ ControlRegion* control_of(void* const* peers, int rank) {
   return static_cast<ControlRegion*>(peers[rank]);
@@ -420,14 +419,6 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
   __shared__ bool ok;
   if (threadIdx.x == 0) ok = true;
   if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = rows_claimed[threadIdx.x] = 0;
-  // The copy-out moves rows through the TMA unit where their addresses allow (each warp has its own buffers), so
-  // that it takes no load/store slots from the pushes to peers. (Pushing through the TMA unit too was measured
-  // slower: 323 against 258 us at N = 4096, H = 7168, 24 SMs on 2 x H200.)
-  extern __shared__ __align__(128) uint8_t bulk_buffers[];  // [warp][kBulkBytesPerWarp]
-  __shared__ uint64_t bulk_landed[kDispatchSendWarps + kDispatchRecvWarps][2];
-  BulkPipe pipe{bulk_buffers + warp * kBulkBytesPerWarp, bulk_landed[warp]};
-  bulk_pipe_init(pipe, lane);
-  const bool bulk = !(q.diag & kDiagNoBulkCopies);
   __syncthreads();
 
   // Steps 1-2.
@@ -640,16 +631,8 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
         const int64_t out_row = offsets[s] + j;
         if (out_row >= q.out_rows) continue;
         const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
-        if (!(q.diag & kDiagSkipCopyOut)) {
-          void* dst = lane == 0 ? q.recv_x + out_row * L.payload_bytes : nullptr;
-          if (bulk && bulk_copy_fits(dst, row, L.payload_bytes)) {
-            // The row was written by the peer (generic stores) and acquired by this warp; the TMA unit reads it.
-            if (lane == 0) fence_proxy_async();
-            bulk_copy_to_each(pipe, dst, row, L.payload_bytes, lane);
-          } else {
-            warp_copy_to_each<false>(dst, row, L.payload_bytes, lane);
-          }
-        }
+        if (!(q.diag & kDiagSkipCopyOut))
+          warp_copy<false>(q.recv_x + out_row * L.payload_bytes, row, L.payload_bytes, lane);
         if (q.recv_scales != nullptr)
           warp_copy<false>(q.recv_scales + out_row * L.scale_bytes, row + L.scales_offset, L.scale_bytes, lane);
         const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
@@ -660,7 +643,6 @@ __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchRecvWarps) * 32
       if (!alive) break;
     }
   }
-  if (lane == 0) bulk_wait_complete_allowing(0);  // the block's bulk stores are done before it finishes
   finish_operation(p, seq);
 }
 
@@ -1076,10 +1058,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.out_rows = args.num_recv_rows;
   q.worst_case = worst_case;
   q.diag = diag_bits();
-  constexpr size_t kBulkBytes = (kDispatchSendWarps + kDispatchRecvWarps) * kBulkBytesPerWarp;
-  allow_dynamic_shared_memory(reinterpret_cast<const void*>(dispatch_kernel), kBulkBytes, comm.device,
-                              "dispatch's bulk-copy buffers");
-  dispatch_kernel<<<handle.num_sms, (kDispatchSendWarps + kDispatchRecvWarps) * 32, kBulkBytes, stream>>>(q);
+  dispatch_kernel<<<handle.num_sms, (kDispatchSendWarps + kDispatchRecvWarps) * 32, 0, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
