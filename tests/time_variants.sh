@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Times variants of the library side by side in one run: each variant is this tree with sed expressions applied to
+# libdeepep/*.cu (a tuning constant, say); all are built at once, then each in turn replaces the installed
+# libdeepep.so and `python -m pydeepep.bench` runs with the same arguments. The installed library is put back at the
+# end. Needs the GPUs the bench needs. Logs and JSON records go to $OUT/variants (default /tmp/variants).
+#
+# Usage (repo root): bash tests/time_variants.sh [--bench "bench args"] NAME=EXPR[;EXPR...] ...
+#   NAME=          the tree as it is (a baseline; give it first for a fair start)
+#   NAME=EXPR;...  sed -E substitutions (s/old/new/), applied in order to every libdeepep/*.cu file; one that
+#                  matches nothing fails the variant
+# Example (how the HT warp splits in docs/tuning.md were chosen):
+#   bash tests/time_variants.sh --bench "--modes ht --tokens 4096 --sms 24 --no-floor" base= \
+#     push14='s/kDispatchPushWarpsLargeRows = 12/kDispatchPushWarpsLargeRows = 14/'
+# Environment: PYTHON (default python3); DEEPEP_VARIANTS_INSTALLED=1 skips installing the tree first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+LOG=${OUT:-/tmp}/variants
+BENCH_ARGS="--modes ht --tokens 4096 --sms 24 --no-floor"
+if [ "${1:-}" = "--bench" ]; then
+  BENCH_ARGS=$2
+  shift 2
+fi
+[ $# -gt 0 ] || { echo "usage: $0 [--bench \"bench args\"] NAME=EXPR[;EXPR...] ..." >&2; exit 2; }
+mkdir -p "$LOG"
+ROOT=$(pwd)
+
+if [ "${DEEPEP_VARIANTS_INSTALLED:-0}" != 1 ]; then
+  $PY -m pip install --no-build-isolation --no-deps . > "$LOG/install.log" 2>&1 || { tail -30 "$LOG/install.log"; exit 1; }
+fi
+LIBDIR=$(cd /tmp && $PY -m pydeepep --lib-dir) || exit 1
+INSTALLED=$(mktemp -d)
+cp -a "$LIBDIR"/libdeepep.so* "$INSTALLED"/
+
+build_variant() {  # name, expressions (';'-separated)
+  local name=$1 exprs=$2 src=$LOG/src_$1
+  rm -rf "$src" && mkdir -p "$src"
+  tar --exclude=./build --exclude=./.git -C "$ROOT" -cf - . | tar -xf - -C "$src"
+  local expr
+  IFS=';' read -r -a list <<< "$exprs"
+  for expr in "${list[@]}"; do
+    [ -n "$expr" ] || continue
+    if ! grep -qE "$(echo "$expr" | sed -E 's#^s/([^/]*)/.*#\1#')" "$src"/libdeepep/*.cu; then
+      echo "variant $name: '$expr' matches nothing" > "$LOG/$name.build.log"
+      return 1
+    fi
+    sed -i -E "$expr" "$src"/libdeepep/*.cu
+  done
+  mkdir -p "$src/b" && cd "$src/b" &&
+    cmake .. -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$PY" > "$LOG/$name.build.log" 2>&1 &&
+    ninja deepep >> "$LOG/$name.build.log" 2>&1
+}
+
+names=()
+for spec in "$@"; do
+  name=${spec%%=*}
+  names+=("$name")
+  build_variant "$name" "${spec#*=}" &
+done
+wait
+
+cd /tmp
+for name in "${names[@]}"; do
+  so=$(ls "$LOG/src_$name/b"/libdeepep.so.*.*.* 2> /dev/null | head -1)
+  if [ -z "$so" ]; then
+    echo "== $name: build failed ($LOG/$name.build.log)"
+    tail -3 "$LOG/$name.build.log"
+    continue
+  fi
+  for f in "$LIBDIR"/libdeepep.so*; do cp -f "$so" "$f"; done
+  # shellcheck disable=SC2086  # the bench arguments are meant to split
+  $PY -m pydeepep.bench $BENCH_ARGS --output "$LOG/$name.json" > "$LOG/$name.txt" 2>&1
+  echo "== $name (rc $?)"
+  grep -E "^(dispatch|combine|layout|ll_)" "$LOG/$name.txt"
+done
+cp -a "$INSTALLED"/libdeepep.so* "$LIBDIR"/
+rm -rf "$INSTALLED"
