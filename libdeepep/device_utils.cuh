@@ -111,7 +111,8 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t byt
   warp_copy_to_each<kReadOnly>(lane == 0 ? dst : nullptr, src, bytes, lane);
 }
 
-// Named barrier among the first `threads` threads of the block (a warp-specialised group).
+// Named barrier `id` for a group of `threads` threads (whole warps, any of the block's warps; a warp-specialised
+// group).
 __device__ __forceinline__ void group_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }

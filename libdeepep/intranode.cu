@@ -70,6 +70,7 @@ constexpr int kCombineReduceWarps = 16;
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kCombineRowsPerWarpPerChunk = 1;
 constexpr int kVectorsInFlight = 4;
+static_assert(kCombineReduceWarps > 0, "a combine block needs a warp after its pushing warps to publish");
 // Combine's reduction stages its loads in shared memory: kReduceGroup addend rows per step, kReduceStages steps in
 // flight per warp.
 constexpr int kReduceGroup = 2;
@@ -719,8 +720,13 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
   }
   __syncthreads();
 
+  const int chunk_rows = kCombinePushWarps * kCombineRowsPerWarpPerChunk;
+  // After every chunk the pushing warps and the publisher (the first reducing warp) meet at a barrier; the publisher
+  // then releases the progress to the sources while the pushers go on with the next chunk, so that no pusher waits
+  // for a system-scope release. The release is cumulative: it orders every store the barrier ordered before it.
+  const int chunk_meeting = (kCombinePushWarps + 1) * 32;
   if (ok && warp < kCombinePushWarps) {
-    // Push the rows received from each source back to it, in chunks, publishing progress per source.
+    // Push the rows received from each source back to it, in chunks; the publisher releases the progress.
     int32_t start[kMaxNvlRanks], count[kMaxNvlRanks];
     int32_t longest = 0;
     for (int s = 0; s < R; ++s) {
@@ -743,7 +749,6 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
                                 : offsets[s] + start[s] + count[s],
                            in_x ? static_cast<int64_t>(q.region_bytes) : q.num_rows);
     }
-    const int chunk_rows = kCombinePushWarps * kCombineRowsPerWarpPerChunk;
     for (int c0 = 0; c0 < longest; c0 += chunk_rows) {
       for (int s = 0; s < R; ++s) {
         if (s == p.rank || !pushable[s]) continue;
@@ -760,9 +765,18 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
           }
         }
       }
-      group_barrier(1, kCombinePushWarps * 32);  // then a cumulative release, as in dispatch
-      if (warp == 0 && lane < R && lane != p.rank) {
-        const uint32_t done = static_cast<uint32_t>(min(count[lane], c0 + chunk_rows));
+      group_barrier(1, chunk_meeting);
+    }
+  } else if (ok && warp == kCombinePushWarps) {
+    // Publisher: after each chunk lane d releases to rank d how many of its rows are back. Rows that could not be
+    // pushed (recorded above) are released all the same, so that no rank waits forever.
+    int32_t count = 0;
+    if (lane < R && lane != p.rank) count = q.recv_ranges[(static_cast<size_t>(lane) * kMaxBlocks + b) * 2 + 1];
+    const int32_t longest = __reduce_max_sync(0xffffffffu, count);
+    for (int c0 = 0; c0 < longest; c0 += chunk_rows) {
+      group_barrier(1, chunk_meeting);
+      if (count > c0) {
+        const uint32_t done = static_cast<uint32_t>(min(count, c0 + chunk_rows));
         store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done));
       }
     }
