@@ -148,13 +148,13 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_
       fail(deepepInvalidUsage,
            "the low-latency timeline is off: set DEEPEP_LL_TIMELINE=1 before creating the communicator");
     }
-    DEEPEP_REQUIRE(capacity_blocks >= c.num_sms, "capacity_blocks is %d; the timeline has %d blocks", capacity_blocks,
-                   c.num_sms);
+    DEEPEP_REQUIRE(capacity_blocks >= c.ll_blocks, "capacity_blocks is %d; the timeline has %d blocks", capacity_blocks,
+                   c.ll_blocks);
     DeviceGuard guard(c.device);
     DEEPEP_CUDA_CHECK(cudaMemcpy(marks, c.ll_timeline_device,
-                                 static_cast<size_t>(c.num_sms) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t),
+                                 static_cast<size_t>(c.ll_blocks) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t),
                                  cudaMemcpyDeviceToHost));
-    *num_blocks = c.num_sms;
+    *num_blocks = c.ll_blocks;
   });
 }
 

@@ -38,6 +38,7 @@ struct RankHello {
   int64_t nranks;
   int64_t buffer_bytes;
   int64_t version;
+  int64_t sm_count;
 };
 
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
@@ -127,6 +128,7 @@ struct SetupRequest {
   int rank = 0;
   int nranks = 0;
   int device = 0;
+  int sm_count = 0;             // of this rank's device
   size_t buffer_bytes = 0;      // the whole allocation
   size_t ll_offset = 0;         // start of the low-latency area (0: none)
   size_t ll_control_bytes = 0;  // its control words, zeroed before any peer can write them
@@ -134,6 +136,7 @@ struct SetupRequest {
   // Results:
   void* buffer = nullptr;
   std::vector<void*> peer_buffers;
+  int min_sm_count = 0;  // the smallest SM count among the ranks
 };
 
 // Everything NVSHMEM does at setup; runs on a helper thread under the timeout (see run_bounded).
@@ -162,14 +165,17 @@ static void nvshmem_setup(SetupRequest* comm) {
   // Agree on the buffer size before allocating it: nvshmem_malloc requires the same size on every PE.
   auto* hellos = static_cast<RankHello*>(nvshmem_malloc(sizeof(RankHello)));
   if (hellos == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", sizeof(RankHello));
-  const RankHello mine = {comm->rank, comm->nranks, static_cast<int64_t>(comm->buffer_bytes), DEEPEP_VERSION};
+  const RankHello mine = {comm->rank, comm->nranks, static_cast<int64_t>(comm->buffer_bytes), DEEPEP_VERSION,
+                          comm->sm_count};
   DEEPEP_CUDA_CHECK(cudaMemcpy(hellos, &mine, sizeof(mine), cudaMemcpyHostToDevice));
   nvshmem_barrier_all();
   std::string disagreement;
+  comm->min_sm_count = comm->sm_count;
   for (int peer = 0; peer < comm->nranks && disagreement.empty(); ++peer) {
     RankHello theirs = {};
     nvshmem_getmem(&theirs, hellos, sizeof(theirs), peer);
     nvshmem_quiet();
+    comm->min_sm_count = std::min(comm->min_sm_count, static_cast<int>(theirs.sm_count));
     if (theirs.buffer_bytes != mine.buffer_bytes || theirs.version != mine.version || theirs.nranks != mine.nranks) {
       disagreement = "rank " + std::to_string(peer) + " has buffer_bytes " + std::to_string(theirs.buffer_bytes) +
                      " and library version " + std::to_string(theirs.version) + "; this rank has " +
@@ -291,6 +297,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   request->rank = rank;
   request->nranks = nranks;
   request->device = device;
+  request->sm_count = comm->num_sms;
   request->buffer_bytes = comm->total_buffer_bytes;
   request->ll_offset = comm->ll_offset;
   request->ll_control_bytes = comm->ll_area.control_bytes;
@@ -299,6 +306,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
               [request]() { nvshmem_setup(request.get()); });
   comm->buffer = request->buffer;
   comm->peer_buffers = request->peer_buffers;
+  comm->ll_blocks = low_latency_blocks(request->min_sm_count);
   deepepComm* raw = comm.get();
 
   try {
@@ -313,7 +321,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&comm->host_wait_event, cudaEventDisableTiming));
     const char* timeline = std::getenv("DEEPEP_LL_TIMELINE");
     if (timeline != nullptr && std::strcmp(timeline, "1") == 0) {
-      const size_t bytes = static_cast<size_t>(comm->num_sms) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t);
+      const size_t bytes = static_cast<size_t>(comm->ll_blocks) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t);
       DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->ll_timeline_device), bytes));
       DEEPEP_CUDA_CHECK(cudaMemset(comm->ll_timeline_device, 0, bytes));
     }

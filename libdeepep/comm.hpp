@@ -49,6 +49,7 @@ struct deepepComm {
   size_t ll_offset = 0;                  // where the low-latency area starts in every rank's buffer
   deepep::LowLatencyArea ll_area;        // its layout (max_tokens 0: none)
   int num_sms = 0;                       // of the device
+  int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
   void* buffer = nullptr;                // this rank's communication buffer (symmetric heap)
   std::vector<void*> peer_buffers;       // NVLink-mapped address of each rank's buffer, nullptr outside domain
@@ -67,7 +68,7 @@ struct deepepComm {
   // communicator, since notify calls block the host one at a time.
   void* notify_host = nullptr;
   void* notify_host_device = nullptr;
-  int64_t* ll_timeline_device = nullptr;  // [num_sms][DEEPEP_LL_TIMELINE_MARKS]; DEEPEP_LL_TIMELINE=1 only
+  int64_t* ll_timeline_device = nullptr;  // [ll_blocks][DEEPEP_LL_TIMELINE_MARKS]; DEEPEP_LL_TIMELINE=1 only
   // Recorded after a call's work that the host waits for (wait_bounded); one per communicator, like notify_host.
   cudaEvent_t host_wait_event = nullptr;
   // Device storage of destroyed handles with the event of its last use: a new handle takes one whose event has

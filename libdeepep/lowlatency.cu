@@ -3,26 +3,31 @@
 // Protocol. Every low-latency operation (a dispatch or a combine) runs on one of two buffer sets and carries a
 // sequence number `seq`, per set, kept on the device (LowLatencyState) so that replayed CUDA graphs advance it.
 // Every rank makes the same operations in the same order, so all ranks agree on seq without talking about it.
+//   Every rank runs the same number G of blocks (agreed at setup), and every block signals for itself: a flag is a
+//   word per (rank, block), set with a system-scope release by that block once its own share is out, and a waiter
+//   acquires all G words of each rank it waits for (G threads at once), so no block waits for the others to finish
+//   before it signals.
 //   Dispatch, send side: block b owns a contiguous range of tokens. It stores its tokens' expert ids into every rank
 //   (ids [this rank][token][slot]), then reads and casts (FP8) each token's row once and stores it with 16-byte
 //   stores into slot [this rank][token] of every rank holding any of the token's experts: once per rank, however
-//   many of the rank's experts the token names. The last block to finish publishes (seq << 32) | K << 16 | tokens
-//   with a system-scope release into its dispatch flag [this rank] on every rank.
-//   Dispatch, receive side: every block acquires every source's flag and lays the sources' tokens end to end (source
+//   many of the rank's experts the token names. Then it publishes (seq << 32) | K << 16 | tokens into its dispatch
+//   flag [this rank][b] on every rank.
+//   Dispatch, receive side: every block acquires every source's flags and lays the sources' tokens end to end (source
 //   rank ascending, then token); a token's row under a local expert is the number of earlier tokens naming the
 //   expert, which every block counts from the ids, so the layout is deterministic and no slot is claimed by atomics.
 //   Block b copies the rows of its even share of the tokens (a token's slot once per local expert it names) into
 //   recv_x / recv_scales / recv_src_info, and writes the counts and ranges of local experts b, b + G, ...
 //   Combine, send side: the blocks share the rows of all local experts evenly; each row goes back to its source
-//   rank, into that rank's combine row [token][slot] (from recv_src_info). The last block to finish releases every
-//   (expert, source) combine flag.
-//   Combine, receive side: block b owns tokens b, b + G, ...; it acquires the flags of the token's experts and sums
-//   weight * row over the slots in ascending order in float32 (separately rounded products and sums).
+//   rank, into that rank's combine row [token][slot] (from recv_src_info). Then each block sets its combine flag
+//   [this rank][b] on every rank.
+//   Combine, receive side: block b owns tokens b, b + G, ...; it acquires the combine flags of every rank and sums
+//   weight * row over each token's slots in ascending order in float32 (separately rounded products and sums).
 // Reuse of a set: before a rank writes into a peer's set for operation seq, it waits until that peer acknowledged
 // the operations that last read the same bytes: for a dispatch (receive slots) the previous operation on the set,
-// for a combine (combine rows) the previous combine on the set. The last block of each operation's final kernel
-// writes seq into every peer's ack word. Send-only (hook) kernels change no state; the receive kernel completes
-// the operation. Every wait is bounded by the timeout and records rank, phase and peer on expiry.
+// for a combine (combine rows) the previous combine on the set. Each block of an operation's final kernel writes
+// seq into its ack word [this rank][b] on every peer once it is done with the set. Send-only (hook) kernels change
+// no state; the receive kernel completes the operation. Every wait is bounded by the timeout and records rank, phase
+// and peer on expiry.
 // Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to; the
 // slots naming their experts are skipped like -1 slots, so the other ranks' operations complete without them.
 // Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
@@ -54,18 +59,17 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr uint32_t kSlotShift = 16;  // src_info = token | slot << 16
 
-// Rank-local part of the area (never written by peers).
+// Rank-local part of the area (never written by peers). Each block keeps its own copy of the sequence numbers and
+// advances it when it finishes an operation, so that no block can read a number that another block of the same
+// kernel already advanced.
 struct LowLatencyState {
-  uint32_t seq[kLowLatencySets];                // last completed operation on each set
-  uint32_t last_combine[kLowLatencySets];       // seq of the last completed combine on each set
-  uint32_t finished[kLowLatencySets];           // blocks of the running final kernel that are done
-  uint32_t send_done[kLowLatencySets];          // blocks of the running dispatch send that are done
-  uint32_t combine_send_done[kLowLatencySets];  // blocks of the running combine send that are done
+  uint32_t seq[kLowLatencySets][kMaxLowLatencyBlocks];           // last completed operation on each set
+  uint32_t last_combine[kLowLatencySets][kMaxLowLatencyBlocks];  // seq of the last completed combine on each set
 };
 
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
-constexpr size_t kStateBytes = 256;
+constexpr size_t kStateBytes = 4096;
 static_assert(sizeof(LowLatencyState) <= kStateBytes, "low-latency state outgrew its reservation");
 
 enum : int { kSend = 1, kRecv = 2 };
@@ -96,15 +100,19 @@ struct Area {
   // Addresses in this rank's own area (also the symmetric addresses of the same objects on every peer).
   __device__ __forceinline__ uint8_t* mine() const { return static_cast<uint8_t*>(direct[rank]) + offset; }
   __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(mine()); }
-  __device__ __forceinline__ uint64_t* ack(int source) const {
-    return reinterpret_cast<uint64_t*>(mine() + ack_offset) + set * nranks + source;
+  // Word [set][rank][block] of one of the per-block flag arrays.
+  __device__ __forceinline__ uint64_t* block_word(size_t array_offset, int rank_of_word, int block) const {
+    return reinterpret_cast<uint64_t*>(mine() + array_offset) +
+           (static_cast<size_t>(set) * nranks + rank_of_word) * kMaxLowLatencyBlocks + block;
   }
-  __device__ __forceinline__ uint64_t* dispatch_flag(int source) const {
-    return reinterpret_cast<uint64_t*>(mine() + dispatch_flags_offset) + static_cast<size_t>(set) * nranks + source;
+  __device__ __forceinline__ uint64_t* ack(int source, int block) const {
+    return block_word(ack_offset, source, block);
   }
-  __device__ __forceinline__ uint64_t* combine_flag(int expert) const {
-    return reinterpret_cast<uint64_t*>(mine() + combine_flags_offset) +
-           static_cast<size_t>(set) * DEEPEP_MAX_LOCAL_EXPERTS * nranks + expert;
+  __device__ __forceinline__ uint64_t* dispatch_flag(int source, int block) const {
+    return block_word(dispatch_flags_offset, source, block);
+  }
+  __device__ __forceinline__ uint64_t* combine_flag(int source, int block) const {
+    return block_word(combine_flags_offset, source, block);
   }
   __device__ __forceinline__ uint8_t* set_base() const {
     return mine() + control_bytes + static_cast<size_t>(set) * set_bytes;
@@ -130,13 +138,16 @@ __device__ __forceinline__ void signal(const Area& a, int owner, uint64_t* ours,
   }
 }
 
-// Completes this block's NVSHMEM puts before the block says its rows are there. One quiet completes everything this
-// PE posted, and over NVLink it is a system fence, which (after the barrier) covers the stores of every warp. It is
-// not bounded by the timeout: over a network transport a quiet towards a dead peer may wait for NVSHMEM's own
-// transport timeout.
+// Completes this block's NVSHMEM puts before the block says its rows are there (`any`: the same in every thread).
+// One quiet completes everything this PE posted, and over NVLink it is a system fence, which (after the barrier)
+// covers the stores of every warp. It is not bounded by the timeout: over a network transport a quiet towards a dead
+// peer may wait for NVSHMEM's own transport timeout. Ends with a barrier, after which any thread may signal.
 __device__ __forceinline__ void complete_puts(bool any) {
   __syncthreads();
-  if (any && threadIdx.x == 0) nvshmem_quiet();
+  if (any) {
+    if (threadIdx.x == 0) nvshmem_quiet();
+    __syncthreads();
+  }
 }
 
 // Timeline marks (diagnostic; see deepepCommLowLatencyTimeline).
@@ -256,50 +267,51 @@ __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
   return static_cast<int32_t>(static_cast<uint32_t>(v) - needed) >= 0;
 }
 
-// Waits (warp 0 of the block) until every peer that is not masked finished operation `needed` on the set. Acks are
-// written by the peers into this rank's area, so the loads stay local. A peer whose ack does not come in time is
-// masked (the timeout is recorded): the block goes on without writing to it, so the survivors' operation completes.
+// Waits with the whole block until, for every rank s with wanted(s) that is not masked, the words word_of(s, b) of
+// all G blocks b satisfy `ready` (every rank runs G blocks). The words are written by the ranks into this rank's
+// area, so the loads stay local, and the block's threads wait for up to kThreads of them at once. A rank whose words
+// do not all come in time is masked (the timeout is recorded), so that the block goes on without it; this rank never
+// masks itself. `seen(s)` runs in the thread that saw one of rank s's words ready. Returns, in every thread, whether
+// this rank's own words (when wanted) all came.
+template <class WordOf, class Wanted, class Ready, class Seen>
+__device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Ready ready, uint64_t deadline,
+                                Phase phase, Seen seen) {
+  const int blocks = static_cast<int>(gridDim.x);
+  bool own_came = true;
+  for (int i = threadIdx.x; i < a.nranks * blocks; i += kThreads) {
+    const int s = i / blocks;
+    if (!wanted(s) || is_masked(a, s)) continue;
+    if (wait_flag(word_of(s, i % blocks), ready, deadline, a.error, a.rank, phase, s)) {
+      seen(s);
+    } else if (s == a.rank) {
+      own_came = false;
+    } else {
+      mask_after_timeout(a, s);
+    }
+  }
+  return __syncthreads_and(own_came);
+}
+
+// Waits until every peer that is not masked finished operation `needed` on the set (all its blocks acknowledged it).
+// A peer whose acknowledgements do not come in time is masked, so that the survivors' operation completes.
 __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline, Phase phase) {
-  if (threadIdx.x < 32) {
-    for (int d = threadIdx.x; d < a.nranks; d += 32) {
-      if (d == a.rank || is_masked(a, d)) continue;
-      if (!wait_flag(a.ack(d), [&](uint64_t v) { return acked(v, needed); }, deadline, a.error, a.rank, phase, d)) {
-        mask_after_timeout(a, d);
-      }
-    }
-  }
-  __syncthreads();
+  wait_all_blocks(
+      a, [&](int d, int b) { return a.ack(d, b); }, [&](int d) { return d != a.rank; },
+      [&](uint64_t v) { return acked(v, needed); }, deadline, phase, [](int) {});
 }
 
-// Whether this block is the last of the grid to get here; `done` counts the blocks and goes back to zero for the
-// next kernel. Each block's barrier and system fence order its stores before its increment, and the last block's
-// fence orders all of them before whatever it writes next (the flags that say the rows are there).
-__device__ bool last_block_to_finish(uint32_t* done) {
-  __shared__ int last;
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    last = atomicAdd(done, 1u) == gridDim.x - 1;
-    if (last) {
-      __threadfence_system();
-      *done = 0;
-    }
-  }
-  __syncthreads();
-  return last;
-}
-
-// End of an operation's final kernel: the last block records the operation as complete and acknowledges it to
-// every peer (release: our reads of the set happen before a peer's next writes into it).
+// End of an operation's final kernel, in every block: the block records the operation as complete and acknowledges
+// it to every peer (a release after the barrier: the block's reads of the set happen before a peer's next writes
+// into it).
 __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
   __syncthreads();
-  LowLatencyState* state = a.state();
-  if (!last_block_to_finish(&state->finished[a.set]) || threadIdx.x != 0) return;
-  state->seq[a.set] = seq;
-  if (combine) state->last_combine[a.set] = seq;
-  for (int d = 0; d < a.nranks; ++d) {
-    if (d != a.rank && !is_masked(a, d)) signal(a, d, a.ack(a.rank), seq);
+  if (threadIdx.x == 0) {
+    a.state()->seq[a.set][blockIdx.x] = seq;
+    if (combine) a.state()->last_combine[a.set][blockIdx.x] = seq;
   }
-  __threadfence();
+  for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
+    if (d != a.rank && !is_masked(a, d)) signal(a, d, a.ack(a.rank, blockIdx.x), seq);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -532,21 +544,24 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   }
   complete_puts(block_puts);
 
-  // The last block to finish tells every rank how many tokens this rank has, after all blocks' rows and ids.
+  // This block's rows and ids are out: its flag on every rank says so, with this rank's token count.
   timeline_mark(a, kMarkStored);
-  if (!last_block_to_finish(&a.state()->send_done[a.set])) return;
   const uint32_t tokens = static_cast<uint32_t>(p.num_tokens) | static_cast<uint32_t>(K) << kFlagTopkShift;
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
-    if (!is_masked(a, d)) signal(a, d, a.dispatch_flag(a.rank), tagged(seq, tokens));
+    if (!is_masked(a, d)) signal(a, d, a.dispatch_flag(a.rank, blockIdx.x), tagged(seq, tokens));
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
 }
 
-// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv).
-size_t dispatch_recv_shared_bytes(int local_experts, int nranks, int blocks) {
+// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts, then the
+// uint64 times at which each source's flags were seen.
+__host__ __device__ size_t dispatch_recv_counts_bytes(int local_experts, int nranks, int blocks) {
   const size_t owned = (static_cast<size_t>(local_experts) + blocks - 1) / blocks;
-  return (local_experts + owned * nranks + nranks + 1) * sizeof(int32_t);
+  return (local_experts + owned * nranks + nranks + 1 + 1) / 2 * 2 * sizeof(int32_t);  // 8-byte aligned
+}
+size_t dispatch_recv_shared_bytes(int local_experts, int nranks, int blocks) {
+  return dispatch_recv_counts_bytes(local_experts, nranks, blocks) + nranks * sizeof(uint64_t);
 }
 
 // Receive: the sources' tokens laid end to end (source rank ascending, then token) are shared out evenly over the
@@ -568,28 +583,35 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   int32_t* before = dynamic_shared;                       // [experts]: rows of the tokens ahead of this block's
   int32_t* owned_rows = before + experts;                 // [owned expert][source]: rows of the experts this block owns
   int32_t* token_start = owned_rows + owned_experts * R;  // [R + 1]: first token of each source
+  // [R]: when this block last saw one of the source's flags (statistics, block 0)
+  auto* seen_at = reinterpret_cast<unsigned long long*>(reinterpret_cast<uint8_t*>(dynamic_shared) +
+                                                        dispatch_recv_counts_bytes(experts, R, blocks));
   for (int i = threadIdx.x; i < experts + owned_experts * R; i += kThreads) dynamic_shared[i] = 0;
+  const bool stats = p.stats_wait_ns != nullptr && blockIdx.x == 0;
+  const unsigned long long wait_start = stats ? global_timer_ns() : 0;
+  for (int s = threadIdx.x; stats && s < R; s += kThreads) seen_at[s] = wait_start;
+  __syncthreads();
 
-  // Every block waits for every source's flag: its token count, after its rows and ids.
+  // Every block waits for the flags of every block of every source (a masked source sends nothing and is not waited
+  // for): its token count, after the block's share of its rows and ids.
+  const bool own_came = wait_all_blocks(
+      a, [&](int s, int b) { return a.dispatch_flag(s, b); }, [](int) { return true; },
+      [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyDispatch,
+      [&](int s) {
+        if (stats) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
+      });
   for (int s = threadIdx.x; s < R; s += kThreads) {
     int32_t tokens = 0;
-    if (!is_masked(a, s)) {  // a masked source sends nothing and is not waited for
-      const uint64_t wait_start = p.stats_wait_ns != nullptr ? global_timer_ns() : 0;
-      uint64_t seen = 0;
-      const bool ok = wait_flag(
-          a.dispatch_flag(s), [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, a.error,
-          a.rank, Phase::kLowLatencyDispatch, s, &seen);
-      if (!ok) mask_after_timeout(a, s);
+    if (!is_masked(a, s) && (s != a.rank || own_came)) {
+      // Every block of the source wrote the same word; block 0's was acquired above (by some thread of this block).
+      const uint64_t seen = *reinterpret_cast<volatile const uint64_t*>(a.dispatch_flag(s, 0));
       const uint32_t count = static_cast<uint32_t>(seen) & ((1u << kFlagTopkShift) - 1);
       const bool fits =
           count <= p.max_tokens && static_cast<uint32_t>(seen) >> kFlagTopkShift == static_cast<uint32_t>(K);
-      if (ok && fits) tokens = static_cast<int32_t>(count);
+      if (fits) tokens = static_cast<int32_t>(count);
       if (blockIdx.x == 0) {
-        if (p.stats_wait_ns != nullptr) {
-          atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s),
-                    static_cast<unsigned long long>(global_timer_ns() - wait_start));
-        }
-        if (ok && !fits) {
+        if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
+        if (!fits) {
           // A peer with another T or K (or a corrupted flag): its tokens are dropped, never read or written out of
           // bounds.
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, -1,
@@ -780,7 +802,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
-  const uint32_t seq = p.area.state()->seq[p.area.set] + 1u;
+  const uint32_t seq = p.area.state()->seq[p.area.set][blockIdx.x] + 1u;
   timeline_start(p.area);
   // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
   // must still wait for the live ranks.
@@ -897,11 +919,9 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   complete_puts(block_puts);
   timeline_mark(a, kMarkStored);
 
-  // The last block to finish says every expert's rows are there, to every source.
-  if (!last_block_to_finish(&a.state()->combine_send_done[a.set])) return;
-  for (int i = threadIdx.x; i < p.experts_per_rank * a.nranks; i += kThreads) {
-    const int local = i / a.nranks, s = i % a.nranks;
-    if (!is_masked(a, s)) signal(a, s, a.combine_flag(a.rank * p.experts_per_rank + local), seq);
+  // This block's share of the rows is out: its flag on every rank says so.
+  for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
+    if (!is_masked(a, s)) signal(a, s, a.combine_flag(a.rank, blockIdx.x), seq);
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
@@ -915,28 +935,29 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   const int vectors = p.hidden / 8;
 
+  // A block with tokens waits for the flags of every block of every rank (the rows of a rank it does not wait for,
+  // masked or timed out, are skipped like -1 slots).
+  bool own_came = true;
+  if (blockIdx.x < p.num_tokens) {
+    own_came = wait_all_blocks(
+        a, [&](int s, int b) { return a.combine_flag(s, b); }, [](int) { return true; },
+        [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; }, deadline, Phase::kLowLatencyCombine, [](int) {});
+  }
+  timeline_mark(a, kMarkFlagsSeen);
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
       const Index* ids = topk + t * p.topk_stride;
       const int64_t e = static_cast<int64_t>(ids[k]);
       int from = -1;
-      // Slots naming an expert of a masked rank are skipped, like -1 slots.
-      if (e >= 0 && e < p.num_experts && !is_masked(a, static_cast<int>(e / p.experts_per_rank))) {
+      const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
+      if (owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came)) {
         from = k;
         for (int j = 0; j < k; ++j) {
           if (static_cast<int64_t>(ids[j]) == e) {
             from = j;
             break;
           }
-        }
-        const int owner = static_cast<int>(e / p.experts_per_rank);
-        if (from == k &&
-            !wait_flag(
-                a.combine_flag(static_cast<int>(e)), [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; },
-                deadline, a.error, a.rank, Phase::kLowLatencyCombine, owner)) {
-          mask_after_timeout(a, owner);
-          from = -1;
         }
       } else if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
@@ -946,8 +967,6 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       weight[k] = p.weights[t * p.weights_stride + k];
     }
     __syncthreads();
-    timeline_mark(a, kMarkFlagsSeen);
-    // A duplicate slot whose first slot timed out must be skipped too.
     for (int v = threadIdx.x; v < vectors; v += kThreads) {
       float acc[8];
 #pragma unroll
@@ -961,7 +980,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
           const int k = k0 + u;
           const int from = k < p.num_topk ? source_slot[k] : -1;
           // Written by peers during the kernel: a plain load after the acquire.
-          if (from >= 0 && source_slot[from] >= 0) {
+          if (from >= 0) {
             raw[u] = *reinterpret_cast<const int4*>(combine_row(p, t, from) + static_cast<size_t>(v) * 16);
           }
         }
@@ -969,7 +988,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
         for (int u = 0; u < kInFlight; ++u) {
           const int k = k0 + u;
           const int from = k < p.num_topk ? source_slot[k] : -1;
-          if (from < 0 || source_slot[from] < 0) continue;
+          if (from < 0) continue;
           const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw[u]);
           const float w = weight[k];
 #pragma unroll
@@ -998,8 +1017,8 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, int phases) {
   const LowLatencyState* state = p.area.state();
-  const uint32_t seq = state->seq[p.area.set] + 1u;
-  const uint32_t previous_combine = state->last_combine[p.area.set];
+  const uint32_t seq = state->seq[p.area.set][blockIdx.x] + 1u;
+  const uint32_t previous_combine = state->last_combine[p.area.set][blockIdx.x];
   timeline_start(p.area);
   if (phases & kSend) combine_send(p, seq, previous_combine, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
@@ -1071,10 +1090,11 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.max_topk = config.num_topk;
   l.max_local_experts = config.num_experts / nranks;
   const size_t R = static_cast<size_t>(nranks);
+  const size_t block_words = kLowLatencySets * R * kMaxLowLatencyBlocks * sizeof(uint64_t);
   l.ack_offset = kStateBytes;
-  l.dispatch_flags_offset = align_up(l.ack_offset + kLowLatencySets * R * 8, 256);
-  l.combine_flags_offset = l.dispatch_flags_offset + kLowLatencySets * R * 8;
-  l.mask_offset = l.combine_flags_offset + kLowLatencySets * R * DEEPEP_MAX_LOCAL_EXPERTS * 8;
+  l.dispatch_flags_offset = l.ack_offset + block_words;
+  l.combine_flags_offset = l.dispatch_flags_offset + block_words;
+  l.mask_offset = l.combine_flags_offset + block_words;
   l.control_bytes = align_up(l.mask_offset + R * 4, 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
@@ -1098,6 +1118,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.total_bytes = l.control_bytes + kLowLatencySets * l.set_bytes;
   return l;
 }
+
+int low_latency_blocks(int min_sm_count) { return std::max(1, std::min(min_sm_count, kMaxLowLatencyBlocks)); }
 
 std::vector<void*> low_latency_direct_table(const deepepComm& comm, int transport) {
   std::vector<void*> direct(comm.peer_buffers);
@@ -1128,9 +1150,10 @@ void set_low_latency_mask(const deepepComm& comm, int rank, bool masked) {
     LowLatencyState state;
     DEEPEP_CUDA_CHECK(cudaMemcpy(&state, area, sizeof(state), cudaMemcpyDeviceToHost));
     for (int set = 0; set < kLowLatencySets; ++set) {
-      const uint64_t acked = state.seq[set];
-      auto* ack = reinterpret_cast<uint64_t*>(area + comm.ll_area.ack_offset) + set * comm.nranks + rank;
-      DEEPEP_CUDA_CHECK(cudaMemcpy(ack, &acked, sizeof(acked), cudaMemcpyHostToDevice));
+      const std::vector<uint64_t> acked(kMaxLowLatencyBlocks, state.seq[set][0]);  // every block's is the same now
+      auto* acks = reinterpret_cast<uint64_t*>(area + comm.ll_area.ack_offset) +
+                   (static_cast<size_t>(set) * comm.nranks + rank) * kMaxLowLatencyBlocks;
+      DEEPEP_CUDA_CHECK(cudaMemcpy(acks, acked.data(), acked.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
     }
   }
   const uint32_t value = masked ? 1u : 0u;
@@ -1191,7 +1214,7 @@ void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyD
   p.stats_recv_count = args.stats_recv_count;
   p.stats_recv_count_int32 = args.stats_recv_count_type == deepepInt32;
   p.stats_wait_ns = args.stats_wait_ns;
-  const int blocks = std::max(1, comm.num_sms);
+  const int blocks = comm.ll_blocks;
   auto* kernel = args.topk_type == deepepInt64 ? dispatch_kernel<int64_t> : dispatch_kernel<int32_t>;
   const size_t shared =
       args.phase == deepepLowLatencySend ? 0 : dispatch_recv_shared_bytes(p.experts_per_rank, comm.nranks, blocks);
@@ -1218,7 +1241,7 @@ void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCo
   p.hidden = args.hidden;
   p.max_tokens = comm.ll_area.max_tokens;
   p.out = static_cast<uint16_t*>(args.out);
-  const int blocks = std::max(1, comm.num_sms);
+  const int blocks = comm.ll_blocks;
   launch_call(args.topk_type == deepepInt64 ? combine_kernel<int64_t> : combine_kernel<int32_t>, p, args.phase, blocks,
               0, stream);
 }

@@ -15,15 +15,19 @@ struct deepepComm;
 namespace deepep {
 
 constexpr int kLowLatencySets = 2;
+// Low-latency kernels run one block per SM, on every rank the same number of blocks (the smallest SM count among
+// the ranks, agreed at setup), and every block signals on its own: the flags below have a word per sending block.
+constexpr int kMaxLowLatencyBlocks = 160;
 
 // Byte layout of the low-latency area, identical on every rank (it follows from the config). Offsets are from the
 // area's start, which lies `ll_offset` bytes into every rank's communication buffer:
 //   state            LowLatencyState, local to the rank (peers never touch it)
-//   acks             uint64 [set][R]: the last operation on the set each rank finished (written by that rank)
-//   dispatch flags   uint64 [set][R]: (seq << 32) | num_topk << 16 | tokens, written by source rank s after its token
-//                    rows and ids
-//   combine flags    uint64 [set][DEEPEP_MAX_LOCAL_EXPERTS * R]: seq, written by the rank of global expert e after
-//                    the rows of this rank's tokens under e
+//   acks             uint64 [set][R][kMaxLowLatencyBlocks]: the last operation on the set that block b of rank s
+//                    finished (written by that block)
+//   dispatch flags   uint64 [set][R][kMaxLowLatencyBlocks]: (seq << 32) | num_topk << 16 | tokens, written by block b
+//                    of source rank s after its share of the token rows and ids
+//   combine flags    uint64 [set][R][kMaxLowLatencyBlocks]: seq, written by block b of rank s after its share of the
+//                    rows of this rank's tokens
 //   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
 //   set 0, set 1     each: receive region, E_loc * R * T rows: a dispatch receives into its first R * T rows
 //                    ([source][token], one row per token that names an expert here, however many it names), and the
@@ -64,6 +68,9 @@ struct LowLatencyRow {
   size_t row_bytes = 0;
 };
 LowLatencyRow low_latency_row(int hidden, bool fp8);
+
+// The number of blocks of every low-latency kernel on ranks whose smallest SM count is `min_sm_count`.
+int low_latency_blocks(int min_sm_count);
 
 // The table of buffer bases the low-latency kernels store through ([nranks], device memory): a peer's NVLink address,
 // or nullptr for a peer reached through NVSHMEM (outside the NVLink domain, or every peer with

@@ -465,8 +465,8 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int
 
 /* Diagnostic: when the environment variable DEEPEP_LL_TIMELINE=1 is set at communicator creation, every low-latency
  * kernel records per block the %globaltimer nanoseconds at DEEPEP_LL_TIMELINE_MARKS points of its work: 0 start,
- * 1 peers' acknowledgements seen, 2 dispatch: the tokens' expert ids sent, 3 rows stored, 4 arrival flags published
- * (the last block only), 5 receive: peers' flags seen, 6 receive: outputs written, 7 end; 0 where
+ * 1 peers' acknowledgements seen, 2 dispatch: the tokens' expert ids sent, 3 rows stored, 4 the block's arrival flags
+ * published, 5 receive: peers' flags seen, 6 receive: outputs written, 7 end; 0 where
  * a block did not pass a point. Fills `marks` [num_blocks][DEEPEP_LL_TIMELINE_MARKS] with those of the last
  * low-latency kernel launched (after the caller synchronised with it). Blocking. [out] marks, num_blocks. Returns
  * deepepInvalidUsage when the timeline is off. */
