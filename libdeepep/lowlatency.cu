@@ -138,13 +138,14 @@ __device__ __forceinline__ void signal(const Area& a, int owner, uint64_t* ours,
   }
 }
 
-// Completes this block's NVSHMEM puts before the block says its rows are there (`any`: the same in every thread).
-// One quiet completes everything this PE posted, and over NVLink it is a system fence, which (after the barrier)
-// covers the stores of every warp. It is not bounded by the timeout: over a network transport a quiet towards a dead
-// peer may wait for NVSHMEM's own transport timeout. Ends with a barrier, after which any thread may signal.
+// Completes this block's NVSHMEM puts before the block says its rows are there (`any`: whether this thread's view
+// of the block put anything; the threads' views are combined, so that every thread takes the same barriers even when
+// they read the mask at different times). One quiet completes everything this PE posted, and over NVLink it is a
+// system fence, which (after the barrier) covers the stores of every warp. It is not bounded by the timeout: over a
+// network transport a quiet towards a dead peer may wait for NVSHMEM's own transport timeout. Ends with a barrier,
+// after which any thread may signal.
 __device__ __forceinline__ void complete_puts(bool any) {
-  __syncthreads();
-  if (any) {
+  if (__syncthreads_or(any)) {
     if (threadIdx.x == 0) nvshmem_quiet();
     __syncthreads();
   }
@@ -451,8 +452,9 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   // recorded as errors): stored into NVLink peers, staged in symmetric memory and put to the others.
   int32_t* ids_mine = source_ids(p, a.rank);
   int32_t* ids_staged = reinterpret_cast<int32_t*>(a.set_base() + a.send_ids_offset);
-  bool block_puts = false;  // whether this block sends anything through NVSHMEM
+  bool block_puts = false;  // whether this block sends anything through NVSHMEM (the same in every thread)
   for (int d = 0; d < a.nranks && !block_puts; ++d) block_puts = a.at(d, ids_mine) == nullptr && !is_masked(a, d);
+  block_puts = __syncthreads_or(block_puts);  // a timeout elsewhere may mask a rank while the threads read the mask
   const int64_t ids = (end - first) * K;
   for (int64_t i = threadIdx.x; i < ids; i += kThreads) {
     const int64_t at = first * K + i;  // token at / K, slot at % K
@@ -471,7 +473,8 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   __syncthreads();
   if (block_puts && ids > 0) {
     for (int d = warp; d < a.nranks; d += kWarps) {
-      if (!is_masked(a, d) && a.at(d, ids_mine) == nullptr) {
+      // The whole warp makes the put, or none of it: lane 0's reading of the mask decides.
+      if (__shfl_sync(0xffffffffu, !is_masked(a, d) && a.at(d, ids_mine) == nullptr, 0)) {
         nvshmemx_putmem_nbi_warp(ids_mine + first * K, ids_staged + first * K, ids * sizeof(int32_t), d);
       }
     }
@@ -979,8 +982,9 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
         for (int u = 0; u < kInFlight; ++u) {
           const int k = k0 + u;
           const int from = k < p.num_topk ? source_slot[k] : -1;
-          // Written by peers during the kernel: a plain load after the acquire.
-          if (from >= 0) {
+          // Written by peers during the kernel: a plain load after the acquire. A duplicate slot whose first slot is
+          // skipped (its rank masked meanwhile by another block's timeout) is skipped too.
+          if (from >= 0 && source_slot[from] >= 0) {
             raw[u] = *reinterpret_cast<const int4*>(combine_row(p, t, from) + static_cast<size_t>(v) * 16);
           }
         }
@@ -988,7 +992,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
         for (int u = 0; u < kInFlight; ++u) {
           const int k = k0 + u;
           const int from = k < p.num_topk ? source_slot[k] : -1;
-          if (from < 0) continue;
+          if (from < 0 || source_slot[from] < 0) continue;
           const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw[u]);
           const float w = weight[k];
 #pragma unroll
