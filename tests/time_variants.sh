@@ -8,6 +8,9 @@
 #   NAME=          the tree as it is (a baseline; give it first for a fair start)
 #   NAME=EXPR;...  sed -E substitutions (s/old/new/), applied in order to every libdeepep/*.cu file; one that
 #                  matches nothing fails the variant
+#   NAME=@DIR      the files under DIR (a folder laid out like the repository, inside it and not ignored by git so
+#                  that it travels to a GPU machine) replace the tree's own: another branch's kernels, say, made with
+#                  `mkdir -p v/other && git archive other libdeepep | tar -x -C v/other`
 # Example (how the HT warp splits in docs/tuning.md were chosen):
 #   bash tests/time_variants.sh --bench "--modes ht --tokens 4096 --sms 24 --no-floor" base= \
 #     push14='s/kDispatchPushWarpsLargeRows = 12/kDispatchPushWarpsLargeRows = 14/'
@@ -38,6 +41,15 @@ build_variant() {  # name, expressions (';'-separated)
   local name=$1 exprs=$2 src=$LOG/src_$1
   rm -rf "$src" && mkdir -p "$src"
   tar --exclude=./build --exclude=./.git -C "$ROOT" -cf - . | tar -xf - -C "$src"
+  if [ "${exprs:0:1}" = @ ]; then
+    local overlay=$ROOT/${exprs:1}
+    if [ ! -d "$overlay" ]; then
+      echo "variant $name: no folder $overlay" > "$LOG/$name.build.log"
+      return 1
+    fi
+    cp -a "$overlay"/. "$src"/
+    exprs=
+  fi
   local expr
   IFS=';' read -r -a list <<< "$exprs"
   for expr in "${list[@]}"; do
