@@ -544,25 +544,25 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const int32_t my_pos = lane < R ? q.send_pos[t * R + lane] : -1;
         // Lane d holds where the token's row goes at rank d: the output row for this rank, the row in this
         // source's region at a peer. Each piece of the row is then loaded once and stored to every destination.
-        const int64_t my_out_row = lane == p.rank && my_pos >= 0 ? offsets[lane] + my_pos : -1;
+        // An output row past out_rows (a worst-case dispatch with more rows than its outputs) is not written.
+        int64_t my_out_row = lane == p.rank && my_pos >= 0 ? offsets[lane] + my_pos : -1;
+        if (my_out_row >= q.out_rows) my_out_row = -1;
         uint8_t* my_row = nullptr;  // the row's place at rank `lane` (payload at 0, then scales and meta)
         if (lane < R && my_pos >= 0 && lane != p.rank)
           my_row = region_of(p.peers, lane, p.rank, q.region_bytes) + static_cast<size_t>(my_pos) * L.row_bytes;
-        const bool my_out_fits = my_out_row >= 0 && my_out_row < q.out_rows;
         uint8_t* payload_dst = my_row;
         if (q.diag & kDiagSkipRemotePush) payload_dst = nullptr;
-        if (my_out_fits && !(q.diag & kDiagSkipLocalRows)) payload_dst = q.recv_x + my_out_row * L.payload_bytes;
+        if (my_out_row >= 0 && !(q.diag & kDiagSkipLocalRows)) payload_dst = q.recv_x + my_out_row * L.payload_bytes;
         warp_copy_to_each<true>(payload_dst, x_row, L.payload_bytes, lane);
         if (scale_row != nullptr) {
           uint8_t* scales_dst = my_row != nullptr ? my_row + L.scales_offset : nullptr;
-          if (my_out_fits) scales_dst = q.recv_scales + my_out_row * L.scale_bytes;
+          if (my_out_row >= 0) scales_dst = q.recv_scales + my_out_row * L.scale_bytes;
           warp_copy_to_each<true>(scales_dst, scale_row, L.scale_bytes, lane);
         }
         for (int d = 0; d < R; ++d) {
           if (d == p.rank) {
             const int64_t out_row = __shfl_sync(0xffffffffu, my_out_row, d);
-            if (out_row >= 0 && out_row < q.out_rows)
-              write_meta(q, out_row, static_cast<int32_t>(t), my_id, my_weight, lane);
+            if (out_row >= 0) write_meta(q, out_row, static_cast<int32_t>(t), my_id, my_weight, lane);
             continue;
           }
           uint8_t* row =

@@ -444,9 +444,8 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   timeline_mark(a, kMarkAcks);
 
   // This block's tokens: a contiguous range.
-  const int64_t per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
-  const int64_t first = min(p.num_tokens, static_cast<int64_t>(blockIdx.x) * per_block);
-  const int64_t end = min(p.num_tokens, first + per_block);
+  int64_t first, end;
+  block_share(p.num_tokens, &first, &end);
 
   // The ids of the block's tokens, to every rank that is not masked (-1 for -1 and for ids out of range, which are
   // recorded as errors): stored into NVLink peers, staged in symmetric memory and put to the others.
