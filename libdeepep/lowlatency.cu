@@ -932,6 +932,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
 template <typename Index>
 __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
+  __shared__ bool usable[DEEPEP_MAX_TOPK];      // whether slot k's rank sent its rows
   __shared__ int source_slot[DEEPEP_MAX_TOPK];  // slot whose row holds slot k's data; -1: skip
   __shared__ float weight[DEEPEP_MAX_TOPK];
   const Index* topk = static_cast<const Index*>(p.topk_idx);
@@ -947,26 +948,31 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   }
   timeline_mark(a, kMarkFlagsSeen);
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    const Index* ids = topk + t * p.topk_stride;
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
-      const Index* ids = topk + t * p.topk_stride;
       const int64_t e = static_cast<int64_t>(ids[k]);
-      int from = -1;
       const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
-      if (owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came)) {
-        from = k;
-        for (int j = 0; j < k; ++j) {
-          if (static_cast<int64_t>(ids[j]) == e) {
-            from = j;
-            break;
-          }
-        }
-      } else if (e < -1 || e >= p.num_experts) {
+      usable[k] = owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came);
+      if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
                            e);
       }
-      source_slot[k] = from;
       weight[k] = p.weights[t * p.weights_stride + k];
+    }
+    // A slot naming an expert again reads its first slot's row, and follows that slot's decision: the threads read
+    // the mask at different times, and another block's timeout may mask a rank in between.
+    __syncthreads();
+    if (threadIdx.x < p.num_topk) {
+      const int k = threadIdx.x;
+      int first = k;
+      for (int j = 0; j < k; ++j) {
+        if (ids[j] == ids[k]) {
+          first = j;
+          break;
+        }
+      }
+      source_slot[k] = usable[first] ? first : -1;
     }
     __syncthreads();
     for (int v = threadIdx.x; v < vectors; v += kThreads) {
@@ -981,9 +987,8 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
         for (int u = 0; u < kInFlight; ++u) {
           const int k = k0 + u;
           const int from = k < p.num_topk ? source_slot[k] : -1;
-          // Written by peers during the kernel: a plain load after the acquire. A duplicate slot whose first slot is
-          // skipped (its rank masked meanwhile by another block's timeout) is skipped too.
-          if (from >= 0 && source_slot[from] >= 0) {
+          // Written by peers during the kernel: a plain load after the acquire.
+          if (from >= 0) {
             raw[u] = *reinterpret_cast<const int4*>(combine_row(p, t, from) + static_cast<size_t>(v) * 16);
           }
         }
@@ -991,7 +996,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
         for (int u = 0; u < kInFlight; ++u) {
           const int k = k0 + u;
           const int from = k < p.num_topk ? source_slot[k] : -1;
-          if (from < 0 || source_slot[from] < 0) continue;
+          if (from < 0) continue;
           const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw[u]);
           const float w = weight[k];
 #pragma unroll
