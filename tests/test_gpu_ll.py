@@ -464,6 +464,8 @@ CASES = {
     "bf16_h7168": dict(seed=6, n=50, h=7168, k=8, e=16, use_fp8=False),
     "e288": dict(seed=7, n=T, h=512, k=8, e=288),
     "e288_h7168_dispatch": dict(seed=8, n=T, h=7168, k=8, e=288, combine=False),
+    # The most experts per rank: every receiving block lays out several of them.
+    "e_loc_1024": dict(seed=23, n=T, h=256, k=8, e=1024 * RANKS),
     "minus_one_slots": dict(seed=9, n=120, h=512, k=8, e=16, drop=0.5),
     "empty_rank": dict(seed=10, n=lambda r: 0 if r == 1 else 90, h=512, k=4, e=16),
     "n_equals_t": dict(seed=11, n=T, h=1024, k=8, e=32),
