@@ -354,9 +354,9 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     DEEPEP_REQUIRE(a.x_type == deepepBFloat16 || a.x_type == deepepFloat8E4M3,
                    "x_type is %d; x must be deepepBFloat16 or deepepFloat8E4M3", static_cast<int>(a.x_type));
     const bool fp8 = a.x_type == deepepFloat8E4M3;
-    DEEPEP_REQUIRE(a.hidden > 0 && (fp8 ? a.hidden % 128 == 0 : a.hidden % 8 == 0),
-                   "hidden is %d; it must be a positive multiple of %d for %s", a.hidden, fp8 ? 128 : 8,
-                   fp8 ? "FP8" : "BF16");
+    DEEPEP_REQUIRE(a.hidden > 0 && (fp8 ? a.hidden % 128 == 0 : a.hidden % 8 == 0) && a.hidden <= DEEPEP_MAX_HIDDEN,
+                   "hidden is %d; it must be a positive multiple of %d for %s, at most %d", a.hidden, fp8 ? 128 : 8,
+                   fp8 ? "FP8" : "BF16", DEEPEP_MAX_HIDDEN);
     const size_t element = fp8 ? 1 : 2;
     const int64_t x_stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
     DEEPEP_REQUIRE(x_stride >= a.hidden, "x_row_stride %lld is below hidden %d", static_cast<long long>(x_stride),
@@ -451,7 +451,8 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     deepepHandle& h = *checked_handle(handle, &c);
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
-    DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "hidden is %d; it must be a positive multiple of 8", a.hidden);
+    DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0 && a.hidden <= DEEPEP_MAX_HIDDEN,
+                   "hidden is %d; it must be a positive multiple of 8, at most %d", a.hidden, DEEPEP_MAX_HIDDEN);
     DEEPEP_REQUIRE(a.num_rows >= 0, "num_rows is %lld", static_cast<long long>(a.num_rows));
     if (h.recv_counts_on_host) {
       DEEPEP_REQUIRE(a.num_rows >= h.host_info.num_recv_tokens,

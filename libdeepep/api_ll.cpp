@@ -272,7 +272,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
     require_low_latency(c);
     check_set_and_phase(buffer_set, deepepLowLatencySendRecv);
     const int local = check_experts(c, num_experts);
-    DEEPEP_REQUIRE(hidden > 0 && hidden % 8 == 0, "hidden is %d; it must be a positive multiple of 8", hidden);
+    check_hidden(c, hidden, 8, "(16-byte rows)");
     if (combine_buffer_bytes(c, local, hidden) > c.ll_area.receive_bytes) {
       fail_too_small(c, "the combine buffer", combine_buffer_bytes(c, local, hidden), c.ll_area.receive_bytes);
     }

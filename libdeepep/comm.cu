@@ -72,8 +72,9 @@ deepepConfig resolve_config(const deepepConfig* config) {
   if (resolved.buffer_bytes == 0 || resolved.low_latency_max_tokens > 0) {
     DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
                    resolved.max_tokens_per_rank);
-    DEEPEP_REQUIRE(resolved.hidden > 0 && resolved.hidden % 8 == 0,
-                   "config->hidden is %d; it must be a positive multiple of 8 (16-byte BF16 rows)", resolved.hidden);
+    DEEPEP_REQUIRE(resolved.hidden > 0 && resolved.hidden % 8 == 0 && resolved.hidden <= DEEPEP_MAX_HIDDEN,
+                   "config->hidden is %d; it must be a positive multiple of 8 (16-byte BF16 rows), at most %d",
+                   resolved.hidden, DEEPEP_MAX_HIDDEN);
     DEEPEP_REQUIRE(resolved.num_topk >= 1 && resolved.num_topk <= DEEPEP_MAX_TOPK,
                    "config->num_topk is %d; it must be in [1, %d]", resolved.num_topk, DEEPEP_MAX_TOPK);
     DEEPEP_REQUIRE(resolved.num_experts >= 1, "config->num_experts is %d; it must be positive", resolved.num_experts);

@@ -562,11 +562,18 @@ def test_buffer_size_hint_uses_buffer_bytes_when_given(lib):
 
 def test_buffer_size_hint_never_wraps_around(lib):
     config = default_config(lib)
-    config.hidden = 2**31 - 8
+    config.hidden = 2**20  # DEEPEP_MAX_HIDDEN
     config.max_tokens_per_rank = 2**31 - 1
-    code, size = size_hint(lib, config, 1024)
-    # Either refused, or at least the BF16 payload of every token of every rank (about 9.4e21 bytes > 2**64).
-    assert code != SUCCESS or size >= 1024 * config.max_tokens_per_rank * config.hidden * 2
+    # About 4.6e18 bytes: refused as more than any GPU holds, never a wrapped-around small size.
+    assert size_hint(lib, config, 1024)[0] == INVALID_ARGUMENT
+    assert "more than any GPU holds" in last_error(lib)
+
+
+def test_buffer_size_hint_refuses_a_hidden_past_the_limit(lib):
+    config = default_config(lib)
+    config.hidden = 2**31 - 8  # rows the kernels' 32-bit row arithmetic cannot address
+    assert size_hint(lib, config, 2)[0] == INVALID_ARGUMENT
+    assert "at most 1048576" in last_error(lib)
 
 
 def test_buffer_size_hint_rejects_a_null_out_pointer(lib):

@@ -313,6 +313,10 @@ def test_buffer_size_hint_follows_the_workload():
         pydeepep.buffer_size_hint(2, buffer_bytes=12345)
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="hidden"):
         pydeepep.buffer_size_hint(2, hidden=7)
+    # The largest hidden the kernels take (DEEPEP_MAX_HIDDEN), and one row step past it.
+    assert pydeepep.buffer_size_hint(2, max_tokens_per_rank=1, hidden=1 << 20) > 2 * (1 << 20) * 2
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="hidden is 1048584; .* at most 1048576"):
+        pydeepep.buffer_size_hint(2, max_tokens_per_rank=1, hidden=(1 << 20) + 8)
 
 
 def test_communicator_refuses_a_malformed_unique_id():

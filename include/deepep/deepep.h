@@ -17,7 +17,7 @@
  *  - One communicator per process at a time (NVSHMEM is initialised once per process). A second
  *    deepepCommInitRank while one is alive returns deepepInvalidUsage.
  *  - 1 <= nranks <= DEEPEP_MAX_RANKS; 1 <= num_topk <= DEEPEP_MAX_TOPK; num_experts divisible by nranks with at
- *    most DEEPEP_MAX_LOCAL_EXPERTS per rank.
+ *    most DEEPEP_MAX_LOCAL_EXPERTS per rank; hidden at most DEEPEP_MAX_HIDDEN.
  */
 #ifndef DEEPEP_DEEPEP_H_
 #define DEEPEP_DEEPEP_H_
@@ -46,6 +46,8 @@ struct CUevent_st;
 #define DEEPEP_MAX_TOPK 32
 #define DEEPEP_MAX_LOCAL_EXPERTS 1024
 #define DEEPEP_LL_MAX_TOKENS 1024 /* most tokens per rank of one low-latency call (config low_latency_max_tokens) */
+/* Most channels per row (hidden) of any call or config: the kernels' row arithmetic stays within 32 bits. */
+#define DEEPEP_MAX_HIDDEN 1048576
 
 /* Result codes. Values are fixed forever; new codes are only appended. */
 typedef enum {
