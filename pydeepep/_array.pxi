@@ -345,6 +345,9 @@ cdef class DeviceArray:
         else:
             self.dtype = np.dtype(dtype)
             self.dtype_name = self.dtype.name
+            if not self.dtype.isnative:
+                raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype.str} (non-native byte order)",
+                                            1)
         if self.dtype_name not in _DLPACK_TYPES:
             raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype_name}", 1)
         self.device_id = device_id

@@ -9,8 +9,8 @@ import numpy as np
 from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, error_for_status
-from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_matrix, dtype_name, is_device_array,
-                       payload_kind, stream_handle)
+from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_dense, check_matrix, dtype_name,
+                       is_device_array, payload_kind, stream_handle, view_dtype)
 
 from pydeepep.deepep cimport *
 
@@ -137,6 +137,8 @@ def to_device(array, *, int device, stream=None):
     from cuda.bindings import driver
 
     host = np.ascontiguousarray(array)
+    if not host.dtype.isnative:
+        host = host.astype(host.dtype.newbyteorder("="))  # the device reads little-endian values
     _device(device)  # current: a copy on the legacy default stream goes to the current context's device
     out = empty(host.shape, host.dtype, device=device, stream=stream)
     if host.nbytes:
@@ -648,15 +650,16 @@ cdef class Communicator:
             recv_src_idx = empty((rows,), np.int32, device=self.device, stream=stream)
         else:
             # The library cannot see the sizes of caller arrays: check every one against what will be written.
-            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream)
-            recv_scales = (_expect(out.recv_scales, (rows, a.num_scales), scales_dtype, "recv_scales", stream) if fp8
-                           else _expect(out.recv_scales, None, None, "recv_scales", stream))
+            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream,
+                             self.device)
+            recv_scales = _expect(out.recv_scales, (rows, a.num_scales) if fp8 else None, scales_dtype, "recv_scales",
+                                  stream, self.device)
             recv_topk_idx = _expect(out.recv_topk_idx, (rows, num_topk) if topk_idx is not None else None, np.int64,
-                                    "recv_topk_idx", stream)
+                                    "recv_topk_idx", stream, self.device)
             recv_topk_weights = _expect(out.recv_topk_weights,
                                         (rows, num_topk) if topk_weights is not None else None, np.float32,
-                                        "recv_topk_weights", stream)
-            recv_src_idx = _expect(out.recv_src_idx, (rows,), np.int32, "recv_src_idx", stream)
+                                        "recv_topk_weights", stream, self.device)
+            recv_src_idx = _expect(out.recv_src_idx, (rows,), np.int32, "recv_src_idx", stream, self.device)
         a.recv_x = <void*><size_t>recv_x.ptr
         a.recv_scales = <void*><size_t>(recv_scales.ptr if fp8 else 0)
         a.recv_topk_idx = <int64_t*><size_t>(recv_topk_idx.ptr if recv_topk_idx is not None else 0)
@@ -719,7 +722,11 @@ cdef class Communicator:
         cdef int64_t n = 0
         _check(deepepHandleGetNumTokens(hh, &n))
         for i, b in enumerate(biases):
-            bv = _matrix(b, s, f"bias[{i}]", None, self.device, "bfloat16")
+            view = _as_view(b, s)
+            kind = _payload_kind(b, view)
+            if kind != "bfloat16":  # the kernel reads bias rows as bfloat16
+                raise DeepEPInvalidArgument(f"bias[{i}] is {kind}; it must be bfloat16 (or its bits as uint16)", 1)
+            bv = _matrix(b, s, f"bias[{i}]", None, self.device, kind, view)
             if bv.rows != n or bv.cols != xv.cols:
                 raise DeepEPInvalidArgument(f"bias[{i}] has shape {(bv.rows, bv.cols)}; {(n, xv.cols)} is needed", 1)
             a.bias[i] = <const void*><size_t>bv.ptr
@@ -729,9 +736,9 @@ cdef class Communicator:
             out_x = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None
         else:
-            out_x = _expect(out[0], (n, xv.cols), np.uint16, "out", stream)
+            out_x = _expect(out[0], (n, xv.cols), np.uint16, "out", stream, self.device)
             out_weights = _expect(out[1], (n, num_topk) if num_topk else None, np.float32, "out topk_weights",
-                                  stream)
+                                  stream, self.device)
         a.out = <void*><size_t>out_x.ptr
         a.out_topk_weights = <float*><size_t>(out_weights.ptr if out_weights is not None else 0)
         cdef deepepResult_t status
@@ -777,45 +784,48 @@ cdef class Communicator:
 
     def low_latency_combine_buffer(self, handle):
         """The library's combine buffer of ``handle``'s buffer set, [E_loc, R*T, H] bfloat16 (a view, no copy):
-        write expert outputs there and combine with ``zero_copy=True``. Valid until the next dispatch on the set."""
+        write expert outputs there and combine with ``zero_copy=True``. Valid until the next dispatch on the set, and
+        only while the communicator is open (unlike the arrays calls return, it is the communicator's own memory)."""
         return _low_latency_combine_buffer(self, handle)
 
 
-def _expect(array, shape, dtype, str name, stream):
-    """A caller-provided output with exactly `shape` and `dtype`'s element size, or None where `shape` is None; a
-    DeviceArray is re-targeted to the call that writes it on `stream`."""
+def _expect(array, shape, dtype, str name, stream, int device):
+    """A caller-provided output of exactly `shape` with elements of `dtype`'s size, or None where `shape` is None. A
+    DeviceArray is re-targeted to the call that writes it on `stream`; any other device array must be C-contiguous
+    and is wrapped in a DeviceArray over its memory (which keeps it alive)."""
     if shape is None:
         if array is not None:
             raise DeepEPInvalidArgument(f"out {name} is given but this call does not write it", 1)
         return None
     if array is None:
         raise DeepEPInvalidArgument(f"out {name} is missing", 1)
-    if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype).itemsize != np.dtype(dtype).itemsize:
-        raise DeepEPInvalidArgument(
-            f"out {name} has shape {tuple(array.shape)} and dtype {np.dtype(array.dtype).name}; this call writes "
-            f"{tuple(shape)} of {np.dtype(dtype).name}", 1)
+    cdef int itemsize = np.dtype(dtype).itemsize
     if isinstance(array, DeviceArray):
+        element = array.dtype
+        if tuple(array.shape) != tuple(shape) or element.itemsize != itemsize:
+            raise DeepEPInvalidArgument(
+                f"out {name} has shape {tuple(array.shape)} and dtype {element.name}; this call writes "
+                f"{tuple(shape)} of {np.dtype(dtype).name}", 1)
         (<DeviceArray>array)._written_on(stream)
-    return array
+        return array
+    view = _as_view(array, stream_handle(stream))
+    check_dense(view, f"out {name}", shape)
+    element = view_dtype(view, f"out {name}")
+    if element.itemsize != itemsize:
+        raise DeepEPInvalidArgument(
+            f"out {name} has dtype {dtype_name(element)}; this call writes {np.dtype(dtype).name} (or another "
+            f"{itemsize}-byte type)", 1)
+    kind = dtype_name(element)
+    return DeviceArray(view.ptr, shape, kind if kind in _STORAGE_DTYPES else element, device, stream, owner=array)
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):
     """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype."""
     view = _as_view(array, stream)
-    if tuple(view.shape) != tuple(shape):
-        raise DeepEPInvalidArgument(f"out {name} has shape {tuple(view.shape)}; {tuple(shape)} is needed", 1)
-    if np.dtype(view.dtype) not in [np.dtype(d) for d in dtypes]:
+    check_dense(view, f"out {name}", shape)
+    if view_dtype(view, f"out {name}") not in [np.dtype(d) for d in dtypes]:
         raise DeepEPInvalidArgument(f"out {name} has dtype {np.dtype(view.dtype).name}; it must be "
                                     + " or ".join(np.dtype(d).name for d in dtypes), 1)
-    strides = getattr(view, "strides", None)
-    if strides is not None:
-        expected, step = [], 1
-        for extent in reversed(tuple(shape)):
-            expected.append(step)
-            step *= max(extent, 1)
-        expected = tuple(reversed(expected))
-        if any(extent > 1 and st != want for extent, st, want in zip(shape, strides, expected)):
-            raise DeepEPInvalidArgument(f"out {name} must be contiguous (strides {tuple(strides)})", 1)
     return view.ptr
 
 

@@ -85,6 +85,33 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+# The C ABI takes column counts (hidden, num_topk, scales per row) as C ints.
+INT32_MAX = 2**31 - 1
+
+_NATIVE: dict = {}
+
+
+def view_dtype(view: Any, name: str) -> np.dtype:
+    """The NumPy dtype of a view's elements, in this machine's byte order (the kernels read memory as little-endian
+    values). An element type the array library cannot describe is refused with what to pass instead."""
+    try:
+        dtype = view.dtype
+        native = _NATIVE.get(dtype)
+        if native is None:
+            native = _NATIVE[dtype] = np.dtype(dtype).isnative
+    except (NotImplementedError, TypeError, ValueError) as exc:
+        raise DeepEPInvalidArgument(
+            f"{name}: its element type cannot be read ({exc}); pass bfloat16 or float8 data as its bits, a uint16 or "
+            "uint8 view of the same memory (for example tensor.view(torch.uint16))"
+        ) from exc
+    if not native:
+        raise DeepEPInvalidArgument(
+            f"{name} has dtype {np.dtype(dtype).str} in non-native byte order; convert it first (for example "
+            "array.astype(array.dtype.newbyteorder('=')))"
+        )
+    return dtype
+
+
 _ALLOWED: dict = {}
 
 
@@ -103,13 +130,16 @@ def check_matrix(
     if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
         raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array on device {device}")
     # Which device holds the memory is checked by the library itself (from the pointer's own attributes).
-    if dtypes is not None and dtype_name(view.dtype) not in _allowed_names(dtypes):
+    dtype = view_dtype(view, name)
+    if dtypes is not None and dtype_name(dtype) not in _allowed_names(dtypes):
         allowed = " or ".join(np.dtype(d).name for d in dtypes)
-        raise DeepEPInvalidArgument(f"{name} has dtype {dtype_name(view.dtype)}; it must be {allowed}")
+        raise DeepEPInvalidArgument(f"{name} has dtype {dtype_name(dtype)}; it must be {allowed}")
     shape = tuple(view.shape)
     if len(shape) != 2:
         raise DeepEPInvalidArgument(f"{name} has shape {shape}; it must be 2-D")
     rows, cols = shape
+    if cols > INT32_MAX:
+        raise DeepEPInvalidArgument(f"{name} has {cols} columns; at most {INT32_MAX} are supported")
     if ncols is not None and cols != ncols:
         raise DeepEPInvalidArgument(f"{name} has {cols} columns; {ncols} are needed")
     strides = view.strides
@@ -128,11 +158,32 @@ def check_matrix(
 def payload_kind(view: Any, name: str) -> str:
     """ "bfloat16" or "float8_e4m3fn" for a payload view: true bfloat16 / float8 dtypes, or their raw bits held as
     2-byte / 1-byte integers (NumPy and CuPy have no such dtypes)."""
-    dtype = np.dtype(view.dtype)
+    dtype = np.dtype(view_dtype(view, name))
     if dtype.itemsize == 2 and (dtype.kind in "ui" or dtype_name(dtype) == "bfloat16"):
         return "bfloat16"
-    if dtype.itemsize == 1 and (dtype.kind in "ui" or dtype_name(dtype).startswith("float8_e4m3")):
+    if dtype.itemsize == 1 and (dtype.kind in "ui" or dtype_name(dtype) == "float8_e4m3fn"):
         return "float8_e4m3fn"
     raise DeepEPInvalidArgument(
         f"{name} has dtype {dtype.name}; it must be bfloat16 or float8_e4m3fn (or their bits as uint16 / uint8)"
     )
+
+
+def check_dense(view: Any, name: str, shape: tuple) -> None:
+    """Checks a device array the kernels write or read as one dense block from its first element (an output, say):
+    exactly `shape`, C-contiguous, elements in native byte order."""
+    if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
+        raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array")
+    view_dtype(view, name)
+    if tuple(view.shape) != tuple(shape):
+        raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; {tuple(shape)} is needed")
+    strides = getattr(view, "strides", None)
+    if strides is None:
+        return
+    expected, step = [], 1
+    for extent in reversed(tuple(shape)):
+        expected.append(step)
+        step *= max(extent, 1)
+    if len(strides) != len(shape) or any(
+        extent > 1 and st != want for extent, st, want in zip(shape, strides, reversed(expected), strict=True)
+    ):
+        raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})")

@@ -109,18 +109,10 @@ cdef class _LowLatencyHook:
 def _array3(obj, stream, str name, shape, kinds, int device):
     """Pointer and element kind of a contiguous 3-D device array of exactly `shape` whose kind is in `kinds`."""
     view = _as_view(obj, stream)
-    if tuple(view.shape) != tuple(shape):
-        raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; {tuple(shape)} is needed", 1)
-    kind = _payload_kind(obj, view) if "bfloat16" in kinds else np.dtype(view.dtype).name
+    check_dense(view, name, shape)
+    kind = _payload_kind(obj, view) if "bfloat16" in kinds else dtype_name(view.dtype)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
-    strides = getattr(view, "strides", None)
-    if strides is not None:
-        step = 1
-        for extent, stride in reversed(list(zip(shape, strides))):
-            if extent > 1 and stride != step:
-                raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})", 1)
-            step *= max(extent, 1)
     return view.ptr, view
 
 
@@ -130,14 +122,10 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     if obj is None:
         return 0, None, None
     view = _as_view(obj, stream)
-    if tuple(view.shape) != (length,):
-        raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; ({length},) is needed", 1)
-    kind = np.dtype(view.dtype).name
+    check_dense(view, name, (length,))
+    kind = dtype_name(view.dtype)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
-    strides = getattr(view, "strides", None)
-    if length > 1 and strides is not None and strides[0] != 1:
-        raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})", 1)
     return view.ptr, view, kind
 
 
@@ -197,13 +185,14 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
         recv_src_info = empty((local, rows), np.int32, device=comm.device, stream=stream)
         recv_layout_range = empty((local, R, 2), np.int32, device=comm.device, stream=stream)
     else:
-        recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream)
+        recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
+                         comm.device)
         recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
-                              stream)
-        recv_count = _expect(out.recv_count, (local,), np.int32, "recv_count", stream)
-        recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info", stream)
+                              stream, comm.device)
+        recv_count = _expect(out.recv_count, (local,), np.int32, "recv_count", stream, comm.device)
+        recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info", stream, comm.device)
         recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range",
-                                    stream)
+                                    stream, comm.device)
 
     count_ptr, count_view, count_kind = _stats_array(stats_recv_count, s, "stats_recv_count", local,
                                                      ("int64", "int32"))
@@ -314,7 +303,8 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     if out is None:
         out_x = empty((tv.rows, hidden), "bfloat16", device=comm.device, stream=stream)
     else:
-        out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out", stream)
+        out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out", stream,
+                        comm.device)
 
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     cdef deepepLowLatencyCombineArgs* a = &hook.combine_args

@@ -145,6 +145,65 @@ def test_host_memory_is_refused():
         _interop.check_matrix(FakeView(device_id=-1, device_accessible=False), "topk_idx", (np.int64,), 0)
 
 
+def test_non_native_byte_order_is_refused():
+    # The kernels read little-endian values: byte-swapped ids or weights would be read wrong, silently.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="topk_weights has dtype >f4 in non-native byte order"):
+        _interop.check_matrix(FakeView(dtype=">f4"), "topk_weights", (np.float32,), 0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="non-native"):
+        _interop.payload_kind(FakeView(dtype=">u2"), "x")
+
+
+def test_more_columns_than_a_c_int_are_refused():
+    # hidden, num_topk and scales per row travel as C ints: 2**32 + 7168 columns must not become 7168.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="x has 4294974464 columns; at most 2147483647"):
+        _interop.check_matrix(FakeView(shape=(1, 2**32 + 7168)), "x", None, 0)
+
+
+class UnreadableDtypeView(FakeView):
+    @property
+    def dtype(self):  # as cuda.core reports a bfloat16 array when ml_dtypes is missing
+        raise NotImplementedError("Support for bfloat16 within cuda-core requires ml_dtypes")
+
+    @dtype.setter
+    def dtype(self, value):
+        pass
+
+
+def test_an_unreadable_element_type_is_refused_with_a_hint():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"x: its element type cannot be read .* uint16"):
+        _interop.payload_kind(UnreadableDtypeView(), "x")
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="element type cannot be read"):
+        _interop.check_matrix(UnreadableDtypeView(), "x", None, 0)
+
+
+@pytest.mark.parametrize(
+    "view, problem",
+    [
+        (FakeView(shape=(4, 3), strides=(-3, 1)), "out recv_x must be contiguous"),  # rows reversed
+        (FakeView(shape=(4, 3), strides=(1, 4)), "out recv_x must be contiguous"),  # transposed
+        (FakeView(shape=(4, 3), strides=(8, 1)), "out recv_x must be contiguous"),  # a column slice
+        (FakeView(shape=(4, 2), strides=None), r"out recv_x has shape \(4, 2\); \(4, 3\) is needed"),
+        (FakeView(shape=(4, 3), dtype=">i4"), "out recv_x has dtype >i4 in non-native byte order"),
+        (FakeView(shape=(4, 3), device_id=-1, device_accessible=False), "out recv_x is host memory"),
+    ],
+)
+def test_outputs_must_be_dense_device_arrays_of_the_exact_shape(view, problem):
+    # The kernels write an output as one dense block from its first element.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=problem):
+        _interop.check_dense(view, "out recv_x", (4, 3))
+
+
+def test_dense_outputs_are_accepted():
+    _interop.check_dense(FakeView(shape=(4, 3), strides=(3, 1)), "out recv_x", (4, 3))
+    _interop.check_dense(FakeView(shape=(4, 3), strides=None), "out recv_x", (4, 3))
+    _interop.check_dense(FakeView(shape=(4, 1), strides=(1, 7)), "out recv_x", (4, 1))  # unit extents: any stride
+
+
+def test_device_arrays_refuse_a_non_native_byte_order():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="non-native"):
+        pydeepep.DeviceArray(0x7000, (3,), np.dtype(">f4"), 0, 0)
+
+
 class FakeCAI:
     __cuda_array_interface__ = {"shape": (2,), "typestr": "<i8", "data": (0x1000, False), "version": 3}
 
@@ -472,3 +531,24 @@ def test_empty_cache_with_nothing_allocated_needs_no_gpu():
     # Nothing was allocated in this process (no GPU here): there is no pool to trim, and no CUDA call is made.
     assert pydeepep.empty_cache() is None
     assert pydeepep.empty_cache(0) is None
+
+
+def test_output_and_input_checks_on_pydeepep_arrays_need_no_gpu():
+    # The same stream as the arrays' own: no CUDA call is made.
+    from pydeepep import _core
+
+    recv_x = pydeepep.DeviceArray(0x7000, (4, 3), "bfloat16", 0, 5)
+    assert _core._expect(recv_x, (4, 3), np.uint16, "recv_x", 5, 0) is recv_x
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"this call writes \(4, 2\) of uint16"):
+        _core._expect(recv_x, (4, 2), np.uint16, "recv_x", 5, 0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out recv_scales is given but this call does not"):
+        _core._expect(recv_x, None, None, "recv_scales", 5, 0)
+    y = pydeepep.DeviceArray(0x8000, (2, 3, 8), "bfloat16", 0, 5)
+    assert _core._array3(y, 5, "x", (2, 3, 8), ("bfloat16",), 0)[0] == 0x8000
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"x has shape \(2, 3, 8\); \(2, 3, 16\) is needed"):
+        _core._array3(y, 5, "x", (2, 3, 16), ("bfloat16",), 0)
+    stats = pydeepep.DeviceArray(0x9000, (7,), np.int64, 0, 5)
+    assert _core._stats_array(stats, 5, "stats_wait_ns", 7)[2] == "int64"
+    counts = pydeepep.DeviceArray(0x9100, (2,), np.int64, 0, 5)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out num_tokens_per_rank has dtype int64; it must be"):
+        _core._out_pointer(counts, 5, "num_tokens_per_rank", (2,), (np.int32,), 0)
