@@ -293,10 +293,10 @@ cdef class _View:
     cdef public object keep
 
 
-def _payload_kind(x, view):
+def _payload_kind(x, view, str name="x"):
     """The payload's element type: a DeviceArray's own bfloat16 / float8, else what its view's dtype says."""
     kind = getattr(x, "dtype_name", None)
-    return kind if kind in ("bfloat16", "float8_e4m3fn") else payload_kind(view, "x")
+    return kind if kind in ("bfloat16", "float8_e4m3fn") else payload_kind(view, name)
 
 
 cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=None):
@@ -723,7 +723,7 @@ cdef class Communicator:
         _check(deepepHandleGetNumTokens(hh, &n))
         for i, b in enumerate(biases):
             view = _as_view(b, s)
-            kind = _payload_kind(b, view)
+            kind = _payload_kind(b, view, f"bias[{i}]")
             if kind != "bfloat16":  # the kernel reads bias rows as bfloat16
                 raise DeepEPInvalidArgument(f"bias[{i}] is {kind}; it must be bfloat16 (or its bits as uint16)", 1)
             bv = _matrix(b, s, f"bias[{i}]", None, self.device, kind, view)

@@ -110,7 +110,7 @@ def _array3(obj, stream, str name, shape, kinds, int device):
     """Pointer and element kind of a contiguous 3-D device array of exactly `shape` whose kind is in `kinds`."""
     view = _as_view(obj, stream)
     check_dense(view, name, shape)
-    kind = _payload_kind(obj, view) if "bfloat16" in kinds else dtype_name(view.dtype)
+    kind = _payload_kind(obj, view, name) if "bfloat16" in kinds else dtype_name(view.dtype)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
     return view.ptr, view
