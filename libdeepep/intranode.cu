@@ -34,7 +34,7 @@ struct alignas(16) CountMessage {
   uint64_t flag;                              // seq of the operation the message belongs to
   int32_t tokens;                             // rows the source sends to this rank
   int32_t num_blocks;                         // the source's block count (must match: block b talks to block b)
-  int32_t row_bytes;                          // the source's dispatch row layout (must match: rows are read here)
+  int64_t row_layout;                         // the source's dispatch row layout, row_layout_word (must match)
   int32_t experts_per_rank;                   // the source's E / R (must match: expert counts are indexed by it)
   int32_t experts[DEEPEP_MAX_LOCAL_EXPERTS];  // the source's tokens per expert of this rank
 };
@@ -393,6 +393,14 @@ struct DispatchParams {
   int diag;        // kDiag* bits: stages left out to time the others (never set in normal use)
 };
 
+// A dispatch row's layout in one word, for ranks to compare: payload bytes | scale bytes << 32 | top-k << 48. Rows
+// of equal size can still be laid out differently (each part is padded to 16 bytes: top-k 2 and 3 give the same
+// size, and so do a BF16 payload and an FP8 one with scales).
+__device__ __forceinline__ int64_t row_layout_word(const DispatchRowLayout& L) {
+  return static_cast<int64_t>(L.payload_bytes) | static_cast<int64_t>(L.scale_bytes) << 32 |
+         static_cast<int64_t>(L.num_topk) << 48;
+}
+
 __device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t token, int k) {
   return q.topk_int64 ? static_cast<int32_t>(static_cast<const int64_t*>(q.topk_idx)[token * q.topk_stride + k])
                       : static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
@@ -439,7 +447,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         if (lane == 0) {
           message->tokens = q.send_counts[d];
           message->num_blocks = gridDim.x;
-          message->row_bytes = static_cast<int32_t>(q.layout.row_bytes);
+          message->row_layout = row_layout_word(q.layout);
           message->experts_per_rank = q.experts_per_rank;
         }
       }
@@ -470,9 +478,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
                              mine->counts[s].experts_per_rank, q.experts_per_rank);
           ok = false;
         }
-        if (fine && mine->counts[s].row_bytes != static_cast<int32_t>(q.layout.row_bytes)) {
-          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].row_bytes,
-                             static_cast<int64_t>(q.layout.row_bytes));
+        if (fine && mine->counts[s].row_layout != row_layout_word(q.layout)) {
+          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].row_layout,
+                             row_layout_word(q.layout));
           ok = false;
         }
       }

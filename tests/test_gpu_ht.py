@@ -338,6 +338,21 @@ def ht_scenarios(info):
             out["disagreeing_experts"] = traceback.format_exc()
         log_scenario("ht", info, "disagreeing_experts", out["disagreeing_experts"])
         comm.clear_async_error()
+        # Ranks whose rows are laid out differently get an error, never misread rows: here top-k 2 and 3, whose
+        # rows have the same size (the ids and weights are padded to 16 bytes).
+        try:
+            with cupy.cuda.Device(comm.device):
+                x, topk, _ = make_inputs(42, info.rank, 64, 256, 2 if info.rank == 0 else 3, 16)
+                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=16, num_worst_tokens=128)
+                cupy.cuda.runtime.deviceSynchronize()
+            comm.check_async_error()
+            out["disagreeing_layout"] = "no error"
+        except pydeepep.DeepEPInvalidArgument as exc:
+            out["disagreeing_layout"] = str(exc)
+        except Exception:
+            out["disagreeing_layout"] = traceback.format_exc()
+        log_scenario("ht", info, "disagreeing_layout", out["disagreeing_layout"])
+        comm.clear_async_error()
     return out
 
 
@@ -382,6 +397,11 @@ def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
 def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
     for r in results:
         assert "dispatch notify" in r.get("disagreeing_experts", ""), r.get("disagreeing_experts")
+
+
+def test_ranks_disagreeing_on_the_row_layout_get_an_error(results):
+    for r in results:
+        assert "invalid argument in dispatch:" in r.get("disagreeing_layout", ""), r.get("disagreeing_layout")
 
 
 def test_worst_case_overflow_is_an_error_with_the_count(results):
