@@ -311,49 +311,53 @@ def ht_scenarios(info):
         except Exception:
             out["graph_replay"] = traceback.format_exc()
         log_scenario("ht", info, "graph_replay", out["graph_replay"])
-        # Too many rows for a worst-case output: an error with the count, never truncation.
-        try:
-            with cupy.cuda.Device(comm.device):
-                x, topk, _ = make_inputs(40, info.rank, 200, 256, 4, 16, drop=0.0)
-                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=16, num_worst_tokens=10)
-                cupy.cuda.runtime.deviceSynchronize()
-            comm.check_async_error()
-            out["worst_overflow"] = "no error"
-        except pydeepep.DeepEPBufferTooSmall as exc:
-            out["worst_overflow"] = str(exc)
-        except Exception:
-            out["worst_overflow"] = traceback.format_exc()
-        log_scenario("ht", info, "worst_overflow", out["worst_overflow"])
-        comm.clear_async_error()  # the overflow's record stays until cleared, and would fail the next call
-        # Ranks that disagree on a collective parameter (here E) get an error, never corrupted counts.
-        try:
-            experts = 16 if info.rank == 0 else 32
-            with cupy.cuda.Device(comm.device):
-                x, topk, _ = make_inputs(41, info.rank, 64, 256, 4, 16)
-                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=experts)
-            out["disagreeing_experts"] = "no error"
-        except pydeepep.DeepEPInvalidArgument as exc:
-            out["disagreeing_experts"] = str(exc)
-        except Exception:
-            out["disagreeing_experts"] = traceback.format_exc()
-        log_scenario("ht", info, "disagreeing_experts", out["disagreeing_experts"])
-        comm.clear_async_error()
-        # Ranks whose rows are laid out differently get an error, never misread rows: here top-k 2 and 3, whose
-        # rows have the same size (the ids and weights are padded to 16 bytes).
-        try:
-            with cupy.cuda.Device(comm.device):
-                x, topk, _ = make_inputs(42, info.rank, 64, 256, 2 if info.rank == 0 else 3, 16)
-                comm.dispatch(dev(x), topk_idx=dev(topk), num_experts=16, num_worst_tokens=128)
-                cupy.cuda.runtime.deviceSynchronize()
-            comm.check_async_error()
-            out["disagreeing_layout"] = "no error"
-        except pydeepep.DeepEPInvalidArgument as exc:
-            out["disagreeing_layout"] = str(exc)
-        except Exception:
-            out["disagreeing_layout"] = traceback.format_exc()
-        log_scenario("ht", info, "disagreeing_layout", out["disagreeing_layout"])
-        comm.clear_async_error()
+        # Dispatches that must be refused, each with the error it must give:
+        # - too many rows for a worst-case output: an error with the count, never truncation;
+        # - ranks that disagree on a collective parameter (here E): an error, never corrupted counts;
+        # - ranks whose rows are laid out differently (here top-k 2 and 3, whose rows have the same size once the ids
+        #   and weights are padded to 16 bytes): an error, never ids read as weights.
+        refusals = [
+            (
+                "worst_overflow",
+                pydeepep.DeepEPBufferTooSmall,
+                (40, 200, 4, 0.0),
+                dict(num_experts=16, num_worst_tokens=10),
+            ),
+            (
+                "disagreeing_experts",
+                pydeepep.DeepEPInvalidArgument,
+                (41, 64, 4, 0.2),
+                dict(num_experts=16 if info.rank == 0 else 32),
+            ),
+            (
+                "disagreeing_layout",
+                pydeepep.DeepEPInvalidArgument,
+                (42, 64, 2 if info.rank == 0 else 3, 0.2),
+                dict(num_experts=16, num_worst_tokens=128),
+            ),
+        ]
+        for name, error, (seed, n, k, drop), kwargs in refusals:
+            x, topk, _ = make_inputs(seed, info.rank, n, 256, k, 16, drop=drop)
+            out[name] = refusal(comm, error, x, topk, **kwargs)
+            log_scenario("ht", info, name, out[name])
     return out
+
+
+def refusal(comm, error, x, topk, **kwargs):
+    """The message of the `error` a dispatch raises, or records on the device by the time it is done ("no error" when
+    neither happens; a traceback for any other exception). The error record is cleared for the next scenario."""
+    try:
+        with cupy.cuda.Device(comm.device):
+            comm.dispatch(dev(x), topk_idx=dev(topk), **kwargs)
+            cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        said = "no error"
+    except error as exc:
+        said = str(exc)
+    except Exception:
+        said = traceback.format_exc()
+    comm.clear_async_error()
+    return said
 
 
 @pytest.fixture(scope="module")
