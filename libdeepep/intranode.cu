@@ -50,7 +50,8 @@ struct ControlRegion {
   CountMessage counts[kMaxNvlRanks];
   RangeMessage ranges[kMaxNvlRanks][kMaxBlocks];
   uint64_t progress[kMaxNvlRanks][kMaxBlocks];          // (seq << 32) | rows of block b's dispatch range done
-  uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine
+  uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine (kRowsRefused: rows not pushed)
+  uint64_t combine_layout[kMaxNvlRanks][kMaxBlocks];    // the source's combine_layout_word, before its first release
   uint64_t ack[kMaxNvlRanks];                           // last seq each destination finished consuming
 };
 static_assert(sizeof(ControlRegion) <= kArrivalOffset, "control region outgrew its reservation");
@@ -67,6 +68,8 @@ constexpr int kCombineReduceWarps = 16;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
 // 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped).
+// In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
+constexpr uint32_t kRowsRefused = 1u << 31;
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kCombineRowsPerWarpPerChunk = 1;
 constexpr int kVectorsInFlight = 4;
@@ -700,6 +703,20 @@ __device__ __forceinline__ void add_bf16x8(float* acc, int4 packed) {
   }
 }
 
+// A combine row's layout in one word (hidden | top-k << 32), for ranks to compare: a rank reading rows laid out
+// otherwise would sum them at the wrong stride.
+__device__ __forceinline__ uint64_t combine_layout_word(const CombineParams& q) {
+  return static_cast<uint64_t>(q.hidden) | static_cast<uint64_t>(q.num_topk) << 32;
+}
+
+// Whether this rank can push the `count` rows of source `s` that start at `start` (in the source's receive order):
+// they must be in x (a worst-case handle whose dispatch overflowed, or too few rows passed, leaves some out) and fit
+// the source's region. The pushers record why not.
+__device__ __forceinline__ bool combine_pushable(const CombineParams& q, const int64_t* offsets, int s, int32_t start,
+                                                 int32_t count) {
+  return offsets[s] + start + count <= q.num_rows && static_cast<size_t>(start + count) * q.row_bytes <= q.region_bytes;
+}
+
 __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32) combine_kernel(CombineParams q) {
   const Protocol& p = q.p;
   const uint32_t seq = p.op_state[0] + 1;
@@ -743,14 +760,12 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
       count[s] = s == p.rank ? 0 : range[1];
       longest = max(longest, count[s]);
     }
-    // Rows that are not in x (a worst-case handle whose dispatch overflowed, or too few rows passed) or that do not
-    // fit the source's region are not pushed: the fault is recorded, and progress is still published so that no
-    // rank waits forever.
+    // Rows that are not in x or that do not fit the source's region are not pushed: the fault is recorded, and the
+    // publisher still releases them, marked refused, so that no rank waits forever or reads them.
     bool pushable[kMaxNvlRanks];
     for (int s = 0; s < R; ++s) {
       const bool in_x = offsets[s] + start[s] + count[s] <= q.num_rows;
-      const bool fits = static_cast<size_t>(start[s] + count[s]) * q.row_bytes <= q.region_bytes;
-      pushable[s] = in_x && fits;
+      pushable[s] = combine_pushable(q, offsets, s, start[s], count[s]);
       if (!pushable[s] && warp == 0 && lane == 0)
         record_async_error(p.error, deepepBufferTooSmall, p.rank, Phase::kCombine, s,
                            in_x ? static_cast<int64_t>(start[s] + count[s]) * static_cast<int64_t>(q.row_bytes)
@@ -777,15 +792,22 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
     }
   } else if (ok && warp == kCombinePushWarps) {
     // Publisher: after each chunk lane d releases to rank d how many of its rows are back. Rows that could not be
-    // pushed (recorded above) are released all the same, so that no rank waits forever.
+    // pushed (recorded above) are released all the same, marked refused, so that no rank waits forever. The layout
+    // word goes first (the releases order it).
     int32_t count = 0;
-    if (lane < R && lane != p.rank) count = q.recv_ranges[(static_cast<size_t>(lane) * kMaxBlocks + b) * 2 + 1];
+    uint32_t refused = 0;
+    if (lane < R && lane != p.rank) {
+      const int32_t* range = q.recv_ranges + (static_cast<size_t>(lane) * kMaxBlocks + b) * 2;
+      count = range[1];
+      refused = combine_pushable(q, offsets, lane, range[0], count) ? 0u : kRowsRefused;
+      if (count > 0) control_of(p.peers, lane)->combine_layout[p.rank][b] = combine_layout_word(q);
+    }
     const int32_t longest = __reduce_max_sync(0xffffffffu, count);
     for (int c0 = 0; c0 < longest; c0 += chunk_rows) {
       group_barrier(1, chunk_meeting);
       if (count > c0) {
         const uint32_t done = static_cast<uint32_t>(min(count, c0 + chunk_rows));
-        store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done));
+        store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done | refused));
       }
     }
   }
@@ -798,9 +820,11 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
     const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
     int32_t range_start[kMaxNvlRanks];
     uint32_t available[kMaxNvlRanks];
+    bool skipped[kMaxNvlRanks];  // the source refused its rows, or lays them out otherwise: not read (recorded)
     for (int d = 0; d < R; ++d) {
       range_start[d] = q.send_ranges[(static_cast<size_t>(d) * kMaxBlocks + b) * 2];
       available[d] = 0;
+      skipped[d] = false;
     }
     bool alive = true;
     while (alive) {
@@ -830,13 +854,26 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         if (available[d] <= needed) {
           uint64_t seen = 0;
           alive =
-              __all_sync(0xffffffffu, wait_flag(
-                                          &mine->combine_progress[d][b],
-                                          [&](uint64_t v) { return (v >> 32) == seq && (v & 0xffffffffu) > needed; },
-                                          deadline, p.error, p.rank, Phase::kCombine, d, &seen));
+              __all_sync(0xffffffffu,
+                         wait_flag(
+                             &mine->combine_progress[d][b],
+                             [&](uint64_t v) { return (v >> 32) == seq && (v & ~kRowsRefused & 0xffffffffu) > needed; },
+                             deadline, p.error, p.rank, Phase::kCombine, d, &seen));
           if (!alive) break;
-          available[d] = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen & 0xffffffffu));
+          available[d] = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen) & ~kRowsRefused);
+          if (!skipped[d]) {
+            // Read after this lane's acquire of the progress, which the source released after writing the word.
+            const uint64_t theirs = mine->combine_layout[d][b];
+            const bool refused = __any_sync(0xffffffffu, (static_cast<uint32_t>(seen) & kRowsRefused) != 0);
+            const bool other_layout = __any_sync(0xffffffffu, theirs != combine_layout_word(q));
+            if ((refused || other_layout) && lane == 0) {
+              record_async_error(p.error, refused ? deepepRemoteError : deepepInvalidArgument, p.rank, Phase::kCombine,
+                                 d, static_cast<int64_t>(theirs), static_cast<int64_t>(combine_layout_word(q)));
+            }
+            skipped[d] = refused || other_layout;
+          }
         }
+        if (skipped[d]) continue;
         rows[d] = region_of(p.peers, p.rank, d, q.region_bytes) + static_cast<size_t>(j) * q.row_bytes;
         // Remote rows carry weights whenever the operation has them, even if this rank had no rows to send.
         if (q.num_topk > 0) row_weights[d] = reinterpret_cast<const float*>(rows[d] + weights_offset);

@@ -338,17 +338,32 @@ def ht_scenarios(info):
         ]
         for name, error, (seed, n, k, drop), kwargs in refusals:
             x, topk, _ = make_inputs(seed, info.rank, n, 256, k, 16, drop=drop)
-            out[name] = refusal(comm, error, x, topk, **kwargs)
+            out[name] = refusal(comm, error, dispatch_host_inputs, comm, x, topk, **kwargs)
             log_scenario("ht", info, name, out[name])
+        # Ranks that combine rows of different widths (hidden 256 and 128): an error, never rows summed at the wrong
+        # stride.
+        x, topk, _ = make_inputs(43, info.rank, 64, 256, 4, 16)
+
+        def combine_other_widths():
+            d = dispatch_host_inputs(comm, x, topk, num_experts=16)
+            comm.combine(cupy.zeros((d.recv_x.shape[0], 256 if info.rank == 0 else 128), cupy.uint16), d.handle)
+
+        out["disagreeing_combine_layout"] = refusal(comm, pydeepep.DeepEPInvalidArgument, combine_other_widths)
+        log_scenario("ht", info, "disagreeing_combine_layout", out["disagreeing_combine_layout"])
     return out
 
 
-def refusal(comm, error, x, topk, **kwargs):
-    """The message of the `error` a dispatch raises, or records on the device by the time it is done ("no error" when
-    neither happens; a traceback for any other exception). The error record is cleared for the next scenario."""
+def dispatch_host_inputs(comm, x, topk, **kwargs):
+    return comm.dispatch(dev(x), topk_idx=dev(topk), **kwargs)
+
+
+def refusal(comm, error, call, *args, **kwargs):
+    """The message of the `error` that `call(*args, **kwargs)` raises on the communicator's device, or records there
+    by the time it is done ("no error" when neither happens; a traceback for any other exception). The error record
+    is cleared for the next scenario."""
     try:
         with cupy.cuda.Device(comm.device):
-            comm.dispatch(dev(x), topk_idx=dev(topk), **kwargs)
+            call(*args, **kwargs)
             cupy.cuda.runtime.deviceSynchronize()
         comm.check_async_error()
         said = "no error"
@@ -406,6 +421,13 @@ def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
 def test_ranks_disagreeing_on_the_row_layout_get_an_error(results):
     for r in results:
         assert "invalid argument in dispatch:" in r.get("disagreeing_layout", ""), r.get("disagreeing_layout")
+
+
+def test_ranks_combining_rows_of_other_widths_get_an_error(results):
+    for r in results:
+        assert "invalid argument in combine:" in r.get("disagreeing_combine_layout", ""), r.get(
+            "disagreeing_combine_layout"
+        )
 
 
 def test_worst_case_overflow_is_an_error_with_the_count(results):
