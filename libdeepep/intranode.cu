@@ -68,11 +68,11 @@ constexpr int kCombineReduceWarps = 16;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
 // 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped).
-// In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
-constexpr uint32_t kRowsRefused = 1u << 31;
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kCombineRowsPerWarpPerChunk = 1;
 constexpr int kVectorsInFlight = 4;
+// In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
+constexpr uint32_t kRowsRefused = 1u << 31;
 static_assert(kCombineReduceWarps > 0, "a combine block needs a warp after its pushing warps to publish");
 // Combine's reduction stages its loads in shared memory: kReduceGroup addend rows per step, kReduceStages steps in
 // flight per warp.
@@ -850,6 +850,7 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
           if (q.weights != nullptr) row_weights[d] = q.weights + in_row * q.weights_stride;
           continue;
         }
+        if (skipped[d]) continue;
         const uint32_t needed = static_cast<uint32_t>(j - range_start[d]);
         if (available[d] <= needed) {
           uint64_t seen = 0;
@@ -861,19 +862,19 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
                              deadline, p.error, p.rank, Phase::kCombine, d, &seen));
           if (!alive) break;
           available[d] = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen) & ~kRowsRefused);
-          if (!skipped[d]) {
-            // Read after this lane's acquire of the progress, which the source released after writing the word.
-            const uint64_t theirs = mine->combine_layout[d][b];
-            const bool refused = __any_sync(0xffffffffu, (static_cast<uint32_t>(seen) & kRowsRefused) != 0);
-            const bool other_layout = __any_sync(0xffffffffu, theirs != combine_layout_word(q));
-            if ((refused || other_layout) && lane == 0) {
+          // Read after this lane's acquire of the progress, which the source released after writing the word.
+          const uint64_t theirs = mine->combine_layout[d][b];
+          const bool refused = __any_sync(0xffffffffu, (static_cast<uint32_t>(seen) & kRowsRefused) != 0);
+          const bool other_layout = __any_sync(0xffffffffu, theirs != combine_layout_word(q));
+          if (refused || other_layout) {
+            if (lane == 0) {
               record_async_error(p.error, refused ? deepepRemoteError : deepepInvalidArgument, p.rank, Phase::kCombine,
                                  d, static_cast<int64_t>(theirs), static_cast<int64_t>(combine_layout_word(q)));
             }
-            skipped[d] = refused || other_layout;
+            skipped[d] = true;  // its later rows are not waited for either
+            continue;
           }
         }
-        if (skipped[d]) continue;
         rows[d] = region_of(p.peers, p.rank, d, q.region_bytes) + static_cast<size_t>(j) * q.row_bytes;
         // Remote rows carry weights whenever the operation has them, even if this rank had no rows to send.
         if (q.num_topk > 0) row_weights[d] = reinterpret_cast<const float*>(rows[d] + weights_offset);

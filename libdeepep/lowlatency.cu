@@ -328,6 +328,16 @@ __device__ __forceinline__ float pow2_ceil(float scale) {
   return __uint_as_float((bits & 0x007fffffu) ? exponent + 0x00800000u : exponent);
 }
 
+// The first of a token's slots naming the same id as slot k (k itself when no earlier slot does): a token naming an
+// expert twice travels to it once.
+template <typename Id>
+__device__ __forceinline__ int first_slot_like(const Id* ids, int k) {
+  for (int j = 0; j < k; ++j) {
+    if (ids[j] == ids[k]) return j;
+  }
+  return k;
+}
+
 // Casts 16 consecutive channels (this thread's part of an 8-thread, 128-channel group; every lane of the warp takes
 // part in the shuffles) to e4m3 with the group's scale.
 __device__ __forceinline__ int4 cast_16_fp8(const uint16_t* __restrict__ src, bool valid, bool round_scale,
@@ -654,11 +664,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   // else -1.
   auto local_of = [&](const int32_t* ids, int k) {
     const int32_t local = ids[k] - first_expert;
-    if (local < 0 || local >= experts) return -1;
-    for (int j = 0; j < k; ++j) {
-      if (ids[j] == ids[k]) return -1;
-    }
-    return local;
+    return local >= 0 && local < experts && first_slot_like(ids, k) == k ? local : -1;
   };
 
   // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
@@ -964,15 +970,8 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     // the mask at different times, and another block's timeout may mask a rank in between.
     __syncthreads();
     if (threadIdx.x < p.num_topk) {
-      const int k = threadIdx.x;
-      int first = k;
-      for (int j = 0; j < k; ++j) {
-        if (ids[j] == ids[k]) {
-          first = j;
-          break;
-        }
-      }
-      source_slot[k] = usable[first] ? first : -1;
+      const int first = first_slot_like(ids, threadIdx.x);
+      source_slot[threadIdx.x] = usable[first] ? first : -1;
     }
     __syncthreads();
     for (int v = threadIdx.x; v < vectors; v += kThreads) {

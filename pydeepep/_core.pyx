@@ -10,7 +10,7 @@ from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, error_for_status
 from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_dense, check_matrix, dtype_name,
-                       is_device_array, payload_kind, stream_handle, view_dtype)
+                       is_device_array, payload_kind, stream_handle)
 
 from pydeepep.deepep cimport *
 
@@ -809,8 +809,7 @@ def _expect(array, shape, dtype, str name, stream, int device):
         (<DeviceArray>array)._written_on(stream)
         return array
     view = _as_view(array, stream_handle(stream))
-    check_dense(view, f"out {name}", shape)
-    element = view_dtype(view, f"out {name}")
+    element = check_dense(view, f"out {name}", shape)
     if element.itemsize != itemsize:
         raise DeepEPInvalidArgument(
             f"out {name} has dtype {dtype_name(element)}; this call writes {np.dtype(dtype).name} (or another "
@@ -822,9 +821,9 @@ def _expect(array, shape, dtype, str name, stream, int device):
 def _out_pointer(array, stream, name, shape, dtypes, int device):
     """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype."""
     view = _as_view(array, stream)
-    check_dense(view, f"out {name}", shape)
-    if view_dtype(view, f"out {name}") not in [np.dtype(d) for d in dtypes]:
-        raise DeepEPInvalidArgument(f"out {name} has dtype {np.dtype(view.dtype).name}; it must be "
+    element = check_dense(view, f"out {name}", shape)
+    if element not in [np.dtype(d) for d in dtypes]:
+        raise DeepEPInvalidArgument(f"out {name} has dtype {dtype_name(element)}; it must be "
                                     + " or ".join(np.dtype(d).name for d in dtypes), 1)
     return view.ptr
 

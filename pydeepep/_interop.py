@@ -127,9 +127,7 @@ def check_matrix(
 ) -> tuple[int, int, int]:
     """Checks a 2-D strided view (a StridedMemoryView or anything with ptr/shape/strides/dtype/device_id) and returns
     (rows, cols, row_stride in elements). Rows may be strided; elements inside a row must be contiguous."""
-    if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
-        raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array on device {device}")
-    # Which device holds the memory is checked by the library itself (from the pointer's own attributes).
+    require_device_memory(view, name, f" on device {device}")
     dtype = view_dtype(view, name)
     if dtypes is not None and dtype_name(dtype) not in _allowed_names(dtypes):
         allowed = " or ".join(np.dtype(d).name for d in dtypes)
@@ -168,17 +166,23 @@ def payload_kind(view: Any, name: str) -> str:
     )
 
 
-def check_dense(view: Any, name: str, shape: tuple) -> None:
-    """Checks a device array the kernels write or read as one dense block from its first element (an output, say):
-    exactly `shape`, C-contiguous, elements in native byte order."""
+def require_device_memory(view: Any, name: str, where: str = "") -> None:
+    """Refuses host memory. Which device holds the memory is checked by the library itself (from the pointer's own
+    attributes)."""
     if not getattr(view, "is_device_accessible", True) or view.device_id < 0:
-        raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array")
-    view_dtype(view, name)
+        raise DeepEPInvalidArgument(f"{name} is host memory; it must be a device array{where}")
+
+
+def check_dense(view: Any, name: str, shape: tuple) -> np.dtype:
+    """Checks a device array the kernels write or read as one dense block from its first element (an output, say):
+    exactly `shape`, C-contiguous, elements in native byte order. Returns its dtype."""
+    require_device_memory(view, name)
+    dtype = view_dtype(view, name)
     if tuple(view.shape) != tuple(shape):
         raise DeepEPInvalidArgument(f"{name} has shape {tuple(view.shape)}; {tuple(shape)} is needed")
     strides = getattr(view, "strides", None)
     if strides is None:
-        return
+        return dtype
     expected, step = [], 1
     for extent in reversed(tuple(shape)):
         expected.append(step)
@@ -187,3 +191,4 @@ def check_dense(view: Any, name: str, shape: tuple) -> None:
         extent > 1 and st != want for extent, st, want in zip(shape, strides, reversed(expected), strict=True)
     ):
         raise DeepEPInvalidArgument(f"{name} must be contiguous (strides {tuple(strides)})")
+    return dtype

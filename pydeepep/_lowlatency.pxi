@@ -109,8 +109,8 @@ cdef class _LowLatencyHook:
 def _array3(obj, stream, str name, shape, kinds, int device):
     """Pointer and element kind of a contiguous 3-D device array of exactly `shape` whose kind is in `kinds`."""
     view = _as_view(obj, stream)
-    check_dense(view, name, shape)
-    kind = _payload_kind(obj, view, name) if "bfloat16" in kinds else dtype_name(view.dtype)
+    element = check_dense(view, name, shape)
+    kind = _payload_kind(obj, view, name) if "bfloat16" in kinds else dtype_name(element)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
     return view.ptr, view
@@ -122,8 +122,7 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     if obj is None:
         return 0, None, None
     view = _as_view(obj, stream)
-    check_dense(view, name, (length,))
-    kind = dtype_name(view.dtype)
+    kind = dtype_name(check_dense(view, name, (length,)))
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
     return view.ptr, view, kind
