@@ -655,48 +655,47 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     }
     return lo;
   };
-  // Slot k of token f's ids, as the source sent them (plain loads after the acquire, never the read-only cache).
-  auto id_at = [&](int64_t f, int k) {
+  // The ids travel a group of whole tokens per warp: lane l holds slot l % K of token l / K of the group (lanes past
+  // the group's last whole token hold none), so that a token's slots compare ids through shuffles.
+  const int group_tokens = 32 / K;
+  const int token_in_group = lane / K, slot = lane % K;
+  // The id in lane `lane`'s slot of the group of tokens starting at `group_first` (-1 past `group_end`): plain loads
+  // after the acquire, never the read-only cache.
+  auto slot_id = [&](int64_t group_first, int64_t group_end) {
+    const int64_t f = group_first + token_in_group;
+    if (token_in_group >= group_tokens || f >= group_end) return -1;
     const int s = source_of(f);
-    return source_ids(p, s)[(f - token_start[s]) * K + k];
+    return source_ids(p, s)[(f - token_start[s]) * K + slot];
   };
-  // The local expert slot k names when it is the first of the token's slots naming it (`ids`: the token's K ids),
-  // else -1.
-  auto local_of = [&](const int32_t* ids, int k) {
-    const int32_t local = ids[k] - first_expert;
-    return local >= 0 && local < experts && first_slot_like(ids, k) == k ? local : -1;
+  // The local expert `id` names when this lane's slot is the first of its token's slots naming it, else -1 (a token
+  // naming an expert twice travels to it once). Every lane of the warp calls it. Shuffles, not a match: match is
+  // slow enough to cost microseconds over the blocks' redundant counting.
+  auto first_local = [&](int32_t id) {
+    bool first_naming = true;
+    for (int j = 1; j < K; ++j) {
+      const int32_t earlier = __shfl_up_sync(0xffffffffu, id, j);
+      if (j <= slot && earlier == id) first_naming = false;
+    }
+    const int32_t local = id - first_expert;
+    return id >= 0 && local >= 0 && local < experts && first_naming ? local : -1;
   };
 
   // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
-  // per source, the rows of the experts it owns. The ids go through shared memory a chunk of whole tokens at a time,
-  // each thread with all its loads of the chunk in flight; when one chunk holds them all, they stay there for the
-  // copy below.
+  // per source, the rows of the experts it owns. The warps take the groups in turn, each with the loads of several
+  // groups in flight.
   int64_t first, end;
   block_share(total, &first, &end);
-  constexpr int kStagedIds = 4096;
-  constexpr int kIdsPerThread = kStagedIds / kThreads;
-  __shared__ int32_t staged[kStagedIds];
-  const int64_t chunk_tokens = kStagedIds / K;
-  const bool all_staged = total <= chunk_tokens;
-  for (int64_t f0 = 0; f0 < total; f0 += chunk_tokens) {
-    const int n = static_cast<int>(min(chunk_tokens, total - f0)) * K;
-    __syncthreads();  // the previous chunk is counted
-    int32_t loaded[kIdsPerThread];
+  constexpr int kGroupsInFlight = 4;
+  const int64_t group_stride = static_cast<int64_t>(kWarps) * group_tokens;
+  for (int64_t g0 = warp * group_tokens; g0 < total; g0 += group_stride * kGroupsInFlight) {
+    int32_t ids[kGroupsInFlight];
 #pragma unroll
-    for (int u = 0; u < kIdsPerThread; ++u) {
-      const int i = threadIdx.x + u * kThreads;
-      if (i < n) loaded[u] = id_at(f0 + i / K, i % K);
-    }
+    for (int u = 0; u < kGroupsInFlight; ++u) ids[u] = slot_id(g0 + u * group_stride, total);
 #pragma unroll
-    for (int u = 0; u < kIdsPerThread; ++u) {
-      const int i = threadIdx.x + u * kThreads;
-      if (i < n) staged[i] = loaded[u];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const int local = local_of(staged + i - i % K, i % K);
+    for (int u = 0; u < kGroupsInFlight; ++u) {
+      const int local = first_local(ids[u]);
       if (local < 0) continue;
-      const int64_t f = f0 + i / K;
+      const int64_t f = g0 + u * group_stride + token_in_group;
       if (f < first) atomicAdd(&before[local], 1);
       if (owns(local)) atomicAdd(&owned_rows[(local / blocks) * R + source_of(f)], 1);
     }
@@ -728,45 +727,51 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int64_t j = rows + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
   }
 
-  // This block's tokens, a batch at a time: warp 0 gives each slot naming an expert here its row (token after token,
-  // so the positions follow the tokens' order), the block copies the payloads (a token's slot is read once per
-  // expert it names), then a warp per row writes its scales and source.
+  // This block's tokens, a batch at a time: warp 0 gives each slot naming an expert here its row (a group of tokens
+  // at a time, in token order, so the positions follow the tokens' order), the block copies the payloads (a token's
+  // slot is read once per expert it names), then a warp per row writes its scales and source.
   __shared__ const int4* batch_row[kRowsPerBatch];  // the token's receive slot
   __shared__ int4* batch_payload[kRowsPerBatch];    // where the row's payload goes in recv_x
   __shared__ int64_t batch_out[kRowsPerBatch];      // its output row
   __shared__ int64_t batch_j[kRowsPerBatch];        // its position under its expert
   __shared__ int batch_expert[kRowsPerBatch];
   __shared__ int32_t batch_info[kRowsPerBatch];  // source token | slot << kSlotShift
-  __shared__ int32_t batch_ids[kRowsPerBatch];   // the batch tokens' ids, unless all are staged
   __shared__ int batch_rows;
   const int tokens_per_batch = max(1, kRowsPerBatch / K);
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
+  const uint32_t lanes_below = (1u << lane) - 1u;
   for (int64_t f0 = first; f0 < end; f0 += tokens_per_batch) {
-    const int tokens = static_cast<int>(min(static_cast<int64_t>(tokens_per_batch), end - f0));
-    const int32_t* ids = all_staged ? staged + f0 * K : batch_ids;  // the batch tokens' ids, K per token
-    if (!all_staged && threadIdx.x < tokens * K) batch_ids[threadIdx.x] = id_at(f0 + threadIdx.x / K, threadIdx.x % K);
-    __syncthreads();
+    const int64_t batch_end = min(static_cast<int64_t>(tokens_per_batch), end - f0) + f0;
     if (warp == 0) {
       int rows = 0;
-      for (int i = 0; i < tokens; ++i) {
-        const int local = lane < K ? local_of(ids + i * K, lane) : -1;
-        const uint32_t naming = __ballot_sync(0xffffffffu, local >= 0);
-        if (local >= 0) {
-          // The first slots naming distinct experts: each lane alone touches before[local] here.
-          const int r = rows + __popc(naming & ((1u << lane) - 1u));
-          const int64_t f = f0 + i;
+      for (int64_t group_first = f0; group_first < batch_end; group_first += group_tokens) {
+        const int local = first_local(slot_id(group_first, batch_end));
+        const bool naming = local >= 0;
+        const uint32_t namers = __ballot_sync(0xffffffffu, naming);
+        // The group's lanes naming the same expert are distinct tokens, in token order: each takes the next row,
+        // and the expert's count moves past the last of them.
+        int earlier = 0;
+        for (int d = 1; d < 32; ++d) {
+          const int other = __shfl_up_sync(0xffffffffu, local, d);
+          if (d <= lane && naming && other == local) ++earlier;
+        }
+        const int64_t j = naming ? before[local] + earlier : 0;
+        __syncwarp();
+        if (naming) {
+          atomicMax(&before[local], static_cast<int32_t>(j) + 1);
+          const int r = rows + __popc(namers & lanes_below);
+          const int64_t f = group_first + token_in_group;
           const int s = source_of(f);
           const int64_t t = f - token_start[s];
-          const int64_t j = before[local]++;
           batch_row[r] = reinterpret_cast<const int4*>(token_slot(p, s, t));
           batch_out[r] = local * rows_per_expert + j;
           batch_payload[r] =
               reinterpret_cast<int4*>(p.recv_x + batch_out[r] * static_cast<int64_t>(p.row.payload_bytes));
           batch_j[r] = j;
           batch_expert[r] = local;
-          batch_info[r] = static_cast<int32_t>(t) | (lane << kSlotShift);
+          batch_info[r] = static_cast<int32_t>(t) | (slot << kSlotShift);
         }
-        rows += __popc(naming);
+        rows += __popc(namers);
         __syncwarp();
       }
       if (lane == 0) batch_rows = rows;
