@@ -230,17 +230,30 @@ constexpr int kCopyInFlight = 8;
 template <bool kReadOnly>
 __device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* dst, int rows, int vectors) {
   const int items = rows * vectors;
+  // Item i is vector i % vectors of row i / vectors; each thread steps its (row, vector) on by kThreads items at a
+  // time instead of dividing for every item.
+  int row = threadIdx.x / vectors, vec = threadIdx.x % vectors;
+  const int row_step = kThreads / vectors, vec_step = kThreads % vectors;
   for (int first = threadIdx.x; first < items; first += kThreads * kCopyInFlight) {
     int4 v[kCopyInFlight];
+    int4* to[kCopyInFlight];
 #pragma unroll
     for (int u = 0; u < kCopyInFlight; ++u) {
-      const int item = first + u * kThreads;
-      if (item < items) v[u] = load16<kReadOnly>(src[item / vectors] + item % vectors);
+      to[u] = nullptr;
+      if (first + u * kThreads < items) {
+        v[u] = load16<kReadOnly>(src[row] + vec);
+        if (dst[row] != nullptr) to[u] = dst[row] + vec;
+      }
+      vec += vec_step;
+      row += row_step;
+      if (vec >= vectors) {
+        vec -= vectors;
+        ++row;
+      }
     }
 #pragma unroll
     for (int u = 0; u < kCopyInFlight; ++u) {
-      const int item = first + u * kThreads;
-      if (item < items && dst[item / vectors] != nullptr) dst[item / vectors][item % vectors] = v[u];
+      if (to[u] != nullptr) *to[u] = v[u];
     }
   }
 }
@@ -702,18 +715,20 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   }
   __syncthreads();
 
-  // Counts, per-source ranges and statistics of the experts this block owns, and -1 past their rows.
-  for (int local = blockIdx.x; local < experts; local += blocks) {
+  // Counts, per-source ranges and statistics of the experts this block owns, and -1 past their rows: written by the
+  // warps after the first, while the first lays out the block's first batch of tokens below.
+  const int helper = threadIdx.x - 32, helpers = kThreads - 32;
+  for (int local = blockIdx.x; warp > 0 && local < experts; local += blocks) {
     const int32_t* rows_from = owned_rows + (local / blocks) * R;
     int32_t rows = 0;
     for (int s = 0; s < R; ++s) rows += rows_from[s];
-    for (int s = threadIdx.x; s < R; s += kThreads) {
+    for (int s = helper; s < R; s += helpers) {
       int32_t offset = 0;
       for (int before_s = 0; before_s < s; ++before_s) offset += rows_from[before_s];
       p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2] = offset;
       p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2 + 1] = rows_from[s];
     }
-    if (threadIdx.x == 0) {
+    if (helper == 0) {
       p.recv_count[local] = rows;
       if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
         if (p.stats_recv_count_int32) {
@@ -724,7 +739,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       }
     }
     int32_t* src_info = p.recv_src_info + local * rows_per_expert;
-    for (int64_t j = rows + threadIdx.x; j < rows_per_expert; j += kThreads) src_info[j] = -1;
+    for (int64_t j = rows + helper; j < rows_per_expert; j += helpers) src_info[j] = -1;
   }
 
   // This block's tokens, a batch at a time: warp 0 gives each slot naming an expert here its row (a group of tokens
