@@ -154,7 +154,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     const size_t R = static_cast<size_t>(c->nranks);
     const size_t tiles = std::max<size_t>(1, (static_cast<size_t>(h->max_tokens) + kRoutingTile - 1) / kRoutingTile);
     const size_t ints = static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS +
-                        2 * R * kMaxBlocks * 2 + R + tiles * R + 1;
+                        2 * R * kMaxBlocks * 2 + R + DEEPEP_MAX_LOCAL_EXPERTS + tiles * R + 1;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
     {
       // Reuse the storage of a destroyed handle whose last use has finished (no allocation, no device sync).
@@ -202,6 +202,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->send_ranges = take(R * kMaxBlocks * 2);
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
+    h->recv_expert_counts = take(DEEPEP_MAX_LOCAL_EXPERTS);
     h->tile_counts = take(tiles * R);
     h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
     // New storage starts zeroed (reused storage keeps stale routing, which nothing reads before a routing rewrites

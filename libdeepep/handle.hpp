@@ -41,15 +41,16 @@ struct deepepHandle {
   // Device arrays, one allocation (see deepepHandleCreate), and the event recorded after each call that uses them.
   void* device_storage = nullptr;
   cudaEvent_t last_use = nullptr;
-  bool used_in_capture = false;        // a captured graph may use the storage at any time: destroy waits for the device
-  int32_t* send_pos = nullptr;         // [max_tokens, R]: row of token t in rank d's receive order, -1 if not sent
-  int32_t* send_counts = nullptr;      // [R]: tokens sent to each rank
-  int32_t* expert_counts = nullptr;    // [R * max local experts]: this rank's tokens per expert
-  int32_t* send_ranges = nullptr;      // [R][kMaxBlocks][2]: (first row, rows) each block sends to each rank
-  int32_t* recv_ranges = nullptr;      // [R][kMaxBlocks][2]: (first row, rows) each block receives from each rank
-  int32_t* recv_counts = nullptr;      // [R]: rows received from each rank
-  int32_t* tile_counts = nullptr;      // [ceil(max_tokens / kRoutingTile), R]: scratch of the routing kernels
-  uint32_t* routing_ticket = nullptr;  // routing tiles finished (0 between calls)
+  bool used_in_capture = false;      // a captured graph may use the storage at any time: destroy waits for the device
+  int32_t* send_pos = nullptr;       // [max_tokens, R]: row of token t in rank d's receive order, -1 if not sent
+  int32_t* send_counts = nullptr;    // [R]: tokens sent to each rank
+  int32_t* expert_counts = nullptr;  // [R * max local experts]: this rank's tokens per expert
+  int32_t* send_ranges = nullptr;    // [R][kMaxBlocks][2]: (first row, rows) each block sends to each rank
+  int32_t* recv_ranges = nullptr;    // [R][kMaxBlocks][2]: (first row, rows) each block receives from each rank
+  int32_t* recv_counts = nullptr;    // [R]: rows received from each rank
+  int32_t* recv_expert_counts = nullptr;  // [max local experts]: rows received for each local expert (unaligned)
+  int32_t* tile_counts = nullptr;         // [ceil(max_tokens / kRoutingTile), R]: scratch of the routing kernels
+  uint32_t* routing_ticket = nullptr;     // routing tiles finished (0 between calls)
   int64_t* num_recv_device = nullptr;
 
   deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)

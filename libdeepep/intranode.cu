@@ -4,10 +4,12 @@
 // region per source rank. A dispatch is one collective operation with sequence number `seq` (kept on the device so
 // that replayed CUDA graphs advance it):
 //   1. wait until every destination acknowledged the previous operation (its regions may be reused);
-//   2. block 0 sends each destination its token count (and per-expert counts); every block waits for the counts
-//      of all sources and derives the receive offsets (rows ordered by source rank, then source token);
-//   3. block b's send warps push the rows of block b's token range straight into each destination's region for
-//      this source (rows to this rank go straight to the output), publishing progress after every chunk;
+//   2. every block derives the receive offsets (rows ordered by source rank, then source token) from the counts in
+//      the handle; a worst-case dispatch, whose handle has none yet, gets them here: block 0 sends each destination
+//      its token count (and per-expert counts) and every block waits for the counts of all sources;
+//   3. block b's send warps tell block b of each destination its range (with the row layout and totals, which the
+//      destination checks), then push the rows of block b's token range straight into each destination's region
+//      for this source (rows to this rank go straight to the output), publishing progress after every chunk;
 //   4. block b's receive warps (joined by its send warps once they are done) copy what block b of every source
 //      published into the outputs;
 //   5. the last block to finish acknowledges the operation to every source.
@@ -34,15 +36,20 @@ struct alignas(16) CountMessage {
   uint64_t flag;                              // seq of the operation the message belongs to
   int32_t tokens;                             // rows the source sends to this rank
   int32_t num_blocks;                         // the source's block count (must match: block b talks to block b)
-  int64_t row_layout;                         // the source's dispatch row layout, row_layout_word (must match)
   int32_t experts_per_rank;                   // the source's E / R (must match: expert counts are indexed by it)
   int32_t experts[DEEPEP_MAX_LOCAL_EXPERTS];  // the source's tokens per expert of this rank
 };
 
+// What block b of a source tells block b of each destination before pushing rows: its range, and what the
+// destination checks before reading any row (the rows' layout, the source's block count and its total for this
+// rank, which must equal what this rank's handle or count exchange says).
 struct alignas(16) RangeMessage {
   uint64_t flag;
-  int32_t start;  // first row (in the source's receive-order numbering) block b sends here
-  int32_t count;  // rows block b sends here
+  int32_t start;       // first row (in the source's receive-order numbering) block b sends here
+  int32_t count;       // rows block b sends here
+  int64_t row_layout;  // the source's row_layout_word
+  int32_t tokens;      // rows the source sends here in all
+  int32_t num_blocks;  // the source's block count
 };
 
 struct ControlRegion {
@@ -297,7 +304,7 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
 
 __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
                               int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
-                              int64_t* num_recv_device, HandleHostInfo* host) {
+                              int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host) {
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
   __shared__ bool ok;
@@ -332,6 +339,7 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
     for (int i = threadIdx.x; i < experts_per_rank; i += blockDim.x) {
       int64_t sum = 0;
       for (int s = 0; s < p.nranks; ++s) sum += mine->notify[s].experts[i];
+      recv_expert_counts[i] = static_cast<int32_t>(sum);
       host->recv_tokens_per_expert[i] =
           static_cast<int32_t>((sum + expert_alignment - 1) / expert_alignment * expert_alignment);
     }
@@ -368,8 +376,9 @@ struct DispatchParams {
   const int32_t* expert_counts;
   const int32_t* send_ranges;
   int32_t* recv_ranges;
-  int32_t* recv_counts;
-  int64_t* num_recv_device;
+  int32_t* recv_counts;         // read, or written by a worst-case dispatch
+  int64_t* num_recv_device;     // written by a worst-case dispatch
+  int32_t* recv_expert_counts;  // rows for each local expert, unaligned: read, or written by a worst-case dispatch
   int64_t num_tokens;
   int experts_per_rank;
   int expert_alignment;
@@ -404,9 +413,47 @@ __device__ __forceinline__ int64_t row_layout_word(const DispatchRowLayout& L) {
          static_cast<int64_t>(L.num_topk) << 48;
 }
 
+// Whether source s's range message matches this rank: rows laid out otherwise would be misread, a total other than
+// this rank's count for the source would put rows into another source's outputs, and a block count other than
+// this rank's would pair blocks wrongly. A mismatch is recorded when `record` (one lane per block).
+__device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMessage& message, int s, int64_t layout,
+                                               int64_t tokens, bool record) {
+  int64_t got = 0, expected = 0;
+  if (message.row_layout != layout) {
+    got = message.row_layout, expected = layout;
+  } else if (message.tokens != tokens) {
+    got = message.tokens, expected = tokens;
+  } else if (message.num_blocks != static_cast<int>(gridDim.x)) {
+    got = message.num_blocks, expected = gridDim.x;
+  } else {
+    return true;
+  }
+  if (record) record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, got, expected);
+  return false;
+}
+
 __device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t token, int k) {
   return q.topk_int64 ? static_cast<int32_t>(static_cast<const int64_t*>(q.topk_idx)[token * q.topk_stride + k])
                       : static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
+}
+
+// One token's routing as a push warp holds it: lane k slot k's id and weight, lane d the token's position at rank d
+// (-1 / 0 where none, and for token -1).
+struct TokenRouting {
+  int32_t id;
+  float weight;
+  int32_t pos;
+};
+
+__device__ __forceinline__ TokenRouting load_token_routing(const DispatchParams& q, int64_t t, int lane) {
+  TokenRouting r{-1, 0.f, -1};
+  if (t < 0) return r;
+  if (lane < q.layout.num_topk) {
+    if (q.topk_idx != nullptr) r.id = topk_entry(q, t, lane);
+    if (q.weights != nullptr) r.weight = q.weights[t * q.weights_stride + lane];
+  }
+  if (lane < q.p.nranks) r.pos = q.send_pos[t * q.p.nranks + lane];
+  return r;
 }
 
 // Writes row `out_row` of the metadata outputs. Lane k (< num_topk, at most 32) holds slot k's global expert id and
@@ -439,10 +486,12 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = rows_claimed[threadIdx.x] = 0;
   __syncthreads();
 
-  // Steps 1-2.
+  // Steps 1-2. A worst-case dispatch learns the counts from the other ranks here; any other dispatch has them in
+  // the handle already (from its count exchange or from the worst-case dispatch that made it), so its pushers start
+  // as soon as the destinations acknowledged the previous operation.
   if (warp == 0) {
     bool fine = wait_acks(p, seq, deadline, Phase::kDispatch);
-    if (fine && b == 0) {
+    if (q.worst_case && fine && b == 0) {
       for (int d = 0; d < R; ++d) {
         CountMessage* message = &control_of(p.peers, d)->counts[p.rank];
         for (int i = lane; i < q.experts_per_rank; i += 32)
@@ -450,7 +499,6 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         if (lane == 0) {
           message->tokens = q.send_counts[d];
           message->num_blocks = gridDim.x;
-          message->row_layout = row_layout_word(q.layout);
           message->experts_per_rank = q.experts_per_rank;
         }
       }
@@ -460,7 +508,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     }
     if (lane == 0) {
       // One lane acquires every source's counts, then reads them (its own acquires order its reads).
-      for (int s = 0; s < R && fine; ++s)
+      for (int s = 0; s < R && fine && q.worst_case; ++s)
         fine = wait_flag(
             &mine->counts[s].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
             s);
@@ -468,22 +516,18 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       int64_t total = 0;
       for (int s = 0; s < R; ++s) {
         offsets[s] = total;
-        total += fine ? mine->counts[s].tokens : 0;
-        if (fine && mine->counts[s].num_blocks != static_cast<int>(gridDim.x)) {
+        if (!fine) continue;
+        total += q.worst_case ? mine->counts[s].tokens : q.recv_counts[s];
+        if (!q.worst_case) continue;
+        if (mine->counts[s].num_blocks != static_cast<int>(gridDim.x)) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].num_blocks,
                              gridDim.x);
           ok = false;
         }
-        // Ranks that disagree on the payload (hidden size, FP8 or BF16, scales, top-k) would misread each other's
-        // rows: refuse instead.
-        if (fine && mine->counts[s].experts_per_rank != q.experts_per_rank) {
+        // Ranks that disagree on the expert count would index each other's per-expert counts wrongly: refuse.
+        if (mine->counts[s].experts_per_rank != q.experts_per_rank) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s,
                              mine->counts[s].experts_per_rank, q.experts_per_rank);
-          ok = false;
-        }
-        if (fine && mine->counts[s].row_layout != row_layout_word(q.layout)) {
-          record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].row_layout,
-                             row_layout_word(q.layout));
           ok = false;
         }
       }
@@ -498,12 +542,18 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   const int64_t total_rows = offsets[R];
 
   if (ok && b == 0) {
-    if (threadIdx.x < R) q.recv_counts[threadIdx.x] = mine->counts[threadIdx.x].tokens;
-    if (threadIdx.x == 0) *q.num_recv_device = total_rows;
-    if (q.recv_per_expert != nullptr) {
-      for (int i = threadIdx.x; i < q.experts_per_rank; i += blockDim.x) {
+    // The receive counts go into the handle (for later cached dispatches and combines), and the per-expert counts
+    // into the output when asked for.
+    if (q.worst_case && threadIdx.x < R) q.recv_counts[threadIdx.x] = mine->counts[threadIdx.x].tokens;
+    if (q.worst_case && threadIdx.x == 0) *q.num_recv_device = total_rows;
+    for (int i = threadIdx.x; i < q.experts_per_rank; i += blockDim.x) {
+      if (q.worst_case) {
         int64_t sum = 0;
         for (int s = 0; s < R; ++s) sum += mine->counts[s].experts[i];
+        q.recv_expert_counts[i] = static_cast<int32_t>(sum);
+      }
+      if (q.recv_per_expert != nullptr) {
+        const int64_t sum = q.recv_expert_counts[i];
         q.recv_per_expert[i] =
             static_cast<int32_t>((sum + q.expert_alignment - 1) / q.expert_alignment * q.expert_alignment);
       }
@@ -532,27 +582,29 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       RangeMessage* message = &control_of(p.peers, lane)->ranges[p.rank][b];
       message->start = range[0];
       message->count = range[1];
+      message->row_layout = row_layout_word(L);
+      message->tokens = q.send_counts[lane];
+      message->num_blocks = gridDim.x;
       __threadfence_system();
       store_release_sys(&message->flag, seq);
     }
     const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
     const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
     const int64_t chunk_tokens = push_warps * kDispatchTokensPerWarpPerChunk;
+    // A warp's tokens are warp, warp + push_warps, ... of the block's range. Lane k loads slot k's id and weight,
+    // and lane d the token's position at rank d, for the warp's next token while the current one's row moves, so
+    // that no row waits for a round of loads of its own.
+    TokenRouting next = load_token_routing(q, t0 + warp < t1 ? t0 + warp : -1, lane);
     for (int64_t c0 = t0; c0 < t1; c0 += chunk_tokens) {
       for (int i = 0; i < kDispatchTokensPerWarpPerChunk; ++i) {
         const int64_t t = c0 + i * push_warps + warp;
         if (t >= t1) break;
         const uint8_t* x_row = q.x + t * q.x_stride_bytes;
         const uint8_t* scale_row = q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr;
-        // Lane k loads slot k's id and weight, and lane d the token's position at rank d: one round of loads, all
-        // in flight together, before any row moves.
-        int32_t my_id = -1;
-        float my_weight = 0.f;
-        if (lane < L.num_topk) {
-          if (q.topk_idx != nullptr) my_id = topk_entry(q, t, lane);
-          if (q.weights != nullptr) my_weight = q.weights[t * q.weights_stride + lane];
-        }
-        const int32_t my_pos = lane < R ? q.send_pos[t * R + lane] : -1;
+        const TokenRouting current = next;
+        next = load_token_routing(q, t + push_warps < t1 ? t + push_warps : -1, lane);
+        const int32_t my_id = current.id, my_pos = current.pos;
+        const float my_weight = current.weight;
         // Lane d holds where the token's row goes at rank d: the output row for this rank, the row in this
         // source's region at a peer. Each piece of the row is then loaded once and stored to every destination.
         // An output row past out_rows (a worst-case dispatch with more rows than its outputs) is not written.
@@ -608,6 +660,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     // warps).
     for (int s = 0; s < R; ++s) {
       int32_t start, count;
+      bool accepted = true;
       if (s == p.rank) {
         const int32_t* range = q.send_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
         start = range[0];
@@ -619,15 +672,18 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
                                          &mine->ranges[s][b].flag, [&](uint64_t v) { return v == seq; }, deadline,
                                          p.error, p.rank, Phase::kDispatch, s)))
           break;
-        start = mine->ranges[s][b].start;
-        count = mine->ranges[s][b].count;
+        const RangeMessage& message = mine->ranges[s][b];
+        start = message.start;
+        count = message.count;
+        accepted = range_accepted(p, message, s, row_layout_word(L), offsets[s + 1] - offsets[s],
+                                  warp == push_warps && lane == 0);
       }
-      if (warp == push_warps && lane == 0) {
+      if (warp == push_warps && lane == 0) {  // kept for the combine even when refused, so that it stays in step
         int32_t* out = q.recv_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
         out[0] = start;
         out[1] = count;
       }
-      if (s == p.rank) continue;  // rows to self were written by the send warps
+      if (s == p.rank || !accepted) continue;  // rows to self were written by the send warps
       const uint8_t* region = region_of(p.peers, p.rank, s, q.region_bytes);
       uint32_t available = 0;
       bool alive = true;
@@ -1085,7 +1141,7 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream) {
   notify_kernel<<<1, 256, 0, stream>>>(protocol_of(comm), handle.send_counts, handle.expert_counts,
                                        handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
-                                       handle.recv_counts, handle.num_recv_device,
+                                       handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
                                        static_cast<HandleHostInfo*>(comm.notify_host_device));
   DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
@@ -1104,6 +1160,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.recv_ranges = handle.recv_ranges;
   q.recv_counts = handle.recv_counts;
   q.num_recv_device = handle.num_recv_device;
+  q.recv_expert_counts = handle.recv_expert_counts;
   q.num_tokens = handle.num_tokens;
   q.experts_per_rank = handle.num_experts / comm.nranks;
   q.expert_alignment = handle.expert_alignment;

@@ -335,11 +335,28 @@ def ht_scenarios(info):
                 (42, 64, 2 if info.rank == 0 else 3, 0.2),
                 dict(num_experts=16, num_worst_tokens=128),
             ),
+            (
+                "disagreeing_layout_exact",
+                pydeepep.DeepEPInvalidArgument,
+                (46, 64, 2 if info.rank == 0 else 3, 0.2),
+                dict(num_experts=16),
+            ),
         ]
         for name, error, (seed, n, k, drop), kwargs in refusals:
             x, topk, _ = make_inputs(seed, info.rank, n, 256, k, 16, drop=drop)
             out[name] = refusal(comm, error, dispatch_host_inputs, comm, x, topk, **kwargs)
             log_scenario("ht", info, name, out[name])
+        # Ranks whose cached dispatches use handles of different routings (each rank's handle expects other totals
+        # from its peer than the peer sends): an error, never rows written into another source's outputs.
+        x, topk, _ = make_inputs(44, info.rank, 64, 256, 4, 16, drop=0.0)
+        x2, topk2, _ = make_inputs(45, info.rank, 64, 256, 4, 16, drop=0.6)
+        first = dispatch_host_inputs(comm, x, topk, num_experts=16)
+        second = dispatch_host_inputs(comm, x2, topk2, num_experts=16)
+        stale = first if info.rank == 0 else second
+        out["mismatched_handles"] = refusal(
+            comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(x), handle=stale.handle
+        )
+        log_scenario("ht", info, "mismatched_handles", out["mismatched_handles"])
         # Ranks that combine rows of different widths (hidden 256 and 128): an error, never rows summed at the wrong
         # stride.
         x, topk, _ = make_inputs(43, info.rank, 64, 256, 4, 16)
@@ -418,9 +435,10 @@ def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
         assert "dispatch notify" in r.get("disagreeing_experts", ""), r.get("disagreeing_experts")
 
 
-def test_ranks_disagreeing_on_the_row_layout_get_an_error(results):
+@pytest.mark.parametrize("scenario", ["disagreeing_layout", "disagreeing_layout_exact", "mismatched_handles"])
+def test_ranks_disagreeing_on_the_rows_they_exchange_get_an_error(results, scenario):
     for r in results:
-        assert "invalid argument in dispatch:" in r.get("disagreeing_layout", ""), r.get("disagreeing_layout")
+        assert "invalid argument in dispatch:" in r.get(scenario, ""), r.get(scenario)
 
 
 def test_ranks_combining_rows_of_other_widths_get_an_error(results):
