@@ -274,10 +274,13 @@ def empty_cache(device=None):
 
 
 cdef class _Allocation:
-    """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on."""
+    """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on. Memory that several
+    arrays share (_empty_group) is freed once all of them are gone, after the work of every stream that wrote one."""
     cdef unsigned long long ptr
     cdef size_t stream
     cdef size_t context
+    cdef bint shared
+    cdef list writers  # shared memory: (stream handle, stream owner) of the other streams that wrote into it
 
     def __dealloc__(self):
         cdef void* previous = NULL
@@ -285,6 +288,11 @@ cdef class _Allocation:
             return
         # The legacy default stream means "the current context's": make the owning device's context current.
         if pydeepep_ctx_push(<void*>self.context) == 0:
+            for handle, _ in self.writers or ():
+                try:
+                    _make_stream_wait(handle, self.stream)
+                except Exception:  # at interpreter exit the driver may be gone, and with it the work to order
+                    pass
             pydeepep_mem_free_async(self.ptr, <void*>self.stream)  # fails harmlessly at interpreter exit
             pydeepep_ctx_pop(&previous)
 
@@ -374,9 +382,17 @@ cdef class DeviceArray:
                 "out= arrays on the capturing stream (before the capture)", 2)
         _make_stream_wait(self.stream, handle)
         self.stream = handle
+        cdef _Allocation block
         if isinstance(self._owner, _Allocation):
-            (<_Allocation>self._owner).stream = handle
-            self._stream_owner = stream
+            block = <_Allocation>self._owner
+            if not block.shared:
+                block.stream = handle
+                self._stream_owner = stream
+            elif all(handle != writer for writer, _ in block.writers or ()):
+                # The other arrays of the memory may still be written on its first stream: the free waits for both.
+                if block.writers is None:
+                    block.writers = []
+                block.writers.append((handle, stream))
 
     def __dealloc__(self):
         # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:

@@ -80,8 +80,62 @@ def buffer_size_hint(int nranks, *, buffer_bytes=0, max_tokens_per_rank=4096, hi
     return nbytes
 
 
+cdef class _InterfaceView:
+    """What the checks read of an array that the CUDA array interface describes: pointer, shape, strides in elements
+    (None when C-contiguous) and element type. Which device holds the memory the library checks from the pointer."""
+    cdef readonly size_t ptr
+    cdef readonly tuple shape
+    cdef readonly object strides
+    cdef readonly object dtype
+    cdef readonly int device_id
+    cdef readonly object array  # keeps the memory alive while the view is in use
+
+
+cdef dict _INTERFACE_DTYPES = {}
+
+
+cdef _InterfaceView _interface_view(obj, size_t stream):
+    """A view of `obj` read from its __cuda_array_interface__ directly (a few microseconds, where a
+    StridedMemoryView costs about ten), ordered after the producer's stream on `stream`; None where the interface is
+    missing or unreadable, names its elements only as raw bytes (PyTorch's bfloat16 and float8 tensors do), or uses
+    what this reader does not handle (masks, strides that are not whole elements): the caller then takes the general
+    path."""
+    try:
+        interface = obj.__cuda_array_interface__
+        if interface.get("mask") is not None:
+            return None
+        typestr = interface["typestr"]
+        dtype = _INTERFACE_DTYPES.get(typestr)
+        if dtype is None:
+            dtype = _INTERFACE_DTYPES[typestr] = np.dtype(typestr)
+        if dtype.kind == "V":  # raw bytes (PyTorch's bfloat16): the element type only DLPack names
+            return None
+        shape = tuple(interface["shape"])
+        strides = interface.get("strides")
+        if strides is not None:
+            itemsize = dtype.itemsize
+            if any(step % itemsize for step in strides):
+                return None
+            strides = tuple(step // itemsize for step in strides)
+        ptr = interface["data"][0]
+        producer = interface.get("stream") if interface.get("version", 0) >= 3 else None
+    except Exception:
+        return None
+    if producer is not None and producer != stream:
+        _make_stream_wait(producer, stream)
+    cdef _InterfaceView view = _InterfaceView.__new__(_InterfaceView)
+    view.ptr = ptr or 0
+    view.shape = shape
+    view.strides = strides
+    view.dtype = dtype
+    view.device_id = 0
+    view.array = obj
+    return view
+
+
 def _as_view(obj, stream):
-    """A StridedMemoryView of any DLPack / CAI device array, ordered after its producer on `stream`."""
+    """A view of any DLPack / CAI device array (ptr, shape, strides in elements, dtype), ordered after its producer
+    on `stream`."""
     from cuda.core.utils import StridedMemoryView
 
     if isinstance(obj, DeviceArray):
@@ -89,6 +143,9 @@ def _as_view(obj, stream):
         if obj.stream != stream:
             _make_stream_wait(obj.stream, stream)
         return obj
+    view = _interface_view(obj, stream)
+    if view is not None:
+        return view
     if not is_device_array(obj):
         raise DeepEPInvalidArgument(
             f"expected a CUDA device array (DLPack or __cuda_array_interface__), got host data of type "
@@ -130,6 +187,49 @@ def empty(shape, dtype, *, int device, stream=None):
     # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
     array._stream_owner = stream
     return array
+
+
+cdef size_t _GROUP_ALIGNMENT = 256
+
+
+def _empty_group(specs, int device, stream):
+    """DeviceArrays for the (shape, dtype) pairs of `specs` (None gives None) in one allocation: a call's small outputs
+    cost one pool allocation instead of one each. Each array starts on a 256-byte boundary; the memory is freed once
+    every array of the group is gone (keep large outputs out of groups, so that a small array kept alone does not
+    keep them alive)."""
+    handle = stream_handle(stream)
+    cdef list offsets = []
+    cdef size_t total = 0
+    cdef size_t nbytes
+    cdef int parts = 0
+    for spec in specs:
+        if spec is None:
+            offsets.append(None)
+            continue
+        shape, dtype = spec
+        nbytes = (_STORAGE_DTYPES[dtype] if isinstance(dtype, str) and dtype in _STORAGE_DTYPES
+                  else np.dtype(dtype)).itemsize
+        for extent in shape:
+            nbytes *= int(extent)
+        offsets.append(total if nbytes else None)
+        if nbytes:
+            parts += 1
+        total += (nbytes + _GROUP_ALIGNMENT - 1) // _GROUP_ALIGNMENT * _GROUP_ALIGNMENT
+    block = _allocate(total, device, handle) if total else None
+    if block is not None:
+        (<_Allocation>block).shared = parts > 1
+    arrays = []
+    for spec, offset in zip(specs, offsets):
+        if spec is None:
+            arrays.append(None)
+        elif offset is None:
+            arrays.append(DeviceArray(0, spec[0], spec[1], device, handle, None))
+        else:
+            array = DeviceArray(<size_t>(<_Allocation>block).ptr + <size_t>offset, spec[0], spec[1], device, handle,
+                                block)
+            array._stream_owner = stream
+            arrays.append(array)
+    return arrays
 
 
 def to_device(array, *, int device, stream=None):
@@ -503,9 +603,8 @@ cdef class Communicator:
                 1)
         if out is None:
             # Pass the caller's stream object itself: the arrays keep it alive until their memory is freed on it.
-            results = (empty((self.nranks,), np.int32, device=self.device, stream=stream),
-                       empty((num_experts,), np.int32, device=self.device, stream=stream),
-                       empty((num_tokens, self.nranks), np.bool_, device=self.device, stream=stream))
+            results = tuple(_empty_group((((self.nranks,), np.int32), ((num_experts,), np.int32),
+                                          ((num_tokens, self.nranks), np.bool_)), self.device, stream))
             pointers = [a.ptr for a in results]
         else:
             if len(out) != 3:
@@ -642,12 +741,11 @@ cdef class Communicator:
             rows = h.num_recv_rows
         if out is None:
             recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
-            recv_scales = empty((rows, a.num_scales), scales_dtype, device=self.device, stream=stream) if fp8 else None
-            recv_topk_idx = (empty((rows, num_topk), np.int64, device=self.device, stream=stream)
-                             if topk_idx is not None else None)
-            recv_topk_weights = (empty((rows, num_topk), np.float32, device=self.device, stream=stream)
-                                 if topk_weights is not None else None)
-            recv_src_idx = empty((rows,), np.int32, device=self.device, stream=stream)
+            recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = _empty_group((
+                ((rows, a.num_scales), scales_dtype) if fp8 else None,
+                ((rows, num_topk), np.int64) if topk_idx is not None else None,
+                ((rows, num_topk), np.float32) if topk_weights is not None else None,
+                ((rows,), np.int32)), self.device, stream)
         else:
             # The library cannot see the sizes of caller arrays: check every one against what will be written.
             recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream,

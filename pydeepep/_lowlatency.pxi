@@ -179,10 +179,9 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     scales_dtype = np.int32 if use_ue8m0 else np.float32
     if out is None:
         recv_x = empty((local, rows, hidden), payload, device=comm.device, stream=stream)
-        recv_scales = empty(scales_shape, scales_dtype, device=comm.device, stream=stream) if use_fp8 else None
-        recv_count = empty((local,), np.int32, device=comm.device, stream=stream)
-        recv_src_info = empty((local, rows), np.int32, device=comm.device, stream=stream)
-        recv_layout_range = empty((local, R, 2), np.int32, device=comm.device, stream=stream)
+        recv_scales, recv_count, recv_src_info, recv_layout_range = _empty_group((
+            (scales_shape, scales_dtype) if use_fp8 else None, ((local,), np.int32), ((local, rows), np.int32),
+            ((local, R, 2), np.int32)), comm.device, stream)
     else:
         recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
                          comm.device)

@@ -226,6 +226,54 @@ def test_device_arrays_are_told_from_host_data(obj, expected):
     assert _interop.is_device_array(obj) is expected
 
 
+class Interface:
+    """An array offering only the CUDA array interface (what CuPy, Numba and PyTorch give)."""
+
+    def __init__(self, **fields):
+        self.__cuda_array_interface__ = {"data": (0x7000, False), "version": 3, "stream": None, **fields}
+
+
+def test_interface_arrays_are_read_directly_with_strides_in_elements():
+    from pydeepep import _core
+
+    # Rows of 6 float32 with a padded row stride of 8 elements (32 bytes), produced on the caller's stream 7 (no
+    # ordering needed, so no CUDA call is made).
+    view = _core._as_view(Interface(shape=(4, 6), typestr="<f4", strides=(32, 4), stream=7), 7)
+    assert (view.ptr, view.shape, view.strides, view.dtype) == (0x7000, (4, 6), (8, 1), np.dtype(np.float32))
+    assert _interop.check_matrix(view, "x", (np.float32,), 0) == (4, 6, 8)
+    contiguous = _core._as_view(Interface(shape=(3, 5), typestr="<u2"), 7)
+    assert contiguous.strides is None
+    assert _interop.payload_kind(contiguous, "x") == "bfloat16"
+    assert _interop.check_matrix(contiguous, "x", None, 0) == (3, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(shape=(2, 2), typestr="<V2"),  # PyTorch's bfloat16: only DLPack names the element type
+        dict(shape=(2, 2), typestr="<f4", mask=(0x9000, False)),
+        dict(shape=(2, 2), typestr="<f4", strides=(8, 2)),  # half-element steps
+    ],
+)
+def test_interface_arrays_the_direct_reader_cannot_describe_take_the_general_path(fields):
+    from pydeepep import _core
+
+    try:
+        view = _core._as_view(Interface(**fields), 7)
+    except Exception:  # the general path needs the CUDA driver, absent here
+        view = None
+    assert not isinstance(view, _core._InterfaceView)
+
+
+def test_interface_arrays_are_checked_like_any_other():
+    from pydeepep import _core
+
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="non-native"):
+        _interop.check_matrix(_core._as_view(Interface(shape=(2, 2), typestr=">f4"), 7), "x", None, 0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="contiguous"):
+        _interop.check_matrix(_core._as_view(Interface(shape=(2, 2), typestr="<f4", strides=(8, 8)), 7), "x", None, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DeviceArray export (no CUDA call is made for stream=-1 or an equal stream).
 
