@@ -150,8 +150,10 @@ def _as_view(obj, stream):
         raise DeepEPInvalidArgument(
             f"expected a CUDA device array (DLPack or __cuda_array_interface__), got host data of type "
             f"{type(obj).__name__}; copy it to the device first (e.g. pydeepep.to_device)", 1)
+    # cuda.core >= 1.2.2 deprecates the constructor for array-interface objects in favour of from_any_interface.
+    make = getattr(StridedMemoryView, "from_any_interface", None) or StridedMemoryView
     try:
-        return StridedMemoryView(obj, stream_ptr=stream)
+        return make(obj, stream_ptr=stream)
     except (BufferError, TypeError, AttributeError, ValueError) as exc:
         raise DeepEPInvalidArgument(
             f"expected a device array exposing DLPack or __cuda_array_interface__, got {type(obj).__name__}: {exc}",
