@@ -459,6 +459,10 @@ CASES = {
     "fp8_round_scale": dict(seed=2, n=100, h=1024, k=8, e=16, round_scale=True),
     "fp8_ue8m0": dict(seed=3, n=100, h=640, k=8, e=16, round_scale=True, ue8m0=True),
     "fp8_h7168": dict(seed=4, n=64, h=7168, k=8, e=16),
+    # Fewer tokens than blocks: each row is split over blocks by 128-channel groups (56 parts of one token; one group
+    # per block for three tokens of 12 groups, with UE8M0 scales).
+    "one_token_fp8_h7168": dict(seed=24, n=1, h=7168, k=8, e=16),
+    "three_tokens_ue8m0": dict(seed=25, n=3, h=1536, k=8, e=16, round_scale=True, ue8m0=True),
     "fp8_any_bf16_bits": dict(seed=22, n=100, h=1024, k=8, e=16, any_bits=True, combine=False),
     "bf16": dict(seed=5, n=100, h=1032, k=8, e=16, use_fp8=False),
     "bf16_h7168": dict(seed=6, n=50, h=7168, k=8, e=16, use_fp8=False),
