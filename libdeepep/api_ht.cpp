@@ -93,7 +93,6 @@ void note_use(deepepHandle& handle, cudaStream_t stream) {
 
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch.
 void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& given, cudaStream_t stream) {
-  check_routing(comm, given);
   deepepDispatchArgs a = given;
   if (a.topk_row_stride == 0) a.topk_row_stride = a.num_topk;  // 0 means contiguous rows
   const int num_sms = resolve_num_sms(comm, a.num_sms);
@@ -202,7 +201,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->send_ranges = take(R * kMaxBlocks * 2);
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
-    h->recv_expert_counts = take(DEEPEP_MAX_LOCAL_EXPERTS);
+    h->recv_expert_counts = take(DEEPEP_MAX_LOCAL_EXPERTS);  // right after recv_counts: cleared together
     h->tile_counts = take(tiles * R);
     h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
     // New storage starts zeroed (reused storage keeps stale routing, which nothing reads before a routing rewrites
@@ -318,13 +317,17 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     const deepepDispatchArgs a = checked_struct(args, "args");
     deepepHandle& h = *checked_handle(handle, &c);
     require_intranode(c);
+    check_routing(c, a);
     DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
+    // The handle serves cached dispatches and combines only once its counts are known: not if the notify fails.
+    h.routed = false;
     launch_notify(c, h, a.expert_alignment, stream);
     // Before the wait, which may throw while the notify still writes the handle's storage: a destroyed handle's
     // storage is reused only once its last use is done.
     note_use(h, stream);
     wait_bounded(c, stream, "the dispatch count exchange");
+    h.routed = true;
     std::memcpy(&h.host_info, c.notify_host, sizeof(HandleHostInfo));
     h.recv_counts_on_host = true;
   });
@@ -429,12 +432,16 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
     if (a.recv_src_idx != nullptr)
       check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
+    // Every check before the routing is prepared: a refusal after it would leave the handle marked routed with
+    // counts that no exchange filled.
+    if (worst_case) check_routing(c, a);
+    const int num_experts = worst_case ? a.num_experts : h.num_experts;
+    DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || num_experts > 0, "no routing for expert counts");
+    if (a.num_recv_tokens_per_expert != nullptr)
+      check_device_array(c, a.num_recv_tokens_per_expert, static_cast<size_t>(num_experts / c.nranks) * 4, 4,
+                         "num_recv_tokens_per_expert");
     DeviceGuard guard(c.device);
     if (worst_case) prepare(c, h, a, stream);
-    DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || h.num_experts > 0, "no routing for expert counts");
-    if (a.num_recv_tokens_per_expert != nullptr)
-      check_device_array(c, a.num_recv_tokens_per_expert, static_cast<size_t>(h.num_experts / c.nranks) * 4, 4,
-                         "num_recv_tokens_per_expert");
     deepepDispatchArgs launch = a;
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;

@@ -518,7 +518,14 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         offsets[s] = total;
         if (!fine) continue;
         total += q.worst_case ? mine->counts[s].tokens : q.recv_counts[s];
-        if (!q.worst_case) continue;
+        if (!q.worst_case) {
+          // The handle's count of this rank's own rows must be what this rank sends itself (it is not, after a
+          // failed exchange): the rows would land at the wrong place, so say so.
+          if (s == p.rank && q.recv_counts[s] != q.send_counts[s])
+            record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, q.recv_counts[s],
+                               q.send_counts[s]);
+          continue;
+        }
         if (mine->counts[s].num_blocks != static_cast<int>(gridDim.x)) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, mine->counts[s].num_blocks,
                              gridDim.x);
@@ -1127,6 +1134,11 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
   q.error = comm.async_error_device;
   q.rank = comm.rank;
   DEEPEP_CUDA_CHECK(cudaMemsetAsync(handle.expert_counts, 0, sizeof(int32_t) * args.num_experts, stream));
+  // The receive counts are filled by the count exchange that follows; cleared first, so that a cached dispatch on a
+  // handle whose exchange failed finds zeros, which its peers' totals contradict (an error), not the counts of an
+  // earlier routing. recv_expert_counts follows recv_counts in the handle's storage (deepepHandleCreate).
+  DEEPEP_CUDA_CHECK(
+      cudaMemsetAsync(handle.recv_counts, 0, sizeof(int32_t) * (comm.nranks + DEEPEP_MAX_LOCAL_EXPERTS), stream));
   const size_t histogram_bytes = sizeof(int32_t) * args.num_experts;
   if (q.topk_int64) {
     routing_count_kernel<int64_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);

@@ -97,12 +97,14 @@ cdef dict _INTERFACE_DTYPES = {}
 cdef _InterfaceView _interface_view(obj, size_t stream):
     """A view of `obj` read from its __cuda_array_interface__ directly (a few microseconds, where a
     StridedMemoryView costs about ten), ordered after the producer's stream on `stream`; None where the interface is
-    missing or unreadable, names its elements only as raw bytes (PyTorch's bfloat16 and float8 tensors do), or uses
-    what this reader does not handle (masks, strides that are not whole elements): the caller then takes the general
-    path."""
+    missing or unreadable, older than version 3 (no stream to order after; PyTorch's), names its elements only as raw
+    bytes, or uses what this reader does not handle (masks, strides that are not whole elements): the caller then
+    takes the general path."""
     try:
         interface = obj.__cuda_array_interface__
-        if interface.get("mask") is not None:
+        # Before version 3 the interface names no stream (PyTorch's still does not): DLPack orders the call after the
+        # producer instead.
+        if interface.get("version", 0) < 3 or interface.get("mask") is not None:
             return None
         typestr = interface["typestr"]
         dtype = _INTERFACE_DTYPES.get(typestr)
@@ -118,7 +120,7 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
                 return None
             strides = tuple(step // itemsize for step in strides)
         ptr = interface["data"][0]
-        producer = interface.get("stream") if interface.get("version", 0) >= 3 else None
+        producer = interface.get("stream")
     except Exception:
         return None
     if producer is not None and producer != stream:

@@ -251,6 +251,7 @@ def test_interface_arrays_are_read_directly_with_strides_in_elements():
     "fields",
     [
         dict(shape=(2, 2), typestr="<V2"),  # PyTorch's bfloat16: only DLPack names the element type
+        dict(shape=(2, 2), typestr="<f4", version=2),  # no stream to order after (PyTorch's interface)
         dict(shape=(2, 2), typestr="<f4", mask=(0x9000, False)),
         dict(shape=(2, 2), typestr="<f4", strides=(8, 2)),  # half-element steps
     ],
