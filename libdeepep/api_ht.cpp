@@ -91,7 +91,8 @@ void note_use(deepepHandle& handle, cudaStream_t stream) {
   DEEPEP_CUDA_CHECK(cudaEventRecord(handle.last_use, stream));
 }
 
-// Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch.
+// Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch, which
+// fill the receive counts, and marks the handle routed once that call is launched (notify: once it is done).
 void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& given, cudaStream_t stream) {
   deepepDispatchArgs a = given;
   if (a.topk_row_stride == 0) a.topk_row_stride = a.num_topk;  // 0 means contiguous rows
@@ -104,7 +105,6 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   handle.num_sms = num_sms;
   launch_prepare_routing(comm, handle, a, num_sms, stream);
   note_use(handle, stream);
-  handle.routed = true;
 }
 
 // Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
@@ -201,7 +201,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->send_ranges = take(R * kMaxBlocks * 2);
     h->recv_ranges = take(R * kMaxBlocks * 2);
     h->recv_counts = take(R);
-    h->recv_expert_counts = take(DEEPEP_MAX_LOCAL_EXPERTS);  // right after recv_counts: cleared together
+    h->recv_expert_counts = take(DEEPEP_MAX_LOCAL_EXPERTS);
     h->tile_counts = take(tiles * R);
     h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
     // New storage starts zeroed (reused storage keeps stale routing, which nothing reads before a routing rewrites
@@ -320,8 +320,6 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     check_routing(c, a);
     DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
-    // The handle serves cached dispatches and combines only once its counts are known: not if the notify fails.
-    h.routed = false;
     launch_notify(c, h, a.expert_alignment, stream);
     // Before the wait, which may throw while the notify still writes the handle's storage: a destroyed handle's
     // storage is reused only once its last use is done.
@@ -432,8 +430,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
     if (a.recv_src_idx != nullptr)
       check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
-    // Every check before the routing is prepared: a refusal after it would leave the handle marked routed with
-    // counts that no exchange filled.
+    // Every check before the routing is prepared: a refusal after it would leave the handle without the routing it
+    // held.
     if (worst_case) check_routing(c, a);
     const int num_experts = worst_case ? a.num_experts : h.num_experts;
     DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || num_experts > 0, "no routing for expert counts");
@@ -446,6 +444,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;
     launch_dispatch(c, h, launch, layout, worst_case, stream);
+    if (worst_case) h.routed = true;  // its kernel fills the receive counts
     note_use(h, stream);
   });
 }

@@ -1134,11 +1134,6 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
   q.error = comm.async_error_device;
   q.rank = comm.rank;
   DEEPEP_CUDA_CHECK(cudaMemsetAsync(handle.expert_counts, 0, sizeof(int32_t) * args.num_experts, stream));
-  // The receive counts are filled by the count exchange that follows; cleared first, so that a cached dispatch on a
-  // handle whose exchange failed finds zeros, which its peers' totals contradict (an error), not the counts of an
-  // earlier routing. recv_expert_counts follows recv_counts in the handle's storage (deepepHandleCreate).
-  DEEPEP_CUDA_CHECK(
-      cudaMemsetAsync(handle.recv_counts, 0, sizeof(int32_t) * (comm.nranks + DEEPEP_MAX_LOCAL_EXPERTS), stream));
   const size_t histogram_bytes = sizeof(int32_t) * args.num_experts;
   if (q.topk_int64) {
     routing_count_kernel<int64_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);

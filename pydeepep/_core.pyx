@@ -179,18 +179,7 @@ def _device(int ordinal):
 def empty(shape, dtype, *, int device, stream=None):
     """A new DeviceArray, allocated stream-ordered on `stream` from pydeepep's memory pool on `device` (contents
     undefined). Freed memory stays in that pool for later outputs."""
-    handle = stream_handle(stream)
-    nbytes = (_STORAGE_DTYPES[dtype] if isinstance(dtype, str) and dtype in _STORAGE_DTYPES else np.dtype(dtype)).itemsize
-    for s in shape:
-        nbytes *= int(s)
-    if nbytes == 0:
-        return DeviceArray(0, shape, dtype, device, handle, None)
-    block = _allocate(nbytes, device, handle)
-    array = DeviceArray(<size_t>block.ptr, shape, dtype, device, handle, block)
-    # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
-    # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
-    array._stream_owner = stream
-    return array
+    return _empty_group(((shape, dtype),), device, stream)[0]
 
 
 cdef size_t _GROUP_ALIGNMENT = 256
@@ -231,6 +220,8 @@ def _empty_group(specs, int device, stream):
         else:
             array = DeviceArray(<size_t>(<_Allocation>block).ptr + <size_t>offset, spec[0], spec[1], device, handle,
                                 block)
+            # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
+            # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
             array._stream_owner = stream
             arrays.append(array)
     return arrays
