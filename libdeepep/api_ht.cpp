@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -99,6 +100,7 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   const int num_sms = resolve_num_sms(comm, a.num_sms);
   handle.routed = false;
   handle.recv_counts_on_host = false;
+  handle.report_ticket = 0;
   handle.num_tokens = a.num_tokens;
   handle.num_experts = a.num_experts;
   handle.expert_alignment = a.expert_alignment;
@@ -342,6 +344,14 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     const bool worst_case = a.num_worst_tokens > 0;
     DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
                    static_cast<long long>(a.num_worst_tokens));
+    const bool report = a.report_recv_counts != 0;
+    if (report) {
+      DEEPEP_REQUIRE(worst_case, "report_recv_counts needs a worst-case dispatch (num_worst_tokens > 0)");
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+      if (capturing != cudaStreamCaptureStatusNone)
+        fail(deepepInvalidUsage, "a dispatch reporting its receive counts cannot be captured: the host waits for them");
+    }
     if (!worst_case) {
       if (!h.routed)
         fail(deepepInvalidUsage,
@@ -440,12 +450,68 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                          "num_recv_tokens_per_expert");
     DeviceGuard guard(c.device);
     if (worst_case) prepare(c, h, a, stream);
+    if (report) {
+      h.report_ticket = ++c.report_tickets;
+      h.report_rows = rows;
+    }
     deepepDispatchArgs launch = a;
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;
     launch_dispatch(c, h, launch, layout, worst_case, stream);
     if (worst_case) h.routed = true;  // its kernel fills the receive counts
     note_use(h, stream);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
+  return guarded_call(__func__, [&] {
+    deepepHandle& h = *checked_handle(handle, nullptr);
+    if (h.report_ticket == 0)
+      fail(deepepInvalidUsage, "the handle's last dispatch did not report its receive counts (report_recv_counts)");
+    const deepepComm& c = *checked_comm(h.comm);
+    DeviceGuard guard(c.device);
+    const auto* slot = static_cast<const HandleHostInfo*>(c.report_host);
+    auto ticket_now = [&] { return *reinterpret_cast<const volatile uint64_t*>(&slot->ticket); };
+    auto overwritten = [&] {
+      fail(deepepInvalidUsage,
+           "the receive counts of the handle's dispatch were overwritten by another dispatch reporting counts on "
+           "the communicator: collect them with deepepHandleWaitRecvCounts before the next such dispatch");
+    };
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = start + std::chrono::duration<double>(c.timeout_seconds + 5);
+    while (ticket_now() != h.report_ticket) {
+      if (c.async_error->code > 0) raise_async_error(c);  // the kernel gave up before it had the counts
+      const cudaError_t done = cudaEventQuery(h.last_use);
+      if (done == cudaSuccess) {
+        if (ticket_now() == h.report_ticket) break;
+        raise_async_error(c);
+        overwritten();
+      }
+      if (done != cudaErrorNotReady) fail_cuda(done, "cudaEventQuery(the handle's last use)", __FILE__, __LINE__);
+      if (std::chrono::steady_clock::now() > deadline) {
+        c.peer_timed_out.store(true);
+        fail(deepepTimeout, "the dispatch's count exchange did not finish within %.1f s", c.timeout_seconds);
+      }
+      // The counts come within tens of microseconds of the launch: spin first, then stop burning the core.
+      if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    HandleHostInfo info;
+    std::memcpy(&info, slot, sizeof(info));
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (ticket_now() != h.report_ticket) overwritten();  // a later dispatch wrote while the counts were copied
+    raise_async_error(c);
+    if (info.num_recv_tokens > h.report_rows) {
+      fail(deepepBufferTooSmall, "%lld rows arrive but the outputs hold %lld (num_worst_tokens)",
+           static_cast<long long>(info.num_recv_tokens), static_cast<long long>(h.report_rows));
+    }
+    h.host_info = info;
+    h.recv_counts_on_host = true;
+    h.report_ticket = 0;
   });
 }
 

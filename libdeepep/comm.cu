@@ -243,6 +243,8 @@ static void free_local_resources(deepepComm* comm) {
   comm->host_wait_event = nullptr;
   comm->op_state_device = nullptr;
   comm->notify_host = nullptr;
+  comm->report_host = nullptr;
+  comm->report_host_device = nullptr;
   comm->stream = nullptr;
   comm->peer_buffers_device = nullptr;
   comm->ll_direct_device = nullptr;
@@ -318,7 +320,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     std::memset(comm->async_error, 0, sizeof(AsyncErrorRecord));
     DEEPEP_CUDA_CHECK(
         cudaHostGetDevicePointer(reinterpret_cast<void**>(&comm->async_error_device), comm->async_error, 0));
-    DEEPEP_CUDA_CHECK(cudaHostAlloc(&comm->notify_host, sizeof(HandleHostInfo), cudaHostAllocMapped));
+    DEEPEP_CUDA_CHECK(cudaHostAlloc(&comm->notify_host, 2 * sizeof(HandleHostInfo), cudaHostAllocMapped));
     DEEPEP_CUDA_CHECK(cudaEventCreateWithFlags(&comm->host_wait_event, cudaEventDisableTiming));
     const char* timeline = std::getenv("DEEPEP_LL_TIMELINE");
     if (timeline != nullptr && std::strcmp(timeline, "1") == 0) {
@@ -326,8 +328,10 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
       DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->ll_timeline_device), bytes));
       DEEPEP_CUDA_CHECK(cudaMemset(comm->ll_timeline_device, 0, bytes));
     }
-    std::memset(comm->notify_host, 0, sizeof(HandleHostInfo));
+    std::memset(comm->notify_host, 0, 2 * sizeof(HandleHostInfo));
     DEEPEP_CUDA_CHECK(cudaHostGetDevicePointer(&comm->notify_host_device, comm->notify_host, 0));
+    comm->report_host = static_cast<HandleHostInfo*>(comm->notify_host) + 1;
+    comm->report_host_device = static_cast<HandleHostInfo*>(comm->notify_host_device) + 1;
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->op_state_device), 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMemset(comm->op_state_device, 0, 4 * sizeof(uint32_t)));
     DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&comm->peer_buffers_device), sizeof(void*) * nranks));

@@ -68,6 +68,11 @@ struct deepepComm {
   // communicator, since notify calls block the host one at a time.
   void* notify_host = nullptr;
   void* notify_host_device = nullptr;
+  // Where a dispatch reporting its counts leaves them (the second HandleHostInfo of notify_host's allocation: a
+  // notify never overwrites a report still to be collected), tagged with the ticket its launch drew.
+  void* report_host = nullptr;
+  void* report_host_device = nullptr;
+  mutable std::atomic<uint64_t> report_tickets{0};
   int64_t* ll_timeline_device = nullptr;  // [ll_blocks][DEEPEP_LL_TIMELINE_MARKS]; DEEPEP_LL_TIMELINE=1 only
   // Recorded after a call's work that the host waits for (wait_bounded); one per communicator, like notify_host.
   cudaEvent_t host_wait_event = nullptr;

@@ -19,6 +19,7 @@ constexpr int kRoutingTile = 256;  // tokens per block of the routing kernels (o
 struct HandleHostInfo {
   int64_t num_recv_tokens;
   int32_t recv_tokens_per_expert[DEEPEP_MAX_LOCAL_EXPERTS];
+  uint64_t ticket;  // a reporting dispatch's: stored last, after a system fence (the notify leaves it alone)
 };
 
 }  // namespace deepep
@@ -54,4 +55,6 @@ struct deepepHandle {
   int64_t* num_recv_device = nullptr;
 
   deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)
+  uint64_t report_ticket = 0;             // of the last dispatch, when it reports its counts and they are uncollected
+  int64_t report_rows = 0;                // rows that dispatch's outputs hold
 };

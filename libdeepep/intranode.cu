@@ -401,6 +401,8 @@ struct DispatchParams {
   int32_t* recv_per_expert;
   int64_t out_rows;
   bool worst_case;
+  HandleHostInfo* report;  // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
+  uint64_t report_ticket;
   int push_warps;  // warps 0 .. push_warps - 1 push rows, the others copy received rows out
   int diag;        // kDiag* bits: stages left out to time the others (never set in normal use)
 };
@@ -554,15 +556,25 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     if (q.worst_case && threadIdx.x < R) q.recv_counts[threadIdx.x] = mine->counts[threadIdx.x].tokens;
     if (q.worst_case && threadIdx.x == 0) *q.num_recv_device = total_rows;
     for (int i = threadIdx.x; i < q.experts_per_rank; i += blockDim.x) {
+      int64_t sum = 0;
       if (q.worst_case) {
-        int64_t sum = 0;
         for (int s = 0; s < R; ++s) sum += mine->counts[s].experts[i];
         q.recv_expert_counts[i] = static_cast<int32_t>(sum);
+      } else {
+        sum = q.recv_expert_counts[i];
       }
-      if (q.recv_per_expert != nullptr) {
-        const int64_t sum = q.recv_expert_counts[i];
-        q.recv_per_expert[i] =
-            static_cast<int32_t>((sum + q.expert_alignment - 1) / q.expert_alignment * q.expert_alignment);
+      const int32_t aligned =
+          static_cast<int32_t>((sum + q.expert_alignment - 1) / q.expert_alignment * q.expert_alignment);
+      if (q.recv_per_expert != nullptr) q.recv_per_expert[i] = aligned;
+      if (q.report != nullptr) q.report->recv_tokens_per_expert[i] = aligned;
+    }
+    if (q.report != nullptr) {
+      // The host waits for the ticket, stored last: the counts are out while the rows still move.
+      if (threadIdx.x == 0) q.report->num_recv_tokens = total_rows;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence_system();
+        *reinterpret_cast<volatile uint64_t*>(&q.report->ticket) = q.report_ticket;
       }
     }
   }
@@ -1188,6 +1200,10 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.recv_per_expert = args.num_recv_tokens_per_expert;
   q.out_rows = args.num_recv_rows;
   q.worst_case = worst_case;
+  if (handle.report_ticket != 0) {
+    q.report = static_cast<HandleHostInfo*>(comm.report_host_device);
+    q.report_ticket = handle.report_ticket;
+  }
   q.diag = diag_bits();
   q.push_warps =
       q.layout.row_bytes > kDispatchLargeRowBytes ? kDispatchPushWarpsLargeRows : kDispatchPushWarpsSmallRows;

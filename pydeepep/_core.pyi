@@ -149,6 +149,7 @@ class Communicator:
         handle: Handle | None = ...,
         expert_alignment: int = ...,
         num_worst_tokens: int = ...,
+        max_recv_tokens: int = ...,
         num_sms: int = ...,
         stream: Any = ...,
         out: DispatchResult | None = ...,

@@ -185,6 +185,17 @@ def empty(shape, dtype, *, int device, stream=None):
 cdef size_t _GROUP_ALIGNMENT = 256
 
 
+cdef _leading_rows(array, int64_t rows):
+    """The first `rows` rows of a DeviceArray (None stays None), sharing its memory and keeping it alive."""
+    if array is None or array.shape[0] == rows:
+        return array
+    cdef DeviceArray whole = <DeviceArray>array
+    cdef DeviceArray view = DeviceArray(whole.ptr, (rows,) + whole.shape[1:], whole.dtype_name, whole.device_id,
+                                        whole.stream, whole._owner)
+    view._stream_owner = whole._stream_owner
+    return view
+
+
 def _empty_group(specs, int device, stream):
     """DeviceArrays for the (shape, dtype) pairs of `specs` (None gives None) in one allocation: a call's small outputs
     cost one pool allocation instead of one each. Each array starts on a 256-byte boundary; the memory is freed once
@@ -357,6 +368,19 @@ cdef class Handle:
         if self._h == NULL:
             raise DeepEPInvalidUsage("the handle is closed", 2)
         return self._h
+
+    cdef int64_t _take_recv_counts(self, int num_experts) except -1:
+        """Copies the receive counts the library holds on the host (after a notify, or a dispatch that reported
+        them) into the handle's Python view of its routing; returns the number of rows."""
+        cdef int64_t received = 0
+        _check(deepepHandleGetNumRecvTokens(self._h, &received))
+        cdef int local_experts = num_experts // self.comm.nranks
+        counts = np.zeros(local_experts, np.int32)
+        _check(deepepHandleGetRecvTokensPerExpert(self._h, <int32_t*><size_t>counts.ctypes.data, local_experts))
+        self.num_experts = num_experts
+        self.num_recv_rows = received
+        self.num_recv_tokens_per_expert = [int(c) for c in counts]
+        return received
 
     @property
     def num_tokens(self):
@@ -629,8 +653,8 @@ cdef class Communicator:
 
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, x_scales=None, handle=None,
-                 int expert_alignment=1, int64_t num_worst_tokens=0, int num_sms=0, stream=None, out=None,
-                 previous_event=None, bint async_finish=False):
+                 int expert_alignment=1, int64_t num_worst_tokens=0, int64_t max_recv_tokens=0, int num_sms=0,
+                 stream=None, out=None, previous_event=None, bint async_finish=False):
         """High-throughput dispatch: sends each token to every rank holding one of its experts (once per rank).
 
         ``x`` [N, H]: bfloat16 (or its bits as uint16) or float8_e4m3fn (or uint8) with ``x_scales`` [N, H/128]
@@ -639,7 +663,12 @@ cdef class Communicator:
         with the tokens. Modes: no ``handle`` and ``num_worst_tokens == 0``: exact size (a count exchange and one host
         synchronisation); ``handle`` given and ``num_worst_tokens == 0``: cached (same routing, new data, no host
         synchronisation); ``num_worst_tokens > 0``: outputs of that many rows, no host synchronisation (``handle``,
-        if given, is refilled: create it beforehand to capture the call in a CUDA graph). Returns a
+        if given, is refilled: create it beforehand to capture the call in a CUDA graph); ``max_recv_tokens > 0``
+        (a bound on the rows this rank receives): exact-size results like the first mode, but the counts are
+        exchanged inside the dispatch kernel, which writes into outputs of ``max_recv_tokens`` rows, and the call
+        returns as soon as the counts are known, while the rows still move (no second kernel, no idle GPU); the
+        arrays returned are the first rows of those outputs and keep all of their memory until freed; more rows than
+        the bound raise ``DeepEPBufferTooSmall``. Returns a
         :data:`DispatchResult`; outputs are produced on ``stream``. ``out``: a DispatchResult of an earlier call
         with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs).
         ``previous_event``: work waits for this event first. ``async_finish``: run on the communicator's stream
@@ -696,12 +725,21 @@ cdef class Communicator:
                                             "is needed", 1)
             a.topk_weights = <const float*><size_t>wv.ptr
             a.weights_row_stride = wv.stride
+        if max_recv_tokens < 0:
+            raise DeepEPInvalidArgument(f"max_recv_tokens is {max_recv_tokens}; it must be >= 0", 1)
+        bounded = max_recv_tokens > 0
+        if bounded and num_worst_tokens > 0:
+            raise DeepEPInvalidArgument("num_worst_tokens and max_recv_tokens are two modes: pass one of them", 1)
+        if bounded and out is not None:
+            raise DeepEPInvalidArgument("a dispatch with max_recv_tokens returns views of new outputs: out= is for "
+                                        "cached and worst-case dispatches", 1)
         a.expert_alignment = expert_alignment
-        a.num_worst_tokens = num_worst_tokens
+        a.num_worst_tokens = max_recv_tokens if bounded else num_worst_tokens
+        a.report_recv_counts = bounded
         a.num_sms = num_sms
         cdef Handle h
         cdef deepepResult_t status
-        routing_given = handle is None or num_worst_tokens > 0
+        routing_given = handle is None or num_worst_tokens > 0 or bounded
         if routing_given:
             if topk_idx is None or num_experts is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
@@ -715,21 +753,13 @@ cdef class Communicator:
         cdef deepepHandle_t hh = h._live()
         cdef int64_t rows
         cdef int64_t received = 0
-        cdef int local_experts
-        if num_worst_tokens > 0:
-            rows = num_worst_tokens
+        if num_worst_tokens > 0 or bounded:
+            rows = a.num_worst_tokens
         elif handle is None:
             with nogil:
                 status = deepepDispatchNotify(comm, &a, hh, cs)
             _check(status)
-            _check(deepepHandleGetNumRecvTokens(hh, &received))
-            rows = received
-            local_experts = num_experts // self.nranks
-            counts = np.zeros(local_experts, np.int32)
-            _check(deepepHandleGetRecvTokensPerExpert(hh, <int32_t*><size_t>counts.ctypes.data, local_experts))
-            h.num_experts = num_experts
-            h.num_recv_rows = rows
-            h.num_recv_tokens_per_expert = [int(c) for c in counts]
+            rows = h._take_recv_counts(num_experts)
         else:
             if h.num_recv_rows is None:
                 raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
@@ -763,7 +793,18 @@ cdef class Communicator:
             status = deepepDispatch(comm, &a, hh, cs)
         _check(status)
         # The handle's Python view of its routing changes only once the library accepted the call.
-        if num_worst_tokens > 0:
+        if bounded:
+            h.num_recv_rows = None  # until the counts are in: a failed wait leaves a handle nothing can reuse
+            with nogil:
+                status = deepepHandleWaitRecvCounts(hh)
+            _check(status)
+            received = h._take_recv_counts(num_experts)
+            recv_x = _leading_rows(recv_x, received)
+            recv_scales = _leading_rows(recv_scales, received)
+            recv_topk_idx = _leading_rows(recv_topk_idx, received)
+            recv_topk_weights = _leading_rows(recv_topk_weights, received)
+            recv_src_idx = _leading_rows(recv_src_idx, received)
+        elif num_worst_tokens > 0:
             h.num_experts = num_experts
             h.num_recv_rows = rows
             h.num_recv_tokens_per_expert = []

@@ -118,12 +118,14 @@ cdef extern from "deepep/deepep.h" nogil:
         int32_t* recv_src_idx
         int32_t* num_recv_tokens_per_expert
         int64_t num_recv_rows
+        int report_recv_counts
 
     deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args)
     deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                         CUstream_st* stream)
     deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                   CUstream_st* stream)
+    deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle)
 
     ctypedef struct deepepCombineArgs:
         size_t struct_size

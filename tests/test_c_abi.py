@@ -52,6 +52,7 @@ EXPECTED_API = {
     "deepepHandleGetNumRecvTokens",
     "deepepHandleGetRecvTokensPerExpert",
     "deepepHandleGetNumTokens",
+    "deepepHandleWaitRecvCounts",
     "deepepDispatchArgsInit",
     "deepepDispatchNotify",
     "deepepDispatch",

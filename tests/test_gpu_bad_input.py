@@ -100,6 +100,9 @@ def cases(comm, rank):
         "buffer_too_small": dispatch(x=cupy.asarray(big_x), topk=cupy.asarray(big_topk)),
         "handle_other_tokens": lambda: comm.dispatch(x[: N // 2], topk_idx=topk[: N // 2], handle=done.handle),
         "handle_other_rows": lambda: comm.combine(delivered[:-1], done.handle),
+        "bound_negative": dispatch(max_recv_tokens=-1),
+        "bound_and_worst": dispatch(max_recv_tokens=2 * N, num_worst_tokens=2 * N),
+        "bound_with_out": dispatch(max_recv_tokens=2 * N, out=done),
         "ll_handle_other_rows": lambda: ll_combine_with_rows(comm.nranks * T - 1),
     }
 
@@ -127,6 +130,9 @@ EXPECTED = {
     "buffer_too_small": ("DeepEPBufferTooSmall", ["need", "bytes of communication buffer", "this communicator has"]),
     "handle_other_tokens": ("DeepEPInvalidArgument", [f"num_tokens is {N // 2}", f"routing is for {N} tokens"]),
     "handle_other_rows": ("DeepEPInvalidArgument", ["x has", "rows but the handle's dispatch delivered"]),
+    "bound_negative": ("DeepEPInvalidArgument", ["max_recv_tokens is -1"]),
+    "bound_and_worst": ("DeepEPInvalidArgument", ["num_worst_tokens and max_recv_tokens", "one of them"]),
+    "bound_with_out": ("DeepEPInvalidArgument", ["max_recv_tokens", "out= is for"]),
     "ll_handle_other_rows": ("DeepEPInvalidArgument", ["x has shape", f"({E // RANKS}, {RANKS * T}, {H}) is needed"]),
 }
 

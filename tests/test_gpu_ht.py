@@ -62,6 +62,7 @@ def run_case(
     biases=0,
     strided=False,
     worst=0,
+    bound=0,
     to_rank=None,
     weights=True,
     num_sms=0,
@@ -97,6 +98,7 @@ def run_case(
             num_experts=e,
             expert_alignment=alignment,
             num_worst_tokens=worst,
+            max_recv_tokens=bound,
             num_sms=num_sms,
         )
         cupy.cuda.runtime.deviceSynchronize()
@@ -289,6 +291,11 @@ def ht_scenarios(info):
             "no_weights": dict(seed=18, n=100, h=256, k=4, e=16, weights=False),
             "eight_sms": dict(seed=19, n=1000, h=512, k=8, e=32, num_sms=8),
             "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
+            # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
+            "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
+            "bounded_fp8_aligned_empty_rank": dict(
+                seed=23, n=lambda r: 0 if r == 1 else 300, h=256, k=4, e=16, fp8=True, alignment=8, bound=RANKS * 300
+            ),
         }
         for name, case in cases.items():
             try:
@@ -322,6 +329,12 @@ def ht_scenarios(info):
                 pydeepep.DeepEPBufferTooSmall,
                 (40, 200, 4, 0.0),
                 dict(num_experts=16, num_worst_tokens=10),
+            ),
+            (
+                "bounded_overflow",
+                pydeepep.DeepEPBufferTooSmall,
+                (47, 200, 4, 0.0),
+                dict(num_experts=16, max_recv_tokens=10),
             ),
             (
                 "disagreeing_experts",
@@ -421,6 +434,8 @@ def results():
         "no_weights",
         "eight_sms",
         "reruns_identical",
+        "bounded_bf16",
+        "bounded_fp8_aligned_empty_rank",
         "async_finish",
         "previous_event",
         "graph_replay",
@@ -448,9 +463,10 @@ def test_ranks_combining_rows_of_other_widths_get_an_error(results):
         )
 
 
-def test_worst_case_overflow_is_an_error_with_the_count(results):
+@pytest.mark.parametrize("scenario", ["worst_overflow", "bounded_overflow"])
+def test_more_rows_than_the_outputs_hold_is_an_error_with_the_count(results, scenario):
     for r in results:
-        assert "rows arrive but the outputs hold 10" in r.get("worst_overflow", ""), r.get("worst_overflow")
+        assert "rows arrive but the outputs hold 10" in r.get(scenario, ""), r.get(scenario)
 
 
 def one_rank_ht(info):

@@ -45,6 +45,7 @@ class DispatchArgs(ctypes.Structure):
         ("recv_src_idx", ctypes.c_void_p),
         ("num_recv_tokens_per_expert", ctypes.c_void_p),
         ("num_recv_rows", ctypes.c_int64),
+        ("report_recv_counts", ctypes.c_int),
     ]
 
 
@@ -70,7 +71,7 @@ def test_dispatch_args_init_fills_size_and_defaults(lib):
     assert lib.deepepDispatchArgsInit(ctypes.byref(args)) == SUCCESS
     assert args.struct_size == ctypes.sizeof(DispatchArgs)
     assert (args.topk_type, args.expert_alignment, args.x_type, args.scales_type) == (INT64, 1, BFLOAT16, FLOAT32)
-    assert (args.num_worst_tokens, args.num_sms, args.num_tokens) == (0, 0, 0)
+    assert (args.num_worst_tokens, args.num_sms, args.num_tokens, args.report_recv_counts) == (0, 0, 0, 0)
 
 
 def test_combine_args_init_fills_size_and_zeroes(lib):
@@ -91,8 +92,9 @@ def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
     program = tmp_path / "layout.c"
     program.write_text(
         "#include <deepep/deepep.h>\n#include <stdio.h>\n#include <stddef.h>\n"
-        'int main(void) { printf("%zu %zu %zu %zu %zu\\n", sizeof(deepepDispatchArgs), '
-        "offsetof(deepepDispatchArgs, num_recv_rows), sizeof(deepepCombineArgs), "
+        'int main(void) { printf("%zu %zu %zu %zu %zu %zu\\n", sizeof(deepepDispatchArgs), '
+        "offsetof(deepepDispatchArgs, num_recv_rows), offsetof(deepepDispatchArgs, report_recv_counts), "
+        "sizeof(deepepCombineArgs), "
         "offsetof(deepepCombineArgs, bias_row_stride), offsetof(deepepCombineArgs, out_topk_weights)); return 0; }\n"
     )
     binary = tmp_path / "layout"
@@ -101,6 +103,7 @@ def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
     assert sizes == [
         ctypes.sizeof(DispatchArgs),
         DispatchArgs.num_recv_rows.offset,
+        DispatchArgs.report_recv_counts.offset,
         ctypes.sizeof(CombineArgs),
         CombineArgs.bias_row_stride.offset,
         CombineArgs.out_topk_weights.offset,
@@ -136,6 +139,13 @@ def test_handle_queries_refuse_bogus_handles_and_null_outputs(lib, query):
     value = ctypes.c_int64()
     assert getattr(lib, query)(bogus_pointer(), ctypes.byref(value)) == INVALID_USAGE
     assert getattr(lib, query)(bogus_pointer(), None) == INVALID_ARGUMENT
+
+
+def test_waiting_for_reported_counts_needs_a_live_handle(lib):
+    assert lib.deepepHandleWaitRecvCounts(None) == INVALID_ARGUMENT
+    assert "handle is NULL" in last_error(lib)
+    assert lib.deepepHandleWaitRecvCounts(bogus_pointer()) == INVALID_USAGE
+    assert "not a live handle" in last_error(lib)
 
 
 def test_per_expert_counts_query_refuses_bad_calls(lib):

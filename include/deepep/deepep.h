@@ -218,6 +218,10 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
  *    num_worst_tokens rows, rows past the real count get recv_topk_idx -1 and zero weights; no host
  *    synchronisation, graph-capturable. More rows than num_worst_tokens is an error (asynchronous, with the count),
  *    never silent truncation;
+ *  - bounded: a worst-case dispatch with report_recv_counts set, then deepepHandleWaitRecvCounts, which returns as
+ *    soon as the kernel has exchanged the counts (the rows are still moving) and makes them readable like after
+ *    deepepDispatchNotify: the caller gets the exact count without a second kernel or an idle GPU, for outputs
+ *    sized by a bound (num_worst_tokens) instead of the count;
  *  - deepepCombine with a filled handle: no host synchronisation, graph-capturable.
  * All ranks must use the same num_sms in calls that share a handle; all arrays are device memory of the
  * communicator's device; stream-ordered calls may finish with an asynchronous error (deepepCommGetAsyncError). */
@@ -231,8 +235,9 @@ typedef struct deepepHandle* deepepHandle_t;
  * the graph's lifetime. */
 DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle);
 DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
-/* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify; after a
- * worst-case dispatch it is only on the device, and this returns deepepInvalidUsage. */
+/* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify or
+ * deepepHandleWaitRecvCounts; after any other worst-case dispatch it is only on the device, and this returns
+ * deepepInvalidUsage. */
 DEEPEP_API deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, int64_t* num_recv_tokens);
 /* [out] counts [num_local_experts] (host memory): rows received per local expert, each rounded up to the
  * expert_alignment of the notify call. Same availability as deepepHandleGetNumRecvTokens. */
@@ -275,6 +280,10 @@ typedef struct {
   int32_t* recv_src_idx;               /* optional [rows]: source token index of each row (-1 in padding rows) */
   int32_t* num_recv_tokens_per_expert; /* optional [num_experts / nranks]: aligned receive counts */
   int64_t num_recv_rows;               /* rows the outputs hold (checked against what arrives) */
+  /* Worst-case mode only, not capturable: the kernel also leaves the receive counts for the host as soon as it
+   * has them; collect them with deepepHandleWaitRecvCounts before the next dispatch that reports counts on the
+   * communicator. */
+  int report_recv_counts;
 } deepepDispatchArgs;
 
 DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args);
@@ -289,6 +298,13 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
  * (which it records in the handle). Collective, stream-ordered, no host synchronisation, capturable. */
 DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                          struct CUstream_st* stream);
+
+/* After a worst-case deepepDispatch with report_recv_counts: blocks the host until that dispatch's kernel has the
+ * receive counts (bounded by the timeout; its rows may still be moving), then makes them readable with
+ * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. deepepBufferTooSmall when more rows arrive than
+ * the outputs hold; deepepInvalidUsage when the handle's last dispatch did not report counts, or when another
+ * dispatch reporting counts on the communicator overwrote them before this call. */
+DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle);
 
 /* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
 typedef struct {
