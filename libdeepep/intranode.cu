@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <utility>
 #include <vector>
 
 #include "async_error.hpp"
@@ -213,6 +214,7 @@ struct RoutingParams {
 // tile), and each tile's token count per destination.
 template <typename Index>
 __global__ void __launch_bounds__(kRoutingTile) routing_count_kernel(RoutingParams q) {
+  allow_next_grid_launch();  // kernel 2 waits for all of this one before it reads anything
   if (blockIdx.x == 0 && threadIdx.x == 0) *q.ticket = 0;  // kernel 2 runs after this one (same stream)
   extern __shared__ int32_t histogram[];                   // [num_experts]
   __shared__ int32_t tile_count[kMaxNvlRanks];
@@ -244,6 +246,8 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
   __shared__ int32_t warp_prefix[kRoutingTile / 32][kMaxNvlRanks];
   __shared__ bool last;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wait_for_previous_grid();  // kernel 1's counts
+  allow_next_grid_launch();  // the notify or dispatch kernel after this one waits for all of it
   if (threadIdx.x < q.nranks) {
     int32_t sum = 0;
     for (int tile = 0; tile < static_cast<int>(blockIdx.x); ++tile) sum += q.tile_counts[tile * q.nranks + threadIdx.x];
@@ -305,6 +309,7 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
 __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
                               int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
                               int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host) {
+  wait_for_previous_grid();  // the routing
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
   __shared__ bool ok;
@@ -473,6 +478,7 @@ __device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_
 }
 
 __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchParams q) {
+  wait_for_previous_grid();  // the routing, or whatever ran before on the stream
   const Protocol& p = q.p;
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
@@ -1125,6 +1131,27 @@ int diag_bits() {
   return bits;
 }
 
+// Launches a kernel that calls wait_for_previous_grid first. `early`: it may start before the kernel ahead of it on
+// the stream has finished (programmatic dependent launch), so that its blocks are resident when that kernel ends
+// instead of launching only then. The routing kernels, the notify and a worst-case dispatch follow each other this
+// way (2 x H200, N = 4096, 24 SMs, same run: worst-case dispatch 232.6 -> 222.6 us). A cached dispatch is not
+// launched early: after another dispatch it measured 1-3 us slower so.
+template <typename... Params, typename... Args>
+void launch_after_previous(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream,
+                           bool early, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = early ? 1 : 0;
+  DEEPEP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,
                             cudaStream_t stream) {
   RoutingParams q = {};
@@ -1153,16 +1180,14 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
     routing_count_kernel<int32_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);
   }
   DEEPEP_CUDA_CHECK(cudaGetLastError());
-  routing_position_kernel<<<q.num_tiles, kRoutingTile, 0, stream>>>(q);
-  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  launch_after_previous(routing_position_kernel, q.num_tiles, kRoutingTile, 0, stream, true, q);
 }
 
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream) {
-  notify_kernel<<<1, 256, 0, stream>>>(protocol_of(comm), handle.send_counts, handle.expert_counts,
-                                       handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
-                                       handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
-                                       static_cast<HandleHostInfo*>(comm.notify_host_device));
-  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  launch_after_previous(notify_kernel, 1, 256, 0, stream, true, protocol_of(comm), handle.send_counts,
+                        handle.expert_counts, handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
+                        handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
+                        static_cast<HandleHostInfo*>(comm.notify_host_device));
 }
 
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
@@ -1207,8 +1232,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.diag = diag_bits();
   q.push_warps =
       q.layout.row_bytes > kDispatchLargeRowBytes ? kDispatchPushWarpsLargeRows : kDispatchPushWarpsSmallRows;
-  dispatch_kernel<<<handle.num_sms, kDispatchWarps * 32, 0, stream>>>(q);
-  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  launch_after_previous(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, q);
 }
 
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream) {
