@@ -262,7 +262,9 @@ DEEPEP_API deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, in
     DEEPEP_REQUIRE(num_recv_tokens != nullptr, "num_recv_tokens is NULL");
     deepepHandle* h = checked_handle(handle, nullptr);
     if (!h->recv_counts_on_host) {
-      fail(deepepInvalidUsage, "the handle's receive count is not on the host (no deepepDispatchNotify filled it)");
+      fail(deepepInvalidUsage,
+           "the handle's receive count is not on the host (no deepepDispatchNotify or deepepHandleWaitRecvCounts "
+           "filled it)");
     }
     *num_recv_tokens = h->host_info.num_recv_tokens;
   });
@@ -274,7 +276,9 @@ DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t hand
     DEEPEP_REQUIRE(counts != nullptr, "counts is NULL");
     deepepHandle* h = checked_handle(handle, nullptr);
     if (!h->recv_counts_on_host) {
-      fail(deepepInvalidUsage, "the handle's receive counts are not on the host (no deepepDispatchNotify filled them)");
+      fail(deepepInvalidUsage,
+           "the handle's receive counts are not on the host (no deepepDispatchNotify or "
+           "deepepHandleWaitRecvCounts filled them)");
     }
     const int local = h->num_experts / h->comm->nranks;
     DEEPEP_REQUIRE(num_local_experts == local, "num_local_experts is %d; the handle's routing has %d",
@@ -450,14 +454,15 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                          "num_recv_tokens_per_expert");
     DeviceGuard guard(c.device);
     if (worst_case) prepare(c, h, a, stream);
-    if (report) {
-      h.report_ticket = ++c.report_tickets;
-      h.report_rows = rows;
-    }
+    const uint64_t ticket = report ? ++c.report_tickets : 0;
     deepepDispatchArgs launch = a;
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;
-    launch_dispatch(c, h, launch, layout, worst_case, stream);
+    launch_dispatch(c, h, launch, layout, worst_case, ticket, stream);
+    if (report) {
+      h.report_ticket = ticket;
+      h.report_rows = rows;
+    }
     if (worst_case) h.routed = true;  // its kernel fills the receive counts
     note_use(h, stream);
   });
@@ -466,12 +471,20 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
   return guarded_call(__func__, [&] {
     deepepHandle& h = *checked_handle(handle, nullptr);
-    if (h.report_ticket == 0)
-      fail(deepepInvalidUsage, "the handle's last dispatch did not report its receive counts (report_recv_counts)");
+    if (h.report_ticket == 0) {
+      fail(deepepInvalidUsage,
+           "no receive counts to wait for: the handle's routing is not from a dispatch with report_recv_counts, or "
+           "its counts were collected (or a wait for them failed) already");
+    }
+    // Whatever the outcome, the report is consumed: a second wait for it is refused rather than repeated.
+    struct Consume {
+      deepepHandle& handle;
+      ~Consume() { handle.report_ticket = 0; }
+    } consume{h};
     const deepepComm& c = *checked_comm(h.comm);
     DeviceGuard guard(c.device);
-    const auto* slot = static_cast<const HandleHostInfo*>(c.report_host);
-    auto ticket_now = [&] { return *reinterpret_cast<const volatile uint64_t*>(&slot->ticket); };
+    auto* slot = static_cast<HandleHostInfo*>(c.report_host);
+    auto ticket_now = [&] { return __atomic_load_n(&slot->ticket, __ATOMIC_ACQUIRE); };
     auto overwritten = [&] {
       fail(deepepInvalidUsage,
            "the receive counts of the handle's dispatch were overwritten by another dispatch reporting counts on "
@@ -499,11 +512,10 @@ DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
     }
-    std::atomic_thread_fence(std::memory_order_acquire);
     HandleHostInfo info;
     std::memcpy(&info, slot, sizeof(info));
     std::atomic_thread_fence(std::memory_order_acquire);
-    if (ticket_now() != h.report_ticket) overwritten();  // a later dispatch wrote while the counts were copied
+    if (ticket_now() != h.report_ticket) overwritten();  // another dispatch's kernel began to write meanwhile
     raise_async_error(c);
     if (info.num_recv_tokens > h.report_rows) {
       fail(deepepBufferTooSmall, "%lld rows arrive but the outputs hold %lld (num_worst_tokens)",
@@ -511,7 +523,6 @@ DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
     }
     h.host_info = info;
     h.recv_counts_on_host = true;
-    h.report_ticket = 0;
   });
 }
 

@@ -558,7 +558,15 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
 
   if (ok && b == 0) {
     // The receive counts go into the handle (for later cached dispatches and combines), and the per-expert counts
-    // into the output when asked for.
+    // into the output when asked for. A report to the host is a seqlock: its ticket is cleared before the counts
+    // change and set after them, so that a host copying another dispatch's counts meanwhile sees the ticket move.
+    if (q.report != nullptr) {
+      if (threadIdx.x == 0) {
+        *reinterpret_cast<volatile uint64_t*>(&q.report->ticket) = 0;
+        __threadfence_system();
+      }
+      __syncthreads();
+    }
     if (q.worst_case && threadIdx.x < R) q.recv_counts[threadIdx.x] = mine->counts[threadIdx.x].tokens;
     if (q.worst_case && threadIdx.x == 0) *q.num_recv_device = total_rows;
     for (int i = threadIdx.x; i < q.experts_per_rank; i += blockDim.x) {
@@ -1191,7 +1199,7 @@ void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alig
 }
 
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
-                     const DispatchRowLayout& layout, bool worst_case, cudaStream_t stream) {
+                     const DispatchRowLayout& layout, bool worst_case, uint64_t report_ticket, cudaStream_t stream) {
   const size_t element = args.x_type == deepepBFloat16 ? 2 : 1;
   DispatchParams q = {};
   q.p = protocol_of(comm);
@@ -1225,9 +1233,9 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.recv_per_expert = args.num_recv_tokens_per_expert;
   q.out_rows = args.num_recv_rows;
   q.worst_case = worst_case;
-  if (handle.report_ticket != 0) {
+  if (report_ticket != 0) {
     q.report = static_cast<HandleHostInfo*>(comm.report_host_device);
-    q.report_ticket = handle.report_ticket;
+    q.report_ticket = report_ticket;
   }
   q.diag = diag_bits();
   q.push_warps =

@@ -43,8 +43,10 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream);
 // `layout` is the validated row layout: the same on every rank for the same call, whatever this rank's token count
 // (a rank with no tokens may pass NULL scales).
+// `report_ticket` (not 0): the kernel also leaves the receive counts for the host, tagged with it (a worst-case
+// dispatch reporting its counts, see deepepHandleWaitRecvCounts).
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
-                     const DispatchRowLayout& layout, bool worst_case, cudaStream_t stream);
+                     const DispatchRowLayout& layout, bool worst_case, uint64_t report_ticket, cudaStream_t stream);
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream);
 
 // Median GB/s of `iterations` passes of 16-byte stores from this rank's region to the next rank's (blocking).

@@ -149,7 +149,7 @@ class Communicator:
         handle: Handle | None = ...,
         expert_alignment: int = ...,
         num_worst_tokens: int = ...,
-        max_recv_tokens: int = ...,
+        max_recv_tokens: int | None = ...,
         num_sms: int = ...,
         stream: Any = ...,
         out: DispatchResult | None = ...,

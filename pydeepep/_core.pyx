@@ -190,9 +190,18 @@ cdef _leading_rows(array, int64_t rows):
     if array is None or array.shape[0] == rows:
         return array
     cdef DeviceArray whole = <DeviceArray>array
-    cdef DeviceArray view = DeviceArray(whole.ptr, (rows,) + whole.shape[1:], whole.dtype_name, whole.device_id,
-                                        whole.stream, whole._owner)
+    # A field-by-field copy (__init__'s checks and stride computation hold for the whole array already, and C-order
+    # strides do not depend on the row count).
+    cdef DeviceArray view = DeviceArray.__new__(DeviceArray)
+    view.ptr = whole.ptr
+    view.shape = (rows,) + whole.shape[1:]
+    view.dtype = whole.dtype
+    view.dtype_name = whole.dtype_name
+    view.device_id = whole.device_id
+    view.stream = whole.stream
+    view._owner = whole._owner
     view._stream_owner = whole._stream_owner
+    view._element_strides = whole._element_strides
     return view
 
 
@@ -653,7 +662,7 @@ cdef class Communicator:
 
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, x_scales=None, handle=None,
-                 int expert_alignment=1, int64_t num_worst_tokens=0, int64_t max_recv_tokens=0, int num_sms=0,
+                 int expert_alignment=1, int64_t num_worst_tokens=0, max_recv_tokens=None, int num_sms=0,
                  stream=None, out=None, previous_event=None, bint async_finish=False):
         """High-throughput dispatch: sends each token to every rank holding one of its experts (once per rank).
 
@@ -663,12 +672,13 @@ cdef class Communicator:
         with the tokens. Modes: no ``handle`` and ``num_worst_tokens == 0``: exact size (a count exchange and one host
         synchronisation); ``handle`` given and ``num_worst_tokens == 0``: cached (same routing, new data, no host
         synchronisation); ``num_worst_tokens > 0``: outputs of that many rows, no host synchronisation (``handle``,
-        if given, is refilled: create it beforehand to capture the call in a CUDA graph); ``max_recv_tokens > 0``
-        (a bound on the rows this rank receives): exact-size results like the first mode, but the counts are
-        exchanged inside the dispatch kernel, which writes into outputs of ``max_recv_tokens`` rows, and the call
-        returns as soon as the counts are known, while the rows still move (no second kernel, no idle GPU); the
-        arrays returned are the first rows of those outputs and keep all of their memory until freed; more rows than
-        the bound raise ``DeepEPBufferTooSmall``. Returns a
+        if given, is refilled: create it beforehand to capture the call in a CUDA graph); ``max_recv_tokens`` given
+        (a bound on the rows this rank receives, at least 1; ``nranks * max_tokens_per_rank`` always holds, and
+        every rank must choose this mode): exact-size results like the first mode, but the counts are exchanged
+        inside the dispatch kernel, which writes into outputs of ``max_recv_tokens`` rows, and the call returns as
+        soon as the counts are known, while the rows still move (no second kernel, no idle GPU); the arrays returned
+        are the first rows of those outputs and keep all of their memory until freed; more rows than the bound raise
+        ``DeepEPBufferTooSmall``; ``handle``, if given, is refilled. Returns a
         :data:`DispatchResult`; outputs are produced on ``stream``. ``out``: a DispatchResult of an earlier call
         with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs).
         ``previous_event``: work waits for this event first. ``async_finish``: run on the communicator's stream
@@ -725,9 +735,10 @@ cdef class Communicator:
                                             "is needed", 1)
             a.topk_weights = <const float*><size_t>wv.ptr
             a.weights_row_stride = wv.stride
-        if max_recv_tokens < 0:
-            raise DeepEPInvalidArgument(f"max_recv_tokens is {max_recv_tokens}; it must be >= 0", 1)
-        bounded = max_recv_tokens > 0
+        bounded = max_recv_tokens is not None
+        if bounded and max_recv_tokens < 1:
+            # 0 must not quietly mean another mode: the other ranks would run a different collective.
+            raise DeepEPInvalidArgument(f"max_recv_tokens is {max_recv_tokens}; a bound must be at least 1", 1)
         if bounded and num_worst_tokens > 0:
             raise DeepEPInvalidArgument("num_worst_tokens and max_recv_tokens are two modes: pass one of them", 1)
         if bounded and out is not None:
@@ -794,7 +805,9 @@ cdef class Communicator:
         _check(status)
         # The handle's Python view of its routing changes only once the library accepted the call.
         if bounded:
-            h.num_recv_rows = None  # until the counts are in: a failed wait leaves a handle nothing can reuse
+            # Until the counts are in: a failed wait leaves no Python view of a routing for later calls to use.
+            h.num_recv_rows = h.num_experts = None
+            h.num_recv_tokens_per_expert = []
             with nogil:
                 status = deepepHandleWaitRecvCounts(hh)
             _check(status)

@@ -98,7 +98,7 @@ def run_case(
             num_experts=e,
             expert_alignment=alignment,
             num_worst_tokens=worst,
-            max_recv_tokens=bound,
+            max_recv_tokens=bound or None,
             num_sms=num_sms,
         )
         cupy.cuda.runtime.deviceSynchronize()
@@ -123,6 +123,8 @@ def run_case(
             return "recv_topk_idx differs"
         if weights and not np.array_equal(result.recv_topk_weights.to_numpy()[:m], exp_w):
             return "recv_topk_weights differ"
+        if bound and not np.array_equal(cupy.from_dlpack(result.recv_src_idx).get(), exp_src[:, 1]):
+            return "the first rows of the bounded outputs export other data through DLPack"
         if worst:
             if not (np.all(src[m:] == -1) and np.all(result.recv_topk_idx.to_numpy()[m:] == -1)):
                 return "worst-case padding rows are not marked with -1"
@@ -515,6 +517,8 @@ def skipping_peer(info, call):
             try:
                 if call == "dispatch":
                     comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=16)
+                elif call == "bounded_dispatch":  # the host waits for counts that never come
+                    comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=16, max_recv_tokens=2 * 64)
                 elif call == "combine":
                     comm.combine(first.recv_x, first.handle)
                 elif call == "ll_dispatch":
@@ -529,7 +533,7 @@ def skipping_peer(info, call):
                 return ("timeout", time.monotonic() - start, str(exc))
 
 
-@pytest.mark.parametrize("call", ["dispatch", "combine", "ll_dispatch", "ll_combine"])
+@pytest.mark.parametrize("call", ["dispatch", "bounded_dispatch", "combine", "ll_dispatch", "ll_combine"])
 def test_a_peer_that_skips_a_call_gives_a_timeout_naming_it(call):
     rank0, rank1 = pydeepep.spawn(skipping_peer, nprocs=2, args=(call,), timeout=120)
     assert rank1 == "skipped"

@@ -282,7 +282,8 @@ typedef struct {
   int64_t num_recv_rows;               /* rows the outputs hold (checked against what arrives) */
   /* Worst-case mode only, not capturable: the kernel also leaves the receive counts for the host as soon as it
    * has them; collect them with deepepHandleWaitRecvCounts before the next dispatch that reports counts on the
-   * communicator. */
+   * communicator. A bound that always holds: nranks * max_tokens_per_rank (a source sends a token to a rank at
+   * most once). */
   int report_recv_counts;
 } deepepDispatchArgs;
 
@@ -301,9 +302,10 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
 
 /* After a worst-case deepepDispatch with report_recv_counts: blocks the host until that dispatch's kernel has the
  * receive counts (bounded by the timeout; its rows may still be moving), then makes them readable with
- * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. deepepBufferTooSmall when more rows arrive than
- * the outputs hold; deepepInvalidUsage when the handle's last dispatch did not report counts, or when another
- * dispatch reporting counts on the communicator overwrote them before this call. */
+ * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, or
+ * one after the handle got another routing, is deepepInvalidUsage). deepepBufferTooSmall when more rows arrive than
+ * the outputs hold; deepepInvalidUsage when another dispatch reporting counts on the communicator overwrote them
+ * before or while this call read them. */
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle);
 
 /* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
