@@ -747,10 +747,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   // slot is read once per expert it names), then a warp per row writes its scales and source.
   __shared__ const int4* batch_row[kRowsPerBatch];  // the token's receive slot
   __shared__ int4* batch_payload[kRowsPerBatch];    // where the row's payload goes in recv_x
-  __shared__ int64_t batch_out[kRowsPerBatch];      // its output row
-  __shared__ int64_t batch_j[kRowsPerBatch];        // its position under its expert
-  __shared__ int batch_expert[kRowsPerBatch];
-  __shared__ int32_t batch_info[kRowsPerBatch];  // source token | slot << kSlotShift
+  __shared__ int64_t batch_out[kRowsPerBatch];      // its output row: local expert * rows_per_expert + position
+  __shared__ int32_t batch_info[kRowsPerBatch];     // source token | slot << kSlotShift
   __shared__ int batch_rows;
   const int tokens_per_batch = max(1, kRowsPerBatch / K);
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
@@ -782,8 +780,6 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
           batch_out[r] = local * rows_per_expert + j;
           batch_payload[r] =
               reinterpret_cast<int4*>(p.recv_x + batch_out[r] * static_cast<int64_t>(p.row.payload_bytes));
-          batch_j[r] = j;
-          batch_expert[r] = local;
           batch_info[r] = static_cast<int32_t>(t) | (slot << kSlotShift);
         }
         rows += __popc(namers);
@@ -796,8 +792,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     copy_rows<false>(batch_row, batch_payload, rows, vectors);
     for (int r = warp; r < rows; r += kWarps) {
       const uint8_t* row = reinterpret_cast<const uint8_t*>(batch_row[r]);
-      const int64_t out_row = batch_out[r], j = batch_j[r];
-      const int local = batch_expert[r];
+      const int64_t out_row = batch_out[r], j = out_row % rows_per_expert;
+      const int local = static_cast<int>(out_row / rows_per_expert);
       // Element of scale column c of this row in recv_scales (`columns` per row).
       auto scale_at = [&](int c, int columns) {
         return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j

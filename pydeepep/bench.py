@@ -132,23 +132,32 @@ class Inputs:
 
 
 def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
-    def full():
-        return comm.dispatch(
-            inp.x, topk_idx=inp.topk_idx, topk_weights=inp.weights, num_experts=NUM_EXPERTS, num_sms=sms, stream=stream
-        )
+    # A source sends each token to a rank at most once: the ranks' tokens bound the rows any rank receives.
+    bound = max(n * comm.nranks, 1)
+    worst_handle = pydeepep.Handle(comm)
 
-    def bounded():
-        # Exact-size results with the counts exchanged inside the dispatch kernel: a source sends each token to a
-        # rank at most once, so n rows per rank bound what arrives.
+    def routed(**mode):
+        """A dispatch with the routing in the arguments, in the given mode."""
         return comm.dispatch(
             inp.x,
             topk_idx=inp.topk_idx,
             topk_weights=inp.weights,
             num_experts=NUM_EXPERTS,
             num_sms=sms,
-            max_recv_tokens=max(n * comm.nranks, 1),
             stream=stream,
+            **mode,
         )
+
+    def full():  # count exchange and host synchronisation, then the dispatch
+        return routed()
+
+    def bounded():  # exact-size results, the counts exchanged inside the dispatch kernel
+        return routed(max_recv_tokens=bound)
+
+    def worst_bf16(out=None):
+        # Routing preparation + dispatch with the count exchange in the kernel and no host synchronisation; next to
+        # the cached figure it gives the routing's and the exchange's cost.
+        return routed(num_worst_tokens=bound, handle=worst_handle, out=out)
 
     first = full()
     handle = first.handle
@@ -175,24 +184,6 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
 
     def combine():
         comm.combine(first.recv_x, handle, stream=stream, out=comb)
-
-    # Worst-case mode: routing preparation + dispatch with no count exchange or host synchronisation; next to the
-    # cached figure it gives the routing's cost, and next to the full one the count exchange's.
-    worst_rows = max(n * comm.nranks, 1)
-    worst_handle = pydeepep.Handle(comm)
-
-    def worst_bf16(out=None):
-        return comm.dispatch(
-            inp.x,
-            topk_idx=inp.topk_idx,
-            topk_weights=inp.weights,
-            num_experts=NUM_EXPERTS,
-            num_sms=sms,
-            num_worst_tokens=worst_rows,
-            handle=worst_handle,
-            stream=stream,
-            out=out,
-        )
 
     worst_out = worst_bf16()
 
