@@ -109,31 +109,38 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   note_use(handle, stream);
 }
 
-// Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
-void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what) {
-  cudaEvent_t done = comm.host_wait_event;
-  const cudaError_t recorded = cudaEventRecord(done, stream);
+// Spins until `done()` holds, or a kernel recorded a fault (its stream then finishes on its own; the caller reports
+// the fault), at most the communicator's timeout plus 5 s. Count exchanges finish in tens of microseconds: the host
+// spins first, then stops burning the core.
+template <class Done>
+void spin_bounded(const deepepComm& comm, const char* what, Done done) {
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + std::chrono::duration<double>(comm.timeout_seconds + 5);
-  cudaError_t status = recorded;
-  while (status == cudaSuccess) {
-    status = cudaEventQuery(done);
-    if (status == cudaSuccess) break;
-    if (status != cudaErrorNotReady) break;
-    status = cudaSuccess;
-    if (comm.async_error->code > 0) break;  // a kernel gave up: its stream will finish on its own
+  while (!done()) {
+    if (comm.async_error->code > 0) return;
     if (std::chrono::steady_clock::now() > deadline) {
       comm.peer_timed_out.store(true);
       fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
     }
-    // Count exchanges finish in tens of microseconds: spin first, then stop burning the core.
     if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
-  if (status != cudaSuccess) fail_cuda(status, what, __FILE__, __LINE__);
+}
+
+// Whether `event` has completed (false while not ready; any other status throws, naming `what`).
+bool event_done(cudaEvent_t event, const char* what) {
+  const cudaError_t status = cudaEventQuery(event);
+  if (status != cudaSuccess && status != cudaErrorNotReady) fail_cuda(status, what, __FILE__, __LINE__);
+  return status == cudaSuccess;
+}
+
+// Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
+void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what) {
+  DEEPEP_CUDA_CHECK(cudaEventRecord(comm.host_wait_event, stream));
+  spin_bounded(comm, what, [&] { return event_done(comm.host_wait_event, what); });
   raise_async_error(comm);
 }
 
@@ -490,33 +497,21 @@ DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
            "the receive counts of the handle's dispatch were overwritten by another dispatch reporting counts on "
            "the communicator: collect them with deepepHandleWaitRecvCounts before the next such dispatch");
     };
-    const auto start = std::chrono::steady_clock::now();
-    const auto deadline = start + std::chrono::duration<double>(c.timeout_seconds + 5);
-    while (ticket_now() != h.report_ticket) {
-      if (c.async_error->code > 0) raise_async_error(c);  // the kernel gave up before it had the counts
-      const cudaError_t done = cudaEventQuery(h.last_use);
-      if (done == cudaSuccess) {
-        if (ticket_now() == h.report_ticket) break;
+    // Done when the ticket is there; the kernel having ended without it means another report overwrote it.
+    spin_bounded(c, "the dispatch's count exchange", [&] {
+      if (ticket_now() == h.report_ticket) return true;
+      if (!event_done(h.last_use, "cudaEventQuery(the handle's last use)")) return false;
+      if (ticket_now() != h.report_ticket) {
         raise_async_error(c);
         overwritten();
       }
-      if (done != cudaErrorNotReady) fail_cuda(done, "cudaEventQuery(the handle's last use)", __FILE__, __LINE__);
-      if (std::chrono::steady_clock::now() > deadline) {
-        c.peer_timed_out.store(true);
-        fail(deepepTimeout, "the dispatch's count exchange did not finish within %.1f s", c.timeout_seconds);
-      }
-      // The counts come within tens of microseconds of the launch: spin first, then stop burning the core.
-      if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
-      }
-    }
+      return true;
+    });
+    raise_async_error(c);  // the kernel gave up before it had the counts
     HandleHostInfo info;
     std::memcpy(&info, slot, sizeof(info));
     std::atomic_thread_fence(std::memory_order_acquire);
     if (ticket_now() != h.report_ticket) overwritten();  // another dispatch's kernel began to write meanwhile
-    raise_async_error(c);
     if (info.num_recv_tokens > h.report_rows) {
       fail(deepepBufferTooSmall, "%lld rows arrive but the outputs hold %lld (num_worst_tokens)",
            static_cast<long long>(info.num_recv_tokens), static_cast<long long>(h.report_rows));

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <utility>
 
 #include "error.hpp"
 
@@ -37,5 +38,32 @@ void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, c
 
 // Number of CUDA devices; throws deepepNoDevice when there is no driver or no device.
 int device_count();
+
+// Launches `kernel` on `stream`. `early`: it may start before the kernel ahead of it on the stream has finished
+// (programmatic dependent launch), so that its blocks are resident when that kernel ends instead of launching only
+// then; such a kernel must call wait_for_previous_grid (device_utils.cuh) before it touches anything. `cooperative`:
+// all blocks resident at once.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream, bool early,
+                   bool cooperative, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2] = {};
+  unsigned count = 0;
+  if (early) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cooperative) {
+    attributes[count].id = cudaLaunchAttributeCooperative;
+    attributes[count++].val.cooperative = 1;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  DEEPEP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 }  // namespace deepep

@@ -111,10 +111,10 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t byt
   warp_copy_to_each<kReadOnly>(lane == 0 ? dst : nullptr, src, bytes, lane);
 }
 
-// Programmatic dependent launch (sm_90): a kernel launched with launch_after_previous may start while the kernel
-// before it on the stream still runs, once that one allowed it (or finished); it must call wait_for_previous_grid
-// before it touches anything the previous kernel writes, and everything that kernel wrote is visible after it.
-// Without the launch attribute the wait returns at once.
+// Programmatic dependent launch (sm_90): a kernel launched early (launch_kernel, cuda_utils.hpp) may start while
+// the kernel before it on the stream still runs, once that one allowed it (or finished); it must call
+// wait_for_previous_grid before it touches anything the previous kernel writes, and everything that kernel wrote is
+// visible after it. Without the launch attribute the wait returns at once.
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <utility>
 #include <vector>
 
 #include "async_error.hpp"
@@ -1139,27 +1138,6 @@ int diag_bits() {
   return bits;
 }
 
-// Launches a kernel that calls wait_for_previous_grid first. `early`: it may start before the kernel ahead of it on
-// the stream has finished (programmatic dependent launch), so that its blocks are resident when that kernel ends
-// instead of launching only then. The routing kernels, the notify and a worst-case dispatch follow each other this
-// way (2 x H200, N = 4096, 24 SMs, same run: worst-case dispatch 232.6 -> 222.6 us). A cached dispatch is not
-// launched early: after another dispatch it measured 1-3 us slower so.
-template <typename... Params, typename... Args>
-void launch_after_previous(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream,
-                           bool early, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = early ? 1 : 0;
-  DEEPEP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
-}
-
 void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,
                             cudaStream_t stream) {
   RoutingParams q = {};
@@ -1188,14 +1166,16 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
     routing_count_kernel<int32_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);
   }
   DEEPEP_CUDA_CHECK(cudaGetLastError());
-  launch_after_previous(routing_position_kernel, q.num_tiles, kRoutingTile, 0, stream, true, q);
+  // Kernel 2, the notify and a worst-case dispatch launch early, each after the kernel before it (2 x H200, N = 4096,
+  // 24 SMs, same run: worst-case dispatch 232.6 -> 222.6 us).
+  launch_kernel(routing_position_kernel, q.num_tiles, kRoutingTile, 0, stream, true, false, q);
 }
 
 void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream) {
-  launch_after_previous(notify_kernel, 1, 256, 0, stream, true, protocol_of(comm), handle.send_counts,
-                        handle.expert_counts, handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
-                        handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
-                        static_cast<HandleHostInfo*>(comm.notify_host_device));
+  launch_kernel(notify_kernel, 1, 256, 0, stream, true, false, protocol_of(comm), handle.send_counts,
+                handle.expert_counts, handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
+                handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
+                static_cast<HandleHostInfo*>(comm.notify_host_device));
 }
 
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
@@ -1240,7 +1220,8 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.diag = diag_bits();
   q.push_warps =
       q.layout.row_bytes > kDispatchLargeRowBytes ? kDispatchPushWarpsLargeRows : kDispatchPushWarpsSmallRows;
-  launch_after_previous(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, q);
+  // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
+  launch_kernel(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, false, q);
 }
 
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream) {

@@ -1197,22 +1197,10 @@ template <typename Params>
 void launch_call(void (*kernel)(Params, int), const Params& params, deepepLowLatencyPhase_t phase, int blocks,
                  size_t shared, cudaStream_t stream) {
   const int phases = phase_bits(phase);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
   // Launched early (the kernels call wait_for_previous_grid first): the blocks take the SMs as the kernel ahead
   // releases them, instead of launching once it ended (2 x H200, same run: dispatch 16.3 -> 15.9 us at T = 1, 22.5
   // -> 22.0 at T = 128).
-  cudaLaunchAttribute attributes[2] = {};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
-  attributes[1].id = cudaLaunchAttributeCooperative;
-  attributes[1].val.cooperative = 1;
-  config.attrs = attributes;
-  config.numAttrs = phases == (kSend | kRecv) ? 2 : 1;
-  DEEPEP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params, phases));
+  launch_kernel(kernel, blocks, kThreads, shared, stream, true, phases == (kSend | kRecv), params, phases);
 }
 
 void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args,
