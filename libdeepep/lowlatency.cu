@@ -351,16 +351,21 @@ __device__ __forceinline__ int first_slot_like(const Id* ids, int k) {
   return k;
 }
 
+// 16 consecutive BF16 channels of a row (32 bytes; zeros past the row's `hidden` channels, counted from `c`).
+struct RowPiece {
+  int4 v[2];
+};
+__device__ __forceinline__ RowPiece load_piece(const uint16_t* __restrict__ row, int c, int hidden) {
+  RowPiece piece = {{make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)}};
+  if (c < hidden) piece.v[0] = __ldg(reinterpret_cast<const int4*>(row + c));
+  if (c + 8 < hidden) piece.v[1] = __ldg(reinterpret_cast<const int4*>(row + c) + 1);
+  return piece;
+}
+
 // Casts 16 consecutive channels (this thread's part of an 8-thread, 128-channel group; every lane of the warp takes
 // part in the shuffles) to e4m3 with the group's scale.
-__device__ __forceinline__ int4 cast_16_fp8(const uint16_t* __restrict__ src, bool valid, bool round_scale,
-                                            float* scale_out) {
-  int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
-  if (valid) {
-    raw[0] = __ldg(reinterpret_cast<const int4*>(src));
-    raw[1] = __ldg(reinterpret_cast<const int4*>(src) + 1);
-  }
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);
+__device__ __forceinline__ int4 cast_16_fp8(const RowPiece& piece, bool round_scale, float* scale_out) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(piece.v);
   float v[16];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -463,12 +468,18 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   const int K = p.num_topk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch);
-  timeline_mark(a, kMarkAcks);
 
   // This block's tokens: a contiguous range.
   int64_t first, end;
   block_share(p.num_tokens, &first, &end);
+  const int64_t ids = (end - first) * K;
+  // The thread's first id and the first piece of the block's first row are loaded before the wait for the peers'
+  // acknowledgements (nothing goes to a peer before it), so that their latency overlaps the wait.
+  const int64_t first_id =
+      threadIdx.x < ids ? static_cast<int64_t>(topk[(first + threadIdx.x / K) * p.topk_stride + threadIdx.x % K]) : -1;
+  const RowPiece first_piece = load_piece(p.x + first * p.x_stride, threadIdx.x * 16, first < end ? p.hidden : 0);
+  wait_peer_acks(a, seq - 1u, deadline, Phase::kLowLatencyDispatch);
+  timeline_mark(a, kMarkAcks);
 
   // The ids of the block's tokens, to every rank that is not masked (-1 for -1 and for ids out of range, which are
   // recorded as errors): stored into NVLink peers, staged in symmetric memory and put to the others.
@@ -477,10 +488,9 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   bool block_puts = false;  // whether this block sends anything through NVSHMEM (the same in every thread)
   for (int d = 0; d < a.nranks && !block_puts; ++d) block_puts = a.at(d, ids_mine) == nullptr && !is_masked(a, d);
   block_puts = __syncthreads_or(block_puts);  // a timeout elsewhere may mask a rank while the threads read the mask
-  const int64_t ids = (end - first) * K;
   for (int64_t i = threadIdx.x; i < ids; i += kThreads) {
     const int64_t at = first * K + i;  // token at / K, slot at % K
-    const int64_t e = static_cast<int64_t>(topk[(at / K) * p.topk_stride + at % K]);
+    const int64_t e = i == threadIdx.x ? first_id : static_cast<int64_t>(topk[(at / K) * p.topk_stride + at % K]);
     int32_t id = static_cast<int32_t>(e);
     if (e < -1 || e >= p.num_experts) {
       record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, -1, at, e);
@@ -530,12 +540,13 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     // staging row when it goes anywhere through NVSHMEM (puts read symmetric memory, which the caller's x is not).
     uint8_t* stage = puts ? a.set_base() + a.send_rows_offset + static_cast<size_t>(t) * p.row.row_bytes : nullptr;
     const uint16_t* src = p.x + t * p.x_stride;
-    if (p.fp8) {
-      for (int chunk = 0; chunk < p.hidden; chunk += kThreads * 16) {
-        const int c = chunk + threadIdx.x * 16;
+    for (int chunk = 0; chunk < p.hidden; chunk += kThreads * 16) {
+      const int c = chunk + threadIdx.x * 16;
+      const RowPiece piece = t == first && chunk == 0 ? first_piece : load_piece(src, c, p.hidden);
+      if (p.fp8) {
         const bool valid = c < p.hidden;  // whole 8-thread groups are valid or not (hidden % 128 == 0)
         float scale;
-        const int4 packed = cast_16_fp8(src + c, valid, p.round_scale, &scale);
+        const int4 packed = cast_16_fp8(piece, p.round_scale, &scale);
         if (valid) {
           for (int k = 0; k < K; ++k) {
             uint8_t* row = slot_row[k];
@@ -548,15 +559,17 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
             if ((lane & 7) == 0) reinterpret_cast<float*>(stage + p.row.scales_offset)[c / 128] = scale;
           }
         }
-      }
-    } else {
-      for (int c = threadIdx.x * 8; c < p.hidden; c += kThreads * 8) {
-        const int4 v = __ldg(reinterpret_cast<const int4*>(src + c));
-        for (int k = 0; k < K; ++k) {
-          uint8_t* row = slot_row[k];
-          if (row != nullptr) *reinterpret_cast<int4*>(row + 2 * static_cast<size_t>(c)) = v;
+      } else {
+        // Rows are 16-byte multiples (hidden % 8 == 0): each half of the piece is in the row or past it.
+        for (int half = 0; half < 2; ++half) {
+          const int ch = c + 8 * half;
+          if (ch >= p.hidden) break;
+          for (int k = 0; k < K; ++k) {
+            uint8_t* row = slot_row[k];
+            if (row != nullptr) *reinterpret_cast<int4*>(row + 2 * static_cast<size_t>(ch)) = piece.v[half];
+          }
+          if (stage != nullptr) *reinterpret_cast<int4*>(stage + 2 * static_cast<size_t>(ch)) = piece.v[half];
         }
-        if (stage != nullptr) *reinterpret_cast<int4*>(stage + 2 * static_cast<size_t>(c)) = v;
       }
     }
     __syncthreads();  // the staging row is complete; slot_row is rewritten for the next token
@@ -789,9 +802,18 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     }
     __syncthreads();
     const int rows = batch_rows;
+    // A lane takes a row's scales four at a time (scales 4w .. 4w + 3, UE8M0 word w). The warp's first row's first
+    // four are loaded before the payloads are copied, so that both loads are in flight together.
+    auto load_scales = [&](int r, int w, float* four) {
+      const float* scales =
+          reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(batch_row[r]) + p.row.scales_offset);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) four[i] = 4 * w + i < num_scales ? scales[4 * w + i] : 0.0f;
+    };
+    float first_scales[4];
+    if (p.fp8 && warp < rows) load_scales(warp, lane, first_scales);
     copy_rows<false>(batch_row, batch_payload, rows, vectors);
     for (int r = warp; r < rows; r += kWarps) {
-      const uint8_t* row = reinterpret_cast<const uint8_t*>(batch_row[r]);
       const int64_t out_row = batch_out[r], j = out_row % rows_per_expert;
       const int local = static_cast<int>(out_row / rows_per_expert);
       // Element of scale column c of this row in recv_scales (`columns` per row).
@@ -799,21 +821,25 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
         return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
                                          : out_row * columns + c;
       };
-      if (p.fp8) {
-        const float* scales = reinterpret_cast<const float*>(row + p.row.scales_offset);
+      for (int w = lane; p.fp8 && w < num_words; w += 32) {
+        float four[4];
+        if (r == warp && w == lane) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) four[i] = first_scales[i];
+        } else {
+          load_scales(r, w, four);
+        }
         if (p.ue8m0) {
-          int32_t* out = static_cast<int32_t*>(p.recv_scales);
-          for (int w = lane; w < num_words; w += 32) {
-            uint32_t word = 0;
-            for (int i = 0; i < 4; ++i) {
-              const int b = 4 * w + i;
-              if (b < num_scales) word |= ((__float_as_uint(scales[b]) >> 23) & 0xffu) << (8 * i);
-            }
-            out[scale_at(w, num_words)] = static_cast<int32_t>(word);
-          }
+          uint32_t word = 0;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) word |= ((__float_as_uint(four[i]) >> 23) & 0xffu) << (8 * i);
+          static_cast<int32_t*>(p.recv_scales)[scale_at(w, num_words)] = static_cast<int32_t>(word);
         } else {
           float* out = static_cast<float*>(p.recv_scales);
-          for (int b = lane; b < num_scales; b += 32) out[scale_at(b, num_scales)] = scales[b];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (4 * w + i < num_scales) out[scale_at(4 * w + i, num_scales)] = four[i];
+          }
         }
       }
       if (lane == 0) p.recv_src_info[out_row] = batch_info[r];
@@ -958,8 +984,20 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   __shared__ bool usable[DEEPEP_MAX_TOPK];      // whether slot k's rank sent its rows
   __shared__ int source_slot[DEEPEP_MAX_TOPK];  // slot whose row holds slot k's data; -1: skip
   __shared__ float weight[DEEPEP_MAX_TOPK];
+  __shared__ int64_t slot_expert[DEEPEP_MAX_TOPK];
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   const int vectors = p.hidden / 8;
+  // Slot threadIdx.x's expert and weight of token t (the block's first token's are loaded before the wait for the
+  // flags, so that their latency overlaps it).
+  auto load_slot = [&](int64_t t, int64_t* e, float* w) {
+    if (threadIdx.x < p.num_topk && t < p.num_tokens) {
+      *e = static_cast<int64_t>(topk[t * p.topk_stride + threadIdx.x]);
+      *w = p.weights[t * p.weights_stride + threadIdx.x];
+    }
+  };
+  int64_t first_e = -1;
+  float first_w = 0.0f;
+  load_slot(blockIdx.x, &first_e, &first_w);
 
   // A block with tokens waits for the flags of every block of every rank (the rows of a rank it does not wait for,
   // masked or timed out, are skipped like -1 slots).
@@ -971,23 +1009,25 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   }
   timeline_mark(a, kMarkFlagsSeen);
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    const Index* ids = topk + t * p.topk_stride;
+    int64_t e = first_e;
+    float w = first_w;
+    if (t != blockIdx.x) load_slot(t, &e, &w);
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
-      const int64_t e = static_cast<int64_t>(ids[k]);
       const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
       usable[k] = owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came);
       if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
                            e);
       }
-      weight[k] = p.weights[t * p.weights_stride + k];
+      weight[k] = w;
+      slot_expert[k] = e;
     }
     // A slot naming an expert again reads its first slot's row, and follows that slot's decision: the threads read
     // the mask at different times, and another block's timeout may mask a rank in between.
     __syncthreads();
     if (threadIdx.x < p.num_topk) {
-      const int first = first_slot_like(ids, threadIdx.x);
+      const int first = first_slot_like(slot_expert, threadIdx.x);
       source_slot[threadIdx.x] = usable[first] ? first : -1;
     }
     __syncthreads();
