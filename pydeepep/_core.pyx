@@ -830,10 +830,10 @@ cdef class Communicator:
         """High-throughput combine: returns to each source the sum, over the ranks that received each of its tokens
         (ascending), of their rows of ``x`` [rows, H] bfloat16 (bits as uint16 accepted) in the handle's receive
         order, plus up to two ``bias`` arrays [N, H] (one array or a tuple), all in float32, rounded once to
-        bfloat16. ``topk_weights`` [rows, K] float32 are summed the same way. Returns ``(out [N, H] bfloat16,
-        combined_weights [N, K] float32 or None)`` produced on ``stream``; no host synchronisation. ``out``: the
-        pair an earlier combine returned, written again instead of new arrays (needed inside CUDA graphs).
-        ``previous_event`` and ``async_finish`` as in :meth:`dispatch`; returns a :data:`CombineResult`."""
+        bfloat16. ``topk_weights`` [rows, K] float32 are summed the same way. Returns a :data:`CombineResult`
+        ``(out [N, H] bfloat16, topk_weights [N, K] float32 or None, event)`` produced on ``stream``; no host
+        synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
+        (needed inside CUDA graphs). ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
         cdef deepepComm_t comm = self._live()
         cdef deepepHandle_t hh = handle._live()
         if handle.comm is not self:

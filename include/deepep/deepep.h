@@ -90,8 +90,9 @@ typedef struct deepepComm* deepepComm_t;
 typedef struct {
   size_t struct_size;         /* sizeof(deepepConfig) of the caller's header: keeps the ABI extensible */
   int device;                 /* CUDA device ordinal for this rank; -1: the calling thread's current device */
-  int allow_nvlink_multicast; /* 0 (default): NVLink multicast (NVLS) stays off; 1: NVSHMEM may use it */
-  double timeout_seconds;     /* bound on every host and device wait (setup included); > 0; default 100 */
+  int allow_nvlink_multicast; /* 0 (default): NVLink multicast (NVLS) stays off; 1: NVSHMEM may use it (unless the
+                                 environment already has NVSHMEM_DISABLE_NVLS=1, as pydeepep.spawn's workers do) */
+  double timeout_seconds;     /* bound on every host and device wait (setup included); in (0, 86400]; default 100 */
   size_t buffer_bytes;        /* communication buffer per rank in bytes; 0: size it from the workload below */
   int max_tokens_per_rank;    /* workload: most tokens any rank passes to one call (default 4096) */
   int hidden;                 /* workload: hidden size H in elements (default 7168) */
@@ -99,7 +100,8 @@ typedef struct {
   int num_experts;            /* workload: experts in total E (default 256) */
   /* Low-latency area. 0 (default): none is reserved and low-latency calls are refused. 1..DEEPEP_LL_MAX_TOKENS: T,
    * the most tokens per rank of one low-latency call; two buffer sets are reserved on top of buffer_bytes, sized
-   * from T and from hidden, num_topk and num_experts above (the largest H, K and E the low-latency calls may use). */
+   * from T and from hidden, num_topk and num_experts above (the largest H and K the low-latency calls may use; their
+   * E may be larger while the combine buffer fits, see deepepLowLatencyCombineArgs). */
   int low_latency_max_tokens;
   /* How low-latency calls reach peers: DEEPEP_LL_TRANSPORT_AUTO (default) stores through NVLink to peers in this
    * rank's NVLink domain and uses NVSHMEM puts and signals for the others; DEEPEP_LL_TRANSPORT_NVSHMEM uses NVSHMEM
@@ -140,11 +142,12 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
 
 /* Creates the communicator of rank `rank` among `nranks`. Blocking and collective: every rank calls it with the
  * same id and nranks. Works on config->device and leaves the calling thread's current device as it was. Sets
- * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast. Initialises NVSHMEM (NVLink
- * multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers. Every wait
- * is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup thread is
- * then left behind, and the process should exit). Not graph-capturable. [out] comm; [in] nranks, id, rank; [in] config:
- * NULL for the defaults. */
+ * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast, and, when the buffer does
+ * not fit NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE (unless already set). Initialises NVSHMEM
+ * (NVLink multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers.
+ * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
+ * thread is then left behind, and the process should exit). Not graph-capturable. [out] comm; [in] nranks, id, rank;
+ * [in] config: NULL for the defaults. */
 DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
                                              const deepepConfig* config);
 
@@ -165,7 +168,8 @@ DEEPEP_API deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ra
 DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device);
 /* Bytes of the communication buffer this rank holds (high-throughput part plus low-latency area). */
 DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes);
-/* The communicator's own stream (used by asynchronous calls). Do not destroy it. */
+/* The communicator's own stream (the library's setup and teardown work runs on it; calls run on the stream they are
+ * given). Do not destroy it. */
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream);
 
 /* Asynchronous faults: a stream-ordered call that finds a problem on the device (a timeout, an out-of-range
@@ -259,7 +263,7 @@ typedef struct {
   int num_experts;          /* E, divisible by the number of ranks */
   int expert_alignment;     /* receive counts per local expert are rounded up to this (>= 1) */
   int64_t num_worst_tokens; /* > 0: worst-case mode with outputs of this many rows */
-  int num_sms;              /* blocks (one per SM) the kernel uses; 0: default for the rank count */
+  int num_sms;              /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 for 2 ranks, else 32 */
   /* Payload (deepepDispatch). */
   const void* x; /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
   deepepDataType_t x_type;
@@ -376,8 +380,9 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * numbers: they may be interleaved freely under the same collective-order rule, with no reset between them. After
  * an asynchronous error (e.g. a timeout) the communicator's sequence numbers are out of step: destroy it.
  *
- * Transport: this release reaches every peer through NVLink stores (all ranks must be in one NVLink domain;
- * otherwise the calls return deepepNotSupported). All arrays are device memory of the communicator's device.
+ * Transport: peers in this rank's NVLink domain get NVLink stores, the others NVSHMEM puts and signals (every peer
+ * with config low_latency_transport = DEEPEP_LL_TRANSPORT_NVSHMEM). All arrays are device memory of the
+ * communicator's device.
  * Arguments are checked before anything is launched; the calls may finish with an asynchronous error
  * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. */
 
@@ -402,7 +407,7 @@ typedef struct {
   deepepDataType_t topk_type;
   int num_topk; /* K in [1, DEEPEP_MAX_TOPK], at most config num_topk */
   int64_t topk_row_stride;
-  int num_experts; /* E: divisible by R, E / R <= DEEPEP_MAX_LOCAL_EXPERTS, E / R <= config num_experts / R */
+  int num_experts; /* E: divisible by R, E / R <= DEEPEP_MAX_LOCAL_EXPERTS (the combine needs more: see there) */
   int use_fp8;     /* 1: FP8 e4m3 output with scales (default); 0: BF16 output */
   int round_scale; /* FP8: 1 rounds every scale up to a power of two */
   int use_ue8m0;   /* FP8: 1 packs the scales as UE8M0 (needs round_scale) */
@@ -438,6 +443,9 @@ typedef struct {
   const void* x; /* [E_loc, R*T, hidden] deepepBFloat16 expert outputs in the dispatch's layout; NULL with zero_copy */
   int zero_copy; /* 1: the expert outputs are already in the set's combine buffer (deepepLowLatencyGetCombineBuffer) */
   int hidden;    /* multiple of 8, at most config hidden */
+  /* E, as for the dispatch. The combine buffer [E / R, R*T, hidden] deepepBFloat16, which every combine uses (zero-copy
+   * rows, and the rows put through NVSHMEM), must fit in what the config sized (config num_experts / R experts of R*T
+   * rows of config hidden); otherwise deepepBufferTooSmall. */
   int num_experts;
   /* From the dispatch: */
   const int32_t* src_info;     /* its recv_src_info */
