@@ -377,8 +377,9 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * Ordering rules. Every low-latency call is collective: all ranks make the same calls (kind, phase, buffer_set,
  * num_experts, hidden, num_topk, use_fp8) in the same order, and calls on one communicator are stream-ordered (one
  * stream, or ordered by events). High-throughput and low-latency calls use separate regions and separate sequence
- * numbers: they may be interleaved freely under the same collective-order rule, with no reset between them. After
- * an asynchronous error (e.g. a timeout) the communicator's sequence numbers are out of step: destroy it.
+ * numbers: they may be interleaved freely under the same collective-order rule, with no reset between them. A
+ * low-latency call that times out masks the rank it waited for and its sequence numbers stay in step, so the
+ * survivors may go on (deepepCommLowLatencyMaskRank); after a high-throughput timeout, destroy the communicator.
  *
  * Transport: peers in this rank's NVLink domain get NVLink stores, the others NVSHMEM puts and signals (every peer
  * with config low_latency_transport = DEEPEP_LL_TRANSPORT_NVSHMEM). All arrays are device memory of the
@@ -484,8 +485,11 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
  * from the survivors (outside this library) and mask the union everywhere before the next call, then clear the
  * asynchronous error. Taking a rank back (masked = 0) takes its acknowledgements as current: do it only while no
  * rank has a low-latency call in flight, on every rank, followed by a host barrier before the next call. Masking
- * does not apply to high-throughput calls. Blocking (synchronises the device first); not capturable. [in] rank: not
- * this rank; masked: 1 to mask, 0 to take back. */
+ * assumes the masked rank has stopped: one that was only late, by more than the timeout, and then resumes, may still
+ * store the rows of its late call into the survivors' current buffer set (it saw their acknowledgements before they
+ * masked it) and corrupt one of their later results unreported, so stop a timed-out rank's process rather than let it
+ * go on. Masking does not apply to high-throughput calls. Blocking (synchronises the device first); not capturable.
+ * [in] rank: not this rank; masked: 1 to mask, 0 to take back. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
 
 /* The low-latency mask of this rank: masked[r] is 1 for a masked rank, else 0. Blocking. [out] masked [nranks] */
