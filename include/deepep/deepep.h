@@ -228,7 +228,11 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
  *    sized by a bound (num_worst_tokens) instead of the count;
  *  - deepepCombine with a filled handle: no host synchronisation, graph-capturable.
  * All ranks must use the same num_sms in calls that share a handle; all arrays are device memory of the
- * communicator's device; stream-ordered calls may finish with an asynchronous error (deepepCommGetAsyncError). */
+ * communicator's device; stream-ordered calls may finish with an asynchronous error (deepepCommGetAsyncError).
+ * Arguments are checked on each rank before anything is launched, so a call refused on some ranks only (a bad
+ * argument there, or a buffer too small for that rank's own N, which an explicit buffer_bytes below the workload's
+ * needs can give) leaves the other ranks' kernels waiting for it until the timeout: then destroy the communicator.
+ * A buffer sized from the workload (buffer_bytes 0) holds every call within that workload. */
 
 typedef struct deepepHandle* deepepHandle_t;
 
