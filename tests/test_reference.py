@@ -143,6 +143,17 @@ def test_dispatch_carries_fp8_pairs_row_by_row():
     assert recv1[0][:, 0].tolist() == [1, 2, 4] and recv1[1].tolist() == [[0.5, 1], [2, 4], [32, 64]]
 
 
+def test_dispatch_carries_ue8m0_packed_scales_unchanged():
+    # UE8M0-packed scales are int32 words [N, ceil(H / 512)]: they travel with their rows, bits unchanged.
+    q = [rows(1, 2, hidden=512), rows(3, hidden=512)]
+    packed = [np.array([[0x7F7E7D7C], [-1]], np.int32), np.array([[0x01020304]], np.int32)]
+    xs = [(q[0], packed[0]), (q[1], packed[1])]
+    # E = 2, one expert per rank: rank 0 gets r0t1 and r1t0; rank 1 gets r0t0
+    (recv0, *_), (recv1, *_) = reference.dispatch(xs, [np.array([[1], [0]]), np.array([[0]])], None, 2)
+    assert recv0[1].dtype == np.int32 and recv0[1].tolist() == [[-1], [0x01020304]]
+    assert recv1[1].tolist() == [[0x7F7E7D7C]] and recv0[0][:, 0].tolist() == [2, 3]
+
+
 def test_dispatch_refuses_mismatched_rows_and_bad_arguments():
     with pytest.raises(ValueError, match="rows"):
         reference.dispatch([rows(1, 2)], [np.array([[0]])], None, 2)
@@ -152,6 +163,17 @@ def test_dispatch_refuses_mismatched_rows_and_bad_arguments():
         reference.dispatch(XS, TOPK, None, 4, expert_alignment=0)
     with pytest.raises(ValueError, match=r"\[-1, 4\)"):
         reference.dispatch(XS, [TOPK[0], np.array([[4, 0], [0, 0]])], None, 4)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int64, np.int32])
+def test_dispatch_layout_on_a_routing_checked_by_hand(index_dtype):
+    # E = 4 on 2 ranks (experts 0, 1 on rank 0; 2, 3 on rank 1). Token 0 names experts 0 and 1 (rank 0, counted once
+    # there), token 1 nothing, token 2 expert 3 twice (rank 1 once; the expert count counts both slots).
+    topk = np.array([[0, 1], [-1, -1], [3, 3]], index_dtype)
+    per_rank, per_expert, in_rank = reference.dispatch_layout(topk, 4, 2)
+    assert per_rank.dtype == np.int32 and per_rank.tolist() == [1, 1]
+    assert per_expert.dtype == np.int32 and per_expert.tolist() == [1, 1, 0, 2]
+    assert in_rank.dtype == np.bool_ and in_rank.tolist() == [[True, False], [False, False], [False, True]]
 
 
 def test_dispatch_counts_agree_with_the_layout():
@@ -256,6 +278,15 @@ def test_combine_sums_topk_weights_in_float32_without_rounding():
     (out, w), (_, w1) = reference.combine(ys, srcs, [2, 0], topk_weights=weights)
     assert w.tolist() == [[0.625, 1 + 2.0**-19], [0.25, 0.0]]  # 1 + 2^-19 is no BF16 value: kept as float32
     assert w.dtype == np.float32 and w1.shape == (0, 2) and out[:, 0].tolist() == [4, 2]
+
+
+def test_combine_sums_topk_weights_in_ascending_rank_order():
+    # As for the rows: 2^20, -2^20, 2^-10 from ranks 0, 1, 2 sum to 2^-10 in ascending order, to 0 in descending.
+    srcs = [np.array([[0, 0]])] * 3
+    ys = [rows(0.0, hidden=2)] * 3
+    weights = [np.array([[w]], f32) for w in (2.0**20, -(2.0**20), 2.0**-10)]
+    (_, w), *_ = reference.combine(ys, srcs, [1, 0, 0], topk_weights=weights)
+    assert w.tolist() == [[2.0**-10]]
 
 
 def test_combine_refuses_a_token_twice_from_one_rank_and_foreign_tokens():
@@ -364,6 +395,19 @@ def test_fp8_cast_divides_in_float32_and_rounds_ties_to_even():
     x[0, :3] = [896.0, 2.125, 2.375]  # scale 2: 1.0625 (tie -> 1.0) and 1.1875 (tie -> 1.25)
     q, scales = reference.fp8_cast(x)
     assert scales.tolist() == [[2.0]] and q[0, :3].tolist() == [448.0, 1.0, 1.25]
+
+
+def test_fp8_cast_divides_rather_than_multiplying_by_the_reciprocal():
+    # amax 164.27046 gives scale f32(amax / 448) = 0.36667514. For x = 0.38959235, f32(x / scale) is 1.0625 exactly,
+    # the tie between e4m3 1.0 and 1.125, which goes to even (1.0); x * f32(1 / scale) is 1.0625001 and would give
+    # 1.125.
+    amax, x = f32(164.2704620361328), f32(0.38959234952926636)
+    scale = f32(amax / f32(448.0))
+    assert f32(x / scale) == f32(1.0625) and x * (f32(1.0) / scale) > f32(1.0625)  # the case tells them apart
+    block = np.zeros((1, 128), f32)
+    block[0, :2] = [amax, x]
+    q, scales = reference.fp8_cast(block)
+    assert scales.tolist() == [[scale]] and q[0, :2].tolist() == [448.0, 1.0]
 
 
 @pytest.mark.parametrize(
