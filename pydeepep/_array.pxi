@@ -274,13 +274,22 @@ def empty_cache(device=None):
 
 
 cdef class _Allocation:
-    """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on. Memory that several
-    arrays share (_empty_group) is freed once all of them are gone, after the work of every stream that wrote one."""
+    """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on, after the work that
+    other streams using it (a shared allocation's writers, DeviceArray.record_stream) had queued by then. Memory that
+    several arrays share (_empty_group) is freed once all of them are gone."""
     cdef unsigned long long ptr
     cdef size_t stream
     cdef size_t context
     cdef bint shared
-    cdef list writers  # shared memory: (stream handle, stream owner) of the other streams that wrote into it
+    cdef list other_streams  # (stream handle, stream owner) of the other streams the free waits for
+
+    cdef _used_on(self, size_t handle, stream):
+        """The free will wait for the work queued on `handle` (kept alive through `stream`, its owner) by then."""
+        if handle == self.stream or any(handle == other for other, _ in self.other_streams or ()):
+            return
+        if self.other_streams is None:
+            self.other_streams = []
+        self.other_streams.append((handle, stream))
 
     def __dealloc__(self):
         cdef void* previous = NULL
@@ -288,7 +297,7 @@ cdef class _Allocation:
             return
         # The legacy default stream means "the current context's": make the owning device's context current.
         if pydeepep_ctx_push(<void*>self.context) == 0:
-            for handle, _ in self.writers or ():
+            for handle, _ in self.other_streams or ():
                 try:
                     _make_stream_wait(handle, self.stream)
                 except Exception:  # at interpreter exit the driver may be gone, and with it the work to order
@@ -388,11 +397,22 @@ cdef class DeviceArray:
             if not block.shared:
                 block.stream = handle
                 self._stream_owner = stream
-            elif all(handle != writer for writer, _ in block.writers or ()):
+            else:
                 # The other arrays of the memory may still be written on its first stream: the free waits for both.
-                if block.writers is None:
-                    block.writers = []
-                block.writers.append((handle, stream))
+                block._used_on(handle, stream)
+
+    def record_stream(self, stream):
+        """Keeps the memory from reuse until the work queued on ``stream`` (a stream object or handle) when the array
+        is released is done, as ``torch.Tensor.record_stream`` does: for an array read or written on another stream
+        than the one it was made on. Memory pydeepep did not allocate is left alone."""
+        cdef _Allocation block
+        if isinstance(self._owner, _Allocation):
+            block = <_Allocation>self._owner
+            block._used_on(stream_handle(stream), stream)
+        elif isinstance(self._base, DeviceArray):  # a view (bits()): the memory is its base's
+            self._base.record_stream(stream)
+        elif isinstance(self._owner, DeviceArray):
+            self._owner.record_stream(stream)
 
     def __dealloc__(self):
         # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:

@@ -358,7 +358,7 @@ class Buffer:
             pydeepep.Event.record(stream).wait(comm)
         run_on = comm if async_finish else stream
         per_rank, per_expert, in_rank = comm.get_dispatch_layout(topk_idx, num_experts, stream=run_on)
-        done = EventOverlap(pydeepep.Event.record(comm.stream)) if async_finish else EventOverlap()
+        done = self._async_done(async_finish, (topk_idx,), (per_rank, per_expert, in_rank))
         return _to_torch(per_rank), None, _to_torch(per_expert), _to_torch(in_rank), done
 
     def dispatch(
@@ -381,6 +381,10 @@ class Buffer:
         stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
         fp8 = isinstance(x, tuple)
         payload, scales = (x[0], x[1]) if fp8 else (x, None)
+        if fp8 and scales.dim() == 2 and scales.shape[1] > 1 and scales.stride(1) != 1:
+            # Column-major scales (as DeepGEMM lays them out): pydeepep reads rows of scales, so they are copied
+            # (N * H / 128 words); row-major ones, padded rows included, are read in place.
+            scales = scales.contiguous()
         num_experts = None
         if handle is None or num_worst_tokens > 0:
             if num_tokens_per_expert is None or topk_idx is None:
@@ -400,6 +404,11 @@ class Buffer:
             previous_event=event,
             async_finish=async_finish,
         )
+        done = self._async_done(
+            async_finish,
+            (payload, scales, topk_idx, topk_weights),
+            (result.recv_x, result.recv_scales, result.recv_topk_idx, result.recv_topk_weights),
+        )
         recv_x = _to_torch(result.recv_x)
         if fp8:
             recv_x = (recv_x, _to_torch(result.recv_scales))
@@ -409,7 +418,7 @@ class Buffer:
             _to_torch(result.recv_topk_weights),
             result.num_recv_tokens_per_expert,
             result.handle,
-            EventOverlap(result.event),
+            done,
         )
 
     def combine(
@@ -434,7 +443,12 @@ class Buffer:
             previous_event=event,
             async_finish=async_finish,
         )
-        return _to_torch(result.out), _to_torch(result.topk_weights), EventOverlap(result.event)
+        done = self._async_done(
+            async_finish,
+            (x, topk_weights, *(bias if isinstance(bias, tuple) else (bias,))),
+            (result.out, result.topk_weights),
+        )
+        return _to_torch(result.out), _to_torch(result.topk_weights), done
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
 
@@ -448,15 +462,23 @@ class Buffer:
         pydeepep.Event.record(current.cuda_stream).wait(self.comm)
         return self.comm
 
-    def _low_latency_done(self, async_finish: bool, tensors) -> EventOverlap:
-        """The EventOverlap of a low-latency call. With ``async_finish``: an event on the communicator's stream, and
-        the caller's tensors kept from reuse by PyTorch's allocator until that stream is done with them."""
+    def _async_done(self, async_finish: bool, tensors, arrays=()) -> EventOverlap:
+        """The EventOverlap of a call. With ``async_finish`` (the call ran on the communicator's stream): an event on
+        that stream; the caller's tensors (inputs, and outputs PyTorch allocated) kept from reuse by PyTorch's
+        allocator until that stream is done with them; and the outputs pydeepep allocated on that stream (`arrays`)
+        kept from reuse by pydeepep's until the work the current stream has queued when they are released is done,
+        as if the current stream had allocated them (DeepEP's allocate_on_comm_stream=False): the current stream
+        reads them after waiting for the event."""
         if not async_finish:
             return EventOverlap()
         stream = torch.cuda.ExternalStream(self.comm.stream, device=self.comm.device)
         kept = tuple(t for t in tensors if isinstance(t, torch.Tensor))
         for tensor in kept:
             tensor.record_stream(stream)
+        current = torch.cuda.current_stream()
+        for array in arrays:
+            if array is not None:
+                array.record_stream(current)
         return EventOverlap(pydeepep.Event.record(self.comm.stream), kept)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
@@ -519,7 +541,7 @@ class Buffer:
         if use_fp8:
             fp8 = _TORCH_TYPES["float8_e4m3fn"]  # None in PyTorch builds without float8: the bits stay uint8
             recv_x = (recv_x if fp8 is None else recv_x.view(fp8), tensors["recv_scales"].transpose(1, 2))
-        done = self._low_latency_done(
+        done = self._async_done(
             async_finish,
             (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, *tensors.values()),
         )
@@ -566,7 +588,7 @@ class Buffer:
             stream=stream,
             out=_output(out, comm.device, stream),
         )
-        done = self._low_latency_done(async_finish, (x, topk_idx, topk_weights, out))
+        done = self._async_done(async_finish, (x, topk_idx, topk_weights, out))
         return out, done, result.hook
 
     def get_next_low_latency_combine_buffer(self, handle):

@@ -58,6 +58,10 @@ def adapter_rank(info, init_file):
             topk_weights=weights,
             async_finish=True,
         )
+        # The communicator's stream reads the inputs after the call returns: they are kept (and recorded on it).
+        out["async_keeps_inputs"] = event.extra_tensors is not None and all(
+            any(kept is t for kept in event.extra_tensors) for t in (x, topk, weights)
+        )
         event.current_stream_wait()
         want = reference.dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], E)
         mine = want[info.rank]
@@ -77,6 +81,22 @@ def adapter_rank(info, init_file):
         )
         again = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)
         out["cached_zero_copy_outputs"] = torch.equal(again[0], recv_x) and again[0].data_ptr() != recv_x.data_ptr()
+
+        # FP8 with column-major scales (DeepGEMM's layout), cached on the same routing: the rows and their scales
+        # arrive as a row-major pair would.
+        def fp8_rows(rank):  # e4m3 bits and float32 scales of a rank's tokens, told apart by rank
+            bits = (np.arange(N * H) % 120 + rank).astype(np.uint8).reshape(N, H)
+            return bits, np.arange(N * (H // 128), dtype=np.float32).reshape(N, H // 128) + 1000 * rank
+
+        q_np, s_np = fp8_rows(info.rank)
+        q = torch.from_numpy(q_np).cuda().view(torch.float8_e4m3fn)
+        scales_cm = torch.from_numpy(s_np).cuda().t().contiguous().t()  # same values, column-major
+        (recv_q, recv_s), *_ = buffer.dispatch((q, scales_cm), handle=handle, topk_idx=topk, topk_weights=weights)
+        rows_of = [r * N + t for r, t in want[info.rank][4]]  # the received rows: (source rank, token) pairs
+        all_q, all_s = (np.concatenate(parts) for parts in zip(*(fp8_rows(r) for r in range(info.nranks)), strict=True))
+        out["fp8_column_major_scales"] = np.array_equal(
+            recv_q.view(torch.uint8).cpu().numpy(), all_q[rows_of]
+        ) and np.array_equal(recv_s.cpu().numpy(), all_s[rows_of])
 
         # A chain on the communicator's stream: layout after an event of Buffer.capture(), dispatch after the layout's
         # event, combine after the dispatch's; the current stream waits once at the end.
@@ -127,7 +147,16 @@ def results():
 
 
 @pytest.mark.parametrize(
-    "step", ["layout", "dispatch", "combine", "cached_zero_copy_outputs", "previous_event_and_capture"]
+    "step",
+    [
+        "layout",
+        "dispatch",
+        "async_keeps_inputs",
+        "combine",
+        "cached_zero_copy_outputs",
+        "fp8_column_major_scales",
+        "previous_event_and_capture",
+    ],
 )
 def test_deepep_style_code_runs_unchanged(results, step):
     got = [r.get(step, r.get("error")) for r in results]
