@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -69,7 +70,9 @@ def _rank_main(fn, rank, nranks, id_queue, result_queue, args, kwargs):
         else:
             unique_id = id_queue.get(timeout=120)
         value = fn(RankInfo(rank, nranks, rank, unique_id), *args, **kwargs)
-        result_queue.put((rank, True, value))
+        # Pickled here, so that a result that cannot be is reported as this rank's failure (the queue's feeder thread
+        # would drop the error and let the process exit 0 without a report).
+        result_queue.put((rank, True, pickle.dumps(value)))
     except BaseException:  # report everything, KeyboardInterrupt included, then exit non-zero
         result_queue.put((rank, False, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -126,12 +129,15 @@ def spawn(
             try:
                 rank, ok, value = result_queue.get(timeout=0.2)
                 if ok:
-                    results[rank] = value
+                    try:
+                        results[rank] = pickle.loads(value)
+                    except Exception as error:  # a class the parent cannot import, say
+                        failure = f"rank {rank}'s result could not be unpickled here: {error!r}"
                 else:
                     failure = f"rank {rank} failed:\n{value}"
             except queue.Empty:
                 for rank, p in enumerate(procs):
-                    if rank not in results and p.exitcode is not None and p.exitcode != 0:
+                    if rank not in results and p.exitcode is not None:
                         # Give its report a moment to arrive before declaring a silent death.
                         time.sleep(0.5)
                         if result_queue.empty():
@@ -145,11 +151,18 @@ def spawn(
             for p in procs:
                 if p.is_alive():
                     p.kill()
-        for p in procs:
+        killed = set()
+        for rank, p in enumerate(procs):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
                 p.join()
+                killed.add(rank)
+    if failure is None:
+        # A rank that reported and then died on its way out (a crash in teardown, os._exit in an exit handler).
+        crashed = [(rank, p.exitcode) for rank, p in enumerate(procs) if rank not in killed and p.exitcode != 0]
+        if crashed:
+            failure = "; ".join(f"rank {rank} exited with code {code} after reporting" for rank, code in crashed)
     if failure is not None:
         raise LaunchError(failure)
     return [results[r] for r in range(nprocs)]

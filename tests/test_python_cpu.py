@@ -465,6 +465,20 @@ def hang_on_rank_one(info):
     return info.rank
 
 
+def return_a_lock(info):
+    import threading
+
+    return threading.Lock()  # cannot be pickled
+
+
+def exit_with_seven_after_reporting(info):
+    import atexit
+    import os
+
+    atexit.register(os._exit, 7)
+    return info.rank
+
+
 def test_spawn_returns_results_by_rank_with_a_shared_unique_id():
     results = spawn(report_rank, nprocs=3, args=("x",), timeout=120)
     assert [r[:3] for r in results] == [(0, 3, 0), (1, 3, 1), (2, 3, 2)]
@@ -475,6 +489,20 @@ def test_spawn_returns_results_by_rank_with_a_shared_unique_id():
 def test_spawn_reports_the_failing_rank_with_its_traceback():
     with pytest.raises(LaunchError, match="(?s)rank 1 failed.*rank one is broken"):
         spawn(fail_on_rank_one, nprocs=2, timeout=120)
+
+
+def test_spawn_reports_a_result_that_cannot_be_sent_back_at_once():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="(?s)rank 0 failed.*pickle"):
+        spawn(return_a_lock, nprocs=1, timeout=120)
+    assert time.monotonic() - start < 60  # not the timeout
+
+
+def test_spawn_reports_a_rank_that_dies_after_reporting():
+    with pytest.raises(LaunchError, match="rank 1 exited with code 7 after reporting"):
+        spawn(exit_with_seven_after_reporting, nprocs=2, timeout=120)
 
 
 def test_spawn_kills_a_hung_job_at_its_timeout():
