@@ -356,6 +356,8 @@ cdef class DeviceArray:
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) > 8:
             raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
+        if any(extent < 0 for extent in self.shape):
+            raise DeepEPInvalidArgument(f"DeviceArray shape {self.shape} has a negative extent", 1)
         if isinstance(dtype, str) and dtype in _STORAGE_DTYPES:
             self.dtype_name = dtype
             self.dtype = _STORAGE_DTYPES[dtype]
@@ -392,7 +394,9 @@ cdef class DeviceArray:
         _make_stream_wait(self.stream, handle)
         self.stream = handle
         cdef _Allocation block
-        if isinstance(self._owner, _Allocation):
+        if isinstance(self._base, DeviceArray):  # a view (bits()): its base holds the memory
+            (<DeviceArray>self._base)._written_on(stream)
+        elif isinstance(self._owner, _Allocation):
             block = <_Allocation>self._owner
             if not block.shared:
                 block.stream = handle

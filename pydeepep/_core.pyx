@@ -47,20 +47,29 @@ def get_unique_id():
     return bytes((<char*>uid.internal)[:DEEPEP_UNIQUE_ID_BYTES])
 
 
+cdef object _c_int(str name, value, object low=-2**31, object high=2**31 - 1):
+    """`value` as a Python int that fits a C field (the library checks its meaning): a clear error naming the argument
+    instead of an OverflowError."""
+    cdef object number = int(value)
+    if not low <= number <= high:
+        raise DeepEPInvalidArgument(f"{name} is {number}; it must be in [{low}, {high}]", 1)
+    return number
+
+
 cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden, num_topk, num_experts,
                                allow_nvlink_multicast, low_latency_max_tokens=0,
                                low_latency_transport="auto") except *:
     cdef deepepConfig config
     _check(deepepConfigInit(&config))
-    config.device = -1 if device is None else int(device)
+    config.device = -1 if device is None else _c_int("device", device)
     config.timeout_seconds = float(timeout)
-    config.buffer_bytes = int(buffer_bytes)
-    config.max_tokens_per_rank = int(max_tokens_per_rank)
-    config.hidden = int(hidden)
-    config.num_topk = int(num_topk)
-    config.num_experts = int(num_experts)
+    config.buffer_bytes = _c_int("buffer_bytes", buffer_bytes, 0, 2**64 - 1)
+    config.max_tokens_per_rank = _c_int("max_tokens_per_rank", max_tokens_per_rank)
+    config.hidden = _c_int("hidden", hidden)
+    config.num_topk = _c_int("num_topk", num_topk)
+    config.num_experts = _c_int("num_experts", num_experts)
     config.allow_nvlink_multicast = 1 if allow_nvlink_multicast else 0
-    config.low_latency_max_tokens = int(low_latency_max_tokens)
+    config.low_latency_max_tokens = _c_int("low_latency_max_tokens", low_latency_max_tokens)
     transports = {"auto": DEEPEP_LL_TRANSPORT_AUTO, "nvshmem": DEEPEP_LL_TRANSPORT_NVSHMEM}
     if low_latency_transport not in transports:
         raise DeepEPInvalidArgument(
@@ -88,6 +97,7 @@ cdef class _InterfaceView:
     cdef readonly object strides
     cdef readonly object dtype
     cdef readonly int device_id
+    cdef readonly bint readonly  # the interface marks the memory read-only
     cdef readonly object array  # keeps the memory alive while the view is in use
 
 
@@ -119,7 +129,7 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
             if any(step % itemsize for step in strides):
                 return None
             strides = tuple(step // itemsize for step in strides)
-        ptr = interface["data"][0]
+        ptr, readonly = interface["data"]
         producer = interface.get("stream")
     except Exception:
         return None
@@ -131,6 +141,7 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
     view.strides = strides
     view.dtype = dtype
     view.device_id = 0
+    view.readonly = bool(readonly)
     view.array = obj
     return view
 
@@ -220,6 +231,8 @@ def _empty_group(specs, int device, stream):
             offsets.append(None)
             continue
         shape, dtype = spec
+        if any(int(extent) < 0 for extent in shape):
+            raise DeepEPInvalidArgument(f"shape {tuple(shape)} has a negative extent", 1)
         nbytes = (_STORAGE_DTYPES[dtype] if isinstance(dtype, str) and dtype in _STORAGE_DTYPES
                   else np.dtype(dtype)).itemsize
         for extent in shape:
@@ -957,18 +970,29 @@ def _expect(array, shape, dtype, str name, stream, int device):
         return array
     view = _as_view(array, stream_handle(stream))
     element = check_dense(view, f"out {name}", shape)
+    _writable(view, name)
     if element.itemsize != itemsize:
         raise DeepEPInvalidArgument(
             f"out {name} has dtype {dtype_name(element)}; this call writes {np.dtype(dtype).name} (or another "
             f"{itemsize}-byte type)", 1)
     kind = dtype_name(element)
-    return DeviceArray(view.ptr, shape, kind if kind in _STORAGE_DTYPES else element, device, stream, owner=array)
+    held = kind if kind in _STORAGE_DTYPES else element
+    if kind not in _DLPACK_TYPES:  # another type of the same size (int16 for bfloat16, say): written bit for bit
+        held = np.dtype(dtype)
+    return DeviceArray(view.ptr, shape, held, device, stream, owner=array)
+
+
+cdef _writable(view, str name):
+    """Refuses an output whose array says its memory is read-only (a JAX array, say)."""
+    if getattr(view, "readonly", False):
+        raise DeepEPInvalidArgument(f"out {name} is read-only: pass a writable array", 1)
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):
     """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype."""
     view = _as_view(array, stream)
     element = check_dense(view, f"out {name}", shape)
+    _writable(view, name)
     if element not in [np.dtype(d) for d in dtypes]:
         raise DeepEPInvalidArgument(f"out {name} has dtype {dtype_name(element)}; it must be "
                                     + " or ".join(np.dtype(d).name for d in dtypes), 1)

@@ -204,6 +204,22 @@ def test_device_arrays_refuse_a_non_native_byte_order():
         pydeepep.DeviceArray(0x7000, (3,), np.dtype(">f4"), 0, 0)
 
 
+def test_arrays_refuse_a_negative_extent():
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="negative extent"):
+        pydeepep.DeviceArray(0x7000, (-2, 3), np.int32, 0, 0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="negative extent"):
+        pydeepep.empty((0, -5), "int32", device=0)  # refused before any allocation (no GPU needed)
+
+
+@pytest.mark.parametrize(
+    "argument, value",
+    [("buffer_bytes", -1), ("hidden", 2**40), ("max_tokens_per_rank", -(2**40)), ("num_experts", 2**31)],
+)
+def test_config_values_that_do_not_fit_are_refused_by_name(argument, value):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"{argument} is {value}; it must be in"):
+        pydeepep.buffer_size_hint(2, **{argument: value})
+
+
 class FakeCAI:
     __cuda_array_interface__ = {"shape": (2,), "typestr": "<i8", "data": (0x1000, False), "version": 3}
 
@@ -608,6 +624,20 @@ def test_empty_cache_with_nothing_allocated_needs_no_gpu():
     # Nothing was allocated in this process (no GPU here): there is no pool to trim, and no CUDA call is made.
     assert pydeepep.empty_cache() is None
     assert pydeepep.empty_cache(0) is None
+
+
+def test_outputs_marked_read_only_are_refused_and_same_size_types_are_taken_as_bits():
+    from pydeepep import _core
+
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out recv_x is read-only"):
+        _core._expect(
+            Interface(shape=(4, 3), typestr="<u2", data=(0x7000, True), stream=7), (4, 3), np.uint16, "recv_x", 7, 0
+        )
+    # int16 memory for a bfloat16 output (its bits as uint16): taken, as the message for other sizes promises.
+    held = _core._expect(Interface(shape=(4, 3), typestr="<i2", stream=7), (4, 3), np.uint16, "recv_x", 7, 0)
+    assert (held.ptr, held.shape, held.dtype) == (0x7000, (4, 3), np.dtype(np.uint16))
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"or another 2-byte type"):
+        _core._expect(Interface(shape=(4, 3), typestr="<i4", stream=7), (4, 3), np.uint16, "recv_x", 7, 0)
 
 
 def test_output_and_input_checks_on_pydeepep_arrays_need_no_gpu():
