@@ -207,6 +207,9 @@ class Buffer:
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.comm = None
         self._ll_sizes = None  # (T, hidden, num_topk, num_experts) of the communicator's low-latency area, if any
+        # Per buffer set, the last low-latency dispatch's handle (by id) and the tensors of it that a combine reads:
+        # an asynchronous combine records them on the communicator's stream.
+        self._ll_combine_inputs = {}
         if not self.low_latency_mode:
             self._create_communicator(None)
 
@@ -537,6 +540,8 @@ class Buffer:
             out=outputs,
         )
         tensors = outputs.tensors
+        layout = (tensors["recv_src_info"], tensors["recv_layout_range"])
+        self._ll_combine_inputs[result.buffer_set] = (id(result), *layout)
         recv_x = tensors["recv_x"]
         if use_fp8:
             fp8 = _TORCH_TYPES["float8_e4m3fn"]  # None in PyTorch builds without float8: the bits stay uint8
@@ -576,7 +581,8 @@ class Buffer:
         stream = self._low_latency_stream(async_finish)
         if out is None:
             # PyTorch's allocator (its graph pool inside a capture), as for the dispatch's outputs.
-            out = torch.empty((topk_idx.shape[0], handle.hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
+            hidden = handle.hidden if zero_copy else x.shape[-1]
+            out = torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
         result = comm.low_latency_combine(
             # DeepEP passes the combine buffer itself as x with zero_copy; pydeepep reads the buffer and wants no x.
             None if zero_copy else _bits(x),
@@ -588,7 +594,9 @@ class Buffer:
             stream=stream,
             out=_output(out, comm.device, stream),
         )
-        done = self._async_done(async_finish, (x, topk_idx, topk_weights, out))
+        held = self._ll_combine_inputs.get(handle.buffer_set)
+        layout = held[1:] if held is not None and held[0] == id(handle) else ()  # the handle's src_info and ranges
+        done = self._async_done(async_finish, (x, topk_idx, topk_weights, out, *layout))
         return out, done, result.hook
 
     def get_next_low_latency_combine_buffer(self, handle):
