@@ -436,21 +436,17 @@ class Buffer:
         allocate_on_comm_stream: bool = False,
     ):
         stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
-        biases = None if bias is None else tuple(_bits(b) for b in (bias if isinstance(bias, tuple) else (bias,)))
+        biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
         result = self._communicator().combine(
             _bits(x),
             handle,
             topk_weights=topk_weights,
-            bias=biases,
+            bias=tuple(_bits(b) for b in biases) or None,
             stream=stream,
             previous_event=event,
             async_finish=async_finish,
         )
-        done = self._async_done(
-            async_finish,
-            (x, topk_weights, *(bias if isinstance(bias, tuple) else (bias,))),
-            (result.out, result.topk_weights),
-        )
+        done = self._async_done(async_finish, (x, topk_weights, *biases), (result.out, result.topk_weights))
         return _to_torch(result.out), _to_torch(result.topk_weights), done
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
