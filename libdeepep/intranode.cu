@@ -74,8 +74,13 @@ constexpr int kCombinePushWarps = 8;
 constexpr int kCombineReduceWarps = 16;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
-// 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped).
+// 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped). The
+// dispatch takes 3 where each pushing warp has at least kDispatchLongRunTokens tokens (2 x H200, N = 4096, same run:
+// BF16 on 16 SMs, 22 tokens per warp, 254-256 us against 263 with 2; with 15 per warp, BF16 on 24 SMs, 225-226 us
+// against 215-219, and FP8 on 24 SMs, 11 per warp, 132-133 against 123-124), and 1 where a block has a single chunk.
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
+constexpr int kDispatchTokensPerWarpPerChunkLongRuns = 3;
+constexpr int64_t kDispatchLongRunTokens = 18;
 constexpr int kCombineRowsPerWarpPerChunk = 1;
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
@@ -149,14 +154,16 @@ __device__ bool wait_acks(const Protocol& p, uint32_t seq, uint64_t deadline, Ph
   return __all_sync(0xffffffffu, ok);
 }
 
-// Step 5: the last block to finish acknowledges `seq` to every source and advances the sequence.
+// Step 5: the last block to finish acknowledges `seq` to every source and advances the sequence. The blocks count
+// themselves with a GPU-scope acquire-release add, and the last one's system-scope releases carry every block's reads
+// of the regions to the sources (release and acquire are cumulative along that chain), so no block needs a
+// system-scope fence of its own: with two of them here, a dispatch of no tokens took 10.5 us, without them 8.3.
 __device__ void finish_operation(const Protocol& p, uint32_t seq) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
-    const uint32_t finished = atomicAdd(&p.op_state[1], 1u);
+    uint32_t finished;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(finished) : "l"(p.op_state + 1) : "memory");
     if (finished == gridDim.x - 1) {
-      __threadfence_system();  // acquire side of the other blocks' fence + increment
       for (int s = 0; s < p.nranks; ++s) {
         if (s != p.rank) store_release_sys(&control_of(p.peers, s)->ack[p.rank], seq);
       }
@@ -607,6 +614,17 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
 
   const DispatchRowLayout& L = q.layout;
   const int push_warps = q.push_warps;
+  // This block's tokens. With few of them (one chunk's worth at the usual size), the pushing warps release progress
+  // after every token per warp, and the receiving warps, idle until the peers' rows come, copy the rows to this rank
+  // so that the pushing warps reach the peers sooner; with many, the receiving warps have copy-out enough.
+  const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
+  const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
+  const int64_t tokens_per_warp = (per_block + push_warps - 1) / push_warps;
+  const bool few_tokens = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
+  int tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunk;
+  if (few_tokens) tokens_per_warp_per_chunk = 1;
+  if (tokens_per_warp >= kDispatchLongRunTokens) tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunkLongRuns;
+  const bool receivers_copy_own_rows = few_tokens;
   if (ok && warp < push_warps) {
     // Step 3: send warps.
     if (warp == 0 && lane < R && lane != p.rank) {
@@ -617,18 +635,15 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       message->row_layout = row_layout_word(L);
       message->tokens = q.send_counts[lane];
       message->num_blocks = gridDim.x;
-      __threadfence_system();
       store_release_sys(&message->flag, seq);
     }
-    const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
-    const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
-    const int64_t chunk_tokens = push_warps * kDispatchTokensPerWarpPerChunk;
+    const int64_t chunk_tokens = push_warps * tokens_per_warp_per_chunk;
     // A warp's tokens are warp, warp + push_warps, ... of the block's range. Lane k loads slot k's id and weight,
     // and lane d the token's position at rank d, for the warp's next token while the current one's row moves, so
     // that no row waits for a round of loads of its own.
     TokenRouting next = load_token_routing(q, t0 + warp < t1 ? t0 + warp : -1, lane);
     for (int64_t c0 = t0; c0 < t1; c0 += chunk_tokens) {
-      for (int i = 0; i < kDispatchTokensPerWarpPerChunk; ++i) {
+      for (int i = 0; i < tokens_per_warp_per_chunk; ++i) {
         const int64_t t = c0 + i * push_warps + warp;
         if (t >= t1) break;
         const uint8_t* x_row = q.x + t * q.x_stride_bytes;
@@ -637,10 +652,11 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         next = load_token_routing(q, t + push_warps < t1 ? t + push_warps : -1, lane);
         const int32_t my_id = current.id, my_pos = current.pos;
         const float my_weight = current.weight;
-        // Lane d holds where the token's row goes at rank d: the output row for this rank, the row in this
-        // source's region at a peer. Each piece of the row is then loaded once and stored to every destination.
-        // An output row past out_rows (a worst-case dispatch with more rows than its outputs) is not written.
-        int64_t my_out_row = lane == p.rank && my_pos >= 0 ? offsets[lane] + my_pos : -1;
+        // Lane d holds where the token's row goes at rank d: the output row for this rank (unless the receiving
+        // warps copy those), the row in this source's region at a peer. Each piece of the row is then loaded once and
+        // stored to every destination. An output row past out_rows (a worst-case dispatch with more rows than its
+        // outputs) is not written.
+        int64_t my_out_row = lane == p.rank && my_pos >= 0 && !receivers_copy_own_rows ? offsets[lane] + my_pos : -1;
         if (my_out_row >= q.out_rows) my_out_row = -1;
         uint8_t* my_row = nullptr;  // the row's place at rank `lane` (payload at 0, then scales and meta)
         if (lane < R && my_pos >= 0 && lane != p.rank)
@@ -686,11 +702,12 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     }
   }
   if (ok) {
-    // Step 4: the receive warps copy what block b of each source published into the outputs; the send warps join
-    // them once their own rows are out. Warps claim rows one at a time, so the copy-out speeds up as senders
-    // finish (with few tokens it would otherwise start only after the single chunk and run on a third of the
-    // warps).
-    for (int s = 0; s < R; ++s) {
+    // Step 4: the receive warps copy what block b of each source published into the outputs (and, with few tokens,
+    // the block's rows to this rank first: they need no wait); the send warps join them once their own rows are out.
+    // Warps claim rows one at a time, so the copy-out speeds up as senders finish (with few tokens it would
+    // otherwise start only after the single chunk and run on a third of the warps).
+    for (int step = 0; step < R; ++step) {
+      const int s = (p.rank + step) % R;
       int32_t start, count;
       bool accepted = true;
       if (s == p.rank) {
@@ -715,7 +732,26 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         out[0] = start;
         out[1] = count;
       }
-      if (s == p.rank || !accepted) continue;  // rows to self were written by the send warps
+      if (s == p.rank && receivers_copy_own_rows) {
+        // The block's tokens, one per claim; a token's row goes to output row offsets[rank] + its position here.
+        for (;;) {
+          int32_t i = lane == 0 ? atomicAdd(&rows_claimed[s], 1) : 0;
+          i = __shfl_sync(0xffffffffu, i, 0);
+          const int64_t t = t0 + i;
+          if (t >= t1) break;
+          const TokenRouting routing = load_token_routing(q, t, lane);
+          const int32_t pos = __shfl_sync(0xffffffffu, routing.pos, s);
+          const int64_t out_row = offsets[s] + pos;
+          if (pos < 0 || out_row >= q.out_rows) continue;  // past out_rows: a worst-case output too small
+          if (!(q.diag & kDiagSkipLocalRows))
+            warp_copy<true>(q.recv_x + out_row * L.payload_bytes, q.x + t * q.x_stride_bytes, L.payload_bytes, lane);
+          if (q.scales != nullptr)
+            warp_copy<true>(q.recv_scales + out_row * L.scale_bytes, q.scales + t * q.scales_stride_bytes,
+                            L.scale_bytes, lane);
+          write_meta(q, out_row, static_cast<int32_t>(t), routing.id, routing.weight, lane);
+        }
+      }
+      if (s == p.rank || !accepted) continue;  // otherwise the send warps wrote the rows to this rank
       const uint8_t* region = region_of(p.peers, p.rank, s, q.region_bytes);
       uint32_t available = 0;
       bool alive = true;
