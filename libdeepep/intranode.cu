@@ -74,10 +74,11 @@ constexpr int kCombinePushWarps = 8;
 constexpr int kCombineReduceWarps = 16;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
-// 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped). The
-// dispatch takes 3 where each pushing warp has at least kDispatchLongRunTokens tokens (2 x H200, N = 4096, same run:
-// BF16 on 16 SMs, 22 tokens per warp, 254-256 us against 263 with 2; with 15 per warp, BF16 on 24 SMs, 225-226 us
-// against 215-219, and FP8 on 24 SMs, 11 per warp, 132-133 against 123-124), and 1 where a block has a single chunk.
+// 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped). A
+// dispatch of large rows takes 3 where each pushing warp has at least kDispatchLongRunTokens tokens (2 x H200, same
+// runs, BF16: N = 4096 on 16 SMs, 22 tokens per warp, 254-260 us against 263-268 with 2; N = 16384 on 16 SMs 992
+// against 1026, on 24 SMs 787 against 781; with 15 per warp, N = 4096 on 24 SMs, 225-226 against 215-219). Small rows
+// keep 2 (FP8, N = 16384: 577 / 461 us on 16 / 24 SMs with 3, 568 / 440 with 2). A block of a single chunk takes 1.
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kDispatchTokensPerWarpPerChunkLongRuns = 3;
 constexpr int64_t kDispatchLongRunTokens = 18;
@@ -623,7 +624,8 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   const bool few_tokens = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
   int tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunk;
   if (few_tokens) tokens_per_warp_per_chunk = 1;
-  if (tokens_per_warp >= kDispatchLongRunTokens) tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunkLongRuns;
+  if (L.row_bytes >= kDispatchLargeRowBytes && tokens_per_warp >= kDispatchLongRunTokens)
+    tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunkLongRuns;
   const bool receivers_copy_own_rows = few_tokens;
   if (ok && warp < push_warps) {
     // Step 3: send warps.

@@ -292,8 +292,9 @@ def ht_scenarios(info):
             "worst_case": dict(seed=17, n=300, h=256, k=4, e=16, worst=350 * RANKS),
             "no_weights": dict(seed=18, n=100, h=256, k=4, e=16, weights=False),
             "eight_sms": dict(seed=19, n=1000, h=512, k=8, e=32, num_sms=8),
-            # 375 tokens per block over 16 pushing warps: long runs, three tokens per warp between progress releases.
-            "long_runs_per_warp": dict(seed=24, n=3000, h=256, k=8, e=32, num_sms=8),
+            # 375 tokens per block over 12 pushing warps (rows over 10 KB): long runs, three tokens per warp between
+            # progress releases.
+            "long_runs_per_warp": dict(seed=24, n=3000, h=7168, k=8, e=32, num_sms=8),
             "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
             # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
             "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
