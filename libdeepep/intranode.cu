@@ -11,7 +11,8 @@
 //      destination checks), then push the rows of block b's token range straight into each destination's region
 //      for this source (rows to this rank go straight to the output), publishing progress after every chunk;
 //   4. block b's receive warps (joined by its send warps once they are done) copy what block b of every source
-//      published into the outputs;
+//      published into the outputs (and first, when block b has few tokens, its rows to this rank, which its send
+//      warps then leave to them);
 //   5. the last block to finish acknowledges the operation to every source.
 // A combine runs the same protocol backwards: each rank pushes the rows it received back to their sources, and the
 // sources add them up per token in rank order (float32, deterministic). Every wait is bounded by the timeout.
@@ -70,6 +71,7 @@ constexpr int kDispatchWarps = 24;
 constexpr int kDispatchPushWarpsLargeRows = 12;
 constexpr int kDispatchPushWarpsSmallRows = 16;
 constexpr size_t kDispatchLargeRowBytes = 10240;
+__host__ __device__ constexpr bool large_dispatch_rows(size_t row_bytes) { return row_bytes > kDispatchLargeRowBytes; }
 constexpr int kCombinePushWarps = 8;
 constexpr int kCombineReduceWarps = 16;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
@@ -78,7 +80,8 @@ constexpr int kCombineReduceWarps = 16;
 // dispatch of large rows takes 3 where each pushing warp has at least kDispatchLongRunTokens tokens (2 x H200, same
 // runs, BF16: N = 4096 on 16 SMs, 22 tokens per warp, 254-260 us against 263-268 with 2; N = 16384 on 16 SMs 992
 // against 1026, on 24 SMs 787 against 781; with 15 per warp, N = 4096 on 24 SMs, 225-226 against 215-219). Small rows
-// keep 2 (FP8, N = 16384: 577 / 461 us on 16 / 24 SMs with 3, 568 / 440 with 2). A block of a single chunk takes 1.
+// keep 2 (FP8, N = 16384: 577 / 461 us on 16 / 24 SMs with 3, 568 / 440 with 2). A block of at most 2 tokens per warp
+// takes 1.
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kDispatchTokensPerWarpPerChunkLongRuns = 3;
 constexpr int64_t kDispatchLongRunTokens = 18;
@@ -114,7 +117,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Diagnostics (environment variable DEEPEP_DIAG_SKIP, a sum of these bits): leave one stage out so that timing the
 // others shows where the time goes. Results are wrong while any bit is set; the protocol still runs in full.
-constexpr int kDiagSkipLocalRows = 1;   // dispatch: rows to this rank; combine: reduction
+constexpr int kDiagSkipLocalRows = 1;   // dispatch: rows to this rank (whichever warps copy them); combine: reduction
 constexpr int kDiagSkipCopyOut = 2;     // dispatch: receive warps' copy into the outputs
 constexpr int kDiagSkipRemotePush = 4;  // dispatch and combine: payload stores into peers' regions
 
@@ -495,7 +498,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
 
   __shared__ int64_t offsets[kMaxNvlRanks + 1];
   __shared__ int32_t rows_done[kMaxNvlRanks];
-  __shared__ int32_t rows_claimed[kMaxNvlRanks];  // receive side: next row of each source's range to copy out
+  // Receive side: next row of each source's range to copy out (for this rank, with few tokens, the next of the
+  // block's tokens).
+  __shared__ int32_t rows_claimed[kMaxNvlRanks];
   __shared__ bool ok;
   if (threadIdx.x == 0) ok = true;
   if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = rows_claimed[threadIdx.x] = 0;
@@ -624,7 +629,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   const bool few_tokens = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
   int tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunk;
   if (few_tokens) tokens_per_warp_per_chunk = 1;
-  if (L.row_bytes >= kDispatchLargeRowBytes && tokens_per_warp >= kDispatchLongRunTokens)
+  if (large_dispatch_rows(L.row_bytes) && tokens_per_warp >= kDispatchLongRunTokens)
     tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunkLongRuns;
   const bool receivers_copy_own_rows = few_tokens;
   if (ok && warp < push_warps) {
@@ -1256,8 +1261,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
     q.report_ticket = report_ticket;
   }
   q.diag = diag_bits();
-  q.push_warps =
-      q.layout.row_bytes > kDispatchLargeRowBytes ? kDispatchPushWarpsLargeRows : kDispatchPushWarpsSmallRows;
+  q.push_warps = large_dispatch_rows(q.layout.row_bytes) ? kDispatchPushWarpsLargeRows : kDispatchPushWarpsSmallRows;
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
   launch_kernel(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, false, q);
 }
