@@ -41,8 +41,6 @@ struct RankHello {
   int64_t sm_count;
 };
 
-size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
-
 }  // namespace
 
 deepepConfig resolve_config(const deepepConfig* config) {

@@ -36,6 +36,11 @@ class DeviceGuard {
 // default 48 KiB once per kernel and device; throws deepepNotSupported naming `what` when the device allows less.
 void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, const char* what);
 
+// `value` rounded up to a multiple of `alignment` (> 0), on the host or the device.
+__host__ __device__ constexpr size_t align_up(size_t value, size_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+
 // Number of CUDA devices; throws deepepNoDevice when there is no driver or no device.
 int device_count();
 

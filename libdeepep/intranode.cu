@@ -355,8 +355,7 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
       int64_t sum = 0;
       for (int s = 0; s < p.nranks; ++s) sum += mine->notify[s].experts[i];
       recv_expert_counts[i] = static_cast<int32_t>(sum);
-      host->recv_tokens_per_expert[i] =
-          static_cast<int32_t>((sum + expert_alignment - 1) / expert_alignment * expert_alignment);
+      host->recv_tokens_per_expert[i] = static_cast<int32_t>(align_up(sum, expert_alignment));
     }
     if (threadIdx.x == 0) {
       int64_t total = 0;
@@ -487,6 +486,16 @@ __device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_
   if (lane == 0 && q.recv_src_idx != nullptr) q.recv_src_idx[out_row] = src_token;
 }
 
+// Copies a row's payload (unless `skip_payload`, a diagnostic) and its scales (when `scales`) into output row
+// `out_row` with one warp; kReadOnly as in warp_copy (caller inputs, not rows peers wrote during the kernel).
+template <bool kReadOnly>
+__device__ __forceinline__ void copy_to_output_row(const DispatchParams& q, int64_t out_row, const uint8_t* payload,
+                                                   const uint8_t* scales, bool skip_payload, int lane) {
+  const DispatchRowLayout& L = q.layout;
+  if (!skip_payload) warp_copy<kReadOnly>(q.recv_x + out_row * L.payload_bytes, payload, L.payload_bytes, lane);
+  if (scales != nullptr) warp_copy<kReadOnly>(q.recv_scales + out_row * L.scale_bytes, scales, L.scale_bytes, lane);
+}
+
 __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchParams q) {
   wait_for_previous_grid();  // the routing, or whatever ran before on the stream
   const Protocol& p = q.p;
@@ -589,8 +598,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       } else {
         sum = q.recv_expert_counts[i];
       }
-      const int32_t aligned =
-          static_cast<int32_t>((sum + q.expert_alignment - 1) / q.expert_alignment * q.expert_alignment);
+      const int32_t aligned = static_cast<int32_t>(align_up(sum, q.expert_alignment));
       if (q.recv_per_expert != nullptr) q.recv_per_expert[i] = aligned;
       if (q.report != nullptr) q.report->recv_tokens_per_expert[i] = aligned;
     }
@@ -626,12 +634,11 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
   const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
   const int64_t tokens_per_warp = (per_block + push_warps - 1) / push_warps;
-  const bool few_tokens = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
-  int tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunk;
-  if (few_tokens) tokens_per_warp_per_chunk = 1;
-  if (large_dispatch_rows(L.row_bytes) && tokens_per_warp >= kDispatchLongRunTokens)
-    tokens_per_warp_per_chunk = kDispatchTokensPerWarpPerChunkLongRuns;
-  const bool receivers_copy_own_rows = few_tokens;
+  const bool receivers_copy_own_rows = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
+  const bool long_runs = large_dispatch_rows(L.row_bytes) && tokens_per_warp >= kDispatchLongRunTokens;
+  const int tokens_per_warp_per_chunk = receivers_copy_own_rows ? 1
+                                        : long_runs             ? kDispatchTokensPerWarpPerChunkLongRuns
+                                                                : kDispatchTokensPerWarpPerChunk;
   if (ok && warp < push_warps) {
     // Step 3: send warps.
     if (warp == 0 && lane < R && lane != p.rank) {
@@ -750,11 +757,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
           const int32_t pos = __shfl_sync(0xffffffffu, routing.pos, s);
           const int64_t out_row = offsets[s] + pos;
           if (pos < 0 || out_row >= q.out_rows) continue;  // past out_rows: a worst-case output too small
-          if (!(q.diag & kDiagSkipLocalRows))
-            warp_copy<true>(q.recv_x + out_row * L.payload_bytes, q.x + t * q.x_stride_bytes, L.payload_bytes, lane);
-          if (q.scales != nullptr)
-            warp_copy<true>(q.recv_scales + out_row * L.scale_bytes, q.scales + t * q.scales_stride_bytes,
-                            L.scale_bytes, lane);
+          copy_to_output_row<true>(q, out_row, q.x + t * q.x_stride_bytes,
+                                   q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr,
+                                   q.diag & kDiagSkipLocalRows, lane);
           write_meta(q, out_row, static_cast<int32_t>(t), routing.id, routing.weight, lane);
         }
       }
@@ -781,10 +786,8 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const int64_t out_row = offsets[s] + j;
         if (out_row >= q.out_rows) continue;
         const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
-        if (!(q.diag & kDiagSkipCopyOut))
-          warp_copy<false>(q.recv_x + out_row * L.payload_bytes, row, L.payload_bytes, lane);
-        if (q.recv_scales != nullptr)
-          warp_copy<false>(q.recv_scales + out_row * L.scale_bytes, row + L.scales_offset, L.scale_bytes, lane);
+        copy_to_output_row<false>(q, out_row, row, q.recv_scales != nullptr ? row + L.scales_offset : nullptr,
+                                  q.diag & kDiagSkipCopyOut, lane);
         const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
         const int32_t id = lane < L.num_topk ? meta[1 + lane] : -1;
         const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
@@ -1115,8 +1118,6 @@ Protocol protocol_of(const deepepComm& comm) {
   return p;
 }
 
-size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
-
 }  // namespace
 
 DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, int num_topk) {
@@ -1124,14 +1125,14 @@ DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, 
   layout.payload_bytes = payload_bytes;
   layout.scale_bytes = scale_bytes;
   layout.num_topk = num_topk;
-  layout.scales_offset = align16(payload_bytes);
-  layout.meta_offset = layout.scales_offset + align16(scale_bytes);
-  layout.row_bytes = layout.meta_offset + align16(sizeof(int32_t) * (1 + 2 * static_cast<size_t>(num_topk)));
+  layout.scales_offset = align_up(payload_bytes, 16);
+  layout.meta_offset = layout.scales_offset + align_up(scale_bytes, 16);
+  layout.row_bytes = layout.meta_offset + align_up(sizeof(int32_t) * (1 + 2 * static_cast<size_t>(num_topk)), 16);
   return layout;
 }
 
 size_t combine_row_bytes(int hidden, int num_topk) {
-  return align16(static_cast<size_t>(hidden) * 2) + align16(sizeof(float) * static_cast<size_t>(num_topk));
+  return align_up(static_cast<size_t>(hidden) * 2, 16) + align_up(sizeof(float) * static_cast<size_t>(num_topk), 16);
 }
 
 static size_t region_bytes_of(const deepepComm& comm) {

@@ -67,8 +67,6 @@ struct LowLatencyState {
   uint32_t last_combine[kLowLatencySets][kMaxLowLatencyBlocks];  // seq of the last completed combine on each set
 };
 
-size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
-
 constexpr size_t kStateBytes = 4096;
 static_assert(sizeof(LowLatencyState) <= kStateBytes, "low-latency state outgrew its reservation");
 
