@@ -127,6 +127,25 @@ __device__ __forceinline__ void allow_next_grid_launch() {
 #endif
 }
 
+// Block-scope release / acquire of a shared-memory counter: one warp hands finished work to another of its block.
+// Every lane of the handing warp adds with release semantics, so that each lane's own stores are ordered before the
+// count the other warp acquires (a release sequence of additions), without relying on a warp barrier for it.
+__device__ __forceinline__ void add_release_block(uint32_t* address, uint32_t value) {
+  asm volatile(
+      "red.release.cta.shared.add.u32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(address))),
+      "r"(value)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_acquire_block(const uint32_t* address) {
+  uint32_t value;
+  asm volatile("ld.acquire.cta.shared.u32 %0, [%1];"
+               : "=r"(value)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(address)))
+               : "memory");
+  return value;
+}
+
 // Named barrier `id` for a group of `threads` threads (whole warps, any of the block's warps; a warp-specialised
 // group).
 __device__ __forceinline__ void group_barrier(int id, int threads) {
