@@ -87,10 +87,10 @@ constexpr int kDispatchTokensPerWarpPerChunkLongRuns = 3;
 constexpr int64_t kDispatchLongRunTokens = 18;
 constexpr int kCombineRowsPerWarpPerChunk = 1;
 // With at most this many blocks, a dispatch of more than one chunk per block and a combine hand each finished chunk
-// to a lone publisher warp instead of meeting it at a barrier: the pushers never wait for one another. Measured on an
-// earlier version (2 x H200, N = 4096, same run, 991e882): faster on 16 SMs (BF16 / FP8 dispatch, combine 253.4 /
-// 148.5 / 265.8 us against 274.3 / 158.0 / 304.0 with barriers), slower on 24 (242.6 / 144.8 / 238.2 against 222.0 /
-// 127.3 / 225.8).
+// to a lone publisher warp instead of meeting it at a barrier: the pushers never wait for one another. Measured (2 x
+// H200, same run, N = 4096, cached BF16 / FP8 dispatch, combine): 243.6 / 141.2 / 268.9 us on 16 SMs against 259.8 /
+// 152.0 / 293.2 with the barrier; on 24 SMs slower, 236.7 / 137.9 / 243.1 against 216.8 / 123.8 / 218.7 (N = 16384:
+// 875 / 521 / 901 against 783 / 447 / 770), so larger grids keep the barrier (docs/tuning.md).
 constexpr int kLonePublisherMaxBlocks = 16;
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
