@@ -41,6 +41,10 @@ inline const char* phase_name(int32_t phase) {
   return "unknown phase";
 }
 
+// AsyncErrorRecord::detail of a peer whose call lays out the rows it exchanges otherwise than this rank's (value: the
+// layout word it sent).
+constexpr int64_t kDetailPeerLayout = -2;
+
 struct AsyncErrorRecord {
   int32_t code;    // deepepResult_t; 0 while nothing happened
   int32_t rank;    // the rank that saw the fault

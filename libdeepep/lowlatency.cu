@@ -434,7 +434,24 @@ struct DispatchParams {
   int64_t* stats_wait_ns;  // optional, [nranks]
 };
 
-constexpr uint32_t kFlagTopkShift = 16;  // a dispatch flag's low word: tokens | num_topk << 16
+// What a flag's low word carries besides the sequence number, so that a receiver drops (and reports) the rows of a
+// peer whose call laid them out otherwise instead of reading them at the wrong offsets. A dispatch flag: the source's
+// tokens | top-k << 11 | row layout << 17, where the row layout is hidden / 8 (its low 14 bits: exact below hidden
+// 131072) << 1 | FP8; the receiver compares all but the tokens. A combine flag: hidden / 8 | top-k << 18, the layout of
+// the rows the expert's rank wrote into the token owner's area.
+constexpr uint32_t kFlagTopkShift = 11;
+constexpr uint32_t kFlagLayoutShift = 17;
+static_assert(DEEPEP_LL_MAX_TOKENS < (1 << kFlagTopkShift) &&
+                  DEEPEP_MAX_TOPK < (1 << (kFlagLayoutShift - kFlagTopkShift)),
+              "a dispatch flag's fields overlap");
+__device__ __forceinline__ uint32_t dispatch_flag_word(uint32_t tokens, int num_topk, int hidden, bool fp8) {
+  const uint32_t layout = (static_cast<uint32_t>(hidden / 8) & 0x3fffu) << 1 | (fp8 ? 1u : 0u);
+  return tokens | static_cast<uint32_t>(num_topk) << kFlagTopkShift | layout << kFlagLayoutShift;
+}
+__device__ __forceinline__ uint32_t combine_flag_word(int hidden, int num_topk) {
+  static_assert(DEEPEP_MAX_HIDDEN / 8 < (1 << 18) && DEEPEP_MAX_TOPK < (1 << 14), "a combine flag's fields overlap");
+  return static_cast<uint32_t>(hidden / 8) | static_cast<uint32_t>(num_topk) << 18;
+}
 
 // Source `source`'s expert ids [T][K] int32 in this rank's own area (every rank keeps its own slab at the same offset
 // on every rank).
@@ -582,7 +599,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
 
   // This block's rows and ids are out: its flag on every rank says so, with this rank's token count.
   timeline_mark(a, kMarkStored);
-  const uint32_t tokens = static_cast<uint32_t>(p.num_tokens) | static_cast<uint32_t>(K) << kFlagTopkShift;
+  const uint32_t tokens = dispatch_flag_word(static_cast<uint32_t>(p.num_tokens), K, p.hidden, p.fp8);
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
     if (!is_masked(a, d)) signal(a, d, a.dispatch_flag(a.rank, blockIdx.x), tagged(seq, tokens));
   }
@@ -643,14 +660,14 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       const uint64_t seen = *reinterpret_cast<volatile const uint64_t*>(a.dispatch_flag(s, 0));
       const uint32_t count = static_cast<uint32_t>(seen) & ((1u << kFlagTopkShift) - 1);
       const bool fits =
-          count <= p.max_tokens && static_cast<uint32_t>(seen) >> kFlagTopkShift == static_cast<uint32_t>(K);
+          count <= p.max_tokens && static_cast<uint32_t>(seen) == dispatch_flag_word(count, K, p.hidden, p.fp8);
       if (fits) tokens = static_cast<int32_t>(count);
       if (blockIdx.x == 0) {
         if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
         if (!fits) {
-          // A peer with another T or K (or a corrupted flag): its tokens are dropped, never read or written out of
-          // bounds.
-          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, -1,
+          // A peer with another T, top-k, hidden or FP8 choice (or a corrupted flag): its tokens are dropped, never
+          // read or written out of bounds.
+          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerLayout,
                              static_cast<uint32_t>(seen));
         }
       }
@@ -968,9 +985,10 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   complete_puts(block_puts);
   timeline_mark(a, kMarkStored);
 
-  // This block's share of the rows is out: its flag on every rank says so.
+  // This block's share of the rows is out: its flag on every rank says so, with the rows' layout.
+  const uint64_t flag = tagged(seq, combine_flag_word(p.hidden, p.num_topk));
   for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
-    if (!is_masked(a, s)) signal(a, s, a.combine_flag(a.rank, blockIdx.x), seq);
+    if (!is_masked(a, s)) signal(a, s, a.combine_flag(a.rank, blockIdx.x), flag);
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
@@ -983,6 +1001,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   __shared__ int source_slot[DEEPEP_MAX_TOPK];  // slot whose row holds slot k's data; -1: skip
   __shared__ float weight[DEEPEP_MAX_TOPK];
   __shared__ int64_t slot_expert[DEEPEP_MAX_TOPK];
+  __shared__ bool laid_out_alike[DEEPEP_MAX_RANKS];  // whether a rank wrote its rows with this call's hidden and top-k
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   const int vectors = p.hidden / 8;
   // Slot threadIdx.x's expert and weight of token t (the block's first token's are loaded before the wait for the
@@ -1003,7 +1022,21 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   if (blockIdx.x < p.num_tokens) {
     own_came = wait_all_blocks(
         a, [&](int s, int b) { return a.combine_flag(s, b); }, [](int) { return true; },
-        [&](uint64_t v) { return static_cast<uint32_t>(v) == seq; }, deadline, Phase::kLowLatencyCombine, [](int) {});
+        [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyCombine,
+        [](int) {});
+    // Every block of a rank wrote the same word; block 0's was acquired above (by some thread of this block). A rank
+    // that is masked is skipped whatever its word says.
+    const uint32_t ours = combine_flag_word(p.hidden, p.num_topk);
+    for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
+      const uint32_t theirs = static_cast<uint32_t>(*reinterpret_cast<volatile const uint64_t*>(a.combine_flag(s, 0)));
+      laid_out_alike[s] = is_masked(a, s) || theirs == ours;
+      if (!laid_out_alike[s] && blockIdx.x == 0) {
+        // Rows of another width or top-k: left out of the sums, never read at the wrong offsets.
+        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s, kDetailPeerLayout,
+                           theirs);
+      }
+    }
+    __syncthreads();
   }
   timeline_mark(a, kMarkFlagsSeen);
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
@@ -1013,7 +1046,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
       const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
-      usable[k] = owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came);
+      usable[k] = owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came) && laid_out_alike[owner];
       if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
                            e);

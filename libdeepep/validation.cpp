@@ -57,6 +57,13 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
     std::snprintf(text, sizeof(text), "rank %d in %s: %lld rows arrive but the outputs hold %lld", record->rank,
                   phase_name(record->phase), static_cast<long long>(record->detail),
                   static_cast<long long>(record->value));
+  } else if (record->detail == kDetailPeerLayout) {
+    std::snprintf(text, sizeof(text),
+                  "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "
+                  "the ranks must agree on top-k and hidden, and in a dispatch on T and the FP8 choice); its rows "
+                  "were left out",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
+                  static_cast<unsigned long long>(record->value));
   } else {
     std::snprintf(text, sizeof(text), "rank %d found %s in %s: entry %lld has value %lld (peer %d)", record->rank,
                   deepepGetErrorString(found), phase_name(record->phase), static_cast<long long>(record->detail),

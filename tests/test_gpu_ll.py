@@ -6,6 +6,7 @@ compares its own outputs: FP8 payloads and scales (float32, power-of-two, UE8M0-
 source information and combine outputs. All scenarios run in one job; each test asserts on its scenario.
 """
 
+import re
 import traceback
 
 import numpy as np
@@ -315,6 +316,41 @@ def capture_without_out_case(comm, seed, n=80, h=512, k=4, e=16):
     return run_case(comm, seed + 1, n=n, h=h, k=k, e=e)
 
 
+def disagreeing_case(comm, seed, n=32, k=4, e=16):
+    """Ranks whose calls lay out the rows they exchange differently (a dispatch with another hidden or FP8 choice, a
+    combine of rows of another width): each rank that receives the other's rows gets an error naming that rank, never
+    rows read at the wrong offsets, and the ranks stay in step: a matching call afterwards matches the oracle."""
+    R, me = comm.nranks, comm.rank
+    local = e // R
+    with cupy.cuda.Device(comm.device):
+        x, topk, w = (dev(a) for a in make_inputs(seed, me, n, 1024, k, e, R))
+        x_wide = dev(make_inputs(seed, me, n, 2048, k, e, R)[0])
+
+        def combine_other_widths():
+            result = comm.low_latency_dispatch(x, topk, e)
+            comm.low_latency_combine(cupy.zeros((local, R * T, 1024 if me == 0 else 512), cupy.uint16), topk, w, result)
+
+        calls = {
+            "hidden": lambda: comm.low_latency_dispatch(x if me == 0 else x_wide, topk, e),
+            "fp8 choice": lambda: comm.low_latency_dispatch(x, topk, e, use_fp8=me == 0),
+            "combine width": combine_other_widths,
+        }
+        for what, call in calls.items():
+            try:
+                call()
+                cupy.cuda.runtime.deviceSynchronize()
+                comm.check_async_error()
+                return f"{what}: no error"
+            except pydeepep.DeepEPInvalidArgument as exc:
+                # Rank 0's calls differ from all the others': it names one of them, they name rank 0.
+                found = re.search(r"rank (\d+) called it with rows laid out otherwise", str(exc))
+                if found is None or (int(found.group(1)) == 0) == (me == 0):
+                    return f"{what}: {exc}"
+            comm.clear_async_error()
+    verdict = run_case(comm, seed + 1, n=50, h=1024, k=k, e=e)
+    return True if verdict is True else f"after the refusals: {verdict}"
+
+
 def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     """The last rank is masked out: every other rank masks it, and it masks every other rank. Dispatch and combine then
     run in two groups (the last rank alone, the others together), as if the ranks outside a group had no tokens and
@@ -493,6 +529,7 @@ EXTRA = {
     "graph_replay": lambda comm: graph_case(comm, 60),
     "capture_without_out_refused": lambda comm: capture_without_out_case(comm, 65),
     "masked_peer": lambda comm: masked_peer_case(comm, 67),
+    "disagreeing_rows_refused": lambda comm: disagreeing_case(comm, 68),
     "ht_then_ll": lambda comm: ht_then_ll_case(comm, 70),
     "stale_result_refused": lambda comm: stale_case(comm, 80),
     "load_statistics": lambda comm: stats_case(comm, 85),
