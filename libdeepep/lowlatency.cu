@@ -434,18 +434,22 @@ struct DispatchParams {
   int64_t* stats_wait_ns;  // optional, [nranks]
 };
 
-// What a flag's low word carries besides the sequence number, so that a receiver drops (and reports) the rows of a
-// peer whose call laid them out otherwise instead of reading them at the wrong offsets. A dispatch flag: the source's
-// tokens | top-k << 11 | row layout << 17, where the row layout is hidden / 8 (its low 14 bits: exact below hidden
-// 131072) << 1 | FP8; the receiver compares all but the tokens. A combine flag: hidden / 8 | top-k << 18, the layout of
-// the rows the expert's rank wrote into the token owner's area.
+// What a flag's low word carries besides the sequence number, so that a receiver finds a peer whose call laid the rows
+// out otherwise, leaves that peer's rows out and reports it. The peer wrote them with its own layout, over slots of
+// other sources too, so the error means this call's outputs on the receiver are not valid. A dispatch flag: the
+// source's tokens | top-k << 11 | options << 17, where the options are hidden / 8 (its low 13 bits: exact below hidden
+// 65536) << 2 | round_scale << 1 | FP8 (a UE8M0 receiver packs the exponents of the scales as the source rounded
+// them); the receiver compares all but the tokens. A combine flag: hidden / 8 | top-k << 18, the layout of the rows
+// the expert's rank wrote into the token owner's area.
 constexpr uint32_t kFlagTopkShift = 11;
 constexpr uint32_t kFlagLayoutShift = 17;
 static_assert(DEEPEP_LL_MAX_TOKENS < (1 << kFlagTopkShift) &&
                   DEEPEP_MAX_TOPK < (1 << (kFlagLayoutShift - kFlagTopkShift)),
               "a dispatch flag's fields overlap");
-__device__ __forceinline__ uint32_t dispatch_flag_word(uint32_t tokens, int num_topk, int hidden, bool fp8) {
-  const uint32_t layout = (static_cast<uint32_t>(hidden / 8) & 0x3fffu) << 1 | (fp8 ? 1u : 0u);
+__device__ __forceinline__ uint32_t dispatch_flag_word(uint32_t tokens, int num_topk, int hidden, bool fp8,
+                                                       bool round_scale) {
+  const uint32_t layout =
+      (static_cast<uint32_t>(hidden / 8) & 0x1fffu) << 2 | (round_scale ? 2u : 0u) | (fp8 ? 1u : 0u);
   return tokens | static_cast<uint32_t>(num_topk) << kFlagTopkShift | layout << kFlagLayoutShift;
 }
 __device__ __forceinline__ uint32_t combine_flag_word(int hidden, int num_topk) {
@@ -599,7 +603,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
 
   // This block's rows and ids are out: its flag on every rank says so, with this rank's token count.
   timeline_mark(a, kMarkStored);
-  const uint32_t tokens = dispatch_flag_word(static_cast<uint32_t>(p.num_tokens), K, p.hidden, p.fp8);
+  const uint32_t tokens = dispatch_flag_word(static_cast<uint32_t>(p.num_tokens), K, p.hidden, p.fp8, p.round_scale);
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
     if (!is_masked(a, d)) signal(a, d, a.dispatch_flag(a.rank, blockIdx.x), tagged(seq, tokens));
   }
@@ -659,14 +663,14 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       // Every block of the source wrote the same word; block 0's was acquired above (by some thread of this block).
       const uint64_t seen = *reinterpret_cast<volatile const uint64_t*>(a.dispatch_flag(s, 0));
       const uint32_t count = static_cast<uint32_t>(seen) & ((1u << kFlagTopkShift) - 1);
-      const bool fits =
-          count <= p.max_tokens && static_cast<uint32_t>(seen) == dispatch_flag_word(count, K, p.hidden, p.fp8);
+      const bool fits = count <= p.max_tokens &&
+                        static_cast<uint32_t>(seen) == dispatch_flag_word(count, K, p.hidden, p.fp8, p.round_scale);
       if (fits) tokens = static_cast<int32_t>(count);
       if (blockIdx.x == 0) {
         if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
         if (!fits) {
-          // A peer with another T, top-k, hidden or FP8 choice (or a corrupted flag): its tokens are dropped, never
-          // read or written out of bounds.
+          // A peer with another T, top-k, hidden or FP8 options (or a corrupted flag): its tokens are dropped, never
+          // read or written out of bounds; it wrote its rows with its own layout, so no output here is valid.
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerLayout,
                              static_cast<uint32_t>(seen));
         }
@@ -1031,7 +1035,8 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       const uint32_t theirs = static_cast<uint32_t>(*reinterpret_cast<volatile const uint64_t*>(a.combine_flag(s, 0)));
       laid_out_alike[s] = is_masked(a, s) || theirs == ours;
       if (!laid_out_alike[s] && blockIdx.x == 0) {
-        // Rows of another width or top-k: left out of the sums, never read at the wrong offsets.
+        // Rows of another width or top-k: left out of the sums; written at the peer's offsets, over other ranks'
+        // rows too, so that no output here is valid.
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s, kDetailPeerLayout,
                            theirs);
       }

@@ -24,10 +24,10 @@ constexpr int kMaxLowLatencyBlocks = 160;
 //   state            LowLatencyState, local to the rank (peers never touch it)
 //   acks             uint64 [set][R][kMaxLowLatencyBlocks]: the last operation on the set that block b of rank s
 //                    finished (written by that block)
-//   dispatch flags   uint64 [set][R][kMaxLowLatencyBlocks]: (seq << 32) | num_topk << 16 | tokens, written by block b
-//                    of source rank s after its share of the token rows and ids
-//   combine flags    uint64 [set][R][kMaxLowLatencyBlocks]: seq, written by block b of rank s after its share of the
-//                    rows of this rank's tokens
+//   dispatch flags   uint64 [set][R][kMaxLowLatencyBlocks]: (seq << 32) | the call's options | tokens (see
+//                    dispatch_flag_word), written by block b of source rank s after its share of the token rows and ids
+//   combine flags    uint64 [set][R][kMaxLowLatencyBlocks]: (seq << 32) | hidden and top-k (combine_flag_word),
+//                    written by block b of rank s after its share of the rows of this rank's tokens
 //   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
 //   set 0, set 1     each: receive region, E_loc * R * T rows: a dispatch receives into its first R * T rows
 //                    ([source][token], one row per token that names an expert here, however many it names), and the

@@ -60,8 +60,8 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
   } else if (record->detail == kDetailPeerLayout) {
     std::snprintf(text, sizeof(text),
                   "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "
-                  "the ranks must agree on top-k and hidden, and in a dispatch on T and the FP8 choice); its rows "
-                  "were left out",
+                  "the ranks must agree on top-k and hidden, and in a dispatch on the FP8 options); its rows were "
+                  "left out, and as it wrote them at its own offsets, none of this call's outputs here are valid",
                   record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
                   static_cast<unsigned long long>(record->value));
   } else {

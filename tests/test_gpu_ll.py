@@ -317,9 +317,9 @@ def capture_without_out_case(comm, seed, n=80, h=512, k=4, e=16):
 
 
 def disagreeing_case(comm, seed, n=32, k=4, e=16):
-    """Ranks whose calls lay out the rows they exchange differently (a dispatch with another hidden or FP8 choice, a
-    combine of rows of another width): each rank that receives the other's rows gets an error naming that rank, never
-    rows read at the wrong offsets, and the ranks stay in step: a matching call afterwards matches the oracle."""
+    """Ranks whose calls lay out the rows they exchange differently (a dispatch with another hidden, FP8 choice or
+    round_scale, a combine of rows of another width): each rank that receives the other's rows gets an error naming
+    that rank, and the ranks stay in step: a matching call afterwards matches the oracle."""
     R, me = comm.nranks, comm.rank
     local = e // R
     with cupy.cuda.Device(comm.device):
@@ -333,20 +333,26 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
         calls = {
             "hidden": lambda: comm.low_latency_dispatch(x if me == 0 else x_wide, topk, e),
             "fp8 choice": lambda: comm.low_latency_dispatch(x, topk, e, use_fp8=me == 0),
+            "round_scale": lambda: comm.low_latency_dispatch(x, topk, e, round_scale=me == 0),
             "combine width": combine_other_widths,
         }
+        # Every rank makes every call, whatever the verdict, so that the ranks stay in step.
+        failures = []
         for what, call in calls.items():
             try:
                 call()
                 cupy.cuda.runtime.deviceSynchronize()
                 comm.check_async_error()
-                return f"{what}: no error"
+                failures.append(f"{what}: no error")
             except pydeepep.DeepEPInvalidArgument as exc:
                 # Rank 0's calls differ from all the others': it names one of them, they name rank 0.
                 found = re.search(r"rank (\d+) called it with rows laid out otherwise", str(exc))
                 if found is None or (int(found.group(1)) == 0) == (me == 0):
-                    return f"{what}: {exc}"
-            comm.clear_async_error()
+                    failures.append(f"{what}: {exc}")
+            finally:
+                comm.clear_async_error()
+        if failures:
+            return "; ".join(failures)
     verdict = run_case(comm, seed + 1, n=50, h=1024, k=k, e=e)
     return True if verdict is True else f"after the refusals: {verdict}"
 
