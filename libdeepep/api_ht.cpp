@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -91,6 +92,61 @@ void note_use(deepepHandle& handle, cudaStream_t stream) {
   }
   DEEPEP_CUDA_CHECK(cudaEventRecord(handle.last_use, stream));
 }
+
+// This rank's side of a refused `call` on `stream` (deepepRefuseCall): on the handle's block count where it holds a
+// routing, else on `num_sms` resolved like a dispatch's.
+void launch_refusal(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,
+                    cudaStream_t stream) {
+  const int blocks = handle != nullptr && handle->routed ? handle->num_sms : resolve_num_sms(comm, num_sms);
+  DeviceGuard guard(comm.device);
+  launch_refused(comm, handle, call, blocks, stream);
+}
+
+// A collective call's refusal of its own arguments still ends the call on every rank: when the scope of the call is
+// left by an exception before its kernel was launched, this launches its side of the call (launch_refusal), so that
+// the other ranks finish it at once instead of waiting for this one until the timeout. Nothing inside a stream capture
+// (nothing would run now) or where high-throughput calls cannot run at all, and no error of its own: the refusal's is
+// the one the caller gets.
+class RefusalOnThrow {
+ public:
+  RefusalOnThrow(const deepepComm& comm, deepepCall_t call, cudaStream_t stream)
+      : comm_(comm), call_(call), stream_(stream) {}
+  RefusalOnThrow(const RefusalOnThrow&) = delete;
+  RefusalOnThrow& operator=(const RefusalOnThrow&) = delete;
+  ~RefusalOnThrow() {
+    if (launched_ || std::uncaught_exceptions() == 0) return;
+    try {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream_, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+        cudaGetLastError();
+        return;
+      }
+      require_intranode(comm_);
+      try {
+        launch_refusal(comm_, handle_, call_, num_sms_, stream_);
+      } catch (const Error&) {
+        launch_refusal(comm_, handle_, call_, 0, stream_);  // a bad num_sms was the refusal: the default one
+      }
+    } catch (...) {
+      cudaGetLastError();
+    }
+  }
+  // What the checks learned so far: the call's handle, its kind and block count.
+  void set(const deepepHandle* handle, deepepCall_t call, int num_sms) {
+    handle_ = handle;
+    call_ = call;
+    num_sms_ = num_sms;
+  }
+  void launched() { launched_ = true; }
+
+ private:
+  const deepepComm& comm_;
+  deepepCall_t call_;
+  cudaStream_t stream_;
+  const deepepHandle* handle_ = nullptr;
+  int num_sms_ = 0;
+  bool launched_ = false;
+};
 
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch, which
 // fill the receive counts, and marks the handle routed once that call is launched (notify: once it is done).
@@ -327,13 +383,16 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
                                                struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    RefusalOnThrow refusal(c, deepepCallDispatchNotify, stream);
     const deepepDispatchArgs a = checked_struct(args, "args");
     deepepHandle& h = *checked_handle(handle, &c);
+    refusal.set(&h, deepepCallDispatchNotify, a.num_sms);
     require_intranode(c);
     check_routing(c, a);
     DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
     launch_notify(c, h, a.expert_alignment, stream);
+    refusal.launched();
     // Before the wait, which may throw while the notify still writes the handle's storage: a destroyed handle's
     // storage is reused only once its last use is done.
     note_use(h, stream);
@@ -349,10 +408,13 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
+    RefusalOnThrow refusal(c, deepepCallDispatch, stream);
     const deepepDispatchArgs a = checked_struct(args, "args");
-    deepepHandle& h = *checked_handle(handle, &c);
-    require_intranode(c);
     const bool worst_case = a.num_worst_tokens > 0;
+    refusal.set(nullptr, worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch, a.num_sms);
+    deepepHandle& h = *checked_handle(handle, &c);
+    refusal.set(&h, worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch, a.num_sms);
+    require_intranode(c);
     DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
                    static_cast<long long>(a.num_worst_tokens));
     const bool report = a.report_recv_counts != 0;
@@ -466,6 +528,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     launch.num_recv_rows = rows;
     launch.num_topk = num_topk;
     launch_dispatch(c, h, launch, layout, worst_case, ticket, stream);
+    refusal.launched();
     if (report) {
       h.report_ticket = ticket;
       h.report_rows = rows;
@@ -526,8 +589,10 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
+    RefusalOnThrow refusal(c, deepepCallCombine, stream);
     const deepepCombineArgs a = checked_struct(args, "args");
     deepepHandle& h = *checked_handle(handle, &c);
+    refusal.set(&h, deepepCallCombine, 0);
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
     DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0 && a.hidden <= DEEPEP_MAX_HIDDEN,
@@ -575,7 +640,26 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     deepepCombineArgs launch = a;
     launch.num_topk = has_weights ? a.num_topk : 0;
     launch_combine(c, h, launch, stream);
+    refusal.launched();
     note_use(h, stream);
+  });
+}
+
+DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
+                                           struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    DEEPEP_REQUIRE(call == deepepCallDispatchNotify || call == deepepCallDispatch ||
+                       call == deepepCallWorstCaseDispatch || call == deepepCallCombine,
+                   "call is %d; it must be a deepepCall_t", static_cast<int>(call));
+    const deepepHandle* h = handle != nullptr ? checked_handle(handle, &c) : nullptr;
+    DEEPEP_REQUIRE(h != nullptr || call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch,
+                   "handle is NULL; a cached dispatch or a combine is refused with the handle it would use");
+    require_intranode(c);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a refusal cannot be captured");
+    launch_refusal(c, h, call, num_sms, stream);
   });
 }
 

@@ -44,6 +44,8 @@ inline const char* phase_name(int32_t phase) {
 // AsyncErrorRecord::detail of a peer whose call lays out the rows it exchanges otherwise than this rank's (value: the
 // layout word it sent).
 constexpr int64_t kDetailPeerLayout = -2;
+// AsyncErrorRecord::detail of a peer that refused the call (deepepRefuseCall): its host raised the error.
+constexpr int64_t kDetailPeerRefused = -3;
 
 struct AsyncErrorRecord {
   int32_t code;    // deepepResult_t; 0 while nothing happened

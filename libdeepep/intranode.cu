@@ -53,6 +53,13 @@ struct alignas(16) RangeMessage {
   int32_t num_blocks;  // the source's block count
 };
 
+// What a rank that refused a call (bad input found on its host, deepepRefuseCall) sends where its part would be read
+// first, so that the other ranks finish the same call at once with deepepRemoteError naming it: a count message's
+// experts_per_rank (notify, worst-case dispatch), a range message's row_layout (cached dispatch), a combine's layout
+// word (its progress says every row is there and refused).
+constexpr int32_t kRefusedExpertsPerRank = -1;
+constexpr int64_t kRefusedRowLayout = -1;
+
 struct ControlRegion {
   CountMessage notify[kMaxNvlRanks];
   CountMessage counts[kMaxNvlRanks];
@@ -201,6 +208,48 @@ __device__ bool wait_pushers(const uint32_t* chunks_pushed, int pushers, uint32_
     }
   }
   return __all_sync(0xffffffffu, fine);
+}
+
+// This rank's side of a call it refused (deepepRefuseCall): once the peers acknowledged the previous operation (the
+// messages below overwrite what they read in it), it tells every peer where that call's kernel looks first, then
+// finishes the operation like any other, reading no input and writing no output, so that the ranks stay in step.
+// Cached dispatch and combine run on the peers' block count (block b talks to block b); the others on one block.
+__global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* send_ranges, const int32_t* send_counts) {
+  wait_for_previous_grid();
+  const uint32_t seq = p.op_state[0] + 1;
+  const uint64_t deadline = global_timer_ns() + p.timeout_ns;
+  const int b = blockIdx.x;
+  const Phase phase = call == deepepCallDispatchNotify ? Phase::kDispatchNotify
+                      : call == deepepCallCombine      ? Phase::kCombine
+                                                       : Phase::kDispatch;
+  if (threadIdx.x < 32 && wait_acks(p, seq, deadline, phase)) {
+    for (int d = threadIdx.x; d < p.nranks; d += 32) {
+      if (d == p.rank) continue;
+      ControlRegion* peer = control_of(p.peers, d);
+      if (call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch) {
+        CountMessage* message = call == deepepCallDispatchNotify ? &peer->notify[p.rank] : &peer->counts[p.rank];
+        message->tokens = 0;
+        message->num_blocks = gridDim.x;
+        message->experts_per_rank = kRefusedExpertsPerRank;
+        store_release_sys(&message->flag, seq);
+      } else if (call == deepepCallDispatch) {
+        // The handle's range where it has one, so that the peer's record of it (kept for the combine) stays true.
+        RangeMessage* message = &peer->ranges[p.rank][b];
+        const int32_t* range = send_ranges + (static_cast<size_t>(d) * kMaxBlocks + b) * 2;
+        message->start = send_ranges != nullptr ? range[0] : 0;
+        message->count = send_ranges != nullptr ? range[1] : 0;
+        message->row_layout = kRefusedRowLayout;
+        message->tokens = send_counts != nullptr ? send_counts[d] : 0;
+        message->num_blocks = gridDim.x;
+        store_release_sys(&message->flag, seq);
+      } else {
+        // Every row the peer could wait for is there, refused: it reads none.
+        peer->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
+        store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kRowsRefused | (kRowsRefused - 1)));
+      }
+    }
+  }
+  finish_operation(p, seq);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +427,9 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
   if (ok) {
     for (int i = threadIdx.x; i < experts_per_rank; i += blockDim.x) {
       int64_t sum = 0;
-      for (int s = 0; s < p.nranks; ++s) sum += mine->notify[s].experts[i];
+      for (int s = 0; s < p.nranks; ++s) {
+        if (mine->notify[s].experts_per_rank != kRefusedExpertsPerRank) sum += mine->notify[s].experts[i];
+      }
       recv_expert_counts[i] = static_cast<int32_t>(sum);
       host->recv_tokens_per_expert[i] = static_cast<int32_t>(align_up(sum, expert_alignment));
     }
@@ -387,6 +438,10 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
       for (int s = 0; s < p.nranks; ++s) {
         recv_counts[s] = mine->notify[s].tokens;
         total += mine->notify[s].tokens;
+        if (mine->notify[s].experts_per_rank == kRefusedExpertsPerRank) {
+          record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatchNotify, s, kDetailPeerRefused, 0);
+          continue;
+        }
         if (mine->notify[s].num_blocks != num_blocks)
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatchNotify, s,
                              mine->notify[s].num_blocks, num_blocks);
@@ -460,6 +515,10 @@ __device__ __forceinline__ int64_t row_layout_word(const DispatchRowLayout& L) {
 // this rank's would pair blocks wrongly. A mismatch is recorded when `record` (one lane per block).
 __device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMessage& message, int s, int64_t layout,
                                                int64_t tokens, bool record) {
+  if (message.row_layout == kRefusedRowLayout) {
+    if (record) record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatch, s, kDetailPeerRefused, 0);
+    return false;
+  }
   int64_t got = 0, expected = 0;
   if (message.row_layout != layout) {
     got = message.row_layout, expected = layout;
@@ -574,6 +633,12 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       for (int s = 0; s < R; ++s) {
         offsets[s] = total;
         if (!fine) continue;
+        if (q.worst_case && mine->counts[s].experts_per_rank == kRefusedExpertsPerRank) {
+          // The source refused the call: so does every rank (no rows move), and all of them finish it.
+          record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatch, s, kDetailPeerRefused, 0);
+          ok = false;
+          continue;
+        }
         total += q.worst_case ? mine->counts[s].tokens : q.recv_counts[s];
         if (!q.worst_case) {
           // The handle's count of this rank's own rows must be what this rank sends itself (it is not, after a
@@ -1071,8 +1136,11 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
           const bool other_layout = __any_sync(0xffffffffu, theirs != combine_layout_word(q));
           if (refused || other_layout) {
             if (lane == 0) {
+              // A refused call's word (refused_kernel) says so; otherwise the source could not push its rows.
+              const bool call_refused = static_cast<int64_t>(theirs) == kRefusedRowLayout;
               record_async_error(p.error, refused ? deepepRemoteError : deepepInvalidArgument, p.rank, Phase::kCombine,
-                                 d, static_cast<int64_t>(theirs), static_cast<int64_t>(combine_layout_word(q)));
+                                 d, call_refused ? kDetailPeerRefused : static_cast<int64_t>(theirs),
+                                 static_cast<int64_t>(combine_layout_word(q)));
             }
             skipped[d] = true;  // its later rows are not waited for either
             continue;
@@ -1366,6 +1434,15 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
                               "combine's reduction staging");
   combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes, stream>>>(q);
   DEEPEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,
+                    cudaStream_t stream) {
+  const bool per_block = call == deepepCallDispatch || call == deepepCallCombine;
+  const bool routed = handle != nullptr && handle->routed;
+  launch_kernel(refused_kernel, per_block ? num_sms : 1, 32, 0, stream, false, false, protocol_of(comm), call,
+                routed ? static_cast<const int32_t*>(handle->send_ranges) : nullptr,
+                routed ? static_cast<const int32_t*>(handle->send_counts) : nullptr);
 }
 
 }  // namespace deepep

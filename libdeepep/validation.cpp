@@ -57,6 +57,11 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
     std::snprintf(text, sizeof(text), "rank %d in %s: %lld rows arrive but the outputs hold %lld", record->rank,
                   phase_name(record->phase), static_cast<long long>(record->detail),
                   static_cast<long long>(record->value));
+  } else if (record->detail == kDetailPeerRefused) {
+    std::snprintf(text, sizeof(text),
+                  "rank %d found %s in %s: rank %d refused the call (bad input there: see the error it raised), so no "
+                  "rows moved between them",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer);
   } else if (record->detail == kDetailPeerLayout) {
     std::snprintf(text, sizeof(text),
                   "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "

@@ -454,6 +454,33 @@ cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=No
     return v
 
 
+cdef class _OwedCall:
+    """The collective high-throughput call this rank still owes the others while a method checks its arguments: if
+    the method refuses them before the library has the call, :meth:`refuse` launches this rank's side of it
+    (deepepRefuseCall), so that the other ranks finish the same call at once with DeepEPRemoteError instead of
+    waiting for this rank until the timeout. ``call`` is None once the library has the call (it refuses on its own
+    from there)."""
+    cdef object call
+    cdef Handle handle
+    cdef int num_sms
+    cdef object stream  # the stream the call runs on, once known
+
+    def __init__(self, call, handle, int num_sms):
+        self.call = call
+        self.handle = handle
+        self.num_sms = num_sms
+        self.stream = None
+
+    cdef void refuse(self, deepepComm_t comm) noexcept:
+        if self.call is None or self.stream is None or comm == NULL:
+            return
+        cdef deepepHandle_t hh = self.handle._h if self.handle is not None else NULL
+        cdef deepepCall_t call = self.call
+        cdef CUstream_st* cs = <CUstream_st*><size_t>self.stream
+        with nogil:
+            deepepRefuseCall(comm, call, hh, self.num_sms, cs)  # best effort: the refusal's error is raised
+
+
 cdef class Communicator:
     """A communicator over `nranks` ranks (one per process and GPU), created collectively.
 
@@ -698,9 +725,24 @@ cdef class Communicator:
         (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
         produced on the communicator's stream.
         """
+        cdef _OwedCall owed = _OwedCall(deepepCallWorstCaseDispatch if num_worst_tokens > 0 or max_recv_tokens is not None
+                                        else deepepCallDispatchNotify if handle is None else deepepCallDispatch,
+                                        handle if isinstance(handle, Handle) else None, num_sms)
+        try:
+            return self._dispatch(owed, x, topk_idx, topk_weights, num_experts, x_scales, handle, expert_alignment,
+                                  num_worst_tokens, max_recv_tokens, num_sms, stream, out, previous_event,
+                                  async_finish)
+        except BaseException:
+            owed.refuse(self._comm)
+            raise
+
+    def _dispatch(self, _OwedCall owed, x, topk_idx, topk_weights, num_experts, x_scales, handle,
+                  int expert_alignment, int64_t num_worst_tokens, max_recv_tokens, int num_sms, stream, out,
+                  previous_event, bint async_finish):
         cdef deepepComm_t comm = self._live()
         stream, s = self._start(stream, previous_event, async_finish)
         cdef CUstream_st* cs = <CUstream_st*><size_t>s
+        owed.stream = s
         cdef deepepDispatchArgs a
         _check(deepepDispatchArgsInit(&a))
         view = _as_view(x, s)
@@ -780,9 +822,11 @@ cdef class Communicator:
         if num_worst_tokens > 0 or bounded:
             rows = a.num_worst_tokens
         elif handle is None:
+            owed.call = None  # the library has the call: it refuses on its own from here
             with nogil:
                 status = deepepDispatchNotify(comm, &a, hh, cs)
             _check(status)
+            owed.call, owed.handle = deepepCallDispatch, h  # the dispatch that goes with the counts
             rows = h._take_recv_counts(num_experts)
         else:
             if h.num_recv_rows is None:
@@ -813,6 +857,7 @@ cdef class Communicator:
         a.recv_topk_weights = <float*><size_t>(recv_topk_weights.ptr if recv_topk_weights is not None else 0)
         a.recv_src_idx = <int32_t*><size_t>recv_src_idx.ptr
         a.num_recv_rows = rows
+        owed.call = None
         with nogil:
             status = deepepDispatch(comm, &a, hh, cs)
         _check(status)
@@ -847,12 +892,22 @@ cdef class Communicator:
         ``(out [N, H] bfloat16, topk_weights [N, K] float32 or None, event)`` produced on ``stream``; no host
         synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
         (needed inside CUDA graphs). ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
+        cdef _OwedCall owed = _OwedCall(deepepCallCombine, handle, 0)
+        try:
+            return self._combine(owed, x, handle, topk_weights, bias, stream, out, previous_event, async_finish)
+        except BaseException:
+            owed.refuse(self._comm)
+            raise
+
+    def _combine(self, _OwedCall owed, x, Handle handle, topk_weights, bias, stream, out, previous_event,
+                 bint async_finish):
         cdef deepepComm_t comm = self._live()
         cdef deepepHandle_t hh = handle._live()
         if handle.comm is not self:
             raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
         stream, s = self._start(stream, previous_event, async_finish)
         cdef CUstream_st* cs = <CUstream_st*><size_t>s
+        owed.stream = s
         cdef deepepCombineArgs a
         _check(deepepCombineArgsInit(&a))
         view = _as_view(x, s)
@@ -902,6 +957,7 @@ cdef class Communicator:
         a.out = <void*><size_t>out_x.ptr
         a.out_topk_weights = <float*><size_t>(out_weights.ptr if out_weights is not None else 0)
         cdef deepepResult_t status
+        owed.call = None
         with nogil:
             status = deepepCombine(comm, &a, hh, cs)
         _check(status)

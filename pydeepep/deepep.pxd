@@ -146,6 +146,13 @@ cdef extern from "deepep/deepep.h" nogil:
     deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args)
     deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
                                  CUstream_st* stream)
+    ctypedef enum deepepCall_t:
+        deepepCallDispatchNotify
+        deepepCallDispatch
+        deepepCallWorstCaseDispatch
+        deepepCallCombine
+    deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
+                                    CUstream_st* stream)
 
     # Low-latency dispatch and combine.
     ctypedef enum deepepLowLatencyPhase_t:

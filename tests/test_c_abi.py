@@ -58,6 +58,7 @@ EXPECTED_API = {
     "deepepDispatch",
     "deepepCombineArgsInit",
     "deepepCombine",
+    "deepepRefuseCall",
     "deepepCommMeasurePushBandwidth",
     "deepepLowLatencyDispatchArgsInit",
     "deepepLowLatencyDispatch",
@@ -704,6 +705,15 @@ def test_dispatch_layout_on_a_null_comm_is_an_invalid_argument(lib):
     assert names_argument(last_error(lib), "comm")
 
 
+def refuse_call(lib, comm) -> int:
+    return lib.deepepRefuseCall(comm, 0, None, 0, None)  # deepepCallDispatchNotify, no handle
+
+
+def test_refusing_a_call_on_a_null_comm_is_an_invalid_argument(lib):
+    assert refuse_call(lib, None) == INVALID_ARGUMENT
+    assert names_argument(last_error(lib), "comm")
+
+
 @pytest.fixture
 def bogus_comm():
     """A non-NULL pointer that is no communicator: readable memory, so a library that dereferences it misreads
@@ -721,6 +731,11 @@ def test_queries_on_a_bogus_comm_are_invalid_usage(lib, bogus_comm):
 
 def test_dispatch_layout_on_a_bogus_comm_is_invalid_usage(lib, bogus_comm):
     assert dispatch_layout(lib, bogus_comm) == INVALID_USAGE
+    assert "not a live communicator" in last_error(lib)
+
+
+def test_refusing_a_call_on_a_bogus_comm_is_invalid_usage(lib, bogus_comm):
+    assert refuse_call(lib, bogus_comm) == INVALID_USAGE
     assert "not a live communicator" in last_error(lib)
 
 

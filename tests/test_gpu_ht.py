@@ -6,6 +6,7 @@ compares its own outputs. All scenarios run in one job; each test asserts on its
 is tested between 2 ranks.
 """
 
+import time
 import traceback
 
 import numpy as np
@@ -385,7 +386,65 @@ def ht_scenarios(info):
 
         out["disagreeing_combine_layout"] = refusal(comm, pydeepep.DeepEPInvalidArgument, combine_other_widths)
         log_scenario("ht", info, "disagreeing_combine_layout", out["disagreeing_combine_layout"])
+        try:
+            out["one_rank_refuses"] = one_rank_refuses_case(comm, 48)
+        except Exception:
+            out["one_rank_refuses"] = traceback.format_exc()
+        log_scenario("ht", info, "one_rank_refuses", out["one_rank_refuses"])
     return out
+
+
+def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
+    """A call that only the last rank refuses on the host, in each flow, refused by pydeepep (an array of the wrong
+    shape or type) or by the library (an expert count that does not divide over the ranks, other tokens than the
+    handle's): that rank raises its refusal, every other rank gets DeepEPRemoteError naming it at once (well within the
+    communicator's 20 s timeout, which a rank waiting for the refuser would run into), and the ranks stay in step: a
+    dispatch and combine afterwards match the oracle."""
+    R, me = comm.nranks, comm.rank
+    refuser = R - 1
+    bad = me == refuser
+    x, topk, w = make_inputs(seed, me, n, h, k, e, nranks=R)
+    with cupy.cuda.Device(comm.device):
+        xd, topkd, wd = dev(x), dev(topk), dev(w)
+        routed = comm.dispatch(xd, topk_idx=topkd, num_experts=e)  # the handle of the cached dispatch and the combine
+        rows = routed.recv_x.shape[0]
+        cupy.cuda.runtime.deviceSynchronize()
+        calls = {
+            "exact-size dispatch": lambda: comm.dispatch(
+                xd, topk_idx=topkd, topk_weights=wd[:, :1] if bad else wd, num_experts=e
+            ),
+            "worst-case dispatch": lambda: comm.dispatch(
+                xd, topk_idx=topkd, num_experts=e + 1 if bad else e, num_worst_tokens=R * n
+            ),
+            "cached dispatch": lambda: comm.dispatch(xd[: n - 1] if bad else xd, handle=routed.handle),
+            "combine": lambda: comm.combine(cupy.zeros((rows, h), cupy.float32 if bad else cupy.uint16), routed.handle),
+        }
+        # Every rank makes every call, whatever the verdict, so that the ranks stay in step.
+        failures = []
+        for what, call in calls.items():
+            start = time.monotonic()
+            said = None
+            try:
+                call()
+                cupy.cuda.runtime.deviceSynchronize()
+                comm.check_async_error()
+            except pydeepep.DeepEPError as exc:
+                said = exc
+            finally:
+                comm.clear_async_error()
+            took = time.monotonic() - start
+            if bad and not isinstance(said, pydeepep.DeepEPInvalidArgument):
+                failures.append(f"{what}: the refusing rank got {said!r}")
+            if not bad and not (
+                isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)
+            ):
+                failures.append(f"{what}: got {said!r}")
+            if took > 5:
+                failures.append(f"{what}: took {took:.1f} s")
+        if failures:
+            return "; ".join(failures)
+    verdict = run_case(comm, seed + 1, n=200, h=512, k=k, e=e)
+    return True if verdict is True else f"after the refusals: {verdict}"
 
 
 def dispatch_host_inputs(comm, x, topk, **kwargs):
@@ -467,6 +526,12 @@ def test_ranks_combining_rows_of_other_widths_get_an_error(results):
         assert "invalid argument in combine:" in r.get("disagreeing_combine_layout", ""), r.get(
             "disagreeing_combine_layout"
         )
+
+
+def test_a_call_one_rank_refuses_ends_at_once_everywhere_and_the_ranks_stay_in_step(results):
+    assert all_true([r.get("one_rank_refuses", "not run") for r in results]), [
+        r.get("one_rank_refuses") for r in results
+    ]
 
 
 @pytest.mark.parametrize("scenario", ["worst_overflow", "bounded_overflow"])

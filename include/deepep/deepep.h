@@ -229,10 +229,11 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
  *  - deepepCombine with a filled handle: no host synchronisation, graph-capturable.
  * All ranks must use the same num_sms in calls that share a handle; all arrays are device memory of the
  * communicator's device; stream-ordered calls may finish with an asynchronous error (deepepCommGetAsyncError).
- * Arguments are checked on each rank before anything is launched, so a call refused on some ranks only (a bad
- * argument there, or a buffer too small for that rank's own N, which an explicit buffer_bytes below the workload's
- * needs can give) leaves the other ranks' kernels waiting for it until the timeout: then destroy the communicator.
- * A buffer sized from the workload (buffer_bytes 0) holds every call within that workload. */
+ * Arguments are checked on each rank before anything is launched. A rank that refuses a call (a bad argument
+ * there, or a buffer too small for that rank's own N, which an explicit buffer_bytes below the workload's needs can
+ * give) still launches its side of it (deepepRefuseCall), so that the other ranks finish the same call at once with
+ * deepepRemoteError naming that rank, and all stay in step for the next calls; only a refusal inside a stream capture
+ * launches nothing. A buffer sized from the workload (buffer_bytes 0) holds every call within that workload. */
 
 typedef struct deepepHandle* deepepHandle_t;
 
@@ -338,6 +339,24 @@ DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args);
  * float32. Collective, stream-ordered, no host synchronisation, capturable. */
 DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
                                         struct CUstream_st* stream);
+
+/* The collective high-throughput calls, as deepepRefuseCall names them. */
+typedef enum {
+  deepepCallDispatchNotify = 0,    /* deepepDispatchNotify */
+  deepepCallDispatch = 1,          /* a cached deepepDispatch, or the one after deepepDispatchNotify */
+  deepepCallWorstCaseDispatch = 2, /* a deepepDispatch with num_worst_tokens > 0 (report_recv_counts included) */
+  deepepCallCombine = 3,           /* deepepCombine */
+} deepepCall_t;
+
+/* Takes part in `call` without its data: for a caller that refuses its own input (a language binding checking
+ * arrays, say) where the other ranks make the call. Launches on `stream` what lets every other rank finish the same
+ * call at once with deepepRemoteError naming this rank (instead of waiting for it until the timeout) and keeps the
+ * ranks in step for the next calls; reads no input, writes no output. `handle`: the handle the call would use
+ * (NULL allowed for deepepCallDispatchNotify and deepepCallWorstCaseDispatch); `num_sms` as in deepepDispatchArgs,
+ * ignored when the handle holds a routing (its own). deepepDispatch, deepepDispatchNotify and deepepCombine do this
+ * themselves when they refuse their arguments. Stream-ordered; not capturable. */
+DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
+                                           struct CUstream_st* stream);
 
 /* Diagnostic: the SM-driven NVLink push bandwidth this rank reaches into the next rank's buffer (rank + 1 modulo
  * nranks; its own buffer on one rank) with `num_sms` blocks of 16-byte stores, `bytes` per pass (clamped to the
