@@ -93,13 +93,25 @@ void note_use(deepepHandle& handle, cudaStream_t stream) {
   DEEPEP_CUDA_CHECK(cudaEventRecord(handle.last_use, stream));
 }
 
-// This rank's side of a refused `call` on `stream` (deepepRefuseCall): on the handle's block count where it holds a
-// routing, else on `num_sms` resolved like a dispatch's.
-void launch_refusal(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,
-                    cudaStream_t stream) {
-  const int blocks = handle != nullptr && handle->routed ? handle->num_sms : resolve_num_sms(comm, num_sms);
+// This rank's side of a refused `call` on `stream` (deepepRefuseCall). A cached dispatch or a combine runs on the
+// peers' block count (block b talks to block b): the handle's where it holds a routing, else `num_sms` resolved like a
+// dispatch's, or the default one where that is no valid count (the refusal may be of that very argument).
+void launch_refusal(const deepepComm& comm, deepepHandle* handle, deepepCall_t call, int num_sms, cudaStream_t stream) {
+  int blocks = 1;
+  if (call == deepepCallDispatch || call == deepepCallCombine) {
+    if (handle != nullptr && handle->routed) {
+      blocks = handle->num_sms;
+    } else {
+      try {
+        blocks = resolve_num_sms(comm, num_sms);
+      } catch (const Error&) {
+        blocks = resolve_num_sms(comm, 0);
+      }
+    }
+  }
   DeviceGuard guard(comm.device);
   launch_refused(comm, handle, call, blocks, stream);
+  if (handle != nullptr) note_use(*handle, stream);  // the kernel reads the handle's ranges
 }
 
 // A collective call's refusal of its own arguments still ends the call on every rank: when the scope of the call is
@@ -110,11 +122,11 @@ void launch_refusal(const deepepComm& comm, const deepepHandle* handle, deepepCa
 class RefusalOnThrow {
  public:
   RefusalOnThrow(const deepepComm& comm, deepepCall_t call, cudaStream_t stream)
-      : comm_(comm), call_(call), stream_(stream) {}
+      : comm_(comm), call_(call), stream_(stream), exceptions_(std::uncaught_exceptions()) {}
   RefusalOnThrow(const RefusalOnThrow&) = delete;
   RefusalOnThrow& operator=(const RefusalOnThrow&) = delete;
   ~RefusalOnThrow() {
-    if (launched_ || std::uncaught_exceptions() == 0) return;
+    if (launched_ || std::uncaught_exceptions() <= exceptions_) return;
     try {
       cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
       if (cudaStreamIsCapturing(stream_, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
@@ -122,17 +134,13 @@ class RefusalOnThrow {
         return;
       }
       require_intranode(comm_);
-      try {
-        launch_refusal(comm_, handle_, call_, num_sms_, stream_);
-      } catch (const Error&) {
-        launch_refusal(comm_, handle_, call_, 0, stream_);  // a bad num_sms was the refusal: the default one
-      }
+      launch_refusal(comm_, handle_, call_, num_sms_, stream_);
     } catch (...) {
       cudaGetLastError();
     }
   }
   // What the checks learned so far: the call's handle, its kind and block count.
-  void set(const deepepHandle* handle, deepepCall_t call, int num_sms) {
+  void set(deepepHandle* handle, deepepCall_t call, int num_sms) {
     handle_ = handle;
     call_ = call;
     num_sms_ = num_sms;
@@ -143,7 +151,8 @@ class RefusalOnThrow {
   const deepepComm& comm_;
   deepepCall_t call_;
   cudaStream_t stream_;
-  const deepepHandle* handle_ = nullptr;
+  int exceptions_;  // in flight when the call began (none: the C ABI is entered from C)
+  deepepHandle* handle_ = nullptr;
   int num_sms_ = 0;
   bool launched_ = false;
 };
@@ -652,9 +661,7 @@ DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call,
     DEEPEP_REQUIRE(call == deepepCallDispatchNotify || call == deepepCallDispatch ||
                        call == deepepCallWorstCaseDispatch || call == deepepCallCombine,
                    "call is %d; it must be a deepepCall_t", static_cast<int>(call));
-    const deepepHandle* h = handle != nullptr ? checked_handle(handle, &c) : nullptr;
-    DEEPEP_REQUIRE(h != nullptr || call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch,
-                   "handle is NULL; a cached dispatch or a combine is refused with the handle it would use");
+    deepepHandle* h = handle != nullptr ? checked_handle(handle, &c) : nullptr;
     require_intranode(c);
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));

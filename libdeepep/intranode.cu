@@ -1432,8 +1432,10 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.diag = diag_bits();
   allow_dynamic_shared_memory(reinterpret_cast<const void*>(combine_kernel), kReduceStageBytes, comm.device,
                               "combine's reduction staging");
-  combine_kernel<<<handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes, stream>>>(q);
-  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  // Through launch_kernel, whose status is the launch call's rather than any error an earlier call left pending on the
+  // thread: a queued combine must not look refused (the caller would then launch its refusal as well).
+  launch_kernel(combine_kernel, handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes,
+                stream, false, false, q);
 }
 
 void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,

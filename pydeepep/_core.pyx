@@ -584,11 +584,14 @@ cdef class Communicator:
                 f"pydeepep.Communicator (rank {self.rank}) was never closed; its resources stay allocated until the "
                 "process exits. Call close() on every rank.", ResourceWarning, stacklevel=2)
 
-    def _start(self, stream, previous_event, bint async_finish):
+    def _start(self, stream, previous_event, bint async_finish, _OwedCall owed=None):
         """The stream a call runs on (and its owner object): the caller's, or with ``async_finish`` the
-        communicator's, ordered after the caller's work; both wait for ``previous_event`` when given."""
+        communicator's, ordered after the caller's work; both wait for ``previous_event`` when given. ``owed`` learns
+        the stream first, so that a refusal from here on reaches the other ranks."""
         caller = stream_handle(stream)
         run_on, owner = (self.stream, self._async_stream) if async_finish else (caller, stream)
+        if owed is not None:
+            owed.stream = run_on
         if run_on != caller:
             _make_stream_wait(caller, run_on)
         if previous_event is not None:
@@ -740,9 +743,8 @@ cdef class Communicator:
                   int expert_alignment, int64_t num_worst_tokens, max_recv_tokens, int num_sms, stream, out,
                   previous_event, bint async_finish):
         cdef deepepComm_t comm = self._live()
-        stream, s = self._start(stream, previous_event, async_finish)
+        stream, s = self._start(stream, previous_event, async_finish, owed)
         cdef CUstream_st* cs = <CUstream_st*><size_t>s
-        owed.stream = s
         cdef deepepDispatchArgs a
         _check(deepepDispatchArgsInit(&a))
         view = _as_view(x, s)
@@ -902,12 +904,11 @@ cdef class Communicator:
     def _combine(self, _OwedCall owed, x, Handle handle, topk_weights, bias, stream, out, previous_event,
                  bint async_finish):
         cdef deepepComm_t comm = self._live()
+        stream, s = self._start(stream, previous_event, async_finish, owed)
+        cdef CUstream_st* cs = <CUstream_st*><size_t>s
         cdef deepepHandle_t hh = handle._live()
         if handle.comm is not self:
             raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
-        stream, s = self._start(stream, previous_event, async_finish)
-        cdef CUstream_st* cs = <CUstream_st*><size_t>s
-        owed.stream = s
         cdef deepepCombineArgs a
         _check(deepepCombineArgsInit(&a))
         view = _as_view(x, s)

@@ -351,10 +351,11 @@ typedef enum {
 /* Takes part in `call` without its data: for a caller that refuses its own input (a language binding checking
  * arrays, say) where the other ranks make the call. Launches on `stream` what lets every other rank finish the same
  * call at once with deepepRemoteError naming this rank (instead of waiting for it until the timeout) and keeps the
- * ranks in step for the next calls; reads no input, writes no output. `handle`: the handle the call would use
- * (NULL allowed for deepepCallDispatchNotify and deepepCallWorstCaseDispatch); `num_sms` as in deepepDispatchArgs,
- * ignored when the handle holds a routing (its own). deepepDispatch, deepepDispatchNotify and deepepCombine do this
- * themselves when they refuse their arguments. Stream-ordered; not capturable. */
+ * ranks in step for the next calls; reads no input, writes no output. `handle`: the handle the call would use, or
+ * NULL; a cached dispatch or a combine runs on its block count where it holds a routing, else on `num_sms` (as in
+ * deepepDispatchArgs; the default one where it is no valid count), which must then be the peers' for them to finish
+ * at once. deepepDispatch, deepepDispatchNotify and deepepCombine do this themselves when they refuse their
+ * arguments. The refused call counts as made: do not retry it. Stream-ordered; not capturable. */
 DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
                                            struct CUstream_st* stream);
 
