@@ -74,13 +74,19 @@ static_assert(sizeof(ControlRegion) <= kArrivalOffset, "control region outgrew i
 constexpr int kDispatchWarps = 24;
 // Dispatch warps that push rows; the others copy received rows out, and the pushers join them once done. Large rows
 // went fastest with half the warps pushing, small rows with two thirds (2 x H200, N = 4096, 24 SMs: H = 7168 BF16,
-// 14 KB rows, 219 us with 12 pushers against 249 with 16; FP8, 7 KB rows, 128 us with 16 against 140 with 12).
+// 14 KB rows, 219 us with 12 pushers against 249 with 16; FP8, 7 KB rows, 128 us with 16 against 140 with 12). Blocks
+// with a lone publisher take 14 for large rows where that gives each pusher a long run (dispatch_push_warps).
 constexpr int kDispatchPushWarpsLargeRows = 12;
+constexpr int kDispatchPushWarpsLargeRowsLonePublisher = 14;
 constexpr int kDispatchPushWarpsSmallRows = 16;
 constexpr size_t kDispatchLargeRowBytes = 10240;
 __host__ __device__ constexpr bool large_dispatch_rows(size_t row_bytes) { return row_bytes > kDispatchLargeRowBytes; }
+// Combine warps push rows back to their sources, the others reduce (the pushers join them once done): 8 of 24 push
+// on grids with the barrier, 9 with a lone publisher (2 x H200, same run, N = 4096: on 16 SMs 251 us with 9 against
+// 270 with 8, 256 with 10, 307 with 12; on 24 SMs 8 stays fastest, 209 against 244 with 9).
+constexpr int kCombineWarps = 24;
 constexpr int kCombinePushWarps = 8;
-constexpr int kCombineReduceWarps = 16;
+constexpr int kCombinePushWarpsLonePublisher = 9;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
 // 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped). A
@@ -99,17 +105,31 @@ constexpr int kCombineRowsPerWarpPerChunk = 1;
 // 152.0 / 293.2 with the barrier; on 24 SMs slower, 236.7 / 137.9 / 243.1 against 216.8 / 123.8 / 218.7 (N = 16384:
 // 875 / 521 / 901 against 783 / 447 / 770), so larger grids keep the barrier (docs/tuning.md).
 constexpr int kLonePublisherMaxBlocks = 16;
+
+// Pushing warps of a dispatch of `num_tokens` tokens on `blocks` blocks. Large rows with a lone publisher go fastest
+// with 14 where each of them still has a long run (2 x H200, same runs, BF16, N = 4096: 240 us on 16 SMs against 248
+// with 12, 242 with 16, 245 with 13; 460 against 466 on 8 SMs), but not with a few tokens each (N = 512 on 16 SMs:
+// 44.9 us against 41.6). FP8 rows measured no faster with 14 on 16 SMs (144.0 against 144.4 us) and slower with 18-20.
+int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks) {
+  if (!large_dispatch_rows(row_bytes)) return kDispatchPushWarpsSmallRows;
+  const int64_t per_block = (num_tokens + blocks - 1) / blocks;
+  const bool long_runs_with_more =
+      (per_block + kDispatchPushWarpsLargeRowsLonePublisher - 1) / kDispatchPushWarpsLargeRowsLonePublisher >=
+      kDispatchLongRunTokens;
+  return blocks <= kLonePublisherMaxBlocks && long_runs_with_more ? kDispatchPushWarpsLargeRowsLonePublisher
+                                                                  : kDispatchPushWarpsLargeRows;
+}
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
 constexpr uint32_t kRowsRefused = 1u << 31;
-static_assert(kCombineReduceWarps > 0, "a combine block needs a warp after its pushing warps to publish");
+static_assert(kCombinePushWarps < kCombineWarps && kCombinePushWarpsLonePublisher < kCombineWarps,
+              "a combine block needs a warp after its pushing warps to publish");
 // Combine's reduction stages its loads in shared memory: kReduceGroup addend rows per step, kReduceStages steps in
 // flight per warp.
 constexpr int kReduceGroup = 2;
 constexpr int kReduceStages = 2;
 constexpr int kReduceStageVectorsPerWarp = kReduceStages * kReduceGroup * kVectorsInFlight * 32;
-constexpr size_t kReduceStageBytes =
-    sizeof(int4) * kReduceStageVectorsPerWarp * (kCombinePushWarps + kCombineReduceWarps);
+constexpr size_t kReduceStageBytes = sizeof(int4) * kReduceStageVectorsPerWarp * kCombineWarps;
 
 __device__ __forceinline__ int4* stage_slot(int4* stage, int step_stage, int group, int u, int lane) {
   return stage + ((step_stage * kReduceGroup + group) * kVectorsInFlight + u) * 32 + lane;
@@ -973,7 +993,9 @@ __device__ __forceinline__ bool combine_pushable(const CombineParams& q, const i
   return offsets[s] + start + count <= q.num_rows && static_cast<size_t>(start + count) * q.row_bytes <= q.region_bytes;
 }
 
-__global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32) combine_kernel(CombineParams q) {
+// kPushWarps: the warps that push (kCombinePushWarps, or kCombinePushWarpsLonePublisher with q.lone_publisher).
+template <int kPushWarps>
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombineParams q) {
   const Protocol& p = q.p;
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
@@ -984,10 +1006,10 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
   const size_t weights_offset = (payload_bytes + 15) / 16 * 16;
 
   __shared__ int64_t offsets[kMaxNvlRanks + 1];
-  __shared__ int32_t tokens_claimed;  // reduction: tokens of the block's range taken by a warp so far
-  __shared__ uint32_t chunks_pushed[kCombinePushWarps];  // with a lone publisher: chunks each pushing warp handed over
+  __shared__ int32_t tokens_claimed;              // reduction: tokens of the block's range taken by a warp so far
+  __shared__ uint32_t chunks_pushed[kPushWarps];  // with a lone publisher: chunks each pushing warp handed over
   __shared__ bool ok;
-  if (threadIdx.x < kCombinePushWarps) chunks_pushed[threadIdx.x] = 0;
+  if (threadIdx.x < kPushWarps) chunks_pushed[threadIdx.x] = 0;
   if (threadIdx.x == 0) {
     tokens_claimed = 0;
     int64_t total = 0;
@@ -1003,13 +1025,13 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
   }
   __syncthreads();
 
-  const int chunk_rows = kCombinePushWarps * kCombineRowsPerWarpPerChunk;
+  const int chunk_rows = kPushWarps * kCombineRowsPerWarpPerChunk;
   // After every chunk the pushing warps and the publisher (the first reducing warp) meet at a barrier; the publisher
   // then releases the progress to the sources while the pushers go on with the next chunk, so that no pusher waits
   // for a system-scope release. The release is cumulative: it orders every store the barrier ordered before it. A
   // lone publisher (q.lone_publisher) meets no one: each pusher hands it its chunks through shared memory.
-  const int chunk_meeting = (kCombinePushWarps + 1) * 32;
-  if (ok && warp < kCombinePushWarps) {
+  const int chunk_meeting = (kPushWarps + 1) * 32;
+  if (ok && warp < kPushWarps) {
     // Push the rows received from each source back to it, in chunks; the publisher releases the progress.
     int32_t start[kMaxNvlRanks], count[kMaxNvlRanks];
     int32_t longest = 0;
@@ -1035,7 +1057,7 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
       for (int s = 0; s < R; ++s) {
         if (s == p.rank || !pushable[s]) continue;
         uint8_t* region = region_of(p.peers, s, p.rank, q.region_bytes);
-        for (int i = c0 + warp; i < min(count[s], c0 + chunk_rows); i += kCombinePushWarps) {
+        for (int i = c0 + warp; i < min(count[s], c0 + chunk_rows); i += kPushWarps) {
           const int64_t j = start[s] + i;
           const int64_t in_row = offsets[s] + j;
           uint8_t* row = region + static_cast<size_t>(j) * q.row_bytes;
@@ -1053,7 +1075,7 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
         group_barrier(1, chunk_meeting);
       }
     }
-  } else if (ok && warp == kCombinePushWarps) {
+  } else if (ok && warp == kPushWarps) {
     // Publisher: after each chunk lane d releases to rank d how many of its rows are back. Rows that could not be
     // pushed (recorded above) are released all the same, marked refused, so that no rank waits forever. The layout
     // word goes first (the releases order it).
@@ -1070,7 +1092,7 @@ __global__ void __launch_bounds__((kCombinePushWarps + kCombineReduceWarps) * 32
     for (int c0 = 0; c0 < longest; c0 += chunk_rows) {
       if (!q.lone_publisher) {
         group_barrier(1, chunk_meeting);
-      } else if (!wait_pushers(chunks_pushed, kCombinePushWarps, ++chunks, deadline, p, Phase::kCombine, lane)) {
+      } else if (!wait_pushers(chunks_pushed, kPushWarps, ++chunks, deadline, p, Phase::kCombine, lane)) {
         break;
       }
       if (count > c0) {
@@ -1399,8 +1421,8 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
     q.report_ticket = report_ticket;
   }
   q.diag = diag_bits();
-  q.push_warps = large_dispatch_rows(q.layout.row_bytes) ? kDispatchPushWarpsLargeRows : kDispatchPushWarpsSmallRows;
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
+  q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms);
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
   launch_kernel(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, false, q);
 }
@@ -1430,12 +1452,13 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.out_weights = args.out_topk_weights;
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
   q.diag = diag_bits();
-  allow_dynamic_shared_memory(reinterpret_cast<const void*>(combine_kernel), kReduceStageBytes, comm.device,
+  const auto kernel =
+      q.lone_publisher ? combine_kernel<kCombinePushWarpsLonePublisher> : combine_kernel<kCombinePushWarps>;
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), kReduceStageBytes, comm.device,
                               "combine's reduction staging");
   // Through launch_kernel, whose status is the launch call's rather than any error an earlier call left pending on the
   // thread: a queued combine must not look refused (the caller would then launch its refusal as well).
-  launch_kernel(combine_kernel, handle.num_sms, (kCombinePushWarps + kCombineReduceWarps) * 32, kReduceStageBytes,
-                stream, false, false, q);
+  launch_kernel(kernel, handle.num_sms, kCombineWarps * 32, kReduceStageBytes, stream, false, false, q);
 }
 
 void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,
