@@ -77,6 +77,9 @@ deepepConfig resolve_config(const deepepConfig* config) {
                    "config->num_topk is %d; it must be in [1, %d]", resolved.num_topk, DEEPEP_MAX_TOPK);
     DEEPEP_REQUIRE(resolved.num_experts >= 1, "config->num_experts is %d; it must be positive", resolved.num_experts);
   }
+  DEEPEP_REQUIRE(resolved.low_latency_max_tokens == 0 || resolved.hidden <= DEEPEP_LL_MAX_HIDDEN,
+                 "config->hidden is %d; with a low-latency area (low_latency_max_tokens %d) it must be at most %d",
+                 resolved.hidden, resolved.low_latency_max_tokens, DEEPEP_LL_MAX_HIDDEN);
   return resolved;
 }
 

@@ -437,19 +437,19 @@ struct DispatchParams {
 // What a flag's low word carries besides the sequence number, so that a receiver finds a peer whose call laid the rows
 // out otherwise, leaves that peer's rows out and reports it. The peer wrote them with its own layout, over slots of
 // other sources too, so the error means this call's outputs on the receiver are not valid. A dispatch flag: the
-// source's tokens | top-k << 11 | options << 17, where the options are hidden / 8 (its low 13 bits: exact below hidden
-// 65536) << 2 | round_scale << 1 | FP8 (a UE8M0 receiver packs the exponents of the scales as the source rounded
-// them); the receiver compares all but the tokens. A combine flag: hidden / 8 | top-k << 18, the layout of the rows
-// the expert's rank wrote into the token owner's area.
+// source's tokens | top-k << 11 | options << 17, where the options are hidden / 8 (13 bits: a low-latency area holds
+// rows of at most DEEPEP_LL_MAX_HIDDEN) << 2 | round_scale << 1 | FP8 (a UE8M0 receiver packs the exponents of the
+// scales as the source rounded them); the receiver compares all but the tokens. A combine flag: hidden / 8 | top-k <<
+// 18, the layout of the rows the expert's rank wrote into the token owner's area.
 constexpr uint32_t kFlagTopkShift = 11;
 constexpr uint32_t kFlagLayoutShift = 17;
 static_assert(DEEPEP_LL_MAX_TOKENS < (1 << kFlagTopkShift) &&
-                  DEEPEP_MAX_TOPK < (1 << (kFlagLayoutShift - kFlagTopkShift)),
-              "a dispatch flag's fields overlap");
+                  DEEPEP_MAX_TOPK < (1 << (kFlagLayoutShift - kFlagTopkShift)) &&
+                  DEEPEP_LL_MAX_HIDDEN / 8 < (1u << (32 - 2 - kFlagLayoutShift)),
+              "a dispatch flag's fields overlap or lose bits");
 __device__ __forceinline__ uint32_t dispatch_flag_word(uint32_t tokens, int num_topk, int hidden, bool fp8,
                                                        bool round_scale) {
-  const uint32_t layout =
-      (static_cast<uint32_t>(hidden / 8) & 0x1fffu) << 2 | (round_scale ? 2u : 0u) | (fp8 ? 1u : 0u);
+  const uint32_t layout = static_cast<uint32_t>(hidden / 8) << 2 | (round_scale ? 2u : 0u) | (fp8 ? 1u : 0u);
   return tokens | static_cast<uint32_t>(num_topk) << kFlagTopkShift | layout << kFlagLayoutShift;
 }
 __device__ __forceinline__ uint32_t combine_flag_word(int hidden, int num_topk) {

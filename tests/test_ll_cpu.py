@@ -17,6 +17,7 @@ from pydeepep import _core
 SUCCESS, INVALID_ARGUMENT, INVALID_USAGE = 0, 1, 2
 INT64 = 1
 LL_MAX_TOKENS = 1024
+LL_MAX_HIDDEN = 65528  # the flag words name hidden / 8 in 13 bits
 
 
 class LowLatencyDispatchArgs(ctypes.Structure):
@@ -134,7 +135,7 @@ def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
         "#include <deepep/deepep.h>\n#include <stdio.h>\n#include <stddef.h>\nint main(void) {\n"
         + "\n".join(lines)
         + '\nprintf("%d %d %d\\n", (int)deepepLowLatencySendRecv, (int)deepepLowLatencySend, '
-        '(int)deepepLowLatencyRecv);\nprintf("%d\\n", DEEPEP_LL_MAX_TOKENS);\nreturn 0; }\n'
+        '(int)deepepLowLatencyRecv);\nprintf("%d %d\\n", DEEPEP_LL_MAX_TOKENS, DEEPEP_LL_MAX_HIDDEN);\nreturn 0; }\n'
     )
     binary = tmp_path / "layout"
     subprocess.run(
@@ -148,7 +149,7 @@ def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
         expected += [str(getattr(mirror, name).offset) for name, _ in mirror._fields_]
     assert output[: len(expected)] == expected
     assert output[len(expected)] == "0 1 2"
-    assert int(output[len(expected) + 1]) == LL_MAX_TOKENS
+    assert output[len(expected) + 1] == f"{LL_MAX_TOKENS} {LL_MAX_HIDDEN}"
 
 
 def test_dispatch_and_combine_need_a_live_communicator(lib):
@@ -221,6 +222,17 @@ def test_low_latency_max_tokens_out_of_range_is_refused(tokens):
 
 def test_low_latency_max_tokens_at_the_limit_is_accepted():
     assert hint(hidden=128, num_topk=1, num_experts=2, low_latency_max_tokens=LL_MAX_TOKENS) > 0
+
+
+def test_low_latency_area_refuses_rows_wider_than_its_flags_can_name():
+    # A low-latency flag names hidden / 8 in 13 bits, so that ranks calling with different hidden sizes are told
+    # apart; wider rows are refused when the config is read, not aliased.
+    small = dict(num_topk=1, num_experts=2, low_latency_max_tokens=1)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"hidden is {LL_MAX_HIDDEN + 8}; with a low-latency area"):
+        hint(hidden=LL_MAX_HIDDEN + 8, **small)
+    assert hint(hidden=LL_MAX_HIDDEN, **small) > hint(hidden=LL_MAX_HIDDEN - 8, **small)
+    # Without a low-latency area the high-throughput limit applies.
+    assert hint(hidden=LL_MAX_HIDDEN + 8, num_topk=1, num_experts=2) > 0
 
 
 def test_low_latency_area_needs_experts_divisible_by_ranks():

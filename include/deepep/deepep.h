@@ -17,7 +17,8 @@
  *  - One communicator per process at a time (NVSHMEM is initialised once per process). A second
  *    deepepCommInitRank while one is alive returns deepepInvalidUsage.
  *  - 1 <= nranks <= DEEPEP_MAX_RANKS; 1 <= num_topk <= DEEPEP_MAX_TOPK; num_experts divisible by nranks with at
- *    most DEEPEP_MAX_LOCAL_EXPERTS per rank; hidden at most DEEPEP_MAX_HIDDEN.
+ *    most DEEPEP_MAX_LOCAL_EXPERTS per rank; hidden at most DEEPEP_MAX_HIDDEN, and at most DEEPEP_LL_MAX_HIDDEN in a
+ *    config with a low-latency area.
  */
 #ifndef DEEPEP_DEEPEP_H_
 #define DEEPEP_DEEPEP_H_
@@ -48,6 +49,9 @@ struct CUevent_st;
 #define DEEPEP_LL_MAX_TOKENS 1024 /* most tokens per rank of one low-latency call (config low_latency_max_tokens) */
 /* Most channels per row (hidden) of any call or config: the kernels' row arithmetic stays within 32 bits. */
 #define DEEPEP_MAX_HIDDEN 1048576
+/* Most channels per row of a low-latency area (config hidden with low_latency_max_tokens > 0): the flag words that
+ * let ranks check they agree on the row layout name hidden / 8 in 13 bits. */
+#define DEEPEP_LL_MAX_HIDDEN 65528
 
 /* Result codes. Values are fixed forever; new codes are only appended. */
 typedef enum {
