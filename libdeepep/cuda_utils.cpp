@@ -25,20 +25,25 @@ DeviceGuard::~DeviceGuard() {
 }
 
 void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, const char* what) {
-  constexpr size_t kWithoutOptIn = 48 * 1024;
-  if (bytes <= kWithoutOptIn) return;
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes already allowed
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> dynamic bytes known to launch
   std::lock_guard<std::mutex> lock(mutex);
   size_t& current = allowed[{kernel, device}];
   if (current >= bytes) return;
-  int limit = 0;
-  DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > static_cast<size_t>(limit)) {
-    fail(deepepNotSupported, "%s needs %zu bytes of shared memory per block; device %d allows %d", what, bytes, device,
-         limit);
+  // Without an opt-in a launch may ask for 48 KB less the kernel's static shared memory, not 48 KB.
+  cudaFuncAttributes attributes{};
+  DEEPEP_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (bytes > static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) {
+    int limit = 0;
+    DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (attributes.sharedSizeBytes + bytes > static_cast<size_t>(limit)) {
+      fail(deepepNotSupported,
+           "%s needs %zu bytes of shared memory per block (and the kernel %zu of its own); device %d allows %d in all",
+           what, bytes, attributes.sharedSizeBytes, device, limit);
+    }
+    DEEPEP_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
-  DEEPEP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   current = bytes;
 }
 

@@ -32,8 +32,9 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-// Lets `kernel` launch with `bytes` of dynamic shared memory on `device` (the current device), opting in past the
-// default 48 KiB once per kernel and device; throws deepepNotSupported naming `what` when the device allows less.
+// Lets `kernel` launch with `bytes` of dynamic shared memory on `device` (the current device), opting in once per
+// kernel and device past what it may ask for without (48 KiB less its static shared memory); throws
+// deepepNotSupported naming `what` when the device allows less.
 void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, const char* what);
 
 // `value` rounded up to a multiple of `alignment` (> 0), on the host or the device.
