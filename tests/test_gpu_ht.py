@@ -296,6 +296,10 @@ def ht_scenarios(info):
             # 375 tokens per block over 12 pushing warps (rows over 10 KB): long runs, three tokens per warp between
             # progress releases.
             "long_runs_per_warp": dict(seed=24, n=3000, h=7168, k=8, e=32, num_sms=8),
+            # Grids of at most 16 blocks (a lone publisher; 14 pushing warps for large rows with long runs, 9 in the
+            # combine) with FP8 rows and packed scales, and in worst-case mode.
+            "fp8_sixteen_sms": dict(seed=25, n=2048, h=7168, k=8, e=64, fp8=True, ue8m0=True, num_sms=16),
+            "worst_case_eight_sms": dict(seed=26, n=300, h=7168, k=4, e=16, worst=350 * RANKS, num_sms=8),
             "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
             # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
             "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
@@ -498,6 +502,8 @@ def results():
         "no_weights",
         "eight_sms",
         "long_runs_per_warp",
+        "fp8_sixteen_sms",
+        "worst_case_eight_sms",
         "reruns_identical",
         "bounded_bf16",
         "bounded_fp8_aligned_empty_rank",
