@@ -110,14 +110,13 @@ constexpr int kLonePublisherMaxBlocks = 16;
 // with 14 where each of them still has a long run (2 x H200, same runs, BF16, N = 4096: 240 us on 16 SMs against 248
 // with 12, 242 with 16, 245 with 13; 460 against 466 on 8 SMs), but not with a few tokens each (N = 512 on 16 SMs:
 // 44.9 us against 41.6). FP8 rows measured no faster with 14 on 16 SMs (144.0 against 144.4 us) and slower with 18-20.
-int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks) {
+int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool lone_publisher) {
   if (!large_dispatch_rows(row_bytes)) return kDispatchPushWarpsSmallRows;
   const int64_t per_block = (num_tokens + blocks - 1) / blocks;
   const bool long_runs_with_more =
       (per_block + kDispatchPushWarpsLargeRowsLonePublisher - 1) / kDispatchPushWarpsLargeRowsLonePublisher >=
       kDispatchLongRunTokens;
-  return blocks <= kLonePublisherMaxBlocks && long_runs_with_more ? kDispatchPushWarpsLargeRowsLonePublisher
-                                                                  : kDispatchPushWarpsLargeRows;
+  return lone_publisher && long_runs_with_more ? kDispatchPushWarpsLargeRowsLonePublisher : kDispatchPushWarpsLargeRows;
 }
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
@@ -1422,7 +1421,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   }
   q.diag = diag_bits();
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
-  q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms);
+  q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, q.lone_publisher);
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
   launch_kernel(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, false, q);
 }
@@ -1461,11 +1460,10 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   launch_kernel(kernel, handle.num_sms, kCombineWarps * 32, kReduceStageBytes, stream, false, false, q);
 }
 
-void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,
+void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int blocks,
                     cudaStream_t stream) {
-  const bool per_block = call == deepepCallDispatch || call == deepepCallCombine;
   const bool routed = handle != nullptr && handle->routed;
-  launch_kernel(refused_kernel, per_block ? num_sms : 1, 32, 0, stream, false, false, protocol_of(comm), call,
+  launch_kernel(refused_kernel, blocks, 32, 0, stream, false, false, protocol_of(comm), call,
                 routed ? static_cast<const int32_t*>(handle->send_ranges) : nullptr,
                 routed ? static_cast<const int32_t*>(handle->send_counts) : nullptr);
 }

@@ -48,9 +48,9 @@ void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alig
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
                      const DispatchRowLayout& layout, bool worst_case, uint64_t report_ticket, cudaStream_t stream);
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream);
-// This rank's side of a `call` it refused (deepepRefuseCall) on `num_sms` blocks (the handle's, for a cached
-// dispatch or a combine); `handle` may be NULL or hold no routing.
-void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int num_sms,
+// This rank's side of a `call` it refused (deepepRefuseCall) on `blocks` blocks (the peers' block count for a cached
+// dispatch or a combine, else 1); `handle` may be NULL or hold no routing.
+void launch_refused(const deepepComm& comm, const deepepHandle* handle, deepepCall_t call, int blocks,
                     cudaStream_t stream);
 
 // Median GB/s of `iterations` passes of 16-byte stores from this rank's region to the next rank's (blocking).
