@@ -263,15 +263,36 @@ __device__ __forceinline__ void block_share(int64_t total, int64_t* first, int64
   *end = min(total, *first + per_block);
 }
 
-// Whether rank `r` is masked out of low-latency calls (set by the host, or by a timeout waiting for it).
-__device__ __forceinline__ bool is_masked(const Area& a, int r) {
-  return *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+// The block's copy of the mask of ranks left out of low-latency calls (a.mask: set by the host between kernels, or by
+// a timeout waiting for the rank), a byte per rank, read once when a kernel starts (load_block_mask). Every step of a
+// call checks the mask, and reading it from global memory each time put a dependent round trip to L2 on the critical
+// path of each step: about 1.2 us per dispatch or combine (2 x H200). During a kernel the mask changes only through
+// timeouts: a block that times out waiting for a rank masks it in its own copy as well (mask_after_timeout), while a
+// rank another block masked meanwhile stays in this block's copy until this block's own wait for it times out (it
+// may be written to in between, which is harmless: the peer's buffers stay mapped).
+__device__ __forceinline__ uint8_t* block_mask() {
+  __shared__ uint8_t masked[DEEPEP_MAX_RANKS];
+  return masked;
 }
 
-// A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it.
-// A rank never masks itself (its own flags come late only when something else failed).
+// Reads the mask into the block's copy; the copy is complete once the block has passed a barrier after this.
+__device__ __forceinline__ void load_block_mask(const Area& a) {
+  for (int r = threadIdx.x; r < a.nranks; r += kThreads) {
+    block_mask()[r] = *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+  }
+}
+
+// Whether rank `r` is masked out of this call (the block's copy of the mask).
+__device__ __forceinline__ bool is_masked(const Area&, int r) { return block_mask()[r] != 0; }
+
+// A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it,
+// and so that this block goes on without it now (the other threads see it after the next barrier). A rank never
+// masks itself (its own flags come late only when something else failed).
 __device__ __forceinline__ void mask_after_timeout(const Area& a, int r) {
-  if (r != a.rank) atomicExch(a.mask + r, 1u);
+  if (r != a.rank) {
+    atomicExch(a.mask + r, 1u);
+    block_mask()[r] = 1;
+  }
 }
 
 // Whether ack value `v` says the peer finished operation `needed` (or a later one), modulo 2^32.
@@ -283,8 +304,8 @@ __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
 // all G blocks b satisfy `ready` (every rank runs G blocks). The words are written by the ranks into this rank's
 // area, so the loads stay local, and the block's threads wait for up to kThreads of them at once. A rank whose words
 // do not all come in time is masked (the timeout is recorded), so that the block goes on without it; this rank never
-// masks itself. `seen(s)` runs in the thread that saw one of rank s's words ready. Returns, in every thread, whether
-// this rank's own words (when wanted) all came.
+// masks itself. `seen(s, word)` runs in the thread that saw one of rank s's words ready. Returns, in every thread,
+// whether this rank's own words (when wanted) all came.
 template <class WordOf, class Wanted, class Ready, class Seen>
 __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Ready ready, uint64_t deadline,
                                 Phase phase, Seen seen) {
@@ -293,8 +314,9 @@ __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Re
   for (int i = threadIdx.x; i < a.nranks * blocks; i += kThreads) {
     const int s = i / blocks;
     if (!wanted(s) || is_masked(a, s)) continue;
-    if (wait_flag(word_of(s, i % blocks), ready, deadline, a.error, a.rank, phase, s)) {
-      seen(s);
+    uint64_t word;
+    if (wait_flag(word_of(s, i % blocks), ready, deadline, a.error, a.rank, phase, s, &word)) {
+      seen(s, word);
     } else if (s == a.rank) {
       own_came = false;
     } else {
@@ -309,7 +331,7 @@ __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Re
 __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline, Phase phase) {
   wait_all_blocks(
       a, [&](int d, int b) { return a.ack(d, b); }, [&](int d) { return d != a.rank; },
-      [&](uint64_t v) { return acked(v, needed); }, deadline, phase, [](int) {});
+      [&](uint64_t v) { return acked(v, needed); }, deadline, phase, [](int, uint64_t) {});
 }
 
 // End of an operation's final kernel, in every block: the block records the operation as complete and acknowledges
@@ -611,11 +633,11 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   timeline_mark(a, kMarkPublished);
 }
 
-// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts, then the
-// uint64 times at which each source's flags were seen.
+// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts and the
+// sources' flag words, then the uint64 times at which each source's flags were seen.
 __host__ __device__ size_t dispatch_recv_counts_bytes(int local_experts, int nranks, int blocks) {
   const size_t owned = (static_cast<size_t>(local_experts) + blocks - 1) / blocks;
-  return (local_experts + owned * nranks + nranks + 1 + 1) / 2 * 2 * sizeof(int32_t);  // 8-byte aligned
+  return (local_experts + owned * nranks + nranks + 1 + nranks + 1) / 2 * 2 * sizeof(int32_t);  // 8-byte aligned
 }
 size_t dispatch_recv_shared_bytes(int local_experts, int nranks, int blocks) {
   return dispatch_recv_counts_bytes(local_experts, nranks, blocks) + nranks * sizeof(uint64_t);
@@ -640,6 +662,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   int32_t* before = dynamic_shared;                       // [experts]: rows of the tokens ahead of this block's
   int32_t* owned_rows = before + experts;                 // [owned expert][source]: rows of the experts this block owns
   int32_t* token_start = owned_rows + owned_experts * R;  // [R + 1]: first token of each source
+  // [R]: the low word of each source's flag, as the block saw it (every block of a source writes the same)
+  auto* flag_word = reinterpret_cast<uint32_t*>(token_start + R + 1);
   // [R]: when this block last saw one of the source's flags (statistics, block 0)
   auto* seen_at = reinterpret_cast<unsigned long long*>(reinterpret_cast<uint8_t*>(dynamic_shared) +
                                                         dispatch_recv_counts_bytes(experts, R, blocks));
@@ -654,17 +678,17 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   const bool own_came = wait_all_blocks(
       a, [&](int s, int b) { return a.dispatch_flag(s, b); }, [](int) { return true; },
       [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyDispatch,
-      [&](int s) {
+      [&](int s, uint64_t word) {
+        flag_word[s] = static_cast<uint32_t>(word);
         if (stats) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
       });
   for (int s = threadIdx.x; s < R; s += kThreads) {
     int32_t tokens = 0;
     if (!is_masked(a, s) && (s != a.rank || own_came)) {
-      // Every block of the source wrote the same word; block 0's was acquired above (by some thread of this block).
-      const uint64_t seen = *reinterpret_cast<volatile const uint64_t*>(a.dispatch_flag(s, 0));
-      const uint32_t count = static_cast<uint32_t>(seen) & ((1u << kFlagTopkShift) - 1);
-      const bool fits = count <= p.max_tokens &&
-                        static_cast<uint32_t>(seen) == dispatch_flag_word(count, K, p.hidden, p.fp8, p.round_scale);
+      // All of the source's words came (it would be masked otherwise), so flag_word[s] holds one.
+      const uint32_t seen = flag_word[s];
+      const uint32_t count = seen & ((1u << kFlagTopkShift) - 1);
+      const bool fits = count <= p.max_tokens && seen == dispatch_flag_word(count, K, p.hidden, p.fp8, p.round_scale);
       if (fits) tokens = static_cast<int32_t>(count);
       if (blockIdx.x == 0) {
         if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
@@ -672,7 +696,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
           // A peer with another T, top-k, hidden or FP8 options (or a corrupted flag): its tokens are dropped, never
           // read or written out of bounds; it wrote its rows with its own layout, so no output here is valid.
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerLayout,
-                             static_cast<uint32_t>(seen));
+                             seen);
         }
       }
     }
@@ -872,8 +896,10 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
   wait_for_previous_grid();
+  load_block_mask(p.area);
   const uint32_t seq = p.area.state()->seq[p.area.set][blockIdx.x] + 1u;
   timeline_start(p.area);
+  __syncthreads();  // the block's mask is complete
   // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
   // must still wait for the live ranks.
   if (phases & kSend) dispatch_send<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
@@ -1006,6 +1032,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   __shared__ float weight[DEEPEP_MAX_TOPK];
   __shared__ int64_t slot_expert[DEEPEP_MAX_TOPK];
   __shared__ bool laid_out_alike[DEEPEP_MAX_RANKS];  // whether a rank wrote its rows with this call's hidden and top-k
+  __shared__ uint32_t flag_word[DEEPEP_MAX_RANKS];  // the low word of a rank's flag (every block of it writes the same)
   const Index* topk = static_cast<const Index*>(p.topk_idx);
   const int vectors = p.hidden / 8;
   // Slot threadIdx.x's expert and weight of token t (the block's first token's are loaded before the wait for the
@@ -1027,13 +1054,13 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     own_came = wait_all_blocks(
         a, [&](int s, int b) { return a.combine_flag(s, b); }, [](int) { return true; },
         [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyCombine,
-        [](int) {});
-    // Every block of a rank wrote the same word; block 0's was acquired above (by some thread of this block). A rank
-    // that is masked is skipped whatever its word says.
+        [&](int s, uint64_t word) { flag_word[s] = static_cast<uint32_t>(word); });
+    // A rank whose words did not all come is masked (or is this rank, whose rows are then not used), and skipped
+    // whatever its word says; every other rank's word is in flag_word.
     const uint32_t ours = combine_flag_word(p.hidden, p.num_topk);
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
-      const uint32_t theirs = static_cast<uint32_t>(*reinterpret_cast<volatile const uint64_t*>(a.combine_flag(s, 0)));
-      laid_out_alike[s] = is_masked(a, s) || theirs == ours;
+      const uint32_t theirs = flag_word[s];
+      laid_out_alike[s] = is_masked(a, s) || (s == a.rank && !own_came) || theirs == ours;
       if (!laid_out_alike[s] && blockIdx.x == 0) {
         // Rows of another width or top-k: left out of the sums; written at the peer's offsets, over other ranks'
         // rows too, so that no output here is valid.
@@ -1117,10 +1144,12 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, int phases) {
   wait_for_previous_grid();
+  load_block_mask(p.area);
   const LowLatencyState* state = p.area.state();
   const uint32_t seq = state->seq[p.area.set][blockIdx.x] + 1u;
   const uint32_t previous_combine = state->last_combine[p.area.set][blockIdx.x];
   timeline_start(p.area);
+  __syncthreads();  // the block's mask is complete
   if (phases & kSend) combine_send(p, seq, previous_combine, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
     combine_recv<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
