@@ -264,7 +264,7 @@ __device__ __forceinline__ void block_share(int64_t total, int64_t* first, int64
 }
 
 // The block's copy of the mask of ranks left out of low-latency calls (a.mask: set by the host between kernels, or by
-// a timeout waiting for the rank), a byte per rank, read once when a kernel starts (load_block_mask). Every step of a
+// a timeout waiting for the rank), a byte per rank, read once when a kernel starts (MaskLoad). Every step of a
 // call checks the mask, and reading it from global memory each time put a dependent round trip to L2 on the critical
 // path of each step: about 1.2 us per dispatch or combine (2 x H200). During a kernel the mask changes only through
 // timeouts: a block that times out waiting for a rank masks it in its own copy as well (mask_after_timeout), while a
@@ -275,12 +275,31 @@ __device__ __forceinline__ uint8_t* block_mask() {
   return masked;
 }
 
-// Reads the mask into the block's copy; the copy is complete once the block has passed a barrier after this.
-__device__ __forceinline__ void load_block_mask(const Area& a) {
-  for (int r = threadIdx.x; r < a.nranks; r += kThreads) {
-    block_mask()[r] = *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+// The block's copy of the mask is read in two steps, so that the kernel's other first loads are in flight with it:
+// MaskLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ..., and keep() stores them into the
+// copy, which is complete once the block has passed a barrier after that.
+class MaskLoad {
+ public:
+  __device__ __forceinline__ explicit MaskLoad(const Area& a) : nranks_(a.nranks) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int r = static_cast<int>(threadIdx.x) + i * kThreads;
+      masked_[i] = r < nranks_ && *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+    }
   }
-}
+  __device__ __forceinline__ void keep() const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int r = static_cast<int>(threadIdx.x) + i * kThreads;
+      if (r < nranks_) block_mask()[r] = masked_[i];
+    }
+  }
+
+ private:
+  static constexpr int kPerThread = (DEEPEP_MAX_RANKS + kThreads - 1) / kThreads;
+  int nranks_;
+  bool masked_[kPerThread];
+};
 
 // Whether rank `r` is masked out of this call (the block's copy of the mask).
 __device__ __forceinline__ bool is_masked(const Area&, int r) { return block_mask()[r] != 0; }
@@ -896,9 +915,10 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
   wait_for_previous_grid();
-  load_block_mask(p.area);
+  const MaskLoad mask(p.area);
   const uint32_t seq = p.area.state()->seq[p.area.set][blockIdx.x] + 1u;
   timeline_start(p.area);
+  mask.keep();
   __syncthreads();  // the block's mask is complete
   // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
   // must still wait for the live ranks.
@@ -1144,11 +1164,12 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, int phases) {
   wait_for_previous_grid();
-  load_block_mask(p.area);
+  const MaskLoad mask(p.area);
   const LowLatencyState* state = p.area.state();
   const uint32_t seq = state->seq[p.area.set][blockIdx.x] + 1u;
   const uint32_t previous_combine = state->last_combine[p.area.set][blockIdx.x];
   timeline_start(p.area);
+  mask.keep();
   __syncthreads();  // the block's mask is complete
   if (phases & kSend) combine_send(p, seq, previous_combine, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
