@@ -28,8 +28,9 @@
 // seq into its ack word [this rank][b] on every peer once it is done with the set. Send-only (hook) kernels change
 // no state; the receive kernel completes the operation. Every wait is bounded by the timeout and records rank, phase
 // and peer on expiry.
-// Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to; the
-// slots naming their experts are skipped like -1 slots, so the other ranks' operations complete without them.
+// Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to (a
+// block goes by the mask as it was when its kernel started, plus its own timeouts: see block_mask); the slots naming
+// their experts are skipped like -1 slots, so the other ranks' operations complete without them.
 // Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
 // every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric buffer
 // (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag, and
@@ -266,10 +267,10 @@ __device__ __forceinline__ void block_share(int64_t total, int64_t* first, int64
 // The block's copy of the mask of ranks left out of low-latency calls (a.mask: set by the host between kernels, or by
 // a timeout waiting for the rank), a byte per rank, read once when a kernel starts (MaskLoad). Every step of a
 // call checks the mask, and reading it from global memory each time put a dependent round trip to L2 on the critical
-// path of each step: about 1.2 us per dispatch or combine (2 x H200). During a kernel the mask changes only through
-// timeouts: a block that times out waiting for a rank masks it in its own copy as well (mask_after_timeout), while a
-// rank another block masked meanwhile stays in this block's copy until this block's own wait for it times out (it
-// may be written to in between, which is harmless: the peer's buffers stay mapped).
+// path of each step: 1.3-1.5 us of a dispatch, 0.6-1.0 of a combine (2 x H200). During a kernel the mask changes only
+// through timeouts: a block that times out waiting for a rank masks it in its own copy as well (mask_after_timeout),
+// while a rank another block masked meanwhile stays in this block's copy until this block's own wait for it times out
+// (it may be written to in between, which is harmless: the peer's buffers stay mapped).
 __device__ __forceinline__ uint8_t* block_mask() {
   __shared__ uint8_t masked[DEEPEP_MAX_RANKS];
   return masked;
