@@ -303,7 +303,7 @@ class MaskLoad {
 };
 
 // Whether rank `r` is masked out of this call (the block's copy of the mask).
-__device__ __forceinline__ bool is_masked(const Area&, int r) { return block_mask()[r] != 0; }
+__device__ __forceinline__ bool is_masked(int r) { return block_mask()[r] != 0; }
 
 // A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it,
 // and so that this block goes on without it now (the other threads see it after the next barrier). A rank never
@@ -333,7 +333,7 @@ __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Re
   bool own_came = true;
   for (int i = threadIdx.x; i < a.nranks * blocks; i += kThreads) {
     const int s = i / blocks;
-    if (!wanted(s) || is_masked(a, s)) continue;
+    if (!wanted(s) || is_masked(s)) continue;
     uint64_t word;
     if (wait_flag(word_of(s, i % blocks), ready, deadline, a.error, a.rank, phase, s, &word)) {
       seen(s, word);
@@ -364,7 +364,7 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
     if (combine) a.state()->last_combine[a.set][blockIdx.x] = seq;
   }
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
-    if (d != a.rank && !is_masked(a, d)) signal(a, d, a.ack(a.rank, blockIdx.x), seq);
+    if (d != a.rank && !is_masked(d)) signal(a, d, a.ack(a.rank, blockIdx.x), seq);
   }
 }
 
@@ -547,7 +547,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   int32_t* ids_mine = source_ids(p, a.rank);
   int32_t* ids_staged = reinterpret_cast<int32_t*>(a.set_base() + a.send_ids_offset);
   bool block_puts = false;  // whether this block sends anything through NVSHMEM (the same in every thread)
-  for (int d = 0; d < a.nranks && !block_puts; ++d) block_puts = a.at(d, ids_mine) == nullptr && !is_masked(a, d);
+  for (int d = 0; d < a.nranks && !block_puts; ++d) block_puts = a.at(d, ids_mine) == nullptr && !is_masked(d);
   block_puts = __syncthreads_or(block_puts);  // a timeout elsewhere may mask a rank while the threads read the mask
   for (int64_t i = threadIdx.x; i < ids; i += kThreads) {
     const int64_t at = first * K + i;  // token at / K, slot at % K
@@ -558,7 +558,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
       id = -1;
     }
     for (int d = 0; d < a.nranks; ++d) {
-      if (is_masked(a, d)) continue;
+      if (is_masked(d)) continue;
       if (int32_t* there = a.at(d, ids_mine + at)) *there = id;
     }
     if (block_puts) ids_staged[at] = id;
@@ -567,7 +567,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   if (block_puts && ids > 0) {
     for (int d = warp; d < a.nranks; d += kWarps) {
       // The whole warp makes the put, or none of it: lane 0's reading of the mask decides.
-      if (__shfl_sync(0xffffffffu, !is_masked(a, d) && a.at(d, ids_mine) == nullptr, 0)) {
+      if (__shfl_sync(0xffffffffu, !is_masked(d) && a.at(d, ids_mine) == nullptr, 0)) {
         nvshmemx_putmem_nbi_warp(ids_mine + first * K, ids_staged + first * K, ids * sizeof(int32_t), d);
       }
     }
@@ -585,7 +585,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
       for (int j = 0; j < k && first_naming; ++j) first_naming = rank_of_slot(p, ids_of_t, j) != dest;
       uint8_t* row = nullptr;
       uint8_t* put = nullptr;
-      if (first_naming && !is_masked(a, dest)) {
+      if (first_naming && !is_masked(dest)) {
         uint8_t* ours = token_slot(p, a.rank, t);
         row = a.at(dest, ours);
         if (row == nullptr) put = ours;
@@ -647,7 +647,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   timeline_mark(a, kMarkStored);
   const uint32_t tokens = dispatch_flag_word(static_cast<uint32_t>(p.num_tokens), K, p.hidden, p.fp8, p.round_scale);
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
-    if (!is_masked(a, d)) signal(a, d, a.dispatch_flag(a.rank, blockIdx.x), tagged(seq, tokens));
+    if (!is_masked(d)) signal(a, d, a.dispatch_flag(a.rank, blockIdx.x), tagged(seq, tokens));
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
@@ -704,7 +704,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       });
   for (int s = threadIdx.x; s < R; s += kThreads) {
     int32_t tokens = 0;
-    if (!is_masked(a, s) && (s != a.rank || own_came)) {
+    if (!is_masked(s) && (s != a.rank || own_came)) {
       // All of the source's words came (it would be masked otherwise), so flag_word[s] holds one.
       const uint32_t seen = flag_word[s];
       const uint32_t count = seen & ((1u << kFlagTopkShift) - 1);
@@ -1007,7 +1007,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
       if (info < 0 || token >= p.max_tokens || slot >= p.num_topk) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s,
                            local * rows_per_expert + j, info);
-      } else if (!is_masked(a, s)) {
+      } else if (!is_masked(s)) {
         row = a.at(s, combine_row(p, token, slot));
         if (row == nullptr) put = combine_row(p, token, slot);
       }
@@ -1039,7 +1039,7 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
   // This block's share of the rows is out: its flag on every rank says so, with the rows' layout.
   const uint64_t flag = tagged(seq, combine_flag_word(p.hidden, p.num_topk));
   for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
-    if (!is_masked(a, s)) signal(a, s, a.combine_flag(a.rank, blockIdx.x), flag);
+    if (!is_masked(s)) signal(a, s, a.combine_flag(a.rank, blockIdx.x), flag);
   }
   __syncthreads();
   timeline_mark(a, kMarkPublished);
@@ -1081,7 +1081,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     const uint32_t ours = combine_flag_word(p.hidden, p.num_topk);
     for (int s = threadIdx.x; s < a.nranks; s += kThreads) {
       const uint32_t theirs = flag_word[s];
-      laid_out_alike[s] = is_masked(a, s) || (s == a.rank && !own_came) || theirs == ours;
+      laid_out_alike[s] = is_masked(s) || (s == a.rank && !own_came) || theirs == ours;
       if (!laid_out_alike[s] && blockIdx.x == 0) {
         // Rows of another width or top-k: left out of the sums; written at the peer's offsets, over other ranks'
         // rows too, so that no output here is valid.
@@ -1099,7 +1099,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
       const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
-      usable[k] = owner >= 0 && !is_masked(a, owner) && (owner != a.rank || own_came) && laid_out_alike[owner];
+      usable[k] = owner >= 0 && !is_masked(owner) && (owner != a.rank || own_came) && laid_out_alike[owner];
       if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
                            e);
