@@ -158,6 +158,26 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_
   });
 }
 
+DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iterations, double* us,
+                                                     struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    DEEPEP_REQUIRE(us != nullptr, "us is NULL");
+    const deepepComm& c = *checked_comm(comm);
+    DEEPEP_REQUIRE(iterations >= 1 && iterations <= 10000, "iterations is %d; it must be in [1, 10000]", iterations);
+    require_low_latency(c);
+    for (int r = 0; r < c.nranks; ++r) {
+      DEEPEP_REQUIRE(c.peer_buffers[r] != nullptr, "rank %d is not reachable over NVLink", r);
+    }
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a measurement cannot be captured");
+    DeviceGuard guard(c.device);
+    const double measured = measure_flag_round(c, iterations, stream);
+    raise_async_error(c);  // a peer that never came: the figure means nothing
+    *us = measured;
+  });
+}
+
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens) {
   return guarded_call(__func__, [&] {
     DEEPEP_REQUIRE(max_tokens != nullptr, "max_tokens is NULL");

@@ -17,6 +17,7 @@ enum class Phase : int32_t {
   kRouting = 5,
   kLowLatencyDispatch = 6,
   kLowLatencyCombine = 7,
+  kMeasurement = 8,
 };
 
 inline const char* phase_name(int32_t phase) {
@@ -37,6 +38,8 @@ inline const char* phase_name(int32_t phase) {
       return "low-latency dispatch";
     case Phase::kLowLatencyCombine:
       return "low-latency combine";
+    case Phase::kMeasurement:
+      return "measurement (diagnostic)";
   }
   return "unknown phase";
 }

@@ -74,6 +74,7 @@ struct deepepComm {
   void* report_host_device = nullptr;
   mutable std::atomic<uint64_t> report_tickets{0};
   int64_t* ll_timeline_device = nullptr;  // [ll_blocks][DEEPEP_LL_TIMELINE_MARKS]; DEEPEP_LL_TIMELINE=1 only
+  mutable std::atomic<uint32_t> flag_round_epoch{0};  // deepepCommMeasureFlagRound calls made (the same on every rank)
   // Recorded after a call's work that the host waits for (wait_bounded); one per communicator, like notify_host.
   cudaEvent_t host_wait_event = nullptr;
   // Device storage of destroyed handles with the event of its last use: a new handle takes one whose event has

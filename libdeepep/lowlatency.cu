@@ -1204,6 +1204,37 @@ Area make_area(const deepepComm& comm, int set) {
   return a;
 }
 
+// One round of per-block flags on the low-latency grid, nothing else (deepepCommMeasureFlagRound): block b releases
+// its next round, tagged with the measurement's epoch, into its word on every peer, then waits until every peer
+// block's word here has reached that round. The epoch in the high half must match (earlier measurements left other
+// epochs, setup left zeros); the round may be a later one, since a peer that saw all of this round's words may
+// already be in the next. `rounds` [blocks] counts each block's rounds (the kernels are replayed from a graph).
+__global__ void __launch_bounds__(kThreads, 1)
+    flag_round_kernel(void* const* buffers, size_t words_offset, int rank, int nranks, uint32_t epoch, uint32_t* rounds,
+                      uint64_t timeout_ns, AsyncErrorRecord* error) {
+  wait_for_previous_grid();
+  const int blocks = static_cast<int>(gridDim.x);
+  const uint32_t round = rounds[blockIdx.x] + 1u;
+  const uint64_t value = static_cast<uint64_t>(epoch) << 32 | round;
+  auto word = [&](int owner, int source, int block) {
+    return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(buffers[owner]) + words_offset) +
+           static_cast<size_t>(source) * kMaxLowLatencyBlocks + block;
+  };
+  for (int d = threadIdx.x; d < nranks; d += kThreads) {
+    if (d != rank) store_release_sys(word(d, rank, blockIdx.x), value);
+  }
+  const uint64_t deadline = global_timer_ns() + timeout_ns;
+  auto reached = [&](uint64_t v) { return (v >> 32) == epoch && static_cast<uint32_t>(v) >= round; };
+  for (int i = threadIdx.x; i < nranks * blocks; i += kThreads) {
+    const int s = i / blocks;
+    if (s != rank && !wait_flag(word(rank, s, i % blocks), reached, deadline, error, rank, Phase::kMeasurement, s)) {
+      break;
+    }
+  }
+  __syncthreads();  // every thread has read rounds[blockIdx.x]
+  if (threadIdx.x == 0) rounds[blockIdx.x] = round;
+}
+
 int phase_bits(deepepLowLatencyPhase_t phase) {
   switch (phase) {
     case deepepLowLatencySendRecv:
@@ -1247,7 +1278,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.dispatch_flags_offset = l.ack_offset + block_words;
   l.combine_flags_offset = l.dispatch_flags_offset + block_words;
   l.mask_offset = l.combine_flags_offset + block_words;
-  l.control_bytes = align_up(l.mask_offset + R * 4, 4096);
+  l.round_words_offset = align_up(l.mask_offset + R * 4, sizeof(uint64_t));
+  l.control_bytes = align_up(l.round_words_offset + R * kMaxLowLatencyBlocks * sizeof(uint64_t), 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
   const long double receive = static_cast<long double>(l.max_local_experts) * R * l.max_tokens * row;
@@ -1315,6 +1347,67 @@ void set_low_latency_mask(const deepepComm& comm, int rank, bool masked) {
 void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set) {
   return static_cast<uint8_t*>(comm.buffer) + comm.ll_offset + comm.ll_area.control_bytes +
          static_cast<size_t>(buffer_set) * comm.ll_area.set_bytes;
+}
+
+double measure_flag_round(const deepepComm& comm, int iterations, cudaStream_t stream) {
+  // The calls are collective, so every rank counts the same epoch.
+  const uint32_t epoch = comm.flag_round_epoch.fetch_add(1) + 1u;
+  const size_t words_offset = comm.ll_offset + comm.ll_area.round_words_offset;
+  const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
+  uint32_t* rounds = nullptr;
+  cudaStream_t own = nullptr;  // captured from (the caller's stream may be the legacy default stream)
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  std::vector<float> times;
+  auto release = [&] {
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    if (start != nullptr) cudaEventDestroy(start);
+    if (stop != nullptr) cudaEventDestroy(stop);
+    if (rounds != nullptr) cudaFree(rounds);
+    if (own != nullptr) cudaStreamDestroy(own);
+  };
+  try {
+    DEEPEP_CUDA_CHECK(cudaStreamSynchronize(stream));  // what the caller queued runs first
+    DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&own, cudaStreamNonBlocking));
+    DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&rounds), comm.ll_blocks * sizeof(uint32_t)));
+    DEEPEP_CUDA_CHECK(cudaMemsetAsync(rounds, 0, comm.ll_blocks * sizeof(uint32_t), own));
+    // The kernels are replayed from a graph, as the low-latency figures of pydeepep.bench are, so that no host launch
+    // gap adds to them; each is launched as a low-latency call is (see launch_call).
+    DEEPEP_CUDA_CHECK(cudaStreamBeginCapture(own, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < iterations; ++i) {
+      launch_kernel(flag_round_kernel, comm.ll_blocks, kThreads, 0, own, true, true, comm.peer_buffers_device,
+                    words_offset, comm.rank, comm.nranks, epoch, rounds, timeout_ns, comm.async_error_device);
+    }
+    DEEPEP_CUDA_CHECK(cudaStreamEndCapture(own, &graph));
+    DEEPEP_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    DEEPEP_CUDA_CHECK(cudaEventCreate(&start));
+    DEEPEP_CUDA_CHECK(cudaEventCreate(&stop));
+    constexpr int kPasses = 5;
+    for (int pass = 0; pass < kPasses + 1; ++pass) {
+      DEEPEP_CUDA_CHECK(cudaEventRecord(start, own));
+      DEEPEP_CUDA_CHECK(cudaGraphLaunch(exec, own));
+      DEEPEP_CUDA_CHECK(cudaEventRecord(stop, own));
+      DEEPEP_CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0.f;
+      DEEPEP_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      if (pass > 0) times.push_back(ms);  // the first pass warms up
+    }
+  } catch (...) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (own != nullptr && cudaStreamIsCapturing(own, &capture) == cudaSuccess &&
+        capture != cudaStreamCaptureStatusNone) {
+      cudaGraph_t partial = nullptr;
+      cudaStreamEndCapture(own, &partial);
+      if (partial != nullptr) cudaGraphDestroy(partial);
+    }
+    release();
+    throw;
+  }
+  release();
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2] * 1e3 / iterations;
 }
 
 // Launches the kernel of one call. A call with both phases is one cooperative launch: all its blocks are resident

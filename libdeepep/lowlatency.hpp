@@ -29,6 +29,8 @@ constexpr int kMaxLowLatencyBlocks = 160;
 //   combine flags    uint64 [set][R][kMaxLowLatencyBlocks]: (seq << 32) | hidden and top-k (combine_flag_word),
 //                    written by block b of rank s after its share of the rows of this rank's tokens
 //   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
+//   round words      uint64 [R][kMaxLowLatencyBlocks]: (epoch << 32) | round, written by block b of rank s in
+//                    deepepCommMeasureFlagRound (no call reads them)
 //   set 0, set 1     each: receive region, E_loc * R * T rows: a dispatch receives into its first R * T rows
 //                    ([source][token], one row per token that names an expert here, however many it names), and the
 //                    same bytes are the combine buffer [E_loc][R*T][H] BF16 of the zero-copy combine, and where a
@@ -45,6 +47,7 @@ struct LowLatencyArea {
   size_t dispatch_flags_offset = 0;
   size_t combine_flags_offset = 0;
   size_t mask_offset = 0;
+  size_t round_words_offset = 0;
   size_t control_bytes = 0;        // everything before set 0 (zeroed at setup)
   size_t receive_bytes = 0;        // per set
   size_t combine_rows_offset = 0;  // from the set's start
@@ -88,6 +91,12 @@ cudaError_t read_low_latency_mask(const deepepComm& comm, std::vector<uint32_t>*
 
 // Masks `rank` (or takes it back, taking its acknowledgements as up to date). Synchronises the device first.
 void set_low_latency_mask(const deepepComm& comm, int rank, bool masked);
+
+// Microseconds per low-latency kernel that only exchanges one round of per-block flags among the ranks (every peer
+// reachable over NVLink), launched as the calls are, back to back from a graph: the median over passes of
+// `iterations` kernels. Collective; waits for `stream` first, then runs on a stream of its own. A wait that times out
+// is recorded as the communicator's asynchronous error.
+double measure_flag_round(const deepepComm& comm, int iterations, cudaStream_t stream);
 
 // Device address of `buffer_set`'s combine buffer on this rank.
 void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set);

@@ -610,6 +610,20 @@ cdef class Communicator:
         _check(status)
         return gbps
 
+    def measure_flag_round(self, int iterations=20, stream=None):
+        """Diagnostic: microseconds per low-latency kernel that moves nothing and only exchanges one round of
+        per-block flags with every peer (the fixed cost every low-latency call pays), ``iterations`` back to back,
+        median of 5 passes. Every rank calls it at the same time; needs a low-latency area and every rank over
+        NVLink."""
+        cdef deepepComm_t comm = self._live()
+        cdef size_t s = stream_handle(stream)
+        cdef double us = 0
+        cdef deepepResult_t status
+        with nogil:
+            status = deepepCommMeasureFlagRound(comm, iterations, &us, <CUstream_st*>s)
+        _check(status)
+        return us
+
     def low_latency_mask_rank(self, int rank, bint masked=True):
         """Masks ``rank`` out of low-latency calls (or takes it back with ``masked=False``): it is never waited for or
         written to, and this rank's tokens routed to its experts are skipped like -1 slots. A low-latency call that

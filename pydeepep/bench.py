@@ -5,9 +5,10 @@ NVLink ceiling, the dispatch layout, full dispatch (count exchange and host sync
 and FP8, and combine. GB/s counts the bytes that cross NVLink (rows sent to other ranks). Times are medians: device
 time per call replayed from a CUDA graph (no host gaps) for the graph-capturable calls; per call from Python, host
 synchronisation included, for the full dispatch. N = 0 rows give the protocol's fixed cost. The low-latency section
-times, for T in {1, 32, 128, 256} tokens per rank (H = 7168, K = 8, E = 288), FP8 dispatch and BF16 combine replayed
-from CUDA graphs, and the send and receive phases of hooked calls. Writes a JSON record (machine, commit, command,
-results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
+first measures its floor (ll_flag_round: a kernel on the low-latency grid that moves nothing and exchanges one round
+of per-block flags), then times, for T in {1, 32, 128, 256} tokens per rank (H = 7168, K = 8, E = 288), FP8 dispatch
+and BF16 combine replayed from CUDA graphs, and the send and receive phases of hooked calls. Writes a JSON record
+(machine, commit, command, results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
 """
 
 from __future__ import annotations
@@ -406,6 +407,14 @@ def bench_ll_rank(info, tokens_list, transport="auto"):
         # keep it alive, however late Python frees them.
         stream = Device(comm.device).create_stream()
         ptr = int(stream.handle)
+        # The floor of every low-latency call, next to which its figures are read: a kernel on the same grid that
+        # moves nothing and exchanges one round of per-block flags.
+        try:
+            floor_us = comm.measure_flag_round(stream=stream)
+            rows.append({"case": "ll_flag_round", "num_tokens": 0, "sms": 0, "us": floor_us, "gbps": 0.0})
+            _log(info, f"  ll_flag_round        (one round of per-block flags, nothing moved) {floor_us:8.1f} us")
+        except pydeepep.DeepEPError as exc:  # ranks outside the NVLink domain: reported, not fatal
+            _log(info, f"  (ll_flag_round not measured: {exc})")
         local = LL_EXPERTS // comm.nranks
         rng = np.random.default_rng(200 + info.rank)
         y = pydeepep.empty((local, comm.nranks * max_tokens, HIDDEN), "bfloat16", device=comm.device, stream=stream)

@@ -219,3 +219,4 @@ cdef extern from "deepep/deepep.h" nogil:
     deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden, int num_experts,
                                                     void** buffer)
     deepepResult_t deepepCommLowLatencyMaxTokens(deepepComm_t comm, int* max_tokens)
+    deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iterations, double* us, CUstream_st* stream)

@@ -69,6 +69,7 @@ EXPECTED_API = {
     "deepepCommLowLatencyTimeline",
     "deepepCommLowLatencyMaskRank",
     "deepepCommLowLatencyMaskedRanks",
+    "deepepCommMeasureFlagRound",
 }
 
 

@@ -456,6 +456,22 @@ def stale_case(comm, seed):
     return True
 
 
+def flag_round_case(comm):
+    """The floor diagnostic: a plausible time per kernel, twice in a row (the second call waits for words of its own
+    epoch, not the first call's), bad iterations refused; the scenarios after it run on the same communicator."""
+    rounds = [comm.measure_flag_round(iterations=10) for _ in range(2)]
+    if not all(1.0 < us < 1000.0 for us in rounds):
+        return f"flag round times {rounds} us"
+    try:
+        comm.measure_flag_round(iterations=0)
+        return "iterations=0 was accepted"
+    except pydeepep.DeepEPInvalidArgument as exc:
+        if "iterations" not in str(exc):
+            return str(exc)
+    comm.check_async_error()
+    return True
+
+
 def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
     """The load statistics add up: rows per local expert over several calls (on top of what the caller put there),
     and the wait for a source rank that starts late (rank 1 sleeps before its first dispatch)."""
@@ -533,6 +549,7 @@ EXTRA = {
     "alternating_sets": lambda comm: alternating_case(comm, 40),
     "double_hook": lambda comm: double_hook_case(comm, 50),
     "graph_replay": lambda comm: graph_case(comm, 60),
+    "flag_round": flag_round_case,
     "capture_without_out_refused": lambda comm: capture_without_out_case(comm, 65),
     "masked_peer": lambda comm: masked_peer_case(comm, 67),
     "disagreeing_rows_refused": lambda comm: disagreeing_case(comm, 68),

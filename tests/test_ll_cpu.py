@@ -119,6 +119,15 @@ def test_timeline_refuses_null_outputs_and_a_null_communicator(lib):
     assert blocks.value == -1
 
 
+def test_flag_round_diagnostic_refuses_null_output_and_a_null_communicator(lib):
+    us = ctypes.c_double(-1.0)
+    assert lib.deepepCommMeasureFlagRound(bogus_pointer(), 10, None, None) == INVALID_ARGUMENT
+    assert "us is NULL" in last_error(lib)
+    assert lib.deepepCommMeasureFlagRound(None, 10, ctypes.byref(us), None) == INVALID_ARGUMENT
+    assert "comm is NULL" in last_error(lib)
+    assert us.value == -1.0
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
     fields = [
