@@ -161,8 +161,10 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_
 DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iterations, double* us,
                                                      struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
-    DEEPEP_REQUIRE(us != nullptr, "us is NULL");
     const deepepComm& c = *checked_comm(comm);
+    // Counted before anything this rank alone may refuse, so that the ranks' epochs stay the same after a refusal.
+    const uint32_t epoch = c.flag_round_epoch.fetch_add(1) + 1u;
+    DEEPEP_REQUIRE(us != nullptr, "us is NULL");
     DEEPEP_REQUIRE(iterations >= 1 && iterations <= 10000, "iterations is %d; it must be in [1, 10000]", iterations);
     require_low_latency(c);
     for (int r = 0; r < c.nranks; ++r) {
@@ -172,8 +174,14 @@ DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iter
     DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a measurement cannot be captured");
     DeviceGuard guard(c.device);
-    const double measured = measure_flag_round(c, iterations, stream);
-    raise_async_error(c);  // a peer that never came: the figure means nothing
+    raise_async_error(c);  // the kernels would not wait: a recorded error stops them
+    std::vector<uint32_t> masked;
+    DEEPEP_CUDA_CHECK(read_low_latency_mask(c, &masked));
+    for (int r = 0; r < c.nranks; ++r) {
+      if (masked[r] != 0) fail(deepepInvalidUsage, "rank %d is masked out of low-latency calls", r);
+    }
+    const double measured = measure_flag_round(c, epoch, iterations, stream);
+    raise_async_error(c);  // a peer that did not come: the figure means nothing
     *us = measured;
   });
 }

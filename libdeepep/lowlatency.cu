@@ -1205,16 +1205,20 @@ Area make_area(const deepepComm& comm, int set) {
 }
 
 // One round of per-block flags on the low-latency grid, nothing else (deepepCommMeasureFlagRound): block b releases
-// its next round, tagged with the measurement's epoch, into its word on every peer, then waits until every peer
-// block's word here has reached that round. The epoch in the high half must match (earlier measurements left other
-// epochs, setup left zeros); the round may be a later one, since a peer that saw all of this round's words may
-// already be in the next. `rounds` [blocks] counts each block's rounds (the kernels are replayed from a graph).
+// its next round, tagged with the measurement's epoch, (epoch << 32) | round, into its word on every peer, then waits
+// until every peer block's word here has reached that value. Zeros (setup) and earlier epochs are below it; a peer
+// may be a round ahead, or in the next measurement already once it saw all of this one's words. `rounds` [blocks]
+// counts each block's rounds (the kernels are replayed from a graph), with kRoundTimedOut once one of the block's
+// waits timed out: the block's later kernels then wait no more.
+constexpr uint32_t kRoundTimedOut = 1u << 31;
 __global__ void __launch_bounds__(kThreads, 1)
     flag_round_kernel(void* const* buffers, size_t words_offset, int rank, int nranks, uint32_t epoch, uint32_t* rounds,
                       uint64_t timeout_ns, AsyncErrorRecord* error) {
   wait_for_previous_grid();
+  const uint32_t previous = rounds[blockIdx.x];
+  if (previous & kRoundTimedOut) return;  // the whole block
   const int blocks = static_cast<int>(gridDim.x);
-  const uint32_t round = rounds[blockIdx.x] + 1u;
+  const uint32_t round = previous + 1u;
   const uint64_t value = static_cast<uint64_t>(epoch) << 32 | round;
   auto word = [&](int owner, int source, int block) {
     return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(buffers[owner]) + words_offset) +
@@ -1224,15 +1228,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (d != rank) store_release_sys(word(d, rank, blockIdx.x), value);
   }
   const uint64_t deadline = global_timer_ns() + timeout_ns;
-  auto reached = [&](uint64_t v) { return (v >> 32) == epoch && static_cast<uint32_t>(v) >= round; };
-  for (int i = threadIdx.x; i < nranks * blocks; i += kThreads) {
+  bool timed_out = false;
+  for (int i = threadIdx.x; i < nranks * blocks && !timed_out; i += kThreads) {
     const int s = i / blocks;
-    if (s != rank && !wait_flag(word(rank, s, i % blocks), reached, deadline, error, rank, Phase::kMeasurement, s)) {
-      break;
-    }
+    timed_out = s != rank && !wait_flag(
+                                 word(rank, s, i % blocks), [&](uint64_t v) { return v >= value; }, deadline, error,
+                                 rank, Phase::kMeasurement, s);
   }
-  __syncthreads();  // every thread has read rounds[blockIdx.x]
-  if (threadIdx.x == 0) rounds[blockIdx.x] = round;
+  timed_out = __syncthreads_or(timed_out);  // and every thread has read rounds[blockIdx.x]
+  if (threadIdx.x == 0) rounds[blockIdx.x] = round | (timed_out ? kRoundTimedOut : 0u);
 }
 
 int phase_bits(deepepLowLatencyPhase_t phase) {
@@ -1349,9 +1353,7 @@ void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set) {
          static_cast<size_t>(buffer_set) * comm.ll_area.set_bytes;
 }
 
-double measure_flag_round(const deepepComm& comm, int iterations, cudaStream_t stream) {
-  // The calls are collective, so every rank counts the same epoch.
-  const uint32_t epoch = comm.flag_round_epoch.fetch_add(1) + 1u;
+double measure_flag_round(const deepepComm& comm, uint32_t epoch, int iterations, cudaStream_t stream) {
   const size_t words_offset = comm.ll_offset + comm.ll_area.round_words_offset;
   const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
   uint32_t* rounds = nullptr;

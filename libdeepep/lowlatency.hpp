@@ -94,9 +94,10 @@ void set_low_latency_mask(const deepepComm& comm, int rank, bool masked);
 
 // Microseconds per low-latency kernel that only exchanges one round of per-block flags among the ranks (every peer
 // reachable over NVLink), launched as the calls are, back to back from a graph: the median over passes of
-// `iterations` kernels. Collective; waits for `stream` first, then runs on a stream of its own. A wait that times out
-// is recorded as the communicator's asynchronous error.
-double measure_flag_round(const deepepComm& comm, int iterations, cudaStream_t stream);
+// `iterations` kernels. `epoch` (1, 2, ...) numbers the communicator's measurements, the same on every rank.
+// Collective; waits for `stream` first, then runs on a stream of its own. A wait that times out is recorded as the
+// communicator's asynchronous error.
+double measure_flag_round(const deepepComm& comm, uint32_t epoch, int iterations, cudaStream_t stream);
 
 // Device address of `buffer_set`'s combine buffer on this rank.
 void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set);

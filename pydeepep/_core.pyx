@@ -613,8 +613,8 @@ cdef class Communicator:
     def measure_flag_round(self, int iterations=20, stream=None):
         """Diagnostic: microseconds per low-latency kernel that moves nothing and only exchanges one round of
         per-block flags with every peer (the fixed cost every low-latency call pays), ``iterations`` back to back,
-        median of 5 passes. Every rank calls it at the same time; needs a low-latency area and every rank over
-        NVLink."""
+        median of 5 passes. Every rank calls it at the same time; needs a low-latency area, every rank over
+        NVLink and none masked."""
         cdef deepepComm_t comm = self._live()
         cdef size_t s = stream_handle(stream)
         cdef double us = 0

@@ -472,6 +472,44 @@ def flag_round_case(comm):
     return True
 
 
+def lone_flag_round(info, timeout=5.0):
+    """Every rank measures the floor once; then rank 0 alone measures again: the first measurement's words (of later
+    rounds than the lone one's) must not end its waits, so it times out. Then the ranks close together."""
+    import time
+
+    with pydeepep.Communicator(
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        timeout=timeout,
+        max_tokens_per_rank=16,
+        hidden=256,
+        num_topk=2,
+        num_experts=16,
+        low_latency_max_tokens=16,
+    ) as comm:
+        comm.measure_flag_round(iterations=50)
+        start = time.monotonic()
+        outcome = "not called"
+        if info.rank == 0:
+            try:
+                comm.measure_flag_round(iterations=1)
+                outcome = "no error"
+            except pydeepep.DeepEPTimeoutError as exc:
+                outcome = (time.monotonic() - start, str(exc))
+            comm.clear_async_error()
+        time.sleep(max(0.0, start + 2 * timeout + 2.0 - time.monotonic()))  # the ranks reach close() together
+    return outcome
+
+
+def test_a_lone_flag_round_times_out_instead_of_reading_an_earlier_one():
+    outcomes = pydeepep.spawn(lone_flag_round, nprocs=RANKS, timeout=180)
+    assert isinstance(outcomes[0], tuple), outcomes[0]
+    seconds, message = outcomes[0]
+    assert "measurement" in message and seconds < 5.0 + 3.0, outcomes[0]
+
+
 def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
     """The load statistics add up: rows per local expert over several calls (on top of what the caller put there),
     and the wait for a source rank that starts late (rank 1 sleeps before its first dispatch)."""

@@ -534,14 +534,15 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int
 DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
                                                        int* num_blocks);
 
-/* Diagnostic: the fixed cost of a low-latency call with nothing to move. Every rank runs `iterations` kernels back
- * to back, launched as the low-latency kernels are and on as many blocks, in which each block releases a flag to
- * every peer and waits for every peer block's flag: one round of the per-block flags that every low-latency kernel
- * exchanges, replayed from a CUDA graph. [out] us: microseconds per kernel, the median of 5 passes. Blocking: waits
- * for `stream`, then runs on a stream of its own. Every rank calls it at the same time; needs a low-latency area and
- * every rank reachable over NVLink; not capturable. Fails with the communicator's asynchronous error when one is
- * recorded afterwards (a peer that did not come within the timeout records deepepTimeout; deepepCommClearAsyncError
- * clears it). */
+/* Diagnostic: the fixed cost of a low-latency call with nothing to move. Every rank runs [in] `iterations` (1 to
+ * 10000) kernels back to back, launched as the low-latency kernels are and on as many blocks, in which each block
+ * releases a flag to every peer and waits for every peer block's flag: one round of the per-block flags that every
+ * low-latency kernel exchanges, replayed from a CUDA graph. [out] us: microseconds per kernel, the median of 5
+ * passes. Blocking: waits for `stream`, then runs on a stream of its own. Every rank calls it at the same time (each
+ * call counts, a refused one too: the ranks number their measurements alike); needs a low-latency area, every rank
+ * reachable over NVLink and none masked; not capturable. Refused with the communicator's asynchronous error when one
+ * is recorded, before or during the measurement (a peer that did not come within the timeout records deepepTimeout;
+ * deepepCommClearAsyncError clears it). */
 DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iterations, double* us,
                                                      struct CUstream_st* stream);
 
