@@ -1,8 +1,10 @@
 #include "cuda_utils.hpp"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 namespace deepep {
 
@@ -52,6 +54,30 @@ int device_count() {
   DEEPEP_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (count == 0) fail(deepepNoDevice, "no CUDA device is visible to this process");
   return count;
+}
+
+float median_event_ms(cudaStream_t stream, int warmup, int passes, const std::function<void()>& enqueue) {
+  struct Events {  // destroyed on every path out
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Events() {
+      if (start != nullptr) cudaEventDestroy(start);
+      if (stop != nullptr) cudaEventDestroy(stop);
+    }
+  } events;
+  DEEPEP_CUDA_CHECK(cudaEventCreate(&events.start));
+  DEEPEP_CUDA_CHECK(cudaEventCreate(&events.stop));
+  std::vector<float> times;
+  for (int run = 0; run < warmup + passes; ++run) {
+    DEEPEP_CUDA_CHECK(cudaEventRecord(events.start, stream));
+    enqueue();
+    DEEPEP_CUDA_CHECK(cudaEventRecord(events.stop, stream));
+    DEEPEP_CUDA_CHECK(cudaEventSynchronize(events.stop));
+    float ms = 0.f;
+    DEEPEP_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
+    if (run >= warmup) times.push_back(ms);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
 }
 
 }  // namespace deepep

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <functional>
 #include <utility>
 
 #include "error.hpp"
@@ -44,6 +45,10 @@ __host__ __device__ constexpr size_t align_up(size_t value, size_t alignment) {
 
 // Number of CUDA devices; throws deepepNoDevice when there is no driver or no device.
 int device_count();
+
+// Diagnostics: the median milliseconds that the work `enqueue` puts on `stream` takes, timed with events over `passes`
+// runs (> 0) after `warmup` untimed ones; each run is waited for.
+float median_event_ms(cudaStream_t stream, int warmup, int passes, const std::function<void()>& enqueue);
 
 // Launches `kernel` on `stream`. `early`: it may start before the kernel ahead of it on the stream has finished
 // (programmatic dependent launch), so that its blocks are resident when that kernel ends instead of launching only

@@ -1310,23 +1310,9 @@ double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes,
   // The peer's region for this rank: only this rank writes there, so concurrent measurements do not overlap.
   auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(comm.peer_buffers[peer]) + kControlBytes +
                                       static_cast<size_t>(comm.rank) * region);
-  cudaEvent_t start = nullptr, stop = nullptr;
-  DEEPEP_CUDA_CHECK(cudaEventCreate(&start));
-  DEEPEP_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < iterations + 2; ++i) {
-    DEEPEP_CUDA_CHECK(cudaEventRecord(start, stream));
-    push_kernel<<<num_sms, 512, 0, stream>>>(dst, src, n);
-    DEEPEP_CUDA_CHECK(cudaEventRecord(stop, stream));
-    DEEPEP_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    DEEPEP_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 2) times.push_back(ms);  // the first passes warm up
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  const double ms = times[times.size() / 2];
+  // The first two passes warm up.
+  const float ms =
+      median_event_ms(stream, 2, iterations, [&] { push_kernel<<<num_sms, 512, 0, stream>>>(dst, src, n); });
   return static_cast<double>(n * 16) / (ms * 1e-3) / 1e9;
 }
 

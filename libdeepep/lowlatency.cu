@@ -1360,16 +1360,13 @@ double measure_flag_round(const deepepComm& comm, uint32_t epoch, int iterations
   cudaStream_t own = nullptr;  // captured from (the caller's stream may be the legacy default stream)
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  std::vector<float> times;
   auto release = [&] {
     if (exec != nullptr) cudaGraphExecDestroy(exec);
     if (graph != nullptr) cudaGraphDestroy(graph);
-    if (start != nullptr) cudaEventDestroy(start);
-    if (stop != nullptr) cudaEventDestroy(stop);
     if (rounds != nullptr) cudaFree(rounds);
     if (own != nullptr) cudaStreamDestroy(own);
   };
+  float ms = 0.f;
   try {
     DEEPEP_CUDA_CHECK(cudaStreamSynchronize(stream));  // what the caller queued runs first
     DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&own, cudaStreamNonBlocking));
@@ -1384,18 +1381,7 @@ double measure_flag_round(const deepepComm& comm, uint32_t epoch, int iterations
     }
     DEEPEP_CUDA_CHECK(cudaStreamEndCapture(own, &graph));
     DEEPEP_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    DEEPEP_CUDA_CHECK(cudaEventCreate(&start));
-    DEEPEP_CUDA_CHECK(cudaEventCreate(&stop));
-    constexpr int kPasses = 5;
-    for (int pass = 0; pass < kPasses + 1; ++pass) {
-      DEEPEP_CUDA_CHECK(cudaEventRecord(start, own));
-      DEEPEP_CUDA_CHECK(cudaGraphLaunch(exec, own));
-      DEEPEP_CUDA_CHECK(cudaEventRecord(stop, own));
-      DEEPEP_CUDA_CHECK(cudaEventSynchronize(stop));
-      float ms = 0.f;
-      DEEPEP_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-      if (pass > 0) times.push_back(ms);  // the first pass warms up
-    }
+    ms = median_event_ms(own, 1, 5, [&] { DEEPEP_CUDA_CHECK(cudaGraphLaunch(exec, own)); });
   } catch (...) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     if (own != nullptr && cudaStreamIsCapturing(own, &capture) == cudaSuccess &&
@@ -1408,8 +1394,7 @@ double measure_flag_round(const deepepComm& comm, uint32_t epoch, int iterations
     throw;
   }
   release();
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2] * 1e3 / iterations;
+  return ms * 1e3 / iterations;
 }
 
 // Launches the kernel of one call. A call with both phases is one cooperative launch: all its blocks are resident
