@@ -385,6 +385,12 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     try:
         if comm.low_latency_masked_ranks() != [r in masked for r in range(R)]:
             return f"masked ranks {comm.low_latency_masked_ranks()}"
+        try:  # every rank masks one, so every rank refuses (and the ranks still count the call alike)
+            comm.measure_flag_round(iterations=1)
+            return "the floor was measured with a rank masked"
+        except pydeepep.DeepEPInvalidUsage as exc:
+            if "masked" not in str(exc):
+                return str(exc)
         with cupy.cuda.Device(comm.device):
             topk_dev = dev(topk_mine)  # the real routing: the library skips the masked ranks' experts itself
             result = comm.low_latency_dispatch(dev(x_mine), topk_dev, e)
