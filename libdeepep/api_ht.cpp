@@ -34,8 +34,8 @@ deepepHandle* checked_handle(deepepHandle_t handle, const deepepComm* comm) {
     fail(deepepInvalidUsage, "handle %p is not a live handle (destroyed, or never created)",
          static_cast<void*>(handle));
   }
-  if (comm != nullptr && handle->comm != comm) {
-    fail(deepepInvalidUsage, "the handle belongs to another communicator");
+  if (comm != nullptr && (handle->comm != comm || handle->comm_serial != comm->serial)) {
+    fail(deepepInvalidUsage, "the handle belongs to another communicator (or to a destroyed one)");
   }
   return handle;
 }
@@ -68,7 +68,8 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
   DEEPEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]", a.num_topk,
                  DEEPEP_MAX_TOPK);
   const int64_t stride = a.topk_row_stride != 0 ? a.topk_row_stride : a.num_topk;
-  DEEPEP_REQUIRE(stride >= a.num_topk && stride <= (int64_t(1) << 32), "topk_row_stride %lld is below num_topk %d",
+  DEEPEP_REQUIRE(stride >= a.num_topk && stride <= (int64_t(1) << 32),
+                 "topk_row_stride is %lld; it must be in [num_topk = %d, 2^32] (0: num_topk)",
                  static_cast<long long>(stride), a.num_topk);
   DEEPEP_REQUIRE(a.num_experts >= 1 && a.num_experts % comm.nranks == 0,
                  "num_experts (%d) must be a positive multiple of the number of ranks (%d)", a.num_experts,
@@ -222,7 +223,9 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     DeviceGuard guard(c->device);
     auto h = std::make_unique<deepepHandle>();
     h->comm = c;
+    h->comm_serial = c->serial;
     h->device = c->device;
+    h->nranks = c->nranks;
     h->max_tokens = c->max_tokens_per_rank;
     const size_t R = static_cast<size_t>(c->nranks);
     const size_t tiles = std::max<size_t>(1, (static_cast<size_t>(h->max_tokens) + kRoutingTile - 1) / kRoutingTile);
@@ -308,7 +311,7 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     std::unique_ptr<deepepHandle> owner(h);
     DeviceGuard guard(h->device);
     deepepComm* c = h->comm;
-    if (!h->used_in_capture && is_live_comm(c)) {
+    if (!h->used_in_capture && is_live_comm(c, h->comm_serial)) {
       // Park the storage with the event of its last use; a later handle reuses it once that work is done.
       std::lock_guard<std::mutex> lock(c->retired_mutex);
       constexpr size_t kMaxRetired = 8;
@@ -352,7 +355,7 @@ DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t hand
            "the handle's receive counts are not on the host (no deepepDispatchNotify or "
            "deepepHandleWaitRecvCounts filled them)");
     }
-    const int local = h->num_experts / h->comm->nranks;
+    const int local = h->num_experts / h->nranks;
     DEEPEP_REQUIRE(num_local_experts == local, "num_local_experts is %d; the handle's routing has %d",
                    num_local_experts, local);
     std::memcpy(counts, h->host_info.recv_tokens_per_expert, sizeof(int32_t) * local);
@@ -509,19 +512,19 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                      static_cast<long long>(rows), static_cast<long long>(h.host_info.num_recv_tokens));
     }
     DEEPEP_REQUIRE(worst_case || a.num_recv_rows >= 0, "num_recv_rows must be set");
-    check_device_array(c, a.recv_x, static_cast<size_t>(rows) * a.hidden * element, element, "recv_x");
-    if (fp8) check_device_array(c, a.recv_scales, static_cast<size_t>(rows) * scale_bytes, 4, "recv_scales");
+    check_device_array(c, a.recv_x, matrix_bytes(rows, a.hidden, a.hidden, element), element, "recv_x");
+    if (fp8) check_device_array(c, a.recv_scales, matrix_bytes(rows, scale_bytes, scale_bytes, 1), 4, "recv_scales");
     DEEPEP_REQUIRE(fp8 || a.recv_scales == nullptr, "recv_scales is given but x is BF16");
     if (a.recv_topk_idx != nullptr || a.recv_topk_weights != nullptr) {
       DEEPEP_REQUIRE(has_topk, "recv_topk_idx / recv_topk_weights need topk_idx");
     }
     // Optional outputs are checked when given.
     if (a.recv_topk_idx != nullptr)
-      check_device_array(c, a.recv_topk_idx, static_cast<size_t>(rows) * num_topk * 8, 8, "recv_topk_idx");
+      check_device_array(c, a.recv_topk_idx, matrix_bytes(rows, num_topk, num_topk, 8), 8, "recv_topk_idx");
     if (a.recv_topk_weights != nullptr)
-      check_device_array(c, a.recv_topk_weights, static_cast<size_t>(rows) * num_topk * 4, 4, "recv_topk_weights");
+      check_device_array(c, a.recv_topk_weights, matrix_bytes(rows, num_topk, num_topk, 4), 4, "recv_topk_weights");
     if (a.recv_src_idx != nullptr)
-      check_device_array(c, a.recv_src_idx, static_cast<size_t>(rows) * 4, 4, "recv_src_idx");
+      check_device_array(c, a.recv_src_idx, matrix_bytes(rows, 1, 1, 4), 4, "recv_src_idx");
     // Every check before the routing is prepared: a refusal after it would leave the handle without the routing it
     // held.
     if (worst_case) check_routing(c, a);

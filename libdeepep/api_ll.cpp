@@ -70,7 +70,8 @@ void check_routing(const deepepComm& comm, int64_t num_tokens, const void* topk_
                  "num_topk is %d; this communicator's low-latency area holds at most %d (config num_topk)", num_topk,
                  comm.ll_area.max_topk);
   const int64_t stride = topk_row_stride != 0 ? topk_row_stride : num_topk;
-  DEEPEP_REQUIRE(stride >= num_topk && stride <= (int64_t(1) << 32), "topk_row_stride %lld is below num_topk %d",
+  DEEPEP_REQUIRE(stride >= num_topk && stride <= (int64_t(1) << 32),
+                 "topk_row_stride is %lld; it must be in [num_topk = %d, 2^32] (0: num_topk)",
                  static_cast<long long>(stride), num_topk);
   const size_t element = topk_type == deepepInt64 ? 8 : 4;
   check_device_array(comm, topk_idx, matrix_bytes(num_tokens, num_topk, stride, element), element, "topk_idx");

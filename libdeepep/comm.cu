@@ -67,9 +67,10 @@ deepepConfig resolve_config(const deepepConfig* config) {
                  "config->low_latency_transport is %d; it must be DEEPEP_LL_TRANSPORT_AUTO (0) or "
                  "DEEPEP_LL_TRANSPORT_NVSHMEM (1)",
                  resolved.low_latency_transport);
+  // It bounds every dispatch and sizes every handle, whatever sizes the buffer.
+  DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
+                 resolved.max_tokens_per_rank);
   if (resolved.buffer_bytes == 0 || resolved.low_latency_max_tokens > 0) {
-    DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
-                   resolved.max_tokens_per_rank);
     DEEPEP_REQUIRE(resolved.hidden > 0 && resolved.hidden % 8 == 0 && resolved.hidden <= DEEPEP_MAX_HIDDEN,
                    "config->hidden is %d; it must be a positive multiple of 8 (16-byte BF16 rows), at most %d",
                    resolved.hidden, DEEPEP_MAX_HIDDEN);
@@ -91,6 +92,9 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
                    "config->buffer_bytes is %zu; at least %zu are needed on %d ranks (1 MiB of control words plus "
                    "%zu bytes per rank)",
                    config.buffer_bytes, minimum, nranks, kMinRegionBytes);
+    DEEPEP_REQUIRE(config.buffer_bytes <= kMaxBufferBytes,
+                   "config->buffer_bytes is %zu; more than any GPU holds (at most %zu)", config.buffer_bytes,
+                   kMaxBufferBytes);
     return config.buffer_bytes;
   }
   // Worst case of a receiving rank: every token of every rank arrives, each row carrying its BF16 payload (the
@@ -101,7 +105,7 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
                            align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16;
   const long double total = static_cast<long double>(kControlBytes) +
                             static_cast<long double>(nranks) * config.max_tokens_per_rank * row_bytes;
-  if (total > static_cast<long double>(size_t(1) << 48)) {
+  if (total > static_cast<long double>(kMaxBufferBytes)) {
     fail(deepepInvalidArgument,
          "the workload (max_tokens_per_rank %d, hidden %d, num_topk %d, %d ranks) needs %.3Le bytes of buffer per "
          "rank, more than any GPU holds",
@@ -284,7 +288,9 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     setenv("NVSHMEM_SYMMETRIC_SIZE", heap.c_str(), 0);
   }
 
+  static std::atomic<uint64_t> communicators_made{0};
   auto comm = std::make_unique<deepepComm>();
+  comm->serial = ++communicators_made;
   comm->rank = rank;
   comm->nranks = nranks;
   comm->device = device;
@@ -460,9 +466,9 @@ void destroy_comm(deepepComm* comm) {
               });
 }
 
-bool is_live_comm(const deepepComm* comm) {
+bool is_live_comm(const deepepComm* comm, uint64_t serial) {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  return live_comms.count(const_cast<deepepComm*>(comm)) != 0;
+  return live_comms.count(const_cast<deepepComm*>(comm)) != 0 && comm->serial == serial;
 }
 
 deepepComm* checked_comm(deepepComm_t comm) {

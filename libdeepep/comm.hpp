@@ -23,6 +23,9 @@ constexpr int kMaxArrivalRanks = 64;
 constexpr size_t kArrivalOffset = kControlBytes - kMaxArrivalRanks * sizeof(uint64_t);
 // Smallest receive region per source rank an explicit buffer_bytes may leave.
 constexpr size_t kMinRegionBytes = size_t(64) << 10;
+// More than any GPU holds (256 TiB): a high-throughput buffer past it comes from a mistaken size, e.g. (size_t)-1,
+// and would wrap the sizes computed from it.
+constexpr size_t kMaxBufferBytes = size_t(1) << 48;
 
 // A config after validation, with the caller's struct_size honoured (fields past it take their defaults).
 deepepConfig resolve_config(const deepepConfig* config);
@@ -39,6 +42,7 @@ size_t total_buffer_size(const deepepConfig& config, int nranks);
 struct deepepComm {
   static constexpr uint64_t kMagic = 0x6465657065704331ull;  // "deepepC1": detects stale or foreign handles
   uint64_t magic = kMagic;
+  uint64_t serial = 0;  // unique per communicator made in this process: a later one may reuse a freed one's address
   int rank = 0;
   int nranks = 0;
   int device = -1;
@@ -94,8 +98,9 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 void destroy_comm(deepepComm* comm);
 // Validates a handle passed in by a caller.
 deepepComm* checked_comm(deepepComm_t comm);
-// Whether `comm` is a live communicator (never throws).
-bool is_live_comm(const deepepComm* comm);
+// Whether `comm` is a live communicator, the one numbered `serial` (not a later one at the same address); never
+// throws.
+bool is_live_comm(const deepepComm* comm, uint64_t serial);
 void get_unique_id(deepepUniqueId* id);
 
 }  // namespace deepep

@@ -31,9 +31,17 @@ class CaptureScope {
   bool previous_;
 };
 
-// Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart.
+// More bytes than any array on a GPU spans: check_device_array refuses a larger size, which comes from a bad count or
+// stride.
+constexpr size_t kMaxArrayBytes = size_t(1) << 48;
+
+// Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart; past kMaxArrayBytes (or for a span
+// that no valid stride gives) kMaxArrayBytes + 1, never a size wrapped around.
 inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t element) {
-  return rows <= 0 ? 0 : static_cast<size_t>((rows - 1) * stride + cols) * element;
+  if (rows <= 0) return 0;
+  const long double span = (static_cast<long double>(rows - 1) * stride + cols) * element;
+  if (span < 0 || span > static_cast<long double>(kMaxArrayBytes)) return kMaxArrayBytes + 1;
+  return static_cast<size_t>(span);
 }
 
 // Copies a size-versioned argument struct: fields past the caller's struct_size keep their defaults (zero).

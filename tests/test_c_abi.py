@@ -572,6 +572,24 @@ def test_buffer_size_hint_never_wraps_around(lib):
     assert "more than any GPU holds" in last_error(lib)
 
 
+def test_buffer_size_hint_refuses_an_explicit_buffer_larger_than_any_gpu(lib):
+    config = default_config(lib)
+    config.buffer_bytes = 2**64 - 1  # e.g. (size_t)-1 meant as "as much as it takes": would wrap with an LL area
+    config.low_latency_max_tokens = 64
+    config.hidden, config.num_experts = 1024, 16
+    assert size_hint(lib, config, 2)[0] == INVALID_ARGUMENT
+    assert "buffer_bytes" in last_error(lib) and "more than any GPU holds" in last_error(lib)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5])
+def test_buffer_size_hint_needs_max_tokens_per_rank_with_an_explicit_buffer_too(lib, max_tokens):
+    config = default_config(lib)  # it bounds every dispatch and sizes every handle
+    config.buffer_bytes = 8 << 20
+    config.max_tokens_per_rank = max_tokens
+    assert size_hint(lib, config, 2)[0] == INVALID_ARGUMENT
+    assert "max_tokens_per_rank" in last_error(lib)
+
+
 def test_buffer_size_hint_refuses_a_hidden_past_the_limit(lib):
     config = default_config(lib)
     config.hidden = 2**31 - 8  # rows the kernels' 32-bit row arithmetic cannot address
