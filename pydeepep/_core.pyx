@@ -194,6 +194,7 @@ def empty(shape, dtype, *, int device, stream=None):
 
 
 cdef size_t _GROUP_ALIGNMENT = 256
+_MAX_ALLOCATION = 1 << 48  # bytes: more than any GPU holds
 
 
 cdef _leading_rows(array, int64_t rows):
@@ -223,8 +224,7 @@ def _empty_group(specs, int device, stream):
     keep them alive)."""
     handle = stream_handle(stream)
     cdef list offsets = []
-    cdef size_t total = 0
-    cdef size_t nbytes
+    total = 0  # Python integers: sizes never wrap around
     cdef int parts = 0
     for spec in specs:
         if spec is None:
@@ -241,6 +241,10 @@ def _empty_group(specs, int device, stream):
         if nbytes:
             parts += 1
         total += (nbytes + _GROUP_ALIGNMENT - 1) // _GROUP_ALIGNMENT * _GROUP_ALIGNMENT
+    if total > _MAX_ALLOCATION:
+        raise DeepEPInvalidArgument(
+            f"shapes {[tuple(spec[0]) for spec in specs if spec is not None]} need {total} bytes, more than any GPU "
+            f"holds", 1)
     block = _allocate(total, device, handle) if total else None
     if block is not None:
         (<_Allocation>block).shared = parts > 1
@@ -1060,7 +1064,11 @@ cdef _writable(view, str name):
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):
-    """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype."""
+    """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype. A
+    DeviceArray is re-targeted to the call that writes it on `stream` (its readers and its free then follow the call).
+    """
+    if isinstance(array, DeviceArray):
+        (<DeviceArray>array)._written_on(stream)
     view = _as_view(array, stream)
     element = check_dense(view, f"out {name}", shape)
     _writable(view, name)

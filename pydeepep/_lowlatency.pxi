@@ -121,6 +121,8 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     in `kinds` ((0, None, None) for None)."""
     if obj is None:
         return 0, None, None
+    if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
+        (<DeviceArray>obj)._written_on(stream)
     view = _as_view(obj, stream)
     kind = dtype_name(check_dense(view, name, (length,)))
     if kind not in kinds:
@@ -272,6 +274,11 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     book.check_current(handle, "low-latency combine")
     book.check_not_pending(buffer_set, "a combine")
     cdef size_t s = stream_handle(stream)
+    # The dispatch's routing arrays are read on this stream: after the dispatch wrote them, and freed only once read.
+    for routing in (handle.recv_src_info, handle.recv_layout_range):
+        if isinstance(routing, DeviceArray) and (<DeviceArray>routing).stream != s:
+            _make_stream_wait((<DeviceArray>routing).stream, s)
+            routing.record_stream(s)
     cdef int R = comm.nranks
     cdef int local = handle.num_experts // R
     cdef int64_t rows = <int64_t>R * book.max_tokens

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from . import get_unique_id
-from .errors import DeepEPInvalidArgument, DeepEPTimeoutError
+from .errors import DeepEPInvalidArgument, DeepEPRemoteError, DeepEPTimeoutError
 from .launch import RankInfo
 
 __all__ = ["from_env", "from_mpi", "from_torch_distributed"]
@@ -92,13 +92,32 @@ def from_env(timeout: float = 120.0) -> RankInfo:
     return RankInfo(rank, nranks, device, unique_id)
 
 
+def _broadcast_id(rank: int, broadcast) -> bytes:
+    """Rank 0 makes the unique id and ``broadcast`` (payload on rank 0 -> payload on every rank) shares it. A failure
+    to make it is shared too, so that the other ranks raise at once instead of waiting for an id that never comes."""
+    failure = None
+    payload = None
+    if rank == 0:
+        try:
+            payload = (get_unique_id(), None)
+        except Exception as exc:
+            failure = exc
+            payload = (None, f"{type(exc).__name__}: {exc}")
+    unique_id, message = broadcast(payload)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise DeepEPRemoteError(f"rank 0 could not make the unique id: {message}")
+    return unique_id
+
+
 def from_mpi(comm=None, device: int | None = None) -> RankInfo:
     """From an ``mpi4py`` communicator (default ``MPI.COMM_WORLD``): rank 0 makes the id and broadcasts it. The
     device defaults to the rank within the node (``Split_type(COMM_TYPE_SHARED)``)."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    unique_id = comm.bcast(get_unique_id() if comm.Get_rank() == 0 else None, root=0)
+    unique_id = _broadcast_id(comm.Get_rank(), lambda payload: comm.bcast(payload, root=0))
     if device is None:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         device = node.Get_rank()
@@ -114,8 +133,13 @@ def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
     if not dist.is_initialized():
         raise DeepEPInvalidArgument("torch.distributed is not initialised (call init_process_group first)")
     rank, nranks = dist.get_rank(group), dist.get_world_size(group)
-    payload = [get_unique_id() if rank == 0 else None]
-    dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+
+    def broadcast(payload):
+        box = [payload]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        return box[0]
+
+    unique_id = _broadcast_id(rank, broadcast)
     if device is None:
         if "LOCAL_RANK" in os.environ:
             device = _int_env("LOCAL_RANK")
@@ -123,4 +147,4 @@ def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
             import torch
 
             device = torch.cuda.current_device()
-    return RankInfo(rank, nranks, device, payload[0])
+    return RankInfo(rank, nranks, device, unique_id)

@@ -91,3 +91,33 @@ def test_from_torch_distributed_broadcasts_rank_zeros_id(tmp_path):
     )
     rows = run_ranks(2, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}, tmp_path, code=script)
     assert [r[:2] for r in rows] == [["0", "2"], ["1", "2"]] and rows[0][2] == rows[1][2]
+
+
+def test_a_rank_zero_that_cannot_make_the_id_makes_every_rank_raise(monkeypatch):
+    def no_id():
+        raise pydeepep.DeepEPNvshmemError("no NVSHMEM here")
+
+    monkeypatch.setattr(bootstrap, "get_unique_id", no_id)
+    shared = []  # what rank 0 broadcasts, as the other ranks then receive it
+
+    def broadcast(payload):
+        if payload is not None:
+            shared.append(payload)
+        return shared[0]
+
+    with pytest.raises(pydeepep.DeepEPNvshmemError, match="no NVSHMEM here"):
+        bootstrap._broadcast_id(0, broadcast)
+    with pytest.raises(pydeepep.DeepEPRemoteError, match="rank 0 could not make the unique id.*no NVSHMEM here"):
+        bootstrap._broadcast_id(1, broadcast)
+
+
+def test_every_rank_gets_rank_zeros_id(monkeypatch):
+    monkeypatch.setattr(bootstrap, "get_unique_id", lambda: b"\x07" * 128)
+    shared = []
+
+    def broadcast(payload):
+        if payload is not None:
+            shared.append(payload)
+        return shared[0]
+
+    assert [bootstrap._broadcast_id(rank, broadcast) for rank in (0, 1, 2)] == [b"\x07" * 128] * 3

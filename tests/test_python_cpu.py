@@ -211,6 +211,12 @@ def test_arrays_refuse_a_negative_extent():
         pydeepep.empty((0, -5), "int32", device=0)  # refused before any allocation (no GPU needed)
 
 
+@pytest.mark.parametrize("shape", [(2**64 - 1,), (2**62, 2**62), (2**40, 2**20)])
+def test_arrays_larger_than_any_gpu_are_refused_not_wrapped(shape):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="more than any GPU holds"):
+        pydeepep.empty(shape, "uint8", device=0)  # refused before any allocation (no GPU needed)
+
+
 @pytest.mark.parametrize(
     "argument, value",
     [("buffer_bytes", -1), ("hidden", 2**40), ("max_tokens_per_rank", -(2**40)), ("num_experts", 2**31)],
