@@ -93,18 +93,24 @@ def test_from_torch_distributed_broadcasts_rank_zeros_id(tmp_path):
     assert [r[:2] for r in rows] == [["0", "2"], ["1", "2"]] and rows[0][2] == rows[1][2]
 
 
-def test_a_rank_zero_that_cannot_make_the_id_makes_every_rank_raise(monkeypatch):
-    def no_id():
-        raise pydeepep.DeepEPNvshmemError("no NVSHMEM here")
-
-    monkeypatch.setattr(bootstrap, "get_unique_id", no_id)
-    shared = []  # what rank 0 broadcasts, as the other ranks then receive it
+def fake_broadcast():
+    """A broadcast among ranks called one after another, rank 0 first: every rank gets what rank 0 passed."""
+    shared = []
 
     def broadcast(payload):
         if payload is not None:
             shared.append(payload)
         return shared[0]
 
+    return broadcast
+
+
+def test_a_rank_zero_that_cannot_make_the_id_makes_every_rank_raise(monkeypatch):
+    def no_id():
+        raise pydeepep.DeepEPNvshmemError("no NVSHMEM here")
+
+    monkeypatch.setattr(bootstrap, "get_unique_id", no_id)
+    broadcast = fake_broadcast()
     with pytest.raises(pydeepep.DeepEPNvshmemError, match="no NVSHMEM here"):
         bootstrap._broadcast_id(0, broadcast)
     with pytest.raises(pydeepep.DeepEPRemoteError, match="rank 0 could not make the unique id.*no NVSHMEM here"):
@@ -113,11 +119,5 @@ def test_a_rank_zero_that_cannot_make_the_id_makes_every_rank_raise(monkeypatch)
 
 def test_every_rank_gets_rank_zeros_id(monkeypatch):
     monkeypatch.setattr(bootstrap, "get_unique_id", lambda: b"\x07" * 128)
-    shared = []
-
-    def broadcast(payload):
-        if payload is not None:
-            shared.append(payload)
-        return shared[0]
-
+    broadcast = fake_broadcast()
     assert [bootstrap._broadcast_id(rank, broadcast) for rank in (0, 1, 2)] == [b"\x07" * 128] * 3
