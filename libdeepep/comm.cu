@@ -92,9 +92,9 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
                    "config->buffer_bytes is %zu; at least %zu are needed on %d ranks (1 MiB of control words plus "
                    "%zu bytes per rank)",
                    config.buffer_bytes, minimum, nranks, kMinRegionBytes);
-    DEEPEP_REQUIRE(config.buffer_bytes <= kMaxBufferBytes,
+    DEEPEP_REQUIRE(config.buffer_bytes <= kMaxDeviceBytes,
                    "config->buffer_bytes is %zu; more than any GPU holds (at most %zu)", config.buffer_bytes,
-                   kMaxBufferBytes);
+                   kMaxDeviceBytes);
     return config.buffer_bytes;
   }
   // Worst case of a receiving rank: every token of every rank arrives, each row carrying its BF16 payload (the
@@ -105,7 +105,7 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
                            align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16;
   const long double total = static_cast<long double>(kControlBytes) +
                             static_cast<long double>(nranks) * config.max_tokens_per_rank * row_bytes;
-  if (total > static_cast<long double>(kMaxBufferBytes)) {
+  if (total > static_cast<long double>(kMaxDeviceBytes)) {
     fail(deepepInvalidArgument,
          "the workload (max_tokens_per_rank %d, hidden %d, num_topk %d, %d ranks) needs %.3Le bytes of buffer per "
          "rank, more than any GPU holds",

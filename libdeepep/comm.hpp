@@ -23,9 +23,9 @@ constexpr int kMaxArrivalRanks = 64;
 constexpr size_t kArrivalOffset = kControlBytes - kMaxArrivalRanks * sizeof(uint64_t);
 // Smallest receive region per source rank an explicit buffer_bytes may leave.
 constexpr size_t kMinRegionBytes = size_t(64) << 10;
-// More than any GPU holds (256 TiB): a high-throughput buffer past it comes from a mistaken size, e.g. (size_t)-1,
-// and would wrap the sizes computed from it.
-constexpr size_t kMaxBufferBytes = size_t(1) << 48;
+// More bytes than any GPU holds (256 TiB): a buffer or an array past it comes from a mistaken size, count or stride
+// (e.g. (size_t)-1), and the sizes computed from it would wrap around.
+constexpr size_t kMaxDeviceBytes = size_t(1) << 48;
 
 // A config after validation, with the caller's struct_size honoured (fields past it take their defaults).
 deepepConfig resolve_config(const deepepConfig* config);

@@ -1354,46 +1354,42 @@ void* low_latency_combine_buffer(const deepepComm& comm, int buffer_set) {
 }
 
 double measure_flag_round(const deepepComm& comm, uint32_t epoch, int iterations, cudaStream_t stream) {
+  // What the measurement makes, released on every path out (a capture left open on an error is ended first).
+  struct Resources {
+    uint32_t* rounds = nullptr;
+    cudaStream_t own = nullptr;  // captured from (the caller's stream may be the legacy default stream)
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ~Resources() {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      if (own != nullptr && cudaStreamIsCapturing(own, &capture) == cudaSuccess &&
+          capture != cudaStreamCaptureStatusNone) {
+        cudaGraph_t partial = nullptr;
+        cudaStreamEndCapture(own, &partial);
+        if (partial != nullptr) cudaGraphDestroy(partial);
+      }
+      if (exec != nullptr) cudaGraphExecDestroy(exec);
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      if (rounds != nullptr) cudaFree(rounds);
+      if (own != nullptr) cudaStreamDestroy(own);
+    }
+  } r;
   const size_t words_offset = comm.ll_offset + comm.ll_area.round_words_offset;
   const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
-  uint32_t* rounds = nullptr;
-  cudaStream_t own = nullptr;  // captured from (the caller's stream may be the legacy default stream)
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  auto release = [&] {
-    if (exec != nullptr) cudaGraphExecDestroy(exec);
-    if (graph != nullptr) cudaGraphDestroy(graph);
-    if (rounds != nullptr) cudaFree(rounds);
-    if (own != nullptr) cudaStreamDestroy(own);
-  };
-  float ms = 0.f;
-  try {
-    DEEPEP_CUDA_CHECK(cudaStreamSynchronize(stream));  // what the caller queued runs first
-    DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&own, cudaStreamNonBlocking));
-    DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&rounds), comm.ll_blocks * sizeof(uint32_t)));
-    DEEPEP_CUDA_CHECK(cudaMemsetAsync(rounds, 0, comm.ll_blocks * sizeof(uint32_t), own));
-    // The kernels are replayed from a graph, as the low-latency figures of pydeepep.bench are, so that no host launch
-    // gap adds to them; each is launched as a low-latency call is (see launch_call).
-    DEEPEP_CUDA_CHECK(cudaStreamBeginCapture(own, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < iterations; ++i) {
-      launch_kernel(flag_round_kernel, comm.ll_blocks, kThreads, 0, own, true, true, comm.peer_buffers_device,
-                    words_offset, comm.rank, comm.nranks, epoch, rounds, timeout_ns, comm.async_error_device);
-    }
-    DEEPEP_CUDA_CHECK(cudaStreamEndCapture(own, &graph));
-    DEEPEP_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    ms = median_event_ms(own, 1, 5, [&] { DEEPEP_CUDA_CHECK(cudaGraphLaunch(exec, own)); });
-  } catch (...) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (own != nullptr && cudaStreamIsCapturing(own, &capture) == cudaSuccess &&
-        capture != cudaStreamCaptureStatusNone) {
-      cudaGraph_t partial = nullptr;
-      cudaStreamEndCapture(own, &partial);
-      if (partial != nullptr) cudaGraphDestroy(partial);
-    }
-    release();
-    throw;
+  DEEPEP_CUDA_CHECK(cudaStreamSynchronize(stream));  // what the caller queued runs first
+  DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&r.own, cudaStreamNonBlocking));
+  DEEPEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&r.rounds), comm.ll_blocks * sizeof(uint32_t)));
+  DEEPEP_CUDA_CHECK(cudaMemsetAsync(r.rounds, 0, comm.ll_blocks * sizeof(uint32_t), r.own));
+  // The kernels are replayed from a graph, as the low-latency figures of pydeepep.bench are, so that no host launch
+  // gap adds to them; each is launched as a low-latency call is (see launch_call).
+  DEEPEP_CUDA_CHECK(cudaStreamBeginCapture(r.own, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < iterations; ++i) {
+    launch_kernel(flag_round_kernel, comm.ll_blocks, kThreads, 0, r.own, true, true, comm.peer_buffers_device,
+                  words_offset, comm.rank, comm.nranks, epoch, r.rounds, timeout_ns, comm.async_error_device);
   }
-  release();
+  DEEPEP_CUDA_CHECK(cudaStreamEndCapture(r.own, &r.graph));
+  DEEPEP_CUDA_CHECK(cudaGraphInstantiate(&r.exec, r.graph, 0));
+  const float ms = median_event_ms(r.own, 1, 5, [&] { DEEPEP_CUDA_CHECK(cudaGraphLaunch(r.exec, r.own)); });
   return ms * 1e3 / iterations;
 }
 

@@ -23,10 +23,10 @@ CaptureScope::~CaptureScope() { checking_in_capture = previous_; }
 
 void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name) {
   if (bytes == 0) return;
-  DEEPEP_REQUIRE(bytes <= kMaxArrayBytes,
+  DEEPEP_REQUIRE(bytes <= kMaxDeviceBytes,
                  "%s would span more than %zu bytes, more than any GPU holds: its row count, row stride or size is "
                  "out of range",
-                 name, kMaxArrayBytes);
+                 name, kMaxDeviceBytes);
   DEEPEP_REQUIRE(pointer != nullptr, "%s is NULL but must hold %zu bytes", name, bytes);
   DEEPEP_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, "%s (%p) is not aligned to %zu bytes", name,
                  pointer, alignment);

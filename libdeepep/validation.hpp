@@ -31,16 +31,12 @@ class CaptureScope {
   bool previous_;
 };
 
-// More bytes than any array on a GPU spans: check_device_array refuses a larger size, which comes from a bad count or
-// stride.
-constexpr size_t kMaxArrayBytes = size_t(1) << 48;
-
-// Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart; past kMaxArrayBytes (or for a span
-// that no valid stride gives) kMaxArrayBytes + 1, never a size wrapped around.
+// Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart; past kMaxDeviceBytes (or for a span
+// that no valid stride gives) kMaxDeviceBytes + 1, never a size wrapped around.
 inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t element) {
   if (rows <= 0) return 0;
   const long double span = (static_cast<long double>(rows - 1) * stride + cols) * element;
-  if (span < 0 || span > static_cast<long double>(kMaxArrayBytes)) return kMaxArrayBytes + 1;
+  if (span < 0 || span > static_cast<long double>(kMaxDeviceBytes)) return kMaxDeviceBytes + 1;
   return static_cast<size_t>(span);
 }
 
