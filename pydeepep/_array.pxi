@@ -241,6 +241,30 @@ cdef size_t _primary_context(int device) except 0:
     return context
 
 
+cdef class _OnDevice:
+    """``with _OnDevice(device):`` makes the device's primary context current in this thread for the block, and the
+    previous one current again after it. pydeepep's own driver calls run inside it: the caller's thread may have
+    another device's context current, or none (a thread of its own), and the driver makes events in the current
+    context and reads the legacy default stream (handle 1) as the current context's, as the library does once it
+    has made the communicator's device current."""
+    cdef void* context
+
+    def __cinit__(self, int device):
+        _load_driver()
+        self.context = <void*>_primary_context(device)
+
+    def __enter__(self):
+        cdef int status = pydeepep_ctx_push(self.context)
+        if status != 0:
+            raise DeepEPCudaError(f"making a device's context current failed (CUDA driver error {status})", 3)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        cdef void* previous = NULL
+        pydeepep_ctx_pop(&previous)
+        return False
+
+
 cdef size_t _pool(int device) except 0:
     """pydeepep's memory pool on `device`. It keeps freed memory for reuse instead of returning it to the driver at
     every synchronisation (the default pool's behaviour), which would make each new output map fresh pages."""
@@ -391,7 +415,8 @@ cdef class DeviceArray:
             raise DeepEPInvalidUsage(
                 "an out= array made on another stream is written by a call being captured in a CUDA graph: make the "
                 "out= arrays on the capturing stream (before the capture)", 2)
-        _make_stream_wait(self.stream, handle)
+        with _OnDevice(self.device_id):
+            _make_stream_wait(self.stream, handle)
         self.stream = handle
         cdef _Allocation block
         if isinstance(self._base, DeviceArray):  # a view (bits()): its base holds the memory
@@ -462,7 +487,8 @@ cdef class DeviceArray:
         if stream != -1:
             consumer = LEGACY_DEFAULT_STREAM if stream is None else stream_handle(stream)
             if consumer != self.stream:
-                _make_stream_wait(self.stream, consumer)
+                with _OnDevice(self.device_id):
+                    _make_stream_wait(self.stream, consumer)
         cdef _ExportContext* ctx = _new_context(self)
         cdef pydeepep_DLManagedTensorVersioned* versioned
         cdef pydeepep_DLManagedTensor* managed
@@ -504,9 +530,11 @@ cdef class DeviceArray:
 
         out = np.empty(self.shape, dtype=self.dtype)
         if out.nbytes:
-            status, = driver.cuMemcpyDtoHAsync(out.ctypes.data, self.ptr, out.nbytes, driver.CUstream(self.stream))
-            if status == driver.CUresult.CUDA_SUCCESS:
-                status, = driver.cuStreamSynchronize(driver.CUstream(self.stream))
+            with _OnDevice(self.device_id):  # the stream may be the legacy default one: this device's
+                status, = driver.cuMemcpyDtoHAsync(out.ctypes.data, self.ptr, out.nbytes,
+                                                   driver.CUstream(self.stream))
+                if status == driver.CUresult.CUDA_SUCCESS:
+                    status, = driver.cuStreamSynchronize(driver.CUstream(self.stream))
             if status != driver.CUresult.CUDA_SUCCESS:
                 raise DeepEPCudaError(f"copy to host failed: {status!r}", 3)
         return out

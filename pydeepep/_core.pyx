@@ -2,6 +2,7 @@
 """Thin Cython layer over the libdeepep C ABI (include/deepep/deepep.h)."""
 
 import collections
+import operator
 import warnings
 
 import numpy as np
@@ -458,6 +459,16 @@ cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=No
     return v
 
 
+def _integer_or(value, fallback, limit=1 << 63):
+    """``value`` as an int where it is an integer in [-limit, limit), else ``fallback``: what the refusal of a call
+    assumes of an argument that it may be refusing."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return fallback
+    return number if -limit <= number < limit else fallback
+
+
 cdef class _OwedCall:
     """The collective high-throughput call this rank still owes the others while a method checks its arguments: if
     the method refuses them before the library has the call, :meth:`refuse` launches this rank's side of it
@@ -684,47 +695,47 @@ cdef class Communicator:
         """
         cdef deepepComm_t comm = self._live()
         cdef size_t s = stream_handle(stream)
-        view = _as_view(topk_idx, s)
-        num_tokens, num_topk, row_stride = check_matrix(view, "topk_idx", (np.int64, np.int32), self.device)
-        if num_experts <= 0 or num_experts % self.nranks != 0:
-            raise DeepEPInvalidArgument(
-                f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({self.nranks})",
-                1)
-        if out is None:
-            # Pass the caller's stream object itself: the arrays keep it alive until their memory is freed on it.
-            results = tuple(_empty_group((((self.nranks,), np.int32), ((num_experts,), np.int32),
-                                          ((num_tokens, self.nranks), np.bool_)), self.device, stream))
-            pointers = [a.ptr for a in results]
-        else:
-            if len(out) != 3:
-                raise DeepEPInvalidArgument("out must be a tuple of 3 arrays", 1)
-            results = tuple(out)
-            pointers = [
-                _out_pointer(results[0], s, "num_tokens_per_rank", (self.nranks,), (np.int32,), self.device),
-                _out_pointer(results[1], s, "num_tokens_per_expert", (num_experts,), (np.int32,), self.device),
-                _out_pointer(results[2], s, "is_token_in_rank", (num_tokens, self.nranks), (np.bool_, np.uint8),
-                             self.device),
-            ]
-        cdef deepepDataType_t index_type = deepepInt64 if np.dtype(view.dtype) == np.int64 else deepepInt32
-        cdef size_t topk_ptr = view.ptr
-        cdef size_t rank_ptr = pointers[0]
-        cdef size_t expert_ptr = pointers[1]
-        cdef size_t mask_ptr = pointers[2]
-        cdef int64_t n = num_tokens
-        cdef int k = num_topk
-        cdef int64_t stride = row_stride
+        cdef deepepDataType_t index_type
+        cdef size_t topk_ptr, rank_ptr, expert_ptr, mask_ptr
+        cdef int64_t n, stride
+        cdef int k
         cdef deepepResult_t status
-        with nogil:
-            status = deepepGetDispatchLayout(comm, <const void*>topk_ptr, index_type, n, k, stride, num_experts,
-                                             <int32_t*>rank_ptr, <int32_t*>expert_ptr, <uint8_t*>mask_ptr,
-                                             <CUstream_st*>s)
-        _check(status)
-        return results
+        with _OnDevice(self.device):
+            view = _as_view(topk_idx, s)
+            num_tokens, num_topk, row_stride = check_matrix(view, "topk_idx", (np.int64, np.int32), self.device)
+            if num_experts <= 0 or num_experts % self.nranks != 0:
+                raise DeepEPInvalidArgument(
+                    f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks "
+                    f"({self.nranks})", 1)
+            if out is None:
+                # Pass the caller's stream object itself: the arrays keep it alive until their memory is freed on it.
+                results = tuple(_empty_group((((self.nranks,), np.int32), ((num_experts,), np.int32),
+                                              ((num_tokens, self.nranks), np.bool_)), self.device, stream))
+                pointers = [a.ptr for a in results]
+            else:
+                if len(out) != 3:
+                    raise DeepEPInvalidArgument("out must be a tuple of 3 arrays", 1)
+                results = tuple(out)
+                pointers = [
+                    _out_pointer(results[0], s, "num_tokens_per_rank", (self.nranks,), (np.int32,), self.device),
+                    _out_pointer(results[1], s, "num_tokens_per_expert", (num_experts,), (np.int32,), self.device),
+                    _out_pointer(results[2], s, "is_token_in_rank", (num_tokens, self.nranks), (np.bool_, np.uint8),
+                                 self.device),
+                ]
+            index_type = deepepInt64 if np.dtype(view.dtype) == np.int64 else deepepInt32
+            topk_ptr, rank_ptr, expert_ptr, mask_ptr = view.ptr, pointers[0], pointers[1], pointers[2]
+            n, k, stride = num_tokens, num_topk, row_stride
+            with nogil:
+                status = deepepGetDispatchLayout(comm, <const void*>topk_ptr, index_type, n, k, stride, num_experts,
+                                                 <int32_t*>rank_ptr, <int32_t*>expert_ptr, <uint8_t*>mask_ptr,
+                                                 <CUstream_st*>s)
+            _check(status)
+            return results
 
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, x_scales=None, handle=None,
-                 int expert_alignment=1, int64_t num_worst_tokens=0, max_recv_tokens=None, int num_sms=0,
-                 stream=None, out=None, previous_event=None, bint async_finish=False):
+                 expert_alignment=1, num_worst_tokens=0, max_recv_tokens=None, num_sms=0, stream=None, out=None,
+                 previous_event=None, async_finish=False):
         """High-throughput dispatch: sends each token to every rank holding one of its experts (once per rank).
 
         ``x`` [N, H]: bfloat16 (or its bits as uint16) or float8_e4m3fn (or uint8) with ``x_scales`` [N, H/128]
@@ -746,23 +757,26 @@ cdef class Communicator:
         (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
         produced on the communicator's stream.
         """
-        cdef _OwedCall owed = _OwedCall(deepepCallWorstCaseDispatch if num_worst_tokens > 0 or max_recv_tokens is not None
+        # The scalar arguments are converted only once the stream is known (in the call of _dispatch), so that a
+        # wrong type on one rank is refused like any other bad argument, on every rank.
+        worst = _integer_or(num_worst_tokens, 0)
+        cdef _OwedCall owed = _OwedCall(deepepCallWorstCaseDispatch if worst > 0 or max_recv_tokens is not None
                                         else deepepCallDispatchNotify if handle is None else deepepCallDispatch,
-                                        handle if isinstance(handle, Handle) else None, num_sms)
-        try:
-            return self._dispatch(owed, x, topk_idx, topk_weights, num_experts, x_scales, handle, expert_alignment,
-                                  num_worst_tokens, max_recv_tokens, num_sms, stream, out, previous_event,
-                                  async_finish)
-        except BaseException:
-            owed.refuse(self._comm)
-            raise
+                                        handle if isinstance(handle, Handle) else None, _integer_or(num_sms, 0, 1 << 31))
+        with _OnDevice(self.device):
+            try:
+                stream, s = self._start(stream, previous_event, async_finish, owed)
+                return self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
+                                      expert_alignment, num_worst_tokens, max_recv_tokens, num_sms, out, async_finish)
+            except BaseException:
+                owed.refuse(self._comm)
+                raise
 
-    def _dispatch(self, _OwedCall owed, x, topk_idx, topk_weights, num_experts, x_scales, handle,
-                  int expert_alignment, int64_t num_worst_tokens, max_recv_tokens, int num_sms, stream, out,
-                  previous_event, bint async_finish):
+    def _dispatch(self, _OwedCall owed, stream, size_t s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
+                  int expert_alignment, int64_t num_worst_tokens, max_recv_tokens, int num_sms, out,
+                  bint async_finish):
         cdef deepepComm_t comm = self._live()
-        stream, s = self._start(stream, previous_event, async_finish, owed)
-        cdef CUstream_st* cs = <CUstream_st*><size_t>s
+        cdef CUstream_st* cs = <CUstream_st*>s
         cdef deepepDispatchArgs a
         _check(deepepDispatchArgsInit(&a))
         view = _as_view(x, s)
@@ -903,8 +917,8 @@ cdef class Communicator:
                               list(h.num_recv_tokens_per_expert), recv_src_idx, h,
                               Event.record(s) if async_finish else None)
 
-    def combine(self, x, Handle handle not None, *, topk_weights=None, bias=None, stream=None, out=None,
-                previous_event=None, bint async_finish=False):
+    def combine(self, x, handle, *, topk_weights=None, bias=None, stream=None, out=None, previous_event=None,
+                async_finish=False):
         """High-throughput combine: returns to each source the sum, over the ranks that received each of its tokens
         (ascending), of their rows of ``x`` [rows, H] bfloat16 (bits as uint16 accepted) in the handle's receive
         order, plus up to two ``bias`` arrays [N, H] (one array or a tuple), all in float32, rounded once to
@@ -912,18 +926,19 @@ cdef class Communicator:
         ``(out [N, H] bfloat16, topk_weights [N, K] float32 or None, event)`` produced on ``stream``; no host
         synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
         (needed inside CUDA graphs). ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
-        cdef _OwedCall owed = _OwedCall(deepepCallCombine, handle, 0)
-        try:
-            return self._combine(owed, x, handle, topk_weights, bias, stream, out, previous_event, async_finish)
-        except BaseException:
-            owed.refuse(self._comm)
-            raise
+        cdef _OwedCall owed = _OwedCall(deepepCallCombine, handle if isinstance(handle, Handle) else None, 0)
+        with _OnDevice(self.device):
+            try:
+                stream, s = self._start(stream, previous_event, async_finish, owed)
+                return self._combine(owed, stream, s, x, handle, topk_weights, bias, out, async_finish)
+            except BaseException:
+                owed.refuse(self._comm)
+                raise
 
-    def _combine(self, _OwedCall owed, x, Handle handle, topk_weights, bias, stream, out, previous_event,
+    def _combine(self, _OwedCall owed, stream, size_t s, x, Handle handle not None, topk_weights, bias, out,
                  bint async_finish):
         cdef deepepComm_t comm = self._live()
-        stream, s = self._start(stream, previous_event, async_finish, owed)
-        cdef CUstream_st* cs = <CUstream_st*><size_t>s
+        cdef CUstream_st* cs = <CUstream_st*>s
         cdef deepepHandle_t hh = handle._live()
         if handle.comm is not self:
             raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
@@ -1001,9 +1016,10 @@ cdef class Communicator:
         Load statistics (optional, cumulative: the receive adds to them, the caller zeroes them):
         ``stats_recv_count`` int64 or int32 [E_loc] gains the rows each local expert received; ``stats_wait_ns``
         int64 [R] gains the nanoseconds the receive waited for each source rank's tokens."""
-        return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
-                                     return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
-                                     scales_token_contiguous)
+        with _OnDevice(self.device):
+            return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
+                                         return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
+                                         scales_token_contiguous)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,
                             bint return_recv_hook=False, stream=None, out=None):
@@ -1014,8 +1030,9 @@ cdef class Communicator:
         with ``zero_copy`` (the outputs were written into :meth:`low_latency_combine_buffer`); ``topk_idx`` and
         ``topk_weights`` [N, K] as given to the dispatch. Returns a :data:`LowLatencyCombineResult` ``(out, hook)``
         produced on ``stream``; ``out``: an array [N, H] bfloat16 to write instead of a new one."""
-        return _low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, stream,
-                                    out)
+        with _OnDevice(self.device):
+            return _low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, stream,
+                                        out)
 
     def low_latency_combine_buffer(self, handle):
         """The library's combine buffer of ``handle``'s buffer set, [E_loc, R*T, H] bfloat16 (a view, no copy):

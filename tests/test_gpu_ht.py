@@ -400,10 +400,10 @@ def ht_scenarios(info):
 
 def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
     """A call that only the last rank refuses on the host, in each flow, refused by pydeepep (an array of the wrong
-    shape or type) or by the library (an expert count that does not divide over the ranks, other tokens than the
-    handle's): that rank raises its refusal, every other rank gets DeepEPRemoteError naming it at once (well within the
-    communicator's 20 s timeout, which a rank waiting for the refuser would run into), and the ranks stay in step: a
-    dispatch and combine afterwards match the oracle."""
+    shape or type, a scalar argument or a handle of the wrong type) or by the library (an expert count that does not
+    divide over the ranks, other tokens than the handle's): that rank raises its refusal, every other rank gets
+    DeepEPRemoteError naming it at once (well within the communicator's 20 s timeout, which a rank waiting for the
+    refuser would run into), and the ranks stay in step: a dispatch and combine afterwards match the oracle."""
     R, me = comm.nranks, comm.rank
     refuser = R - 1
     bad = me == refuser
@@ -413,19 +413,37 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
         routed = comm.dispatch(xd, topk_idx=topkd, num_experts=e)  # the handle of the cached dispatch and the combine
         rows = routed.recv_x.shape[0]
         cupy.cuda.runtime.deviceSynchronize()
+        invalid = pydeepep.DeepEPInvalidArgument
+        # what -> (the call, what the refusing rank raises)
         calls = {
-            "exact-size dispatch": lambda: comm.dispatch(
-                xd, topk_idx=topkd, topk_weights=wd[:, :1] if bad else wd, num_experts=e
+            "exact-size dispatch": (
+                lambda: comm.dispatch(xd, topk_idx=topkd, topk_weights=wd[:, :1] if bad else wd, num_experts=e),
+                invalid,
             ),
-            "worst-case dispatch": lambda: comm.dispatch(
-                xd, topk_idx=topkd, num_experts=e + 1 if bad else e, num_worst_tokens=R * n
+            "worst-case dispatch": (
+                lambda: comm.dispatch(xd, topk_idx=topkd, num_experts=e + 1 if bad else e, num_worst_tokens=R * n),
+                invalid,
             ),
-            "cached dispatch": lambda: comm.dispatch(xd[: n - 1] if bad else xd, handle=routed.handle),
-            "combine": lambda: comm.combine(cupy.zeros((rows, h), cupy.float32 if bad else cupy.uint16), routed.handle),
+            "cached dispatch": (lambda: comm.dispatch(xd[: n - 1] if bad else xd, handle=routed.handle), invalid),
+            "combine": (
+                lambda: comm.combine(cupy.zeros((rows, h), cupy.float32 if bad else cupy.uint16), routed.handle),
+                invalid,
+            ),
+            "worst-case dispatch, num_sms a string": (
+                lambda: comm.dispatch(
+                    xd, topk_idx=topkd, num_experts=e, num_worst_tokens=R * n, num_sms="0" if bad else 0
+                ),
+                TypeError,
+            ),
+            "cached dispatch, expert_alignment a string": (
+                lambda: comm.dispatch(xd, handle=routed.handle, expert_alignment="1" if bad else 1),
+                TypeError,
+            ),
+            "combine, no handle": (lambda: comm.combine(routed.recv_x, None if bad else routed.handle), TypeError),
         }
         # Every rank makes every call, whatever the verdicts, so that the ranks stay in step.
         failures = []
-        for what, call in calls.items():
+        for what, (call, refusal) in calls.items():
             start = time.monotonic()
             said = None
             try:
@@ -437,7 +455,7 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
             finally:
                 comm.clear_async_error()
             took = time.monotonic() - start
-            if bad and not isinstance(said, pydeepep.DeepEPInvalidArgument):
+            if bad and not isinstance(said, refusal):
                 failures.append(f"{what}: the refusing rank got {said!r}")
             if not bad and not (
                 isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)

@@ -477,6 +477,40 @@ def calls_on_stream(ctx, kind):
     return joined(problems)
 
 
+def calls_from_other_threads(ctx):
+    """Dispatch and combine (identity experts) with async_finish on the legacy default stream, each made from a thread
+    of its own: first with no CUDA context current in it, then with the next GPU's current. pydeepep makes the
+    communicator's device current for its own driver calls (the events, the stream waits, the legacy stream), so
+    both match the oracle on this rank's device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cuda.bindings import driver
+    from cuda.core import Device
+
+    case, me = ctx.case(3), ctx.rank
+    x, t, w = (pydeepep.to_device(a, device=ctx.device) for a in case.inputs[me])
+    status, count = driver.cuDeviceGetCount()
+    assert status == driver.CUresult.CUDA_SUCCESS, status
+
+    def run(current):
+        if current is not None:
+            Device(current).set_current()
+        result = ctx.comm.dispatch(x, topk_idx=t, topk_weights=w, num_experts=E, async_finish=True)
+        result.event.synchronize()
+        combined = ctx.comm.combine(
+            result.recv_x, result.handle, topk_weights=result.recv_topk_weights, async_finish=True
+        )
+        combined.event.synchronize()
+        return [dispatch_problem(result, case.want[me]), combine_problem(combined, case.identity[me])]
+
+    problems = []
+    for what, current in (("no context", None), ("another device's context", (ctx.device + 1) % count)):
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            problems += [f"{what}: {p}" for p in thread.submit(run, current).result() if p]
+    ctx.sync()
+    return joined(problems)
+
+
 # --- 4. producer -> pydeepep ------------------------------------------------------------------------------------------
 
 
@@ -681,6 +715,7 @@ SCENARIOS = [
     ("stream_cupy", calls_on_stream, ("cupy",)),
     ("stream_torch", calls_on_stream, ("torch",)),
     ("stream_int", calls_on_stream, ("int",)),
+    ("other_threads", calls_from_other_threads, ()),
     ("producer_cupy", producer_cupy, (True,)),
     ("producer_cupy_control", producer_cupy, (False,)),
     ("producer_torch", producer_torch, (True,)),
@@ -764,6 +799,10 @@ def test_outputs_are_taken_without_a_copy(results, library):
 @pytest.mark.parametrize("kind", ["cuda_core", "protocol", "cupy", "torch", "int"])
 def test_calls_run_on_every_kind_of_stream(results, kind):
     outcome(results, f"stream_{kind}")
+
+
+def test_calls_from_threads_with_another_or_no_context_current(results):
+    outcome(results, "other_threads")
 
 
 @pytest.mark.parametrize("producer", ["cupy", "torch", "cai"])
