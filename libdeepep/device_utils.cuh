@@ -45,19 +45,32 @@ __device__ __forceinline__ bool wait_flag(const uint64_t* flag, Ready ready, uin
   return true;
 }
 
-// Copies `bytes` from src with one warp to every destination that some lane holds (lane i holds the address of
-// destination i in `lane_dst`, or nullptr): each piece of the source is loaded once and stored to all destinations,
-// so a row bound for several places costs one read. 16-byte vectors with several loads in flight when every address
-// and the size allow it, 4-byte words or single bytes otherwise. kReadOnly sources (caller inputs, constant during
-// the kernel) go through the non-coherent cache; data a peer wrote during the kernel must not, so it is read with
-// plain loads after the acquire that made it visible.
-template <bool kReadOnly>
+// Where a copy's source comes from, which decides how it is loaded. kPeerWritten: a peer wrote it during the kernel,
+// so it is read with plain loads after the acquire that made it visible (never through the non-coherent path).
+// kInput: a caller input, constant during the kernel: the non-coherent path. kInputOnce: a caller input read once in
+// long runs (a combine's expert outputs): the non-coherent path without taking L1 lines, L2 fetching 256 bytes per
+// miss; measured on 2 x H200 (docs/tuning.md) a high-throughput combine 1.5 % and a low-latency one up to 4 % faster,
+// the dispatches' pushes no faster (FP8 at N = 512 slower), so those stay kInput.
+enum class Source { kPeerWritten, kInput, kInputOnce };
+
+template <Source kSource>
 __device__ __forceinline__ int4 load16(const int4* p) {
-  if constexpr (kReadOnly) return __ldg(p);
+  if constexpr (kSource == Source::kInput) return __ldg(p);
+  if constexpr (kSource == Source::kInputOnce) {
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+  }
   return *p;
 }
 
-template <bool kReadOnly>
+// Copies `bytes` from src with one warp to every destination that some lane holds (lane i holds the address of
+// destination i in `lane_dst`, or nullptr): each piece of the source is loaded once and stored to all destinations,
+// so a row bound for several places costs one read. 16-byte vectors with several loads in flight when every address
+// and the size allow it, 4-byte words or single bytes otherwise; `kSource` as in load16.
+template <Source kSource>
 __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* src, size_t bytes, int lane) {
   const uint32_t holders = __ballot_sync(0xffffffffu, lane_dst != nullptr);
   if (holders == 0) return;
@@ -76,7 +89,7 @@ __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* sr
     for (; base + kUnroll * 32 <= n; base += kUnroll * 32) {
       int4 v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = load16<kReadOnly>(in + base + u * 32 + lane);
+      for (int u = 0; u < kUnroll; ++u) v[u] = load16<kSource>(in + base + u * 32 + lane);
       for (uint32_t left = holders; left != 0; left &= left - 1) {
         int4* out = reinterpret_cast<int4*>(destination(left)) + base + lane;
 #pragma unroll
@@ -85,7 +98,7 @@ __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* sr
     }
     for (; base < n; base += 32) {
       const size_t i = base + lane;
-      const int4 v = i < n ? load16<kReadOnly>(in + i) : int4{};
+      const int4 v = i < n ? load16<kSource>(in + i) : int4{};
       for (uint32_t left = holders; left != 0; left &= left - 1) {
         int4* out = reinterpret_cast<int4*>(destination(left));
         if (i < n) out[i] = v;
@@ -106,9 +119,9 @@ __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* sr
 }
 
 // Copies `bytes` from src to dst with one warp (every lane passes the same arguments).
-template <bool kReadOnly>
+template <Source kSource>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes, int lane) {
-  warp_copy_to_each<kReadOnly>(lane == 0 ? dst : nullptr, src, bytes, lane);
+  warp_copy_to_each<kSource>(lane == 0 ? dst : nullptr, src, bytes, lane);
 }
 
 // Programmatic dependent launch (sm_90): a kernel launched early (launch_kernel, cuda_utils.hpp) may start while

@@ -591,13 +591,13 @@ __device__ __forceinline__ void write_meta(const DispatchParams& q, int64_t out_
 }
 
 // Copies a row's payload (unless `skip_payload`, a diagnostic) and its scales (when `scales`) into output row
-// `out_row` with one warp; kReadOnly as in warp_copy (caller inputs, not rows peers wrote during the kernel).
-template <bool kReadOnly>
+// `out_row` with one warp; `kSource` as in load16.
+template <Source kSource>
 __device__ __forceinline__ void copy_to_output_row(const DispatchParams& q, int64_t out_row, const uint8_t* payload,
                                                    const uint8_t* scales, bool skip_payload, int lane) {
   const DispatchRowLayout& L = q.layout;
-  if (!skip_payload) warp_copy<kReadOnly>(q.recv_x + out_row * L.payload_bytes, payload, L.payload_bytes, lane);
-  if (scales != nullptr) warp_copy<kReadOnly>(q.recv_scales + out_row * L.scale_bytes, scales, L.scale_bytes, lane);
+  if (!skip_payload) warp_copy<kSource>(q.recv_x + out_row * L.payload_bytes, payload, L.payload_bytes, lane);
+  if (scales != nullptr) warp_copy<kSource>(q.recv_scales + out_row * L.scale_bytes, scales, L.scale_bytes, lane);
 }
 
 __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchParams q) {
@@ -791,11 +791,11 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         uint8_t* payload_dst = my_row;
         if (q.diag & kDiagSkipRemotePush) payload_dst = nullptr;
         if (my_out_row >= 0 && !(q.diag & kDiagSkipLocalRows)) payload_dst = q.recv_x + my_out_row * L.payload_bytes;
-        warp_copy_to_each<true>(payload_dst, x_row, L.payload_bytes, lane);
+        warp_copy_to_each<Source::kInput>(payload_dst, x_row, L.payload_bytes, lane);
         if (scale_row != nullptr) {
           uint8_t* scales_dst = my_row != nullptr ? my_row + L.scales_offset : nullptr;
           if (my_out_row >= 0) scales_dst = q.recv_scales + my_out_row * L.scale_bytes;
-          warp_copy_to_each<true>(scales_dst, scale_row, L.scale_bytes, lane);
+          warp_copy_to_each<Source::kInput>(scales_dst, scale_row, L.scale_bytes, lane);
         }
         for (int d = 0; d < R; ++d) {
           if (d == p.rank) {
@@ -897,9 +897,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
           const int32_t pos = __shfl_sync(0xffffffffu, routing.pos, s);
           const int64_t out_row = offsets[s] + pos;
           if (pos < 0 || out_row >= q.out_rows) continue;  // past out_rows: a worst-case output too small
-          copy_to_output_row<true>(q, out_row, q.x + t * q.x_stride_bytes,
-                                   q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr,
-                                   q.diag & kDiagSkipLocalRows, lane);
+          copy_to_output_row<Source::kInput>(q, out_row, q.x + t * q.x_stride_bytes,
+                                             q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr,
+                                             q.diag & kDiagSkipLocalRows, lane);
           write_meta(q, out_row, static_cast<int32_t>(t), routing.id, routing.weight, lane);
         }
       }
@@ -926,8 +926,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const int64_t out_row = offsets[s] + j;
         if (out_row >= q.out_rows) continue;
         const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
-        copy_to_output_row<false>(q, out_row, row, q.recv_scales != nullptr ? row + L.scales_offset : nullptr,
-                                  q.diag & kDiagSkipCopyOut, lane);
+        copy_to_output_row<Source::kPeerWritten>(q, out_row, row,
+                                                 q.recv_scales != nullptr ? row + L.scales_offset : nullptr,
+                                                 q.diag & kDiagSkipCopyOut, lane);
         const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
         const int32_t id = lane < L.num_topk ? meta[1 + lane] : -1;
         const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
@@ -1061,7 +1062,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
           const int64_t in_row = offsets[s] + j;
           uint8_t* row = region + static_cast<size_t>(j) * q.row_bytes;
           if (!(q.diag & kDiagSkipRemotePush))
-            warp_copy<true>(row, q.x + in_row * q.x_stride_bytes, payload_bytes, lane);
+            warp_copy<Source::kInputOnce>(row, q.x + in_row * q.x_stride_bytes, payload_bytes, lane);
           if (q.weights != nullptr) {
             for (int k = lane; k < q.num_topk; k += 32)
               reinterpret_cast<float*>(row + weights_offset)[k] = q.weights[in_row * q.weights_stride + k];

@@ -225,8 +225,8 @@ constexpr int kCopyInFlight = 8;
 
 // Copies a batch of `rows` rows of `vectors` 16-byte vectors with the whole block, several loads in flight per
 // thread (a warp per row would leave most warps idle and each row latency-bound): row r goes from src[r] to dst[r],
-// and is skipped when dst[r] is nullptr. Both tables are in shared memory. kReadOnly as in load16.
-template <bool kReadOnly>
+// and is skipped when dst[r] is nullptr. Both tables are in shared memory. `kSource` as in load16.
+template <Source kSource>
 __device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* dst, int rows, int vectors) {
   const int items = rows * vectors;
   // Item i is vector i % vectors of row i / vectors; each thread steps its (row, vector) on by kThreads items at a
@@ -240,7 +240,7 @@ __device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* d
     for (int u = 0; u < kCopyInFlight; ++u) {
       to[u] = nullptr;
       if (first + u * kThreads < items) {
-        v[u] = load16<kReadOnly>(src[row] + vec);
+        v[u] = load16<kSource>(src[row] + vec);
         if (dst[row] != nullptr) to[u] = dst[row] + vec;
       }
       vec += vec_step;
@@ -875,7 +875,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     };
     float first_scales[4];
     if (p.fp8 && warp < rows) load_scales(warp, lane, first_scales);
-    copy_rows<false>(batch_row, batch_payload, rows, vectors);
+    copy_rows<Source::kPeerWritten>(batch_row, batch_payload, rows, vectors);
     for (int r = warp; r < rows; r += kWarps) {
       const int64_t out_row = batch_out[r], j = out_row % rows_per_expert;
       const int local = static_cast<int>(out_row / rows_per_expert);
@@ -1021,10 +1021,10 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
     }
     const bool puts = __syncthreads_or(threadIdx.x < rows && put_to[threadIdx.x] != nullptr);
     block_puts |= puts;
-    copy_rows<true>(source, destination, rows, vectors);
+    copy_rows<Source::kInputOnce>(source, destination, rows, vectors);
     // A row put through NVSHMEM is read from symmetric memory: the combine buffer, where x is copied first unless it
     // is already there (zero-copy).
-    if (puts && !p.x_symmetric) copy_rows<true>(source, stage_to, rows, vectors);
+    if (puts && !p.x_symmetric) copy_rows<Source::kInputOnce>(source, stage_to, rows, vectors);
     __syncthreads();  // the batch's rows are in the combine buffer
     if (puts) {
       for (int r = warp; r < rows; r += kWarps) {
