@@ -599,6 +599,11 @@ cdef class Communicator:
                 f"pydeepep.Communicator (rank {self.rank}) was never closed; its resources stay allocated until the "
                 "process exits. Call close() on every rank.", ResourceWarning, stacklevel=2)
 
+    def _own_handle(self, handle):
+        """`handle` where it is one of this communicator's, else None (what a refusal can name: the library refuses
+        any other, and the refusal would not run)."""
+        return handle if isinstance(handle, Handle) and handle.comm is self else None
+
     def _start(self, stream, previous_event, bint async_finish, _OwedCall owed=None):
         """The stream a call runs on (and its owner object): the caller's, or with ``async_finish`` the
         communicator's, ordered after the caller's work; both wait for ``previous_event`` when given. ``owed`` learns
@@ -757,17 +762,19 @@ cdef class Communicator:
         (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
         produced on the communicator's stream.
         """
-        # The scalar arguments are converted only once the stream is known (in the call of _dispatch), so that a
-        # wrong type on one rank is refused like any other bad argument, on every rank.
-        worst = _integer_or(num_worst_tokens, 0)
+        # The scalar arguments are converted (integers only) once the stream is known, so that a wrong type on one
+        # rank is refused like any other bad argument, on every rank. A worst-case count that is no integer most
+        # likely meant a worst-case dispatch: the refusal takes it for one.
+        worst = _integer_or(num_worst_tokens, 1)
         cdef _OwedCall owed = _OwedCall(deepepCallWorstCaseDispatch if worst > 0 or max_recv_tokens is not None
                                         else deepepCallDispatchNotify if handle is None else deepepCallDispatch,
-                                        handle if isinstance(handle, Handle) else None, _integer_or(num_sms, 0, 1 << 31))
+                                        self._own_handle(handle), _integer_or(num_sms, 0, 1 << 31))
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 return self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
-                                      expert_alignment, num_worst_tokens, max_recv_tokens, num_sms, out, async_finish)
+                                      operator.index(expert_alignment), operator.index(num_worst_tokens),
+                                      max_recv_tokens, operator.index(num_sms), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
                 raise
@@ -926,7 +933,7 @@ cdef class Communicator:
         ``(out [N, H] bfloat16, topk_weights [N, K] float32 or None, event)`` produced on ``stream``; no host
         synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
         (needed inside CUDA graphs). ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
-        cdef _OwedCall owed = _OwedCall(deepepCallCombine, handle if isinstance(handle, Handle) else None, 0)
+        cdef _OwedCall owed = _OwedCall(deepepCallCombine, self._own_handle(handle), 0)
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)

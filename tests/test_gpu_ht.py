@@ -435,6 +435,10 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
                 ),
                 TypeError,
             ),
+            "worst-case dispatch, num_worst_tokens a string": (
+                lambda: comm.dispatch(xd, topk_idx=topkd, num_experts=e, num_worst_tokens=str(R * n) if bad else R * n),
+                TypeError,
+            ),
             "cached dispatch, expert_alignment a string": (
                 lambda: comm.dispatch(xd, handle=routed.handle, expert_alignment="1" if bad else 1),
                 TypeError,

@@ -503,8 +503,11 @@ def calls_from_other_threads(ctx):
         combined.event.synchronize()
         return [dispatch_problem(result, case.want[me]), combine_problem(combined, case.identity[me])]
 
+    currents = [("no context", None)]
+    if count > 1:  # with one GPU there is no other device's context to have current
+        currents.append(("another device's context", (ctx.device + 1) % count))
     problems = []
-    for what, current in (("no context", None), ("another device's context", (ctx.device + 1) % count)):
+    for what, current in currents:
         with ThreadPoolExecutor(max_workers=1) as thread:
             problems += [f"{what}: {p}" for p in thread.submit(run, current).result() if p]
     ctx.sync()
