@@ -351,7 +351,7 @@ cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
     if status != 0:
         block.ptr = 0
         if status == CUDA_ERROR_OUT_OF_MEMORY:
-            raise DeepEPCudaError(f"out of device memory allocating {nbytes} bytes on device {device}", 3)
+            raise DeepEPOutOfMemory(f"out of device memory allocating {nbytes} bytes on device {device}", 5)
         raise DeepEPCudaError(f"cuMemAllocFromPoolAsync of {nbytes} bytes failed (CUDA driver error {status})", 3)
     return block
 

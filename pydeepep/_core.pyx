@@ -9,7 +9,7 @@ import numpy as np
 
 from libc.string cimport memcpy
 
-from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, error_for_status
+from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPOutOfMemory, error_for_status
 from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_dense, check_matrix, dtype_name,
                        is_device_array, payload_kind, stream_handle)
 
@@ -369,8 +369,8 @@ cdef class Event:
 cdef class Handle:
     """The routing of a dispatch, reused by combine and by cached dispatches (same routing, new data).
 
-    Create one up front (``Handle(comm)``) to keep worst-case dispatches capturable in a CUDA graph; otherwise an
-    exact-size dispatch makes one. Freed when garbage-collected or on :meth:`close` (local, not collective).
+    Create one up front (``Handle(comm)``) to keep worst-case dispatches capturable in a CUDA graph; otherwise any
+    dispatch without one makes one. Freed when garbage-collected or on :meth:`close` (local, not collective).
     """
 
     cdef deepepHandle_t _h
@@ -576,7 +576,8 @@ cdef class Communicator:
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
         calls returned stay valid; the communicator's stream lives on until the last one made on it is freed. Waits
         at most the timeout for the other ranks: if one never comes, frees this rank's resources and raises
-        :class:`DeepEPTimeoutError` (unless a call already reported a timeout); the process should then exit."""
+        :class:`DeepEPTimeoutError` (unless a call already reported a timeout or a rank is masked out of low-latency
+        calls); the process should then exit."""
         if self._comm == NULL:
             return
         cdef deepepComm_t comm = self._comm
@@ -689,7 +690,7 @@ cdef class Communicator:
     def clear_async_error(self):
         _check(deepepCommClearAsyncError(self._live()))
 
-    def get_dispatch_layout(self, topk_idx, int num_experts, stream=None, out=None):
+    def get_dispatch_layout(self, topk_idx, num_experts, stream=None, out=None):
         """Per-rank and per-expert token counts and the token-to-rank mask of a routing decision.
 
         ``topk_idx``: [N, K] int64 or int32 device array (rows may be strided), entries in [-1, num_experts).
@@ -704,17 +705,18 @@ cdef class Communicator:
         cdef size_t topk_ptr, rank_ptr, expert_ptr, mask_ptr
         cdef int64_t n, stride
         cdef int k
+        cdef int experts = operator.index(num_experts)  # a count: an integer, never a truncated float
         cdef deepepResult_t status
         with _OnDevice(self.device):
             view = _as_view(topk_idx, s)
             num_tokens, num_topk, row_stride = check_matrix(view, "topk_idx", (np.int64, np.int32), self.device)
-            if num_experts <= 0 or num_experts % self.nranks != 0:
+            if experts <= 0 or experts % self.nranks != 0:
                 raise DeepEPInvalidArgument(
-                    f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks "
+                    f"num_experts is {experts}; it must be a positive multiple of the number of ranks "
                     f"({self.nranks})", 1)
             if out is None:
                 # Pass the caller's stream object itself: the arrays keep it alive until their memory is freed on it.
-                results = tuple(_empty_group((((self.nranks,), np.int32), ((num_experts,), np.int32),
+                results = tuple(_empty_group((((self.nranks,), np.int32), ((experts,), np.int32),
                                               ((num_tokens, self.nranks), np.bool_)), self.device, stream))
                 pointers = [a.ptr for a in results]
             else:
@@ -723,7 +725,7 @@ cdef class Communicator:
                 results = tuple(out)
                 pointers = [
                     _out_pointer(results[0], s, "num_tokens_per_rank", (self.nranks,), (np.int32,), self.device),
-                    _out_pointer(results[1], s, "num_tokens_per_expert", (num_experts,), (np.int32,), self.device),
+                    _out_pointer(results[1], s, "num_tokens_per_expert", (experts,), (np.int32,), self.device),
                     _out_pointer(results[2], s, "is_token_in_rank", (num_tokens, self.nranks), (np.bool_, np.uint8),
                                  self.device),
                 ]
@@ -731,7 +733,7 @@ cdef class Communicator:
             topk_ptr, rank_ptr, expert_ptr, mask_ptr = view.ptr, pointers[0], pointers[1], pointers[2]
             n, k, stride = num_tokens, num_topk, row_stride
             with nogil:
-                status = deepepGetDispatchLayout(comm, <const void*>topk_ptr, index_type, n, k, stride, num_experts,
+                status = deepepGetDispatchLayout(comm, <const void*>topk_ptr, index_type, n, k, stride, experts,
                                                  <int32_t*>rank_ptr, <int32_t*>expert_ptr, <uint8_t*>mask_ptr,
                                                  <CUstream_st*>s)
             _check(status)
@@ -832,6 +834,8 @@ cdef class Communicator:
             a.topk_weights = <const float*><size_t>wv.ptr
             a.weights_row_stride = wv.stride
         bounded = max_recv_tokens is not None
+        if bounded:
+            max_recv_tokens = operator.index(max_recv_tokens)  # a count: an integer, never a truncated float
         if bounded and max_recv_tokens < 1:
             # 0 must not quietly mean another mode: the other ranks would run a different collective.
             raise DeepEPInvalidArgument(f"max_recv_tokens is {max_recv_tokens}; a bound must be at least 1", 1)
@@ -850,7 +854,7 @@ cdef class Communicator:
         if routing_given:
             if topk_idx is None or num_experts is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
-            a.num_experts = num_experts
+            a.num_experts = operator.index(num_experts)
         if handle is None:
             h = Handle(self)
         else:
@@ -1004,7 +1008,7 @@ cdef class Communicator:
         _check(status)
         return CombineResult(out_x, out_weights, Event.record(s) if async_finish else None)
 
-    def low_latency_dispatch(self, x, topk_idx, int num_experts, *, bint use_fp8=True, bint round_scale=False,
+    def low_latency_dispatch(self, x, topk_idx, num_experts, *, bint use_fp8=True, bint round_scale=False,
                              bint use_ue8m0=False, bint return_recv_hook=False, stream=None, out=None,
                              stats_recv_count=None, stats_wait_ns=None, bint scales_token_contiguous=False):
         """Low-latency dispatch (decoding): every valid (token, expert) pair goes to the expert's rank.
@@ -1024,8 +1028,8 @@ cdef class Communicator:
         ``stats_recv_count`` int64 or int32 [E_loc] gains the rows each local expert received; ``stats_wait_ns``
         int64 [R] gains the nanoseconds the receive waited for each source rank's tokens."""
         with _OnDevice(self.device):
-            return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
-                                         return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
+            return _low_latency_dispatch(self, x, topk_idx, operator.index(num_experts), use_fp8, round_scale,
+                                         use_ue8m0, return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
                                          scales_token_contiguous)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,

@@ -11,10 +11,10 @@ class LowLatencyDispatchResult:
     """What :meth:`Communicator.low_latency_dispatch` returns, and the handle its combine takes.
 
     ``recv_x`` [E_loc, R*T, H] float8_e4m3fn (or bfloat16 without FP8); ``recv_scales`` [E_loc, R*T, H/128] float32,
-    or UE8M0-packed int32 [E_loc, R*T, ceil(H/512)], or None; ``recv_count`` [E_loc] int32 rows per local expert
-    (rows grouped by source rank, then source token); ``recv_src_info`` [E_loc, R*T] int32: source token index in
-    bits 0..15 and the source's top-k slot from bit 16, -1 past the count; ``recv_layout_range`` [E_loc, R, 2] int32:
-    (first row, rows) of each source rank. ``hook``: with ``return_recv_hook``, a callable that receives (the arrays
+    or UE8M0-packed int32 [E_loc, R*T, ceil(H/512)] ([E_loc, columns, R*T] with scales_token_contiguous), or None;
+    ``recv_count`` [E_loc] int32 rows per local expert (rows grouped by source rank, then source token);
+    ``recv_src_info`` [E_loc, R*T] int32: source token index in bits 0..15 and the source's top-k slot from bit 16, -1
+    past the count; ``recv_layout_range`` [E_loc, R, 2] int32: (first row, rows) of each source rank. ``hook``: with ``return_recv_hook``, a callable that receives (the arrays
     hold the data once it ran, stream-ordered); else None. ``buffer_set`` and ``generation`` name the buffer set the
     result lives in; it stays valid until the dispatch after next starts.
     """

@@ -272,7 +272,7 @@ typedef struct {
   int num_experts;          /* E, divisible by the number of ranks */
   int expert_alignment;     /* receive counts per local expert are rounded up to this (>= 1) */
   int64_t num_worst_tokens; /* > 0: worst-case mode with outputs of this many rows */
-  int num_sms;              /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 for 2 ranks, else 32 */
+  int num_sms;              /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 up to 2 ranks, else 32 */
   /* Payload (deepepDispatch). */
   const void* x; /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
   deepepDataType_t x_type;
