@@ -14,9 +14,10 @@ class LowLatencyDispatchResult:
     or UE8M0-packed int32 [E_loc, R*T, ceil(H/512)] ([E_loc, columns, R*T] with scales_token_contiguous), or None;
     ``recv_count`` [E_loc] int32 rows per local expert (rows grouped by source rank, then source token);
     ``recv_src_info`` [E_loc, R*T] int32: source token index in bits 0..15 and the source's top-k slot from bit 16, -1
-    past the count; ``recv_layout_range`` [E_loc, R, 2] int32: (first row, rows) of each source rank. ``hook``: with ``return_recv_hook``, a callable that receives (the arrays
-    hold the data once it ran, stream-ordered); else None. ``buffer_set`` and ``generation`` name the buffer set the
-    result lives in; it stays valid until the dispatch after next starts.
+    past the count; ``recv_layout_range`` [E_loc, R, 2] int32: (first row, rows) of each source rank. ``hook``: with
+    ``return_recv_hook``, a callable that receives (the arrays hold the data once it ran, stream-ordered); else None.
+    ``buffer_set`` and ``generation`` name the buffer set the result lives in; it stays valid until the dispatch after
+    next starts.
     """
 
     __slots__ = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range", "hook", "buffer_set",
