@@ -18,6 +18,7 @@
 #include "error.hpp"
 #include "handle.hpp"
 #include "intranode.hpp"
+#include "refusal.hpp"
 #include "validation.hpp"
 
 using namespace deepep;
@@ -115,47 +116,18 @@ void launch_refusal(const deepepComm& comm, deepepHandle* handle, deepepCall_t c
   if (handle != nullptr) note_use(*handle, stream);  // the kernel reads the handle's ranges
 }
 
-// A collective call's refusal of its own arguments still ends the call on every rank: when the scope of the call is
-// left by an exception before its kernel was launched, this launches its side of the call (launch_refusal), so that
-// the other ranks finish it at once instead of waiting for this one until the timeout. Nothing inside a stream capture
-// (nothing would run now) or where high-throughput calls cannot run at all, and no error of its own: the refusal's is
-// the one the caller gets.
-class RefusalOnThrow {
- public:
-  RefusalOnThrow(const deepepComm& comm, deepepCall_t call, cudaStream_t stream)
-      : comm_(comm), call_(call), stream_(stream), exceptions_(std::uncaught_exceptions()) {}
-  RefusalOnThrow(const RefusalOnThrow&) = delete;
-  RefusalOnThrow& operator=(const RefusalOnThrow&) = delete;
-  ~RefusalOnThrow() {
-    if (launched_ || std::uncaught_exceptions() <= exceptions_) return;
-    try {
-      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-      if (cudaStreamIsCapturing(stream_, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
-        cudaGetLastError();
-        return;
-      }
-      require_intranode(comm_);
-      launch_refusal(comm_, handle_, call_, num_sms_, stream_);
-    } catch (...) {
-      cudaGetLastError();
-    }
+// What a high-throughput call's refusal (RefusalOnThrow) needs, filled in as the checks learn it: the call's kind, its
+// handle and block count.
+struct HighThroughputRefusal {
+  const deepepComm& comm;
+  deepepCall_t call;
+  cudaStream_t stream;
+  deepepHandle* handle = nullptr;
+  int num_sms = 0;
+  void operator()() const {
+    require_intranode(comm);  // nothing where high-throughput calls cannot run at all
+    launch_refusal(comm, handle, call, num_sms, stream);
   }
-  // What the checks learned so far: the call's handle, its kind and block count.
-  void set(deepepHandle* handle, deepepCall_t call, int num_sms) {
-    handle_ = handle;
-    call_ = call;
-    num_sms_ = num_sms;
-  }
-  void launched() { launched_ = true; }
-
- private:
-  const deepepComm& comm_;
-  deepepCall_t call_;
-  cudaStream_t stream_;
-  int exceptions_;  // in flight when the call began (none: the C ABI is entered from C)
-  deepepHandle* handle_ = nullptr;
-  int num_sms_ = 0;
-  bool launched_ = false;
 };
 
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch, which
@@ -395,10 +367,12 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
                                                struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
-    RefusalOnThrow refusal(c, deepepCallDispatchNotify, stream);
+    HighThroughputRefusal refused{c, deepepCallDispatchNotify, stream};
+    RefusalOnThrow refusal(stream, [&] { refused(); });
     const deepepDispatchArgs a = checked_struct(args, "args");
+    refused.num_sms = a.num_sms;
     deepepHandle& h = *checked_handle(handle, &c);
-    refusal.set(&h, deepepCallDispatchNotify, a.num_sms);
+    refused.handle = &h;
     require_intranode(c);
     check_routing(c, a);
     DeviceGuard guard(c.device);
@@ -420,12 +394,14 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
-    RefusalOnThrow refusal(c, deepepCallDispatch, stream);
+    HighThroughputRefusal refused{c, deepepCallDispatch, stream};
+    RefusalOnThrow refusal(stream, [&] { refused(); });
     const deepepDispatchArgs a = checked_struct(args, "args");
     const bool worst_case = a.num_worst_tokens > 0;
-    refusal.set(nullptr, worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch, a.num_sms);
+    refused.call = worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch;
+    refused.num_sms = a.num_sms;
     deepepHandle& h = *checked_handle(handle, &c);
-    refusal.set(&h, worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch, a.num_sms);
+    refused.handle = &h;
     require_intranode(c);
     DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
                    static_cast<long long>(a.num_worst_tokens));
@@ -601,10 +577,11 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
-    RefusalOnThrow refusal(c, deepepCallCombine, stream);
+    HighThroughputRefusal refused{c, deepepCallCombine, stream};
+    RefusalOnThrow refusal(stream, [&] { refused(); });
     const deepepCombineArgs a = checked_struct(args, "args");
     deepepHandle& h = *checked_handle(handle, &c);
-    refusal.set(&h, deepepCallCombine, 0);
+    refused.handle = &h;
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
     DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0 && a.hidden <= DEEPEP_MAX_HIDDEN,

@@ -1,5 +1,5 @@
 // C ABI of the low-latency calls: dispatch, combine, the zero-copy combine buffer. Checks every argument, then
-// launches the low-latency kernels.
+// launches the low-latency kernels; a call refused on this rank alone still launches its side of it, moving nothing.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -10,6 +10,7 @@
 #include "deepep/deepep.h"
 #include "error.hpp"
 #include "lowlatency.hpp"
+#include "refusal.hpp"
 #include "validation.hpp"
 
 using namespace deepep;
@@ -31,6 +32,12 @@ void check_set_and_phase(int buffer_set, deepepLowLatencyPhase_t phase) {
                  "phase is %d; it must be deepepLowLatencySendRecv (0), deepepLowLatencySend (1) or "
                  "deepepLowLatencyRecv (2)",
                  static_cast<int>(phase));
+}
+
+// This rank's side of a low-latency call it refuses (deepepLowLatencyRefuseCall).
+void refuse(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase, cudaStream_t stream) {
+  DeviceGuard guard(comm.device);
+  launch_low_latency_refusal(comm, combine, buffer_set, phase, stream);
 }
 
 void check_flag(int value, const char* name) {
@@ -202,6 +209,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     const deepepLowLatencyDispatchArgs a = checked_struct(args, "args");
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
+    RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
     check_flag(a.use_fp8, "use_fp8");
@@ -250,6 +258,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
     DeviceGuard guard(c.device);
     launch_low_latency_dispatch(c, a, stream);
+    refusal.launched();
   });
 }
 
@@ -261,6 +270,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     const deepepLowLatencyCombineArgs a = checked_struct(args, "args");
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
+    RefusalOnThrow refusal(stream, [&] { refuse(c, true, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
     check_flag(a.zero_copy, "zero_copy");
@@ -289,6 +299,21 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     check_device_array(c, a.out, static_cast<size_t>(a.num_tokens) * a.hidden * 2, 16, "out");
     DeviceGuard guard(c.device);
     launch_low_latency_combine(c, a, stream);
+    refusal.launched();
+  });
+}
+
+DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,
+                                                     deepepLowLatencyPhase_t phase, struct CUstream_st* stream) {
+  return guarded_call(__func__, [&] {
+    const deepepComm& c = *checked_comm(comm);
+    require_low_latency(c);
+    check_set_and_phase(buffer_set, phase);
+    check_flag(combine, "combine");
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a refusal cannot be captured");
+    refuse(c, combine != 0, buffer_set, phase, stream);
   });
 }
 

@@ -498,6 +498,12 @@ __device__ __forceinline__ uint32_t combine_flag_word(int hidden, int num_topk) 
   static_assert(DEEPEP_MAX_HIDDEN / 8 < (1 << 18) && DEEPEP_MAX_TOPK < (1 << 14), "a combine flag's fields overlap");
   return static_cast<uint32_t>(hidden / 8) | static_cast<uint32_t>(num_topk) << 18;
 }
+// The flag word of a rank that refused the call (refused_kernel), in a dispatch and a combine alike: no word of a
+// call has it (its token count, or its top-k, is past every limit), so receivers leave the rank out as for another
+// layout, and report the refusal instead.
+constexpr uint32_t kRefusedFlagWord = 0xffffffffu;
+static_assert(DEEPEP_LL_MAX_TOKENS < ((1u << kFlagTopkShift) - 1) && DEEPEP_MAX_TOPK < (1u << 14) - 1,
+              "a call's flag word can be the refused one");
 
 // Source `source`'s expert ids [T][K] int32 in this rank's own area (every rank keeps its own slab at the same offset
 // on every rank).
@@ -712,7 +718,10 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       if (fits) tokens = static_cast<int32_t>(count);
       if (blockIdx.x == 0) {
         if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
-        if (!fits) {
+        if (seen == kRefusedFlagWord) {
+          // The source refused the call on its host: it sent nothing.
+          record_async_error(a.error, deepepRemoteError, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerRefused, 0);
+        } else if (!fits) {
           // A peer with another T, top-k, hidden or FP8 options (or a corrupted flag): its tokens are dropped, never
           // read or written out of bounds; it wrote its rows with its own layout, so no output here is valid.
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerLayout,
@@ -1083,10 +1092,15 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       const uint32_t theirs = flag_word[s];
       laid_out_alike[s] = is_masked(s) || (s == a.rank && !own_came) || theirs == ours;
       if (!laid_out_alike[s] && blockIdx.x == 0) {
-        // Rows of another width or top-k: left out of the sums; written at the peer's offsets, over other ranks'
-        // rows too, so that no output here is valid.
-        record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s, kDetailPeerLayout,
-                           theirs);
+        if (theirs == kRefusedFlagWord) {
+          // The rank refused the call on its host: it sent no rows, and its experts' slots are left out of the sums.
+          record_async_error(a.error, deepepRemoteError, a.rank, Phase::kLowLatencyCombine, s, kDetailPeerRefused, 0);
+        } else {
+          // Rows of another width or top-k: left out of the sums; written at the peer's offsets, over other ranks'
+          // rows too, so that no output here is valid.
+          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, s, kDetailPeerLayout,
+                             theirs);
+        }
       }
     }
     __syncthreads();
@@ -1178,6 +1192,39 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
     finish_operation(p.area, seq, true);
   }
   timeline_mark(p.area, kMarkEnd);
+}
+
+// This rank's side of a low-latency call it refused on its host (deepepLowLatencyRefuseCall): it moves no data but
+// goes through the call's protocol, so that the peers finish the call at once (they take kRefusedFlagWord as a
+// refusal, leave this rank out and record deepepRemoteError) and the ranks' sequence numbers stay in step. Where the
+// refused call sends, the kernel waits for the acknowledgements a send waits for (its flag overwrites the one the
+// peers read last) and publishes the refused word; then it waits for the peers' flags, after which their writes into
+// this rank's set are done, and completes the operation. A refused Send completes it too: no Recv will follow.
+__global__ void __launch_bounds__(kThreads, 1) refused_kernel(Area area, int phases, bool combine) {
+  wait_for_previous_grid();
+  const MaskLoad mask(area);
+  const LowLatencyState* state = area.state();
+  const uint32_t seq = state->seq[area.set][blockIdx.x] + 1u;
+  const uint32_t previous_combine = state->last_combine[area.set][blockIdx.x];
+  timeline_start(area);
+  mask.keep();
+  __syncthreads();  // the block's mask is complete
+  const Phase phase = combine ? Phase::kLowLatencyCombine : Phase::kLowLatencyDispatch;
+  auto flag = [&](int source, int block) {
+    return combine ? area.combine_flag(source, block) : area.dispatch_flag(source, block);
+  };
+  if (phases & kSend) {
+    wait_peer_acks(area, combine ? previous_combine : seq - 1u, global_timer_ns() + area.timeout_ns, phase);
+    for (int d = threadIdx.x; d < area.nranks; d += kThreads) {
+      if (d != area.rank && !is_masked(d)) signal(area, d, flag(area.rank, blockIdx.x), tagged(seq, kRefusedFlagWord));
+    }
+  }
+  wait_all_blocks(
+      area, flag, [&](int s) { return s != area.rank; },
+      [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, global_timer_ns() + area.timeout_ns, phase,
+      [](int, uint64_t) {});
+  finish_operation(area, seq, combine);
+  timeline_mark(area, kMarkEnd);
 }
 
 Area make_area(const deepepComm& comm, int set) {
@@ -1463,6 +1510,13 @@ void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCo
   const int blocks = comm.ll_blocks;
   launch_call(args.topk_type == deepepInt64 ? combine_kernel<int64_t> : combine_kernel<int32_t>, p, args.phase, blocks,
               0, stream);
+}
+
+void launch_low_latency_refusal(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase,
+                                cudaStream_t stream) {
+  // Launched as a hooked phase is: an ordinary launch, early (the kernel waits for the one ahead first).
+  launch_kernel(refused_kernel, comm.ll_blocks, kThreads, 0, stream, true, false, make_area(comm, buffer_set),
+                phase_bits(phase), combine);
 }
 
 }  // namespace deepep

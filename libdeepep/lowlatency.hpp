@@ -82,6 +82,10 @@ std::vector<void*> low_latency_direct_table(const deepepComm& comm, int transpor
 
 void launch_low_latency_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& args, cudaStream_t stream);
 void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCombineArgs& args, cudaStream_t stream);
+// This rank's side of a low-latency dispatch (or `combine`) it refused, on `buffer_set` in `phase`
+// (deepepLowLatencyRefuseCall).
+void launch_low_latency_refusal(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase,
+                                cudaStream_t stream);
 
 // The device array [R] of this rank's low-latency mask (1: masked).
 uint32_t* low_latency_mask(const deepepComm& comm);

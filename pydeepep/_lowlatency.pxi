@@ -4,7 +4,9 @@
 # Buffer sets: dispatch i runs on set i % 2 and its combine on the same set. The Python side remembers, per set, the
 # generation (dispatches started on it) and an unfinished Send phase, and refuses what would read a reused set: a
 # combine or a combine buffer of a result whose set a later dispatch took (dispatch i + 2), a second Send on a set
-# whose receive hook was never called, a hook called twice or after its set was reused.
+# whose receive hook was never called, a hook called twice or after its set was reused. A call refused on this rank
+# once those checks passed still runs its side of the call without data (deepepLowLatencyRefuseCall: the library does
+# it for what it refuses itself), so that the other ranks finish it at once; a refused dispatch counts as made.
 
 
 class LowLatencyDispatchResult:
@@ -42,6 +44,12 @@ class _LowLatencyBook:
         self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
         self.generation = [0, 0]          # dispatches started on each set
         self.pending = [None, None]       # an unfinished Send on the set: its hook object
+
+    def started(self, int buffer_set):
+        """Counts a dispatch on the set (a refused one too: it counts as made on every rank); its generation."""
+        self.dispatches += 1
+        self.generation[buffer_set] += 1
+        return self.generation[buffer_set]
 
     def check_not_pending(self, int buffer_set, str what):
         if self.pending[buffer_set] is not None:
@@ -83,6 +91,7 @@ cdef class _LowLatencyHook:
     cdef size_t stream
     cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
     cdef bint done
+    cdef bint handed   # the library has the call (it refuses on its own from there)
 
     def __call__(self):
         if self.done:
@@ -101,10 +110,11 @@ cdef class _LowLatencyHook:
             self.combine_args.phase = deepepLowLatencyRecv
             with nogil:
                 status = deepepLowLatencyCombine(c, &self.combine_args, cs)
-        _check(status)
+        # Done even when the library refused the receive: it then completed the operation without data.
         self.done = True
         self.book.pending[self.buffer_set] = None
         self.keep = None
+        _check(status)
 
 
 def _array3(obj, stream, str name, shape, kinds, int device):
@@ -143,13 +153,55 @@ def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max
     return tv
 
 
+cdef void _refuse_low_latency(deepepComm_t c, int combine, int buffer_set, deepepLowLatencyPhase_t phase,
+                              size_t stream) noexcept:
+    """This rank's side of a low-latency call refused here before the library had it (deepepLowLatencyRefuseCall),
+    so that the other ranks finish it at once with DeepEPRemoteError instead of waiting out the timeout."""
+    with nogil:
+        deepepLowLatencyRefuseCall(c, combine, buffer_set, phase, <CUstream_st*>stream)  # best effort
+
+
 def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint use_fp8, bint round_scale,
                           bint use_ue8m0, bint return_recv_hook, stream, out, stats_recv_count=None,
                           stats_wait_ns=None, bint scales_token_contiguous=False):
     book = _ll_book(comm)
     cdef deepepComm_t c = comm._live()
     cdef size_t s = stream_handle(stream)
+    cdef int buffer_set = book.dispatches % 2
+    book.check_not_pending(buffer_set, "a dispatch")
+    cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
+    _check(deepepLowLatencyDispatchArgsInit(&hook.dispatch_args))
+    hook.dispatch_args.buffer_set = buffer_set
+    hook.dispatch_args.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    try:
+        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
+                                            stream, out, stats_recv_count, stats_wait_ns, scales_token_contiguous)
+    except BaseException:
+        # Refused on this rank: its side of the call still runs, without data, and the call counts as made.
+        if not hook.handed:
+            _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
+        book.started(buffer_set)
+        raise
+    result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
+    if return_recv_hook:
+        hook.kind = "dispatch"
+        hook.comm = comm
+        hook.book = book
+        hook.buffer_set = buffer_set
+        hook.generation = result.generation
+        hook.stream = s
+        book.pending[buffer_set] = hook
+        result.hook = hook
+    return result
+
+
+def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s, x, topk_idx, int num_experts,
+                               bint use_fp8, bint round_scale, bint use_ue8m0, stream, out, stats_recv_count,
+                               stats_wait_ns, bint scales_token_contiguous):
+    """The checks and the library call of _low_latency_dispatch, into hook.dispatch_args; returns the result."""
+    cdef deepepComm_t c = comm._live()
     cdef int R = comm.nranks
+    cdef int buffer_set = hook.dispatch_args.buffer_set
     if num_experts <= 0 or num_experts % R != 0:
         raise DeepEPInvalidArgument(
             f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({R})", 1)
@@ -163,15 +215,13 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
         raise DeepEPInvalidArgument(f"x has dtype {kind}; low-latency dispatch takes bfloat16 rows (FP8 is cast "
                                     "inside the kernel)", 1)
     cdef _View xv = _matrix(x, s, "x", None, comm.device, kind, view)
-    cdef int T = book.max_tokens
+    cdef int T = comm._ll.max_tokens
     if xv.rows > T:
         raise DeepEPInvalidArgument(
             f"x has {xv.rows} tokens, more than the low-latency max_tokens ({T}) of this communicator", 1)
     if use_fp8 and xv.cols % 128 != 0:
         raise DeepEPInvalidArgument(f"hidden is {xv.cols}; FP8 output needs a multiple of 128", 1)
     cdef _View tv = _ll_routing(comm, topk_idx, s, xv.rows, T)
-    cdef int buffer_set = book.dispatches % 2
-    book.check_not_pending(buffer_set, "a dispatch")
 
     cdef int local = num_experts // R
     cdef int64_t hidden = xv.cols
@@ -199,11 +249,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
                                                      ("int64", "int32"))
     wait_ptr, wait_view, _ = _stats_array(stats_wait_ns, s, "stats_wait_ns", R)
 
-    cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     cdef deepepLowLatencyDispatchArgs* a = &hook.dispatch_args
-    _check(deepepLowLatencyDispatchArgsInit(a))
-    a.buffer_set = buffer_set
-    a.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
     a.num_tokens = xv.rows
     a.x = <const void*><size_t>xv.ptr
     a.hidden = <int>hidden
@@ -226,12 +272,10 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     a.stats_recv_count_type = deepepInt32 if count_kind == "int32" else deepepInt64
     a.stats_wait_ns = <int64_t*><size_t>wait_ptr
     cdef deepepResult_t status
+    hook.handed = True
     with nogil:
         status = deepepLowLatencyDispatch(c, a, <CUstream_st*>s)
     _check(status)
-    # The call was accepted: the set now belongs to this dispatch.
-    book.dispatches += 1
-    book.generation[buffer_set] += 1
 
     result = LowLatencyDispatchResult()
     result.recv_x = recv_x
@@ -240,7 +284,6 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     result.recv_src_info = recv_src_info
     result.recv_layout_range = recv_layout_range
     result.buffer_set = buffer_set
-    result.generation = book.generation[buffer_set]
     result.num_experts = num_experts
     result.num_tokens = xv.rows
     result.num_topk = tv.cols
@@ -248,17 +291,8 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     result.use_fp8 = use_fp8
     result.comm = comm
     result.hook = None
-    if return_recv_hook:
-        hook.kind = "dispatch"
-        hook.comm = comm
-        hook.book = book
-        hook.buffer_set = buffer_set
-        hook.generation = result.generation
-        hook.stream = s
-        hook.keep = (xv, tv, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, stream, count_view,
-                     wait_view)
-        book.pending[buffer_set] = hook
-        result.hook = hook
+    hook.keep = (xv, tv, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, stream, count_view,
+                 wait_view)
     return result
 
 
@@ -275,6 +309,34 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     book.check_current(handle, "low-latency combine")
     book.check_not_pending(buffer_set, "a combine")
     cdef size_t s = stream_handle(stream)
+    cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
+    _check(deepepLowLatencyCombineArgsInit(&hook.combine_args))
+    hook.combine_args.buffer_set = buffer_set
+    hook.combine_args.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    try:
+        out_x = _low_latency_combine_call(comm, hook, s, x, topk_idx, topk_weights, handle, zero_copy, stream, out)
+    except BaseException:
+        # Refused on this rank: its side of the call still runs, without data.
+        if not hook.handed:
+            _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
+        raise
+    if not return_recv_hook:
+        return LowLatencyCombineResult(out_x, None)
+    hook.kind = "combine"
+    hook.comm = comm
+    hook.book = book
+    hook.buffer_set = buffer_set
+    hook.generation = handle.generation
+    hook.stream = s
+    book.pending[buffer_set] = hook
+    return LowLatencyCombineResult(out_x, hook)
+
+
+def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s, x, topk_idx, topk_weights, handle,
+                              bint zero_copy, stream, out):
+    """The checks and the library call of _low_latency_combine, into hook.combine_args; returns the output."""
+    cdef deepepComm_t c = comm._live()
+    cdef int T = comm._ll.max_tokens
     # The dispatch's routing arrays are read on this stream: after the dispatch wrote them, and freed only once read.
     for routing in (handle.recv_src_info, handle.recv_layout_range):
         if isinstance(routing, DeviceArray) and (<DeviceArray>routing).stream != s:
@@ -282,7 +344,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
             routing.record_stream(s)
     cdef int R = comm.nranks
     cdef int local = handle.num_experts // R
-    cdef int64_t rows = <int64_t>R * book.max_tokens
+    cdef int64_t rows = <int64_t>R * T
     cdef int64_t hidden
     cdef size_t x_ptr = 0
     keep_x = None
@@ -299,7 +361,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
             raise DeepEPInvalidArgument(f"x has shape {shape}; it must be [{local}, {rows}, hidden]", 1)
         hidden = shape[2]
         x_ptr, keep_x = _array3(x, s, "x", (local, rows, hidden), ("bfloat16",), comm.device)
-    cdef _View tv = _ll_routing(comm, topk_idx, s, handle.num_tokens, book.max_tokens)
+    cdef _View tv = _ll_routing(comm, topk_idx, s, handle.num_tokens, T)
     if tv.cols != handle.num_topk:
         raise DeepEPInvalidArgument(f"topk_idx has {tv.cols} columns but the dispatch had {handle.num_topk}", 1)
     cdef _View wv = _matrix(topk_weights, s, "topk_weights", (np.float32,), comm.device)
@@ -312,11 +374,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out", stream,
                         comm.device)
 
-    cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     cdef deepepLowLatencyCombineArgs* a = &hook.combine_args
-    _check(deepepLowLatencyCombineArgsInit(a))
-    a.buffer_set = buffer_set
-    a.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
     a.x = <const void*>x_ptr
     a.zero_copy = 1 if zero_copy else 0
     a.hidden = <int>hidden
@@ -332,20 +390,12 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     a.weights_row_stride = wv.stride
     a.out = <void*><size_t>out_x.ptr
     cdef deepepResult_t status
+    hook.handed = True
     with nogil:
         status = deepepLowLatencyCombine(c, a, <CUstream_st*>s)
     _check(status)
-    if not return_recv_hook:
-        return LowLatencyCombineResult(out_x, None)
-    hook.kind = "combine"
-    hook.comm = comm
-    hook.book = book
-    hook.buffer_set = buffer_set
-    hook.generation = handle.generation
-    hook.stream = s
     hook.keep = (keep_x, tv, wv, out_x, handle, stream)
-    book.pending[buffer_set] = hook
-    return LowLatencyCombineResult(out_x, hook)
+    return out_x
 
 
 def _low_latency_combine_buffer(Communicator comm, handle):

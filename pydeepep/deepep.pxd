@@ -214,6 +214,8 @@ cdef extern from "deepep/deepep.h" nogil:
         void* out
 
     deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args)
+    deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,
+                                              deepepLowLatencyPhase_t phase, CUstream_st* stream)
     deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepepLowLatencyCombineArgs* args,
                                            CUstream_st* stream)
     deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden, int num_experts,

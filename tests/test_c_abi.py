@@ -65,6 +65,7 @@ EXPECTED_API = {
     "deepepLowLatencyCombineArgsInit",
     "deepepLowLatencyCombine",
     "deepepLowLatencyGetCombineBuffer",
+    "deepepLowLatencyRefuseCall",
     "deepepCommLowLatencyMaxTokens",
     "deepepCommLowLatencyTimeline",
     "deepepCommLowLatencyMaskRank",
@@ -724,12 +725,16 @@ def test_dispatch_layout_on_a_null_comm_is_an_invalid_argument(lib):
     assert names_argument(last_error(lib), "comm")
 
 
-def refuse_call(lib, comm) -> int:
-    return lib.deepepRefuseCall(comm, 0, None, 0, None)  # deepepCallDispatchNotify, no handle
+REFUSALS = {
+    "deepepRefuseCall": lambda lib, comm: lib.deepepRefuseCall(comm, 0, None, 0, None),  # a notify, no handle
+    # a low-latency dispatch on buffer set 0, both phases
+    "deepepLowLatencyRefuseCall": lambda lib, comm: lib.deepepLowLatencyRefuseCall(comm, 0, 0, 0, None),
+}
 
 
-def test_refusing_a_call_on_a_null_comm_is_an_invalid_argument(lib):
-    assert refuse_call(lib, None) == INVALID_ARGUMENT
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_refusing_a_call_on_a_null_comm_is_an_invalid_argument(lib, refusal):
+    assert REFUSALS[refusal](lib, None) == INVALID_ARGUMENT
     assert names_argument(last_error(lib), "comm")
 
 
@@ -753,8 +758,9 @@ def test_dispatch_layout_on_a_bogus_comm_is_invalid_usage(lib, bogus_comm):
     assert "not a live communicator" in last_error(lib)
 
 
-def test_refusing_a_call_on_a_bogus_comm_is_invalid_usage(lib, bogus_comm):
-    assert refuse_call(lib, bogus_comm) == INVALID_USAGE
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_refusing_a_call_on_a_bogus_comm_is_invalid_usage(lib, bogus_comm, refusal):
+    assert REFUSALS[refusal](lib, bogus_comm) == INVALID_USAGE
     assert "not a live communicator" in last_error(lib)
 
 

@@ -7,6 +7,7 @@ source information and combine outputs. All scenarios run in one job; each test 
 """
 
 import re
+import time
 import traceback
 
 import numpy as np
@@ -357,6 +358,67 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
     return True if verdict is True else f"after the refusals: {verdict}"
 
 
+def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
+    """A low-latency call that only the last rank refuses on its host, by pydeepep (more tokens than T, expert outputs
+    of the wrong shape) or by the library (rows wider than the communicator's hidden), also a hooked dispatch: that
+    rank raises its refusal, every other rank finishes the call at once (well within the communicator's 20 s timeout)
+    with DeepEPRemoteError naming it, and the ranks stay in step (the refused call counts as made, a refused Send
+    needs no hook): a dispatch and combine afterwards match the oracle."""
+    R, me = comm.nranks, comm.rank
+    refuser = R - 1
+    bad = me == refuser
+    local = e // R
+    with cupy.cuda.Device(comm.device):
+        x, topk, w = (dev(a) for a in make_inputs(seed, me, n, h, k, e, R))
+        many_x, many_topk, _ = (dev(a) for a in make_inputs(seed, me, T + 1, h, k, e, R))
+        wide_x = dev(make_inputs(seed, me, n, 8192, k, e, R)[0])  # the communicators' hidden is 7168
+
+        def combine_with_rows(rows):
+            result = comm.low_latency_dispatch(x, topk, e)  # accepted everywhere
+            comm.low_latency_combine(cupy.zeros((local, rows, h), cupy.uint16), topk, w, result)
+
+        def hooked_dispatch():
+            result = comm.low_latency_dispatch(
+                many_x if bad else x, many_topk if bad else topk, e, return_recv_hook=True
+            )
+            result.hook()
+
+        calls = {
+            "dispatch refused by pydeepep": lambda: comm.low_latency_dispatch(
+                many_x if bad else x, many_topk if bad else topk, e
+            ),
+            "dispatch refused by the library": lambda: comm.low_latency_dispatch(wide_x if bad else x, topk, e),
+            "combine": lambda: combine_with_rows(R * T - 1 if bad else R * T),
+            "hooked dispatch": hooked_dispatch,
+        }
+        # Every rank makes every call, whatever the verdicts, so that the ranks stay in step.
+        failures = []
+        for what, call in calls.items():
+            start = time.monotonic()
+            said = None
+            try:
+                call()
+                cupy.cuda.runtime.deviceSynchronize()
+                comm.check_async_error()
+            except Exception as exc:
+                said = exc
+            finally:
+                comm.clear_async_error()
+            took = time.monotonic() - start
+            if bad and not isinstance(said, pydeepep.DeepEPInvalidArgument):
+                failures.append(f"{what}: the refusing rank got {said!r}")
+            if not bad and not (
+                isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)
+            ):
+                failures.append(f"{what}: got {said!r}")
+            if took > 5:
+                failures.append(f"{what}: took {took:.1f} s")
+        if failures:
+            return "; ".join(failures)
+    verdict = run_case(comm, seed + 1, n=50, h=h, k=k, e=e)
+    return True if verdict is True else f"after the refusals: {verdict}"
+
+
 def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     """The last rank is masked out: every other rank masks it, and it masks every other rank. Dispatch and combine then
     run in two groups (the last rank alone, the others together), as if the ranks outside a group had no tokens and
@@ -597,6 +659,7 @@ EXTRA = {
     "capture_without_out_refused": lambda comm: capture_without_out_case(comm, 65),
     "masked_peer": lambda comm: masked_peer_case(comm, 67),
     "disagreeing_rows_refused": lambda comm: disagreeing_case(comm, 68),
+    "one_rank_refuses": lambda comm: one_rank_refuses_case(comm, 69),
     "ht_then_ll": lambda comm: ht_then_ll_case(comm, 70),
     "stale_result_refused": lambda comm: stale_case(comm, 80),
     "load_statistics": lambda comm: stats_case(comm, 85),

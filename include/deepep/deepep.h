@@ -413,7 +413,10 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * with config low_latency_transport = DEEPEP_LL_TRANSPORT_NVSHMEM). All arrays are device memory of the
  * communicator's device.
  * Arguments are checked before anything is launched; the calls may finish with an asynchronous error
- * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. */
+ * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. A rank that
+ * refuses a call (a bad argument there alone) still launches its side of it once buffer_set and phase check out
+ * (deepepLowLatencyRefuseCall), moving no data, so that the other ranks finish the same call at once, leave that rank
+ * out (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every rank. */
 
 typedef enum {
   deepepLowLatencySendRecv = 0, /* send, wait for the peers, finish the outputs */
@@ -497,6 +500,16 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombin
  * topk_idx and topk_weights and writes out. */
 DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepepLowLatencyCombineArgs* args,
                                                   struct CUstream_st* stream);
+
+/* This rank's side of a low-latency call that it refuses on its own (a check of its own, outside this library, failed):
+ * launches on `stream`, for the dispatch (combine = 0) or combine (combine = 1) on `buffer_set` in `phase` that the
+ * other ranks make, a kernel that moves no data but goes through the call's protocol, so that they finish it at once
+ * (asynchronous deepepRemoteError naming this rank; its tokens, or its experts' rows, left out) and the ranks'
+ * sequence numbers stay in step. A refused Send completes the whole operation here: call no Recv for it.
+ * deepepLowLatencyDispatch and deepepLowLatencyCombine do this themselves for arguments they refuse. Collective in
+ * the sense above (in place of the refused call); not capturable (a capture would record it, not run it). */
+DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,
+                                                     deepepLowLatencyPhase_t phase, struct CUstream_st* stream);
 
 /* The combine buffer of `buffer_set`: [num_experts / R, R*T, hidden] deepepBFloat16 in device memory of this rank,
  * contiguous. Write expert outputs there (after the set's dispatch finished its Recv) and combine with zero_copy = 1.
