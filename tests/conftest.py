@@ -88,3 +88,37 @@ def log_scenario(suite: str, info, name: str, result) -> None:
     if directory:
         with open(os.path.join(directory, f"{suite}_rank{info.rank}.log"), "a") as f:
             f.write(f"{name}: {result}\n")
+
+
+def one_rank_refusal_failures(comm, calls, refuser, synchronize) -> list:
+    """Makes every call of `calls` (what -> (call, the error class rank `refuser` must raise)) on this rank, whatever
+    the verdicts, so that the ranks stay in step, each followed by `synchronize()` and the asynchronous error check;
+    returns what went wrong: the refusing rank must raise its refusal, every other rank DeepEPRemoteError naming it,
+    each within 5 s (well within the test communicators' timeouts, which a rank waiting for the refuser would run
+    into)."""
+    import time
+
+    import pydeepep
+
+    failures = []
+    for what, (call, refusal) in calls.items():
+        start = time.monotonic()
+        said = None
+        try:
+            call()
+            synchronize()
+            comm.check_async_error()
+        except Exception as exc:
+            said = exc
+        finally:
+            comm.clear_async_error()
+        took = time.monotonic() - start
+        if comm.rank == refuser and not isinstance(said, refusal):
+            failures.append(f"{what}: the refusing rank got {said!r}")
+        if comm.rank != refuser and not (
+            isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)
+        ):
+            failures.append(f"{what}: got {said!r}")
+        if took > 5:
+            failures.append(f"{what}: took {took:.1f} s")
+    return failures

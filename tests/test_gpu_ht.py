@@ -11,7 +11,16 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, bf16_bits, bf16_values, e4m3_values, log_scenario, requires_gpus
+from conftest import (
+    RANKS,
+    all_true,
+    bf16_bits,
+    bf16_values,
+    e4m3_values,
+    log_scenario,
+    one_rank_refusal_failures,
+    requires_gpus,
+)
 
 import pydeepep
 from pydeepep import reference
@@ -445,28 +454,7 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
             ),
             "combine, no handle": (lambda: comm.combine(routed.recv_x, None if bad else routed.handle), TypeError),
         }
-        # Every rank makes every call, whatever the verdicts, so that the ranks stay in step.
-        failures = []
-        for what, (call, refusal) in calls.items():
-            start = time.monotonic()
-            said = None
-            try:
-                call()
-                cupy.cuda.runtime.deviceSynchronize()
-                comm.check_async_error()
-            except Exception as exc:
-                said = exc
-            finally:
-                comm.clear_async_error()
-            took = time.monotonic() - start
-            if bad and not isinstance(said, refusal):
-                failures.append(f"{what}: the refusing rank got {said!r}")
-            if not bad and not (
-                isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)
-            ):
-                failures.append(f"{what}: got {said!r}")
-            if took > 5:
-                failures.append(f"{what}: took {took:.1f} s")
+        failures = one_rank_refusal_failures(comm, calls, refuser, cupy.cuda.runtime.deviceSynchronize)
     verdict = run_case(comm, seed + 1, n=200, h=512, k=k, e=e)
     if verdict is not True:
         failures.append(f"after the refusals: {verdict}")
@@ -583,7 +571,6 @@ def test_ht_on_one_rank():
 def skipping_peer(info, call):
     """Rank 1 never joins `call`: rank 0 must get a timeout naming it, within the timeout plus a few seconds, and both
     ranks must still close. Stream-ordered calls report it through the asynchronous error after a synchronisation."""
-    import time
 
     with pydeepep.Communicator(
         info.unique_id,

@@ -12,7 +12,16 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, bf16_bits, bf16_values, e4m3_values, log_scenario, requires_gpus
+from conftest import (
+    RANKS,
+    all_true,
+    bf16_bits,
+    bf16_values,
+    e4m3_values,
+    log_scenario,
+    one_rank_refusal_failures,
+    requires_gpus,
+)
 
 import pydeepep
 from pydeepep import reference
@@ -391,28 +400,10 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
             "combine": lambda: combine_with_rows(R * T - 1 if bad else R * T),
             "hooked dispatch": hooked_dispatch,
         }
-        # Every rank makes every call, whatever the verdicts, so that the ranks stay in step.
-        failures = []
-        for what, call in calls.items():
-            start = time.monotonic()
-            said = None
-            try:
-                call()
-                cupy.cuda.runtime.deviceSynchronize()
-                comm.check_async_error()
-            except Exception as exc:
-                said = exc
-            finally:
-                comm.clear_async_error()
-            took = time.monotonic() - start
-            if bad and not isinstance(said, pydeepep.DeepEPInvalidArgument):
-                failures.append(f"{what}: the refusing rank got {said!r}")
-            if not bad and not (
-                isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)
-            ):
-                failures.append(f"{what}: got {said!r}")
-            if took > 5:
-                failures.append(f"{what}: took {took:.1f} s")
+        invalid = pydeepep.DeepEPInvalidArgument
+        failures = one_rank_refusal_failures(
+            comm, {what: (call, invalid) for what, call in calls.items()}, refuser, cupy.cuda.runtime.deviceSynchronize
+        )
         if failures:
             return "; ".join(failures)
     verdict = run_case(comm, seed + 1, n=50, h=h, k=k, e=e)
@@ -543,7 +534,6 @@ def flag_round_case(comm):
 def lone_flag_round(info, timeout=5.0):
     """Every rank measures the floor once; then rank 0 alone measures again: the first measurement's words (of later
     rounds than the lone one's) must not end its waits, so it times out. Then the ranks close together."""
-    import time
 
     with pydeepep.Communicator(
         info.unique_id,
@@ -581,7 +571,6 @@ def test_a_lone_flag_round_times_out_instead_of_reading_an_earlier_one():
 def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
     """The load statistics add up: rows per local expert over several calls (on top of what the caller put there),
     and the wait for a source rank that starts late (rank 1 sleeps before its first dispatch)."""
-    import time
 
     R, me = comm.nranks, comm.rank
     local = e // R
