@@ -86,6 +86,7 @@ class LowLatencyDispatchResult:
     hidden: int
     use_fp8: bool
     comm: Communicator
+    refused: bool
 
 class LowLatencyCombineResult(NamedTuple):
     out: DeviceArray

@@ -19,11 +19,13 @@ class LowLatencyDispatchResult:
     past the count; ``recv_layout_range`` [E_loc, R, 2] int32: (first row, rows) of each source rank. ``hook``: with
     ``return_recv_hook``, a callable that receives (the arrays hold the data once it ran, stream-ordered); else None.
     ``buffer_set`` and ``generation`` name the buffer set the result lives in; it stays valid until the dispatch after
-    next starts.
+    next starts. ``refused``: the result a dispatch refused on this rank raised with (``exc.refused_result``; no
+    arrays): a combine given it runs this rank's side of the combine without data and raises, so that the ranks stay
+    in step.
     """
 
     __slots__ = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range", "hook", "buffer_set",
-                 "generation", "num_experts", "num_tokens", "num_topk", "hidden", "use_fp8", "comm")
+                 "generation", "num_experts", "num_tokens", "num_topk", "hidden", "use_fp8", "comm", "refused")
 
     def __repr__(self):
         return (f"LowLatencyDispatchResult(set={self.buffer_set}, generation={self.generation}, "
@@ -110,10 +112,12 @@ cdef class _LowLatencyHook:
             self.combine_args.phase = deepepLowLatencyRecv
             with nogil:
                 status = deepepLowLatencyCombine(c, &self.combine_args, cs)
-        # Done even when the library refused the receive: it then completed the operation without data.
-        self.done = True
-        self.book.pending[self.buffer_set] = None
-        self.keep = None
+        # Done also when the library refused the receive: it then completed the operation without data (unless the
+        # stream is capturing, where it launches nothing and the receive is still to make).
+        if status == deepepSuccess or not _capturing(self.stream, comm.device):
+            self.done = True
+            self.book.pending[self.buffer_set] = None
+            self.keep = None
         _check(status)
 
 
@@ -176,11 +180,25 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     try:
         result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
                                             stream, out, stats_recv_count, stats_wait_ns, scales_token_contiguous)
-    except BaseException:
-        # Refused on this rank: its side of the call still runs, without data, and the call counts as made.
+    except BaseException as exc:
+        # Refused on this rank: its side of the call still runs, without data, and the call counts as made. The
+        # exception carries the result's place in the sequence, for the combine the other ranks will make.
         if not hook.handed:
             _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
-        book.started(buffer_set)
+        refused = LowLatencyDispatchResult()
+        refused.recv_x = refused.recv_scales = refused.recv_count = refused.hook = None
+        refused.recv_src_info = refused.recv_layout_range = None
+        refused.buffer_set = buffer_set
+        refused.generation = book.started(buffer_set)
+        refused.num_experts = num_experts
+        refused.num_tokens = refused.num_topk = refused.hidden = -1
+        refused.use_fp8 = use_fp8
+        refused.comm = comm
+        refused.refused = True
+        try:
+            exc.refused_result = refused
+        except AttributeError:  # an exception type without attributes of its own
+            pass
         raise
     result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
     if return_recv_hook:
@@ -291,6 +309,7 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
     result.use_fp8 = use_fp8
     result.comm = comm
     result.hook = None
+    result.refused = False
     hook.keep = (xv, tv, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, stream, count_view,
                  wait_view)
     return result
@@ -313,6 +332,11 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     _check(deepepLowLatencyCombineArgsInit(&hook.combine_args))
     hook.combine_args.buffer_set = buffer_set
     hook.combine_args.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    if handle.refused:
+        _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
+        raise DeepEPInvalidUsage(
+            "low-latency combine of a dispatch that was refused on this rank: this rank's side of the combine ran "
+            "without data (the other ranks leave this rank's experts out and report it), and there is no output", 2)
     try:
         out_x = _low_latency_combine_call(comm, hook, s, x, topk_idx, topk_weights, handle, zero_copy, stream, out)
     except BaseException:
@@ -406,6 +430,8 @@ def _low_latency_combine_buffer(Communicator comm, handle):
     if handle.comm is not comm:
         raise DeepEPInvalidUsage("the dispatch result belongs to another communicator", 2)
     book.check_current(handle, "low-latency combine buffer")
+    if handle.refused:
+        raise DeepEPInvalidUsage("the dispatch of this result was refused on this rank: it has no combine buffer", 2)
     book.check_not_pending(handle.buffer_set, "the combine buffer is asked for")
     cdef void* pointer = NULL
     _check(deepepLowLatencyGetCombineBuffer(comm._live(), handle.buffer_set, handle.hidden, handle.num_experts,

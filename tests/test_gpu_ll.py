@@ -369,10 +369,11 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
 
 def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
     """A low-latency call that only the last rank refuses on its host, by pydeepep (more tokens than T, expert outputs
-    of the wrong shape) or by the library (rows wider than the communicator's hidden), also a hooked dispatch: that
-    rank raises its refusal, every other rank finishes the call at once (well within the communicator's 20 s timeout)
-    with DeepEPRemoteError naming it, and the ranks stay in step (the refused call counts as made, a refused Send
-    needs no hook): a dispatch and combine afterwards match the oracle."""
+    of the wrong shape) or by the library (rows wider than the communicator's hidden), also a hooked dispatch, and a
+    refused dispatch whose combine the refusing rank makes with the exception's refused_result: that rank raises its
+    refusal, every other rank finishes the call at once (well within the communicator's 20 s timeout) with
+    DeepEPRemoteError naming it, and the ranks stay in step (the refused call counts as made, a refused Send needs no
+    hook): a dispatch and combine afterwards match the oracle."""
     R, me = comm.nranks, comm.rank
     refuser = R - 1
     bad = me == refuser
@@ -386,24 +387,36 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
             result = comm.low_latency_dispatch(x, topk, e)  # accepted everywhere
             comm.low_latency_combine(cupy.zeros((local, rows, h), cupy.uint16), topk, w, result)
 
+        def dispatch_refused_then_combined():
+            # The refusing rank passes its refused result on: its combine runs its side without data and raises.
+            try:
+                result = comm.low_latency_dispatch(many_x if bad else x, many_topk if bad else topk, e)
+            except pydeepep.DeepEPInvalidArgument as exc:
+                result = exc.refused_result
+            comm.low_latency_combine(cupy.zeros((local, R * T, h), cupy.uint16), topk, w, result)
+
         def hooked_dispatch():
             result = comm.low_latency_dispatch(
                 many_x if bad else x, many_topk if bad else topk, e, return_recv_hook=True
             )
             result.hook()
 
-        calls = {
-            "dispatch refused by pydeepep": lambda: comm.low_latency_dispatch(
-                many_x if bad else x, many_topk if bad else topk, e
-            ),
-            "dispatch refused by the library": lambda: comm.low_latency_dispatch(wide_x if bad else x, topk, e),
-            "combine": lambda: combine_with_rows(R * T - 1 if bad else R * T),
-            "hooked dispatch": hooked_dispatch,
-        }
         invalid = pydeepep.DeepEPInvalidArgument
-        failures = one_rank_refusal_failures(
-            comm, {what: (call, invalid) for what, call in calls.items()}, refuser, cupy.cuda.runtime.deviceSynchronize
-        )
+        # what -> (the call, what the refusing rank raises)
+        calls = {
+            "dispatch refused by pydeepep": (
+                lambda: comm.low_latency_dispatch(many_x if bad else x, many_topk if bad else topk, e),
+                invalid,
+            ),
+            "dispatch refused by the library": (
+                lambda: comm.low_latency_dispatch(wide_x if bad else x, topk, e),
+                invalid,
+            ),
+            "combine": (lambda: combine_with_rows(R * T - 1 if bad else R * T), invalid),
+            "hooked dispatch": (hooked_dispatch, invalid),
+            "refused dispatch, then its combine": (dispatch_refused_then_combined, pydeepep.DeepEPInvalidUsage),
+        }
+        failures = one_rank_refusal_failures(comm, calls, refuser, cupy.cuda.runtime.deviceSynchronize)
         if failures:
             return "; ".join(failures)
     verdict = run_case(comm, seed + 1, n=50, h=h, k=k, e=e)

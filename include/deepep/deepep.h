@@ -504,8 +504,10 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
 /* This rank's side of a low-latency call that it refuses on its own (a check of its own, outside this library, failed):
  * launches on `stream`, for the dispatch (combine = 0) or combine (combine = 1) on `buffer_set` in `phase` that the
  * other ranks make, a kernel that moves no data but goes through the call's protocol, so that they finish it at once
- * (asynchronous deepepRemoteError naming this rank; its tokens, or its experts' rows, left out) and the ranks'
- * sequence numbers stay in step. A refused Send completes the whole operation here: call no Recv for it.
+ * (asynchronous deepepRemoteError naming this rank; its tokens, or its experts' rows, left out; a refused Recv only
+ * completes the operation here, the peers having this rank's data from its Send) and the ranks' sequence numbers stay
+ * in step. A refused Send completes the whole operation here: call no Recv for it. After a refused dispatch the other
+ * ranks make its combine: refuse that too (combine = 1, same buffer_set).
  * deepepLowLatencyDispatch and deepepLowLatencyCombine do this themselves for arguments they refuse. Collective in
  * the sense above (in place of the refused call); not capturable (a capture would record it, not run it). */
 DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,
