@@ -165,6 +165,44 @@ cdef void _refuse_low_latency(deepepComm_t c, int combine, int buffer_set, deepe
         deepepLowLatencyRefuseCall(c, combine, buffer_set, phase, <CUstream_st*>stream)  # best effort
 
 
+cdef deepepLowLatencyPhase_t _phase(bint return_recv_hook):
+    """The phases a low-latency call makes now: with a receive hook only the send."""
+    return deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+
+
+cdef _count_refused_dispatch(Communicator comm, book, int buffer_set, num_experts, bint use_fp8, exc):
+    """Counts a dispatch refused on this rank as made (it is, on every rank) and gives `exc` its place in the
+    sequence (exc.refused_result), for the combine the other ranks will make of it."""
+    refused = LowLatencyDispatchResult()
+    refused.recv_x = refused.recv_scales = refused.recv_count = refused.hook = None
+    refused.recv_src_info = refused.recv_layout_range = None
+    refused.buffer_set = buffer_set
+    refused.generation = book.started(buffer_set)
+    refused.num_experts = num_experts
+    refused.num_tokens = refused.num_topk = refused.hidden = -1
+    refused.use_fp8 = use_fp8
+    refused.comm = comm
+    refused.refused = True
+    try:
+        exc.refused_result = refused
+    except AttributeError:  # an exception type without attributes of its own
+        pass
+
+
+def _refuse_low_latency_dispatch(Communicator comm, num_experts, bint use_fp8, bint return_recv_hook, exc, stream):
+    """This rank's side of a low-latency dispatch that a wrapper (the DeepEP adapter) refused with `exc` before
+    pydeepep had the call: as for a dispatch pydeepep refuses, it runs without data, counts as made, and `exc` gets
+    its refused_result. Raises instead, refusing nothing, where pydeepep could not refuse the call either (no
+    low-latency area, a receive hook due on the buffer set, a stream that is no stream)."""
+    book = _ll_book(comm)
+    cdef deepepComm_t c = comm._live()
+    cdef int buffer_set = book.dispatches % 2
+    book.check_not_pending(buffer_set, "a dispatch")
+    cdef size_t s = stream_handle(stream)
+    _refuse_low_latency(c, 0, buffer_set, _phase(return_recv_hook), s)
+    _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
+
+
 def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint use_fp8, bint round_scale,
                           bint use_ue8m0, bint return_recv_hook, stream, out, stats_recv_count=None,
                           stats_wait_ns=None, bint scales_token_contiguous=False):
@@ -176,29 +214,15 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     _check(deepepLowLatencyDispatchArgsInit(&hook.dispatch_args))
     hook.dispatch_args.buffer_set = buffer_set
-    hook.dispatch_args.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    hook.dispatch_args.phase = _phase(return_recv_hook)
     try:
         result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
                                             stream, out, stats_recv_count, stats_wait_ns, scales_token_contiguous)
     except BaseException as exc:
-        # Refused on this rank: its side of the call still runs, without data, and the call counts as made. The
-        # exception carries the result's place in the sequence, for the combine the other ranks will make.
+        # Refused on this rank: its side of the call still runs, without data, and the call counts as made.
         if not hook.handed:
             _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
-        refused = LowLatencyDispatchResult()
-        refused.recv_x = refused.recv_scales = refused.recv_count = refused.hook = None
-        refused.recv_src_info = refused.recv_layout_range = None
-        refused.buffer_set = buffer_set
-        refused.generation = book.started(buffer_set)
-        refused.num_experts = num_experts
-        refused.num_tokens = refused.num_topk = refused.hidden = -1
-        refused.use_fp8 = use_fp8
-        refused.comm = comm
-        refused.refused = True
-        try:
-            exc.refused_result = refused
-        except AttributeError:  # an exception type without attributes of its own
-            pass
+        _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
         raise
     result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
     if return_recv_hook:
@@ -315,23 +339,40 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
     return result
 
 
-def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, bint zero_copy,
-                         bint return_recv_hook, stream, out):
+cdef object _combine_book(Communicator comm, handle):
+    """The checks a low-latency combine passes before it can be refused on this rank (until it has a buffer set,
+    there is nothing to refuse: any failure raises alone); the communicator's book."""
     book = _ll_book(comm)
-    cdef deepepComm_t c = comm._live()
     if not isinstance(handle, LowLatencyDispatchResult):
         raise DeepEPInvalidArgument(
             f"handle must be the LowLatencyDispatchResult of a low-latency dispatch, not {type(handle).__name__}", 1)
     if handle.comm is not comm:
         raise DeepEPInvalidUsage("the dispatch result belongs to another communicator", 2)
-    cdef int buffer_set = handle.buffer_set
     book.check_current(handle, "low-latency combine")
-    book.check_not_pending(buffer_set, "a combine")
+    book.check_not_pending(handle.buffer_set, "a combine")
+    return book
+
+
+def _refuse_low_latency_combine(Communicator comm, handle, bint return_recv_hook, stream):
+    """This rank's side of a low-latency combine of `handle` that a wrapper (the DeepEP adapter) refused before
+    pydeepep had the call: it runs without data, as for a combine pydeepep refuses. Raises instead, refusing nothing,
+    where pydeepep could not refuse it either (a handle that is no current dispatch result of `comm`, a receive hook
+    due on its buffer set, a stream that is no stream)."""
+    _combine_book(comm, handle)
+    cdef size_t s = stream_handle(stream)
+    _refuse_low_latency(comm._live(), 1, handle.buffer_set, _phase(return_recv_hook), s)
+
+
+def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, bint zero_copy,
+                         bint return_recv_hook, stream, out):
+    book = _combine_book(comm, handle)
+    cdef deepepComm_t c = comm._live()
+    cdef int buffer_set = handle.buffer_set
     cdef size_t s = stream_handle(stream)
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     _check(deepepLowLatencyCombineArgsInit(&hook.combine_args))
     hook.combine_args.buffer_set = buffer_set
-    hook.combine_args.phase = deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
+    hook.combine_args.phase = _phase(return_recv_hook)
     if handle.refused:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise DeepEPInvalidUsage(

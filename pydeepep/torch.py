@@ -451,6 +451,20 @@ class Buffer:
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
 
+    def _refuse_low_latency(self, refuse, *args) -> None:
+        """Runs ``refuse(comm, *args, stream)``: this rank's side of a low-latency call the adapter refused before
+        pydeepep had it, so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming
+        this rank instead of waiting out the timeout (pydeepep does the same for what it refuses itself). Nothing runs
+        before the Buffer's first low-latency call made its communicator (the peers are still creating theirs), nor
+        where pydeepep could not refuse the call either (a handle of no current dispatch, a receive hook due): the
+        caller raises its own error in any case."""
+        if self.comm is None or self._ll_sizes is None:
+            return
+        try:
+            refuse(self.comm, *args, torch.cuda.current_stream(self.comm.device).cuda_stream)
+        except Exception:  # the caller's error is the one to report (raised next), not this one
+            pass
+
     def _low_latency_stream(self, async_finish: bool):
         """Where a low-latency call runs: PyTorch's current stream, or with ``async_finish`` the communicator's,
         after the work already on the current stream (the Communicator is the stream object: arrays made on it
@@ -506,21 +520,28 @@ class Buffer:
         first call). ``handle`` is pydeepep's LowLatencyDispatchResult; ``hook`` receives (with
         ``return_recv_hook``) or is None. The statistics tensors (int32/int64 [E_loc] rows received per local
         expert; int64 [R] nanoseconds waited per source rank) are added to."""
-        _check_phases(async_finish, return_recv_hook)
-        hidden = _width(x, "x")
-        if x.shape[0] > num_max_dispatch_tokens_per_rank:
-            raise DeepEPInvalidArgument(
-                f"x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank "
-                f"({num_max_dispatch_tokens_per_rank})",
-                1,
+        try:
+            _check_phases(async_finish, return_recv_hook)
+            hidden = _width(x, "x")
+            if x.shape[0] > num_max_dispatch_tokens_per_rank:
+                raise DeepEPInvalidArgument(
+                    f"x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank "
+                    f"({num_max_dispatch_tokens_per_rank})",
+                    1,
+                )
+            comm = self._low_latency_communicator(
+                (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
             )
-        comm = self._low_latency_communicator(
-            (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
-        )
-        stream = self._low_latency_stream(async_finish)
-        outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)
+            stream = self._low_latency_stream(async_finish)
+            outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)
+            x_bits = _bits(x)
+        except BaseException as exc:
+            self._refuse_low_latency(
+                pydeepep._core._refuse_low_latency_dispatch, num_experts, use_fp8, return_recv_hook, exc
+            )
+            raise
         result = comm.low_latency_dispatch(
-            _bits(x),
+            x_bits,
             topk_idx,
             num_experts,
             use_fp8=use_fp8,
@@ -564,31 +585,39 @@ class Buffer:
         """``(combined_x [N, H] bfloat16, EventOverlap, hook)``. ``x`` [E_loc, R*T, H] bfloat16 in the layout of
         ``handle``; with ``zero_copy`` it is ignored (the rows are in get_next_low_latency_combine_buffer). ``out``: a
         contiguous bfloat16 tensor [N, H] to write and return."""
-        if use_logfmt:
-            raise DeepEPNotSupported("use_logfmt (LogFMT-compressed combine) is not supported: pydeepep sends BF16", 8)
-        if combine_wait_recv_cost_stats is not None:
-            raise DeepEPNotSupported(
-                "combine_wait_recv_cost_stats is not supported: pydeepep keeps wait statistics for the dispatch only "
-                "(dispatch_wait_recv_cost_stats)",
-                8,
-            )
-        _check_phases(async_finish, return_recv_hook)
-        comm = self._low_latency_communicator()
-        stream = self._low_latency_stream(async_finish)
-        if out is None:
-            # PyTorch's allocator (its graph pool inside a capture), as for the dispatch's outputs.
-            hidden = handle.hidden if zero_copy else x.shape[-1]
-            out = torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
-        result = comm.low_latency_combine(
+        try:
+            if use_logfmt:
+                raise DeepEPNotSupported(
+                    "use_logfmt (LogFMT-compressed combine) is not supported: pydeepep sends BF16", 8
+                )
+            if combine_wait_recv_cost_stats is not None:
+                raise DeepEPNotSupported(
+                    "combine_wait_recv_cost_stats is not supported: pydeepep keeps wait statistics for the dispatch "
+                    "only (dispatch_wait_recv_cost_stats)",
+                    8,
+                )
+            _check_phases(async_finish, return_recv_hook)
+            comm = self._low_latency_communicator()
+            stream = self._low_latency_stream(async_finish)
+            if out is None:
+                # PyTorch's allocator (its graph pool inside a capture), as for the dispatch's outputs.
+                hidden = handle.hidden if zero_copy else x.shape[-1]
+                out = torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
             # DeepEP passes the combine buffer itself as x with zero_copy; pydeepep reads the buffer and wants no x.
-            None if zero_copy else _bits(x),
+            x_bits = None if zero_copy else _bits(x)
+            out_array = _output(out, comm.device, stream)
+        except BaseException:
+            self._refuse_low_latency(pydeepep._core._refuse_low_latency_combine, handle, return_recv_hook)
+            raise
+        result = comm.low_latency_combine(
+            x_bits,
             topk_idx,
             topk_weights,
             handle,
             zero_copy=zero_copy,
             return_recv_hook=return_recv_hook,
             stream=stream,
-            out=_output(out, comm.device, stream),
+            out=out_array,
         )
         held = self._ll_combine_inputs.get(handle.buffer_set)
         layout = held[1:] if held is not None and held[0] == id(handle) else ()  # the handle's src_info and ranges

@@ -8,7 +8,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, e4m3_values, requires_gpus
+from conftest import RANKS, all_true, e4m3_values, one_rank_refusal_failures, requires_gpus
 
 import pydeepep
 from pydeepep import reference
@@ -410,6 +410,51 @@ def ll_graph_case(buffer, me, nranks, seed):
     return all(d is True and c for d, c in verdicts) or f"replays (dispatch, combine): {verdicts}"
 
 
+def ll_refusal_case(buffer, me, nranks, seed):
+    """A low-latency call the adapter itself refuses on the last rank (its own checks, before pydeepep has the call:
+    a hook with async_finish, more tokens than num_max_dispatch_tokens_per_rank, use_logfmt, a combine of a refused
+    dispatch's result) ends at once everywhere: that rank raises its error, the others DeepEPRemoteError naming it
+    (not the timeout), and the ranks stay in step: a decode step afterwards matches the oracle."""
+    refuser = nranks - 1
+    bad = me == refuser
+    x, topk, weights = ll_cuda(ll_inputs(seed, me))
+    rows = torch.zeros((E_LL // nranks, nranks * T_LL, H_LL), dtype=torch.bfloat16, device="cuda")
+
+    def combine(**refused_options):
+        _, _, handle, _, _ = buffer.low_latency_dispatch(x, topk, T_LL, E_LL, use_fp8=False)  # accepted everywhere
+        buffer.low_latency_combine(rows, topk, weights, handle, **(refused_options if bad else {}))
+
+    def combine_of_refused_dispatch():
+        try:
+            handle = buffer.low_latency_dispatch(x, topk, T_LL, E_LL, async_finish=bad, return_recv_hook=bad)[2]
+        except pydeepep.DeepEPInvalidArgument as exc:
+            handle = exc.refused_result
+        buffer.low_latency_combine(rows, topk, weights, handle)
+
+    invalid = pydeepep.DeepEPInvalidArgument
+    calls = {  # what -> (the call, what the refusing rank raises)
+        "dispatch with async_finish and a receive hook": (
+            lambda: buffer.low_latency_dispatch(x, topk, T_LL, E_LL, async_finish=bad, return_recv_hook=bad),
+            invalid,
+        ),
+        "dispatch of more tokens than num_max_dispatch_tokens_per_rank": (
+            lambda: buffer.low_latency_dispatch(x, topk, N_LL - 1 if bad else T_LL, E_LL),
+            invalid,
+        ),
+        "combine with use_logfmt": (lambda: combine(use_logfmt=True), pydeepep.DeepEPNotSupported),
+        "combine with async_finish and a receive hook": (
+            lambda: combine(async_finish=True, return_recv_hook=True),
+            invalid,
+        ),
+        "combine of a refused dispatch's result": (combine_of_refused_dispatch, pydeepep.DeepEPInvalidUsage),
+    }
+    failures = one_rank_refusal_failures(buffer.comm, calls, refuser, torch.cuda.synchronize)
+    if failures:
+        return "; ".join(failures)
+    verdict = ll_step(buffer, me, nranks, seed + 1)
+    return True if verdict is True else f"after the refusals: {verdict}"
+
+
 LL_STEPS = {
     # The first call creates the communicator, sized from it (T, H, K, E).
     "ll_fp8": lambda b, me, r: ll_step(b, me, r, 1),
@@ -422,6 +467,7 @@ LL_STEPS = {
     "ll_combine_out": lambda b, me, r: ll_step(b, me, r, 7, out=True),
     "ll_sizes": lambda b, me, r: ll_sizes_case(b, me, r, 8),
     "ll_buffer_runs_ht": lambda b, me, r: ll_buffer_ht_case(b, me, r),
+    "ll_adapter_refuses_on_one_rank": lambda b, me, r: ll_refusal_case(b, me, r, 30),
     "ll_cuda_graph": lambda b, me, r: ll_graph_case(b, me, r, 20),  # last: replays leave the buffer sets as captured
 }
 
