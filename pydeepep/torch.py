@@ -461,7 +461,11 @@ class Buffer:
         if self.comm is None or self._ll_sizes is None:
             return
         try:
-            refuse(self.comm, *args, torch.cuda.current_stream(self.comm.device).cuda_stream)
+            # After every call made so far on either stream (an async_finish call ran on the communicator's), as the
+            # refused call would have been: the refusal reads where the sequence of calls stands.
+            stream = torch.cuda.current_stream(self.comm.device).cuda_stream
+            pydeepep.Event.record(self.comm.stream).wait(stream)
+            refuse(self.comm, *args, stream)
         except Exception:  # the caller's error is the one to report (raised next), not this one
             pass
 
@@ -520,6 +524,7 @@ class Buffer:
         first call). ``handle`` is pydeepep's LowLatencyDispatchResult; ``hook`` receives (with
         ``return_recv_hook``) or is None. The statistics tensors (int32/int64 [E_loc] rows received per local
         expert; int64 [R] nanoseconds waited per source rank) are added to."""
+        handed = False  # whether pydeepep has the call (it refuses what it finds wrong itself)
         try:
             _check_phases(async_finish, return_recv_hook)
             hidden = _width(x, "x")
@@ -535,27 +540,32 @@ class Buffer:
             stream = self._low_latency_stream(async_finish)
             outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)
             x_bits = _bits(x)
-        except BaseException as exc:
-            self._refuse_low_latency(
-                pydeepep._core._refuse_low_latency_dispatch, num_experts, use_fp8, return_recv_hook, exc
+            handed = True
+            result = comm.low_latency_dispatch(
+                x_bits,
+                topk_idx,
+                num_experts,
+                use_fp8=use_fp8,
+                # DeepEP ignores the scale options of a BF16 dispatch; pydeepep would refuse them.
+                round_scale=bool(use_fp8 and round_scale),
+                use_ue8m0=bool(use_fp8 and use_ue8m0),
+                return_recv_hook=return_recv_hook,
+                stream=stream,
+                stats_recv_count=cumulative_local_expert_recv_stats,
+                stats_wait_ns=dispatch_wait_recv_cost_stats,
+                # DeepEP's scales are column-major: stored [E_loc, columns, R*T], returned transposed (a view).
+                scales_token_contiguous=True,
+                out=outputs,
             )
+        except BaseException as exc:
+            if not handed:
+                self._refuse_low_latency(
+                    pydeepep._core._refuse_low_latency_dispatch, num_experts, use_fp8, return_recv_hook, exc
+                )
+            refused = getattr(exc, "refused_result", None)
+            if refused is not None:  # the refused dispatch took its buffer set: what a combine there reads is gone
+                self._ll_combine_inputs.pop(refused.buffer_set, None)
             raise
-        result = comm.low_latency_dispatch(
-            x_bits,
-            topk_idx,
-            num_experts,
-            use_fp8=use_fp8,
-            # DeepEP ignores the scale options of a BF16 dispatch; pydeepep would refuse them.
-            round_scale=bool(use_fp8 and round_scale),
-            use_ue8m0=bool(use_fp8 and use_ue8m0),
-            return_recv_hook=return_recv_hook,
-            stream=stream,
-            stats_recv_count=cumulative_local_expert_recv_stats,
-            stats_wait_ns=dispatch_wait_recv_cost_stats,
-            # DeepEP's scales are column-major: stored [E_loc, columns, R*T], returned transposed (a view, no copy).
-            scales_token_contiguous=True,
-            out=outputs,
-        )
         tensors = outputs.tensors
         layout = (tensors["recv_src_info"], tensors["recv_layout_range"])
         self._ll_combine_inputs[result.buffer_set] = (id(result), *layout)
@@ -599,13 +609,15 @@ class Buffer:
             _check_phases(async_finish, return_recv_hook)
             comm = self._low_latency_communicator()
             stream = self._low_latency_stream(async_finish)
-            if out is None:
+            # A refused dispatch's result gets no output: pydeepep runs this rank's side of its combine and raises.
+            refused = getattr(handle, "refused", False)
+            if out is None and not refused:
                 # PyTorch's allocator (its graph pool inside a capture), as for the dispatch's outputs.
                 hidden = handle.hidden if zero_copy else x.shape[-1]
                 out = torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
             # DeepEP passes the combine buffer itself as x with zero_copy; pydeepep reads the buffer and wants no x.
             x_bits = None if zero_copy else _bits(x)
-            out_array = _output(out, comm.device, stream)
+            out_array = None if out is None else _output(out, comm.device, stream)
         except BaseException:
             self._refuse_low_latency(pydeepep._core._refuse_low_latency_combine, handle, return_recv_hook)
             raise

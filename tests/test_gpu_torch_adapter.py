@@ -412,9 +412,11 @@ def ll_graph_case(buffer, me, nranks, seed):
 
 def ll_refusal_case(buffer, me, nranks, seed):
     """A low-latency call the adapter itself refuses on the last rank (its own checks, before pydeepep has the call:
-    a hook with async_finish, more tokens than num_max_dispatch_tokens_per_rank, use_logfmt, a combine of a refused
-    dispatch's result) ends at once everywhere: that rank raises its error, the others DeepEPRemoteError naming it
-    (not the timeout), and the ranks stay in step: a decode step afterwards matches the oracle."""
+    a hook with async_finish, more tokens than num_max_dispatch_tokens_per_rank, more experts than the area holds,
+    use_logfmt, an output of the wrong dtype, also after async_finish moved the call to the communicator's stream)
+    ends at once everywhere: that rank raises its error, the others DeepEPRemoteError naming it (not the timeout);
+    so does a combine of a refused dispatch's result (also with zero_copy), and the ranks stay in step: a decode step
+    afterwards matches the oracle."""
     refuser = nranks - 1
     bad = me == refuser
     x, topk, weights = ll_cuda(ll_inputs(seed, me))
@@ -424,12 +426,14 @@ def ll_refusal_case(buffer, me, nranks, seed):
         _, _, handle, _, _ = buffer.low_latency_dispatch(x, topk, T_LL, E_LL, use_fp8=False)  # accepted everywhere
         buffer.low_latency_combine(rows, topk, weights, handle, **(refused_options if bad else {}))
 
-    def combine_of_refused_dispatch():
+    def combine_of_refused_dispatch(zero_copy=False):
         try:
             handle = buffer.low_latency_dispatch(x, topk, T_LL, E_LL, async_finish=bad, return_recv_hook=bad)[2]
         except pydeepep.DeepEPInvalidArgument as exc:
             handle = exc.refused_result
-        buffer.low_latency_combine(rows, topk, weights, handle)
+        buffer.low_latency_combine(rows, topk, weights, handle, zero_copy=zero_copy and bad)
+
+    float_out = torch.empty((x.shape[0], H_LL), dtype=torch.float32, device="cuda")
 
     invalid = pydeepep.DeepEPInvalidArgument
     calls = {  # what -> (the call, what the refusing rank raises)
@@ -441,12 +445,22 @@ def ll_refusal_case(buffer, me, nranks, seed):
             lambda: buffer.low_latency_dispatch(x, topk, N_LL - 1 if bad else T_LL, E_LL),
             invalid,
         ),
+        "dispatch of more experts than the area holds": (
+            lambda: buffer.low_latency_dispatch(x, topk, T_LL, 2 * E_LL if bad else E_LL),
+            invalid,
+        ),
         "combine with use_logfmt": (lambda: combine(use_logfmt=True), pydeepep.DeepEPNotSupported),
+        "combine into a float32 out": (lambda: combine(out=float_out), invalid),
+        "combine with async_finish into a float32 out": (lambda: combine(async_finish=True, out=float_out), invalid),
         "combine with async_finish and a receive hook": (
             lambda: combine(async_finish=True, return_recv_hook=True),
             invalid,
         ),
         "combine of a refused dispatch's result": (combine_of_refused_dispatch, pydeepep.DeepEPInvalidUsage),
+        "zero-copy combine of a refused dispatch's result": (
+            lambda: combine_of_refused_dispatch(zero_copy=True),
+            pydeepep.DeepEPInvalidUsage,
+        ),
     }
     failures = one_rank_refusal_failures(buffer.comm, calls, refuser, torch.cuda.synchronize)
     if failures:
