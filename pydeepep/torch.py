@@ -462,9 +462,11 @@ class Buffer:
             return
         try:
             # After every call made so far on either stream (an async_finish call ran on the communicator's), as the
-            # refused call would have been: the refusal reads where the sequence of calls stands.
+            # refused call would have been: the refusal reads where the sequence of calls stands. (A capturing stream
+            # cannot wait for an event from outside its capture.)
             stream = torch.cuda.current_stream(self.comm.device).cuda_stream
-            pydeepep.Event.record(self.comm.stream).wait(stream)
+            if not _capturing():
+                pydeepep.Event.record(self.comm.stream).wait(stream)
             refuse(self.comm, *args, stream)
         except Exception:  # the caller's error is the one to report (raised next), not this one
             pass
