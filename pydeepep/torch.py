@@ -451,7 +451,7 @@ class Buffer:
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
 
-    def _refuse_low_latency(self, refuse, *args) -> None:
+    def _refuse_low_latency(self, refuse, *args, forked: bool = False) -> None:
         """Runs ``refuse(comm, *args, stream)``: this rank's side of a low-latency call the adapter refused before
         pydeepep had it, so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming
         this rank instead of waiting out the timeout (pydeepep does the same for what it refuses itself). Nothing runs
@@ -462,10 +462,11 @@ class Buffer:
             return
         try:
             # After every call made so far on either stream (an async_finish call ran on the communicator's), as the
-            # refused call would have been: the refusal reads where the sequence of calls stands. (A capturing stream
-            # cannot wait for an event from outside its capture.)
+            # refused call would have been: the refusal reads where the sequence of calls stands. A capturing stream
+            # can wait only for the communicator's stream that this call `forked` into the capture (which must join
+            # back), not for one outside it.
             stream = torch.cuda.current_stream(self.comm.device).cuda_stream
-            if not _capturing():
+            if forked or not _capturing():
                 pydeepep.Event.record(self.comm.stream).wait(stream)
             refuse(self.comm, *args, stream)
         except Exception:  # the caller's error is the one to report (raised next), not this one
@@ -527,6 +528,7 @@ class Buffer:
         ``return_recv_hook``) or is None. The statistics tensors (int32/int64 [E_loc] rows received per local
         expert; int64 [R] nanoseconds waited per source rank) are added to."""
         handed = False  # whether pydeepep has the call (it refuses what it finds wrong itself)
+        forked = False  # whether the call moved to the communicator's stream (async_finish)
         try:
             _check_phases(async_finish, return_recv_hook)
             hidden = _width(x, "x")
@@ -540,6 +542,7 @@ class Buffer:
                 (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
             )
             stream = self._low_latency_stream(async_finish)
+            forked = async_finish
             outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)
             x_bits = _bits(x)
             handed = True
@@ -562,7 +565,12 @@ class Buffer:
         except BaseException as exc:
             if not handed:
                 self._refuse_low_latency(
-                    pydeepep._core._refuse_low_latency_dispatch, num_experts, use_fp8, return_recv_hook, exc
+                    pydeepep._core._refuse_low_latency_dispatch,
+                    num_experts,
+                    use_fp8,
+                    return_recv_hook,
+                    exc,
+                    forked=forked,
                 )
             refused = getattr(exc, "refused_result", None)
             if refused is not None:  # the refused dispatch took its buffer set: what a combine there reads is gone
@@ -597,6 +605,7 @@ class Buffer:
         """``(combined_x [N, H] bfloat16, EventOverlap, hook)``. ``x`` [E_loc, R*T, H] bfloat16 in the layout of
         ``handle``; with ``zero_copy`` it is ignored (the rows are in get_next_low_latency_combine_buffer). ``out``: a
         contiguous bfloat16 tensor [N, H] to write and return."""
+        forked = False  # whether the call moved to the communicator's stream (async_finish)
         try:
             if use_logfmt:
                 raise DeepEPNotSupported(
@@ -611,6 +620,7 @@ class Buffer:
             _check_phases(async_finish, return_recv_hook)
             comm = self._low_latency_communicator()
             stream = self._low_latency_stream(async_finish)
+            forked = async_finish
             # A refused dispatch's result gets no output: pydeepep runs this rank's side of its combine and raises.
             refused = getattr(handle, "refused", False)
             if out is None and not refused:
@@ -621,7 +631,9 @@ class Buffer:
             x_bits = None if zero_copy else _bits(x)
             out_array = None if out is None else _output(out, comm.device, stream)
         except BaseException:
-            self._refuse_low_latency(pydeepep._core._refuse_low_latency_combine, handle, return_recv_hook)
+            self._refuse_low_latency(
+                pydeepep._core._refuse_low_latency_combine, handle, return_recv_hook, forked=forked
+            )
             raise
         result = comm.low_latency_combine(
             x_bits,
