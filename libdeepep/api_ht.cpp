@@ -408,10 +408,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     const bool report = a.report_recv_counts != 0;
     if (report) {
       DEEPEP_REQUIRE(worst_case, "report_recv_counts needs a worst-case dispatch (num_worst_tokens > 0)");
-      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-      DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-      if (capturing != cudaStreamCaptureStatusNone)
-        fail(deepepInvalidUsage, "a dispatch reporting its receive counts cannot be captured: the host waits for them");
+      require_not_capturing(stream, "a dispatch reporting its receive counts", ": the host waits for them");
     }
     if (!worst_case) {
       if (!h.routed)
@@ -643,9 +640,7 @@ DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call,
                    "call is %d; it must be a deepepCall_t", static_cast<int>(call));
     deepepHandle* h = handle != nullptr ? checked_handle(handle, &c) : nullptr;
     require_intranode(c);
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a refusal cannot be captured");
+    require_not_capturing(stream, "a refusal");
     launch_refusal(c, h, call, num_sms, stream);
   });
 }

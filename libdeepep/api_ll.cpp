@@ -178,9 +178,7 @@ DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iter
     for (int r = 0; r < c.nranks; ++r) {
       DEEPEP_REQUIRE(c.peer_buffers[r] != nullptr, "rank %d is not reachable over NVLink", r);
     }
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a measurement cannot be captured");
+    require_not_capturing(stream, "a measurement");
     DeviceGuard guard(c.device);
     raise_async_error(c);  // the kernels would not wait: a recorded error stops them
     std::vector<uint32_t> masked;
@@ -310,9 +308,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
     require_low_latency(c);
     check_set_and_phase(buffer_set, phase);
     check_flag(combine, "combine");
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "a refusal cannot be captured");
+    require_not_capturing(stream, "a refusal");
     refuse(c, combine != 0, buffer_set, phase, stream);
   });
 }

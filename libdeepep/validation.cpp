@@ -4,6 +4,8 @@
 
 #include <cstdio>
 
+#include "cuda_utils.hpp"
+
 namespace deepep {
 
 namespace {
@@ -20,6 +22,12 @@ CaptureScope::CaptureScope(cudaStream_t stream) : previous_(checking_in_capture)
 }
 
 CaptureScope::~CaptureScope() { checking_in_capture = previous_; }
+
+void require_not_capturing(cudaStream_t stream, const char* what, const char* why) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) fail(deepepInvalidUsage, "%s cannot be captured%s", what, why);
+}
 
 void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name) {
   if (bytes == 0) return;

@@ -19,6 +19,10 @@ namespace deepep {
 // attributes until the graph runs.
 void check_device_array(const deepepComm& comm, const void* pointer, size_t bytes, size_t alignment, const char* name);
 
+// Refuses (deepepInvalidUsage, "<what> cannot be captured<why>") work that must run now, not when a graph replays
+// it, on a stream that is capturing.
+void require_not_capturing(cudaStream_t stream, const char* what, const char* why = "");
+
 // Marks, for this thread, the argument checks of one call on `stream` (see check_device_array).
 class CaptureScope {
  public:

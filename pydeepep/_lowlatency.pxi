@@ -165,6 +165,13 @@ cdef void _refuse_low_latency(deepepComm_t c, int combine, int buffer_set, deepe
         deepepLowLatencyRefuseCall(c, combine, buffer_set, phase, <CUstream_st*>stream)  # best effort
 
 
+cdef int _next_dispatch_set(book) except -1:
+    """The buffer set of the next dispatch, once no receive hook is still due on it."""
+    cdef int buffer_set = book.dispatches % 2
+    book.check_not_pending(buffer_set, "a dispatch")
+    return buffer_set
+
+
 cdef deepepLowLatencyPhase_t _phase(bint return_recv_hook):
     """The phases a low-latency call makes now: with a receive hook only the send."""
     return deepepLowLatencySend if return_recv_hook else deepepLowLatencySendRecv
@@ -196,8 +203,7 @@ def _refuse_low_latency_dispatch(Communicator comm, num_experts, bint use_fp8, b
     low-latency area, a receive hook due on the buffer set, a stream that is no stream)."""
     book = _ll_book(comm)
     cdef deepepComm_t c = comm._live()
-    cdef int buffer_set = book.dispatches % 2
-    book.check_not_pending(buffer_set, "a dispatch")
+    cdef int buffer_set = _next_dispatch_set(book)
     cdef size_t s = stream_handle(stream)
     _refuse_low_latency(c, 0, buffer_set, _phase(return_recv_hook), s)
     _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
@@ -209,8 +215,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     book = _ll_book(comm)
     cdef deepepComm_t c = comm._live()
     cdef size_t s = stream_handle(stream)
-    cdef int buffer_set = book.dispatches % 2
-    book.check_not_pending(buffer_set, "a dispatch")
+    cdef int buffer_set = _next_dispatch_set(book)
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     _check(deepepLowLatencyDispatchArgsInit(&hook.dispatch_args))
     hook.dispatch_args.buffer_set = buffer_set
