@@ -563,11 +563,6 @@ def one_rank_ht(info):
         return run_case(comm, seed=50, n=300, h=1024, k=4, e=8, biases=1)
 
 
-@requires_gpus(1)
-def test_ht_on_one_rank():
-    assert pydeepep.spawn(one_rank_ht, nprocs=1, timeout=300) == [True]
-
-
 def skipping_peer(info, call):
     """Rank 1 never joins `call`: rank 0 must get a timeout naming it, within the timeout plus a few seconds, and both
     ranks must still close. Stream-ordered calls report it through the asynchronous error after a synchronisation."""

@@ -229,11 +229,6 @@ def single_rank(info):
         return comm.ranks_per_nvl_domain, layout_matches(comm, random_topk(rng, 256, 8, 64), 64)
 
 
-@requires_gpus(1)
-def test_one_rank_communicator_works():
-    assert pydeepep.spawn(single_rank, nprocs=1, timeout=120) == [(1, True)]
-
-
 def late_peer(info):
     import time
 

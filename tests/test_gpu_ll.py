@@ -1,5 +1,5 @@
 """GPU tier: low-latency dispatch and combine on RANKS ranks (conftest: 2 unless DEEPEP_TEST_RANKS says otherwise)
-and on 1, against the NumPy oracle, bit for bit.
+against the NumPy oracle, bit for bit (one rank: test_gpu_one_rank.py runs one_rank_ll).
 
 Every rank builds every rank's inputs from the same seeds (the oracle needs them all), runs its part on the GPU and
 compares its own outputs: FP8 payloads and scales (float32, power-of-two, UE8M0-packed), BF16 payloads, counts,
@@ -716,13 +716,15 @@ def one_rank_ll(info):
         device=0,
         timeout=30,
         max_tokens_per_rank=64,
-        hidden=2048,
+        hidden=7168,
         num_topk=8,
-        num_experts=16,
+        num_experts=32,
         low_latency_max_tokens=T,
     ) as comm:
         for name, case in (
             ("fp8", dict(seed=90, n=100, h=2048, k=8, e=16)),
+            ("decode_one_token", dict(seed=93, n=1, h=7168, k=8, e=32)),
+            ("decode_ue8m0", dict(seed=94, n=32, h=7168, k=8, e=32, round_scale=True, ue8m0=True, drop=0.0)),
             ("bf16_hook", dict(seed=91, n=T, h=1024, k=4, e=8, use_fp8=False, hook=True)),
             ("ue8m0_zero_copy", dict(seed=92, n=33, h=640, k=2, e=16, round_scale=True, ue8m0=True, zero_copy=True)),
         ):
@@ -731,9 +733,3 @@ def one_rank_ll(info):
             except Exception:
                 out[name] = traceback.format_exc()
     return out
-
-
-@requires_gpus(1)
-def test_ll_on_one_rank():
-    (result,) = pydeepep.spawn(one_rank_ll, nprocs=1, timeout=300)
-    assert all(v is True for v in result.values()), result
