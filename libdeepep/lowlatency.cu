@@ -78,6 +78,9 @@ enum : int { kSend = 1, kRecv = 2 };
 // rank's own buffer (the symmetric heap). Reads are always of this rank's own buffer.
 struct Area {
   void* const* direct;  // [nranks]: NVLink-mapped base of every rank's buffer, nullptr for peers reached by NVSHMEM
+  // This rank's buffer (direct[rank]) as a kernel parameter: every address in the area is computed from it, and
+  // reading it from `direct` put a dependent load (from L2 after an acquire) ahead of most steps' first loads.
+  uint8_t* own;
   size_t offset;        // of the low-latency area in every buffer
   size_t ack_offset;
   size_t dispatch_flags_offset;
@@ -97,7 +100,7 @@ struct Area {
   int64_t* timeline;  // diagnostic [block][DEEPEP_LL_TIMELINE_MARKS] marks, or nullptr
 
   // Addresses in this rank's own area (also the symmetric addresses of the same objects on every peer).
-  __device__ __forceinline__ uint8_t* mine() const { return static_cast<uint8_t*>(direct[rank]) + offset; }
+  __device__ __forceinline__ uint8_t* mine() const { return own + offset; }
   __device__ __forceinline__ LowLatencyState* state() const { return reinterpret_cast<LowLatencyState*>(mine()); }
   // Word [set][rank][block] of one of the per-block flag arrays.
   __device__ __forceinline__ uint64_t* block_word(size_t array_offset, int rank_of_word, int block) const {
@@ -121,7 +124,7 @@ struct Area {
   __device__ __forceinline__ T* at(int owner, T* ours) const {
     uint8_t* base = static_cast<uint8_t*>(direct[owner]);
     if (base == nullptr) return nullptr;
-    return reinterpret_cast<T*>(base + (reinterpret_cast<uint8_t*>(ours) - static_cast<uint8_t*>(direct[rank])));
+    return reinterpret_cast<T*>(base + (reinterpret_cast<uint8_t*>(ours) - own));
   }
 };
 
@@ -1231,6 +1234,7 @@ Area make_area(const deepepComm& comm, int set) {
   const LowLatencyArea& l = comm.ll_area;
   Area a;
   a.direct = comm.ll_direct_device;
+  a.own = static_cast<uint8_t*>(comm.buffer);
   a.offset = comm.ll_offset;
   a.ack_offset = l.ack_offset;
   a.dispatch_flags_offset = l.dispatch_flags_offset;
