@@ -226,11 +226,13 @@ __device__ __forceinline__ int expert_of_row(const int32_t* expert_end, int expe
 constexpr int kRowsPerBatch = 64;
 constexpr int kCopyInFlight = 8;
 
-// Copies a batch of `rows` rows of `vectors` 16-byte vectors with the whole block, several loads in flight per
-// thread (a warp per row would leave most warps idle and each row latency-bound): row r goes from src[r] to dst[r],
-// and is skipped when dst[r] is nullptr. Both tables are in shared memory. `kSource` as in load16.
+// Copies 16-byte vectors [first_vector, first_vector + vectors) of a batch of `rows` rows with the whole block,
+// several loads in flight per thread (a warp per row would leave most warps idle and each row latency-bound): row r
+// goes from src[r] to dst[r], and is skipped when dst[r] is nullptr. Both tables are in shared memory. `kSource` as
+// in load16.
 template <Source kSource>
-__device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* dst, int rows, int vectors) {
+__device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* dst, int rows, int first_vector,
+                                          int vectors) {
   const int items = rows * vectors;
   // Item i is vector i % vectors of row i / vectors; each thread steps its (row, vector) on by kThreads items at a
   // time instead of dividing for every item.
@@ -243,8 +245,8 @@ __device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* d
     for (int u = 0; u < kCopyInFlight; ++u) {
       to[u] = nullptr;
       if (first + u * kThreads < items) {
-        v[u] = load16<kSource>(src[row] + vec);
-        if (dst[row] != nullptr) to[u] = dst[row] + vec;
+        v[u] = load16<kSource>(src[row] + first_vector + vec);
+        if (dst[row] != nullptr) to[u] = dst[row] + first_vector + vec;
       }
       vec += vec_step;
       row += row_step;
@@ -260,11 +262,25 @@ __device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* d
   }
 }
 
+// Share `index` [first, end) of `total` items dealt out in `shares` even shares (empty for index >= shares).
+__device__ __forceinline__ void share_of(int64_t total, int shares, int index, int64_t* first, int64_t* end) {
+  const int64_t per_share = (total + shares - 1) / shares;
+  *first = min(total, static_cast<int64_t>(index) * per_share);
+  *end = min(total, *first + per_share);
+}
+
 // This block's share [first, end) of `total` rows.
 __device__ __forceinline__ void block_share(int64_t total, int64_t* first, int64_t* end) {
-  const int64_t per_block = (total + gridDim.x - 1) / gridDim.x;
-  *first = min(total, static_cast<int64_t>(blockIdx.x) * per_block);
-  *end = min(total, *first + per_block);
+  share_of(total, static_cast<int>(gridDim.x), static_cast<int>(blockIdx.x), first, end);
+}
+
+// How many blocks share each token when `tokens` are fewer than the blocks, each taking a slice of the token's rows:
+// without it, one SM copies (dispatch receive) or sums (combine receive) all of a token's rows alone while most of the
+// others idle, bound by what one SM moves (1.3-1.5 us of each at one token on one H200, 14 KB rows).
+constexpr int kMaxTokenParts = 8;
+__device__ __forceinline__ int token_parts(int64_t tokens) {
+  const int blocks = static_cast<int>(gridDim.x);
+  return tokens >= blocks ? 1 : min(kMaxTokenParts, blocks / static_cast<int>(max(tokens, int64_t{1})));
 }
 
 // The block's copy of the mask of ranks left out of low-latency calls (a.mask: set by the host between kernels, or by
@@ -784,8 +800,11 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
   // per source, the rows of the experts it owns. The warps take the groups in turn, each with the loads of several
   // groups in flight.
+  // The blocks share the tokens out; with fewer tokens than blocks, `parts` blocks take each token, every one of
+  // them laying it out and copying its slice of the token's rows.
+  const int parts = token_parts(total), part = static_cast<int>(blockIdx.x) % parts;
   int64_t first, end;
-  block_share(total, &first, &end);
+  share_of(total, blocks / parts, static_cast<int>(blockIdx.x) / parts, &first, &end);
   constexpr int kGroupsInFlight = 4;
   const int64_t group_stride = static_cast<int64_t>(kWarps) * group_tokens;
   for (int64_t g0 = warp * group_tokens; g0 < total; g0 += group_stride * kGroupsInFlight) {
@@ -794,6 +813,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int u = 0; u < kGroupsInFlight; ++u) ids[u] = slot_id(g0 + u * group_stride, total);
 #pragma unroll
     for (int u = 0; u < kGroupsInFlight; ++u) {
+      if (g0 + u * group_stride >= total) break;  // the same in every lane: no shuffles for groups past the tokens
       const int local = first_local(ids[u]);
       if (local < 0) continue;
       const int64_t f = g0 + u * group_stride + token_in_group;
@@ -840,6 +860,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   __shared__ int batch_rows;
   const int tokens_per_batch = max(1, kRowsPerBatch / K);
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
+  const int slice_first = part * vectors / parts, slice_vectors = (part + 1) * vectors / parts - slice_first;
   const uint32_t lanes_below = (1u << lane) - 1u;
   for (int64_t f0 = first; f0 < end; f0 += tokens_per_batch) {
     const int64_t batch_end = min(static_cast<int64_t>(tokens_per_batch), end - f0) + f0;
@@ -885,10 +906,11 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 #pragma unroll
       for (int i = 0; i < 4; ++i) four[i] = 4 * w + i < num_scales ? scales[4 * w + i] : 0.0f;
     };
+    // The first part of a token's blocks also writes its rows' scales and sources.
     float first_scales[4];
-    if (p.fp8 && warp < rows) load_scales(warp, lane, first_scales);
-    copy_rows<Source::kPeerWritten>(batch_row, batch_payload, rows, vectors);
-    for (int r = warp; r < rows; r += kWarps) {
+    if (p.fp8 && part == 0 && warp < rows) load_scales(warp, lane, first_scales);
+    copy_rows<Source::kPeerWritten>(batch_row, batch_payload, rows, slice_first, slice_vectors);
+    for (int r = warp; part == 0 && r < rows; r += kWarps) {
       const int64_t out_row = batch_out[r], j = out_row % rows_per_expert;
       const int local = static_cast<int>(out_row / rows_per_expert);
       // Element of scale column c of this row in recv_scales (`columns` per row).
@@ -1033,10 +1055,10 @@ __device__ void combine_send(const CombineParams& p, uint32_t seq, uint32_t prev
     }
     const bool puts = __syncthreads_or(threadIdx.x < rows && put_to[threadIdx.x] != nullptr);
     block_puts |= puts;
-    copy_rows<Source::kInputOnce>(source, destination, rows, vectors);
+    copy_rows<Source::kInputOnce>(source, destination, rows, 0, vectors);
     // A row put through NVSHMEM is read from symmetric memory: the combine buffer, where x is copied first unless it
     // is already there (zero-copy).
-    if (puts && !p.x_symmetric) copy_rows<Source::kInputOnce>(source, stage_to, rows, vectors);
+    if (puts && !p.x_symmetric) copy_rows<Source::kInputOnce>(source, stage_to, rows, 0, vectors);
     __syncthreads();  // the batch's rows are in the combine buffer
     if (puts) {
       for (int r = warp; r < rows; r += kWarps) {
@@ -1076,14 +1098,19 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       *w = p.weights[t * p.weights_stride + threadIdx.x];
     }
   };
+  // Block b sums tokens b, b + G, ... or, with fewer tokens than blocks, `parts` blocks take each token, every one of
+  // them a slice of its channels.
+  const int parts = token_parts(p.num_tokens), part = static_cast<int>(blockIdx.x) % parts;
+  const int token_step = static_cast<int>(gridDim.x) / parts;
+  const int64_t first_token = blockIdx.x < token_step * parts ? blockIdx.x / parts : p.num_tokens;
   int64_t first_e = -1;
   float first_w = 0.0f;
-  load_slot(blockIdx.x, &first_e, &first_w);
+  load_slot(first_token, &first_e, &first_w);
 
   // A block with tokens waits for the flags of every block of every rank (the rows of a rank it does not wait for,
   // masked or timed out, are skipped like -1 slots).
   bool own_came = true;
-  if (blockIdx.x < p.num_tokens) {
+  if (first_token < p.num_tokens) {
     own_came = wait_all_blocks(
         a, [&](int s, int b) { return a.combine_flag(s, b); }, [](int) { return true; },
         [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyCombine,
@@ -1109,10 +1136,11 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     __syncthreads();
   }
   timeline_mark(a, kMarkFlagsSeen);
-  for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+  const int slice_end = (part + 1) * vectors / parts;
+  for (int64_t t = first_token; t < p.num_tokens; t += token_step) {
     int64_t e = first_e;
     float w = first_w;
-    if (t != blockIdx.x) load_slot(t, &e, &w);
+    if (t != first_token) load_slot(t, &e, &w);
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
       const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
@@ -1132,7 +1160,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       source_slot[threadIdx.x] = usable[first] ? first : -1;
     }
     __syncthreads();
-    for (int v = threadIdx.x; v < vectors; v += kThreads) {
+    for (int v = part * vectors / parts + threadIdx.x; v < slice_end; v += kThreads) {
       float acc[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;

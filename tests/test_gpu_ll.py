@@ -725,6 +725,7 @@ def one_rank_ll(info):
             ("fp8", dict(seed=90, n=100, h=2048, k=8, e=16)),
             ("decode_one_token", dict(seed=93, n=1, h=7168, k=8, e=32)),
             ("decode_ue8m0", dict(seed=94, n=32, h=7168, k=8, e=32, round_scale=True, ue8m0=True, drop=0.0)),
+            ("bf16_few_tokens", dict(seed=95, n=5, h=1000, k=4, e=32, use_fp8=False)),
             ("bf16_hook", dict(seed=91, n=T, h=1024, k=4, e=8, use_fp8=False, hook=True)),
             ("ue8m0_zero_copy", dict(seed=92, n=33, h=640, k=2, e=16, round_scale=True, ue8m0=True, zero_copy=True)),
         ):
