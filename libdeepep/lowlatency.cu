@@ -81,7 +81,7 @@ struct Area {
   // This rank's buffer (direct[rank]) as a kernel parameter: every address in the area is computed from it, and
   // reading it from `direct` put a dependent load (from L2 after an acquire) ahead of most steps' first loads.
   uint8_t* own;
-  size_t offset;        // of the low-latency area in every buffer
+  size_t offset;  // of the low-latency area in every buffer
   size_t ack_offset;
   size_t dispatch_flags_offset;
   size_t combine_flags_offset;
