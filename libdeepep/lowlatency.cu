@@ -813,7 +813,6 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int u = 0; u < kGroupsInFlight; ++u) ids[u] = slot_id(g0 + u * group_stride, total);
 #pragma unroll
     for (int u = 0; u < kGroupsInFlight; ++u) {
-      if (g0 + u * group_stride >= total) break;  // the same in every lane: no shuffles for groups past the tokens
       const int local = first_local(ids[u]);
       if (local < 0) continue;
       const int64_t f = g0 + u * group_stride + token_in_group;
