@@ -1028,8 +1028,8 @@ cdef class Communicator:
         ``stats_recv_count`` int64 or int32 [E_loc] gains the rows each local expert received; ``stats_wait_ns``
         int64 [R] gains the nanoseconds the receive waited for each source rank's tokens."""
         with _OnDevice(self.device):
-            return _low_latency_dispatch(self, x, topk_idx, operator.index(num_experts), use_fp8, round_scale,
-                                         use_ue8m0, return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
+            return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
+                                         return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
                                          scales_token_contiguous)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,

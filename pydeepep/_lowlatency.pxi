@@ -209,7 +209,7 @@ def _refuse_low_latency_dispatch(Communicator comm, num_experts, bint use_fp8, b
     _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
 
 
-def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint use_fp8, bint round_scale,
+def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_fp8, bint round_scale,
                           bint use_ue8m0, bint return_recv_hook, stream, out, stats_recv_count=None,
                           stats_wait_ns=None, bint scales_token_contiguous=False):
     book = _ll_book(comm)
@@ -221,8 +221,10 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, int num_experts, bint 
     hook.dispatch_args.buffer_set = buffer_set
     hook.dispatch_args.phase = _phase(return_recv_hook)
     try:
-        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
-                                            stream, out, stats_recv_count, stats_wait_ns, scales_token_contiguous)
+        # num_experts is converted here, so that a count that is no integer is refused like any other bad argument.
+        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, operator.index(num_experts), use_fp8,
+                                            round_scale, use_ue8m0, stream, out, stats_recv_count, stats_wait_ns,
+                                            scales_token_contiguous)
     except BaseException as exc:
         # Refused on this rank: its side of the call still runs, without data, and the call counts as made.
         if not hook.handed:

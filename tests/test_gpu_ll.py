@@ -368,12 +368,12 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
 
 
 def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
-    """A low-latency call that only the last rank refuses on its host, by pydeepep (more tokens than T, expert outputs
-    of the wrong shape) or by the library (rows wider than the communicator's hidden), also a hooked dispatch, and a
-    refused dispatch whose combine the refusing rank makes with the exception's refused_result: that rank raises its
-    refusal, every other rank finishes the call at once (well within the communicator's 20 s timeout) with
-    DeepEPRemoteError naming it, and the ranks stay in step (the refused call counts as made, a refused Send needs no
-    hook): a dispatch and combine afterwards match the oracle."""
+    """A low-latency call that only the last rank refuses on its host, by pydeepep (more tokens than T, an expert count
+    that is no integer, expert outputs of the wrong shape) or by the library (rows wider than the communicator's
+    hidden), also a hooked dispatch, and a refused dispatch whose combine the refusing rank makes with the
+    exception's refused_result: that rank raises its refusal, every other rank finishes the call at once (well
+    within the communicator's 20 s timeout) with DeepEPRemoteError naming it, and the ranks stay in step (the
+    refused call counts as made, a refused Send needs no hook): a dispatch and combine afterwards match the oracle."""
     R, me = comm.nranks, comm.rank
     refuser = R - 1
     bad = me == refuser
@@ -411,6 +411,10 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
             "dispatch refused by the library": (
                 lambda: comm.low_latency_dispatch(wide_x if bad else x, topk, e),
                 invalid,
+            ),
+            "dispatch whose expert count is no integer": (
+                lambda: comm.low_latency_dispatch(x, topk, float(e) if bad else e),
+                TypeError,
             ),
             "combine": (lambda: combine_with_rows(R * T - 1 if bad else R * T), invalid),
             "hooked dispatch": (hooked_dispatch, invalid),
