@@ -797,14 +797,17 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     return id >= 0 && local >= 0 && local < experts && first_naming ? local : -1;
   };
 
+  // The blocks share the tokens out; with fewer tokens than blocks, `parts` blocks take each token, every one of
+  // them laying it out and copying its slice of the token's rows (never an empty slice: BF16 rows of hidden < 64
+  // have fewer 16-byte vectors than kMaxTokenParts).
+  const int parts = min(token_parts(total), static_cast<int>(p.row.payload_bytes / 16));
+  const int part = static_cast<int>(blockIdx.x) % parts;
+  int64_t first, end;
+  share_of(total, blocks / parts, static_cast<int>(blockIdx.x) / parts, &first, &end);
+
   // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
   // per source, the rows of the experts it owns. The warps take the groups in turn, each with the loads of several
   // groups in flight.
-  // The blocks share the tokens out; with fewer tokens than blocks, `parts` blocks take each token, every one of
-  // them laying it out and copying its slice of the token's rows.
-  const int parts = token_parts(total), part = static_cast<int>(blockIdx.x) % parts;
-  int64_t first, end;
-  share_of(total, blocks / parts, static_cast<int>(blockIdx.x) / parts, &first, &end);
   constexpr int kGroupsInFlight = 4;
   const int64_t group_stride = static_cast<int64_t>(kWarps) * group_tokens;
   for (int64_t g0 = warp * group_tokens; g0 < total; g0 += group_stride * kGroupsInFlight) {
