@@ -234,6 +234,7 @@ template <Source kSource>
 __device__ __forceinline__ void copy_rows(const int4* const* src, int4* const* dst, int rows, int first_vector,
                                           int vectors) {
   const int items = rows * vectors;
+  if (items == 0) return;  // an empty slice (the same in every thread): nothing to divide by below
   // Item i is vector i % vectors of row i / vectors; each thread steps its (row, vector) on by kThreads items at a
   // time instead of dividing for every item.
   int row = threadIdx.x / vectors, vec = threadIdx.x % vectors;
@@ -798,10 +799,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   };
 
   // The blocks share the tokens out; with fewer tokens than blocks, `parts` blocks take each token, every one of
-  // them laying it out and copying its slice of the token's rows (never an empty slice: BF16 rows of hidden < 64
-  // have fewer 16-byte vectors than kMaxTokenParts).
-  const int parts = min(token_parts(total), static_cast<int>(p.row.payload_bytes / 16));
-  const int part = static_cast<int>(blockIdx.x) % parts;
+  // them laying it out and copying its slice of the token's rows.
+  const int parts = token_parts(total), part = static_cast<int>(blockIdx.x) % parts;
   int64_t first, end;
   share_of(total, blocks / parts, static_cast<int>(blockIdx.x) / parts, &first, &end);
 
@@ -862,7 +861,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   __shared__ int batch_rows;
   const int tokens_per_batch = max(1, kRowsPerBatch / K);
   const int vectors = static_cast<int>(p.row.payload_bytes / 16);  // rows are 16-byte multiples (validated)
-  const int slice_first = part * vectors / parts, slice_vectors = (part + 1) * vectors / parts - slice_first;
+  int64_t slice_begin, slice_end;                                  // this block's 16-byte vectors of each row
+  share_of(vectors, parts, part, &slice_begin, &slice_end);
   const uint32_t lanes_below = (1u << lane) - 1u;
   for (int64_t f0 = first; f0 < end; f0 += tokens_per_batch) {
     const int64_t batch_end = min(static_cast<int64_t>(tokens_per_batch), end - f0) + f0;
@@ -911,7 +911,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     // The first part of a token's blocks also writes its rows' scales and sources.
     float first_scales[4];
     if (p.fp8 && part == 0 && warp < rows) load_scales(warp, lane, first_scales);
-    copy_rows<Source::kPeerWritten>(batch_row, batch_payload, rows, slice_first, slice_vectors);
+    copy_rows<Source::kPeerWritten>(batch_row, batch_payload, rows, static_cast<int>(slice_begin),
+                                    static_cast<int>(slice_end - slice_begin));
     for (int r = warp; part == 0 && r < rows; r += kWarps) {
       const int64_t out_row = batch_out[r], j = out_row % rows_per_expert;
       const int local = static_cast<int>(out_row / rows_per_expert);
@@ -1138,7 +1139,8 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     __syncthreads();
   }
   timeline_mark(a, kMarkFlagsSeen);
-  const int slice_end = (part + 1) * vectors / parts;
+  int64_t slice_begin, slice_end;  // this block's 16-byte vectors of each row
+  share_of(vectors, parts, part, &slice_begin, &slice_end);
   for (int64_t t = first_token; t < p.num_tokens; t += token_step) {
     int64_t e = first_e;
     float w = first_w;
@@ -1162,7 +1164,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
       source_slot[threadIdx.x] = usable[first] ? first : -1;
     }
     __syncthreads();
-    for (int v = part * vectors / parts + threadIdx.x; v < slice_end; v += kThreads) {
+    for (int v = static_cast<int>(slice_begin) + threadIdx.x; v < slice_end; v += kThreads) {
       float acc[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;

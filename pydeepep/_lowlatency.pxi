@@ -346,16 +346,23 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
     return result
 
 
-cdef object _combine_book(Communicator comm, handle):
-    """The checks a low-latency combine passes before it can be refused on this rank (until it has a buffer set,
-    there is nothing to refuse: any failure raises alone); the communicator's book."""
+cdef object _result_book(Communicator comm, handle, str what):
+    """The communicator's book, once `handle` is a dispatch result of `comm` whose buffer set no later dispatch took
+    (`what` names the use in the error)."""
     book = _ll_book(comm)
     if not isinstance(handle, LowLatencyDispatchResult):
         raise DeepEPInvalidArgument(
             f"handle must be the LowLatencyDispatchResult of a low-latency dispatch, not {type(handle).__name__}", 1)
     if handle.comm is not comm:
         raise DeepEPInvalidUsage("the dispatch result belongs to another communicator", 2)
-    book.check_current(handle, "low-latency combine")
+    book.check_current(handle, what)
+    return book
+
+
+cdef object _combine_book(Communicator comm, handle):
+    """The checks a low-latency combine passes before it can be refused on this rank (until it has a buffer set,
+    there is nothing to refuse: any failure raises alone); the communicator's book."""
+    book = _result_book(comm, handle, "low-latency combine")
     book.check_not_pending(handle.buffer_set, "a combine")
     return book
 
@@ -471,13 +478,7 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
 
 
 def _low_latency_combine_buffer(Communicator comm, handle):
-    book = _ll_book(comm)
-    if not isinstance(handle, LowLatencyDispatchResult):
-        raise DeepEPInvalidArgument(
-            f"handle must be the LowLatencyDispatchResult of a low-latency dispatch, not {type(handle).__name__}", 1)
-    if handle.comm is not comm:
-        raise DeepEPInvalidUsage("the dispatch result belongs to another communicator", 2)
-    book.check_current(handle, "low-latency combine buffer")
+    book = _result_book(comm, handle, "low-latency combine buffer")
     if handle.refused:
         raise DeepEPInvalidUsage("the dispatch of this result was refused on this rank: it has no combine buffer", 2)
     book.check_not_pending(handle.buffer_set, "the combine buffer is asked for")
