@@ -375,8 +375,9 @@ __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline
 }
 
 // End of an operation's final kernel, in every block: the block records the operation as complete and acknowledges
-// it to every peer (a release after the barrier: the block's reads of the set happen before a peer's next writes
-// into it).
+// it to every peer, after the barrier: the block's reads of the set happen before a peer's next writes into it. The
+// receive wrote nothing to the peers, and the set is this rank's memory: an NVLink peer gets the acknowledgement
+// without a system-scope release (store_ack_after_local_use); an NVSHMEM one as any flag.
 __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -384,7 +385,12 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
     if (combine) a.state()->last_combine[a.set][blockIdx.x] = seq;
   }
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
-    if (d != a.rank && !is_masked(d)) signal(a, d, a.ack(a.rank, blockIdx.x), seq);
+    if (d == a.rank || is_masked(d)) continue;
+    if (uint64_t* there = a.at(d, a.ack(a.rank, blockIdx.x))) {
+      store_ack_after_local_use(there, seq);
+    } else {
+      signal(a, d, a.ack(a.rank, blockIdx.x), seq);
+    }
   }
 }
 
