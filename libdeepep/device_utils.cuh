@@ -9,7 +9,8 @@
 namespace deepep {
 
 // Flags that cross GPUs are 64-bit words read with acquire and written with release at system scope: the data a
-// peer wrote before its release store is visible after our acquire load that sees the flag.
+// peer wrote before its release store is visible after our acquire load that sees the flag. (One exception, for a
+// word that orders no data: store_ack_after_local_use.)
 __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* address) {
   uint64_t value;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
@@ -21,11 +22,14 @@ __device__ __forceinline__ void store_release_sys(uint64_t* address, uint64_t va
 }
 
 // An acknowledgement that this GPU is done with memory of its own that a peer writes into next (over NVLink): the
-// block's earlier accesses are made complete at GPU scope, then the word goes out with a plain system-scope store. No
-// system-scope release is needed: every access to that memory, this GPU's and the peer's, meets in this GPU's L2, so
-// ordering ours at GPU scope before the word leaves orders them before any write the peer makes once it sees the word
-// (and the loads among them have returned their values already, which the block consumed before its barrier). A
-// system-scope release instead costs each of the grid's blocks about 2 us at the end of every low-latency call.
+// block's earlier accesses are made complete at GPU scope, then the word goes out with a plain system-scope store.
+// For callers whose block wrote nothing to any peer since its last system-scope release, and whose memory in question
+// lives on this GPU. Every access to that memory, this GPU's and the peers' (whose earlier writes their own releases
+// completed before this GPU acquired them), meets in this GPU's L2, so ordering this block's at GPU scope before the
+// word leaves puts them before any write the peer makes once it sees the word. A load whose value the block never
+// uses may still be in flight (copy_rows loads rows it then skips); whatever it returns is dropped. The PTX memory
+// model does not pair a GPU-scope fence with a reader on another GPU: this rests on where the memory lives. A
+// system-scope release here cost 0.8-0.9 us of every low-latency dispatch on 2 x H200 (docs/performance.md).
 __device__ __forceinline__ void store_ack_after_local_use(uint64_t* address, uint64_t value) {
   asm volatile("fence.acq_rel.gpu;" ::: "memory");
   asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");

@@ -374,9 +374,10 @@ __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline
 }
 
 // End of an operation's final kernel, in every block: the block records the operation as complete and acknowledges
-// it to every peer, after the barrier: the block's reads of the set happen before a peer's next writes into it. The
-// receive wrote nothing to the peers, and the set is this rank's memory: an NVLink peer gets the acknowledgement
-// without a system-scope release (store_ack_after_local_use); an NVSHMEM one as any flag.
+// it to every peer, after the barrier, so that the block is done with the set before a peer writes into it again. The
+// receive wrote nothing to the peers (the send's writes went out before its flags' releases), and the set is this
+// rank's memory: an NVLink peer gets the acknowledgement without a system-scope release (store_ack_after_local_use);
+// an NVSHMEM one as any flag.
 __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
   __syncthreads();
   if (threadIdx.x == 0) {
