@@ -25,15 +25,16 @@
 // Reuse of a set: before a rank writes into a peer's set for operation seq, it waits until that peer acknowledged
 // the operations that last read the same bytes: for a dispatch (receive slots) the previous operation on the set,
 // for a combine (combine rows) the previous combine on the set. Each block of an operation's final kernel writes
-// seq into its ack word [this rank][b] on every peer once it is done with the set (finish_operation). Send-only (hook)
-// kernels change no state; the receive kernel completes the operation. Every wait is bounded by the timeout and records
-// rank, phase and peer on expiry. Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never
-// waited for or written to (a block goes by the mask as it was when its kernel started, plus its own timeouts: see
-// block_mask); the slots naming their experts are skipped like -1 slots, so the other ranks' operations complete
-// without them. Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink
-// domain, or every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric
-// buffer (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag,
-// and flags and acknowledgements are NVSHMEM signals. Every wait reads this rank's own buffer either way, with acquire
+// seq into its ack word [this rank][b] on every peer once it is done with the set. Send-only (hook) kernels change
+// no state; the receive kernel completes the operation. Every wait is bounded by the timeout and records rank, phase
+// and peer on expiry.
+// Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to (a
+// block goes by the mask as it was when its kernel started, plus its own timeouts: see block_mask); the slots naming
+// their experts are skipped like -1 slots, so the other ranks' operations complete without them.
+// Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
+// every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric buffer
+// (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag, and
+// flags and acknowledgements are NVSHMEM signals. Every wait reads this rank's own buffer either way, with acquire
 // loads: enough over NVLink (also when NVSHMEM drives it) and over GPUDirect RDMA that orders its writes; transports
 // that need NVSHMEM's own wait to make data visible at the target are not handled yet.
 #include <cuda_bf16.h>
