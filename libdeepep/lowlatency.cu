@@ -690,7 +690,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
 // sources' flag words, then the uint64 times at which each source's flags were seen.
 __host__ __device__ size_t dispatch_recv_counts_bytes(int local_experts, int nranks, int blocks) {
   const size_t owned = (static_cast<size_t>(local_experts) + blocks - 1) / blocks;
-  return (local_experts + owned * nranks + nranks + 1 + nranks + 1) / 2 * 2 * sizeof(int32_t);  // 8-byte aligned
+  return (2 * local_experts + owned * nranks + nranks + 1 + nranks + 1) / 2 * 2 * sizeof(int32_t);  // 8-byte aligned
 }
 size_t dispatch_recv_shared_bytes(int local_experts, int nranks, int blocks) {
   return dispatch_recv_counts_bytes(local_experts, nranks, blocks) + nranks * sizeof(uint64_t);
@@ -711,16 +711,22 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   const int blocks = static_cast<int>(gridDim.x);
   auto owns = [&](int local) { return local % blocks == static_cast<int>(blockIdx.x); };
   const int owned_experts = (experts + blocks - 1) / blocks;
-  extern __shared__ int32_t dynamic_shared[];             // dispatch_recv_shared_bytes
-  int32_t* before = dynamic_shared;                       // [experts]: rows of the tokens ahead of this block's
-  int32_t* owned_rows = before + experts;                 // [owned expert][source]: rows of the experts this block owns
-  int32_t* token_start = owned_rows + owned_experts * R;  // [R + 1]: first token of each source
+  extern __shared__ int32_t dynamic_shared[];  // dispatch_recv_shared_bytes
+  int32_t* before = dynamic_shared;            // [experts]: rows of the tokens ahead of this block's
+  int32_t* owned_rows = before + experts;      // [owned expert][source]: rows of the experts this block owns
+  // [experts]: where an owned expert's counts start in owned_rows, -1 for the other experts (a division per expert
+  // once, instead of one per id while counting)
+  int32_t* owned_row_of = owned_rows + owned_experts * R;
+  int32_t* token_start = owned_row_of + experts;  // [R + 1]: first token of each source
   // [R]: the low word of each source's flag, as the block saw it (every block of a source writes the same)
   auto* flag_word = reinterpret_cast<uint32_t*>(token_start + R + 1);
   // [R]: when this block last saw one of the source's flags (statistics, block 0)
   auto* seen_at = reinterpret_cast<unsigned long long*>(reinterpret_cast<uint8_t*>(dynamic_shared) +
                                                         dispatch_recv_counts_bytes(experts, R, blocks));
   for (int i = threadIdx.x; i < experts + owned_experts * R; i += kThreads) dynamic_shared[i] = 0;
+  for (int local = threadIdx.x; local < experts; local += kThreads) {
+    owned_row_of[local] = owns(local) ? (local / blocks) * R : -1;
+  }
   const bool stats = p.stats_wait_ns != nullptr && blockIdx.x == 0;
   const unsigned long long wait_start = stats ? global_timer_ns() : 0;
   for (int s = threadIdx.x; stats && s < R; s += kThreads) seen_at[s] = wait_start;
@@ -786,10 +792,11 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   const int token_in_group = lane / K, slot = lane % K;
   // The id in lane `lane`'s slot of the group of tokens starting at `group_first` (-1 past `group_end`): plain loads
   // after the acquire, never the read-only cache.
-  auto slot_id = [&](int64_t group_first, int64_t group_end) {
+  auto slot_id = [&](int64_t group_first, int64_t group_end, int* source = nullptr) {
     const int64_t f = group_first + token_in_group;
     if (token_in_group >= group_tokens || f >= group_end) return -1;
     const int s = source_of(f);
+    if (source != nullptr) *source = s;
     return source_ids(p, s)[(f - token_start[s]) * K + slot];
   };
   // The local expert `id` names when this lane's slot is the first of its token's slots naming it, else -1 (a token
@@ -818,15 +825,16 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   const int64_t group_stride = static_cast<int64_t>(kWarps) * group_tokens;
   for (int64_t g0 = warp * group_tokens; g0 < total; g0 += group_stride * kGroupsInFlight) {
     int32_t ids[kGroupsInFlight];
+    int sources[kGroupsInFlight];
 #pragma unroll
-    for (int u = 0; u < kGroupsInFlight; ++u) ids[u] = slot_id(g0 + u * group_stride, total);
+    for (int u = 0; u < kGroupsInFlight; ++u) ids[u] = slot_id(g0 + u * group_stride, total, &sources[u]);
 #pragma unroll
     for (int u = 0; u < kGroupsInFlight; ++u) {
       const int local = first_local(ids[u]);
       if (local < 0) continue;
-      const int64_t f = g0 + u * group_stride + token_in_group;
-      if (f < first) atomicAdd(&before[local], 1);
-      if (owns(local)) atomicAdd(&owned_rows[(local / blocks) * R + source_of(f)], 1);
+      if (g0 + u * group_stride + token_in_group < first) atomicAdd(&before[local], 1);
+      const int owned_row = owned_row_of[local];
+      if (owned_row >= 0) atomicAdd(&owned_rows[owned_row + sources[u]], 1);
     }
   }
   __syncthreads();
@@ -880,12 +888,10 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
         const bool naming = local >= 0;
         const uint32_t namers = __ballot_sync(0xffffffffu, naming);
         // The group's lanes naming the same expert are distinct tokens, in token order: each takes the next row,
-        // and the expert's count moves past the last of them.
-        int earlier = 0;
-        for (int d = 1; d < 32; ++d) {
-          const int other = __shfl_up_sync(0xffffffffu, local, d);
-          if (d <= lane && naming && other == local) ++earlier;
-        }
+        // and the expert's count moves past the last of them. One match per group in one warp (made by every lane:
+        // the mask names them all) measured as fast as 31 shuffles, where the counting's many warps found it slow.
+        const uint32_t same = __match_any_sync(0xffffffffu, local);
+        const int earlier = naming ? __popc(same & lanes_below) : 0;
         const int64_t j = naming ? before[local] + earlier : 0;
         __syncwarp();
         if (naming) {
