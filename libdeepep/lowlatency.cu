@@ -395,6 +395,24 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
   }
 }
 
+// The opening of an operation's kernel, in every block: it waits for the kernel ahead of it (programmatic dependent
+// launch), then loads the block's copy of the mask together with the block's sequence numbers, and notes the
+// timeline's start. The block's mask is complete on return.
+struct OperationStart {
+  uint32_t seq;               // of this operation on the set
+  uint32_t previous_combine;  // seq of the last completed combine on the set
+};
+__device__ __forceinline__ OperationStart begin_operation(const Area& a) {
+  wait_for_previous_grid();
+  const MaskLoad mask(a);
+  const LowLatencyState* state = a.state();
+  const OperationStart start = {state->seq[a.set][blockIdx.x] + 1u, state->last_combine[a.set][blockIdx.x]};
+  timeline_start(a);
+  mask.keep();
+  __syncthreads();
+  return start;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // FP8 cast of one row, per 128-channel block: each lane holds 16 consecutive channels, 8 lanes a block.
 
@@ -965,12 +983,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
-  wait_for_previous_grid();
-  const MaskLoad mask(p.area);
-  const uint32_t seq = p.area.state()->seq[p.area.set][blockIdx.x] + 1u;
-  timeline_start(p.area);
-  mask.keep();
-  __syncthreads();  // the block's mask is complete
+  const uint32_t seq = begin_operation(p.area).seq;
   // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
   // must still wait for the live ranks.
   if (phases & kSend) dispatch_send<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
@@ -1226,15 +1239,9 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, int phases) {
-  wait_for_previous_grid();
-  const MaskLoad mask(p.area);
-  const LowLatencyState* state = p.area.state();
-  const uint32_t seq = state->seq[p.area.set][blockIdx.x] + 1u;
-  const uint32_t previous_combine = state->last_combine[p.area.set][blockIdx.x];
-  timeline_start(p.area);
-  mask.keep();
-  __syncthreads();  // the block's mask is complete
-  if (phases & kSend) combine_send(p, seq, previous_combine, global_timer_ns() + p.area.timeout_ns);
+  const OperationStart start = begin_operation(p.area);
+  const uint32_t seq = start.seq;
+  if (phases & kSend) combine_send(p, seq, start.previous_combine, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
     combine_recv<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
     finish_operation(p.area, seq, true);
@@ -1249,20 +1256,14 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
 // peers read last) and publishes the refused word; then it waits for the peers' flags, after which their writes into
 // this rank's set are done, and completes the operation. A refused Send completes it too: no Recv will follow.
 __global__ void __launch_bounds__(kThreads, 1) refused_kernel(Area area, int phases, bool combine) {
-  wait_for_previous_grid();
-  const MaskLoad mask(area);
-  const LowLatencyState* state = area.state();
-  const uint32_t seq = state->seq[area.set][blockIdx.x] + 1u;
-  const uint32_t previous_combine = state->last_combine[area.set][blockIdx.x];
-  timeline_start(area);
-  mask.keep();
-  __syncthreads();  // the block's mask is complete
+  const OperationStart start = begin_operation(area);
+  const uint32_t seq = start.seq;
   const Phase phase = combine ? Phase::kLowLatencyCombine : Phase::kLowLatencyDispatch;
   auto flag = [&](int source, int block) {
     return combine ? area.combine_flag(source, block) : area.dispatch_flag(source, block);
   };
   if (phases & kSend) {
-    wait_peer_acks(area, combine ? previous_combine : seq - 1u, global_timer_ns() + area.timeout_ns, phase);
+    wait_peer_acks(area, combine ? start.previous_combine : seq - 1u, global_timer_ns() + area.timeout_ns, phase);
     for (int d = threadIdx.x; d < area.nranks; d += kThreads) {
       if (d != area.rank && !is_masked(d)) signal(area, d, flag(area.rank, blockIdx.x), tagged(seq, kRefusedFlagWord));
     }
