@@ -95,6 +95,16 @@ cdef class _LowLatencyHook:
     cdef bint done
     cdef bint handed   # the library has the call (it refuses on its own from there)
 
+    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream):
+        """Makes this the receive hook due on `buffer_set`, whose send just went out as `generation`."""
+        self.kind = kind
+        self.comm = comm
+        self.book = book
+        self.buffer_set = buffer_set
+        self.generation = generation
+        self.stream = stream
+        book.pending[buffer_set] = self
+
     def __call__(self):
         if self.done:
             raise DeepEPInvalidUsage(f"this {self.kind} receive hook was already called", 2)
@@ -233,13 +243,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
         raise
     result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
     if return_recv_hook:
-        hook.kind = "dispatch"
-        hook.comm = comm
-        hook.book = book
-        hook.buffer_set = buffer_set
-        hook.generation = result.generation
-        hook.stream = s
-        book.pending[buffer_set] = hook
+        hook.arm("dispatch", comm, book, buffer_set, result.generation, s)
         result.hook = hook
     return result
 
@@ -401,13 +405,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         raise
     if not return_recv_hook:
         return LowLatencyCombineResult(out_x, None)
-    hook.kind = "combine"
-    hook.comm = comm
-    hook.book = book
-    hook.buffer_set = buffer_set
-    hook.generation = handle.generation
-    hook.stream = s
-    book.pending[buffer_set] = hook
+    hook.arm("combine", comm, book, buffer_set, handle.generation, s)
     return LowLatencyCombineResult(out_x, hook)
 
 
