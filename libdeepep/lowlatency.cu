@@ -704,8 +704,8 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   timeline_mark(a, kMarkPublished);
 }
 
-// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts and the
-// sources' flag words, then the uint64 times at which each source's flags were seen.
+// Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts, the owned
+// experts' table and the sources' flag words, then the uint64 times at which each source's flags were seen.
 __host__ __device__ size_t dispatch_recv_counts_bytes(int local_experts, int nranks, int blocks) {
   const size_t owned = (static_cast<size_t>(local_experts) + blocks - 1) / blocks;
   return (2 * local_experts + owned * nranks + nranks + 1 + nranks + 1) / 2 * 2 * sizeof(int32_t);  // 8-byte aligned
