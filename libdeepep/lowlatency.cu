@@ -562,15 +562,9 @@ __device__ __forceinline__ uint8_t* token_slot(const DispatchParams& p, int sour
   return p.area.set_base() + (static_cast<size_t>(source) * p.max_tokens + token) * p.row.row_bytes;
 }
 
-// The rank holding the expert slot k names, or -1 (a -1 slot, or an id out of range).
-template <typename Index>
-__device__ __forceinline__ int rank_of_slot(const DispatchParams& p, const Index* ids, int k) {
-  const int64_t e = static_cast<int64_t>(ids[k]);
-  return e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
-}
-
 // Send: every token goes once to each rank holding any of its experts, into the slot [this rank][token] there, and
 // every token's ids go to every rank; the receivers work out, from the ids, which of their experts get which rows.
+static_assert(DEEPEP_MAX_TOPK <= 32, "the send gives a token's slots to the lanes of one warp");
 template <typename Index>
 __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t deadline) {
   const Area& a = p.area;
@@ -628,12 +622,16 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   for (int64_t t = first; t < end; ++t) {
     const Index* ids_of_t = topk + t * p.topk_stride;
     bool puts = false;
-    if (threadIdx.x < K) {
-      // Slot k sends the token to its expert's rank when it is the first slot naming that rank.
-      const int k = threadIdx.x;
-      const int dest = rank_of_slot(p, ids_of_t, k);
-      bool first_naming = dest >= 0;
-      for (int j = 0; j < k && first_naming; ++j) first_naming = rank_of_slot(p, ids_of_t, j) != dest;
+    if (warp == 0) {
+      // Slot k (lane k) sends the token to its expert's rank when it is the first slot naming that rank: each slot
+      // divides once, in 32 bits (ids past the range are -1 slots here), and the warp compares the ranks at once.
+      const int k = lane;
+      const int64_t e = k < K ? static_cast<int64_t>(ids_of_t[k]) : -1;
+      const int dest = e >= 0 && e < p.num_experts
+                           ? static_cast<int>(static_cast<uint32_t>(e) / static_cast<uint32_t>(p.experts_per_rank))
+                           : -1;
+      const uint32_t same_dest = __match_any_sync(0xffffffffu, dest);  // by every lane: the mask names them all
+      const bool first_naming = dest >= 0 && __ffs(same_dest) - 1 == k;
       uint8_t* row = nullptr;
       uint8_t* put = nullptr;
       if (first_naming && !is_masked(dest)) {
@@ -642,8 +640,10 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
         if (row == nullptr) put = ours;
         slot_rank[k] = dest;
       }
-      slot_row[k] = row;
-      slot_put[k] = put;
+      if (k < K) {
+        slot_row[k] = row;
+        slot_put[k] = put;
+      }
       puts = put != nullptr;
     }
     puts = __syncthreads_or(puts);
@@ -808,18 +808,16 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   // the group's last whole token hold none), so that a token's slots compare ids through shuffles.
   const int group_tokens = 32 / K;
   const int token_in_group = lane / K, slot = lane % K;
-  // The id in lane `lane`'s slot of the group of tokens starting at `group_first` (-1 past `group_end`): plain loads
-  // after the acquire, never the read-only cache.
-  auto slot_id = [&](int64_t group_first, int64_t group_end, int* source = nullptr) {
+  // The id in lane `lane`'s slot of the group of tokens starting at `group_first` (-1 past `group_end`), and its
+  // token's source: plain loads after the acquire, never the read-only cache.
+  auto slot_id = [&](int64_t group_first, int64_t group_end, int* source) {
     const int64_t f = group_first + token_in_group;
     if (token_in_group >= group_tokens || f >= group_end) return -1;
-    const int s = source_of(f);
-    if (source != nullptr) *source = s;
-    return source_ids(p, s)[(f - token_start[s]) * K + slot];
+    *source = source_of(f);
+    return source_ids(p, *source)[(f - token_start[*source]) * K + slot];
   };
   // The local expert `id` names when this lane's slot is the first of its token's slots naming it, else -1 (a token
-  // naming an expert twice travels to it once). Every lane of the warp calls it. Shuffles, not a match: match is
-  // slow enough to cost microseconds over the blocks' redundant counting.
+  // naming an expert twice travels to it once). Every lane of the warp calls it.
   auto first_local = [&](int32_t id) {
     bool first_naming = true;
     for (int j = 1; j < K; ++j) {
@@ -837,22 +835,44 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   share_of(total, blocks / parts, static_cast<int>(blockIdx.x) / parts, &first, &end);
 
   // Every block counts the rows each expert gets from the tokens ahead of its own (the positions of its rows) and,
-  // per source, the rows of the experts it owns. The warps take the groups in turn, each with the loads of several
-  // groups in flight.
-  constexpr int kGroupsInFlight = 4;
-  const int64_t group_stride = static_cast<int64_t>(kWarps) * group_tokens;
-  for (int64_t g0 = warp * group_tokens; g0 < total; g0 += group_stride * kGroupsInFlight) {
-    int32_t ids[kGroupsInFlight];
-    int sources[kGroupsInFlight];
+  // per source, the rows of the experts it owns: a thread per token, eight of its ids loaded at a time. A token
+  // naming an expert twice counts once; a bit per local expert (modulo 128) finds the slots that may repeat an
+  // earlier one, which are then compared with the token's earlier ids.
+  for (int64_t f = threadIdx.x; f < total; f += kThreads) {
+    const int s = source_of(f);
+    const int32_t* ids_of_f = source_ids(p, s) + (f - token_start[s]) * K;
+    const bool ahead = f < first;
+    uint64_t seen_low = 0, seen_high = 0;  // bits (local % 128) of the local experts named so far
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      int32_t id[8];
 #pragma unroll
-    for (int u = 0; u < kGroupsInFlight; ++u) ids[u] = slot_id(g0 + u * group_stride, total, &sources[u]);
+      for (int q = 0; q < 8; q += 4) {
+        const int k = k0 + q;
+        if (K % 4 == 0 && k < K) {  // 16-byte aligned: the slab is, and so is every token's K ids
+          const int4 v = *reinterpret_cast<const int4*>(ids_of_f + k);
+          id[q] = v.x, id[q + 1] = v.y, id[q + 2] = v.z, id[q + 3] = v.w;
+        } else {
 #pragma unroll
-    for (int u = 0; u < kGroupsInFlight; ++u) {
-      const int local = first_local(ids[u]);
-      if (local < 0) continue;
-      if (g0 + u * group_stride + token_in_group < first) atomicAdd(&before[local], 1);
-      const int owned_row = owned_row_of[local];
-      if (owned_row >= 0) atomicAdd(&owned_rows[owned_row + sources[u]], 1);
+          for (int u = 0; u < 4; ++u) id[q + u] = k + u < K ? ids_of_f[k + u] : -1;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int local = id[u] - first_expert;
+        if (id[u] < 0 || local < 0 || local >= experts) continue;
+        const uint64_t bit = uint64_t{1} << (local & 63);
+        const bool high = (local & 64) != 0;
+        if (((high ? seen_high : seen_low) & bit) != 0) {
+          bool repeat = false;
+          for (int j = 0; j < k0 + u && !repeat; ++j) repeat = ids_of_f[j] == id[u];
+          if (repeat) continue;
+        }
+        seen_high |= high ? bit : 0;
+        seen_low |= high ? 0 : bit;
+        if (ahead) atomicAdd(&before[local], 1);
+        const int owned_row = owned_row_of[local];
+        if (owned_row >= 0) atomicAdd(&owned_rows[owned_row + s], 1);
+      }
     }
   }
   __syncthreads();
@@ -902,7 +922,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     if (warp == 0) {
       int rows = 0;
       for (int64_t group_first = f0; group_first < batch_end; group_first += group_tokens) {
-        const int local = first_local(slot_id(group_first, batch_end));
+        int s = 0;
+        const int local = first_local(slot_id(group_first, batch_end, &s));
         const bool naming = local >= 0;
         const uint32_t namers = __ballot_sync(0xffffffffu, naming);
         // The group's lanes naming the same expert are distinct tokens, in token order: each takes the next row,
@@ -915,9 +936,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
         if (naming) {
           atomicMax(&before[local], static_cast<int32_t>(j) + 1);
           const int r = rows + __popc(namers & lanes_below);
-          const int64_t f = group_first + token_in_group;
-          const int s = source_of(f);
-          const int64_t t = f - token_start[s];
+          const int64_t t = group_first + token_in_group - token_start[s];
           batch_row[r] = reinterpret_cast<const int4*>(token_slot(p, s, t));
           batch_out[r] = local * rows_per_expert + j;
           batch_payload[r] =
