@@ -73,6 +73,14 @@ static_assert(sizeof(LowLatencyState) <= kStateBytes, "low-latency state outgrew
 
 enum : int { kSend = 1, kRecv = 2 };
 
+// The block's copy of Area::direct, read once when a kernel starts (PeerTablesLoad): the waits' acquires invalidate
+// the SM's L1, so that reading the table from global memory after a wait put a round trip to L2 ahead of the first
+// store into a peer.
+__device__ __forceinline__ uint8_t** block_direct() {
+  __shared__ uint8_t* bases[DEEPEP_MAX_RANKS];
+  return bases;
+}
+
 // Everything a kernel needs to find the area on every rank. Peers in `direct` are written with NVLink stores; the
 // others (nullptr there) through NVSHMEM, which names a peer's object by the address of the same object in this
 // rank's own buffer (the symmetric heap). Reads are always of this rank's own buffer.
@@ -119,10 +127,11 @@ struct Area {
   __device__ __forceinline__ uint8_t* set_base() const {
     return mine() + control_bytes + static_cast<size_t>(set) * set_bytes;
   }
-  // Where `owner` keeps the object this rank keeps at `ours`, for NVLink stores; nullptr when NVSHMEM reaches it.
+  // Where `owner` keeps the object this rank keeps at `ours`, for NVLink stores; nullptr when NVSHMEM reaches it
+  // (from the block's copy of `direct`: every kernel that calls it begins with begin_operation).
   template <typename T>
   __device__ __forceinline__ T* at(int owner, T* ours) const {
-    uint8_t* base = static_cast<uint8_t*>(direct[owner]);
+    uint8_t* base = block_direct()[owner];
     if (base == nullptr) return nullptr;
     return reinterpret_cast<T*>(base + (reinterpret_cast<uint8_t*>(ours) - own));
   }
@@ -285,7 +294,7 @@ __device__ __forceinline__ int token_parts(int64_t tokens) {
 }
 
 // The block's copy of the mask of ranks left out of low-latency calls (a.mask: set by the host between kernels, or by
-// a timeout waiting for the rank), a byte per rank, read once when a kernel starts (MaskLoad). Every step of a
+// a timeout waiting for the rank), a byte per rank, read once when a kernel starts (PeerTablesLoad). Every step of a
 // call checks the mask, and reading it from global memory each time put a dependent round trip to L2 on the critical
 // path of each step: 1.3-1.5 us of a dispatch, 0.6-1.0 of a combine (2 x H200). During a kernel the mask changes only
 // through timeouts: a block that times out waiting for a rank masks it in its own copy as well (mask_after_timeout),
@@ -297,22 +306,27 @@ __device__ __forceinline__ uint8_t* block_mask() {
 }
 
 // The block's copy of the mask is read in two steps, so that the kernel's other first loads are in flight with it:
-// MaskLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ..., and keep() stores them into the
-// copy, which is complete once the block has passed a barrier after that.
-class MaskLoad {
+// PeerTablesLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ... of the mask and of
+// Area::direct, and keep() stores them into the copies, which are complete once the block has passed a barrier after
+// that.
+class PeerTablesLoad {
  public:
-  __device__ __forceinline__ explicit MaskLoad(const Area& a) : nranks_(a.nranks) {
+  __device__ __forceinline__ explicit PeerTablesLoad(const Area& a) : nranks_(a.nranks) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int r = static_cast<int>(threadIdx.x) + i * kThreads;
       masked_[i] = r < nranks_ && *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+      direct_[i] = r < nranks_ ? static_cast<uint8_t*>(a.direct[r]) : nullptr;
     }
   }
   __device__ __forceinline__ void keep() const {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int r = static_cast<int>(threadIdx.x) + i * kThreads;
-      if (r < nranks_) block_mask()[r] = masked_[i];
+      if (r < nranks_) {
+        block_mask()[r] = masked_[i];
+        block_direct()[r] = direct_[i];
+      }
     }
   }
 
@@ -320,6 +334,7 @@ class MaskLoad {
   static constexpr int kPerThread = (DEEPEP_MAX_RANKS + kThreads - 1) / kThreads;
   int nranks_;
   bool masked_[kPerThread];
+  uint8_t* direct_[kPerThread];
 };
 
 // Whether rank `r` is masked out of this call (the block's copy of the mask).
@@ -396,19 +411,19 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
 }
 
 // The opening of an operation's kernel, in every block: it waits for the kernel ahead of it (programmatic dependent
-// launch), then loads the block's copy of the mask together with the block's sequence numbers, and notes the
-// timeline's start. The block's mask is complete on return.
+// launch), then loads the block's copies of the mask and of the peers' bases together with the block's sequence
+// numbers, and notes the timeline's start. The copies are complete on return.
 struct OperationStart {
   uint32_t seq;               // of this operation on the set
   uint32_t previous_combine;  // seq of the last completed combine on the set
 };
 __device__ __forceinline__ OperationStart begin_operation(const Area& a) {
   wait_for_previous_grid();
-  const MaskLoad mask(a);
+  const PeerTablesLoad tables(a);
   const LowLatencyState* state = a.state();
   const OperationStart start = {state->seq[a.set][blockIdx.x] + 1u, state->last_combine[a.set][blockIdx.x]};
   timeline_start(a);
-  mask.keep();
+  tables.keep();
   __syncthreads();
   return start;
 }
@@ -626,7 +641,7 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
       // Slot k (lane k) sends the token to its expert's rank when it is the first slot naming that rank: each slot
       // divides once, in 32 bits (ids past the range are -1 slots here), and the warp compares the ranks at once.
       const int k = lane;
-      const int64_t e = k < K ? static_cast<int64_t>(ids_of_t[k]) : -1;
+      const int64_t e = k >= K ? -1 : t == first ? first_id : static_cast<int64_t>(ids_of_t[k]);
       const int dest = e >= 0 && e < p.num_experts
                            ? static_cast<int>(static_cast<uint32_t>(e) / static_cast<uint32_t>(p.experts_per_rank))
                            : -1;
