@@ -33,9 +33,13 @@ T = 128  # low_latency_max_tokens of the test communicators
 SLOT_SHIFT = 16  # recv_src_info = token | slot << 16
 
 
-def make_inputs(seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dtype=np.int64, any_bits=False):
+def make_inputs(
+    seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dtype=np.int64, any_bits=False, repeats=False
+):
     """BF16 bits [n, h] (rows of very different magnitudes, row 0 all zeros; with `any_bits`, every finite BF16 bit
-    pattern equally likely: zeros, subnormals and tiny channels next to huge ones), topk [n, k], weights [n, k]."""
+    pattern equally likely: zeros, subnormals and tiny channels next to huge ones), topk [n, k], weights [n, k]. With
+    `repeats`, about half the tokens name their first slot's expert again in their last slot, and a quarter their
+    second slot's in their fourth (a -1 slot repeated stays -1)."""
     rng = np.random.default_rng([seed, rank])
     if to_rank is not None:  # every token's experts live on one rank: several experts of a token on that rank
         local = e // nranks
@@ -46,6 +50,12 @@ def make_inputs(seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dt
     else:
         topk = np.zeros((0, k), np.int64)
     topk[rng.random(topk.shape) < drop] = -1
+    if repeats and n and k > 1:
+        again = rng.random(n) < 0.5
+        topk[again, k - 1] = topk[again, 0]
+        if k > 3:
+            again = rng.random(n) < 0.25
+            topk[again, 3] = topk[again, 1]
     magnitude = 10.0 ** rng.uniform(-3, 3, size=(n, 1))
     x = (rng.standard_normal((n, h)) * magnitude).astype(np.float32)
     if n:
@@ -59,6 +69,16 @@ def make_inputs(seed, rank, n, h, k, e, nranks, drop=0.1, to_rank=None, index_dt
 
 def dev(a):
     return cupy.asarray(a)
+
+
+def first_namings(topk):
+    """topk with every slot naming an expert an earlier slot of its token names set to -1: the (token, expert) pairs
+    the dispatch delivers, each once (the oracle's dispatch refuses repeated experts; its combine sums per slot)."""
+    topk = np.asarray(topk, dtype=np.int64)
+    out = topk.copy()
+    for j in range(1, topk.shape[1]):
+        out[(topk[:, :j] == topk[:, j : j + 1]).any(axis=1), j] = -1
+    return out
 
 
 def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0, token_contiguous=False):
@@ -123,14 +143,17 @@ def run_case(
     reruns=0,
     token_contiguous=False,
     any_bits=False,
+    repeats=False,
 ):
     """Dispatch then combine one case; True or a description of the first mismatch."""
     R, me = comm.nranks, comm.rank
     ns = [n(r) if callable(n) else n for r in range(R)]
-    inputs = [make_inputs(seed, r, ns[r], h, k, e, R, drop, to_rank, index_dtype, any_bits) for r in range(R)]
+    inputs = [make_inputs(seed, r, ns[r], h, k, e, R, drop, to_rank, index_dtype, any_bits, repeats) for r in range(R)]
     xs = [bf16_values(x) for x, _, _ in inputs]
     topks = [t.astype(np.int64) for _, t, _ in inputs]
-    want = reference.low_latency_dispatch(xs, topks, e, T, use_fp8=use_fp8, round_scale=round_scale)
+    want = reference.low_latency_dispatch(
+        xs, [first_namings(t) for t in topks], e, T, use_fp8=use_fp8, round_scale=round_scale
+    )
     x_mine, topk_mine, w_mine = inputs[me]
     with cupy.cuda.Device(comm.device):
         x_dev, topk_dev, w_dev = dev(x_mine), dev(topk_mine), dev(w_mine)
@@ -655,6 +678,11 @@ CASES = {
         seed=21, n=90, h=1536, k=4, e=16, round_scale=True, ue8m0=True, token_contiguous=True
     ),
     "reruns_identical": dict(seed=19, n=T, h=2048, k=8, e=32, round_scale=True, ue8m0=True, reruns=20),
+    # Tokens naming an expert twice (delivered once, summed once per slot by the combine): with 144 experts per rank
+    # the receive's bit per expert modulo 128 also flags experts 128 apart; with K = 32 the repeats cross the groups
+    # of eight ids the receive loads at a time.
+    "repeated_experts_e288": dict(seed=26, n=T, h=512, k=8, e=288, repeats=True),
+    "repeated_experts_k32": dict(seed=27, n=100, h=256, k=32, e=64, repeats=True),
 }
 
 EXTRA = {
