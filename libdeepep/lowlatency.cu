@@ -305,10 +305,10 @@ __device__ __forceinline__ uint8_t* block_mask() {
   return masked;
 }
 
-// The block's copy of the mask is read in two steps, so that the kernel's other first loads are in flight with it:
-// PeerTablesLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ... of the mask and of
-// Area::direct, and keep() stores them into the copies, which are complete once the block has passed a barrier after
-// that.
+// The block's copies of the mask and of Area::direct are read in two steps, so that the kernel's other first loads are
+// in flight with them: PeerTablesLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ... of the
+// mask and of Area::direct, and keep() stores them into the copies, which are complete once the block has passed a
+// barrier after that.
 class PeerTablesLoad {
  public:
   __device__ __forceinline__ explicit PeerTablesLoad(const Area& a) : nranks_(a.nranks) {
@@ -819,8 +819,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     }
     return lo;
   };
-  // The ids travel a group of whole tokens per warp: lane l holds slot l % K of token l / K of the group (lanes past
-  // the group's last whole token hold none), so that a token's slots compare ids through shuffles.
+  // In the layout below the ids travel a group of whole tokens per warp: lane l holds slot l % K of token l / K of the
+  // group (lanes past the group's last whole token hold none), so that a token's slots compare ids through shuffles.
   const int group_tokens = 32 / K;
   const int token_in_group = lane / K, slot = lane % K;
   // The id in lane `lane`'s slot of the group of tokens starting at `group_first` (-1 past `group_end`), and its
