@@ -740,9 +740,9 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   const int64_t rows_per_expert = static_cast<int64_t>(R) * p.max_tokens;
   const int num_scales = p.hidden / 128;
   const int num_words = (num_scales + 3) / 4;
-  // Expert `local`'s outputs other than its rows (counts, ranges, statistics) are written by one block.
+  // Expert `local`'s outputs other than its rows (counts, ranges, statistics) are written by one block, block
+  // local % G, which owns its (local / G)-th entry of owned_rows.
   const int blocks = static_cast<int>(gridDim.x);
-  auto owns = [&](int local) { return local % blocks == static_cast<int>(blockIdx.x); };
   const int owned_experts = (experts + blocks - 1) / blocks;
   extern __shared__ int32_t dynamic_shared[];  // dispatch_recv_shared_bytes
   int32_t* before = dynamic_shared;            // [experts]: rows of the tokens ahead of this block's
@@ -758,7 +758,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
                                                         dispatch_recv_counts_bytes(experts, R, blocks));
   for (int i = threadIdx.x; i < experts + owned_experts * R; i += kThreads) dynamic_shared[i] = 0;
   for (int local = threadIdx.x; local < experts; local += kThreads) {
-    owned_row_of[local] = owns(local) ? (local / blocks) * R : -1;
+    owned_row_of[local] = local % blocks == static_cast<int>(blockIdx.x) ? (local / blocks) * R : -1;
   }
   const bool stats = p.stats_wait_ns != nullptr && blockIdx.x == 0;
   const unsigned long long wait_start = stats ? global_timer_ns() : 0;
