@@ -565,6 +565,13 @@ constexpr uint32_t kRefusedFlagWord = 0xffffffffu;
 static_assert(DEEPEP_LL_MAX_TOKENS < ((1u << kFlagTopkShift) - 1) && DEEPEP_MAX_TOPK < (1u << 14) - 1,
               "a call's flag word can be the refused one");
 
+// The rank holding expert `e` (rank r holds experts r * experts_per_rank onwards), or -1 for an id naming none (-1
+// slots, ids out of range): one 32-bit division, which the id fits once it is in range.
+__device__ __forceinline__ int rank_of_expert(int64_t e, int num_experts, int experts_per_rank) {
+  if (e < 0 || e >= num_experts) return -1;
+  return static_cast<int>(static_cast<uint32_t>(e) / static_cast<uint32_t>(experts_per_rank));
+}
+
 // Source `source`'s expert ids [T][K] int32 in this rank's own area (every rank keeps its own slab at the same offset
 // on every rank).
 __device__ __forceinline__ int32_t* source_ids(const DispatchParams& p, int source) {
@@ -639,12 +646,10 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
     bool puts = false;
     if (warp == 0) {
       // Slot k (lane k) sends the token to its expert's rank when it is the first slot naming that rank: each slot
-      // divides once, in 32 bits (ids past the range are -1 slots here), and the warp compares the ranks at once.
+      // finds its rank once (ids past the range are -1 slots here), and the warp compares the ranks at once.
       const int k = lane;
       const int64_t e = k >= K ? -1 : t == first ? first_id : static_cast<int64_t>(ids_of_t[k]);
-      const int dest = e >= 0 && e < p.num_experts
-                           ? static_cast<int>(static_cast<uint32_t>(e) / static_cast<uint32_t>(p.experts_per_rank))
-                           : -1;
+      const int dest = rank_of_expert(e, p.num_experts, p.experts_per_rank);
       const uint32_t same_dest = __match_any_sync(0xffffffffu, dest);  // by every lane: the mask names them all
       const bool first_naming = dest >= 0 && __ffs(same_dest) - 1 == k;
       uint8_t* row = nullptr;
@@ -896,7 +901,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   // warps after the first, while the first lays out the block's first batch of tokens below.
   const int helper = threadIdx.x - 32, helpers = kThreads - 32;
   for (int local = blockIdx.x; warp > 0 && local < experts; local += blocks) {
-    const int32_t* rows_from = owned_rows + (local / blocks) * R;
+    const int32_t* rows_from = owned_rows + owned_row_of[local];
     int32_t rows = 0;
     for (int s = 0; s < R; ++s) rows += rows_from[s];
     for (int s = helper; s < R; s += helpers) {
@@ -1207,7 +1212,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
     if (t != first_token) load_slot(t, &e, &w);
     if (threadIdx.x < p.num_topk) {
       const int k = threadIdx.x;
-      const int owner = e >= 0 && e < p.num_experts ? static_cast<int>(e / p.experts_per_rank) : -1;
+      const int owner = rank_of_expert(e, p.num_experts, p.experts_per_rank);
       usable[k] = owner >= 0 && !is_masked(owner) && (owner != a.rank || own_came) && laid_out_alike[owner];
       if (e < -1 || e >= p.num_experts) {
         record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyCombine, -1, t * p.num_topk + k,
