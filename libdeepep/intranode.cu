@@ -87,6 +87,14 @@ __host__ __device__ constexpr bool large_dispatch_rows(size_t row_bytes) { retur
 constexpr int kCombineWarps = 24;
 constexpr int kCombinePushWarps = 8;
 constexpr int kCombinePushWarpsLonePublisher = 9;
+// Grids with the barrier whose blocks have a few dozen rows each (of the received rows, x's: more than
+// kCombineFewRowsMin, at most kCombineFewRowsMax) finish sooner with more warps reducing: 5 pushers. Measured on 2 x
+// H200, 24 SMs, same run, each build twice, N = 256 / 512 / 1024 / 2048 (about 21 / 43 / 85 / 171 rows per block):
+// 31.2-31.3 / 43.2-43.3 / 69.7-69.8 / 122.1-122.5 us with 5 against 30.5 / 45.8-46.5 / 75.8-76.3 / 122.7-123.1 with 8
+// (another run: 12 pushers 43.4 / 78.1 / 143.6 at N = 512 / 1024 / 2048, 5 pushers 127.3 at N = 2048).
+constexpr int kCombinePushWarpsFewRows = 5;
+constexpr int64_t kCombineFewRowsMin = 32;
+constexpr int64_t kCombineFewRowsMax = 96;
 // Rows each pushing warp sends between two progress releases: larger chunks mean fewer barriers and flags, smaller
 // ones let the receivers start sooner. Measured at N = 4096, H = 7168, 24 SMs on 2 ranks (1 / 2 / 4 / 8): dispatch
 // 268 / 246 / 262 / 309 us, combine 327 / 359 / 381 / 400 us (with a system fence per chunk, since dropped). A
@@ -121,7 +129,8 @@ int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool l
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
 constexpr uint32_t kRowsRefused = 1u << 31;
-static_assert(kCombinePushWarps < kCombineWarps && kCombinePushWarpsLonePublisher < kCombineWarps,
+static_assert(kCombinePushWarps < kCombineWarps && kCombinePushWarpsLonePublisher < kCombineWarps &&
+                  kCombinePushWarpsFewRows < kCombineWarps,
               "a combine block needs a warp after its pushing warps to publish");
 // Combine's reduction stages its loads in shared memory: kReduceGroup addend rows per step, kReduceStages steps in
 // flight per warp.
@@ -993,7 +1002,8 @@ __device__ __forceinline__ bool combine_pushable(const CombineParams& q, const i
   return offsets[s] + start + count <= q.num_rows && static_cast<size_t>(start + count) * q.row_bytes <= q.region_bytes;
 }
 
-// kPushWarps: the warps that push (kCombinePushWarps, or kCombinePushWarpsLonePublisher with q.lone_publisher).
+// kPushWarps: the warps that push (kCombinePushWarpsLonePublisher with q.lone_publisher, else kCombinePushWarpsFewRows
+// or kCombinePushWarps: launch_combine).
 template <int kPushWarps>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombineParams q) {
   const Protocol& p = q.p;
@@ -1438,8 +1448,11 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.out_weights = args.out_topk_weights;
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
   q.diag = diag_bits();
-  const auto kernel =
-      q.lone_publisher ? combine_kernel<kCombinePushWarpsLonePublisher> : combine_kernel<kCombinePushWarps>;
+  const int64_t rows_per_block = (args.num_rows + handle.num_sms - 1) / handle.num_sms;
+  const bool few_rows = rows_per_block > kCombineFewRowsMin && rows_per_block <= kCombineFewRowsMax;
+  const auto kernel = q.lone_publisher ? combine_kernel<kCombinePushWarpsLonePublisher>
+                      : few_rows       ? combine_kernel<kCombinePushWarpsFewRows>
+                                       : combine_kernel<kCombinePushWarps>;
   allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), kReduceStageBytes, comm.device,
                               "combine's reduction staging");
   // Through launch_kernel, whose status is the launch call's rather than any error an earlier call left pending on the
