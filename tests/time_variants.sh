@@ -14,6 +14,9 @@
 # Example (how the HT warp splits in docs/tuning.md were chosen):
 #   bash tests/time_variants.sh --bench "--modes ht --tokens 4096 --sms 24 --no-floor" base= \
 #     push14='s/kDispatchPushWarpsLargeRows = 12/kDispatchPushWarpsLargeRows = 14/'
+# Every variant is checked before anything is installed or built (each expression a whole s/old/new/ that matches
+# something, each folder present); `--check` (first argument) only checks them, on any machine. A ';' inside an
+# expression splits it: match it with . in the pattern and write it as \x3b in the replacement.
 # Environment: PYTHON (default python3); DEEPEP_VARIANTS_INSTALLED=1 skips installing the tree first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +25,47 @@ export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} PYTHONUNBUFFER
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp}/variants
 BENCH_ARGS="--modes ht --tokens 4096 --sms 24 --no-floor"
+CHECK_ONLY=0
+if [ "${1:-}" = "--check" ]; then
+  CHECK_ONLY=1
+  shift
+fi
 if [ "${1:-}" = "--bench" ]; then
   BENCH_ARGS=$2
   shift 2
 fi
-[ $# -gt 0 ] || { echo "usage: $0 [--bench \"bench args\"] NAME=EXPR[;EXPR...] ..." >&2; exit 2; }
-mkdir -p "$LOG"
+[ $# -gt 0 ] || { echo "usage: $0 [--check] [--bench \"bench args\"] NAME=EXPR[;EXPR...] ..." >&2; exit 2; }
 ROOT=$(pwd)
+
+# Prints what is wrong with a variant's expressions (';'-separated) or folder; fails if anything is.
+check_variant() {  # name, expressions
+  local name=$1 exprs=$2 expr
+  if [ "${exprs:0:1}" = @ ]; then
+    [ -d "$ROOT/${exprs:1}" ] && return 0
+    echo "variant $name: no folder $ROOT/${exprs:1}"
+    return 1
+  fi
+  IFS=';' read -r -a list <<< "$exprs"
+  for expr in "${list[@]}"; do
+    [ -n "$expr" ] || continue
+    if ! echo | sed -E "$expr" > /dev/null 2>&1; then
+      echo "variant $name: '$expr' is not a whole s/old/new/ expression (a ';' inside one splits it: match it with ." \
+        "in the pattern, write it as \\x3b in the replacement)"
+      return 1
+    fi
+    if ! grep -qE "$(echo "$expr" | sed -E 's#^s/([^/]*)/.*#\1#')" "$ROOT"/libdeepep/*.cu; then
+      echo "variant $name: '$expr' matches nothing in libdeepep/*.cu"
+      return 1
+    fi
+  done
+}
+bad=0
+for spec in "$@"; do
+  check_variant "${spec%%=*}" "${spec#*=}" || bad=1
+done
+[ $bad = 0 ] || exit 2
+[ $CHECK_ONLY = 0 ] || { echo "all $# variants check out"; exit 0; }
+mkdir -p "$LOG"
 
 if [ "${DEEPEP_VARIANTS_INSTALLED:-0}" != 1 ]; then
   $PY -m pip install --no-build-isolation --no-deps . > "$LOG/install.log" 2>&1 || { tail -30 "$LOG/install.log"; exit 1; }
@@ -42,23 +79,13 @@ build_variant() {  # name, expressions (';'-separated)
   rm -rf "$src" && mkdir -p "$src"
   tar --exclude=./build --exclude=./.git -C "$ROOT" -cf - . | tar -xf - -C "$src"
   if [ "${exprs:0:1}" = @ ]; then
-    local overlay=$ROOT/${exprs:1}
-    if [ ! -d "$overlay" ]; then
-      echo "variant $name: no folder $overlay" > "$LOG/$name.build.log"
-      return 1
-    fi
-    cp -a "$overlay"/. "$src"/
+    cp -a "$ROOT/${exprs:1}"/. "$src"/
     exprs=
   fi
   local expr
   IFS=';' read -r -a list <<< "$exprs"
   for expr in "${list[@]}"; do
-    [ -n "$expr" ] || continue
-    if ! grep -qE "$(echo "$expr" | sed -E 's#^s/([^/]*)/.*#\1#')" "$src"/libdeepep/*.cu; then
-      echo "variant $name: '$expr' matches nothing" > "$LOG/$name.build.log"
-      return 1
-    fi
-    sed -i -E "$expr" "$src"/libdeepep/*.cu
+    [ -n "$expr" ] && sed -i -E "$expr" "$src"/libdeepep/*.cu
   done
   mkdir -p "$src/b" && cd "$src/b" &&
     cmake .. -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$PY" > "$LOG/$name.build.log" 2>&1 &&
