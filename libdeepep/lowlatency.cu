@@ -724,6 +724,33 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
   timeline_mark(a, kMarkPublished);
 }
 
+// Expert `local`'s outputs other than its rows, from its rows from each source (rows_from[R]): its count, each
+// source's range of its rows, its statistics, and -1 as the source of every row past its count. Shared by `helpers`
+// threads, this one being number `helper`.
+__device__ __forceinline__ void write_expert_outputs(const DispatchParams& p, int R, int64_t rows_per_expert, int local,
+                                                     const int32_t* rows_from, int helper, int helpers) {
+  int32_t rows = 0;
+  for (int s = 0; s < R; ++s) rows += rows_from[s];
+  for (int s = helper; s < R; s += helpers) {
+    int32_t offset = 0;
+    for (int before_s = 0; before_s < s; ++before_s) offset += rows_from[before_s];
+    p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2] = offset;
+    p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2 + 1] = rows_from[s];
+  }
+  if (helper == 0) {
+    p.recv_count[local] = rows;
+    if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
+      if (p.stats_recv_count_int32) {
+        static_cast<int32_t*>(p.stats_recv_count)[local] += rows;
+      } else {
+        static_cast<int64_t*>(p.stats_recv_count)[local] += rows;
+      }
+    }
+  }
+  int32_t* src_info = p.recv_src_info + local * rows_per_expert;
+  for (int64_t j = rows + helper; j < rows_per_expert; j += helpers) src_info[j] = -1;
+}
+
 // Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts, the owned
 // experts' table and the sources' flag words, then the uint64 times at which each source's flags were seen.
 __host__ __device__ size_t dispatch_recv_counts_bytes(int local_experts, int nranks, int blocks) {
@@ -897,31 +924,11 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   }
   __syncthreads();
 
-  // Counts, per-source ranges and statistics of the experts this block owns, and -1 past their rows: written by the
-  // warps after the first, while the first lays out the block's first batch of tokens below.
-  const int helper = threadIdx.x - 32, helpers = kThreads - 32;
+  // The outputs of the experts this block owns other than their rows, written by the warps after the first while the
+  // first lays out the block's first batch of tokens below.
   for (int local = blockIdx.x; warp > 0 && local < experts; local += blocks) {
-    const int32_t* rows_from = owned_rows + owned_row_of[local];
-    int32_t rows = 0;
-    for (int s = 0; s < R; ++s) rows += rows_from[s];
-    for (int s = helper; s < R; s += helpers) {
-      int32_t offset = 0;
-      for (int before_s = 0; before_s < s; ++before_s) offset += rows_from[before_s];
-      p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2] = offset;
-      p.recv_layout_range[(static_cast<size_t>(local) * R + s) * 2 + 1] = rows_from[s];
-    }
-    if (helper == 0) {
-      p.recv_count[local] = rows;
-      if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
-        if (p.stats_recv_count_int32) {
-          static_cast<int32_t*>(p.stats_recv_count)[local] += rows;
-        } else {
-          static_cast<int64_t*>(p.stats_recv_count)[local] += rows;
-        }
-      }
-    }
-    int32_t* src_info = p.recv_src_info + local * rows_per_expert;
-    for (int64_t j = rows + helper; j < rows_per_expert; j += helpers) src_info[j] = -1;
+    write_expert_outputs(p, R, rows_per_expert, local, owned_rows + owned_row_of[local], threadIdx.x - 32,
+                         kThreads - 32);
   }
 
   // This block's tokens, a batch at a time: warp 0 gives each slot naming an expert here its row (a group of tokens
