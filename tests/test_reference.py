@@ -582,3 +582,43 @@ def test_low_latency_round_trip_of_bf16_values_gives_the_weighted_sum():
     out0, out1 = reference.low_latency_combine([r[0] for r in results], LL_TOPK, weights, [r[3] for r in results])
     assert out0[:, 0].tolist() == [0.75 * 1, 2.0 * 2]
     assert out1[:, 0].tolist() == [1.5 * 10, 4.25 * 20, 0.0]
+
+
+@pytest.mark.parametrize("num_ranks", [4, 8])
+def test_low_latency_over_many_ranks_follows_the_definitions(num_ranks):
+    # Random routing over 4 or 8 ranks (distinct experts per token, -1 slots, ranks with no tokens). The expected
+    # rows, counts and sources are derived here from the definition (rows of expert e: the (source, token) pairs
+    # naming it, source ascending, then token), and the round trip with small integers and power-of-two weights is
+    # exact, so its sums can be derived as well.
+    rng = np.random.default_rng(num_ranks)
+    local_experts, num_topk, max_tokens, hidden = 3, 4, 5, 2
+    num_experts = local_experts * num_ranks
+    xs, topks, weights = [], [], []
+    for _ in range(num_ranks):
+        n = int(rng.integers(0, max_tokens + 1))
+        topk = np.full((n, num_topk), -1, np.int64)
+        for t in range(n):
+            chosen = rng.choice(num_experts, size=int(rng.integers(0, num_topk + 1)), replace=False)
+            topk[t, : len(chosen)] = chosen
+            rng.shuffle(topk[t])
+        topks.append(topk)
+        xs.append(np.repeat(rng.integers(-8, 9, (n, 1)), hidden, axis=1).astype(f32))
+        weights.append((2.0 ** rng.integers(-2, 2, (n, num_topk))).astype(f32))
+    results = reference.low_latency_dispatch(xs, topks, num_experts, max_tokens, use_fp8=False)
+    assert len(results) == num_ranks
+    for rank, (recv_x, scales, count, src) in enumerate(results):
+        assert scales is None
+        for local in range(local_experts):
+            expert = rank * local_experts + local
+            pairs = [(s, t) for s in range(num_ranks) for t in range(len(xs[s])) if expert in topks[s][t]]
+            assert count[local] == len(pairs)
+            assert src[local, : len(pairs)].tolist() == [[s, t] for s, t in pairs]
+            assert (src[local, len(pairs) :] == -1).all() and (recv_x[local, len(pairs) :] == 0).all()
+            for j, (s, t) in enumerate(pairs):
+                assert recv_x[local, j].tolist() == xs[s][t].tolist()
+    outs = reference.low_latency_combine([r[0] for r in results], topks, weights, [r[3] for r in results])
+    for rank in range(num_ranks):
+        named = topks[rank] >= 0
+        expected = (weights[rank] * named * xs[rank][:, :1]).sum(axis=1)
+        assert outs[rank][:, 0].tolist() == expected.tolist()
+        assert (outs[rank][:, 0] == outs[rank][:, 1]).all()
