@@ -751,6 +751,31 @@ __device__ __forceinline__ void write_expert_outputs(const DispatchParams& p, in
   for (int64_t j = rows + helper; j < rows_per_expert; j += helpers) src_info[j] = -1;
 }
 
+// Stores scales 4w .. 4w + 3 of output row `out_row` (position j under local expert `local`, rows_per_expert rows per
+// expert) into recv_scales: as UE8M0 word w or as float32, with each row's scales or each scale column contiguous, as
+// the call asked.
+__device__ __forceinline__ void store_four_scales(const DispatchParams& p, int64_t out_row, int local, int64_t j,
+                                                  int64_t rows_per_expert, int num_scales, int num_words, int w,
+                                                  const float* four) {
+  // Element of scale column c of this row in recv_scales (`columns` per row).
+  auto scale_at = [&](int c, int columns) {
+    return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
+                                     : out_row * columns + c;
+  };
+  if (p.ue8m0) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) word |= ((__float_as_uint(four[i]) >> 23) & 0xffu) << (8 * i);
+    static_cast<int32_t*>(p.recv_scales)[scale_at(w, num_words)] = static_cast<int32_t>(word);
+  } else {
+    float* out = static_cast<float*>(p.recv_scales);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (4 * w + i < num_scales) out[scale_at(4 * w + i, num_scales)] = four[i];
+    }
+  }
+}
+
 // Dynamic shared memory of a dispatch receive on `blocks` blocks (see dispatch_recv): the int32 counts, the owned
 // experts' table and the sources' flag words, then the uint64 times at which each source's flags were seen.
 __host__ __device__ size_t dispatch_recv_counts_bytes(int local_experts, int nranks, int blocks) {
@@ -993,11 +1018,6 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
     for (int r = warp; part == 0 && r < rows; r += kWarps) {
       const int64_t out_row = batch_out[r], j = out_row % rows_per_expert;
       const int local = static_cast<int>(out_row / rows_per_expert);
-      // Element of scale column c of this row in recv_scales (`columns` per row).
-      auto scale_at = [&](int c, int columns) {
-        return p.scales_token_contiguous ? (static_cast<int64_t>(local) * columns + c) * rows_per_expert + j
-                                         : out_row * columns + c;
-      };
       for (int w = lane; p.fp8 && w < num_words; w += 32) {
         float four[4];
         if (r == warp && w == lane) {
@@ -1006,18 +1026,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
         } else {
           load_scales(r, w, four);
         }
-        if (p.ue8m0) {
-          uint32_t word = 0;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) word |= ((__float_as_uint(four[i]) >> 23) & 0xffu) << (8 * i);
-          static_cast<int32_t*>(p.recv_scales)[scale_at(w, num_words)] = static_cast<int32_t>(word);
-        } else {
-          float* out = static_cast<float*>(p.recv_scales);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (4 * w + i < num_scales) out[scale_at(4 * w + i, num_scales)] = four[i];
-          }
-        }
+        store_four_scales(p, out_row, local, j, rows_per_expert, num_scales, num_words, w, four);
       }
       if (lane == 0) p.recv_src_info[out_row] = batch_info[r];
     }
