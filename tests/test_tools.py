@@ -27,9 +27,11 @@ def test_good_variants_check_out(tmp_path):
         "twelve=s/kCombinePushWarps = 8/kCombinePushWarps = 12/",
         "semicolon=s/kCombinePushWarps = 8./kCombinePushWarps = 12\\x3b/",
         "tree=@libdeepep",
+        # the second expression matches only what the first wrote, as the build applies them in order
+        "chained=s/kCombinePushWarps = 8/kCombinePushWarpsX = 8/;s/kCombinePushWarpsX = 8/kCombinePushWarps = 6/",
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "all 4 variants check out" in out.stdout
+    assert "all 5 variants check out" in out.stdout
     assert not (tmp_path / "variants").exists()
 
 

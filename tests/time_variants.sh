@@ -45,19 +45,26 @@ check_variant() {  # name, expressions
     echo "variant $name: no folder $ROOT/${exprs:1}"
     return 1
   fi
+  # Applied in order to a scratch copy, as the build applies them: a later expression may match what an earlier wrote.
+  local scratch
+  scratch=$(mktemp -d) && cp "$ROOT"/libdeepep/*.cu "$scratch"/ || return 1
   IFS=';' read -r -a list <<< "$exprs"
   for expr in "${list[@]}"; do
     [ -n "$expr" ] || continue
     if ! echo | sed -E "$expr" > /dev/null 2>&1; then
       echo "variant $name: '$expr' is not a whole s/old/new/ expression (a ';' inside one splits it: match it with ." \
         "in the pattern, write it as \\x3b in the replacement)"
+      rm -rf "$scratch"
       return 1
     fi
-    if ! grep -qE "$(echo "$expr" | sed -E 's#^s/([^/]*)/.*#\1#')" "$ROOT"/libdeepep/*.cu; then
+    if ! grep -qE "$(echo "$expr" | sed -E 's#^s/([^/]*)/.*#\1#')" "$scratch"/*.cu; then
       echo "variant $name: '$expr' matches nothing in libdeepep/*.cu"
+      rm -rf "$scratch"
       return 1
     fi
+    sed -i -E "$expr" "$scratch"/*.cu
   done
+  rm -rf "$scratch"
 }
 bad=0
 for spec in "$@"; do
