@@ -83,9 +83,11 @@ __device__ __forceinline__ int4 load16(const int4* p) {
 
 // Copies `bytes` from src with one warp to every destination that some lane holds (lane i holds the address of
 // destination i in `lane_dst`, or nullptr): each piece of the source is loaded once and stored to all destinations,
-// so a row bound for several places costs one read. 16-byte vectors with several loads in flight when every address
-// and the size allow it, 4-byte words or single bytes otherwise; `kSource` as in load16.
-template <Source kSource>
+// so a row bound for several places costs one read. 16-byte vectors when every address and the size allow it, in
+// rounds of kUnroll loads in flight per lane; the last, partial round loads all its vectors at once when
+// kTailAtOnce, one per lane at a time otherwise. 4-byte words or single bytes when the addresses are not 16-byte
+// aligned. `kSource` as in load16.
+template <Source kSource, int kUnroll = 4, bool kTailAtOnce = false>
 __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* src, size_t bytes, int lane) {
   const uint32_t holders = __ballot_sync(0xffffffffu, lane_dst != nullptr);
   if (holders == 0) return;
@@ -98,7 +100,6 @@ __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* sr
   if (vectors) {
     const int4* in = static_cast<const int4*>(src);
     const size_t n = bytes / 16;
-    constexpr int kUnroll = 4;
     // Loop bounds depend on the warp's first vector only, so that every lane takes part in every shuffle.
     size_t base = 0;
     for (; base + kUnroll * 32 <= n; base += kUnroll * 32) {
@@ -111,12 +112,30 @@ __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* sr
         for (int u = 0; u < kUnroll; ++u) out[u * 32] = v[u];
       }
     }
-    for (; base < n; base += 32) {
-      const size_t i = base + lane;
-      const int4 v = i < n ? load16<kSource>(in + i) : int4{};
-      for (uint32_t left = holders; left != 0; left &= left - 1) {
-        int4* out = reinterpret_cast<int4*>(destination(left));
-        if (i < n) out[i] = v;
+    if constexpr (kTailAtOnce) {
+      if (base < n) {  // fewer than kUnroll * 32 vectors left
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const size_t i = base + u * 32 + lane;
+          v[u] = i < n ? load16<kSource>(in + i) : int4{};
+        }
+        for (uint32_t left = holders; left != 0; left &= left - 1) {
+          int4* out = reinterpret_cast<int4*>(destination(left)) + base + lane;
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (base + u * 32 + lane < n) out[u * 32] = v[u];
+          }
+        }
+      }
+    } else {
+      for (; base < n; base += 32) {
+        const size_t i = base + lane;
+        const int4 v = i < n ? load16<kSource>(in + i) : int4{};
+        for (uint32_t left = holders; left != 0; left &= left - 1) {
+          int4* out = reinterpret_cast<int4*>(destination(left));
+          if (i < n) out[i] = v;
+        }
       }
     }
     return;
@@ -133,10 +152,11 @@ __device__ __forceinline__ void warp_copy_to_each(void* lane_dst, const void* sr
   }
 }
 
-// Copies `bytes` from src to dst with one warp (every lane passes the same arguments).
-template <Source kSource>
+// Copies `bytes` from src to dst with one warp (every lane passes the same arguments); the template arguments as in
+// warp_copy_to_each.
+template <Source kSource, int kUnroll = 4, bool kTailAtOnce = false>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes, int lane) {
-  warp_copy_to_each<kSource>(lane == 0 ? dst : nullptr, src, bytes, lane);
+  warp_copy_to_each<kSource, kUnroll, kTailAtOnce>(lane == 0 ? dst : nullptr, src, bytes, lane);
 }
 
 // Programmatic dependent launch (sm_90): a kernel launched early (launch_kernel, cuda_utils.hpp) may start while
