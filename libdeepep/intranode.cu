@@ -948,13 +948,15 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const int64_t out_row = offsets[s] + j;
         if (out_row >= q.out_rows) continue;
         const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
+        // The row's metadata is loaded before its payload is copied, so that its round trip overlaps the copy's.
+        const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
+        const int32_t src_token = meta[0];
+        const int32_t id = lane < L.num_topk ? meta[1 + lane] : -1;
+        const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
         copy_to_output_row<Source::kPeerWritten>(q, out_row, row,
                                                  q.recv_scales != nullptr ? row + L.scales_offset : nullptr,
                                                  q.diag & kDiagSkipCopyOut, lane);
-        const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
-        const int32_t id = lane < L.num_topk ? meta[1 + lane] : -1;
-        const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
-        write_meta(q, out_row, meta[0], id, weight, lane);
+        write_meta(q, out_row, src_token, id, weight, lane);
       }
       if (!alive) break;
     }
