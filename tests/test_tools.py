@@ -1,10 +1,13 @@
 """CPU tier: tests/time_variants.sh refuses variants it cannot build before it installs, builds or times anything, so
-that a typo costs no GPU time; `--check` runs that check alone, on any machine."""
+that a typo costs no GPU time; `--check` runs that check alone, on any machine. tests/compare_records.py, which prints
+the variants' records side by side, on records written here."""
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +54,50 @@ def test_a_bad_variant_stops_the_run_before_anything_is_installed(tmp_path, spec
     name = spec.split("=", 1)[0]
     assert f"variant {name}: " in out.stdout and message in out.stdout
     assert not (tmp_path / "variants").exists()
+
+
+def write_record(path, per_rank):
+    path.write_text(json.dumps({"machine": "test", "commit": "x", "command": "test", "results": per_rank}))
+    return path
+
+
+def test_records_side_by_side(tmp_path):
+    # Two ranks per record: a time is the slower rank's, the ceiling rank 0's; a case one record lacks shows '-'.
+    base = write_record(
+        tmp_path / "base.json",
+        [
+            [
+                {"case": "ceiling_push", "num_tokens": 0, "sms": 24, "gbps": 330.0},
+                {"case": "dispatch_cached_fp8", "num_tokens": 4096, "sms": 24, "us": 123.0, "gbps": 1.0},
+                {"case": "ll_dispatch_fp8", "num_tokens": 128, "sms": 0, "us": 19.0},
+            ],
+            [
+                {"case": "ceiling_push", "num_tokens": 0, "sms": 24, "gbps": 320.0},
+                {"case": "dispatch_cached_fp8", "num_tokens": 4096, "sms": 24, "us": 125.5, "gbps": 1.0},
+                {"case": "ll_dispatch_fp8", "num_tokens": 128, "sms": 0, "us": 18.5},
+            ],
+        ],
+    )
+    new = write_record(
+        tmp_path / "new.json",
+        [
+            [{"case": "dispatch_cached_fp8", "num_tokens": 4096, "sms": 24, "us": 119.0}],
+            [{"case": "dispatch_cached_fp8", "num_tokens": 4096, "sms": 24, "us": 119.3}],
+        ],
+    )
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "compare_records.py"), str(base), f"tail6={new}"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert lines[0] == ["case", "N", "SMs", "base", "tail6"]
+    assert lines[1] == ["ceiling_push", "0", "24", "330.0", "-", "GB/s"]
+    assert lines[2] == ["dispatch_cached_fp8", "4096", "24", "125.5", "119.3"]
+    assert lines[3] == ["ll_dispatch_fp8", "128", "19.0", "-"]
+
+
+def test_compare_records_needs_a_record():
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "compare_records.py")], capture_output=True, text=True)
+    assert out.returncode == 2 and "Usage" in out.stderr

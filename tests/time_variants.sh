@@ -2,7 +2,8 @@
 # Times variants of the library side by side in one run: each variant is this tree with sed expressions applied to
 # libdeepep/*.cu (a tuning constant, say); all are built at once, then each in turn replaces the installed
 # libdeepep.so and `python -m pydeepep.bench` runs with the same arguments. The installed library is put back at the
-# end. Needs the GPUs the bench needs. Logs and JSON records go to $OUT/variants (default /tmp/variants).
+# end. Needs the GPUs the bench needs. Logs and JSON records go to $OUT/variants (default /tmp/variants); at the end
+# the variants' figures side by side (tests/compare_records.py) go to stdout and $OUT/variants.txt.
 #
 # Usage (repo root): bash tests/time_variants.sh [--bench "bench args"] NAME=EXPR[;EXPR...] ...
 #   NAME=          the tree as it is (a baseline; give it first for a fair start)
@@ -109,6 +110,7 @@ wait
 
 cd /tmp
 for name in "${names[@]}"; do
+  rm -f "$LOG/$name.json"  # a record left by an earlier run is not this variant's
   so=$(ls "$LOG/src_$name/b"/libdeepep.so.*.*.* 2> /dev/null | head -1)
   if [ -z "$so" ]; then
     echo "== $name: build failed ($LOG/$name.build.log)"
@@ -123,3 +125,13 @@ for name in "${names[@]}"; do
 done
 cp -a "$INSTALLED"/libdeepep.so* "$LIBDIR"/
 rm -rf "$INSTALLED"
+
+# The variants side by side, also in $OUT/variants.txt (next to the folder, so that it is among the first files a
+# device run brings back).
+records=()
+for name in "${names[@]}"; do
+  [ -f "$LOG/$name.json" ] && records+=("$name=$LOG/$name.json")
+done
+if [ ${#records[@]} -gt 0 ]; then
+  $PY "$ROOT/tests/compare_records.py" "${records[@]}" | tee "$LOG.txt"
+fi
