@@ -285,6 +285,8 @@ def ht_scenarios(info):
             "bf16_h7168": dict(seed=2, n=4096, h=7168, k=8, e=256),
             "bf16_h128": dict(seed=3, n=300, h=128, k=4, e=8),
             "bf16_h_not_128_multiple": dict(seed=4, n=200, h=1032, k=6, e=32),
+            # Rows over 10 KB that are not whole rounds of 4 x 32 vectors (769): the copy-out's last, partial round.
+            "bf16_large_rows_with_tail": dict(seed=27, n=300, h=6152, k=8, e=32),
             "empty_rank": dict(seed=5, n=lambda r: 0 if r == 1 else 100, h=256, k=4, e=16),
             # The empty rank passes no scales (a zero-size array) and must still receive FP8 rows with theirs.
             "fp8_empty_rank": dict(seed=21, n=lambda r: 0 if r == 0 else 237, h=512, k=4, e=32, fp8=True),
