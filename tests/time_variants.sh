@@ -2,8 +2,9 @@
 # Times variants of the library side by side in one run: each variant is this tree with sed expressions applied to
 # libdeepep/*.cu (a tuning constant, say); all are built at once, then each in turn replaces the installed
 # libdeepep.so and `python -m pydeepep.bench` runs with the same arguments. The installed library is put back at the
-# end. Needs the GPUs the bench needs. Logs and JSON records go to $OUT/variants (default /tmp/variants); at the end
-# the variants' figures side by side (tests/compare_records.py) go to stdout and $OUT/variants.txt.
+# end. Needs the GPUs the bench needs. Logs and JSON records go to $OUT/variants (default /tmp/variants); the
+# variants' figures side by side (tests/compare_records.py) go to $OUT/variants.txt as each variant finishes, and to
+# stdout at the end.
 #
 # Usage (repo root): bash tests/time_variants.sh [--bench "bench args"] NAME=EXPR[;EXPR...] ...
 #   NAME=          the tree as it is (a baseline; give it first for a fair start)
@@ -108,9 +109,20 @@ for spec in "$@"; do
 done
 wait
 
+# The finished variants side by side in $OUT/variants.txt (next to the folder, so that it is among the first files a
+# device run brings back), rewritten after each one so that a run cut short still leaves what it measured.
+summarise() {
+  local records=() name
+  for name in "${names[@]}"; do
+    [ -f "$LOG/$name.json" ] && records+=("$name=$LOG/$name.json")
+  done
+  [ ${#records[@]} -eq 0 ] || $PY "$ROOT/tests/compare_records.py" "${records[@]}" > "$LOG.txt"
+}
+
 cd /tmp
+rm -f "$LOG.txt"
+for name in "${names[@]}"; do rm -f "$LOG/$name.json"; done  # records left by an earlier run are not these variants'
 for name in "${names[@]}"; do
-  rm -f "$LOG/$name.json"  # a record left by an earlier run is not this variant's
   so=$(ls "$LOG/src_$name/b"/libdeepep.so.*.*.* 2> /dev/null | head -1)
   if [ -z "$so" ]; then
     echo "== $name: build failed ($LOG/$name.build.log)"
@@ -120,18 +132,11 @@ for name in "${names[@]}"; do
   for f in "$LIBDIR"/libdeepep.so*; do cp -f "$so" "$f"; done
   # shellcheck disable=SC2086  # the bench arguments are meant to split
   $PY -m pydeepep.bench $BENCH_ARGS --output "$LOG/$name.json" > "$LOG/$name.txt" 2>&1
-  echo "== $name (rc $?)"
-  grep -E "^(dispatch|combine|layout|ll_)" "$LOG/$name.txt"
+  rc=$?
+  echo "== $name (rc $rc)"
+  [ $rc = 0 ] || tail -5 "$LOG/$name.txt"
+  summarise
 done
 cp -a "$INSTALLED"/libdeepep.so* "$LIBDIR"/
 rm -rf "$INSTALLED"
-
-# The variants side by side, also in $OUT/variants.txt (next to the folder, so that it is among the first files a
-# device run brings back).
-records=()
-for name in "${names[@]}"; do
-  [ -f "$LOG/$name.json" ] && records+=("$name=$LOG/$name.json")
-done
-if [ ${#records[@]} -gt 0 ]; then
-  $PY "$ROOT/tests/compare_records.py" "${records[@]}" | tee "$LOG.txt"
-fi
+if [ -f "$LOG.txt" ]; then cat "$LOG.txt"; fi
