@@ -101,8 +101,10 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
   // larger of the two payload forms), FP8 scales, top-k ids and weights, and its source index. Computed in
   // long double first so that an absurd workload is refused instead of wrapping around.
   const size_t hidden = static_cast<size_t>(config.hidden);
-  const size_t row_bytes = align_up(hidden * 2, 16) + align_up((hidden + 127) / 128 * 4, 16) +
-                           align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16;
+  // Rounded up as the rows themselves are, so that it stays at least their size.
+  const size_t row_bytes = align_up(align_up(hidden * 2, 16) + align_up((hidden + 127) / 128 * 4, 16) +
+                                        align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16,
+                                    kRowAlignment);
   const long double total = static_cast<long double>(kControlBytes) +
                             static_cast<long double>(nranks) * config.max_tokens_per_rank * row_bytes;
   if (total > static_cast<long double>(kMaxDeviceBytes)) {

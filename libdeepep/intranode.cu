@@ -1311,12 +1311,15 @@ DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, 
   layout.num_topk = num_topk;
   layout.scales_offset = align_up(payload_bytes, 16);
   layout.meta_offset = layout.scales_offset + align_up(scale_bytes, 16);
-  layout.row_bytes = layout.meta_offset + align_up(sizeof(int32_t) * (1 + 2 * static_cast<size_t>(num_topk)), 16);
+  layout.row_bytes = align_up(
+      layout.meta_offset + align_up(sizeof(int32_t) * (1 + 2 * static_cast<size_t>(num_topk)), 16), kRowAlignment);
   return layout;
 }
 
 size_t combine_row_bytes(int hidden, int num_topk) {
-  return align_up(static_cast<size_t>(hidden) * 2, 16) + align_up(sizeof(float) * static_cast<size_t>(num_topk), 16);
+  return align_up(
+      align_up(static_cast<size_t>(hidden) * 2, 16) + align_up(sizeof(float) * static_cast<size_t>(num_topk), 16),
+      kRowAlignment);
 }
 
 static size_t region_bytes_of(const deepepComm& comm) {

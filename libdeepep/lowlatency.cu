@@ -1410,7 +1410,7 @@ LowLatencyRow low_latency_row(int hidden, bool fp8) {
   const size_t h = static_cast<size_t>(hidden);
   row.payload_bytes = fp8 ? h : 2 * h;
   row.scales_offset = align_up(row.payload_bytes, 16);
-  row.row_bytes = row.scales_offset + (fp8 ? align_up(h / 128 * 4, 16) : 0);
+  row.row_bytes = align_up(row.scales_offset + (fp8 ? align_up(h / 128 * 4, 16) : 0), kRowAlignment);
   return row;
 }
 
