@@ -102,7 +102,9 @@ constexpr int64_t kCombineFewRowsMax = 96;
 // runs, BF16: N = 4096 on 16 SMs, 22 tokens per warp, 254-260 us against 263-268 with 2; N = 16384 on 16 SMs 992
 // against 1026, on 24 SMs 787 against 781; with 15 per warp, N = 4096 on 24 SMs, 225-226 against 215-219). Small rows
 // keep 2 (FP8, N = 16384: 577 / 461 us on 16 / 24 SMs with 3, 568 / 440 with 2). A block of at most 2 tokens per warp
-// takes 1.
+// takes 1, and so does the last chunk's worth of a block's small rows (2 x H200, same run, each build twice, FP8 at N =
+// 4096: 135.7-135.8 / 116.0-116.5 us on 16 / 24 SMs against 137.9 / 117.1-117.4; BF16 0.6 us slower with it, so large
+// rows keep their chunks to the end; two chunks' worth measured no better).
 constexpr int kDispatchTokensPerWarpPerChunk = 2;
 constexpr int kDispatchTokensPerWarpPerChunkLongRuns = 3;
 constexpr int64_t kDispatchLongRunTokens = 18;
@@ -774,7 +776,13 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
                                         : long_runs             ? kDispatchTokensPerWarpPerChunkLongRuns
                                                                 : kDispatchTokensPerWarpPerChunk;
   const bool lone_publisher = q.lone_publisher && !receivers_copy_own_rows;
-  const int64_t chunk_tokens = push_warps * tokens_per_warp_per_chunk;
+  // With small rows the block's last chunk's worth of tokens goes in chunks of one token per pushing warp, so that
+  // the rows of the last release, which the receiver copies out after everything else, are fewer.
+  const int64_t tail_tokens =
+      large_dispatch_rows(L.row_bytes) ? 0 : static_cast<int64_t>(push_warps) * tokens_per_warp_per_chunk;
+  auto chunk_end = [&](int64_t c0) {
+    return min(t1, c0 + push_warps * (t1 - c0 <= tail_tokens ? 1 : tokens_per_warp_per_chunk));
+  };
   if (ok && warp < push_warps) {
     // Step 3: send warps.
     if (warp == 0 && lane < R && lane != p.rank) {
@@ -791,10 +799,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     // and lane d the token's position at rank d, for the warp's next token while the current one's row moves, so
     // that no row waits for a round of loads of its own.
     TokenRouting next = load_token_routing(q, t0 + warp < t1 ? t0 + warp : -1, lane);
-    for (int64_t c0 = t0; c0 < t1; c0 += chunk_tokens) {
-      for (int i = 0; i < tokens_per_warp_per_chunk; ++i) {
-        const int64_t t = c0 + i * push_warps + warp;
-        if (t >= t1) break;
+    for (int64_t c0 = t0, c1; c0 < t1; c0 = c1) {
+      c1 = chunk_end(c0);
+      for (int64_t t = c0 + warp; t < c1; t += push_warps) {
         const uint8_t* x_row = q.x + t * q.x_stride_bytes;
         const uint8_t* scale_row = q.scales != nullptr ? q.scales + t * q.scales_stride_bytes : nullptr;
         const TokenRouting current = next;
@@ -861,8 +868,8 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     // for another; only this warp waits for the system-scope releases.
     uint32_t rows = 0, published = 0;  // lane d: rows to rank d so far, and the count last released
     uint32_t chunks = 0;
-    for (int64_t c0 = t0; c0 < t1; c0 += chunk_tokens) {
-      const int64_t c1 = min(t1, c0 + chunk_tokens);
+    for (int64_t c0 = t0, c1; c0 < t1; c0 = c1) {
+      c1 = chunk_end(c0);
       for (int64_t piece = c0; piece < c1; piece += 32) {
         const int64_t t = piece + lane;
         for (int d = 0; d < R; ++d) {
