@@ -106,14 +106,18 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
                                         align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16,
                                     kRowAlignment);
   const long double total = static_cast<long double>(kControlBytes) +
-                            static_cast<long double>(nranks) * config.max_tokens_per_rank * row_bytes;
+                            static_cast<long double>(nranks) *
+                                (static_cast<long double>(config.max_tokens_per_rank) * row_bytes + kRegionAlignment);
   if (total > static_cast<long double>(kMaxDeviceBytes)) {
     fail(deepepInvalidArgument,
          "the workload (max_tokens_per_rank %d, hidden %d, num_topk %d, %d ranks) needs %.3Le bytes of buffer per "
          "rank, more than any GPU holds",
          config.max_tokens_per_rank, config.hidden, config.num_topk, nranks, total);
   }
-  return kControlBytes + static_cast<size_t>(nranks) * static_cast<size_t>(config.max_tokens_per_rank) * row_bytes;
+  // Each region a whole number of kRegionAlignment, so that none loses part of a row to the rounding down of
+  // region_bytes_of: it holds max_tokens_per_rank rows of every layout.
+  const size_t region = align_up(static_cast<size_t>(config.max_tokens_per_rank) * row_bytes, kRegionAlignment);
+  return kControlBytes + static_cast<size_t>(nranks) * region;
 }
 
 size_t low_latency_offset(size_t ht_bytes) { return align_up(ht_bytes, 4096); }

@@ -21,6 +21,8 @@ constexpr size_t kControlBytes = size_t(1) << 20;
 // destroy_comm). Nothing else writes them, and the control space is zeroed at setup.
 constexpr int kMaxArrivalRanks = 64;
 constexpr size_t kArrivalOffset = kControlBytes - kMaxArrivalRanks * sizeof(uint64_t);
+// Each source rank's receive region is a whole number of these (its start stays aligned for every rank).
+constexpr size_t kRegionAlignment = 256;
 // Smallest receive region per source rank an explicit buffer_bytes may leave.
 constexpr size_t kMinRegionBytes = size_t(64) << 10;
 // More bytes than any GPU holds (256 TiB): a buffer or an array past it comes from a mistaken size, count or stride

@@ -1330,7 +1330,7 @@ size_t combine_row_bytes(int hidden, int num_topk) {
 }
 
 static size_t region_bytes_of(const deepepComm& comm) {
-  return (comm.buffer_bytes - kControlBytes) / static_cast<size_t>(comm.nranks) / 256 * 256;
+  return (comm.buffer_bytes - kControlBytes) / static_cast<size_t>(comm.nranks) / kRegionAlignment * kRegionAlignment;
 }
 
 int64_t region_capacity_rows(const deepepComm& comm, size_t row_bytes) {

@@ -435,6 +435,21 @@ def test_unique_ids_are_128_fresh_bytes():
     assert len(a) == len(b) == 128 and a != b
 
 
+@pytest.mark.parametrize(
+    "nranks, max_tokens, hidden, num_topk", [(2, 3, 128, 8), (3, 1, 8, 1), (8, 4095, 7168, 8), (5, 7, 2056, 32)]
+)
+def test_a_workload_sized_buffer_gives_each_source_whole_256_byte_units(nranks, max_tokens, hidden, num_topk):
+    # The library rounds each source's receive region (the buffer past its 1 MiB of control words, shared out among
+    # the ranks) down to 256 bytes: a region sized for max_tokens_per_rank whole rows must lose nothing to that, or the
+    # workload's largest call would not fit the buffer sized for it (rows are whole 128-byte lines, so an odd count
+    # of them is not whole 256-byte units).
+    hint = pydeepep.buffer_size_hint(nranks, max_tokens_per_rank=max_tokens, hidden=hidden, num_topk=num_topk)
+    regions = hint - (1 << 20)
+    assert regions % nranks == 0
+    assert regions // nranks % 256 == 0
+    assert regions // nranks >= max_tokens * 2 * hidden  # at least the BF16 payloads
+
+
 def test_buffer_size_hint_follows_the_workload():
     small = pydeepep.buffer_size_hint(2, max_tokens_per_rank=128, hidden=1024)
     assert pydeepep.buffer_size_hint(4, max_tokens_per_rank=128, hidden=1024) > small
