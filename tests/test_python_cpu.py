@@ -436,7 +436,7 @@ def test_unique_ids_are_128_fresh_bytes():
 
 
 @pytest.mark.parametrize(
-    "nranks, max_tokens, hidden, num_topk", [(2, 3, 128, 8), (3, 1, 8, 1), (8, 4095, 7168, 8), (5, 7, 2056, 32)]
+    "nranks, max_tokens, hidden, num_topk", [(2, 3, 128, 8), (3, 1, 8, 1), (8, 4095, 7168, 8), (5, 7, 1000, 32)]
 )
 def test_a_workload_sized_buffer_gives_each_source_whole_256_byte_units(nranks, max_tokens, hidden, num_topk):
     # The library rounds each source's receive region (the buffer past its 1 MiB of control words, shared out among
@@ -444,10 +444,15 @@ def test_a_workload_sized_buffer_gives_each_source_whole_256_byte_units(nranks, 
     # workload's largest call would not fit the buffer sized for it (rows are whole 128-byte lines, so an odd count
     # of them is not whole 256-byte units).
     hint = pydeepep.buffer_size_hint(nranks, max_tokens_per_rank=max_tokens, hidden=hidden, num_topk=num_topk)
-    regions = hint - (1 << 20)
-    assert regions % nranks == 0
-    assert regions // nranks % 256 == 0
-    assert regions // nranks >= max_tokens * 2 * hidden  # at least the BF16 payloads
+    region = (hint - (1 << 20)) // nranks
+    assert region % 256 == 0
+
+    def whole(n, unit):
+        return -(-n // unit) * unit
+
+    # A BF16 dispatch row: the payload, then the source token, ids and weights (16-byte aligned), in 128-byte lines.
+    bf16_row = whole(whole(2 * hidden, 16) + whole(4 * (1 + 2 * num_topk), 16), 128)
+    assert region >= max_tokens * bf16_row
 
 
 def test_buffer_size_hint_follows_the_workload():
