@@ -473,8 +473,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
            "%lld tokens of %zu-byte rows need %zu bytes of communication buffer per rank on %d ranks; this "
            "communicator has %zu (raise buffer_bytes or the workload in the config)",
            static_cast<long long>(a.num_tokens), layout.row_bytes,
-           static_cast<size_t>(kControlBytes + c.nranks * (a.num_tokens * layout.row_bytes + kRegionAlignment)),
-           c.nranks, c.buffer_bytes);
+           buffer_bytes_for_regions(c.nranks, static_cast<size_t>(a.num_tokens) * layout.row_bytes), c.nranks,
+           c.buffer_bytes);
     }
     // Outputs.
     const int64_t rows = worst_case ? a.num_worst_tokens : a.num_recv_rows;

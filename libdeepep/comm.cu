@@ -114,10 +114,13 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
          "rank, more than any GPU holds",
          config.max_tokens_per_rank, config.hidden, config.num_topk, nranks, total);
   }
-  // Each region a whole number of kRegionAlignment, so that none loses part of a row to the rounding down of
-  // region_bytes_of: it holds max_tokens_per_rank rows of every layout.
-  const size_t region = align_up(static_cast<size_t>(config.max_tokens_per_rank) * row_bytes, kRegionAlignment);
-  return kControlBytes + static_cast<size_t>(nranks) * region;
+  return buffer_bytes_for_regions(nranks, static_cast<size_t>(config.max_tokens_per_rank) * row_bytes);
+}
+
+// Each region a whole number of kRegionAlignment, so that none loses part of a row to the rounding down of
+// region_bytes_of (intranode.cu).
+size_t buffer_bytes_for_regions(int nranks, size_t region_bytes) {
+  return kControlBytes + static_cast<size_t>(nranks) * align_up(region_bytes, kRegionAlignment);
 }
 
 size_t low_latency_offset(size_t ht_bytes) { return align_up(ht_bytes, 4096); }

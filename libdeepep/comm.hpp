@@ -34,6 +34,9 @@ deepepConfig resolve_config(const deepepConfig* config);
 
 // Bytes of communication buffer per rank for the high-throughput workload in `config` on `nranks` ranks.
 size_t buffer_size_for(const deepepConfig& config, int nranks);
+// Bytes of communication buffer per rank whose receive regions (one per source rank, whole kRegionAlignment units)
+// each hold `region_bytes`.
+size_t buffer_bytes_for_regions(int nranks, size_t region_bytes);
 // Where the low-latency area starts in a buffer whose high-throughput part has `ht_bytes`.
 size_t low_latency_offset(size_t ht_bytes);
 // Everything a rank allocates: the high-throughput part plus the low-latency area (what the size hint reports).
