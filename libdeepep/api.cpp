@@ -126,6 +126,16 @@ DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes
   return query(__func__, comm, bytes, "bytes", [](const deepepComm& c) { return c.total_buffer_bytes; });
 }
 
+DEEPEP_API deepepResult_t deepepCommGetDispatchArea(deepepComm_t comm, void** area, size_t* bytes) {
+  return guarded_call(__func__, [&] {
+    require_out(area, "area");
+    require_out(bytes, "bytes");
+    const deepepComm& c = *checked_comm(comm);
+    *area = c.dispatch_area_bytes == 0 ? nullptr : static_cast<uint8_t*>(c.buffer) + c.dispatch_area_offset;
+    *bytes = c.dispatch_area_bytes;
+  });
+}
+
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream) {
   return query(__func__, comm, stream, "stream", [](const deepepComm& c) { return c.stream; });
 }

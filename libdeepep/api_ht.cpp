@@ -485,7 +485,24 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                      static_cast<long long>(rows), static_cast<long long>(h.host_info.num_recv_tokens));
     }
     DEEPEP_REQUIRE(worst_case || a.num_recv_rows >= 0, "num_recv_rows must be set");
-    check_device_array(c, a.recv_x, matrix_bytes(rows, a.hidden, a.hidden, element), element, "recv_x");
+    if (c.dispatch_area_bytes != 0) {
+      // Zero-copy: the peers write the rows into the area, whose size is known here.
+      const void* area = static_cast<const uint8_t*>(c.buffer) + c.dispatch_area_offset;
+      DEEPEP_REQUIRE(a.recv_x == area,
+                     "recv_x is %p; on a communicator with zero_copy_dispatch it must be the dispatch area's start, %p "
+                     "(deepepCommGetDispatchArea)",
+                     a.recv_x, area);
+      const int64_t area_rows = dispatch_area_layout(c, layout).rows;
+      if (rows > area_rows) {
+        fail(deepepBufferTooSmall,
+             "%lld rows of %d %s elements do not fit in the zero-copy dispatch area (%zu bytes: %lld such rows); raise "
+             "max_tokens_per_rank or hidden in the config",
+             static_cast<long long>(rows), a.hidden, fp8 ? "FP8" : "BF16", c.dispatch_area_bytes,
+             static_cast<long long>(area_rows));
+      }
+    } else {
+      check_device_array(c, a.recv_x, matrix_bytes(rows, a.hidden, a.hidden, element), element, "recv_x");
+    }
     if (fp8) check_device_array(c, a.recv_scales, matrix_bytes(rows, scale_bytes, scale_bytes, 1), 4, "recv_scales");
     DEEPEP_REQUIRE(fp8 || a.recv_scales == nullptr, "recv_scales is given but x is BF16");
     if (a.recv_topk_idx != nullptr || a.recv_topk_weights != nullptr) {

@@ -70,7 +70,9 @@ deepepConfig resolve_config(const deepepConfig* config) {
   // It bounds every dispatch and sizes every handle, whatever sizes the buffer.
   DEEPEP_REQUIRE(resolved.max_tokens_per_rank > 0, "config->max_tokens_per_rank is %d; it must be positive",
                  resolved.max_tokens_per_rank);
-  if (resolved.buffer_bytes == 0 || resolved.low_latency_max_tokens > 0) {
+  DEEPEP_REQUIRE(resolved.zero_copy_dispatch == 0 || resolved.zero_copy_dispatch == 1,
+                 "config->zero_copy_dispatch is %d; it must be 0 or 1", resolved.zero_copy_dispatch);
+  if (resolved.buffer_bytes == 0 || resolved.low_latency_max_tokens > 0 || resolved.zero_copy_dispatch) {
     DEEPEP_REQUIRE(resolved.hidden > 0 && resolved.hidden % 8 == 0 && resolved.hidden <= DEEPEP_MAX_HIDDEN,
                    "config->hidden is %d; it must be a positive multiple of 8 (16-byte BF16 rows), at most %d",
                    resolved.hidden, DEEPEP_MAX_HIDDEN);
@@ -97,24 +99,27 @@ size_t buffer_size_for(const deepepConfig& config, int nranks) {
                    kMaxDeviceBytes);
     return config.buffer_bytes;
   }
-  // Worst case of a receiving rank: every token of every rank arrives, each row carrying its BF16 payload (the
-  // larger of the two payload forms), FP8 scales, top-k ids and weights, and its source index. Computed in
-  // long double first so that an absurd workload is refused instead of wrapping around.
-  const size_t hidden = static_cast<size_t>(config.hidden);
-  // Rounded up as the rows themselves are, so that it stays at least their size.
-  const size_t row_bytes = align_up(align_up(hidden * 2, 16) + align_up((hidden + 127) / 128 * 4, 16) +
-                                        align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16,
-                                    kRowAlignment);
-  const long double total = static_cast<long double>(kControlBytes) +
-                            static_cast<long double>(nranks) *
-                                (static_cast<long double>(config.max_tokens_per_rank) * row_bytes + kRegionAlignment);
+  const long double total =
+      static_cast<long double>(kControlBytes) +
+      static_cast<long double>(nranks) *
+          (static_cast<long double>(config.max_tokens_per_rank) * workload_row_bytes(config) + kRegionAlignment);
   if (total > static_cast<long double>(kMaxDeviceBytes)) {
     fail(deepepInvalidArgument,
          "the workload (max_tokens_per_rank %d, hidden %d, num_topk %d, %d ranks) needs %.3Le bytes of buffer per "
          "rank, more than any GPU holds",
          config.max_tokens_per_rank, config.hidden, config.num_topk, nranks, total);
   }
-  return buffer_bytes_for_regions(nranks, static_cast<size_t>(config.max_tokens_per_rank) * row_bytes);
+  return buffer_bytes_for_regions(nranks, static_cast<size_t>(config.max_tokens_per_rank) * workload_row_bytes(config));
+}
+
+// The largest dispatch row of the workload: its BF16 payload (the larger of the two payload forms), FP8 scales,
+// top-k ids and weights, and its source index, rounded up as the rows themselves are, so that it stays at least
+// their size.
+size_t workload_row_bytes(const deepepConfig& config) {
+  const size_t hidden = static_cast<size_t>(config.hidden);
+  return align_up(align_up(hidden * 2, 16) + align_up((hidden + 127) / 128 * 4, 16) +
+                      align_up(static_cast<size_t>(config.num_topk) * (8 + 4), 16) + 16,
+                  kRowAlignment);
 }
 
 // Each region a whole number of kRegionAlignment, so that none loses part of a row to the rounding down of
@@ -125,10 +130,34 @@ size_t buffer_bytes_for_regions(int nranks, size_t region_bytes) {
 
 size_t low_latency_offset(size_t ht_bytes) { return align_up(ht_bytes, 4096); }
 
-size_t total_buffer_size(const deepepConfig& config, int nranks) {
+size_t dispatch_area_bytes(const deepepConfig& config, int nranks) {
+  if (!config.zero_copy_dispatch) return 0;
+  // Every rank's every token, in the largest row the workload has; the slack keeps the side rows' start aligned.
+  const long double bytes = static_cast<long double>(nranks) * config.max_tokens_per_rank * workload_row_bytes(config);
+  if (bytes > static_cast<long double>(kMaxDeviceBytes)) {
+    fail(deepepInvalidArgument,
+         "the zero-copy dispatch area of the workload (max_tokens_per_rank %d, hidden %d, %d ranks) needs %.3Le "
+         "bytes per rank, more than any GPU holds",
+         config.max_tokens_per_rank, config.hidden, nranks, bytes);
+  }
+  return static_cast<size_t>(bytes) + kDispatchAreaSlack;
+}
+
+// The high-throughput part and the low-latency area: everything ahead of the dispatch area.
+static size_t bytes_before_dispatch_area(const deepepConfig& config, int nranks) {
   const size_t ht = buffer_size_for(config, nranks);
   const LowLatencyArea area = low_latency_area(config, nranks);
   return area.total_bytes == 0 ? ht : low_latency_offset(ht) + area.total_bytes;
+}
+
+size_t dispatch_area_offset(const deepepConfig& config, int nranks) {
+  return align_up(bytes_before_dispatch_area(config, nranks), 4096);
+}
+
+size_t total_buffer_size(const deepepConfig& config, int nranks) {
+  const size_t dispatch_area = dispatch_area_bytes(config, nranks);
+  return dispatch_area == 0 ? bytes_before_dispatch_area(config, nranks)
+                            : dispatch_area_offset(config, nranks) + dispatch_area;
 }
 
 void get_unique_id(deepepUniqueId* id) {
@@ -309,6 +338,8 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   comm->ll_area = low_latency_area(config, nranks);
   comm->ll_offset = comm->ll_area.total_bytes == 0 ? 0 : low_latency_offset(comm->buffer_bytes);
   comm->max_tokens_per_rank = config.max_tokens_per_rank;
+  comm->dispatch_area_bytes = dispatch_area_bytes(config, nranks);
+  comm->dispatch_area_offset = comm->dispatch_area_bytes == 0 ? 0 : dispatch_area_offset(config, nranks);
   DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&comm->num_sms, cudaDevAttrMultiProcessorCount, device));
 
   DeviceGuard guard(device);

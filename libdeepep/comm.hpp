@@ -37,9 +37,17 @@ size_t buffer_size_for(const deepepConfig& config, int nranks);
 // Bytes of communication buffer per rank whose receive regions (one per source rank, whole kRegionAlignment units)
 // each hold `region_bytes`.
 size_t buffer_bytes_for_regions(int nranks, size_t region_bytes);
+// The largest dispatch row the workload in `config` has (BF16 payload, FP8 scales, metadata), in bytes.
+size_t workload_row_bytes(const deepepConfig& config);
+// The zero-copy dispatch area (config.zero_copy_dispatch): bytes per rank (0: none), and where it starts.
+size_t dispatch_area_bytes(const deepepConfig& config, int nranks);
+size_t dispatch_area_offset(const deepepConfig& config, int nranks);
+// Bytes of a dispatch area beyond its rows: room to start the side rows (scales and metadata) on a line.
+constexpr size_t kDispatchAreaSlack = 256;
 // Where the low-latency area starts in a buffer whose high-throughput part has `ht_bytes`.
 size_t low_latency_offset(size_t ht_bytes);
-// Everything a rank allocates: the high-throughput part plus the low-latency area (what the size hint reports).
+// Everything a rank allocates: the high-throughput part, the low-latency area and the dispatch area (what the size
+// hint reports).
 size_t total_buffer_size(const deepepConfig& config, int nranks);
 
 }  // namespace deepep
@@ -60,6 +68,8 @@ struct deepepComm {
   int num_sms = 0;                       // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
+  size_t dispatch_area_offset = 0;       // the zero-copy dispatch area in every rank's buffer (see deepepConfig)
+  size_t dispatch_area_bytes = 0;        // 0: none
   void* buffer = nullptr;                // this rank's communication buffer (symmetric heap)
   std::vector<void*> peer_buffers;       // NVLink-mapped address of each rank's buffer, nullptr outside domain
   void** peer_buffers_device = nullptr;  // the same table in device memory, for kernels

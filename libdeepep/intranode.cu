@@ -60,6 +60,17 @@ struct alignas(16) RangeMessage {
 constexpr int32_t kRefusedExpertsPerRank = -1;
 constexpr int64_t kRefusedRowLayout = -1;
 
+// What a destination tells each source when its dispatch starts on a communicator with a zero-copy dispatch area:
+// where that source's rows start in the area and how many rows the area takes for this call. Sources write into a
+// destination's area only after this message, so a dispatch's outputs stay valid until that rank's next dispatch
+// starts, whatever its peers do meanwhile. A rank that cannot take rows (it refused the call, or failed before it
+// knew where they go) sends limit 0: no rows come.
+struct alignas(16) ReadyMessage {
+  uint64_t flag;  // seq of the dispatch
+  int64_t first_row;
+  int64_t limit;  // rows past it are not written
+};
+
 struct ControlRegion {
   CountMessage notify[kMaxNvlRanks];
   CountMessage counts[kMaxNvlRanks];
@@ -68,6 +79,7 @@ struct ControlRegion {
   uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine (kRowsRefused: rows not pushed)
   uint64_t combine_layout[kMaxNvlRanks][kMaxBlocks];    // the source's combine_layout_word, before its first release
   uint64_t ack[kMaxNvlRanks];                           // last seq each destination finished consuming
+  ReadyMessage ready[kMaxNvlRanks];                     // each destination's zero-copy dispatch area, per dispatch
 };
 static_assert(sizeof(ControlRegion) <= kArrivalOffset, "control region outgrew its reservation");
 
@@ -256,6 +268,12 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
     for (int d = threadIdx.x; d < p.nranks; d += 32) {
       if (d == p.rank) continue;
       ControlRegion* peer = control_of(p.peers, d);
+      if ((call == deepepCallDispatch || call == deepepCallWorstCaseDispatch) && b == 0) {
+        // Sources on a communicator with a dispatch area wait for this before pushing: no rows come.
+        peer->ready[p.rank].first_row = 0;
+        peer->ready[p.rank].limit = 0;
+        store_release_sys(&peer->ready[p.rank].flag, seq);
+      }
       if (call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch) {
         CountMessage* message = call == deepepCallDispatchNotify ? &peer->notify[p.rank] : &peer->counts[p.rank];
         message->tokens = 0;
@@ -527,6 +545,14 @@ struct DispatchParams {
   bool worst_case;
   HandleHostInfo* report;  // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
   uint64_t report_ticket;
+  // Zero-copy receive (a communicator with a dispatch area; recv_x is this rank's area): the peers write payloads
+  // straight into recv_x and each row's scales and metadata (the part of a region's row after its payload) into the
+  // area's side rows, which the receiving warps read as they would a region's row.
+  bool zero_copy;
+  size_t area_offset;   // of the dispatch area in every rank's buffer
+  size_t side_offset;   // of the side rows in the area
+  size_t side_bytes;    // one side row: the row_bytes - scales_offset bytes of a region's row that follow the payload
+  int64_t area_rows;    // rows the area holds in this call's layout
   int push_warps;       // warps 0 .. push_warps - 1 push rows, the others copy received rows out
   bool lone_publisher;  // progress is released by warp push_warps, which the pushers hand their chunks (see above)
   int diag;             // kDiag* bits: stages left out to time the others (never set in normal use)
@@ -624,6 +650,8 @@ __device__ __forceinline__ void copy_to_output_row(const DispatchParams& q, int6
   if (scales != nullptr) warp_copy<kSource>(q.recv_scales + out_row * L.scale_bytes, scales, L.scale_bytes, lane);
 }
 
+// kZeroCopy: q.zero_copy, as a template argument so that the usual path keeps its registers.
+template <bool kZeroCopy>
 __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchParams q) {
   wait_for_previous_grid();  // the routing, or whatever ran before on the stream
   const Protocol& p = q.p;
@@ -712,6 +740,14 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   }
   __syncthreads();
   const int64_t total_rows = offsets[R];
+  if (kZeroCopy && b == 0 && threadIdx.x < R && threadIdx.x != p.rank) {
+    // Where each source's rows go in this rank's area (sources wait for it; it is sent even when this rank failed,
+    // with limit 0, so that none waits in vain).
+    ReadyMessage* message = &control_of(p.peers, threadIdx.x)->ready[p.rank];
+    message->first_row = offsets[threadIdx.x];
+    message->limit = ok ? min(q.out_rows, q.area_rows) : 0;
+    store_release_sys(&message->flag, seq);
+  }
 
   if (ok && b == 0) {
     // The receive counts go into the handle (for later cached dispatches and combines), and the per-expert counts
@@ -770,12 +806,14 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
   const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
   const int64_t tokens_per_warp = (per_block + push_warps - 1) / push_warps;
-  const bool receivers_copy_own_rows = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
+  const bool few_tokens = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
+  // Zero-copy: the receiving warps have no payloads to copy out, so they take the rows to this rank as well.
+  const bool receivers_copy_own_rows = few_tokens || kZeroCopy;
   const bool long_runs = large_dispatch_rows(L.row_bytes) && tokens_per_warp >= kDispatchLongRunTokens;
-  const int tokens_per_warp_per_chunk = receivers_copy_own_rows ? 1
-                                        : long_runs             ? kDispatchTokensPerWarpPerChunkLongRuns
-                                                                : kDispatchTokensPerWarpPerChunk;
-  const bool lone_publisher = q.lone_publisher && !receivers_copy_own_rows;
+  const int tokens_per_warp_per_chunk = few_tokens  ? 1
+                                        : long_runs ? kDispatchTokensPerWarpPerChunkLongRuns
+                                                    : kDispatchTokensPerWarpPerChunk;
+  const bool lone_publisher = q.lone_publisher && !few_tokens;
   // With small rows the block's last chunk's worth of tokens goes in chunks of one token per pushing warp, so that
   // the rows of the last release, which the receiver copies out after everything else, are fewer.
   const int64_t tail_tokens =
@@ -794,6 +832,15 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       message->tokens = q.send_counts[lane];
       message->num_blocks = gridDim.x;
       store_release_sys(&message->flag, seq);
+    }
+    // Zero-copy: lane d learns where this source's rows start in rank d's area and how many it takes.
+    int32_t area_first_row = 0, area_limit = 0;  // 32 bits (the host keeps areas below 2^31 rows): registers
+    if (kZeroCopy && lane < R && lane != p.rank &&
+        wait_flag(
+            &mine->ready[lane].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
+            lane)) {
+      area_first_row = static_cast<int32_t>(mine->ready[lane].first_row);
+      area_limit = static_cast<int32_t>(mine->ready[lane].limit);
     }
     // A warp's tokens are warp, warp + push_warps, ... of the block's range. Lane k loads slot k's id and weight,
     // and lane d the token's position at rank d, for the warp's next token while the current one's row moves, so
@@ -814,15 +861,29 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         // outputs) is not written.
         int64_t my_out_row = lane == p.rank && my_pos >= 0 && !receivers_copy_own_rows ? offsets[lane] + my_pos : -1;
         if (my_out_row >= q.out_rows) my_out_row = -1;
-        uint8_t* my_row = nullptr;  // the row's place at rank `lane` (payload at 0, then scales and meta)
-        if (lane < R && my_pos >= 0 && lane != p.rank)
-          my_row = region_of(p.peers, lane, p.rank, q.region_bytes) + static_cast<size_t>(my_pos) * L.row_bytes;
+        // The row's place at rank `lane`: its payload, and its scales and metadata (`my_side`, laid out as the part
+        // of a region's row after the payload).
+        uint8_t *my_row = nullptr, *my_side = nullptr;
+        if (lane < R && my_pos >= 0 && lane != p.rank) {
+          if (!kZeroCopy) {
+            my_row = region_of(p.peers, lane, p.rank, q.region_bytes) + static_cast<size_t>(my_pos) * L.row_bytes;
+            my_side = my_row + L.scales_offset;
+          } else if (area_first_row + my_pos < area_limit) {
+            uint8_t* area = static_cast<uint8_t*>(p.peers[lane]) + q.area_offset;
+            const size_t row = static_cast<size_t>(area_first_row + my_pos);
+            my_row = area + row * L.payload_bytes;
+            my_side = area + q.side_offset + row * q.side_bytes;
+          }
+        }
+        // Zero-copy: the ranks the token goes to, whether or not its row fits there (one that does not still counts
+        // in the progress, for which the destination waits before it finds the row past its outputs).
+        const uint32_t dest_mask = kZeroCopy ? __ballot_sync(0xffffffffu, lane < R && my_pos >= 0) : 0u;
         uint8_t* payload_dst = my_row;
         if (q.diag & kDiagSkipRemotePush) payload_dst = nullptr;
         if (my_out_row >= 0 && !(q.diag & kDiagSkipLocalRows)) payload_dst = q.recv_x + my_out_row * L.payload_bytes;
         warp_copy_to_each<Source::kInput>(payload_dst, x_row, L.payload_bytes, lane);
         if (scale_row != nullptr) {
-          uint8_t* scales_dst = my_row != nullptr ? my_row + L.scales_offset : nullptr;
+          uint8_t* scales_dst = my_side;
           if (my_out_row >= 0) scales_dst = q.recv_scales + my_out_row * L.scale_bytes;
           warp_copy_to_each<Source::kInput>(scales_dst, scale_row, L.scale_bytes, lane);
         }
@@ -832,14 +893,16 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
             if (out_row >= 0) write_meta(q, out_row, static_cast<int32_t>(t), my_id, my_weight, lane);
             continue;
           }
-          uint8_t* row =
-              reinterpret_cast<uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_row), d));
-          if (row == nullptr) continue;
-          int32_t* meta = reinterpret_cast<int32_t*>(row + L.meta_offset);
-          if (lane == 0) meta[0] = static_cast<int32_t>(t);
-          if (lane < L.num_topk) {
-            meta[1 + lane] = my_id;
-            reinterpret_cast<float*>(meta + 1 + L.num_topk)[lane] = my_weight;
+          uint8_t* side =
+              reinterpret_cast<uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_side), d));
+          if (side == nullptr && !((dest_mask >> d) & 1u)) continue;
+          if (side != nullptr) {
+            int32_t* meta = reinterpret_cast<int32_t*>(side + (L.meta_offset - L.scales_offset));
+            if (lane == 0) meta[0] = static_cast<int32_t>(t);
+            if (lane < L.num_topk) {
+              meta[1 + lane] = my_id;
+              reinterpret_cast<float*>(meta + 1 + L.num_topk)[lane] = my_weight;
+            }
           }
           __syncwarp();
           if (lane == 0 && !lone_publisher) atomicAdd(&rows_done[d], 1);
@@ -933,7 +996,11 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         }
       }
       if (s == p.rank || !accepted) continue;  // otherwise the send warps wrote the rows to this rank
-      const uint8_t* region = region_of(p.peers, p.rank, s, q.region_bytes);
+      // Each received row's part after its payload (scales and metadata), and the payload where it is not in place.
+      const uint8_t* sides = kZeroCopy ? static_cast<const uint8_t*>(p.peers[p.rank]) + q.area_offset + q.side_offset +
+                                             static_cast<size_t>(offsets[s]) * q.side_bytes
+                                       : region_of(p.peers, p.rank, s, q.region_bytes) + L.scales_offset;
+      const size_t side_stride = kZeroCopy ? q.side_bytes : L.row_bytes;
       uint32_t available = 0;
       bool alive = true;
       while (alive) {
@@ -954,15 +1021,15 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const int64_t j = start + i;
         const int64_t out_row = offsets[s] + j;
         if (out_row >= q.out_rows) continue;
-        const uint8_t* row = region + static_cast<size_t>(j) * L.row_bytes;
+        const uint8_t* side = sides + static_cast<size_t>(j) * side_stride;
         // The row's metadata is loaded before its payload is copied, so that its round trip overlaps the copy's.
-        const int32_t* meta = reinterpret_cast<const int32_t*>(row + L.meta_offset);
+        const int32_t* meta = reinterpret_cast<const int32_t*>(side + (L.meta_offset - L.scales_offset));
         const int32_t src_token = meta[0];
         const int32_t id = lane < L.num_topk ? meta[1 + lane] : -1;
         const float weight = lane < L.num_topk ? reinterpret_cast<const float*>(meta + 1 + L.num_topk)[lane] : 0.f;
-        copy_to_output_row<Source::kPeerWritten>(q, out_row, row,
-                                                 q.recv_scales != nullptr ? row + L.scales_offset : nullptr,
-                                                 q.diag & kDiagSkipCopyOut, lane);
+        copy_to_output_row<Source::kPeerWritten>(q, out_row, kZeroCopy ? nullptr : side - L.scales_offset,
+                                                 q.recv_scales != nullptr ? side : nullptr,
+                                                 kZeroCopy || (q.diag & kDiagSkipCopyOut), lane);
         write_meta(q, out_row, src_token, id, weight, lane);
       }
       if (!alive) break;
@@ -1333,6 +1400,17 @@ static size_t region_bytes_of(const deepepComm& comm) {
   return (comm.buffer_bytes - kControlBytes) / static_cast<size_t>(comm.nranks) / kRegionAlignment * kRegionAlignment;
 }
 
+DispatchAreaLayout dispatch_area_layout(const deepepComm& comm, const DispatchRowLayout& layout) {
+  DispatchAreaLayout area;
+  if (comm.dispatch_area_bytes == 0) return area;
+  area.side_bytes = layout.row_bytes - layout.scales_offset;
+  // At most 2^31 - 1 rows: the kernel keeps row numbers in the area in 32 bits.
+  area.rows = static_cast<int64_t>(std::min<size_t>(
+      (comm.dispatch_area_bytes - kDispatchAreaSlack) / (layout.payload_bytes + area.side_bytes), INT32_MAX));
+  area.side_offset = align_up(static_cast<size_t>(area.rows) * layout.payload_bytes, kRowAlignment);
+  return area;
+}
+
 int64_t region_capacity_rows(const deepepComm& comm, size_t row_bytes) {
   if (comm.buffer_bytes <= kControlBytes) return 0;
   return static_cast<int64_t>(region_bytes_of(comm) / row_bytes);
@@ -1441,11 +1519,18 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
     q.report = static_cast<HandleHostInfo*>(comm.report_host_device);
     q.report_ticket = report_ticket;
   }
+  const DispatchAreaLayout area = dispatch_area_layout(comm, layout);
+  q.zero_copy = comm.dispatch_area_bytes != 0;
+  q.area_offset = comm.dispatch_area_offset;
+  q.side_offset = area.side_offset;
+  q.side_bytes = area.side_bytes;
+  q.area_rows = area.rows;
   q.diag = diag_bits();
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
   q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, q.lone_publisher);
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
-  launch_kernel(dispatch_kernel, handle.num_sms, kDispatchWarps * 32, 0, stream, worst_case, false, q);
+  launch_kernel(q.zero_copy ? dispatch_kernel<true> : dispatch_kernel<false>, handle.num_sms, kDispatchWarps * 32, 0,
+                stream, worst_case, false, q);
 }
 
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream) {

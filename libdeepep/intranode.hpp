@@ -25,6 +25,17 @@ struct DispatchRowLayout {
 };
 DispatchRowLayout dispatch_row_layout(size_t payload_bytes, size_t scale_bytes, int num_topk);
 
+// A communicator's zero-copy dispatch area (deepepConfig zero_copy_dispatch) laid out for one call's rows: `rows`
+// payloads of the call's payload_bytes from the area's start (the outputs' recv_x), then, from side_offset, as many
+// side rows of side_bytes (each row's scales and metadata, as they follow the payload in a region's row). All zero
+// on a communicator without one.
+struct DispatchAreaLayout {
+  int64_t rows = 0;
+  size_t side_offset = 0;
+  size_t side_bytes = 0;
+};
+DispatchAreaLayout dispatch_area_layout(const deepepComm& comm, const DispatchRowLayout& layout);
+
 // Bytes of a combine row: BF16 payload then top-k weights.
 size_t combine_row_bytes(int hidden, int num_topk);
 

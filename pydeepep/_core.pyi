@@ -17,6 +17,7 @@ def buffer_size_hint(
     num_topk: int = ...,
     num_experts: int = ...,
     low_latency_max_tokens: int = ...,
+    zero_copy_dispatch: bool = ...,
 ) -> int: ...
 def empty(shape: tuple[int, ...], dtype: Any, *, device: int, stream: Any = ...) -> DeviceArray: ...
 def empty_cache(device: int | None = ...) -> None: ...
@@ -107,6 +108,7 @@ class Communicator:
     device: int
     ranks_per_nvl_domain: int
     buffer_bytes: int
+    zero_copy_dispatch: bool
     def __init__(
         self,
         unique_id: bytes,
@@ -123,6 +125,7 @@ class Communicator:
         allow_nvlink_multicast: bool = ...,
         low_latency_max_tokens: int = ...,
         low_latency_transport: str = ...,
+        zero_copy_dispatch: bool = ...,
     ) -> None: ...
     @property
     def closed(self) -> bool: ...

@@ -59,7 +59,7 @@ cdef object _c_int(str name, value, object low=-2**31, object high=2**31 - 1):
 
 cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden, num_topk, num_experts,
                                allow_nvlink_multicast, low_latency_max_tokens=0,
-                               low_latency_transport="auto") except *:
+                               low_latency_transport="auto", zero_copy_dispatch=False) except *:
     cdef deepepConfig config
     _check(deepepConfigInit(&config))
     config.device = -1 if device is None else _c_int("device", device)
@@ -76,15 +76,16 @@ cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_ran
         raise DeepEPInvalidArgument(
             f"low_latency_transport is {low_latency_transport!r}; it must be 'auto' or 'nvshmem'", 1)
     config.low_latency_transport = transports[low_latency_transport]
+    config.zero_copy_dispatch = 1 if zero_copy_dispatch else 0
     return config
 
 
 def buffer_size_hint(int nranks, *, buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8,
-                     num_experts=256, low_latency_max_tokens=0):
+                     num_experts=256, low_latency_max_tokens=0, zero_copy_dispatch=False):
     """Bytes of communication buffer per rank a workload needs on `nranks` ranks (what a Communicator with the same
     arguments allocates)."""
     cdef deepepConfig config = _make_config(None, 100.0, buffer_bytes, max_tokens_per_rank, hidden, num_topk,
-                                            num_experts, False, low_latency_max_tokens)
+                                            num_experts, False, low_latency_max_tokens, "auto", zero_copy_dispatch)
     cdef size_t nbytes = 0
     _check(deepepGetBufferSizeHint(&config, nranks, &nbytes))
     return nbytes
@@ -509,6 +510,9 @@ cdef class Communicator:
     cdef readonly int device
     cdef readonly int ranks_per_nvl_domain
     cdef readonly size_t buffer_bytes
+    cdef readonly bint zero_copy_dispatch
+    cdef size_t _dispatch_area  # its device address (0: none), where high-throughput dispatches receive their rows
+    cdef size_t _dispatch_area_bytes
     cdef object _async_stream  # cuda.core Stream of async_finish calls; the arrays made on it keep it alive
     cdef object _ll  # low-latency buffer-set bookkeeping (_lowlatency.pxi)
 
@@ -517,14 +521,15 @@ cdef class Communicator:
 
     def __init__(self, bytes unique_id, int rank, int nranks, *, device=None, double timeout=100.0,
                  buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8, num_experts=256,
-                 allow_nvlink_multicast=False, low_latency_max_tokens=0, low_latency_transport="auto"):
+                 allow_nvlink_multicast=False, low_latency_max_tokens=0, low_latency_transport="auto",
+                 zero_copy_dispatch=False):
         if len(unique_id) != DEEPEP_UNIQUE_ID_BYTES:
             raise DeepEPInvalidArgument(
                 f"unique_id has {len(unique_id)} bytes; it must be the {DEEPEP_UNIQUE_ID_BYTES} bytes that "
                 "get_unique_id() returns", 1)
         cdef deepepConfig config = _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden,
                                                 num_topk, num_experts, allow_nvlink_multicast,
-                                                low_latency_max_tokens, low_latency_transport)
+                                                low_latency_max_tokens, low_latency_transport, zero_copy_dispatch)
         cdef deepepUniqueId uid
         memcpy(uid.internal, <const char*>unique_id, DEEPEP_UNIQUE_ID_BYTES)
         if device is not None:
@@ -549,6 +554,11 @@ cdef class Communicator:
         self.ranks_per_nvl_domain = value
         _check(deepepCommBufferBytes(comm, &nbytes))
         self.buffer_bytes = nbytes
+        cdef void* area = NULL
+        _check(deepepCommGetDispatchArea(comm, &area, &nbytes))
+        self._dispatch_area = <size_t>area
+        self._dispatch_area_bytes = nbytes
+        self.zero_copy_dispatch = area != NULL
         # The stream of async_finish calls is owned here rather than by the library, so that outputs made on it
         # can be freed on it after close().
         self._async_stream = _device(self.device).create_stream()
@@ -877,8 +887,16 @@ cdef class Communicator:
             if h.num_recv_rows is None:
                 raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
             rows = h.num_recv_rows
+        if self._dispatch_area:
+            # Zero-copy: the rows land in the communicator's dispatch area, which recv_x views (the library checks
+            # that they fit).
+            if out is not None and _as_view(out.recv_x, s).ptr != self._dispatch_area:
+                raise DeepEPInvalidArgument("out.recv_x is not the dispatch area of this zero-copy communicator: pass "
+                                            "a DispatchResult of one of its dispatches", 1)
+            recv_x = DeviceArray(self._dispatch_area, (rows, xv.cols), kind, self.device, stream, self)
         if out is None:
-            recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
+            if not self._dispatch_area:
+                recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
             recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = _empty_group((
                 ((rows, a.num_scales), scales_dtype) if fp8 else None,
                 ((rows, num_topk), np.int64) if topk_idx is not None else None,
@@ -886,8 +904,9 @@ cdef class Communicator:
                 ((rows,), np.int32)), self.device, stream)
         else:
             # The library cannot see the sizes of caller arrays: check every one against what will be written.
-            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream,
-                             self.device)
+            if not self._dispatch_area:
+                recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream,
+                                 self.device)
             recv_scales = _expect(out.recv_scales, (rows, a.num_scales) if fp8 else None, scales_dtype, "recv_scales",
                                   stream, self.device)
             recv_topk_idx = _expect(out.recv_topk_idx, (rows, num_topk) if topk_idx is not None else None, np.int64,

@@ -133,6 +133,8 @@ class Inputs:
 
 
 def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
+    """On a zero-copy communicator (comm.zero_copy_dispatch) the dispatches only, as cases named ..._zc (its
+    combine is the usual one)."""
     # A source sends each token to a rank at most once: the ranks' tokens bound the rows any rank receives.
     bound = max(n * comm.nranks, 1)
     worst_handle = pydeepep.Handle(comm)
@@ -194,8 +196,11 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
         "dispatch_worst_bf16": (device_time(lambda: worst_bf16(worst_out), stream), HIDDEN * 2),
         "dispatch_cached_bf16": (device_time(cached_bf16, stream), HIDDEN * 2),
         "dispatch_cached_fp8": (device_time(cached_fp8, stream), HIDDEN + HIDDEN // 128 * 4),
-        "combine_bf16": (device_time(combine, stream), HIDDEN * 2),
     }
+    if comm.zero_copy_dispatch:
+        results = {f"{case}_zc": value for case, value in results.items()}
+    else:
+        results["combine_bf16"] = (device_time(combine, stream), HIDDEN * 2)
     comm.check_async_error()
     rows = []
     for case, (us, row_bytes) in results.items():
@@ -223,7 +228,8 @@ def bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list):
     rows = []
     ceilings = {sms: comm.measure_push_bandwidth(sms, stream=stream) for sms in sms_list}
     for sms, gbps in ceilings.items():
-        rows.append({"case": "ceiling_push", "num_tokens": 0, "sms": sms, "gbps": gbps})
+        if not comm.zero_copy_dispatch:  # the zero-copy section measures its own only for its ratios
+            rows.append({"case": "ceiling_push", "num_tokens": 0, "sms": sms, "gbps": gbps})
         _log(info, f"  SM-push ceiling    SMs={sms:<3}            {gbps:8.1f} GB/s")
     rng = np.random.default_rng(100 + info.rank)
     for n in tokens_list:
@@ -246,7 +252,8 @@ def bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list):
     return rows
 
 
-def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
+def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS, zero_copy=False):
+    """The high-throughput section; with `zero_copy`, its dispatches on a zero-copy communicator (no layout)."""
     from cuda.core import Device
 
     with pydeepep.Communicator(
@@ -258,10 +265,11 @@ def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS):
         hidden=HIDDEN,
         num_topk=NUM_TOPK,
         num_experts=NUM_EXPERTS,
+        zero_copy_dispatch=zero_copy,
     ) as comm:
         stream_owner = Device(comm.device).create_stream()  # keeps the stream alive while its handle is used
         stream = int(stream_owner.handle)
-        rows = bench_layout(comm, info, stream, warmup, iters)
+        rows = [] if zero_copy else bench_layout(comm, info, stream, warmup, iters)
         rows += bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list)
         comm.check_async_error()
     return rows
@@ -538,7 +546,12 @@ def main(argv=None) -> int:
         choices=("auto", "nvshmem"),
         help="low-latency transport: auto (NVLink stores to NVLink peers) or nvshmem (NVSHMEM puts to every peer)",
     )
-    parser.add_argument("--modes", default="ht,ll", help="which sections to run: ht, ll or both (comma-separated)")
+    parser.add_argument(
+        "--modes",
+        default="ht,zc,ll",
+        help="which sections to run (comma-separated): ht (high-throughput), zc (its dispatches on a zero-copy "
+        "communicator), ll (low-latency)",
+    )
     parser.add_argument(
         "--no-floor",
         action="store_true",
@@ -563,10 +576,15 @@ def main(argv=None) -> int:
         tokens_list = (0, *tokens_list)
     modes = set(args.modes.split(","))
     per_rank = [[] for _ in range(nranks)]
-    if "ht" in modes:
-        per_rank = pydeepep.spawn(
-            bench_rank, nprocs=nranks, args=(args.warmup, args.iters, sms_list, tokens_list), timeout=900
-        )
+    for mode in ("ht", "zc"):
+        if mode in modes:
+            rows = pydeepep.spawn(
+                bench_rank,
+                nprocs=nranks,
+                args=(args.warmup, args.iters, sms_list, tokens_list, mode == "zc"),
+                timeout=900,
+            )
+            per_rank = [mine + more for mine, more in zip(per_rank, rows, strict=True)]
     if "ll" in modes:
         ll_tokens = tuple(int(v) for v in args.ll_tokens.split(","))
         try:

@@ -55,6 +55,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int num_experts
         int low_latency_max_tokens
         int low_latency_transport
+        int zero_copy_dispatch
 
     const char* deepepGetErrorString(deepepResult_t result)
     const char* deepepGetLastErrorMessage()
@@ -70,6 +71,7 @@ cdef extern from "deepep/deepep.h" nogil:
     deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ranks_per_domain)
     deepepResult_t deepepCommDevice(deepepComm_t comm, int* device)
     deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes)
+    deepepResult_t deepepCommGetDispatchArea(deepepComm_t comm, void** area, size_t* bytes)
     deepepResult_t deepepCommGetStream(deepepComm_t comm, CUstream_st** stream)
     deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error)
     deepepResult_t deepepCommClearAsyncError(deepepComm_t comm)

@@ -42,6 +42,7 @@ EXPECTED_API = {
     "deepepCommRanksPerNvlDomain",
     "deepepCommDevice",
     "deepepCommBufferBytes",
+    "deepepCommGetDispatchArea",
     "deepepCommGetStream",
     "deepepCommGetAsyncError",
     "deepepCommClearAsyncError",
@@ -191,6 +192,7 @@ class Config(ctypes.Structure):
         ("num_experts", ctypes.c_int),
         ("low_latency_max_tokens", ctypes.c_int),
         ("low_latency_transport", ctypes.c_int),
+        ("zero_copy_dispatch", ctypes.c_int),
     ]
 
 
@@ -322,16 +324,18 @@ int main(void) {
       braced.max_tokens_per_rank != filled.max_tokens_per_rank || braced.hidden != filled.hidden ||
       braced.num_topk != filled.num_topk || braced.num_experts != filled.num_experts ||
       braced.low_latency_max_tokens != filled.low_latency_max_tokens ||
-      braced.low_latency_transport != filled.low_latency_transport) {
+      braced.low_latency_transport != filled.low_latency_transport ||
+      braced.zero_copy_dispatch != filled.zero_copy_dispatch) {
     fprintf(stderr, "DEEPEP_CONFIG_INIT differs from deepepConfigInit\n");
     return 14;
   }
-  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
+  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
          offsetof(deepepConfig, struct_size), offsetof(deepepConfig, device),
          offsetof(deepepConfig, allow_nvlink_multicast), offsetof(deepepConfig, timeout_seconds),
          offsetof(deepepConfig, buffer_bytes), offsetof(deepepConfig, max_tokens_per_rank),
          offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts),
-         offsetof(deepepConfig, low_latency_max_tokens), offsetof(deepepConfig, low_latency_transport));
+         offsetof(deepepConfig, low_latency_max_tokens), offsetof(deepepConfig, low_latency_transport),
+         offsetof(deepepConfig, zero_copy_dispatch));
   printf("unique_id %zu\n", sizeof(deepepUniqueId));
   return 0;
 }
@@ -540,6 +544,34 @@ def test_buffer_size_hint_rejects_an_unknown_low_latency_transport(lib, transpor
     assert "low_latency_transport" in last_error(lib)
     config.low_latency_transport = 1  # DEEPEP_LL_TRANSPORT_NVSHMEM
     assert size_hint(lib, config, 1)[0] == 0
+
+
+@pytest.mark.parametrize("value", [-1, 2])
+def test_buffer_size_hint_rejects_a_zero_copy_dispatch_other_than_0_or_1(lib, value):
+    config = default_config(lib)
+    assert config.zero_copy_dispatch == 0
+    config.zero_copy_dispatch = value
+    assert size_hint(lib, config, 1)[0] == INVALID_ARGUMENT
+    assert "zero_copy_dispatch" in last_error(lib)
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 8])
+def test_a_zero_copy_dispatch_area_holds_every_token_of_every_rank_in_the_largest_row(lib, nranks):
+    config = default_config(lib)
+    status, plain = size_hint(lib, config, nranks)
+    assert status == SUCCESS, last_error(lib)
+    config.zero_copy_dispatch = 1
+    status, zero_copy = size_hint(lib, config, nranks)
+    assert status == SUCCESS, last_error(lib)
+    # A BF16 row of H = 7168 with FP8 scales, K = 8 ids and weights and its source: 14336 + 224 + 96 + 16 bytes,
+    # rounded up to 128 (14720); the area starts on a 4 KiB boundary after the rest and ends with 256 bytes of slack.
+    area = nranks * config.max_tokens_per_rank * 14720 + 256
+    assert zero_copy - area - plain in range(0, 4096)
+    # It needs the workload even when buffer_bytes sizes the rest.
+    config.buffer_bytes = 64 << 20
+    config.hidden = 0
+    assert size_hint(lib, config, nranks)[0] == INVALID_ARGUMENT
+    assert "hidden" in last_error(lib)
 
 
 @pytest.mark.parametrize("num_topk", [0, 33])

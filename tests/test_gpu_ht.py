@@ -175,15 +175,16 @@ def run_case(
         if not np.array_equal(out_w.to_numpy(), want_out[me][1]):
             return "combined weights differ"
 
-        # Cached dispatch with new data, same routing, and reruns bitwise identical.
+        # Cached dispatch with new data, same routing, and reruns bitwise identical (recv_x copied first: on a
+        # zero-copy communicator every dispatch's recv_x views the same area).
+        first_x = result.recv_x.to_numpy()
         for _ in range(reruns):
             again = comm.dispatch(
                 x_dev, x_scales=scales_dev, topk_idx=topk_dev, topk_weights=w_dev, handle=result.handle
             )
             out2 = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None).out
             if not (
-                np.array_equal(again.recv_x.to_numpy(), result.recv_x.to_numpy())
-                and np.array_equal(out2.to_numpy(), out.to_numpy())
+                np.array_equal(again.recv_x.to_numpy(), first_x) and np.array_equal(out2.to_numpy(), out.to_numpy())
             ):
                 return "a rerun differs"
     return True
@@ -268,6 +269,60 @@ def async_case(comm, seed, use_event):
     return bool(np.array_equal(got, want[0])) or "the dispatch read inputs before they were ready"
 
 
+# The oracle scenarios: name -> run_case arguments.
+CASES = {
+    "random_bf16": dict(seed=1, n=512, h=2560, k=8, e=64),
+    "bf16_h7168": dict(seed=2, n=4096, h=7168, k=8, e=256),
+    "bf16_h128": dict(seed=3, n=300, h=128, k=4, e=8),
+    "bf16_h_not_128_multiple": dict(seed=4, n=200, h=1032, k=6, e=32),
+    # Rows over 10 KB that are not whole rounds of 4 x 32 vectors (769): the copy-out's last, partial round.
+    "bf16_large_rows_with_tail": dict(seed=27, n=300, h=6152, k=8, e=32),
+    "empty_rank": dict(seed=5, n=lambda r: 0 if r == 1 else 100, h=256, k=4, e=16),
+    # The empty rank passes no scales (a zero-size array) and must still receive FP8 rows with theirs.
+    "fp8_empty_rank": dict(seed=21, n=lambda r: 0 if r == 0 else 237, h=512, k=4, e=32, fp8=True),
+    "one_token": dict(seed=6, n=1, h=256, k=4, e=16),
+    "all_to_one_rank": dict(seed=7, n=150, h=256, k=4, e=8 * RANKS, to_rank=1),
+    "k1": dict(seed=8, n=333, h=512, k=1, e=16),
+    "k32": dict(seed=9, n=64, h=512, k=32, e=64),
+    "expert_alignment": dict(seed=10, n=257, h=256, k=8, e=32, alignment=128),
+    "biases": dict(seed=11, n=200, h=512, k=4, e=16, biases=2),
+    "one_bias": dict(seed=12, n=200, h=512, k=4, e=16, biases=1),
+    "strided_rows": dict(seed=13, n=128, h=512, k=4, e=16, strided=True),
+    "fp8_float_scales": dict(seed=14, n=512, h=2560, k=8, e=64, fp8=True),
+    "fp8_ue8m0_scales": dict(seed=15, n=512, h=7168, k=8, e=64, fp8=True, ue8m0=True),
+    "fp8_h7168": dict(seed=16, n=4096, h=7168, k=8, e=256, fp8=True),
+    "worst_case": dict(seed=17, n=300, h=256, k=4, e=16, worst=350 * RANKS),
+    "no_weights": dict(seed=18, n=100, h=256, k=4, e=16, weights=False),
+    "eight_sms": dict(seed=19, n=1000, h=512, k=8, e=32, num_sms=8),
+    # 375 tokens per block over 12 pushing warps (rows over 10 KB): long runs, three tokens per warp between
+    # progress releases.
+    "long_runs_per_warp": dict(seed=24, n=3000, h=7168, k=8, e=32, num_sms=8),
+    # Grids of at most 16 blocks (a lone publisher; 14 pushing warps for large rows with long runs, 9 in the
+    # combine) with FP8 rows and packed scales, and in worst-case mode.
+    "fp8_sixteen_sms": dict(seed=25, n=2048, h=7168, k=8, e=64, fp8=True, ue8m0=True, num_sms=16),
+    "worst_case_eight_sms": dict(seed=26, n=300, h=7168, k=4, e=16, worst=350 * RANKS, num_sms=8),
+    "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
+    # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
+    "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
+    "bounded_fp8_aligned_empty_rank": dict(
+        seed=23, n=lambda r: 0 if r == 1 else 300, h=256, k=4, e=16, fp8=True, alignment=8, bound=RANKS * 300
+    ),
+}
+
+
+def run_cases(comm, info, tier, cases, out):
+    """Runs `cases` (name -> run_case arguments) into `out`, stopping after a timeout (the ranks are then out of step:
+    later scenarios would only time out too)."""
+    for name, case in cases.items():
+        try:
+            out[name] = run_case(comm, **case)
+        except Exception:
+            out[name] = traceback.format_exc()
+        log_scenario(tier, info, name, out[name])
+        if isinstance(out[name], str) and "Timeout" in out[name]:
+            break
+
+
 def ht_scenarios(info):
     out = {}
     with pydeepep.Communicator(
@@ -280,52 +335,7 @@ def ht_scenarios(info):
         hidden=7168,
         num_topk=32,
     ) as comm:
-        cases = {
-            "random_bf16": dict(seed=1, n=512, h=2560, k=8, e=64),
-            "bf16_h7168": dict(seed=2, n=4096, h=7168, k=8, e=256),
-            "bf16_h128": dict(seed=3, n=300, h=128, k=4, e=8),
-            "bf16_h_not_128_multiple": dict(seed=4, n=200, h=1032, k=6, e=32),
-            # Rows over 10 KB that are not whole rounds of 4 x 32 vectors (769): the copy-out's last, partial round.
-            "bf16_large_rows_with_tail": dict(seed=27, n=300, h=6152, k=8, e=32),
-            "empty_rank": dict(seed=5, n=lambda r: 0 if r == 1 else 100, h=256, k=4, e=16),
-            # The empty rank passes no scales (a zero-size array) and must still receive FP8 rows with theirs.
-            "fp8_empty_rank": dict(seed=21, n=lambda r: 0 if r == 0 else 237, h=512, k=4, e=32, fp8=True),
-            "one_token": dict(seed=6, n=1, h=256, k=4, e=16),
-            "all_to_one_rank": dict(seed=7, n=150, h=256, k=4, e=8 * RANKS, to_rank=1),
-            "k1": dict(seed=8, n=333, h=512, k=1, e=16),
-            "k32": dict(seed=9, n=64, h=512, k=32, e=64),
-            "expert_alignment": dict(seed=10, n=257, h=256, k=8, e=32, alignment=128),
-            "biases": dict(seed=11, n=200, h=512, k=4, e=16, biases=2),
-            "one_bias": dict(seed=12, n=200, h=512, k=4, e=16, biases=1),
-            "strided_rows": dict(seed=13, n=128, h=512, k=4, e=16, strided=True),
-            "fp8_float_scales": dict(seed=14, n=512, h=2560, k=8, e=64, fp8=True),
-            "fp8_ue8m0_scales": dict(seed=15, n=512, h=7168, k=8, e=64, fp8=True, ue8m0=True),
-            "fp8_h7168": dict(seed=16, n=4096, h=7168, k=8, e=256, fp8=True),
-            "worst_case": dict(seed=17, n=300, h=256, k=4, e=16, worst=350 * RANKS),
-            "no_weights": dict(seed=18, n=100, h=256, k=4, e=16, weights=False),
-            "eight_sms": dict(seed=19, n=1000, h=512, k=8, e=32, num_sms=8),
-            # 375 tokens per block over 12 pushing warps (rows over 10 KB): long runs, three tokens per warp between
-            # progress releases.
-            "long_runs_per_warp": dict(seed=24, n=3000, h=7168, k=8, e=32, num_sms=8),
-            # Grids of at most 16 blocks (a lone publisher; 14 pushing warps for large rows with long runs, 9 in the
-            # combine) with FP8 rows and packed scales, and in worst-case mode.
-            "fp8_sixteen_sms": dict(seed=25, n=2048, h=7168, k=8, e=64, fp8=True, ue8m0=True, num_sms=16),
-            "worst_case_eight_sms": dict(seed=26, n=300, h=7168, k=4, e=16, worst=350 * RANKS, num_sms=8),
-            "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
-            # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
-            "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
-            "bounded_fp8_aligned_empty_rank": dict(
-                seed=23, n=lambda r: 0 if r == 1 else 300, h=256, k=4, e=16, fp8=True, alignment=8, bound=RANKS * 300
-            ),
-        }
-        for name, case in cases.items():
-            try:
-                out[name] = run_case(comm, **case)
-            except Exception:
-                out[name] = traceback.format_exc()
-            log_scenario("ht", info, name, out[name])
-            if isinstance(out[name], str) and "Timeout" in out[name]:
-                break  # the ranks are out of step: later scenarios would only time out too
+        run_cases(comm, info, "ht", CASES, out)
         if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
             return out
         for name, use_event in (("async_finish", False), ("previous_event", True)):
@@ -406,6 +416,104 @@ def ht_scenarios(info):
         except Exception:
             out["one_rank_refuses"] = traceback.format_exc()
         log_scenario("ht", info, "one_rank_refuses", out["one_rank_refuses"])
+    return out
+
+
+# On a communicator with a zero-copy dispatch area (the peers write the rows straight into it, recv_x views it).
+ZERO_COPY_CASES = [
+    "random_bf16",
+    "bf16_h7168",
+    "bf16_h_not_128_multiple",
+    "empty_rank",
+    "fp8_empty_rank",
+    "one_token",
+    "all_to_one_rank",
+    "k32",
+    "expert_alignment",
+    "fp8_ue8m0_scales",
+    "fp8_h7168",
+    "worst_case",
+    "eight_sms",
+    "long_runs_per_warp",
+    "fp8_sixteen_sms",
+    "worst_case_eight_sms",
+    "reruns_identical",
+    "bounded_bf16",
+    "bounded_fp8_aligned_empty_rank",
+]
+
+
+def outputs_outlive_a_peers_next_dispatch(comm, seed, n=512, h=512, k=4, e=16):
+    """A zero-copy dispatch's outputs stay as they are until this rank's next dispatch, even when a peer issued its
+    next one long before: rank 0 reads them 2 s after rank 1 launched a cached dispatch with new data."""
+    R, me = comm.nranks, comm.rank
+    inputs = [make_inputs(seed, r, n, h, k, e) for r in range(R)]
+    new_x = [make_inputs(seed + 1, r, n, h, k, e)[0] for r in range(R)]
+    topks = [t for _, t, _ in inputs]
+    want_first = reference.dispatch([bf16_values(x) for x, _, _ in inputs], topks, None, e)[me][0]
+    want_second = reference.dispatch([bf16_values(x) for x in new_x], topks, None, e)[me][0]
+    with cupy.cuda.Device(comm.device):
+        topk_dev = dev(topks[me])
+        first = comm.dispatch(dev(inputs[me][0]), topk_idx=topk_dev, num_experts=e)
+        cupy.cuda.runtime.deviceSynchronize()
+        if me == 0:
+            time.sleep(2.0)  # the peers' next dispatches are on their devices meanwhile
+        got_first = bf16_values(first.recv_x.to_numpy())
+        second = comm.dispatch(dev(new_x[me]), topk_idx=topk_dev, handle=first.handle)
+        got_second = bf16_values(second.recv_x.to_numpy())
+    comm.check_async_error()
+    if not np.array_equal(got_first, want_first):
+        return "the first dispatch's rows changed before this rank's next dispatch"
+    return bool(np.array_equal(got_second, want_second)) or "the second dispatch's rows differ"
+
+
+def zero_copy_scenarios(info):
+    out = {}
+    with pydeepep.Communicator(
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        timeout=20,
+        max_tokens_per_rank=MAX_TOKENS,
+        hidden=7168,
+        num_topk=32,
+        zero_copy_dispatch=True,
+    ) as comm:
+        if not comm.zero_copy_dispatch:
+            return {"setup": "the communicator has no zero-copy dispatch area"}
+        run_cases(comm, info, "zero-copy", {name: CASES[name] for name in ZERO_COPY_CASES}, out)
+        if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
+            return out
+        extra = [
+            ("async_finish", lambda: async_case(comm, 31, False)),
+            ("graph_replay", lambda: graph_case(comm, 30)),
+            ("outputs_outlive_a_peers_next_dispatch", lambda: outputs_outlive_a_peers_next_dispatch(comm, 49)),
+            ("one_rank_refuses", lambda: one_rank_refuses_case(comm, 48)),
+        ]
+        # More rows than a worst-case output holds: the rows past it are not written, and the error gives the count.
+        x, topk, _ = make_inputs(40, info.rank, 200, 256, 4, 16, drop=0.0)
+        extra.append(
+            (
+                "worst_overflow",
+                lambda: refusal(
+                    comm,
+                    pydeepep.DeepEPBufferTooSmall,
+                    dispatch_host_inputs,
+                    comm,
+                    x,
+                    topk,
+                    num_experts=16,
+                    num_worst_tokens=10,
+                ),
+            )
+        )
+        for name, case in extra:
+            try:
+                out[name] = case()
+            except Exception:
+                out[name] = traceback.format_exc()
+            log_scenario("zero-copy", info, name, out[name])
     return out
 
 
@@ -526,6 +634,26 @@ def results():
 )
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
     assert all_true([r.get(scenario, "not run") for r in results]), [r.get(scenario) for r in results]
+
+
+@pytest.fixture(scope="module")
+def zero_copy_results():
+    return pydeepep.spawn(zero_copy_scenarios, nprocs=RANKS, timeout=150 * RANKS)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    ZERO_COPY_CASES + ["async_finish", "graph_replay", "outputs_outlive_a_peers_next_dispatch", "one_rank_refuses"],
+)
+def test_zero_copy_dispatch_and_combine_match_the_oracle(zero_copy_results, scenario):
+    assert all_true([r.get(scenario, "not run") for r in zero_copy_results]), [
+        r.get(scenario) for r in zero_copy_results
+    ]
+
+
+def test_zero_copy_dispatch_of_more_rows_than_the_outputs_hold_is_an_error_with_the_count(zero_copy_results):
+    for r in zero_copy_results:
+        assert "rows arrive but the outputs hold 10" in r.get("worst_overflow", ""), r.get("worst_overflow")
 
 
 def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):

@@ -111,13 +111,21 @@ typedef struct {
    * rank's NVLink domain and uses NVSHMEM puts and signals for the others; DEEPEP_LL_TRANSPORT_NVSHMEM uses NVSHMEM
    * for every peer, so that path can be run (and tested) on one machine. Every rank must pass the same value. */
   int low_latency_transport;
+  /* 0 (default) or 1: zero-copy high-throughput dispatch. With 1, a dispatch area sized from the workload above
+   * (nranks * max_tokens_per_rank rows of hidden BF16 elements, with room for FP8 scales and metadata) is reserved on
+   * top of the rest, and every high-throughput dispatch on the communicator receives its rows there: the peers
+   * write each row's payload straight into it, so nothing is copied out after the rows land. recv_x must then be
+   * the area's start (deepepCommGetDispatchArea): rows in receive order, contiguous, hidden elements each. They stay
+   * valid until this rank's next high-throughput dispatch starts on the device (work ordered before that dispatch
+   * reads them safely). Every rank must pass the same value. */
+  int zero_copy_dispatch;
 } deepepConfig;
 
 #define DEEPEP_LL_TRANSPORT_AUTO 0
 #define DEEPEP_LL_TRANSPORT_NVSHMEM 1
 
 /* Plain-brace initialiser with the defaults, valid in C and C++. Keep in field order. */
-#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0, DEEPEP_LL_TRANSPORT_AUTO}
+#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0, DEEPEP_LL_TRANSPORT_AUTO, 0}
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Errors and version. Local, thread-safe, never fail for valid pointers.                                            */
@@ -172,6 +180,9 @@ DEEPEP_API deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ra
 DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device);
 /* Bytes of the communication buffer this rank holds (high-throughput part plus low-latency area). */
 DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes);
+/* [out] area, bytes: this rank's zero-copy dispatch area (config zero_copy_dispatch), where its high-throughput
+ * dispatches receive their rows (pass it as recv_x); NULL and 0 on a communicator without one. */
+DEEPEP_API deepepResult_t deepepCommGetDispatchArea(deepepComm_t comm, void** area, size_t* bytes);
 /* The communicator's own stream (the library's setup and teardown work runs on it; calls run on the stream they are
  * given). Do not destroy it. */
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream);
@@ -286,7 +297,8 @@ typedef struct {
   const float* topk_weights; /* optional [N, num_topk]; travels with the token */
   int64_t weights_row_stride;
   /* Outputs of deepepDispatch, rows = num_recv_tokens (or num_worst_tokens). Optional ones may be NULL. */
-  void* recv_x;                        /* [rows, hidden] of x_type, contiguous */
+  void* recv_x;                        /* [rows, hidden] of x_type, contiguous; the dispatch area's start on a
+                                          communicator with zero_copy_dispatch (deepepCommGetDispatchArea) */
   void* recv_scales;                   /* [rows, num_scales] of scales_type, contiguous (FP8 only) */
   int64_t* recv_topk_idx;              /* optional [rows, num_topk]: receiver-local expert ids, -1 elsewhere */
   float* recv_topk_weights;            /* optional [rows, num_topk]: 0 where the expert is elsewhere */
