@@ -806,14 +806,16 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   const int64_t per_block = (q.num_tokens + gridDim.x - 1) / gridDim.x;
   const int64_t t0 = min(q.num_tokens, b * per_block), t1 = min(q.num_tokens, t0 + per_block);
   const int64_t tokens_per_warp = (per_block + push_warps - 1) / push_warps;
-  const bool few_tokens = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
-  // Zero-copy: the receiving warps have no payloads to copy out, so they take the rows to this rank as well.
-  const bool receivers_copy_own_rows = few_tokens || kZeroCopy;
+  // The pushing warps also write the rows to this rank, each row loaded once for all its destinations, unless the
+  // block has few tokens. Zero-copy dispatches too: with the receiving warps copying them instead (they have no
+  // payloads to copy out), 2 x H200, same run, N = 4096, BF16 / FP8 took 205.3 / 119.5 us on 16 SMs and 216.5 /
+  // 127.1 on 24 against 195.7 / 120.5 and 215.6 / 117.4.
+  const bool receivers_copy_own_rows = tokens_per_warp <= kDispatchTokensPerWarpPerChunk;
   const bool long_runs = large_dispatch_rows(L.row_bytes) && tokens_per_warp >= kDispatchLongRunTokens;
-  const int tokens_per_warp_per_chunk = few_tokens  ? 1
-                                        : long_runs ? kDispatchTokensPerWarpPerChunkLongRuns
-                                                    : kDispatchTokensPerWarpPerChunk;
-  const bool lone_publisher = q.lone_publisher && !few_tokens;
+  const int tokens_per_warp_per_chunk = receivers_copy_own_rows ? 1
+                                        : long_runs             ? kDispatchTokensPerWarpPerChunkLongRuns
+                                                                : kDispatchTokensPerWarpPerChunk;
+  const bool lone_publisher = q.lone_publisher && !receivers_copy_own_rows;
   // With small rows the block's last chunk's worth of tokens goes in chunks of one token per pushing warp, so that
   // the rows of the last release, which the receiver copies out after everything else, are fewer.
   const int64_t tail_tokens =

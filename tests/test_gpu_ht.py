@@ -323,9 +323,9 @@ def run_cases(comm, info, tier, cases, out):
             break
 
 
-def ht_scenarios(info):
-    out = {}
-    with pydeepep.Communicator(
+def scenario_communicator(info, **kwargs):
+    """The communicator the scenarios run on: room for MAX_TOKENS tokens of up to H = 7168 and K = 32."""
+    return pydeepep.Communicator(
         info.unique_id,
         info.rank,
         info.nranks,
@@ -334,7 +334,13 @@ def ht_scenarios(info):
         max_tokens_per_rank=MAX_TOKENS,
         hidden=7168,
         num_topk=32,
-    ) as comm:
+        **kwargs,
+    )
+
+
+def ht_scenarios(info):
+    out = {}
+    with scenario_communicator(info) as comm:
         run_cases(comm, info, "ht", CASES, out)
         if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
             return out
@@ -469,17 +475,7 @@ def outputs_outlive_a_peers_next_dispatch(comm, seed, n=512, h=512, k=4, e=16):
 
 def zero_copy_scenarios(info):
     out = {}
-    with pydeepep.Communicator(
-        info.unique_id,
-        info.rank,
-        info.nranks,
-        device=info.device,
-        timeout=20,
-        max_tokens_per_rank=MAX_TOKENS,
-        hidden=7168,
-        num_topk=32,
-        zero_copy_dispatch=True,
-    ) as comm:
+    with scenario_communicator(info, zero_copy_dispatch=True) as comm:
         if not comm.zero_copy_dispatch:
             return {"setup": "the communicator has no zero-copy dispatch area"}
         run_cases(comm, info, "zero-copy", {name: CASES[name] for name in ZERO_COPY_CASES}, out)
