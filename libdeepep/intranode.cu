@@ -589,6 +589,15 @@ __device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMes
   return false;
 }
 
+// Zero-copy: tells `source` where its rows start in this rank's dispatch area and how many rows it takes.
+__device__ __forceinline__ void send_ready(const Protocol& p, int source, uint32_t seq, int64_t first_row,
+                                           int64_t limit) {
+  ReadyMessage* message = &control_of(p.peers, source)->ready[p.rank];
+  message->first_row = first_row;
+  message->limit = limit;
+  store_release_sys(&message->flag, seq);
+}
+
 __device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t token, int k) {
   return q.topk_int64 ? static_cast<int32_t>(static_cast<const int64_t*>(q.topk_idx)[token * q.topk_stride + k])
                       : static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
@@ -673,6 +682,14 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   if (threadIdx.x < kDispatchWarps) chunks_pushed[threadIdx.x] = 0;
   __syncthreads();
 
+  if (kZeroCopy && !q.worst_case && b == 0 && warp == 1 && lane < R && lane != p.rank) {
+    // Zero-copy: tell each source where its rows go in this rank's area at once (the work before this kernel is done
+    // with the area), from the handle's counts, instead of after the acknowledgements (below), which would put one
+    // more trip between the ranks ahead of the first push.
+    int64_t first_row = 0;
+    for (int s = 0; s < lane; ++s) first_row += q.recv_counts[s];
+    send_ready(p, lane, seq, first_row, min(q.out_rows, q.area_rows));
+  }
   // Steps 1-2. A worst-case dispatch learns the counts from the other ranks here; any other dispatch has them in
   // the handle already (from its count exchange or from the worst-case dispatch that made it), so its pushers start
   // as soon as the destinations acknowledged the previous operation.
@@ -740,13 +757,10 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   }
   __syncthreads();
   const int64_t total_rows = offsets[R];
-  if (kZeroCopy && b == 0 && threadIdx.x < R && threadIdx.x != p.rank) {
-    // Where each source's rows go in this rank's area (sources wait for it; it is sent even when this rank failed,
-    // with limit 0, so that none waits in vain).
-    ReadyMessage* message = &control_of(p.peers, threadIdx.x)->ready[p.rank];
-    message->first_row = offsets[threadIdx.x];
-    message->limit = ok ? min(q.out_rows, q.area_rows) : 0;
-    store_release_sys(&message->flag, seq);
+  if (kZeroCopy && q.worst_case && b == 0 && threadIdx.x < R && threadIdx.x != p.rank) {
+    // A worst-case dispatch's ready messages, once it has the counts (sent even when this rank failed, with limit 0,
+    // so that no source waits in vain).
+    send_ready(p, threadIdx.x, seq, offsets[threadIdx.x], ok ? min(q.out_rows, q.area_rows) : 0);
   }
 
   if (ok && b == 0) {
@@ -841,8 +855,12 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         wait_flag(
             &mine->ready[lane].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
             lane)) {
-      area_first_row = static_cast<int32_t>(mine->ready[lane].first_row);
-      area_limit = static_cast<int32_t>(mine->ready[lane].limit);
+      const int64_t first_row = mine->ready[lane].first_row, limit = mine->ready[lane].limit;
+      // A start outside [0, limit] (from a handle whose counts a failed exchange left) takes no rows.
+      if (first_row >= 0 && first_row <= limit && limit <= INT32_MAX) {
+        area_first_row = static_cast<int32_t>(first_row);
+        area_limit = static_cast<int32_t>(limit);
+      }
     }
     // A warp's tokens are warp, warp + push_warps, ... of the block's range. Lane k loads slot k's id and weight,
     // and lane d the token's position at rank d, for the warp's next token while the current one's row moves, so
