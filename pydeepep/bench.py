@@ -602,7 +602,7 @@ def main(argv=None) -> int:
     }
     with open(args.output, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"\n{'case':<22}{'N':>7}{'SMs':>5}{'us (median)':>13}{'GB/s':>8}{'ceiling':>9}{'ratio':>7}")
+    print(f"\n{'case':<25}{'N':>7}{'SMs':>5}{'us (median)':>13}{'GB/s':>8}{'ceiling':>9}{'ratio':>7}")
     for i, row in enumerate(per_rank[0]):
         if row["case"] == "ceiling_push":
             continue
@@ -610,7 +610,7 @@ def main(argv=None) -> int:
         gbps = f"{row['gbps']:8.1f}" if "gbps" in row else " " * 8
         ceiling = f"{row['ceiling_gbps']:9.1f}" if "ceiling_gbps" in row else " " * 9
         ratio = f"{row['ratio']:7.0%}" if "ratio" in row else " " * 7
-        print(f"{row['case']:<22}{row['num_tokens']:>7}{row['sms'] or '':>5}{slowest:>13.1f}{gbps}{ceiling}{ratio}")
+        print(f"{row['case']:<25}{row['num_tokens']:>7}{row['sms'] or '':>5}{slowest:>13.1f}{gbps}{ceiling}{ratio}")
     print(f"(record written to {args.output})")
     png = os.path.splitext(args.output)[0] + ".png"
     if plot(record, png):

@@ -31,14 +31,14 @@ def table(named: list) -> str:
     for _, values in named:
         keys += [key for key in values if key not in keys]
     width = max([9] + [len(name) + 1 for name, _ in named])
-    lines = [f"{'case':<22}{'N':>7}{'SMs':>5}" + "".join(f"{name:>{width}}" for name, _ in named)]
+    lines = [f"{'case':<25}{'N':>7}{'SMs':>5}" + "".join(f"{name:>{width}}" for name, _ in named)]
     for case, tokens, sms in keys:
         cells = []
         for _, values in named:
             value = values.get((case, tokens, sms))
             cells.append(f"{'-' if value is None else f'{value:.1f}':>{width}}")
         unit = " GB/s" if case == "ceiling_push" else ""
-        lines.append(f"{case:<22}{tokens:>7}{sms or '':>5}" + "".join(cells) + unit)
+        lines.append(f"{case:<25}{tokens:>7}{sms or '':>5}" + "".join(cells) + unit)
     return "\n".join(lines)
 
 
