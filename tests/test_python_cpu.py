@@ -455,6 +455,31 @@ def test_a_workload_sized_buffer_gives_each_source_whole_256_byte_units(nranks, 
     assert region >= max_tokens * bf16_row
 
 
+@pytest.mark.parametrize("nranks, max_tokens, hidden, num_topk", [(2, 4096, 7168, 8), (3, 5, 1032, 1), (8, 7, 128, 32)])
+def test_a_zero_copy_dispatch_area_holds_every_token_of_every_rank_in_each_row_form(
+    nranks, max_tokens, hidden, num_topk
+):
+    workload = dict(max_tokens_per_rank=max_tokens, hidden=hidden, num_topk=num_topk)
+
+    def whole(n, unit):
+        return -(-n // unit) * unit
+
+    # The area starts on the first 4 KiB boundary after the rest.
+    plain = pydeepep.buffer_size_hint(nranks, **workload)
+    area = pydeepep.buffer_size_hint(nranks, zero_copy_dispatch=True, **workload) - whole(plain, 4096)
+
+    forms = {"bf16": (2 * hidden, 0)}
+    if hidden % 128 == 0:  # FP8 rows need whole 128-channel groups
+        forms["fp8"] = (hidden, 4 * (hidden // 128))
+    for form, (payload, scales) in forms.items():
+        # A zero-copy row: its payload in recv_x, then a side row of the scales and the source token, ids and weights
+        # (as they follow the payload in a whole-line receive-region row); 256 bytes of the area are slack.
+        scales_offset = whole(payload, 16)
+        row = whole(scales_offset + whole(scales, 16) + whole(4 * (1 + 2 * num_topk), 16), 128)
+        side = row - scales_offset
+        assert (area - 256) // (payload + side) >= nranks * max_tokens, form
+
+
 def test_buffer_size_hint_follows_the_workload():
     small = pydeepep.buffer_size_hint(2, max_tokens_per_rank=128, hidden=1024)
     assert pydeepep.buffer_size_hint(4, max_tokens_per_rank=128, hidden=1024) > small
