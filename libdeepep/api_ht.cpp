@@ -495,8 +495,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       const int64_t area_rows = dispatch_area_layout(c, layout).rows;
       if (rows > area_rows) {
         fail(deepepBufferTooSmall,
-             "%lld rows of %d %s elements do not fit in the zero-copy dispatch area (%zu bytes: %lld such rows); raise "
-             "max_tokens_per_rank or hidden in the config",
+             "%lld rows of %d %s elements do not fit in the zero-copy dispatch area (%zu bytes: %lld such rows); "
+             "raise max_tokens_per_rank, hidden or num_topk in the config, or ask for fewer rows",
              static_cast<long long>(rows), a.hidden, fp8 ? "FP8" : "BF16", c.dispatch_area_bytes,
              static_cast<long long>(area_rows));
       }

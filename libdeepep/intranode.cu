@@ -79,7 +79,11 @@ struct ControlRegion {
   uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine (kRowsRefused: rows not pushed)
   uint64_t combine_layout[kMaxNvlRanks][kMaxBlocks];    // the source's combine_layout_word, before its first release
   uint64_t ack[kMaxNvlRanks];                           // last seq each destination finished consuming
-  ReadyMessage ready[kMaxNvlRanks];                     // each destination's zero-copy dispatch area, per dispatch
+  // Each destination's zero-copy dispatch area, per dispatch, in the slot of its seq's parity: a cached dispatch sends
+  // its message before it waits for the acknowledgements, so a destination that finished the previous operation
+  // without waiting for this rank (it refused it) may send the next message while this rank has yet to read that
+  // operation's. It cannot run further ahead: the operation after waits for this rank's acknowledgement.
+  ReadyMessage ready[2][kMaxNvlRanks];
 };
 static_assert(sizeof(ControlRegion) <= kArrivalOffset, "control region outgrew its reservation");
 
@@ -270,9 +274,10 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
       ControlRegion* peer = control_of(p.peers, d);
       if ((call == deepepCallDispatch || call == deepepCallWorstCaseDispatch) && b == 0) {
         // Sources on a communicator with a dispatch area wait for this before pushing: no rows come.
-        peer->ready[p.rank].first_row = 0;
-        peer->ready[p.rank].limit = 0;
-        store_release_sys(&peer->ready[p.rank].flag, seq);
+        ReadyMessage* message = &peer->ready[seq & 1][p.rank];
+        message->first_row = 0;
+        message->limit = 0;
+        store_release_sys(&message->flag, seq);
       }
       if (call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch) {
         CountMessage* message = call == deepepCallDispatchNotify ? &peer->notify[p.rank] : &peer->counts[p.rank];
@@ -592,7 +597,7 @@ __device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMes
 // Zero-copy: tells `source` where its rows start in this rank's dispatch area and how many rows it takes.
 __device__ __forceinline__ void send_ready(const Protocol& p, int source, uint32_t seq, int64_t first_row,
                                            int64_t limit) {
-  ReadyMessage* message = &control_of(p.peers, source)->ready[p.rank];
+  ReadyMessage* message = &control_of(p.peers, source)->ready[seq & 1][p.rank];
   message->first_row = first_row;
   message->limit = limit;
   store_release_sys(&message->flag, seq);
@@ -853,13 +858,16 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     int32_t area_first_row = 0, area_limit = 0;  // 32 bits (the host keeps areas below 2^31 rows): registers
     if (kZeroCopy && lane < R && lane != p.rank &&
         wait_flag(
-            &mine->ready[lane].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
-            lane)) {
-      const int64_t first_row = mine->ready[lane].first_row, limit = mine->ready[lane].limit;
-      // A start outside [0, limit] (from a handle whose counts a failed exchange left) takes no rows.
-      if (first_row >= 0 && first_row <= limit && limit <= INT32_MAX) {
+            &mine->ready[seq & 1][lane].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank,
+            Phase::kDispatch, lane)) {
+      const ReadyMessage& message = mine->ready[seq & 1][lane];
+      // The rows this rank's own layout fits in the area as well: a destination that lays rows out otherwise (an
+      // error its receive reports) must not lead this rank to write past the area. A start outside [0, limit] (from a
+      // handle whose counts a failed exchange left) takes no rows.
+      const int64_t first_row = message.first_row, limit = min(message.limit, q.area_rows);
+      if (first_row >= 0 && first_row <= limit) {
         area_first_row = static_cast<int32_t>(first_row);
-        area_limit = static_cast<int32_t>(limit);
+        area_limit = static_cast<int32_t>(limit);  // area_rows < 2^31 (dispatch_area_layout)
       }
     }
     // A warp's tokens are warp, warp + push_warps, ... of the block's range. Lane k loads slot k's id and weight,

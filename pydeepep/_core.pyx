@@ -584,7 +584,8 @@ cdef class Communicator:
 
     def close(self):
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
-        calls returned stay valid; the communicator's stream lives on until the last one made on it is freed. Waits
+        calls returned stay valid, but for a zero-copy dispatch's ``recv_x``, a view of the communicator's buffer,
+        which goes with it; the communicator's stream lives on until the last one made on it is freed. Waits
         at most the timeout for the other ranks: if one never comes, frees this rank's resources and raises
         :class:`DeepEPTimeoutError` (unless a call already reported a timeout or a rank is masked out of low-latency
         calls); the process should then exit."""
@@ -772,7 +773,9 @@ cdef class Communicator:
         with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs).
         ``previous_event``: work waits for this event first. ``async_finish``: run on the communicator's stream
         (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
-        produced on the communicator's stream.
+        produced on the communicator's stream. On a communicator made with ``zero_copy_dispatch=True``, ``recv_x``
+        is a view of its dispatch area, which the peers write directly: every dispatch's ``recv_x`` is that same
+        memory, valid until this rank's next dispatch starts on the device (copy what must live longer).
         """
         # The scalar arguments are converted (integers only) once the stream is known, so that a wrong type on one
         # rank is refused like any other bad argument, on every rank. A worst-case count that is no integer most
@@ -887,15 +890,12 @@ cdef class Communicator:
             if h.num_recv_rows is None:
                 raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
             rows = h.num_recv_rows
-        if self._dispatch_area:
-            # Zero-copy: the rows land in the communicator's dispatch area, which recv_x views (the library checks
-            # that they fit).
-            if out is not None and _as_view(out.recv_x, s).ptr != self._dispatch_area:
-                raise DeepEPInvalidArgument("out.recv_x is not the dispatch area of this zero-copy communicator: pass "
-                                            "a DispatchResult of one of its dispatches", 1)
-            recv_x = DeviceArray(self._dispatch_area, (rows, xv.cols), kind, self.device, stream, self)
         if out is None:
-            if not self._dispatch_area:
+            if self._dispatch_area:
+                # Zero-copy: the rows land in the communicator's dispatch area, which recv_x views (the library
+                # checks that they fit).
+                recv_x = DeviceArray(self._dispatch_area, (rows, xv.cols), kind, self.device, stream, self)
+            else:
                 recv_x = empty((rows, xv.cols), kind, device=self.device, stream=stream)
             recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = _empty_group((
                 ((rows, a.num_scales), scales_dtype) if fp8 else None,
@@ -904,9 +904,11 @@ cdef class Communicator:
                 ((rows,), np.int32)), self.device, stream)
         else:
             # The library cannot see the sizes of caller arrays: check every one against what will be written.
-            if not self._dispatch_area:
-                recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream,
-                                 self.device)
+            recv_x = _expect(out.recv_x, (rows, xv.cols), np.uint8 if fp8 else np.uint16, "recv_x", stream,
+                             self.device)
+            if self._dispatch_area and recv_x.ptr != self._dispatch_area:
+                raise DeepEPInvalidArgument("out.recv_x is not the dispatch area of this zero-copy communicator: pass "
+                                            "a DispatchResult of one of its dispatches", 1)
             recv_scales = _expect(out.recv_scales, (rows, a.num_scales) if fp8 else None, scales_dtype, "recv_scales",
                                   stream, self.device)
             recv_topk_idx = _expect(out.recv_topk_idx, (rows, num_topk) if topk_idx is not None else None, np.int64,
