@@ -512,7 +512,6 @@ cdef class Communicator:
     cdef readonly size_t buffer_bytes
     cdef readonly bint zero_copy_dispatch
     cdef size_t _dispatch_area  # its device address (0: none), where high-throughput dispatches receive their rows
-    cdef size_t _dispatch_area_bytes
     cdef object _async_stream  # cuda.core Stream of async_finish calls; the arrays made on it keep it alive
     cdef object _ll  # low-latency buffer-set bookkeeping (_lowlatency.pxi)
 
@@ -557,7 +556,6 @@ cdef class Communicator:
         cdef void* area = NULL
         _check(deepepCommGetDispatchArea(comm, &area, &nbytes))
         self._dispatch_area = <size_t>area
-        self._dispatch_area_bytes = nbytes
         self.zero_copy_dispatch = area != NULL
         # The stream of async_finish calls is owned here rather than by the library, so that outputs made on it
         # can be freed on it after close().

@@ -117,7 +117,7 @@ typedef struct {
    * write each row's payload straight into it, so nothing is copied out after the rows land. recv_x must then be
    * the area's start (deepepCommGetDispatchArea): rows in receive order, contiguous, hidden elements each. They stay
    * valid until this rank's next high-throughput dispatch starts on the device (work ordered before that dispatch
-   * reads them safely). Every rank must pass the same value. */
+   * reads them safely) and while the communicator lives. Every rank must pass the same value. */
   int zero_copy_dispatch;
 } deepepConfig;
 
@@ -178,7 +178,7 @@ DEEPEP_API deepepResult_t deepepCommSize(deepepComm_t comm, int* nranks);
  * domains of consecutive ranks). */
 DEEPEP_API deepepResult_t deepepCommRanksPerNvlDomain(deepepComm_t comm, int* ranks_per_domain);
 DEEPEP_API deepepResult_t deepepCommDevice(deepepComm_t comm, int* device);
-/* Bytes of the communication buffer this rank holds (high-throughput part plus low-latency area). */
+/* Bytes of the communication buffer this rank holds (high-throughput part, low-latency area, dispatch area). */
 DEEPEP_API deepepResult_t deepepCommBufferBytes(deepepComm_t comm, size_t* bytes);
 /* [out] area, bytes: this rank's zero-copy dispatch area (config zero_copy_dispatch), where its high-throughput
  * dispatches receive their rows (pass it as recv_x); NULL and 0 on a communicator without one. */
