@@ -550,10 +550,9 @@ struct DispatchParams {
   bool worst_case;
   HandleHostInfo* report;  // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
   uint64_t report_ticket;
-  // Zero-copy receive (a communicator with a dispatch area; recv_x is this rank's area): the peers write payloads
-  // straight into recv_x and each row's scales and metadata (the part of a region's row after its payload) into the
-  // area's side rows, which the receiving warps read as they would a region's row.
-  bool zero_copy;
+  // Zero-copy receive (dispatch_kernel<true>: a communicator with a dispatch area, recv_x is this rank's area): the
+  // peers write payloads straight into recv_x and each row's scales and metadata (the part of a region's row after
+  // its payload) into the area's side rows, which the receiving warps read as they would a region's row.
   size_t area_offset;   // of the dispatch area in every rank's buffer
   size_t side_offset;   // of the side rows in the area
   size_t side_bytes;    // one side row: the row_bytes - scales_offset bytes of a region's row that follow the payload
@@ -664,7 +663,8 @@ __device__ __forceinline__ void copy_to_output_row(const DispatchParams& q, int6
   if (scales != nullptr) warp_copy<kSource>(q.recv_scales + out_row * L.scale_bytes, scales, L.scale_bytes, lane);
 }
 
-// kZeroCopy: q.zero_copy, as a template argument so that the usual path keeps its registers.
+// kZeroCopy: the communicator has a dispatch area (see DispatchParams), as a template argument so that the usual path
+// keeps its registers.
 template <bool kZeroCopy>
 __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchParams q) {
   wait_for_previous_grid();  // the routing, or whatever ran before on the stream
@@ -1025,8 +1025,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       }
       if (s == p.rank || !accepted) continue;  // otherwise the send warps wrote the rows to this rank
       // Each received row's part after its payload (scales and metadata), and the payload where it is not in place.
-      const uint8_t* sides = kZeroCopy ? static_cast<const uint8_t*>(p.peers[p.rank]) + q.area_offset + q.side_offset +
-                                             static_cast<size_t>(offsets[s]) * q.side_bytes
+      const uint8_t* sides = kZeroCopy ? q.recv_x + q.side_offset + static_cast<size_t>(offsets[s]) * q.side_bytes
                                        : region_of(p.peers, p.rank, s, q.region_bytes) + L.scales_offset;
       const size_t side_stride = kZeroCopy ? q.side_bytes : L.row_bytes;
       uint32_t available = 0;
@@ -1548,7 +1547,6 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
     q.report_ticket = report_ticket;
   }
   const DispatchAreaLayout area = dispatch_area_layout(comm, layout);
-  q.zero_copy = comm.dispatch_area_bytes != 0;
   q.area_offset = comm.dispatch_area_offset;
   q.side_offset = area.side_offset;
   q.side_bytes = area.side_bytes;
@@ -1557,8 +1555,8 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
   q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, q.lone_publisher);
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
-  launch_kernel(q.zero_copy ? dispatch_kernel<true> : dispatch_kernel<false>, handle.num_sms, kDispatchWarps * 32, 0,
-                stream, worst_case, false, q);
+  launch_kernel(comm.dispatch_area_bytes != 0 ? dispatch_kernel<true> : dispatch_kernel<false>, handle.num_sms,
+                kDispatchWarps * 32, 0, stream, worst_case, false, q);
 }
 
 void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCombineArgs& args, cudaStream_t stream) {

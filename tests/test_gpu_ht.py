@@ -594,40 +594,7 @@ def results():
     return pydeepep.spawn(ht_scenarios, nprocs=RANKS, timeout=150 * RANKS)
 
 
-@pytest.mark.parametrize(
-    "scenario",
-    [
-        "random_bf16",
-        "bf16_h7168",
-        "bf16_h128",
-        "bf16_h_not_128_multiple",
-        "empty_rank",
-        "fp8_empty_rank",
-        "one_token",
-        "all_to_one_rank",
-        "k1",
-        "k32",
-        "expert_alignment",
-        "biases",
-        "one_bias",
-        "strided_rows",
-        "fp8_float_scales",
-        "fp8_ue8m0_scales",
-        "fp8_h7168",
-        "worst_case",
-        "no_weights",
-        "eight_sms",
-        "long_runs_per_warp",
-        "fp8_sixteen_sms",
-        "worst_case_eight_sms",
-        "reruns_identical",
-        "bounded_bf16",
-        "bounded_fp8_aligned_empty_rank",
-        "async_finish",
-        "previous_event",
-        "graph_replay",
-    ],
-)
+@pytest.mark.parametrize("scenario", [*CASES, "async_finish", "previous_event", "graph_replay"])
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
     assert all_true([r.get(scenario, "not run") for r in results]), [r.get(scenario) for r in results]
 
@@ -639,7 +606,7 @@ def zero_copy_results():
 
 @pytest.mark.parametrize(
     "scenario",
-    ZERO_COPY_CASES + ["async_finish", "graph_replay", "outputs_outlive_a_peers_next_dispatch", "one_rank_refuses"],
+    [*ZERO_COPY_CASES, "async_finish", "graph_replay", "outputs_outlive_a_peers_next_dispatch", "one_rank_refuses"],
 )
 def test_zero_copy_dispatch_and_combine_match_the_oracle(zero_copy_results, scenario):
     assert all_true([r.get(scenario, "not run") for r in zero_copy_results]), [
