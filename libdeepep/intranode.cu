@@ -95,6 +95,17 @@ constexpr int kDispatchWarps = 24;
 constexpr int kDispatchPushWarpsLargeRows = 12;
 constexpr int kDispatchPushWarpsLargeRowsLonePublisher = 14;
 constexpr int kDispatchPushWarpsSmallRows = 16;
+// A zero-copy dispatch's receiving warps copy no payloads. Its large rows on grids with the barrier of at most
+// kZeroCopySpreadMaxBlocks blocks went fastest with about kZeroCopyPushingWarps pushing warps in the whole grid, far
+// fewer than the usual 12 per block (2 x H200, same runs, BF16, H = 7168, N = 4096 / 16384, 12 pushers against the
+// best: 22 blocks 215.0 / 812.9 us against 196.8 / 729.8 with 8, 24 blocks 213.4 / 824.8 against 197.6 / 731.3 with
+// 7, 26 blocks 214.1 / 821.0 against 202.0 / 758.1 with 7; with too few it was slower again: 24 blocks 212.5 / 802.6
+// with 6, 20 blocks 221.7 / 842.6 with 7). Why is not known. On 28 blocks 7 and 12 took as long (212.6 / 808.4
+// against 212.1 / 809.0), and on 32 and 48 blocks 12 stayed fastest (206.3 / 780.9 and 192.6 / 720.4 against 221.1 /
+// 819.7 and 203.9 / 767.1 with 7), so larger grids keep 12, and so do blocks whose fewer pushers would have short
+// runs (N = 512 on 24 blocks: 38.5 us with 7 against 34.5 with 12).
+constexpr int kZeroCopyPushingWarps = 176;
+constexpr int kZeroCopySpreadMaxBlocks = 26;
 constexpr size_t kDispatchLargeRowBytes = 10240;
 __host__ __device__ constexpr bool large_dispatch_rows(size_t row_bytes) { return row_bytes > kDispatchLargeRowBytes; }
 // Combine warps push rows back to their sources, the others reduce (the pushers join them once done): 8 of 24 push
@@ -136,13 +147,17 @@ constexpr int kLonePublisherMaxBlocks = 16;
 // with 14 where each of them still has a long run (2 x H200, same runs, BF16, N = 4096: 240 us on 16 SMs against 248
 // with 12, 242 with 16, 245 with 13; 460 against 466 on 8 SMs), but not with a few tokens each (N = 512 on 16 SMs:
 // 44.9 us against 41.6). FP8 rows measured no faster with 14 on 16 SMs (144.0 against 144.4 us) and slower with 18-20.
-int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool lone_publisher) {
+int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool lone_publisher, bool zero_copy) {
   if (!large_dispatch_rows(row_bytes)) return kDispatchPushWarpsSmallRows;
   const int64_t per_block = (num_tokens + blocks - 1) / blocks;
-  const bool long_runs_with_more =
-      (per_block + kDispatchPushWarpsLargeRowsLonePublisher - 1) / kDispatchPushWarpsLargeRowsLonePublisher >=
-      kDispatchLongRunTokens;
-  return lone_publisher && long_runs_with_more ? kDispatchPushWarpsLargeRowsLonePublisher : kDispatchPushWarpsLargeRows;
+  auto long_runs_with = [&](int warps) { return (per_block + warps - 1) / warps >= kDispatchLongRunTokens; };
+  if (zero_copy && !lone_publisher && blocks <= kZeroCopySpreadMaxBlocks) {
+    const int spread = std::min(kDispatchPushWarpsLargeRows, (kZeroCopyPushingWarps + blocks / 2) / blocks);
+    if (long_runs_with(spread)) return spread;
+  }
+  return lone_publisher && long_runs_with(kDispatchPushWarpsLargeRowsLonePublisher)
+             ? kDispatchPushWarpsLargeRowsLonePublisher
+             : kDispatchPushWarpsLargeRows;
 }
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
@@ -1553,7 +1568,8 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.area_rows = area.rows;
   q.diag = diag_bits();
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
-  q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, q.lone_publisher);
+  q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, q.lone_publisher,
+                                     comm.dispatch_area_bytes != 0);
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
   launch_kernel(comm.dispatch_area_bytes != 0 ? dispatch_kernel<true> : dispatch_kernel<false>, handle.num_sms,
                 kDispatchWarps * 32, 0, stream, worst_case, false, q);
