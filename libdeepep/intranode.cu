@@ -95,15 +95,16 @@ constexpr int kDispatchWarps = 24;
 constexpr int kDispatchPushWarpsLargeRows = 12;
 constexpr int kDispatchPushWarpsLargeRowsLonePublisher = 14;
 constexpr int kDispatchPushWarpsSmallRows = 16;
-// A zero-copy dispatch's receiving warps copy no payloads. Its large rows on grids with the barrier of at most
-// kZeroCopySpreadMaxBlocks blocks went fastest with about kZeroCopyPushingWarps pushing warps in the whole grid, far
-// fewer than the usual 12 per block (2 x H200, same runs, BF16, H = 7168, N = 4096 / 16384, 12 pushers against the
-// best: 22 blocks 215.0 / 812.9 us against 196.8 / 729.8 with 8, 24 blocks 213.4 / 824.8 against 197.6 / 731.3 with
-// 7, 26 blocks 214.1 / 821.0 against 202.0 / 758.1 with 7; with too few it was slower again: 24 blocks 212.5 / 802.6
-// with 6, 20 blocks 221.7 / 842.6 with 7). Why is not known. On 28 blocks 7 and 12 took as long (212.6 / 808.4
-// against 212.1 / 809.0), and on 32 and 48 blocks 12 stayed fastest (206.3 / 780.9 and 192.6 / 720.4 against 221.1 /
-// 819.7 and 203.9 / 767.1 with 7), so larger grids keep 12, and so do blocks whose fewer pushers would have short
-// runs (N = 512 on 24 blocks: 38.5 us with 7 against 34.5 with 12).
+// A zero-copy dispatch's receiving warps copy no payloads. Its large rows on grids of 15 to kZeroCopySpreadMaxBlocks
+// blocks went fastest with about kZeroCopyPushingWarps pushing warps in the whole grid, fewer than the usual 12 per
+// block, or 14 with a lone publisher (2 x H200, same runs, BF16, H = 7168, N = 4096 / 16384, the usual count against
+// the best: 16 blocks 194.9 / 737.8 us against 189.9 / 704.1 with 11, 22 blocks 215.0 / 812.9 against 196.8 / 729.8
+// with 8, 24 blocks 213.4 / 824.8 against 197.6 / 731.3 with 7, 26 blocks 214.1 / 821.0 against 202.0 / 758.1 with
+// 7; with too few it was slower again: 24 blocks 212.5 / 802.6 with 6, 20 blocks 221.7 / 842.6 with 7, and 8 blocks
+// 336.7 / 1290.1 with 12 against 324.2 / 1245.6 with 14). Why is not known. On 28 blocks 7 and 12 took as long
+// (212.6 / 808.4 against 212.1 / 809.0), and on 32 and 48 blocks 12 stayed fastest (206.3 / 780.9 and 192.6 / 720.4
+// against 221.1 / 819.7 and 203.9 / 767.1 with 7), so larger grids keep 12, and so do blocks whose fewer pushers would
+// have short runs (N = 512 on 24 blocks: 38.5 us with 7 against 34.5 with 12).
 constexpr int kZeroCopyPushingWarps = 176;
 constexpr int kZeroCopySpreadMaxBlocks = 26;
 constexpr size_t kDispatchLargeRowBytes = 10240;
@@ -151,9 +152,9 @@ int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool l
   if (!large_dispatch_rows(row_bytes)) return kDispatchPushWarpsSmallRows;
   const int64_t per_block = (num_tokens + blocks - 1) / blocks;
   auto long_runs_with = [&](int warps) { return (per_block + warps - 1) / warps >= kDispatchLongRunTokens; };
-  if (zero_copy && !lone_publisher && blocks <= kZeroCopySpreadMaxBlocks) {
-    const int spread = std::min(kDispatchPushWarpsLargeRows, (kZeroCopyPushingWarps + blocks / 2) / blocks);
-    if (long_runs_with(spread)) return spread;
+  if (zero_copy && blocks <= kZeroCopySpreadMaxBlocks) {
+    const int spread = (kZeroCopyPushingWarps + blocks / 2) / blocks;
+    if (spread <= kDispatchPushWarpsLargeRows && long_runs_with(spread)) return spread;
   }
   return lone_publisher && long_runs_with(kDispatchPushWarpsLargeRowsLonePublisher)
              ? kDispatchPushWarpsLargeRowsLonePublisher

@@ -301,6 +301,8 @@ CASES = {
     # combine) with FP8 rows and packed scales, and in worst-case mode.
     "fp8_sixteen_sms": dict(seed=25, n=2048, h=7168, k=8, e=64, fp8=True, ue8m0=True, num_sms=16),
     "worst_case_eight_sms": dict(seed=26, n=300, h=7168, k=4, e=16, worst=350 * RANKS, num_sms=8),
+    # Large rows with long runs on 16 blocks: 14 pushing warps and a lone publisher, 11 in a zero-copy dispatch.
+    "bf16_sixteen_sms": dict(seed=28, n=4096, h=7168, k=8, e=256, num_sms=16),
     "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
     # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
     "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
@@ -443,6 +445,7 @@ ZERO_COPY_CASES = [
     "long_runs_per_warp",
     "fp8_sixteen_sms",
     "worst_case_eight_sms",
+    "bf16_sixteen_sms",
     "reruns_identical",
     "bounded_bf16",
     "bounded_fp8_aligned_empty_rank",
