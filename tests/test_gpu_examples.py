@@ -38,8 +38,9 @@ def test_python_example_with_cupy_arrays():
     assert "Warning" not in result.stdout + result.stderr
 
 
-def test_python_dispatch_combine_example():
-    result = run([sys.executable, str(EXAMPLES / "python" / "dispatch_combine.py")])
+@pytest.mark.parametrize("flags", [[], ["--zero-copy"]], ids=["caller_outputs", "zero_copy"])
+def test_python_dispatch_combine_example(flags):
+    result = run([sys.executable, str(EXAMPLES / "python" / "dispatch_combine.py"), *flags])
     assert result.returncode == 0
     assert result.stdout.count("combine matches the reference") == gpu_count()
 

@@ -1,11 +1,15 @@
 """High-throughput dispatch and combine on every local GPU, from bare Python (NumPy data copied to the device).
 
     python examples/python/dispatch_combine.py
+    python examples/python/dispatch_combine.py --zero-copy   # the peers write the rows straight into recv_x
 
 Each rank routes 1024 BF16 tokens (H = 256) to the top 4 of 8 experts per rank, dispatches them, lets the "experts"
-return the rows unchanged, combines, and checks both steps against pydeepep.reference.
+return the rows unchanged, combines, and checks both steps against pydeepep.reference. With --zero-copy the
+communicator reserves a dispatch area and recv_x views it: it stays valid until this rank's next dispatch (and while
+the communicator is open), so the example reads it before either.
 """
 
+import argparse
 import sys
 
 import numpy as np
@@ -27,7 +31,7 @@ def inputs(rank, num_experts):
     return bits.astype(np.uint16), topk
 
 
-def run_rank(info):
+def run_rank(info, zero_copy):
     num_experts = EXPERTS_PER_RANK * info.nranks
     everyone = [inputs(r, num_experts) for r in range(info.nranks)]
     bits, topk = everyone[info.rank]
@@ -39,6 +43,7 @@ def run_rank(info):
         max_tokens_per_rank=NUM_TOKENS,
         hidden=HIDDEN,
         num_topk=NUM_TOPK,
+        zero_copy_dispatch=zero_copy,
     ) as comm:
         x = pydeepep.to_device(bits, device=comm.device)
         got = comm.dispatch(x, topk_idx=pydeepep.to_device(topk, device=comm.device), num_experts=num_experts)
@@ -57,10 +62,13 @@ def run_rank(info):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zero-copy", action="store_true", help="dispatch into the communicator's dispatch area")
+    args = parser.parse_args()
     if pydeepep.launch.local_device_count() == 0:
         print("no CUDA GPU is visible: this example needs at least one", file=sys.stderr)
         return 2
-    return 0 if all(pydeepep.spawn(run_rank)) else 1
+    return 0 if all(pydeepep.spawn(run_rank, args=(args.zero_copy,))) else 1
 
 
 if __name__ == "__main__":
