@@ -148,7 +148,7 @@ constexpr int kLonePublisherMaxBlocks = 16;
 // with 14 where each of them still has a long run (2 x H200, same runs, BF16, N = 4096: 240 us on 16 SMs against 248
 // with 12, 242 with 16, 245 with 13; 460 against 466 on 8 SMs), but not with a few tokens each (N = 512 on 16 SMs:
 // 44.9 us against 41.6). FP8 rows measured no faster with 14 on 16 SMs (144.0 against 144.4 us) and slower with 18-20.
-int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool lone_publisher, bool zero_copy) {
+int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool zero_copy) {
   if (!large_dispatch_rows(row_bytes)) return kDispatchPushWarpsSmallRows;
   const int64_t per_block = (num_tokens + blocks - 1) / blocks;
   auto long_runs_with = [&](int warps) { return (per_block + warps - 1) / warps >= kDispatchLongRunTokens; };
@@ -156,7 +156,7 @@ int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool l
     const int spread = (kZeroCopyPushingWarps + blocks / 2) / blocks;
     if (spread <= kDispatchPushWarpsLargeRows && long_runs_with(spread)) return spread;
   }
-  return lone_publisher && long_runs_with(kDispatchPushWarpsLargeRowsLonePublisher)
+  return blocks <= kLonePublisherMaxBlocks && long_runs_with(kDispatchPushWarpsLargeRowsLonePublisher)
              ? kDispatchPushWarpsLargeRowsLonePublisher
              : kDispatchPushWarpsLargeRows;
 }
@@ -1569,8 +1569,8 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.area_rows = area.rows;
   q.diag = diag_bits();
   q.lone_publisher = handle.num_sms <= kLonePublisherMaxBlocks;
-  q.push_warps = dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, q.lone_publisher,
-                                     comm.dispatch_area_bytes != 0);
+  q.push_warps =
+      dispatch_push_warps(q.layout.row_bytes, handle.num_tokens, handle.num_sms, comm.dispatch_area_bytes != 0);
   // A cached dispatch is not launched early: after another dispatch it measured 1-3 us slower so.
   launch_kernel(comm.dispatch_area_bytes != 0 ? dispatch_kernel<true> : dispatch_kernel<false>, handle.num_sms,
                 kDispatchWarps * 32, 0, stream, worst_case, false, q);
