@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import operator
 import os
 import pickle
 import queue
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # Defaults for the processes a single-node job starts (a caller's own setting wins): never NVLink multicast (it can
@@ -58,7 +59,7 @@ def local_device_count() -> int:
         return 0
 
 
-def _rank_main(fn, rank, nranks, id_queue, result_queue, args, kwargs):
+def _rank_main(fn, rank, nranks, device, id_queue, result_queue, args, kwargs):
     for key, value in _JOB_ENV.items():
         os.environ.setdefault(key, value)
     try:
@@ -70,7 +71,7 @@ def _rank_main(fn, rank, nranks, id_queue, result_queue, args, kwargs):
                 id_queue.put(unique_id)
         else:
             unique_id = id_queue.get(timeout=120)
-        value = fn(RankInfo(rank, nranks, rank, unique_id), *args, **kwargs)
+        value = fn(RankInfo(rank, nranks, device, unique_id), *args, **kwargs)
         # Pickled here, so that a result that cannot be is reported as this rank's failure (the queue's feeder thread
         # would drop the error and let the process exit 0 without a report).
         result_queue.put((rank, True, pickle.dumps(value)))
@@ -85,9 +86,14 @@ def spawn(
     args: tuple = (),
     kwargs: dict | None = None,
     timeout: float | None = 600.0,
+    devices: Sequence[int] | None = None,
 ) -> list:
     """Runs ``fn(RankInfo, *args, **kwargs)`` in ``nprocs`` spawned processes (default: one per local GPU) and
     returns their return values ordered by rank. ``fn`` must be importable (defined at module level).
+
+    Rank r runs on GPU ``devices[r]`` (default: GPU r). Ranks may share a GPU only under CUDA MPS (the
+    Multi-Process Service), with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` giving each of them its share of the SMs:
+    without MPS their kernels, which wait for each other, take turns on the GPU and time out.
 
     Raises :class:`LaunchError` with the failing rank's traceback if any rank raises, exits before reporting or
     returns a result that cannot be pickled, and after ``timeout`` seconds kills every rank and raises, so a hung job
@@ -99,6 +105,9 @@ def spawn(
             raise LaunchError("no CUDA device is visible: nothing to launch")
     if nprocs < 1:
         raise ValueError(f"nprocs is {nprocs}; it must be at least 1")
+    devices = list(range(nprocs)) if devices is None else [operator.index(d) for d in devices]
+    if len(devices) != nprocs or min(devices) < 0:
+        raise ValueError(f"devices is {devices}; it must give a GPU index (>= 0) to each of the {nprocs} ranks")
     ctx = mp.get_context("spawn")
     id_queue = ctx.Queue()
     result_queue = ctx.Queue()
@@ -109,7 +118,7 @@ def spawn(
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, rank, nprocs, id_queue, result_queue, args, kwargs or {}),
+                args=(fn, rank, nprocs, devices[rank], id_queue, result_queue, args, kwargs or {}),
                 name=f"pydeepep-rank{rank}",
             )
             for rank in range(nprocs)

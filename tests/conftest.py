@@ -33,6 +33,31 @@ def requires_gpus(n: int):
     return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} CUDA GPU(s); this machine has {gpu_count()}")
 
 
+# DEEPEP_TEST_SHARE_GPU=1 puts both ranks of the high-throughput suite (test_gpu_ht.py) on GPU 0, so that a machine
+# with one GPU runs it (for correctness only: nothing crosses NVLink). It needs CUDA MPS, which tests/run_gpu_tier.sh
+# starts when the variable is set. The other multi-rank suites keep asking for a GPU per rank: the layout and bad-input
+# suites use a second device on purpose, and low-latency calls time out with both ranks on one GPU
+# (docs/reliability.md, "Ranks sharing a GPU").
+SHARE_GPU = os.environ.get("DEEPEP_TEST_SHARE_GPU") == "1"
+
+
+def requires_ranks(n: int):
+    """Skips unless n ranks of the high-throughput suite can run here: n GPUs, or one GPU shared under
+    DEEPEP_TEST_SHARE_GPU."""
+    runnable = gpu_count() >= n or (SHARE_GPU and gpu_count() >= 1)
+    return pytest.mark.skipif(
+        not runnable,
+        reason=f"needs {n} CUDA GPU(s) (or DEEPEP_TEST_SHARE_GPU=1 and MPS); this machine has {gpu_count()}",
+    )
+
+
+def spawn_ranks(fn, nprocs: int, **kwargs):
+    """pydeepep.spawn of nprocs ranks: rank r on GPU r, or all on GPU 0 under DEEPEP_TEST_SHARE_GPU."""
+    import pydeepep
+
+    return pydeepep.spawn(fn, nprocs=nprocs, devices=[0] * nprocs if SHARE_GPU else None, **kwargs)
+
+
 # Every process a test starts inherits these: no NVLink multicast, no IB probing on single-node machines.
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

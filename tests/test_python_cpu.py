@@ -553,6 +553,17 @@ def test_spawn_returns_results_by_rank_with_a_shared_unique_id():
     assert all(r[4] == "x" for r in results)
 
 
+def test_spawn_puts_each_rank_on_the_gpu_it_is_given():
+    results = spawn(report_rank, nprocs=3, args=("x",), timeout=120, devices=[0, 0, 1])
+    assert [r[:3] for r in results] == [(0, 3, 0), (1, 3, 0), (2, 3, 1)]
+
+
+@pytest.mark.parametrize("devices", [[0], [0, 1, 2], [0, -1]])
+def test_spawn_refuses_devices_that_do_not_give_each_rank_a_gpu(devices):
+    with pytest.raises(ValueError, match=r"devices is .*each of the 2 ranks"):
+        spawn(report_rank, nprocs=2, args=("x",), devices=devices)
+
+
 def test_spawn_reports_the_failing_rank_with_its_traceback():
     with pytest.raises(LaunchError, match="(?s)rank 1 failed.*rank one is broken"):
         spawn(fail_on_rank_one, nprocs=2, timeout=120)
