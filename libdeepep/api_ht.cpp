@@ -137,6 +137,7 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   if (a.topk_row_stride == 0) a.topk_row_stride = a.num_topk;  // 0 means contiguous rows
   const int num_sms = resolve_num_sms(comm, a.num_sms);
   handle.routed = false;
+  handle.dispatched = false;
   handle.recv_counts_on_host = false;
   handle.report_ticket = 0;
   handle.num_tokens = a.num_tokens;
@@ -536,6 +537,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       h.report_rows = rows;
     }
     if (worst_case) h.routed = true;  // its kernel fills the receive counts
+    h.dispatched = true;
     note_use(h, stream);
   });
 }
@@ -598,6 +600,12 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     refused.handle = &h;
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
+    // The receive ranges combine reads are the dispatch kernel's: after a notify alone they would be those of the
+    // handle's previous routing, and the sums silently wrong.
+    if (!h.dispatched)
+      fail(deepepInvalidUsage,
+           "the handle's routing was never dispatched (a notify without a dispatch after it): "
+           "dispatch with it before combining");
     DEEPEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0 && a.hidden <= DEEPEP_MAX_HIDDEN,
                    "hidden is %d; it must be a positive multiple of 8, at most %d", a.hidden, DEEPEP_MAX_HIDDEN);
     DEEPEP_REQUIRE(a.num_rows >= 0, "num_rows is %lld", static_cast<long long>(a.num_rows));

@@ -36,6 +36,7 @@ struct deepepHandle {
 
   // What the routing in the device arrays describes (host copies, set by notify / worst-case dispatch).
   bool routed = false;               // send-side routing computed
+  bool dispatched = false;           // a dispatch ran on that routing: combine reads the receive ranges it wrote
   bool recv_counts_on_host = false;  // host->num_recv_tokens is valid
   int64_t num_tokens = 0;
   int num_experts = 0;

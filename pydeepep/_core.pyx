@@ -1066,8 +1066,9 @@ cdef class Communicator:
 
     def low_latency_combine_buffer(self, handle):
         """The library's combine buffer of ``handle``'s buffer set, [E_loc, R*T, H] bfloat16 (a view, no copy):
-        write expert outputs there and combine with ``zero_copy=True``. Valid until the next dispatch on the set, and
-        only while the communicator is open (unlike the arrays calls return, it is the communicator's own memory)."""
+        write expert outputs there and combine with ``zero_copy=True``. Valid until this rank's combine on the set has
+        received (the peers' next dispatch on the set may then write into it), and only while the communicator is open
+        (unlike the arrays calls return, it is the communicator's own memory)."""
         return _low_latency_combine_buffer(self, handle)
 
 

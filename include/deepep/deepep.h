@@ -274,7 +274,10 @@ DEEPEP_API deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_
  * elements; 0 means "contiguous rows". */
 typedef struct {
   size_t struct_size;
-  /* Routing (read by deepepDispatchNotify and by worst-case dispatches; ignored by cached dispatches). */
+  /* Routing, read by deepepDispatchNotify and by worst-case dispatches. A cached dispatch takes num_experts,
+   * expert_alignment and num_sms from its handle and ignores them here; num_tokens must be the handle's, and topk_idx
+   * (with its type, num_topk and stride) travels with the tokens when given, as recv_topk_idx needs (every rank with
+   * or every rank without it). */
   int64_t num_tokens;   /* N of this rank, <= config max_tokens_per_rank */
   const void* topk_idx; /* [N, num_topk] deepepInt64 or deepepInt32, entries in [-1, num_experts) */
   deepepDataType_t topk_type;
@@ -404,9 +407,10 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  *
  * Buffer sets and lifetimes. The low-latency area holds two buffer sets; each call names one (`buffer_set`, 0 or 1).
  * Use set (i % 2) for the i-th dispatch and the dispatch's set for its combine: then a dispatch's results (its
- * recv_src_info / recv_layout_range, which combine reads, the combine buffer of deepepLowLatencyGetCombineBuffer,
- * and data waiting for a Recv phase) stay valid until the dispatch after next starts (dispatch i + 2, which reuses
- * the set). The outputs written into caller arrays are the caller's and never expire.
+ * recv_src_info / recv_layout_range, which combine reads, and data waiting for a Recv phase) stay valid until the
+ * dispatch after next starts (dispatch i + 2, which reuses the set). The combine buffer of
+ * deepepLowLatencyGetCombineBuffer expires sooner: once this rank's combine on the set has received, the peers' next
+ * dispatch on the set may write into it. The outputs written into caller arrays are the caller's and never expire.
  *
  * Phases (the receive hook). phase deepepLowLatencySendRecv does everything (one cooperative kernel: its blocks run at
  * once, on the stream). deepepLowLatencySend issues the stores to the peers, publishes them and returns: nothing stays
@@ -527,8 +531,9 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
 
 /* The combine buffer of `buffer_set`: [num_experts / R, R*T, hidden] deepepBFloat16 in device memory of this rank,
  * contiguous. Write expert outputs there (after the set's dispatch finished its Recv) and combine with zero_copy = 1.
- * It shares memory with the set's receive area: it is valid from the end of the set's dispatch until the next
- * dispatch on the set. Local, non-blocking. [out] buffer */
+ * It shares memory with the set's receive area: it is valid from the end of the set's dispatch until this rank's
+ * combine on the set has received (the peers' next dispatch on the set may then write into it, before this rank's
+ * own). Local, non-blocking. [out] buffer */
 DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, int buffer_set, int hidden,
                                                            int num_experts, void** buffer);
 
