@@ -595,9 +595,10 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     HighThroughputRefusal refused{c, deepepCallCombine, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
-    const deepepCombineArgs a = checked_struct(args, "args");
+    // The handle first: its block count is the one the peers run on, also when args cannot be read.
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
+    const deepepCombineArgs a = checked_struct(args, "args");
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
     // The receive ranges combine reads are the dispatch kernel's: after a notify alone they would be those of the
