@@ -89,8 +89,9 @@ class CapturedGraph:
         driver.cuGraphDestroy(self.graph)
 
 
-def device_time(fn, stream: int, repeat: int = 20, launches: int = 30) -> float:
-    """Median device microseconds per `fn()` call, replayed back to back from a CUDA graph (no host gaps)."""
+def device_time(fn, stream: int, launches: int, repeat: int = 20) -> float:
+    """Device microseconds per `fn()` call: `fn` captured `repeat` times into a CUDA graph (calls back to back, no host
+    gaps), the graph launched 3 times to warm up, then the median over `launches` launches, divided by `repeat`."""
     graph = CapturedGraph(fn, stream, repeat)
     try:
         return time_calls(graph.launch, stream, warmup=3, iters=launches) / repeat
@@ -119,7 +120,7 @@ def bench_layout(comm, info, stream, warmup, iters):
             return comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=stream, out=outs)
 
         host_us = time_calls(call, stream, warmup, iters)
-        us = device_time(call, stream)
+        us = device_time(call, stream, iters)
         rows.append({"case": "layout", "num_tokens": n, "sms": 0, "us": us, "python_call_us": host_us})
         _log(info, f"  layout             N={n:<6}        {us:8.1f} us ({host_us:.1f} us per Python call)")
     return rows
@@ -132,9 +133,9 @@ class Inputs:
         self.x, self.q, self.scales, self.topk_idx, self.weights = x, q, scales, topk_idx, weights
 
 
-def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
+def bench_case(comm, info, stream, warmup, iters, inp, n, sms, ceiling, sent_remote, own_rows):
     """On a zero-copy communicator (comm.zero_copy_dispatch) the dispatches only, as cases named ..._zc (its
-    combine is the usual one)."""
+    combine is the usual one). `sent_remote`: rows this rank dispatches to other ranks; `own_rows`: those it keeps."""
     # A source sends each token to a rank at most once: the ranks' tokens bound the rows any rank receives.
     bound = max(n * comm.nranks, 1)
     worst_handle = pydeepep.Handle(comm)
@@ -164,8 +165,8 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
 
     first = full()
     handle = first.handle
-    full_us = time_calls(full, stream, 3, max(10, iters // 5))
-    bounded_us = time_calls(bounded, stream, 3, max(10, iters // 5))
+    full_us = time_calls(full, stream, warmup, iters)
+    bounded_us = time_calls(bounded, stream, warmup, iters)
     fp8_first = comm.dispatch(
         inp.q, x_scales=inp.scales, topk_idx=inp.topk_idx, topk_weights=inp.weights, handle=handle, stream=stream
     )
@@ -190,20 +191,23 @@ def bench_case(comm, info, stream, iters, inp, n, sms, ceiling, remote_rows):
 
     worst_out = worst_bf16()
 
+    # Bytes that cross NVLink: a dispatch's rows this rank sends to the others; a combine's, the rows it received
+    # from them (it sends those back).
+    combined_remote = first.recv_x.shape[0] - own_rows
     results = {
-        "dispatch_full_bf16": (full_us, HIDDEN * 2),
-        "dispatch_bounded_bf16": (bounded_us, HIDDEN * 2),
-        "dispatch_worst_bf16": (device_time(lambda: worst_bf16(worst_out), stream), HIDDEN * 2),
-        "dispatch_cached_bf16": (device_time(cached_bf16, stream), HIDDEN * 2),
-        "dispatch_cached_fp8": (device_time(cached_fp8, stream), HIDDEN + HIDDEN // 128 * 4),
+        "dispatch_full_bf16": (full_us, HIDDEN * 2, sent_remote),
+        "dispatch_bounded_bf16": (bounded_us, HIDDEN * 2, sent_remote),
+        "dispatch_worst_bf16": (device_time(lambda: worst_bf16(worst_out), stream, iters), HIDDEN * 2, sent_remote),
+        "dispatch_cached_bf16": (device_time(cached_bf16, stream, iters), HIDDEN * 2, sent_remote),
+        "dispatch_cached_fp8": (device_time(cached_fp8, stream, iters), HIDDEN + HIDDEN // 128 * 4, sent_remote),
     }
     if comm.zero_copy_dispatch:
         results = {f"{case}_zc": value for case, value in results.items()}
     else:
-        results["combine_bf16"] = (device_time(combine, stream), HIDDEN * 2)
+        results["combine_bf16"] = (device_time(combine, stream, iters), HIDDEN * 2, combined_remote)
     comm.check_async_error()
     rows = []
-    for case, (us, row_bytes) in results.items():
+    for case, (us, row_bytes, remote_rows) in results.items():
         gbps = remote_rows * row_bytes / (us * 1e-6) / 1e9  # 0 for the N = 0 protocol floor
         rows.append(
             {
@@ -235,7 +239,8 @@ def bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list):
     for n in tokens_list:
         topk = np.argsort(rng.random((n, NUM_EXPERTS)), axis=1)[:, :NUM_TOPK].astype(np.int64)
         in_rank = reference.dispatch_layout(topk, NUM_EXPERTS, comm.nranks)[2]
-        remote_rows = int(np.delete(in_rank, comm.rank, axis=1).sum())
+        sent_remote = int(np.delete(in_rank, comm.rank, axis=1).sum())
+        own_rows = int(in_rank[:, comm.rank].sum())
         bits = rng.integers(0, 1 << 15, size=(n, HIDDEN), dtype=np.uint16)
         x = pydeepep.to_device(bits, device=comm.device, stream=stream)
         q = pydeepep.to_device(
@@ -248,7 +253,7 @@ def bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list):
         weights = pydeepep.to_device(rng.random((n, NUM_TOPK)).astype(np.float32), device=comm.device, stream=stream)
         inputs = Inputs(x, q, scales, topk_dev, weights)
         for sms in sms_list:
-            rows += bench_case(comm, info, stream, iters, inputs, n, sms, ceilings[sms], remote_rows)
+            rows += bench_case(comm, info, stream, warmup, iters, inputs, n, sms, ceilings[sms], sent_remote, own_rows)
     return rows
 
 
@@ -390,7 +395,7 @@ def ll_timelines(comm, info, stream, x, topk, weights, y, result, out, t):
     _log(info, f"  ll_dispatch T={t} hooked receive timeline: " + timeline_summary(comm))
 
 
-def bench_ll_rank(info, tokens_list, transport="auto"):
+def bench_ll_rank(info, iters, tokens_list, transport="auto"):
     """Low-latency dispatch (FP8 cast in the kernel) and combine (BF16) for each T, H = 7168, K = 8, E = 288: whole
     calls replayed from CUDA graphs, then the send and receive phases of hooked calls. GB/s counts the rows that
     cross NVLink (token-expert pairs whose expert lives on another rank). `transport`: the communicator's
@@ -446,8 +451,8 @@ def bench_ll_rank(info, tokens_list, transport="auto"):
                     d = comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream, out=r)
                     comm.low_latency_combine(y, topk, weights, d, stream=stream, out=o)
 
-            dispatch_us = device_time(dispatches, ptr, repeat=5) / 2
-            combine_us = device_time(pairs, ptr, repeat=5) / 2 - dispatch_us
+            dispatch_us = device_time(dispatches, ptr, iters, repeat=5) / 2
+            combine_us = device_time(pairs, ptr, iters, repeat=5) / 2 - dispatch_us
             fp8_row = HIDDEN + HIDDEN // 128 * 4
             found = {
                 "ll_dispatch_fp8": (dispatch_us, fp8_row),
@@ -467,6 +472,18 @@ def bench_ll_rank(info, tokens_list, transport="auto"):
     return rows
 
 
+def slowest_rows(per_rank: list[list[dict]]) -> list[dict]:
+    """The summary's rows: for each timed case of rank 0 (the ceilings left out), the row of the rank that took
+    longest, matched by (case, N, SMs), so that its µs, GB/s and ratio belong together. A case some rank did not
+    report (a section that failed there) is left out."""
+    keyed = [{(r["case"], r["num_tokens"], r["sms"]): r for r in rows if "us" in r} for rows in per_rank]
+    found = []
+    for key in keyed[0] if keyed else {}:
+        if all(key in rank_rows for rank_rows in keyed):
+            found.append(max((rank_rows[key] for rank_rows in keyed), key=lambda r: r["us"]))
+    return found
+
+
 def machine_description() -> str:
     try:
         from cuda.bindings import driver
@@ -480,19 +497,21 @@ def machine_description() -> str:
 
 
 def git_commit() -> str:
-    """The commit measured: $DEEPEP_COMMIT when set (a copy without .git), else what git says here."""
+    """The commit measured: $DEEPEP_COMMIT when set (a copy without .git), else what git says where the package lives
+    (an editable install) or in the working directory (`pip install . && python -m pydeepep.bench` from the
+    checkout), else "unknown"."""
     if os.environ.get("DEEPEP_COMMIT"):
         return os.environ["DEEPEP_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+    for where in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
+        try:
+            found = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
             ).stdout.strip()
-            or "unknown"
-        )
-    except Exception:
-        return "unknown"
+        except Exception:
+            found = ""
+        if found:
+            return found
+    return "unknown"
 
 
 def plot(record: dict, path: str) -> bool:
@@ -588,7 +607,9 @@ def main(argv=None) -> int:
     if "ll" in modes:
         ll_tokens = tuple(int(v) for v in args.ll_tokens.split(","))
         try:
-            ll_rows = pydeepep.spawn(bench_ll_rank, nprocs=nranks, args=(ll_tokens, args.ll_transport), timeout=600)
+            ll_rows = pydeepep.spawn(
+                bench_ll_rank, nprocs=nranks, args=(args.iters, ll_tokens, args.ll_transport), timeout=600
+            )
             per_rank = [rows + more for rows, more in zip(per_rank, ll_rows, strict=True)]
         except LaunchError as exc:  # keep what the high-throughput section measured
             print(f"low-latency section failed: {exc}", file=sys.stderr)
@@ -603,14 +624,12 @@ def main(argv=None) -> int:
     with open(args.output, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\n{'case':<25}{'N':>7}{'SMs':>5}{'us (median)':>13}{'GB/s':>8}{'ceiling':>9}{'ratio':>7}")
-    for i, row in enumerate(per_rank[0]):
-        if row["case"] == "ceiling_push":
-            continue
-        slowest = max(rank_rows[i].get("us", 0.0) for rank_rows in per_rank)
+    for row in slowest_rows(per_rank):
         gbps = f"{row['gbps']:8.1f}" if "gbps" in row else " " * 8
         ceiling = f"{row['ceiling_gbps']:9.1f}" if "ceiling_gbps" in row else " " * 9
         ratio = f"{row['ratio']:7.0%}" if "ratio" in row else " " * 7
-        print(f"{row['case']:<25}{row['num_tokens']:>7}{row['sms'] or '':>5}{slowest:>13.1f}{gbps}{ceiling}{ratio}")
+        us = row["us"]
+        print(f"{row['case']:<25}{row['num_tokens']:>7}{row['sms'] or '':>5}{us:>13.1f}{gbps}{ceiling}{ratio}")
     print(f"(record written to {args.output})")
     png = os.path.splitext(args.output)[0] + ".png"
     if plot(record, png):

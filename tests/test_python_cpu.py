@@ -641,6 +641,23 @@ def test_bench_plot_draws_gbps_against_sms(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_bench_summary_takes_each_case_whole_from_its_slowest_rank():
+    from pydeepep.bench import slowest_rows
+
+    def row(case, us, gbps, sms=24):
+        return {"case": case, "num_tokens": 4096, "sms": sms, "us": us, "gbps": gbps, "ratio": gbps / 300}
+
+    rank0 = [{"case": "ceiling_push", "num_tokens": 0, "sms": 24, "gbps": 300.0}, row("combine_bf16", 200.0, 290.0)]
+    rank0 += [row("dispatch_cached_bf16", 210.0, 280.0), row("ll_flag_round", 4.0, 0.0, sms=0)]
+    # Rank 1 is slower in the dispatch, lists its rows in another order and has no flag round (failed there).
+    rank1 = [row("dispatch_cached_bf16", 230.0, 255.0), row("combine_bf16", 190.0, 300.0)]
+    summary = slowest_rows([rank0, rank1])
+    assert [(r["case"], r["us"], r["gbps"]) for r in summary] == [
+        ("combine_bf16", 200.0, 290.0),
+        ("dispatch_cached_bf16", 230.0, 255.0),
+    ]
+
+
 def test_bench_timeline_summary_gives_median_and_max_after_the_first_start():
     from pydeepep.bench import TIMELINE_MARKS, timeline_summary
 
