@@ -355,7 +355,11 @@ cdef class Event:
         from cuda.bindings import driver
 
         status, = driver.cuEventQuery(driver.CUevent(self.handle))
-        return status == driver.CUresult.CUDA_SUCCESS
+        if status == driver.CUresult.CUDA_ERROR_NOT_READY:
+            return False
+        if status != driver.CUresult.CUDA_SUCCESS:  # a fault: a loop waiting for True would never end
+            raise DeepEPCudaError(f"cuEventQuery failed: {status!r}", 3)
+        return True
 
     def __dealloc__(self):
         if self.handle:
@@ -460,6 +464,14 @@ cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=No
     return v
 
 
+def _int32(value, str name):
+    """An argument the C ABI takes as an int: an integer (never a truncated float) that fits 32 bits."""
+    number = operator.index(value)
+    if not -(1 << 31) <= number < (1 << 31):
+        raise DeepEPInvalidArgument(f"{name} is {number}; it must fit a 32-bit int", 1)
+    return number
+
+
 def _integer_or(value, fallback, limit=1 << 63):
     """``value`` as an int where it is an integer in [-limit, limit), else ``fallback``: what the refusal of a call
     assumes of an argument that it may be refusing."""
@@ -541,6 +553,18 @@ cdef class Communicator:
             status = deepepCommInitRank(&comm, nranks, &uid, rank, &config)
         _check(status)
         self._comm = comm
+        try:
+            self._describe(comm)
+        except BaseException:
+            # The caller never gets this object to close(): destroy here (collective: the other ranks' close()
+            # meets it, or it ends at the timeout), so that the process can make another communicator.
+            self._comm = NULL
+            with nogil:
+                deepepCommDestroy(comm)
+            raise
+
+    cdef _describe(self, deepepComm_t comm):
+        """The attributes read from a new communicator, and its stream for async_finish calls."""
         cdef int value = 0
         cdef size_t nbytes = 0
         _check(deepepCommRank(comm, &value))
@@ -592,6 +616,10 @@ cdef class Communicator:
         cdef deepepComm_t comm = self._comm
         cdef deepepResult_t status
         self._comm = NULL
+        try:
+            self._async_stream.sync()  # async_finish calls still running use the buffer that the destroy frees
+        except Exception:
+            pass  # a fault there is the calls' to report (check_async_error); the collective destroy must still run
         with nogil:
             status = deepepCommDestroy(comm)
         _check(status)
@@ -714,7 +742,7 @@ cdef class Communicator:
         cdef size_t topk_ptr, rank_ptr, expert_ptr, mask_ptr
         cdef int64_t n, stride
         cdef int k
-        cdef int experts = operator.index(num_experts)  # a count: an integer, never a truncated float
+        cdef int experts = _int32(num_experts, "num_experts")
         cdef deepepResult_t status
         with _OnDevice(self.device):
             view = _as_view(topk_idx, s)
@@ -733,9 +761,10 @@ cdef class Communicator:
                     raise DeepEPInvalidArgument("out must be a tuple of 3 arrays", 1)
                 results = tuple(out)
                 pointers = [
-                    _out_pointer(results[0], s, "num_tokens_per_rank", (self.nranks,), (np.int32,), self.device),
-                    _out_pointer(results[1], s, "num_tokens_per_expert", (experts,), (np.int32,), self.device),
-                    _out_pointer(results[2], s, "is_token_in_rank", (num_tokens, self.nranks), (np.bool_, np.uint8),
+                    _out_pointer(results[0], stream, "num_tokens_per_rank", (self.nranks,), (np.int32,), self.device),
+                    _out_pointer(results[1], stream, "num_tokens_per_expert", (experts,), (np.int32,), self.device),
+                    _out_pointer(results[2], stream, "is_token_in_rank", (num_tokens, self.nranks),
+                                 (np.bool_, np.uint8),
                                  self.device),
                 ]
             index_type = deepepInt64 if np.dtype(view.dtype) == np.int64 else deepepInt32
@@ -786,8 +815,8 @@ cdef class Communicator:
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 return self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
-                                      operator.index(expert_alignment), operator.index(num_worst_tokens),
-                                      max_recv_tokens, operator.index(num_sms), out, async_finish)
+                                      _int32(expert_alignment, "expert_alignment"), operator.index(num_worst_tokens),
+                                      max_recv_tokens, _int32(num_sms, "num_sms"), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
                 raise
@@ -865,7 +894,7 @@ cdef class Communicator:
         if routing_given:
             if topk_idx is None or num_experts is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
-            a.num_experts = operator.index(num_experts)
+            a.num_experts = _int32(num_experts, "num_experts")
         if handle is None:
             h = Handle(self)
         else:
@@ -1113,11 +1142,12 @@ cdef _writable(view, str name):
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):
     """Device pointer of a caller-provided output after checking it has exactly the needed shape and dtype. A
-    DeviceArray is re-targeted to the call that writes it on `stream` (its readers and its free then follow the call).
+    DeviceArray is re-targeted to the call that writes it on `stream` (its readers and its free then follow the call;
+    pass the stream object, which the array then keeps alive).
     """
     if isinstance(array, DeviceArray):
         (<DeviceArray>array)._written_on(stream)
-    view = _as_view(array, stream)
+    view = _as_view(array, stream_handle(stream))
     element = check_dense(view, f"out {name}", shape)
     _writable(view, name)
     if element not in [np.dtype(d) for d in dtypes]:

@@ -148,8 +148,9 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
         return 0, None, None
     if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
         (<DeviceArray>obj)._written_on(stream)
-    view = _as_view(obj, stream)
+    view = _as_view(obj, stream_handle(stream))
     kind = dtype_name(check_dense(view, name, (length,)))
+    _writable(view, name)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
     return view.ptr, view, kind
@@ -232,7 +233,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
     hook.dispatch_args.phase = _phase(return_recv_hook)
     try:
         # num_experts is converted here, so that a count that is no integer is refused like any other bad argument.
-        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, operator.index(num_experts), use_fp8,
+        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, _int32(num_experts, "num_experts"), use_fp8,
                                             round_scale, use_ue8m0, stream, out, stats_recv_count, stats_wait_ns,
                                             scales_token_contiguous)
     except BaseException as exc:
@@ -298,9 +299,9 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
         recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range",
                                     stream, comm.device)
 
-    count_ptr, count_view, count_kind = _stats_array(stats_recv_count, s, "stats_recv_count", local,
+    count_ptr, count_view, count_kind = _stats_array(stats_recv_count, stream, "stats_recv_count", local,
                                                      ("int64", "int32"))
-    wait_ptr, wait_view, _ = _stats_array(stats_wait_ns, s, "stats_wait_ns", R)
+    wait_ptr, wait_view, _ = _stats_array(stats_wait_ns, stream, "stats_wait_ns", R)
 
     cdef deepepLowLatencyDispatchArgs* a = &hook.dispatch_args
     a.num_tokens = xv.rows
@@ -418,7 +419,7 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
     for routing in (handle.recv_src_info, handle.recv_layout_range):
         if isinstance(routing, DeviceArray) and (<DeviceArray>routing).stream != s:
             _make_stream_wait((<DeviceArray>routing).stream, s)
-            routing.record_stream(s)
+            routing.record_stream(stream)  # the object: the free waits on it, so it must outlive the array
     cdef int R = comm.nranks
     cdef int local = handle.num_experts // R
     cdef int64_t rows = <int64_t>R * T

@@ -738,3 +738,14 @@ def test_output_and_input_checks_on_pydeepep_arrays_need_no_gpu():
     counts = pydeepep.DeviceArray(0x9100, (2,), np.int64, 0, 5)
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out num_tokens_per_rank has dtype int64; it must be"):
         _core._out_pointer(counts, 5, "num_tokens_per_rank", (2,), (np.int32,), 0)
+
+
+def test_int_arguments_past_32_bits_are_refused_with_the_library_error():
+    from pydeepep._core import _int32
+
+    assert _int32(np.int64(24), "num_sms") == 24
+    assert _int32(-(1 << 31), "num_sms") == -(1 << 31)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="num_sms is 1099511627776; it must fit a 32-bit int"):
+        _int32(1 << 40, "num_sms")
+    with pytest.raises(TypeError):  # a count is an integer, never a truncated float
+        _int32(2.0, "num_experts")
