@@ -131,7 +131,7 @@ DEEPEP_API deepepResult_t deepepCommGetDispatchArea(deepepComm_t comm, void** ar
     require_out(area, "area");
     require_out(bytes, "bytes");
     const deepepComm& c = *checked_comm(comm);
-    *area = c.dispatch_area_bytes == 0 ? nullptr : static_cast<uint8_t*>(c.buffer) + c.dispatch_area_offset;
+    *area = c.dispatch_area();
     *bytes = c.dispatch_area_bytes;
   });
 }

@@ -488,7 +488,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     DEEPEP_REQUIRE(worst_case || a.num_recv_rows >= 0, "num_recv_rows must be set");
     if (c.dispatch_area_bytes != 0) {
       // Zero-copy: the peers write the rows into the area, whose size is known here.
-      const void* area = static_cast<const uint8_t*>(c.buffer) + c.dispatch_area_offset;
+      const void* area = c.dispatch_area();
       DEEPEP_REQUIRE(a.recv_x == area,
                      "recv_x is %p; on a communicator with zero_copy_dispatch it must be the dispatch area's start, %p "
                      "(deepepCommGetDispatchArea)",

@@ -104,6 +104,11 @@ struct deepepComm {
   };
   std::mutex retired_mutex;
   std::vector<RetiredHandleStorage> retired_handles;
+
+  // This rank's zero-copy dispatch area (nullptr: none).
+  void* dispatch_area() const {
+    return dispatch_area_bytes == 0 ? nullptr : static_cast<uint8_t*>(buffer) + dispatch_area_offset;
+  }
 };
 
 namespace deepep {

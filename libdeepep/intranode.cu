@@ -272,6 +272,15 @@ __device__ bool wait_pushers(const uint32_t* chunks_pushed, int pushers, uint32_
   return __all_sync(0xffffffffu, fine);
 }
 
+// Zero-copy: tells `source` where its rows start in this rank's dispatch area and how many rows it takes.
+__device__ __forceinline__ void send_ready(const Protocol& p, int source, uint32_t seq, int64_t first_row,
+                                           int64_t limit) {
+  ReadyMessage* message = &control_of(p.peers, source)->ready[seq & 1][p.rank];
+  message->first_row = first_row;
+  message->limit = limit;
+  store_release_sys(&message->flag, seq);
+}
+
 // This rank's side of a call it refused (deepepRefuseCall): once the peers acknowledged the previous operation (the
 // messages below overwrite what they read in it), it tells every peer where that call's kernel looks first, then
 // finishes the operation like any other, reading no input and writing no output, so that the ranks stay in step.
@@ -289,11 +298,7 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
       if (d == p.rank) continue;
       ControlRegion* peer = control_of(p.peers, d);
       if ((call == deepepCallDispatch || call == deepepCallWorstCaseDispatch) && b == 0) {
-        // Sources on a communicator with a dispatch area wait for this before pushing: no rows come.
-        ReadyMessage* message = &peer->ready[seq & 1][p.rank];
-        message->first_row = 0;
-        message->limit = 0;
-        store_release_sys(&message->flag, seq);
+        send_ready(p, d, seq, 0, 0);  // sources on a communicator with a dispatch area wait for it: no rows come
       }
       if (call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch) {
         CountMessage* message = call == deepepCallDispatchNotify ? &peer->notify[p.rank] : &peer->counts[p.rank];
@@ -607,15 +612,6 @@ __device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMes
   }
   if (record) record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, got, expected);
   return false;
-}
-
-// Zero-copy: tells `source` where its rows start in this rank's dispatch area and how many rows it takes.
-__device__ __forceinline__ void send_ready(const Protocol& p, int source, uint32_t seq, int64_t first_row,
-                                           int64_t limit) {
-  ReadyMessage* message = &control_of(p.peers, source)->ready[seq & 1][p.rank];
-  message->first_row = first_row;
-  message->limit = limit;
-  store_release_sys(&message->flag, seq);
 }
 
 __device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t token, int k) {

@@ -48,7 +48,7 @@ def get_unique_id():
     return bytes((<char*>uid.internal)[:DEEPEP_UNIQUE_ID_BYTES])
 
 
-cdef object _c_int(str name, value, object low=-2**31, object high=2**31 - 1):
+def _c_int(str name, value, object low=-2**31, object high=2**31 - 1):
     """`value` as a Python int that fits a C field (the library checks its meaning): a clear error naming the argument
     instead of an OverflowError."""
     cdef object number = int(value)
@@ -464,14 +464,6 @@ cdef _View _matrix(obj, stream, str name, dtypes, int device, kind=None, view=No
     return v
 
 
-def _int32(value, str name):
-    """An argument the C ABI takes as an int: an integer (never a truncated float) that fits 32 bits."""
-    number = operator.index(value)
-    if not -(1 << 31) <= number < (1 << 31):
-        raise DeepEPInvalidArgument(f"{name} is {number}; it must fit a 32-bit int", 1)
-    return number
-
-
 def _integer_or(value, fallback, limit=1 << 63):
     """``value`` as an int where it is an integer in [-limit, limit), else ``fallback``: what the refusal of a call
     assumes of an argument that it may be refusing."""
@@ -742,7 +734,7 @@ cdef class Communicator:
         cdef size_t topk_ptr, rank_ptr, expert_ptr, mask_ptr
         cdef int64_t n, stride
         cdef int k
-        cdef int experts = _int32(num_experts, "num_experts")
+        cdef int experts = _c_int("num_experts", operator.index(num_experts))
         cdef deepepResult_t status
         with _OnDevice(self.device):
             view = _as_view(topk_idx, s)
@@ -815,8 +807,8 @@ cdef class Communicator:
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 return self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
-                                      _int32(expert_alignment, "expert_alignment"), operator.index(num_worst_tokens),
-                                      max_recv_tokens, _int32(num_sms, "num_sms"), out, async_finish)
+                                      _c_int("expert_alignment", operator.index(expert_alignment)), operator.index(num_worst_tokens),
+                                      max_recv_tokens, _c_int("num_sms", operator.index(num_sms)), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
                 raise
@@ -894,7 +886,7 @@ cdef class Communicator:
         if routing_given:
             if topk_idx is None or num_experts is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
-            a.num_experts = _int32(num_experts, "num_experts")
+            a.num_experts = _c_int("num_experts", operator.index(num_experts))
         if handle is None:
             h = Handle(self)
         else:

@@ -478,7 +478,7 @@ def slowest_rows(per_rank: list[list[dict]]) -> list[dict]:
     report (a section that failed there) is left out."""
     keyed = [{(r["case"], r["num_tokens"], r["sms"]): r for r in rows if "us" in r} for rows in per_rank]
     found = []
-    for key in keyed[0] if keyed else {}:
+    for key in keyed[0]:
         if all(key in rank_rows for rank_rows in keyed):
             found.append(max((rank_rows[key] for rank_rows in keyed), key=lambda r: r["us"]))
     return found

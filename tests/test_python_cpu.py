@@ -741,11 +741,12 @@ def test_output_and_input_checks_on_pydeepep_arrays_need_no_gpu():
 
 
 def test_int_arguments_past_32_bits_are_refused_with_the_library_error():
-    from pydeepep._core import _int32
+    import operator
 
-    assert _int32(np.int64(24), "num_sms") == 24
-    assert _int32(-(1 << 31), "num_sms") == -(1 << 31)
-    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="num_sms is 1099511627776; it must fit a 32-bit int"):
-        _int32(1 << 40, "num_sms")
-    with pytest.raises(TypeError):  # a count is an integer, never a truncated float
-        _int32(2.0, "num_experts")
+    from pydeepep._core import _c_int
+
+    # The calls' int arguments go through operator.index (integers only), then _c_int (fits the C field).
+    assert _c_int("num_sms", operator.index(np.int64(24))) == 24
+    assert _c_int("num_sms", -(1 << 31)) == -(1 << 31)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"num_sms is 1099511627776; it must be in \["):
+        _c_int("num_sms", operator.index(1 << 40))
