@@ -33,17 +33,18 @@ def requires_gpus(n: int):
     return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} CUDA GPU(s); this machine has {gpu_count()}")
 
 
-# DEEPEP_TEST_SHARE_GPU=1 puts both ranks of the high-throughput suite (test_gpu_ht.py) on GPU 0, so that a machine
-# with one GPU runs it (for correctness only: nothing crosses NVLink). It needs CUDA MPS, which tests/run_gpu_tier.sh
-# starts when the variable is set. The other multi-rank suites keep asking for a GPU per rank: the layout and bad-input
-# suites use a second device on purpose, and low-latency calls time out with both ranks on one GPU
-# (docs/reliability.md, "Ranks sharing a GPU").
+# DEEPEP_TEST_SHARE_GPU=1 puts every rank of the high-throughput, low-latency, interop and soak suites on GPU 0, so
+# that a machine with one GPU runs them (for correctness only: nothing crosses NVLink). It needs CUDA MPS with each
+# rank's share of the SMs small enough that all ranks' grids are resident at once, which tests/run_gpu_tier.sh sets up
+# (docs/reliability.md, "Ranks sharing a GPU"). The other multi-rank suites keep asking for a GPU per rank: the layout
+# and bad-input suites use a second device on purpose, the reliability suite starts its ranks itself, and the torch
+# adapter's NCCL refuses two ranks on one GPU.
 SHARE_GPU = os.environ.get("DEEPEP_TEST_SHARE_GPU") == "1"
 
 
 def requires_ranks(n: int):
-    """Skips unless n ranks of the high-throughput suite can run here: n GPUs, or one GPU shared under
-    DEEPEP_TEST_SHARE_GPU."""
+    """Skips unless n ranks of a suite that supports DEEPEP_TEST_SHARE_GPU can run here: n GPUs, or one GPU shared
+    under it."""
     runnable = gpu_count() >= n or (SHARE_GPU and gpu_count() >= 1)
     return pytest.mark.skipif(
         not runnable,

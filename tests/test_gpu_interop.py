@@ -23,12 +23,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, bf16_bits, bf16_values, log_scenario, requires_gpus
+from conftest import RANKS, all_true, bf16_bits, bf16_values, log_scenario, requires_ranks, spawn_ranks
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
+pytestmark = [pytest.mark.gpu, requires_ranks(RANKS)]
 
 # JAX would otherwise reserve most of each GPU's memory when it starts (the spawned ranks inherit this).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -778,7 +778,7 @@ def interop_scenarios(info):
 
 @pytest.fixture(scope="module")
 def results():
-    return pydeepep.spawn(interop_scenarios, nprocs=RANKS, timeout=240 * RANKS)
+    return spawn_ranks(interop_scenarios, nprocs=RANKS, timeout=240 * RANKS)
 
 
 def outcome(results, name):

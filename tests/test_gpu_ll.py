@@ -20,13 +20,14 @@ from conftest import (
     e4m3_values,
     log_scenario,
     one_rank_refusal_failures,
-    requires_gpus,
+    requires_ranks,
+    spawn_ranks,
 )
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
+pytestmark = [pytest.mark.gpu, requires_ranks(RANKS)]
 cupy = pytest.importorskip("cupy")
 
 T = 128  # low_latency_max_tokens of the test communicators
@@ -602,7 +603,7 @@ def lone_flag_round(info, timeout=5.0):
 
 
 def test_a_lone_flag_round_times_out_instead_of_reading_an_earlier_one():
-    outcomes = pydeepep.spawn(lone_flag_round, nprocs=RANKS, timeout=180)
+    outcomes = spawn_ranks(lone_flag_round, nprocs=RANKS, timeout=180)
     assert isinstance(outcomes[0], tuple), outcomes[0]
     seconds, message = outcomes[0]
     assert "measurement" in message and seconds < 5.0 + 3.0, outcomes[0]
@@ -731,7 +732,7 @@ def ll_scenarios(info, transport):
 # Every scenario runs with NVLink stores between the GPUs ("auto") and with NVSHMEM puts forced between them.
 @pytest.fixture(scope="module", params=["auto", "nvshmem"])
 def results(request):
-    return pydeepep.spawn(ll_scenarios, nprocs=RANKS, args=(request.param,), timeout=300 * RANKS)
+    return spawn_ranks(ll_scenarios, nprocs=RANKS, args=(request.param,), timeout=300 * RANKS)
 
 
 @pytest.mark.parametrize("scenario", [*CASES, *EXTRA])

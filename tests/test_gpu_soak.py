@@ -19,12 +19,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, bf16_bits, bf16_values, e4m3_values, requires_gpus
+from conftest import RANKS, bf16_bits, bf16_values, e4m3_values, requires_ranks, spawn_ranks
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
+pytestmark = [pytest.mark.gpu, requires_ranks(RANKS)]
 
 ITERATIONS = int(os.environ.get("DEEPEP_SOAK_ITERS", "1000"))
 CHECK_EVERY = 50
@@ -343,7 +343,7 @@ def soak_rank(info, iterations):
 
 @pytest.fixture(scope="module")
 def soak():
-    results = pydeepep.spawn(soak_rank, nprocs=RANKS, args=(ITERATIONS,), timeout=600 * RANKS)
+    results = spawn_ranks(soak_rank, nprocs=RANKS, args=(ITERATIONS,), timeout=600 * RANKS)
     for rank, r in enumerate(results):
         memory = r["memory"] and [None if v is None else round(v / 2**20, 1) for v in r["memory"]]
         print(
