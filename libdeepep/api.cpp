@@ -183,8 +183,8 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
                    "num_experts / nranks is %d; at most %d experts per rank are supported", num_experts / c.nranks,
                    DEEPEP_MAX_LOCAL_EXPERTS);
     const size_t index_bytes = element_bytes(topk_type);
-    const size_t topk_bytes = num_tokens == 0 ? 0 : ((num_tokens - 1) * topk_row_stride + num_topk) * index_bytes;
-    check_device_array(c, topk_idx, topk_bytes, index_bytes, "topk_idx");
+    check_device_array(c, topk_idx, matrix_bytes(num_tokens, num_topk, topk_row_stride, index_bytes), index_bytes,
+                       "topk_idx");
     check_device_array(c, num_tokens_per_rank, sizeof(int32_t) * c.nranks, 4, "num_tokens_per_rank");
     check_device_array(c, num_tokens_per_expert, sizeof(int32_t) * num_experts, 4, "num_tokens_per_expert");
     check_device_array(c, is_token_in_rank, static_cast<size_t>(num_tokens) * c.nranks, 1, "is_token_in_rank");

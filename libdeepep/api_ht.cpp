@@ -370,7 +370,7 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     const deepepComm& c = *checked_comm(comm);
     HighThroughputRefusal refused{c, deepepCallDispatchNotify, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
-    const deepepDispatchArgs a = checked_struct(args, "args");
+    const deepepDispatchArgs a = checked_struct(args, "args", deepepDispatchArgsInit);
     refused.num_sms = a.num_sms;
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
@@ -397,7 +397,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     HighThroughputRefusal refused{c, deepepCallDispatch, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
-    const deepepDispatchArgs a = checked_struct(args, "args");
+    const deepepDispatchArgs a = checked_struct(args, "args", deepepDispatchArgsInit);
     const bool worst_case = a.num_worst_tokens > 0;
     refused.call = worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch;
     refused.num_sms = a.num_sms;
@@ -598,7 +598,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     // The handle first: its block count is the one the peers run on, also when args cannot be read.
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
-    const deepepCombineArgs a = checked_struct(args, "args");
+    const deepepCombineArgs a = checked_struct(args, "args", deepepCombineArgsInit);
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
     // The receive ranges combine reads are the dispatch kernel's: after a notify alone they would be those of the

@@ -204,7 +204,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
-    const deepepLowLatencyDispatchArgs a = checked_struct(args, "args");
+    const deepepLowLatencyDispatchArgs a = checked_struct(args, "args", deepepLowLatencyDispatchArgsInit);
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
     RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
@@ -265,7 +265,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
-    const deepepLowLatencyCombineArgs a = checked_struct(args, "args");
+    const deepepLowLatencyCombineArgs a = checked_struct(args, "args", deepepLowLatencyCombineArgsInit);
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
     RefusalOnThrow refusal(stream, [&] { refuse(c, true, a.buffer_set, a.phase, stream); });

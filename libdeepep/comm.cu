@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -39,7 +40,29 @@ struct RankHello {
   int64_t buffer_bytes;
   int64_t version;
   int64_t sm_count;
+  // Where the buffer's areas lie and how the low-latency one is cut: peers write into each other's buffers by this
+  // layout, and two configs can give the same total size with different layouts.
+  int64_t ll_offset;
+  int64_t ll_max_tokens;
+  int64_t ll_max_hidden;
+  int64_t ll_max_topk;
+  int64_t ll_max_local_experts;
+  int64_t dispatch_area_offset;
 };
+
+bool same_layout(const RankHello& a, const RankHello& b) {
+  return a.buffer_bytes == b.buffer_bytes && a.ll_offset == b.ll_offset && a.ll_max_tokens == b.ll_max_tokens &&
+         a.ll_max_hidden == b.ll_max_hidden && a.ll_max_topk == b.ll_max_topk &&
+         a.ll_max_local_experts == b.ll_max_local_experts && a.dispatch_area_offset == b.dispatch_area_offset;
+}
+
+std::string describe_layout(const RankHello& h) {
+  return "buffer_bytes " + std::to_string(h.buffer_bytes) + ", low-latency area at " + std::to_string(h.ll_offset) +
+         " for " + std::to_string(h.ll_max_tokens) + " tokens, hidden " + std::to_string(h.ll_max_hidden) + ", top-k " +
+         std::to_string(h.ll_max_topk) + ", " + std::to_string(h.ll_max_local_experts) +
+         " local experts, zero-copy dispatch area at " + std::to_string(h.dispatch_area_offset) +
+         " and library version " + std::to_string(h.version);
+}
 
 }  // namespace
 
@@ -176,6 +199,8 @@ struct SetupRequest {
   size_t buffer_bytes = 0;      // the whole allocation
   size_t ll_offset = 0;         // start of the low-latency area (0: none)
   size_t ll_control_bytes = 0;  // its control words, zeroed before any peer can write them
+  LowLatencyArea ll_area;       // its layout
+  size_t dispatch_area_offset = 0;
   deepepUniqueId id = {};
   // Results:
   void* buffer = nullptr;
@@ -209,8 +234,17 @@ static void nvshmem_setup(SetupRequest* comm) {
   // Agree on the buffer size before allocating it: nvshmem_malloc requires the same size on every PE.
   auto* hellos = static_cast<RankHello*>(nvshmem_malloc(sizeof(RankHello)));
   if (hellos == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", sizeof(RankHello));
-  const RankHello mine = {comm->rank, comm->nranks, static_cast<int64_t>(comm->buffer_bytes), DEEPEP_VERSION,
-                          comm->sm_count};
+  const RankHello mine = {comm->rank,
+                          comm->nranks,
+                          static_cast<int64_t>(comm->buffer_bytes),
+                          DEEPEP_VERSION,
+                          comm->sm_count,
+                          static_cast<int64_t>(comm->ll_offset),
+                          comm->ll_area.max_tokens,
+                          comm->ll_area.max_hidden,
+                          comm->ll_area.max_topk,
+                          comm->ll_area.max_local_experts,
+                          static_cast<int64_t>(comm->dispatch_area_offset)};
   DEEPEP_CUDA_CHECK(cudaMemcpy(hellos, &mine, sizeof(mine), cudaMemcpyHostToDevice));
   nvshmem_barrier_all();
   std::string disagreement;
@@ -220,10 +254,9 @@ static void nvshmem_setup(SetupRequest* comm) {
     nvshmem_getmem(&theirs, hellos, sizeof(theirs), peer);
     nvshmem_quiet();
     comm->min_sm_count = std::min(comm->min_sm_count, static_cast<int>(theirs.sm_count));
-    if (theirs.buffer_bytes != mine.buffer_bytes || theirs.version != mine.version || theirs.nranks != mine.nranks) {
-      disagreement = "rank " + std::to_string(peer) + " has buffer_bytes " + std::to_string(theirs.buffer_bytes) +
-                     " and library version " + std::to_string(theirs.version) + "; this rank has " +
-                     std::to_string(mine.buffer_bytes) + " and " + std::to_string(mine.version);
+    if (!same_layout(theirs, mine) || theirs.version != mine.version || theirs.nranks != mine.nranks) {
+      disagreement = "rank " + std::to_string(peer) + " has " + describe_layout(theirs) + "; this rank has " +
+                     describe_layout(mine);
     }
   }
   nvshmem_barrier_all();
@@ -246,6 +279,24 @@ static void nvshmem_setup(SetupRequest* comm) {
   comm->peer_buffers.assign(comm->nranks, nullptr);
   for (int peer = 0; peer < comm->nranks; ++peer) comm->peer_buffers[peer] = nvshmem_ptr(comm->buffer, peer);
   nvshmem_barrier_all();
+}
+
+// Collective over all ranks: whether every rank passed `yes`.
+static bool every_rank_says_yes(bool yes) {
+  auto* words = static_cast<int32_t*>(nvshmem_malloc(sizeof(int32_t)));
+  if (words == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", sizeof(int32_t));
+  const int32_t mine = yes ? 1 : 0;
+  DEEPEP_CUDA_CHECK(cudaMemcpy(words, &mine, sizeof(mine), cudaMemcpyHostToDevice));
+  nvshmem_barrier_all();
+  bool all = true;
+  for (int peer = 0; peer < nvshmem_n_pes(); ++peer) {
+    int32_t theirs = 0;
+    nvshmem_getmem(&theirs, words, sizeof(theirs), peer);
+    all = all && theirs == 1;
+  }
+  nvshmem_barrier_all();  // every rank has read every word before the words are freed
+  nvshmem_free(words);
+  return all;
 }
 
 // Ranks reached by NVLink must form a block of consecutive ranks around this one.
@@ -351,6 +402,8 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   request->buffer_bytes = comm->total_buffer_bytes;
   request->ll_offset = comm->ll_offset;
   request->ll_control_bytes = comm->ll_area.control_bytes;
+  request->ll_area = comm->ll_area;
+  request->dispatch_area_offset = comm->dispatch_area_offset;
   request->id = id;
   run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",
               [request]() { nvshmem_setup(request.get()); });
@@ -359,6 +412,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   comm->ll_blocks = low_latency_blocks(request->min_sm_count);
   deepepComm* raw = comm.get();
 
+  std::exception_ptr local_failure;
   try {
     comm->ranks_per_nvl_domain = nvl_domain_size(*comm);
     DEEPEP_CUDA_CHECK(cudaStreamCreateWithFlags(&comm->stream, cudaStreamNonBlocking));
@@ -389,7 +443,25 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     DEEPEP_CUDA_CHECK(
         cudaMemcpy(comm->ll_direct_device, direct.data(), sizeof(void*) * nranks, cudaMemcpyHostToDevice));
   } catch (...) {
-    // The peers finished setup; release the symmetric heap collectively so they are not left waiting forever.
+    local_failure = std::current_exception();
+  }
+
+  // The steps above can fail on one rank only. The ranks agree on the outcome before any returns, so that they all
+  // keep the communicator or all undo it together (a collective teardown run by one rank alone would wait for the
+  // others until its timeout, while they went on with a communicator that has a rank missing).
+  auto every_rank_ok = std::make_shared<bool>(false);
+  try {
+    run_bounded(config.timeout_seconds, "the ranks' agreement on the setup (deepepCommInitRank)",
+                [device, ok = local_failure == nullptr, every_rank_ok]() {
+                  DEEPEP_CUDA_CHECK(cudaSetDevice(device));
+                  *every_rank_ok = every_rank_says_yes(ok);
+                });
+  } catch (...) {
+    free_local_resources(raw);  // a peer did not take part: no collective teardown could finish
+    if (local_failure) std::rethrow_exception(local_failure);
+    throw;
+  }
+  if (!*every_rank_ok) {
     free_local_resources(raw);
     try {
       run_bounded(config.timeout_seconds, "NVSHMEM teardown after a failed setup", [device, buffer = raw->buffer]() {
@@ -399,7 +471,10 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
       });
     } catch (const Error&) {
     }
-    throw;
+    if (local_failure) std::rethrow_exception(local_failure);
+    fail(deepepRemoteError,
+         "another rank's setup failed after NVSHMEM started (its own deepepCommInitRank says why); this rank's is "
+         "undone too");
   }
 
   std::lock_guard<std::mutex> lock(registry_mutex);
@@ -428,23 +503,29 @@ __device__ __forceinline__ uint64_t* arrival_word(void* buffer, int rank) {
   return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(buffer) + kArrivalOffset) + rank;
 }
 
-// Thread `peer` sets this rank's arrival word in `peer`'s buffer, then waits until `peer` set its word here.
+// A rank's arrival word in each peer's buffer: 0 until it reaches deepepCommDestroy, then kArrived; kGaveUp once
+// it stopped waiting for the others (it skips the collective teardown, so a late peer must skip it too).
+constexpr uint64_t kArrived = 1;
+constexpr uint64_t kGaveUp = 2;
+
+// Thread `peer` sets this rank's arrival word in `peer`'s buffer, then waits until `peer` set its word here. A rank
+// that gives up says so in its words, so that a peer arriving later does not run the teardown alone (one arriving
+// just as this rank gives up still can: the window is the instant of the deadline, not the whole wait).
 static __global__ void arrival_barrier_kernel(void* const* peers, int rank, int nranks, uint64_t timeout_ns,
                                               int* all_arrived) {
   const int peer = threadIdx.x;
   bool arrived = true;
   if (peer < nranks) {
-    store_release_sys(arrival_word(peers[peer], rank), 1);
+    store_release_sys(arrival_word(peers[peer], rank), kArrived);
     const uint64_t deadline = global_timer_ns() + timeout_ns;
-    while (load_acquire_sys(arrival_word(peers[rank], peer)) == 0) {
-      if (global_timer_ns() > deadline) {
-        arrived = false;
-        break;
-      }
+    uint64_t word;
+    while ((word = load_acquire_sys(arrival_word(peers[rank], peer))) == 0 && global_timer_ns() <= deadline) {
       __nanosleep(1000);
     }
+    arrived = word == kArrived;
   }
   arrived = __syncthreads_and(arrived);
+  if (!arrived && peer < nranks) store_release_sys(arrival_word(peers[peer], rank), kGaveUp);
   if (threadIdx.x == 0) *all_arrived = arrived;
 }
 

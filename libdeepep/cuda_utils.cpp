@@ -12,8 +12,11 @@ void fail_cuda(cudaError_t status, const char* expression, const char* file, int
   const bool no_device = status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver ||
                          status == cudaErrorInvalidDevice || status == cudaErrorStubLibrary;
   cudaGetLastError();  // clear the sticky-free error so later calls on this thread start clean
-  fail(no_device ? deepepNoDevice : deepepCudaError, "%s failed: %s (%s) at %s:%d", expression,
-       cudaGetErrorString(status), cudaGetErrorName(status), file, line);
+  const deepepResult_t code = no_device                             ? deepepNoDevice
+                              : status == cudaErrorMemoryAllocation ? deepepOutOfMemory
+                                                                    : deepepCudaError;
+  fail(code, "%s failed: %s (%s) at %s:%d", expression, cudaGetErrorString(status), cudaGetErrorName(status), file,
+       line);
 }
 
 DeviceGuard::DeviceGuard(int device) {

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdio>
 
 #include "cuda_utils.hpp"
@@ -60,6 +61,9 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
   const volatile AsyncErrorRecord* record = comm.async_error;
   const int32_t code = record->code;
   if (code <= 0) return deepepSuccess;  // nothing, or a record still being written (published on a later read)
+  // The kernel writes the details before the code: read them after it (a weakly ordered host such as Arm could
+  // otherwise see the code with older details).
+  std::atomic_thread_fence(std::memory_order_acquire);
   const auto found = static_cast<deepepResult_t>(code);
   char text[512];
   if (found == deepepTimeout) {

@@ -44,14 +44,15 @@ inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t el
   return static_cast<size_t>(span);
 }
 
-// Copies a size-versioned argument struct: fields past the caller's struct_size keep their defaults (zero).
+// Copies a size-versioned argument struct: fields past the caller's struct_size (a caller built against an older
+// header) keep the defaults its Init function `init` sets, as deepep.h promises.
 template <class Args>
-Args checked_struct(const Args* args, const char* name) {
+Args checked_struct(const Args* args, const char* name, deepepResult_t (*init)(Args*)) {
   DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
   DEEPEP_REQUIRE(args->struct_size >= sizeof(size_t) && args->struct_size <= (size_t(1) << 16),
                  "%s->struct_size is %zu; initialise the struct with its Init function", name, args->struct_size);
   Args copy;
-  std::memset(&copy, 0, sizeof(copy));
+  init(&copy);
   std::memcpy(&copy, args, std::min(args->struct_size, sizeof(Args)));
   copy.struct_size = sizeof(Args);
   return copy;

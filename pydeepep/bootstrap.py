@@ -128,6 +128,7 @@ def from_mpi(comm=None, device: int | None = None) -> RankInfo:
 def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
     """From an initialised ``torch.distributed`` process group (default: the world): its rank 0 makes the id and
     broadcasts it. The device defaults to ``LOCAL_RANK``, else torch's current CUDA device."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -136,15 +137,17 @@ def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
 
     def broadcast(payload):
         box = [payload]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        # An NCCL group moves the object through a GPU tensor: on this rank's own device, not on torch's current one
+        # (device 0 on every rank that has not chosen one, which NCCL refuses for ranks of one node).
+        on = torch.device("cuda", device) if dist.get_backend(group) == "nccl" else None
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=group, device=on)
         return box[0]
 
-    unique_id = _broadcast_id(rank, broadcast)
     if device is None:
         if "LOCAL_RANK" in os.environ:
             device = _int_env("LOCAL_RANK")
         else:
-            import torch
-
             device = torch.cuda.current_device()
+    unique_id = _broadcast_id(rank, broadcast)
     return RankInfo(rank, nranks, device, unique_id)

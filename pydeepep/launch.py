@@ -91,14 +91,18 @@ def spawn(
     """Runs ``fn(RankInfo, *args, **kwargs)`` in ``nprocs`` spawned processes (default: one per local GPU) and
     returns their return values ordered by rank. ``fn`` must be importable (defined at module level).
 
-    Rank r runs on GPU ``devices[r]`` (default: GPU r). Ranks may share a GPU only under CUDA MPS (the
-    Multi-Process Service), with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` giving each of them its share of the SMs:
-    without MPS their kernels, which wait for each other, take turns on the GPU and time out.
+    Rank r runs on GPU ``devices[r]`` (default: GPU r); ``devices`` without ``nprocs`` runs one rank per entry. Ranks
+    may share a GPU only under CUDA MPS (the Multi-Process Service), with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` giving
+    each of them at most 80 / nprocs percent of the SMs: without MPS their kernels, which wait for each other, take
+    turns on the GPU and time out, and with 100 / nprocs percent the low-latency ones were seen to as well
+    (docs/reliability.md).
 
     Raises :class:`LaunchError` with the failing rank's traceback if any rank raises, exits before reporting or
     returns a result that cannot be pickled, and after ``timeout`` seconds kills every rank and raises, so a hung job
     never outlives the call. A rank that exits abnormally after reporting its result gives a ``RuntimeWarning``.
     """
+    if nprocs is None and devices is not None:
+        nprocs = len(devices)
     if nprocs is None:
         nprocs = local_device_count()
         if nprocs == 0:
@@ -135,6 +139,7 @@ def spawn(
     deadline = None if timeout is None else time.monotonic() + timeout
     results: dict[int, Any] = {}
     failure = None
+    interrupted = True  # until the loop ends by itself: an exception here (Ctrl-C, say) kills the ranks too
     try:
         while len(results) < nprocs and failure is None:
             try:
@@ -157,14 +162,16 @@ def spawn(
             if deadline is not None and time.monotonic() > deadline and failure is None:
                 missing = sorted(set(range(nprocs)) - set(results))
                 failure = f"ranks {missing} did not finish within {timeout} s"
+        interrupted = False
     finally:
-        if failure is not None:
+        if failure is not None or interrupted:
             for p in procs:
                 if p.is_alive():
                     p.kill()
         killed = set()
+        join_deadline = time.monotonic() + 30  # for all ranks together: their exits overlap
         for rank, p in enumerate(procs):
-            p.join(timeout=30)
+            p.join(timeout=max(0.0, join_deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()

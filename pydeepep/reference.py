@@ -17,11 +17,12 @@ Choices made where DESIGN.md is silent:
 - ``combine`` also takes ``topk_weights`` (keyword): per rank [M_d, K] in receive order; when given, each rank's
   result is the pair ``(out, combined_weights)``. ``biases`` is per rank ``None``, one array, or a tuple of 0-2
   arrays. Inputs are used as float32 as given (they are expected to hold BF16 values already).
-- ``low_latency_dispatch`` refuses a token that names the same expert twice (the row combine must read would be
-  ambiguous); ``round_scale`` is ignored when ``use_fp8`` is False. ``recv_scales`` are plain float32 scales; pack
-  them with ``ue8m0_pack`` where the UE8M0 form is wanted.
-- Helpers ``bf16_round``, ``e4m3_round`` and ``ue8m0_pack`` are public: they define the numerics. NaN stays NaN;
-  e4m3 saturates infinities and everything beyond 448 to +-448.
+- ``low_latency_dispatch`` delivers a token that names one expert in several slots once, as the library does
+  (``low_latency_combine`` then adds that row once per slot); ``round_scale`` is ignored when ``use_fp8`` is False.
+  ``recv_scales`` are plain float32 scales; pack them with ``ue8m0_pack`` where the UE8M0 form is wanted.
+- Helpers ``bf16_round``, ``e4m3_round`` and ``ue8m0_pack`` are public: they define the numerics. NaN stays NaN (BF16's
+  canonical 0x7FFF); e4m3 saturates infinities and everything beyond 448 to +-448; the FP8 cast's block maximum skips
+  NaN, as the kernel's does.
 """
 
 from __future__ import annotations
@@ -85,17 +86,21 @@ def dispatch_layout(topk_idx, num_experts: int, num_ranks: int):
 # Numerics: BF16 and e4m3 rounding, the FP8 cast, UE8M0 packing.
 
 
+_BF16_CANONICAL_NAN = np.uint32(0x7FFF0000).view(np.float32)
+
+
 def bf16_round(x) -> np.ndarray:
     """Round float32 values to the nearest BF16 value, ties to even; the result is float32 (BF16-representable).
 
-    Values beyond the largest BF16 round to infinity exactly as IEEE rounding says; NaN stays NaN.
+    Values beyond the largest BF16 round to infinity exactly as IEEE rounding says; every NaN becomes the canonical
+    NaN 0x7FFF (as bits of a BF16; the GPU's conversion gives that one).
     """
     x = np.asarray(x, dtype=np.float32)
     bits = x.view(np.uint32).astype(np.uint64)
     # Adding 0x7FFF plus the lowest kept bit, then truncating, is round-to-nearest-even on the upper 16 bits.
     kept_lsb = (bits >> np.uint64(16)) & np.uint64(1)
     rounded = ((bits + np.uint64(0x7FFF) + kept_lsb) & np.uint64(0xFFFF0000)).astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(x), np.float32(np.nan), rounded).astype(np.float32)
+    return np.where(np.isnan(x), _BF16_CANONICAL_NAN, rounded).astype(np.float32)
 
 
 def e4m3_round(x) -> np.ndarray:
@@ -116,10 +121,10 @@ def e4m3_round(x) -> np.ndarray:
 
 
 def _pow2_ceil(values: np.ndarray) -> np.ndarray:
-    """2^ceil(log2(v)) for positive normal float32 v, computed exactly."""
+    """2^ceil(log2(v)) for positive normal float32 v, computed exactly; infinity stays infinity."""
     mantissa, exponent = np.frexp(values)  # v = m * 2**e, m in [0.5, 1): v is a power of two iff m == 0.5
     exponent = np.where(mantissa == 0.5, exponent - 1, exponent)
-    return np.ldexp(np.float32(1.0), exponent).astype(np.float32)
+    return np.where(np.isinf(values), values, np.ldexp(np.float32(1.0), exponent)).astype(np.float32)
 
 
 def fp8_cast(x, round_scale: bool = False):
@@ -127,7 +132,9 @@ def fp8_cast(x, round_scale: bool = False):
 
     ``amax = max(max|x| over the block, 1e-4f)``, ``scale = amax / 448.0f`` (float32), with ``round_scale`` rounded
     up to a power of two, and ``q = e4m3(x / scale)`` (float32 division). ``q`` is float32 holding e4m3 values;
-    ``q * scale`` dequantises. H must be a multiple of 128.
+    ``q * scale`` dequantises. H must be a multiple of 128. As in the kernel, the maximum skips NaN (a NaN channel
+    casts to NaN, the others as if it were absent), and an infinite channel makes its block's scale infinite (the
+    block's finite channels cast to zero, the infinite one to NaN).
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -136,11 +143,12 @@ def fp8_cast(x, round_scale: bool = False):
     if hidden % FP8_BLOCK != 0:
         raise ValueError(f"hidden size {hidden} must be a multiple of {FP8_BLOCK} for FP8")
     blocks = x.reshape(num_tokens, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = np.maximum(np.abs(blocks).max(axis=2), np.float32(AMAX_EPSILON))
+    amax = np.fmax(np.fmax.reduce(np.abs(blocks), axis=2), np.float32(AMAX_EPSILON))
     scales = (amax / np.float32(E4M3_MAX)).astype(np.float32)
     if round_scale:
         scales = _pow2_ceil(scales)
-    q = e4m3_round(blocks / scales[:, :, None]).reshape(num_tokens, hidden)
+    with np.errstate(invalid="ignore"):  # inf / inf under an infinite scale: NaN, as in the kernel
+        q = e4m3_round(blocks / scales[:, :, None]).reshape(num_tokens, hidden)
     return q, scales
 
 
@@ -208,12 +216,13 @@ def _check_weights(weights, shape, rank: int) -> np.ndarray:
     return weights
 
 
-def _refuse_repeated_experts(topk_idx: np.ndarray, rank: int) -> None:
-    ordered = np.sort(topk_idx, axis=1)
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if repeated.any():
-        token = int(np.nonzero(repeated.any(axis=1))[0][0])
-        raise ValueError(f"token {token} of rank {rank} names the same expert twice")
+def _first_namings(topk_idx: np.ndarray) -> np.ndarray:
+    """topk_idx with every slot that names an expert an earlier slot of its token names set to -1: the (token,
+    expert) pairs a low-latency dispatch delivers, each once."""
+    first = topk_idx.copy()
+    for k in range(1, topk_idx.shape[1]):
+        first[(topk_idx[:, :k] == topk_idx[:, k : k + 1]).any(axis=1), k] = -1
+    return first
 
 
 def _tokens_in_rank(topk_idx: np.ndarray, experts_per_rank: int, num_ranks: int) -> np.ndarray:
@@ -410,7 +419,7 @@ def low_latency_dispatch(
     sent_x, sent_scales, tokens_of_expert = [], [], []
     for rank, x in enumerate(xs):
         topk = _check_topk(topk_idxs[rank], num_experts, rank, x.shape[0])
-        _refuse_repeated_experts(topk, rank)
+        topk = _first_namings(topk)
         if use_fp8:
             q, scales = fp8_cast(x, round_scale)
             sent_x.append(q)

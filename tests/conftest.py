@@ -78,13 +78,13 @@ def bf16_values(bits):
 
 
 def e4m3_values(bits):
-    """float32 values of float8 e4m3 bit patterns."""
+    """float32 values of float8 e4m3fn bit patterns (0x7F and 0xFF are NaN)."""
     bits = np.asarray(bits).astype(np.int64)
     sign = np.where(bits & 0x80, -1.0, 1.0)
     exponent = (bits >> 3) & 0xF
     mantissa = bits & 0x7
     value = np.where(exponent == 0, mantissa / 8.0 * 2.0**-6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7.0))
-    return (sign * value).astype(np.float32)
+    return np.where((bits & 0x7F) == 0x7F, np.nan, sign * value).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

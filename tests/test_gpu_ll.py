@@ -72,16 +72,6 @@ def dev(a):
     return cupy.asarray(a)
 
 
-def first_namings(topk):
-    """topk with every slot naming an expert an earlier slot of its token names set to -1: the (token, expert) pairs
-    the dispatch delivers, each once (the oracle's dispatch refuses repeated experts; its combine sums per slot)."""
-    topk = np.asarray(topk, dtype=np.int64)
-    out = topk.copy()
-    for j in range(1, topk.shape[1]):
-        out[(topk[:, :j] == topk[:, j : j + 1]).any(axis=1), j] = -1
-    return out
-
-
 def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0, token_contiguous=False):
     """Compares one rank's dispatch outputs with the oracle's; True or a description of the first mismatch."""
     exp_x, exp_scales, exp_count, exp_src = want
@@ -115,12 +105,12 @@ def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0, token_co
             if topk[token[row], slot[row]] != expert or np.any(topk[token[row], : slot[row]] == expert):
                 return f"slot of row {row} of local expert {le} is {slot[row]}"
         if use_fp8:
-            if not np.array_equal(e4m3_values(got_x[le, :m]), exp_x[le, :m]):
+            if not np.array_equal(e4m3_values(got_x[le, :m]), exp_x[le, :m], equal_nan=True):
                 return f"FP8 payload of local expert {le} differs"
             want_scales = reference.ue8m0_pack(exp_scales[le, :m]) if ue8m0 else exp_scales[le, :m]
-            if not np.array_equal(got_scales[le, :m], want_scales):
+            if not np.array_equal(got_scales[le, :m], want_scales, equal_nan=True):
                 return f"scales of local expert {le} differ"
-        elif not np.array_equal(bf16_values(got_x[le, :m]), exp_x[le, :m]):
+        elif not np.array_equal(bf16_values(got_x[le, :m]), exp_x[le, :m], equal_nan=True):
             return f"BF16 payload of local expert {le} differs"
     return True
 
@@ -152,9 +142,7 @@ def run_case(
     inputs = [make_inputs(seed, r, ns[r], h, k, e, R, drop, to_rank, index_dtype, any_bits, repeats) for r in range(R)]
     xs = [bf16_values(x) for x, _, _ in inputs]
     topks = [t.astype(np.int64) for _, t, _ in inputs]
-    want = reference.low_latency_dispatch(
-        xs, [first_namings(t) for t in topks], e, T, use_fp8=use_fp8, round_scale=round_scale
-    )
+    want = reference.low_latency_dispatch(xs, topks, e, T, use_fp8=use_fp8, round_scale=round_scale)
     x_mine, topk_mine, w_mine = inputs[me]
     with cupy.cuda.Device(comm.device):
         x_dev, topk_dev, w_dev = dev(x_mine), dev(topk_mine), dev(w_mine)
@@ -600,6 +588,38 @@ def lone_flag_round(info, timeout=5.0):
             comm.clear_async_error()
         time.sleep(max(0.0, start + 2 * timeout + 2.0 - time.monotonic()))  # the ranks reach close() together
     return outcome
+
+
+# Two low-latency layouts of one total size (16 MiB of high-throughput buffer on 2 ranks, E = 8, K = 2): T = 8 with
+# H = 256 and T = 16 with H = 128. Peers write into each other's buffers by the layout, so the sizes agreeing is not
+# enough.
+SAME_SIZE_LAYOUTS = [dict(low_latency_max_tokens=8, hidden=256), dict(low_latency_max_tokens=16, hidden=128)]
+SAME_SIZE_COMMON = dict(buffer_bytes=1 << 24, max_tokens_per_rank=64, num_topk=2, num_experts=8)
+
+
+def setup_with_rank_layout(info):
+    try:
+        comm = pydeepep.Communicator(
+            info.unique_id,
+            info.rank,
+            info.nranks,
+            device=info.device,
+            timeout=30,
+            **SAME_SIZE_COMMON,
+            **SAME_SIZE_LAYOUTS[info.rank % 2],
+        )
+    except pydeepep.DeepEPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    comm.close()
+    return "created"
+
+
+def test_ranks_whose_buffers_have_one_size_but_two_layouts_are_refused_at_setup():
+    sizes = {pydeepep.buffer_size_hint(RANKS, **SAME_SIZE_COMMON, **layout) for layout in SAME_SIZE_LAYOUTS}
+    assert len(sizes) == 1, sizes  # else the sizes alone would tell the layouts apart
+    for outcome in spawn_ranks(setup_with_rank_layout, nprocs=RANKS, timeout=180):
+        assert outcome.startswith("DeepEPInvalidArgument") and "ranks disagree" in outcome, outcome
+        assert "for 8 tokens, hidden 256" in outcome and "for 16 tokens, hidden 128" in outcome, outcome
 
 
 def test_a_lone_flag_round_times_out_instead_of_reading_an_earlier_one():

@@ -5,6 +5,7 @@ These tests need one GPU, unlike the rest of the multi-rank modules whose scenar
 machine with a single GPU runs them too.
 """
 
+import numpy as np
 import pytest
 from conftest import requires_gpus
 from test_gpu_ht import one_rank_ht
@@ -26,4 +27,90 @@ def test_ht_on_one_rank():
 
 def test_ll_on_one_rank():
     (result,) = pydeepep.spawn(one_rank_ll, nprocs=1, timeout=300)
+    assert all(v is True for v in result.values()), result
+
+
+class _WideRows:
+    """A CUDA array interface over `base` that claims rows 2^32 elements apart: its extent, computed in 64 bits,
+    wraps around to a few bytes, and the library must refuse it, not read past the allocation."""
+
+    def __init__(self, base, rows):
+        self.base = base
+        self.__cuda_array_interface__ = {
+            "shape": (rows, 1),
+            "strides": ((1 << 32) * 8, 8),
+            "typestr": "<i8",
+            "data": (base.data.ptr, False),
+            "version": 3,
+        }
+
+
+def layout_of_wrapping_rows(info):
+    import cupy
+
+    with pydeepep.Communicator(
+        info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256, num_topk=1, num_experts=8
+    ) as comm:
+        base = cupy.zeros(16, cupy.int64)
+        try:
+            comm.get_dispatch_layout(_WideRows(base, (1 << 29) + 1), 8)
+            cupy.cuda.runtime.deviceSynchronize()
+        except pydeepep.DeepEPInvalidArgument as exc:
+            return str(exc)
+        return "accepted"
+
+
+def test_a_layout_whose_rows_span_more_than_2_to_the_64_bytes_is_refused():
+    pytest.importorskip("cupy")
+    (message,) = pydeepep.spawn(layout_of_wrapping_rows, nprocs=1, timeout=120)
+    assert "topk_idx" in message, message
+
+
+def nonfinite_ll(info):
+    """Low-latency calls on rows holding NaN and infinities, against the oracle: the FP8 cast (the block maximum
+    skips NaN; an infinite channel gives an infinite scale), BF16 rows unchanged, and the combine's NaN pattern."""
+    import cupy
+    from conftest import bf16_bits, bf16_values
+    from test_gpu_ll import check_dispatch
+
+    from pydeepep import reference
+
+    hidden, experts, tokens = 256, 2, 4
+    rng = np.random.default_rng(5)
+    x = bf16_values(bf16_bits(rng.standard_normal((3, hidden)).astype(np.float32)))
+    x[0, 5], x[1, 130], x[2, 7] = np.nan, np.inf, -np.inf
+    topk = np.array([[0, 1], [1, -1], [0, -1]], np.int64)
+    w = rng.random((3, 2)).astype(np.float32)
+    out = {}
+    with pydeepep.Communicator(
+        info.unique_id,
+        0,
+        1,
+        device=0,
+        timeout=30,
+        max_tokens_per_rank=16,
+        hidden=hidden,
+        num_topk=2,
+        num_experts=experts,
+        low_latency_max_tokens=tokens,
+    ) as comm:
+        x_dev, topk_dev = cupy.asarray(bf16_bits(x)), cupy.asarray(topk)
+        for use_fp8, round_scale in ((True, False), (True, True), (False, False)):
+            want = reference.low_latency_dispatch([x], [topk], experts, tokens, use_fp8, round_scale)[0]
+            result = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=use_fp8, round_scale=round_scale)
+            cupy.cuda.runtime.deviceSynchronize()
+            name = f"dispatch fp8={use_fp8} round_scale={round_scale}"
+            out[name] = check_dispatch(result, want, [(x, topk, w)], 0, experts, 1, use_fp8, False)
+        # The BF16 dispatch's rows, NaN and infinities among them, as the expert outputs.
+        y = want[0]
+        got = comm.low_latency_combine(cupy.asarray(bf16_bits(y)), topk_dev, cupy.asarray(w), result).out.to_numpy()
+        (want_out,) = reference.low_latency_combine([y], [topk], [w], [want[3]])
+        want_bits = (want_out.view(np.uint32) >> 16).astype(np.uint16)
+        out["combine"] = np.array_equal(got, want_bits) or f"{got[:, :8].tolist()} != {want_bits[:, :8].tolist()}"
+    return out
+
+
+def test_nan_and_infinities_in_low_latency_rows_follow_the_oracle_bit_for_bit():
+    pytest.importorskip("cupy")
+    (result,) = pydeepep.spawn(nonfinite_ll, nprocs=1, timeout=120)
     assert all(v is True for v in result.values()), result

@@ -583,6 +583,25 @@ def test_spawn_warns_of_a_rank_that_dies_after_reporting():
         assert spawn(exit_with_seven_after_reporting, nprocs=2, timeout=120) == [0, 1]
 
 
+def test_spawn_without_nprocs_runs_one_rank_per_device_given():
+    results = spawn(report_rank, args=("x",), timeout=120, devices=[0, 0])
+    assert [r[:3] for r in results] == [(0, 2, 0), (1, 2, 0)]
+
+
+def test_spawn_kills_its_ranks_when_the_caller_is_interrupted():
+    import _thread
+    import multiprocessing
+    import threading
+    import time
+
+    threading.Timer(3.0, _thread.interrupt_main).start()  # Ctrl-C while the ranks still run
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        spawn(hang_on_rank_one, nprocs=2, timeout=120)
+    assert time.monotonic() - start < 20  # not one 30 s join per rank
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("pydeepep-rank")]
+
+
 def test_spawn_kills_a_hung_job_at_its_timeout():
     import time
 

@@ -497,9 +497,19 @@ def test_low_latency_dispatch_refuses_more_tokens_than_max_tokens():
     reference.low_latency_dispatch(xs, LL_TOPK, 4, 3, use_fp8=False)  # exactly max_tokens is fine
 
 
-def test_low_latency_dispatch_refuses_a_token_naming_one_expert_twice():
-    with pytest.raises(ValueError, match="twice"):
-        reference.low_latency_dispatch([rows(1, hidden=2)], [np.array([[1, -1, 1]])], 2, 1, use_fp8=False)
+def test_low_latency_dispatch_delivers_a_token_naming_one_expert_twice_once_and_combine_adds_it_per_slot():
+    x = rows(1.5, 3.0, hidden=2)
+    topk = np.array([[1, -1, 1], [0, 1, 0]])
+    ((recv_x, _, count, src),) = reference.low_latency_dispatch([x], [topk], 2, 2, use_fp8=False)
+    assert count.tolist() == [1, 2]  # expert 0: token 1 once; expert 1: tokens 0 and 1, once each
+    assert src[0, 0].tolist() == [0, 1] and src[1, :2].tolist() == [[0, 0], [0, 1]]
+    np.testing.assert_array_equal(recv_x[1, :2], x)
+    y = recv_x * np.float32(2.0)
+    w = np.array([[0.5, 0.25, 0.125], [1.0, 2.0, 4.0]], dtype=np.float32)
+    (out,) = reference.low_latency_combine([y], [topk], [w], [src])
+    # token 0: slots 0 and 2 both read expert 1's row; token 1: slots 0 and 2 read expert 0's, slot 1 expert 1's
+    np.testing.assert_array_equal(out[0], reference.bf16_round(2 * x[0] * 0.5 + 2 * x[0] * 0.125))
+    np.testing.assert_array_equal(out[1], reference.bf16_round(2 * x[1] * 1.0 + 2 * x[1] * 2.0 + 2 * x[1] * 4.0))
 
 
 def test_low_latency_takes_a_rank_with_no_tokens():
@@ -622,3 +632,21 @@ def test_low_latency_over_many_ranks_follows_the_definitions(num_ranks):
         expected = (weights[rank] * named * xs[rank][:, :1]).sum(axis=1)
         assert outs[rank][:, 0].tolist() == expected.tolist()
         assert (outs[rank][:, 0] == outs[rank][:, 1]).all()
+
+
+def test_fp8_cast_skips_nan_in_the_block_maximum_and_keeps_an_infinite_scale_infinite():
+    x = np.full((1, 256), 2.0, np.float32)
+    x[0, 5] = np.nan  # block 0: scale from the finite channels; only the NaN channel is NaN
+    x[0, 130] = np.inf  # block 1: infinite scale; finite channels cast to zero, the infinite one to NaN
+    for round_scale in (False, True):
+        q, scales = reference.fp8_cast(x, round_scale=round_scale)
+        assert np.isfinite(scales[0, 0]) and np.isinf(scales[0, 1]), scales
+        assert np.isnan(q[0, 5]) and np.isnan(q[0, :128]).sum() == 1
+        assert np.isnan(q[0, 130]) and np.isnan(q[0, 128:]).sum() == 1 and (q[0, 128:130] == 0).all()
+    q, scales = reference.fp8_cast(x)
+    assert scales[0, 0] == np.float32(2.0) / np.float32(448.0) and q[0, 0] == np.float32(448.0)
+
+
+def test_bf16_round_gives_the_canonical_nan():
+    bits = reference.bf16_round(np.array([np.nan, -np.nan], np.float32)).view(np.uint32) >> 16
+    assert bits.tolist() == [0x7FFF, 0x7FFF]

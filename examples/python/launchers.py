@@ -1,14 +1,16 @@
 """One program, three ways to start it: each rank learns (rank, size, device, unique id) from its launcher, creates
 its communicator and computes a dispatch layout.
 
-    RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 DEEPEP_UNIQUE_ID_FILE=/tmp/job-42.id python launchers.py --via env &
-    RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 DEEPEP_UNIQUE_ID_FILE=/tmp/job-42.id python launchers.py --via env
-    DEEPEP_UNIQUE_ID_FILE=/tmp/job-43.id torchrun --nproc-per-node 2 launchers.py --via env
+    export DEEPEP_UNIQUE_ID_FILE=$(mktemp -u /tmp/deepep-job.XXXXXX)  # a fresh path per job: see below
+    RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 python launchers.py --via env &
+    RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 python launchers.py --via env
+    DEEPEP_UNIQUE_ID_FILE=$(mktemp -u /tmp/deepep-job.XXXXXX) torchrun --nproc-per-node 2 launchers.py --via env
     mpirun -np 2 python launchers.py --via mpi
     torchrun --nproc-per-node 2 launchers.py --via torch
 
-(Use a fresh id file per job.) Prints one line per rank and exits non-zero if the layout disagrees with the
-reference.
+(The ranks after rank 0 take whatever 128-byte file they find at that path, so a file left by an earlier job would give
+them the wrong id: hence a fresh path per job.) Prints one line per rank and exits non-zero if the layout disagrees with
+the reference.
 """
 
 import argparse

@@ -167,8 +167,11 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
  * and finalises NVSHMEM). Waits for the communicator's own stream, then for every rank to reach this call, at most
  * the communicator's timeout. If a rank does not arrive (it may be dead), this rank's resources are freed and
  * NVSHMEM's collective teardown, which would wait for it forever, is skipped: the result is deepepTimeout, or
- * deepepSuccess when an earlier call already reported a timeout or masked a rank. The process should then exit
- * (NVSHMEM cannot start again in it). */
+ * deepepSuccess when an earlier call already reported a timeout or masked a rank. A rank that stopped waiting tells
+ * the ranks that arrive after it, which then skip the teardown at once too. The process should then exit (NVSHMEM
+ * cannot start again in it). The ranks meet through their NVLink-mapped buffers: with a rank outside this rank's
+ * NVLink domain, or more than 64 ranks, they do not, and a rank that does not arrive makes NVSHMEM's teardown wait
+ * instead, up to the same timeout (deepepTimeout, with NVSHMEM's thread left behind). */
 DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm);
 
 /* Local queries. */
