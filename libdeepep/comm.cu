@@ -37,11 +37,12 @@ bool comm_being_created = false;
 struct RankHello {
   int64_t rank;
   int64_t nranks;
-  int64_t buffer_bytes;
+  int64_t buffer_bytes;  // the whole allocation
   int64_t version;
   int64_t sm_count;
-  // Where the buffer's areas lie and how the low-latency one is cut: peers write into each other's buffers by this
-  // layout, and two configs can give the same total size with different layouts.
+  // Where the buffer's areas lie and how they are cut: peers write into each other's buffers by this layout, and two
+  // configs can give the same total size with different layouts.
+  int64_t ht_bytes;  // the high-throughput part, whose per-rank receive regions it sizes
   int64_t ll_offset;
   int64_t ll_max_tokens;
   int64_t ll_max_hidden;
@@ -51,18 +52,23 @@ struct RankHello {
 };
 
 bool same_layout(const RankHello& a, const RankHello& b) {
-  return a.buffer_bytes == b.buffer_bytes && a.ll_offset == b.ll_offset && a.ll_max_tokens == b.ll_max_tokens &&
-         a.ll_max_hidden == b.ll_max_hidden && a.ll_max_topk == b.ll_max_topk &&
+  return a.buffer_bytes == b.buffer_bytes && a.ht_bytes == b.ht_bytes && a.ll_offset == b.ll_offset &&
+         a.ll_max_tokens == b.ll_max_tokens && a.ll_max_hidden == b.ll_max_hidden && a.ll_max_topk == b.ll_max_topk &&
          a.ll_max_local_experts == b.ll_max_local_experts && a.dispatch_area_offset == b.dispatch_area_offset;
 }
 
 std::string describe_layout(const RankHello& h) {
-  return "buffer_bytes " + std::to_string(h.buffer_bytes) + ", low-latency area at " + std::to_string(h.ll_offset) +
-         " for " + std::to_string(h.ll_max_tokens) + " tokens, hidden " + std::to_string(h.ll_max_hidden) + ", top-k " +
-         std::to_string(h.ll_max_topk) + ", " + std::to_string(h.ll_max_local_experts) +
-         " local experts, zero-copy dispatch area at " + std::to_string(h.dispatch_area_offset) +
-         " and library version " + std::to_string(h.version);
+  return "buffer_bytes " + std::to_string(h.buffer_bytes) + " (high-throughput part " + std::to_string(h.ht_bytes) +
+         "), low-latency area at " + std::to_string(h.ll_offset) + " for " + std::to_string(h.ll_max_tokens) +
+         " tokens, hidden " + std::to_string(h.ll_max_hidden) + ", top-k " + std::to_string(h.ll_max_topk) + ", " +
+         std::to_string(h.ll_max_local_experts) + " local experts, zero-copy dispatch area at " +
+         std::to_string(h.dispatch_area_offset) + " and library version " + std::to_string(h.version);
 }
+
+// The hello's allocation: fixed, so that a hello that grows does not make ranks of two builds pass different sizes
+// to the collective nvshmem_malloc (the version field then tells them apart).
+constexpr size_t kHelloBytes = 256;
+static_assert(sizeof(RankHello) <= kHelloBytes, "RankHello outgrew its allocation");
 
 }  // namespace
 
@@ -197,6 +203,7 @@ struct SetupRequest {
   int device = 0;
   int sm_count = 0;             // of this rank's device
   size_t buffer_bytes = 0;      // the whole allocation
+  size_t ht_bytes = 0;          // its high-throughput part
   size_t ll_offset = 0;         // start of the low-latency area (0: none)
   size_t ll_control_bytes = 0;  // its control words, zeroed before any peer can write them
   LowLatencyArea ll_area;       // its layout
@@ -232,13 +239,14 @@ static void nvshmem_setup(SetupRequest* comm) {
   }
 
   // Agree on the buffer size before allocating it: nvshmem_malloc requires the same size on every PE.
-  auto* hellos = static_cast<RankHello*>(nvshmem_malloc(sizeof(RankHello)));
-  if (hellos == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", sizeof(RankHello));
+  auto* hellos = static_cast<RankHello*>(nvshmem_malloc(kHelloBytes));
+  if (hellos == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", kHelloBytes);
   const RankHello mine = {comm->rank,
                           comm->nranks,
                           static_cast<int64_t>(comm->buffer_bytes),
                           DEEPEP_VERSION,
                           comm->sm_count,
+                          static_cast<int64_t>(comm->ht_bytes),
                           static_cast<int64_t>(comm->ll_offset),
                           comm->ll_area.max_tokens,
                           comm->ll_area.max_hidden,
@@ -400,6 +408,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   request->device = device;
   request->sm_count = comm->num_sms;
   request->buffer_bytes = comm->total_buffer_bytes;
+  request->ht_bytes = comm->buffer_bytes;
   request->ll_offset = comm->ll_offset;
   request->ll_control_bytes = comm->ll_area.control_bytes;
   request->ll_area = comm->ll_area;
@@ -509,8 +518,7 @@ constexpr uint64_t kArrived = 1;
 constexpr uint64_t kGaveUp = 2;
 
 // Thread `peer` sets this rank's arrival word in `peer`'s buffer, then waits until `peer` set its word here. A rank
-// that gives up says so in its words, so that a peer arriving later does not run the teardown alone (one arriving
-// just as this rank gives up still can: the window is the instant of the deadline, not the whole wait).
+// that gives up says so in its words, so that a peer arriving later does not run the teardown alone.
 static __global__ void arrival_barrier_kernel(void* const* peers, int rank, int nranks, uint64_t timeout_ns,
                                               int* all_arrived) {
   const int peer = threadIdx.x;
@@ -525,6 +533,10 @@ static __global__ void arrival_barrier_kernel(void* const* peers, int rank, int 
     arrived = word == kArrived;
   }
   arrived = __syncthreads_and(arrived);
+  // A peer seen early may have given up since, waiting for one seen late: look again, so that this rank does not run
+  // the teardown without it. What is left is the instant between this look and a peer's deadline.
+  if (arrived)
+    arrived = __syncthreads_and(peer >= nranks || load_acquire_sys(arrival_word(peers[rank], peer)) == kArrived);
   if (!arrived && peer < nranks) store_release_sys(arrival_word(peers[peer], rank), kGaveUp);
   if (threadIdx.x == 0) *all_arrived = arrived;
 }

@@ -118,6 +118,7 @@ def spawn(
     saved = {key: os.environ.get(key) for key in _JOB_ENV}
     for key, value in _JOB_ENV.items():
         os.environ.setdefault(key, value)
+    procs: list = []
     try:
         procs = [
             ctx.Process(
@@ -129,6 +130,12 @@ def spawn(
         ]
         for p in procs:
             p.start()
+    except BaseException:  # Ctrl-C while starting, say: the ranks already started must not live on
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        raise
     finally:
         for key, value in saved.items():
             if value is None:

@@ -156,14 +156,16 @@ def ue8m0_pack(scales) -> np.ndarray:
     """Pack power-of-two float32 scales [..., B] as UE8M0 exponent bytes (log2(scale) + 127), four per int32.
 
     Block 4j+i sits in bits 8i..8i+7 of word j; the result is int32 [..., ceil(B/4)], the last word padded with
-    zero bytes when B is not a multiple of 4. Scales must be powers of two in [2^-127, 2^127] (``round_scale``).
+    zero bytes when B is not a multiple of 4. Scales must be powers of two in [2^-127, 2^127] (``round_scale``), or
+    +inf (a block holding an infinity), which packs as 0xFF, the kernel's exponent byte of an infinite scale.
     """
     scales = np.asarray(scales, dtype=np.float32)
     if scales.ndim < 1:
         raise ValueError("scales must have a block axis")
     mantissa, exponent = np.frexp(scales)
-    biased = exponent.astype(np.int64) - 1 + 127
-    if not np.all((mantissa == 0.5) & (biased >= 0) & (biased <= 254)):
+    infinite = np.isposinf(scales)
+    biased = np.where(infinite, 255, exponent.astype(np.int64) - 1 + 127)
+    if not np.all(infinite | ((mantissa == 0.5) & (biased >= 0) & (biased <= 254))):
         raise ValueError("UE8M0 packing needs power-of-two scales in [2^-127, 2^127] (cast with round_scale=True)")
     num_blocks = scales.shape[-1]
     num_words = -(-num_blocks // 4)

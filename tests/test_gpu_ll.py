@@ -590,14 +590,40 @@ def lone_flag_round(info, timeout=5.0):
     return outcome
 
 
-# Two low-latency layouts of one total size (16 MiB of high-throughput buffer on 2 ranks, E = 8, K = 2): T = 8 with
-# H = 256 and T = 16 with H = 128. Peers write into each other's buffers by the layout, so the sizes agreeing is not
-# enough.
-SAME_SIZE_LAYOUTS = [dict(low_latency_max_tokens=8, hidden=256), dict(low_latency_max_tokens=16, hidden=128)]
-SAME_SIZE_COMMON = dict(buffer_bytes=1 << 24, max_tokens_per_rank=64, num_topk=2, num_experts=8)
+# Pairs of configs whose buffers have one total size but two layouts (checked below through buffer_size_hint): peers
+# write into each other's buffers by the layout, so the sizes agreeing is not enough.
+SAME_SIZE_LAYOUTS = {
+    # Low-latency areas cut two ways: T = 8 with H = 256 and T = 16 with H = 128 (16 MiB of high-throughput buffer).
+    "low_latency": (
+        dict(
+            buffer_bytes=1 << 24,
+            max_tokens_per_rank=64,
+            num_topk=2,
+            num_experts=8,
+            low_latency_max_tokens=8,
+            hidden=256,
+        ),
+        dict(
+            buffer_bytes=1 << 24,
+            max_tokens_per_rank=64,
+            num_topk=2,
+            num_experts=8,
+            low_latency_max_tokens=16,
+            hidden=128,
+        ),
+        ("for 8 tokens, hidden 256", "for 16 tokens, hidden 128"),
+    ),
+    # High-throughput parts 512 bytes apart, their difference hidden by the low-latency area's 4096-byte alignment:
+    # the per-rank receive regions differ, so rows would land at other offsets than the receiver reads.
+    "high_throughput": (
+        dict(max_tokens_per_rank=63, hidden=128, num_topk=2, num_experts=8, low_latency_max_tokens=16),
+        dict(max_tokens_per_rank=64, hidden=128, num_topk=2, num_experts=8, low_latency_max_tokens=16),
+        ("high-throughput part",),
+    ),
+}
 
 
-def setup_with_rank_layout(info):
+def setup_with_rank_layout(info, case):
     try:
         comm = pydeepep.Communicator(
             info.unique_id,
@@ -605,8 +631,7 @@ def setup_with_rank_layout(info):
             info.nranks,
             device=info.device,
             timeout=30,
-            **SAME_SIZE_COMMON,
-            **SAME_SIZE_LAYOUTS[info.rank % 2],
+            **SAME_SIZE_LAYOUTS[case][info.rank % 2],
         )
     except pydeepep.DeepEPError as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -614,12 +639,14 @@ def setup_with_rank_layout(info):
     return "created"
 
 
-def test_ranks_whose_buffers_have_one_size_but_two_layouts_are_refused_at_setup():
-    sizes = {pydeepep.buffer_size_hint(RANKS, **SAME_SIZE_COMMON, **layout) for layout in SAME_SIZE_LAYOUTS}
+@pytest.mark.parametrize("case", sorted(SAME_SIZE_LAYOUTS))
+def test_ranks_whose_buffers_have_one_size_but_two_layouts_are_refused_at_setup(case):
+    first, second, words = SAME_SIZE_LAYOUTS[case]
+    sizes = {pydeepep.buffer_size_hint(RANKS, **config) for config in (first, second)}
     assert len(sizes) == 1, sizes  # else the sizes alone would tell the layouts apart
-    for outcome in spawn_ranks(setup_with_rank_layout, nprocs=RANKS, timeout=180):
+    for outcome in spawn_ranks(setup_with_rank_layout, nprocs=RANKS, args=(case,), timeout=180):
         assert outcome.startswith("DeepEPInvalidArgument") and "ranks disagree" in outcome, outcome
-        assert "for 8 tokens, hidden 256" in outcome and "for 16 tokens, hidden 128" in outcome, outcome
+        assert all(word in outcome for word in words), outcome
 
 
 def test_a_lone_flag_round_times_out_instead_of_reading_an_earlier_one():

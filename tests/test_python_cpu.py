@@ -594,10 +594,14 @@ def test_spawn_kills_its_ranks_when_the_caller_is_interrupted():
     import threading
     import time
 
-    threading.Timer(3.0, _thread.interrupt_main).start()  # Ctrl-C while the ranks still run
+    ctrl_c = threading.Timer(3.0, _thread.interrupt_main)  # while the ranks still run
+    ctrl_c.start()
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        spawn(hang_on_rank_one, nprocs=2, timeout=120)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            spawn(hang_on_rank_one, nprocs=2, timeout=120)
+    finally:
+        ctrl_c.cancel()  # spawn failing early must not interrupt a later test
     assert time.monotonic() - start < 20  # not one 30 s join per rank
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("pydeepep-rank")]
 

@@ -650,3 +650,8 @@ def test_fp8_cast_skips_nan_in_the_block_maximum_and_keeps_an_infinite_scale_inf
 def test_bf16_round_gives_the_canonical_nan():
     bits = reference.bf16_round(np.array([np.nan, -np.nan], np.float32)).view(np.uint32) >> 16
     assert bits.tolist() == [0x7FFF, 0x7FFF]
+
+
+def test_ue8m0_pack_gives_an_infinite_scale_the_kernels_exponent_byte():
+    words = reference.ue8m0_pack(np.array([[1.0, np.inf, 2.0**-20]], np.float32))
+    assert words.view(np.uint32).tolist() == [[127 | 255 << 8 | 107 << 16]]
