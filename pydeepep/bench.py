@@ -484,6 +484,69 @@ def slowest_rows(per_rank: list[list[dict]]) -> list[dict]:
     return found
 
 
+# The goals of the project's targets for 2 ranks on 2 x H200 (workload A: H = 7168, K = 8, E = 256; workload B: H =
+# 7168, K = 8, E = 288), each as (what, case, N or T, SMs, DeepEP V1's µs on the same GPUs or None, goal µs). A goal
+# that several of this library's calls can meet has a line for each. "At least DeepEP's 48-SM figures with 16 SMs"
+# is the 16-SM lines' goal.
+GOALS = (
+    ("HT dispatch BF16, caller outputs", "dispatch_cached_bf16", 4096, 24, 345.0, 200.0),
+    ("HT dispatch BF16, zero-copy", "dispatch_cached_bf16_zc", 4096, 24, 345.0, 200.0),
+    ("HT dispatch FP8", "dispatch_cached_fp8", 4096, 24, 244.0, 120.0),
+    ("HT combine BF16", "combine_bf16", 4096, 24, 397.0, 220.0),
+    ("HT dispatch BF16, caller outputs", "dispatch_cached_bf16", 4096, 16, 499.0, 226.0),
+    ("HT dispatch BF16, zero-copy", "dispatch_cached_bf16_zc", 4096, 16, 499.0, 226.0),
+    ("HT dispatch FP8", "dispatch_cached_fp8", 4096, 16, 347.0, 146.0),
+    ("HT combine BF16", "combine_bf16", 4096, 16, 545.0, 255.0),
+    ("HT full dispatch (host sync)", "dispatch_full_bf16", 4096, 24, 383.0, 240.0),
+    ("HT full dispatch (bounded)", "dispatch_bounded_bf16", 4096, 24, 383.0, 240.0),
+    ("HT dispatch BF16, small batch", "dispatch_cached_bf16", 512, 24, 64.0, 30.0),
+    ("HT dispatch BF16 zero-copy, small batch", "dispatch_cached_bf16_zc", 512, 24, 64.0, 30.0),
+    ("HT combine BF16, small batch", "combine_bf16", 512, 24, 75.0, 35.0),
+    ("layout", "layout", 4096, 0, 44.0, 15.0),
+    ("LL dispatch FP8", "ll_dispatch_fp8", 128, 0, 28.0, 18.0),
+    ("LL combine BF16", "ll_combine_bf16", 128, 0, 39.0, 25.0),
+    ("LL dispatch send phase", "ll_dispatch_send", 128, 0, 20.0, 12.0),
+    ("LL combine send phase", "ll_combine_send", 128, 0, 32.0, 18.0),
+    ("LL dispatch FP8", "ll_dispatch_fp8", 32, 0, 18.6, 12.0),
+    ("LL combine BF16", "ll_combine_bf16", 32, 0, 18.7, 12.0),
+    ("LL dispatch FP8", "ll_dispatch_fp8", 256, 0, 46.8, 30.0),
+    ("LL combine BF16", "ll_combine_bf16", 256, 0, 76.5, 45.0),
+    ("LL dispatch FP8", "ll_dispatch_fp8", 1, 0, None, 10.0),
+    ("LL combine BF16", "ll_combine_bf16", 1, 0, None, 10.0),
+)
+
+
+def goals_table(rows: list[dict]) -> list[dict]:
+    """Each goal of GOALS with the measured µs of its case among `rows` (the summary's rows, slowest_rows) and
+    whether it is met; a case not measured has us and met None."""
+    measured = {(r["case"], r["num_tokens"], r["sms"]): r["us"] for r in rows if "us" in r}
+    table = []
+    for what, case, n, sms, deepep, goal in GOALS:
+        us = measured.get((case, n, sms))
+        table.append(
+            dict(
+                what=what,
+                case=case,
+                num_tokens=n,
+                sms=sms,
+                deepep_us=deepep,
+                goal_us=goal,
+                us=us,
+                met=None if us is None else us <= goal,
+            )
+        )
+    return table
+
+
+def print_goals(rows: list[dict]) -> None:
+    print(f"\n{'goal (2 x H200)':<34}{'N/T':>6}{'SMs':>5}{'DeepEP':>8}{'goal':>8}{'us':>8}  verdict")
+    for g in goals_table(rows):
+        deepep = f"{g['deepep_us']:8.1f}" if g["deepep_us"] is not None else f"{'-':>8}"
+        us = f"{g['us']:8.1f}" if g["us"] is not None else f"{'-':>8}"
+        verdict = "not measured" if g["met"] is None else "met" if g["met"] else "missed"
+        print(f"{g['what']:<34}{g['num_tokens']:>6}{g['sms'] or '':>5}{deepep}{g['goal_us']:8.1f}{us}  {verdict}")
+
+
 def machine_description() -> str:
     try:
         from cuda.bindings import driver
@@ -572,11 +635,23 @@ def main(argv=None) -> int:
         "communicator), ll (low-latency)",
     )
     parser.add_argument(
+        "--goals",
+        metavar="RECORD",
+        help="print the project's goals next to the figures of RECORD (a JSON record this command wrote) and exit; "
+        "needs no GPU",
+    )
+    parser.add_argument(
         "--no-floor",
         action="store_true",
         help="skip the N = 0 runs (the protocol's fixed cost: launch, acknowledgements, count exchange)",
     )
     args = parser.parse_args(argv)
+    if args.goals:
+        with open(args.goals) as f:
+            record = json.load(f)
+        print(f"{args.goals}: commit {record['commit']}, {record['nranks']} rank(s) on {record['machine']}")
+        print_goals(slowest_rows(record["results"]))
+        return 0
 
     gpus = local_device_count()
     if gpus == 0:
@@ -630,6 +705,8 @@ def main(argv=None) -> int:
         ratio = f"{row['ratio']:7.0%}" if "ratio" in row else " " * 7
         us = row["us"]
         print(f"{row['case']:<25}{row['num_tokens']:>7}{row['sms'] or '':>5}{us:>13.1f}{gbps}{ceiling}{ratio}")
+    if nranks == 2:
+        print_goals(slowest_rows(per_rank))
     print(f"(record written to {args.output})")
     png = os.path.splitext(args.output)[0] + ".png"
     if plot(record, png):

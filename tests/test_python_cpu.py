@@ -681,6 +681,35 @@ def test_bench_summary_takes_each_case_whole_from_its_slowest_rank():
     ]
 
 
+def test_bench_goals_take_each_goals_case_at_its_size_and_judge_it():
+    from pydeepep.bench import goals_table
+
+    rows = [
+        {"case": "dispatch_cached_fp8", "num_tokens": 4096, "sms": 24, "us": 119.0},  # goal 120: met
+        {"case": "dispatch_cached_fp8", "num_tokens": 4096, "sms": 16, "us": 150.0},  # goal 146: missed
+        {"case": "dispatch_cached_fp8", "num_tokens": 512, "sms": 24, "us": 1.0},  # no goal at this size
+        {"case": "ll_combine_bf16", "num_tokens": 128, "sms": 0, "us": 25.0},  # goal 25: met (at most)
+        {"case": "ceiling_push", "num_tokens": 0, "sms": 24, "gbps": 300.0},
+    ]
+    table = {(g["case"], g["num_tokens"], g["sms"]): g for g in goals_table(rows)}
+    assert table[("dispatch_cached_fp8", 4096, 24)]["met"] is True
+    assert table[("dispatch_cached_fp8", 4096, 16)]["met"] is False
+    assert table[("ll_combine_bf16", 128, 0)]["met"] is True
+    assert table[("combine_bf16", 4096, 24)]["us"] is None and table[("combine_bf16", 4096, 24)]["met"] is None
+    assert ("dispatch_cached_fp8", 512, 24) not in table
+
+
+def test_bench_goals_of_a_recorded_run_print_without_a_gpu():
+    record = Path(__file__).resolve().parent.parent / "docs" / "results" / "2026-12-01-h200x2-24b05bb.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "pydeepep.bench", "--goals", str(record)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("HT dispatch FP8") and "116.9" in line and line.endswith("met") for line in lines)
+    assert any(line.startswith("LL combine BF16") and " 128 " in line and "36.6" in line for line in lines)
+
+
 def test_bench_timeline_summary_gives_median_and_max_after_the_first_start():
     from pydeepep.bench import TIMELINE_MARKS, timeline_summary
 
