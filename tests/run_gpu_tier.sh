@@ -3,11 +3,12 @@
 # Usage (repo root): bash tests/run_gpu_tier.sh [pytest args, default: tests]
 # DEEPEP_TEST_RANKS=4 (or 8) runs the multi-rank suites on that many ranks (EP4, EP8; default 2); tests of one
 # mechanism between two ranks (a peer that skips a call, dies or comes late; the examples) stay on 2.
-# DEEPEP_TEST_SHARE_GPU=1 (a machine with one GPU) runs the high-throughput, low-latency, interop and soak suites with
-# every rank on GPU 0, for correctness only: the script starts a CUDA MPS daemon of its own, gives each rank 80 / RANKS
-# percent of the SMs, and stops it at the end; the suites that need a GPU per rank skip (tests/conftest.py says why).
-# Not 100 / RANKS: with 50 % each, one rank's low-latency grid started only once the other's had timed out waiting
-# for it (one H200, 2026-12-01); with 40 % or 25 % both grids ran together (docs/reliability.md).
+# DEEPEP_TEST_SHARE_GPU=1 (a machine with one GPU) runs the high-throughput, low-latency, interop, soak, layout and
+# bad-input suites with every rank on GPU 0, for correctness only: the script starts a CUDA MPS daemon of its own, gives
+# each rank 80 / RANKS percent of the SMs, and stops it at the end; the suites that need a GPU per rank skip
+# (tests/conftest.py says why). Not 100 / RANKS: with 50 % each, one rank's low-latency grid started only once the
+# other's had timed out waiting for it (one H200, 2026-12-01); with 40 % or 25 % both grids ran together
+# (docs/reliability.md).
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} PYTHONUNBUFFERED=1
