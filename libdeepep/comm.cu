@@ -66,7 +66,9 @@ std::string describe_layout(const RankHello& h) {
 }
 
 // The hello's allocation: fixed, so that a hello that grows does not make ranks of two builds pass different sizes
-// to the collective nvshmem_malloc (the version field then tells them apart).
+// to the collective nvshmem_malloc. A hello whose fields change must come with a new DEEPEP_VERSION, which the ranks
+// compare: the other fields are read by offset. (Builds from before this fixed size, which allocated the struct's own
+// size, cannot be mixed with later ones at all.)
 constexpr size_t kHelloBytes = 256;
 static_assert(sizeof(RankHello) <= kHelloBytes, "RankHello outgrew its allocation");
 

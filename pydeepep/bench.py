@@ -499,6 +499,9 @@ GOALS = (
     ("HT combine BF16", "combine_bf16", 4096, 16, 545.0, 255.0),
     ("HT full dispatch (host sync)", "dispatch_full_bf16", 4096, 24, 383.0, 240.0),
     ("HT full dispatch (bounded)", "dispatch_bounded_bf16", 4096, 24, 383.0, 240.0),
+    # At least 4 times faster than a plain NCCL dispatcher's 815 µs (count exchange, host sync, all-to-all).
+    ("HT full dispatch (host sync), NCCL / 4", "dispatch_full_bf16", 4096, 24, None, 204.0),
+    ("HT full dispatch (bounded), NCCL / 4", "dispatch_bounded_bf16", 4096, 24, None, 204.0),
     ("HT dispatch BF16, small batch", "dispatch_cached_bf16", 512, 24, 64.0, 30.0),
     ("HT dispatch BF16 zero-copy, small batch", "dispatch_cached_bf16_zc", 512, 24, 64.0, 30.0),
     ("HT combine BF16, small batch", "combine_bf16", 512, 24, 75.0, 35.0),
@@ -539,12 +542,12 @@ def goals_table(rows: list[dict]) -> list[dict]:
 
 
 def print_goals(rows: list[dict]) -> None:
-    print(f"\n{'goal (2 x H200)':<34}{'N/T':>6}{'SMs':>5}{'DeepEP':>8}{'goal':>8}{'us':>8}  verdict")
+    print(f"\n{'goal (2 x H200)':<40}{'N/T':>6}{'SMs':>5}{'DeepEP':>8}{'goal':>8}{'us':>8}  verdict")
     for g in goals_table(rows):
         deepep = f"{g['deepep_us']:8.1f}" if g["deepep_us"] is not None else f"{'-':>8}"
         us = f"{g['us']:8.1f}" if g["us"] is not None else f"{'-':>8}"
         verdict = "not measured" if g["met"] is None else "met" if g["met"] else "missed"
-        print(f"{g['what']:<34}{g['num_tokens']:>6}{g['sms'] or '':>5}{deepep}{g['goal_us']:8.1f}{us}  {verdict}")
+        print(f"{g['what']:<40}{g['num_tokens']:>6}{g['sms'] or '':>5}{deepep}{g['goal_us']:8.1f}{us}  {verdict}")
 
 
 def machine_description() -> str:
@@ -650,6 +653,9 @@ def main(argv=None) -> int:
         with open(args.goals) as f:
             record = json.load(f)
         print(f"{args.goals}: commit {record['commit']}, {record['nranks']} rank(s) on {record['machine']}")
+        if record["nranks"] != 2:
+            print("the goals are for 2 ranks; this record is of another count: nothing to compare", file=sys.stderr)
+            return 2
         print_goals(slowest_rows(record["results"]))
         return 0
 

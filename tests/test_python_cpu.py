@@ -699,15 +699,31 @@ def test_bench_goals_take_each_goals_case_at_its_size_and_judge_it():
     assert ("dispatch_cached_fp8", 512, 24) not in table
 
 
-def test_bench_goals_of_a_recorded_run_print_without_a_gpu():
+def test_bench_goals_of_a_recorded_run_print_without_a_gpu(tmp_path):
     record = Path(__file__).resolve().parent.parent / "docs" / "results" / "2026-12-01-h200x2-24b05bb.json"
     out = subprocess.run(
-        [sys.executable, "-m", "pydeepep.bench", "--goals", str(record)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "pydeepep.bench", "--goals", str(record)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,  # not the checkout, whose pydeepep/ has no built extension
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any(line.startswith("HT dispatch FP8") and "116.9" in line and line.endswith("met") for line in lines)
     assert any(line.startswith("LL combine BF16") and " 128 " in line and "36.6" in line for line in lines)
+
+
+def test_bench_goals_refuse_a_record_of_another_rank_count(tmp_path):
+    record = Path(__file__).resolve().parent.parent / "docs" / "results" / "2026-11-30-h200x4-6aaf22b.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "pydeepep.bench", "--goals", str(record)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "goals are for 2 ranks" in out.stderr, (out.stdout, out.stderr)
 
 
 def test_bench_timeline_summary_gives_median_and_max_after_the_first_start():

@@ -160,9 +160,9 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
  * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
  * thread is then left behind, and the process should exit). The ranks' configs must give their buffers one layout
  * (pass the same buffer_bytes, workload fields, low_latency_max_tokens and zero_copy_dispatch): ranks whose layouts
- * differ all get deepepInvalidArgument, which describes both. A step that fails on some ranks only, once NVSHMEM has started, fails the call on
- * every rank (the others get deepepRemoteError), so that no rank keeps a communicator missing a peer. Not
- * graph-capturable. [out] comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
+ * differ all get deepepInvalidArgument, which describes both. A step that fails on some ranks only, once NVSHMEM has
+ * started, fails the call on every rank (the others get deepepRemoteError), so that no rank keeps a communicator
+ * missing a peer. Not graph-capturable. [out] comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
 DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
                                              const deepepConfig* config);
 
