@@ -217,6 +217,21 @@ struct SetupRequest {
   int min_sm_count = 0;  // the smallest SM count among the ranks
 };
 
+// Collective over all ranks: every rank's `mine`, by rank, through a symmetric allocation of `bytes` (at least
+// sizeof(T); the same on every rank, as nvshmem_malloc requires).
+template <class T>
+static std::vector<T> gather_from_every_rank(const T& mine, size_t bytes) {
+  auto* slot = static_cast<T*>(nvshmem_malloc(bytes));
+  if (slot == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", bytes);
+  DEEPEP_CUDA_CHECK(cudaMemcpy(slot, &mine, sizeof(T), cudaMemcpyHostToDevice));
+  nvshmem_barrier_all();
+  std::vector<T> all(nvshmem_n_pes());
+  for (int peer = 0; peer < nvshmem_n_pes(); ++peer) nvshmem_getmem(&all[peer], slot, sizeof(T), peer);
+  nvshmem_barrier_all();  // every rank has read every slot before the slots are freed
+  nvshmem_free(slot);
+  return all;
+}
+
 // Everything NVSHMEM does at setup; runs on a helper thread under the timeout (see run_bounded).
 static void nvshmem_setup(SetupRequest* comm) {
   const deepepUniqueId& id = comm->id;
@@ -241,8 +256,6 @@ static void nvshmem_setup(SetupRequest* comm) {
   }
 
   // Agree on the buffer size before allocating it: nvshmem_malloc requires the same size on every PE.
-  auto* hellos = static_cast<RankHello*>(nvshmem_malloc(kHelloBytes));
-  if (hellos == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", kHelloBytes);
   const RankHello mine = {comm->rank,
                           comm->nranks,
                           static_cast<int64_t>(comm->buffer_bytes),
@@ -255,22 +268,17 @@ static void nvshmem_setup(SetupRequest* comm) {
                           comm->ll_area.max_topk,
                           comm->ll_area.max_local_experts,
                           static_cast<int64_t>(comm->dispatch_area_offset)};
-  DEEPEP_CUDA_CHECK(cudaMemcpy(hellos, &mine, sizeof(mine), cudaMemcpyHostToDevice));
-  nvshmem_barrier_all();
+  const std::vector<RankHello> hellos = gather_from_every_rank(mine, kHelloBytes);
   std::string disagreement;
   comm->min_sm_count = comm->sm_count;
   for (int peer = 0; peer < comm->nranks && disagreement.empty(); ++peer) {
-    RankHello theirs = {};
-    nvshmem_getmem(&theirs, hellos, sizeof(theirs), peer);
-    nvshmem_quiet();
+    const RankHello& theirs = hellos[peer];
     comm->min_sm_count = std::min(comm->min_sm_count, static_cast<int>(theirs.sm_count));
     if (!same_layout(theirs, mine) || theirs.version != mine.version || theirs.nranks != mine.nranks) {
       disagreement = "rank " + std::to_string(peer) + " has " + describe_layout(theirs) + "; this rank has " +
                      describe_layout(mine);
     }
   }
-  nvshmem_barrier_all();
-  nvshmem_free(hellos);
   if (!disagreement.empty()) {
     nvshmem_finalize();
     fail(deepepInvalidArgument, "ranks disagree on the communicator setup: %s", disagreement.c_str());
@@ -293,20 +301,8 @@ static void nvshmem_setup(SetupRequest* comm) {
 
 // Collective over all ranks: whether every rank passed `yes`.
 static bool every_rank_says_yes(bool yes) {
-  auto* words = static_cast<int32_t*>(nvshmem_malloc(sizeof(int32_t)));
-  if (words == nullptr) fail(deepepNvshmemError, "nvshmem_malloc of %zu bytes failed", sizeof(int32_t));
-  const int32_t mine = yes ? 1 : 0;
-  DEEPEP_CUDA_CHECK(cudaMemcpy(words, &mine, sizeof(mine), cudaMemcpyHostToDevice));
-  nvshmem_barrier_all();
-  bool all = true;
-  for (int peer = 0; peer < nvshmem_n_pes(); ++peer) {
-    int32_t theirs = 0;
-    nvshmem_getmem(&theirs, words, sizeof(theirs), peer);
-    all = all && theirs == 1;
-  }
-  nvshmem_barrier_all();  // every rank has read every word before the words are freed
-  nvshmem_free(words);
-  return all;
+  const std::vector<int32_t> answers = gather_from_every_rank<int32_t>(yes ? 1 : 0, sizeof(int32_t));
+  return std::all_of(answers.begin(), answers.end(), [](int32_t answer) { return answer == 1; });
 }
 
 // Ranks reached by NVLink must form a block of consecutive ranks around this one.

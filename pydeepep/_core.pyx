@@ -807,7 +807,8 @@ cdef class Communicator:
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 return self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
-                                      _c_int("expert_alignment", operator.index(expert_alignment)), operator.index(num_worst_tokens),
+                                      _c_int("expert_alignment", operator.index(expert_alignment)),
+                                      operator.index(num_worst_tokens),
                                       max_recv_tokens, _c_int("num_sms", operator.index(num_sms)), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)

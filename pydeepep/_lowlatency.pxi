@@ -233,9 +233,9 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
     hook.dispatch_args.phase = _phase(return_recv_hook)
     try:
         # num_experts is converted here, so that a count that is no integer is refused like any other bad argument.
-        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, _c_int("num_experts", operator.index(num_experts)), use_fp8,
-                                            round_scale, use_ue8m0, stream, out, stats_recv_count, stats_wait_ns,
-                                            scales_token_contiguous)
+        experts = _c_int("num_experts", operator.index(num_experts))
+        result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, experts, use_fp8, round_scale, use_ue8m0,
+                                            stream, out, stats_recv_count, stats_wait_ns, scales_token_contiguous)
     except BaseException as exc:
         # Refused on this rank: its side of the call still runs, without data, and the call counts as made.
         if not hook.handed:

@@ -115,39 +115,31 @@ def spawn(
     ctx = mp.get_context("spawn")
     id_queue = ctx.Queue()
     result_queue = ctx.Queue()
-    saved = {key: os.environ.get(key) for key in _JOB_ENV}
-    for key, value in _JOB_ENV.items():
-        os.environ.setdefault(key, value)
-    procs: list = []
-    try:
-        procs = [
-            ctx.Process(
-                target=_rank_main,
-                args=(fn, rank, nprocs, devices[rank], id_queue, result_queue, args, kwargs or {}),
-                name=f"pydeepep-rank{rank}",
-            )
-            for rank in range(nprocs)
-        ]
-        for p in procs:
-            p.start()
-    except BaseException:  # Ctrl-C while starting, say: the ranks already started must not live on
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        raise
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-    deadline = None if timeout is None else time.monotonic() + timeout
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, rank, nprocs, devices[rank], id_queue, result_queue, args, kwargs or {}),
+            name=f"pydeepep-rank{rank}",
+        )
+        for rank in range(nprocs)
+    ]
     results: dict[int, Any] = {}
     failure = None
-    interrupted = True  # until the loop ends by itself: an exception here (Ctrl-C, say) kills the ranks too
+    interrupted = True  # until the wait ends by itself: an exception (Ctrl-C, say), while starting too, kills the ranks
+    saved = {key: os.environ.get(key) for key in _JOB_ENV}
     try:
+        try:
+            for key, value in _JOB_ENV.items():
+                os.environ.setdefault(key, value)
+            for p in procs:
+                p.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        deadline = None if timeout is None else time.monotonic() + timeout
         while len(results) < nprocs and failure is None:
             try:
                 rank, ok, value = result_queue.get(timeout=0.2)
@@ -171,13 +163,14 @@ def spawn(
                 failure = f"ranks {missing} did not finish within {timeout} s"
         interrupted = False
     finally:
+        started = [(rank, p) for rank, p in enumerate(procs) if p.pid is not None]
         if failure is not None or interrupted:
-            for p in procs:
+            for _, p in started:
                 if p.is_alive():
                     p.kill()
         killed = set()
         join_deadline = time.monotonic() + 30  # for all ranks together: their exits overlap
-        for rank, p in enumerate(procs):
+        for rank, p in started:
             p.join(timeout=max(0.0, join_deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()

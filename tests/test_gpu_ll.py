@@ -592,25 +592,12 @@ def lone_flag_round(info, timeout=5.0):
 
 # Pairs of configs whose buffers have one total size but two layouts (checked below through buffer_size_hint): peers
 # write into each other's buffers by the layout, so the sizes agreeing is not enough.
+_SAME_SIZE_LL_COMMON = dict(buffer_bytes=1 << 24, max_tokens_per_rank=64, num_topk=2, num_experts=8)
 SAME_SIZE_LAYOUTS = {
     # Low-latency areas cut two ways: T = 8 with H = 256 and T = 16 with H = 128 (16 MiB of high-throughput buffer).
     "low_latency": (
-        dict(
-            buffer_bytes=1 << 24,
-            max_tokens_per_rank=64,
-            num_topk=2,
-            num_experts=8,
-            low_latency_max_tokens=8,
-            hidden=256,
-        ),
-        dict(
-            buffer_bytes=1 << 24,
-            max_tokens_per_rank=64,
-            num_topk=2,
-            num_experts=8,
-            low_latency_max_tokens=16,
-            hidden=128,
-        ),
+        dict(_SAME_SIZE_LL_COMMON, low_latency_max_tokens=8, hidden=256),
+        dict(_SAME_SIZE_LL_COMMON, low_latency_max_tokens=16, hidden=128),
         ("for 8 tokens, hidden 256", "for 16 tokens, hidden 128"),
     ),
     # High-throughput parts 512 bytes apart, their difference hidden by the low-latency area's 4096-byte alignment:

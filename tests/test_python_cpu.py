@@ -699,15 +699,21 @@ def test_bench_goals_take_each_goals_case_at_its_size_and_judge_it():
     assert ("dispatch_cached_fp8", 512, 24) not in table
 
 
-def test_bench_goals_of_a_recorded_run_print_without_a_gpu(tmp_path):
-    record = Path(__file__).resolve().parent.parent / "docs" / "results" / "2026-12-01-h200x2-24b05bb.json"
-    out = subprocess.run(
+def bench_goals_of(record_name, cwd):
+    """`python -m pydeepep.bench --goals` on a record of docs/results, run from `cwd` (not the checkout, whose
+    pydeepep/ has no built extension)."""
+    record = Path(__file__).resolve().parent.parent / "docs" / "results" / record_name
+    return subprocess.run(
         [sys.executable, "-m", "pydeepep.bench", "--goals", str(record)],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,  # not the checkout, whose pydeepep/ has no built extension
+        cwd=cwd,
     )
+
+
+def test_bench_goals_of_a_recorded_run_print_without_a_gpu(tmp_path):
+    out = bench_goals_of("2026-12-01-h200x2-24b05bb.json", tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any(line.startswith("HT dispatch FP8") and "116.9" in line and line.endswith("met") for line in lines)
@@ -715,14 +721,7 @@ def test_bench_goals_of_a_recorded_run_print_without_a_gpu(tmp_path):
 
 
 def test_bench_goals_refuse_a_record_of_another_rank_count(tmp_path):
-    record = Path(__file__).resolve().parent.parent / "docs" / "results" / "2026-11-30-h200x4-6aaf22b.json"
-    out = subprocess.run(
-        [sys.executable, "-m", "pydeepep.bench", "--goals", str(record)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    out = bench_goals_of("2026-11-30-h200x4-6aaf22b.json", tmp_path)
     assert out.returncode == 2 and "goals are for 2 ranks" in out.stderr, (out.stdout, out.stderr)
 
 
