@@ -356,6 +356,54 @@ cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
     return block
 
 
+cdef tuple _checked_shape(shape):
+    """`shape` as a tuple of ints, refused where a DeviceArray cannot have it."""
+    cdef tuple checked = tuple(int(extent) for extent in shape)
+    if len(checked) > 8:
+        raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
+    for extent in checked:
+        if extent < 0:
+            raise DeepEPInvalidArgument(f"DeviceArray shape {checked} has a negative extent", 1)
+    return checked
+
+
+_ELEMENT_TYPES = {}
+
+
+cdef tuple _element_type(dtype):
+    """(NumPy dtype of the stored bits, element name) of `dtype`: "bfloat16", "float8_e4m3fn" or anything np.dtype
+    takes, refused where a DeviceArray cannot hold it. Cached: resolving a dtype and its name costs microseconds,
+    and every output of every call needs it."""
+    try:
+        found = _ELEMENT_TYPES.get(dtype)
+    except TypeError:  # unhashable: resolved every time
+        found = None
+    if found is not None:
+        return found
+    if isinstance(dtype, str) and dtype in _STORAGE_DTYPES:
+        found = (_STORAGE_DTYPES[dtype], dtype)
+    else:
+        stored = np.dtype(dtype)
+        if not stored.isnative:
+            raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {stored.str} (non-native byte order)", 1)
+        found = (stored, dtype_name(stored))
+    if found[1] not in _DLPACK_TYPES:
+        raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {found[1]}", 1)
+    try:
+        _ELEMENT_TYPES[dtype] = found
+    except TypeError:
+        pass
+    return found
+
+
+cdef DeviceArray _new_array(size_t ptr, tuple shape, tuple element, int device_id, size_t stream, owner):
+    """A DeviceArray of parts already checked (_checked_shape, _element_type), without __init__'s checks: the calls
+    make several outputs each, every time."""
+    cdef DeviceArray array = DeviceArray.__new__(DeviceArray)
+    array._set(ptr, shape, element, device_id, stream, owner)
+    return array
+
+
 cdef class DeviceArray:
     """A C-contiguous array in device memory produced by pydeepep.
 
@@ -376,29 +424,19 @@ cdef class DeviceArray:
     cdef object _element_strides
 
     def __init__(self, size_t ptr, shape, dtype, int device_id, stream, owner=None):
+        self._set(ptr, _checked_shape(shape), _element_type(dtype), device_id, stream_handle(stream), owner)
+
+    cdef _set(self, size_t ptr, tuple shape, tuple element, int device_id, size_t stream, owner):
+        """Fills the fields from parts already checked (_checked_shape, _element_type, stream_handle)."""
         self.ptr = ptr
-        self.shape = tuple(int(s) for s in shape)
-        if len(self.shape) > 8:
-            raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
-        if any(extent < 0 for extent in self.shape):
-            raise DeepEPInvalidArgument(f"DeviceArray shape {self.shape} has a negative extent", 1)
-        if isinstance(dtype, str) and dtype in _STORAGE_DTYPES:
-            self.dtype_name = dtype
-            self.dtype = _STORAGE_DTYPES[dtype]
-        else:
-            self.dtype = np.dtype(dtype)
-            self.dtype_name = dtype_name(self.dtype)  # cached: NumPy's dtype.name runs Python code (about 4 us)
-            if not self.dtype.isnative:
-                raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype.str} (non-native byte order)",
-                                            1)
-        if self.dtype_name not in _DLPACK_TYPES:
-            raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {self.dtype_name}", 1)
+        self.shape = shape
+        self.dtype, self.dtype_name = element
         self.device_id = device_id
-        self.stream = stream_handle(stream)
+        self.stream = stream
         self._owner = owner
         strides = []
         step = 1
-        for extent in reversed(self.shape):
+        for extent in reversed(shape):
             strides.append(step)
             step *= max(extent, 1)
         self._element_strides = tuple(reversed(strides))

@@ -204,18 +204,9 @@ cdef _leading_rows(array, int64_t rows):
     if array is None or array.shape[0] == rows:
         return array
     cdef DeviceArray whole = <DeviceArray>array
-    # A field-by-field copy (__init__'s checks and stride computation hold for the whole array already, and C-order
-    # strides do not depend on the row count).
-    cdef DeviceArray view = DeviceArray.__new__(DeviceArray)
-    view.ptr = whole.ptr
-    view.shape = (rows,) + whole.shape[1:]
-    view.dtype = whole.dtype
-    view.dtype_name = whole.dtype_name
-    view.device_id = whole.device_id
-    view.stream = whole.stream
-    view._owner = whole._owner
+    cdef DeviceArray view = _new_array(whole.ptr, (rows,) + whole.shape[1:], (whole.dtype, whole.dtype_name),
+                                       whole.device_id, whole.stream, whole._owner)
     view._stream_owner = whole._stream_owner
-    view._element_strides = whole._element_strides
     return view
 
 
@@ -224,45 +215,43 @@ def _empty_group(specs, int device, stream):
     cost one pool allocation instead of one each. Each array starts on a 256-byte boundary; the memory is freed once
     every array of the group is gone (keep large outputs out of groups, so that a small array kept alone does not
     keep them alive)."""
-    handle = stream_handle(stream)
-    cdef list offsets = []
+    cdef size_t handle = stream_handle(stream)
+    cdef list parts = []  # (shape, element type, offset or None) per spec
     total = 0  # Python integers: sizes never wrap around
-    cdef int parts = 0
+    cdef int sized = 0
     for spec in specs:
         if spec is None:
-            offsets.append(None)
+            parts.append(None)
             continue
-        shape, dtype = spec
-        if any(int(extent) < 0 for extent in shape):
-            raise DeepEPInvalidArgument(f"shape {tuple(shape)} has a negative extent", 1)
-        nbytes = (_STORAGE_DTYPES[dtype] if isinstance(dtype, str) and dtype in _STORAGE_DTYPES
-                  else np.dtype(dtype)).itemsize
+        shape = _checked_shape(spec[0])
+        element = _element_type(spec[1])
+        nbytes = element[0].itemsize
         for extent in shape:
-            nbytes *= int(extent)
-        offsets.append(total if nbytes else None)
+            nbytes *= extent
+        parts.append((shape, element, total if nbytes else None))
         if nbytes:
-            parts += 1
+            sized += 1
         total += (nbytes + _GROUP_ALIGNMENT - 1) // _GROUP_ALIGNMENT * _GROUP_ALIGNMENT
     if total > _MAX_ALLOCATION:
         raise DeepEPInvalidArgument(
-            f"shapes {[tuple(spec[0]) for spec in specs if spec is not None]} need {total} bytes, more than any GPU "
-            f"holds", 1)
+            f"shapes {[part[0] for part in parts if part is not None]} need {total} bytes, more than any GPU holds", 1)
     block = _allocate(total, device, handle) if total else None
     if block is not None:
-        (<_Allocation>block).shared = parts > 1
+        (<_Allocation>block).shared = sized > 1
     arrays = []
-    for spec, offset in zip(specs, offsets):
-        if spec is None:
+    for part in parts:
+        if part is None:
             arrays.append(None)
-        elif offset is None:
-            arrays.append(DeviceArray(0, spec[0], spec[1], device, handle, None))
-        else:
-            array = DeviceArray(<size_t>(<_Allocation>block).ptr + <size_t>offset, spec[0], spec[1], device, handle,
-                                block)
-            # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
-            # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
-            array._stream_owner = stream
-            arrays.append(array)
+            continue
+        shape, element, offset = part
+        if offset is None:
+            arrays.append(_new_array(0, shape, element, device, handle, None))
+            continue
+        array = _new_array(<size_t>(<_Allocation>block).ptr + <size_t>offset, shape, element, device, handle, block)
+        # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
+        # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
+        array._stream_owner = stream
+        arrays.append(array)
     return arrays
 
 

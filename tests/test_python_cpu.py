@@ -211,6 +211,27 @@ def test_arrays_refuse_a_negative_extent():
         pydeepep.empty((0, -5), "int32", device=0)  # refused before any allocation (no GPU needed)
 
 
+def test_new_outputs_refuse_what_a_device_array_cannot_hold_before_allocating():
+    # Refused before any allocation (no GPU needed), as DeviceArray itself refuses them.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="at most 8 dimensions"):
+        pydeepep.empty((1,) * 9, "int32", device=0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="cannot hold dtype complex64"):
+        pydeepep.empty((4,), np.complex64, device=0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="non-native"):
+        pydeepep.empty((4,), np.dtype(">i4"), device=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", np.uint16, "uint16", np.dtype(np.uint16), "float8_e4m3fn", np.uint8])
+def test_device_arrays_name_their_element_type_however_it_was_given(dtype):
+    # The element types are resolved once and cached: bfloat16 and its uint16 bits must stay two types.
+    for _ in range(2):
+        array = pydeepep.DeviceArray(0x7000, (3, 2), dtype, 0, 0)
+        want = dtype if dtype in ("bfloat16", "float8_e4m3fn") else np.dtype(dtype).name
+        assert array.dtype_name == want
+        assert array.dtype == (np.uint8 if want in ("float8_e4m3fn", "uint8") else np.uint16)
+        assert array.shape == (3, 2) and array.size == 6
+
+
 @pytest.mark.parametrize("shape", [(2**64 - 1,), (2**62, 2**62), (2**40, 2**20)])
 def test_arrays_larger_than_any_gpu_are_refused_not_wrapped(shape):
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="more than any GPU holds"):
