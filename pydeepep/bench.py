@@ -7,7 +7,8 @@ time per call replayed from a CUDA graph (no host gaps) for the graph-capturable
 synchronisation included, for the full dispatch. N = 0 rows give the protocol's fixed cost. The low-latency section
 first measures its floor (ll_flag_round: a kernel on the low-latency grid that moves nothing and exchanges one round
 of per-block flags), then times, for T in {1, 32, 128, 256} tokens per rank (H = 7168, K = 8, E = 288), FP8 dispatch
-and BF16 combine replayed from CUDA graphs, and the send and receive phases of hooked calls. Writes a JSON record
+and BF16 combine replayed from CUDA graphs, the same dispatch + combine pairs called from Python without a graph
+(ll_pair_eager, per pair, host time included), and the send and receive phases of hooked calls. Writes a JSON record
 (machine, commit, command, results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
 """
 
@@ -453,10 +454,14 @@ def bench_ll_rank(info, iters, tokens_list, transport="auto"):
 
             dispatch_us = device_time(dispatches, ptr, iters, repeat=5) / 2
             combine_us = device_time(pairs, ptr, iters, repeat=5) / 2 - dispatch_us
+            # The same pairs called from Python one after another, no graph: what an eager decoding step pays, the
+            # binding's host time included.
+            eager_us = time_calls(pairs, ptr, 5, iters) / 2
             fp8_row = HIDDEN + HIDDEN // 128 * 4
             found = {
                 "ll_dispatch_fp8": (dispatch_us, fp8_row),
                 "ll_combine_bf16": (combine_us, HIDDEN * 2),
+                "ll_pair_eager": (eager_us, 0),
             }
             if os.environ.get("DEEPEP_LL_TIMELINE") == "1":
                 ll_timelines(comm, info, stream, x, topk, weights, y, results[0], outs[0], t)
