@@ -367,33 +367,25 @@ cdef tuple _checked_shape(shape):
     return checked
 
 
-_ELEMENT_TYPES = {}
+# The element types stored as bits of another NumPy type, with their names (plain str, whatever str subclass named them).
+_STORAGE_ELEMENTS = {name: (stored, name) for name, stored in _STORAGE_DTYPES.items()}
 
 
 cdef tuple _element_type(dtype):
     """(NumPy dtype of the stored bits, element name) of `dtype`: "bfloat16", "float8_e4m3fn" or anything np.dtype
-    takes, refused where a DeviceArray cannot hold it. Cached: resolving a dtype and its name costs microseconds,
-    and every output of every call needs it."""
-    try:
-        found = _ELEMENT_TYPES.get(dtype)
-    except TypeError:  # unhashable: resolved every time
-        found = None
+    takes, refused where a DeviceArray cannot hold it. Nothing is cached by `dtype` itself (equal dtypes may differ in
+    metadata, equal strings in type): the name comes from dtype_name's cache, as NumPy's own dtype.name runs Python code
+    (about 4 us, for every output of every call)."""
+    found = _STORAGE_ELEMENTS.get(dtype) if isinstance(dtype, str) else None
     if found is not None:
         return found
-    if isinstance(dtype, str) and dtype in _STORAGE_DTYPES:
-        found = (_STORAGE_DTYPES[dtype], dtype)
-    else:
-        stored = np.dtype(dtype)
-        if not stored.isnative:
-            raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {stored.str} (non-native byte order)", 1)
-        found = (stored, dtype_name(stored))
-    if found[1] not in _DLPACK_TYPES:
-        raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {found[1]}", 1)
-    try:
-        _ELEMENT_TYPES[dtype] = found
-    except TypeError:
-        pass
-    return found
+    stored = np.dtype(dtype)
+    if not stored.isnative:
+        raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {stored.str} (non-native byte order)", 1)
+    name = dtype_name(stored)
+    if name not in _DLPACK_TYPES:
+        raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {name}", 1)
+    return (stored, name)
 
 
 cdef DeviceArray _new_array(size_t ptr, tuple shape, tuple element, int device_id, size_t stream, owner):

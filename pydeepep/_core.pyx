@@ -207,6 +207,7 @@ cdef _leading_rows(array, int64_t rows):
     cdef DeviceArray view = _new_array(whole.ptr, (rows,) + whole.shape[1:], (whole.dtype, whole.dtype_name),
                                        whole.device_id, whole.stream, whole._owner)
     view._stream_owner = whole._stream_owner
+    view._base = whole._base  # a bits() view holds its memory through its base
     return view
 
 

@@ -232,6 +232,19 @@ def test_device_arrays_name_their_element_type_however_it_was_given(dtype):
         assert array.shape == (3, 2) and array.size == 6
 
 
+def test_an_unusual_spelling_of_an_element_type_changes_no_later_array():
+    class Name(str):
+        pass
+
+    # A str subclass naming bfloat16, then plain names; a dtype with metadata, then the plain dtype.
+    for given in (np.str_("bfloat16"), Name("bfloat16"), "bfloat16"):
+        array = pydeepep.DeviceArray(0x7000, (2,), given, 0, 0)
+        assert type(array.dtype_name) is str and array.dtype_name == "bfloat16"
+    tagged = pydeepep.DeviceArray(0x7000, (2,), np.dtype(np.uint16, metadata={"tag": 1}), 0, 0)
+    assert tagged.dtype_name == "uint16"
+    assert pydeepep.DeviceArray(0x7000, (2,), np.uint16, 0, 0).dtype.metadata is None
+
+
 @pytest.mark.parametrize("shape", [(2**64 - 1,), (2**62, 2**62), (2**40, 2**20)])
 def test_arrays_larger_than_any_gpu_are_refused_not_wrapped(shape):
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="more than any GPU holds"):
