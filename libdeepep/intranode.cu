@@ -432,32 +432,47 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
   }
   __syncthreads();  // every thread's writes are issued before the ticket is taken
   if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(q.ticket, 1u) == static_cast<uint32_t>(q.num_tiles - 1);
+    // Releases this tile's positions and range starts; the last tile acquires every other tile's with it. One
+    // acquire-release add instead of a fence on each side of a relaxed one: this tail is the kernel's critical path
+    // when there are few tokens.
+    uint32_t finished;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(finished) : "l"(q.ticket) : "memory");
+    last = finished == static_cast<uint32_t>(q.num_tiles - 1);
   }
   __syncthreads();
   if (!last) return;
-  __threadfence();  // acquire side of the other tiles' fence + ticket
+  // The totals and every range in one round of loads: the starts the tiles wrote are loaded with the tile counts
+  // (a block whose token range starts past the end starts at the total; each length is the next start minus this
+  // one).
+  constexpr int kPairsPerThread = (kMaxNvlRanks * kMaxBlocks + kRoutingTile - 1) / kRoutingTile;
+  const int pairs = q.nranks * q.num_blocks;
+  auto has_start = [&](int block) { return per_block > 0 && static_cast<int64_t>(block) * per_block < q.num_tokens; };
+  int32_t start[kPairsPerThread], next[kPairsPerThread];
+#pragma unroll
+  for (int i = 0; i < kPairsPerThread; ++i) {
+    const int pair = threadIdx.x + i * kRoutingTile, d = pair / q.num_blocks, block = pair % q.num_blocks;
+    start[i] = next[i] = -1;
+    if (pair >= pairs) continue;
+    const int32_t* range = q.send_ranges + (static_cast<size_t>(d) * kMaxBlocks + block) * 2;
+    if (has_start(block)) start[i] = range[0];
+    if (block + 1 < q.num_blocks && has_start(block + 1)) next[i] = range[2];
+  }
   if (threadIdx.x < q.nranks) {
-    int32_t total = 0;
-    for (int tile = 0; tile < q.num_tiles; ++tile) total += q.tile_counts[tile * q.nranks + threadIdx.x];
-    q.send_counts[threadIdx.x] = total;
+    int32_t sum = 0;
+    for (int tile = 0; tile < q.num_tiles; ++tile) sum += q.tile_counts[tile * q.nranks + threadIdx.x];
+    base[threadIdx.x] = sum;  // the totals from here on
+    q.send_counts[threadIdx.x] = sum;
   }
   if (threadIdx.x == 0) *q.ticket = 0;
   __syncthreads();
-  // Blocks whose token range starts past the end start at the total; each length is the next start minus this one.
-  for (int pair = threadIdx.x; pair < q.nranks * q.num_blocks; pair += blockDim.x) {
-    const int d = pair / q.num_blocks, block = pair % q.num_blocks;
+#pragma unroll
+  for (int i = 0; i < kPairsPerThread; ++i) {
+    const int pair = threadIdx.x + i * kRoutingTile, d = pair / q.num_blocks, block = pair % q.num_blocks;
+    if (pair >= pairs) break;
     int32_t* range = q.send_ranges + (static_cast<size_t>(d) * kMaxBlocks + block) * 2;
-    const bool empty = per_block == 0 || static_cast<int64_t>(block) * per_block >= q.num_tokens;
-    if (empty) range[0] = q.send_counts[d];
-  }
-  __syncthreads();
-  for (int pair = threadIdx.x; pair < q.nranks * q.num_blocks; pair += blockDim.x) {
-    const int d = pair / q.num_blocks, block = pair % q.num_blocks;
-    int32_t* range = q.send_ranges + (static_cast<size_t>(d) * kMaxBlocks + block) * 2;
-    const int32_t next = block + 1 < q.num_blocks ? range[2] : q.send_counts[d];
-    range[1] = next - range[0];
+    const int32_t first = start[i] >= 0 ? start[i] : base[d];
+    range[0] = first;
+    range[1] = (next[i] >= 0 ? next[i] : base[d]) - first;
   }
 }
 
