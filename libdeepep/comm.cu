@@ -374,6 +374,11 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 
   // NVLink multicast can take shared GPUs down and nothing here needs it: off unless the caller asks.
   if (!config.allow_nvlink_multicast) setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
+  // Where every peer is reached over NVLink, NVSHMEM's proxy thread serves only device-side global exit and device
+  // wait timeouts, which nothing here uses, and polls a CPU core all the while. A rank bound to one core (as MPI
+  // launchers bind by default) shares it with that thread: the host's waits then take milliseconds. Off unless the
+  // caller says otherwise; NVSHMEM keeps the proxy where a remote transport needs it.
+  setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
   const size_t total_bytes = total_buffer_size(config, nranks);
   // NVSHMEM reserves a 1 GiB symmetric heap by default; a low-latency area can need more. A caller's own setting
   // wins.

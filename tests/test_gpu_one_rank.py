@@ -30,6 +30,30 @@ def test_ll_on_one_rank():
     assert all(v is True for v in result.values()), result
 
 
+def proxy_setting_after_creation(info, preset):
+    """NVSHMEM_DISABLE_LOCAL_ONLY_PROXY as the process environment holds it once a communicator exists, the variable
+    having been `preset` (None: unset) before."""
+    import ctypes
+    import os
+
+    name = "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY"
+    if preset is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = preset
+    with pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256):
+        value = ctypes.CDLL(None).getenv  # the C environment, which the library's setenv changes
+        value.restype = ctypes.c_char_p
+        found = value(name.encode())
+        return None if found is None else found.decode()
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
+def test_the_nvshmem_proxy_thread_is_off_unless_the_environment_says_otherwise(preset, expected):
+    (value,) = pydeepep.spawn(proxy_setting_after_creation, args=(preset,), nprocs=1, timeout=120)
+    assert value == expected
+
+
 class _WideRows:
     """A CUDA array interface over `base` that claims rows 2^32 elements apart: its extent, computed in 64 bits,
     wraps around to a few bytes, and the library must refuse it, not read past the allocation."""

@@ -154,8 +154,9 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
 
 /* Creates the communicator of rank `rank` among `nranks`. Blocking and collective: every rank calls it with the
  * same id and nranks. Works on config->device and leaves the calling thread's current device as it was. Sets
- * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast, and, when the buffer does
- * not fit NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE (unless already set). Initialises NVSHMEM
+ * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast; unless already set,
+ * NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 (no NVSHMEM proxy thread polling a CPU core where no remote transport needs it)
+ * and, when the buffer does not fit NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE. Initialises NVSHMEM
  * (NVLink multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers.
  * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
  * thread is then left behind, and the process should exit). The ranks' configs must give their buffers one layout
@@ -234,7 +235,8 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
  * The routing of a dispatch lives in a handle, which combine and later *cached* dispatches (same routing, new
  * data) reuse.
  *
- * Flows (all collective: every rank of the communicator makes the same calls in the same order):
+ * Flows (all collective: every rank of the communicator makes the same calls in the same order, and its calls are
+ * stream-ordered: one stream, or ordered by events):
  *  - exact size: deepepDispatchNotify (exchanges counts, blocks until the receive counts are known; read them with
  *    deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert), allocate outputs of that many rows, then
  *    deepepDispatch with the handle;
