@@ -191,7 +191,20 @@ size_t total_buffer_size(const deepepConfig& config, int nranks) {
                             : dispatch_area_offset(config, nranks) + dispatch_area;
 }
 
+// NVSHMEM reads its environment once, at the process's first NVSHMEM call: in the process that makes the id, that is
+// here, before any communicator's config is known. The settings that do not depend on one go in first.
+static void set_process_nvshmem_defaults() {
+  // Where every peer is reached over NVLink, NVSHMEM's proxy thread serves only device-side global exit and device
+  // wait timeouts, which nothing here uses, and polls a CPU core all the while. A rank bound to one core shares it
+  // with that thread: the host's waits then take milliseconds. Off unless the caller says otherwise; NVSHMEM keeps the
+  // proxy where a remote transport needs it.
+  setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
+}
+
 void get_unique_id(deepepUniqueId* id) {
+  // NVLink multicast stays off here too (see create_comm): a config asking for it comes too late in this process.
+  setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
+  set_process_nvshmem_defaults();
   nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
   const int status = nvshmemx_get_uniqueid(&nvshmem_id);
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_get_uniqueid failed with status %d", status);
@@ -373,12 +386,10 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   } creation_flag;
 
   // NVLink multicast can take shared GPUs down and nothing here needs it: off unless the caller asks.
+  // These take effect only where NVSHMEM has not read its environment yet: in a process that made the id, they did
+  // before (get_unique_id).
   if (!config.allow_nvlink_multicast) setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
-  // Where every peer is reached over NVLink, NVSHMEM's proxy thread serves only device-side global exit and device
-  // wait timeouts, which nothing here uses, and polls a CPU core all the while. A rank bound to one core (as MPI
-  // launchers bind by default) shares it with that thread: the host's waits then take milliseconds. Off unless the
-  // caller says otherwise; NVSHMEM keeps the proxy where a remote transport needs it.
-  setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
+  set_process_nvshmem_defaults();
   const size_t total_bytes = total_buffer_size(config, nranks);
   // NVSHMEM reserves a 1 GiB symmetric heap by default; a low-latency area can need more. A caller's own setting
   // wins.

@@ -30,28 +30,33 @@ def test_ll_on_one_rank():
     assert all(v is True for v in result.values()), result
 
 
-def proxy_setting_after_creation(info, preset):
-    """NVSHMEM_DISABLE_LOCAL_ONLY_PROXY as the process environment holds it once a communicator exists, the variable
-    having been `preset` (None: unset) before."""
+def proxy_cpu_and_setting(info):
+    """With a communicator of one rank idle for half a second: the CPU time the process spent meanwhile, as a share
+    of that time (NVSHMEM's proxy thread polls a core without pause), and NVSHMEM_DISABLE_LOCAL_ONLY_PROXY as the C
+    environment holds it."""
     import ctypes
-    import os
+    import time
 
-    name = "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY"
-    if preset is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = preset
     with pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256):
-        value = ctypes.CDLL(None).getenv  # the C environment, which the library's setenv changes
-        value.restype = ctypes.c_char_p
-        found = value(name.encode())
-        return None if found is None else found.decode()
+        time.sleep(0.2)  # setup's own threads settle
+        cpu, wall = time.process_time(), time.monotonic()
+        time.sleep(0.5)
+        share = (time.process_time() - cpu) / (time.monotonic() - wall)
+        getenv = ctypes.CDLL(None).getenv  # the C environment, which the library's setenv changes
+        getenv.restype = ctypes.c_char_p
+        value = getenv(b"NVSHMEM_DISABLE_LOCAL_ONLY_PROXY")
+        return share, None if value is None else value.decode()
 
 
-@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
-def test_the_nvshmem_proxy_thread_is_off_unless_the_environment_says_otherwise(preset, expected):
-    (value,) = pydeepep.spawn(proxy_setting_after_creation, args=(preset,), nprocs=1, timeout=120)
-    assert value == expected
+def test_the_nvshmem_proxy_thread_is_off_unless_the_environment_says_otherwise(monkeypatch):
+    # Set in this process before the spawn: rank 0 makes the id, NVSHMEM's first call, before the rank's function runs.
+    monkeypatch.delenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", raising=False)
+    ((share, value),) = pydeepep.spawn(proxy_cpu_and_setting, nprocs=1, timeout=120)
+    assert value == "1" and share < 0.2, (share, value)
+    # The caller's own setting wins, and with the proxy on the measure above sees it poll.
+    monkeypatch.setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "0")
+    ((share, value),) = pydeepep.spawn(proxy_cpu_and_setting, nprocs=1, timeout=120)
+    assert value == "0" and share > 0.5, (share, value)
 
 
 class _WideRows:

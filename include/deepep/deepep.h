@@ -95,7 +95,8 @@ typedef struct {
   size_t struct_size;         /* sizeof(deepepConfig) of the caller's header: keeps the ABI extensible */
   int device;                 /* CUDA device ordinal for this rank; -1: the calling thread's current device */
   int allow_nvlink_multicast; /* 0 (default): NVLink multicast (NVLS) stays off; 1: NVSHMEM may use it (unless the
-                                 environment already has NVSHMEM_DISABLE_NVLS=1, as pydeepep.spawn's workers do) */
+                                 environment has NVSHMEM_DISABLE_NVLS=1, as pydeepep.spawn's workers and a process
+                                 that made the id without it set do: deepepGetUniqueId) */
   double timeout_seconds;     /* bound on every host and device wait (setup included); in (0, 86400]; default 100 */
   size_t buffer_bytes;        /* communication buffer per rank in bytes; 0: size it from the workload below */
   int max_tokens_per_rank;    /* workload: most tokens any rank passes to one call (default 4096) */
@@ -149,6 +150,9 @@ DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config);
 
 /* Makes a bootstrap id. Call on one rank and send the bytes to all others. Blocking, local; needs no GPU.
  * The id holds the address on which the job's bootstrap will listen; treat it as a secret of the job.
+ * NVSHMEM reads its environment once, at the process's first NVSHMEM call, which this is in the process that makes the
+ * id: it sets NVSHMEM_DISABLE_NVLS=1 and NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 first, unless already set (see
+ * deepepCommInitRank), and NVSHMEM variables set after it do not count in this process.
  * [out] id */
 DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
 
@@ -156,7 +160,9 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
  * same id and nranks. Works on config->device and leaves the calling thread's current device as it was. Sets
  * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast; unless already set,
  * NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 (no NVSHMEM proxy thread polling a CPU core where no remote transport needs it)
- * and, when the buffer does not fit NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE. Initialises NVSHMEM
+ * and, when the buffer does not fit NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE. These count only
+ * in a process where NVSHMEM has not read its environment yet, not in one that made the id (deepepGetUniqueId), where
+ * multicast is thus off unless NVSHMEM_DISABLE_NVLS=0 was set before that call. Initialises NVSHMEM
  * (NVLink multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers.
  * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
  * thread is then left behind, and the process should exit). The ranks' configs must give their buffers one layout
