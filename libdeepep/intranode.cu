@@ -28,6 +28,7 @@
 #include "device_utils.cuh"
 #include "handle.hpp"
 #include "intranode.hpp"
+#include "layout.hpp"
 
 namespace deepep {
 
@@ -391,6 +392,7 @@ __global__ void __launch_bounds__(kRoutingTile) routing_count_kernel(RoutingPara
     if (threadIdx.x % 32 == 0 && in_warp > 0) atomicAdd(&tile_count[d], in_warp);
   }
   __syncthreads();
+  wait_for_previous_grid();  // the clearing of the per-expert counts (launch_prepare_routing)
   for (int e = threadIdx.x; e < q.num_experts; e += blockDim.x)
     if (histogram[e] != 0) atomicAdd(&q.expert_counts[e], histogram[e]);
   if (threadIdx.x < q.nranks) q.tile_counts[blockIdx.x * q.nranks + threadIdx.x] = tile_count[threadIdx.x];
@@ -501,10 +503,9 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
     }
   }
   __syncthreads();
-  if (ok && threadIdx.x < p.nranks) {
-    __threadfence_system();
-    store_release_sys(&control_of(p.peers, threadIdx.x)->notify[p.rank].flag, seq);
-  }
+  // The release is cumulative: it orders the whole block's message stores, which the barrier ordered before it (no
+  // system fence of its own needed, as for the dispatch's progress).
+  if (ok && threadIdx.x < p.nranks) store_release_sys(&control_of(p.peers, threadIdx.x)->notify[p.rank].flag, seq);
   ControlRegion* mine = control_of(p.peers, p.rank);
   if (ok && threadIdx.x < p.nranks) {
     if (!wait_flag(
@@ -738,8 +739,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
           message->experts_per_rank = q.experts_per_rank;
         }
       }
-      __syncwarp();
-      __threadfence_system();
+      __syncwarp();  // orders the warp's message stores before each lane's (cumulative) release
       if (lane < R) store_release_sys(&control_of(p.peers, lane)->counts[p.rank].flag, seq);
     }
     if (lane == 0) {
@@ -1514,14 +1514,12 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
   q.ticket = handle.routing_ticket;
   q.error = comm.async_error_device;
   q.rank = comm.rank;
-  DEEPEP_CUDA_CHECK(cudaMemsetAsync(handle.expert_counts, 0, sizeof(int32_t) * args.num_experts, stream));
+  // Kernel 1 starts under the clearing (one H200, one rank, 24 SMs, same run: worst-case dispatch at N = 0 / 4096
+  // 14.0 / 107.6 -> 11.7 / 105.2 us against a cudaMemsetAsync before it, with the count exchange's fence gone too).
+  launch_clear_counts(handle.expert_counts, args.num_experts, nullptr, 0, stream);
   const size_t histogram_bytes = sizeof(int32_t) * args.num_experts;
-  if (q.topk_int64) {
-    routing_count_kernel<int64_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);
-  } else {
-    routing_count_kernel<int32_t><<<q.num_tiles, kRoutingTile, histogram_bytes, stream>>>(q);
-  }
-  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(q.topk_int64 ? routing_count_kernel<int64_t> : routing_count_kernel<int32_t>, q.num_tiles, kRoutingTile,
+                histogram_bytes, stream, true, false, q);
   // Kernel 2, the notify and a worst-case dispatch launch early, each after the kernel before it (2 x H200, N = 4096,
   // 24 SMs, same run: worst-case dispatch 232.6 -> 222.6 us).
   launch_kernel(routing_position_kernel, q.num_tiles, kRoutingTile, 0, stream, true, false, q);
