@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import gpu_count, requires_gpus
+from conftest import SHARE_GPU, gpu_count, requires_gpus
 
 import pydeepep
 
@@ -142,3 +142,29 @@ def test_c_example_over_all_gpus(tmp_path):
     result = run([str(binary), str(gpu_count())])
     assert result.returncode == 0
     assert result.stdout.count("layout OK") == gpu_count()
+
+
+@pytest.fixture(scope="module")
+def moe_step(tmp_path_factory):
+    """The C++ MoE step example, built through the installed CMake package."""
+    from test_packaging import cmake
+
+    if cmake() is None or shutil.which("c++") is None:
+        pytest.skip("needs cmake and a C++ compiler")
+    build = tmp_path_factory.mktemp("cpp") / "build"
+    configure = run(
+        [cmake(), "-S", str(EXAMPLES / "cpp"), "-B", str(build), f"-Ddeepep_DIR={pydeepep.get_cmake_dir()}"]
+    )
+    assert configure.returncode == 0
+    assert run([cmake(), "--build", str(build), "--target", "moe_step"]).returncode == 0
+    return build / "moe_step"
+
+
+# One rank per GPU; with one GPU shared under CUDA MPS (DEEPEP_TEST_SHARE_GPU=1) also two ranks on it.
+@pytest.mark.parametrize("ranks", sorted({gpu_count(), 2} if SHARE_GPU else {gpu_count()}))
+def test_cpp_moe_step_example(moe_step, ranks):
+    result = run([str(moe_step), str(ranks)])
+    assert result.returncode == 0
+    assert result.stdout.count("high-throughput dispatch, combine and cached dispatch OK") == ranks
+    assert result.stdout.count("low-latency step") == 2 * ranks
+    assert "moe_step: every rank OK" in result.stdout
