@@ -171,8 +171,9 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
     DEEPEP_REQUIRE(num_tokens >= 0, "num_tokens is %lld; it must be >= 0", static_cast<long long>(num_tokens));
     DEEPEP_REQUIRE(num_topk >= 1 && num_topk <= DEEPEP_MAX_TOPK, "num_topk is %d; it must be in [1, %d]", num_topk,
                    DEEPEP_MAX_TOPK);
+    if (topk_row_stride == 0) topk_row_stride = num_topk;  // contiguous rows, as in every other call
     DEEPEP_REQUIRE(topk_row_stride >= num_topk && topk_row_stride <= (int64_t(1) << 32),
-                   "topk_row_stride is %lld; it must be in [num_topk (%d), 2^32]",
+                   "topk_row_stride is %lld; it must be in [num_topk (%d), 2^32] (0: num_topk)",
                    static_cast<long long>(topk_row_stride), num_topk);
     DEEPEP_REQUIRE(num_tokens <= (int64_t(1) << 31), "num_tokens is %lld; at most 2^31 tokens are supported",
                    static_cast<long long>(num_tokens));

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "comm.hpp"
@@ -176,6 +177,19 @@ bool event_done(cudaEvent_t event, const char* what) {
   return status == cudaSuccess;
 }
 
+// A call whose host waits for counts refuses while a fault is recorded: the first recorded fault stays (later ones
+// are not recorded), so the wait could neither see this call's own faults nor tell the old one from them.
+void require_no_recorded_fault(const deepepComm& comm, const char* what) {
+  std::string message;
+  const deepepResult_t found = read_async_error(comm, &message);
+  if (found != deepepSuccess) {
+    fail(deepepInvalidUsage,
+         "%s refused: an asynchronous error is recorded on this communicator (%s: %s); read it with "
+         "deepepCommGetAsyncError and clear it with deepepCommClearAsyncError first",
+         what, deepepGetErrorString(found), message.c_str());
+  }
+}
+
 // Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
 void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what) {
   DEEPEP_CUDA_CHECK(cudaEventRecord(comm.host_wait_event, stream));
@@ -339,7 +353,7 @@ DEEPEP_API deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_
   return guarded_call(__func__, [&] {
     DEEPEP_REQUIRE(num_tokens != nullptr, "num_tokens is NULL");
     deepepHandle* h = checked_handle(handle, nullptr);
-    DEEPEP_REQUIRE(h->routed, "the handle holds no routing yet");
+    if (!h->routed) fail(deepepInvalidUsage, "the handle holds no routing yet");
     *num_tokens = h->num_tokens;
   });
 }
@@ -375,6 +389,8 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
     require_intranode(c);
+    require_not_capturing(stream, "deepepDispatchNotify", ": the host waits for the counts");
+    require_no_recorded_fault(c, "deepepDispatchNotify");
     check_routing(c, a);
     DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
@@ -410,6 +426,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     if (report) {
       DEEPEP_REQUIRE(worst_case, "report_recv_counts needs a worst-case dispatch (num_worst_tokens > 0)");
       require_not_capturing(stream, "a dispatch reporting its receive counts", ": the host waits for them");
+      require_no_recorded_fault(c, "a dispatch reporting its receive counts");
     }
     if (!worst_case) {
       if (!h.routed)

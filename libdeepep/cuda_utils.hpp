@@ -57,8 +57,9 @@ float median_event_ms(cudaStream_t stream, int warmup, int passes, const std::fu
 
 // Launches `kernel` on `stream`. `early`: it may start before the kernel ahead of it on the stream has finished
 // (programmatic dependent launch), so that its blocks are resident when that kernel ends instead of launching only
-// then; such a kernel must call wait_for_previous_grid (device_utils.cuh) before it touches anything. `cooperative`:
-// all blocks resident at once.
+// then; such a kernel must call wait_for_previous_grid (device_utils.cuh) before it touches anything, except where
+// the kernel ahead is launch_clear_counts' (a plain launch, so what came before it is done): then only the arrays it
+// clears wait. `cooperative`: all blocks resident at once.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream, bool early,
                    bool cooperative, Args&&... args) {

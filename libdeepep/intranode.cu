@@ -739,7 +739,9 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
           message->experts_per_rank = q.experts_per_rank;
         }
       }
-      __syncwarp();  // orders the warp's message stores before each lane's (cumulative) release
+      // A CTA barrier of this warp alone (id 2 is used nowhere else): it orders every lane's message stores before
+      // each lane's (cumulative) release, which the memory model promises for bar.sync, not for __syncwarp.
+      group_barrier(2, 32);
       if (lane < R) store_release_sys(&control_of(p.peers, lane)->counts[p.rank].flag, seq);
     }
     if (lane == 0) {

@@ -15,7 +15,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr size_t kMaxSharedCounterBytes = 32 * 1024;
 
+// A plain launch (it starts once everything before it on the stream is done): the kernel after it may read its own
+// inputs before waiting for it. The fence makes that formal: a release fence before launch_dependents synchronises
+// with the start of the dependent grid (PTX ISA, griddepcontrol).
 __global__ void __launch_bounds__(kThreads) clear_counts_kernel(int32_t* a, int64_t na, int32_t* b, int64_t nb) {
+  __threadfence();
   allow_next_grid_launch();
   for (int64_t i = threadIdx.x; i < na; i += blockDim.x) a[i] = 0;
   for (int64_t i = threadIdx.x; i < nb; i += blockDim.x) b[i] = 0;

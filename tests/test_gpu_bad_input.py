@@ -246,3 +246,59 @@ def test_the_communicator_still_matches_the_oracle_after_the_refusals(results):
 def test_every_call_after_close_is_refused(results, call):
     for rank, r in enumerate(results):
         assert r.get(call) == "DeepEPInvalidUsage: the communicator is closed", f"rank {rank}: {r.get(call)}"
+
+
+def recorded_fault_rank(info):
+    """Rank 0 records a fault of its own (an expert id out of range in a layout) and leaves it; then every rank makes
+    a full dispatch (a count exchange). Returns what that dispatch raised, how long it took, and whether one after
+    clearing the fault gives the oracle's row count."""
+    import time
+
+    with pydeepep.Communicator(
+        info.unique_id,
+        info.rank,
+        info.nranks,
+        device=info.device,
+        timeout=20,
+        max_tokens_per_rank=MAX_TOKENS,
+        hidden=H,
+        num_topk=K,
+        num_experts=E,
+    ) as comm:
+        with cupy.cuda.Device(comm.device):
+            x, topk, _ = (cupy.asarray(a) for a in inputs(info.rank))
+            if info.rank == 0:
+                bad = topk.copy()
+                bad[0, 0] = E
+                comm.get_dispatch_layout(bad, E)
+                cupy.cuda.runtime.deviceSynchronize()
+            start = time.monotonic()
+            try:
+                comm.dispatch(x, topk_idx=topk, num_experts=E)
+                first = "accepted"
+            except pydeepep.DeepEPError as exc:
+                first = f"{type(exc).__name__}: {exc}"
+            seconds = time.monotonic() - start
+            cupy.cuda.runtime.deviceSynchronize()
+            comm.clear_async_error()
+            rows = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.shape[0]
+            cupy.cuda.runtime.deviceSynchronize()
+            comm.check_async_error()
+    want = reference.dispatch(
+        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
+    )
+    return first, seconds, rows == want[info.rank][4].shape[0]
+
+
+def test_a_count_exchange_is_refused_while_a_fault_is_recorded():
+    """Not after its exchange ran with the old fault ending the host's wait at once: refused up front, the other
+    ranks told at once (not at their timeout), and all of them in step for the next call once it is cleared."""
+    results = spawn_ranks(recorded_fault_rank, nprocs=RANKS, timeout=120)
+    first, seconds, again = results[0]
+    assert first.startswith("DeepEPInvalidUsage:") and "asynchronous error is recorded" in first, first
+    assert "deepepCommClearAsyncError" in first, first
+    for rank, (first, seconds, again) in enumerate(results):
+        if rank > 0:
+            assert first.startswith("DeepEPRemoteError:"), f"rank {rank}: {first}"
+        assert seconds < 10, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
+        assert again is True, f"rank {rank}: the dispatch after clearing the fault differs from the oracle"

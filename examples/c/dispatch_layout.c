@@ -205,9 +205,9 @@ static int run_rank(int rank, int nranks, const deepepUniqueId* id) {
   CHECK_CUDA(rank, cudaMalloc(&d_in_rank, in_rank_bytes));
   CHECK_CUDA(rank, cudaMemcpy(d_topk_idx, topk_idx, topk_bytes, cudaMemcpyHostToDevice));
 
-  /* Stream-ordered: the results are ready once the stream has reached this point. */
+  /* Stream-ordered: the results are ready once the stream has reached this point. Row stride 0: contiguous rows. */
   CHECK_DEEPEP(rank,
-               deepepGetDispatchLayout(comm, d_topk_idx, deepepInt64, NUM_TOKENS, NUM_TOPK, NUM_TOPK, num_experts,
+               deepepGetDispatchLayout(comm, d_topk_idx, deepepInt64, NUM_TOKENS, NUM_TOPK, 0, num_experts,
                                        (int32_t*)d_per_rank, (int32_t*)d_per_expert, (uint8_t*)d_in_rank, stream));
   CHECK_CUDA(rank, cudaStreamSynchronize(stream));
   CHECK_CUDA(rank, cudaMemcpy(per_rank, d_per_rank, per_rank_bytes, cudaMemcpyDeviceToHost));

@@ -97,7 +97,9 @@ typedef struct {
   int allow_nvlink_multicast; /* 0 (default): NVLink multicast (NVLS) stays off; 1: NVSHMEM may use it (unless the
                                  environment has NVSHMEM_DISABLE_NVLS=1, as pydeepep.spawn's workers and a process
                                  that made the id without it set do: deepepGetUniqueId) */
-  double timeout_seconds;     /* bound on every host and device wait (setup included); in (0, 86400]; default 100 */
+  double timeout_seconds;     /* bound on every host and device wait (setup included; a low-latency send completing
+                                 NVSHMEM puts to a peer outside the NVLink domain waits as long as NVSHMEM's
+                                 transport does); in (0, 86400]; default 100 */
   size_t buffer_bytes;        /* communication buffer per rank in bytes; 0: size it from the workload below */
   int max_tokens_per_rank;    /* workload: most tokens any rank passes to one call (default 4096) */
   int hidden;                 /* workload: hidden size H in elements (default 7168) */
@@ -135,7 +137,8 @@ typedef struct {
 DEEPEP_API const char* deepepGetErrorString(deepepResult_t result);
 
 /* What the last failing call on the calling thread found wrong, in words ("" if none failed). Valid until the
- * next failing call on the same thread. Never NULL. */
+ * next failing call on the same thread, or the next deepepCommGetAsyncError there that finds an error (it puts the
+ * error's description here). Never NULL. */
 DEEPEP_API const char* deepepGetLastErrorMessage(void);
 
 /* [out] version: DEEPEP_VERSION_MAJOR * 10000 + DEEPEP_VERSION_MINOR * 100 + DEEPEP_VERSION_PATCH of the loaded
@@ -167,9 +170,11 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
  * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
  * thread is then left behind, and the process should exit). The ranks' configs must give their buffers one layout
  * (pass the same buffer_bytes, workload fields, low_latency_max_tokens and zero_copy_dispatch): ranks whose layouts
- * differ all get deepepInvalidArgument, which describes both. A step that fails on some ranks only, once NVSHMEM has
- * started, fails the call on every rank (the others get deepepRemoteError), so that no rank keeps a communicator
- * missing a peer. Not graph-capturable. [out] comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
+ * differ all get deepepInvalidArgument, which describes both. A step that fails on some ranks only, once the buffer
+ * is allocated and mapped, fails the call on every rank (the others get deepepRemoteError), so that no rank keeps a
+ * communicator missing a peer; a rank failing inside NVSHMEM's own initialisation or the buffer's allocation leaves
+ * the others waiting until their timeout. Not graph-capturable. [out] comm; [in] nranks, id, rank; [in] config: NULL
+ * for the defaults. */
 DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
                                              const deepepConfig* config);
 
@@ -201,7 +206,10 @@ DEEPEP_API deepepResult_t deepepCommGetDispatchArea(deepepComm_t comm, void** ar
 DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream_st** stream);
 
 /* Asynchronous faults: a stream-ordered call that finds a problem on the device (a timeout, an out-of-range
- * expert id) records it in a host-visible flag and returns. This query reads the flag without waiting:
+ * expert id) records it in a host-visible flag and returns. The first fault stays until it is cleared (later ones are
+ * not recorded), and while one is recorded the calls whose host waits for counts (deepepDispatchNotify, a
+ * deepepDispatch with report_recv_counts) refuse with deepepInvalidUsage (the other ranks finish that call with
+ * deepepRemoteError): clear it first. This query reads the flag without waiting:
  * [out] async_error is deepepSuccess when nothing was recorded; otherwise the code, and
  * deepepGetLastErrorMessage() describes it (rank, phase, peer or index). Local, non-blocking. */
 DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error);
@@ -221,8 +229,8 @@ DEEPEP_API deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, in
  *   num_tokens_per_expert [num_experts] int32: tokens per expert;
  *   is_token_in_rank      [num_tokens, nranks] uint8 (0/1), rows contiguous.
  * topk_idx [num_tokens, num_topk] of type deepepInt64 or deepepInt32 with rows `topk_row_stride` elements apart
- * (>= num_topk) and entries in [-1, num_experts); -1 means "no expert". An entry outside that range is ignored and
- * recorded as deepepInvalidArgument in the asynchronous-error flag (never a wild write).
+ * (>= num_topk; 0: num_topk, contiguous rows) and entries in [-1, num_experts); -1 means "no expert". An entry outside
+ * that range is ignored and recorded as deepepInvalidArgument in the asynchronous-error flag (never a wild write).
  * num_experts must be divisible by nranks (expert e lives on rank e / (num_experts / nranks)).
  * All arrays are device memory of the communicator's device. num_tokens may be 0.
  * Stream-ordered, local (no communication), capturable in a CUDA graph. */
@@ -268,9 +276,10 @@ typedef struct deepepHandle* deepepHandle_t;
 
 /* Creates an empty handle for dispatches of up to config->max_tokens_per_rank tokens on `comm`. Local, blocking
  * (may allocate device memory; not capturable). Destroy accepts NULL and does not wait: the storage is kept with an
- * event of its last use and reused by a later handle once that work is done. A handle used inside a stream capture
- * is the exception: its destroy waits for the device (a replay may use it at any time), so keep such handles for
- * the graph's lifetime. */
+ * event of its last use and reused by a later handle once that work is done. The exceptions wait: a handle used
+ * inside a stream capture (a replay may use it at any time: keep such handles for the graph's lifetime) or destroyed
+ * after its communicator waits for the device, and a destroy that finds 8 destroyed handles' storage still parked
+ * waits for the oldest one's last use. */
 DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle);
 DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
 /* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify or
@@ -333,7 +342,7 @@ DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args);
 
 /* Fills `handle` with the routing of args (topk_idx, num_tokens, num_experts, expert_alignment, num_sms) and
  * exchanges counts with every rank. Collective; blocks the host until the counts are known (bounded by the
- * timeout); not capturable. */
+ * timeout); not capturable (refused with deepepInvalidUsage inside a stream capture, launching nothing). */
 DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                                struct CUstream_st* stream);
 
@@ -446,7 +455,9 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. A rank that
  * refuses a call (a bad argument there alone) still launches its side of it once buffer_set and phase check out
  * (deepepLowLatencyRefuseCall), moving no data, so that the other ranks finish the same call at once, leave that rank
- * out (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every rank. */
+ * out (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every rank. A
+ * refused Send completes its operation on this rank: call no Recv for it. Inside a stream capture a refusal launches
+ * nothing (the capture is invalid anyway). */
 
 typedef enum {
   deepepLowLatencySendRecv = 0, /* send, wait for the peers, finish the outputs */
