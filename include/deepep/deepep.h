@@ -9,7 +9,10 @@
  *  - deepepGetErrorString() gives static text for a code; deepepGetLastErrorMessage() says, per calling thread,
  *    what the last failing call on that thread found wrong.
  *  - Structs that cross the ABI start with `size_t struct_size`; fill them with their *Init function (or the
- *    DEEPEP_*_INIT initialiser) so that fields added later take their defaults.
+ *    DEEPEP_*_INIT initialiser) so that fields added later take their defaults: the library reads a caller's
+ *    struct only up to its struct_size. The *Init functions write the struct as the library's own header lays it
+ *    out (sizeof in the library): a program must not call them on a library built from a newer header whose
+ *    structs grew. DEEPEP_CONFIG_INIT, compiled into the caller, has no such limit.
  *  - The stream is the last parameter of every stream-ordered call.
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
