@@ -266,11 +266,12 @@ def recorded_fault_rank(info):
         num_experts=E,
     ) as comm:
         with cupy.cuda.Device(comm.device):
-            x, topk, _ = (cupy.asarray(a) for a in inputs(info.rank))
+            x_np, topk_np, _ = inputs(info.rank)
+            x, topk = cupy.asarray(x_np), cupy.asarray(topk_np)
             if info.rank == 0:
-                bad = topk.copy()
+                bad = topk_np.copy()
                 bad[0, 0] = E
-                comm.get_dispatch_layout(bad, E)
+                comm.get_dispatch_layout(cupy.asarray(bad), E)
                 cupy.cuda.runtime.deviceSynchronize()
             start = time.monotonic()
             try:
@@ -293,7 +294,7 @@ def recorded_fault_rank(info):
 def test_a_count_exchange_is_refused_while_a_fault_is_recorded():
     """Not after its exchange ran with the old fault ending the host's wait at once: refused up front, the other
     ranks told at once (not at their timeout), and all of them in step for the next call once it is cleared."""
-    results = spawn_ranks(recorded_fault_rank, nprocs=RANKS, timeout=120)
+    results = spawn_ranks(recorded_fault_rank, nprocs=RANKS, timeout=60 * RANKS)
     first, seconds, again = results[0]
     assert first.startswith("DeepEPInvalidUsage:") and "asynchronous error is recorded" in first, first
     assert "deepepCommClearAsyncError" in first, first

@@ -15,9 +15,12 @@
 #include <deepep/deepep.h>
 #include <dirent.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -46,30 +49,37 @@ void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
-// A device array that frees itself, with host copies in and out.
+// A device array that frees itself, with host copies in and out ordered on the stream the work runs on (a plain
+// cudaMemcpy from pageable memory may return before its data reached the device, and it is not ordered with a
+// non-blocking stream).
 template <class T>
 class DeviceArray {
  public:
-  explicit DeviceArray(size_t count) : count_(count) {
+  DeviceArray(size_t count, cudaStream_t stream) : count_(count), stream_(stream) {
     check(cudaMalloc(reinterpret_cast<void**>(&data_), sizeof(T) * (count > 0 ? count : 1)), "cudaMalloc");
   }
-  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
+  DeviceArray(const std::vector<T>& host, cudaStream_t stream) : DeviceArray(host.size(), stream) { upload(host); }
   ~DeviceArray() { cudaFree(data_); }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
   T* get() const { return data_; }
   void upload(const std::vector<T>& host) {
-    check(cudaMemcpy(data_, host.data(), sizeof(T) * host.size(), cudaMemcpyHostToDevice), "cudaMemcpy to device");
+    check(cudaMemcpyAsync(data_, host.data(), sizeof(T) * host.size(), cudaMemcpyHostToDevice, stream_),
+          "cudaMemcpyAsync to device");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // `host` may go away after this
   }
   std::vector<T> download() const {
     std::vector<T> host(count_);
-    check(cudaMemcpy(host.data(), data_, sizeof(T) * count_, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+    check(cudaMemcpyAsync(host.data(), data_, sizeof(T) * count_, cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpyAsync to host");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     return host;
   }
 
  private:
   T* data_ = nullptr;
   size_t count_;
+  cudaStream_t stream_;
 };
 
 // ---- BF16 on the host (bits in uint16_t), as the device rounds: to nearest, ties to even ----
@@ -143,13 +153,7 @@ void expect(bool holds, const std::string& what) {
   if (!holds) throw std::runtime_error("MISMATCH: " + what);
 }
 
-// RAII owners of the library's objects.
-struct Comm {
-  deepepComm_t comm = nullptr;
-  ~Comm() {
-    if (comm != nullptr) deepepCommDestroy(comm);  // collective: every rank that created one gets here
-  }
-};
+// RAII owner of a handle (local: destroying one does not wait for its last use).
 struct Handle {
   deepepHandle_t handle = nullptr;
   explicit Handle(deepepComm_t comm) { check(deepepHandleCreate(comm, &handle), "deepepHandleCreate"); }
@@ -170,9 +174,9 @@ void high_throughput(deepepComm_t comm, int rank, int nranks, cudaStream_t strea
   std::vector<Inputs> all;
   for (int s = 0; s < nranks; ++s) all.push_back(make_inputs(s, 0, kTokens, num_experts));
   const Inputs& mine = all[rank];
-  DeviceArray<uint16_t> x(mine.x);
-  DeviceArray<int64_t> topk(mine.topk);
-  DeviceArray<float> weights(mine.weights);
+  DeviceArray<uint16_t> x(mine.x, stream);
+  DeviceArray<int64_t> topk(mine.topk, stream);
+  DeviceArray<float> weights(mine.weights, stream);
 
   Handle handle(comm);
   deepepDispatchArgs args;
@@ -198,10 +202,10 @@ void high_throughput(deepepComm_t comm, int rank, int nranks, cudaStream_t strea
       if (reaches(all[s], t, rank)) want.emplace_back(s, t);
   expect(rows == static_cast<int64_t>(want.size()), "receive count");
 
-  DeviceArray<uint16_t> recv_x(static_cast<size_t>(rows) * kHidden);
-  DeviceArray<int64_t> recv_topk(static_cast<size_t>(rows) * kTopk);
-  DeviceArray<float> recv_weights(static_cast<size_t>(rows) * kTopk);
-  DeviceArray<int32_t> recv_src(rows);
+  DeviceArray<uint16_t> recv_x(static_cast<size_t>(rows) * kHidden, stream);
+  DeviceArray<int64_t> recv_topk(static_cast<size_t>(rows) * kTopk, stream);
+  DeviceArray<float> recv_weights(static_cast<size_t>(rows) * kTopk, stream);
+  DeviceArray<int32_t> recv_src(rows, stream);
   args.recv_x = recv_x.get();
   args.recv_topk_idx = recv_topk.get();
   args.recv_topk_weights = recv_weights.get();
@@ -210,8 +214,8 @@ void high_throughput(deepepComm_t comm, int rank, int nranks, cudaStream_t strea
   check(deepepDispatch(comm, &args, handle.handle, stream), "deepepDispatch");
 
   // The "experts" return their rows unchanged: combine reads recv_x as their output, in the same order.
-  DeviceArray<uint16_t> out(static_cast<size_t>(kTokens) * kHidden);
-  DeviceArray<float> out_weights(static_cast<size_t>(kTokens) * kTopk);
+  DeviceArray<uint16_t> out(static_cast<size_t>(kTokens) * kHidden, stream);
+  DeviceArray<float> out_weights(static_cast<size_t>(kTokens) * kTopk, stream);
   deepepCombineArgs combine;
   check(deepepCombineArgsInit(&combine), "deepepCombineArgsInit");
   combine.x = recv_x.get();
@@ -279,18 +283,18 @@ void high_throughput(deepepComm_t comm, int rank, int nranks, cudaStream_t strea
 void low_latency(deepepComm_t comm, int rank, int nranks, cudaStream_t stream) {
   const int num_experts = kLocalExperts * nranks;
   const size_t slots = static_cast<size_t>(nranks) * kTokens;  // rows per local expert: R * T
-  DeviceArray<uint16_t> recv_x(kLocalExperts * slots * kHidden);
-  DeviceArray<int32_t> recv_count(kLocalExperts);
-  DeviceArray<int32_t> src_info(kLocalExperts * slots);
-  DeviceArray<int32_t> layout_range(static_cast<size_t>(kLocalExperts) * nranks * 2);
-  DeviceArray<uint16_t> out(static_cast<size_t>(kLLTokens) * kHidden);
+  DeviceArray<uint16_t> recv_x(kLocalExperts * slots * kHidden, stream);
+  DeviceArray<int32_t> recv_count(kLocalExperts, stream);
+  DeviceArray<int32_t> src_info(kLocalExperts * slots, stream);
+  DeviceArray<int32_t> layout_range(static_cast<size_t>(kLocalExperts) * nranks * 2, stream);
+  DeviceArray<uint16_t> out(static_cast<size_t>(kLLTokens) * kHidden, stream);
   for (int step = 0; step < 2; ++step) {
     std::vector<Inputs> all;
     for (int s = 0; s < nranks; ++s) all.push_back(make_inputs(s, 10 + step, kLLTokens, num_experts));
     const Inputs& mine = all[rank];
-    DeviceArray<uint16_t> x(mine.x);
-    DeviceArray<int64_t> topk(mine.topk);
-    DeviceArray<float> weights(mine.weights);
+    DeviceArray<uint16_t> x(mine.x, stream);
+    DeviceArray<int64_t> topk(mine.topk, stream);
+    DeviceArray<float> weights(mine.weights, stream);
 
     deepepLowLatencyDispatchArgs dispatch;
     check(deepepLowLatencyDispatchArgsInit(&dispatch), "deepepLowLatencyDispatchArgsInit");
@@ -327,7 +331,8 @@ void low_latency(deepepComm_t comm, int rank, int nranks, cudaStream_t stream) {
     check(deepepLowLatencyCombine(comm, &combine, stream), "deepepLowLatencyCombine");
     sync_and_check(comm, stream);
 
-    // Expert e receives a row per (token, slot) naming it, grouped by source rank, then by source token index.
+    // Expert e receives a row per token naming it, grouped by source rank, then by source token index (a token's
+    // experts are distinct here; one named twice would arrive once, for its first slot).
     const auto got_count = recv_count.download();
     const auto got_info = src_info.download();
     const auto got_range = layout_range.download();
@@ -376,11 +381,19 @@ void low_latency(deepepComm_t comm, int rank, int nranks, cudaStream_t stream) {
   }
 }
 
+constexpr int kExitNoGpu = 2;  // a child's exit status when CUDA finds no usable GPU
+
+// One rank; returns its exit status. A rank that fails exits without the collective destroy (which would wait for
+// the others, busy elsewhere, until the timeout): the parent stops the other ranks.
 int run_rank(int rank, int nranks, const deepepUniqueId& id) {
+  // CUDA starts here, in the child, after the fork.
+  int num_gpus = 0;
+  const cudaError_t found = cudaGetDeviceCount(&num_gpus);
+  if (found == cudaErrorNoDevice || found == cudaErrorInsufficientDriver) return kExitNoGpu;
+  deepepComm_t comm = nullptr;
+  cudaStream_t stream = nullptr;
   try {
-    // CUDA starts here, in the child, after the fork.
-    int num_gpus = 0;
-    check(cudaGetDeviceCount(&num_gpus), "cudaGetDeviceCount");
+    check(found, "cudaGetDeviceCount");
     const int device = rank % num_gpus;
     check(cudaSetDevice(device), "cudaSetDevice");
     deepepConfig config = DEEPEP_CONFIG_INIT;
@@ -391,12 +404,11 @@ int run_rank(int rank, int nranks, const deepepUniqueId& id) {
     config.num_experts = kLocalExperts * nranks;
     config.low_latency_max_tokens = kTokens;
     config.timeout_seconds = 60;
-    Comm comm;
-    check(deepepCommInitRank(&comm.comm, nranks, &id, rank, &config), "deepepCommInitRank");
-    cudaStream_t stream = nullptr;
+    check(deepepCommInitRank(&comm, nranks, &id, rank, &config), "deepepCommInitRank");
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-    high_throughput(comm.comm, rank, nranks, stream);
-    low_latency(comm.comm, rank, nranks, stream);
+    high_throughput(comm, rank, nranks, stream);
+    low_latency(comm, rank, nranks, stream);
+    check(deepepCommDestroy(comm), "deepepCommDestroy");  // collective: every rank gets here
     cudaStreamDestroy(stream);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d/%d: %s\n", rank, nranks, e.what());
@@ -431,7 +443,7 @@ int main(int argc, char** argv) {
     std::printf("no GPU here: nothing to run\n");
     return 0;
   }
-  int nranks = num_gpus;
+  int nranks = std::min(num_gpus, 8);
   if (argc > 1) {
     char* end = nullptr;
     const long value = std::strtol(argv[1], &end, 10);
@@ -447,30 +459,53 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::fflush(stdout);
+  const pid_t parent = getpid();
   std::vector<pid_t> children;
-  for (int rank = 0; rank < nranks; ++rank) {
+  bool failed = false;
+  auto stop_children = [&] {
+    for (pid_t child : children)
+      if (child > 0) kill(child, SIGTERM);
+  };
+  for (int rank = 0; rank < nranks && !failed; ++rank) {
     const pid_t pid = fork();
     if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // a rank never outlives the parent (killed, say, by a test's timeout)
+      if (getppid() != parent) std::_Exit(1);
       const int status = run_rank(rank, nranks, id);
       std::fflush(stdout);
+      std::fflush(stderr);
       std::_Exit(status);
     }
-    if (pid < 0) break;
-    children.push_back(pid);
+    if (pid < 0) {
+      std::perror("fork");
+      failed = true;
+    } else {
+      children.push_back(pid);
+    }
   }
   // A rank that fails leaves the others waiting in collectives until their timeout: stop them at once.
-  bool failed = static_cast<int>(children.size()) != nranks;
+  if (failed) stop_children();
+  int no_gpu = 0;
   for (size_t running = children.size(); running > 0; --running) {
     int status = 0;
-    const pid_t pid = wait(&status);
+    pid_t pid;
+    while ((pid = wait(&status)) < 0 && errno == EINTR) {
+    }
     if (pid < 0) break;
     for (pid_t& child : children)
       if (child == pid) child = 0;  // reaped: never signal its pid, which may be reused, again
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failed = true;
-    if (failed)
-      for (pid_t child : children)
-        if (child > 0) kill(child, SIGTERM);
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    no_gpu += code == kExitNoGpu ? 1 : 0;
+    if (code != 0 && code != kExitNoGpu && !failed) {
+      failed = true;
+      stop_children();
+    }
   }
+  if (!failed && no_gpu == nranks) {
+    std::printf("no GPU here (CUDA found none): nothing to run\n");
+    return 0;
+  }
+  failed = failed || no_gpu > 0;
   std::printf("moe_step: %s\n", failed ? "FAILED" : "every rank OK");
   return failed ? 1 : 0;
 }

@@ -212,8 +212,8 @@ DEEPEP_API deepepResult_t deepepCommGetStream(deepepComm_t comm, struct CUstream
  * expert id) records it in a host-visible flag and returns. The first fault stays until it is cleared (later ones are
  * not recorded), and while one is recorded the calls whose host waits for counts (deepepDispatchNotify, a
  * deepepDispatch with report_recv_counts) refuse with deepepInvalidUsage (the other ranks finish that call with
- * deepepRemoteError): clear it first. This query reads the flag without waiting:
- * [out] async_error is deepepSuccess when nothing was recorded; otherwise the code, and
+ * deepepRemoteError, which they record in turn): clear it first, on every rank that has one. This query reads the flag
+ * without waiting: [out] async_error is deepepSuccess when nothing was recorded; otherwise the code, and
  * deepepGetLastErrorMessage() describes it (rank, phase, peer or index). Local, non-blocking. */
 DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResult_t* async_error);
 /* Clears the flag. Local; call after the stream that raised it has finished. */
@@ -375,7 +375,9 @@ typedef struct {
   const void* bias[2]; /* optional [N, hidden] BF16 each, added after the sum in order */
   int64_t bias_row_stride[2];
   void* out;               /* [N, hidden] BF16, contiguous */
-  float* out_topk_weights; /* [N, num_topk] float32, required when topk_weights is given */
+  float* out_topk_weights; /* [N, num_topk] float32, required when topk_weights is given: per slot, the sum in
+                              float32 and rank order of the weights the ranks that got the token received (a slot's
+                              weight, 0 on ranks that do not hold its expert) */
 } deepepCombineArgs;
 
 DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args);
