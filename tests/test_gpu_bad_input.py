@@ -177,9 +177,9 @@ def still_works(comm, rank, seed):
     return True
 
 
-def bad_input_rank(info):
-    out = {}
-    comm = pydeepep.Communicator(
+def open_communicator(info, **extra):
+    """This rank's communicator for the valid call's shapes (a 20 s timeout: a peer that hangs fails the case)."""
+    return pydeepep.Communicator(
         info.unique_id,
         info.rank,
         info.nranks,
@@ -189,8 +189,13 @@ def bad_input_rank(info):
         hidden=H,
         num_topk=K,
         num_experts=E,
-        low_latency_max_tokens=T,
+        **extra,
     )
+
+
+def bad_input_rank(info):
+    out = {}
+    comm = open_communicator(info, low_latency_max_tokens=T)
     try:
         with cupy.cuda.Device(comm.device):
             for name, call in cases(comm, info.rank).items():
@@ -254,17 +259,7 @@ def recorded_fault_rank(info):
     clearing the fault gives the oracle's row count."""
     import time
 
-    with pydeepep.Communicator(
-        info.unique_id,
-        info.rank,
-        info.nranks,
-        device=info.device,
-        timeout=20,
-        max_tokens_per_rank=MAX_TOKENS,
-        hidden=H,
-        num_topk=K,
-        num_experts=E,
-    ) as comm:
+    with open_communicator(info) as comm:
         with cupy.cuda.Device(comm.device):
             x_np, topk_np, _ = inputs(info.rank)
             x, topk = cupy.asarray(x_np), cupy.asarray(topk_np)
