@@ -96,12 +96,12 @@ void note_use(deepepHandle& handle, cudaStream_t stream) {
   DEEPEP_CUDA_CHECK(cudaEventRecord(handle.last_use, stream));
 }
 
-// This rank's side of a refused `call` on `stream` (deepepRefuseCall). A cached dispatch or a combine runs on the
-// peers' block count (block b talks to block b): the handle's where it holds a routing, else `num_sms` resolved like a
-// dispatch's, or the default one where that is no valid count (the refusal may be of that very argument).
+// This rank's side of a refused `call` on `stream` (deepepRefuseCall). A dispatch (of either kind) or a combine runs
+// on the peers' block count (block b talks to block b): the handle's where it holds a routing, else `num_sms` resolved
+// like a dispatch's, or the default one where that is no valid count (the refusal may be of that very argument).
 void launch_refusal(const deepepComm& comm, deepepHandle* handle, deepepCall_t call, int num_sms, cudaStream_t stream) {
   int blocks = 1;
-  if (call == deepepCallDispatch || call == deepepCallCombine) {
+  if (call != deepepCallDispatchNotify) {
     if (handle != nullptr && handle->routed) {
       blocks = handle->num_sms;
     } else {
@@ -411,14 +411,15 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
+    // A refused dispatch lets the peers finish either kind (refused_kernel): the kind is in the arguments checked.
     HighThroughputRefusal refused{c, deepepCallDispatch, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
-    const deepepDispatchArgs a = checked_struct(args, "args", deepepDispatchArgsInit);
-    const bool worst_case = a.num_worst_tokens > 0;
-    refused.call = worst_case ? deepepCallWorstCaseDispatch : deepepCallDispatch;
-    refused.num_sms = a.num_sms;
+    // The handle first: its block count is the one the peers run a cached dispatch on, also when args cannot be read.
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
+    const deepepDispatchArgs a = checked_struct(args, "args", deepepDispatchArgsInit);
+    const bool worst_case = a.num_worst_tokens > 0;
+    refused.num_sms = a.num_sms;
     require_intranode(c);
     DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
                    static_cast<long long>(a.num_worst_tokens));

@@ -285,12 +285,15 @@ __device__ __forceinline__ void send_ready(const Protocol& p, int source, uint32
 // This rank's side of a call it refused (deepepRefuseCall): once the peers acknowledged the previous operation (the
 // messages below overwrite what they read in it), it tells every peer where that call's kernel looks first, then
 // finishes the operation like any other, reading no input and writing no output, so that the ranks stay in step.
-// Cached dispatch and combine run on the peers' block count (block b talks to block b); the others on one block.
+// A refused dispatch sends what both of its kinds look for first (a cached dispatch each block's range, a worst-case
+// one the counts), so that the peers finish whichever kind they made: the refusal may be of the very arguments that
+// tell the kinds apart. Dispatch and combine run on the peers' block count (block b talks to block b), notify on one.
 __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* send_ranges, const int32_t* send_counts) {
   wait_for_previous_grid();
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
   const int b = blockIdx.x;
+  const bool dispatch = call == deepepCallDispatch || call == deepepCallWorstCaseDispatch;
   const Phase phase = call == deepepCallDispatchNotify ? Phase::kDispatchNotify
                       : call == deepepCallCombine      ? Phase::kCombine
                                                        : Phase::kDispatch;
@@ -298,16 +301,15 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
     for (int d = threadIdx.x; d < p.nranks; d += 32) {
       if (d == p.rank) continue;
       ControlRegion* peer = control_of(p.peers, d);
-      if ((call == deepepCallDispatch || call == deepepCallWorstCaseDispatch) && b == 0) {
-        send_ready(p, d, seq, 0, 0);  // sources on a communicator with a dispatch area wait for it: no rows come
-      }
-      if (call == deepepCallDispatchNotify || call == deepepCallWorstCaseDispatch) {
-        CountMessage* message = call == deepepCallDispatchNotify ? &peer->notify[p.rank] : &peer->counts[p.rank];
+      if (call == deepepCallDispatchNotify || (dispatch && b == 0)) {
+        if (dispatch) send_ready(p, d, seq, 0, 0);  // sources on a communicator with a dispatch area wait for it
+        CountMessage* message = dispatch ? &peer->counts[p.rank] : &peer->notify[p.rank];
         message->tokens = 0;
         message->num_blocks = gridDim.x;
         message->experts_per_rank = kRefusedExpertsPerRank;
         store_release_sys(&message->flag, seq);
-      } else if (call == deepepCallDispatch) {
+      }
+      if (dispatch) {
         // The handle's range where it has one, so that the peer's record of it (kept for the combine) stays true.
         RangeMessage* message = &peer->ranges[p.rank][b];
         const int32_t* range = send_ranges + (static_cast<size_t>(d) * kMaxBlocks + b) * 2;
@@ -317,7 +319,7 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
         message->tokens = send_counts != nullptr ? send_counts[d] : 0;
         message->num_blocks = gridDim.x;
         store_release_sys(&message->flag, seq);
-      } else {
+      } else if (call == deepepCallCombine) {
         // Every row the peer could wait for is there, refused: it reads none.
         peer->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
         store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kRowsRefused | (kRowsRefused - 1)));

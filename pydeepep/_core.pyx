@@ -787,11 +787,11 @@ cdef class Communicator:
         memory, valid until this rank's next dispatch starts on the device (copy what must live longer).
         """
         # The scalar arguments are converted (integers only) once the stream is known, so that a wrong type on one
-        # rank is refused like any other bad argument, on every rank. A worst-case count that is no integer most
-        # likely meant a worst-case dispatch: the refusal takes it for one.
-        worst = _integer_or(num_worst_tokens, 1)
-        cdef _OwedCall owed = _OwedCall(deepepCallWorstCaseDispatch if worst > 0 or max_recv_tokens is not None
-                                        else deepepCallDispatchNotify if handle is None else deepepCallDispatch,
+        # rank is refused like any other bad argument, on every rank. The library's refusal of a dispatch lets the
+        # peers finish either kind (cached or worst-case); only an exact-size one starts with the count exchange. A
+        # worst-case count that is no integer most likely meant a worst-case dispatch: the refusal takes it for one.
+        exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0 and max_recv_tokens is None
+        cdef _OwedCall owed = _OwedCall(deepepCallDispatchNotify if exact_size else deepepCallDispatch,
                                         self._own_handle(handle), _integer_or(num_sms, 0, 1 << 31))
         with _OnDevice(self.device):
             try:

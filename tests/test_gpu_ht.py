@@ -563,6 +563,24 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
                 TypeError,
             ),
             "combine, no handle": (lambda: comm.combine(routed.recv_x, None if bad else routed.handle), TypeError),
+            # A refused dispatch lets the peers finish either kind: the refusal may be of the very arguments that tell
+            # the kinds apart (a C caller's NULL args, a binding's guess). Last: the peers' handle is not used again.
+            "a cached dispatch refused while the peers make a worst-case one": (
+                lambda: (
+                    comm.dispatch(xd[: n - 1], handle=routed.handle)
+                    if bad
+                    else comm.dispatch(xd, topk_idx=topkd, num_experts=e, num_worst_tokens=R * n)
+                ),
+                invalid,
+            ),
+            "a worst-case dispatch refused while the peers make a cached one": (
+                lambda: (
+                    comm.dispatch(xd, topk_idx=topkd, num_experts=e + 1, num_worst_tokens=R * n)
+                    if bad
+                    else comm.dispatch(xd, handle=routed.handle)
+                ),
+                invalid,
+            ),
         }
         failures = one_rank_refusal_failures(comm, calls, refuser, cupy.cuda.runtime.deviceSynchronize)
     verdict = run_case(comm, seed + 1, n=200, h=512, k=k, e=e)

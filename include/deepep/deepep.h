@@ -390,8 +390,8 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
 /* The collective high-throughput calls, as deepepRefuseCall names them. */
 typedef enum {
   deepepCallDispatchNotify = 0,    /* deepepDispatchNotify */
-  deepepCallDispatch = 1,          /* a cached deepepDispatch, or the one after deepepDispatchNotify */
-  deepepCallWorstCaseDispatch = 2, /* a deepepDispatch with num_worst_tokens > 0 (report_recv_counts included) */
+  deepepCallDispatch = 1,          /* a deepepDispatch of any kind: cached, after deepepDispatchNotify, worst-case */
+  deepepCallWorstCaseDispatch = 2, /* the same as deepepCallDispatch (peers finish whichever kind they made) */
   deepepCallCombine = 3,           /* deepepCombine */
 } deepepCall_t;
 
@@ -399,10 +399,11 @@ typedef enum {
  * arrays, say) where the other ranks make the call. Launches on `stream` what lets every other rank finish the same
  * call at once with deepepRemoteError naming this rank (instead of waiting for it until the timeout) and keeps the
  * ranks in step for the next calls; reads no input, writes no output. `handle`: the handle the call would use, or
- * NULL; a cached dispatch or a combine runs on its block count where it holds a routing, else on `num_sms` (as in
- * deepepDispatchArgs; the default one where it is no valid count), which must then be the peers' for them to finish
- * at once. deepepDispatch, deepepDispatchNotify and deepepCombine do this themselves when they refuse their
- * arguments. The refused call counts as made: do not retry it. Stream-ordered; not capturable. */
+ * NULL; a dispatch or a combine runs on its block count where it holds a routing, else on `num_sms` (as in
+ * deepepDispatchArgs; the default one where it is no valid count), which must then be the peers' block count for a
+ * cached dispatch or a combine to finish at once. deepepDispatch, deepepDispatchNotify and deepepCombine do this
+ * themselves when they refuse their arguments (deepepDispatch and deepepCombine also when `args` is NULL). The refused
+ * call counts as made: do not retry it. Stream-ordered; not capturable. */
 DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
                                            struct CUstream_st* stream);
 
