@@ -60,11 +60,10 @@ DEEPEP_API deepepResult_t deepepGetVersion(int* version) {
   });
 }
 
-DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config) {
+DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config, size_t struct_size) {
   return guarded_call(__func__, [&] {
-    require_out(config, "config");
     const deepepConfig defaults = DEEPEP_CONFIG_INIT;
-    *config = defaults;
+    init_struct(config, struct_size, defaults, "config");
   });
 }
 

@@ -84,6 +84,22 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
   check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element, "topk_idx");
 }
 
+deepepDispatchArgs dispatch_defaults() {
+  deepepDispatchArgs args{};
+  args.struct_size = sizeof(args);
+  args.topk_type = deepepInt64;
+  args.expert_alignment = 1;
+  args.x_type = deepepBFloat16;
+  args.scales_type = deepepFloat32;
+  return args;
+}
+
+deepepCombineArgs combine_defaults() {
+  deepepCombineArgs args{};
+  args.struct_size = sizeof(args);
+  return args;
+}
+
 // Remembers the handle's last use on `stream`, so that its storage is reused only after that work (see
 // deepepHandleDestroy). Inside a stream capture the graph may run at any later time: the handle is marked instead.
 void note_use(deepepHandle& handle, cudaStream_t stream) {
@@ -358,24 +374,12 @@ DEEPEP_API deepepResult_t deepepHandleGetNumTokens(deepepHandle_t handle, int64_
   });
 }
 
-DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args) {
-  return guarded_call(__func__, [&] {
-    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
-    std::memset(args, 0, sizeof(*args));
-    args->struct_size = sizeof(deepepDispatchArgs);
-    args->topk_type = deepepInt64;
-    args->expert_alignment = 1;
-    args->x_type = deepepBFloat16;
-    args->scales_type = deepepFloat32;
-  });
+DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_t struct_size) {
+  return guarded_call(__func__, [&] { init_struct(args, struct_size, dispatch_defaults(), "args"); });
 }
 
-DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args) {
-  return guarded_call(__func__, [&] {
-    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
-    std::memset(args, 0, sizeof(*args));
-    args->struct_size = sizeof(deepepCombineArgs);
-  });
+DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args, size_t struct_size) {
+  return guarded_call(__func__, [&] { init_struct(args, struct_size, combine_defaults(), "args"); });
 }
 
 DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
@@ -384,7 +388,7 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     const deepepComm& c = *checked_comm(comm);
     HighThroughputRefusal refused{c, deepepCallDispatchNotify, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
-    const deepepDispatchArgs a = checked_struct(args, "args", deepepDispatchArgsInit);
+    const deepepDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
     refused.num_sms = a.num_sms;
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
@@ -417,7 +421,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     // The handle first: its block count is the one the peers run a cached dispatch on, also when args cannot be read.
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
-    const deepepDispatchArgs a = checked_struct(args, "args", deepepDispatchArgsInit);
+    const deepepDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
     const bool worst_case = a.num_worst_tokens > 0;
     refused.num_sms = a.num_sms;
     require_intranode(c);
@@ -616,7 +620,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     // The handle first: its block count is the one the peers run on, also when args cannot be read.
     deepepHandle& h = *checked_handle(handle, &c);
     refused.handle = &h;
-    const deepepCombineArgs a = checked_struct(args, "args", deepepCombineArgsInit);
+    const deepepCombineArgs a = checked_struct(args, "args", combine_defaults());
     require_intranode(c);
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
     // The receive ranges combine reads are the dispatch kernel's: after a notify alone they would be those of the

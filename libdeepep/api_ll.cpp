@@ -92,6 +92,24 @@ void check_routing(const deepepComm& comm, int64_t num_tokens, const void* topk_
        comm.nranks, static_cast<long long>(comm.ll_area.max_tokens));
 }
 
+deepepLowLatencyDispatchArgs dispatch_defaults() {
+  deepepLowLatencyDispatchArgs args{};
+  args.struct_size = sizeof(args);
+  args.phase = deepepLowLatencySendRecv;
+  args.topk_type = deepepInt64;
+  args.use_fp8 = 1;
+  args.stats_recv_count_type = deepepInt64;
+  return args;
+}
+
+deepepLowLatencyCombineArgs combine_defaults() {
+  deepepLowLatencyCombineArgs args{};
+  args.struct_size = sizeof(args);
+  args.phase = deepepLowLatencySendRecv;
+  args.topk_type = deepepInt64;
+  return args;
+}
+
 size_t combine_buffer_bytes(const deepepComm& comm, int local_experts, int hidden) {
   return static_cast<size_t>(local_experts) * comm.nranks * comm.ll_area.max_tokens * hidden * 2;
 }
@@ -100,26 +118,12 @@ size_t combine_buffer_bytes(const deepepComm& comm, int local_experts, int hidde
 
 extern "C" {
 
-DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args) {
-  return guarded_call(__func__, [&] {
-    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
-    std::memset(args, 0, sizeof(*args));
-    args->struct_size = sizeof(deepepLowLatencyDispatchArgs);
-    args->phase = deepepLowLatencySendRecv;
-    args->topk_type = deepepInt64;
-    args->use_fp8 = 1;
-    args->stats_recv_count_type = deepepInt64;
-  });
+DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args, size_t struct_size) {
+  return guarded_call(__func__, [&] { init_struct(args, struct_size, dispatch_defaults(), "args"); });
 }
 
-DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args) {
-  return guarded_call(__func__, [&] {
-    DEEPEP_REQUIRE(args != nullptr, "args is NULL");
-    std::memset(args, 0, sizeof(*args));
-    args->struct_size = sizeof(deepepLowLatencyCombineArgs);
-    args->phase = deepepLowLatencySendRecv;
-    args->topk_type = deepepInt64;
-  });
+DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args, size_t struct_size) {
+  return guarded_call(__func__, [&] { init_struct(args, struct_size, combine_defaults(), "args"); });
 }
 
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked) {
@@ -204,7 +208,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
-    const deepepLowLatencyDispatchArgs a = checked_struct(args, "args", deepepLowLatencyDispatchArgsInit);
+    const deepepLowLatencyDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
     RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
@@ -265,7 +269,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
-    const deepepLowLatencyCombineArgs a = checked_struct(args, "args", deepepLowLatencyCombineArgsInit);
+    const deepepLowLatencyCombineArgs a = checked_struct(args, "args", combine_defaults());
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
     RefusalOnThrow refusal(stream, [&] { refuse(c, true, a.buffer_set, a.phase, stream); });

@@ -44,15 +44,31 @@ inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t el
   return static_cast<size_t>(span);
 }
 
-// Copies a size-versioned argument struct: fields past the caller's struct_size (a caller built against an older
-// header) keep the defaults its Init function `init` sets, as deepep.h promises.
+// Most bytes a size-versioned struct may claim: more comes from an uninitialised struct_size.
+constexpr size_t kMaxStructSize = size_t(1) << 16;
+
+// What a *Init function does: writes `defaults` over the caller's struct of `struct_size` bytes (its header's
+// sizeof: smaller than the library's for a program built against an older header, larger for a newer one, whose
+// fields this library does not know and zeroes), and sets struct_size to that size.
 template <class Args>
-Args checked_struct(const Args* args, const char* name, deepepResult_t (*init)(Args*)) {
+void init_struct(Args* args, size_t struct_size, const Args& defaults, const char* name) {
   DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
-  DEEPEP_REQUIRE(args->struct_size >= sizeof(size_t) && args->struct_size <= (size_t(1) << 16),
+  DEEPEP_REQUIRE(struct_size >= sizeof(size_t) && struct_size <= kMaxStructSize,
+                 "struct_size is %zu; pass sizeof(*%s) (at most %zu)", struct_size, name, kMaxStructSize);
+  char* bytes = reinterpret_cast<char*>(args);
+  std::memcpy(bytes, &defaults, std::min(struct_size, sizeof(Args)));
+  if (struct_size > sizeof(Args)) std::memset(bytes + sizeof(Args), 0, struct_size - sizeof(Args));
+  std::memcpy(bytes, &struct_size, sizeof(size_t));
+}
+
+// Copies a size-versioned argument struct: fields past the caller's struct_size (a caller built against an older
+// header) keep their `defaults`, as deepep.h promises.
+template <class Args>
+Args checked_struct(const Args* args, const char* name, const Args& defaults) {
+  DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
+  DEEPEP_REQUIRE(args->struct_size >= sizeof(size_t) && args->struct_size <= kMaxStructSize,
                  "%s->struct_size is %zu; initialise the struct with its Init function", name, args->struct_size);
-  Args copy;
-  init(&copy);
+  Args copy = defaults;
   std::memcpy(&copy, args, std::min(args->struct_size, sizeof(Args)));
   copy.struct_size = sizeof(Args);
   return copy;

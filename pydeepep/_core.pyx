@@ -61,7 +61,7 @@ cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_ran
                                allow_nvlink_multicast, low_latency_max_tokens=0,
                                low_latency_transport="auto", zero_copy_dispatch=False) except *:
     cdef deepepConfig config
-    _check(deepepConfigInit(&config))
+    _check(deepepConfigInit(&config, sizeof(config)))
     config.device = -1 if device is None else _c_int("device", device)
     config.timeout_seconds = float(timeout)
     config.buffer_bytes = _c_int("buffer_bytes", buffer_bytes, 0, 2**64 - 1)
@@ -810,7 +810,7 @@ cdef class Communicator:
         cdef deepepComm_t comm = self._live()
         cdef CUstream_st* cs = <CUstream_st*>s
         cdef deepepDispatchArgs a
-        _check(deepepDispatchArgsInit(&a))
+        _check(deepepDispatchArgsInit(&a, sizeof(a)))
         view = _as_view(x, s)
         kind = _payload_kind(x, view)
         cdef _View xv = _matrix(x, s, "x", None, self.device, kind, view)
@@ -985,7 +985,7 @@ cdef class Communicator:
         if handle.comm is not self:
             raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
         cdef deepepCombineArgs a
-        _check(deepepCombineArgsInit(&a))
+        _check(deepepCombineArgsInit(&a, sizeof(a)))
         view = _as_view(x, s)
         kind = _payload_kind(x, view)
         if kind != "bfloat16":

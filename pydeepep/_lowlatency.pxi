@@ -228,7 +228,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
     cdef size_t s = stream_handle(stream)
     cdef int buffer_set = _next_dispatch_set(book)
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
-    _check(deepepLowLatencyDispatchArgsInit(&hook.dispatch_args))
+    _check(deepepLowLatencyDispatchArgsInit(&hook.dispatch_args, sizeof(hook.dispatch_args)))
     hook.dispatch_args.buffer_set = buffer_set
     hook.dispatch_args.phase = _phase(return_recv_hook)
     try:
@@ -389,7 +389,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     cdef int buffer_set = handle.buffer_set
     cdef size_t s = stream_handle(stream)
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
-    _check(deepepLowLatencyCombineArgsInit(&hook.combine_args))
+    _check(deepepLowLatencyCombineArgsInit(&hook.combine_args, sizeof(hook.combine_args)))
     hook.combine_args.buffer_set = buffer_set
     hook.combine_args.phase = _phase(return_recv_hook)
     if handle.refused:

@@ -60,7 +60,7 @@ cdef extern from "deepep/deepep.h" nogil:
     const char* deepepGetErrorString(deepepResult_t result)
     const char* deepepGetLastErrorMessage()
     deepepResult_t deepepGetVersion(int* version)
-    deepepResult_t deepepConfigInit(deepepConfig* config)
+    deepepResult_t deepepConfigInit(deepepConfig* config, size_t struct_size)
 
     deepepResult_t deepepGetUniqueId(deepepUniqueId* id)
     deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
@@ -122,7 +122,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int64_t num_recv_rows
         int report_recv_counts
 
-    deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args)
+    deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_t struct_size)
     deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                         CUstream_st* stream)
     deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
@@ -145,7 +145,7 @@ cdef extern from "deepep/deepep.h" nogil:
 
     deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
                                                   double* gb_per_s, CUstream_st* stream)
-    deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args)
+    deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args, size_t struct_size)
     deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineArgs* args, deepepHandle_t handle,
                                  CUstream_st* stream)
     ctypedef enum deepepCall_t:
@@ -192,7 +192,7 @@ cdef extern from "deepep/deepep.h" nogil:
     deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int* masked)
     deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
                                                 int* num_blocks)
-    deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args)
+    deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args, size_t struct_size)
     deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deepepLowLatencyDispatchArgs* args,
                                             CUstream_st* stream)
 
@@ -215,7 +215,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int64_t weights_row_stride
         void* out
 
-    deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args)
+    deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args, size_t struct_size)
     deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,
                                               deepepLowLatencyPhase_t phase, CUstream_st* stream)
     deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepepLowLatencyCombineArgs* args,

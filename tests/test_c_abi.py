@@ -209,7 +209,7 @@ def lib(lib_dir) -> ctypes.CDLL:
         "deepepGetErrorString": (ctypes.c_char_p, [ctypes.c_int]),
         "deepepGetLastErrorMessage": (ctypes.c_char_p, []),
         "deepepGetVersion": (result, [ctypes.POINTER(ctypes.c_int)]),
-        "deepepConfigInit": (result, [ctypes.POINTER(Config)]),
+        "deepepConfigInit": (result, [ctypes.POINTER(Config), ctypes.c_size_t]),
         "deepepGetUniqueId": (result, [ctypes.POINTER(UniqueId)]),
         "deepepCommInitRank": (
             result,
@@ -244,7 +244,7 @@ def last_error(lib) -> str:
 
 def default_config(lib) -> Config:
     config = Config()
-    assert lib.deepepConfigInit(ctypes.byref(config)) == SUCCESS
+    assert lib.deepepConfigInit(ctypes.byref(config), ctypes.sizeof(config)) == SUCCESS
     return config
 
 
@@ -317,7 +317,7 @@ int main(void) {
     return 12;
   }
   memset(&filled, 0xff, sizeof(filled));
-  if (deepepConfigInit(&filled) != deepepSuccess) return 13;
+  if (deepepConfigInit(&filled, sizeof(filled)) != deepepSuccess) return 13;
   if (braced.struct_size != filled.struct_size || braced.device != filled.device ||
       braced.allow_nvlink_multicast != filled.allow_nvlink_multicast ||
       braced.timeout_seconds != filled.timeout_seconds || braced.buffer_bytes != filled.buffer_bytes ||
@@ -440,7 +440,7 @@ def test_last_error_message_survives_successful_calls(lib):
     message = last_error(lib)
     version = ctypes.c_int(0)
     assert lib.deepepGetVersion(ctypes.byref(version)) == SUCCESS
-    assert lib.deepepConfigInit(ctypes.byref(Config())) == SUCCESS
+    assert lib.deepepConfigInit(ctypes.byref(Config()), ctypes.sizeof(Config)) == SUCCESS
     assert last_error(lib) == message
 
 
@@ -471,7 +471,7 @@ def test_last_error_message_is_per_thread(lib):
 
 def test_config_init_fills_struct_size_and_defaults(lib):
     config = Config(struct_size=0, device=5, timeout_seconds=-3.0, num_topk=99)
-    assert lib.deepepConfigInit(ctypes.byref(config)) == SUCCESS
+    assert lib.deepepConfigInit(ctypes.byref(config), ctypes.sizeof(config)) == SUCCESS
     assert config.struct_size == ctypes.sizeof(Config)
     assert config.device == -1
     assert config.allow_nvlink_multicast == 0
@@ -481,8 +481,58 @@ def test_config_init_fills_struct_size_and_defaults(lib):
 
 
 def test_config_init_rejects_null(lib):
-    assert lib.deepepConfigInit(None) == INVALID_ARGUMENT
+    assert lib.deepepConfigInit(None, ctypes.sizeof(Config)) == INVALID_ARGUMENT
     assert names_argument(last_error(lib), "config")
+
+
+INIT_FUNCTIONS = [
+    "deepepConfigInit",
+    "deepepDispatchArgsInit",
+    "deepepCombineArgsInit",
+    "deepepLowLatencyDispatchArgsInit",
+    "deepepLowLatencyCombineArgsInit",
+]
+
+
+def init_into(lib, function, buffer, size) -> int:
+    """`function`(buffer, size) through a function object of its own (lib[...] is not cached), typed for raw bytes."""
+    init = lib[function]
+    init.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return init(ctypes.addressof(buffer), size)
+
+
+@pytest.mark.parametrize("function", INIT_FUNCTIONS)
+def test_init_functions_write_only_the_callers_struct_size(lib, function):
+    """A program built against an older header passes its smaller struct: nothing past it is written (a newer
+    library's larger struct would overrun the caller's), and what it holds equals the start of the full struct."""
+    full = (ctypes.c_ubyte * 4096)()
+    assert init_into(lib, function, full, 4096) == SUCCESS
+    size = ctypes.c_size_t.from_buffer(full).value
+    assert size == 4096
+    library_bytes = bytes(full)
+    older = 24  # struct_size and the first fields of every struct
+    small = (ctypes.c_ubyte * 4096)(*([0xAB] * 4096))
+    assert init_into(lib, function, small, older) == SUCCESS
+    assert ctypes.c_size_t.from_buffer(small).value == older
+    assert bytes(small)[8:older] == library_bytes[8:older]
+    assert bytes(small)[older:] == b"\xab" * (4096 - older)
+
+
+@pytest.mark.parametrize("function", INIT_FUNCTIONS)
+def test_init_functions_zero_the_fields_of_a_newer_header(lib, function):
+    big = (ctypes.c_ubyte * 4096)(*([0xAB] * 4096))
+    assert init_into(lib, function, big, 4096) == SUCCESS
+    # Every struct of this release is far smaller than 2 KB: the tail belongs to fields the library does not know.
+    assert bytes(big)[2048:] == bytes(2048)
+
+
+@pytest.mark.parametrize("function", INIT_FUNCTIONS)
+@pytest.mark.parametrize("size", [0, 4, (1 << 16) + 1])
+def test_init_functions_refuse_a_size_no_struct_has(lib, function, size):
+    buffer = (ctypes.c_ubyte * 64)()
+    assert init_into(lib, function, buffer, size) == INVALID_ARGUMENT
+    assert "struct_size" in last_error(lib)
+    assert bytes(buffer) == bytes(64)
 
 
 def test_buffer_size_hint_grows_with_nranks(lib):

@@ -68,7 +68,7 @@ class CombineArgs(ctypes.Structure):
 
 def test_dispatch_args_init_fills_size_and_defaults(lib):
     args = DispatchArgs()
-    assert lib.deepepDispatchArgsInit(ctypes.byref(args)) == SUCCESS
+    assert lib.deepepDispatchArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))) == SUCCESS
     assert args.struct_size == ctypes.sizeof(DispatchArgs)
     assert (args.topk_type, args.expert_alignment, args.x_type, args.scales_type) == (INT64, 1, BFLOAT16, FLOAT32)
     assert (args.num_worst_tokens, args.num_sms, args.num_tokens, args.report_recv_counts) == (0, 0, 0, 0)
@@ -77,13 +77,13 @@ def test_dispatch_args_init_fills_size_and_defaults(lib):
 def test_combine_args_init_fills_size_and_zeroes(lib):
     args = CombineArgs()
     args.hidden = 99
-    assert lib.deepepCombineArgsInit(ctypes.byref(args)) == SUCCESS
+    assert lib.deepepCombineArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))) == SUCCESS
     assert args.struct_size == ctypes.sizeof(CombineArgs) and args.hidden == 0 and args.out is None
 
 
 @pytest.mark.parametrize("function", ["deepepDispatchArgsInit", "deepepCombineArgsInit"])
 def test_args_init_rejects_null(lib, function):
-    assert getattr(lib, function)(None) == INVALID_ARGUMENT
+    assert getattr(lib, function)(None, ctypes.c_size_t(256)) == INVALID_ARGUMENT
     assert "args is NULL" in last_error(lib)
 
 
@@ -158,7 +158,7 @@ def test_per_expert_counts_query_refuses_bad_calls(lib):
 @pytest.mark.parametrize("function", ["deepepDispatchNotify", "deepepDispatch"])
 def test_dispatch_calls_need_a_live_communicator(lib, function):
     args = DispatchArgs()
-    lib.deepepDispatchArgsInit(ctypes.byref(args))
+    lib.deepepDispatchArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     assert getattr(lib, function)(None, ctypes.byref(args), bogus_pointer(), None) == INVALID_ARGUMENT
     assert "comm is NULL" in last_error(lib)
     assert getattr(lib, function)(bogus_pointer(), ctypes.byref(args), bogus_pointer(), None) == INVALID_USAGE
@@ -166,7 +166,7 @@ def test_dispatch_calls_need_a_live_communicator(lib, function):
 
 def test_combine_needs_a_live_communicator(lib):
     args = CombineArgs()
-    lib.deepepCombineArgsInit(ctypes.byref(args))
+    lib.deepepCombineArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     assert lib.deepepCombine(None, ctypes.byref(args), bogus_pointer(), None) == INVALID_ARGUMENT
     assert lib.deepepCombine(bogus_pointer(), ctypes.byref(args), bogus_pointer(), None) == INVALID_USAGE
 

@@ -78,7 +78,7 @@ class LowLatencyCombineArgs(ctypes.Structure):
 def test_dispatch_args_init_fills_size_and_defaults(lib):
     args = LowLatencyDispatchArgs()
     args.hidden = 99
-    assert lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(args)) == SUCCESS
+    assert lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))) == SUCCESS
     assert args.struct_size == ctypes.sizeof(LowLatencyDispatchArgs)
     assert (args.buffer_set, args.phase, args.topk_type, args.use_fp8) == (0, 0, INT64, 1)
     assert (args.round_scale, args.use_ue8m0, args.hidden, args.recv_x) == (0, 0, 0, None)
@@ -88,14 +88,14 @@ def test_dispatch_args_init_fills_size_and_defaults(lib):
 def test_combine_args_init_fills_size_and_defaults(lib):
     args = LowLatencyCombineArgs()
     args.zero_copy = 1
-    assert lib.deepepLowLatencyCombineArgsInit(ctypes.byref(args)) == SUCCESS
+    assert lib.deepepLowLatencyCombineArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))) == SUCCESS
     assert args.struct_size == ctypes.sizeof(LowLatencyCombineArgs)
     assert (args.buffer_set, args.phase, args.topk_type, args.zero_copy, args.out) == (0, 0, INT64, 0, None)
 
 
 @pytest.mark.parametrize("function", ["deepepLowLatencyDispatchArgsInit", "deepepLowLatencyCombineArgsInit"])
 def test_args_init_rejects_null(lib, function):
-    assert getattr(lib, function)(None) == INVALID_ARGUMENT
+    assert getattr(lib, function)(None, ctypes.c_size_t(256)) == INVALID_ARGUMENT
     assert "args is NULL" in last_error(lib)
 
 
@@ -162,13 +162,13 @@ def test_ctypes_mirrors_match_the_c_struct_layouts(tmp_path):
 
 def test_dispatch_and_combine_need_a_live_communicator(lib):
     dispatch = LowLatencyDispatchArgs()
-    lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(dispatch))
+    lib.deepepLowLatencyDispatchArgsInit(ctypes.byref(dispatch), ctypes.c_size_t(ctypes.sizeof(dispatch)))
     assert lib.deepepLowLatencyDispatch(None, ctypes.byref(dispatch), None) == INVALID_ARGUMENT
     assert "comm is NULL" in last_error(lib)
     assert lib.deepepLowLatencyDispatch(bogus_pointer(), ctypes.byref(dispatch), None) == INVALID_USAGE
     assert "not a live communicator" in last_error(lib)
     combine = LowLatencyCombineArgs()
-    lib.deepepLowLatencyCombineArgsInit(ctypes.byref(combine))
+    lib.deepepLowLatencyCombineArgsInit(ctypes.byref(combine), ctypes.c_size_t(ctypes.sizeof(combine)))
     assert lib.deepepLowLatencyCombine(None, ctypes.byref(combine), None) == INVALID_ARGUMENT
     assert lib.deepepLowLatencyCombine(bogus_pointer(), ctypes.byref(combine), None) == INVALID_USAGE
 

@@ -191,7 +191,7 @@ static int run_rank(int rank, int nranks, const deepepUniqueId* id) {
     goto fail;
   }
 
-  CHECK_DEEPEP(rank, deepepConfigInit(&config));
+  CHECK_DEEPEP(rank, deepepConfigInit(&config, sizeof(config)));
   config.device = rank;
   config.num_topk = NUM_TOPK;
   config.num_experts = num_experts;

@@ -180,7 +180,7 @@ void high_throughput(deepepComm_t comm, int rank, int nranks, cudaStream_t strea
 
   Handle handle(comm);
   deepepDispatchArgs args;
-  check(deepepDispatchArgsInit(&args), "deepepDispatchArgsInit");
+  check(deepepDispatchArgsInit(&args, sizeof(args)), "deepepDispatchArgsInit");
   args.num_tokens = kTokens;
   args.topk_idx = topk.get();
   args.topk_type = deepepInt64;
@@ -217,7 +217,7 @@ void high_throughput(deepepComm_t comm, int rank, int nranks, cudaStream_t strea
   DeviceArray<uint16_t> out(static_cast<size_t>(kTokens) * kHidden, stream);
   DeviceArray<float> out_weights(static_cast<size_t>(kTokens) * kTopk, stream);
   deepepCombineArgs combine;
-  check(deepepCombineArgsInit(&combine), "deepepCombineArgsInit");
+  check(deepepCombineArgsInit(&combine, sizeof(combine)), "deepepCombineArgsInit");
   combine.x = recv_x.get();
   combine.hidden = kHidden;
   combine.num_rows = rows;
@@ -297,7 +297,7 @@ void low_latency(deepepComm_t comm, int rank, int nranks, cudaStream_t stream) {
     DeviceArray<float> weights(mine.weights, stream);
 
     deepepLowLatencyDispatchArgs dispatch;
-    check(deepepLowLatencyDispatchArgsInit(&dispatch), "deepepLowLatencyDispatchArgsInit");
+    check(deepepLowLatencyDispatchArgsInit(&dispatch, sizeof(dispatch)), "deepepLowLatencyDispatchArgsInit");
     dispatch.buffer_set = step % 2;  // dispatch i uses set i % 2; its combine the same set
     dispatch.num_tokens = kLLTokens;
     dispatch.x = x.get();
@@ -315,7 +315,7 @@ void low_latency(deepepComm_t comm, int rank, int nranks, cudaStream_t stream) {
 
     // The experts return their rows unchanged: the combine reads recv_x as their output, in the dispatch's layout.
     deepepLowLatencyCombineArgs combine;
-    check(deepepLowLatencyCombineArgsInit(&combine), "deepepLowLatencyCombineArgsInit");
+    check(deepepLowLatencyCombineArgsInit(&combine, sizeof(combine)), "deepepLowLatencyCombineArgsInit");
     combine.buffer_set = dispatch.buffer_set;
     combine.x = recv_x.get();
     combine.hidden = kHidden;

@@ -8,11 +8,12 @@
  *  - Every call returns a deepepResult_t; results are passed out through pointers. Treat unknown codes as errors.
  *  - deepepGetErrorString() gives static text for a code; deepepGetLastErrorMessage() says, per calling thread,
  *    what the last failing call on that thread found wrong.
- *  - Structs that cross the ABI start with `size_t struct_size`; fill them with their *Init function (or the
- *    DEEPEP_*_INIT initialiser) so that fields added later take their defaults: the library reads a caller's
- *    struct only up to its struct_size. The *Init functions write the struct as the library's own header lays it
- *    out (sizeof in the library): a program must not call them on a library built from a newer header whose
- *    structs grew. DEEPEP_CONFIG_INIT, compiled into the caller, has no such limit.
+ *  - Structs that cross the ABI start with `size_t struct_size`; fill them with their *Init function, passing
+ *    sizeof the struct (`deepepDispatchArgsInit(&args, sizeof(args))`), or with DEEPEP_CONFIG_INIT, then set fields.
+ *    The size is that of the caller's header, so that a program built against an older header runs with a newer
+ *    library: the *Init functions write only that many bytes, and the library reads a caller's struct only up to its
+ *    struct_size, fields past it taking their defaults. A library older than the header zeroes the fields it does not
+ *    know and ignores them.
  *  - The stream is the last parameter of every stream-ordered call.
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
@@ -91,8 +92,9 @@ typedef struct {
 typedef struct deepepComm* deepepComm_t;
 
 /*
- * Communicator configuration. Initialise with deepepConfigInit (or DEEPEP_CONFIG_INIT), then change fields.
- * Buffers are sized from `buffer_bytes`, or, when it is 0, from the workload description that follows it.
+ * Communicator configuration. Initialise with deepepConfigInit(&config, sizeof(config)) or DEEPEP_CONFIG_INIT, then
+ * change fields. Buffers are sized from `buffer_bytes`, or, when it is 0, from the workload description that follows
+ * it.
  */
 typedef struct {
   size_t struct_size;         /* sizeof(deepepConfig) of the caller's header: keeps the ABI extensible */
@@ -148,8 +150,8 @@ DEEPEP_API const char* deepepGetLastErrorMessage(void);
  * library (compare with DEEPEP_VERSION of the header you compiled against). */
 DEEPEP_API deepepResult_t deepepGetVersion(int* version);
 
-/* [out] config: filled with the defaults and struct_size = sizeof(deepepConfig). */
-DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config);
+/* [out] config: the defaults over struct_size bytes (pass sizeof(deepepConfig)), struct_size set to it. */
+DEEPEP_API deepepResult_t deepepConfigInit(deepepConfig* config, size_t struct_size);
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Communicator. */
@@ -341,7 +343,8 @@ typedef struct {
   int report_recv_counts;
 } deepepDispatchArgs;
 
-DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args);
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepDispatchArgs)); see Conventions above. */
+DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_t struct_size);
 
 /* Fills `handle` with the routing of args (topk_idx, num_tokens, num_experts, expert_alignment, num_sms) and
  * exchanges counts with every rank. Collective; blocks the host until the counts are known (bounded by the
@@ -380,7 +383,8 @@ typedef struct {
                               weight, 0 on ranks that do not hold its expert) */
 } deepepCombineArgs;
 
-DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args);
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepCombineArgs)). */
+DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args, size_t struct_size);
 
 /* out[t] = bf16(sum over ranks d that received t, ascending, of float(x_d[row of t]) + bias0 + bias1), all sums in
  * float32. Collective, stream-ordered, no host synchronisation, capturable. */
@@ -507,7 +511,8 @@ typedef struct {
                              late or overloaded source stands out) */
 } deepepLowLatencyDispatchArgs;
 
-DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args);
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyDispatchArgs)). */
+DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args, size_t struct_size);
 
 /* Low-latency dispatch (see above). Collective, stream-ordered, no host synchronisation, capturable in a CUDA graph
  * (every phase). Send writes none of the outputs; Recv and SendRecv write all of them. */
@@ -540,7 +545,8 @@ typedef struct {
   void* out; /* [N, hidden] deepepBFloat16, contiguous; written by Recv and SendRecv */
 } deepepLowLatencyCombineArgs;
 
-DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args);
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyCombineArgs)). */
+DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args, size_t struct_size);
 
 /* Low-latency combine (see above). Collective, stream-ordered, no host synchronisation, capturable in a CUDA graph
  * (every phase). Send reads x (or the combine buffer) and the dispatch's recv_src_info / recv_layout_range; Recv reads
