@@ -17,6 +17,7 @@
 #include "device_utils.cuh"
 #include "error.hpp"
 #include "handle.hpp"
+#include "validation.hpp"
 
 namespace deepep {
 
@@ -75,15 +76,9 @@ static_assert(sizeof(RankHello) <= kHelloBytes, "RankHello outgrew its allocatio
 }  // namespace
 
 deepepConfig resolve_config(const deepepConfig* config) {
-  deepepConfig resolved = DEEPEP_CONFIG_INIT;
-  if (config == nullptr) return resolved;
-  if (config->struct_size < kConfigV1Size || config->struct_size > (size_t(1) << 16)) {
-    fail(deepepInvalidArgument,
-         "config->struct_size is %zu; set it with deepepConfigInit or DEEPEP_CONFIG_INIT (expected at least %zu)",
-         config->struct_size, kConfigV1Size);
-  }
-  std::memcpy(&resolved, config, std::min(config->struct_size, sizeof(deepepConfig)));
-  resolved.struct_size = sizeof(deepepConfig);
+  const deepepConfig defaults = DEEPEP_CONFIG_INIT;
+  if (config == nullptr) return defaults;
+  const deepepConfig resolved = checked_struct(config, "config", defaults, kConfigV1Size);
   DEEPEP_REQUIRE(resolved.device >= -1, "config->device is %d; use a device ordinal or -1 for the current device",
                  resolved.device);
   DEEPEP_REQUIRE(resolved.allow_nvlink_multicast == 0 || resolved.allow_nvlink_multicast == 1,

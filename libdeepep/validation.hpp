@@ -61,15 +61,28 @@ void init_struct(Args* args, size_t struct_size, const Args& defaults, const cha
   std::memcpy(bytes, &struct_size, sizeof(size_t));
 }
 
-// Copies a size-versioned argument struct: fields past the caller's struct_size (a caller built against an older
-// header) keep their `defaults`, as deepep.h promises.
+// Copies a size-versioned struct of the caller's (at least `min_size` bytes): fields past its struct_size (a caller
+// built against an older header) keep their `defaults`, as deepep.h promises. Bytes past this library's struct (a
+// newer header's fields) must be zero, as its *Init function leaves them: this library cannot honour them, and a
+// setting it ignored would be lost without a word.
 template <class Args>
-Args checked_struct(const Args* args, const char* name, const Args& defaults) {
+Args checked_struct(const Args* args, const char* name, const Args& defaults, size_t min_size = sizeof(size_t)) {
   DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
-  DEEPEP_REQUIRE(args->struct_size >= sizeof(size_t) && args->struct_size <= kMaxStructSize,
-                 "%s->struct_size is %zu; initialise the struct with its Init function", name, args->struct_size);
+  const size_t size = args->struct_size;
+  DEEPEP_REQUIRE(size >= min_size && size <= kMaxStructSize,
+                 "%s->struct_size is %zu; initialise the struct with its Init function (at least %zu bytes)", name,
+                 size, min_size);
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(args);
+  for (size_t i = sizeof(Args); i < size; ++i) {
+    if (bytes[i] != 0) {
+      fail(deepepNotSupported,
+           "%s sets a field this library (%d.%d.%d) does not know (byte %zu of its %zu; this library's struct has "
+           "%zu): it needs the library of the header it was built with",
+           name, DEEPEP_VERSION_MAJOR, DEEPEP_VERSION_MINOR, DEEPEP_VERSION_PATCH, i, size, sizeof(Args));
+    }
+  }
   Args copy = defaults;
-  std::memcpy(&copy, args, std::min(args->struct_size, sizeof(Args)));
+  std::memcpy(&copy, args, std::min(size, sizeof(Args)));
   copy.struct_size = sizeof(Args);
   return copy;
 }

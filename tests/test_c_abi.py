@@ -23,7 +23,7 @@ EXAMPLE_C = REPO / "examples" / "c" / "dispatch_layout.c"
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 
 # Result codes of deepep.h (fixed forever).
-SUCCESS, INVALID_ARGUMENT, INVALID_USAGE, NO_DEVICE = 0, 1, 2, 7
+SUCCESS, INVALID_ARGUMENT, INVALID_USAGE, NO_DEVICE, NOT_SUPPORTED = 0, 1, 2, 7, 8
 NUM_RESULT_CODES = 12
 UNKNOWN_TEXT = "unknown deepep result code"
 INT64 = 1
@@ -575,6 +575,32 @@ def test_buffer_size_hint_rejects_a_config_without_struct_size(lib):
     config.struct_size = 0
     assert size_hint(lib, config, 1)[0] == INVALID_ARGUMENT
     assert "struct_size" in last_error(lib)
+
+
+class NewerConfig(ctypes.Structure):
+    """deepepConfig as a later header might lay it out: a field this library does not know at its end."""
+
+    _fields_ = [*Config._fields_, ("future_field", ctypes.c_int64)]
+
+
+def test_a_config_of_a_newer_header_is_taken_while_its_new_fields_keep_their_zero(lib):
+    config = NewerConfig()
+    ctypes.memset(ctypes.byref(config), 0xAB, ctypes.sizeof(config))
+    init = lib["deepepConfigInit"]
+    init.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    assert init(ctypes.addressof(config), ctypes.sizeof(config)) == SUCCESS
+    assert config.struct_size == ctypes.sizeof(NewerConfig) and config.future_field == 0
+    assert config.num_experts == 256
+    hint = lib["deepepGetBufferSizeHint"]
+    hint.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t)]
+    out = ctypes.c_size_t(0)
+    assert hint(ctypes.addressof(config), 2, ctypes.byref(out)) == SUCCESS
+    assert out.value == size_hint(lib, default_config(lib), 2)[1]
+    # A setting this library cannot honour is refused, not ignored.
+    config.future_field = 1
+    assert hint(ctypes.addressof(config), 2, ctypes.byref(out)) == NOT_SUPPORTED
+    message = last_error(lib)
+    assert "config sets a field this library" in message and "does not know" in message
 
 
 @pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan")])

@@ -13,7 +13,7 @@
  *    The size is that of the caller's header, so that a program built against an older header runs with a newer
  *    library: the *Init functions write only that many bytes, and the library reads a caller's struct only up to its
  *    struct_size, fields past it taking their defaults. A library older than the header zeroes the fields it does not
- *    know and ignores them.
+ *    know, and refuses a struct that sets any of them (deepepNotSupported) rather than ignore the setting.
  *  - The stream is the last parameter of every stream-ordered call.
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
