@@ -25,9 +25,6 @@ namespace {
 
 static_assert(sizeof(nvshmemx_uniqueid_t) == DEEPEP_UNIQUE_ID_BYTES, "deepepUniqueId must hold NVSHMEM's id");
 
-// The size of the first published deepepConfig: callers compiled against it send exactly this struct_size.
-constexpr size_t kConfigV1Size = offsetof(deepepConfig, num_experts) + sizeof(int);
-
 // Live communicators: lets every entry point reject freed or foreign handles without touching their memory, and
 // enforces one communicator per process (NVSHMEM is a per-process runtime).
 std::mutex registry_mutex;
@@ -78,7 +75,7 @@ static_assert(sizeof(RankHello) <= kHelloBytes, "RankHello outgrew its allocatio
 deepepConfig resolve_config(const deepepConfig* config) {
   const deepepConfig defaults = DEEPEP_CONFIG_INIT;
   if (config == nullptr) return defaults;
-  const deepepConfig resolved = checked_struct(config, "config", defaults, kConfigV1Size);
+  const deepepConfig resolved = checked_struct(config, "config", defaults);
   DEEPEP_REQUIRE(resolved.device >= -1, "config->device is %d; use a device ordinal or -1 for the current device",
                  resolved.device);
   DEEPEP_REQUIRE(resolved.allow_nvlink_multicast == 0 || resolved.allow_nvlink_multicast == 1,

@@ -47,42 +47,80 @@ inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t el
 // Most bytes a size-versioned struct may claim: more comes from an uninitialised struct_size.
 constexpr size_t kMaxStructSize = size_t(1) << 16;
 
+// Each size-versioned struct of deepep.h: where the fields this library knows end (what follows, a `reserved` field
+// or the fields of a newer header, must be zero), and the smallest struct_size a caller may pass, the struct of
+// 0.2.0, the first release of this soname (it stays when fields are appended).
+template <class T>
+struct AbiStruct;
+template <>
+struct AbiStruct<deepepConfig> {
+  static constexpr size_t fields_end = offsetof(deepepConfig, reserved);
+  static constexpr size_t min_size = offsetof(deepepConfig, reserved);
+};
+template <>
+struct AbiStruct<deepepDispatchArgs> {
+  static constexpr size_t fields_end = offsetof(deepepDispatchArgs, reserved);
+  static constexpr size_t min_size = offsetof(deepepDispatchArgs, reserved);
+};
+template <>
+struct AbiStruct<deepepCombineArgs> {
+  static constexpr size_t fields_end = offsetof(deepepCombineArgs, out_topk_weights) + sizeof(void*);
+  static constexpr size_t min_size = offsetof(deepepCombineArgs, out_topk_weights) + sizeof(void*);
+};
+template <>
+struct AbiStruct<deepepLowLatencyDispatchArgs> {
+  static constexpr size_t fields_end = offsetof(deepepLowLatencyDispatchArgs, stats_wait_ns) + sizeof(void*);
+  static constexpr size_t min_size = offsetof(deepepLowLatencyDispatchArgs, stats_wait_ns) + sizeof(void*);
+};
+template <>
+struct AbiStruct<deepepLowLatencyCombineArgs> {
+  static constexpr size_t fields_end = offsetof(deepepLowLatencyCombineArgs, out) + sizeof(void*);
+  static constexpr size_t min_size = offsetof(deepepLowLatencyCombineArgs, out) + sizeof(void*);
+};
+
+// Refuses a struct_size no caller's struct has (`name`: the struct's parameter, for the message).
+template <class Args>
+void check_struct_size(size_t struct_size, const char* name) {
+  DEEPEP_REQUIRE(struct_size >= AbiStruct<Args>::min_size && struct_size <= kMaxStructSize,
+                 "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header, at least %zu (set it with the "
+                 "struct's Init function)",
+                 name, struct_size, name, AbiStruct<Args>::min_size);
+}
+
 // What a *Init function does: writes `defaults` over the caller's struct of `struct_size` bytes (its header's
-// sizeof: smaller than the library's for a program built against an older header, larger for a newer one, whose
-// fields this library does not know and zeroes), and sets struct_size to that size.
+// sizeof: larger than the library's for a newer header, whose fields this library does not know and zeroes, as it
+// zeroes `reserved` fields and padding), and sets struct_size to that size.
 template <class Args>
 void init_struct(Args* args, size_t struct_size, const Args& defaults, const char* name) {
   DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
-  DEEPEP_REQUIRE(struct_size >= sizeof(size_t) && struct_size <= kMaxStructSize,
-                 "struct_size is %zu; pass sizeof(*%s) (at most %zu)", struct_size, name, kMaxStructSize);
-  char* bytes = reinterpret_cast<char*>(args);
-  std::memcpy(bytes, &defaults, std::min(struct_size, sizeof(Args)));
-  if (struct_size > sizeof(Args)) std::memset(bytes + sizeof(Args), 0, struct_size - sizeof(Args));
+  check_struct_size<Args>(struct_size, name);
+  unsigned char* bytes = reinterpret_cast<unsigned char*>(args);
+  std::memset(bytes, 0, struct_size);
+  std::memcpy(bytes, &defaults, std::min(struct_size, AbiStruct<Args>::fields_end));
   std::memcpy(bytes, &struct_size, sizeof(size_t));
 }
 
-// Copies a size-versioned struct of the caller's (at least `min_size` bytes): fields past its struct_size (a caller
-// built against an older header) keep their `defaults`, as deepep.h promises. Bytes past this library's struct (a
-// newer header's fields) must be zero, as its *Init function leaves them: this library cannot honour them, and a
-// setting it ignored would be lost without a word.
+// Copies a size-versioned struct of the caller's: fields past its struct_size (a caller built against an older
+// header of this soname) keep their `defaults`, as deepep.h promises. What follows the fields this library knows
+// must be zero, as its *Init function leaves it: a newer header's field set there cannot be honoured here, and a
+// setting this library ignored would be lost without a word.
 template <class Args>
-Args checked_struct(const Args* args, const char* name, const Args& defaults, size_t min_size = sizeof(size_t)) {
+Args checked_struct(const Args* args, const char* name, const Args& defaults) {
   DEEPEP_REQUIRE(args != nullptr, "%s is NULL", name);
   const size_t size = args->struct_size;
-  DEEPEP_REQUIRE(size >= min_size && size <= kMaxStructSize,
-                 "%s->struct_size is %zu; initialise the struct with its Init function (at least %zu bytes)", name,
-                 size, min_size);
+  check_struct_size<Args>(size, name);
   const unsigned char* bytes = reinterpret_cast<const unsigned char*>(args);
-  for (size_t i = sizeof(Args); i < size; ++i) {
+  for (size_t i = AbiStruct<Args>::fields_end; i < size; ++i) {
     if (bytes[i] != 0) {
       fail(deepepNotSupported,
-           "%s sets a field this library (%d.%d.%d) does not know (byte %zu of its %zu; this library's struct has "
+           "%s sets a field this library (%d.%d.%d) does not know (byte %zu of its %zu; this library's fields end at "
            "%zu): it needs the library of the header it was built with",
-           name, DEEPEP_VERSION_MAJOR, DEEPEP_VERSION_MINOR, DEEPEP_VERSION_PATCH, i, size, sizeof(Args));
+           name, DEEPEP_VERSION_MAJOR, DEEPEP_VERSION_MINOR, DEEPEP_VERSION_PATCH, i, size,
+           AbiStruct<Args>::fields_end);
     }
   }
   Args copy = defaults;
-  std::memcpy(&copy, args, std::min(size, sizeof(Args)));
+  std::memcpy(&copy, args, std::min(size, AbiStruct<Args>::fields_end));
   copy.struct_size = sizeof(Args);
   return copy;
 }

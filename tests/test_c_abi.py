@@ -193,6 +193,7 @@ class Config(ctypes.Structure):
         ("low_latency_max_tokens", ctypes.c_int),
         ("low_latency_transport", ctypes.c_int),
         ("zero_copy_dispatch", ctypes.c_int),
+        ("reserved", ctypes.c_int),
     ]
 
 
@@ -325,18 +326,26 @@ int main(void) {
       braced.num_topk != filled.num_topk || braced.num_experts != filled.num_experts ||
       braced.low_latency_max_tokens != filled.low_latency_max_tokens ||
       braced.low_latency_transport != filled.low_latency_transport ||
-      braced.zero_copy_dispatch != filled.zero_copy_dispatch) {
+      braced.zero_copy_dispatch != filled.zero_copy_dispatch || braced.reserved != filled.reserved) {
     fprintf(stderr, "DEEPEP_CONFIG_INIT differs from deepepConfigInit\n");
     return 14;
   }
-  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
+  printf("layout %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(deepepConfig),
          offsetof(deepepConfig, struct_size), offsetof(deepepConfig, device),
          offsetof(deepepConfig, allow_nvlink_multicast), offsetof(deepepConfig, timeout_seconds),
          offsetof(deepepConfig, buffer_bytes), offsetof(deepepConfig, max_tokens_per_rank),
          offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts),
          offsetof(deepepConfig, low_latency_max_tokens), offsetof(deepepConfig, low_latency_transport),
-         offsetof(deepepConfig, zero_copy_dispatch));
+         offsetof(deepepConfig, zero_copy_dispatch), offsetof(deepepConfig, reserved));
   printf("unique_id %zu\n", sizeof(deepepUniqueId));
+  /* Each size-versioned struct: its size and where its fields end (before a trailing reserved field). */
+  printf("init deepepConfigInit %zu %zu\n", sizeof(deepepConfig), offsetof(deepepConfig, reserved));
+  printf("init deepepDispatchArgsInit %zu %zu\n", sizeof(deepepDispatchArgs), offsetof(deepepDispatchArgs, reserved));
+  printf("init deepepCombineArgsInit %zu %zu\n", sizeof(deepepCombineArgs), sizeof(deepepCombineArgs));
+  printf("init deepepLowLatencyDispatchArgsInit %zu %zu\n", sizeof(deepepLowLatencyDispatchArgs),
+         sizeof(deepepLowLatencyDispatchArgs));
+  printf("init deepepLowLatencyCombineArgsInit %zu %zu\n", sizeof(deepepLowLatencyCombineArgs),
+         sizeof(deepepLowLatencyCombineArgs));
   return 0;
 }
 """
@@ -501,38 +510,50 @@ def init_into(lib, function, buffer, size) -> int:
     return init(ctypes.addressof(buffer), size)
 
 
-@pytest.mark.parametrize("function", INIT_FUNCTIONS)
-def test_init_functions_write_only_the_callers_struct_size(lib, function):
-    """A program built against an older header passes its smaller struct: nothing past it is written (a newer
-    library's larger struct would overrun the caller's), and what it holds equals the start of the full struct."""
-    full = (ctypes.c_ubyte * 4096)()
-    assert init_into(lib, function, full, 4096) == SUCCESS
-    size = ctypes.c_size_t.from_buffer(full).value
-    assert size == 4096
-    library_bytes = bytes(full)
-    older = 24  # struct_size and the first fields of every struct
-    small = (ctypes.c_ubyte * 4096)(*([0xAB] * 4096))
-    assert init_into(lib, function, small, older) == SUCCESS
-    assert ctypes.c_size_t.from_buffer(small).value == older
-    assert bytes(small)[8:older] == library_bytes[8:older]
-    assert bytes(small)[older:] == b"\xab" * (4096 - older)
+@pytest.fixture(scope="session")
+def struct_sizes(c_program_output) -> dict:
+    """Init function -> (sizeof its struct, where the struct's fields end), from the C header."""
+    lines = [line.split() for line in c_program_output.splitlines() if line.startswith("init ")]
+    return {name: (int(size), int(end)) for _, name, size, end in lines}
+
+
+def test_every_init_function_has_its_struct_measured(struct_sizes):
+    assert sorted(struct_sizes) == sorted(INIT_FUNCTIONS)
 
 
 @pytest.mark.parametrize("function", INIT_FUNCTIONS)
-def test_init_functions_zero_the_fields_of_a_newer_header(lib, function):
-    big = (ctypes.c_ubyte * 4096)(*([0xAB] * 4096))
-    assert init_into(lib, function, big, 4096) == SUCCESS
-    # Every struct of this release is far smaller than 2 KB: the tail belongs to fields the library does not know.
-    assert bytes(big)[2048:] == bytes(2048)
+def test_init_functions_write_only_the_callers_struct_size(lib, function, struct_sizes):
+    """A program passes its header's sizeof: nothing past it is written (a newer library's larger struct would
+    overrun the caller's), and the bytes after the fields (a reserved field) are zero."""
+    size, fields_end = struct_sizes[function]
+    buffer = (ctypes.c_ubyte * 4096)(*([0xAB] * 4096))
+    assert init_into(lib, function, buffer, size) == SUCCESS
+    assert ctypes.c_size_t.from_buffer(buffer).value == size
+    assert bytes(buffer)[fields_end:size] == bytes(size - fields_end)
+    assert bytes(buffer)[size:] == b"\xab" * (4096 - size)
 
 
 @pytest.mark.parametrize("function", INIT_FUNCTIONS)
-@pytest.mark.parametrize("size", [0, 4, (1 << 16) + 1])
-def test_init_functions_refuse_a_size_no_struct_has(lib, function, size):
-    buffer = (ctypes.c_ubyte * 64)()
-    assert init_into(lib, function, buffer, size) == INVALID_ARGUMENT
-    assert "struct_size" in last_error(lib)
-    assert bytes(buffer) == bytes(64)
+def test_init_functions_zero_the_fields_of_a_newer_header(lib, function, struct_sizes):
+    """A newer header's struct is larger: the library writes its defaults and zeroes the rest, fields it does not
+    know included."""
+    size, fields_end = struct_sizes[function]
+    ours = (ctypes.c_ubyte * size)()
+    assert init_into(lib, function, ours, size) == SUCCESS
+    newer = (ctypes.c_ubyte * 4096)(*([0xAB] * 4096))
+    assert init_into(lib, function, newer, 4096) == SUCCESS
+    assert bytes(newer)[8:fields_end] == bytes(ours)[8:fields_end]
+    assert bytes(newer)[fields_end:] == bytes(4096 - fields_end)
+
+
+@pytest.mark.parametrize("function", INIT_FUNCTIONS)
+def test_init_functions_refuse_a_size_no_struct_has(lib, function, struct_sizes):
+    _, fields_end = struct_sizes[function]
+    for size in (0, 8, fields_end - 1, (1 << 16) + 1):
+        buffer = (ctypes.c_ubyte * 4096)()
+        assert init_into(lib, function, buffer, size) == INVALID_ARGUMENT, size
+        assert "struct_size" in last_error(lib)
+        assert bytes(buffer) == bytes(4096)
 
 
 def test_buffer_size_hint_grows_with_nranks(lib):
@@ -601,6 +622,11 @@ def test_a_config_of_a_newer_header_is_taken_while_its_new_fields_keep_their_zer
     assert hint(ctypes.addressof(config), 2, ctypes.byref(out)) == NOT_SUPPORTED
     message = last_error(lib)
     assert "config sets a field this library" in message and "does not know" in message
+    # A newer header's field in the reserved field's place (the same struct size) is refused the same way.
+    config.future_field = 0
+    config.reserved = 1
+    assert hint(ctypes.addressof(config), 2, ctypes.byref(out)) == NOT_SUPPORTED
+    assert "does not know" in last_error(lib)
 
 
 @pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan")])

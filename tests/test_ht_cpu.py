@@ -46,6 +46,7 @@ class DispatchArgs(ctypes.Structure):
         ("num_recv_tokens_per_expert", ctypes.c_void_p),
         ("num_recv_rows", ctypes.c_int64),
         ("report_recv_counts", ctypes.c_int),
+        ("reserved", ctypes.c_int),
     ]
 
 

@@ -13,7 +13,9 @@
  *    The size is that of the caller's header, so that a program built against an older header runs with a newer
  *    library: the *Init functions write only that many bytes, and the library reads a caller's struct only up to its
  *    struct_size, fields past it taking their defaults. A library older than the header zeroes the fields it does not
- *    know, and refuses a struct that sets any of them (deepepNotSupported) rather than ignore the setting.
+ *    know, and refuses a struct that sets any of them (deepepNotSupported) rather than ignore the setting. Later
+ *    fields are only ever appended (or take the place of a `reserved` field, which must stay 0), and only within one
+ *    soname: libdeepep.so.0.2 for every 0.2.x, then one per major version from 1.0 on.
  *  - The stream is the last parameter of every stream-ordered call.
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
@@ -127,13 +129,15 @@ typedef struct {
    * valid until this rank's next high-throughput dispatch starts on the device (work ordered before that dispatch
    * reads them safely) and while the communicator lives. Every rank must pass the same value. */
   int zero_copy_dispatch;
+  int reserved; /* 0: room for a later field (the struct would otherwise end in padding that no initialiser sets) */
 } deepepConfig;
 
 #define DEEPEP_LL_TRANSPORT_AUTO 0
 #define DEEPEP_LL_TRANSPORT_NVSHMEM 1
 
 /* Plain-brace initialiser with the defaults, valid in C and C++. Keep in field order. */
-#define DEEPEP_CONFIG_INIT {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0, DEEPEP_LL_TRANSPORT_AUTO, 0}
+#define DEEPEP_CONFIG_INIT \
+  {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0, DEEPEP_LL_TRANSPORT_AUTO, 0, 0}
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Errors and version. Local, thread-safe, never fail for valid pointers.                                            */
@@ -341,6 +345,7 @@ typedef struct {
    * communicator. A bound that always holds: nranks * max_tokens_per_rank (a source sends a token to a rank at
    * most once). */
   int report_recv_counts;
+  int reserved; /* 0: room for a later field (the struct would otherwise end in padding that no initialiser sets) */
 } deepepDispatchArgs;
 
 /* [out] args: the defaults over struct_size bytes (pass sizeof(deepepDispatchArgs)); see Conventions above. */
@@ -406,8 +411,10 @@ typedef enum {
  * NULL; a dispatch or a combine runs on its block count where it holds a routing, else on `num_sms` (as in
  * deepepDispatchArgs; the default one where it is no valid count), which must then be the peers' block count for a
  * cached dispatch or a combine to finish at once. deepepDispatch, deepepDispatchNotify and deepepCombine do this
- * themselves when they refuse their arguments (deepepDispatch and deepepCombine also when `args` is NULL). The refused
- * call counts as made: do not retry it. Stream-ordered; not capturable. */
+ * themselves when they refuse their arguments (deepepDispatch and deepepCombine also when `args` is NULL). A refused
+ * dispatch lets the peers finish a cached or a worst-case dispatch, whichever they made; a peer's handle keeps a true
+ * routing for its combine only where `handle` here holds the same routing (otherwise route it again first). The
+ * refused call counts as made: do not retry it. Stream-ordered; not capturable. */
 DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
                                            struct CUstream_st* stream);
 
