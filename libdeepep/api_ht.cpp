@@ -165,16 +165,18 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   note_use(handle, stream);
 }
 
-// Spins until `done()` holds, or a kernel recorded a fault (its stream then finishes on its own; the caller reports
-// the fault), at most the communicator's timeout plus 5 s. Count exchanges finish in tens of microseconds: the host
-// spins first, then stops burning the core.
+// Spins until `done()` holds, at most the communicator's timeout plus 5 s; past that, a fault a kernel recorded is
+// reported (earlier work on the stream may have held the awaited kernel up), else a timeout. A fault recorded
+// meanwhile does not end the wait: it may be earlier work's, while the awaited kernel still finishes well (and it ends
+// within its own timeout regardless). Count exchanges finish in tens of microseconds: the host spins first, then
+// stops burning the core.
 template <class Done>
 void spin_bounded(const deepepComm& comm, const char* what, Done done) {
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + std::chrono::duration<double>(comm.timeout_seconds + 5);
   while (!done()) {
-    if (comm.async_error->code > 0) return;
     if (std::chrono::steady_clock::now() > deadline) {
+      raise_async_error(comm);
       comm.peer_timed_out.store(true);
       fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
     }
@@ -206,11 +208,18 @@ void require_no_recorded_fault(const deepepComm& comm, const char* what) {
   }
 }
 
-// Waits for `stream` at most the communicator's timeout, then reports any fault the kernels recorded.
-void wait_bounded(const deepepComm& comm, cudaStream_t stream, const char* what) {
+// Waits for the notify kernel launched on `stream` with `ticket`: it stores the ticket once the counts are on the
+// host and every source sent them in agreement, before it ends. A kernel that ends without it found a fault, which it
+// recorded (or an earlier one was: the first stays), reported here.
+void wait_for_notify(const deepepComm& comm, uint64_t ticket, cudaStream_t stream) {
+  const char* what = "the dispatch count exchange";
+  auto* slot = static_cast<HandleHostInfo*>(comm.notify_host);
+  auto ticket_now = [&] { return __atomic_load_n(&slot->ticket, __ATOMIC_ACQUIRE); };
   DEEPEP_CUDA_CHECK(cudaEventRecord(comm.host_wait_event, stream));
-  spin_bounded(comm, what, [&] { return event_done(comm.host_wait_event, what); });
+  spin_bounded(comm, what, [&] { return ticket_now() == ticket || event_done(comm.host_wait_event, what); });
+  if (ticket_now() == ticket) return;
   raise_async_error(comm);
+  fail(deepepInternalError, "%s ended without its counts and without a recorded fault", what);
 }
 
 }  // namespace
@@ -398,12 +407,13 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     check_routing(c, a);
     DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
-    launch_notify(c, h, a.expert_alignment, stream);
+    const uint64_t ticket = ++c.notify_tickets;
+    launch_notify(c, h, a.expert_alignment, ticket, stream);
     refusal.launched();
     // Before the wait, which may throw while the notify still writes the handle's storage: a destroyed handle's
     // storage is reused only once its last use is done.
     note_use(h, stream);
-    wait_bounded(c, stream, "the dispatch count exchange");
+    wait_for_notify(c, ticket, stream);
     h.routed = true;
     std::memcpy(&h.host_info, c.notify_host, sizeof(HandleHostInfo));
     h.recv_counts_on_host = true;

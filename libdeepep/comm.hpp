@@ -87,6 +87,7 @@ struct deepepComm {
   // communicator, since notify calls block the host one at a time.
   void* notify_host = nullptr;
   void* notify_host_device = nullptr;
+  mutable std::atomic<uint64_t> notify_tickets{0};  // the last one a notify drew; its kernel stores it when done well
   // Where a dispatch reporting its counts leaves them (the second HandleHostInfo of notify_host's allocation: a
   // notify never overwrites a report still to be collected), tagged with the ticket its launch drew.
   void* report_host = nullptr;

@@ -19,7 +19,7 @@ constexpr int kRoutingTile = 256;  // tokens per block of the routing kernels (o
 struct HandleHostInfo {
   int64_t num_recv_tokens;
   int32_t recv_tokens_per_expert[DEEPEP_MAX_LOCAL_EXPERTS];
-  uint64_t ticket;  // a reporting dispatch's: stored last, after a system fence (the notify leaves it alone)
+  uint64_t ticket;  // the notify's or a reporting dispatch's (each has its own slot): stored last, after a system fence
 };
 
 }  // namespace deepep

@@ -485,12 +485,14 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
 
 __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
                               int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
-                              int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host) {
+                              int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host,
+                              uint64_t ticket) {
   wait_for_previous_grid();  // the routing
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
   __shared__ bool ok;
-  if (threadIdx.x == 0) ok = true;
+  __shared__ bool agreed;  // every source sent its counts, laid out as this rank's
+  if (threadIdx.x == 0) ok = agreed = true;
   __syncthreads();
   if (threadIdx.x < 32 && !wait_acks(p, seq, deadline, Phase::kDispatchNotify) && threadIdx.x == 0) ok = false;
   __syncthreads();
@@ -532,19 +534,32 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
         total += mine->notify[s].tokens;
         if (mine->notify[s].experts_per_rank == kRefusedExpertsPerRank) {
           record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatchNotify, s, kDetailPeerRefused, 0);
+          agreed = false;
           continue;
         }
-        if (mine->notify[s].num_blocks != num_blocks)
+        if (mine->notify[s].num_blocks != num_blocks) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatchNotify, s,
                              mine->notify[s].num_blocks, num_blocks);
+          agreed = false;
+        }
         // Ranks that disagree on the expert count (a collective parameter) are told so, never silently miscounted.
-        if (mine->notify[s].experts_per_rank != experts_per_rank)
+        if (mine->notify[s].experts_per_rank != experts_per_rank) {
           record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatchNotify, s,
                              mine->notify[s].experts_per_rank, experts_per_rank);
+          agreed = false;
+        }
       }
       *num_recv_device = total;
       host->num_recv_tokens = total;
     }
+  }
+  // The host waits for the ticket (stored last, after a system fence the barrier makes cumulative over every thread's
+  // stores): it has the counts before this kernel's acknowledgements, and a fault earlier work records meanwhile does
+  // not pass for this call's.
+  __syncthreads();
+  if (ok && agreed && threadIdx.x == 0) {
+    __threadfence_system();
+    *reinterpret_cast<volatile uint64_t*>(&host->ticket) = ticket;
   }
   finish_operation(p, seq);
 }
@@ -1529,11 +1544,12 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
   launch_kernel(routing_position_kernel, q.num_tiles, kRoutingTile, 0, stream, true, false, q);
 }
 
-void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream) {
+void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, uint64_t ticket,
+                   cudaStream_t stream) {
   launch_kernel(notify_kernel, 1, 256, 0, stream, true, false, protocol_of(comm), handle.send_counts,
                 handle.expert_counts, handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
                 handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
-                static_cast<HandleHostInfo*>(comm.notify_host_device));
+                static_cast<HandleHostInfo*>(comm.notify_host_device), ticket);
 }
 
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,

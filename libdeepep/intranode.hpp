@@ -51,7 +51,10 @@ int diag_bits();
 void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args, int num_sms,
                             cudaStream_t stream);
 // Exchanges counts with every rank and writes receive counts into the handle (device and mapped host memory).
-void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, cudaStream_t stream);
+// The count exchange of an exact-size dispatch: the counts go into the handle and into comm.notify_host, whose ticket
+// the kernel sets to `ticket` once they are there and every source sent them in agreement.
+void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alignment, uint64_t ticket,
+                   cudaStream_t stream);
 // `layout` is the validated row layout: the same on every rank for the same call, whatever this rank's token count
 // (a rank with no tokens may pass NULL scales).
 // `report_ticket` (not 0): the kernel also leaves the receive counts for the host, tagged with it (a worst-case

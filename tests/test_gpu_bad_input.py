@@ -298,3 +298,62 @@ def test_a_count_exchange_is_refused_while_a_fault_is_recorded():
             assert first.startswith("DeepEPRemoteError:"), f"rank {rank}: {first}"
         assert seconds < 10, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
         assert again is True, f"rank {rank}: the dispatch after clearing the fault differs from the oracle"
+
+
+# Holds a stream for `ns` nanoseconds (%globaltimer), so that work queued after it runs while a later call waits.
+SPIN_SOURCE = r"""
+extern "C" __global__ void spin(unsigned long long ns) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+"""
+
+
+def fault_during_the_wait_rank(info):
+    """Rank 0 queues a kernel that holds its stream for 300 ms, a layout with an expert id out of range (which records
+    its fault once it runs, while the count exchange below already waits) and a full dispatch. Returns whether each
+    rank's dispatch gave the oracle's rows and what check_async_error raised afterwards."""
+    import time
+
+    with open_communicator(info) as comm, cupy.cuda.Device(comm.device):
+        x_np, topk_np, _ = inputs(info.rank)
+        x, topk = cupy.asarray(x_np), cupy.asarray(topk_np)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        bad = cupy.asarray(topk_np)
+        bad[0, 0] = E
+        cupy.cuda.runtime.deviceSynchronize()
+        start = time.monotonic()
+        if info.rank == 0:
+            with stream:
+                cupy.RawKernel(SPIN_SOURCE, "spin")((1,), (1,), (np.uint64(300_000_000),))
+            comm.get_dispatch_layout(bad, E, stream=stream)
+        try:
+            recv_x = comm.dispatch(x, topk_idx=topk, num_experts=E, stream=stream).recv_x.to_numpy()
+            stream.synchronize()
+        except pydeepep.DeepEPError as exc:
+            return f"the dispatch raised {type(exc).__name__}: {exc}", None, time.monotonic() - start
+        seconds = time.monotonic() - start
+        try:
+            comm.check_async_error()
+            afterwards = "nothing"
+        except pydeepep.DeepEPError as exc:
+            afterwards = type(exc).__name__
+        comm.clear_async_error()
+    want = reference.dispatch(
+        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
+    )
+    return bool(np.array_equal(bf16_values(recv_x), want[info.rank][0])), afterwards, seconds
+
+
+def test_a_count_exchange_reports_its_own_outcome_when_earlier_work_records_a_fault_meanwhile():
+    """The fault of work queued before the call, recorded while the call waits for its counts, does not end that
+    wait: the dispatch completes on every rank with the oracle's rows, and the fault is there to read afterwards."""
+    results = spawn_ranks(fault_during_the_wait_rank, nprocs=RANKS, timeout=60 * RANKS)
+    for rank, (rows_match, afterwards, seconds) in enumerate(results):
+        assert rows_match is True, f"rank {rank}: {rows_match}"
+        assert afterwards == ("DeepEPInvalidArgument" if rank == 0 else "nothing"), f"rank {rank}: {afterwards}"
+        assert seconds < 10, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
