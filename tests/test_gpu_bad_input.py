@@ -314,9 +314,11 @@ extern "C" __global__ void spin(unsigned long long ns) {
 
 
 def fault_during_the_wait_rank(info):
-    """Rank 0 queues a kernel that holds its stream for 300 ms, a layout with an expert id out of range (which records
-    its fault once it runs, while the count exchange below already waits) and a full dispatch. Returns whether each
-    rank's dispatch gave the oracle's rows and what check_async_error raised afterwards."""
+    """Every rank makes a full dispatch first (so that the one below pays no first-call costs). Then rank 0 queues a
+    kernel that holds its stream for 1.5 s, a layout with an expert id out of range (which records its fault once it
+    runs, while the count exchange below already waits) and a full dispatch, which the other ranks make at once.
+    Returns whether each rank's second dispatch gave the oracle's rows, what check_async_error raised afterwards, and
+    the seconds the dispatch took."""
     import time
 
     with open_communicator(info) as comm, cupy.cuda.Device(comm.device):
@@ -325,17 +327,20 @@ def fault_during_the_wait_rank(info):
         stream = cupy.cuda.Stream(non_blocking=True)
         bad = cupy.asarray(topk_np)
         bad[0, 0] = E
-        cupy.cuda.runtime.deviceSynchronize()
+        spin = cupy.RawKernel(SPIN_SOURCE, "spin")
+        comm.dispatch(x, topk_idx=topk, num_experts=E, stream=stream)
+        stream.synchronize()
         start = time.monotonic()
         if info.rank == 0:
             with stream:
-                cupy.RawKernel(SPIN_SOURCE, "spin")((1,), (1,), (np.uint64(300_000_000),))
+                spin((1,), (1,), (np.uint64(1_500_000_000),))
             comm.get_dispatch_layout(bad, E, stream=stream)
         try:
             recv_x = comm.dispatch(x, topk_idx=topk, num_experts=E, stream=stream).recv_x.to_numpy()
             stream.synchronize()
         except pydeepep.DeepEPError as exc:
-            return f"the dispatch raised {type(exc).__name__}: {exc}", None, time.monotonic() - start
+            seconds = time.monotonic() - start
+            return f"the dispatch raised after {seconds:.2f} s {type(exc).__name__}: {exc}", None, seconds
         seconds = time.monotonic() - start
         try:
             comm.check_async_error()
@@ -357,3 +362,5 @@ def test_a_count_exchange_reports_its_own_outcome_when_earlier_work_records_a_fa
         assert rows_match is True, f"rank {rank}: {rows_match}"
         assert afterwards == ("DeepEPInvalidArgument" if rank == 0 else "nothing"), f"rank {rank}: {afterwards}"
         assert seconds < 10, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
+    # The premise: rank 0's stream was held while its call waited (else the fault was there before the call).
+    assert results[0][2] > 1.4, f"rank 0's dispatch took {results[0][2]:.2f} s; the spin holds its stream 1.5 s"
