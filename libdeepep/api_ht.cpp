@@ -176,8 +176,8 @@ void spin_bounded(const deepepComm& comm, const char* what, Done done) {
   const auto deadline = start + std::chrono::duration<double>(comm.timeout_seconds + 5);
   while (!done()) {
     if (std::chrono::steady_clock::now() > deadline) {
-      raise_async_error(comm);
       comm.peer_timed_out.store(true);
+      raise_async_error(comm);
       fail(deepepTimeout, "%s did not finish within %.1f s", what, comm.timeout_seconds);
     }
     if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
@@ -209,8 +209,8 @@ void require_no_recorded_fault(const deepepComm& comm, const char* what) {
 }
 
 // Waits for the notify kernel launched on `stream` with `ticket`: it stores the ticket once the counts are on the
-// host and every source sent them in agreement, before it ends. A kernel that ends without it found a fault, which it
-// recorded (or an earlier one was: the first stays), reported here.
+// host, its routing took every id and every source sent its counts in agreement, before it ends. A kernel that ends
+// without it found a fault, which it or the routing recorded (or an earlier one was: the first stays), reported here.
 void wait_for_notify(const deepepComm& comm, uint64_t ticket, cudaStream_t stream) {
   const char* what = "the dispatch count exchange";
   auto* slot = static_cast<HandleHostInfo*>(comm.notify_host);
@@ -242,7 +242,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     const size_t R = static_cast<size_t>(c->nranks);
     const size_t tiles = std::max<size_t>(1, (static_cast<size_t>(h->max_tokens) + kRoutingTile - 1) / kRoutingTile);
     const size_t ints = static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS +
-                        2 * R * kMaxBlocks * 2 + R + DEEPEP_MAX_LOCAL_EXPERTS + tiles * R + 1;
+                        2 * R * kMaxBlocks * 2 + R + DEEPEP_MAX_LOCAL_EXPERTS + tiles * R + 2;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
     {
       // Reuse the storage of a destroyed handle whose last use has finished (no allocation, no device sync).
@@ -293,6 +293,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->recv_expert_counts = take(DEEPEP_MAX_LOCAL_EXPERTS);
     h->tile_counts = take(tiles * R);
     h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
+    h->routing_faults = take(1);
     // New storage starts zeroed (reused storage keeps stale routing, which nothing reads before a routing rewrites
     // it: calls check `routed` first). The clearing is finished before the handle is returned: a memset left on the
     // legacy stream would race with routings on non-blocking streams.
@@ -596,7 +597,9 @@ DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
            "the receive counts of the handle's dispatch were overwritten by another dispatch reporting counts on "
            "the communicator: collect them with deepepHandleWaitRecvCounts before the next such dispatch");
     };
-    // Done when the ticket is there; the kernel having ended without it means another report overwrote it.
+    // Done when the ticket is there. The kernel having ended without it found a fault (it gave up before it had the
+    // counts, or its routing skipped ids out of range), which it recorded, or another report overwrote it. A fault
+    // recorded elsewhere meanwhile (earlier work, this dispatch's rows) is not this call's to report.
     spin_bounded(c, "the dispatch's count exchange", [&] {
       if (ticket_now() == h.report_ticket) return true;
       if (!event_done(h.last_use, "cudaEventQuery(the handle's last use)")) return false;
@@ -606,7 +609,6 @@ DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
       }
       return true;
     });
-    raise_async_error(c);  // the kernel gave up before it had the counts
     HandleHostInfo info;
     std::memcpy(&info, slot, sizeof(info));
     std::atomic_thread_fence(std::memory_order_acquire);

@@ -95,7 +95,7 @@ struct deepepComm {
   mutable std::atomic<uint64_t> report_tickets{0};
   int64_t* ll_timeline_device = nullptr;  // [ll_blocks][DEEPEP_LL_TIMELINE_MARKS]; DEEPEP_LL_TIMELINE=1 only
   mutable std::atomic<uint32_t> flag_round_epoch{0};  // deepepCommMeasureFlagRound calls made (the same on every rank)
-  // Recorded after a call's work that the host waits for (wait_bounded); one per communicator, like notify_host.
+  // Recorded after a notify's kernel, for the host to see it end (wait_for_notify); one per communicator.
   cudaEvent_t host_wait_event = nullptr;
   // Device storage of destroyed handles with the event of its last use: a new handle takes one whose event has
   // completed, so that destroying a handle never waits for the device. Freed with the communicator.

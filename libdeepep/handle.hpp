@@ -56,6 +56,7 @@ struct deepepHandle {
   int32_t* recv_expert_counts = nullptr;  // [max local experts]: rows received for each local expert (unaligned)
   int32_t* tile_counts = nullptr;         // [ceil(max_tokens / kRoutingTile), R]: scratch of the routing kernels
   uint32_t* routing_ticket = nullptr;     // routing tiles finished (0 between calls)
+  int32_t* routing_faults = nullptr;      // 1 when this call's routing skipped ids out of range (recorded)
   int64_t* num_recv_device = nullptr;
 
   deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)

@@ -335,14 +335,15 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
 
 template <typename Index>
 __device__ __forceinline__ uint32_t rank_mask(const Index* ids, int num_topk, int num_experts, int experts_per_rank,
-                                              int32_t* expert_counts, AsyncErrorRecord* error, int rank,
-                                              int64_t token) {
+                                              int32_t* expert_counts, AsyncErrorRecord* error, int rank, int64_t token,
+                                              bool* skipped) {
   uint32_t mask = 0;
   for (int k = 0; k < num_topk; ++k) {
     const int64_t e = static_cast<int64_t>(ids[k]);
     if (e == -1) continue;
     if (e < -1 || e >= num_experts) {
       record_async_error(error, deepepInvalidArgument, rank, Phase::kRouting, -1, token * num_topk + k, e);
+      *skipped = true;
       continue;
     }
     atomicAdd(&expert_counts[e], 1);
@@ -367,6 +368,7 @@ struct RoutingParams {
   int32_t* send_ranges;  // [R][kMaxBlocks][2]
   int32_t* tile_counts;  // [tiles, R]
   uint32_t* ticket;      // tiles finished in the second kernel (the last one resets it)
+  int32_t* faults;       // set to 1 when an id out of range was skipped (cleared before the first kernel)
   AsyncErrorRecord* error;
   int rank;
 };
@@ -379,14 +381,16 @@ __global__ void __launch_bounds__(kRoutingTile) routing_count_kernel(RoutingPara
   if (blockIdx.x == 0 && threadIdx.x == 0) *q.ticket = 0;  // kernel 2 runs after this one (same stream)
   extern __shared__ int32_t histogram[];                   // [num_experts]
   __shared__ int32_t tile_count[kMaxNvlRanks];
+  __shared__ bool skipped;  // an id out of range in this tile
   for (int e = threadIdx.x; e < q.num_experts; e += blockDim.x) histogram[e] = 0;
   if (threadIdx.x < kMaxNvlRanks) tile_count[threadIdx.x] = 0;
+  if (threadIdx.x == 0) skipped = false;
   __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRoutingTile + threadIdx.x;
   uint32_t mask = 0;
   if (t < q.num_tokens) {
     mask = rank_mask(static_cast<const Index*>(q.topk_idx) + t * q.stride, q.num_topk, q.num_experts,
-                     q.num_experts / q.nranks, histogram, q.error, q.rank, t);
+                     q.num_experts / q.nranks, histogram, q.error, q.rank, t, &skipped);
     q.send_pos[t * q.nranks] = static_cast<int32_t>(mask);
   }
   for (int d = 0; d < q.nranks; ++d) {
@@ -394,7 +398,8 @@ __global__ void __launch_bounds__(kRoutingTile) routing_count_kernel(RoutingPara
     if (threadIdx.x % 32 == 0 && in_warp > 0) atomicAdd(&tile_count[d], in_warp);
   }
   __syncthreads();
-  wait_for_previous_grid();  // the clearing of the per-expert counts (launch_prepare_routing)
+  wait_for_previous_grid();  // the clearing of the per-expert counts and the fault flag (launch_prepare_routing)
+  if (threadIdx.x == 0 && skipped) *q.faults = 1;
   for (int e = threadIdx.x; e < q.num_experts; e += blockDim.x)
     if (histogram[e] != 0) atomicAdd(&q.expert_counts[e], histogram[e]);
   if (threadIdx.x < q.nranks) q.tile_counts[blockIdx.x * q.nranks + threadIdx.x] = tile_count[threadIdx.x];
@@ -486,13 +491,16 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
 __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
                               int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
                               int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host,
-                              uint64_t ticket) {
+                              uint64_t ticket, const int32_t* routing_faults) {
   wait_for_previous_grid();  // the routing
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
   __shared__ bool ok;
-  __shared__ bool agreed;  // every source sent its counts, laid out as this rank's
-  if (threadIdx.x == 0) ok = agreed = true;
+  __shared__ bool agreed;  // this rank's routing took every id, and every source sent its counts laid out as its own
+  if (threadIdx.x == 0) {
+    ok = true;
+    agreed = *routing_faults == 0;
+  }
   __syncthreads();
   if (threadIdx.x < 32 && !wait_acks(p, seq, deadline, Phase::kDispatchNotify) && threadIdx.x == 0) ok = false;
   __syncthreads();
@@ -603,7 +611,8 @@ struct DispatchParams {
   int64_t out_rows;
   bool worst_case;
   HandleHostInfo* report;  // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
-  uint64_t report_ticket;
+  uint64_t report_ticket;  // stored there once the counts are, unless this call's routing skipped ids (recorded)
+  const int32_t* routing_faults;
   // Zero-copy receive (dispatch_kernel<true>: a communicator with a dispatch area, recv_x is this rank's area): the
   // peers write payloads straight into recv_x and each row's scales and metadata (the part of a region's row after
   // its payload) into the area's side rows, which the receiving warps read as they would a region's row.
@@ -843,7 +852,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       // The host waits for the ticket, stored last: the counts are out while the rows still move.
       if (threadIdx.x == 0) q.report->num_recv_tokens = total_rows;
       __syncthreads();
-      if (threadIdx.x == 0) {
+      if (threadIdx.x == 0 && *q.routing_faults == 0) {
         __threadfence_system();
         *reinterpret_cast<volatile uint64_t*>(&q.report->ticket) = q.report_ticket;
       }
@@ -1531,11 +1540,12 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
   q.send_ranges = handle.send_ranges;
   q.tile_counts = handle.tile_counts;
   q.ticket = handle.routing_ticket;
+  q.faults = handle.routing_faults;
   q.error = comm.async_error_device;
   q.rank = comm.rank;
   // Kernel 1 starts under the clearing (one H200, one rank, 24 SMs, same run: worst-case dispatch at N = 0 / 4096
   // 14.0 / 107.6 -> 11.7 / 105.2 us against a cudaMemsetAsync before it, with the count exchange's fence gone too).
-  launch_clear_counts(handle.expert_counts, args.num_experts, nullptr, 0, stream);
+  launch_clear_counts(handle.expert_counts, args.num_experts, handle.routing_faults, 1, stream);
   const size_t histogram_bytes = sizeof(int32_t) * args.num_experts;
   launch_kernel(q.topk_int64 ? routing_count_kernel<int64_t> : routing_count_kernel<int32_t>, q.num_tiles, kRoutingTile,
                 histogram_bytes, stream, true, false, q);
@@ -1549,7 +1559,8 @@ void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alig
   launch_kernel(notify_kernel, 1, 256, 0, stream, true, false, protocol_of(comm), handle.send_counts,
                 handle.expert_counts, handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
                 handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
-                static_cast<HandleHostInfo*>(comm.notify_host_device), ticket);
+                static_cast<HandleHostInfo*>(comm.notify_host_device), ticket,
+                static_cast<const int32_t*>(handle.routing_faults));
 }
 
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
@@ -1590,6 +1601,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   if (report_ticket != 0) {
     q.report = static_cast<HandleHostInfo*>(comm.report_host_device);
     q.report_ticket = report_ticket;
+    q.routing_faults = handle.routing_faults;
   }
   const DispatchAreaLayout area = dispatch_area_layout(comm, layout);
   q.area_offset = comm.dispatch_area_offset;

@@ -317,8 +317,9 @@ def fault_during_the_wait_rank(info):
     """Every rank makes a full dispatch first (so that the one below pays no first-call costs). Then rank 0 queues a
     kernel that holds its stream for 1.5 s, a layout with an expert id out of range (which records its fault once it
     runs, while the count exchange below already waits) and a full dispatch, which the other ranks make at once.
-    Returns whether each rank's second dispatch gave the oracle's rows, what check_async_error raised afterwards, and
-    the seconds the dispatch took."""
+    Then every rank makes a full dispatch with an id out of range of its own, and a valid one. Returns whether the
+    valid dispatches gave the oracle's rows, what check_async_error raised after the first, the seconds it took, and
+    what the one with the bad id raised."""
     import time
 
     with open_communicator(info) as comm, cupy.cuda.Device(comm.device):
@@ -340,7 +341,7 @@ def fault_during_the_wait_rank(info):
             stream.synchronize()
         except pydeepep.DeepEPError as exc:
             seconds = time.monotonic() - start
-            return f"the dispatch raised after {seconds:.2f} s {type(exc).__name__}: {exc}", None, seconds
+            return f"the dispatch raised after {seconds:.2f} s {type(exc).__name__}: {exc}", None, seconds, None
         seconds = time.monotonic() - start
         try:
             comm.check_async_error()
@@ -348,19 +349,32 @@ def fault_during_the_wait_rank(info):
         except pydeepep.DeepEPError as exc:
             afterwards = type(exc).__name__
         comm.clear_async_error()
+        # An id out of range in the call's own routing is the call's fault: every rank's dispatch raises it itself.
+        try:
+            comm.dispatch(x, topk_idx=bad, num_experts=E, stream=stream)
+            stream.synchronize()
+            own = "accepted"
+        except pydeepep.DeepEPError as exc:
+            own = type(exc).__name__
+        comm.clear_async_error()
+        again = comm.dispatch(x, topk_idx=topk, num_experts=E, stream=stream).recv_x.to_numpy()
+        comm.check_async_error()
     want = reference.dispatch(
         [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
-    )
-    return bool(np.array_equal(bf16_values(recv_x), want[info.rank][0])), afterwards, seconds
+    )[info.rank][0]
+    rows_match = all(np.array_equal(bf16_values(rows), want) for rows in (recv_x, again))
+    return rows_match, afterwards, seconds, own
 
 
 def test_a_count_exchange_reports_its_own_outcome_when_earlier_work_records_a_fault_meanwhile():
     """The fault of work queued before the call, recorded while the call waits for its counts, does not end that
-    wait: the dispatch completes on every rank with the oracle's rows, and the fault is there to read afterwards."""
+    wait: the dispatch completes on every rank with the oracle's rows, and the fault is there to read afterwards. An
+    id out of range in a call's own routing still fails that call, and the ranks stay in step."""
     results = spawn_ranks(fault_during_the_wait_rank, nprocs=RANKS, timeout=60 * RANKS)
-    for rank, (rows_match, afterwards, seconds) in enumerate(results):
+    for rank, (rows_match, afterwards, seconds, own) in enumerate(results):
         assert rows_match is True, f"rank {rank}: {rows_match}"
         assert afterwards == ("DeepEPInvalidArgument" if rank == 0 else "nothing"), f"rank {rank}: {afterwards}"
+        assert own == "DeepEPInvalidArgument", f"rank {rank}: a dispatch with an id out of range gave {own}"
         assert seconds < 10, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
     # The premise: rank 0's stream was held while its call waited (else the fault was there before the call).
     assert results[0][2] > 1.4, f"rank 0's dispatch took {results[0][2]:.2f} s; the spin holds its stream 1.5 s"

@@ -354,9 +354,10 @@ DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_
 /* Fills `handle` with the routing of args (topk_idx, num_tokens, num_experts, expert_alignment, num_sms) and
  * exchanges counts with every rank. Collective; blocks the host until the counts are known (bounded by the
  * timeout); not capturable (refused with deepepInvalidUsage inside a stream capture, launching nothing). It returns
- * as soon as its kernel has the counts, and reports its own outcome: a fault that earlier work on the stream records
- * while it waits does not end the wait (query it with deepepCommGetAsyncError), unless this call's kernel fails too or
- * is held up past the timeout. */
+ * as soon as its kernel has the counts (the kernel then finishes on the stream), and reports its own outcome: an
+ * expert id out of range in its routing fails it (deepepInvalidArgument), while a fault that earlier work on the
+ * stream records as it waits does not (query it with deepepCommGetAsyncError), unless this call's kernel fails too or
+ * is held up past the timeout: the first recorded fault is then the one returned. */
 DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                                struct CUstream_st* stream);
 
@@ -366,8 +367,9 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                                          struct CUstream_st* stream);
 
 /* After a worst-case deepepDispatch with report_recv_counts: blocks the host until that dispatch's kernel has the
- * receive counts (bounded by the timeout; its rows may still be moving; a fault earlier work records meanwhile does
- * not end the wait, as for deepepDispatchNotify), then makes them readable with
+ * receive counts (bounded by the timeout; its rows may still be moving; as for deepepDispatchNotify, an id out of
+ * range in that dispatch's routing fails the wait, a fault that earlier work or the rows record does not), then makes
+ * them readable with
  * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, or
  * one after the handle got another routing, is deepepInvalidUsage). deepepBufferTooSmall when more rows arrive than
  * the outputs hold; deepepInvalidUsage when another dispatch reporting counts on the communicator overwrote them
