@@ -495,23 +495,26 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
   wait_for_previous_grid();  // the routing
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
+  // A routing that skipped ids out of range (recorded) fails this call, and the count message says so to every rank,
+  // as a refused call's does, so that every rank's notify fails with it and none goes on to a dispatch alone.
+  const bool skipped_ids = *routing_faults != 0;
   __shared__ bool ok;
   __shared__ bool agreed;  // this rank's routing took every id, and every source sent its counts laid out as its own
   if (threadIdx.x == 0) {
     ok = true;
-    agreed = *routing_faults == 0;
+    agreed = !skipped_ids;
   }
   __syncthreads();
   if (threadIdx.x < 32 && !wait_acks(p, seq, deadline, Phase::kDispatchNotify) && threadIdx.x == 0) ok = false;
   __syncthreads();
   for (int d = 0; d < p.nranks && ok; ++d) {
     CountMessage* message = &control_of(p.peers, d)->notify[p.rank];
-    for (int i = threadIdx.x; i < experts_per_rank; i += blockDim.x)
+    for (int i = threadIdx.x; i < experts_per_rank && !skipped_ids; i += blockDim.x)
       message->experts[i] = expert_counts[d * experts_per_rank + i];
     if (threadIdx.x == 0) {
-      message->tokens = send_counts[d];
+      message->tokens = skipped_ids ? 0 : send_counts[d];
       message->num_blocks = num_blocks;
-      message->experts_per_rank = experts_per_rank;
+      message->experts_per_rank = skipped_ids ? kRefusedExpertsPerRank : experts_per_rank;
     }
   }
   __syncthreads();

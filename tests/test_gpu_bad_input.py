@@ -378,3 +378,51 @@ def test_a_count_exchange_reports_its_own_outcome_when_earlier_work_records_a_fa
         assert seconds < 10, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
     # The premise: rank 0's stream was held while its call waited (else the fault was there before the call).
     assert results[0][2] > 1.4, f"rank 0's dispatch took {results[0][2]:.2f} s; the spin holds its stream 1.5 s"
+
+
+def bad_id_on_one_rank(info):
+    """Rank 0 makes a full dispatch with an expert id out of range, the others valid ones; then rank 0 makes a bounded
+    dispatch with it while the others make valid ones; then every rank a valid full dispatch. Returns what each of
+    the first two raised (the class name, or "accepted"), the seconds they took, and whether the last one gave the
+    oracle's rows."""
+    import time
+
+    with open_communicator(info) as comm, cupy.cuda.Device(comm.device):
+        x_np, topk_np, _ = inputs(info.rank)
+        x, topk = cupy.asarray(x_np), cupy.asarray(topk_np)
+        bad = cupy.asarray(topk_np)
+        bad[0, 0] = E
+        ids = bad if info.rank == 0 else topk
+        said, seconds = [], []
+        for extra in ({}, {"max_recv_tokens": info.nranks * N}):
+            start = time.monotonic()
+            try:
+                comm.dispatch(x, topk_idx=ids, num_experts=E, **extra)
+                cupy.cuda.runtime.deviceSynchronize()
+                comm.check_async_error()
+                said.append("accepted")
+            except pydeepep.DeepEPError as exc:
+                said.append(type(exc).__name__)
+            seconds.append(time.monotonic() - start)
+            cupy.cuda.runtime.deviceSynchronize()
+            comm.clear_async_error()
+        rows = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
+        comm.check_async_error()
+    want = reference.dispatch(
+        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
+    )[info.rank][0]
+    return said, seconds, bool(np.array_equal(bf16_values(rows), want))
+
+
+def test_a_bad_id_on_one_rank_fails_the_count_exchange_on_every_rank_at_once():
+    """A full dispatch: rank 0 raises DeepEPInvalidArgument, the others DeepEPRemoteError (its count message says it
+    failed), none waits for a dispatch that rank 0 never makes. A bounded dispatch (one kernel, rows moving): rank 0
+    raises DeepEPInvalidArgument. Afterwards all ranks dispatch in step."""
+    results = spawn_ranks(bad_id_on_one_rank, nprocs=RANKS, timeout=60 * RANKS)
+    for rank, (said, seconds, in_step) in enumerate(results):
+        want_full = "DeepEPInvalidArgument" if rank == 0 else "DeepEPRemoteError"
+        assert said[0] == want_full, f"rank {rank}: the full dispatch gave {said[0]}"
+        if rank == 0:
+            assert said[1] == "DeepEPInvalidArgument", f"rank 0: the bounded dispatch gave {said[1]}"
+        assert max(seconds) < 5, f"rank {rank} took {seconds} s (its timeout is 20)"
+        assert in_step is True, f"rank {rank}: the dispatch afterwards differs from the oracle"

@@ -355,8 +355,8 @@ DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_
  * exchanges counts with every rank. Collective; blocks the host until the counts are known (bounded by the
  * timeout); not capturable (refused with deepepInvalidUsage inside a stream capture, launching nothing). It returns
  * as soon as its kernel has the counts (the kernel then finishes on the stream), and reports its own outcome: an
- * expert id out of range in its routing fails it (deepepInvalidArgument; only this rank's call: the peers' succeed,
- * and their next dispatch waits for this rank until the timeout unless it refuses that call, deepepRefuseCall), while
+ * expert id out of range in its routing fails it on every rank (deepepInvalidArgument here, deepepRemoteError on the
+ * peers, whose count messages say so), while
  * a fault that earlier work on the stream records as it waits does not (query it with deepepCommGetAsyncError),
  * unless this call fails too or is held up past the timeout: the first recorded fault, which may be that earlier one,
  * is then the one returned. */
