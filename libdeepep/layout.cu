@@ -100,16 +100,15 @@ void launch_dispatch_layout(const deepepComm& comm, const void* topk_idx, deepep
   const int blocks = static_cast<int>(std::min<int64_t>(blocks_needed, 2 * sm_count));
   const size_t shared_bytes = shared_counters ? counter_bytes : 0;
   const int experts_per_rank = num_experts / nranks;
+  auto launch = [&](auto kernel, const auto* ids) {
+    launch_kernel(kernel, blocks, kThreads, shared_bytes, stream, true, false, ids, num_tokens, num_topk,
+                  topk_row_stride, num_experts, experts_per_rank, nranks, num_tokens_per_rank, num_tokens_per_expert,
+                  is_token_in_rank, shared_counters, comm.async_error_device, comm.rank);
+  };
   if (topk_type == deepepInt64) {
-    launch_kernel(dispatch_layout_kernel<int64_t>, blocks, kThreads, shared_bytes, stream, true, false,
-                  static_cast<const int64_t*>(topk_idx), num_tokens, num_topk, topk_row_stride, num_experts,
-                  experts_per_rank, nranks, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
-                  shared_counters, comm.async_error_device, comm.rank);
+    launch(dispatch_layout_kernel<int64_t>, static_cast<const int64_t*>(topk_idx));
   } else {
-    launch_kernel(dispatch_layout_kernel<int32_t>, blocks, kThreads, shared_bytes, stream, true, false,
-                  static_cast<const int32_t*>(topk_idx), num_tokens, num_topk, topk_row_stride, num_experts,
-                  experts_per_rank, nranks, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
-                  shared_counters, comm.async_error_device, comm.rank);
+    launch(dispatch_layout_kernel<int32_t>, static_cast<const int32_t*>(topk_idx));
   }
 }
 

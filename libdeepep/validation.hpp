@@ -47,44 +47,30 @@ inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t el
 // Most bytes a size-versioned struct may claim: more comes from an uninitialised struct_size.
 constexpr size_t kMaxStructSize = size_t(1) << 16;
 
-// Each size-versioned struct of deepep.h: where the fields this library knows end (what follows, a `reserved` field
-// or the fields of a newer header, must be zero), and the smallest struct_size a caller may pass, the struct of
-// 0.2.0, the first release of this soname (it stays when fields are appended).
+// Where the fields this library knows end in each size-versioned struct of deepep.h: what follows (a `reserved` field,
+// or the fields of a newer header) must be zero. It is also the smallest struct_size a caller may pass, since 0.2.0
+// is the first release of this soname; once a field is appended, that minimum stays 0.2.0's end.
 template <class T>
-struct AbiStruct;
+constexpr size_t kFieldsEnd = T::not_a_size_versioned_struct;  // only the specialisations below exist
 template <>
-struct AbiStruct<deepepConfig> {
-  static constexpr size_t fields_end = offsetof(deepepConfig, reserved);
-  static constexpr size_t min_size = offsetof(deepepConfig, reserved);
-};
+constexpr size_t kFieldsEnd<deepepConfig> = offsetof(deepepConfig, reserved);
 template <>
-struct AbiStruct<deepepDispatchArgs> {
-  static constexpr size_t fields_end = offsetof(deepepDispatchArgs, reserved);
-  static constexpr size_t min_size = offsetof(deepepDispatchArgs, reserved);
-};
+constexpr size_t kFieldsEnd<deepepDispatchArgs> = offsetof(deepepDispatchArgs, reserved);
 template <>
-struct AbiStruct<deepepCombineArgs> {
-  static constexpr size_t fields_end = offsetof(deepepCombineArgs, out_topk_weights) + sizeof(void*);
-  static constexpr size_t min_size = offsetof(deepepCombineArgs, out_topk_weights) + sizeof(void*);
-};
+constexpr size_t kFieldsEnd<deepepCombineArgs> = offsetof(deepepCombineArgs, out_topk_weights) + sizeof(void*);
 template <>
-struct AbiStruct<deepepLowLatencyDispatchArgs> {
-  static constexpr size_t fields_end = offsetof(deepepLowLatencyDispatchArgs, stats_wait_ns) + sizeof(void*);
-  static constexpr size_t min_size = offsetof(deepepLowLatencyDispatchArgs, stats_wait_ns) + sizeof(void*);
-};
+constexpr size_t kFieldsEnd<deepepLowLatencyDispatchArgs> =
+    offsetof(deepepLowLatencyDispatchArgs, stats_wait_ns) + sizeof(void*);
 template <>
-struct AbiStruct<deepepLowLatencyCombineArgs> {
-  static constexpr size_t fields_end = offsetof(deepepLowLatencyCombineArgs, out) + sizeof(void*);
-  static constexpr size_t min_size = offsetof(deepepLowLatencyCombineArgs, out) + sizeof(void*);
-};
+constexpr size_t kFieldsEnd<deepepLowLatencyCombineArgs> = offsetof(deepepLowLatencyCombineArgs, out) + sizeof(void*);
 
 // Refuses a struct_size no caller's struct has (`name`: the struct's parameter, for the message).
 template <class Args>
 void check_struct_size(size_t struct_size, const char* name) {
-  DEEPEP_REQUIRE(struct_size >= AbiStruct<Args>::min_size && struct_size <= kMaxStructSize,
+  DEEPEP_REQUIRE(struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize,
                  "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header, at least %zu (set it with the "
                  "struct's Init function)",
-                 name, struct_size, name, AbiStruct<Args>::min_size);
+                 name, struct_size, name, kFieldsEnd<Args>);
 }
 
 // What a *Init function does: writes `defaults` over the caller's struct of `struct_size` bytes (its header's
@@ -96,7 +82,7 @@ void init_struct(Args* args, size_t struct_size, const Args& defaults, const cha
   check_struct_size<Args>(struct_size, name);
   unsigned char* bytes = reinterpret_cast<unsigned char*>(args);
   std::memset(bytes, 0, struct_size);
-  std::memcpy(bytes, &defaults, std::min(struct_size, AbiStruct<Args>::fields_end));
+  std::memcpy(bytes, &defaults, std::min(struct_size, kFieldsEnd<Args>));
   std::memcpy(bytes, &struct_size, sizeof(size_t));
 }
 
@@ -110,17 +96,16 @@ Args checked_struct(const Args* args, const char* name, const Args& defaults) {
   const size_t size = args->struct_size;
   check_struct_size<Args>(size, name);
   const unsigned char* bytes = reinterpret_cast<const unsigned char*>(args);
-  for (size_t i = AbiStruct<Args>::fields_end; i < size; ++i) {
+  for (size_t i = kFieldsEnd<Args>; i < size; ++i) {
     if (bytes[i] != 0) {
       fail(deepepNotSupported,
            "%s sets a field this library (%d.%d.%d) does not know (byte %zu of its %zu; this library's fields end at "
            "%zu): it needs the library of the header it was built with",
-           name, DEEPEP_VERSION_MAJOR, DEEPEP_VERSION_MINOR, DEEPEP_VERSION_PATCH, i, size,
-           AbiStruct<Args>::fields_end);
+           name, DEEPEP_VERSION_MAJOR, DEEPEP_VERSION_MINOR, DEEPEP_VERSION_PATCH, i, size, kFieldsEnd<Args>);
     }
   }
   Args copy = defaults;
-  std::memcpy(&copy, args, std::min(size, AbiStruct<Args>::fields_end));
+  std::memcpy(&copy, args, std::min(size, kFieldsEnd<Args>));
   copy.struct_size = sizeof(Args);
   return copy;
 }
