@@ -500,6 +500,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, stride, 4), 4, "topk_weights");
     }
     const int num_topk = has_topk ? a.num_topk : 0;
+    if (worst_case) check_routing(c, a);  // before the buffer's capacity: num_tokens above the config is said so
     const DispatchRowLayout layout = dispatch_row_layout(element * a.hidden, scale_bytes, num_topk);
     const int64_t capacity = region_capacity_rows(c, layout.row_bytes);
     if (a.num_tokens > capacity) {
@@ -551,7 +552,6 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_device_array(c, a.recv_src_idx, matrix_bytes(rows, 1, 1, 4), 4, "recv_src_idx");
     // Every check before the routing is prepared: a refusal after it would leave the handle without the routing it
     // held.
-    if (worst_case) check_routing(c, a);
     const int num_experts = worst_case ? a.num_experts : h.num_experts;
     DEEPEP_REQUIRE(a.num_recv_tokens_per_expert == nullptr || num_experts > 0, "no routing for expert counts");
     if (a.num_recv_tokens_per_expert != nullptr)

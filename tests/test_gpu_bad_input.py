@@ -98,6 +98,9 @@ def cases(comm, rank):
         "ll_hidden_above_config": ll_dispatch(x=cupy.asarray(inputs(rank, n=8, h=2 * H)[0]), topk=topk[:8]),
         "ll_fp8_hidden": ll_dispatch(x=cupy.asarray(inputs(rank, h=1000)[0])),
         "tokens_above_max": dispatch(x=cupy.asarray(many_x), topk=cupy.asarray(many_topk)),
+        "worst_tokens_above_max": dispatch(
+            x=cupy.asarray(many_x), topk=cupy.asarray(many_topk), num_worst_tokens=2 * MAX_TOKENS
+        ),
         "ll_tokens_above_max": ll_dispatch(x=cupy.asarray(ll_many_x), topk=cupy.asarray(ll_many_topk)),
         "buffer_too_small": dispatch(x=cupy.asarray(big_x), topk=cupy.asarray(big_topk)),
         "handle_other_tokens": lambda: comm.dispatch(x[: N // 2], topk_idx=topk[: N // 2], handle=done.handle),
@@ -128,6 +131,8 @@ EXPECTED = {
     "ll_hidden_above_config": ("DeepEPInvalidArgument", [f"hidden is {2 * H}", f"at most {H}"]),
     "ll_fp8_hidden": ("DeepEPInvalidArgument", ["hidden is 1000", "multiple of 128"]),
     "tokens_above_max": ("DeepEPInvalidArgument", [f"num_tokens is {MAX_TOKENS + 1}", f"= {MAX_TOKENS}"]),
+    # Said so before the buffer's capacity for that many rows, which they also exceed.
+    "worst_tokens_above_max": ("DeepEPInvalidArgument", [f"num_tokens is {MAX_TOKENS + 1}", f"= {MAX_TOKENS}"]),
     "ll_tokens_above_max": ("DeepEPInvalidArgument", [f"{T + 1} tokens", f"max_tokens ({T})"]),
     "buffer_too_small": ("DeepEPBufferTooSmall", ["need", "bytes of communication buffer", "this communicator has"]),
     "handle_other_tokens": ("DeepEPInvalidArgument", [f"num_tokens is {N // 2}", f"routing is for {N} tokens"]),
@@ -426,3 +431,46 @@ def test_a_bad_id_on_one_rank_fails_the_count_exchange_on_every_rank_at_once():
             assert said[1] == "DeepEPInvalidArgument", f"rank 0: the bounded dispatch gave {said[1]}"
         assert max(seconds) < 5, f"rank {rank} took {seconds} s (its timeout is 20)"
         assert in_step is True, f"rank {rank}: the dispatch afterwards differs from the oracle"
+
+
+def outputs_refused_after_the_counts_rank(info):
+    """Every rank makes a full dispatch; rank 0 passes out= arrays with too few rows, which only the count exchange
+    shows to be wrong; then every rank a valid full dispatch. Returns what the first raised, the seconds it took, and
+    whether the next one gave the oracle's rows."""
+    import time
+
+    with open_communicator(info) as comm, cupy.cuda.Device(comm.device):
+        x_np, topk_np, _ = inputs(info.rank)
+        x, topk = cupy.asarray(x_np), cupy.asarray(topk_np)
+        small = comm.dispatch(x[:4], topk_idx=topk[:4], num_experts=E)  # out= arrays of another row count
+        start = time.monotonic()
+        try:
+            comm.dispatch(x, topk_idx=topk, num_experts=E, out=small if info.rank == 0 else None)
+            cupy.cuda.runtime.deviceSynchronize()
+            comm.check_async_error()
+            said = "accepted"
+        except pydeepep.DeepEPError as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        seconds = time.monotonic() - start
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.clear_async_error()
+        again = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
+        comm.check_async_error()
+    want = reference.dispatch(
+        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
+    )[info.rank][0]
+    return said, seconds, bool(np.array_equal(bf16_values(again), want))
+
+
+def test_outputs_refused_after_the_count_exchange_fail_the_dispatch_on_every_rank_at_once():
+    """The binding checks out= arrays against the counts, after the exchange: rank 0 refuses the dispatch that goes
+    with them, and launches its side of it, so that the other ranks' dispatch fails at once with DeepEPRemoteError
+    instead of waiting for rank 0 until the timeout; then all go on in step."""
+    results = spawn_ranks(outputs_refused_after_the_counts_rank, nprocs=RANKS, timeout=60 * RANKS)
+    for rank, (said, seconds, again_ok) in enumerate(results):
+        if rank == 0:
+            assert said.startswith("DeepEPInvalidArgument") and "out recv_x has shape" in said, said
+        else:
+            assert said.startswith("DeepEPRemoteError"), f"rank {rank}: {said}"
+        assert seconds < 5, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
+        assert again_ok, f"rank {rank}: the dispatch afterwards differs from the oracle"
