@@ -370,7 +370,9 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
 
 /* After a worst-case deepepDispatch with report_recv_counts: blocks the host until that dispatch's kernel has the
  * receive counts (bounded by the timeout; its rows may still be moving; as for deepepDispatchNotify, an id out of
- * range in that dispatch's routing fails the wait, a fault that earlier work or the rows record does not), then makes
+ * range in that dispatch's routing fails the wait, a fault that earlier work or the rows record does not; unlike a
+ * notify, that id fails this rank only: the peers' dispatch completes with this rank's other rows, and their next
+ * call with this rank, a combine say, waits for it until the timeout unless it refuses that call), then makes
  * them readable with
  * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, or
  * one after the handle got another routing, is deepepInvalidUsage). deepepBufferTooSmall when more rows arrive than
