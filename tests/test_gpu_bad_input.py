@@ -8,6 +8,7 @@ error, which each case clears. The layout's own refusals are in test_gpu_layout.
 worst-case overflow in test_gpu_ht.py, a stale low-latency result in test_gpu_ll.py.
 """
 
+import functools
 import traceback
 
 import numpy as np
@@ -182,6 +183,12 @@ def still_works(comm, rank, seed):
     return True
 
 
+def oracle_dispatch(info):
+    """The reference dispatch of every rank's inputs(): this rank's results (recv_x values first)."""
+    xs = [bf16_values(inputs(r)[0]) for r in range(info.nranks)]
+    return reference.dispatch(xs, [inputs(r)[1] for r in range(info.nranks)], None, E)[info.rank]
+
+
 def open_communicator(info, **extra):
     """This rank's communicator for the valid call's shapes (a 20 s timeout: a peer that hangs fails the case)."""
     return pydeepep.Communicator(
@@ -285,10 +292,7 @@ def recorded_fault_rank(info):
             rows = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.shape[0]
             cupy.cuda.runtime.deviceSynchronize()
             comm.check_async_error()
-    want = reference.dispatch(
-        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
-    )
-    return first, seconds, rows == want[info.rank][4].shape[0]
+    return first, seconds, rows == oracle_dispatch(info)[4].shape[0]
 
 
 def test_a_count_exchange_is_refused_while_a_fault_is_recorded():
@@ -364,9 +368,7 @@ def fault_during_the_wait_rank(info):
         comm.clear_async_error()
         again = comm.dispatch(x, topk_idx=topk, num_experts=E, stream=stream).recv_x.to_numpy()
         comm.check_async_error()
-    want = reference.dispatch(
-        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
-    )[info.rank][0]
+    want = oracle_dispatch(info)[0]
     rows_match = all(np.array_equal(bf16_values(rows), want) for rows in (recv_x, again))
     return rows_match, afterwards, seconds, own
 
@@ -401,21 +403,12 @@ def bad_id_on_one_rank(info):
         said, seconds = [], []
         for extra in ({}, {"max_recv_tokens": info.nranks * N}):
             start = time.monotonic()
-            try:
-                comm.dispatch(x, topk_idx=ids, num_experts=E, **extra)
-                cupy.cuda.runtime.deviceSynchronize()
-                comm.check_async_error()
-                said.append("accepted")
-            except pydeepep.DeepEPError as exc:
-                said.append(type(exc).__name__)
+            call = functools.partial(comm.dispatch, x, topk_idx=ids, num_experts=E, **extra)
+            said.append(outcome(comm, call).split(":")[0])  # the class name, or "accepted"
             seconds.append(time.monotonic() - start)
-            cupy.cuda.runtime.deviceSynchronize()
-            comm.clear_async_error()
         rows = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
         comm.check_async_error()
-    want = reference.dispatch(
-        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
-    )[info.rank][0]
+    want = oracle_dispatch(info)[0]
     return said, seconds, bool(np.array_equal(bf16_values(rows), want))
 
 
@@ -444,21 +437,13 @@ def outputs_refused_after_the_counts_rank(info):
         x, topk = cupy.asarray(x_np), cupy.asarray(topk_np)
         small = comm.dispatch(x[:4], topk_idx=topk[:4], num_experts=E)  # out= arrays of another row count
         start = time.monotonic()
-        try:
-            comm.dispatch(x, topk_idx=topk, num_experts=E, out=small if info.rank == 0 else None)
-            cupy.cuda.runtime.deviceSynchronize()
-            comm.check_async_error()
-            said = "accepted"
-        except pydeepep.DeepEPError as exc:
-            said = f"{type(exc).__name__}: {exc}"
+        said = outcome(
+            comm, lambda: comm.dispatch(x, topk_idx=topk, num_experts=E, out=small if info.rank == 0 else None)
+        )
         seconds = time.monotonic() - start
-        cupy.cuda.runtime.deviceSynchronize()
-        comm.clear_async_error()
         again = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
         comm.check_async_error()
-    want = reference.dispatch(
-        [bf16_values(inputs(r)[0]) for r in range(info.nranks)], [inputs(r)[1] for r in range(info.nranks)], None, E
-    )[info.rank][0]
+    want = oracle_dispatch(info)[0]
     return said, seconds, bool(np.array_equal(bf16_values(again), want))
 
 
