@@ -613,9 +613,9 @@ struct DispatchParams {
   int32_t* recv_per_expert;
   int64_t out_rows;
   bool worst_case;
-  HandleHostInfo* report;  // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
-  uint64_t report_ticket;  // stored there once the counts are, unless this call's routing skipped ids (recorded)
-  const int32_t* routing_faults;
+  HandleHostInfo* report;         // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
+  uint64_t report_ticket;         // stored there once the counts are, unless this call's routing skipped ids (recorded)
+  const int32_t* routing_faults;  // with report: 1 when this call's routing skipped ids out of range (recorded)
   // Zero-copy receive (dispatch_kernel<true>: a communicator with a dispatch area, recv_x is this rank's area): the
   // peers write payloads straight into recv_x and each row's scales and metadata (the part of a region's row after
   // its payload) into the area's side rows, which the receiving warps read as they would a region's row.
@@ -758,14 +758,19 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   if (warp == 0) {
     bool fine = wait_acks(p, seq, deadline, Phase::kDispatch);
     if (q.worst_case && fine && b == 0) {
+      // A reporting dispatch whose routing skipped ids out of range (recorded) refuses the call in the count message,
+      // as a refused call does: its host's wait fails, so every rank's fails with it, and none goes on to a combine
+      // this rank never makes. A plain worst-case dispatch (no host wait: every rank goes on to the combine) moves
+      // the rest of the rows instead, so that the combine after it completes.
+      const bool skipped_ids = q.report != nullptr && *q.routing_faults != 0;
       for (int d = 0; d < R; ++d) {
         CountMessage* message = &control_of(p.peers, d)->counts[p.rank];
-        for (int i = lane; i < q.experts_per_rank; i += 32)
+        for (int i = lane; i < q.experts_per_rank && !skipped_ids; i += 32)
           message->experts[i] = q.expert_counts[d * q.experts_per_rank + i];
         if (lane == 0) {
-          message->tokens = q.send_counts[d];
+          message->tokens = skipped_ids ? 0 : q.send_counts[d];
           message->num_blocks = gridDim.x;
-          message->experts_per_rank = q.experts_per_rank;
+          message->experts_per_rank = skipped_ids ? kRefusedExpertsPerRank : q.experts_per_rank;
         }
       }
       // A CTA barrier of this warp alone (id 2 is used nowhere else): it orders every lane's message stores before

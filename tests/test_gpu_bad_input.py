@@ -388,9 +388,9 @@ def test_a_count_exchange_reports_its_own_outcome_when_earlier_work_records_a_fa
 
 
 def bad_id_on_one_rank(info):
-    """Rank 0 makes a full dispatch with an expert id out of range, the others valid ones; then rank 0 makes a bounded
-    dispatch with it while the others make valid ones; then every rank a valid full dispatch. Returns what each of
-    the first two raised (the class name, or "accepted"), the seconds they took, and whether the last one gave the
+    """Rank 0 makes a full, then a bounded dispatch, then a worst-case dispatch and a combine with an expert id out of
+    range while the others make the same with valid ones; then every rank a valid full dispatch. Returns what each of
+    the first three raised (the class name, or "accepted"), the seconds they took, and whether the last one gave the
     oracle's rows."""
     import time
 
@@ -400,10 +400,20 @@ def bad_id_on_one_rank(info):
         bad = cupy.asarray(topk_np)
         bad[0, 0] = E
         ids = bad if info.rank == 0 else topk
+        comm.dispatch(x, topk_idx=topk, num_experts=E)  # first-call costs out of the timed calls
         said, seconds = [], []
-        for extra in ({}, {"max_recv_tokens": info.nranks * N}):
+
+        def worst_case_then_combine():
+            result = comm.dispatch(x, topk_idx=ids, num_experts=E, num_worst_tokens=info.nranks * N)
+            comm.combine(result.recv_x, result.handle)
+
+        calls = (
+            functools.partial(comm.dispatch, x, topk_idx=ids, num_experts=E),
+            functools.partial(comm.dispatch, x, topk_idx=ids, num_experts=E, max_recv_tokens=info.nranks * N),
+            worst_case_then_combine,
+        )
+        for call in calls:
             start = time.monotonic()
-            call = functools.partial(comm.dispatch, x, topk_idx=ids, num_experts=E, **extra)
             said.append(outcome(comm, call).split(":")[0])  # the class name, or "accepted"
             seconds.append(time.monotonic() - start)
         rows = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
@@ -413,15 +423,16 @@ def bad_id_on_one_rank(info):
 
 
 def test_a_bad_id_on_one_rank_fails_the_count_exchange_on_every_rank_at_once():
-    """A full dispatch: rank 0 raises DeepEPInvalidArgument, the others DeepEPRemoteError (its count message says it
-    failed), none waits for a dispatch that rank 0 never makes. A bounded dispatch (one kernel, rows moving): rank 0
-    raises DeepEPInvalidArgument. Afterwards all ranks dispatch in step."""
+    """A full and a bounded dispatch (whose hosts wait for the counts): rank 0 raises DeepEPInvalidArgument, the others
+    DeepEPRemoteError (its count message says it failed), none waits for a call that rank 0 never makes. A worst-case
+    dispatch (no host wait) and the combine after it: rank 0 reads DeepEPInvalidArgument afterwards, the others
+    complete, and so does every rank's combine. Afterwards all ranks dispatch in step."""
     results = spawn_ranks(bad_id_on_one_rank, nprocs=RANKS, timeout=60 * RANKS)
     for rank, (said, seconds, in_step) in enumerate(results):
-        want_full = "DeepEPInvalidArgument" if rank == 0 else "DeepEPRemoteError"
-        assert said[0] == want_full, f"rank {rank}: the full dispatch gave {said[0]}"
-        if rank == 0:
-            assert said[1] == "DeepEPInvalidArgument", f"rank 0: the bounded dispatch gave {said[1]}"
+        peers = ("DeepEPRemoteError", "DeepEPRemoteError", "accepted")
+        want = ("DeepEPInvalidArgument",) * 3 if rank == 0 else peers
+        for kind, got, expected in zip(("full", "bounded", "worst-case + combine"), said, want, strict=True):
+            assert got == expected, f"rank {rank}: the {kind} call gave {got}"
         assert max(seconds) < 5, f"rank {rank} took {seconds} s (its timeout is 20)"
         assert in_step is True, f"rank {rank}: the dispatch afterwards differs from the oracle"
 

@@ -369,15 +369,15 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                                          struct CUstream_st* stream);
 
 /* After a worst-case deepepDispatch with report_recv_counts: blocks the host until that dispatch's kernel has the
- * receive counts (bounded by the timeout; its rows may still be moving; as for deepepDispatchNotify, an id out of
- * range in that dispatch's routing fails the wait, a fault that earlier work or the rows record does not; unlike a
- * notify, that id fails this rank only: the peers' dispatch completes with this rank's other rows, and their next
- * call with this rank, a combine say, waits for it until the timeout unless it refuses that call), then makes
- * them readable with
+ * receive counts (bounded by the timeout; its rows may still be moving), then makes them readable with
  * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, or
  * one after the handle got another routing, is deepepInvalidUsage). deepepBufferTooSmall when more rows arrive than
  * the outputs hold; deepepInvalidUsage when another dispatch reporting counts on the communicator overwrote them
- * before or while this call read them. */
+ * before or while this call read them. As for deepepDispatchNotify, an id out of range in that dispatch's routing
+ * fails it on every rank: this wait returns deepepInvalidArgument, the peers' waits deepepRemoteError (the first
+ * recorded fault, which may be an earlier one, is the one returned); a fault that earlier work or the rows record
+ * does not fail it. (A worst-case dispatch without report_recv_counts records such an id on its rank and moves the
+ * other rows, so that the combine every rank makes after it completes.) */
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle);
 
 /* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
