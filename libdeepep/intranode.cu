@@ -488,6 +488,14 @@ __global__ void __launch_bounds__(kRoutingTile) routing_position_kernel(RoutingP
 // ---------------------------------------------------------------------------------------------------------------
 // Notify: count exchange for exact-size outputs (one block).
 
+// Tells a host waiting in mapped memory that the counts before it are there: the ticket is stored last, after a system
+// fence (cumulative over the block's stores when a barrier came before it), so that the host, which reads the ticket
+// with acquire, reads the counts it guards.
+__device__ __forceinline__ void store_host_ticket(uint64_t* where, uint64_t ticket) {
+  __threadfence_system();
+  *reinterpret_cast<volatile uint64_t*>(where) = ticket;
+}
+
 __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
                               int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
                               int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host,
@@ -564,14 +572,10 @@ __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int3
       host->num_recv_tokens = total;
     }
   }
-  // The host waits for the ticket (stored last, after a system fence the barrier makes cumulative over every thread's
-  // stores): it has the counts before this kernel's acknowledgements, and a fault earlier work records meanwhile does
-  // not pass for this call's.
+  // The host waits for the ticket, not for the kernel's end: it has the counts before this kernel's acknowledgements,
+  // and a fault earlier work records meanwhile does not pass for this call's.
   __syncthreads();
-  if (ok && agreed && threadIdx.x == 0) {
-    __threadfence_system();
-    *reinterpret_cast<volatile uint64_t*>(&host->ticket) = ticket;
-  }
+  if (ok && agreed && threadIdx.x == 0) store_host_ticket(&host->ticket, ticket);
   finish_operation(p, seq);
 }
 
@@ -860,10 +864,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       // The host waits for the ticket, stored last: the counts are out while the rows still move.
       if (threadIdx.x == 0) q.report->num_recv_tokens = total_rows;
       __syncthreads();
-      if (threadIdx.x == 0 && *q.routing_faults == 0) {
-        __threadfence_system();
-        *reinterpret_cast<volatile uint64_t*>(&q.report->ticket) = q.report_ticket;
-      }
+      if (threadIdx.x == 0 && *q.routing_faults == 0) store_host_ticket(&q.report->ticket, q.report_ticket);
     }
   }
   // Padding rows (a worst-case output, or a cached call into worst-case sized outputs): no token, -1 ids, zero
