@@ -2,6 +2,7 @@
 // guarded_call so no exception crosses the boundary.
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstring>
 
 #include "comm.hpp"
@@ -174,8 +175,14 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
     DEEPEP_REQUIRE(topk_row_stride >= num_topk && topk_row_stride <= (int64_t(1) << 32),
                    "topk_row_stride is %lld; it must be in [num_topk (%d), 2^32] (0: num_topk)",
                    static_cast<long long>(topk_row_stride), num_topk);
-    DEEPEP_REQUIRE(num_tokens <= (int64_t(1) << 31), "num_tokens is %lld; at most 2^31 tokens are supported",
+    // The counts are int32: a rank's count reaches num_tokens, an expert's num_tokens * num_topk (one per slot).
+    constexpr int64_t kMaxCount = INT32_MAX;
+    DEEPEP_REQUIRE(num_tokens <= kMaxCount, "num_tokens is %lld; at most 2^31 - 1 tokens are supported (int32 counts)",
                    static_cast<long long>(num_tokens));
+    DEEPEP_REQUIRE(num_tokens * num_topk <= kMaxCount,
+                   "num_tokens * num_topk is %lld; at most 2^31 - 1 slots are supported (an expert's int32 count may "
+                   "reach it)",
+                   static_cast<long long>(num_tokens * num_topk));
     DEEPEP_REQUIRE(num_experts >= 1, "num_experts is %d; it must be positive", num_experts);
     DEEPEP_REQUIRE(num_experts % c.nranks == 0, "num_experts (%d) is not divisible by the number of ranks (%d)",
                    num_experts, c.nranks);

@@ -100,16 +100,59 @@ deepepCombineArgs combine_defaults() {
   return args;
 }
 
+// The id of the stream capture that `stream` takes part in (CUDA makes one per capture, unique in the process), 0
+// when it is not capturing.
+unsigned long long capture_id_of(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  DEEPEP_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &id));
+  if (status == cudaStreamCaptureStatusNone) return 0;
+  return id != 0 ? id : ~0ull;  // ids start at 1; a capture is never taken for none
+}
+
 // Remembers the handle's last use on `stream`, so that its storage is reused only after that work (see
-// deepepHandleDestroy). Inside a stream capture the graph may run at any later time: the handle is marked instead.
-void note_use(deepepHandle& handle, cudaStream_t stream) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  DEEPEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
+// deepepHandleDestroy). Inside a stream capture the graph may run at any later time: the handle is marked instead,
+// with the capture (see check_capture_use). Returns the capture's id, 0 outside one.
+unsigned long long note_use(deepepHandle& handle, cudaStream_t stream) {
+  const unsigned long long capture = capture_id_of(stream);
+  if (capture != 0) {
     handle.used_in_capture = true;
-    return;
+    if (handle.capture_id != 0 && handle.capture_id != capture) handle.several_captures = true;
+    handle.capture_id = capture;
+    return capture;
   }
   DEEPEP_CUDA_CHECK(cudaEventRecord(handle.last_use, stream));
+  return 0;
+}
+
+// A handle that a stream capture used: the graph's replays read its device routing and, where a dispatch in the capture
+// routed it, write it again at every replay, while its host fields (routed, num_tokens, num_experts, num_sms, the
+// receive counts) stay those the calls set when they were made. Refuses `what` on `stream` (deepepInvalidUsage),
+// before anything is launched or changed, where the two could part:
+//  - a call that routes the handle (`reroutes`: notify, a worst-case or bounded dispatch) once a capture other than
+//    this one used it (any capture, outside one): that graph's replays would read the new routing;
+//  - any call outside the capture whose dispatch routed it: each replay of that graph routes it again, under this
+//    call's host view.
+// Calls within one capture stay free (a graph of several layers may route one handle several times), and so do
+// cached dispatches and combines, captured or not, with a handle routed outside every capture.
+void check_capture_use(const deepepHandle& h, bool reroutes, cudaStream_t stream, const char* what) {
+  if (h.capture_id == 0) return;  // no capture used it
+  const unsigned long long current = capture_id_of(stream);
+  if (h.routing_capture_id != 0 && h.routing_capture_id != current) {
+    fail(deepepInvalidUsage,
+         "%s refused: the handle was routed by a dispatch captured in a CUDA graph, and every replay of that graph "
+         "routes it again, so %s may not match its routing on the device: use the handle only in that capture, "
+         "and another handle %s",
+         what, current == 0 ? "its state here" : "its state in this capture",
+         current == 0 ? "outside the graph" : "in this capture");
+  }
+  if (reroutes && (current == 0 || h.capture_id != current || h.several_captures)) {
+    fail(deepepInvalidUsage,
+         "%s refused: it would route again a handle that %s used, and that graph's replays read the handle's "
+         "routing: keep the handle for that graph (cached dispatches and combines with it stay allowed) and use "
+         "another handle for the new routing",
+         what, current == 0 ? "a CUDA graph capture" : "another CUDA graph capture");
+  }
 }
 
 // This rank's side of a refused `call` on `stream` (deepepRefuseCall). A dispatch (of either kind) or a combine runs
@@ -148,7 +191,8 @@ struct HighThroughputRefusal {
 };
 
 // Fills the handle's routing from args (prepare kernel); the caller then runs notify or a worst-case dispatch, which
-// fill the receive counts, and marks the handle routed once that call is launched (notify: once it is done).
+// fill the receive counts, and marks the handle routed once that call is launched (notify: once it is done). The
+// caller has checked the handle's captures (check_capture_use): outside a capture, none used the handle.
 void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& given, cudaStream_t stream) {
   deepepDispatchArgs a = given;
   if (a.topk_row_stride == 0) a.topk_row_stride = a.num_topk;  // 0 means contiguous rows
@@ -162,7 +206,8 @@ void prepare(const deepepComm& comm, deepepHandle& handle, const deepepDispatchA
   handle.expert_alignment = a.expert_alignment;
   handle.num_sms = num_sms;
   launch_prepare_routing(comm, handle, a, num_sms, stream);
-  note_use(handle, stream);
+  // Inside a capture, every replay routes the handle again: the capture's id marks it as that graph's.
+  handle.routing_capture_id = note_use(handle, stream);
 }
 
 // Spins until `done()` holds, at most the communicator's timeout plus 5 s; past that, a fault a kernel recorded is
@@ -404,6 +449,7 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     refused.handle = &h;
     require_intranode(c);
     require_not_capturing(stream, "deepepDispatchNotify", ": the host waits for the counts");
+    check_capture_use(h, true, stream, "deepepDispatchNotify");
     require_no_recorded_fault(c, "deepepDispatchNotify");
     check_routing(c, a);
     DeviceGuard guard(c.device);
@@ -444,6 +490,10 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       require_not_capturing(stream, "a dispatch reporting its receive counts", ": the host waits for them");
       require_no_recorded_fault(c, "a dispatch reporting its receive counts");
     }
+    check_capture_use(h, worst_case, stream,
+                      report       ? "a bounded dispatch (report_recv_counts)"
+                      : worst_case ? "a worst-case dispatch"
+                                   : "a cached dispatch");
     if (!worst_case) {
       if (!h.routed)
         fail(deepepInvalidUsage,
@@ -494,6 +544,10 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
       check_routing(c, ids);
     }
     if (a.topk_weights != nullptr) {
+      DEEPEP_REQUIRE(a.num_topk > 0,
+                     "topk_weights are given but num_topk is %d; it must be in [1, %d] (the columns of topk_idx and "
+                     "topk_weights)",
+                     a.num_topk, DEEPEP_MAX_TOPK);
       DEEPEP_REQUIRE(has_topk, "topk_weights are given without topk_idx");
       const int64_t stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
       DEEPEP_REQUIRE(stride >= a.num_topk, "weights_row_stride is below num_topk");
@@ -541,6 +595,10 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     if (fp8) check_device_array(c, a.recv_scales, matrix_bytes(rows, scale_bytes, scale_bytes, 1), 4, "recv_scales");
     DEEPEP_REQUIRE(fp8 || a.recv_scales == nullptr, "recv_scales is given but x is BF16");
     if (a.recv_topk_idx != nullptr || a.recv_topk_weights != nullptr) {
+      DEEPEP_REQUIRE(a.num_topk > 0,
+                     "recv_topk_idx / recv_topk_weights are given but num_topk is %d; it must be in "
+                     "[1, %d] (the columns of topk_idx)",
+                     a.num_topk, DEEPEP_MAX_TOPK);
       DEEPEP_REQUIRE(has_topk, "recv_topk_idx / recv_topk_weights need topk_idx");
     }
     // Optional outputs are checked when given.
@@ -578,6 +636,13 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
   return guarded_call(__func__, [&] {
     deepepHandle& h = *checked_handle(handle, nullptr);
+    // The counts are in the communicator's host slot: a communicator made since may have taken a destroyed one's
+    // address, and its slot holds its own dispatches' counts.
+    if (!is_live_comm(h.comm, h.comm_serial)) {
+      fail(deepepInvalidUsage,
+           "the handle's communicator was destroyed: the receive counts of its dispatch are gone (dispatch again on "
+           "a live communicator, with a handle of its own)");
+    }
     if (h.report_ticket == 0) {
       fail(deepepInvalidUsage,
            "no receive counts to wait for: the handle's routing is not from a dispatch with report_recv_counts, or "
@@ -634,6 +699,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     refused.handle = &h;
     const deepepCombineArgs a = checked_struct(args, "args", combine_defaults());
     require_intranode(c);
+    check_capture_use(h, false, stream, "deepepCombine");
     if (!h.routed) fail(deepepInvalidUsage, "the handle holds no routing: dispatch with it first");
     // The receive ranges combine reads are the dispatch kernel's: after a notify alone they would be those of the
     // handle's previous routing, and the sums silently wrong.

@@ -62,4 +62,11 @@ struct deepepHandle {
   deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)
   uint64_t report_ticket = 0;             // of the last dispatch, when it reports its counts and they are uncollected
   int64_t report_rows = 0;                // rows that dispatch's outputs hold
+
+  // The stream captures that used the handle (check_capture_use in api_ht.cpp): a graph's replays read the device
+  // routing and, where the capture routed the handle, write it again, while the host fields above are those that the
+  // calls set when they were made.
+  unsigned long long capture_id = 0;          // the last capture that used the handle (0: none did)
+  bool several_captures = false;              // more than one capture used it
+  unsigned long long routing_capture_id = 0;  // the capture whose dispatch routed it (0: routed outside every one)
 };

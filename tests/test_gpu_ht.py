@@ -231,6 +231,91 @@ def graph_case(comm, seed):
     return all(results) or f"replays matched: {results}"
 
 
+def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
+    """The rule for handles in CUDA graphs (deepep.h): a handle routed outside and captured with a cached dispatch +
+    combine still serves cached calls outside the graph; routing it again outside (a worst-case dispatch with
+    handle=) is refused with DeepEPInvalidUsage on every rank, and so is a combine outside the graph with a handle
+    that a captured worst-case dispatch routed. The refusals launch this rank's side of the call: the ranks stay in
+    step, and the graph and a dispatch + combine afterwards still match the oracle."""
+    from pydeepep.bench import CapturedGraph
+
+    R, me = comm.nranks, comm.rank
+    x, topk, _ = make_inputs(seed, me, n, h, k, e, nranks=R)
+    reached = reference.dispatch_layout(topk, e, R)[2].sum(axis=1).astype(np.float32)
+    want = reference.bf16_round(bf16_values(x) * reached[:, None])  # identity experts: x times the ranks reached
+
+    def same(out):
+        stream.synchronize()
+        return np.array_equal(bf16_values(out.to_numpy()), want)
+
+    failures = []
+    with cupy.cuda.Device(comm.device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        x_dev, topk_dev = dev(x), dev(topk)
+        cupy.cuda.runtime.deviceSynchronize()  # copied on the default stream, read on `stream`
+        handle = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=stream).handle
+        d_out = comm.dispatch(x_dev, handle=handle, stream=stream)
+        c_out = comm.combine(d_out.recv_x, handle, stream=stream)
+
+        def cached_step():
+            comm.dispatch(x_dev, handle=handle, stream=stream, out=d_out)
+            comm.combine(d_out.recv_x, handle, stream=stream, out=c_out)
+
+        graph = CapturedGraph(cached_step, stream.ptr)
+        graph.launch()
+        stream.synchronize()
+        if not same(c_out[0]):
+            failures.append("the replay differs")
+        again = comm.dispatch(x_dev, handle=handle, stream=stream)
+        if not same(comm.combine(again.recv_x, handle, stream=stream).out):
+            failures.append("a cached dispatch + combine outside the graph differs")
+        said = refusal(
+            comm,
+            pydeepep.DeepEPInvalidUsage,
+            comm.dispatch,
+            x_dev,
+            topk_idx=topk_dev,
+            num_experts=e,
+            handle=handle,
+            num_worst_tokens=R * n,
+            stream=stream,
+        )
+        if "route again a handle that a CUDA graph capture used" not in said:
+            failures.append(f"routing the captured handle again outside the graph: {said}")
+        graph.launch()  # the handle kept the routing the graph reads
+        stream.synchronize()
+        if not same(c_out[0]):
+            failures.append("the replay after the refusal differs")
+        graph.close()
+
+        # A handle routed by a worst-case dispatch inside the capture belongs to the graph.
+        worst = pydeepep.Handle(comm)
+        w_out = comm.dispatch(
+            x_dev, topk_idx=topk_dev, num_experts=e, handle=worst, num_worst_tokens=R * n, stream=stream
+        )
+        wc_out = comm.combine(w_out.recv_x, worst, stream=stream)
+
+        def worst_step():
+            comm.dispatch(
+                x_dev, topk_idx=topk_dev, num_experts=e, handle=worst, num_worst_tokens=R * n, stream=stream, out=w_out
+            )
+            comm.combine(w_out.recv_x, worst, stream=stream, out=wc_out)
+
+        graph = CapturedGraph(worst_step, stream.ptr)
+        graph.launch()
+        stream.synchronize()
+        if not same(wc_out[0]):
+            failures.append("the worst-case replay differs")
+        said = refusal(comm, pydeepep.DeepEPInvalidUsage, comm.combine, w_out.recv_x, worst, stream=stream)
+        if "routed by a dispatch captured in a CUDA graph" not in said:
+            failures.append(f"a combine outside the graph with the handle it routes: {said}")
+        graph.close()
+    verdict = run_case(comm, seed + 1, n=200, h=512, k=k, e=e)
+    if verdict is not True:
+        failures.append(f"after the refusals: {verdict}")
+    return "; ".join(failures) if failures else True
+
+
 def slow_then_fill(target, host_values, stream):
     """Enqueues tens of milliseconds of matrix work, then the real values, on `stream`: a call that does not wait
     for `stream` reads the zeros that are there before."""
@@ -358,6 +443,11 @@ def ht_scenarios(info):
         except Exception:
             out["graph_replay"] = traceback.format_exc()
         log_scenario("ht", info, "graph_replay", out["graph_replay"])
+        try:
+            out["captured_handles"] = captured_handles_case(comm, 32)
+        except Exception:
+            out["captured_handles"] = traceback.format_exc()
+        log_scenario("ht", info, "captured_handles", out["captured_handles"])
         # Dispatches that must be refused, each with the error it must give:
         # - too many rows for a worst-case output: an error with the count, never truncation;
         # - ranks that disagree on a collective parameter (here E): an error, never corrupted counts;
@@ -619,6 +709,12 @@ def results():
 @pytest.mark.parametrize("scenario", [*CASES, "async_finish", "previous_event", "graph_replay"])
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
     assert all_true([r.get(scenario, "not run") for r in results]), [r.get(scenario) for r in results]
+
+
+def test_a_handle_a_graph_uses_serves_cached_calls_outside_it_but_is_never_routed_under_it(results):
+    assert all_true([r.get("captured_handles", "not run") for r in results]), [
+        r.get("captured_handles") for r in results
+    ]
 
 
 @pytest.fixture(scope="module")

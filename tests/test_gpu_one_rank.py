@@ -95,6 +95,43 @@ def test_a_layout_whose_rows_span_more_than_2_to_the_64_bytes_is_refused():
     assert "topk_idx" in message, message
 
 
+class _ManyRows:
+    """A CUDA array interface of `rows` contiguous rows of `cols` int64 ids claimed over `base` (far more than it
+    holds): a call that takes it must refuse its size before it reads a byte."""
+
+    def __init__(self, base, rows, cols):
+        self.base = base
+        self.__cuda_array_interface__ = {
+            "shape": (rows, cols),
+            "strides": (cols * 8, 8),
+            "typestr": "<i8",
+            "data": (base.data.ptr, False),
+            "version": 3,
+        }
+
+
+def layout_of_too_many_slots(info):
+    import cupy
+
+    with pydeepep.Communicator(
+        info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256, num_topk=1, num_experts=8
+    ) as comm:
+        base = cupy.zeros(16, cupy.int64)
+        try:
+            # 2^26 tokens of top-32: 2^31 slots, one more than an expert's int32 count holds.
+            comm.get_dispatch_layout(_ManyRows(base, 1 << 26, 32), 8)
+            cupy.cuda.runtime.deviceSynchronize()
+        except pydeepep.DeepEPInvalidArgument as exc:
+            return str(exc)
+        return "accepted"
+
+
+def test_a_layout_of_more_slots_than_an_int32_count_holds_is_refused():
+    pytest.importorskip("cupy")
+    (message,) = pydeepep.spawn(layout_of_too_many_slots, nprocs=1, timeout=120)
+    assert "num_tokens * num_topk is 2147483648" in message, message
+
+
 def nonfinite_ll(info):
     """Low-latency calls on rows holding NaN and infinities, against the oracle: the FP8 cast (the block maximum
     skips NaN; an infinite channel gives an infinite scale), BF16 rows unchanged, and the combine's NaN pattern."""

@@ -140,7 +140,8 @@ typedef struct {
   {sizeof(deepepConfig), -1, 0, 100.0, 0, 4096, 7168, 8, 256, 0, DEEPEP_LL_TRANSPORT_AUTO, 0, 0}
 
 /* ---------------------------------------------------------------------------------------------------------------- */
-/* Errors and version. Local, thread-safe, never fail for valid pointers.                                            */
+/* Errors and version. Local, thread-safe. The first three never fail for valid pointers; deepepConfigInit          */
+/* also refuses a struct_size that no deepepConfig has (deepepInvalidArgument).                                     */
 
 /* Static text for a result code; unknown values give "unknown deepep result code". Never NULL. */
 DEEPEP_API const char* deepepGetErrorString(deepepResult_t result);
@@ -226,7 +227,8 @@ DEEPEP_API deepepResult_t deepepCommGetAsyncError(deepepComm_t comm, deepepResul
 DEEPEP_API deepepResult_t deepepCommClearAsyncError(deepepComm_t comm);
 
 /* Bytes of communication buffer per rank that `config` needs on `nranks` ranks: the high-throughput part (buffer_bytes,
- * or what the workload needs when it is 0) plus the low-latency area when low_latency_max_tokens > 0. Local, needs no
+ * or what the workload needs when it is 0), plus the low-latency area when low_latency_max_tokens > 0, plus the
+ * zero-copy dispatch area when zero_copy_dispatch is 1 (what deepepCommBufferBytes then reports). Local, needs no
  * GPU. [in] config (NULL: defaults), nranks; [out] bytes */
 DEEPEP_API deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, int nranks, size_t* bytes);
 
@@ -241,7 +243,8 @@ DEEPEP_API deepepResult_t deepepGetBufferSizeHint(const deepepConfig* config, in
  * (>= num_topk; 0: num_topk, contiguous rows) and entries in [-1, num_experts); -1 means "no expert". An entry outside
  * that range is ignored and recorded as deepepInvalidArgument in the asynchronous-error flag (never a wild write).
  * num_experts must be divisible by nranks (expert e lives on rank e / (num_experts / nranks)).
- * All arrays are device memory of the communicator's device. num_tokens may be 0.
+ * All arrays are device memory of the communicator's device. num_tokens may be 0; the counts are int32, so num_tokens
+ * and num_tokens * num_topk (an expert's count reaches it) must be at most 2^31 - 1 (deepepInvalidArgument).
  * Stream-ordered, local (no communication), capturable in a CUDA graph. */
 DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void* topk_idx, deepepDataType_t topk_type,
                                                   int64_t num_tokens, int num_topk, int64_t topk_row_stride,
@@ -288,7 +291,22 @@ typedef struct deepepHandle* deepepHandle_t;
  * event of its last use and reused by a later handle once that work is done. The exceptions wait: a handle used
  * inside a stream capture (a replay may use it at any time: keep such handles for the graph's lifetime) or destroyed
  * after its communicator waits for the device, and a destroy that finds 8 destroyed handles' storage still parked
- * waits for the oldest one's last use. */
+ * waits for the oldest one's last use.
+ *
+ * Handles and CUDA graphs: a captured call sets the handle's host view (its routing's tokens, experts, num_sms and
+ * receive counts) once, when it is captured, while every replay reads the handle's routing on the device and, where
+ * the capture routed the handle, writes it again. So that the two never part, these are refused with
+ * deepepInvalidUsage, before anything is launched or the handle changes (a refusal like any other: outside a capture
+ * the other ranks finish the call at once; inside one it launches nothing):
+ *  - a call that routes the handle (deepepDispatchNotify, a worst-case or bounded deepepDispatch) once a capture other
+ *    than the current one used it (outside a capture: once any capture used it), since that graph's replays read the
+ *    routing: route another handle for the new routing;
+ *  - any deepepDispatch or deepepCombine with the handle outside the capture whose worst-case dispatch routed it,
+ *    since each replay of that graph routes it again under the caller's view: use another handle outside that graph
+ *    (or in another one).
+ * Calls within one capture stay allowed (a graph of several layers may route one handle several times), and a handle
+ * routed outside every capture serves cached dispatches and combines inside any number of captures and outside them
+ * alike, as long as nothing routes it again. */
 DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* handle);
 DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
 /* Rows this rank receives under the handle's routing. Known on the host after deepepDispatchNotify or
@@ -364,20 +382,21 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
                                                struct CUstream_st* stream);
 
 /* Moves the payload under the handle's routing (cached) or, with num_worst_tokens > 0, under the routing in args
- * (which it records in the handle). Collective, stream-ordered, no host synchronisation, capturable. */
+ * (which it records in the handle). Collective, stream-ordered, no host synchronisation, capturable (a handle a
+ * capture used follows "Handles and CUDA graphs" above). */
 DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
                                          struct CUstream_st* stream);
 
 /* After a worst-case deepepDispatch with report_recv_counts: blocks the host until that dispatch's kernel has the
  * receive counts (bounded by the timeout; its rows may still be moving), then makes them readable with
- * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, or
- * one after the handle got another routing, is deepepInvalidUsage). deepepBufferTooSmall when more rows arrive than
- * the outputs hold; deepepInvalidUsage when another dispatch reporting counts on the communicator overwrote them
- * before or while this call read them. As for deepepDispatchNotify, an id out of range in that dispatch's routing
- * fails it on every rank: this wait returns deepepInvalidArgument, the peers' waits deepepRemoteError (the first
- * recorded fault, which may be an earlier one, is the one returned); a fault that earlier work or the rows record
- * does not fail it. (A worst-case dispatch without report_recv_counts records such an id on its rank and moves the
- * other rows, so that the combine every rank makes after it completes.) */
+ * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, one
+ * after the handle got another routing, or one after its communicator was destroyed, is deepepInvalidUsage).
+ * deepepBufferTooSmall when more rows arrive than the outputs hold; deepepInvalidUsage when another dispatch reporting
+ * counts on the communicator overwrote them before or while this call read them. As for deepepDispatchNotify, an id out
+ * of range in that dispatch's routing fails it on every rank: this wait returns deepepInvalidArgument, the peers' waits
+ * deepepRemoteError (the first recorded fault, which may be an earlier one, is the one returned); a fault that earlier
+ * work or the rows record does not fail it. (A worst-case dispatch without report_recv_counts records such an id on its
+ * rank and moves the other rows, so that the combine every rank makes after it completes.) */
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle);
 
 /* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
