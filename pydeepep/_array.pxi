@@ -383,6 +383,9 @@ cdef tuple _element_type(dtype):
     if not stored.isnative:
         raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {stored.str} (non-native byte order)", 1)
     name = dtype_name(stored)
+    found = _STORAGE_ELEMENTS.get(name)  # ml_dtypes' bfloat16 / float8_e4m3fn: stored as bits, as their names are
+    if found is not None:
+        return found
     if name not in _DLPACK_TYPES:
         raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {name}", 1)
     return (stored, name)
@@ -417,6 +420,7 @@ cdef class DeviceArray:
 
     def __init__(self, size_t ptr, shape, dtype, int device_id, stream, owner=None):
         self._set(ptr, _checked_shape(shape), _element_type(dtype), device_id, stream_handle(stream), owner)
+        self._stream_owner = stream  # the exported stream must outlive the array's consumers
 
     cdef _set(self, size_t ptr, tuple shape, tuple element, int device_id, size_t stream, owner):
         """Fills the fields from parts already checked (_checked_shape, _element_type, stream_handle)."""
@@ -451,7 +455,10 @@ cdef class DeviceArray:
         cdef _Allocation block
         if isinstance(self._base, DeviceArray):  # a view (bits()): its base holds the memory
             (<DeviceArray>self._base)._written_on(stream)
-        elif isinstance(self._owner, _Allocation):
+            self._stream_owner = stream
+        elif not isinstance(self._owner, _Allocation):  # memory pydeepep did not allocate: only the export changes
+            self._stream_owner = stream
+        else:
             block = <_Allocation>self._owner
             if not block.shared:
                 block.stream = handle
@@ -528,7 +535,9 @@ cdef class DeviceArray:
                 if versioned == NULL:
                     raise MemoryError()
                 versioned.version.major = 1
-                versioned.version.minor = 0
+                # 1.1 named the float8 type codes; a consumer that reads only 1.0 gets 1.0 (its float8 codes unknown
+                # to it, as to any 1.0 consumer).
+                versioned.version.minor = 1 if tuple(max_version) >= (1, 1) else 0
                 versioned.manager_ctx = ctx
                 versioned.deleter = _delete_versioned
                 versioned.flags = 0

@@ -158,7 +158,7 @@ class Communicator:
         max_recv_tokens: int | None = ...,
         num_sms: int = ...,
         stream: Any = ...,
-        out: DispatchResult | None = ...,
+        out: DispatchResult | Callable[[int], Any] | None = ...,
         previous_event: Any = ...,
         async_finish: bool = ...,
     ) -> DispatchResult: ...

@@ -50,8 +50,9 @@ def get_unique_id():
 
 def _c_int(str name, value, object low=-2**31, object high=2**31 - 1):
     """`value` as a Python int that fits a C field (the library checks its meaning): a clear error naming the argument
-    instead of an OverflowError."""
-    cdef object number = int(value)
+    instead of an OverflowError. A count must be an integer (TypeError otherwise), never a truncated float or a
+    string."""
+    cdef object number = operator.index(value)
     if not low <= number <= high:
         raise DeepEPInvalidArgument(f"{name} is {number}; it must be in [{low}, {high}]", 1)
     return number
@@ -246,11 +247,11 @@ def _empty_group(specs, int device, stream):
             continue
         shape, element, offset = part
         if offset is None:
-            arrays.append(_new_array(0, shape, element, device, handle, None))
-            continue
-        array = _new_array(<size_t>(<_Allocation>block).ptr + <size_t>offset, shape, element, device, handle, block)
-        # The memory is freed stream-ordered on the stream it was allocated on: keep that stream's owner alive
-        # until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
+            array = _new_array(0, shape, element, device, handle, None)
+        else:
+            array = _new_array(<size_t>(<_Allocation>block).ptr + <size_t>offset, shape, element, device, handle, block)
+        # The memory is freed stream-ordered on the stream it was allocated on, and consumers wait for that stream:
+        # keep its owner alive until then (a CuPy or PyTorch stream object would otherwise destroy the stream first).
         array._stream_owner = stream
         arrays.append(array)
     return arrays
@@ -300,7 +301,8 @@ def _event_handle(event):
             return int(getattr(event, attribute))
     if isinstance(event, int) and not isinstance(event, bool):
         return event
-    raise DeepEPInvalidArgument(f"cannot take a CUDA event from {type(event).__name__}", 1)
+    raise TypeError(f"cannot take a CUDA event from {type(event).__name__}: pass a pydeepep, cuda.core, CuPy or "
+                    "PyTorch event, or an integer handle")
 
 
 def _wait_event(stream, event):
@@ -508,6 +510,10 @@ cdef class Communicator:
     cdef size_t _dispatch_area  # its device address (0: none), where high-throughput dispatches receive their rows
     cdef object _async_stream  # cuda.core Stream of async_finish calls; the arrays made on it keep it alive
     cdef object _ll  # low-latency buffer-set bookkeeping (_lowlatency.pxi)
+    # The stream the last collective call ran on, and its object (kept alive): where a call whose own stream cannot be
+    # read runs its refusal, after this rank's earlier calls (the communicator's stream before any call).
+    cdef size_t _last_stream
+    cdef object _last_stream_owner
 
     def __cinit__(self):
         self._comm = NULL
@@ -566,6 +572,7 @@ cdef class Communicator:
         # The stream of async_finish calls is owned here rather than by the library, so that outputs made on it
         # can be freed on it after close().
         self._async_stream = _device(self.device).create_stream()
+        self._last_stream, self._last_stream_owner = int(self._async_stream.handle), self._async_stream
 
     cdef deepepComm_t _live(self) except NULL:
         if self._comm == NULL:
@@ -624,19 +631,42 @@ cdef class Communicator:
         any other, and the refusal would not run)."""
         return handle if isinstance(handle, Handle) and handle.comm is self else None
 
+    def _call_stream(self, stream):
+        """The raw handle of a collective call's ``stream``, remembered as the last call's. A stream that cannot be
+        read raises, with the stream a refusal of the call runs on (``_last_stream``) unchanged."""
+        handle = stream_handle(stream)
+        self._last_stream, self._last_stream_owner = handle, stream
+        return handle
+
     def _start(self, stream, previous_event, bint async_finish, _OwedCall owed=None):
         """The stream a call runs on (and its owner object): the caller's, or with ``async_finish`` the
         communicator's, ordered after the caller's work; both wait for ``previous_event`` when given. ``owed`` learns
-        the stream first, so that a refusal from here on reaches the other ranks."""
-        caller = stream_handle(stream)
+        the stream first, so that a refusal from here on reaches the other ranks (where ``stream`` cannot be read, on
+        the stream of this rank's last call)."""
+        if owed is not None:
+            owed.stream = self._last_stream
+        caller = self._call_stream(stream)
         run_on, owner = (self.stream, self._async_stream) if async_finish else (caller, stream)
         if owed is not None:
             owed.stream = run_on
+        if async_finish:
+            self._last_stream, self._last_stream_owner = run_on, owner
         if run_on != caller:
             _make_stream_wait(caller, run_on)
         if previous_event is not None:
             _wait_event(run_on, previous_event)
         return owner, run_on
+
+    def _keep_for_async(self, inputs, caller, outputs):
+        """An ``async_finish`` call reads its inputs on the communicator's stream, and the caller reads its outputs
+        on ``caller`` once it waited for the event: pydeepep memory among them is reused only after that work, as if
+        the inputs had been made on the communicator's stream and the outputs on the caller's."""
+        for array in inputs:
+            if isinstance(array, DeviceArray):
+                array.record_stream(self._async_stream)
+        for array in outputs:
+            if isinstance(array, DeviceArray):
+                array.record_stream(caller)
 
     def measure_push_bandwidth(self, int num_sms, size_t nbytes=256 << 20, int iterations=10, stream=None):
         """Diagnostic: GB/s of SM-driven 16-byte stores into the next rank's buffer with ``num_sms`` blocks (median
@@ -724,7 +754,7 @@ cdef class Communicator:
         cdef size_t topk_ptr, rank_ptr, expert_ptr, mask_ptr
         cdef int64_t n, stride
         cdef int k
-        cdef int experts = _c_int("num_experts", operator.index(num_experts))
+        cdef int experts = _c_int("num_experts", num_experts)
         cdef deepepResult_t status
         with _OnDevice(self.device):
             view = _as_view(topk_idx, s)
@@ -779,7 +809,9 @@ cdef class Communicator:
         are the first rows of those outputs and keep all of their memory until freed; more rows than the bound raise
         ``DeepEPBufferTooSmall``; ``handle``, if given, is refilled. Returns a
         :data:`DispatchResult`; outputs are produced on ``stream``. ``out``: a DispatchResult of an earlier call
-        with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs).
+        with the same shapes whose arrays are written again instead of new ones (needed inside CUDA graphs), or a
+        callable that takes the number of rows this rank receives and returns an object with the DispatchResult's
+        array fields, to write (an allocator of the caller's, such as the PyTorch adapter's).
         ``previous_event``: work waits for this event first. ``async_finish``: run on the communicator's stream
         (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
         produced on the communicator's stream. On a communicator made with ``zero_copy_dispatch=True``, ``recv_x``
@@ -793,16 +825,22 @@ cdef class Communicator:
         exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0 and max_recv_tokens is None
         cdef _OwedCall owed = _OwedCall(deepepCallDispatchNotify if exact_size else deepepCallDispatch,
                                         self._own_handle(handle), _integer_or(num_sms, 0, 1 << 31))
+        caller = stream
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
-                return self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
-                                      _c_int("expert_alignment", operator.index(expert_alignment)),
-                                      operator.index(num_worst_tokens),
-                                      max_recv_tokens, _c_int("num_sms", operator.index(num_sms)), out, async_finish)
+                result = self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
+                                        _c_int("expert_alignment", expert_alignment),
+                                        operator.index(num_worst_tokens),
+                                        max_recv_tokens, _c_int("num_sms", num_sms), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
                 raise
+        if async_finish:
+            self._keep_for_async((x, x_scales, topk_idx, topk_weights), caller,
+                                 (result.recv_x, result.recv_scales, result.recv_topk_idx, result.recv_topk_weights,
+                                  result.recv_src_idx))
+        return result
 
     def _dispatch(self, _OwedCall owed, stream, size_t s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
                   int expert_alignment, int64_t num_worst_tokens, max_recv_tokens, int num_sms, out,
@@ -877,7 +915,7 @@ cdef class Communicator:
         if routing_given:
             if topk_idx is None or num_experts is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
-            a.num_experts = _c_int("num_experts", operator.index(num_experts))
+            a.num_experts = _c_int("num_experts", num_experts)
         if handle is None:
             h = Handle(self)
         else:
@@ -900,6 +938,8 @@ cdef class Communicator:
             if h.num_recv_rows is None:
                 raise DeepEPInvalidUsage("the handle holds no routing yet", 2)
             rows = h.num_recv_rows
+        if callable(out):
+            out = out(rows)  # the caller's allocator, for a size the count exchange may have just decided
         if out is None:
             if self._dispatch_area:
                 # Zero-copy: the rows land in the communicator's dispatch area, which recv_x views (the library
@@ -969,13 +1009,18 @@ cdef class Communicator:
         synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
         (needed inside CUDA graphs). ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
         cdef _OwedCall owed = _OwedCall(deepepCallCombine, self._own_handle(handle), 0)
+        caller = stream
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
-                return self._combine(owed, stream, s, x, handle, topk_weights, bias, out, async_finish)
+                result = self._combine(owed, stream, s, x, handle, topk_weights, bias, out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
                 raise
+        if async_finish:
+            biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+            self._keep_for_async((x, topk_weights, *biases), caller, (result.out, result.topk_weights))
+        return result
 
     def _combine(self, _OwedCall owed, stream, size_t s, x, Handle handle not None, topk_weights, bias, out,
                  bint async_finish):

@@ -23,7 +23,7 @@ def stream_handle(stream: Any) -> int:
     if stream is None:
         return LEGACY_DEFAULT_STREAM
     if isinstance(stream, bool):
-        raise DeepEPInvalidArgument(f"stream must be a stream object or an integer handle, not {stream!r}")
+        raise TypeError(f"stream must be a stream object or an integer handle, not {stream!r}")
     if isinstance(stream, int):
         handle = stream
     elif hasattr(stream, "__cuda_stream__"):
@@ -38,7 +38,7 @@ def stream_handle(stream: Any) -> int:
     elif hasattr(stream, "ptr") and not callable(stream.ptr):  # cupy.cuda.Stream
         handle = int(stream.ptr)
     else:
-        raise DeepEPInvalidArgument(
+        raise TypeError(
             f"cannot take a CUDA stream from {type(stream).__name__}: pass a cuda.core Stream, an object with "
             "__cuda_stream__, a PyTorch or CuPy stream, or an integer handle"
         )

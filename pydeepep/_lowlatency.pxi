@@ -225,15 +225,16 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
                           stats_wait_ns=None, bint scales_token_contiguous=False):
     book = _ll_book(comm)
     cdef deepepComm_t c = comm._live()
-    cdef size_t s = stream_handle(stream)
+    cdef size_t s = comm._last_stream  # where the refusal runs if `stream` cannot be read
     cdef int buffer_set = _next_dispatch_set(book)
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     _check(deepepLowLatencyDispatchArgsInit(&hook.dispatch_args, sizeof(hook.dispatch_args)))
     hook.dispatch_args.buffer_set = buffer_set
     hook.dispatch_args.phase = _phase(return_recv_hook)
     try:
+        s = comm._call_stream(stream)
         # num_experts is converted here, so that a count that is no integer is refused like any other bad argument.
-        experts = _c_int("num_experts", operator.index(num_experts))
+        experts = _c_int("num_experts", num_experts)
         result = _low_latency_dispatch_call(comm, hook, s, x, topk_idx, experts, use_fp8, round_scale, use_ue8m0,
                                             stream, out, stats_recv_count, stats_wait_ns, scales_token_contiguous)
     except BaseException as exc:
@@ -387,11 +388,16 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     book = _combine_book(comm, handle)
     cdef deepepComm_t c = comm._live()
     cdef int buffer_set = handle.buffer_set
-    cdef size_t s = stream_handle(stream)
+    cdef size_t s = comm._last_stream  # where the refusal runs if `stream` cannot be read
     cdef _LowLatencyHook hook = _LowLatencyHook.__new__(_LowLatencyHook)
     _check(deepepLowLatencyCombineArgsInit(&hook.combine_args, sizeof(hook.combine_args)))
     hook.combine_args.buffer_set = buffer_set
     hook.combine_args.phase = _phase(return_recv_hook)
+    try:
+        s = comm._call_stream(stream)
+    except BaseException:
+        _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
+        raise
     if handle.refused:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise DeepEPInvalidUsage(
@@ -488,4 +494,5 @@ def _low_latency_combine_buffer(Communicator comm, handle):
     cdef DeviceArray view = DeviceArray(<size_t>pointer, (local, comm.nranks * book.max_tokens, handle.hidden),
                                         "bfloat16", comm.device, handle.recv_x.stream)
     view._base = comm  # library memory: lives as long as the communicator's buffer
+    view._stream_owner = handle.recv_x._stream_owner  # the stream it exports, kept alive as recv_x keeps it
     return view

@@ -470,3 +470,49 @@ def test_outputs_refused_after_the_count_exchange_fail_the_dispatch_on_every_ran
             assert said.startswith("DeepEPRemoteError"), f"rank {rank}: {said}"
         assert seconds < 5, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
         assert again_ok, f"rank {rank}: the dispatch afterwards differs from the oracle"
+
+
+def unreadable_stream_rank(info):
+    """Every rank makes a full dispatch, a combine, a low-latency dispatch and a low-latency combine; for each, rank 0
+    passes a stream that is no stream (each refused call followed by a valid one, so that the next has its inputs);
+    then every rank a valid full dispatch. Returns what each refused call raised and the seconds it took, and whether
+    the last dispatch gave the oracle's rows."""
+    import time
+
+    def timed(call):
+        start = time.monotonic()
+        try:
+            said = outcome(comm, call)
+        except TypeError as exc:
+            said = f"TypeError: {exc}"
+        return said, time.monotonic() - start
+
+    with open_communicator(info, low_latency_max_tokens=T) as comm, cupy.cuda.Device(comm.device):
+        x_np, topk_np, w_np = inputs(info.rank)
+        x, topk, w = cupy.asarray(x_np), cupy.asarray(topk_np), cupy.asarray(w_np)
+        stream = "not a stream" if info.rank == 0 else None
+        said = {"dispatch": timed(lambda: comm.dispatch(x, topk_idx=topk, num_experts=E, stream=stream))}
+        done = comm.dispatch(x, topk_idx=topk, num_experts=E)
+        said["combine"] = timed(lambda: comm.combine(done.recv_x, done.handle, stream=stream))
+        said["ll_dispatch"] = timed(lambda: comm.low_latency_dispatch(x, topk, E, use_fp8=False, stream=stream))
+        ll = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
+        y = cupy.zeros((E // comm.nranks, comm.nranks * T, H), cupy.uint16)
+        said["ll_combine"] = timed(lambda: comm.low_latency_combine(y, topk, w, ll, stream=stream))
+        again = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
+        comm.check_async_error()
+    return said, bool(np.array_equal(bf16_values(again), oracle_dispatch(info)[0]))
+
+
+def test_a_stream_that_is_no_stream_on_one_rank_fails_the_call_on_every_rank_at_once():
+    """docs/python-api.md: an argument of the wrong type raises TypeError, and a collective call still ends on every
+    rank. Rank 0's call cannot run on the stream it names: its refusal runs on the stream of its last call, so that
+    the other ranks' call fails at once with DeepEPRemoteError instead of waiting for rank 0 until the timeout."""
+    results = spawn_ranks(unreadable_stream_rank, nprocs=RANKS, timeout=60 * RANKS)
+    for rank, (said, again_ok) in enumerate(results):
+        for call, (message, seconds) in said.items():
+            if rank == 0:
+                assert message.startswith("TypeError") and "cannot take a CUDA stream from str" in message, message
+            else:
+                assert message.startswith("DeepEPRemoteError"), f"rank {rank}, {call}: {message}"
+            assert seconds < 5, f"rank {rank}, {call}: took {seconds:.1f} s (its timeout is 20)"
+        assert again_ok, f"rank {rank}: the dispatch afterwards differs from the oracle"

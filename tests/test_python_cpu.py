@@ -96,9 +96,16 @@ def test_stream_handles_are_taken_from_every_supported_form(stream, handle):
     assert _interop.stream_handle(stream) == handle
 
 
-@pytest.mark.parametrize("stream", [CudaStreamProtocol((1, 5)), CudaStreamProtocol(5), -3, True, "s", 1.5])
-def test_bad_streams_are_refused_with_a_clear_error(stream):
+@pytest.mark.parametrize("stream", [CudaStreamProtocol((1, 5)), CudaStreamProtocol(5), -3])
+def test_bad_stream_values_are_refused_with_a_clear_error(stream):
     with pytest.raises(pydeepep.DeepEPInvalidArgument):
+        _interop.stream_handle(stream)
+
+
+@pytest.mark.parametrize("stream", [True, "s", 1.5, object()])
+def test_objects_that_are_no_stream_raise_type_error(stream):
+    # docs/python-api.md: an argument of the wrong type raises TypeError.
+    with pytest.raises(TypeError, match="stream"):
         _interop.stream_handle(stream)
 
 
@@ -399,11 +406,13 @@ def test_legacy_dlpack_capsule_describes_the_array():
     assert (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes) == (6, 8, 1)  # kDLBool
 
 
-def test_versioned_dlpack_capsule_when_the_consumer_asks_for_it():
+@pytest.mark.parametrize("max_version, version", [((1, 0), (1, 0)), ((1, 1), (1, 1)), ((1, 3), (1, 1))])
+def test_versioned_dlpack_capsule_when_the_consumer_asks_for_it(max_version, version):
     a = pydeepep.DeviceArray(0x9000, (7,), np.int32, 0, 9)
-    capsule = a.__dlpack__(stream=9, max_version=(1, 1))
+    capsule = a.__dlpack__(stream=9, max_version=max_version)
     managed = DLManagedTensorVersioned.from_address(_capsule_pointer(capsule, b"dltensor_versioned"))
-    assert (managed.major, managed.minor) == (1, 0)
+    # 1.1 (the version that named the float8 codes) where the consumer reads it, never above its max_version.
+    assert (managed.major, managed.minor) == version
     assert managed.dl_tensor.data == 0x9000 and managed.dl_tensor.shape[0] == 7
     assert (managed.dl_tensor.dtype.code, managed.dl_tensor.dtype.bits) == (0, 32)
 
@@ -424,6 +433,15 @@ def test_dlpack_device_and_refusals():
         a.__dlpack__(stream=-1, copy=True)
     with pytest.raises(BufferError, match="device"):
         a.__dlpack__(stream=-1, dl_device=(1, 0))
+
+
+def test_ml_dtypes_types_are_held_as_their_bits():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for given, bits in ((ml_dtypes.bfloat16, np.uint16), (ml_dtypes.float8_e4m3fn, np.uint8)):
+        array = pydeepep.DeviceArray(0x9000, (7,), given, 0, 9)
+        assert array.dtype == np.dtype(bits) and array.bits().dtype_name == np.dtype(bits).name
+        assert array.dtype_name == np.dtype(given).name
+        assert array.__cuda_array_interface__["typestr"] == np.dtype(bits).str
 
 
 def test_device_array_refuses_unsupported_dtypes():
