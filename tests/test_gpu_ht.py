@@ -249,10 +249,9 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
         return np.array_equal(bf16_values(out.to_numpy()), want)
 
     failures = []
-    with cupy.cuda.Device(comm.device):
-        stream = cupy.cuda.Stream(non_blocking=True)
+    with cupy.cuda.Device(comm.device), cupy.cuda.Stream(non_blocking=True) as stream:
+        # CuPy arrays made and exported under `stream` name it as their producer: a capture on it waits for no other.
         x_dev, topk_dev = dev(x), dev(topk)
-        cupy.cuda.runtime.deviceSynchronize()  # copied on the default stream, read on `stream`
         handle = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, stream=stream).handle
         d_out = comm.dispatch(x_dev, handle=handle, stream=stream)
         c_out = comm.combine(d_out.recv_x, handle, stream=stream)
