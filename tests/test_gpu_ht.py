@@ -8,6 +8,7 @@ is tested between 2 ranks.
 
 import time
 import traceback
+import types
 
 import numpy as np
 import pytest
@@ -315,6 +316,47 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
     return "; ".join(failures) if failures else True
 
 
+def allocator_case(comm, seed, n=128, h=256, k=4, e=16):
+    """out= as an allocator: an exact-size dispatch calls it once, with the rows the count exchange gave, and writes
+    into the arrays it returns (CuPy's here), as the oracle says."""
+    R, me = comm.nranks, comm.rank
+    inputs = [make_inputs(seed, r, n, h, k, e, nranks=R) for r in range(R)]
+    want = reference.dispatch(
+        [bf16_values(x) for x, _, _ in inputs], [t for _, t, _ in inputs], [w for _, _, w in inputs], e
+    )
+    exp_x, exp_idx, exp_w, _, exp_src = want[me]
+    asked, made = [], []
+
+    def allocate(rows):
+        asked.append(rows)
+        made.append(
+            types.SimpleNamespace(
+                recv_x=cupy.empty((rows, h), cupy.uint16),
+                recv_scales=None,
+                recv_topk_idx=cupy.empty((rows, k), cupy.int64),
+                recv_topk_weights=cupy.empty((rows, k), cupy.float32),
+                recv_src_idx=cupy.empty((rows,), cupy.int32),
+            )
+        )
+        return made[-1]
+
+    with cupy.cuda.Device(comm.device):
+        x, topk, w = (dev(a) for a in inputs[me])
+        result = comm.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=e, out=allocate)
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        if asked != [exp_src.shape[0]]:
+            return f"the allocator was asked for {asked}; {exp_src.shape[0]} rows arrive"
+        if result.recv_x.ptr != made[0].recv_x.data.ptr:
+            return "recv_x is not the allocator's array"
+        got = (bf16_values(made[0].recv_x.get()), made[0].recv_topk_idx.get(), made[0].recv_topk_weights.get())
+        if not all(np.array_equal(a, b) for a, b in zip(got, (exp_x, exp_idx, exp_w), strict=True)):
+            return "the allocator's arrays differ from the oracle"
+        if not np.array_equal(made[0].recv_src_idx.get(), exp_src[:, 1]):
+            return "recv_src_idx differs"
+    return True
+
+
 def slow_then_fill(target, host_values, stream):
     """Enqueues tens of milliseconds of matrix work, then the real values, on `stream`: a call that does not wait
     for `stream` reads the zeros that are there before."""
@@ -447,6 +489,11 @@ def ht_scenarios(info):
         except Exception:
             out["captured_handles"] = traceback.format_exc()
         log_scenario("ht", info, "captured_handles", out["captured_handles"])
+        try:
+            out["allocator_out"] = allocator_case(comm, 33)
+        except Exception:
+            out["allocator_out"] = traceback.format_exc()
+        log_scenario("ht", info, "allocator_out", out["allocator_out"])
         # Dispatches that must be refused, each with the error it must give:
         # - too many rows for a worst-case output: an error with the count, never truncation;
         # - ranks that disagree on a collective parameter (here E): an error, never corrupted counts;
@@ -705,7 +752,7 @@ def results():
     return spawn_ranks(ht_scenarios, nprocs=RANKS, timeout=150 * RANKS)
 
 
-@pytest.mark.parametrize("scenario", [*CASES, "async_finish", "previous_event", "graph_replay"])
+@pytest.mark.parametrize("scenario", [*CASES, "async_finish", "previous_event", "graph_replay", "allocator_out"])
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
     assert all_true([r.get(scenario, "not run") for r in results]), [r.get(scenario) for r in results]
 
