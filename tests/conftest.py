@@ -33,12 +33,14 @@ def requires_gpus(n: int):
     return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} CUDA GPU(s); this machine has {gpu_count()}")
 
 
-# DEEPEP_TEST_SHARE_GPU=1 puts every rank of the high-throughput, low-latency, interop, soak, layout and bad-input
-# suites on GPU 0, so that a machine with one GPU runs them (for correctness only: nothing crosses NVLink; the two
-# cases that pass another GPU's memory skip). It needs CUDA MPS with each rank's share of the SMs small enough that all
-# ranks' grids are resident at once, which tests/run_gpu_tier.sh sets up (docs/reliability.md, "Ranks sharing a GPU").
+# DEEPEP_TEST_SHARE_GPU=1 puts every rank of the high-throughput, low-latency, interop, soak, layout, bad-input and
+# torch adapter suites on GPU 0, so that a machine with one GPU runs them (for correctness only: nothing crosses
+# NVLink; the two cases that pass another GPU's memory skip). It needs CUDA MPS with each rank's share of the SMs small
+# enough that all ranks' grids are resident at once, which tests/run_gpu_tier.sh sets up (docs/reliability.md, "Ranks
+# sharing a GPU").
 # The other multi-rank suites keep asking for a GPU per rank: the reliability suite starts its ranks itself (and kills
-# one), and the torch adapter's NCCL refuses two ranks on one GPU.
+# one), and the examples run on GPU r for rank r. (The torch adapter's tests meet through gloo, not NCCL, which would
+# refuse two ranks on one GPU.)
 SHARE_GPU = os.environ.get("DEEPEP_TEST_SHARE_GPU") == "1"
 
 

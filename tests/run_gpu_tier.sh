@@ -3,7 +3,7 @@
 # Usage (repo root): bash tests/run_gpu_tier.sh [pytest args, default: tests]
 # DEEPEP_TEST_RANKS=4 (or 8) runs the multi-rank suites on that many ranks (EP4, EP8; default 2); tests of one
 # mechanism between two ranks (a peer that skips a call, dies or comes late; the examples) stay on 2.
-# DEEPEP_TEST_SHARE_GPU=1 (a machine with one GPU) runs the high-throughput, low-latency, interop, soak, layout and
+# DEEPEP_TEST_SHARE_GPU=1 (a machine with one GPU) runs the high-throughput, low-latency, interop, soak, layout, torch and
 # bad-input suites with every rank on GPU 0, for correctness only: the script starts a CUDA MPS daemon of its own, gives
 # each rank 80 / RANKS percent of the SMs, and stops it at the end; the suites that need a GPU per rank skip
 # (tests/conftest.py says why). Not 100 / RANKS: with 50 % each, one rank's low-latency grid started only once the

@@ -8,12 +8,12 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, e4m3_values, one_rank_refusal_failures, requires_gpus
+from conftest import RANKS, all_true, e4m3_values, one_rank_refusal_failures, requires_ranks, spawn_ranks
 
 import pydeepep
 from pydeepep import reference
 
-pytestmark = [pytest.mark.gpu, requires_gpus(RANKS)]
+pytestmark = [pytest.mark.gpu, requires_ranks(RANKS)]
 torch = pytest.importorskip("torch")
 
 N, H, K, E = 512, 1024, 4, 16
@@ -138,7 +138,7 @@ def adapter_rank(info, init_file):
 def spawn_with_process_group(target):
     """Runs `target(info, init_file)` on RANKS ranks, which meet in torch.distributed through a fresh init file."""
     init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    return pydeepep.spawn(target, nprocs=RANKS, args=(init_file,), timeout=150 * RANKS)
+    return spawn_ranks(target, nprocs=RANKS, args=(init_file,), timeout=150 * RANKS)
 
 
 @pytest.fixture(scope="module")
