@@ -59,22 +59,23 @@ def test_the_nvshmem_proxy_thread_is_off_unless_the_environment_says_otherwise(m
     assert value == "0" and share > 0.5, (share, value)
 
 
-class _WideRows:
-    """A CUDA array interface over `base` that claims rows 2^32 elements apart: its extent, computed in 64 bits,
-    wraps around to a few bytes, and the library must refuse it, not read past the allocation."""
+class _ClaimedRows:
+    """A CUDA array interface of `rows` rows of `cols` int64 ids, `row_elements` apart, claimed over `base` (far more
+    than it holds): a call that takes it must refuse its size before it reads a byte."""
 
-    def __init__(self, base, rows):
+    def __init__(self, base, rows, cols, row_elements):
         self.base = base
         self.__cuda_array_interface__ = {
-            "shape": (rows, 1),
-            "strides": ((1 << 32) * 8, 8),
+            "shape": (rows, cols),
+            "strides": (row_elements * 8, 8),
             "typestr": "<i8",
             "data": (base.data.ptr, False),
             "version": 3,
         }
 
 
-def layout_of_wrapping_rows(info):
+def layout_of_claimed_rows(info, rows, cols, row_elements):
+    """What a one-rank layout of _ClaimedRows raises (its message), or "accepted"."""
     import cupy
 
     with pydeepep.Communicator(
@@ -82,7 +83,7 @@ def layout_of_wrapping_rows(info):
     ) as comm:
         base = cupy.zeros(16, cupy.int64)
         try:
-            comm.get_dispatch_layout(_WideRows(base, (1 << 29) + 1), 8)
+            comm.get_dispatch_layout(_ClaimedRows(base, rows, cols, row_elements), 8)
             cupy.cuda.runtime.deviceSynchronize()
         except pydeepep.DeepEPInvalidArgument as exc:
             return str(exc)
@@ -90,45 +91,16 @@ def layout_of_wrapping_rows(info):
 
 
 def test_a_layout_whose_rows_span_more_than_2_to_the_64_bytes_is_refused():
+    # Rows 2^32 elements apart: the extent, computed in 64 bits, wraps around to a few bytes.
     pytest.importorskip("cupy")
-    (message,) = pydeepep.spawn(layout_of_wrapping_rows, nprocs=1, timeout=120)
+    (message,) = pydeepep.spawn(layout_of_claimed_rows, nprocs=1, args=((1 << 29) + 1, 1, 1 << 32), timeout=120)
     assert "topk_idx" in message, message
 
 
-class _ManyRows:
-    """A CUDA array interface of `rows` contiguous rows of `cols` int64 ids claimed over `base` (far more than it
-    holds): a call that takes it must refuse its size before it reads a byte."""
-
-    def __init__(self, base, rows, cols):
-        self.base = base
-        self.__cuda_array_interface__ = {
-            "shape": (rows, cols),
-            "strides": (cols * 8, 8),
-            "typestr": "<i8",
-            "data": (base.data.ptr, False),
-            "version": 3,
-        }
-
-
-def layout_of_too_many_slots(info):
-    import cupy
-
-    with pydeepep.Communicator(
-        info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256, num_topk=1, num_experts=8
-    ) as comm:
-        base = cupy.zeros(16, cupy.int64)
-        try:
-            # 2^26 tokens of top-32: 2^31 slots, one more than an expert's int32 count holds.
-            comm.get_dispatch_layout(_ManyRows(base, 1 << 26, 32), 8)
-            cupy.cuda.runtime.deviceSynchronize()
-        except pydeepep.DeepEPInvalidArgument as exc:
-            return str(exc)
-        return "accepted"
-
-
 def test_a_layout_of_more_slots_than_an_int32_count_holds_is_refused():
+    # 2^26 tokens of top-32: 2^31 slots, one more than an expert's int32 count holds.
     pytest.importorskip("cupy")
-    (message,) = pydeepep.spawn(layout_of_too_many_slots, nprocs=1, timeout=120)
+    (message,) = pydeepep.spawn(layout_of_claimed_rows, nprocs=1, args=(1 << 26, 32, 32), timeout=120)
     assert "num_tokens * num_topk is 2147483648" in message, message
 
 
