@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -79,7 +80,14 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
   DEEPEP_REQUIRE(a.num_experts / comm.nranks <= DEEPEP_MAX_LOCAL_EXPERTS,
                  "num_experts / nranks is %d; at most %d experts per rank are supported", a.num_experts / comm.nranks,
                  DEEPEP_MAX_LOCAL_EXPERTS);
-  DEEPEP_REQUIRE(a.expert_alignment >= 1, "expert_alignment is %d; it must be >= 1", a.expert_alignment);
+  // An expert's count is at most nranks * max_tokens_per_rank rows; rounded up to the alignment it must still fit the
+  // int32 the counts are reported in.
+  const int64_t most_rows = static_cast<int64_t>(comm.nranks) * comm.max_tokens_per_rank;
+  const int64_t most_alignment = std::max<int64_t>(1, INT32_MAX - most_rows + 1);
+  DEEPEP_REQUIRE(a.expert_alignment >= 1 && a.expert_alignment <= most_alignment,
+                 "expert_alignment is %d; it must be in [1, %lld] (an expert's count of up to nranks * "
+                 "max_tokens_per_rank = %lld rows, rounded up to it, must fit int32)",
+                 a.expert_alignment, static_cast<long long>(most_alignment), static_cast<long long>(most_rows));
   const size_t element = a.topk_type == deepepInt64 ? 8 : 4;
   check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element, "topk_idx");
 }

@@ -1,5 +1,7 @@
 #include "cuda_utils.hpp"
 
+#include <cuda.h>
+
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -19,14 +21,73 @@ void fail_cuda(cudaError_t status, const char* expression, const char* file, int
        line);
 }
 
+namespace {
+
+// The driver calls DeviceGuard needs, reached through the runtime (the library does not link libcuda); all null where
+// the driver does not give them.
+struct ContextCalls {
+  CUresult (*get_current)(CUcontext*) = nullptr;
+  CUresult (*set_current)(CUcontext) = nullptr;
+  CUresult (*device_of_ordinal)(CUdevice*, int) = nullptr;
+  CUresult (*primary_state)(CUdevice, unsigned int*, int*) = nullptr;
+};
+
+void* driver_entry_point(const char* name) {
+  void* function = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  const cudaError_t status = cudaGetDriverEntryPointByVersion(name, &function, 7000, cudaEnableDefault, &found);
+  cudaGetLastError();
+  return status == cudaSuccess && found == cudaDriverEntryPointSuccess ? function : nullptr;
+}
+
+const ContextCalls& context_calls() {
+  static const ContextCalls calls = [] {
+    ContextCalls found;
+    void* get_current = driver_entry_point("cuCtxGetCurrent");
+    void* set_current = driver_entry_point("cuCtxSetCurrent");
+    void* device_of_ordinal = driver_entry_point("cuDeviceGet");
+    void* primary_state = driver_entry_point("cuDevicePrimaryCtxGetState");
+    if (get_current != nullptr && set_current != nullptr && device_of_ordinal != nullptr && primary_state != nullptr) {
+      found.get_current = reinterpret_cast<CUresult (*)(CUcontext*)>(get_current);
+      found.set_current = reinterpret_cast<CUresult (*)(CUcontext)>(set_current);
+      found.device_of_ordinal = reinterpret_cast<CUresult (*)(CUdevice*, int)>(device_of_ordinal);
+      found.primary_state = reinterpret_cast<CUresult (*)(CUdevice, unsigned int*, int*)>(primary_state);
+    }
+    return found;
+  }();
+  return calls;
+}
+
+}  // namespace
+
 DeviceGuard::DeviceGuard(int device) {
-  DEEPEP_CUDA_CHECK(cudaGetDevice(&previous_));
-  if (previous_ != device) DEEPEP_CUDA_CHECK(cudaSetDevice(device));
+  DEEPEP_CUDA_CHECK(cudaGetDevice(&previous_device_));
+  if (previous_device_ == device) return;
+  const ContextCalls& calls = context_calls();
+  CUcontext current = nullptr;
+  restore_context_ = calls.get_current != nullptr && calls.get_current(&current) == CUDA_SUCCESS;
+  previous_context_ = current;
+  DEEPEP_CUDA_CHECK(cudaSetDevice(device));
+  switched_ = true;
 }
 
 DeviceGuard::~DeviceGuard() {
-  int current = -1;
-  if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  if (!switched_) return;
+  const ContextCalls& calls = context_calls();
+  CUdevice previous = 0;
+  unsigned int flags = 0;
+  int active = 0;
+  if (restore_context_ && previous_context_ == nullptr &&
+      (calls.device_of_ordinal(&previous, previous_device_) != CUDA_SUCCESS ||
+       calls.primary_state(previous, &flags, &active) != CUDA_SUCCESS || active == 0)) {
+    // No context was current, and the previous device's primary context does not exist: leave none current rather
+    // than create it.
+    calls.set_current(nullptr);
+  } else if (restore_context_ && previous_context_ != nullptr) {
+    calls.set_current(static_cast<CUcontext>(previous_context_));  // the very context (a caller's own, say)
+  } else {
+    cudaSetDevice(previous_device_);
+  }
 }
 
 void allow_dynamic_shared_memory(const void* kernel, size_t bytes, int device, const char* what) {

@@ -21,7 +21,10 @@ namespace deepep {
     if (deepep_status_ != cudaSuccess) ::deepep::fail_cuda(deepep_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-// Makes `device` current for the scope and restores the previous device afterwards.
+// Makes `device` current for the scope, and afterwards what was current before: the very context where one was, else
+// the previous device where its primary context exists, else no context. Restoring "the previous device" alone would
+// create device 0's primary context (a few hundred MB on GPU 0) in a thread that had none current, since cudaGetDevice
+// answers 0 there: in every rank's process of a C caller whose worker threads never chose a device.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device);
@@ -30,7 +33,10 @@ class DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  int previous_ = -1;
+  bool switched_ = false;             // the guard made `device` current
+  bool restore_context_ = false;      // the previous context was read (the driver gave the entry points)
+  void* previous_context_ = nullptr;  // a CUcontext, or null for none
+  int previous_device_ = -1;
 };
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory on `device` (the current device), opting in once per

@@ -412,7 +412,7 @@ cdef class DeviceArray:
     cdef readonly str dtype_name     # element type: a NumPy name, or "bfloat16" / "float8_e4m3fn"
     cdef readonly size_t ptr
     cdef readonly int device_id
-    cdef readonly object stream   # int handle of the stream whose work produces the data
+    cdef object _stream           # int handle of the stream whose work produces the data (a view's: its base's)
     cdef object _owner            # keeps the memory alive (an _Allocation), or None
     cdef public object _stream_owner  # the Python stream object the memory was allocated on, kept alive
     cdef object _base                 # an array whose memory this one views (kept alive, never freed here)
@@ -428,7 +428,7 @@ cdef class DeviceArray:
         self.shape = shape
         self.dtype, self.dtype_name = element
         self.device_id = device_id
-        self.stream = stream
+        self._stream = stream
         self._owner = owner
         strides = []
         step = 1
@@ -441,8 +441,12 @@ cdef class DeviceArray:
         """Re-targets an ``out=`` array to the call about to write it on `stream` (a handle or a stream object): the
         call first waits for the array's last producer, consumers then wait for the call, and the memory is freed on
         `stream`, after the write (the stream object is kept alive, as for new arrays)."""
+        if isinstance(self._base, DeviceArray):  # a view (bits()): its base holds the memory and the stream
+            (<DeviceArray>self._base)._written_on(stream)
+            self._stream_owner = stream
+            return
         cdef size_t handle = stream_handle(stream)
-        if handle == self.stream:
+        if handle == self._stream:
             return
         if _capturing(handle, self.device_id):
             # The wait would be on an event recorded outside the capture, and the memory would be freed inside it.
@@ -450,13 +454,10 @@ cdef class DeviceArray:
                 "an out= array made on another stream is written by a call being captured in a CUDA graph: make the "
                 "out= arrays on the capturing stream (before the capture)", 2)
         with _OnDevice(self.device_id):
-            _make_stream_wait(self.stream, handle)
-        self.stream = handle
+            _make_stream_wait(self._stream, handle)
+        self._stream = handle
         cdef _Allocation block
-        if isinstance(self._base, DeviceArray):  # a view (bits()): its base holds the memory
-            (<DeviceArray>self._base)._written_on(stream)
-            self._stream_owner = stream
-        elif not isinstance(self._owner, _Allocation):  # memory pydeepep did not allocate: only the export changes
+        if not isinstance(self._owner, _Allocation):  # memory pydeepep did not allocate: only the export changes
             self._stream_owner = stream
         else:
             block = <_Allocation>self._owner
@@ -484,6 +485,14 @@ cdef class DeviceArray:
         # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:
         # _stream_owner is released only after this method.
         self._owner = None
+
+    @property
+    def stream(self):
+        """The int handle of the stream whose work produces the data. A view (``bits()``) follows its base, which
+        a later call may write on another stream (``out=``)."""
+        if isinstance(self._base, DeviceArray):
+            return (<DeviceArray>self._base).stream
+        return self._stream
 
     @property
     def strides(self):

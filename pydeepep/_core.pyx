@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 
+from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPOutOfMemory, error_for_status
@@ -570,8 +571,13 @@ cdef class Communicator:
         self._dispatch_area = <size_t>area
         self.zero_copy_dispatch = area != NULL
         # The stream of async_finish calls is owned here rather than by the library, so that outputs made on it
-        # can be freed on it after close().
+        # can be freed on it after close(). It is never destroyed (one stream per communicator, for the process):
+        # handed out as an integer (``stream``), it may be used after the communicator is gone, with nothing to keep
+        # it alive. PyTorch's allocator does so: it records an event on every stream a tensor was recorded on
+        # (Tensor.record_stream, as the torch adapter's async calls do) when the tensor's memory is freed, and a
+        # destroyed stream there crashed the process.
         self._async_stream = _device(self.device).create_stream()
+        Py_INCREF(self._async_stream)
         self._last_stream, self._last_stream_owner = int(self._async_stream.handle), self._async_stream
 
     cdef deepepComm_t _live(self) except NULL:
@@ -585,7 +591,9 @@ cdef class Communicator:
 
     @property
     def stream(self):
-        """The communicator's own stream (where ``async_finish`` calls run), as an integer handle."""
+        """The communicator's own stream (where ``async_finish`` calls run), as an integer handle. It stays valid for
+        the process, after ``close()`` too (work recorded on it, PyTorch's record_stream say, may outlive the
+        communicator)."""
         self._live()
         return int(self._async_stream.handle)
 
@@ -596,7 +604,7 @@ cdef class Communicator:
     def close(self):
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
         calls returned stay valid, but for a zero-copy dispatch's ``recv_x``, a view of the communicator's buffer,
-        which goes with it; the communicator's stream lives on until the last one made on it is freed. Waits
+        which goes with it; the communicator's stream lives on for the process. Waits
         at most the timeout for the other ranks: if one never comes, frees this rank's resources and raises
         :class:`DeepEPTimeoutError` (unless a call already reported a timeout or a rank is masked out of low-latency
         calls); the process should then exit."""

@@ -631,7 +631,9 @@ def consumer_cupy(ctx, mode):
     "ordered": the out= arrays come from an earlier call on S; C must wait for S and see the oracle's rows.
     "control": the consumer takes the memory with no stream ordering at all and must see the sentinel.
     "other_stream": the out= arrays come from an earlier call on another stream P; the data are still produced on
-    S ("outputs are produced on stream"), so C must wait for S all the same."""
+    S ("outputs are produced on stream"), so C must wait for S all the same.
+    The consumer takes a bits() view made before the dispatch, while recv_x was still P's: the view follows its base
+    to S."""
     cupy = ctx.cupy()
     case, me = ctx.case(7), ctx.rank
     x_bits, topk, _ = case.inputs[me]
@@ -641,7 +643,8 @@ def consumer_cupy(ctx, mode):
     ctx.sync()
     base = ctx.comm.dispatch(x, topk_idx=t, num_experts=E, stream=p)
     setup = routing_problem(base, case.want[me])
-    cupy.from_dlpack(base.recv_x.bits()).fill(SENTINEL)
+    early_bits = base.recv_x.bits()
+    cupy.from_dlpack(early_bits).fill(SENTINEL)
     ctx.sync()
     with s:
         ctx.cupy_spin()
@@ -651,7 +654,7 @@ def consumer_cupy(ctx, mode):
             memory = cupy.cuda.UnownedMemory(result.recv_x.ptr, result.recv_x.nbytes, result.recv_x)
             taken = cupy.ndarray(result.recv_x.shape, cupy.uint16, cupy.cuda.MemoryPointer(memory, 0))
         else:
-            taken = cupy.from_dlpack(result.recv_x.bits())
+            taken = cupy.from_dlpack(early_bits)
         snapshot = taken.copy()
     c.synchronize()
     got = cupy.asnumpy(snapshot)
@@ -660,10 +663,10 @@ def consumer_cupy(ctx, mode):
     problem = rows_problem("recv_x read by the consumer", got, case.want[me][0])
     if result.recv_x.ptr != base.recv_x.ptr:
         problem = "the dispatch did not write into the out= arrays"
-    elif problem and mode != "control" and result.recv_x.stream != s.ptr:
+    elif problem and mode != "control" and early_bits.stream != s.ptr:
         problem += (
-            f"; the call ran on stream {s.ptr:#x} but recv_x.stream is {result.recv_x.stream:#x} (the stream of the "
-            "call that allocated the out= arrays), which is what DLPack consumers wait for"
+            f"; the call ran on stream {s.ptr:#x} but the bits() view's stream is {early_bits.stream:#x} (recv_x's: "
+            f"{result.recv_x.stream:#x}), which is what DLPack consumers wait for"
         )
     return ordering_outcome(setup, problem, mode != "control")
 

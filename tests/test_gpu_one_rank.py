@@ -152,3 +152,32 @@ def test_nan_and_infinities_in_low_latency_rows_follow_the_oracle_bit_for_bit():
     pytest.importorskip("cupy")
     (result,) = pydeepep.spawn(nonfinite_ll, nprocs=1, timeout=120)
     assert all(v is True for v in result.values()), result
+
+
+@requires_gpus(2)
+def test_a_call_from_a_thread_with_no_device_leaves_it_none_and_makes_no_context_on_gpu_0(tmp_path):
+    """tests/c/context_guard.c: a C worker thread that never chose a device calls the layout of a communicator on the
+    last GPU; the call's device guard gives the thread back with no context current, and GPU 0 gets none."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    if shutil.which("cc") is None or not (cuda_home / "include" / "cuda.h").exists():
+        pytest.skip("needs a C compiler and the CUDA toolkit headers")
+    binary = tmp_path / "context_guard"
+    lib_dir = pydeepep.get_lib_dir()
+    source = Path(__file__).resolve().parent / "c" / "context_guard.c"
+    build = subprocess.run(
+        ["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", str(source), f"-I{pydeepep.get_include()}",
+         f"-I{cuda_home / 'include'}", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-ldeepep",
+         f"-L{cuda_home / 'lib64'}", f"-Wl,-rpath,{cuda_home / 'lib64'}", "-lcudart", "-lpthread", "-o", str(binary)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    print(result.stdout, result.stderr)
+    if result.returncode == 2:
+        pytest.skip(f"GPU 0 had a context before the call, so the check says nothing: {result.stdout}")
+    assert result.returncode == 0, result.stdout + result.stderr

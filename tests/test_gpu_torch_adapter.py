@@ -146,6 +146,48 @@ def results():
     return spawn_with_process_group(adapter_rank)
 
 
+def stream_outlives_rank(info, init_file):
+    """Frees the inputs an async_finish dispatch recorded on the communicator's stream (Tensor.record_stream) after
+    the Buffer, its handle, the outputs and every other reference to the communicator are gone: PyTorch's allocator
+    then records an event on that stream, which must still exist (a destroyed one crashed the rank with -11)."""
+    import gc
+
+    import torch.distributed as dist
+
+    import pydeepep.torch as deep_ep
+
+    torch.cuda.set_device(info.device)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=info.rank, world_size=info.nranks)
+    try:
+        buffer = deep_ep.Buffer(dist.group.WORLD, int(256e6), 0)
+        x_np, topk_np, w_np = inputs(info.rank)
+        x = torch.from_numpy(x_np).cuda().to(torch.bfloat16)
+        topk, weights = torch.from_numpy(topk_np).cuda(), torch.from_numpy(w_np).cuda()
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, E)
+        recv_x, _, recv_w, _, handle, event = buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk,
+            topk_weights=weights,
+            async_finish=True,
+        )
+        event.current_stream_wait()
+        buffer.destroy()
+        del buffer, handle, event, recv_x, recv_w, per_rank, per_expert, in_rank
+        gc.collect()
+        del x, topk, weights  # recorded on the communicator's stream, which nothing here holds any more
+        torch.cuda.synchronize()
+        return True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buffer():
+    assert spawn_with_process_group(stream_outlives_rank) == [True] * RANKS
+
+
 @pytest.mark.parametrize(
     "step",
     [
