@@ -88,6 +88,12 @@ def _to_torch(array):
     return tensor.view(logical) if logical is not None else tensor
 
 
+def _columns(tensor) -> int:
+    """Columns of what must be a 2-D tensor, 0 for anything else: the outputs are made before the call, which then
+    refuses that argument itself (on every rank, where it is collective)."""
+    return tensor.shape[1] if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 else 0
+
+
 def _bits(tensor):
     """bfloat16 / float8 tensors as their raw bits (a view), which every DLPack consumer understands."""
     if tensor.dtype == torch.bfloat16:
@@ -147,27 +153,48 @@ def _device_array(tensor, dtype_name: str, device: int, stream):
     return pydeepep.DeviceArray(tensor.data_ptr(), tuple(tensor.shape), dtype_name, device, stream, owner=tensor)
 
 
+# pydeepep's element names of the tensor types the adapter allocates (uint8 holds FP8 payloads' bits).
+_ELEMENT_NAMES = {
+    torch.uint8: "float8_e4m3fn",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+if _TORCH_TYPES["float8_e4m3fn"] is not None:
+    _ELEMENT_NAMES[_TORCH_TYPES["float8_e4m3fn"]] = "float8_e4m3fn"
+
+
+def _torch_outputs(device: int, stream, **specs):
+    """A call's outputs as new PyTorch tensors, wrapped for pydeepep's ``out=`` (``.tensors`` names them; a spec of
+    None gives None). PyTorch's allocator serves them, as with DeepEP: ``Tensor.record_stream`` then works on them (it
+    does nothing for memory PyTorch did not allocate, such as pydeepep's own outputs), and inside a capture they come
+    from the graph's pool (allocations of pydeepep's own made inside a capture would be graph allocations, which
+    forbid replaying the graph). specs: name -> (shape, dtype) or None."""
+    tensors, arrays = {}, {}
+    for name, spec in specs.items():
+        if spec is None:
+            arrays[name] = None
+            continue
+        tensors[name] = torch.empty(spec[0], dtype=spec[1], device=f"cuda:{device}")
+        arrays[name] = _device_array(tensors[name], _ELEMENT_NAMES[spec[1]], device, stream)
+    return types.SimpleNamespace(**arrays, tensors=tensors)
+
+
 def _ll_dispatch_outputs(comm, tokens, num_experts, hidden, use_fp8, use_ue8m0, stream):
-    """The outputs of a low-latency dispatch as PyTorch tensors, wrapped for pydeepep's ``out=`` (``.tensors`` names
-    them). PyTorch's allocator serves them, hence its graph pool inside a capture, as with DeepEP: allocations of
-    pydeepep's own made inside a capture would be graph allocations, which forbid replaying the graph."""
+    """The outputs of a low-latency dispatch as PyTorch tensors, wrapped for pydeepep's ``out=``."""
     local, rows = num_experts // comm.nranks, comm.nranks * tokens
-    device = f"cuda:{comm.device}"
-    payload_type = torch.uint8 if use_fp8 else torch.bfloat16
-    tensors = {"recv_x": torch.empty((local, rows, hidden), dtype=payload_type, device=device)}
-    if use_fp8:
-        columns = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
-        scales_type = torch.int32 if use_ue8m0 else torch.float32
-        tensors["recv_scales"] = torch.empty((local, columns, rows), dtype=scales_type, device=device)
-    tensors["recv_count"] = torch.empty((local,), dtype=torch.int32, device=device)
-    tensors["recv_src_info"] = torch.empty((local, rows), dtype=torch.int32, device=device)
-    tensors["recv_layout_range"] = torch.empty((local, comm.nranks, 2), dtype=torch.int32, device=device)
-    names = {torch.uint8: "float8_e4m3fn", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32"}
-    arrays = {name: _device_array(t, names[t.dtype], comm.device, stream) for name, t in tensors.items()}
-    outputs = types.SimpleNamespace(**arrays, tensors=tensors)
-    if not use_fp8:
-        outputs.recv_scales = None
-    return outputs
+    columns = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+    return _torch_outputs(
+        comm.device,
+        stream,
+        recv_x=((local, rows, hidden), torch.uint8 if use_fp8 else torch.bfloat16),
+        recv_scales=((local, columns, rows), torch.int32 if use_ue8m0 else torch.float32) if use_fp8 else None,
+        recv_count=((local,), torch.int32),
+        recv_src_info=((local, rows), torch.int32),
+        recv_layout_range=((local, comm.nranks, 2), torch.int32),
+    )
 
 
 class Buffer:
@@ -360,9 +387,19 @@ class Buffer:
         if async_finish:
             pydeepep.Event.record(stream).wait(comm)
         run_on = comm if async_finish else stream
-        per_rank, per_expert, in_rank = comm.get_dispatch_layout(topk_idx, num_experts, stream=run_on)
-        done = self._async_done(async_finish, (topk_idx,), (per_rank, per_expert, in_rank))
-        return _to_torch(per_rank), None, _to_torch(per_expert), _to_torch(in_rank), done
+        outputs = _torch_outputs(
+            comm.device,
+            run_on,
+            per_rank=((comm.nranks,), torch.int32),
+            per_expert=((num_experts,), torch.int32),
+            in_rank=((topk_idx.shape[0] if _columns(topk_idx) else 0, comm.nranks), torch.bool),
+        )
+        comm.get_dispatch_layout(
+            topk_idx, num_experts, stream=run_on, out=(outputs.per_rank, outputs.per_expert, outputs.in_rank)
+        )
+        tensors = outputs.tensors
+        done = self._async_done(async_finish, (topk_idx, *tensors.values()))
+        return tensors["per_rank"], None, tensors["per_expert"], tensors["in_rank"], done
 
     def dispatch(
         self,
@@ -393,7 +430,28 @@ class Buffer:
             if num_tokens_per_expert is None or topk_idx is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_tokens_per_expert", 1)
             num_experts = num_tokens_per_expert.numel()
-        result = self._communicator().dispatch(
+        comm = self._communicator()
+        made = []
+
+        def outputs(rows):
+            # Called by the dispatch once it knows how many rows arrive (after the count exchange of an exact-size
+            # dispatch), on the stream the call runs on.
+            width = scales.shape[1] if fp8 else 0
+            k = topk_idx.shape[1] if topk_idx is not None else 0
+            made.append(
+                _torch_outputs(
+                    comm.device,
+                    stream,
+                    recv_x=((rows, payload.shape[1]), payload.dtype),
+                    recv_scales=((rows, width), scales.dtype) if fp8 else None,
+                    recv_topk_idx=((rows, k), torch.int64) if topk_idx is not None else None,
+                    recv_topk_weights=((rows, k), torch.float32) if topk_weights is not None else None,
+                    recv_src_idx=((rows,), torch.int32),
+                )
+            )
+            return made[0]
+
+        result = comm.dispatch(
             _bits(payload),
             x_scales=scales,
             topk_idx=topk_idx,
@@ -406,19 +464,17 @@ class Buffer:
             stream=stream,
             previous_event=event,
             async_finish=async_finish,
+            out=outputs,
         )
-        done = self._async_done(
-            async_finish,
-            (payload, scales, topk_idx, topk_weights),
-            (result.recv_x, result.recv_scales, result.recv_topk_idx, result.recv_topk_weights),
-        )
-        recv_x = _to_torch(result.recv_x)
+        tensors = made[0].tensors
+        done = self._async_done(async_finish, (payload, scales, topk_idx, topk_weights, *tensors.values()))
+        recv_x = tensors["recv_x"]
         if fp8:
-            recv_x = (recv_x, _to_torch(result.recv_scales))
+            recv_x = (recv_x, tensors["recv_scales"])
         return (
             recv_x,
-            _to_torch(result.recv_topk_idx),
-            _to_torch(result.recv_topk_weights),
+            tensors.get("recv_topk_idx"),
+            tensors.get("recv_topk_weights"),
             result.num_recv_tokens_per_expert,
             result.handle,
             done,
@@ -436,8 +492,18 @@ class Buffer:
         allocate_on_comm_stream: bool = False,
     ):
         stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
-        biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
-        result = self._communicator().combine(
+        # DeepEP takes one bias, or a pair of which either may be None.
+        biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+        biases = tuple(b for b in biases if b is not None)
+        comm = self._communicator()
+        num_tokens = (handle.num_tokens if isinstance(handle, pydeepep.Handle) else None) or 0
+        outputs = _torch_outputs(
+            comm.device,
+            stream,
+            out=((num_tokens, _columns(x)), torch.bfloat16),
+            topk_weights=((num_tokens, _columns(topk_weights)), torch.float32) if topk_weights is not None else None,
+        )
+        comm.combine(
             _bits(x),
             handle,
             topk_weights=topk_weights,
@@ -445,9 +511,11 @@ class Buffer:
             stream=stream,
             previous_event=event,
             async_finish=async_finish,
+            out=(outputs.out, outputs.topk_weights),
         )
-        done = self._async_done(async_finish, (x, topk_weights, *biases), (result.out, result.topk_weights))
-        return _to_torch(result.out), _to_torch(result.topk_weights), done
+        tensors = outputs.tensors
+        done = self._async_done(async_finish, (x, topk_weights, *biases, *tensors.values()))
+        return tensors["out"], tensors.get("topk_weights"), done
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
 
@@ -482,23 +550,16 @@ class Buffer:
         pydeepep.Event.record(current.cuda_stream).wait(self.comm)
         return self.comm
 
-    def _async_done(self, async_finish: bool, tensors, arrays=()) -> EventOverlap:
+    def _async_done(self, async_finish: bool, tensors) -> EventOverlap:
         """The EventOverlap of a call. With ``async_finish`` (the call ran on the communicator's stream): an event on
-        that stream; the caller's tensors (inputs, and outputs PyTorch allocated) kept from reuse by PyTorch's
-        allocator until that stream is done with them; and the outputs pydeepep allocated on that stream (`arrays`)
-        kept from reuse by pydeepep's until the work the current stream has queued when they are released is done,
-        as if the current stream had allocated them (DeepEP's allocate_on_comm_stream=False): the current stream
-        reads them after waiting for the event."""
+        that stream, and the call's tensors (inputs, and outputs, which the current stream allocated: DeepEP's
+        allocate_on_comm_stream=False) kept from reuse by PyTorch's allocator until that stream is done with them."""
         if not async_finish:
             return EventOverlap()
         stream = torch.cuda.ExternalStream(self.comm.stream, device=self.comm.device)
         kept = tuple(t for t in tensors if isinstance(t, torch.Tensor))
         for tensor in kept:
             tensor.record_stream(stream)
-        current = torch.cuda.current_stream()
-        for array in arrays:
-            if array is not None:
-                array.record_stream(current)
         return EventOverlap(pydeepep.Event.record(self.comm.stream), kept)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:

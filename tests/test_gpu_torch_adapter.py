@@ -82,6 +82,21 @@ def adapter_rank(info, init_file):
         again = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)
         out["cached_zero_copy_outputs"] = torch.equal(again[0], recv_x) and again[0].data_ptr() != recv_x.data_ptr()
 
+        # Outputs come from PyTorch's allocator (as DeepEP's do), so that Tensor.record_stream works on them: it does
+        # nothing for memory PyTorch did not allocate.
+        def allocated_by_torch(call):
+            before = torch.cuda.memory_allocated()
+            outputs = [t for t in call() if isinstance(t, torch.Tensor)]
+            return torch.cuda.memory_allocated() - before >= sum(t.nbytes for t in outputs) > 0
+
+        out["outputs_from_torch_allocator"] = (
+            allocated_by_torch(lambda: buffer.get_dispatch_layout(topk, E)[:4])
+            and allocated_by_torch(
+                lambda: buffer.dispatch(x, topk_idx=topk, topk_weights=weights, num_tokens_per_expert=per_expert)[:3]
+            )
+            and allocated_by_torch(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w)[:2])
+        )
+
         # FP8 with column-major scales (DeepGEMM's layout), cached on the same routing: the rows and their scales
         # arrive as a row-major pair would.
         def fp8_rows(rank):  # e4m3 bits and float32 scales of a rank's tokens, told apart by rank
@@ -196,6 +211,7 @@ def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buf
         "async_keeps_inputs",
         "combine",
         "cached_zero_copy_outputs",
+        "outputs_from_torch_allocator",
         "fp8_column_major_scales",
         "previous_event_and_capture",
     ],
