@@ -27,6 +27,30 @@ def inputs(rank):
     return x, topk, rng.random((N, K)).astype(np.float32)
 
 
+def torch_inputs(rank):
+    """inputs(rank) as CUDA tensors: x bfloat16, topk_idx int64, weights float32."""
+    x_np, topk_np, w_np = inputs(rank)
+    return (
+        torch.from_numpy(x_np).cuda().to(torch.bfloat16),
+        torch.from_numpy(topk_np).cuda(),
+        torch.from_numpy(w_np).cuda(),
+    )
+
+
+def async_dispatch(buffer, x, topk, weights, layout):
+    """DeepEP's dispatch with the layout's counts, asynchronous: (recv_x, recv_idx, recv_w, counts, handle, event)."""
+    per_rank, _, per_expert, in_rank, _ = layout
+    return buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk,
+        topk_weights=weights,
+        async_finish=True,
+    )
+
+
 def adapter_rank(info, init_file):
     import torch.distributed as dist
 
@@ -39,9 +63,9 @@ def adapter_rank(info, init_file):
         buffer = deep_ep.Buffer(dist.group.WORLD, int(256e6), 0)
         everyone = [inputs(r) for r in range(info.nranks)]
         x_np, topk_np, w_np = everyone[info.rank]
-        x = torch.from_numpy(x_np).cuda().to(torch.bfloat16)
-        topk, weights = torch.from_numpy(topk_np).cuda(), torch.from_numpy(w_np).cuda()
-        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, E)
+        x, topk, weights = torch_inputs(info.rank)
+        layout = buffer.get_dispatch_layout(topk, E)
+        per_rank, per_rdma, per_expert, in_rank, _ = layout
         want_layout = reference.dispatch_layout(topk_np, E, info.nranks)
         out["layout"] = (
             per_rdma is None
@@ -49,15 +73,7 @@ def adapter_rank(info, init_file):
             and np.array_equal(per_expert.cpu().numpy(), want_layout[1])
             and np.array_equal(in_rank.cpu().numpy(), want_layout[2])
         )
-        recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk,
-            topk_weights=weights,
-            async_finish=True,
-        )
+        recv_x, recv_idx, recv_w, counts, handle, event = async_dispatch(buffer, x, topk, weights, layout)
         # The communicator's stream reads the inputs after the call returns: they are kept (and recorded on it).
         out["async_keeps_inputs"] = event.extra_tensors is not None and all(
             any(kept is t for kept in event.extra_tensors) for t in (x, topk, weights)
@@ -175,22 +191,12 @@ def stream_outlives_rank(info, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=info.rank, world_size=info.nranks)
     try:
         buffer = deep_ep.Buffer(dist.group.WORLD, int(256e6), 0)
-        x_np, topk_np, w_np = inputs(info.rank)
-        x = torch.from_numpy(x_np).cuda().to(torch.bfloat16)
-        topk, weights = torch.from_numpy(topk_np).cuda(), torch.from_numpy(w_np).cuda()
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, E)
-        recv_x, _, recv_w, _, handle, event = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk,
-            topk_weights=weights,
-            async_finish=True,
-        )
+        x, topk, weights = torch_inputs(info.rank)
+        layout = buffer.get_dispatch_layout(topk, E)
+        recv_x, _, recv_w, _, handle, event = async_dispatch(buffer, x, topk, weights, layout)
         event.current_stream_wait()
         buffer.destroy()
-        del buffer, handle, event, recv_x, recv_w, per_rank, per_expert, in_rank
+        del buffer, handle, event, recv_x, recv_w, layout
         gc.collect()
         del x, topk, weights  # recorded on the communicator's stream, which nothing here holds any more
         torch.cuda.synchronize()
@@ -418,9 +424,8 @@ def ll_buffer_ht_case(buffer, me, nranks):
     it): the layout works; a dispatch that needs more than the small high-throughput part is refused before any
     communication with an error naming the buffer size (on the GPU the message ended "... in the config)")."""
     everyone = [inputs(r) for r in range(nranks)]
-    x_np, topk_np, w_np = everyone[me]
-    x = torch.from_numpy(x_np).cuda().to(torch.bfloat16)
-    topk, weights = torch.from_numpy(topk_np).cuda(), torch.from_numpy(w_np).cuda()
+    topk_np = everyone[me][1]
+    x, topk, weights = torch_inputs(me)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, E)
     want_layout = reference.dispatch_layout(topk_np, E, nranks)
     if not np.array_equal(per_rank.cpu().numpy(), want_layout[0]):
