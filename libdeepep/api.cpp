@@ -165,6 +165,7 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
                                                   struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);         // first: the checks below call the runtime
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     DEEPEP_REQUIRE(topk_type == deepepInt64 || topk_type == deepepInt32,
                    "topk_type is %d; topk_idx must be deepepInt64 or deepepInt32", static_cast<int>(topk_type));
@@ -195,7 +196,6 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
     check_device_array(c, num_tokens_per_rank, sizeof(int32_t) * c.nranks, 4, "num_tokens_per_rank");
     check_device_array(c, num_tokens_per_expert, sizeof(int32_t) * num_experts, 4, "num_tokens_per_expert");
     check_device_array(c, is_token_in_rank, static_cast<size_t>(num_tokens) * c.nranks, 1, "is_token_in_rank");
-    DeviceGuard guard(c.device);
     launch_dispatch_layout(c, topk_idx, topk_type, num_tokens, num_topk, topk_row_stride, num_experts,
                            num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, stream);
   });

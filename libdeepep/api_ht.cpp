@@ -80,13 +80,13 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
   DEEPEP_REQUIRE(a.num_experts / comm.nranks <= DEEPEP_MAX_LOCAL_EXPERTS,
                  "num_experts / nranks is %d; at most %d experts per rank are supported", a.num_experts / comm.nranks,
                  DEEPEP_MAX_LOCAL_EXPERTS);
-  // An expert's count is at most nranks * max_tokens_per_rank rows; rounded up to the alignment it must still fit the
-  // int32 the counts are reported in.
-  const int64_t most_rows = static_cast<int64_t>(comm.nranks) * comm.max_tokens_per_rank;
+  // An expert's count is at most nranks * max_tokens_per_rank * num_topk rows (a token whose slots repeat an expert
+  // counts once per slot); rounded up to the alignment it must still fit the int32 the counts are reported in.
+  const int64_t most_rows = static_cast<int64_t>(comm.nranks) * comm.max_tokens_per_rank * a.num_topk;
   const int64_t most_alignment = std::max<int64_t>(1, INT32_MAX - most_rows + 1);
   DEEPEP_REQUIRE(a.expert_alignment >= 1 && a.expert_alignment <= most_alignment,
                  "expert_alignment is %d; it must be in [1, %lld] (an expert's count of up to nranks * "
-                 "max_tokens_per_rank = %lld rows, rounded up to it, must fit int32)",
+                 "max_tokens_per_rank * num_topk = %lld rows, rounded up to it, must fit int32)",
                  a.expert_alignment, static_cast<long long>(most_alignment), static_cast<long long>(most_rows));
   const size_t element = a.topk_type == deepepInt64 ? 8 : 4;
   check_device_array(comm, a.topk_idx, matrix_bytes(a.num_tokens, a.num_topk, stride, element), element, "topk_idx");
@@ -449,6 +449,7 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
                                                struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     HighThroughputRefusal refused{c, deepepCallDispatchNotify, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
     const deepepDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
@@ -460,7 +461,6 @@ DEEPEP_API deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDi
     check_capture_use(h, true, stream, "deepepDispatchNotify");
     require_no_recorded_fault(c, "deepepDispatchNotify");
     check_routing(c, a);
-    DeviceGuard guard(c.device);
     prepare(c, h, a, stream);
     const uint64_t ticket = ++c.notify_tickets;
     launch_notify(c, h, a.expert_alignment, ticket, stream);
@@ -479,6 +479,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                                          struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);         // first: the checks below call the runtime
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     // A refused dispatch lets the peers finish either kind (refused_kernel): the kind is in the arguments checked.
     HighThroughputRefusal refused{c, deepepCallDispatch, stream};
@@ -623,7 +624,6 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     if (a.num_recv_tokens_per_expert != nullptr)
       check_device_array(c, a.num_recv_tokens_per_expert, static_cast<size_t>(num_experts / c.nranks) * 4, 4,
                          "num_recv_tokens_per_expert");
-    DeviceGuard guard(c.device);
     if (worst_case) prepare(c, h, a, stream);
     const uint64_t ticket = report ? ++c.report_tickets : 0;
     deepepDispatchArgs launch = a;
@@ -699,6 +699,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
                                         struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);         // first: the checks below call the runtime
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     HighThroughputRefusal refused{c, deepepCallCombine, stream};
     RefusalOnThrow refusal(stream, [&] { refused(); });
@@ -756,7 +757,6 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
       fail(deepepBufferTooSmall, "combine rows of %zu bytes for %lld tokens do not fit this communicator's buffer",
            row_bytes, static_cast<long long>(h.num_tokens));
     }
-    DeviceGuard guard(c.device);
     deepepCombineArgs launch = a;
     launch.num_topk = has_weights ? a.num_topk : 0;
     launch_combine(c, h, launch, stream);
@@ -769,6 +769,7 @@ DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call,
                                            struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     DEEPEP_REQUIRE(call == deepepCallDispatchNotify || call == deepepCallDispatch ||
                        call == deepepCallWorstCaseDispatch || call == deepepCallCombine,
                    "call is %d; it must be a deepepCall_t", static_cast<int>(call));
@@ -784,11 +785,11 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
   return guarded_call(__func__, [&] {
     DEEPEP_REQUIRE(gb_per_s != nullptr, "gb_per_s is NULL");
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     DEEPEP_REQUIRE(iterations >= 1 && iterations <= 10000, "iterations is %d; it must be in [1, 10000]", iterations);
     DEEPEP_REQUIRE(bytes >= 16, "bytes is %zu; at least 16 are needed", bytes);
     DEEPEP_REQUIRE(c.peer_buffers[(c.rank + 1) % c.nranks] != nullptr, "the next rank is not reachable over NVLink");
     const int blocks = resolve_num_sms(c, num_sms);
-    DeviceGuard guard(c.device);
     *gb_per_s = measure_push_bandwidth(c, blocks, bytes, iterations, stream);
   });
 }

@@ -129,11 +129,11 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombin
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     require_low_latency(c);
     DEEPEP_REQUIRE(rank >= 0 && rank < c.nranks, "rank is %d; it must be in [0, %d)", rank, c.nranks);
     DEEPEP_REQUIRE(rank != c.rank, "rank %d is this rank: a rank cannot mask itself", rank);
     check_flag(masked, "masked");
-    DeviceGuard guard(c.device);
     set_low_latency_mask(c, rank, masked != 0);
   });
 }
@@ -142,8 +142,8 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int
   return guarded_call(__func__, [&] {
     DEEPEP_REQUIRE(masked != nullptr, "masked is NULL");
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     require_low_latency(c);
-    DeviceGuard guard(c.device);
     DEEPEP_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<uint32_t> mask;
     DEEPEP_CUDA_CHECK(read_low_latency_mask(c, &mask));
@@ -156,13 +156,13 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_
   return guarded_call(__func__, [&] {
     DEEPEP_REQUIRE(marks != nullptr && num_blocks != nullptr, "marks and num_blocks must not be NULL");
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     if (c.ll_timeline_device == nullptr) {
       fail(deepepInvalidUsage,
            "the low-latency timeline is off: set DEEPEP_LL_TIMELINE=1 before creating the communicator");
     }
     DEEPEP_REQUIRE(capacity_blocks >= c.ll_blocks, "capacity_blocks is %d; the timeline has %d blocks", capacity_blocks,
                    c.ll_blocks);
-    DeviceGuard guard(c.device);
     DEEPEP_CUDA_CHECK(cudaMemcpy(marks, c.ll_timeline_device,
                                  static_cast<size_t>(c.ll_blocks) * DEEPEP_LL_TIMELINE_MARKS * sizeof(int64_t),
                                  cudaMemcpyDeviceToHost));
@@ -174,6 +174,7 @@ DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iter
                                                      struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     // Counted before anything this rank alone may refuse, so that the ranks' epochs stay the same after a refusal.
     const uint32_t epoch = c.flag_round_epoch.fetch_add(1) + 1u;
     DEEPEP_REQUIRE(us != nullptr, "us is NULL");
@@ -183,7 +184,6 @@ DEEPEP_API deepepResult_t deepepCommMeasureFlagRound(deepepComm_t comm, int iter
       DEEPEP_REQUIRE(c.peer_buffers[r] != nullptr, "rank %d is not reachable over NVLink", r);
     }
     require_not_capturing(stream, "a measurement");
-    DeviceGuard guard(c.device);
     raise_async_error(c);  // the kernels would not wait: a recorded error stops them
     std::vector<uint32_t> masked;
     DEEPEP_CUDA_CHECK(read_low_latency_mask(c, &masked));
@@ -207,6 +207,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
                                                    struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);         // first: the checks below call the runtime
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     const deepepLowLatencyDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
     require_low_latency(c);
@@ -258,7 +259,6 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     }
     if (a.stats_wait_ns != nullptr)
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
-    DeviceGuard guard(c.device);
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
   });
@@ -268,6 +268,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
                                                   struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);         // first: the checks below call the runtime
     const CaptureScope capture(stream);  // outputs may be allocations of the capture itself
     const deepepLowLatencyCombineArgs a = checked_struct(args, "args", combine_defaults());
     require_low_latency(c);
@@ -299,7 +300,6 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
                    static_cast<long long>(w_stride), a.num_topk);
     check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, w_stride, 4), 4, "topk_weights");
     check_device_array(c, a.out, static_cast<size_t>(a.num_tokens) * a.hidden * 2, 16, "out");
-    DeviceGuard guard(c.device);
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
   });
@@ -309,6 +309,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
                                                      deepepLowLatencyPhase_t phase, struct CUstream_st* stream) {
   return guarded_call(__func__, [&] {
     const deepepComm& c = *checked_comm(comm);
+    DeviceGuard guard(c.device);  // first: the checks below call the runtime
     require_low_latency(c);
     check_set_and_phase(buffer_set, phase);
     check_flag(combine, "combine");

@@ -29,7 +29,7 @@ struct ContextCalls {
   CUresult (*get_current)(CUcontext*) = nullptr;
   CUresult (*set_current)(CUcontext) = nullptr;
   CUresult (*device_of_ordinal)(CUdevice*, int) = nullptr;
-  CUresult (*primary_state)(CUdevice, unsigned int*, int*) = nullptr;
+  CUresult (*retain_primary)(CUcontext*, CUdevice) = nullptr;
 };
 
 void* driver_entry_point(const char* name) {
@@ -46,46 +46,67 @@ const ContextCalls& context_calls() {
     void* get_current = driver_entry_point("cuCtxGetCurrent");
     void* set_current = driver_entry_point("cuCtxSetCurrent");
     void* device_of_ordinal = driver_entry_point("cuDeviceGet");
-    void* primary_state = driver_entry_point("cuDevicePrimaryCtxGetState");
-    if (get_current != nullptr && set_current != nullptr && device_of_ordinal != nullptr && primary_state != nullptr) {
+    void* retain_primary = driver_entry_point("cuDevicePrimaryCtxRetain");
+    if (get_current != nullptr && set_current != nullptr && device_of_ordinal != nullptr && retain_primary != nullptr) {
       found.get_current = reinterpret_cast<CUresult (*)(CUcontext*)>(get_current);
       found.set_current = reinterpret_cast<CUresult (*)(CUcontext)>(set_current);
       found.device_of_ordinal = reinterpret_cast<CUresult (*)(CUdevice*, int)>(device_of_ordinal);
-      found.primary_state = reinterpret_cast<CUresult (*)(CUdevice, unsigned int*, int*)>(primary_state);
+      found.retain_primary = reinterpret_cast<CUresult (*)(CUcontext*, CUdevice)>(retain_primary);
     }
     return found;
   }();
   return calls;
 }
 
+// The primary context of `device` (the one the runtime uses there), retained once for the process; null where the
+// driver cannot give it.
+CUcontext primary_context(int device) {
+  static std::mutex mutex;
+  static std::map<int, CUcontext> retained;
+  const ContextCalls& calls = context_calls();
+  if (calls.retain_primary == nullptr) return nullptr;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = retained.find(device);
+  if (found != retained.end()) return found->second;
+  CUdevice handle = 0;
+  CUcontext context = nullptr;
+  if (calls.device_of_ordinal(&handle, device) != CUDA_SUCCESS ||
+      calls.retain_primary(&context, handle) != CUDA_SUCCESS)
+    return nullptr;
+  retained.emplace(device, context);
+  return context;
+}
+
 }  // namespace
 
 DeviceGuard::DeviceGuard(int device) {
-  DEEPEP_CUDA_CHECK(cudaGetDevice(&previous_device_));
-  if (previous_device_ == device) return;
+  // From the driver's current context, not from cudaGetDevice: the runtime linked here keeps a per-thread device of
+  // its own, which stays `device` in a thread this guard left with no context, and answers 0 in a thread that never
+  // had one.
   const ContextCalls& calls = context_calls();
+  const CUcontext target = primary_context(device);
   CUcontext current = nullptr;
-  restore_context_ = calls.get_current != nullptr && calls.get_current(&current) == CUDA_SUCCESS;
-  previous_context_ = current;
+  if (target != nullptr && calls.get_current(&current) == CUDA_SUCCESS) {
+    if (current == target) return;
+    const CUresult status = calls.set_current(target);
+    if (status != CUDA_SUCCESS) {
+      fail(deepepCudaError, "making device %d's primary context current failed (CUDA driver error %d)", device,
+           static_cast<int>(status));
+    }
+    previous_context_ = current;
+    restore_context_ = true;
+    return;
+  }
+  DEEPEP_CUDA_CHECK(cudaGetDevice(&previous_device_));  // a driver without the entry points
+  if (previous_device_ == device) return;
   DEEPEP_CUDA_CHECK(cudaSetDevice(device));
-  switched_ = true;
+  restore_device_ = true;
 }
 
 DeviceGuard::~DeviceGuard() {
-  if (!switched_) return;
-  const ContextCalls& calls = context_calls();
-  CUdevice previous = 0;
-  unsigned int flags = 0;
-  int active = 0;
-  if (restore_context_ && previous_context_ == nullptr &&
-      (calls.device_of_ordinal(&previous, previous_device_) != CUDA_SUCCESS ||
-       calls.primary_state(previous, &flags, &active) != CUDA_SUCCESS || active == 0)) {
-    // No context was current, and the previous device's primary context does not exist: leave none current rather
-    // than create it.
-    calls.set_current(nullptr);
-  } else if (restore_context_ && previous_context_ != nullptr) {
-    calls.set_current(static_cast<CUcontext>(previous_context_));  // the very context (a caller's own, say)
-  } else {
+  if (restore_context_) {
+    context_calls().set_current(static_cast<CUcontext>(previous_context_));  // the very context, or none
+  } else if (restore_device_) {
     cudaSetDevice(previous_device_);
   }
 }

@@ -21,10 +21,11 @@ namespace deepep {
     if (deepep_status_ != cudaSuccess) ::deepep::fail_cuda(deepep_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-// Makes `device` current for the scope, and afterwards what was current before: the very context where one was, else
-// the previous device where its primary context exists, else no context. Restoring "the previous device" alone would
-// create device 0's primary context (a few hundred MB on GPU 0) in a thread that had none current, since cudaGetDevice
-// answers 0 there: in every rank's process of a C caller whose worker threads never chose a device.
+// Makes `device`'s primary context current for the scope, and afterwards the context that was current before: the very
+// context, or none where none was. Restoring "the previous device" instead would create device 0's primary context (a
+// few hundred MB on GPU 0) in a thread that had none current, since cudaGetDevice answers 0 there: in every rank's
+// process of a C caller whose worker threads never chose a device. Constructed before an entry point's first runtime
+// call, which would otherwise bind the runtime's default device in such a thread.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device);
@@ -33,9 +34,9 @@ class DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  bool switched_ = false;             // the guard made `device` current
-  bool restore_context_ = false;      // the previous context was read (the driver gave the entry points)
+  bool restore_context_ = false;      // previous_context_ is to be made current again
   void* previous_context_ = nullptr;  // a CUcontext, or null for none
+  bool restore_device_ = false;       // a driver without the context entry points: the runtime's device instead
   int previous_device_ = -1;
 };
 

@@ -509,7 +509,7 @@ cdef class Communicator:
     cdef readonly size_t buffer_bytes
     cdef readonly bint zero_copy_dispatch
     cdef size_t _dispatch_area  # its device address (0: none), where high-throughput dispatches receive their rows
-    cdef object _async_stream  # cuda.core Stream of async_finish calls; the arrays made on it keep it alive
+    cdef object _async_stream  # cuda.core Stream of async_finish calls, never destroyed (see _describe)
     cdef object _ll  # low-latency buffer-set bookkeeping (_lowlatency.pxi)
     # The stream the last collective call ran on, and its object (kept alive): where a call whose own stream cannot be
     # read runs its refusal, after this rank's earlier calls (the communicator's stream before any call).
@@ -591,9 +591,9 @@ cdef class Communicator:
 
     @property
     def stream(self):
-        """The communicator's own stream (where ``async_finish`` calls run), as an integer handle. It stays valid for
-        the process, after ``close()`` too (work recorded on it, PyTorch's record_stream say, may outlive the
-        communicator)."""
+        """The communicator's own stream (where ``async_finish`` calls run), as an integer handle. A handle read
+        before ``close()`` stays valid for the process (work recorded on it, PyTorch's record_stream say, may outlive
+        the communicator)."""
         self._live()
         return int(self._async_stream.handle)
 
@@ -1015,7 +1015,8 @@ cdef class Communicator:
         bfloat16. ``topk_weights`` [rows, K] float32 are summed the same way. Returns a :data:`CombineResult`
         ``(out [N, H] bfloat16, topk_weights [N, K] float32 or None, event)`` produced on ``stream``; no host
         synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
-        (needed inside CUDA graphs). ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
+        (needed inside CUDA graphs), or an allocator called with the row count N that returns such a pair.
+        ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
         cdef _OwedCall owed = _OwedCall(deepepCallCombine, self._own_handle(handle), 0)
         caller = stream
         with _OnDevice(self.device):
@@ -1076,6 +1077,8 @@ cdef class Communicator:
             a.bias[i] = <const void*><size_t>bv.ptr
             a.bias_row_stride[i] = bv.stride
             keep.append(bv)
+        if callable(out):
+            out = out(n)  # the caller's allocator, called inside the call so that a failure is refused to the peers
         if out is None:
             out_x = empty((n, xv.cols), "bfloat16", device=self.device, stream=stream)
             out_weights = empty((n, num_topk), np.float32, device=self.device, stream=stream) if num_topk else None

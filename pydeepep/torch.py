@@ -89,9 +89,10 @@ def _to_torch(array):
 
 
 def _columns(tensor) -> int:
-    """Columns of what must be a 2-D tensor, 0 for anything else: the outputs are made before the call, which then
-    refuses that argument itself (on every rank, where it is collective)."""
-    return tensor.shape[1] if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 else 0
+    """Columns of what must be a 2-D array (a tensor, or another array with a shape), 0 for anything else: the outputs
+    are sized before the call, which then refuses that argument itself (on every rank, where it is collective)."""
+    shape = getattr(tensor, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 2 else 0
 
 
 def _bits(tensor):
@@ -441,7 +442,7 @@ class Buffer:
             made.append(
                 _torch_outputs(
                     comm.device,
-                    stream,
+                    comm if async_finish else stream,
                     recv_x=((rows, payload.shape[1]), payload.dtype),
                     recv_scales=((rows, width), scales.dtype) if fp8 else None,
                     recv_topk_idx=((rows, k), torch.int64) if topk_idx is not None else None,
@@ -496,13 +497,21 @@ class Buffer:
         biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
         biases = tuple(b for b in biases if b is not None)
         comm = self._communicator()
-        num_tokens = (handle.num_tokens if isinstance(handle, pydeepep.Handle) else None) or 0
-        outputs = _torch_outputs(
-            comm.device,
-            stream,
-            out=((num_tokens, _columns(x)), torch.bfloat16),
-            topk_weights=((num_tokens, _columns(topk_weights)), torch.float32) if topk_weights is not None else None,
-        )
+        made = []
+
+        def outputs(rows):
+            # Called by the combine with the handle's token count, on the stream the call runs on: a failed
+            # allocation is then refused to the peers as any other refusal.
+            made.append(
+                _torch_outputs(
+                    comm.device,
+                    comm if async_finish else stream,
+                    out=((rows, _columns(x)), torch.bfloat16),
+                    topk_weights=((rows, _columns(topk_weights)), torch.float32) if topk_weights is not None else None,
+                )
+            )
+            return made[0].out, made[0].topk_weights
+
         comm.combine(
             _bits(x),
             handle,
@@ -511,9 +520,9 @@ class Buffer:
             stream=stream,
             previous_event=event,
             async_finish=async_finish,
-            out=(outputs.out, outputs.topk_weights),
+            out=outputs,
         )
-        tensors = outputs.tensors
+        tensors = made[0].tensors
         done = self._async_done(async_finish, (x, topk_weights, *biases, *tensors.values()))
         return tensors["out"], tensors.get("topk_weights"), done
 

@@ -318,7 +318,8 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
 
 def allocator_case(comm, seed, n=128, h=256, k=4, e=16):
     """out= as an allocator: an exact-size dispatch calls it once, with the rows the count exchange gave, and writes
-    into the arrays it returns (CuPy's here), as the oracle says."""
+    into the arrays it returns (CuPy's here), as the oracle says; so does a combine of the rows received, called with
+    the token count."""
     R, me = comm.nranks, comm.rank
     inputs = [make_inputs(seed, r, n, h, k, e, nranks=R) for r in range(R)]
     want = reference.dispatch(
@@ -354,6 +355,28 @@ def allocator_case(comm, seed, n=128, h=256, k=4, e=16):
             return "the allocator's arrays differ from the oracle"
         if not np.array_equal(made[0].recv_src_idx.get(), exp_src[:, 1]):
             return "recv_src_idx differs"
+
+        want_out = reference.combine(
+            [w[0] for w in want], [w[4] for w in want], [n] * R, topk_weights=[w[2] for w in want]
+        )[me]
+        combine_asked, combined = [], []
+
+        def allocate_combined(rows):
+            combine_asked.append(rows)
+            combined.append((cupy.empty((rows, h), cupy.uint16), cupy.empty((rows, k), cupy.float32)))
+            return combined[-1]
+
+        out = comm.combine(result.recv_x, result.handle, topk_weights=result.recv_topk_weights, out=allocate_combined)
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        if combine_asked != [n]:
+            return f"the combine's allocator was asked for {combine_asked}; the handle routes {n} tokens"
+        if out.out.ptr != combined[0][0].data.ptr:
+            return "the combine's out is not the allocator's array"
+        if not np.array_equal(bf16_values(combined[0][0].get()), want_out[0]):
+            return "the combine into the allocator's array differs from the oracle"
+        if not np.array_equal(combined[0][1].get(), want_out[1]):
+            return "the combined weights in the allocator's array differ from the oracle"
     return True
 
 

@@ -158,6 +158,29 @@ def adapter_rank(info, init_file):
             and np.array_equal(combined2.float().cpu().numpy(), want_out[info.rank][0])
             and np.array_equal(combined_w2.cpu().numpy(), want_out[info.rank][1])
         )
+
+        # A torch CUDA graph of a cached dispatch (the handle above) and a combine, replayed with new data copied into
+        # the captured input: its outputs come from the graph's pool and match the same calls made eagerly.
+        static_x = x.clone()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_recv, _, g_w, _, _, _ = buffer.dispatch(static_x, handle=handle, topk_idx=topk, topk_weights=weights)
+            g_out, g_out_w, _ = buffer.combine(g_recv, handle, topk_weights=g_w)
+        replays = []
+        for scale in (2.0, -0.5):
+            new_x = (x.float() * scale).to(torch.bfloat16)
+            static_x.copy_(new_x)
+            graph.replay()
+            eager_recv = buffer.dispatch(new_x, handle=handle, topk_idx=topk, topk_weights=weights)
+            eager_out = buffer.combine(eager_recv[0], handle, topk_weights=eager_recv[2])
+            torch.cuda.synchronize()
+            replays.append(
+                torch.equal(g_recv, eager_recv[0])
+                and torch.equal(g_out, eager_out[0])
+                and torch.equal(g_out_w, eager_out[1])
+            )
+        out["cached_calls_in_a_torch_graph"] = all(replays) or f"replays equal to the eager calls: {replays}"
         buffer.destroy()
     except Exception:
         out["error"] = traceback.format_exc()
@@ -195,12 +218,17 @@ def stream_outlives_rank(info, init_file):
         layout = buffer.get_dispatch_layout(topk, E)
         recv_x, _, recv_w, _, handle, event = async_dispatch(buffer, x, topk, weights, layout)
         event.current_stream_wait()
+        comm_stream = buffer.comm.stream
         buffer.destroy()
         del buffer, handle, event, recv_x, recv_w, layout
         gc.collect()
         del x, topk, weights  # recorded on the communicator's stream, which nothing here holds any more
         torch.cuda.synchronize()
-        return True
+        # A use-after-destroy need not crash: ask the driver whether the stream still exists (idle, so CUDA_SUCCESS).
+        from cuda.bindings import driver
+
+        (status,) = driver.cuStreamQuery(driver.CUstream(comm_stream))
+        return True if status == driver.CUresult.CUDA_SUCCESS else f"the communicator's stream: {status!r}"
     finally:
         dist.destroy_process_group()
 
@@ -220,6 +248,7 @@ def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buf
         "outputs_from_torch_allocator",
         "fp8_column_major_scales",
         "previous_event_and_capture",
+        "cached_calls_in_a_torch_graph",
     ],
 )
 def test_deepep_style_code_runs_unchanged(results, step):

@@ -335,7 +335,7 @@ typedef struct {
   int64_t topk_row_stride;
   int num_experts;          /* E, divisible by the number of ranks */
   int expert_alignment;     /* receive counts per local expert are rounded up to this: >= 1, and the most an expert can
-                             * receive (nranks * max_tokens_per_rank) rounded up to it must fit int32 */
+                             * receive (nranks * max_tokens_per_rank * num_topk) rounded up to it must fit int32 */
   int64_t num_worst_tokens; /* > 0: worst-case mode with outputs of this many rows */
   int num_sms;              /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 up to 2 ranks, else 32 */
   /* Payload (deepepDispatch). */

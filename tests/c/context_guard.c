@@ -1,7 +1,8 @@
-/* A worker thread that never chose a device calls the library for a communicator on the last GPU: afterwards the
- * thread has no context current again, and none appeared on GPU 0 (before the fix, the call's device guard restored
- * "device 0", which creates GPU 0's primary context). One rank; needs two GPUs. Prints what it saw; exit status 0: as
- * expected, 1: not, 2: inconclusive (GPU 0 already had a context before the call), 3: setup failed. */
+/* A worker thread that never chose a device calls the library (the layout, twice on a stream of its own and once on
+ * the legacy default stream) for a communicator on the last GPU: after every call the thread has no context current
+ * again, and with two GPUs or more, GPU 0 got none (a device guard that restored "device 0" created GPU 0's primary
+ * context). One rank. Prints what it saw; exit status 0: as expected, 1: not, 2: inconclusive (GPU 0 had a context
+ * before the calls), 3: setup failed. */
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
@@ -12,6 +13,7 @@
 #define NUM_TOKENS 64
 #define NUM_TOPK 2
 #define NUM_EXPERTS 8
+#define NUM_CALLS 3
 
 typedef CUresult (*GetCurrentFn)(CUcontext*);
 typedef CUresult (*DeviceGetFn)(CUdevice*, int);
@@ -21,12 +23,12 @@ static GetCurrentFn get_current;
 static DeviceGetFn device_get;
 static PrimaryStateFn primary_state;
 
-struct Call {
+struct Calls {
   deepepComm_t comm;
   cudaStream_t stream;
   void *topk_idx, *per_rank, *per_expert, *in_rank;
-  deepepResult_t result;
-  CUcontext current_before, current_after;
+  deepepResult_t result[NUM_CALLS];
+  CUcontext current_before, current_after[NUM_CALLS];
 };
 
 static void* entry_point(const char* name) {
@@ -48,23 +50,27 @@ static int gpu0_has_context(void) {
 }
 
 static void* worker(void* arg) {
-  struct Call* call = arg;
-  get_current(&call->current_before);
-  call->result = deepepGetDispatchLayout(call->comm, call->topk_idx, deepepInt64, NUM_TOKENS, NUM_TOPK, 0, NUM_EXPERTS,
-                                         call->per_rank, call->per_expert, call->in_rank, call->stream);
-  get_current(&call->current_after);
+  struct Calls* calls = arg;
+  int i;
+  get_current(&calls->current_before);
+  for (i = 0; i < NUM_CALLS; ++i) {
+    cudaStream_t stream = i < NUM_CALLS - 1 ? calls->stream : NULL; /* the last on the legacy default stream */
+    calls->result[i] = deepepGetDispatchLayout(calls->comm, calls->topk_idx, deepepInt64, NUM_TOKENS, NUM_TOPK, 0,
+                                               NUM_EXPERTS, calls->per_rank, calls->per_expert, calls->in_rank, stream);
+    get_current(&calls->current_after[i]);
+  }
   return NULL;
 }
 
 int main(void) {
-  int count = 0, device, before, after, i;
+  int count = 0, device, before, after, i, ok;
   int64_t topk_idx[NUM_TOKENS * NUM_TOPK];
   deepepUniqueId id;
   deepepConfig config;
-  struct Call call = {0};
+  struct Calls calls = {0};
   pthread_t thread;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count < 2) {
-    printf("needs 2 GPUs, found %d\n", count);
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
+    printf("no GPU\n");
     return 3;
   }
   get_current = (GetCurrentFn)entry_point("cuCtxGetCurrent");
@@ -86,31 +92,40 @@ int main(void) {
   config.num_experts = NUM_EXPERTS;
   config.max_tokens_per_rank = NUM_TOKENS;
   config.timeout_seconds = 30;
-  if (deepepCommInitRank(&call.comm, 1, &id, 0, &config) != deepepSuccess) {
+  if (deepepCommInitRank(&calls.comm, 1, &id, 0, &config) != deepepSuccess) {
     printf("deepepCommInitRank failed: %s\n", deepepGetLastErrorMessage());
     return 3;
   }
-  if (cudaStreamCreateWithFlags(&call.stream, cudaStreamNonBlocking) != cudaSuccess ||
-      cudaMalloc(&call.topk_idx, sizeof(topk_idx)) != cudaSuccess ||
-      cudaMalloc(&call.per_rank, sizeof(int32_t)) != cudaSuccess ||
-      cudaMalloc(&call.per_expert, sizeof(int32_t) * NUM_EXPERTS) != cudaSuccess ||
-      cudaMalloc(&call.in_rank, NUM_TOKENS) != cudaSuccess ||
-      cudaMemcpy(call.topk_idx, topk_idx, sizeof(topk_idx), cudaMemcpyHostToDevice) != cudaSuccess) {
+  if (cudaStreamCreateWithFlags(&calls.stream, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaMalloc(&calls.topk_idx, sizeof(topk_idx)) != cudaSuccess ||
+      cudaMalloc(&calls.per_rank, sizeof(int32_t)) != cudaSuccess ||
+      cudaMalloc(&calls.per_expert, sizeof(int32_t) * NUM_EXPERTS) != cudaSuccess ||
+      cudaMalloc(&calls.in_rank, NUM_TOKENS) != cudaSuccess ||
+      cudaMemcpy(calls.topk_idx, topk_idx, sizeof(topk_idx), cudaMemcpyHostToDevice) != cudaSuccess) {
     printf("CUDA setup failed\n");
     return 3;
   }
-  before = gpu0_has_context();
-  if (pthread_create(&thread, NULL, worker, &call) != 0 || pthread_join(thread, NULL) != 0) {
+  before = count > 1 ? gpu0_has_context() : 0;
+  if (before < 0) {
+    printf("the driver cannot say whether GPU 0 has a context\n");
+    return 3;
+  }
+  if (pthread_create(&thread, NULL, worker, &calls) != 0 || pthread_join(thread, NULL) != 0) {
     printf("the worker thread failed to run\n");
     return 3;
   }
-  after = gpu0_has_context();
-  if (cudaStreamSynchronize(call.stream) != cudaSuccess) printf("the layout's stream failed\n");
-  printf("layout call: %s; worker's context before: %s, after: %s; GPU 0 context before: %d, after: %d\n",
-         deepepGetErrorString(call.result), call.current_before ? "some" : "none", call.current_after ? "some" : "none",
-         before, after);
-  deepepCommDestroy(call.comm);
+  after = count > 1 ? gpu0_has_context() : 0;
+  if (cudaDeviceSynchronize() != cudaSuccess) printf("the layouts failed on the device\n");
+  ok = calls.current_before == NULL && after == 0;
+  printf("%d GPU(s), communicator on GPU %d; worker's context before the calls: %s\n", count, device,
+         calls.current_before ? "some" : "none");
+  for (i = 0; i < NUM_CALLS; ++i) {
+    printf("call %d: %s; worker's context after it: %s\n", i, deepepGetErrorString(calls.result[i]),
+           calls.current_after[i] ? "some" : "none");
+    ok = ok && calls.result[i] == deepepSuccess && calls.current_after[i] == NULL;
+  }
+  if (count > 1) printf("GPU 0 context before: %d, after: %d\n", before, after);
+  deepepCommDestroy(calls.comm);
   if (before != 0) return 2;
-  return call.result == deepepSuccess && call.current_before == NULL && call.current_after == NULL && after == 0 ? 0
-                                                                                                                 : 1;
+  return ok ? 0 : 1;
 }
