@@ -46,7 +46,8 @@ void check_device_array(const deepepComm& comm, const void* pointer, size_t byte
     fail(deepepInvalidArgument, "%s (%p) is not memory CUDA knows: %s", name, pointer, cudaGetErrorString(status));
   }
   if (attributes.type == cudaMemoryTypeManaged) return;
-  if (attributes.type == cudaMemoryTypeUnregistered && checking_in_capture) return;  // a graph allocation
+  // A graph allocation of the capture, not mapped yet: no query tells it from host memory (deepep.h, Conventions).
+  if (attributes.type == cudaMemoryTypeUnregistered && checking_in_capture) return;
   if (attributes.type != cudaMemoryTypeDevice) {
     fail(deepepInvalidArgument, "%s (%p) is %s memory; it must be device memory on device %d", name, pointer,
          attributes.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host", comm.device);

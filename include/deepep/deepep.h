@@ -17,6 +17,13 @@
  *    fields are only ever appended (or take the place of a `reserved` field, which must stay 0), and only within one
  *    soname: libdeepep.so.0.2 for every 0.2.x, then one per major version from 1.0 on.
  *  - The stream is the last parameter of every stream-ordered call.
+ *  - Array pointers are checked before anything is launched: host memory and memory of another device are
+ *    refused with deepepInvalidArgument. Inside a stream capture, memory CUDA does not know is accepted unchecked:
+ *    the capture's own allocations (cudaMallocAsync in it) are not mapped until the graph is instantiated, and no
+ *    CUDA query tells them from host memory then (CUDA 13 on an H200, 2026-12-01).
+ *  - Calls may come from any host thread, with any context current or none: each makes its communicator's device
+ *    (its primary context, the CUDA runtime's, to which streams and memory passed must belong) current for the call
+ *    and leaves the calling thread's context as it found it.
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
  * Limits of this release
