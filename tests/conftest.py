@@ -29,6 +29,20 @@ def all_true(results) -> bool:
     return len(results) == RANKS and all(r is True for r in results)
 
 
+def gpu_tier_cupy():
+    """CuPy, which the GPU suites use for their device arrays: the module skips where there is no GPU, and fails to
+    collect where there is one but CuPy is missing (a GPU tier that skips its main suites would look like a pass)."""
+    if gpu_count() == 0:
+        pytest.skip("no CUDA GPU here", allow_module_level=True)
+    try:
+        import cupy
+    except ImportError as error:
+        raise ImportError(
+            "this machine has a GPU but CuPy is not installed: the GPU tier needs it (pip install cupy-cuda13x)"
+        ) from error
+    return cupy
+
+
 def requires_gpus(n: int):
     return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} CUDA GPU(s); this machine has {gpu_count()}")
 

@@ -13,13 +13,13 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, SHARE_GPU, all_true, bf16_bits, bf16_values, requires_ranks, spawn_ranks
+from conftest import RANKS, SHARE_GPU, all_true, bf16_bits, bf16_values, gpu_tier_cupy, requires_ranks, spawn_ranks
 
 import pydeepep
 from pydeepep import reference
 
 pytestmark = [pytest.mark.gpu, requires_ranks(max(RANKS, 2))]
-cupy = pytest.importorskip("cupy")
+cupy = gpu_tier_cupy()
 
 N, H, K, E = 64, 1024, 4, 16  # a valid call: N tokens per rank of hidden H, top-K of E experts
 MAX_TOKENS, T = 256, 64  # the communicator's max_tokens_per_rank and low_latency_max_tokens

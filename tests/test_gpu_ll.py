@@ -18,6 +18,7 @@ from conftest import (
     bf16_bits,
     bf16_values,
     e4m3_values,
+    gpu_tier_cupy,
     log_scenario,
     one_rank_refusal_failures,
     requires_ranks,
@@ -28,7 +29,7 @@ import pydeepep
 from pydeepep import reference
 
 pytestmark = [pytest.mark.gpu, requires_ranks(RANKS)]
-cupy = pytest.importorskip("cupy")
+cupy = gpu_tier_cupy()
 
 T = 128  # low_latency_max_tokens of the test communicators
 SLOT_SHIFT = 16  # recv_src_info = token | slot << 16
