@@ -67,7 +67,8 @@ cdef enum:
 # and export their true type through DLPack (`dtype_name` says which).
 _DLPACK_TYPES = {
     "int32": (DL_INT, 32), "int64": (DL_INT, 64), "uint8": (DL_UINT, 8), "uint16": (DL_UINT, 16),
-    "bool": (DL_BOOL, 8), "float32": (DL_FLOAT, 32), "bfloat16": (DL_BFLOAT, 16), "float8_e4m3fn": (DL_FLOAT8_E4M3FN, 8),
+    "bool": (DL_BOOL, 8), "float32": (DL_FLOAT, 32), "bfloat16": (DL_BFLOAT, 16),
+    "float8_e4m3fn": (DL_FLOAT8_E4M3FN, 8),
 }
 _STORAGE_DTYPES = {"bfloat16": np.dtype(np.uint16), "float8_e4m3fn": np.dtype(np.uint8)}
 
@@ -367,7 +368,8 @@ cdef tuple _checked_shape(shape):
     return checked
 
 
-# The element types stored as bits of another NumPy type, with their names (plain str, whatever str subclass named them).
+# The element types stored as bits of another NumPy type, with their names (plain str, whatever str subclass named
+# them).
 _STORAGE_ELEMENTS = {name: (stored, name) for name, stored in _STORAGE_DTYPES.items()}
 
 

@@ -170,7 +170,7 @@ class Communicator:
         topk_weights: Any = ...,
         bias: Any = ...,
         stream: Any = ...,
-        out: CombineResult | None = ...,
+        out: CombineResult | tuple[Any, Any] | Callable[[int], Any] | None = ...,
         previous_event: Any = ...,
         async_finish: bool = ...,
     ) -> CombineResult: ...

@@ -11,8 +11,8 @@ from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
 from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPOutOfMemory, error_for_status
-from ._interop import (LEGACY_DEFAULT_STREAM, PER_THREAD_DEFAULT_STREAM, check_dense, check_matrix, dtype_name,
-                       is_device_array, payload_kind, stream_handle)
+from ._interop import (LEGACY_DEFAULT_STREAM, check_dense, check_matrix, dtype_name, is_device_array, payload_kind,
+                       stream_handle)
 
 from pydeepep.deepep cimport *
 
@@ -275,7 +275,6 @@ def to_device(array, *, int device, stream=None):
         if status != driver.CUresult.CUDA_SUCCESS:
             raise DeepEPCudaError(f"copy to device failed: {status!r}", 3)
     return out
-
 
 
 DispatchResult = collections.namedtuple(
@@ -796,7 +795,6 @@ cdef class Communicator:
                                                  <CUstream_st*>s)
             _check(status)
             return results
-
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, x_scales=None, handle=None,
                  expert_alignment=1, num_worst_tokens=0, max_recv_tokens=None, num_sms=0, stream=None, out=None,

@@ -11,6 +11,9 @@ cdef extern from "deepep/deepep.h" nogil:
     enum: DEEPEP_MAX_TOPK
     enum: DEEPEP_MAX_LOCAL_EXPERTS
     enum: DEEPEP_LL_MAX_TOKENS
+    enum: DEEPEP_MAX_HIDDEN
+    enum: DEEPEP_LL_MAX_HIDDEN
+    enum: DEEPEP_LL_TIMELINE_MARKS
     enum: DEEPEP_LL_TRANSPORT_AUTO
     enum: DEEPEP_LL_TRANSPORT_NVSHMEM
     enum: DEEPEP_VERSION
@@ -56,6 +59,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int low_latency_max_tokens
         int low_latency_transport
         int zero_copy_dispatch
+        int reserved
 
     const char* deepepGetErrorString(deepepResult_t result)
     const char* deepepGetLastErrorMessage()
@@ -121,6 +125,7 @@ cdef extern from "deepep/deepep.h" nogil:
         int32_t* num_recv_tokens_per_expert
         int64_t num_recv_rows
         int report_recv_counts
+        int reserved
 
     deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_t struct_size)
     deepepResult_t deepepDispatchNotify(deepepComm_t comm, const deepepDispatchArgs* args, deepepHandle_t handle,
