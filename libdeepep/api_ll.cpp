@@ -34,10 +34,45 @@ void check_set_and_phase(int buffer_set, deepepLowLatencyPhase_t phase) {
                  static_cast<int>(phase));
 }
 
-// This rank's side of a low-latency call it refuses (deepepLowLatencyRefuseCall).
+// This rank's side of a low-latency call it refuses (deepepLowLatencyRefuseCall). A refused Recv completes its
+// operation (nothing is due on the set any more); a refused Send completes its own and leaves an earlier Send's Recv
+// due.
 void refuse(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase, cudaStream_t stream) {
   DeviceGuard guard(comm.device);
   launch_low_latency_refusal(comm, combine, buffer_set, phase, stream);
+  if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
+}
+
+const char* operation_name(int combine) { return combine ? "combine" : "dispatch"; }
+
+// "Every Send must be followed by its Recv before its set is used again" (deepep.h), checked on the host before
+// anything is launched, and refused as a call this rank did not make (nothing launched, as Python's receive hooks do):
+// a refusal's side of a Send would take the set's place in the sequence from the Send still waiting for its Recv, and
+// a refusal's Recv side would tell the peers of a Send that never went out.
+void check_phase_order(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase) {
+  const int due = comm.ll_recv_due[buffer_set];
+  if (phase != deepepLowLatencyRecv) {
+    if (due == deepepComm::kLowLatencyNoRecvDue) return;
+    fail(deepepInvalidUsage,
+         "a low-latency %s on buffer set %d, where the Recv of a %s Send is still due: make that Recv first (every "
+         "Send is followed by its Recv before its set is used again)",
+         operation_name(combine), buffer_set, operation_name(due));
+  }
+  if (due == static_cast<int>(combine)) return;
+  if (due == deepepComm::kLowLatencyNoRecvDue) {
+    fail(deepepInvalidUsage,
+         "a low-latency %s Recv on buffer set %d, where no Send is due (its Send was not made, or was refused, or its "
+         "Recv was made already)",
+         operation_name(combine), buffer_set);
+  }
+  fail(deepepInvalidUsage, "a low-latency %s Recv on buffer set %d, where the Send that is due is a %s's",
+       operation_name(combine), buffer_set, operation_name(due));
+}
+
+// The set's state once a call is launched: a Send leaves its Recv due, a Recv ends it.
+void note_phase(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase) {
+  if (phase == deepepLowLatencySend) comm.ll_recv_due[buffer_set] = static_cast<int>(combine);
+  if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
 }
 
 void check_flag(int value, const char* name) {
@@ -212,6 +247,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     const deepepLowLatencyDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
+    check_phase_order(c, false, a.buffer_set, a.phase);
     RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
@@ -261,6 +297,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
+    note_phase(c, false, a.buffer_set, a.phase);
   });
 }
 
@@ -273,6 +310,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     const deepepLowLatencyCombineArgs a = checked_struct(args, "args", combine_defaults());
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
+    check_phase_order(c, true, a.buffer_set, a.phase);
     RefusalOnThrow refusal(stream, [&] { refuse(c, true, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
@@ -302,6 +340,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     check_device_array(c, a.out, static_cast<size_t>(a.num_tokens) * a.hidden * 2, 16, "out");
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
+    note_phase(c, true, a.buffer_set, a.phase);
   });
 }
 
@@ -313,6 +352,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
     require_low_latency(c);
     check_set_and_phase(buffer_set, phase);
     check_flag(combine, "combine");
+    check_phase_order(c, combine != 0, buffer_set, phase);
     require_not_capturing(stream, "a refusal");
     refuse(c, combine != 0, buffer_set, phase, stream);
   });

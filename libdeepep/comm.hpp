@@ -61,10 +61,14 @@ struct deepepComm {
   int device = -1;
   int ranks_per_nvl_domain = 1;
   double timeout_seconds = 100.0;
-  size_t buffer_bytes = 0;               // the high-throughput part (control region and receive regions)
-  size_t total_buffer_bytes = 0;         // the whole allocation: buffer_bytes, padding, then the low-latency area
-  size_t ll_offset = 0;                  // where the low-latency area starts in every rank's buffer
-  deepep::LowLatencyArea ll_area;        // its layout (max_tokens 0: none)
+  size_t buffer_bytes = 0;         // the high-throughput part (control region and receive regions)
+  size_t total_buffer_bytes = 0;   // the whole allocation: buffer_bytes, padding, then the low-latency area
+  size_t ll_offset = 0;            // where the low-latency area starts in every rank's buffer
+  deepep::LowLatencyArea ll_area;  // its layout (max_tokens 0: none)
+  // Per low-latency buffer set, the operation whose Send went out and whose Recv is due: kLowLatencyNoRecvDue, or
+  // 0 (dispatch) / 1 (combine). The host's view of the calls as made (a capture records its calls once, in order).
+  static constexpr int kLowLatencyNoRecvDue = -1;
+  mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
   int num_sms = 0;                       // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass

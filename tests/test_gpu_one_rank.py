@@ -154,10 +154,8 @@ def test_nan_and_infinities_in_low_latency_rows_follow_the_oracle_bit_for_bit():
     assert all(v is True for v in result.values()), result
 
 
-def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_0(tmp_path):
-    """tests/c/context_guard.c: a C worker thread that never chose a device calls the layout of a communicator on the
-    last GPU three times; each call's device guard gives the thread back with no context current, and (with two GPUs
-    or more) GPU 0 gets none."""
+def run_c_test(tmp_path, name):
+    """Builds tests/c/<name>.c against the installed library and runs it: the completed process."""
     import os
     import shutil
     import subprocess
@@ -166,9 +164,9 @@ def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_
     cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     if shutil.which("cc") is None or not (cuda_home / "include" / "cuda.h").exists():
         pytest.skip("needs a C compiler and the CUDA toolkit headers")
-    binary = tmp_path / "context_guard"
+    binary = tmp_path / name
     lib_dir = pydeepep.get_lib_dir()
-    source = Path(__file__).resolve().parent / "c" / "context_guard.c"
+    source = Path(__file__).resolve().parent / "c" / f"{name}.c"
     build = subprocess.run(
         ["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", str(source), f"-I{pydeepep.get_include()}",
          f"-I{cuda_home / 'include'}", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-ldeepep",
@@ -178,6 +176,22 @@ def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_
     assert build.returncode == 0, build.stderr
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     print(result.stdout, result.stderr)
+    return result
+
+
+def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_0(tmp_path):
+    """tests/c/context_guard.c: a C worker thread that never chose a device calls the layout of a communicator on the
+    last GPU three times; each call's device guard gives the thread back with no context current, and (with two GPUs
+    or more) GPU 0 gets none."""
+    result = run_c_test(tmp_path, "context_guard")
     if result.returncode == 2:
         pytest.skip(f"GPU 0 had a context before the call, so the check says nothing: {result.stdout}")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):
+    """tests/c/ll_phases.c: a Recv with no Send due, a Send on a set whose Recv is due, a Recv of the other kind and a
+    refused Recv with nothing due return deepepInvalidUsage; the calls in order succeed, and the stream ends clean."""
+    result = run_c_test(tmp_path, "ll_phases")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("as expected") == 16, result.stdout

@@ -493,7 +493,10 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * once, on the stream). deepepLowLatencySend issues the stores to the peers, publishes them and returns: nothing stays
  * on the SMs while the data travels; a later call with the same arguments and deepepLowLatencyRecv waits for the peers'
  * data and finishes the outputs. Between the Send and the Recv of one operation, only calls on the other buffer set may
- * run, and every Send must be followed by its Recv before its set is used again.
+ * run, and every Send must be followed by its Recv before its set is used again. The library keeps track: a Send or
+ * SendRecv on a set whose Recv is due, a Recv (or its refusal) on a set where no Send of its kind is due, return
+ * deepepInvalidUsage before anything is launched (a call this rank did not make: it is no refusal, since one would
+ * take the set's place in the sequence or announce a Send that never went out).
  *
  * Ordering rules. Every low-latency call is collective: all ranks make the same calls (kind, phase, buffer_set,
  * num_experts, hidden, num_topk, use_fp8) in the same order, and calls on one communicator are stream-ordered (one

@@ -1,0 +1,125 @@
+/* The low-latency phase rule kept by the library (deepep.h, "Phases"), from C on one rank: a Recv with no Send due,
+ * a second Send on a set whose Recv is due, a Recv of the other kind and a refusal of a Recv with nothing due return
+ * deepepInvalidUsage and launch nothing; the calls in the right order succeed and the stream finishes clean. Prints
+ * one line per step; exit status 0: as expected, 1: not, 3: setup failed. */
+#include <cuda_runtime.h>
+#include <deepep/deepep.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define T 8
+#define H 128
+#define K 2
+#define E 4
+
+static int failures = 0;
+
+static void expect(const char* step, deepepResult_t got, deepepResult_t want) {
+  const int ok = got == want;
+  printf("%s: %s (%s)%s%s\n", step, deepepGetErrorString(got), ok ? "as expected" : "UNEXPECTED",
+         got != deepepSuccess ? ": " : "", got != deepepSuccess ? deepepGetLastErrorMessage() : "");
+  failures += !ok;
+}
+
+int main(void) {
+  deepepUniqueId id;
+  deepepConfig config;
+  deepepComm_t comm = NULL;
+  cudaStream_t stream;
+  int64_t topk[T * K];
+  float weights[T * K];
+  void *x, *d_topk, *d_weights, *recv_x, *recv_count, *src_info, *layout, *out;
+  deepepLowLatencyDispatchArgs d;
+  deepepLowLatencyCombineArgs c;
+  deepepResult_t async_error = deepepSuccess;
+  int i, set;
+  for (i = 0; i < T * K; ++i) {
+    topk[i] = (i * 3 + i / K) % E;
+    weights[i] = 0.25f;
+  }
+  if (cudaSetDevice(0) != cudaSuccess || deepepGetUniqueId(&id) != deepepSuccess ||
+      deepepConfigInit(&config, sizeof(config)) != deepepSuccess) {
+    printf("setup failed\n");
+    return 3;
+  }
+  config.device = 0;
+  config.num_topk = K;
+  config.num_experts = E;
+  config.hidden = H;
+  config.max_tokens_per_rank = T;
+  config.low_latency_max_tokens = T;
+  config.timeout_seconds = 30;
+  if (deepepCommInitRank(&comm, 1, &id, 0, &config) != deepepSuccess) {
+    printf("deepepCommInitRank failed: %s\n", deepepGetLastErrorMessage());
+    return 3;
+  }
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaMalloc(&x, (size_t)T * H * 2) != cudaSuccess || cudaMalloc(&d_topk, sizeof(topk)) != cudaSuccess ||
+      cudaMalloc(&d_weights, sizeof(weights)) != cudaSuccess ||
+      cudaMalloc(&recv_x, (size_t)E * T * H * 2) != cudaSuccess || cudaMalloc(&recv_count, E * 4) != cudaSuccess ||
+      cudaMalloc(&src_info, (size_t)E * T * 4) != cudaSuccess ||
+      cudaMalloc(&layout, (size_t)E * 2 * 4) != cudaSuccess || cudaMalloc(&out, (size_t)T * H * 2) != cudaSuccess ||
+      cudaMemset(x, 0, (size_t)T * H * 2) != cudaSuccess ||
+      cudaMemcpy(d_topk, topk, sizeof(topk), cudaMemcpyHostToDevice) != cudaSuccess ||
+      cudaMemcpy(d_weights, weights, sizeof(weights), cudaMemcpyHostToDevice) != cudaSuccess) {
+    printf("CUDA setup failed\n");
+    return 3;
+  }
+  deepepLowLatencyDispatchArgsInit(&d, sizeof(d));
+  d.num_tokens = T;
+  d.x = x;
+  d.hidden = H;
+  d.topk_idx = d_topk;
+  d.topk_type = deepepInt64;
+  d.num_topk = K;
+  d.num_experts = E;
+  d.use_fp8 = 0;
+  d.recv_x = recv_x;
+  d.recv_count = recv_count;
+  d.recv_src_info = src_info;
+  d.recv_layout_range = layout;
+  deepepLowLatencyCombineArgsInit(&c, sizeof(c));
+  c.x = recv_x; /* the dispatched BF16 rows, as the experts' outputs */
+  c.hidden = H;
+  c.num_experts = E;
+  c.src_info = src_info;
+  c.layout_range = layout;
+  c.num_tokens = T;
+  c.topk_idx = d_topk;
+  c.topk_type = deepepInt64;
+  c.num_topk = K;
+  c.topk_weights = d_weights;
+  c.out = out;
+
+  d.phase = deepepLowLatencyRecv;
+  expect("dispatch Recv on set 0 with no Send made", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  expect("refusal of a Recv on set 0 with no Send made",
+         deepepLowLatencyRefuseCall(comm, 0, 0, deepepLowLatencyRecv, stream), deepepInvalidUsage);
+  d.phase = deepepLowLatencySend;
+  expect("dispatch Send on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
+  expect("dispatch Send on set 0 again, its Recv due", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  d.phase = deepepLowLatencySendRecv;
+  expect("dispatch SendRecv on set 0, its Recv due", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  c.phase = deepepLowLatencyRecv;
+  expect("combine Recv on set 0, a dispatch's Recv due", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
+  d.buffer_set = 1;
+  d.phase = deepepLowLatencySendRecv;
+  expect("dispatch SendRecv on set 1 meanwhile", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
+  d.buffer_set = 0;
+  d.phase = deepepLowLatencyRecv;
+  expect("dispatch Recv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
+  expect("dispatch Recv on set 0 again", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  for (set = 0; set < 2; ++set) {
+    c.buffer_set = set;
+    c.phase = deepepLowLatencySend;
+    expect("combine Send", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
+    c.phase = deepepLowLatencyRecv;
+    expect("combine Recv", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
+  }
+  expect("stream finished", cudaStreamSynchronize(stream) == cudaSuccess ? deepepSuccess : deepepCudaError,
+         deepepSuccess);
+  expect("no asynchronous error", deepepCommGetAsyncError(comm, &async_error), deepepSuccess);
+  expect("asynchronous error state", async_error, deepepSuccess);
+  deepepCommDestroy(comm);
+  return failures == 0 ? 0 : 1;
+}
