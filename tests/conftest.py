@@ -103,6 +103,27 @@ def e4m3_values(bits):
     return np.where((bits & 0x7F) == 0x7F, np.nan, sign * value).astype(np.float32)
 
 
+def exact_equal(got, want) -> bool:
+    """Whether `got` holds what `want` holds bit for bit, shapes included, where np.array_equal is not enough:
+    integer arrays (raw BF16 / FP8 bits, ids, packed scales) element by element; float arrays (values decoded with
+    bf16_values or e4m3_values, the oracle's values, float32 scales and weights) by value AND by sign, so that -0.0
+    differs from +0.0 (0x8000 / 0x80 from 0x0000 / 0x00, which np.array_equal takes for equal), and NaN where the
+    other has NaN, whatever its sign or payload (e4m3_values gives both NaN patterns one NaN). Bits against values
+    raises TypeError: the two are different things, and comparing them would say nothing."""
+    got, want = np.asarray(got), np.asarray(want)
+    floats = {np.issubdtype(a.dtype, np.floating) for a in (got, want)}
+    if len(floats) != 1:
+        raise TypeError(f"exact_equal of {got.dtype} and {want.dtype}: compare bits with bits or values with values")
+    if got.shape != want.shape:
+        return False
+    if floats == {False}:
+        return bool(np.array_equal(got, want))
+    if not np.array_equal(got, want, equal_nan=True):
+        return False
+    numbers = ~np.isnan(want)
+    return bool(np.array_equal(np.signbit(got[numbers]), np.signbit(want[numbers])))
+
+
 @pytest.fixture(scope="module")
 def lib():
     """libdeepep through ctypes alone, as another language's FFI would load it."""

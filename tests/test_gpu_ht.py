@@ -17,7 +17,7 @@ from conftest import (
     all_true,
     bf16_bits,
     bf16_values,
-    e4m3_values,
+    exact_equal,
     gpu_tier_cupy,
     log_scenario,
     one_rank_refusal_failures,
@@ -62,6 +62,15 @@ def dev(a):
     return cupy.asarray(a)
 
 
+def wider(host, extra, fill):
+    """`host` [rows, cols] on the device as the first cols columns of an array `extra` columns wider whose other
+    columns hold `fill`: rows `cols + extra` elements apart, with something else between them to read by mistake."""
+    rows, cols = host.shape
+    wide = cupy.full((rows, cols + extra), fill, dtype=host.dtype)
+    wide[:, :cols] = dev(host)
+    return wide[:, :cols]
+
+
 def run_case(
     comm,
     seed,
@@ -80,29 +89,38 @@ def run_case(
     weights=True,
     num_sms=0,
     reruns=0,
+    strided_topk=False,
 ):
-    """Dispatch then combine one case; returns True or a description of the first mismatch."""
+    """Dispatch then combine one case; returns True or a description of the first mismatch. `strided` (True: 16, or
+    a number of elements): payload rows that many elements apart from the row length (FP8: bytes, scale rows 3
+    columns apart from theirs too); `strided_topk`: topk_idx and topk_weights rows apart from theirs as well."""
     R, me = comm.nranks, comm.rank
     ns = [n(r) if callable(n) else n for r in range(R)]
     inputs = [make_inputs(seed, r, ns[r], h, k, e, fp8, ue8m0, to_rank, nranks=R) for r in range(R)]
     x_mine, topk_mine, w_mine = inputs[me]
-    if fp8:
-        xs_oracle = [(e4m3_values(x[0]), x[1]) for x, _, _ in inputs]
-    else:
-        xs_oracle = [bf16_values(x) for x, _, _ in inputs]
+    # FP8 rows go to the oracle as their bits (it copies rows unchanged), so that the payload compares bit for bit.
+    xs_oracle = [x if fp8 else bf16_values(x) for x, _, _ in inputs]
     want = reference.dispatch(
         xs_oracle, [t for _, t, _ in inputs], [w for _, _, w in inputs] if weights else None, e, alignment
     )
+    pad = 16 if strided is True else int(strided)
     with cupy.cuda.Device(comm.device):
         if fp8:
             x_dev, scales_dev = dev(x_mine[0]), dev(x_mine[1])
+            if pad:  # payload rows `pad` bytes apart from the row length, scale rows 3 columns (words) apart
+                x_dev = wider(x_mine[0], pad, 0x55)
+                scales_dev = wider(x_mine[1], 3, x_mine[1].dtype.type(0x7F7F7F7F if ue8m0 else 7.0))
         else:
             x_dev, scales_dev = dev(x_mine), None
-            if strided:  # rows 16 elements apart from the row length
-                wide = cupy.zeros((x_mine.shape[0], h + 16), cupy.uint16)
-                wide[:, :h] = x_dev
-                x_dev = wide[:, :h]
-        topk_dev, w_dev = dev(topk_mine), dev(w_mine) if weights else None
+            if pad:  # rows `pad` elements apart from the row length
+                x_dev = wider(x_mine, pad, 0x4480)  # BF16 1024.0 between the rows
+        if strided_topk:  # an expert id and a weight that no row holds between the rows
+            topk_dev = wider(topk_mine, 3, e - 1)
+            w_dev = wider(w_mine, 5, np.float32(7.0)) if weights else None
+        else:
+            topk_dev, w_dev = dev(topk_mine), dev(w_mine) if weights else None
+        if pad and x_dev.strides[0] == x_dev.shape[1] * x_dev.itemsize and x_dev.shape[0] > 1:
+            return "the strided payload is contiguous: the case tests nothing"
         result = comm.dispatch(
             x_dev,
             x_scales=scales_dev,
@@ -122,19 +140,18 @@ def run_case(
         if result.recv_x.shape[0] != rows:
             return f"recv_x has {result.recv_x.shape[0]} rows, expected {rows}"
         if fp8:
-            got_q = result.recv_x.to_numpy()[:m]
-            if not np.array_equal(e4m3_values(got_q), exp_x[0]):
+            if not exact_equal(result.recv_x.to_numpy()[:m], exp_x[0]):  # bits against bits
                 return "FP8 payload differs"
-            if not np.array_equal(result.recv_scales.to_numpy()[:m], exp_x[1]):
+            if not exact_equal(result.recv_scales.to_numpy()[:m], exp_x[1]):
                 return "FP8 scales differ"
-        elif not np.array_equal(bf16_values(result.recv_x.to_numpy()[:m]), exp_x):
+        elif not exact_equal(bf16_values(result.recv_x.to_numpy()[:m]), exp_x):
             return "BF16 payload differs"
         src = result.recv_src_idx.to_numpy()
         if not np.array_equal(src[:m], exp_src[:, 1]):
             return "recv_src_idx differs"
         if not np.array_equal(result.recv_topk_idx.to_numpy()[:m], exp_idx):
             return "recv_topk_idx differs"
-        if weights and not np.array_equal(result.recv_topk_weights.to_numpy()[:m], exp_w):
+        if weights and not exact_equal(result.recv_topk_weights.to_numpy()[:m], exp_w):
             return "recv_topk_weights differ"
         if bound and not np.array_equal(cupy.from_dlpack(result.recv_src_idx).get(), exp_src[:, 1]):
             return "the first rows of the bounded outputs export other data through DLPack"
@@ -173,23 +190,28 @@ def run_case(
         out, out_w, _ = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None)
         cupy.cuda.runtime.deviceSynchronize()
         comm.check_async_error()
-        if not np.array_equal(bf16_values(out.to_numpy()), want_out[me][0]):
+        if not exact_equal(bf16_values(out.to_numpy()), want_out[me][0]):
             return "combine output differs"
-        if not np.array_equal(out_w.to_numpy(), want_out[me][1]):
+        if not exact_equal(out_w.to_numpy(), want_out[me][1]):
             return "combined weights differ"
 
         # Cached dispatch with new data, same routing, and reruns bitwise identical (recv_x copied first: on a
         # zero-copy communicator every dispatch's recv_x views the same area).
-        first_x = result.recv_x.to_numpy()
-        for _ in range(reruns):
+        names = ("recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights")
+        first = {name: getattr(result, name) for name in names}
+        first = {name: None if a is None else a.to_numpy() for name, a in first.items()}
+        first_out = out.to_numpy()
+        for i in range(reruns):
             again = comm.dispatch(
                 x_dev, x_scales=scales_dev, topk_idx=topk_dev, topk_weights=w_dev, handle=result.handle
             )
             out2 = comm.combine(y_dev, result.handle, topk_weights=yw_dev, bias=bias_dev or None).out
-            if not (
-                np.array_equal(again.recv_x.to_numpy(), first_x) and np.array_equal(out2.to_numpy(), out.to_numpy())
-            ):
-                return "a rerun differs"
+            for name, was in first.items():
+                got = getattr(again, name)
+                if (got is None) != (was is None) or (was is not None and not exact_equal(got.to_numpy(), was)):
+                    return f"rerun {i}: {name} differs"
+            if not exact_equal(out2.to_numpy(), first_out):  # the bits
+                return f"rerun {i}: the combine output differs"
     return True
 
 
@@ -227,7 +249,7 @@ def graph_case(comm, seed):
                 # Identity experts: each token comes back times the number of ranks it reached.
                 reached = reference.dispatch_layout(topk, e, R)[2].sum(axis=1).astype(np.float32)
                 want = reference.bf16_round(bf16_values(new[me]) * reached[:, None])
-                results.append(np.array_equal(bf16_values(c_out[0].to_numpy()), want))
+                results.append(exact_equal(bf16_values(c_out[0].to_numpy()), want))
             graph.close()
     comm.check_async_error()
     return all(results) or f"replays matched: {results}"
@@ -248,7 +270,7 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
 
     def same(out):
         stream.synchronize()
-        return np.array_equal(bf16_values(out.to_numpy()), want)
+        return exact_equal(bf16_values(out.to_numpy()), want)
 
     failures = []
     with cupy.cuda.Device(comm.device), cupy.cuda.Stream(non_blocking=True) as stream:
@@ -352,7 +374,7 @@ def allocator_case(comm, seed, n=128, h=256, k=4, e=16):
         if result.recv_x.ptr != made[0].recv_x.data.ptr:
             return "recv_x is not the allocator's array"
         got = (bf16_values(made[0].recv_x.get()), made[0].recv_topk_idx.get(), made[0].recv_topk_weights.get())
-        if not all(np.array_equal(a, b) for a, b in zip(got, (exp_x, exp_idx, exp_w), strict=True)):
+        if not all(exact_equal(a, b) for a, b in zip(got, (exp_x, exp_idx, exp_w), strict=True)):
             return "the allocator's arrays differ from the oracle"
         if not np.array_equal(made[0].recv_src_idx.get(), exp_src[:, 1]):
             return "recv_src_idx differs"
@@ -374,9 +396,9 @@ def allocator_case(comm, seed, n=128, h=256, k=4, e=16):
             return f"the combine's allocator was asked for {combine_asked}; the handle routes {n} tokens"
         if out.out.ptr != combined[0][0].data.ptr:
             return "the combine's out is not the allocator's array"
-        if not np.array_equal(bf16_values(combined[0][0].get()), want_out[0]):
+        if not exact_equal(bf16_values(combined[0][0].get()), want_out[0]):
             return "the combine into the allocator's array differs from the oracle"
-        if not np.array_equal(combined[0][1].get(), want_out[1]):
+        if not exact_equal(combined[0][1].get(), want_out[1]):
             return "the combined weights in the allocator's array differ from the oracle"
     return True
 
@@ -417,7 +439,64 @@ def async_case(comm, seed, use_event):
                 return "the event is not complete after synchronize()"
         got = bf16_values(result.recv_x.to_numpy())
     comm.check_async_error()
-    return bool(np.array_equal(got, want[0])) or "the dispatch read inputs before they were ready"
+    return exact_equal(got, want[0]) or "the dispatch read inputs before they were ready"
+
+
+def bits_once_event_done(array):
+    """A pydeepep array's bits copied on a stream of their own, without waiting for the stream that produced them
+    (to_numpy would): what a caller that only waited for the call's event reads."""
+    host = np.empty(array.shape, array.dtype)
+    side = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.runtime.memcpyAsync(host.ctypes.data, array.ptr, host.nbytes, 2, side.ptr)  # device to host
+    side.synchronize()
+    return host
+
+
+def combine_async_case(comm, seed, use_event, n=256, h=512, k=4, e=16):
+    """async_finish on a combine (it runs on the communicator stream, after the caller's work) returns an event; with
+    `use_event` the combine also waits for previous_event, recorded on another stream than the call's. Either way the
+    combine must read expert outputs and weights that become ready late, and once the returned event is done its
+    outputs (read without waiting for any stream) must match the oracle bit for bit."""
+    R, me = comm.nranks, comm.rank
+    inputs = [make_inputs(seed, r, n, h, k, e, nranks=R) for r in range(R)]
+    want = reference.dispatch([bf16_values(x) for x, _, _ in inputs], [t for _, t, _ in inputs], None, e)
+    ms = [w[4].shape[0] for w in want]
+    ys = [
+        bf16_bits(np.random.default_rng([seed, 99, r]).standard_normal((ms[r], h)).astype(np.float32)) for r in range(R)
+    ]
+    yw = [np.random.default_rng([seed, 98, r]).random((ms[r], k)).astype(np.float32) for r in range(R)]
+    combined = reference.combine([bf16_values(y) for y in ys], [w[4] for w in want], [n] * R, topk_weights=yw)
+    want_out, want_w = combined[me]
+    with cupy.cuda.Device(comm.device):
+        routed = comm.dispatch(dev(inputs[me][0]), topk_idx=dev(inputs[me][1]), num_experts=e)
+        if routed.recv_x.shape[0] != ms[me]:
+            return f"the dispatch received {routed.recv_x.shape[0]} rows, the oracle {ms[me]}"
+        producer = cupy.cuda.Stream(non_blocking=True)
+        y_dev = cupy.zeros((ms[me], h), cupy.uint16)
+        yw_dev = cupy.zeros((ms[me], k), cupy.float32)
+        cupy.cuda.runtime.deviceSynchronize()
+        slow_then_fill(y_dev, ys[me], producer)
+        with producer:
+            yw_dev[...] = cupy.asarray(yw[me])  # after the slow work too
+        if use_event:
+            ready = cupy.cuda.Event()
+            ready.record(producer)
+            consumer = cupy.cuda.Stream(non_blocking=True)
+            result = comm.combine(
+                y_dev, routed.handle, topk_weights=yw_dev, stream=consumer, previous_event=ready, async_finish=True
+            )
+        else:
+            result = comm.combine(y_dev, routed.handle, topk_weights=yw_dev, stream=producer, async_finish=True)
+        if result.event is None or result.out.stream != comm.stream:
+            return "the async combine did not run on the communicator stream with an event"
+        result.event.synchronize()
+        if not result.event.query():
+            return "the event is not complete after synchronize()"
+        got, got_w = bits_once_event_done(result.out), bits_once_event_done(result.topk_weights)
+    comm.check_async_error()
+    if not exact_equal(bf16_values(got), want_out):
+        return "the combine output differs (inputs read before they were ready, or read before the event?)"
+    return exact_equal(got_w, want_w) or "the combined weights differ"
 
 
 # The oracle scenarios: name -> run_case arguments.
@@ -455,6 +534,16 @@ CASES = {
     # Large rows with long runs on 16 blocks: 14 pushing warps and a lone publisher, 11 in a zero-copy dispatch.
     "bf16_sixteen_sms": dict(seed=28, n=4096, h=7168, k=8, e=256, num_sms=16),
     "reruns_identical": dict(seed=20, n=1024, h=1024, k=8, e=32, reruns=20),
+    "reruns_identical_fp8": dict(seed=38, n=1024, h=1024, k=8, e=32, fp8=True, reruns=20),
+    # FP8 rows 16 bytes apart from the row length, float32 scale rows 3 words apart from theirs (H/128 = 8), and top-k
+    # ids and weights in column slices of wider arrays; then UE8M0-packed scale rows (2 words) 3 words apart, and FP8
+    # rows 8 bytes apart from theirs (rows off 16-byte alignment: the copies' narrower path).
+    "strided_fp8_padded_scales_strided_topk": dict(
+        seed=34, n=300, h=1024, k=6, e=32, fp8=True, strided=True, strided_topk=True
+    ),
+    "strided_fp8_ue8m0_padded_scales": dict(
+        seed=35, n=lambda r: 0 if r == 1 else 250, h=640, k=4, e=16, fp8=True, ue8m0=True, strided=8, strided_topk=True
+    ),
     # Exact-size results from a dispatch that exchanges the counts in its kernel (a bound on the rows).
     "bounded_bf16": dict(seed=22, n=700, h=512, k=8, e=32, bound=RANKS * 700, reruns=2),
     "bounded_fp8_aligned_empty_rank": dict(
@@ -500,6 +589,12 @@ def ht_scenarios(info):
         for name, use_event in (("async_finish", False), ("previous_event", True)):
             try:
                 out[name] = async_case(comm, 31, use_event)
+            except Exception:
+                out[name] = traceback.format_exc()
+            log_scenario("ht", info, name, out[name])
+        for name, use_event in (("combine_async_finish", False), ("combine_previous_event", True)):
+            try:
+                out[name] = combine_async_case(comm, 36, use_event)
             except Exception:
                 out[name] = traceback.format_exc()
             log_scenario("ht", info, name, out[name])
@@ -608,6 +703,7 @@ ZERO_COPY_CASES = [
     "worst_case_eight_sms",
     "bf16_sixteen_sms",
     "reruns_identical",
+    "reruns_identical_fp8",
     "bounded_bf16",
     "bounded_fp8_aligned_empty_rank",
 ]
@@ -632,9 +728,9 @@ def outputs_outlive_a_peers_next_dispatch(comm, seed, n=512, h=512, k=4, e=16):
         second = comm.dispatch(dev(new_x[me]), topk_idx=topk_dev, handle=first.handle)
         got_second = bf16_values(second.recv_x.to_numpy())
     comm.check_async_error()
-    if not np.array_equal(got_first, want_first):
+    if not exact_equal(got_first, want_first):
         return "the first dispatch's rows changed before this rank's next dispatch"
-    return bool(np.array_equal(got_second, want_second)) or "the second dispatch's rows differ"
+    return exact_equal(got_second, want_second) or "the second dispatch's rows differ"
 
 
 def zero_copy_scenarios(info):
@@ -776,7 +872,18 @@ def results():
     return spawn_ranks(ht_scenarios, nprocs=RANKS, timeout=150 * RANKS)
 
 
-@pytest.mark.parametrize("scenario", [*CASES, "async_finish", "previous_event", "graph_replay", "allocator_out"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        *CASES,
+        "async_finish",
+        "previous_event",
+        "combine_async_finish",
+        "combine_previous_event",
+        "graph_replay",
+        "allocator_out",
+    ],
+)
 def test_ht_dispatch_and_combine_match_the_oracle(results, scenario):
     assert all_true([r.get(scenario, "not run") for r in results]), [r.get(scenario) for r in results]
 

@@ -18,6 +18,7 @@ from conftest import (
     bf16_bits,
     bf16_values,
     e4m3_values,
+    exact_equal,
     gpu_tier_cupy,
     log_scenario,
     one_rank_refusal_failures,
@@ -73,6 +74,20 @@ def dev(a):
     return cupy.asarray(a)
 
 
+def strided_rows(x_bits, layout):
+    """BF16 bits [n, h] on the device with rows further apart than h, other BF16 data (1024.0) between them:
+    "rows", every other row of a [2n, h] array; "columns", the first h columns of an [n, h + 64] array."""
+    n, h = x_bits.shape
+    if layout == "rows":
+        base = cupy.full((2 * n, h), 0x4480, cupy.uint16)
+        view = base[::2]
+    else:
+        base = cupy.full((n, h + 64), 0x4480, cupy.uint16)
+        view = base[:, :h]
+    view[...] = dev(x_bits)
+    return view
+
+
 def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0, token_contiguous=False):
     """Compares one rank's dispatch outputs with the oracle's; True or a description of the first mismatch."""
     exp_x, exp_scales, exp_count, exp_src = want
@@ -105,13 +120,14 @@ def check_dispatch(result, want, inputs, me, e, nranks, use_fp8, ue8m0, token_co
             topk = np.asarray(inputs[src_rank[row]][1], dtype=np.int64)
             if topk[token[row], slot[row]] != expert or np.any(topk[token[row], : slot[row]] == expert):
                 return f"slot of row {row} of local expert {le} is {slot[row]}"
+        # Values and their signs (exact_equal): the oracle keeps the sign of a value cast to zero, as the bits must.
         if use_fp8:
-            if not np.array_equal(e4m3_values(got_x[le, :m]), exp_x[le, :m], equal_nan=True):
+            if not exact_equal(e4m3_values(got_x[le, :m]), exp_x[le, :m]):
                 return f"FP8 payload of local expert {le} differs"
             want_scales = reference.ue8m0_pack(exp_scales[le, :m]) if ue8m0 else exp_scales[le, :m]
-            if not np.array_equal(got_scales[le, :m], want_scales, equal_nan=True):
+            if not exact_equal(got_scales[le, :m], want_scales):
                 return f"scales of local expert {le} differ"
-        elif not np.array_equal(bf16_values(got_x[le, :m]), exp_x[le, :m], equal_nan=True):
+        elif not exact_equal(bf16_values(got_x[le, :m]), exp_x[le, :m]):
             return f"BF16 payload of local expert {le} differs"
     return True
 
@@ -136,8 +152,10 @@ def run_case(
     token_contiguous=False,
     any_bits=False,
     repeats=False,
+    strided_x=None,
 ):
-    """Dispatch then combine one case; True or a description of the first mismatch."""
+    """Dispatch then combine one case; True or a description of the first mismatch. `strided_x` ("rows" or
+    "columns", see strided_rows): x passed with rows further apart than hidden (x_row_stride)."""
     R, me = comm.nranks, comm.rank
     ns = [n(r) if callable(n) else n for r in range(R)]
     inputs = [make_inputs(seed, r, ns[r], h, k, e, R, drop, to_rank, index_dtype, any_bits, repeats) for r in range(R)]
@@ -147,6 +165,10 @@ def run_case(
     x_mine, topk_mine, w_mine = inputs[me]
     with cupy.cuda.Device(comm.device):
         x_dev, topk_dev, w_dev = dev(x_mine), dev(topk_mine), dev(w_mine)
+        if strided_x:
+            x_dev = strided_rows(x_mine, strided_x)
+            if len(x_mine) > 1 and x_dev.strides[0] <= h * x_dev.itemsize:
+                return "the strided x is contiguous: the case tests nothing"
         result = comm.low_latency_dispatch(
             x_dev,
             topk_dev,
@@ -194,7 +216,7 @@ def run_case(
         cupy.cuda.runtime.deviceSynchronize()
         comm.check_async_error()
         got = out.to_numpy()
-        if not np.array_equal(bf16_values(got), want_out):
+        if not exact_equal(bf16_values(got), want_out):
             return "combine output differs"
 
         for _ in range(reruns):
@@ -215,9 +237,7 @@ def run_case(
             s1 = result.recv_scales.to_numpy() if use_fp8 else None
             s2 = again.recv_scales.to_numpy() if use_fp8 else None
             for le, m in enumerate(counts):
-                if not np.array_equal(x1[le, :m], x2[le, :m]) or (
-                    use_fp8 and not np.array_equal(s1[le, :m], s2[le, :m])
-                ):
+                if not np.array_equal(x1[le, :m], x2[le, :m]) or (use_fp8 and not exact_equal(s1[le, :m], s2[le, :m])):
                     return "a rerun's payload differs"
         comm.check_async_error()
     return True
@@ -267,34 +287,49 @@ def double_hook_case(comm, seed, h=512, k=4, e=16):
                 [a[3] for a in want],
             )[me]
             out = comm.low_latency_combine(dev(ys[me]), topk, w, result).out
-            if not np.array_equal(bf16_values(out.to_numpy()), want_out):
+            if not exact_equal(bf16_values(out.to_numpy()), want_out):
                 return "combine after a double hook differs"
     comm.check_async_error()
     return True
 
 
-def graph_case(comm, seed, n=96, h=1024, k=6, e=16):
-    """BF16 dispatch + identity experts + combine captured in a CUDA graph, replayed with new data and routing."""
+def graph_case(comm, seed, n=96, h=1024, k=6, e=16, use_fp8=False, round_scale=False, ue8m0=False, hook=False):
+    """Dispatch + experts + combine captured in a CUDA graph, replayed with new data and routing, each replay checked
+    against the oracle bit for bit. BF16: identity experts (a device copy of recv_x into the expert outputs, inside the
+    graph). FP8 (cast in the kernel; float32, power-of-two or UE8M0-packed scales): the graph has no FP8 experts, so
+    new expert outputs are written before each replay, outside it. `hook`: dispatch and combine are captured with
+    return_recv_hook=True, each hook called inside the same capture (the receive kernels are part of the graph)."""
     from pydeepep.bench import CapturedGraph
 
     R, me = comm.nranks, comm.rank
     local = e // R
+    cast = dict(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=ue8m0)
     with cupy.cuda.Device(comm.device):
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
             x0, topk0, w0 = make_inputs(seed, me, n, h, k, e, R)
             x_dev, topk_dev, w_dev = dev(x0), dev(topk0), dev(w0)
             y_dev = cupy.zeros((local, R * T, h), cupy.uint16)
-            first = comm.low_latency_dispatch(x_dev, topk_dev, e, use_fp8=False, stream=stream)
+            first = comm.low_latency_dispatch(x_dev, topk_dev, e, stream=stream, **cast)
             first_out = comm.low_latency_combine(y_dev, topk_dev, w_dev, first, stream=stream).out
             stream.synchronize()
-            captured = {}
+            hooks = []
 
             def step():
-                d = comm.low_latency_dispatch(x_dev, topk_dev, e, use_fp8=False, stream=stream, out=first)
-                cupy.cuda.runtime.memcpyAsync(y_dev.data.ptr, d.recv_x.ptr, d.recv_x.nbytes, 3, stream.ptr)
-                comm.low_latency_combine(y_dev, topk_dev, w_dev, d, stream=stream, out=first_out)
-                captured["result"] = d
+                d = comm.low_latency_dispatch(
+                    x_dev, topk_dev, e, stream=stream, out=first, return_recv_hook=hook, **cast
+                )
+                if hook:
+                    hooks.append(d.hook)
+                    d.hook()
+                if not use_fp8:  # identity experts
+                    cupy.cuda.runtime.memcpyAsync(y_dev.data.ptr, d.recv_x.ptr, d.recv_x.nbytes, 3, stream.ptr)
+                c = comm.low_latency_combine(
+                    y_dev, topk_dev, w_dev, d, stream=stream, out=first_out, return_recv_hook=hook
+                )
+                if hook:
+                    hooks.append(c.hook)
+                    c.hook()
 
             graph = CapturedGraph(step, stream.ptr)
             verdicts = []
@@ -303,19 +338,28 @@ def graph_case(comm, seed, n=96, h=1024, k=6, e=16):
                 x_dev[...] = dev(inputs[me][0])
                 topk_dev[...] = dev(inputs[me][1])
                 w_dev[...] = dev(inputs[me][2])
+                if use_fp8:  # every rank's expert outputs: the oracle's combine reads them all
+                    ys = [
+                        bf16_bits(np.random.default_rng([seed, trial, 7, r]).standard_normal((local, R * T, h)))
+                        for r in range(R)
+                    ]
+                    y_dev[...] = dev(ys[me])
                 graph.launch()
                 stream.synchronize()
                 xs = [bf16_values(x) for x, _, _ in inputs]
                 topks = [t for _, t, _ in inputs]
-                want = reference.low_latency_dispatch(xs, topks, e, T, use_fp8=False)
+                want = reference.low_latency_dispatch(xs, topks, e, T, use_fp8=use_fp8, round_scale=round_scale)
+                experts_out = [bf16_values(y) for y in ys] if use_fp8 else [w[0] for w in want]
                 want_out = reference.low_latency_combine(
-                    [w[0] for w in want], topks, [w for _, _, w in inputs], [w[3] for w in want]
+                    experts_out, topks, [w for _, _, w in inputs], [w[3] for w in want]
                 )[me]
-                dispatch_ok = check_dispatch(first, want[me], inputs, me, e, R, False, False)
-                combine_ok = np.array_equal(bf16_values(first_out.to_numpy()), want_out)
+                dispatch_ok = check_dispatch(first, want[me], inputs, me, e, R, use_fp8, ue8m0)
+                combine_ok = exact_equal(bf16_values(first_out.to_numpy()), want_out)
                 verdicts.append((dispatch_ok, combine_ok))
             graph.close()
     comm.check_async_error()
+    if hook and (len(hooks) != 2 or None in hooks):
+        return f"the captured calls returned the hooks {hooks}"
     return all(d is True and c for d, c in verdicts) or f"replays: {verdicts}"
 
 
@@ -483,7 +527,7 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
         verdict = check_dispatch(result, want[me], seen, me, e, R, True, False)
         if verdict is not True:
             return f"masked: {verdict}"
-        if not np.array_equal(bf16_values(out.to_numpy()), want_out):
+        if not exact_equal(bf16_values(out.to_numpy()), want_out):
             return "masked: combine output differs"
     finally:
         for r in masked:
@@ -510,7 +554,7 @@ def ht_then_ll_case(comm, seed):
         for round_ in range(2):
             result = comm.dispatch(x, topk_idx=topk, num_experts=e)
             cupy.cuda.runtime.deviceSynchronize()
-            if not np.array_equal(bf16_values(result.recv_x.to_numpy()), want[0]):
+            if not exact_equal(bf16_values(result.recv_x.to_numpy()), want[0]):
                 return f"HT dispatch {round_} differs"
             rows = result.recv_x.shape[0]
             out = comm.combine(cupy.zeros((rows, h), cupy.uint16), result.handle).out
@@ -719,12 +763,22 @@ CASES = {
     # of eight ids the receive loads at a time.
     "repeated_experts_e288": dict(seed=26, n=T, h=512, k=8, e=288, repeats=True),
     "repeated_experts_k32": dict(seed=27, n=100, h=256, k=32, e=64, repeats=True),
+    # x with rows further apart than hidden (x_row_stride): every other row of a taller array, cast to FP8 in the
+    # kernel; the first hidden columns of a wider array, BF16 rows sent as they are.
+    "strided_x_rows_fp8": dict(seed=28, n=100, h=1024, k=8, e=16, strided_x="rows"),
+    "strided_x_columns_bf16": dict(seed=29, n=90, h=1032, k=4, e=16, use_fp8=False, strided_x="columns"),
 }
 
 EXTRA = {
     "alternating_sets": lambda comm: alternating_case(comm, 40),
     "double_hook": lambda comm: double_hook_case(comm, 50),
     "graph_replay": lambda comm: graph_case(comm, 60),
+    # FP8 cast in the graph: float32 scales; power-of-two scales packed as UE8M0 (5 blocks: a partial word).
+    "graph_replay_fp8": lambda comm: graph_case(comm, 100, use_fp8=True),
+    "graph_replay_fp8_ue8m0": lambda comm: graph_case(comm, 110, h=640, use_fp8=True, round_scale=True, ue8m0=True),
+    # Receive hooks called inside the capture: BF16 with identity experts between the two, and FP8.
+    "graph_replay_hook": lambda comm: graph_case(comm, 120, hook=True),
+    "graph_replay_fp8_hook": lambda comm: graph_case(comm, 130, use_fp8=True, hook=True),
     "flag_round": flag_round_case,
     "capture_without_out_refused": lambda comm: capture_without_out_case(comm, 65),
     "masked_peer": lambda comm: masked_peer_case(comm, 67),

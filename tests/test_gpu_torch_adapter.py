@@ -8,7 +8,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, e4m3_values, one_rank_refusal_failures, requires_ranks, spawn_ranks
+from conftest import RANKS, all_true, bf16_bits, e4m3_values, one_rank_refusal_failures, requires_ranks, spawn_ranks
 
 import pydeepep
 from pydeepep import reference
@@ -49,6 +49,229 @@ def async_dispatch(buffer, x, topk, weights, layout):
         topk_weights=weights,
         async_finish=True,
     )
+
+
+def same_bits(a, b) -> bool:
+    """Whether two tensors have the same dtype, shape and bits (torch.equal calls -0.0 and 0.0 equal, NaN unequal)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(as_int), b.view(as_int))
+
+
+def matches(tensor, values) -> bool:
+    """Whether a tensor holds the oracle's `values` bit for bit, shape included (np.array_equal calls -0.0 and 0.0
+    equal): bfloat16 and float32 by their bit patterns, integers and booleans by value."""
+    got, values = tensor.detach().cpu(), np.asarray(values)
+    if tuple(got.shape) != values.shape:
+        return False
+    if got.dtype == torch.bfloat16:
+        return bool(np.array_equal(got.view(torch.int16).numpy().view(np.uint16), bf16_bits(values)))
+    if got.dtype == torch.float32:
+        return bool(np.array_equal(got.numpy().view(np.uint32), values.astype(np.float32).view(np.uint32)))
+    return bool(np.array_equal(got.numpy(), values))
+
+
+def tensors_of(values):
+    """The tensors among `values`, FP8 (payload, scales) pairs opened."""
+    flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+    return [v for v in flat if isinstance(v, torch.Tensor)]
+
+
+def torch_allocations(call, unreturned=0):
+    """Runs `call` (which returns a tuple of results): ``(verdict, results)``. The verdict is True where PyTorch's
+    allocator served exactly one request per tensor returned, plus `unreturned` outputs the call makes and drops, and
+    nothing else (no copy of an input, no temporary), in blocks of at least the returned tensors' bytes; else a
+    message.
+
+    Read from memory_stats' cumulative counters, which frees do not move: "allocation.all.allocated" counts every
+    request once, whether a cached block or a new cudaMalloc serves it, so the count is exact; the bytes,
+    "allocated_bytes.all.allocated", are the sizes of the blocks handed out (as memory_allocated() counts them), which
+    are rounded up to 512 bytes and, above 1 MiB, may be a whole cached block that is not split, so they bound the
+    outputs' bytes only from below."""
+
+    def counters():
+        stats = torch.cuda.memory_stats()
+        return stats["allocation.all.allocated"], stats["allocated_bytes.all.allocated"]
+
+    requests, nbytes = counters()
+    results = call()
+    after = counters()
+    made, grew = after[0] - requests, after[1] - nbytes
+    outputs = tensors_of(results)
+    needed = sum(t.nbytes for t in outputs)
+    if made != len(outputs) + unreturned:
+        return f"{made} allocations for {len(outputs)} outputs returned and {unreturned} not", results
+    if not grew >= needed > 0:
+        return f"allocations of {grew} bytes for outputs of {needed}", results
+    return True, results
+
+
+def worst_case_case(buffer, x, topk, weights, layout, mine, want_out, nranks):
+    """A worst-case dispatch (num_worst_tokens = R*N, which always holds: a token reaches a rank at most once):
+    outputs of that many rows whose first rows are the exact dispatch's, padding rows with top-k ids -1 and weights 0
+    (pydeepep's worst-case semantics), and an empty per-expert list (DeepEP's); then its combine matches the oracle,
+    with NaN written into the padding rows of x and weights (no token maps to them, so none may be read)."""
+    per_rank, _, per_expert, in_rank, _ = layout
+    rows = nranks * N
+    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk,
+        topk_weights=weights,
+        num_worst_tokens=rows,
+    )
+    m = mine[4].shape[0]  # rows received
+    received = [t[:m].clone() for t in (recv_x, recv_idx, recv_w)]
+    padding = [recv_idx[m:].cpu(), recv_w[m:].cpu()]
+    recv_x[m:] = float("nan")
+    recv_w[m:] = float("nan")
+    combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+    shapes = [tuple(t.shape) for t in (recv_x, recv_idx, recv_w)]
+    if shapes != [(rows, H), (rows, K), (rows, K)] or recv_x.dtype != torch.bfloat16:
+        return f"worst-case outputs are {recv_x.dtype} of shapes {shapes}"
+    if m >= rows:
+        return f"{m} rows arrived: no padding rows to check"
+    if counts != []:
+        return f"num_recv_tokens_per_expert_list is {counts}; it is empty in worst-case mode"
+    if not all(matches(got, want) for got, want in zip(received, mine[:3], strict=True)):
+        return "the received rows differ from the oracle's"
+    if not (matches(padding[0], np.full((rows - m, K), -1)) and matches(padding[1], np.zeros((rows - m, K)))):
+        return "padding rows do not have top-k ids -1 and weights 0"
+    if not (matches(combined, want_out[0]) and matches(combined_w, want_out[1])):
+        return "the combine of the worst-case dispatch differs from the oracle's"
+    return True
+
+
+def bias_case(buffer, recv_x, recv_w, handle, want, me, nranks):
+    """Combines with DeepEP's bias forms, a pair of tensors and pairs holding one None, against the oracle (float32
+    sum of the rows, then bias 0, then bias 1, rounded once to BF16)."""
+    biases_np = [
+        reference.bf16_round(np.random.default_rng([me, 97, i]).standard_normal((N, H)).astype(np.float32))
+        for i in range(2)
+    ]
+    b0, b1 = (torch.from_numpy(b).cuda().to(torch.bfloat16) for b in biases_np)
+    forms = {  # what is passed -> the biases the oracle adds, in order
+        "(bias_0, bias_1)": ((b0, b1), tuple(biases_np)),
+        "(bias_0, None)": ((b0, None), (biases_np[0],)),
+        "(None, bias_1)": ((None, b1), (biases_np[1],)),
+    }
+    failures = []
+    for name, (given, added) in forms.items():
+        combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w, bias=given)
+        biases = [None] * nranks  # only this rank's result is compared
+        biases[me] = added
+        want_out = reference.combine(
+            [w[0] for w in want], [w[4] for w in want], [N] * nranks, biases, topk_weights=[w[2] for w in want]
+        )[me]
+        if not matches(combined, want_out[0]):
+            failures.append(f"bias={name}: output differs")
+        if not matches(combined_w, want_out[1]):
+            failures.append(f"bias={name}: combined weights differ")
+    return "; ".join(failures) or True
+
+
+def alignment_case(buffer, x, topk, weights, layout, everyone, mine, me):
+    """expert_alignment = 128: the per-expert list holds each count rounded up to it (as the oracle rounds); the rows
+    are those of an unaligned dispatch."""
+    alignment = 128
+    per_rank, _, per_expert, in_rank, _ = layout
+    recv_x, recv_idx, recv_w, counts, _, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk,
+        topk_weights=weights,
+        expert_alignment=alignment,
+    )
+    want = reference.dispatch(
+        [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], E, alignment
+    )
+    aligned = [int(c) for c in want[me][3]]
+    if aligned == [int(c) for c in mine[3]]:
+        return f"the unaligned counts {mine[3].tolist()} are multiples of {alignment} already: nothing is checked"
+    if counts != aligned:
+        return f"num_recv_tokens_per_expert_list {counts} != {aligned}"
+    if not all(matches(got, expected) for got, expected in zip((recv_x, recv_idx, recv_w), want[me][:3], strict=True)):
+        return "the rows of the aligned dispatch differ from the oracle's"
+    return True
+
+
+def repeat_case(buffer, x, topk, weights, layout, mine, want_out, repeats=5):
+    """The same exact-size dispatch and combine made `repeats` times: every run's tensors hold the bits of the first
+    run's, which match the oracle, and every per-expert list is the first's."""
+    per_rank, _, per_expert, in_rank, _ = layout
+    names = ("recv_x", "recv_topk_idx", "recv_topk_weights", "combined_x", "combined_topk_weights")
+    runs = []
+    for _ in range(repeats):
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk,
+            topk_weights=weights,
+        )
+        combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        runs.append(((recv_x, recv_idx, recv_w, combined, combined_w), counts))
+    first, first_counts = runs[0]
+    wanted = (mine[0], mine[1], mine[2], want_out[0], want_out[1])
+    for name, got, expected in zip(names, first, wanted, strict=True):
+        if not matches(got, expected):
+            return f"run 0: {name} differs from the oracle's"
+    if first_counts != [int(c) for c in mine[3]]:
+        return f"run 0: per-expert list {first_counts} != {mine[3].tolist()}"
+    for i, (tensors, counts) in enumerate(runs[1:], start=1):
+        if counts != first_counts:
+            return f"run {i}: per-expert list {counts} != {first_counts}"
+        for name, got, expected in zip(names, tensors, first, strict=True):
+            if not same_bits(got, expected):
+                return f"run {i}: {name} differs from run 0's"
+    return True
+
+
+def in_place_case(buffer, handle, x, topk, weights, recv_x, recv_w, mine, want_out, fp8):
+    """Inputs the adapter must read where they are: x with padded rows (a strided view, which .contiguous() would
+    copy), row-major FP8 scales, and a strided combine input. Each call makes PyTorch allocations for its outputs only
+    (and, in a dispatch, the recv_src_idx it drops), and its results match the oracle. `fp8`: (payload tensor,
+    row-major scales tensor, expected payload bits, expected scales)."""
+    failures = []
+    wide = torch.zeros((N, H + 64), dtype=torch.bfloat16, device="cuda")
+    wide[:, :H] = x
+    strided_x = wide[:, :H]
+    verdict, (got_x, got_idx, got_w) = torch_allocations(
+        lambda: buffer.dispatch(strided_x, handle=handle, topk_idx=topk, topk_weights=weights)[:3], unreturned=1
+    )
+    if strided_x.is_contiguous() or verdict is not True:
+        failures.append(f"strided x: {verdict}")
+    elif not all(matches(got, want) for got, want in zip((got_x, got_idx, got_w), mine[:3], strict=True)):
+        failures.append("strided x: the received rows differ from the oracle's")
+
+    q, scales, want_q, want_s = fp8
+    verdict, ((got_q, got_s), _, _) = torch_allocations(
+        lambda: buffer.dispatch((q, scales), handle=handle, topk_idx=topk, topk_weights=weights)[:3], unreturned=1
+    )
+    if scales.stride() != (scales.shape[1], 1) or verdict is not True:
+        failures.append(f"row-major FP8 scales: {verdict}")
+    elif not (matches(got_q.view(torch.uint8), want_q) and matches(got_s, want_s)):
+        failures.append("row-major FP8 scales: the received rows differ from the oracle's")
+
+    wide_y = torch.zeros((recv_x.shape[0], H + 64), dtype=torch.bfloat16, device="cuda")
+    wide_y[:, :H] = recv_x
+    strided_y = wide_y[:, :H]
+    verdict, (combined, combined_w) = torch_allocations(
+        lambda: buffer.combine(strided_y, handle, topk_weights=recv_w)[:2]
+    )
+    if strided_y.is_contiguous() or verdict is not True:
+        failures.append(f"strided combine input: {verdict}")
+    elif not (matches(combined, want_out[0]) and matches(combined_w, want_out[1])):
+        failures.append("strided combine input: the output differs from the oracle's")
+    return "; ".join(failures) or True
 
 
 def adapter_rank(info, init_file):
@@ -99,18 +322,21 @@ def adapter_rank(info, init_file):
         out["cached_zero_copy_outputs"] = torch.equal(again[0], recv_x) and again[0].data_ptr() != recv_x.data_ptr()
 
         # Outputs come from PyTorch's allocator (as DeepEP's do), so that Tensor.record_stream works on them: it does
-        # nothing for memory PyTorch did not allocate.
-        def allocated_by_torch(call):
-            before = torch.cuda.memory_allocated()
-            outputs = [t for t in call() if isinstance(t, torch.Tensor)]
-            return torch.cuda.memory_allocated() - before >= sum(t.nbytes for t in outputs) > 0
-
-        out["outputs_from_torch_allocator"] = (
-            allocated_by_torch(lambda: buffer.get_dispatch_layout(topk, E)[:4])
-            and allocated_by_torch(
-                lambda: buffer.dispatch(x, topk_idx=topk, topk_weights=weights, num_tokens_per_expert=per_expert)[:3]
-            )
-            and allocated_by_torch(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w)[:2])
+        # nothing for memory PyTorch did not allocate. One request per output and none more (torch_allocations); a
+        # dispatch also makes recv_src_idx, which pydeepep writes and the adapter drops (DeepEP keeps it in its handle).
+        verdicts = {
+            "layout": torch_allocations(lambda: buffer.get_dispatch_layout(topk, E)[:4])[0],
+            "dispatch": torch_allocations(
+                lambda: buffer.dispatch(x, topk_idx=topk, topk_weights=weights, num_tokens_per_expert=per_expert)[:3],
+                unreturned=1,
+            )[0],
+            "cached dispatch": torch_allocations(
+                lambda: buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)[:3], unreturned=1
+            )[0],
+            "combine": torch_allocations(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w)[:2])[0],
+        }
+        out["outputs_from_torch_allocator"] = all(v is True for v in verdicts.values()) or "; ".join(
+            f"{name}: {v}" for name, v in verdicts.items() if v is not True
         )
 
         # FP8 with column-major scales (DeepGEMM's layout), cached on the same routing: the rows and their scales
@@ -128,6 +354,30 @@ def adapter_rank(info, init_file):
         out["fp8_column_major_scales"] = np.array_equal(
             recv_q.view(torch.uint8).cpu().numpy(), all_q[rows_of]
         ) and np.array_equal(recv_s.cpu().numpy(), all_s[rows_of])
+
+        def step(name, check):
+            """An added step: its verdict (True or a message), or its traceback, goes in out[name]."""
+            try:
+                out[name] = check()
+            except Exception:
+                out[name] = traceback.format_exc()
+
+        scales_rm = torch.from_numpy(s_np).cuda()  # row-major, as fp8_rows makes them
+        step(
+            "inputs_read_in_place",
+            lambda: in_place_case(
+                buffer,
+                handle,
+                x,
+                topk,
+                weights,
+                recv_x,
+                recv_w,
+                mine,
+                want_out[info.rank],
+                (q, scales_rm, all_q[rows_of], all_s[rows_of]),
+            ),
+        )
 
         # A chain on the communicator's stream: layout after an event of Buffer.capture(), dispatch after the layout's
         # event, combine after the dispatch's; the current stream waits once at the end.
@@ -158,6 +408,15 @@ def adapter_rank(info, init_file):
             and np.array_equal(combined2.float().cpu().numpy(), want_out[info.rank][0])
             and np.array_equal(combined_w2.cpu().numpy(), want_out[info.rank][1])
         )
+
+        me, nranks = info.rank, info.nranks
+        step(
+            "worst_case_dispatch_and_combine",
+            lambda: worst_case_case(buffer, x, topk, weights, layout, mine, want_out[me], nranks),
+        )
+        step("combine_bias_pairs", lambda: bias_case(buffer, recv_x, recv_w, handle, want, me, nranks))
+        step("expert_alignment", lambda: alignment_case(buffer, x, topk, weights, layout, everyone, mine, me))
+        step("deterministic_repeats", lambda: repeat_case(buffer, x, topk, weights, layout, mine, want_out[me]))
 
         # A torch CUDA graph of a cached dispatch (the handle above) and a combine, replayed with new data copied into
         # the captured input: its outputs come from the graph's pool and match the same calls made eagerly.
@@ -247,7 +506,12 @@ def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buf
         "cached_zero_copy_outputs",
         "outputs_from_torch_allocator",
         "fp8_column_major_scales",
+        "inputs_read_in_place",
         "previous_event_and_capture",
+        "worst_case_dispatch_and_combine",
+        "combine_bias_pairs",
+        "expert_alignment",
+        "deterministic_repeats",
         "cached_calls_in_a_torch_graph",
     ],
 )
