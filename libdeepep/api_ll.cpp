@@ -352,7 +352,6 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
     require_low_latency(c);
     check_set_and_phase(buffer_set, phase);
     check_flag(combine, "combine");
-    check_phase_order(c, combine != 0, buffer_set, phase);
     require_not_capturing(stream, "a refusal");
     refuse(c, combine != 0, buffer_set, phase, stream);
   });

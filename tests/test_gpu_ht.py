@@ -248,7 +248,8 @@ def graph_case(comm, seed):
                 stream.synchronize()
                 # Identity experts: each token comes back times the number of ranks it reached.
                 reached = reference.dispatch_layout(topk, e, R)[2].sum(axis=1).astype(np.float32)
-                want = reference.bf16_round(bf16_values(new[me]) * reached[:, None])
+                # The sum starts at +0.0, as the combine's does: a token that reached no rank is +0.0, not x * 0.
+                want = reference.bf16_round(np.float32(0) + bf16_values(new[me]) * reached[:, None])
                 results.append(exact_equal(bf16_values(c_out[0].to_numpy()), want))
             graph.close()
     comm.check_async_error()

@@ -494,7 +494,7 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * on the SMs while the data travels; a later call with the same arguments and deepepLowLatencyRecv waits for the peers'
  * data and finishes the outputs. Between the Send and the Recv of one operation, only calls on the other buffer set may
  * run, and every Send must be followed by its Recv before its set is used again. The library keeps track: a Send or
- * SendRecv on a set whose Recv is due, a Recv (or its refusal) on a set where no Send of its kind is due, return
+ * SendRecv on a set whose Recv is due, a Recv on a set where no Send of its kind is due, return
  * deepepInvalidUsage before anything is launched (a call this rank did not make: it is no refusal, since one would
  * take the set's place in the sequence or announce a Send that never went out).
  *
