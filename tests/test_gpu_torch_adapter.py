@@ -37,8 +37,8 @@ def torch_inputs(rank):
     )
 
 
-def async_dispatch(buffer, x, topk, weights, layout):
-    """DeepEP's dispatch with the layout's counts, asynchronous: (recv_x, recv_idx, recv_w, counts, handle, event)."""
+def dispatch_with_layout(buffer, x, topk, weights, layout, **options):
+    """DeepEP's dispatch with the layout's counts (and `options`): (recv_x, recv_idx, recv_w, counts, handle, event)."""
     per_rank, _, per_expert, in_rank, _ = layout
     return buffer.dispatch(
         x,
@@ -47,7 +47,7 @@ def async_dispatch(buffer, x, topk, weights, layout):
         num_tokens_per_expert=per_expert,
         topk_idx=topk,
         topk_weights=weights,
-        async_finish=True,
+        **options,
     )
 
 
@@ -114,16 +114,9 @@ def worst_case_case(buffer, x, topk, weights, layout, mine, want_out, nranks):
     outputs of that many rows whose first rows are the exact dispatch's, padding rows with top-k ids -1 and weights 0
     (pydeepep's worst-case semantics), and an empty per-expert list (DeepEP's); then its combine matches the oracle,
     with NaN written into the padding rows of x and weights (no token maps to them, so none may be read)."""
-    per_rank, _, per_expert, in_rank, _ = layout
     rows = nranks * N
-    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        x,
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=topk,
-        topk_weights=weights,
-        num_worst_tokens=rows,
+    recv_x, recv_idx, recv_w, counts, handle, _ = dispatch_with_layout(
+        buffer, x, topk, weights, layout, num_worst_tokens=rows
     )
     m = mine[4].shape[0]  # rows received
     received = [t[:m].clone() for t in (recv_x, recv_idx, recv_w)]
@@ -179,15 +172,8 @@ def alignment_case(buffer, x, topk, weights, layout, everyone, mine, me):
     """expert_alignment = 128: the per-expert list holds each count rounded up to it (as the oracle rounds); the rows
     are those of an unaligned dispatch."""
     alignment = 128
-    per_rank, _, per_expert, in_rank, _ = layout
-    recv_x, recv_idx, recv_w, counts, _, _ = buffer.dispatch(
-        x,
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=topk,
-        topk_weights=weights,
-        expert_alignment=alignment,
+    recv_x, recv_idx, recv_w, counts, _, _ = dispatch_with_layout(
+        buffer, x, topk, weights, layout, expert_alignment=alignment
     )
     want = reference.dispatch(
         [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], E, alignment
@@ -205,18 +191,10 @@ def alignment_case(buffer, x, topk, weights, layout, everyone, mine, me):
 def repeat_case(buffer, x, topk, weights, layout, mine, want_out, repeats=5):
     """The same exact-size dispatch and combine made `repeats` times: every run's tensors hold the bits of the first
     run's, which match the oracle, and every per-expert list is the first's."""
-    per_rank, _, per_expert, in_rank, _ = layout
     names = ("recv_x", "recv_topk_idx", "recv_topk_weights", "combined_x", "combined_topk_weights")
     runs = []
     for _ in range(repeats):
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk,
-            topk_weights=weights,
-        )
+        recv_x, recv_idx, recv_w, counts, handle, _ = dispatch_with_layout(buffer, x, topk, weights, layout)
         combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
         runs.append(((recv_x, recv_idx, recv_w, combined, combined_w), counts))
     first, first_counts = runs[0]
@@ -296,7 +274,9 @@ def adapter_rank(info, init_file):
             and np.array_equal(per_expert.cpu().numpy(), want_layout[1])
             and np.array_equal(in_rank.cpu().numpy(), want_layout[2])
         )
-        recv_x, recv_idx, recv_w, counts, handle, event = async_dispatch(buffer, x, topk, weights, layout)
+        recv_x, recv_idx, recv_w, counts, handle, event = dispatch_with_layout(
+            buffer, x, topk, weights, layout, async_finish=True
+        )
         # The communicator's stream reads the inputs after the call returns: they are kept (and recorded on it).
         out["async_keeps_inputs"] = event.extra_tensors is not None and all(
             any(kept is t for kept in event.extra_tensors) for t in (x, topk, weights)
@@ -475,7 +455,7 @@ def stream_outlives_rank(info, init_file):
         buffer = deep_ep.Buffer(dist.group.WORLD, int(256e6), 0)
         x, topk, weights = torch_inputs(info.rank)
         layout = buffer.get_dispatch_layout(topk, E)
-        recv_x, _, recv_w, _, handle, event = async_dispatch(buffer, x, topk, weights, layout)
+        recv_x, _, recv_w, _, handle, event = dispatch_with_layout(buffer, x, topk, weights, layout, async_finish=True)
         event.current_stream_wait()
         comm_stream = buffer.comm.stream
         buffer.destroy()
@@ -719,19 +699,12 @@ def ll_buffer_ht_case(buffer, me, nranks):
     everyone = [inputs(r) for r in range(nranks)]
     topk_np = everyone[me][1]
     x, topk, weights = torch_inputs(me)
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, E)
+    layout = buffer.get_dispatch_layout(topk, E)
     want_layout = reference.dispatch_layout(topk_np, E, nranks)
-    if not np.array_equal(per_rank.cpu().numpy(), want_layout[0]):
+    if not np.array_equal(layout[0].cpu().numpy(), want_layout[0]):
         return "HT layout differs"
     try:
-        buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk,
-            topk_weights=weights,
-        )
+        dispatch_with_layout(buffer, x, topk, weights, layout)
     except pydeepep.DeepEPBufferTooSmall as exc:
         return True if "buffer" in str(exc) else str(exc)
     return "a dispatch larger than the Buffer's high-throughput part was accepted"
