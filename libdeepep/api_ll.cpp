@@ -1,5 +1,6 @@
 // C ABI of the low-latency calls: dispatch, combine, the zero-copy combine buffer. Checks every argument, then
-// launches the low-latency kernels; a call refused on this rank alone still launches its side of it, moving nothing.
+// launches the low-latency kernels; a call refused on this rank alone still launches its side of it, moving nothing
+// (one out of phase order launches nothing: check_phase_order).
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -38,9 +39,10 @@ void check_set_and_phase(int buffer_set, deepepLowLatencyPhase_t phase) {
 // operation (nothing is due on the set any more); a refused Send completes its own and leaves an earlier Send's Recv
 // due.
 void refuse(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase, cudaStream_t stream) {
+  // Before the launch: a refused Recv counts as made also where its launch fails (the caller is told so).
+  if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
   DeviceGuard guard(comm.device);
   launch_low_latency_refusal(comm, combine, buffer_set, phase, stream);
-  if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
 }
 
 const char* operation_name(int combine) { return combine ? "combine" : "dispatch"; }
@@ -49,7 +51,12 @@ const char* operation_name(int combine) { return combine ? "combine" : "dispatch
 // anything is launched, and refused as a call this rank did not make (nothing launched, as Python's receive hooks do):
 // a refusal's side of a Send would take the set's place in the sequence from the Send still waiting for its Recv, and
 // a refusal's Recv side would tell the peers of a Send that never went out.
-void check_phase_order(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase) {
+// Calls a capture records, and every call on a set a capture has used, are not checked: the graphs' launches, not
+// the calls, send and receive there.
+void check_phase_order(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase,
+                       bool capturing) {
+  if (capturing) comm.ll_set_captured[buffer_set] = true;
+  if (comm.ll_set_captured[buffer_set]) return;
   const int due = comm.ll_recv_due[buffer_set];
   if (phase != deepepLowLatencyRecv) {
     if (due == deepepComm::kLowLatencyNoRecvDue) return;
@@ -71,6 +78,7 @@ void check_phase_order(const deepepComm& comm, bool combine, int buffer_set, dee
 
 // The set's state once a call is launched: a Send leaves its Recv due, a Recv ends it.
 void note_phase(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase) {
+  if (comm.ll_set_captured[buffer_set]) return;
   if (phase == deepepLowLatencySend) comm.ll_recv_due[buffer_set] = static_cast<int>(combine);
   if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
 }
@@ -247,7 +255,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     const deepepLowLatencyDispatchArgs a = checked_struct(args, "args", dispatch_defaults());
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
-    check_phase_order(c, false, a.buffer_set, a.phase);
+    check_phase_order(c, false, a.buffer_set, a.phase, capture.capturing());
     RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
@@ -310,7 +318,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     const deepepLowLatencyCombineArgs a = checked_struct(args, "args", combine_defaults());
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
-    check_phase_order(c, true, a.buffer_set, a.phase);
+    check_phase_order(c, true, a.buffer_set, a.phase, capture.capturing());
     RefusalOnThrow refusal(stream, [&] { refuse(c, true, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);

@@ -66,9 +66,11 @@ struct deepepComm {
   size_t ll_offset = 0;            // where the low-latency area starts in every rank's buffer
   deepep::LowLatencyArea ll_area;  // its layout (max_tokens 0: none)
   // Per low-latency buffer set, the operation whose Send went out and whose Recv is due: kLowLatencyNoRecvDue, or
-  // 0 (dispatch) / 1 (combine). The host's view of the calls as made (a capture records its calls once, in order).
+  // 0 (dispatch) / 1 (combine), as eager calls made them; and whether a stream capture has recorded a call on the set
+  // (its graphs may then send and receive there whenever they are launched: the set is no longer checked).
   static constexpr int kLowLatencyNoRecvDue = -1;
   mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
+  mutable bool ll_set_captured[2] = {false, false};
   int num_sms = 0;                       // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass

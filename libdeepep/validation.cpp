@@ -19,7 +19,8 @@ CaptureScope::CaptureScope(cudaStream_t stream) : previous_(checking_in_capture)
     cudaGetLastError();  // an invalid stream is reported by the launch itself
     status = cudaStreamCaptureStatusNone;
   }
-  checking_in_capture = status == cudaStreamCaptureStatusActive;
+  capturing_ = status == cudaStreamCaptureStatusActive;
+  checking_in_capture = capturing_;
 }
 
 CaptureScope::~CaptureScope() { checking_in_capture = previous_; }

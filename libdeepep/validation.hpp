@@ -30,9 +30,11 @@ class CaptureScope {
   ~CaptureScope();
   CaptureScope(const CaptureScope&) = delete;
   CaptureScope& operator=(const CaptureScope&) = delete;
+  bool capturing() const { return capturing_; }  // `stream` is capturing: the call is recorded, not run
 
  private:
   bool previous_;
+  bool capturing_ = false;
 };
 
 // Bytes spanned by `rows` rows of `cols` elements, rows `stride` elements apart; past kMaxDeviceBytes (or for a span

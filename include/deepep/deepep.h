@@ -496,7 +496,9 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * run, and every Send must be followed by its Recv before its set is used again. The library keeps track: a Send or
  * SendRecv on a set whose Recv is due, a Recv on a set where no Send of its kind is due, return
  * deepepInvalidUsage before anything is launched (a call this rank did not make: it is no refusal, since one would
- * take the set's place in the sequence or announce a Send that never went out).
+ * take the set's place in the sequence or announce a Send that never went out). Eager calls only: once a stream
+ * capture has recorded a call on a set, the set is not checked any more (its graphs send and receive there whenever
+ * they are launched).
  *
  * Ordering rules. Every low-latency call is collective: all ranks make the same calls (kind, phase, buffer_set,
  * num_experts, hidden, num_topk, use_fp8) in the same order, and calls on one communicator are stream-ordered (one
@@ -510,11 +512,11 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * communicator's device.
  * Arguments are checked before anything is launched; the calls may finish with an asynchronous error
  * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. A rank that
- * refuses a call (a bad argument there alone) still launches its side of it once buffer_set and phase check out
- * (deepepLowLatencyRefuseCall), moving no data, so that the other ranks finish the same call at once, leave that rank
- * out (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every rank. A
- * refused Send completes its operation on this rank: call no Recv for it. Inside a stream capture a refusal launches
- * nothing (the capture is invalid anyway). */
+ * refuses a call (a bad argument there alone) still launches its side of it once buffer_set, phase and the phase order
+ * check out (deepepLowLatencyRefuseCall), moving no data, so that the other ranks finish the same call at once, leave
+ * that rank out (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every
+ * rank. A refused Send completes its operation on this rank: call no Recv for it. Inside a stream capture a refusal
+ * launches nothing (the capture is invalid anyway). */
 
 typedef enum {
   deepepLowLatencySendRecv = 0, /* send, wait for the peers, finish the outputs */
