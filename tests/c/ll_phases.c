@@ -1,5 +1,6 @@
 /* The low-latency phase rule kept by the library (deepep.h, "Phases"), from C on one rank: a Recv with no Send due,
  * a second Send on a set whose Recv is due and a Recv of the other kind return deepepInvalidUsage and launch nothing;
+ * a Send captured in a graph is received by eager Recvs after each launch;
  * the calls in the right order succeed and the stream finishes clean. Prints one line per step; exit status 0: as
  * expected, 1: not, 3: setup failed. */
 #include <cuda_runtime.h>
@@ -32,6 +33,8 @@ int main(void) {
   deepepLowLatencyDispatchArgs d;
   deepepLowLatencyCombineArgs c;
   deepepResult_t async_error = deepepSuccess;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
   int i, set;
   for (i = 0; i < T * K; ++i) {
     topk[i] = (i * 3 + i / K) % E;
@@ -107,6 +110,28 @@ int main(void) {
   d.phase = deepepLowLatencyRecv;
   expect("dispatch Recv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   expect("dispatch Recv on set 0 again", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  /* A Send captured in a graph on set 1, the graph launched twice, each time received by an eager Recv: a set that a
+   * capture used is not checked any more (the graph, not the call, sends). */
+  d.buffer_set = 1;
+  d.phase = deepepLowLatencySend;
+  if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+    printf("capture failed to start\n");
+    return 3;
+  }
+  expect("dispatch Send on set 1, captured", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
+  if (cudaStreamEndCapture(stream, &graph) != cudaSuccess || cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {
+    printf("capture failed\n");
+    return 3;
+  }
+  d.phase = deepepLowLatencyRecv;
+  for (i = 0; i < 2; ++i) {
+    if (cudaGraphLaunch(exec, stream) != cudaSuccess) {
+      printf("graph launch failed\n");
+      return 3;
+    }
+    expect("eager dispatch Recv on set 1 after the graph's Send", deepepLowLatencyDispatch(comm, &d, stream),
+           deepepSuccess);
+  }
   for (set = 0; set < 2; ++set) {
     c.buffer_set = set;
     c.phase = deepepLowLatencySend;
@@ -118,6 +143,8 @@ int main(void) {
          deepepSuccess);
   expect("no asynchronous error", deepepCommGetAsyncError(comm, &async_error), deepepSuccess);
   expect("asynchronous error state", async_error, deepepSuccess);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
   deepepCommDestroy(comm);
   return failures == 0 ? 0 : 1;
 }
