@@ -567,7 +567,8 @@ cdef class DeviceArray:
 
     def bits(self):
         """The same memory typed as its raw bits (uint16 for bfloat16, uint8 for float8; itself otherwise), for
-        consumers without those DLPack types. Keeps this array alive."""
+        consumers without those DLPack types. Keeps this array alive, and exports its stream: where a later call
+        writes this array (``out=``) on another stream, the view follows."""
         if self.dtype_name == dtype_name(self.dtype):
             return self
         cdef DeviceArray view = DeviceArray(self.ptr, self.shape, self.dtype, self.device_id, self.stream)
