@@ -460,17 +460,24 @@ def outputs_refused_after_the_counts_rank(info):
     return said, seconds, bool(np.array_equal(bf16_values(again), want))
 
 
+def assert_refused_by_rank_0(rank, call, said, seconds, error, words):
+    """Rank 0 raised `error` with `words` in its message, every other rank DeepEPRemoteError, each within 5 s (the
+    communicators' timeout is 20 s: a rank left waiting would take that long)."""
+    where = f"rank {rank}{', ' + call if call else ''}"
+    if rank == 0:
+        assert said.startswith(error) and words in said, f"{where}: {said}"
+    else:
+        assert said.startswith("DeepEPRemoteError"), f"{where}: {said}"
+    assert seconds < 5, f"{where} took {seconds:.1f} s (its timeout is 20)"
+
+
 def test_outputs_refused_after_the_count_exchange_fail_the_dispatch_on_every_rank_at_once():
     """The binding checks out= arrays against the counts, after the exchange: rank 0 refuses the dispatch that goes
     with them, and launches its side of it, so that the other ranks' dispatch fails at once with DeepEPRemoteError
     instead of waiting for rank 0 until the timeout; then all go on in step."""
     results = spawn_ranks(outputs_refused_after_the_counts_rank, nprocs=RANKS, timeout=60 * RANKS)
     for rank, (said, seconds, again_ok) in enumerate(results):
-        if rank == 0:
-            assert said.startswith("DeepEPInvalidArgument") and "out recv_x has shape" in said, said
-        else:
-            assert said.startswith("DeepEPRemoteError"), f"rank {rank}: {said}"
-        assert seconds < 5, f"rank {rank} took {seconds:.1f} s (its timeout is 20)"
+        assert_refused_by_rank_0(rank, "", said, seconds, "DeepEPInvalidArgument", "out recv_x has shape")
         assert again_ok, f"rank {rank}: the dispatch afterwards differs from the oracle"
 
 
@@ -512,9 +519,5 @@ def test_a_stream_that_is_no_stream_on_one_rank_fails_the_call_on_every_rank_at_
     results = spawn_ranks(unreadable_stream_rank, nprocs=RANKS, timeout=60 * RANKS)
     for rank, (said, again_ok) in enumerate(results):
         for call, (message, seconds) in said.items():
-            if rank == 0:
-                assert message.startswith("TypeError") and "cannot take a CUDA stream from str" in message, message
-            else:
-                assert message.startswith("DeepEPRemoteError"), f"rank {rank}, {call}: {message}"
-            assert seconds < 5, f"rank {rank}, {call}: took {seconds:.1f} s (its timeout is 20)"
+            assert_refused_by_rank_0(rank, call, message, seconds, "TypeError", "cannot take a CUDA stream from str")
         assert again_ok, f"rank {rank}: the dispatch afterwards differs from the oracle"

@@ -6,6 +6,7 @@ compares its own outputs. All scenarios run in one job; each test asserts on its
 is tested between 2 ranks.
 """
 
+import functools
 import time
 import traceback
 import types
@@ -215,6 +216,13 @@ def run_case(
     return True
 
 
+def identity_experts_out(x_bits, topk, e, nranks):
+    """What a dispatch, identity experts and a combine give back: each token times the number of ranks it reached,
+    summed from +0.0 as the combine's sum is (a token that reached no rank is +0.0, not x * 0)."""
+    reached = reference.dispatch_layout(topk, e, nranks)[2].sum(axis=1).astype(np.float32)
+    return reference.bf16_round(np.float32(0) + bf16_values(x_bits) * reached[:, None])
+
+
 def graph_case(comm, seed):
     """Cached dispatch + combine captured in a CUDA graph, replayed with new data."""
     from pydeepep.bench import CapturedGraph
@@ -246,10 +254,7 @@ def graph_case(comm, seed):
                 x_dev[...] = dev(new[me])
                 graph.launch()
                 stream.synchronize()
-                # Identity experts: each token comes back times the number of ranks it reached.
-                reached = reference.dispatch_layout(topk, e, R)[2].sum(axis=1).astype(np.float32)
-                # The sum starts at +0.0, as the combine's does: a token that reached no rank is +0.0, not x * 0.
-                want = reference.bf16_round(np.float32(0) + bf16_values(new[me]) * reached[:, None])
+                want = identity_experts_out(new[me], topk, e, R)
                 results.append(exact_equal(bf16_values(c_out[0].to_numpy()), want))
             graph.close()
     comm.check_async_error()
@@ -266,10 +271,9 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
 
     R, me = comm.nranks, comm.rank
     x, topk, _ = make_inputs(seed, me, n, h, k, e, nranks=R)
-    reached = reference.dispatch_layout(topk, e, R)[2].sum(axis=1).astype(np.float32)
-    want = reference.bf16_round(bf16_values(x) * reached[:, None])  # identity experts: x times the ranks reached
+    want = identity_experts_out(x, topk, e, R)
 
-    def same(out):
+    def same(out):  # after the work queued on `stream`
         stream.synchronize()
         return exact_equal(bf16_values(out.to_numpy()), want)
 
@@ -287,7 +291,6 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
 
         graph = CapturedGraph(cached_step, stream.ptr)
         graph.launch()
-        stream.synchronize()
         if not same(c_out[0]):
             failures.append("the replay differs")
         again = comm.dispatch(x_dev, handle=handle, stream=stream)
@@ -307,7 +310,6 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
         if "route again a handle that a CUDA graph capture used" not in said:
             failures.append(f"routing the captured handle again outside the graph: {said}")
         graph.launch()  # the handle kept the routing the graph reads
-        stream.synchronize()
         if not same(c_out[0]):
             failures.append("the replay after the refusal differs")
         graph.close()
@@ -327,7 +329,6 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
 
         graph = CapturedGraph(worst_step, stream.ptr)
         graph.launch()
-        stream.synchronize()
         if not same(wc_out[0]):
             failures.append("the worst-case replay differs")
         said = refusal(comm, pydeepep.DeepEPInvalidUsage, comm.combine, w_out.recv_x, worst, stream=stream)
@@ -553,17 +554,22 @@ CASES = {
 }
 
 
-def run_cases(comm, info, tier, cases, out):
-    """Runs `cases` (name -> run_case arguments) into `out`, stopping after a timeout (the ranks are then out of step:
-    later scenarios would only time out too)."""
-    for name, case in cases.items():
+def run_scenarios(info, tier, scenarios, out):
+    """Runs `scenarios` (name -> a call giving True or what went wrong) into `out`, logging each, and stops after a
+    timeout (the ranks are then out of step: later scenarios would only time out too)."""
+    for name, scenario in scenarios.items():
         try:
-            out[name] = run_case(comm, **case)
+            out[name] = scenario()
         except Exception:
             out[name] = traceback.format_exc()
         log_scenario(tier, info, name, out[name])
         if isinstance(out[name], str) and "Timeout" in out[name]:
             break
+
+
+def run_cases(comm, info, tier, cases, out):
+    """run_scenarios of `cases` (name -> run_case arguments)."""
+    run_scenarios(info, tier, {name: functools.partial(run_case, comm, **case) for name, case in cases.items()}, out)
 
 
 def scenario_communicator(info, **kwargs):
@@ -587,33 +593,20 @@ def ht_scenarios(info):
         run_cases(comm, info, "ht", CASES, out)
         if any(isinstance(v, str) and "Timeout" in v for v in out.values()):
             return out
-        for name, use_event in (("async_finish", False), ("previous_event", True)):
-            try:
-                out[name] = async_case(comm, 31, use_event)
-            except Exception:
-                out[name] = traceback.format_exc()
-            log_scenario("ht", info, name, out[name])
-        for name, use_event in (("combine_async_finish", False), ("combine_previous_event", True)):
-            try:
-                out[name] = combine_async_case(comm, 36, use_event)
-            except Exception:
-                out[name] = traceback.format_exc()
-            log_scenario("ht", info, name, out[name])
-        try:
-            out["graph_replay"] = graph_case(comm, 30)
-        except Exception:
-            out["graph_replay"] = traceback.format_exc()
-        log_scenario("ht", info, "graph_replay", out["graph_replay"])
-        try:
-            out["captured_handles"] = captured_handles_case(comm, 32)
-        except Exception:
-            out["captured_handles"] = traceback.format_exc()
-        log_scenario("ht", info, "captured_handles", out["captured_handles"])
-        try:
-            out["allocator_out"] = allocator_case(comm, 33)
-        except Exception:
-            out["allocator_out"] = traceback.format_exc()
-        log_scenario("ht", info, "allocator_out", out["allocator_out"])
+        run_scenarios(
+            info,
+            "ht",
+            {
+                "async_finish": lambda: async_case(comm, 31, False),
+                "previous_event": lambda: async_case(comm, 31, True),
+                "combine_async_finish": lambda: combine_async_case(comm, 36, False),
+                "combine_previous_event": lambda: combine_async_case(comm, 36, True),
+                "graph_replay": lambda: graph_case(comm, 30),
+                "captured_handles": lambda: captured_handles_case(comm, 32),
+                "allocator_out": lambda: allocator_case(comm, 33),
+            },
+            out,
+        )
         # Dispatches that must be refused, each with the error it must give:
         # - too many rows for a worst-case output: an error with the count, never truncation;
         # - ranks that disagree on a collective parameter (here E): an error, never corrupted counts;
@@ -676,11 +669,7 @@ def ht_scenarios(info):
 
         out["disagreeing_combine_layout"] = refusal(comm, pydeepep.DeepEPInvalidArgument, combine_other_widths)
         log_scenario("ht", info, "disagreeing_combine_layout", out["disagreeing_combine_layout"])
-        try:
-            out["one_rank_refuses"] = one_rank_refuses_case(comm, 48)
-        except Exception:
-            out["one_rank_refuses"] = traceback.format_exc()
-        log_scenario("ht", info, "one_rank_refuses", out["one_rank_refuses"])
+        run_scenarios(info, "ht", {"one_rank_refuses": lambda: one_rank_refuses_case(comm, 48)}, out)
     return out
 
 
@@ -765,12 +754,7 @@ def zero_copy_scenarios(info):
                 ),
             )
         )
-        for name, case in extra:
-            try:
-                out[name] = case()
-            except Exception:
-                out[name] = traceback.format_exc()
-            log_scenario("zero-copy", info, name, out[name])
+        run_scenarios(info, "zero-copy", dict(extra), out)
     return out
 
 
