@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs compute-sanitizer (memcheck, racecheck, synccheck) over tiny 2-rank workloads (dispatch layout, HT dispatch,
 # HT combine, LL dispatch + combine) and prints one line per (tool, workload) with the error count; exits non-zero
-# if any tool reports an error or any rank fails. Needs 2 GPUs. Logs go to $OUT/sanitizer (default /tmp/sanitizer).
+# if any tool reports an error or any rank fails. Needs 2 GPUs (SANITIZER_RANKS=1: one). Logs go to $OUT/sanitizer
+# (default /tmp/sanitizer).
 #
 # Usage (repo root): bash tests/run_sanitizer.sh
 # Environment:
@@ -9,6 +10,8 @@
 #   DEEPEP_SANITIZER_INSTALLED  1: pydeepep is installed already, skip the build
 #   SANITIZER_TOOLS             default "memcheck racecheck synccheck"
 #   SANITIZER_WORKLOADS         default "layout ht_dispatch ht_combine ll"
+#   SANITIZER_RANKS             ranks per workload (default 2, one per GPU; 1 runs the workloads on a communicator of
+#                               one rank, which a machine with one GPU can: no peer traffic, the same kernels)
 #   SANITIZER_RANK_TIMEOUT      seconds per rank and job before it is killed (default 900)
 #   SANITIZER_COMM_TIMEOUT      the communicator timeout (default 300; kernels run far slower under the sanitizer)
 #   SANITIZER_API_ERRORS        compute-sanitizer --report-api-errors: no (default), explicit or all
@@ -23,6 +26,12 @@ PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp}/sanitizer
 TOOLS=${SANITIZER_TOOLS:-memcheck racecheck synccheck}
 WORKLOADS=${SANITIZER_WORKLOADS:-layout ht_dispatch ht_combine ll}
+RANKS=${SANITIZER_RANKS:-2}
+case $RANKS in
+  1|2) ;;
+  *) echo "SANITIZER_RANKS is $RANKS: 1 or 2" >&2; exit 2 ;;
+esac
+RANK_LIST=$(seq 0 $((RANKS - 1)))
 RANK_TIMEOUT=${SANITIZER_RANK_TIMEOUT:-900}
 COMM_TIMEOUT=${SANITIZER_COMM_TIMEOUT:-300}
 API_ERRORS=${SANITIZER_API_ERRORS:-no}
@@ -68,7 +77,7 @@ count_errors() {
 
 declare -a ROWS=()
 failed=0
-echo "== compute-sanitizer: tools [$TOOLS], workloads [$WORKLOADS], $RANK_TIMEOUT s per rank"
+echo "== compute-sanitizer: tools [$TOOLS], workloads [$WORKLOADS], $RANKS rank(s), $RANK_TIMEOUT s per rank"
 for tool in $TOOLS; do
   for workload in $WORKLOADS; do
     dir="$LOG/$tool-$workload"
@@ -76,10 +85,10 @@ for tool in $TOOLS; do
     start=$(date +%s)
     pids=()
     # Both ranks at once (NVSHMEM's bootstrap needs every rank), each under its own sanitizer and time limit.
-    for rank in 0 1; do
+    for rank in $RANK_LIST; do
       timeout -k 30 "$RANK_TIMEOUT" "$SANITIZER" --tool "$tool" --target-processes all --error-exitcode 9 \
         --report-api-errors "$API_ERRORS" --log-file "$dir/rank$rank.sanitizer.log" ${EXTRA[@]+"${EXTRA[@]}"} \
-        "$PY" -P tests/sanitizer_workload.py --rank "$rank" --nranks 2 --uid-file "$dir/job.id" \
+        "$PY" -P tests/sanitizer_workload.py --rank "$rank" --nranks "$RANKS" --uid-file "$dir/job.id" \
         --workload "$workload" --timeout "$COMM_TIMEOUT" > "$dir/rank$rank.out" 2>&1 &
       pids+=($!)
     done
@@ -90,11 +99,11 @@ for tool in $TOOLS; do
     seconds=$(( $(date +%s) - start ))
     errors=0
     verdict=ok
-    for rank in 0 1; do
+    for rank in $RANK_LIST; do
       n=$(count_errors "$dir/rank$rank.sanitizer.log")
       if [ -z "$n" ]; then verdict="no sanitizer summary"; else errors=$(( errors + n )); fi
     done
-    for i in 0 1; do
+    for i in $RANK_LIST; do
       case ${rcs[$i]} in
         0) ;;
         9) ;;  # errors found: counted above
@@ -103,16 +112,17 @@ for tool in $TOOLS; do
         *) verdict="rank $i: exit code ${rcs[$i]}" ;;
       esac
     done
-    if [ "$verdict" = ok ] && { [ "$errors" -gt 0 ] || [ "${rcs[0]}" = 9 ] || [ "${rcs[1]}" = 9 ]; }; then
+    if [ "$verdict" = ok ] && { [ "$errors" -gt 0 ] || [[ " ${rcs[*]} " == *" 9 "* ]]; }; then
       verdict="ERRORS"
     fi
-    line=$(printf '%-10s %-12s errors %-5s ranks exit %s,%s  %4s s  %s' "$tool" "$workload" "$errors" \
-           "${rcs[0]}" "${rcs[1]}" "$seconds" "$verdict")
+    exits=$(IFS=,; echo "${rcs[*]}")
+    line=$(printf '%-10s %-12s errors %-5s ranks exit %-4s  %4s s  %s' "$tool" "$workload" "$errors" "$exits" \
+           "$seconds" "$verdict")
     echo "$line"
     ROWS+=("$line")
     if [ "$verdict" != ok ]; then
       failed=1
-      for rank in 0 1; do
+      for rank in $RANK_LIST; do
         echo "  -- rank $rank output (last 15 lines):"; tail -15 "$dir/rank$rank.out" | sed 's/^/     /'
         echo "  -- rank $rank sanitizer log (first 40 lines): $dir/rank$rank.sanitizer.log"
         head -40 "$dir/rank$rank.sanitizer.log" 2>/dev/null | sed 's/^/     /'
