@@ -1,6 +1,7 @@
 """CPU tier: tests/time_variants.sh refuses variants it cannot build before it installs, builds or times anything, so
 that a typo costs no GPU time; `--check` runs that check alone, on any machine. tests/compare_records.py, which prints
-the variants' records side by side, on records written here."""
+the variants' records side by side, on records written here. tests/run_sanitizer.sh's count of each rank's errors and
+exit codes, on one rank or two, with a stand-in for compute-sanitizer."""
 
 import json
 import os
@@ -101,3 +102,68 @@ def test_records_side_by_side(tmp_path):
 def test_compare_records_needs_a_record():
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "compare_records.py")], capture_output=True, text=True)
     assert out.returncode == 2 and "Usage" in out.stderr
+
+
+# tests/run_sanitizer.sh's bookkeeping, with a stand-in for compute-sanitizer: it runs nothing, notes the rank and
+# rank count it was given in the rank's output, and writes the error summary that FAKE_ERRORS (rank=count,...) says.
+FAKE_SANITIZER = """#!/usr/bin/env bash
+log= rank= nranks=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --version) echo "fake compute-sanitizer"; exit 0 ;;
+    --log-file) log=$2; shift ;;
+    --rank) rank=$2; shift ;;
+    --nranks) nranks=$2; shift ;;
+  esac
+  shift
+done
+errors=0
+for pair in ${FAKE_ERRORS//,/ }; do [ "${pair%%=*}" = "$rank" ] && errors=${pair#*=}; done
+echo "rank $rank of $nranks"
+echo "========= ERROR SUMMARY: $errors errors" > "$log"
+[ "$errors" = 0 ] || exit 9
+"""
+
+
+def run_sanitizer(tmp_path, ranks, fake_errors=""):
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        PYTHON=sys.executable,
+        COMPUTE_SANITIZER=str(fake),
+        DEEPEP_SANITIZER_INSTALLED="1",
+        SANITIZER_TOOLS="memcheck",
+        SANITIZER_WORKLOADS="layout",
+        SANITIZER_RANKS=ranks,
+        FAKE_ERRORS=fake_errors,
+    )
+    return subprocess.run(
+        ["bash", str(ROOT / "tests" / "run_sanitizer.sh")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "ranks, fake_errors, code, line",
+    [
+        ("1", "", 0, "errors 0     ranks exit 0 "),
+        ("2", "", 0, "errors 0     ranks exit 0,0 "),
+        ("2", "1=2", 1, "errors 2     ranks exit 0,9 "),
+    ],
+)
+def test_the_sanitizer_script_counts_each_rank(tmp_path, ranks, fake_errors, code, line):
+    pytest.importorskip("pydeepep._core", reason="the script imports the installed pydeepep")
+    out = run_sanitizer(tmp_path, ranks, fake_errors)
+    assert out.returncode == code, out.stdout + out.stderr
+    (row,) = [r for r in out.stdout.splitlines() if r.startswith("memcheck   layout")][-1:]
+    assert line in row and row.endswith("ERRORS" if code else "ok"), row
+    outs = sorted((tmp_path / "sanitizer" / "memcheck-layout").glob("rank*.out"))
+    assert [o.read_text().strip() for o in outs] == [f"rank {r} of {ranks}" for r in range(int(ranks))]
+
+
+def test_the_sanitizer_script_refuses_other_rank_counts(tmp_path):
+    out = run_sanitizer(tmp_path, "3")
+    assert out.returncode == 2 and "SANITIZER_RANKS is 3: 1 or 2" in out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / "sanitizer").exists()
