@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs compute-sanitizer (memcheck, racecheck, synccheck) over tiny 2-rank workloads (dispatch layout, HT dispatch,
-# HT combine, LL dispatch + combine) and prints one line per (tool, workload) with the error count; exits non-zero
-# if any tool reports an error or any rank fails. Needs 2 GPUs (SANITIZER_RANKS=1: one). Logs go to $OUT/sanitizer
-# (default /tmp/sanitizer).
+# Runs compute-sanitizer (memcheck, racecheck, synccheck) over tiny workloads of 2 ranks, or 1 (dispatch layout, HT
+# dispatch, HT combine, LL dispatch + combine) and prints one line per (tool, workload) with the error count; exits
+# non-zero if any tool reports an error or any rank fails. Needs 2 GPUs (SANITIZER_RANKS=1: one). Logs go to
+# $OUT/sanitizer (default /tmp/sanitizer).
 #
 # Usage (repo root): bash tests/run_sanitizer.sh
 # Environment:
@@ -84,7 +84,7 @@ for tool in $TOOLS; do
     rm -rf "$dir" && mkdir -p "$dir"
     start=$(date +%s)
     pids=()
-    # Both ranks at once (NVSHMEM's bootstrap needs every rank), each under its own sanitizer and time limit.
+    # Every rank at once (NVSHMEM's bootstrap needs them all), each under its own sanitizer and time limit.
     for rank in $RANK_LIST; do
       timeout -k 30 "$RANK_TIMEOUT" "$SANITIZER" --tool "$tool" --target-processes all --error-exitcode 9 \
         --report-api-errors "$API_ERRORS" --log-file "$dir/rank$rank.sanitizer.log" ${EXTRA[@]+"${EXTRA[@]}"} \

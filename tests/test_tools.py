@@ -105,7 +105,8 @@ def test_compare_records_needs_a_record():
 
 
 # tests/run_sanitizer.sh's bookkeeping, with a stand-in for compute-sanitizer: it runs nothing, notes the rank and
-# rank count it was given in the rank's output, and writes the error summary that FAKE_ERRORS (rank=count,...) says.
+# rank count it was given in the rank's output, writes the error summary that FAKE_ERRORS (rank=count,...) says, and
+# exits with the sanitizer's error code (9) where it counted errors or where FAKE_EXIT9 names the rank.
 FAKE_SANITIZER = """#!/usr/bin/env bash
 log= rank= nranks=
 while [ $# -gt 0 ]; do
@@ -121,11 +122,11 @@ errors=0
 for pair in ${FAKE_ERRORS//,/ }; do [ "${pair%%=*}" = "$rank" ] && errors=${pair#*=}; done
 echo "rank $rank of $nranks"
 echo "========= ERROR SUMMARY: $errors errors" > "$log"
-[ "$errors" = 0 ] || exit 9
+[ "$errors" = 0 ] && [ "${FAKE_EXIT9:-}" != "$rank" ] || exit 9
 """
 
 
-def run_sanitizer(tmp_path, ranks, fake_errors=""):
+def run_sanitizer(tmp_path, ranks, fake_errors="", fake_exit9=""):
     fake = tmp_path / "compute-sanitizer"
     fake.write_text(FAKE_SANITIZER)
     fake.chmod(0o755)
@@ -139,6 +140,7 @@ def run_sanitizer(tmp_path, ranks, fake_errors=""):
         SANITIZER_WORKLOADS="layout",
         SANITIZER_RANKS=ranks,
         FAKE_ERRORS=fake_errors,
+        FAKE_EXIT9=fake_exit9,
     )
     return subprocess.run(
         ["bash", str(ROOT / "tests" / "run_sanitizer.sh")], cwd=ROOT, env=env, capture_output=True, text=True
@@ -146,16 +148,18 @@ def run_sanitizer(tmp_path, ranks, fake_errors=""):
 
 
 @pytest.mark.parametrize(
-    "ranks, fake_errors, code, line",
+    "ranks, fake_errors, fake_exit9, code, line",
     [
-        ("1", "", 0, "errors 0     ranks exit 0 "),
-        ("2", "", 0, "errors 0     ranks exit 0,0 "),
-        ("2", "1=2", 1, "errors 2     ranks exit 0,9 "),
+        ("1", "", "", 0, "errors 0     ranks exit 0 "),
+        ("2", "", "", 0, "errors 0     ranks exit 0,0 "),
+        ("2", "1=2", "", 1, "errors 2     ranks exit 0,9 "),
+        # the sanitizer's error exit alone, with no error in its summary, still fails the job
+        ("2", "", "0", 1, "errors 0     ranks exit 9,0 "),
     ],
 )
-def test_the_sanitizer_script_counts_each_rank(tmp_path, ranks, fake_errors, code, line):
+def test_the_sanitizer_script_counts_each_rank(tmp_path, ranks, fake_errors, fake_exit9, code, line):
     pytest.importorskip("pydeepep._core", reason="the script imports the installed pydeepep")
-    out = run_sanitizer(tmp_path, ranks, fake_errors)
+    out = run_sanitizer(tmp_path, ranks, fake_errors, fake_exit9)
     assert out.returncode == code, out.stdout + out.stderr
     (row,) = [r for r in out.stdout.splitlines() if r.startswith("memcheck   layout")][-1:]
     assert line in row and row.endswith("ERRORS" if code else "ok"), row
