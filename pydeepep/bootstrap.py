@@ -12,7 +12,10 @@ device=info.device)`` follows. None of them is needed by the core; :func:`pydeep
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import stat
 import tempfile
 import time
 
@@ -24,21 +27,27 @@ __all__ = ["from_env", "from_mpi", "from_torch_distributed"]
 
 
 def _int_env(name: str, default: int | None = None) -> int:
+    """A count or index from the environment: ASCII digits only (int() would also take "1_0" as 10 or other scripts'
+    digits), never negative."""
     value = os.environ.get(name)
     if value is None:
         if default is None:
             raise DeepEPInvalidArgument(f"environment variable {name} is not set (a launcher such as torchrun sets it)")
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise DeepEPInvalidArgument(f"environment variable {name} is {value!r}, not an integer") from None
+    if re.fullmatch(r"[0-9]+", value.strip(), flags=re.ASCII) is None:
+        raise DeepEPInvalidArgument(f"environment variable {name} is {value!r}, not a non-negative integer")
+    return int(value.strip())
 
 
 def _write_id_file(path: str, unique_id: bytes) -> None:
     """Writes the id so that no reader ever sees a partial file and nobody but this user can read it."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".deepep-id-")  # created with mode 0600
+    try:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".deepep-id-")  # created with mode 0600
+    except OSError as exc:
+        raise DeepEPInvalidArgument(
+            f"DEEPEP_UNIQUE_ID_FILE {path}: cannot write in its folder ({exc.strerror})"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(unique_id)
@@ -49,17 +58,33 @@ def _write_id_file(path: str, unique_id: bytes) -> None:
 
 
 def _read_id_file(path: str, timeout: float) -> bytes:
+    """Rank 0's id from `path`, once it holds 128 bytes. A file that another user owns, or that others may read or
+    write, is refused: whoever can write it could point this job's ranks at a job of their own."""
     deadline = time.monotonic() + timeout
+    size = None  # of the file as last seen, for the timeout's message
     while True:
         try:
             with open(path, "rb") as f:
+                info = os.fstat(f.fileno())
+                if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+                    raise DeepEPInvalidArgument(
+                        f"DEEPEP_UNIQUE_ID_FILE {path} is owned by user {info.st_uid} with mode "
+                        f"{stat.S_IMODE(info.st_mode):o}; rank 0 writes it as this user (uid {os.getuid()}) with mode "
+                        "600: use a fresh path in a folder of your own"
+                    )
                 data = f.read()
             if len(data) == 128:
                 return data
+            size = len(data)
         except FileNotFoundError:
             pass
         if time.monotonic() > deadline:
-            raise DeepEPTimeoutError(f"rank 0 did not write the unique id to {path} within {timeout} s")
+            if size is None:
+                raise DeepEPTimeoutError(f"rank 0 did not write the unique id to {path} within {timeout} s")
+            raise DeepEPTimeoutError(
+                f"{path} holds {size} bytes, not the 128 of a unique id, after {timeout} s: rank 0 writes the id "
+                "itself (binary, not hex); give this job a fresh path"
+            )
         time.sleep(0.05)
 
 
@@ -67,13 +92,18 @@ def from_env(timeout: float = 120.0) -> RankInfo:
     """Rank, world size and device from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (device defaults to
     ``LOCAL_RANK``, else 0), and the unique id from ``DEEPEP_UNIQUE_ID`` (256 hex digits) or
     ``DEEPEP_UNIQUE_ID_FILE`` (rank 0 writes it; the others wait up to ``timeout`` seconds for it). Use a fresh
-    file path per job: a stale file from an earlier job would be read as this job's id."""
+    file path per job: a stale file from an earlier job would be read as this job's id. A file that another user
+    owns or that others may read or write is refused."""
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+        raise DeepEPInvalidArgument(f"timeout is {timeout!r}; it must be a finite number of seconds, at least 0")
     rank, nranks = _int_env("RANK"), _int_env("WORLD_SIZE")
     if not 0 <= rank < nranks:
         raise DeepEPInvalidArgument(f"RANK={rank} is outside [0, WORLD_SIZE={nranks})")
     device = _int_env("LOCAL_RANK", 0)
     text = os.environ.get("DEEPEP_UNIQUE_ID")
     path = os.environ.get("DEEPEP_UNIQUE_ID_FILE")
+    if text is not None and path is not None:
+        raise DeepEPInvalidArgument("both DEEPEP_UNIQUE_ID and DEEPEP_UNIQUE_ID_FILE are set: set one of them")
     if text is not None:
         try:
             unique_id = bytes.fromhex(text)

@@ -8,11 +8,13 @@ nothing listens once the job is over.
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing as mp
 import operator
 import os
 import pickle
 import queue
+import threading
 import time
 import traceback
 import warnings
@@ -59,7 +61,22 @@ def local_device_count() -> int:
         return 0
 
 
+def _exit_with_parent() -> None:
+    """Ends this rank at once if the process that spawned it ends first: killed (SIGTERM from a scheduler, say), it
+    runs no cleanup, and its ranks would otherwise go on holding their GPUs, waiting for peers."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()  # returns once the parent's end of its sentinel pipe is closed: the parent is gone
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pydeepep-parent-watch", daemon=True).start()
+
+
 def _rank_main(fn, rank, nranks, device, id_queue, result_queue, args, kwargs):
+    _exit_with_parent()
     for key, value in _JOB_ENV.items():
         os.environ.setdefault(key, value)
     try:
@@ -99,7 +116,8 @@ def spawn(
 
     Raises :class:`LaunchError` with the failing rank's traceback if any rank raises, exits before reporting or
     returns a result that cannot be pickled, and after ``timeout`` seconds kills every rank and raises, so a hung job
-    never outlives the call. A rank that exits abnormally after reporting its result gives a ``RuntimeWarning``.
+    never outlives the call; a rank also ends at once if this process ends without that cleanup (killed). A rank that
+    exits abnormally after reporting its result gives a ``RuntimeWarning``.
     """
     if nprocs is None and devices is not None:
         nprocs = len(devices)
@@ -109,6 +127,8 @@ def spawn(
             raise LaunchError("no CUDA device is visible: nothing to launch")
     if nprocs < 1:
         raise ValueError(f"nprocs is {nprocs}; it must be at least 1")
+    if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout is {timeout!r}; it must be None or a finite number of seconds, at least 0")
     devices = list(range(nprocs)) if devices is None else [operator.index(d) for d in devices]
     if len(devices) != nprocs or min(devices) < 0:
         raise ValueError(f"devices is {devices}; it must give a GPU index (>= 0) to each of the {nprocs} ranks")

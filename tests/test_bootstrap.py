@@ -55,7 +55,11 @@ def test_from_env_takes_a_hex_id(tmp_path):
     [
         ({"WORLD_SIZE": "2"}, "RANK is not set"),
         ({"RANK": "2", "WORLD_SIZE": "2"}, "outside"),
-        ({"RANK": "x", "WORLD_SIZE": "2"}, "not an integer"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "not a non-negative integer"),
+        # int() would read these as 10 and -1
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1_0"}, "LOCAL_RANK is '1_0', not a non-negative integer"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK is '-1', not a non-negative integer"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "DEEPEP_UNIQUE_ID": "00" * 128, "DEEPEP_UNIQUE_ID_FILE": "f"}, "both"),
         ({"RANK": "0", "WORLD_SIZE": "2"}, "DEEPEP_UNIQUE_ID"),
         ({"RANK": "0", "WORLD_SIZE": "2", "DEEPEP_UNIQUE_ID": "zz"}, "not hex"),
         ({"RANK": "0", "WORLD_SIZE": "2", "DEEPEP_UNIQUE_ID": "00" * 12}, "12 bytes"),
@@ -121,3 +125,43 @@ def test_every_rank_gets_rank_zeros_id(monkeypatch):
     monkeypatch.setattr(bootstrap, "get_unique_id", lambda: b"\x07" * 128)
     broadcast = fake_broadcast()
     assert [bootstrap._broadcast_id(rank, broadcast) for rank in (0, 1, 2)] == [b"\x07" * 128] * 3
+
+
+def as_rank_one_reading(monkeypatch, path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("DEEPEP_UNIQUE_ID", raising=False)
+    monkeypatch.setenv("DEEPEP_UNIQUE_ID_FILE", str(path))
+
+
+def test_from_env_says_what_a_file_of_the_wrong_size_holds(monkeypatch, tmp_path):
+    path = tmp_path / "job.id"
+    path.write_text("ab" * 128)  # the hex form, 256 bytes
+    path.chmod(0o600)
+    as_rank_one_reading(monkeypatch, path)
+    with pytest.raises(pydeepep.DeepEPTimeoutError, match="holds 256 bytes, not the 128 of a unique id"):
+        bootstrap.from_env(timeout=0.2)
+
+
+def test_from_env_refuses_an_id_file_others_may_write(monkeypatch, tmp_path):
+    path = tmp_path / "job.id"
+    path.write_bytes(bytes(128))
+    path.chmod(0o666)
+    as_rank_one_reading(monkeypatch, path)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="with mode 666"):
+        bootstrap.from_env(timeout=5)
+
+
+def test_from_env_names_an_id_file_it_cannot_write(monkeypatch, tmp_path):
+    as_rank_one_reading(monkeypatch, tmp_path / "no" / "such" / "folder" / "job.id")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="job.id: cannot write in its folder"):
+        bootstrap.from_env()
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0])
+def test_from_env_refuses_a_timeout_that_is_no_number_of_seconds(monkeypatch, tmp_path, timeout):
+    as_rank_one_reading(monkeypatch, tmp_path / "never")
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="timeout is"):
+        bootstrap.from_env(timeout=timeout)

@@ -2,6 +2,7 @@
 the launcher and the command line. Nothing here needs a GPU."""
 
 import ctypes
+import os
 import pickle
 import subprocess
 import sys
@@ -633,6 +634,63 @@ def test_spawn_reports_a_result_that_cannot_be_sent_back_at_once():
 def test_spawn_warns_of_a_rank_that_dies_after_reporting():
     with pytest.warns(RuntimeWarning, match="rank 1 exited with code 7 after reporting"):
         assert spawn(exit_with_seven_after_reporting, nprocs=2, timeout=120) == [0, 1]
+
+
+def test_spawn_refuses_a_timeout_that_is_no_number_of_seconds():
+    with pytest.raises(ValueError, match="timeout is nan"):
+        spawn(report_rank, nprocs=1, args=("x",), timeout=float("nan"))
+
+
+RANKS_THAT_WAIT = """
+import os, sys, time
+from pydeepep.launch import spawn
+
+def wait(info, folder):
+    with open(os.path.join(folder, f"rank{info.rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    spawn(wait, nprocs=2, args=(sys.argv[1],), timeout=300)
+"""
+
+
+def running(pid):
+    """Whether process `pid` runs (a zombie nobody reaped does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_ranks_end_when_the_process_that_spawned_them_is_killed(tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "ranks_that_wait.py"
+    script.write_text(RANKS_THAT_WAIT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(f.read_text()) for f in sorted(tmp_path.glob("rank*.pid"))]
+        assert len(pids) == 2, "the ranks did not start"
+        parent.send_signal(signal.SIGTERM)  # no cleanup runs in the parent
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in pids), f"ranks {pids} outlived the process that spawned them"
+    finally:
+        parent.kill()
+        for f in tmp_path.glob("rank*.pid"):
+            try:
+                os.kill(int(f.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
 
 
 def test_spawn_without_nprocs_runs_one_rank_per_device_given():
