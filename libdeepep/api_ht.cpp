@@ -83,7 +83,11 @@ void check_routing(const deepepComm& comm, const deepepDispatchArgs& a) {
   // An expert's count is at most nranks * max_tokens_per_rank * num_topk rows (a token whose slots repeat an expert
   // counts once per slot); rounded up to the alignment it must still fit the int32 the counts are reported in.
   const int64_t most_rows = static_cast<int64_t>(comm.nranks) * comm.max_tokens_per_rank * a.num_topk;
-  const int64_t most_alignment = std::max<int64_t>(1, INT32_MAX - most_rows + 1);
+  DEEPEP_REQUIRE(most_rows <= INT32_MAX,
+                 "nranks * max_tokens_per_rank * num_topk = %lld rows may reach one expert, more than its int32 count "
+                 "holds: lower max_tokens_per_rank or num_topk",
+                 static_cast<long long>(most_rows));
+  const int64_t most_alignment = INT32_MAX - most_rows + 1;
   DEEPEP_REQUIRE(a.expert_alignment >= 1 && a.expert_alignment <= most_alignment,
                  "expert_alignment is %d; it must be in [1, %lld] (an expert's count of up to nranks * "
                  "max_tokens_per_rank * num_topk = %lld rows, rounded up to it, must fit int32)",
@@ -493,6 +497,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     require_intranode(c);
     DEEPEP_REQUIRE(a.num_worst_tokens >= 0, "num_worst_tokens is %lld; it must be >= 0",
                    static_cast<long long>(a.num_worst_tokens));
+    DEEPEP_REQUIRE(a.report_recv_counts == 0 || a.report_recv_counts == 1,
+                   "report_recv_counts is %d; it must be 0 or 1", a.report_recv_counts);
     const bool report = a.report_recv_counts != 0;
     if (report) {
       DEEPEP_REQUIRE(worst_case, "report_recv_counts needs a worst-case dispatch (num_worst_tokens > 0)");
@@ -576,13 +582,13 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     }
     // Outputs.
     const int64_t rows = worst_case ? a.num_worst_tokens : a.num_recv_rows;
-    DEEPEP_REQUIRE(rows >= 0, "num_recv_rows is %lld", static_cast<long long>(rows));
+    DEEPEP_REQUIRE(rows >= 0, "num_recv_rows is %lld; it must be >= 0 (deepepHandleGetNumRecvTokens)",
+                   static_cast<long long>(rows));
     if (!worst_case && h.recv_counts_on_host) {
       DEEPEP_REQUIRE(rows >= h.host_info.num_recv_tokens,
                      "the outputs hold %lld rows but %lld arrive (deepepHandleGetNumRecvTokens)",
                      static_cast<long long>(rows), static_cast<long long>(h.host_info.num_recv_tokens));
     }
-    DEEPEP_REQUIRE(worst_case || a.num_recv_rows >= 0, "num_recv_rows must be set");
     if (c.dispatch_area_bytes != 0) {
       // Zero-copy: the peers write the rows into the area, whose size is known here.
       const void* area = c.dispatch_area();
@@ -725,7 +731,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
                      static_cast<long long>(h.host_info.num_recv_tokens));
     }
     const int64_t stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
-    DEEPEP_REQUIRE(stride >= a.hidden && (stride * 2) % 16 == 0,
+    DEEPEP_REQUIRE(stride >= a.hidden && stride % 8 == 0,
                    "x_row_stride is %lld; rows must be >= hidden and start on 16-byte boundaries",
                    static_cast<long long>(stride));
     check_device_array(c, a.x, matrix_bytes(a.num_rows, a.hidden, stride, 2), 16, "x");
@@ -743,7 +749,7 @@ DEEPEP_API deepepResult_t deepepCombine(deepepComm_t comm, const deepepCombineAr
     for (int i = 0; i < 2; ++i) {
       if (a.bias[i] == nullptr) continue;
       const int64_t bstride = a.bias_row_stride[i] != 0 ? a.bias_row_stride[i] : a.hidden;
-      DEEPEP_REQUIRE(bstride >= a.hidden && (bstride * 2) % 16 == 0,
+      DEEPEP_REQUIRE(bstride >= a.hidden && bstride % 8 == 0,
                      "bias %d row stride %lld: rows must be >= hidden and start on 16-byte boundaries", i,
                      static_cast<long long>(bstride));
       check_device_array(c, a.bias[i], matrix_bytes(h.num_tokens, a.hidden, bstride, 2), 16,

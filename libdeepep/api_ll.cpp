@@ -272,7 +272,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
       check_hidden(c, a.hidden, 8, "for BF16 output (16-byte rows)");
     }
     const int64_t x_stride = a.x_row_stride != 0 ? a.x_row_stride : a.hidden;
-    DEEPEP_REQUIRE(x_stride >= a.hidden && (x_stride * 2) % 16 == 0,
+    DEEPEP_REQUIRE(x_stride >= a.hidden && x_stride % 8 == 0,
                    "x_row_stride is %lld; rows must hold hidden (%d) elements and start on 16-byte boundaries",
                    static_cast<long long>(x_stride), a.hidden);
     check_device_array(c, a.x, matrix_bytes(a.num_tokens, a.hidden, x_stride, 2), 16, "x");
