@@ -104,6 +104,39 @@ def test_a_layout_of_more_slots_than_an_int32_count_holds_is_refused():
     assert "num_tokens * num_topk is 2147483648" in message, message
 
 
+def dispatch_where_an_expert_count_could_pass_int32(info):
+    """What a one-rank dispatch raises where max_tokens_per_rank * num_topk rows could reach one expert (2^26 * 32 =
+    2^31, one more than an int32 count holds; the buffer is given, so that it is not sized for that workload)."""
+    import cupy
+
+    with pydeepep.Communicator(
+        info.unique_id,
+        0,
+        1,
+        device=0,
+        timeout=30,
+        buffer_bytes=64 << 20,
+        max_tokens_per_rank=1 << 26,
+        hidden=256,
+        num_topk=32,
+        num_experts=8,
+    ) as comm:
+        x, topk = cupy.zeros((4, 256), cupy.uint16), cupy.zeros((4, 32), cupy.int64)
+        try:
+            comm.dispatch(x, topk_idx=topk, num_experts=8)
+            cupy.cuda.runtime.deviceSynchronize()
+        except pydeepep.DeepEPInvalidArgument as exc:
+            return str(exc)
+        return "accepted"
+
+
+def test_a_dispatch_whose_expert_counts_could_pass_int32_is_refused():
+    # Alignment 1 used to pass the bound on expert_alignment, and an expert's count could wrap.
+    pytest.importorskip("cupy")
+    (message,) = pydeepep.spawn(dispatch_where_an_expert_count_could_pass_int32, nprocs=1, timeout=120)
+    assert "num_topk = 2147483648 rows may reach one expert" in message, message
+
+
 def nonfinite_ll(info):
     """Low-latency calls on rows holding NaN and infinities, against the oracle: the FP8 cast (the block maximum
     skips NaN; an infinite channel gives an infinite scale), BF16 rows unchanged, and the combine's NaN pattern."""
