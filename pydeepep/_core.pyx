@@ -493,6 +493,24 @@ cdef class _OwedCall:
             deepepRefuseCall(comm, call, hh, self.num_sms, cs)  # best effort: the refusal's error is raised
 
 
+def _refuse_high_throughput(Communicator comm, str call, handle, num_worst_tokens, num_sms, stream):
+    """This rank's side of a high-throughput ``call`` ("dispatch" or "combine") that a wrapper (the DeepEP adapter)
+    refused before pydeepep had it, run on ``stream`` as pydeepep runs its own refusals: the other ranks, already in
+    the call, finish it at once with DeepEPRemoteError naming this rank. A dispatch is of the kind its ``handle`` and
+    ``num_worst_tokens`` make it (as :meth:`Communicator.dispatch` decides); ``num_sms`` as the call gave it."""
+    if call == "dispatch":
+        exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0
+        kind = deepepCallDispatchNotify if exact_size else deepepCallDispatch
+    elif call == "combine":
+        kind, num_sms = deepepCallCombine, 0
+    else:
+        raise ValueError(f"call is {call!r}; it must be 'dispatch' or 'combine'")
+    cdef _OwedCall owed = _OwedCall(kind, comm._own_handle(handle), _integer_or(num_sms, 0, 1 << 31))
+    owed.stream = stream_handle(stream)
+    with _OnDevice(comm.device):
+        owed.refuse(comm._live())
+
+
 cdef class Communicator:
     """A communicator over `nranks` ranks (one per process and GPU), created collectively.
 

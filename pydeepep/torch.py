@@ -95,6 +95,12 @@ def _columns(tensor) -> int:
     return int(shape[1]) if shape is not None and len(shape) == 2 else 0
 
 
+def _num_sms_of(config):
+    """The SM count a high-throughput call's ``config`` gives, for its refusal (None where it gives none readable:
+    pydeepep then refuses on the default)."""
+    return getattr(config, "num_sms", None) if config is not None else Buffer.num_sms
+
+
 def _bits(tensor):
     """bfloat16 / float8 tensors as their raw bits (a view), which every DLPack consumer understands."""
     if tensor.dtype == torch.bfloat16:
@@ -419,19 +425,22 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
-        fp8 = isinstance(x, tuple)
-        payload, scales = (x[0], x[1]) if fp8 else (x, None)
-        if fp8 and scales.dim() == 2 and scales.shape[1] > 1 and scales.stride(1) != 1:
-            # Column-major scales (as DeepGEMM lays them out): pydeepep reads rows of scales, so they are copied
-            # (N * H / 128 words); row-major ones, padded rows included, are read in place.
-            scales = scales.contiguous()
-        num_experts = None
-        if handle is None or num_worst_tokens > 0:
-            if num_tokens_per_expert is None or topk_idx is None:
-                raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_tokens_per_expert", 1)
-            num_experts = num_tokens_per_expert.numel()
-        comm = self._communicator()
+        comm = self._communicator()  # collective where it creates the communicator: before anything may refuse
+        try:
+            stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
+            fp8 = isinstance(x, tuple)
+            payload, scales = (x[0], x[1]) if fp8 else (x, None)
+            if fp8 and scales.dim() == 2 and scales.shape[1] > 1 and scales.stride(1) != 1:
+                # Column-major scales (as DeepGEMM lays them out): pydeepep reads rows of scales, so they are copied
+                # (N * H / 128 words); row-major ones, padded rows included, are read in place.
+                scales = scales.contiguous()
+            # The expert count, where the call routes (pydeepep refuses a missing topk_idx itself).
+            num_experts = None if num_tokens_per_expert is None else num_tokens_per_expert.numel()
+            payload_bits = _bits(payload)
+            num_sms = (config or Config(Buffer.num_sms)).num_sms
+        except BaseException:
+            self._refuse_high_throughput("dispatch", handle, num_worst_tokens, _num_sms_of(config))
+            raise
         made = []
 
         def outputs(rows):
@@ -453,7 +462,7 @@ class Buffer:
             return made[0]
 
         result = comm.dispatch(
-            _bits(payload),
+            payload_bits,
             x_scales=scales,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
@@ -461,7 +470,7 @@ class Buffer:
             handle=handle,
             expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens,
-            num_sms=(config or Config(Buffer.num_sms)).num_sms,
+            num_sms=num_sms,
             stream=stream,
             previous_event=event,
             async_finish=async_finish,
@@ -492,11 +501,16 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
-        # DeepEP takes one bias, or a pair of which either may be None.
-        biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
-        biases = tuple(b for b in biases if b is not None)
-        comm = self._communicator()
+        comm = self._communicator()  # collective where it creates the communicator: before anything may refuse
+        try:
+            stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
+            # DeepEP takes one bias, or a pair of which either may be None.
+            biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+            biases = tuple(b for b in biases if b is not None)
+            x_bits, bias_bits = _bits(x), tuple(_bits(b) for b in biases) or None
+        except BaseException:
+            self._refuse_high_throughput("combine", handle, 0, None)
+            raise
         made = []
 
         def outputs(rows):
@@ -513,10 +527,10 @@ class Buffer:
             return made[0].out, made[0].topk_weights
 
         comm.combine(
-            _bits(x),
+            x_bits,
             handle,
             topk_weights=topk_weights,
-            bias=tuple(_bits(b) for b in biases) or None,
+            bias=bias_bits,
             stream=stream,
             previous_event=event,
             async_finish=async_finish,
@@ -527,6 +541,19 @@ class Buffer:
         return tensors["out"], tensors.get("topk_weights"), done
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
+
+    def _refuse_high_throughput(self, call: str, handle, num_worst_tokens, num_sms) -> None:
+        """This rank's side of a high-throughput ``call`` ("dispatch" or "combine") the adapter refused before pydeepep
+        had it, so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming this
+        rank instead of waiting out the timeout (pydeepep does the same for what it refuses itself): on the current
+        stream, after every call made so far on either stream. The caller raises its own error in any case."""
+        try:
+            stream = torch.cuda.current_stream(self.comm.device).cuda_stream
+            if not _capturing():
+                pydeepep.Event.record(self.comm.stream).wait(stream)
+            pydeepep._core._refuse_high_throughput(self.comm, call, handle, num_worst_tokens, num_sms, stream)
+        except Exception:  # the caller's error is the one to report (raised next), not this one
+            pass
 
     def _refuse_low_latency(self, refuse, *args, forked: bool = False) -> None:
         """Runs ``refuse(comm, *args, stream)``: this rank's side of a low-latency call the adapter refused before

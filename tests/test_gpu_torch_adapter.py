@@ -252,6 +252,38 @@ def in_place_case(buffer, handle, x, topk, weights, recv_x, recv_w, mine, want_o
     return "; ".join(failures) or True
 
 
+def ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nranks):
+    """High-throughput calls the adapter itself refuses on the last rank, before pydeepep has them (an option it
+    refuses, an FP8 pair without its scales, a bias that is no tensor): that rank raises its error and its side of the
+    call still runs, so the others finish at once with DeepEPRemoteError naming it (not the timeout), and the ranks
+    stay in step: a cached dispatch and a combine afterwards run everywhere."""
+    refuser = nranks - 1
+    bad = me == refuser
+    calls = {  # what -> (the call, what the refusing rank raises)
+        "exact-size dispatch with allocate_on_comm_stream but no async_finish": (
+            lambda: buffer.dispatch(
+                x, topk_idx=topk, topk_weights=weights, num_tokens_per_expert=per_expert, allocate_on_comm_stream=bad
+            ),
+            pydeepep.DeepEPInvalidArgument,
+        ),
+        "cached dispatch of an FP8 pair without its scales": (
+            lambda: buffer.dispatch((x,) if bad else x, handle=handle, topk_idx=topk, topk_weights=weights),
+            IndexError,
+        ),
+        "combine with a bias that is no tensor": (
+            lambda: buffer.combine(recv_x, handle, bias="no tensor" if bad else None),
+            AttributeError,
+        ),
+    }
+    failures = one_rank_refusal_failures(buffer.comm, calls, refuser, torch.cuda.synchronize)
+    if failures:
+        return "; ".join(failures)
+    again = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)
+    buffer.combine(again[0], handle, topk_weights=again[2])
+    torch.cuda.synchronize()
+    return True
+
+
 def adapter_rank(info, init_file):
     import torch.distributed as dist
 
@@ -397,6 +429,10 @@ def adapter_rank(info, init_file):
         step("combine_bias_pairs", lambda: bias_case(buffer, recv_x, recv_w, handle, want, me, nranks))
         step("expert_alignment", lambda: alignment_case(buffer, x, topk, weights, layout, everyone, mine, me))
         step("deterministic_repeats", lambda: repeat_case(buffer, x, topk, weights, layout, mine, want_out[me]))
+        step(
+            "adapter_refuses_on_one_rank",
+            lambda: ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nranks),
+        )
 
         # A torch CUDA graph of a cached dispatch (the handle above) and a combine, replayed with new data copied into
         # the captured input: its outputs come from the graph's pool and match the same calls made eagerly.
@@ -492,6 +528,7 @@ def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buf
         "combine_bias_pairs",
         "expert_alignment",
         "deterministic_repeats",
+        "adapter_refuses_on_one_rank",
         "cached_calls_in_a_torch_graph",
     ],
 )

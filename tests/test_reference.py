@@ -655,3 +655,13 @@ def test_bf16_round_gives_the_canonical_nan():
 def test_ue8m0_pack_gives_an_infinite_scale_the_kernels_exponent_byte():
     words = reference.ue8m0_pack(np.array([[1.0, np.inf, 2.0**-20]], np.float32))
     assert words.view(np.uint32).tolist() == [[127 | 255 << 8 | 107 << 16]]
+
+
+def test_the_sums_start_from_positive_zero():
+    # acc = 0.0f, then acc + y: -0 + ... would keep a lone -0.0 row; +0 + -0 gives +0 (DESIGN.md).
+    out = reference.combine([np.array([[-0.0]], f32)], [np.array([[0, 0]])], [1])[0]
+    assert out.tolist() == [[0.0]] and not np.signbit(out[0, 0])
+    ll = reference.low_latency_combine(
+        [np.array([[[-0.0]]], f32)], [np.array([[0]])], [np.ones((1, 1), f32)], [np.zeros((1, 1, 2), np.int64)]
+    )[0]
+    assert ll.tolist() == [[0.0]] and not np.signbit(ll[0, 0])

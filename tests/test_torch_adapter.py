@@ -216,3 +216,18 @@ def test_bfloat16_tensors_travel_as_their_bits_without_a_copy():
     assert bits.dtype == torch.uint16 and bits.data_ptr() == x.data_ptr()
     y = torch.zeros(3, dtype=torch.int64)
     assert deep_ep._bits(y) is y
+
+
+def test_a_high_throughput_call_the_adapter_refuses_is_refused_to_the_other_ranks(group, created, monkeypatch):
+    # The other ranks are in the call already: this rank's side of it must run (pydeepep's refusal), not only raise.
+    refusals = []
+    monkeypatch.setattr(deep_ep.Buffer, "_refuse_high_throughput", lambda self, *args: refusals.append(args))
+    buffer = deep_ep.Buffer(group, 0, 0)
+    x, topk = ll_inputs()
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="allocate_on_comm_stream needs async_finish"):
+        buffer.dispatch(x, topk_idx=topk, num_tokens_per_expert=torch.zeros(16), allocate_on_comm_stream=True)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="allocate_on_comm_stream needs async_finish"):
+        buffer.dispatch(x, handle="h", num_worst_tokens=64, config=deep_ep.Config(20), allocate_on_comm_stream=True)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="allocate_on_comm_stream needs async_finish"):
+        buffer.combine(x, "h", allocate_on_comm_stream=True)
+    assert refusals == [("dispatch", None, 0, 24), ("dispatch", "h", 64, 20), ("combine", "h", 0, None)]
