@@ -517,7 +517,7 @@ cdef class DeviceArray:
         return {
             "shape": self.shape,
             "typestr": self.dtype.str,
-            "data": (self.ptr, False),
+            "data": (self.ptr if self.size else 0, False),  # CAI v3: 0 for an array of no elements
             "version": 3,
             "strides": None,
             "stream": self.stream,

@@ -437,8 +437,9 @@ cdef class _View:
 
 
 def _payload_kind(x, view, str name="x"):
-    """The payload's element type: a DeviceArray's own bfloat16 / float8, else what its view's dtype says."""
-    kind = getattr(x, "dtype_name", None)
+    """The payload's element type: a DeviceArray's own bfloat16 / float8, else what its view's dtype says (another
+    object's dtype_name is not trusted: its view's element size is what the library reads)."""
+    kind = (<DeviceArray>x).dtype_name if isinstance(x, DeviceArray) else None
     return kind if kind in ("bfloat16", "float8_e4m3fn") else payload_kind(view, name)
 
 
@@ -1160,28 +1161,30 @@ def _expect(array, shape, dtype, str name, stream, int device):
     """A caller-provided output of exactly `shape` with elements of `dtype`'s size, or None where `shape` is None. A
     DeviceArray is re-targeted to the call that writes it on `stream`; any other device array must be C-contiguous
     and is wrapped in a DeviceArray over its memory (which keeps it alive)."""
+    label = _out_label(name)
     if shape is None:
         if array is not None:
-            raise DeepEPInvalidArgument(f"out {name} is given but this call does not write it", 1)
+            raise DeepEPInvalidArgument(f"{label} is given but this call does not write it", 1)
         return None
     if array is None:
-        raise DeepEPInvalidArgument(f"out {name} is missing", 1)
+        raise DeepEPInvalidArgument(f"{label} is missing", 1)
     cdef int itemsize = np.dtype(dtype).itemsize
     if isinstance(array, DeviceArray):
         element = array.dtype
-        if tuple(array.shape) != tuple(shape) or element.itemsize != itemsize:
+        if tuple(array.shape) != tuple(shape) or element.itemsize != itemsize or element.kind in "bc":
             raise DeepEPInvalidArgument(
-                f"out {name} has shape {tuple(array.shape)} and dtype {element.name}; this call writes "
+                f"{label} has shape {tuple(array.shape)} and dtype {element.name}; this call writes "
                 f"{tuple(shape)} of {np.dtype(dtype).name}", 1)
         (<DeviceArray>array)._written_on(stream)
         return array
     view = _as_view(array, stream_handle(stream))
-    element = check_dense(view, f"out {name}", shape)
-    _writable(view, name)
-    if element.itemsize != itemsize:
+    element = check_dense(view, label, shape)
+    _writable(view, label)
+    # Bool and complex elements are refused whatever their size: bits written into them are no values of theirs.
+    if element.itemsize != itemsize or element.kind in "bc":
         raise DeepEPInvalidArgument(
-            f"out {name} has dtype {dtype_name(element)}; this call writes {np.dtype(dtype).name} (or another "
-            f"{itemsize}-byte type)", 1)
+            f"{label} has dtype {dtype_name(element)}; this call writes {np.dtype(dtype).name} (or another "
+            f"{itemsize}-byte integer or float type)", 1)
     kind = dtype_name(element)
     held = kind if kind in _STORAGE_DTYPES else element
     if kind not in _DLPACK_TYPES:  # another type of the same size (int16 for bfloat16, say): written bit for bit
@@ -1189,10 +1192,15 @@ def _expect(array, shape, dtype, str name, stream, int device):
     return DeviceArray(view.ptr, shape, held, device, stream, owner=array)
 
 
-cdef _writable(view, str name):
+cdef str _out_label(str name):
+    """How messages name output `name`: "out recv_x" for a field, "out" and "out topk_weights" as given."""
+    return name if name == "out" or name.startswith("out ") else f"out {name}"
+
+
+cdef _writable(view, str label):
     """Refuses an output whose array says its memory is read-only (a JAX array, say)."""
     if getattr(view, "readonly", False):
-        raise DeepEPInvalidArgument(f"out {name} is read-only: pass a writable array", 1)
+        raise DeepEPInvalidArgument(f"{label} is read-only: pass a writable array", 1)
 
 
 def _out_pointer(array, stream, name, shape, dtypes, int device):
@@ -1200,14 +1208,15 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
     DeviceArray is re-targeted to the call that writes it on `stream` (its readers and its free then follow the call;
     pass the stream object, which the array then keeps alive).
     """
-    if isinstance(array, DeviceArray):
-        (<DeviceArray>array)._written_on(stream)
+    label = _out_label(name)
     view = _as_view(array, stream_handle(stream))
-    element = check_dense(view, f"out {name}", shape)
-    _writable(view, name)
+    element = check_dense(view, label, shape)
+    _writable(view, label)
     if element not in [np.dtype(d) for d in dtypes]:
-        raise DeepEPInvalidArgument(f"out {name} has dtype {dtype_name(element)}; it must be "
+        raise DeepEPInvalidArgument(f"{label} has dtype {dtype_name(element)}; it must be "
                                     + " or ".join(np.dtype(d).name for d in dtypes), 1)
+    if isinstance(array, DeviceArray):  # once it is accepted: a refused output keeps its stream
+        (<DeviceArray>array)._written_on(stream)
     return view.ptr
 
 

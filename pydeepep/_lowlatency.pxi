@@ -146,13 +146,13 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     in `kinds` ((0, None, None) for None)."""
     if obj is None:
         return 0, None, None
-    if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
-        (<DeviceArray>obj)._written_on(stream)
     view = _as_view(obj, stream_handle(stream))
     kind = dtype_name(check_dense(view, name, (length,)))
     _writable(view, name)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
+    if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
+        (<DeviceArray>obj)._written_on(stream)
     return view.ptr, view, kind
 
 

@@ -892,8 +892,34 @@ def test_outputs_marked_read_only_are_refused_and_same_size_types_are_taken_as_b
     # int16 memory for a bfloat16 output (its bits as uint16): taken, as the message for other sizes promises.
     held = _core._expect(Interface(shape=(4, 3), typestr="<i2", stream=7), (4, 3), np.uint16, "recv_x", 7, 0)
     assert (held.ptr, held.shape, held.dtype) == (0x7000, (4, 3), np.dtype(np.uint16))
-    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"or another 2-byte type"):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"or another 2-byte integer or float type"):
         _core._expect(Interface(shape=(4, 3), typestr="<i4", stream=7), (4, 3), np.uint16, "recv_x", 7, 0)
+    # Bool and complex memory of the right size is no place for bits: a consumer would read them as its own values.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out recv_x has dtype bool"):
+        _core._expect(Interface(shape=(4, 3), typestr="|b1", stream=7), (4, 3), np.uint8, "recv_x", 7, 0)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out recv_topk_idx has dtype complex64"):
+        _core._expect(Interface(shape=(4, 3), typestr="<c8", stream=7), (4, 3), np.int64, "recv_topk_idx", 7, 0)
+    # A combine's output is named "out", not "out out".
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="^out has shape"):
+        _core._expect(Interface(shape=(4, 2), typestr="<u2", stream=7), (4, 3), np.uint16, "out", 7, 0)
+
+
+def test_only_a_pydeepep_array_names_its_payload_type_itself():
+    from pydeepep import _core
+
+    class Claims(Interface):
+        dtype_name = "bfloat16"  # but its elements are 4-byte floats
+
+    claims = Claims(shape=(4, 8), typestr="<f4", stream=7)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="x has dtype float32; it must be bfloat16"):
+        _core._payload_kind(claims, _core._as_view(claims, 7))
+    mine = pydeepep.DeviceArray(0x7000, (4, 8), "bfloat16", 0, 7)
+    assert _core._payload_kind(mine, _core._as_view(mine, 7)) == "bfloat16"
+
+
+def test_an_empty_array_says_so_in_its_cuda_array_interface():
+    assert pydeepep.DeviceArray(0x7000, (0, 3), "bfloat16", 0, 5).__cuda_array_interface__["data"] == (0, False)
+    assert pydeepep.DeviceArray(0x7000, (2, 3), "bfloat16", 0, 5).__cuda_array_interface__["data"] == (0x7000, False)
 
 
 def test_output_and_input_checks_on_pydeepep_arrays_need_no_gpu():
