@@ -68,3 +68,37 @@ def test_version_of_package_and_library_agree():
         cwd="/",
     )
     assert out.stdout.strip() == "{}.{}.{}".format(*pydeepep.version())
+
+
+@pytest.mark.skipif(
+    cmake() is None or shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
+    reason="needs cmake and nvcc (configuring the library)",
+)
+def test_pkg_config_file_finds_the_prefix_from_any_library_folder(tmp_path):
+    # A Debian-style install puts the library two folders deep: the .pc file's prefix must still lead to the prefix.
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    if shutil.which("nvcc") is None:
+        env["CUDACXX"] = "/usr/local/cuda/bin/nvcc"
+    subprocess.run(
+        [
+            cmake(),
+            "-S",
+            str(root),
+            "-B",
+            str(tmp_path / "build"),
+            "-DCMAKE_INSTALL_PREFIX=/opt/deepep",
+            "-DCMAKE_INSTALL_LIBDIR=lib/x86_64-linux-gnu",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    fields = dict(
+        line.split("=", 1) for line in (tmp_path / "build" / "deepep.pc").read_text().splitlines() if "=" in line
+    )
+    prefix = fields["prefix"].replace("${pcfiledir}", "/opt/deepep/lib/x86_64-linux-gnu/pkgconfig")
+    assert os.path.normpath(prefix) == "/opt/deepep", fields["prefix"]
+    assert fields["libdir"] == "${prefix}/lib/x86_64-linux-gnu" and fields["includedir"] == "${prefix}/include"
