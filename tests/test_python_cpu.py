@@ -807,6 +807,8 @@ def test_bench_goals_take_each_goals_case_at_its_size_and_judge_it():
     assert table[("ll_combine_bf16", 128, 0)]["met"] is True
     assert table[("combine_bf16", 4096, 24)]["us"] is None and table[("combine_bf16", 4096, 24)]["met"] is None
     assert ("dispatch_cached_fp8", 512, 24) not in table
+    # "At least 4 times faster than the NCCL dispatcher's 815 µs": 203.75, not a rounded 204.
+    assert {g["goal_us"] for g in goals_table([]) if "NCCL" in g["what"]} == {815.0 / 4}
 
 
 def bench_goals_of(record_name, cwd):
