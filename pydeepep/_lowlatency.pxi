@@ -38,6 +38,10 @@ LowLatencyCombineResult.__doc__ = """What a low-latency combine returns: ``out``
 ``return_recv_hook``, a callable that receives and writes ``out``; else None)."""
 
 
+# The generation of a dispatch result whose arrays a later dispatch wrote (out=): no set's, so it is never current.
+_OUTPUTS_REUSED = -1
+
+
 class _LowLatencyBook:
     """Per-communicator bookkeeping of the two buffer sets (host side, cheap checks only)."""
 
@@ -60,6 +64,10 @@ class _LowLatencyBook:
                 f"sent on that set was never called; call it first", 2)
 
     def check_current(self, handle, str what):
+        if handle.generation == _OUTPUTS_REUSED:
+            raise DeepEPInvalidUsage(
+                f"{what}: the dispatch result's arrays were given as out= to a later dispatch, which wrote its own "
+                "rows and routing into them", 2)
         if handle.generation != self.generation[handle.buffer_set]:
             raise DeepEPInvalidUsage(
                 f"{what}: the dispatch result is stale (buffer set {handle.buffer_set} was reused by a later "
@@ -92,12 +100,15 @@ cdef class _LowLatencyHook:
     cdef object generation
     cdef size_t stream
     cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
+    cdef object result  # a dispatch's result, until the hook ran: marked refused where its receive is refused
     cdef bint done
     cdef bint handed   # the library has the call (it refuses on its own from there)
 
-    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream):
-        """Makes this the receive hook due on `buffer_set`, whose send just went out as `generation`."""
+    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream, result=None):
+        """Makes this the receive hook due on `buffer_set`, whose send just went out as `generation` (a dispatch's
+        with its `result`)."""
         self.kind = kind
+        self.result = result
         self.comm = comm
         self.book = book
         self.buffer_set = buffer_set
@@ -128,6 +139,11 @@ cdef class _LowLatencyHook:
             self.done = True
             self.book.pending[self.buffer_set] = None
             self.keep = None
+            if status != deepepSuccess and self.result is not None:
+                # No outputs were written: its combine, which the other ranks make, runs this rank's side without
+                # data and raises, as for a refused dispatch.
+                self.result.refused = True
+            self.result = None
         _check(status)
 
 
@@ -245,7 +261,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
         raise
     result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
     if return_recv_hook:
-        hook.arm("dispatch", comm, book, buffer_set, result.generation, s)
+        hook.arm("dispatch", comm, book, buffer_set, result.generation, s, result)
         result.hook = hook
     return result
 
@@ -291,6 +307,10 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
             (scales_shape, scales_dtype) if use_fp8 else None, ((local,), np.int32), ((local, rows), np.int32),
             ((local, R, 2), np.int32)), comm.device, stream)
     else:
+        if isinstance(out, LowLatencyDispatchResult) and out.hook is not None and not (<_LowLatencyHook>out.hook).done:
+            raise DeepEPInvalidUsage(
+                "out= is a dispatch result whose receive hook was not called yet: that receive would write the same "
+                "arrays; call it first", 2)
         recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
                          comm.device)
         recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
@@ -331,6 +351,8 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
     with nogil:
         status = deepepLowLatencyDispatch(c, a, <CUstream_st*>s)
     _check(status)
+    if isinstance(out, LowLatencyDispatchResult):
+        out.generation = _OUTPUTS_REUSED  # its arrays now hold this dispatch's rows and routing: no combine of it
 
     result = LowLatencyDispatchResult()
     result.recv_x = recv_x

@@ -284,6 +284,9 @@ def test_book_refuses_a_result_whose_set_was_reused():
     book.check_current(FakeResult(0, 3), "combine")
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="stale"):
         book.check_current(FakeResult(0, 2), "combine")
+    # A result whose arrays a later dispatch was given as out= holds that dispatch's rows: no set's generation.
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="given as out= to a later dispatch"):
+        book.check_current(FakeResult(1, _core._OUTPUTS_REUSED), "combine")
 
 
 def test_book_refuses_a_set_whose_receive_hook_was_never_called():
