@@ -1209,14 +1209,14 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
     pass the stream object, which the array then keeps alive).
     """
     label = _out_label(name)
+    if isinstance(array, DeviceArray):  # first: its view is then taken on the call's stream, with no wait
+        (<DeviceArray>array)._written_on(stream)
     view = _as_view(array, stream_handle(stream))
     element = check_dense(view, label, shape)
     _writable(view, label)
     if element not in [np.dtype(d) for d in dtypes]:
         raise DeepEPInvalidArgument(f"{label} has dtype {dtype_name(element)}; it must be "
                                     + " or ".join(np.dtype(d).name for d in dtypes), 1)
-    if isinstance(array, DeviceArray):  # once it is accepted: a refused output keeps its stream
-        (<DeviceArray>array)._written_on(stream)
     return view.ptr
 
 

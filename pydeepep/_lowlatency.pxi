@@ -162,13 +162,13 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     in `kinds` ((0, None, None) for None)."""
     if obj is None:
         return 0, None, None
+    if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
+        (<DeviceArray>obj)._written_on(stream)
     view = _as_view(obj, stream_handle(stream))
     kind = dtype_name(check_dense(view, name, (length,)))
     _writable(view, name)
     if kind not in kinds:
         raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
-    if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
-        (<DeviceArray>obj)._written_on(stream)
     return view.ptr, view, kind
 
 
@@ -307,7 +307,9 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
             (scales_shape, scales_dtype) if use_fp8 else None, ((local,), np.int32), ((local, rows), np.int32),
             ((local, R, 2), np.int32)), comm.device, stream)
     else:
-        if isinstance(out, LowLatencyDispatchResult) and out.hook is not None and not (<_LowLatencyHook>out.hook).done:
+        pending = getattr(out, "hook", None)
+        if isinstance(out, LowLatencyDispatchResult) and isinstance(pending, _LowLatencyHook) and not (
+                (<_LowLatencyHook>pending).done):
             raise DeepEPInvalidUsage(
                 "out= is a dispatch result whose receive hook was not called yet: that receive would write the same "
                 "arrays; call it first", 2)

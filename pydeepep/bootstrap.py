@@ -94,7 +94,11 @@ def from_env(timeout: float = 120.0) -> RankInfo:
     ``DEEPEP_UNIQUE_ID_FILE`` (rank 0 writes it; the others wait up to ``timeout`` seconds for it). Use a fresh
     file path per job: a stale file from an earlier job would be read as this job's id. A file that another user
     owns or that others may read or write is refused."""
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
         raise DeepEPInvalidArgument(f"timeout is {timeout!r}; it must be a finite number of seconds, at least 0")
     rank, nranks = _int_env("RANK"), _int_env("WORLD_SIZE")
     if not 0 <= rank < nranks:

@@ -276,12 +276,11 @@ def ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nr
         ),
     }
     failures = one_rank_refusal_failures(buffer.comm, calls, refuser, torch.cuda.synchronize)
-    if failures:
-        return "; ".join(failures)
+    # Made on every rank whatever the verdicts, so that the ranks stay in step for the steps after this one.
     again = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)
     buffer.combine(again[0], handle, topk_weights=again[2])
     torch.cuda.synchronize()
-    return True
+    return "; ".join(failures) if failures else True
 
 
 def adapter_rank(info, init_file):
