@@ -74,6 +74,18 @@ class _ClaimedRows:
         }
 
 
+def invalid_argument_message(call):
+    """The message of the DeepEPInvalidArgument `call()` raises, or "accepted" (once the device is done with it)."""
+    import cupy
+
+    try:
+        call()
+        cupy.cuda.runtime.deviceSynchronize()
+    except pydeepep.DeepEPInvalidArgument as exc:
+        return str(exc)
+    return "accepted"
+
+
 def layout_of_claimed_rows(info, rows, cols, row_elements):
     """What a one-rank layout of _ClaimedRows raises (its message), or "accepted"."""
     import cupy
@@ -82,12 +94,9 @@ def layout_of_claimed_rows(info, rows, cols, row_elements):
         info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256, num_topk=1, num_experts=8
     ) as comm:
         base = cupy.zeros(16, cupy.int64)
-        try:
-            comm.get_dispatch_layout(_ClaimedRows(base, rows, cols, row_elements), 8)
-            cupy.cuda.runtime.deviceSynchronize()
-        except pydeepep.DeepEPInvalidArgument as exc:
-            return str(exc)
-        return "accepted"
+        return invalid_argument_message(
+            lambda: comm.get_dispatch_layout(_ClaimedRows(base, rows, cols, row_elements), 8)
+        )
 
 
 def test_a_layout_whose_rows_span_more_than_2_to_the_64_bytes_is_refused():
@@ -122,12 +131,7 @@ def dispatch_where_an_expert_count_could_pass_int32(info):
         num_experts=8,
     ) as comm:
         x, topk = cupy.zeros((4, 256), cupy.uint16), cupy.zeros((4, 32), cupy.int64)
-        try:
-            comm.dispatch(x, topk_idx=topk, num_experts=8)
-            cupy.cuda.runtime.deviceSynchronize()
-        except pydeepep.DeepEPInvalidArgument as exc:
-            return str(exc)
-        return "accepted"
+        return invalid_argument_message(lambda: comm.dispatch(x, topk_idx=topk, num_experts=8))
 
 
 def test_a_dispatch_whose_expert_counts_could_pass_int32_is_refused():
