@@ -494,19 +494,28 @@ cdef class _OwedCall:
             deepepRefuseCall(comm, call, hh, self.num_sms, cs)  # best effort: the refusal's error is raised
 
 
+cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_recv_tokens, num_sms):
+    """The dispatch a call with these arguments owes the other ranks: an exact-size one starts with the count exchange
+    (its notify), any other kind (cached, worst-case, bounded) with the dispatch itself, which the library's refusal
+    lets the peers finish either way. A worst-case count that is no integer most likely meant a worst-case dispatch:
+    the refusal takes it for one."""
+    exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0 and max_recv_tokens is None
+    return _OwedCall(deepepCallDispatchNotify if exact_size else deepepCallDispatch, comm._own_handle(handle),
+                     _integer_or(num_sms, 0, 1 << 31))
+
+
 def _refuse_high_throughput(Communicator comm, str call, handle, num_worst_tokens, num_sms, stream):
     """This rank's side of a high-throughput ``call`` ("dispatch" or "combine") that a wrapper (the DeepEP adapter)
     refused before pydeepep had it, run on ``stream`` as pydeepep runs its own refusals: the other ranks, already in
     the call, finish it at once with DeepEPRemoteError naming this rank. A dispatch is of the kind its ``handle`` and
     ``num_worst_tokens`` make it (as :meth:`Communicator.dispatch` decides); ``num_sms`` as the call gave it."""
+    cdef _OwedCall owed
     if call == "dispatch":
-        exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0
-        kind = deepepCallDispatchNotify if exact_size else deepepCallDispatch
+        owed = _owed_dispatch(comm, handle, num_worst_tokens, None, num_sms)
     elif call == "combine":
-        kind, num_sms = deepepCallCombine, 0
+        owed = _OwedCall(deepepCallCombine, comm._own_handle(handle), 0)
     else:
         raise ValueError(f"call is {call!r}; it must be 'dispatch' or 'combine'")
-    cdef _OwedCall owed = _OwedCall(kind, comm._own_handle(handle), _integer_or(num_sms, 0, 1 << 31))
     owed.stream = stream_handle(stream)
     with _OnDevice(comm.device):
         owed.refuse(comm._live())
@@ -844,12 +853,8 @@ cdef class Communicator:
         memory, valid until this rank's next dispatch starts on the device (copy what must live longer).
         """
         # The scalar arguments are converted (integers only) once the stream is known, so that a wrong type on one
-        # rank is refused like any other bad argument, on every rank. The library's refusal of a dispatch lets the
-        # peers finish either kind (cached or worst-case); only an exact-size one starts with the count exchange. A
-        # worst-case count that is no integer most likely meant a worst-case dispatch: the refusal takes it for one.
-        exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0 and max_recv_tokens is None
-        cdef _OwedCall owed = _OwedCall(deepepCallDispatchNotify if exact_size else deepepCallDispatch,
-                                        self._own_handle(handle), _integer_or(num_sms, 0, 1 << 31))
+        # rank is refused like any other bad argument, on every rank.
+        cdef _OwedCall owed = _owed_dispatch(self, handle, num_worst_tokens, max_recv_tokens, num_sms)
         caller = stream
         with _OnDevice(self.device):
             try:

@@ -544,26 +544,23 @@ class Buffer:
 
     def _refuse_high_throughput(self, call: str, handle, num_worst_tokens, num_sms) -> None:
         """This rank's side of a high-throughput ``call`` ("dispatch" or "combine") the adapter refused before pydeepep
-        had it, so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming this
-        rank instead of waiting out the timeout (pydeepep does the same for what it refuses itself): on the current
-        stream, after every call made so far on either stream. The caller raises its own error in any case."""
-        try:
-            stream = torch.cuda.current_stream(self.comm.device).cuda_stream
-            if not _capturing():
-                pydeepep.Event.record(self.comm.stream).wait(stream)
-            pydeepep._core._refuse_high_throughput(self.comm, call, handle, num_worst_tokens, num_sms, stream)
-        except Exception:  # the caller's error is the one to report (raised next), not this one
-            pass
+        had it (see _run_refusal)."""
+        self._run_refusal(pydeepep._core._refuse_high_throughput, call, handle, num_worst_tokens, num_sms)
 
     def _refuse_low_latency(self, refuse, *args, forked: bool = False) -> None:
-        """Runs ``refuse(comm, *args, stream)``: this rank's side of a low-latency call the adapter refused before
-        pydeepep had it, so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming
-        this rank instead of waiting out the timeout (pydeepep does the same for what it refuses itself). Nothing runs
-        before the Buffer's first low-latency call made its communicator (the peers are still creating theirs), nor
-        where pydeepep could not refuse the call either (a handle of no current dispatch, a receive hook due): the
-        caller raises its own error in any case."""
+        """This rank's side of a low-latency call the adapter refused before pydeepep had it (see _run_refusal):
+        nothing runs before the Buffer's first low-latency call made its communicator (the peers are still creating
+        theirs)."""
         if self.comm is None or self._ll_sizes is None:
             return
+        self._run_refusal(refuse, *args, forked=forked)
+
+    def _run_refusal(self, refuse, *args, forked: bool = False) -> None:
+        """Runs ``refuse(comm, *args, stream)``: this rank's side of a call the adapter refused before pydeepep had it,
+        so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming this rank
+        instead of waiting out the timeout (pydeepep does the same for what it refuses itself). Nothing runs where
+        pydeepep could not refuse the call either (a handle of no current dispatch, a receive hook due): the caller
+        raises its own error in any case."""
         try:
             # After every call made so far on either stream (an async_finish call ran on the communicator's), as the
             # refused call would have been: the refusal reads where the sequence of calls stands. A capturing stream
