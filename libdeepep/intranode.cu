@@ -759,9 +759,11 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   // Steps 1-2. A worst-case dispatch learns the counts from the other ranks here; any other dispatch has them in
   // the handle already (from its count exchange or from the worst-case dispatch that made it), so its pushers start
   // as soon as the destinations acknowledged the previous operation.
+  bool fine = true;  // warp 0's: the destinations acknowledged the previous operation
+  const bool sends_counts = q.worst_case && b == 0;
   if (warp == 0) {
-    bool fine = wait_acks(p, seq, deadline, Phase::kDispatch);
-    if (q.worst_case && fine && b == 0) {
+    fine = wait_acks(p, seq, deadline, Phase::kDispatch);
+    if (sends_counts && fine) {
       // A reporting dispatch whose routing skipped ids out of range (recorded) refuses the call in the count message,
       // as a refused call does: its host's wait fails, so every rank's fails with it, and none goes on to a combine
       // this rank never makes. A plain worst-case dispatch (no host wait: every rank goes on to the combine) moves
@@ -777,11 +779,14 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
           message->experts_per_rank = skipped_ids ? kRefusedExpertsPerRank : q.experts_per_rank;
         }
       }
-      // A CTA barrier of this warp alone (id 2 is used nowhere else): it orders every lane's message stores before
-      // each lane's (cumulative) release, which the memory model promises for bar.sync, not for __syncwarp.
-      group_barrier(2, 32);
-      if (lane < R) store_release_sys(&control_of(p.peers, lane)->counts[p.rank].flag, seq);
     }
+  }
+  // The whole block meets here so that every lane's message stores come before each lane's (cumulative) release,
+  // which the memory model promises for bar.sync. (A barrier of warp 0 alone, bar.sync 2, 32, did the same, but
+  // racecheck then reported hazards across the block barrier below, on one H200; docs/reliability.md.)
+  if (sends_counts) __syncthreads();
+  if (warp == 0) {
+    if (sends_counts && fine && lane < R) store_release_sys(&control_of(p.peers, lane)->counts[p.rank].flag, seq);
     if (lane == 0) {
       // One lane acquires every source's counts, then reads them (its own acquires order its reads).
       for (int s = 0; s < R && fine && q.worst_case; ++s)
