@@ -53,9 +53,10 @@ void require_intranode(const deepepComm& comm) {
 }
 
 int resolve_num_sms(const deepepComm& comm, int requested) {
-  const int num_sms = requested == 0 ? default_num_sms(comm.nranks) : requested;
   int sm_count = 0;
   DEEPEP_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, comm.device));
+  // The default fits a device with fewer SMs (a MIG slice), where it would otherwise refuse every call.
+  const int num_sms = requested == 0 ? std::min(default_num_sms(comm.nranks), sm_count) : requested;
   DEEPEP_REQUIRE(num_sms >= 1 && num_sms <= std::min(kMaxBlocks, sm_count),
                  "num_sms is %d; it must be in [1, %d] on this device (0 picks the default)", num_sms,
                  std::min(kMaxBlocks, sm_count));
@@ -548,9 +549,13 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     } else {
       DEEPEP_REQUIRE(a.x_scales == nullptr, "x_scales is given but x is BF16 (scales are for FP8 payloads)");
     }
-    // Top-k ids travel with the tokens; a rank with no tokens may pass NULL and still declares num_topk, so that
-    // every rank lays out rows alike.
-    const bool has_topk = a.num_topk > 0 && (a.topk_idx != nullptr || a.num_tokens == 0);
+    // Top-k ids travel with the tokens when num_topk > 0, which every rank must say alike (the rows are laid out by
+    // it); a rank with no tokens may pass NULL ids.
+    DEEPEP_REQUIRE(a.num_topk <= 0 || a.topk_idx != nullptr || a.num_tokens == 0,
+                   "topk_idx is NULL but num_topk is %d: with num_topk > 0 the ids travel with the tokens (every rank "
+                   "alike); set num_topk to 0 on every rank to send none",
+                   a.num_topk);
+    const bool has_topk = a.num_topk > 0;
     if (has_topk && !worst_case) {
       // Cached: the ids only travel with the tokens; the expert count is the handle's.
       deepepDispatchArgs ids = a;

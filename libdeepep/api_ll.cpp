@@ -51,12 +51,11 @@ const char* operation_name(int combine) { return combine ? "combine" : "dispatch
 // anything is launched, and refused as a call this rank did not make (nothing launched, as Python's receive hooks do):
 // a refusal's side of a Send would take the set's place in the sequence from the Send still waiting for its Recv, and
 // a refusal's Recv side would tell the peers of a Send that never went out.
-// Calls a capture records, and every call on a set a capture has used, are not checked: the graphs' launches, not
-// the calls, send and receive there.
+// Calls a capture records, and every call on a set a capture has recorded a call on (note_phase), are not checked:
+// the graphs' launches, not the calls, send and receive there.
 void check_phase_order(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase,
                        bool capturing) {
-  if (capturing) comm.ll_set_captured[buffer_set] = true;
-  if (comm.ll_set_captured[buffer_set]) return;
+  if (capturing || comm.ll_set_captured[buffer_set]) return;
   const int due = comm.ll_recv_due[buffer_set];
   if (phase != deepepLowLatencyRecv) {
     if (due == deepepComm::kLowLatencyNoRecvDue) return;
@@ -77,7 +76,10 @@ void check_phase_order(const deepepComm& comm, bool combine, int buffer_set, dee
 }
 
 // The set's state once a call is launched: a Send leaves its Recv due, a Recv ends it.
-void note_phase(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase) {
+// After a call launched: what is due on its set now. A captured one (not a refused one, which recorded nothing) ends
+// the checks on its set.
+void note_phase(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase, bool capturing) {
+  if (capturing) comm.ll_set_captured[buffer_set] = true;
   if (comm.ll_set_captured[buffer_set]) return;
   if (phase == deepepLowLatencySend) comm.ll_recv_due[buffer_set] = static_cast<int>(combine);
   if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
@@ -305,7 +307,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
-    note_phase(c, false, a.buffer_set, a.phase);
+    note_phase(c, false, a.buffer_set, a.phase, capture.capturing());
   });
 }
 
@@ -348,7 +350,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     check_device_array(c, a.out, static_cast<size_t>(a.num_tokens) * a.hidden * 2, 16, "out");
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
-    note_phase(c, true, a.buffer_set, a.phase);
+    note_phase(c, true, a.buffer_set, a.phase, capture.capturing());
   });
 }
 
@@ -361,6 +363,8 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
     check_set_and_phase(buffer_set, phase);
     check_flag(combine, "combine");
     require_not_capturing(stream, "a refusal");
+    // Out of order it would take the place of the Send still due, as the calls' own refusals would (check_phase_order).
+    check_phase_order(c, combine != 0, buffer_set, phase, false);
     refuse(c, combine != 0, buffer_set, phase, stream);
   });
 }

@@ -559,9 +559,9 @@ static bool every_rank_arrives(const deepepComm& comm) {
   const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
   bool ok = cudaMalloc(reinterpret_cast<void**>(&flag), sizeof(int)) == cudaSuccess;
   if (ok) {
-    arrival_barrier_kernel<<<1, 32 * ((comm.nranks + 31) / 32), 0, comm.stream>>>(comm.peer_buffers_device, comm.rank,
-                                                                                  comm.nranks, timeout_ns, flag);
-    ok = cudaGetLastError() == cudaSuccess && cudaStreamSynchronize(comm.stream) == cudaSuccess &&
+    ok = try_launch_kernel(arrival_barrier_kernel, 1, 32 * ((comm.nranks + 31) / 32), 0, comm.stream, false, false,
+                           comm.peer_buffers_device, comm.rank, comm.nranks, timeout_ns, flag) == cudaSuccess &&
+         cudaStreamSynchronize(comm.stream) == cudaSuccess &&
          cudaMemcpy(&arrived, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
   }
   if (flag != nullptr) cudaFree(flag);

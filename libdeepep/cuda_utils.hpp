@@ -67,9 +67,11 @@ float median_event_ms(cudaStream_t stream, int warmup, int passes, const std::fu
 // then; such a kernel must call wait_for_previous_grid (device_utils.cuh) before it touches anything, except where
 // the kernel ahead is launch_clear_counts' (a plain launch, so what came before it is done): then only the arrays it
 // clears wait. `cooperative`: all blocks resident at once.
+// Unlike a <<<>>> launch followed by cudaGetLastError, the status is this launch's alone, not an error an earlier
+// call on the thread (the application's) left behind. try_launch_kernel returns it, launch_kernel throws it.
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream, bool early,
-                   bool cooperative, Args&&... args) {
+cudaError_t try_launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream,
+                              bool early, bool cooperative, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(threads);
@@ -87,7 +89,14 @@ void launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t sh
   }
   config.attrs = attributes;
   config.numAttrs = count;
-  DEEPEP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t shared, cudaStream_t stream, bool early,
+                   bool cooperative, Args&&... args) {
+  DEEPEP_CUDA_CHECK(
+      try_launch_kernel(kernel, blocks, threads, shared, stream, early, cooperative, std::forward<Args>(args)...));
 }
 
 }  // namespace deepep

@@ -663,9 +663,12 @@ __device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMes
   return false;
 }
 
+// A 64-bit id past int32 names no expert: -1, not its low half, which could name one (a cached dispatch does not
+// check the ids it carries).
 __device__ __forceinline__ int32_t topk_entry(const DispatchParams& q, int64_t token, int k) {
-  return q.topk_int64 ? static_cast<int32_t>(static_cast<const int64_t*>(q.topk_idx)[token * q.topk_stride + k])
-                      : static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
+  if (!q.topk_int64) return static_cast<const int32_t*>(q.topk_idx)[token * q.topk_stride + k];
+  const int64_t id = static_cast<const int64_t*>(q.topk_idx)[token * q.topk_stride + k];
+  return id == static_cast<int32_t>(id) ? static_cast<int32_t>(id) : -1;
 }
 
 // One token's routing as a push warp holds it: lane k slot k's id and weight, lane d the token's position at rank d

@@ -113,8 +113,7 @@ void launch_dispatch_layout(const deepepComm& comm, const void* topk_idx, deepep
 }
 
 void launch_clear_counts(int32_t* a, int64_t na, int32_t* b, int64_t nb, cudaStream_t stream) {
-  clear_counts_kernel<<<1, kThreads, 0, stream>>>(a, na, b, nb);
-  DEEPEP_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(clear_counts_kernel, 1, kThreads, 0, stream, false, false, a, na, b, nb);
 }
 
 }  // namespace deepep

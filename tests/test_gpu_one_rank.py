@@ -226,10 +226,19 @@ def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_high_throughput_rules_from_c(tmp_path):
+    """tests/c/ht_checks.c: an error the application left on the thread does not fail the next layout; a dispatch with
+    num_topk > 0 and no topk_idx is refused naming topk_idx; with num_topk 0 the rows arrive unchanged."""
+    result = run_c_test(tmp_path, "ht_checks")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("as expected") == 8, result.stdout
+
+
 def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):
     """tests/c/ll_phases.c: a Recv with no Send due, a Send on a set whose Recv is due and a Recv of the other kind
-    return deepepInvalidUsage; the calls in order succeed, a captured Send is received by eager Recvs after each
-    launch of its graph, and the stream ends clean."""
+    return deepepInvalidUsage, and so do refusals of such calls; a call refused inside a capture leaves its set
+    checked; the calls in order succeed, a captured Send is received by eager Recvs after each launch of its graph,
+    and the stream ends clean."""
     result = run_c_test(tmp_path, "ll_phases")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("as expected") == 18, result.stdout
+    assert result.stdout.count("as expected") == 23, result.stdout

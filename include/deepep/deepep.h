@@ -333,8 +333,8 @@ typedef struct {
   size_t struct_size;
   /* Routing, read by deepepDispatchNotify and by worst-case dispatches. A cached dispatch takes num_experts,
    * expert_alignment and num_sms from its handle and ignores them here; num_tokens must be the handle's, and topk_idx
-   * (with its type, num_topk and stride) travels with the tokens when given, as recv_topk_idx needs (every rank with
-   * or every rank without it). */
+   * (with its type and stride) travels with the tokens when num_topk > 0, as recv_topk_idx needs (every rank with the
+   * same num_topk, 0 to send none; a rank with no tokens may pass NULL ids). */
   int64_t num_tokens;   /* N of this rank, <= config max_tokens_per_rank */
   const void* topk_idx; /* [N, num_topk] deepepInt64 or deepepInt32, entries in [-1, num_experts) */
   deepepDataType_t topk_type;
@@ -344,7 +344,7 @@ typedef struct {
   int expert_alignment;     /* receive counts per local expert are rounded up to this: >= 1, and the most an expert can
                              * receive (nranks * max_tokens_per_rank * num_topk) rounded up to it must fit int32 */
   int64_t num_worst_tokens; /* > 0: worst-case mode with outputs of this many rows */
-  int num_sms;              /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 up to 2 ranks, else 32 */
+  int num_sms; /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 up to 2 ranks, else 32 (at most the SMs) */
   /* Payload (deepepDispatch). */
   const void* x; /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
   deepepDataType_t x_type;
@@ -611,7 +611,9 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
  * in step. A refused Send completes the whole operation here: call no Recv for it. After a refused dispatch the other
  * ranks make its combine: refuse that too (combine = 1, same buffer_set).
  * deepepLowLatencyDispatch and deepepLowLatencyCombine do this themselves for arguments they refuse. Collective in
- * the sense above (in place of the refused call); not capturable (a capture would record it, not run it). */
+ * the sense above (in place of the refused call); not capturable (a capture would record it, not run it). The phase
+ * order is checked as for the calls: a refusal of a Send or SendRecv on a set whose Recv is due, or of a Recv where no
+ * Send of its kind is due, returns deepepInvalidUsage and launches nothing. */
 DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,
                                                      deepepLowLatencyPhase_t phase, struct CUstream_st* stream);
 

@@ -1,6 +1,7 @@
 /* The low-latency phase rule kept by the library (deepep.h, "Phases"), from C on one rank: a Recv with no Send due,
- * a second Send on a set whose Recv is due and a Recv of the other kind return deepepInvalidUsage and launch nothing;
- * a Send captured in a graph is received by eager Recvs after each launch;
+ * a second Send on a set whose Recv is due and a Recv of the other kind return deepepInvalidUsage and launch nothing,
+ * and so do refusals of such calls (deepepLowLatencyRefuseCall); a call refused inside a capture leaves its set
+ * checked; a Send captured in a graph is received by eager Recvs after each launch;
  * the calls in the right order succeed and the stream finishes clean. Prints one line per step; exit status 0: as
  * expected, 1: not, 3: setup failed. */
 #include <cuda_runtime.h>
@@ -96,9 +97,15 @@ int main(void) {
 
   d.phase = deepepLowLatencyRecv;
   expect("dispatch Recv on set 0 with no Send made", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  expect("refusal of a dispatch Recv on set 0 with no Send made",
+         deepepLowLatencyRefuseCall(comm, 0, 0, deepepLowLatencyRecv, stream), deepepInvalidUsage);
   d.phase = deepepLowLatencySend;
   expect("dispatch Send on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   expect("dispatch Send on set 0 again, its Recv due", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  expect("refusal of a dispatch SendRecv on set 0, its Recv due",
+         deepepLowLatencyRefuseCall(comm, 0, 0, deepepLowLatencySendRecv, stream), deepepInvalidUsage);
+  expect("refusal of a combine Recv on set 0, a dispatch's Recv due",
+         deepepLowLatencyRefuseCall(comm, 1, 0, deepepLowLatencyRecv, stream), deepepInvalidUsage);
   d.phase = deepepLowLatencySendRecv;
   expect("dispatch SendRecv on set 0, its Recv due", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
   c.phase = deepepLowLatencyRecv;
@@ -110,6 +117,22 @@ int main(void) {
   d.phase = deepepLowLatencyRecv;
   expect("dispatch Recv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   expect("dispatch Recv on set 0 again", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  /* A dispatch refused inside a capture (hidden not a multiple of 8) records nothing: set 0 stays checked. */
+  d.phase = deepepLowLatencySend;
+  d.hidden = H - 4;
+  if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+    printf("capture failed to start\n");
+    return 3;
+  }
+  expect("dispatch Send on set 0 with a bad hidden, captured", deepepLowLatencyDispatch(comm, &d, stream),
+         deepepInvalidArgument);
+  graph = NULL;
+  if (cudaStreamEndCapture(stream, &graph) == cudaSuccess && graph != NULL) cudaGraphDestroy(graph);
+  cudaGetLastError();
+  d.hidden = H;
+  d.phase = deepepLowLatencyRecv;
+  expect("dispatch Recv on set 0 after a refused capture, no Send made", deepepLowLatencyDispatch(comm, &d, stream),
+         deepepInvalidUsage);
   /* A Send captured in a graph on set 1, the graph launched twice, each time received by an eager Recv: a set that a
    * capture used is not checked any more (the graph, not the call, sends). */
   d.buffer_set = 1;
