@@ -568,7 +568,6 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                      "topk_weights are given but num_topk is %d; it must be in [1, %d] (the columns of topk_idx and "
                      "topk_weights)",
                      a.num_topk, DEEPEP_MAX_TOPK);
-      DEEPEP_REQUIRE(has_topk, "topk_weights are given without topk_idx");
       const int64_t stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
       DEEPEP_REQUIRE(stride >= a.num_topk, "weights_row_stride is below num_topk");
       check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, stride, 4), 4, "topk_weights");
@@ -619,7 +618,6 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
                      "recv_topk_idx / recv_topk_weights are given but num_topk is %d; it must be in "
                      "[1, %d] (the columns of topk_idx)",
                      a.num_topk, DEEPEP_MAX_TOPK);
-      DEEPEP_REQUIRE(has_topk, "recv_topk_idx / recv_topk_weights need topk_idx");
     }
     // Optional outputs are checked when given.
     if (a.recv_topk_idx != nullptr)

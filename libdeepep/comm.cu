@@ -25,11 +25,37 @@ namespace {
 
 static_assert(sizeof(nvshmemx_uniqueid_t) == DEEPEP_UNIQUE_ID_BYTES, "deepepUniqueId must hold NVSHMEM's id");
 
-// Live communicators: lets every entry point reject freed or foreign handles without touching their memory, and
-// enforces one communicator per process (NVSHMEM is a per-process runtime).
+// Live communicators: lets every entry point reject freed or foreign handles without touching their memory.
 std::mutex registry_mutex;
 std::set<deepepComm*> live_comms;
-bool comm_being_created = false;
+// Destroyed communicators' memory, never freed, so that a new one never gets the address of an old one: a stale
+// handle (a second deepepCommDestroy, say) is then refused instead of acting on the new communicator.
+std::vector<std::unique_ptr<deepepComm>> retired_comms;
+
+// NVSHMEM is a per-process runtime, set up by one communicator at a time; under registry_mutex. A setup or teardown
+// that did not finish (a timeout, a lost peer, a failure that left NVSHMEM initialised) leaves it unusable for the
+// rest of the process: `nvshmem_unusable` then says why, and the next deepepCommInitRank says so instead of racing a
+// setup still running or initialising NVSHMEM a second time.
+bool nvshmem_in_use = false;  // a communicator holds it, or is being created or destroyed
+const char* nvshmem_unusable = nullptr;
+
+// Ends a creation's or a destruction's hold on NVSHMEM: free for the next communicator, or (`unusable`: why) never
+// again in this process.
+struct NvshmemHold {
+  const char* unusable = nullptr;
+  bool kept = false;  // a communicator was made: it holds NVSHMEM on
+  ~NvshmemHold() {
+    if (kept) return;
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    nvshmem_in_use = false;
+    if (unusable != nullptr && nvshmem_unusable == nullptr) nvshmem_unusable = unusable;
+  }
+};
+constexpr const char* kSetupUnfinished =
+    "an earlier deepepCommInitRank's NVSHMEM setup did not finish (it failed or timed out with NVSHMEM started)";
+constexpr const char* kTeardownSkipped =
+    "an earlier communicator's NVSHMEM teardown did not run or finish (a peer lost or late, a stream error, or a "
+    "timeout)";
 
 // What each rank publishes at setup so that ranks can check they agree before any collective relies on it.
 struct RankHello {
@@ -216,6 +242,10 @@ struct SetupRequest {
   LowLatencyArea ll_area;       // its layout
   size_t dispatch_area_offset = 0;
   deepepUniqueId id = {};
+  // Progress, for what a failed setup leaves (read after run_bounded returns or throws; a thread still running after
+  // a timeout may set them later, which only errs on the side of NVSHMEM being unusable).
+  std::atomic<bool> nvshmem_started{false};    // nvshmemi_init_thread was called
+  std::atomic<bool> nvshmem_finalized{false};  // and a collective nvshmem_finalize undid it
   // Results:
   void* buffer = nullptr;
   std::vector<void*> peer_buffers;
@@ -249,6 +279,7 @@ static void nvshmem_setup(SetupRequest* comm) {
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_set_attr_uniqueid_args failed with status %d", status);
   // nvshmemx_init_attr() would exit the process on failure; call the initialiser it wraps and report instead.
   int provided = 0;
+  comm->nvshmem_started = true;
   nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                 NVSHMEM_VENDOR_PATCH_VERSION};
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
@@ -286,12 +317,14 @@ static void nvshmem_setup(SetupRequest* comm) {
   }
   if (!disagreement.empty()) {
     nvshmem_finalize();
+    comm->nvshmem_finalized = true;
     fail(deepepInvalidArgument, "ranks disagree on the communicator setup: %s", disagreement.c_str());
   }
 
   comm->buffer = nvshmem_malloc(comm->buffer_bytes);
   if (comm->buffer == nullptr) {
     nvshmem_finalize();
+    comm->nvshmem_finalized = true;
     fail(deepepOutOfMemory, "nvshmem_malloc of the %zu-byte communication buffer failed", comm->buffer_bytes);
   }
   DEEPEP_CUDA_CHECK(cudaMemset(comm->buffer, 0, kControlBytes));
@@ -364,18 +397,18 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
-    if (!live_comms.empty() || comm_being_created) {
+    if (nvshmem_unusable != nullptr) {
+      fail(deepepInvalidUsage, "this process cannot set up NVSHMEM again: %s; make the communicator in a new process",
+           nvshmem_unusable);
+    }
+    if (nvshmem_in_use) {
       fail(deepepInvalidUsage,
-           "a communicator already exists in this process; this release supports one at a time (destroy it first)");
+           "a communicator already exists in this process, or is being created or destroyed; this release supports "
+           "one at a time (destroy it first)");
     }
-    comm_being_created = true;
+    nvshmem_in_use = true;
   }
-  struct CreationFlag {
-    ~CreationFlag() {
-      std::lock_guard<std::mutex> lock(registry_mutex);
-      comm_being_created = false;
-    }
-  } creation_flag;
+  NvshmemHold hold;
 
   // NVLink multicast can take shared GPUs down and nothing here needs it: off unless the caller asks.
   // These take effect only where NVSHMEM has not read its environment yet: in a process that made the id, they did
@@ -420,8 +453,14 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   request->ll_area = comm->ll_area;
   request->dispatch_area_offset = comm->dispatch_area_offset;
   request->id = id;
-  run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",
-              [request]() { nvshmem_setup(request.get()); });
+  try {
+    run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",
+                [request]() { nvshmem_setup(request.get()); });
+  } catch (...) {
+    if (request->nvshmem_started && !request->nvshmem_finalized) hold.unusable = kSetupUnfinished;
+    throw;
+  }
+  hold.unusable = kSetupUnfinished;  // until the communicator is made, or NVSHMEM torn down again
   comm->buffer = request->buffer;
   comm->peer_buffers = request->peer_buffers;
   comm->ll_blocks = low_latency_blocks(request->min_sm_count);
@@ -484,6 +523,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
         nvshmem_free(buffer);
         nvshmem_finalize();
       });
+      hold.unusable = nullptr;
     } catch (const Error&) {
     }
     if (local_failure) std::rethrow_exception(local_failure);
@@ -494,6 +534,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 
   std::lock_guard<std::mutex> lock(registry_mutex);
   live_comms.insert(raw);
+  hold.kept = true;
   return comm.release();
 }
 
@@ -570,11 +611,18 @@ static bool every_rank_arrives(const deepepComm& comm) {
 }
 
 void destroy_comm(deepepComm* comm) {
+  struct Retire {  // after the hold's end (declared later, destroyed first)
+    deepepComm* comm;
+    ~Retire() {
+      std::lock_guard<std::mutex> lock(registry_mutex);
+      retired_comms.emplace_back(comm);
+    }
+  } retire{comm};
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
     live_comms.erase(comm);
   }
-  std::unique_ptr<deepepComm> owner(comm);
+  NvshmemHold hold{kTeardownSkipped};
   DeviceGuard guard(comm->device);
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
   const bool peer_lost = peer_may_be_lost(*comm);  // before the record is freed
@@ -603,6 +651,7 @@ void destroy_comm(deepepComm* comm) {
                 nvshmem_free(buffer);
                 nvshmem_finalize();
               });
+  hold.unusable = nullptr;
 }
 
 bool is_live_comm(const deepepComm* comm, uint64_t serial) {

@@ -1524,8 +1524,8 @@ double measure_push_bandwidth(const deepepComm& comm, int num_sms, size_t bytes,
   auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(comm.peer_buffers[peer]) + kControlBytes +
                                       static_cast<size_t>(comm.rank) * region);
   // The first two passes warm up.
-  const float ms =
-      median_event_ms(stream, 2, iterations, [&] { push_kernel<<<num_sms, 512, 0, stream>>>(dst, src, n); });
+  const float ms = median_event_ms(
+      stream, 2, iterations, [&] { launch_kernel(push_kernel, num_sms, 512, 0, stream, false, false, dst, src, n); });
   return static_cast<double>(n * 16) / (ms * 1e-3) / 1e9;
 }
 

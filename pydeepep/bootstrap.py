@@ -120,7 +120,7 @@ def from_env(timeout: float = 120.0) -> RankInfo:
             unique_id = get_unique_id()
             _write_id_file(path, unique_id)
         else:
-            unique_id = _read_id_file(path, timeout)
+            unique_id = _read_id_file(path, seconds)
     else:
         raise DeepEPInvalidArgument("set DEEPEP_UNIQUE_ID (hex) or DEEPEP_UNIQUE_ID_FILE (a path all ranks share)")
     return RankInfo(rank, nranks, device, unique_id)

@@ -144,6 +144,16 @@ def test_from_env_says_what_a_file_of_the_wrong_size_holds(monkeypatch, tmp_path
         bootstrap.from_env(timeout=0.2)
 
 
+def test_from_env_waits_its_timeout_given_as_any_real_number(monkeypatch, tmp_path):
+    # A timeout that float() takes (here a string) is the one the wait uses, not passed on as it came.
+    import numpy as np
+
+    as_rank_one_reading(monkeypatch, tmp_path / "job.id")
+    for timeout in ("0.2", np.float32(0.2)):
+        with pytest.raises(pydeepep.DeepEPTimeoutError):
+            bootstrap.from_env(timeout=timeout)
+
+
 def test_from_env_refuses_an_id_file_others_may_write(monkeypatch, tmp_path):
     path = tmp_path / "job.id"
     path.write_bytes(bytes(128))

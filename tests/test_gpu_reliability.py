@@ -140,6 +140,12 @@ def killed_peer(info, post, may_die, peer_dead, call):
             post("close", ("closed", time.monotonic() - start, ""))
         except pydeepep.DeepEPError as exc:
             post("close", (type(exc).__name__, time.monotonic() - start, str(exc)))
+        # NVSHMEM's teardown was skipped: a new communicator in this process is refused at once, saying why.
+        try:
+            pydeepep.Communicator(pydeepep.get_unique_id(), 0, 1, device=info.device, timeout=TIMEOUT)
+            post("again", ("made", ""))
+        except pydeepep.DeepEPError as exc:
+            post("again", (type(exc).__name__, str(exc)))
 
 
 def _rank_process(target, rank, nranks, id_queue, reports, args):
@@ -239,6 +245,9 @@ def test_a_killed_peer_gives_a_timeout_naming_it_and_the_survivor_exits_cleanly(
     # The teardown is collective: with the peer gone it may end in a timeout, but it must end, in bounded time.
     assert closed[0] in ("closed", "DeepEPTimeoutError"), closed
     assert closed[1] < TIMEOUT + GRACE, closed
+    again = rank0.get("again")
+    assert again is not None and again[0] == "DeepEPInvalidUsage", again
+    assert "cannot set up NVSHMEM again" in again[1], again
     assert rank0.get("returned") is True, rank0
     assert exitcodes[0] == 0, f"rank 0 exit code {exitcodes[0]} (None or -9: it hung at exit and was killed)"
     assert exited_at[0] - reports[0]["close@"] < 30, "rank 0 took more than 30 s to exit after close()"

@@ -28,7 +28,8 @@
  *
  * Limits of this release
  *  - One communicator per process at a time (NVSHMEM is initialised once per process). A second
- *    deepepCommInitRank while one is alive returns deepepInvalidUsage.
+ *    deepepCommInitRank while one is alive, being created or being destroyed returns deepepInvalidUsage, and so
+ *    does any after a setup or teardown that did not finish (a timeout, a lost peer).
  *  - 1 <= nranks <= DEEPEP_MAX_RANKS; 1 <= num_topk <= DEEPEP_MAX_TOPK; num_experts divisible by nranks with at
  *    most DEEPEP_MAX_LOCAL_EXPERTS per rank; hidden at most DEEPEP_MAX_HIDDEN, and at most DEEPEP_LL_MAX_HIDDEN in a
  *    config with a low-latency area.
@@ -185,13 +186,14 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
  * multicast is thus off unless NVSHMEM_DISABLE_NVLS=0 was set before that call. Initialises NVSHMEM
  * (NVLink multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers.
  * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
- * thread is then left behind, and the process should exit). The ranks' configs must give their buffers one layout
- * (pass the same buffer_bytes, workload fields, low_latency_max_tokens and zero_copy_dispatch): ranks whose layouts
- * differ all get deepepInvalidArgument, which describes both. A step that fails on some ranks only, once the buffer
- * is allocated and mapped, fails the call on every rank (the others get deepepRemoteError), so that no rank keeps a
- * communicator missing a peer; a rank failing inside NVSHMEM's own initialisation or the buffer's allocation leaves
- * the others waiting until their timeout. Not graph-capturable. [out] comm; [in] nranks, id, rank; [in] config: NULL
- * for the defaults. */
+ * thread is then left behind, and the process should exit: a later deepepCommInitRank in it returns
+ * deepepInvalidUsage, as after any setup that failed with NVSHMEM started and not finalised). The ranks' configs must
+ * give their buffers one layout (pass the same buffer_bytes, workload fields, low_latency_max_tokens and
+ * zero_copy_dispatch): ranks whose layouts differ all get deepepInvalidArgument, which describes both. A step that
+ * fails on some ranks only, once the buffer is allocated and mapped, fails the call on every rank (the others get
+ * deepepRemoteError), so that no rank keeps a communicator missing a peer; a rank failing inside NVSHMEM's own
+ * initialisation or the buffer's allocation leaves the others waiting until their timeout. Not graph-capturable. [out]
+ * comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
 DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
                                              const deepepConfig* config);
 
@@ -201,9 +203,10 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
  * NVSHMEM's collective teardown, which would wait for it forever, is skipped: the result is deepepTimeout, or
  * deepepSuccess when an earlier call already reported a timeout or masked a rank. A rank that stopped waiting tells
  * the ranks that arrive after it, which then skip the teardown at once too. The process should then exit (NVSHMEM
- * cannot start again in it). The ranks meet through their NVLink-mapped buffers: with a rank outside this rank's
- * NVLink domain, or more than 64 ranks, they do not, and a rank that does not arrive makes NVSHMEM's teardown wait
- * instead, up to the same timeout (deepepTimeout, with NVSHMEM's thread left behind). */
+ * cannot start again in it: a later deepepCommInitRank returns deepepInvalidUsage). The ranks meet through their
+ * NVLink-mapped buffers: with a rank outside this rank's NVLink domain, or more than 64 ranks, they do not, and a rank
+ * that does not arrive makes NVSHMEM's teardown wait instead, up to the same timeout (deepepTimeout, with NVSHMEM's
+ * thread left behind). */
 DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm);
 
 /* Local queries. */
@@ -344,7 +347,8 @@ typedef struct {
   int expert_alignment;     /* receive counts per local expert are rounded up to this: >= 1, and the most an expert can
                              * receive (nranks * max_tokens_per_rank * num_topk) rounded up to it must fit int32 */
   int64_t num_worst_tokens; /* > 0: worst-case mode with outputs of this many rows */
-  int num_sms; /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 up to 2 ranks, else 32 (at most the SMs) */
+  int num_sms; /* blocks (one per SM), 1..min(160, the device's SMs); 0: 24 up to 2 ranks, else 32, at most the SMs
+                * (ranks on devices of different SM counts pass the same num_sms: see above) */
   /* Payload (deepepDispatch). */
   const void* x; /* [N, hidden] deepepBFloat16 or deepepFloat8E4M3 */
   deepepDataType_t x_type;

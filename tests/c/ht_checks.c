@@ -3,7 +3,10 @@
  *   reports its own launches' status only;
  * - a dispatch with num_topk > 0 and no topk_idx (some tokens) is refused with a message naming topk_idx: the row
  *   layout follows num_topk, which every rank must give alike;
- * - the same dispatch with num_topk = 0 moves the rows unchanged.
+ * - the same dispatch with num_topk = 0 moves the rows unchanged;
+ * - a cached dispatch carries a 64-bit id past int32 as -1 (not its low half, a plausible expert) and the others as
+ *   they are;
+ * - a rank with no tokens may pass NULL ids with num_topk > 0 (notify and dispatch).
  * Prints one line per step; exit status 0: as expected, 1: not, 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
@@ -27,19 +30,22 @@ int main(void) {
   int count = 0, i, same;
   int64_t topk[N * K], rows = 0;
   uint16_t x[N * H], got[N * H];
-  void *d_x, *d_topk, *per_rank, *per_expert, *in_rank, *recv_x, *too_large = NULL;
+  int64_t far_topk[N * K], got_topk[N * K];
+  void *d_x, *d_topk, *d_far_topk, *per_rank, *per_expert, *in_rank, *recv_x, *recv_topk, *too_large = NULL;
   deepepUniqueId id;
   deepepConfig config;
   deepepComm_t comm;
   deepepHandle_t handle;
   deepepDispatchArgs args;
-  deepepResult_t result;
+  deepepResult_t result, async_error = deepepSuccess;
   cudaStream_t stream;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
     printf("no GPU\n");
     return 3;
   }
   for (i = 0; i < N * K; ++i) topk[i] = (i * 3 + i / K) % E; /* every token names an expert: all rows arrive */
+  for (i = 0; i < N * K; ++i) far_topk[i] = topk[i];
+  far_topk[0] = ((int64_t)1 << 32) + 3; /* its low half names expert 3 */
   for (i = 0; i < N * H; ++i) x[i] = (uint16_t)(0x3c00 + i % 977);
   if (cudaSetDevice(0) != cudaSuccess || deepepGetUniqueId(&id) != deepepSuccess ||
       deepepConfigInit(&config, sizeof(config)) != deepepSuccess) {
@@ -60,6 +66,9 @@ int main(void) {
       cudaMalloc(&d_x, sizeof(x)) != cudaSuccess || cudaMalloc(&d_topk, sizeof(topk)) != cudaSuccess ||
       cudaMalloc(&per_rank, 4) != cudaSuccess || cudaMalloc(&per_expert, 4 * E) != cudaSuccess ||
       cudaMalloc(&in_rank, N) != cudaSuccess || cudaMalloc(&recv_x, sizeof(x)) != cudaSuccess ||
+      cudaMalloc(&d_far_topk, sizeof(far_topk)) != cudaSuccess ||
+      cudaMalloc(&recv_topk, sizeof(got_topk)) != cudaSuccess ||
+      cudaMemcpy(d_far_topk, far_topk, sizeof(far_topk), cudaMemcpyHostToDevice) != cudaSuccess ||
       cudaMemcpy(d_x, x, sizeof(x), cudaMemcpyHostToDevice) != cudaSuccess ||
       cudaMemcpy(d_topk, topk, sizeof(topk), cudaMemcpyHostToDevice) != cudaSuccess) {
     printf("CUDA setup failed\n");
@@ -99,6 +108,36 @@ int main(void) {
   expect("stream finished", cudaStreamSynchronize(stream) == cudaSuccess, "");
   same = cudaMemcpy(got, recv_x, sizeof(got), cudaMemcpyDeviceToHost) == cudaSuccess && memcmp(got, x, sizeof(x)) == 0;
   expect("rows received unchanged", same, "");
+
+  /* One rank holds every expert: recv_topk_idx is the ids themselves, but for the one past int32. */
+  args.topk_idx = d_far_topk;
+  args.num_topk = K;
+  args.recv_topk_idx = recv_topk;
+  result = deepepDispatch(comm, &args, handle, stream);
+  expect("cached dispatch carrying an id past int32", result == deepepSuccess, deepepGetErrorString(result));
+  same = cudaStreamSynchronize(stream) == cudaSuccess &&
+         cudaMemcpy(got_topk, recv_topk, sizeof(got_topk), cudaMemcpyDeviceToHost) == cudaSuccess;
+  for (i = 0; i < N * K && same; ++i) same = got_topk[i] == (i == 0 ? -1 : topk[i]);
+  expect("recv_topk_idx: -1 for it, the others as sent", same, "");
+
+  /* No tokens: NULL ids with num_topk > 0. */
+  args.num_tokens = 0;
+  args.x = NULL;
+  args.topk_idx = NULL;
+  args.recv_x = NULL;
+  args.recv_topk_idx = NULL;
+  result = deepepDispatchNotify(comm, &args, handle, stream);
+  expect("notify of no tokens, NULL ids, num_topk 2", result == deepepSuccess, deepepGetErrorString(result));
+  rows = -1;
+  deepepHandleGetNumRecvTokens(handle, &rows);
+  args.num_recv_rows = rows;
+  result = deepepDispatch(comm, &args, handle, stream);
+  expect("dispatch of no tokens, NULL ids, num_topk 2", result == deepepSuccess && rows == 0,
+         deepepGetErrorString(result));
+  expect("stream finished again", cudaStreamSynchronize(stream) == cudaSuccess, "");
+  result = deepepCommGetAsyncError(comm, &async_error);
+  expect("no asynchronous error", result == deepepSuccess && async_error == deepepSuccess,
+         deepepGetErrorString(async_error));
 
   deepepHandleDestroy(handle);
   deepepCommDestroy(comm);

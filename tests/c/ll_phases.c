@@ -1,9 +1,9 @@
 /* The low-latency phase rule kept by the library (deepep.h, "Phases"), from C on one rank: a Recv with no Send due,
  * a second Send on a set whose Recv is due and a Recv of the other kind return deepepInvalidUsage and launch nothing,
- * and so do refusals of such calls (deepepLowLatencyRefuseCall); a call refused inside a capture leaves its set
- * checked; a Send captured in a graph is received by eager Recvs after each launch;
- * the calls in the right order succeed and the stream finishes clean. Prints one line per step; exit status 0: as
- * expected, 1: not, 3: setup failed. */
+ * and so do refusals of such calls (deepepLowLatencyRefuseCall), while one in order is made; a call refused inside a
+ * capture leaves its set checked; a Send captured in a graph is received by eager Recvs after each launch; the calls in
+ * the right order succeed and the stream finishes clean. Prints one line per step; exit status 0: as expected, 1: not,
+ * 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
 #include <stdint.h>
@@ -99,6 +99,8 @@ int main(void) {
   expect("dispatch Recv on set 0 with no Send made", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
   expect("refusal of a dispatch Recv on set 0 with no Send made",
          deepepLowLatencyRefuseCall(comm, 0, 0, deepepLowLatencyRecv, stream), deepepInvalidUsage);
+  expect("refusal of a dispatch SendRecv on set 0 in order (it counts as made)",
+         deepepLowLatencyRefuseCall(comm, 0, 0, deepepLowLatencySendRecv, stream), deepepSuccess);
   d.phase = deepepLowLatencySend;
   expect("dispatch Send on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   expect("dispatch Send on set 0 again, its Recv due", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
