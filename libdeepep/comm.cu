@@ -242,10 +242,12 @@ struct SetupRequest {
   LowLatencyArea ll_area;       // its layout
   size_t dispatch_area_offset = 0;
   deepepUniqueId id = {};
-  // Progress, for what a failed setup leaves (read after run_bounded returns or throws; a thread still running after
-  // a timeout may set them later, which only errs on the side of NVSHMEM being unusable).
-  std::atomic<bool> nvshmem_started{false};    // nvshmemi_init_thread was called
-  std::atomic<bool> nvshmem_finalized{false};  // and a collective nvshmem_finalize undid it
+  // What a failed setup leaves NVSHMEM in. The setup thread moves kNotStarted -> kStarted just before initialising
+  // NVSHMEM (and gives up if it cannot: the caller abandoned it after a timeout), and to kFinalized once a collective
+  // nvshmem_finalize undid that; the caller's failure path moves kNotStarted -> kAbandoned. So "never started" is
+  // certain when the caller's move succeeds, and a thread still running after a timeout never starts NVSHMEM later.
+  enum NvshmemProgress : int { kNotStarted, kStarted, kFinalized, kAbandoned };
+  std::atomic<int> nvshmem{kNotStarted};
   // Results:
   void* buffer = nullptr;
   std::vector<void*> peer_buffers;
@@ -279,7 +281,9 @@ static void nvshmem_setup(SetupRequest* comm) {
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_set_attr_uniqueid_args failed with status %d", status);
   // nvshmemx_init_attr() would exit the process on failure; call the initialiser it wraps and report instead.
   int provided = 0;
-  comm->nvshmem_started = true;
+  int not_started = SetupRequest::kNotStarted;
+  if (!comm->nvshmem.compare_exchange_strong(not_started, SetupRequest::kStarted))
+    fail(deepepTimeout, "NVSHMEM setup abandoned by its deepepCommInitRank (timeout) before it started");
   nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                 NVSHMEM_VENDOR_PATCH_VERSION};
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
@@ -317,14 +321,14 @@ static void nvshmem_setup(SetupRequest* comm) {
   }
   if (!disagreement.empty()) {
     nvshmem_finalize();
-    comm->nvshmem_finalized = true;
+    comm->nvshmem = SetupRequest::kFinalized;
     fail(deepepInvalidArgument, "ranks disagree on the communicator setup: %s", disagreement.c_str());
   }
 
   comm->buffer = nvshmem_malloc(comm->buffer_bytes);
   if (comm->buffer == nullptr) {
     nvshmem_finalize();
-    comm->nvshmem_finalized = true;
+    comm->nvshmem = SetupRequest::kFinalized;
     fail(deepepOutOfMemory, "nvshmem_malloc of the %zu-byte communication buffer failed", comm->buffer_bytes);
   }
   DEEPEP_CUDA_CHECK(cudaMemset(comm->buffer, 0, kControlBytes));
@@ -457,7 +461,9 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",
                 [request]() { nvshmem_setup(request.get()); });
   } catch (...) {
-    if (request->nvshmem_started && !request->nvshmem_finalized) hold.unusable = kSetupUnfinished;
+    int not_started = SetupRequest::kNotStarted;
+    const bool never_started = request->nvshmem.compare_exchange_strong(not_started, SetupRequest::kAbandoned);
+    if (!never_started && request->nvshmem != SetupRequest::kFinalized) hold.unusable = kSetupUnfinished;
     throw;
   }
   hold.unusable = kSetupUnfinished;  // until the communicator is made, or NVSHMEM torn down again
@@ -611,6 +617,15 @@ static bool every_rank_arrives(const deepepComm& comm) {
 }
 
 void destroy_comm(deepepComm* comm) {
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    retired_comms.reserve(retired_comms.size() + 1);  // first: the Retire below then cannot fail
+    // One destruction per communicator, also when two threads destroy it at once.
+    if (live_comms.erase(comm) == 0) {
+      fail(deepepInvalidUsage, "comm %p is not a live communicator (destroyed, or being destroyed)",
+           static_cast<void*>(comm));
+    }
+  }
   struct Retire {  // after the hold's end (declared later, destroyed first)
     deepepComm* comm;
     ~Retire() {
@@ -618,10 +633,6 @@ void destroy_comm(deepepComm* comm) {
       retired_comms.emplace_back(comm);
     }
   } retire{comm};
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex);
-    live_comms.erase(comm);
-  }
   NvshmemHold hold{kTeardownSkipped};
   DeviceGuard guard(comm->device);
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
