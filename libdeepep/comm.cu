@@ -601,17 +601,16 @@ static bool every_rank_arrives(const deepepComm& comm) {
   for (void* peer : comm.peer_buffers) {
     if (peer == nullptr) return true;
   }
-  int* flag = nullptr;
+  // The answer goes to a word the communicator already holds (an allocation here could fail on a full GPU, and this
+  // rank would then skip the barrier and leave its peers waiting), and comes back on the communicator's stream.
+  int* flag = reinterpret_cast<int*>(comm.op_state_device + 2);
   int arrived = 0;
   const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
-  bool ok = cudaMalloc(reinterpret_cast<void**>(&flag), sizeof(int)) == cudaSuccess;
-  if (ok) {
-    ok = try_launch_kernel(arrival_barrier_kernel, 1, 32 * ((comm.nranks + 31) / 32), 0, comm.stream, false, false,
-                           comm.peer_buffers_device, comm.rank, comm.nranks, timeout_ns, flag) == cudaSuccess &&
-         cudaStreamSynchronize(comm.stream) == cudaSuccess &&
-         cudaMemcpy(&arrived, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-  }
-  if (flag != nullptr) cudaFree(flag);
+  const bool ok =
+      try_launch_kernel(arrival_barrier_kernel, 1, 32 * ((comm.nranks + 31) / 32), 0, comm.stream, false, false,
+                        comm.peer_buffers_device, comm.rank, comm.nranks, timeout_ns, flag) == cudaSuccess &&
+      cudaMemcpyAsync(&arrived, flag, sizeof(int), cudaMemcpyDeviceToHost, comm.stream) == cudaSuccess &&
+      cudaStreamSynchronize(comm.stream) == cudaSuccess;
   if (!ok) cudaGetLastError();
   return ok && arrived != 0;
 }

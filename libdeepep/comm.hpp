@@ -86,8 +86,8 @@ struct deepepComm {
   // A timeout the record no longer shows (it was cleared, or a host wait timed out with nothing recorded). With a
   // recorded timeout or a masked rank it means a peer may be gone (see destroy_comm).
   mutable std::atomic<bool> peer_timed_out{false};
-  // Sequence number of the collective operations that use the buffer, on the device so that replayed CUDA graphs
-  // advance it too (see intranode.cu).
+  // [0], [1]: sequence number of the collective operations that use the buffer, on the device so that replayed CUDA
+  // graphs advance it too (see intranode.cu); [2]: the answer of deepepCommDestroy's arrival barrier; [3]: unused.
   uint32_t* op_state_device = nullptr;
   // Where the notify kernel leaves receive counts for the host (mapped pinned deepep::HandleHostInfo): one per
   // communicator, since notify calls block the host one at a time.
