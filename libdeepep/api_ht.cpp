@@ -382,9 +382,11 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     std::unique_ptr<deepepHandle> owner(h);
     DeviceGuard guard(h->device);
     deepepComm* c = h->comm;
+    // The communicator's memory outlives it (comm.cu keeps destroyed ones), so its mutex may be taken first; whether
+    // it is live is asked under it, so that a destruction running meanwhile frees what is parked here.
+    std::unique_lock<std::mutex> lock(c->retired_mutex);
     if (!h->used_in_capture && is_live_comm(c, h->comm_serial)) {
       // Park the storage with the event of its last use; a later handle reuses it once that work is done.
-      std::lock_guard<std::mutex> lock(c->retired_mutex);
       constexpr size_t kMaxRetired = 8;
       if (c->retired_handles.size() >= kMaxRetired) {
         const auto oldest = c->retired_handles.front();
@@ -396,6 +398,7 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
       c->retired_handles.push_back({h->device_storage, h->last_use});
       return;
     }
+    lock.unlock();
     // Used inside a captured graph (or the communicator is gone): work on any stream may still read the storage.
     cudaDeviceSynchronize();
     cudaFree(h->device_storage);

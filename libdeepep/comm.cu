@@ -365,6 +365,7 @@ static int nvl_domain_size(const deepepComm& comm) {
 }
 
 static void free_local_resources(deepepComm* comm) {
+  std::lock_guard<std::mutex> retired_lock(comm->retired_mutex);  // a handle's destruction may park storage meanwhile
   if (!comm->retired_handles.empty()) {
     cudaDeviceSynchronize();  // their last uses may be on any stream
     for (const auto& retired : comm->retired_handles) {
