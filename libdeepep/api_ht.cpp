@@ -376,7 +376,11 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     deepepHandle* h = checked_handle(handle, nullptr);
     {
       std::lock_guard<std::mutex> lock(handle_registry_mutex);
-      live_handles.erase(h);
+      // One destruction per handle, also when two threads destroy it at once.
+      if (live_handles.erase(h) == 0) {
+        fail(deepepInvalidUsage, "handle %p is not a live handle (destroyed, or being destroyed)",
+             static_cast<void*>(h));
+      }
     }
     h->magic = 0;
     std::unique_ptr<deepepHandle> owner(h);

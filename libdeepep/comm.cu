@@ -619,20 +619,15 @@ static bool every_rank_arrives(const deepepComm& comm) {
 void destroy_comm(deepepComm* comm) {
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
-    retired_comms.reserve(retired_comms.size() + 1);  // first: the Retire below then cannot fail
-    // One destruction per communicator, also when two threads destroy it at once.
-    if (live_comms.erase(comm) == 0) {
+    // One destruction per communicator, also when two threads destroy it at once. Retired before anything else (if
+    // that fails, the communicator stays live): its memory is kept from here on.
+    if (live_comms.count(comm) == 0) {
       fail(deepepInvalidUsage, "comm %p is not a live communicator (destroyed, or being destroyed)",
            static_cast<void*>(comm));
     }
+    retired_comms.emplace_back(comm);
+    live_comms.erase(comm);
   }
-  struct Retire {  // after the hold's end (declared later, destroyed first)
-    deepepComm* comm;
-    ~Retire() {
-      std::lock_guard<std::mutex> lock(registry_mutex);
-      retired_comms.emplace_back(comm);
-    }
-  } retire{comm};
   NvshmemHold hold{kTeardownSkipped};
   DeviceGuard guard(comm->device);
   cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
