@@ -497,9 +497,13 @@ cdef class _OwedCall:
 cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_recv_tokens, num_sms):
     """The dispatch a call with these arguments owes the other ranks: an exact-size one starts with the count exchange
     (its notify), any other kind (cached, worst-case, bounded) with the dispatch itself, which the library's refusal
-    lets the peers finish either way. A worst-case count that is no integer most likely meant a worst-case dispatch:
-    the refusal takes it for one."""
-    exact_size = handle is None and _integer_or(num_worst_tokens, 1) <= 0 and max_recv_tokens is None
+    lets the peers finish either way. A worst-case count of None or a number <= 0 (of any type, as another rank may
+    pass 0) is taken for an exact-size dispatch; one that is no number at all most likely meant a worst-case one."""
+    try:
+        worst_case = num_worst_tokens is not None and float(num_worst_tokens) > 0
+    except (TypeError, ValueError):
+        worst_case = True
+    exact_size = handle is None and not worst_case and max_recv_tokens is None
     return _OwedCall(deepepCallDispatchNotify if exact_size else deepepCallDispatch, comm._own_handle(handle),
                      _integer_or(num_sms, 0, 1 << 31))
 
@@ -682,15 +686,34 @@ cdef class Communicator:
             owed.stream = self._last_stream
         caller = self._call_stream(stream)
         run_on, owner = (self.stream, self._async_stream) if async_finish else (caller, stream)
-        if owed is not None:
-            owed.stream = run_on
         if async_finish:
             self._last_stream, self._last_stream_owner = run_on, owner
         if run_on != caller:
             _make_stream_wait(caller, run_on)
         if previous_event is not None:
             _wait_event(run_on, previous_event)
+        if owed is not None:
+            # Only once the waits are in place: a refusal before that runs after this rank's last call, not on
+            # run_on, where it could overtake the work previous_event was to order the call after.
+            owed.stream = run_on
         return owner, run_on
+
+    def _after_raise(self, _OwedCall owed, inputs, caller, size_t run_on, bint async_finish):
+        """After a collective call raised: this rank's side of it (the library's call, or the refusal run here) may be
+        on another stream than the caller's (the communicator's with ``async_finish``, or the last call's), and no
+        event comes back to order the next call after it. So the caller's stream waits for it, and an ``async_finish``
+        call's inputs are kept until it is done. Best effort: the call's own error is the one raised."""
+        try:
+            left_on = owed.stream if owed.call is not None else run_on  # None: nothing was launched
+            if left_on is None:
+                return
+            if async_finish:
+                self._keep_for_async(inputs, caller, ())
+            target = stream_handle(caller)
+            if left_on != target:
+                _make_stream_wait(left_on, target)
+        except Exception:
+            pass
 
     def _keep_for_async(self, inputs, caller, outputs):
         """An ``async_finish`` call reads its inputs on the communicator's stream, and the caller reads its outputs
@@ -856,6 +879,7 @@ cdef class Communicator:
         # rank is refused like any other bad argument, on every rank.
         cdef _OwedCall owed = _owed_dispatch(self, handle, num_worst_tokens, max_recv_tokens, num_sms)
         caller = stream
+        cdef size_t s = 0
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
@@ -865,6 +889,7 @@ cdef class Communicator:
                                         max_recv_tokens, _c_int("num_sms", num_sms), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
+                self._after_raise(owed, (x, x_scales, topk_idx, topk_weights), caller, s, async_finish)
                 raise
         if async_finish:
             self._keep_for_async((x, x_scales, topk_idx, topk_weights), caller,
@@ -1041,16 +1066,18 @@ cdef class Communicator:
         ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
         cdef _OwedCall owed = _OwedCall(deepepCallCombine, self._own_handle(handle), 0)
         caller = stream
+        inputs = (x, topk_weights, *(tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)))
+        cdef size_t s = 0
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 result = self._combine(owed, stream, s, x, handle, topk_weights, bias, out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
+                self._after_raise(owed, inputs, caller, s, async_finish)
                 raise
         if async_finish:
-            biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
-            self._keep_for_async((x, topk_weights, *biases), caller, (result.out, result.topk_weights))
+            self._keep_for_async(inputs, caller, (result.out, result.topk_weights))
         return result
 
     def _combine(self, _OwedCall owed, stream, size_t s, x, Handle handle not None, topk_weights, bias, out,
