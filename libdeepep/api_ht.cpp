@@ -37,7 +37,7 @@ deepepHandle* checked_handle(deepepHandle_t handle, const deepepComm* comm) {
     fail(deepepInvalidUsage, "handle %p is not a live handle (destroyed, or never created)",
          static_cast<void*>(handle));
   }
-  if (comm != nullptr && (handle->comm != comm || handle->comm_serial != comm->serial)) {
+  if (comm != nullptr && handle->comm != comm) {
     fail(deepepInvalidUsage, "the handle belongs to another communicator (or to a destroyed one)");
   }
   return handle;
@@ -293,7 +293,6 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     DeviceGuard guard(c->device);
     auto h = std::make_unique<deepepHandle>();
     h->comm = c;
-    h->comm_serial = c->serial;
     h->device = c->device;
     h->nranks = c->nranks;
     h->max_tokens = c->max_tokens_per_rank;
@@ -389,7 +388,7 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     // The communicator's memory outlives it (comm.cu keeps destroyed ones), so its mutex may be taken first; whether
     // it is live is asked under it, so that a destruction running meanwhile frees what is parked here.
     std::unique_lock<std::mutex> lock(c->retired_mutex);
-    if (!h->used_in_capture && is_live_comm(c, h->comm_serial)) {
+    if (!h->used_in_capture && is_live_comm(c)) {
       // Park the storage with the event of its last use; a later handle reuses it once that work is done.
       constexpr size_t kMaxRetired = 8;
       if (c->retired_handles.size() >= kMaxRetired) {
@@ -660,9 +659,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
   return guarded_call(__func__, [&] {
     deepepHandle& h = *checked_handle(handle, nullptr);
-    // The counts are in the communicator's host slot: a communicator made since may have taken a destroyed one's
-    // address, and its slot holds its own dispatches' counts.
-    if (!is_live_comm(h.comm, h.comm_serial)) {
+    // The counts are in the communicator's host slot, freed with it.
+    if (!is_live_comm(h.comm)) {
       fail(deepepInvalidUsage,
            "the handle's communicator was destroyed: the receive counts of its dispatch are gone (dispatch again on "
            "a live communicator, with a handle of its own)");

@@ -279,11 +279,11 @@ static void nvshmem_setup(SetupRequest* comm) {
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int status = nvshmemx_set_attr_uniqueid_args(comm->rank, comm->nranks, &nvshmem_id, &attr);
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_set_attr_uniqueid_args failed with status %d", status);
-  // nvshmemx_init_attr() would exit the process on failure; call the initialiser it wraps and report instead.
-  int provided = 0;
   int not_started = SetupRequest::kNotStarted;
   if (!comm->nvshmem.compare_exchange_strong(not_started, SetupRequest::kStarted))
     fail(deepepTimeout, "NVSHMEM setup abandoned by its deepepCommInitRank (timeout) before it started");
+  // nvshmemx_init_attr() would exit the process on failure; call the initialiser it wraps and report instead.
+  int provided = 0;
   nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                 NVSHMEM_VENDOR_PATCH_VERSION};
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
@@ -429,9 +429,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
     setenv("NVSHMEM_SYMMETRIC_SIZE", heap.c_str(), 0);
   }
 
-  static std::atomic<uint64_t> communicators_made{0};
   auto comm = std::make_unique<deepepComm>();
-  comm->serial = ++communicators_made;
   comm->rank = rank;
   comm->nranks = nranks;
   comm->device = device;
@@ -660,9 +658,9 @@ void destroy_comm(deepepComm* comm) {
   hold.unusable = nullptr;
 }
 
-bool is_live_comm(const deepepComm* comm, uint64_t serial) {
+bool is_live_comm(const deepepComm* comm) {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  return live_comms.count(const_cast<deepepComm*>(comm)) != 0 && comm->serial == serial;
+  return live_comms.count(const_cast<deepepComm*>(comm)) != 0;
 }
 
 deepepComm* checked_comm(deepepComm_t comm) {

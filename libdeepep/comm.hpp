@@ -55,7 +55,6 @@ size_t total_buffer_size(const deepepConfig& config, int nranks);
 struct deepepComm {
   static constexpr uint64_t kMagic = 0x6465657065704331ull;  // "deepepC1": detects stale or foreign handles
   uint64_t magic = kMagic;
-  uint64_t serial = 0;  // unique per communicator made in this process: a later one may reuse a freed one's address
   int rank = 0;
   int nranks = 0;
   int device = -1;
@@ -125,9 +124,9 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
 void destroy_comm(deepepComm* comm);
 // Validates a handle passed in by a caller.
 deepepComm* checked_comm(deepepComm_t comm);
-// Whether `comm` is a live communicator, the one numbered `serial` (not a later one at the same address); never
+// Whether `comm` is a live communicator (a destroyed one's address is never reused: comm.cu keeps its memory); never
 // throws.
-bool is_live_comm(const deepepComm* comm, uint64_t serial);
+bool is_live_comm(const deepepComm* comm);
 void get_unique_id(deepepUniqueId* id);
 
 }  // namespace deepep

@@ -28,7 +28,6 @@ struct deepepHandle {
   static constexpr uint64_t kMagic = 0x6465657065704831ull;  // "deepepH1"
   uint64_t magic = kMagic;
   deepepComm* comm = nullptr;
-  uint64_t comm_serial = 0;  // comm's serial: a later communicator may take a destroyed one's address
   // The communicator's device and rank count (kept: the handle may outlive its communicator).
   int device = -1;
   int nranks = 0;

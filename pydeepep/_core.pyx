@@ -879,6 +879,7 @@ cdef class Communicator:
         # rank is refused like any other bad argument, on every rank.
         cdef _OwedCall owed = _owed_dispatch(self, handle, num_worst_tokens, max_recv_tokens, num_sms)
         caller = stream
+        inputs = (x, x_scales, topk_idx, topk_weights)
         cdef size_t s = 0
         with _OnDevice(self.device):
             try:
@@ -889,10 +890,10 @@ cdef class Communicator:
                                         max_recv_tokens, _c_int("num_sms", num_sms), out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)
-                self._after_raise(owed, (x, x_scales, topk_idx, topk_weights), caller, s, async_finish)
+                self._after_raise(owed, inputs, caller, s, async_finish)
                 raise
         if async_finish:
-            self._keep_for_async((x, x_scales, topk_idx, topk_weights), caller,
+            self._keep_for_async(inputs, caller,
                                  (result.recv_x, result.recv_scales, result.recv_topk_idx, result.recv_topk_weights,
                                   result.recv_src_idx))
         return result
