@@ -102,6 +102,12 @@ class Handle:
     def __init__(self, comm: Communicator) -> None: ...
     def close(self) -> None: ...
 
+class RefusedHandle:
+    comm: Communicator
+    handle: Handle | None
+    num_sms: int
+    def __init__(self, comm: Communicator, handle: Handle | None, num_sms: int) -> None: ...
+
 class Communicator:
     rank: int
     nranks: int
@@ -165,7 +171,7 @@ class Communicator:
     def combine(
         self,
         x: Any,
-        handle: Handle,
+        handle: Handle | RefusedHandle,
         *,
         topk_weights: Any = ...,
         bias: Any = ...,

@@ -477,12 +477,16 @@ cdef class _OwedCall:
     cdef Handle handle
     cdef int num_sms
     cdef object stream  # the stream the call runs on, once known
+    # A dispatch proper (not its count exchange) is this rank's part of the sequence of calls: refused or not, it
+    # counts as made on every rank, and a combine of it follows on the ranks whose dispatch returned.
+    cdef bint dispatch_made
 
     def __init__(self, call, handle, int num_sms):
         self.call = call
         self.handle = handle
         self.num_sms = num_sms
         self.stream = None
+        self.dispatch_made = False
 
     cdef void refuse(self, deepepComm_t comm) noexcept:
         if self.call is None or self.stream is None or comm == NULL:
@@ -494,35 +498,86 @@ cdef class _OwedCall:
             deepepRefuseCall(comm, call, hh, self.num_sms, cs)  # best effort: the refusal's error is raised
 
 
-cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_recv_tokens, num_sms):
-    """The dispatch a call with these arguments owes the other ranks: an exact-size one starts with the count exchange
-    (its notify), any other kind (cached, worst-case, bounded) with the dispatch itself, which the library's refusal
-    lets the peers finish either way. A worst-case count of None or a number <= 0 (of any type, as another rank may
-    pass 0) is taken for an exact-size dispatch; one that is no number at all most likely meant a worst-case one."""
+cdef str _dispatch_kind(handle, num_worst_tokens, max_recv_tokens):
+    """"exact" (a count exchange first), "cached" (the handle's routing), "bounded" or "worst-case", as a call with
+    these arguments makes it. A worst-case count of None or a number <= 0 (of any type, as another rank may pass 0)
+    is taken for no worst-case dispatch; one that is no number at all most likely meant one."""
+    if max_recv_tokens is not None:
+        return "bounded"
     try:
         worst_case = num_worst_tokens is not None and float(num_worst_tokens) > 0
     except (TypeError, ValueError):
         worst_case = True
-    exact_size = handle is None and not worst_case and max_recv_tokens is None
-    return _OwedCall(deepepCallDispatchNotify if exact_size else deepepCallDispatch, comm._own_handle(handle),
+    if worst_case:
+        return "worst-case"
+    return "exact" if handle is None else "cached"
+
+
+cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_recv_tokens, num_sms):
+    """The dispatch a call with these arguments owes the other ranks: an exact-size one starts with the count exchange
+    (its notify), any other kind (cached, worst-case, bounded) with the dispatch itself, which the library's refusal
+    lets the peers finish either way."""
+    kind = _dispatch_kind(handle, num_worst_tokens, max_recv_tokens)
+    owed = _OwedCall(deepepCallDispatchNotify if kind == "exact" else deepepCallDispatch, comm._own_handle(handle),
                      _integer_or(num_sms, 0, 1 << 31))
+    # The peers' bounded dispatch waits for the counts, so a refusal of one raises on every rank (as a refused count
+    # exchange does): it counts as made for a combine only once its counts came (_dispatch).
+    owed.dispatch_made = kind == "cached" or kind == "worst-case"
+    return owed
+
+
+class RefusedHandle:
+    """What a high-throughput dispatch refused on this rank leaves for its combine (``exc.refused_handle``): the
+    other ranks' dispatch may have returned (a cached, worst-case or bounded one does before the counts are in) and
+    their combine of it waits for this rank. :meth:`Communicator.combine` given it as ``handle`` runs this rank's side
+    of that combine without data (on the block count the dispatch asked for, or its cached handle's) and raises
+    DeepEPInvalidUsage, so that the other ranks' combine ends at once with DeepEPRemoteError and all stay in step."""
+
+    __slots__ = ("comm", "handle", "num_sms")
+
+    def __init__(self, comm, handle, num_sms):
+        self.comm = comm
+        self.handle = handle  # the cached dispatch's Handle (its block count), or None: a new routing's
+        self.num_sms = num_sms
+
+    def __repr__(self):
+        return f"RefusedHandle(rank={self.comm.rank}, num_sms={self.num_sms}, cached={self.handle is not None})"
+
+
+cdef object _refused_handle(Communicator comm, _OwedCall owed, handle, num_worst_tokens, max_recv_tokens):
+    """The RefusedHandle that a dispatch refused on this rank leaves where it counts as made, else None: a refusal of
+    the count exchange leaves none, since every rank's exact-size dispatch raises there and none combines."""
+    if not owed.dispatch_made or owed.stream is None or comm.closed:
+        return None
+    cached = _dispatch_kind(handle, num_worst_tokens, max_recv_tokens) == "cached"
+    return RefusedHandle(comm, owed.handle if cached else None, owed.num_sms)
+
+
+cdef _OwedCall _owed_combine(Communicator comm, handle):
+    """The combine a call with this ``handle`` owes the other ranks: on the handle's block count, or on that of the
+    refused dispatch a RefusedHandle stands for."""
+    if isinstance(handle, RefusedHandle) and handle.comm is comm:
+        return _OwedCall(deepepCallCombine, handle.handle, handle.num_sms)
+    return _OwedCall(deepepCallCombine, comm._own_handle(handle), 0)
 
 
 def _refuse_high_throughput(Communicator comm, str call, handle, num_worst_tokens, num_sms, stream):
     """This rank's side of a high-throughput ``call`` ("dispatch" or "combine") that a wrapper (the DeepEP adapter)
     refused before pydeepep had it, run on ``stream`` as pydeepep runs its own refusals: the other ranks, already in
     the call, finish it at once with DeepEPRemoteError naming this rank. A dispatch is of the kind its ``handle`` and
-    ``num_worst_tokens`` make it (as :meth:`Communicator.dispatch` decides); ``num_sms`` as the call gave it."""
+    ``num_worst_tokens`` make it (as :meth:`Communicator.dispatch` decides); ``num_sms`` as the call gave it. Returns
+    the RefusedHandle that a refused dispatch leaves for its combine, or None."""
     cdef _OwedCall owed
     if call == "dispatch":
         owed = _owed_dispatch(comm, handle, num_worst_tokens, None, num_sms)
     elif call == "combine":
-        owed = _OwedCall(deepepCallCombine, comm._own_handle(handle), 0)
+        owed = _owed_combine(comm, handle)
     else:
         raise ValueError(f"call is {call!r}; it must be 'dispatch' or 'combine'")
     owed.stream = stream_handle(stream)
     with _OnDevice(comm.device):
         owed.refuse(comm._live())
+    return _refused_handle(comm, owed, handle, num_worst_tokens, None)
 
 
 cdef class Communicator:
@@ -873,7 +928,9 @@ cdef class Communicator:
         (after the work already on ``stream``) and return with ``result.event`` to wait on; the outputs are then
         produced on the communicator's stream. On a communicator made with ``zero_copy_dispatch=True``, ``recv_x``
         is a view of its dispatch area, which the peers write directly: every dispatch's ``recv_x`` is that same
-        memory, valid until this rank's next dispatch starts on the device (copy what must live longer).
+        memory, valid until this rank's next dispatch starts on the device (copy what must live longer). A dispatch
+        refused on this rank (after its count exchange, if any) raises with ``exc.refused_handle``: the other ranks'
+        dispatch may have returned, so pass it to the combine they make of it (see :meth:`combine`).
         """
         # The scalar arguments are converted (integers only) once the stream is known, so that a wrong type on one
         # rank is refused like any other bad argument, on every rank.
@@ -888,9 +945,15 @@ cdef class Communicator:
                                         _c_int("expert_alignment", expert_alignment),
                                         operator.index(num_worst_tokens),
                                         max_recv_tokens, _c_int("num_sms", num_sms), out, async_finish)
-            except BaseException:
+            except BaseException as exc:
                 owed.refuse(self._comm)
                 self._after_raise(owed, inputs, caller, s, async_finish)
+                refused = _refused_handle(self, owed, handle, num_worst_tokens, max_recv_tokens)
+                if refused is not None:
+                    try:
+                        exc.refused_handle = refused
+                    except AttributeError:  # an exception type without attributes of its own
+                        pass
                 raise
         if async_finish:
             self._keep_for_async(inputs, caller,
@@ -989,6 +1052,7 @@ cdef class Communicator:
                 status = deepepDispatchNotify(comm, &a, hh, cs)
             _check(status)
             owed.call, owed.handle = deepepCallDispatch, h  # the dispatch that goes with the counts
+            owed.dispatch_made = True
             rows = h._take_recv_counts(num_experts)
         else:
             if h.num_recv_rows is None:
@@ -1040,6 +1104,9 @@ cdef class Communicator:
             h.num_recv_tokens_per_expert = []
             with nogil:
                 status = deepepHandleWaitRecvCounts(hh)
+            # The counts came (too many rows for this rank's bound is this rank's own failure): the peers have their
+            # results and will combine. Any other failure (a peer's refusal, a timeout) raises on every rank.
+            owed.dispatch_made = status == deepepSuccess or status == deepepBufferTooSmall
             _check(status)
             received = h._take_recv_counts(num_experts)
             recv_x = _leading_rows(recv_x, received)
@@ -1064,14 +1131,23 @@ cdef class Communicator:
         ``(out [N, H] bfloat16, topk_weights [N, K] float32 or None, event)`` produced on ``stream``; no host
         synchronisation. ``out``: the result of an earlier combine, whose arrays are written again instead of new ones
         (needed inside CUDA graphs), or an allocator called with the row count N that returns such a pair.
-        ``previous_event`` and ``async_finish`` as in :meth:`dispatch`."""
-        cdef _OwedCall owed = _OwedCall(deepepCallCombine, self._own_handle(handle), 0)
+        ``previous_event`` and ``async_finish`` as in :meth:`dispatch`. ``handle`` may be the ``refused_handle`` of a
+        dispatch refused on this rank: the call then runs this rank's side of the combine without data and raises,
+        so that the other ranks' combine of that dispatch ends at once."""
+        cdef _OwedCall owed = _owed_combine(self, handle)
+        refused = isinstance(handle, RefusedHandle)
         caller = stream
         inputs = (x, topk_weights, *(tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)))
         cdef size_t s = 0
         with _OnDevice(self.device):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
+                if refused and handle.comm is not self:
+                    raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
+                if refused:
+                    raise DeepEPInvalidUsage(
+                        "combine refused: the handle is that of a dispatch refused on this rank (exc.refused_handle); "
+                        "this rank's side of the combine ran without data, so that the other ranks' combine ends", 2)
                 result = self._combine(owed, stream, s, x, handle, topk_weights, bias, out, async_finish)
             except BaseException:
                 owed.refuse(self._comm)

@@ -14,6 +14,7 @@ be captured in a CUDA graph: make one before capturing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 
@@ -438,8 +439,11 @@ class Buffer:
             num_experts = None if num_tokens_per_expert is None else num_tokens_per_expert.numel()
             payload_bits = _bits(payload)
             num_sms = (config or Config(Buffer.num_sms)).num_sms
-        except BaseException:
-            self._refuse_high_throughput("dispatch", handle, num_worst_tokens, _num_sms_of(config))
+        except BaseException as exc:
+            refused = self._refuse_high_throughput("dispatch", handle, num_worst_tokens, _num_sms_of(config))
+            if refused is not None:  # for the combine the other ranks make of it, as pydeepep's own refusals leave
+                with contextlib.suppress(AttributeError):  # an exception type without attributes of its own
+                    exc.refused_handle = refused
             raise
         made = []
 
@@ -542,10 +546,10 @@ class Buffer:
 
     # ---- low-latency calls ----------------------------------------------------------------------------------------
 
-    def _refuse_high_throughput(self, call: str, handle, num_worst_tokens, num_sms) -> None:
+    def _refuse_high_throughput(self, call: str, handle, num_worst_tokens, num_sms):
         """This rank's side of a high-throughput ``call`` ("dispatch" or "combine") the adapter refused before pydeepep
-        had it (see _run_refusal)."""
-        self._run_refusal(pydeepep._core._refuse_high_throughput, call, handle, num_worst_tokens, num_sms)
+        had it (see _run_refusal); a refused dispatch's RefusedHandle, or None."""
+        return self._run_refusal(pydeepep._core._refuse_high_throughput, call, handle, num_worst_tokens, num_sms)
 
     def _refuse_low_latency(self, refuse, *args, forked: bool = False) -> None:
         """This rank's side of a low-latency call the adapter refused before pydeepep had it (see _run_refusal):
@@ -555,12 +559,12 @@ class Buffer:
             return
         self._run_refusal(refuse, *args, forked=forked)
 
-    def _run_refusal(self, refuse, *args, forked: bool = False) -> None:
-        """Runs ``refuse(comm, *args, stream)``: this rank's side of a call the adapter refused before pydeepep had it,
-        so that the other ranks, already in the call, finish it at once with DeepEPRemoteError naming this rank
-        instead of waiting out the timeout (pydeepep does the same for what it refuses itself). Nothing runs where
-        pydeepep could not refuse the call either (a handle of no current dispatch, a receive hook due): the caller
-        raises its own error in any case."""
+    def _run_refusal(self, refuse, *args, forked: bool = False):
+        """Runs ``refuse(comm, *args, stream)`` and returns what it returns (None where it failed): this rank's side
+        of a call the adapter refused before pydeepep had it, so that the other ranks, already in the call, finish it
+        at once with DeepEPRemoteError naming this rank instead of waiting out the timeout (pydeepep does the same for
+        what it refuses itself). Nothing runs where pydeepep could not refuse the call either (a handle of no current
+        dispatch, a receive hook due): the caller raises its own error in any case."""
         try:
             # After every call made so far on either stream (an async_finish call ran on the communicator's), as the
             # refused call would have been: the refusal reads where the sequence of calls stands. A capturing stream
@@ -569,9 +573,9 @@ class Buffer:
             stream = torch.cuda.current_stream(self.comm.device).cuda_stream
             if forked or not _capturing():
                 pydeepep.Event.record(self.comm.stream).wait(stream)
-            refuse(self.comm, *args, stream)
+            return refuse(self.comm, *args, stream)
         except Exception:  # the caller's error is the one to report (raised next), not this one
-            pass
+            return None
 
     def _low_latency_stream(self, async_finish: bool):
         """Where a low-latency call runs: PyTorch's current stream, or with ``async_finish`` the communicator's,

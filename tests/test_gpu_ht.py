@@ -669,7 +669,15 @@ def ht_scenarios(info):
 
         out["disagreeing_combine_layout"] = refusal(comm, pydeepep.DeepEPInvalidArgument, combine_other_widths)
         log_scenario("ht", info, "disagreeing_combine_layout", out["disagreeing_combine_layout"])
-        run_scenarios(info, "ht", {"one_rank_refuses": lambda: one_rank_refuses_case(comm, 48)}, out)
+        run_scenarios(
+            info,
+            "ht",
+            {
+                "one_rank_refuses": lambda: one_rank_refuses_case(comm, 48),
+                "refused_dispatch_then_combine": lambda: refused_dispatch_then_combine_case(comm, 49),
+            },
+            out,
+        )
     return out
 
 
@@ -830,6 +838,86 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
     return "; ".join(failures) if failures else True
 
 
+def refused_dispatch_then_combine_case(comm, seed, n=64, h=256, k=4, e=16, num_sms=4):
+    """The last rank refuses a dispatch whose other ranks return (worst-case, cached, exact-size past the count
+    exchange), or fails a bounded one whose rows overflow its bound alone, on 4 blocks (not the default, so that a
+    refusal on the wrong block count would leave a peer waiting): its exception carries ``refused_handle``, a combine
+    given it raises DeepEPInvalidUsage, and every other rank's combine of that dispatch ends at once with
+    DeepEPRemoteError naming the refuser (not the 20 s timeout). A count exchange refused on that rank leaves no
+    refused_handle (every rank raises there, and none combines). Afterwards a dispatch and combine match the
+    oracle."""
+    import time
+
+    R, me = comm.nranks, comm.rank
+    refuser = R - 1
+    bad = me == refuser
+    x, topk, w = make_inputs(seed, me, n, h, k, e, nranks=R)
+    failures = []
+    with cupy.cuda.Device(comm.device):
+        xd, topkd = dev(x), dev(topk)
+        routed = comm.dispatch(xd, topk_idx=topkd, num_experts=e, num_sms=num_sms)
+        small = comm.dispatch(xd[:4], topk_idx=topkd[:4], num_experts=e)  # out= arrays of another row count
+        cupy.cuda.runtime.deviceSynchronize()
+        dispatches = {
+            "worst-case": lambda: comm.dispatch(
+                xd, topk_idx=topkd, num_experts=e + 1 if bad else e, num_worst_tokens=R * n, num_sms=num_sms
+            ),
+            "cached": lambda: comm.dispatch(xd[: n - 1] if bad else xd, handle=routed.handle),
+            "exact-size, outputs refused after the count exchange": lambda: comm.dispatch(
+                xd, topk_idx=topkd, num_experts=e, num_sms=num_sms, out=small if bad else None
+            ),
+            # Not refused: the rows overflow the refusing rank's bound alone, so the others' bounded dispatch returns.
+            "bounded, too many rows for the refusing rank's bound": lambda: comm.dispatch(
+                xd, topk_idx=topkd, num_experts=e, num_sms=num_sms, max_recv_tokens=10 if bad else R * n
+            ),
+        }
+        for what, dispatch in dispatches.items():
+            start = time.monotonic()
+            refused = result = said = None
+            try:
+                result = dispatch()
+            except pydeepep.DeepEPError as exc:
+                refused = getattr(exc, "refused_handle", None)
+                said = exc
+            if bad and refused is None:
+                failures.append(f"{what}: the refusing rank's dispatch gave {said!r}, no refused_handle")
+                refused = pydeepep._core.RefusedHandle(comm, None, num_sms)  # the combine must still be made
+            if not bad and result is None:
+                failures.append(f"{what}: the dispatch raised {said!r}")
+            try:
+                if bad:
+                    comm.combine(cupy.zeros((1, h), cupy.uint16), refused)
+                else:
+                    comm.combine(result.recv_x, result.handle)
+                cupy.cuda.runtime.deviceSynchronize()
+                comm.check_async_error()
+                said = None
+            except Exception as exc:
+                said = exc
+            finally:
+                comm.clear_async_error()
+            took = time.monotonic() - start
+            if bad and not (isinstance(said, pydeepep.DeepEPInvalidUsage) and "refused_handle" in str(said)):
+                failures.append(f"{what}: the refusing rank's combine gave {said!r}")
+            if not bad and not (
+                isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused the call" in str(said)
+            ):
+                failures.append(f"{what}: the combine gave {said!r}")
+            if took > 5:
+                failures.append(f"{what}: took {took:.1f} s")
+        try:  # a count exchange refused on the last rank: every rank raises, none gets a refused_handle
+            comm.dispatch(xd, topk_idx=topkd, num_experts=e + 1 if bad else e)
+            failures.append("the refused count exchange returned")
+        except pydeepep.DeepEPError as exc:
+            if getattr(exc, "refused_handle", None) is not None:
+                failures.append(f"the refused count exchange left a refused_handle: {exc!r}")
+        comm.clear_async_error()
+    verdict = run_case(comm, seed + 1, n=200, h=512, k=k, e=e)
+    if verdict is not True:
+        failures.append(f"after the refusals: {verdict}")
+    return "; ".join(failures) if failures else True
+
+
 def dispatch_host_inputs(comm, x, topk, **kwargs):
     return comm.dispatch(dev(x), topk_idx=dev(topk), **kwargs)
 
@@ -920,6 +1008,12 @@ def test_ranks_combining_rows_of_other_widths_get_an_error(results):
 def test_a_call_one_rank_refuses_ends_at_once_everywhere_and_the_ranks_stay_in_step(results):
     assert all_true([r.get("one_rank_refuses", "not run") for r in results]), [
         r.get("one_rank_refuses") for r in results
+    ]
+
+
+def test_a_dispatch_refused_on_one_rank_leaves_a_handle_whose_combine_ends_the_peers_combine_at_once(results):
+    assert all_true([r.get("refused_dispatch_then_combine", "not run") for r in results]), [
+        r.get("refused_dispatch_then_combine") for r in results
     ]
 
 

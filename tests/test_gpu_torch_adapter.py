@@ -4,6 +4,7 @@ through torch tensors, against the NumPy oracle: high-throughput calls on a norm
 
 import os
 import tempfile
+import time
 import traceback
 
 import numpy as np
@@ -276,6 +277,30 @@ def ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nr
         ),
     }
     failures = one_rank_refusal_failures(buffer.comm, calls, refuser, torch.cuda.synchronize)
+    # The same cached dispatch again, and its combine on every rank: the refusing rank's with its exception's
+    # refused_handle, which runs its side of the combine, so that the others' combine ends at once.
+    start = time.monotonic()
+    refused = got = said = None
+    try:
+        got = buffer.dispatch((x,) if bad else x, handle=handle, topk_idx=topk, topk_weights=weights)
+    except IndexError as exc:
+        refused = getattr(exc, "refused_handle", None)
+    if bad and refused is None:
+        failures.append("the refused cached dispatch left no refused_handle")
+    try:
+        buffer.combine(recv_x if bad else got[0], refused if bad else handle)
+        torch.cuda.synchronize()
+        buffer.comm.check_async_error()
+    except Exception as exc:
+        said = exc
+    finally:
+        buffer.comm.clear_async_error()
+    if bad and not (isinstance(said, pydeepep.DeepEPInvalidUsage) and "refused_handle" in str(said)):
+        failures.append(f"the combine with refused_handle gave {said!r}")
+    if not bad and not (isinstance(said, pydeepep.DeepEPRemoteError) and f"rank {refuser} refused" in str(said)):
+        failures.append(f"the combine of the refused dispatch gave {said!r}")
+    if time.monotonic() - start > 5:
+        failures.append(f"the refused dispatch and its combine took {time.monotonic() - start:.1f} s")
     # Made on every rank whatever the verdicts, so that the ranks stay in step for the steps after this one.
     again = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)
     buffer.combine(again[0], handle, topk_weights=again[2])
