@@ -49,6 +49,9 @@ inline const char* phase_name(int32_t phase) {
 constexpr int64_t kDetailPeerLayout = -2;
 // AsyncErrorRecord::detail of a peer that refused the call (deepepRefuseCall): its host raised the error.
 constexpr int64_t kDetailPeerRefused = -3;
+// AsyncErrorRecord::detail of a combine whose handle's worst-case dispatch failed (peer: the rank that refused that
+// dispatch, or -1): it moved no rows.
+constexpr int64_t kDetailDispatchFailed = -4;
 
 struct AsyncErrorRecord {
   int32_t code;    // deepepResult_t; 0 while nothing happened

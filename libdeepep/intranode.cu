@@ -620,6 +620,7 @@ struct DispatchParams {
   HandleHostInfo* report;         // a worst-case dispatch reporting its counts: where the host waits for them (mapped)
   uint64_t report_ticket;         // stored there once the counts are, unless this call's routing skipped ids (recorded)
   const int32_t* routing_faults;  // with report: 1 when this call's routing skipped ids out of range (recorded)
+  int32_t* dispatch_failed;       // a worst-case dispatch's: set when its counts step fails (deepepHandle)
   // Zero-copy receive (dispatch_kernel<true>: a communicator with a dispatch area, recv_x is this rank's area): the
   // peers write payloads straight into recv_x and each row's scales and metadata (the part of a region's row after
   // its payload) into the area's side rows, which the receiving warps read as they would a region's row.
@@ -797,6 +798,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
             &mine->counts[s].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
             s);
       ok = fine;
+      int refusing = -1;  // the first source that refused the call
       int64_t total = 0;
       for (int s = 0; s < R; ++s) {
         offsets[s] = total;
@@ -805,6 +807,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
           // The source refused the call: so does every rank (no rows move), and all of them finish it.
           record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatch, s, kDetailPeerRefused, 0);
           ok = false;
+          if (refusing < 0) refusing = s;
           continue;
         }
         total += q.worst_case ? mine->counts[s].tokens : q.recv_counts[s];
@@ -829,6 +832,8 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         }
       }
       offsets[R] = total;
+      // No rank moves rows or writes receive ranges now: the combine of this routing is told (deepepHandle).
+      if (q.worst_case && !ok) atomicCAS(q.dispatch_failed, 0, refusing >= 0 ? refusing + 1 : -1);
       if (ok && total > q.out_rows) {
         // More rows arrive than the outputs hold: report the count, write nothing past the end.
         record_async_error(p.error, deepepBufferTooSmall, p.rank, Phase::kDispatch, -1, total, q.out_rows);
@@ -1151,6 +1156,7 @@ struct CombineParams {
   const int32_t* send_ranges;
   const int32_t* recv_ranges;
   const int32_t* recv_counts;
+  const int32_t* dispatch_failed;  // deepepHandle's: the worst-case dispatch that routed the handle failed
   int64_t num_tokens;
   const uint8_t* x;
   int64_t x_stride_bytes;
@@ -1219,7 +1225,16 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   }
   if (warp == 0) {
     const bool fine = wait_acks(p, seq, deadline, Phase::kCombine);
-    if (lane == 0) ok = fine;
+    if (lane == 0) {
+      // After a failed worst-case dispatch no rank has rows of it to push or receive ranges to push them by: every
+      // rank's combine of it moves nothing, and no rank waits for another's rows (only a refusing rank, which has no
+      // handle, makes its combine as a refusal). So that an error cleared since is not lost, it is recorded again.
+      const int32_t failed = *q.dispatch_failed;
+      if (failed != 0 && b == 0)
+        record_async_error(p.error, failed > 0 ? deepepRemoteError : deepepInvalidUsage, p.rank, Phase::kCombine,
+                           failed > 0 ? failed - 1 : -1, kDetailDispatchFailed, 0);
+      ok = fine && failed == 0;
+    }
   }
   __syncthreads();
 
@@ -1562,7 +1577,7 @@ void launch_prepare_routing(const deepepComm& comm, deepepHandle& handle, const 
   q.rank = comm.rank;
   // Kernel 1 starts under the clearing (one H200, one rank, 24 SMs, same run: worst-case dispatch at N = 0 / 4096
   // 14.0 / 107.6 -> 11.7 / 105.2 us against a cudaMemsetAsync before it, with the count exchange's fence gone too).
-  launch_clear_counts(handle.expert_counts, args.num_experts, handle.routing_faults, 1, stream);
+  launch_clear_counts(handle.expert_counts, args.num_experts, handle.routing_faults, 2, stream);  // + dispatch_failed
   const size_t histogram_bytes = sizeof(int32_t) * args.num_experts;
   launch_kernel(q.topk_int64 ? routing_count_kernel<int64_t> : routing_count_kernel<int32_t>, q.num_tiles, kRoutingTile,
                 histogram_bytes, stream, true, false, q);
@@ -1615,6 +1630,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.recv_per_expert = args.num_recv_tokens_per_expert;
   q.out_rows = args.num_recv_rows;
   q.worst_case = worst_case;
+  q.dispatch_failed = handle.dispatch_failed;
   if (report_ticket != 0) {
     q.report = static_cast<HandleHostInfo*>(comm.report_host_device);
     q.report_ticket = report_ticket;
@@ -1646,6 +1662,7 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.send_ranges = handle.send_ranges;
   q.recv_ranges = handle.recv_ranges;
   q.recv_counts = handle.recv_counts;
+  q.dispatch_failed = handle.dispatch_failed;
   q.num_tokens = handle.num_tokens;
   q.x = static_cast<const uint8_t*>(args.x);
   q.x_stride_bytes = (args.x_row_stride != 0 ? args.x_row_stride : args.hidden) * int64_t(2);

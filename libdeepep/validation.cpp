@@ -80,6 +80,13 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
                   "rank %d found %s in %s: rank %d refused the call (bad input there: see the error it raised), so no "
                   "rows moved between them",
                   record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer);
+  } else if (record->detail == kDetailDispatchFailed) {
+    char cause[64] = "the ranks disagreed on it or timed out";
+    if (record->peer >= 0) std::snprintf(cause, sizeof(cause), "rank %d refused it", record->peer);
+    std::snprintf(text, sizeof(text),
+                  "rank %d found %s in %s: the worst-case dispatch that routed its handle failed (%s: see the error "
+                  "recorded then), so no rows moved and the output is not written; route the handle again",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), cause);
   } else if (record->detail == kDetailPeerLayout) {
     std::snprintf(text, sizeof(text),
                   "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "

@@ -528,8 +528,8 @@ cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_r
 
 class RefusedHandle:
     """What a high-throughput dispatch refused on this rank leaves for its combine (``exc.refused_handle``): the
-    other ranks' dispatch may have returned (a cached, worst-case or bounded one does before the counts are in) and
-    their combine of it waits for this rank. :meth:`Communicator.combine` given it as ``handle`` runs this rank's side
+    other ranks' dispatch returned (a cached or worst-case one, an exact-size one refused here after its count
+    exchange, a bounded one whose rows overflowed this rank's bound alone) and they make its combine. :meth:`Communicator.combine` given it as ``handle`` runs this rank's side
     of that combine without data (on the block count the dispatch asked for, or its cached handle's) and raises
     DeepEPInvalidUsage, so that the other ranks' combine ends at once with DeepEPRemoteError and all stay in step."""
 

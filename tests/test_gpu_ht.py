@@ -669,15 +669,15 @@ def ht_scenarios(info):
 
         out["disagreeing_combine_layout"] = refusal(comm, pydeepep.DeepEPInvalidArgument, combine_other_widths)
         log_scenario("ht", info, "disagreeing_combine_layout", out["disagreeing_combine_layout"])
-        run_scenarios(
-            info,
-            "ht",
-            {
-                "one_rank_refuses": lambda: one_rank_refuses_case(comm, 48),
-                "refused_dispatch_then_combine": lambda: refused_dispatch_then_combine_case(comm, 49),
-            },
-            out,
-        )
+        run_scenarios(info, "ht", {"one_rank_refuses": lambda: one_rank_refuses_case(comm, 48)}, out)
+    return out
+
+
+def refused_dispatch_rank(info):
+    """refused_dispatch_then_combine_case on a communicator of its own (a job of its own, to run on 4 ranks alone)."""
+    out = {}
+    with scenario_communicator(info) as comm:
+        run_scenarios(info, "refused", {"refused_dispatch_then_combine": lambda: refused_case(comm, 49)}, out)
     return out
 
 
@@ -838,16 +838,18 @@ def one_rank_refuses_case(comm, seed, n=64, h=256, k=4, e=16):
     return "; ".join(failures) if failures else True
 
 
-def refused_dispatch_then_combine_case(comm, seed, n=64, h=256, k=4, e=16, num_sms=4):
+def refused_case(comm, seed, n=64, h=256, k=4, e=16):
     """The last rank refuses a dispatch whose other ranks return (worst-case, cached, exact-size past the count
-    exchange), or fails a bounded one whose rows overflow its bound alone, on 4 blocks (not the default, so that a
-    refusal on the wrong block count would leave a peer waiting): its exception carries ``refused_handle``, a combine
-    given it raises DeepEPInvalidUsage, and every other rank's combine of that dispatch ends at once with
-    DeepEPRemoteError naming the refuser (not the 20 s timeout). A count exchange refused on that rank leaves no
-    refused_handle (every rank raises there, and none combines). Afterwards a dispatch and combine match the
-    oracle."""
+    exchange), or fails a bounded one whose rows overflow its bound alone: its exception carries ``refused_handle``, a
+    combine given it raises DeepEPInvalidUsage, and every other rank's combine of that dispatch ends at once (not at
+    the 20 s timeout) with DeepEPRemoteError naming the refuser, also on more than 2 ranks, where after a refused
+    worst-case dispatch no rank has rows or receive ranges to push. The calls run on 4 blocks more than the default
+    (24 on 2 ranks, 32 on more), so that a refusal on the default block count would leave the others' blocks past it
+    waiting. A count exchange refused on that rank leaves no refused_handle (every rank raises there, and none
+    combines). Afterwards a dispatch and combine match the oracle."""
     import time
 
+    num_sms = (24 if comm.nranks <= 2 else 32) + 4
     R, me = comm.nranks, comm.rank
     refuser = R - 1
     bad = me == refuser
@@ -1011,7 +1013,8 @@ def test_a_call_one_rank_refuses_ends_at_once_everywhere_and_the_ranks_stay_in_s
     ]
 
 
-def test_a_dispatch_refused_on_one_rank_leaves_a_handle_whose_combine_ends_the_peers_combine_at_once(results):
+def test_a_dispatch_refused_on_one_rank_leaves_a_handle_whose_combine_ends_the_peers_combine_at_once():
+    results = spawn_ranks(refused_dispatch_rank, nprocs=RANKS, timeout=120 * RANKS)
     assert all_true([r.get("refused_dispatch_then_combine", "not run") for r in results]), [
         r.get("refused_dispatch_then_combine") for r in results
     ]

@@ -454,8 +454,11 @@ typedef enum {
  * cached dispatch or a combine to finish at once. deepepDispatch, deepepDispatchNotify and deepepCombine do this
  * themselves when they refuse their arguments (deepepDispatch and deepepCombine also when `args` is NULL). A refused
  * dispatch lets the peers finish a cached or a worst-case dispatch, whichever they made; a peer's handle keeps a true
- * routing for its combine only where `handle` here holds the same routing (otherwise route it again first). The
- * refused call counts as made: do not retry it. Stream-ordered; not capturable. */
+ * routing for its combine only where `handle` here holds the same routing (otherwise route it again first). Where
+ * the peers go on to the refused dispatch's combine, refuse it too (deepepCallCombine, with the dispatch's handle
+ * where it was a cached one, else NULL and the dispatch's num_sms); after a refused worst-case dispatch their combine
+ * moves no rows and records that the handle's dispatch failed. The refused call counts as made: do not retry it.
+ * Stream-ordered; not capturable. */
 DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
                                            struct CUstream_st* stream);
 
