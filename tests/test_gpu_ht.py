@@ -844,12 +844,13 @@ def refused_case(comm, seed, n=64, h=256, k=4, e=16):
     combine given it raises DeepEPInvalidUsage, and every other rank's combine of that dispatch ends at once (not at
     the 20 s timeout) with DeepEPRemoteError naming the refuser, also on more than 2 ranks, where after a refused
     worst-case dispatch no rank has rows or receive ranges to push. The calls run on 4 blocks more than the default
-    (24 on 2 ranks, 32 on more), so that a refusal on the default block count would leave the others' blocks past it
-    waiting. A count exchange refused on that rank leaves no refused_handle (every rank raises there, and none
-    combines). Afterwards a dispatch and combine match the oracle."""
+    (24 on 2 ranks, 32 on more) where the device has the SMs, so that a refusal on the default block count would
+    leave the others' blocks past it waiting. A count exchange refused on that rank leaves no refused_handle (every
+    rank raises there, and none combines). Afterwards a dispatch and combine match the oracle."""
     import time
 
-    num_sms = (24 if comm.nranks <= 2 else 32) + 4
+    sm_count = cupy.cuda.runtime.getDeviceProperties(comm.device)["multiProcessorCount"]  # under MPS: the client's
+    num_sms = min((24 if comm.nranks <= 2 else 32) + 4, sm_count)
     R, me = comm.nranks, comm.rank
     refuser = R - 1
     bad = me == refuser
