@@ -10,7 +10,8 @@ import numpy as np
 from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
-from .errors import DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPOutOfMemory, error_for_status
+from .errors import (DeepEPBufferTooSmall, DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage,
+                     DeepEPOutOfMemory, error_for_status)
 from ._interop import (LEGACY_DEFAULT_STREAM, check_dense, check_matrix, dtype_name, is_device_array, payload_kind,
                        stream_handle)
 
@@ -529,9 +530,10 @@ cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_r
 class RefusedHandle:
     """What a high-throughput dispatch refused on this rank leaves for its combine (``exc.refused_handle``): the
     other ranks' dispatch returned (a cached or worst-case one, an exact-size one refused here after its count
-    exchange, a bounded one whose rows overflowed this rank's bound alone) and they make its combine. :meth:`Communicator.combine` given it as ``handle`` runs this rank's side
-    of that combine without data (on the block count the dispatch asked for, or its cached handle's) and raises
-    DeepEPInvalidUsage, so that the other ranks' combine ends at once with DeepEPRemoteError and all stay in step."""
+    exchange, a bounded one whose rows overflowed this rank's bound alone) and they make its combine.
+    :meth:`Communicator.combine` given it as ``handle`` runs this rank's side of that combine without data (on the
+    block count the dispatch asked for, or its cached handle's) and raises DeepEPInvalidUsage, so that the other
+    ranks' combine ends at once with DeepEPRemoteError and all stay in step."""
 
     __slots__ = ("comm", "handle", "num_sms")
 
@@ -1104,10 +1106,15 @@ cdef class Communicator:
             h.num_recv_tokens_per_expert = []
             with nogil:
                 status = deepepHandleWaitRecvCounts(hh)
-            # The counts came (too many rows for this rank's bound is this rank's own failure): the peers have their
-            # results and will combine. Any other failure (a peer's refusal, a timeout) raises on every rank.
-            owed.dispatch_made = status == deepepSuccess or status == deepepBufferTooSmall
-            _check(status)
+            # Once the counts came the peers have their results and will combine, also where this rank's rows overflow
+            # its bound (its own failure, after which the counts are readable). Any other failure (a peer's refusal, a
+            # timeout, a fault recorded earlier) raises on every rank.
+            owed.dispatch_made = status == deepepSuccess
+            try:
+                _check(status)
+            except DeepEPBufferTooSmall:
+                owed.dispatch_made = deepepHandleGetNumRecvTokens(hh, &received) == deepepSuccess
+                raise
             received = h._take_recv_counts(num_experts)
             recv_x = _leading_rows(recv_x, received)
             recv_scales = _leading_rows(recv_scales, received)
@@ -1145,6 +1152,7 @@ cdef class Communicator:
                 if refused and handle.comm is not self:
                     raise DeepEPInvalidUsage("the handle belongs to another communicator", 2)
                 if refused:
+                    self._live()  # a closed communicator says so (nothing runs then)
                     raise DeepEPInvalidUsage(
                         "combine refused: the handle is that of a dispatch refused on this rank (exc.refused_handle); "
                         "this rank's side of the combine ran without data, so that the other ranks' combine ends", 2)

@@ -884,7 +884,7 @@ def refused_case(comm, seed, n=64, h=256, k=4, e=16):
                 said = exc
             if bad and refused is None:
                 failures.append(f"{what}: the refusing rank's dispatch gave {said!r}, no refused_handle")
-                refused = pydeepep._core.RefusedHandle(comm, None, num_sms)  # the combine must still be made
+                refused = pydeepep.RefusedHandle(comm, None, num_sms)  # the combine must still be made
             if not bad and result is None:
                 failures.append(f"{what}: the dispatch raised {said!r}")
             try:
