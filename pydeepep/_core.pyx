@@ -547,8 +547,9 @@ class RefusedHandle:
 
 
 cdef object _refused_handle(Communicator comm, _OwedCall owed, handle, num_worst_tokens, max_recv_tokens):
-    """The RefusedHandle that a dispatch refused on this rank leaves where it counts as made, else None: a refusal of
-    the count exchange leaves none, since every rank's exact-size dispatch raises there and none combines."""
+    """The RefusedHandle that a dispatch refused on this rank leaves where it counts as made, else None: a refused
+    count exchange (an exact-size or a bounded dispatch's) leaves none, since every rank raises there and none
+    combines."""
     if not owed.dispatch_made or owed.stream is None or comm.closed:
         return None
     cached = _dispatch_kind(handle, num_worst_tokens, max_recv_tokens) == "cached"
