@@ -1038,6 +1038,9 @@ cdef class Communicator:
             if topk_idx is None or num_experts is None:
                 raise DeepEPInvalidArgument("a dispatch without a handle needs topk_idx and num_experts", 1)
             a.num_experts = _c_int("num_experts", num_experts)
+        if isinstance(handle, RefusedHandle):
+            raise DeepEPInvalidUsage("the handle is that of a dispatch refused on this rank (exc.refused_handle): it "
+                                     "holds no routing; pass it to that dispatch's combine only", 2)
         if handle is None:
             h = Handle(self)
         else:
