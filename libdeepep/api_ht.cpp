@@ -702,10 +702,6 @@ DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle) {
     std::atomic_thread_fence(std::memory_order_acquire);
     if (ticket_now() != h.report_ticket) overwritten();  // another dispatch's kernel began to write meanwhile
     if (info.num_recv_tokens > h.report_rows) {
-      // The counts came all the same: readable, so that the caller learns how many rows arrive (and a binding, that
-      // this failure is this rank's own, which leaves the peers with their results).
-      h.host_info = info;
-      h.recv_counts_on_host = true;
       fail(deepepBufferTooSmall, "%lld rows arrive but the outputs hold %lld (num_worst_tokens)",
            static_cast<long long>(info.num_recv_tokens), static_cast<long long>(h.report_rows));
     }

@@ -57,8 +57,8 @@ struct deepepHandle {
   uint32_t* routing_ticket = nullptr;     // routing tiles finished (0 between calls)
   int32_t* routing_faults = nullptr;      // 1 when this call's routing skipped ids out of range (recorded)
   // Cleared with routing_faults (the next word) by every routing. Set by a worst-case dispatch whose counts step failed
-  // (a rank refused it: that rank + 1; the ranks disagreed: -1): no rank moved rows or wrote receive ranges, so the
-  // combine of this routing moves and waits for none, and says so.
+  // (a rank refused it: that rank + 1; the ranks disagreed, or a wait timed out: -1): no rank moved rows or wrote
+  // receive ranges, so a combine of this routing moves and waits for none, and says so (combine_kernel).
   int32_t* dispatch_failed = nullptr;
   int64_t* num_recv_device = nullptr;
 

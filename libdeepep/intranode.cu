@@ -1226,12 +1226,14 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   if (warp == 0) {
     const bool fine = wait_acks(p, seq, deadline, Phase::kCombine);
     if (lane == 0) {
-      // After a failed worst-case dispatch no rank has rows of it to push or receive ranges to push them by: every
-      // rank's combine of it moves nothing, and no rank waits for another's rows (only a refusing rank, which has no
-      // handle, makes its combine as a refusal). So that an error cleared since is not lost, it is recorded again.
+      // After a worst-case dispatch that a rank refused or the ranks disagreed on (which every rank sees alike) no
+      // rank has rows of it to push or receive ranges to push them by: every rank's combine of it, and of a cached
+      // dispatch on the handle, moves nothing and waits for no rows until a routing clears the word (a refusing rank,
+      // which has no handle, makes its combine as a refusal). A timeout sets it on the ranks that saw one only, whose
+      // peers' combine then times out as before. So that an error cleared since is not lost, it is recorded again.
       const int32_t failed = *q.dispatch_failed;
       if (failed != 0 && b == 0)
-        record_async_error(p.error, failed > 0 ? deepepRemoteError : deepepInvalidUsage, p.rank, Phase::kCombine,
+        record_async_error(p.error, failed > 0 ? deepepRemoteError : deepepInvalidArgument, p.rank, Phase::kCombine,
                            failed > 0 ? failed - 1 : -1, kDetailDispatchFailed, 0);
       ok = fine && failed == 0;
     }

@@ -1111,13 +1111,13 @@ cdef class Communicator:
             with nogil:
                 status = deepepHandleWaitRecvCounts(hh)
             # Once the counts came the peers have their results and will combine, also where this rank's rows overflow
-            # its bound (its own failure, after which the counts are readable). Any other failure (a peer's refusal, a
-            # timeout, a fault recorded earlier) raises on every rank.
+            # its bound: the wait's own deepepBufferTooSmall, which, unlike a fault recorded on the device (a peer's
+            # refusal, an earlier call's overflow), is no "asynchronous error" (validation.cpp, read_async_error).
             owed.dispatch_made = status == deepepSuccess
             try:
                 _check(status)
-            except DeepEPBufferTooSmall:
-                owed.dispatch_made = deepepHandleGetNumRecvTokens(hh, &received) == deepepSuccess
+            except DeepEPBufferTooSmall as exc:
+                owed.dispatch_made = "asynchronous error" not in str(exc)
                 raise
             received = h._take_recv_counts(num_experts)
             recv_x = _leading_rows(recv_x, received)

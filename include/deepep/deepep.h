@@ -403,8 +403,7 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
  * receive counts (bounded by the timeout; its rows may still be moving), then makes them readable with
  * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, one
  * after the handle got another routing, or one after its communicator was destroyed, is deepepInvalidUsage).
- * deepepBufferTooSmall when more rows arrive than the outputs hold (the counts are then readable all the same; the
- * rows past the outputs are not written); deepepInvalidUsage when another dispatch reporting
+ * deepepBufferTooSmall when more rows arrive than the outputs hold; deepepInvalidUsage when another dispatch reporting
  * counts on the communicator overwrote them before or while this call read them. As for deepepDispatchNotify, an id out
  * of range in that dispatch's routing fails it on every rank: this wait returns deepepInvalidArgument, the peers' waits
  * deepepRemoteError (the first recorded fault, which may be an earlier one, is the one returned); a fault that earlier
