@@ -229,3 +229,22 @@ def test_bits_view_shares_memory_and_keeps_the_array_alive():
     assert sys.getrefcount(bf16) == before + 1
     plain = pydeepep.DeviceArray(0x2000, (3,), "int32", 0, 7)
     assert plain.bits() is plain
+
+
+def test_a_bounded_dispatchs_own_overflow_is_told_from_a_recorded_fault_by_the_message():
+    """pydeepep gives a bounded dispatch whose rows overflow this rank's bound a refused_handle (the peers combine),
+    but not one whose wait failed on a fault recorded on the device (every rank raises): it tells them apart by the
+    "asynchronous error" that the library puts before every recorded fault's message, and that the wait's own
+    overflow message lacks."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    validation = (root / "libdeepep" / "validation.cpp").read_text()
+    api = (root / "libdeepep" / "api_ht.cpp").read_text()
+    core = (root / "pydeepep" / "_core.pyx").read_text()
+    assert 'std::string("asynchronous error: ") + text' in validation
+    wait = api[api.index("deepepResult_t deepepHandleWaitRecvCounts(") :]
+    own = wait[wait.index("fail(deepepBufferTooSmall") :]
+    own = own[: own.index(";")]
+    assert "rows arrive but the outputs hold" in own and "asynchronous error" not in own
+    assert 'owed.dispatch_made = "asynchronous error" not in str(exc)' in core
