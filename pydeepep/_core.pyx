@@ -481,6 +481,7 @@ cdef class _OwedCall:
     # A dispatch proper (not its count exchange) is this rank's part of the sequence of calls: refused or not, it
     # counts as made on every rank, and a combine of it follows on the ranks whose dispatch returned.
     cdef bint dispatch_made
+    cdef bint cached  # a cached dispatch: its refusal's combine runs on the handle's block count
 
     def __init__(self, call, handle, int num_sms):
         self.call = call
@@ -488,6 +489,7 @@ cdef class _OwedCall:
         self.num_sms = num_sms
         self.stream = None
         self.dispatch_made = False
+        self.cached = False
 
     cdef void refuse(self, deepepComm_t comm) noexcept:
         if self.call is None or self.stream is None or comm == NULL:
@@ -524,6 +526,7 @@ cdef _OwedCall _owed_dispatch(Communicator comm, handle, num_worst_tokens, max_r
     # The peers' bounded dispatch waits for the counts, so a refusal of one raises on every rank (as a refused count
     # exchange does): it counts as made for a combine only once its counts came (_dispatch).
     owed.dispatch_made = kind == "cached" or kind == "worst-case"
+    owed.cached = kind == "cached"
     return owed
 
 
@@ -546,14 +549,13 @@ class RefusedHandle:
         return f"RefusedHandle(rank={self.comm.rank}, num_sms={self.num_sms}, cached={self.handle is not None})"
 
 
-cdef object _refused_handle(Communicator comm, _OwedCall owed, handle, num_worst_tokens, max_recv_tokens):
+cdef object _refused_handle(Communicator comm, _OwedCall owed):
     """The RefusedHandle that a dispatch refused on this rank leaves where it counts as made, else None: a refused
     count exchange (an exact-size or a bounded dispatch's) leaves none, since every rank raises there and none
     combines."""
     if not owed.dispatch_made or owed.stream is None or comm.closed:
         return None
-    cached = _dispatch_kind(handle, num_worst_tokens, max_recv_tokens) == "cached"
-    return RefusedHandle(comm, owed.handle if cached else None, owed.num_sms)
+    return RefusedHandle(comm, owed.handle if owed.cached else None, owed.num_sms)
 
 
 cdef _OwedCall _owed_combine(Communicator comm, handle):
@@ -580,7 +582,7 @@ def _refuse_high_throughput(Communicator comm, str call, handle, num_worst_token
     owed.stream = stream_handle(stream)
     with _OnDevice(comm.device):
         owed.refuse(comm._live())
-    return _refused_handle(comm, owed, handle, num_worst_tokens, None)
+    return _refused_handle(comm, owed)
 
 
 cdef class Communicator:
@@ -951,7 +953,7 @@ cdef class Communicator:
             except BaseException as exc:
                 owed.refuse(self._comm)
                 self._after_raise(owed, inputs, caller, s, async_finish)
-                refused = _refused_handle(self, owed, handle, num_worst_tokens, max_recv_tokens)
+                refused = _refused_handle(self, owed)
                 if refused is not None:
                     try:
                         exc.refused_handle = refused
