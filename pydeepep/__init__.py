@@ -60,9 +60,13 @@ from ._core import (  # noqa: E402
     to_device,
     version,
 )
-from .launch import spawn  # noqa: E402
+from .launch import LaunchError, spawn  # noqa: E402
 
 __version__ = "{}.{}.{}".format(*version())
+
+# pydeepep.bootstrap and pydeepep.reference after a plain `import pydeepep` (bootstrap needs the names above).
+from . import bootstrap as bootstrap  # noqa: E402
+from . import reference as reference  # noqa: E402
 
 __all__ = [
     "Communicator",
@@ -86,6 +90,7 @@ __all__ = [
     "DeepEPOutOfMemory",
     "DeepEPRemoteError",
     "DeepEPTimeoutError",
+    "LaunchError",
     "buffer_size_hint",
     "empty",
     "empty_cache",

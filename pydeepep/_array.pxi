@@ -192,8 +192,8 @@ cdef int _load_driver() except -1:
         pop_address = ctypes.cast(lib.cuCtxPopCurrent_v2, ctypes.c_void_p).value
         alloc_address = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
         capturing_address = ctypes.cast(lib.cuStreamIsCapturing, ctypes.c_void_p).value
-    except (OSError, AttributeError) as exc:  # no driver, or one too old for stream-ordered pools
-        raise DeepEPCudaError(f"the CUDA driver (libcuda.so.1) could not be used: {exc}", 3) from exc
+    except (OSError, AttributeError) as exc:  # no driver, or one too old for stream-ordered pools: as the library
+        raise DeepEPNoDevice(f"the CUDA driver (libcuda.so.1) could not be used: {exc}", 7) from exc
     cdef size_t free_fn = free_address
     cdef size_t push_fn = push_address
     cdef size_t pop_fn = pop_address
@@ -359,7 +359,11 @@ cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
 
 cdef tuple _checked_shape(shape):
     """`shape` as a tuple of ints, refused where a DeviceArray cannot have it."""
-    cdef tuple checked = tuple(int(extent) for extent in shape)
+    cdef tuple checked
+    try:
+        checked = tuple(operator.index(extent) for extent in shape)  # never a truncated float
+    except TypeError:
+        raise TypeError(f"DeviceArray shape {tuple(shape)!r} must hold integers") from None
     if len(checked) > 8:
         raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
     for extent in checked:
@@ -381,7 +385,11 @@ cdef tuple _element_type(dtype):
     found = _STORAGE_ELEMENTS.get(dtype) if isinstance(dtype, str) else None
     if found is not None:
         return found
-    stored = np.dtype(dtype)
+    try:
+        stored = np.dtype(dtype)
+    except TypeError:
+        raise DeepEPInvalidArgument(
+            f"DeviceArray cannot hold dtype {dtype!r}; it holds {', '.join(_DLPACK_TYPES)}", 1) from None
     if not stored.isnative:
         raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {stored.str} (non-native byte order)", 1)
     name = dtype_name(stored)
@@ -389,7 +397,7 @@ cdef tuple _element_type(dtype):
     if found is not None:
         return found
     if name not in _DLPACK_TYPES:
-        raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {name}", 1)
+        raise DeepEPInvalidArgument(f"DeviceArray cannot hold dtype {name}; it holds {', '.join(_DLPACK_TYPES)}", 1)
     return (stored, name)
 
 

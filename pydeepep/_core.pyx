@@ -11,7 +11,7 @@ from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
 from .errors import (DeepEPBufferTooSmall, DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage,
-                     DeepEPOutOfMemory, error_for_status)
+                     DeepEPNoDevice, DeepEPOutOfMemory, error_for_status)
 from ._interop import (LEGACY_DEFAULT_STREAM, check_dense, check_matrix, dtype_name, is_device_array, payload_kind,
                        stream_handle)
 
@@ -182,9 +182,16 @@ _devices = {}
 
 
 def _device(int ordinal):
-    """The cuda.core Device for `ordinal`, made current for this thread (cached: Device() lookups are not free)."""
+    """The cuda.core Device for `ordinal`, made current for this thread (cached: Device() lookups are not free).
+    Without a driver, or past the devices this process sees, DeepEPNoDevice, as the library reports it."""
     dev = _devices.get(ordinal)
     if dev is None:
+        from .launch import local_device_count
+
+        count = local_device_count()
+        if not 0 <= ordinal < count:
+            raise DeepEPNoDevice(f"device {ordinal} is not visible to this process, which sees {count} CUDA "
+                                 f"device(s)", 7)
         from cuda.core import Device
 
         dev = _devices[ordinal] = Device(ordinal)
@@ -625,8 +632,7 @@ cdef class Communicator:
         memcpy(uid.internal, <const char*>unique_id, DEEPEP_UNIQUE_ID_BYTES)
         if device is not None:
             # Make the device's primary context current for this thread, so arrays allocated here land on it.
-            from cuda.core import Device
-            Device(int(device)).set_current()
+            _device(device)
         cdef deepepComm_t comm = NULL
         cdef deepepResult_t status
         with nogil:

@@ -448,6 +448,35 @@ def test_ml_dtypes_types_are_held_as_their_bits():
 def test_device_array_refuses_unsupported_dtypes():
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="complex128"):
         pydeepep.DeviceArray(0x9000, (7,), np.complex128, 0, 9)
+    # A name NumPy does not know is refused by pydeepep too, with the types it holds.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="'bfloat17'; it holds int32, .*bfloat16"):
+        pydeepep.DeviceArray(0x9000, (7,), "bfloat17", 0, 9)
+
+
+def test_device_array_extents_are_integers_never_truncated_floats():
+    with pytest.raises(TypeError, match=r"shape \(2.9, 3\) must hold integers"):
+        pydeepep.DeviceArray(0x9000, (2.9, 3), np.int32, 0, 9)
+    with pytest.raises(TypeError, match="must hold integers"):
+        pydeepep.empty((0.7,), np.int32, device=0)  # refused before any allocation (no GPU needed)
+    assert pydeepep.DeviceArray(0x9000, (np.int64(2), 3), np.int32, 0, 9).shape == (2, 3)
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="checks behaviour on a machine without GPUs")
+@pytest.mark.parametrize("call", ["to_device", "empty", "Communicator"])
+def test_a_device_this_process_cannot_see_raises_no_device(call):
+    with pytest.raises(pydeepep.DeepEPNoDevice):
+        if call == "to_device":
+            pydeepep.to_device(np.zeros(2, np.int32), device=0)
+        elif call == "empty":
+            pydeepep.empty((2,), np.int32, device=0)
+        else:
+            pydeepep.Communicator(pydeepep.get_unique_id(), 0, 1, device=0)
+
+
+def test_bootstrap_and_reference_come_with_the_package():
+    # `pydeepep.reference.dispatch` and `pydeepep.bootstrap.from_env` after a plain `import pydeepep`, as documented.
+    assert callable(pydeepep.reference.low_latency_dispatch) and callable(pydeepep.bootstrap.from_env)
+    assert issubclass(pydeepep.LaunchError, RuntimeError)
 
 
 # ---------------------------------------------------------------------------------------------------------------

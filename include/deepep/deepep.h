@@ -323,8 +323,9 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle);
  * deepepHandleWaitRecvCounts; after any other worst-case dispatch it is only on the device, and this returns
  * deepepInvalidUsage. */
 DEEPEP_API deepepResult_t deepepHandleGetNumRecvTokens(deepepHandle_t handle, int64_t* num_recv_tokens);
-/* [out] counts [num_local_experts] (host memory): rows received per local expert, each rounded up to the
- * expert_alignment of the notify call. Same availability as deepepHandleGetNumRecvTokens. */
+/* [out] counts [num_local_experts] (host memory; num_local_experts must be the routing's num_experts / nranks):
+ * rows received per local expert, each rounded up to the expert_alignment of the call that routed the handle
+ * (deepepDispatchNotify, or the bounded dispatch). Same availability as deepepHandleGetNumRecvTokens. */
 DEEPEP_API deepepResult_t deepepHandleGetRecvTokensPerExpert(deepepHandle_t handle, int32_t* counts,
                                                              int num_local_experts);
 /* Tokens of this rank the handle's routing covers (the N of its dispatch). */
@@ -403,7 +404,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
  * receive counts (bounded by the timeout; its rows may still be moving), then makes them readable with
  * deepepHandleGetNumRecvTokens / deepepHandleGetRecvTokensPerExpert. One wait per such dispatch (a second one, one
  * after the handle got another routing, or one after its communicator was destroyed, is deepepInvalidUsage).
- * deepepBufferTooSmall when more rows arrive than the outputs hold; deepepInvalidUsage when another dispatch reporting
+ * deepepBufferTooSmall when more rows arrive than the outputs hold (the counts then stay unreadable, and the message
+ * alone gives the row count); deepepInvalidUsage when another dispatch reporting
  * counts on the communicator overwrote them before or while this call read them. As for deepepDispatchNotify, an id out
  * of range in that dispatch's routing fails it on every rank: this wait returns deepepInvalidArgument, the peers' waits
  * deepepRemoteError (the first recorded fault, which may be an earlier one, is the one returned); a fault that earlier
@@ -411,7 +413,11 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
  * rank and moves the other rows, so that the combine every rank makes after it completes.) */
 DEEPEP_API deepepResult_t deepepHandleWaitRecvCounts(deepepHandle_t handle);
 
-/* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. */
+/* Arguments of deepepCombine. Initialise with deepepCombineArgsInit. x, bias[i] and out start on 16-byte boundaries,
+ * and their row strides (in elements) are multiples of 8. Every rank passes the same hidden and num_topk: they lay out
+ * the rows the ranks exchange, and a peer whose layout differs has its rows left out (deepepInvalidArgument recorded).
+ * num_topk is 0 without weights; with them it is set on every rank, also on one without rows (num_rows 0), which may
+ * pass topk_weights NULL. */
 typedef struct {
   size_t struct_size;
   const void* x; /* [rows, hidden] deepepBFloat16 in the handle's receive order */
@@ -424,7 +430,7 @@ typedef struct {
   const void* bias[2]; /* optional [N, hidden] BF16 each, added after the sum in order */
   int64_t bias_row_stride[2];
   void* out;               /* [N, hidden] BF16, contiguous */
-  float* out_topk_weights; /* [N, num_topk] float32, required when topk_weights is given: per slot, the sum in
+  float* out_topk_weights; /* [N, num_topk] float32, required when num_topk > 0 (N > 0): per slot, the sum in
                               float32 and rank order of the weights the ranks that got the token received (a slot's
                               weight, 0 on ranks that do not hold its expert) */
 } deepepCombineArgs;
@@ -463,9 +469,10 @@ DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call,
                                            struct CUstream_st* stream);
 
 /* Diagnostic: the SM-driven NVLink push bandwidth this rank reaches into the next rank's buffer (rank + 1 modulo
- * nranks; its own buffer on one rank) with `num_sms` blocks of 16-byte stores, `bytes` per pass (clamped to the
- * buffer), median of `iterations` passes. [out] gb_per_s. Blocking. Every rank calls it at the same time (it
- * overwrites peers' receive regions, so no dispatch or combine may be in flight anywhere). */
+ * nranks; its own buffer on one rank) with `num_sms` blocks of 16-byte stores, `bytes` per pass (clamped to one
+ * rank's receive region, about (high-throughput bytes - 1 MiB) / nranks; the figure is of the clamped size), median of
+ * `iterations` passes. [out] gb_per_s. Blocking. Every rank calls it at the same time (it overwrites peers' receive
+ * regions, so no dispatch or combine may be in flight anywhere). */
 DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
                                                          double* gb_per_s, struct CUstream_st* stream);
 
@@ -519,10 +526,12 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * communicator's device.
  * Arguments are checked before anything is launched; the calls may finish with an asynchronous error
  * (deepepCommGetAsyncError): a timeout naming the rank, phase and peer, or an out-of-range expert id. A rank that
- * refuses a call (a bad argument there alone) still launches its side of it once buffer_set, phase and the phase order
- * check out (deepepLowLatencyRefuseCall), moving no data, so that the other ranks finish the same call at once, leave
- * that rank out (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every
- * rank. A refused Send completes its operation on this rank: call no Recv for it. Inside a stream capture a refusal
+ * refuses a call (a bad argument there alone) still launches its side of it, moving no data, once args passes its
+ * struct checks (not NULL, a struct_size and fields this library takes) and buffer_set, phase and the phase order
+ * check out (deepepLowLatencyRefuseCall), so that the other ranks finish the same call at once, leave that rank out
+ * (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every rank. A call
+ * refused before those checks pass launches nothing: the peers wait for it up to the timeout, and then mask this rank.
+ * A refused Send completes its operation on this rank: call no Recv for it. Inside a stream capture a refusal
  * launches nothing (the capture is invalid anyway). */
 
 typedef enum {
