@@ -8,8 +8,34 @@ cuda.core); arrays out are :class:`DeviceArray` objects exporting both. Streams 
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
+from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
 
-from .errors import (
+_PACKAGE_DIR = _os.path.dirname(_os.path.realpath(__file__))
+
+
+def _built(directory: str) -> bool:
+    """Whether `directory` holds pydeepep's compiled extension."""
+    return any(_os.path.isfile(_os.path.join(directory, "_core" + suffix)) for suffix in _EXTENSION_SUFFIXES)
+
+
+if not _built(_PACKAGE_DIR):
+    # The source checkout, without its compiled extension: Python puts the current directory first on sys.path (`python
+    # -m pydeepep.bench` in the repository root after `pip install .`), where it shadows the installed copy. Take the
+    # submodules, the extension included, and the data directories from the first installed copy on sys.path.
+    for _entry in _sys.path:
+        _candidate = _os.path.join(_os.path.realpath(_entry or _os.curdir), "pydeepep")
+        if _candidate != _PACKAGE_DIR and _built(_candidate):
+            __path__.insert(0, _candidate)
+            _PACKAGE_DIR = _candidate
+            break
+    else:
+        raise ImportError(
+            f"pydeepep is imported from {_PACKAGE_DIR}, which has no compiled extension (a source checkout), and no "
+            "installed pydeepep is on sys.path: install it first (pip install .)"
+        )
+
+from .errors import (  # noqa: E402
     DeepEPBufferTooSmall,
     DeepEPCudaError,
     DeepEPError,
@@ -23,8 +49,6 @@ from .errors import (
     DeepEPRemoteError,
     DeepEPTimeoutError,
 )
-
-_PACKAGE_DIR = _os.path.dirname(_os.path.abspath(__file__))
 
 
 def get_include() -> str:

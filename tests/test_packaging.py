@@ -102,3 +102,20 @@ def test_pkg_config_file_finds_the_prefix_from_any_library_folder(tmp_path):
     prefix = fields["prefix"].replace("${pcfiledir}", "/opt/deepep/lib/x86_64-linux-gnu/pkgconfig")
     assert os.path.normpath(prefix) == "/opt/deepep", fields["prefix"]
     assert fields["libdir"] == "${prefix}/lib/x86_64-linux-gnu" and fields["includedir"] == "${prefix}/include"
+
+
+def test_the_readme_commands_work_from_the_repository_root():
+    # `pip install . && python -m pydeepep.bench` runs in the checkout, whose pydeepep/ (no compiled extension) comes
+    # first on sys.path there: the installed copy serves the commands all the same.
+    root = EXAMPLE_CPP.parent.parent
+    if any((root / "pydeepep").glob("_core*.so")):
+        pytest.skip("the checkout holds a built extension (an in-place or editable build): nothing is shadowed")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True, timeout=120)
+
+    lib_dir = run("pydeepep", "--lib-dir")
+    assert lib_dir.returncode == 0, lib_dir.stderr
+    assert lib_dir.stdout.strip() == pydeepep.get_lib_dir() and Path(lib_dir.stdout.strip(), "libdeepep.so").exists()
+    bench = run("pydeepep.bench", "--help")
+    assert bench.returncode == 0 and "usage: python -m pydeepep.bench" in bench.stdout, bench.stderr
