@@ -473,8 +473,13 @@ def test_a_device_this_process_cannot_see_raises_no_device(call):
             pydeepep.Communicator(pydeepep.get_unique_id(), 0, 1, device=0)
 
 
+def test_a_device_past_the_visible_ones_raises_no_device():
+    with pytest.raises(pydeepep.DeepEPNoDevice, match="device 4096 is not visible"):
+        pydeepep.to_device(np.zeros(2, np.int32), device=4096)
+
+
 def test_bootstrap_and_reference_come_with_the_package():
-    # `pydeepep.reference.dispatch` and `pydeepep.bootstrap.from_env` after a plain `import pydeepep`, as documented.
+    # pydeepep.reference and pydeepep.bootstrap after a plain `import pydeepep`, as documented.
     assert callable(pydeepep.reference.low_latency_dispatch) and callable(pydeepep.bootstrap.from_env)
     assert issubclass(pydeepep.LaunchError, RuntimeError)
 
