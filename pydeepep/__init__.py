@@ -19,13 +19,35 @@ def _built(directory: str) -> bool:
     return any(_os.path.isfile(_os.path.join(directory, "_core" + suffix)) for suffix in _EXTENSION_SUFFIXES)
 
 
+def _differing_modules(here: str, there: str) -> list[str]:
+    """The Python modules of the package at `here` whose text differs at `there` (or is missing there)."""
+    differing = []
+    for name in sorted(n for n in _os.listdir(here) if n.endswith(".py")):
+        try:
+            with open(_os.path.join(here, name), "rb") as a, open(_os.path.join(there, name), "rb") as b:
+                same = a.read() == b.read()
+        except OSError:
+            same = False
+        if not same:
+            differing.append(name)
+    return differing
+
+
 if not _built(_PACKAGE_DIR):
     # The source checkout, without its compiled extension: Python puts the current directory first on sys.path (`python
     # -m pydeepep.bench` in the repository root after `pip install .`), where it shadows the installed copy. Take the
-    # submodules, the extension included, and the data directories from the first installed copy on sys.path.
+    # submodules, the extension included, and the data directories from the first installed copy on sys.path, if it
+    # was installed from this very source (the same Python modules); otherwise say so rather than mix the two.
     for _entry in _sys.path:
         _candidate = _os.path.join(_os.path.realpath(_entry or _os.curdir), "pydeepep")
         if _candidate != _PACKAGE_DIR and _built(_candidate):
+            _differing = _differing_modules(_PACKAGE_DIR, _candidate)
+            if _differing:
+                raise ImportError(
+                    f"pydeepep is imported from the source checkout {_PACKAGE_DIR}, which has no compiled extension, "
+                    f"and the installed copy {_candidate} differs from it ({', '.join(_differing)}): reinstall "
+                    "(pip install .), or run from outside the checkout"
+                )
             __path__.insert(0, _candidate)
             _PACKAGE_DIR = _candidate
             break

@@ -231,10 +231,29 @@ def _driver_result(result, str what):
     return result[1] if len(result) > 1 else None
 
 
+_visible = set()  # ordinals found visible to this process (a driver query the first time each is used)
+
+
+cdef int _check_visible(int ordinal) except -1:
+    """Refuses, with DeepEPNoDevice as the library does, an ordinal this process does not see (any, without a CUDA
+    driver or with no device visible)."""
+    if ordinal in _visible:
+        return 0
+    from .launch import local_device_count
+
+    count = local_device_count()
+    if not 0 <= ordinal < count:
+        raise DeepEPNoDevice(f"device {ordinal} is not visible to this process, which sees {count} CUDA device(s)", 7)
+    _visible.add(ordinal)
+    return 0
+
+
 cdef size_t _primary_context(int device) except 0:
     context = _contexts.get(device)
     if context is None:
         from cuda.bindings import driver
+
+        _check_visible(device)
 
         _driver_result(driver.cuInit(0), "cuInit")
         dev = _driver_result(driver.cuDeviceGet(device), "cuDeviceGet")
@@ -359,11 +378,12 @@ cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
 
 cdef tuple _checked_shape(shape):
     """`shape` as a tuple of ints, refused where a DeviceArray cannot have it."""
+    given = tuple(shape)
     cdef tuple checked
     try:
-        checked = tuple(operator.index(extent) for extent in shape)  # never a truncated float
+        checked = tuple(operator.index(extent) for extent in given)  # never a truncated float
     except TypeError:
-        raise TypeError(f"DeviceArray shape {tuple(shape)!r} must hold integers") from None
+        raise TypeError(f"DeviceArray shape {given!r} must hold integers") from None
     if len(checked) > 8:
         raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
     for extent in checked:

@@ -186,12 +186,7 @@ def _device(int ordinal):
     Without a driver, or past the devices this process sees, DeepEPNoDevice, as the library reports it."""
     dev = _devices.get(ordinal)
     if dev is None:
-        from .launch import local_device_count
-
-        count = local_device_count()
-        if not 0 <= ordinal < count:
-            raise DeepEPNoDevice(f"device {ordinal} is not visible to this process, which sees {count} CUDA "
-                                 f"device(s)", 7)
+        _check_visible(ordinal)
         from cuda.core import Device
 
         dev = _devices[ordinal] = Device(ordinal)
@@ -246,6 +241,7 @@ def _empty_group(specs, int device, stream):
     if total > _MAX_ALLOCATION:
         raise DeepEPInvalidArgument(
             f"shapes {[part[0] for part in parts if part is not None]} need {total} bytes, more than any GPU holds", 1)
+    _check_visible(device)  # also where nothing is allocated: no array names a device that is not there
     block = _allocate(total, device, handle) if total else None
     if block is not None:
         (<_Allocation>block).shared = sized > 1

@@ -119,3 +119,20 @@ def test_the_readme_commands_work_from_the_repository_root():
     assert lib_dir.stdout.strip() == pydeepep.get_lib_dir() and Path(lib_dir.stdout.strip(), "libdeepep.so").exists()
     bench = run("pydeepep.bench", "--help")
     assert bench.returncode == 0 and "usage: python -m pydeepep.bench" in bench.stdout, bench.stderr
+
+
+def test_a_checkout_that_differs_from_the_installed_copy_says_so(tmp_path):
+    # A checkout whose Python modules are not those installed is not mixed with the installed copy's.
+    source = EXAMPLE_CPP.parent.parent / "pydeepep"
+    if any(source.glob("_core*.so")):
+        pytest.skip("the checkout holds a built extension (an in-place or editable build): nothing is shadowed")
+    checkout = tmp_path / "pydeepep"
+    checkout.mkdir()
+    for module in source.glob("*.py"):
+        shutil.copy(module, checkout / module.name)
+    with open(checkout / "launch.py", "a") as edited:
+        edited.write("\nEDITED = True\n")
+    found = subprocess.run(
+        [sys.executable, "-m", "pydeepep", "--lib-dir"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert found.returncode != 0 and "differs from it (launch.py): reinstall" in found.stderr, found.stderr

@@ -476,6 +476,8 @@ def test_a_device_this_process_cannot_see_raises_no_device(call):
 def test_a_device_past_the_visible_ones_raises_no_device():
     with pytest.raises(pydeepep.DeepEPNoDevice, match="device 4096 is not visible"):
         pydeepep.to_device(np.zeros(2, np.int32), device=4096)
+    with pytest.raises(pydeepep.DeepEPNoDevice, match="device 4096 is not visible"):
+        pydeepep.empty((0,), np.int32, device=4096)  # nothing to allocate: still no array of a missing device
 
 
 def test_bootstrap_and_reference_come_with_the_package():
