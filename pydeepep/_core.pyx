@@ -561,6 +561,16 @@ cdef object _refused_handle(Communicator comm, _OwedCall owed):
     return RefusedHandle(comm, owed.handle if owed.cached else None, owed.num_sms)
 
 
+def _give_refused_handle(exc, refused):
+    """Hands a refused dispatch's RefusedHandle (None: there is none) to the combine its caller makes, as
+    ``exc.refused_handle`` of the exception the dispatch raises."""
+    if refused is not None:
+        try:
+            exc.refused_handle = refused
+        except AttributeError:  # an exception type without attributes of its own
+            pass
+
+
 cdef _OwedCall _owed_combine(Communicator comm, handle):
     """The combine a call with this ``handle`` owes the other ranks: on the handle's block count, or on that of the
     refused dispatch a RefusedHandle stands for."""
@@ -955,12 +965,7 @@ cdef class Communicator:
             except BaseException as exc:
                 owed.refuse(self._comm)
                 self._after_raise(owed, inputs, caller, s, async_finish)
-                refused = _refused_handle(self, owed)
-                if refused is not None:
-                    try:
-                        exc.refused_handle = refused
-                    except AttributeError:  # an exception type without attributes of its own
-                        pass
+                _give_refused_handle(exc, _refused_handle(self, owed))
                 raise
         if async_finish:
             self._keep_for_async(inputs, caller,

@@ -14,7 +14,6 @@ be captured in a CUDA graph: make one before capturing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import types
 
@@ -441,9 +440,7 @@ class Buffer:
             num_sms = (config or Config(Buffer.num_sms)).num_sms
         except BaseException as exc:
             refused = self._refuse_high_throughput("dispatch", handle, num_worst_tokens, _num_sms_of(config))
-            if refused is not None:  # for the combine the other ranks make of it, as pydeepep's own refusals leave
-                with contextlib.suppress(AttributeError):  # an exception type without attributes of its own
-                    exc.refused_handle = refused
+            pydeepep._core._give_refused_handle(exc, refused)  # for the combine the other ranks make of it
             raise
         made = []
 
