@@ -248,3 +248,15 @@ def test_a_bounded_dispatchs_own_overflow_is_told_from_a_recorded_fault_by_the_m
     own = own[: own.index(";")]
     assert "rows arrive but the outputs hold" in own and "asynchronous error" not in own
     assert 'owed.dispatch_made = "asynchronous error" not in str(exc)' in core
+
+
+def test_a_refused_dispatchs_handle_is_handed_to_its_exception():
+    # pydeepep's dispatch and the adapter's refusals both hand exc.refused_handle over through this one helper.
+    give = pydeepep._core._give_refused_handle
+    exc = pydeepep.DeepEPInvalidArgument("refused", 1)
+    marker = object()
+    give(exc, marker)
+    assert exc.refused_handle is marker
+    plain = ValueError("no handle")
+    give(plain, None)
+    assert not hasattr(plain, "refused_handle")
