@@ -136,6 +136,12 @@ deepepConfig resolve_config(const deepepConfig* config) {
 }
 
 size_t buffer_size_for(const deepepConfig& config, int nranks) {
+  // Every dispatch's routing counts rows in int32 (check_routing): a communicator no routing could use is refused here.
+  const int64_t most_tokens = static_cast<int64_t>(nranks) * config.max_tokens_per_rank;
+  DEEPEP_REQUIRE(most_tokens <= INT32_MAX,
+                 "nranks * config->max_tokens_per_rank = %lld; it must be at most %d (each dispatch counts its rows "
+                 "in int32): lower max_tokens_per_rank",
+                 static_cast<long long>(most_tokens), INT32_MAX);
   if (config.buffer_bytes != 0) {
     // The control region plus room for at least a few rows from every rank.
     const size_t minimum = kControlBytes + static_cast<size_t>(nranks) * kMinRegionBytes;

@@ -3,6 +3,7 @@ the library loaded through ctypes for the C ABI tests."""
 
 import ctypes
 import functools
+import importlib
 import os
 from pathlib import Path
 
@@ -41,6 +42,27 @@ def gpu_tier_cupy():
             "this machine has a GPU but CuPy is not installed: the GPU tier needs it (pip install cupy-cuda13x)"
         ) from error
     return cupy
+
+
+# tests/run_gpu_tier.sh sets DEEPEP_TEST_GPU_TIER=1. There a test that would skip for a missing package or tool fails
+# instead: a GPU run that lacks part of its environment must not look like a pass. Elsewhere (a CPU machine, a GPU
+# machine without the optional array libraries) such tests skip.
+GPU_TIER = os.environ.get("DEEPEP_TEST_GPU_TIER") == "1"
+
+
+def skip_missing(reason: str):
+    """Skips the test (or the module) because something it needs is not installed here; fails it in the GPU tier."""
+    if GPU_TIER:
+        pytest.fail(f"{reason}, and the GPU tier (DEEPEP_TEST_GPU_TIER=1) runs every test", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_skip(module: str):
+    """The module, or skip_missing where it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        skip_missing(f"{module} is not installed ({exc})")
 
 
 def requires_gpus(n: int):

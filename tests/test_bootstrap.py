@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -150,8 +151,10 @@ def test_from_env_waits_its_timeout_given_as_any_real_number(monkeypatch, tmp_pa
 
     as_rank_one_reading(monkeypatch, tmp_path / "job.id")
     for timeout in ("0.2", np.float32(0.2)):
+        start = time.monotonic()
         with pytest.raises(pydeepep.DeepEPTimeoutError):
             bootstrap.from_env(timeout=timeout)
+        assert 0.15 < time.monotonic() - start < 10, f"waited {time.monotonic() - start:.1f} s for a 0.2 s timeout"
 
 
 def test_from_env_refuses_an_id_file_others_may_write(monkeypatch, tmp_path):

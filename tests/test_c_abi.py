@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import gpu_count, skip_missing
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_C = REPO / "examples" / "c" / "dispatch_layout.c"
@@ -165,7 +166,7 @@ def link_flags(lib_dir) -> list[str]:
 def compiler(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed")
+        skip_missing(f"{name} is not installed")
     return path
 
 
@@ -382,7 +383,7 @@ def test_ctypes_config_mirrors_the_c_layout(c_program_output):
 def exported_symbols(lib_dir) -> set[str]:
     nm = shutil.which("nm")
     if nm is None:
-        pytest.skip("nm is not installed")
+        skip_missing("nm is not installed")
     listing = run_ok([nm, "-D", "--defined-only", os.path.join(lib_dir, "libdeepep.so")]).stdout
     symbols = set()
     for line in listing.splitlines():
@@ -701,10 +702,22 @@ def test_buffer_size_hint_uses_buffer_bytes_when_given(lib):
 def test_buffer_size_hint_never_wraps_around(lib):
     config = default_config(lib)
     config.hidden = 2**20  # DEEPEP_MAX_HIDDEN
-    config.max_tokens_per_rank = 2**31 - 1
-    # About 4.6e18 bytes: refused as more than any GPU holds, never a wrapped-around small size.
+    config.max_tokens_per_rank = 2**21 - 1  # 1024 ranks of it still fit the routing's int32 row counts
+    # About 4.5e15 bytes: refused as more than any GPU holds, never a wrapped-around small size.
     assert size_hint(lib, config, 1024)[0] == INVALID_ARGUMENT
     assert "more than any GPU holds" in last_error(lib)
+
+
+@pytest.mark.parametrize("buffer_bytes", [0, 8 << 20])
+def test_buffer_size_hint_refuses_more_tokens_than_a_routing_counts(lib, buffer_bytes):
+    # nranks * max_tokens_per_rank rows past int32: every dispatch's routing would refuse it, so the config is refused.
+    config = default_config(lib)
+    config.buffer_bytes = buffer_bytes
+    config.hidden, config.num_topk = 128, 1
+    config.max_tokens_per_rank = 2**28
+    assert size_hint(lib, config, 7)[0] == SUCCESS
+    assert size_hint(lib, config, 8)[0] == INVALID_ARGUMENT
+    assert "nranks * config->max_tokens_per_rank = 2147483648" in last_error(lib)
 
 
 def test_buffer_size_hint_refuses_an_explicit_buffer_larger_than_any_gpu(lib):
@@ -910,7 +923,7 @@ def test_destroy_of_a_bogus_comm_is_invalid_usage(lib, bogus_comm):
 @pytest.fixture(scope="session")
 def example_binary(tmp_path_factory, include_flags, link_flags) -> Path:
     if not HAS_CUDA_RUNTIME_HEADER:
-        pytest.skip(f"no CUDA toolkit at {CUDA_HOME} (set CUDA_HOME)")
+        skip_missing(f"no CUDA toolkit at {CUDA_HOME} (set CUDA_HOME)")
     binary = tmp_path_factory.mktemp("example") / "dispatch_layout"
     cuda_lib = CUDA_HOME / "lib64"
     cuda_flags = [f"-I{CUDA_HOME / 'include'}", f"-L{cuda_lib}", f"-Wl,-rpath,{cuda_lib}"]
@@ -970,7 +983,7 @@ def test_c_example_passes_on_every_gpu(example_binary):
         key=lambda line: int(line.split()[1].split("/")[0]),
     )
     nranks = len(lines)
-    assert nranks >= 1
+    assert nranks == gpu_count()  # the example runs a rank on every GPU it sees
     assert [line.split(":")[0] for line in lines] == [f"rank {r}/{nranks}" for r in range(nranks)]
     for line in lines:
         counts = [int(n) for n in re.search(r"tokens per rank:([\d ]+)\)", line).group(1).split()]

@@ -13,7 +13,17 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, SHARE_GPU, all_true, bf16_bits, bf16_values, gpu_tier_cupy, requires_ranks, spawn_ranks
+from conftest import (
+    RANKS,
+    SHARE_GPU,
+    all_true,
+    bf16_bits,
+    bf16_values,
+    exact_equal,
+    gpu_tier_cupy,
+    requires_ranks,
+    spawn_ranks,
+)
 
 import pydeepep
 from pydeepep import reference
@@ -156,8 +166,9 @@ def still_works(comm, rank, seed):
     result = comm.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E)
     combined = comm.combine(result.recv_x, result.handle)
     ll = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
-    y = cupy.asarray(bf16_bits(np.ones((E // R, R * T, H), np.float32)))
-    out, _ = comm.low_latency_combine(y, topk, w, ll)
+    # Random expert outputs: ones would make every combine the sum of its weights, whatever rows it read.
+    ys = [bf16_bits(np.random.default_rng([seed, r, 1]).standard_normal((E // R, R * T, H))) for r in range(R)]
+    out, _ = comm.low_latency_combine(cupy.asarray(ys[rank]), topk, w, ll)
     cupy.cuda.runtime.deviceSynchronize()
     comm.check_async_error()
 
@@ -168,19 +179,27 @@ def still_works(comm, rank, seed):
         [bf16_values(d[0]) for d in data], [d[1] for d in data], E, T, use_fp8=False
     )
     want_ll_out = reference.low_latency_combine(
-        [np.ones((E // R, R * T, H), np.float32)] * R,
+        [bf16_values(y) for y in ys],
         [d[1] for d in data],
         [d[2] for d in data],
         [wl[3] for wl in want_ll],
     )[rank]
+    counts = want_ll[rank][2]
+    received = [slice(0, int(c)) for c in counts]  # each local expert's rows; those past its count are not written
+
+    def rows_of(array):
+        return np.concatenate([array[le, rows] for le, rows in enumerate(received)])
+
     checks = {
         "dispatch": (bf16_values(result.recv_x.to_numpy()), want[rank][0]),
         "combine": (bf16_values(combined.out.to_numpy()), want_out),
-        "low-latency counts": (ll.recv_count.to_numpy(), want_ll[rank][2]),
+        "low-latency counts": (ll.recv_count.to_numpy(), counts),
+        "low-latency rows": (rows_of(bf16_values(ll.recv_x.to_numpy())), rows_of(want_ll[rank][0])),
+        "low-latency source tokens": (rows_of(ll.recv_src_info.to_numpy() & 0xFFFF), rows_of(want_ll[rank][3][..., 1])),
         "low-latency combine": (bf16_values(out.to_numpy()), want_ll_out),
     }
     for what, (got, expected) in checks.items():
-        if not np.array_equal(got, expected):
+        if not exact_equal(got, expected):
             return f"{what} differs from the oracle"
     return True
 
@@ -392,8 +411,9 @@ def test_a_count_exchange_reports_its_own_outcome_when_earlier_work_records_a_fa
 def bad_id_on_one_rank(info):
     """Rank 0 makes a full, then a bounded dispatch, then a worst-case dispatch and a combine with an expert id out of
     range while the others make the same with valid ones; then every rank a valid full dispatch. Returns what each of
-    the first three raised (the class name, or "accepted"), the seconds they took, and whether the last one gave the
-    oracle's rows."""
+    the first three raised (the class name, or "accepted"), the seconds they took, whether the last one gave the
+    oracle's rows, and what differs in the worst-case dispatch and its combine from the oracle's routing with the bad
+    slot skipped (None when nothing does)."""
     import time
 
     with open_communicator(info) as comm, cupy.cuda.Device(comm.device):
@@ -405,9 +425,11 @@ def bad_id_on_one_rank(info):
         comm.dispatch(x, topk_idx=topk, num_experts=E)  # first-call costs out of the timed calls
         said, seconds = [], []
 
+        worst = {}
+
         def worst_case_then_combine():
             result = comm.dispatch(x, topk_idx=ids, num_experts=E, num_worst_tokens=info.nranks * N)
-            comm.combine(result.recv_x, result.handle)
+            worst["rows"], worst["out"] = result.recv_x, comm.combine(result.recv_x, result.handle).out
 
         calls = (
             functools.partial(comm.dispatch, x, topk_idx=ids, num_experts=E),
@@ -420,8 +442,20 @@ def bad_id_on_one_rank(info):
             seconds.append(time.monotonic() - start)
         rows = comm.dispatch(x, topk_idx=topk, num_experts=E).recv_x.to_numpy()
         comm.check_async_error()
+        worst_rows, worst_out = (bf16_values(worst[key].to_numpy()) for key in ("rows", "out"))
     want = oracle_dispatch(info)[0]
-    return said, seconds, bool(np.array_equal(bf16_values(rows), want))
+    # The worst-case dispatch skips the bad slot and moves the other rows; its combine sums them back.
+    data = [inputs(r) for r in range(info.nranks)]
+    data[0][1][0, 0] = -1
+    skipped = reference.dispatch([bf16_values(d[0]) for d in data], [d[1] for d in data], None, E)
+    want_out = reference.combine([w[0] for w in skipped], [w[4] for w in skipped], [N] * info.nranks)[info.rank][0]
+    m = skipped[info.rank][0].shape[0]
+    worst_differs = None
+    if not exact_equal(worst_rows[:m], skipped[info.rank][0]):
+        worst_differs = "the worst-case rows"
+    elif not exact_equal(worst_out, want_out):
+        worst_differs = "the combine after the worst-case dispatch"
+    return said, seconds, bool(np.array_equal(bf16_values(rows), want)), worst_differs
 
 
 def test_a_bad_id_on_one_rank_fails_the_count_exchange_on_every_rank_at_once():
@@ -430,13 +464,14 @@ def test_a_bad_id_on_one_rank_fails_the_count_exchange_on_every_rank_at_once():
     dispatch (no host wait) and the combine after it: rank 0 reads DeepEPInvalidArgument afterwards, the others
     complete, and so does every rank's combine. Afterwards all ranks dispatch in step."""
     results = spawn_ranks(bad_id_on_one_rank, nprocs=RANKS, timeout=60 * RANKS)
-    for rank, (said, seconds, in_step) in enumerate(results):
+    for rank, (said, seconds, in_step, worst_differs) in enumerate(results):
         peers = ("DeepEPRemoteError", "DeepEPRemoteError", "accepted")
         want = ("DeepEPInvalidArgument",) * 3 if rank == 0 else peers
         for kind, got, expected in zip(("full", "bounded", "worst-case + combine"), said, want, strict=True):
             assert got == expected, f"rank {rank}: the {kind} call gave {got}"
         assert max(seconds) < 5, f"rank {rank} took {seconds} s (its timeout is 20)"
         assert in_step is True, f"rank {rank}: the dispatch afterwards differs from the oracle"
+        assert worst_differs is None, f"rank {rank}: {worst_differs} differ from the oracle's with the bad slot skipped"
 
 
 def outputs_refused_after_the_counts_rank(info):
@@ -467,7 +502,7 @@ def assert_refused_by_rank_0(rank, call, said, seconds, error, words):
     if rank == 0:
         assert said.startswith(error) and words in said, f"{where}: {said}"
     else:
-        assert said.startswith("DeepEPRemoteError"), f"{where}: {said}"
+        assert said.startswith("DeepEPRemoteError") and "rank 0 refused the call" in said, f"{where}: {said}"
     assert seconds < 5, f"{where} took {seconds:.1f} s (its timeout is 20)"
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARE_GPU, gpu_count, requires_gpus
+from conftest import SHARE_GPU, gpu_count, import_or_skip, requires_gpus, skip_missing
 
 import pydeepep
 
@@ -30,7 +30,7 @@ def test_python_example_with_numpy_data():
 
 
 def test_python_example_with_cupy_arrays():
-    pytest.importorskip("cupy")
+    import_or_skip("cupy")
     result = run([sys.executable, str(EXAMPLES / "python" / "dispatch_layout.py"), "--cupy"])
     assert result.returncode == 0
     assert result.stdout.count("matches the reference") == gpu_count()
@@ -74,8 +74,8 @@ def test_launcher_example_from_environment_variables(tmp_path):
 @requires_gpus(2)
 def test_launcher_example_under_mpirun():
     if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed")
-    pytest.importorskip("mpi4py")
+        skip_missing("mpirun is not installed")
+    import_or_skip("mpi4py")
     result = run(
         [
             "mpirun",
@@ -95,7 +95,7 @@ def test_launcher_example_under_mpirun():
 
 @requires_gpus(2)
 def test_launcher_example_under_torchrun():
-    pytest.importorskip("torch.distributed")
+    import_or_skip("torch.distributed")
     result = run(
         [
             sys.executable,
@@ -114,7 +114,7 @@ def test_launcher_example_under_torchrun():
 
 def test_c_example_over_all_gpus(tmp_path):
     if shutil.which("cc") is None or not (CUDA_HOME / "include" / "cuda_runtime.h").exists():
-        pytest.skip("needs a C compiler and the CUDA toolkit headers")
+        skip_missing("needs a C compiler and the CUDA toolkit headers")
     binary = tmp_path / "dispatch_layout"
     lib_dir = pydeepep.get_lib_dir()
     build = run(
@@ -150,7 +150,7 @@ def moe_step(tmp_path_factory):
     from test_packaging import cmake
 
     if cmake() is None or shutil.which("c++") is None:
-        pytest.skip("needs cmake and a C++ compiler")
+        skip_missing("needs cmake and a C++ compiler")
     build = tmp_path_factory.mktemp("cpp") / "build"
     configure = run(
         [cmake(), "-S", str(EXAMPLES / "cpp"), "-B", str(build), f"-Ddeepep_DIR={pydeepep.get_cmake_dir()}"]

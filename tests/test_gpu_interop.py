@@ -23,7 +23,16 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import RANKS, all_true, bf16_bits, bf16_values, log_scenario, requires_ranks, spawn_ranks
+from conftest import (
+    RANKS,
+    all_true,
+    bf16_bits,
+    bf16_values,
+    log_scenario,
+    requires_ranks,
+    skip_missing,
+    spawn_ranks,
+)
 
 import pydeepep
 from pydeepep import reference
@@ -788,7 +797,7 @@ def outcome(results, name):
     values = [r.get(name, "not run") for r in results]
     for value in values:
         if isinstance(value, str) and value.startswith(MISSING):
-            pytest.skip(value)
+            skip_missing(value)
     assert all_true(values), "\n".join(f"rank {r}: {v}" for r, v in enumerate(values))
 
 

@@ -242,8 +242,9 @@ def test_a_killed_peer_gives_a_timeout_naming_it_and_the_survivor_exits_cleanly(
 
     closed = rank0.get("close")
     assert isinstance(closed, tuple), f"rank 0 never finished close(): {rank0}"
-    # The teardown is collective: with the peer gone it may end in a timeout, but it must end, in bounded time.
-    assert closed[0] in ("closed", "DeepEPTimeoutError"), closed
+    # The teardown is collective: with the peer gone it gives up waiting for it, in bounded time, and does not raise,
+    # since the call above already reported the timeout (docs/reliability.md).
+    assert closed[0] == "closed", closed
     assert closed[1] < TIMEOUT + GRACE, closed
     again = rank0.get("again")
     assert again is not None and again[0] == "DeepEPInvalidUsage", again
