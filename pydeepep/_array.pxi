@@ -92,10 +92,17 @@ cdef _ExportContext* _new_context(DeviceArray array) except NULL:
     return ctx
 
 
+cdef extern from "Python.h":
+    int _python_is_running "Py_IsInitialized"() nogil
+
+
 cdef void _release_context(void* raw) noexcept nogil:
     cdef _ExportContext* ctx = <_ExportContext*>raw
-    with gil:
-        Py_DECREF(<object>ctx.owner)
+    # A consumer may release the tensor after the interpreter is gone (a C++ holder at exit), where taking the GIL
+    # would hang or crash: the array is then left to the process's end.
+    if _python_is_running():
+        with gil:
+            Py_DECREF(<object>ctx.owner)
     free(ctx)
 
 
@@ -317,10 +324,12 @@ def empty_cache(device=None):
             _driver_result(driver.cuMemPoolTrimTo(driver.CUmemoryPool(pool), 0), "trimming the memory pool")
 
 
+@cython.no_gc_clear
 cdef class _Allocation:
     """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on, after the work that
     other streams using it (a shared allocation's writers, DeviceArray.record_stream) had queued by then. Memory that
-    several arrays share (_empty_group) is freed once all of them are gone."""
+    several arrays share (_empty_group) is freed once all of them are gone. no_gc_clear: the garbage collector, freeing
+    a reference cycle, would otherwise empty other_streams before __dealloc__ and the free would wait for nothing."""
     cdef unsigned long long ptr
     cdef size_t stream
     cdef size_t context
@@ -429,6 +438,7 @@ cdef DeviceArray _new_array(size_t ptr, tuple shape, tuple element, int device_i
     return array
 
 
+@cython.no_gc_clear  # as _Allocation: its memory is freed on the stream that _stream_owner keeps alive until then
 cdef class DeviceArray:
     """A C-contiguous array in device memory produced by pydeepep.
 
@@ -489,6 +499,8 @@ cdef class DeviceArray:
         cdef _Allocation block
         if not isinstance(self._owner, _Allocation):  # memory pydeepep did not allocate: only the export changes
             self._stream_owner = stream
+            if isinstance(self._owner, DeviceArray):  # a view made over another array: its memory waits for the write
+                (<DeviceArray>self._owner).record_stream(stream)
         else:
             block = <_Allocation>self._owner
             if not block.shared:
@@ -515,6 +527,11 @@ cdef class DeviceArray:
         # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:
         # _stream_owner is released only after this method.
         self._owner = None
+
+    def __reduce__(self):
+        raise TypeError(
+            "a pydeepep.DeviceArray cannot be pickled or copied: it owns device memory of this process (a copy would "
+            "free it twice); to_numpy() gives its values, and an array library (cupy.array, torch.clone) a device copy")
 
     @property
     def stream(self):

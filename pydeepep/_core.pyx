@@ -1,5 +1,9 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, auto_pickle=False
 """Thin Cython layer over the libdeepep C ABI (include/deepep/deepep.h)."""
+# auto_pickle=False: these classes own device memory, events and handles of this process; a pickled or copied one
+# would free or destroy them a second time (pickle, copy and deepcopy raise TypeError instead).
+
+cimport cython
 
 import collections
 import operator
@@ -7,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
@@ -593,7 +598,7 @@ def _refuse_high_throughput(Communicator comm, str call, handle, num_worst_token
     else:
         raise ValueError(f"call is {call!r}; it must be 'dispatch' or 'combine'")
     owed.stream = stream_handle(stream)
-    with _OnDevice(comm.device):
+    with _InCall(comm, f"refusing a {call}"):
         owed.refuse(comm._live())
     return _refused_handle(comm, owed)
 
@@ -619,6 +624,10 @@ cdef class Communicator:
     # read runs its refusal, after this rank's earlier calls (the communicator's stream before any call).
     cdef size_t _last_stream
     cdef object _last_stream_owner
+    # The thread inside a call of this communicator, and how deep (_InCall): calls of one communicator must not
+    # overlap, and one from another thread meanwhile is refused instead of racing it (close() freeing what it uses).
+    cdef unsigned long _call_thread
+    cdef int _call_depth
 
     def __cinit__(self):
         self._comm = NULL
@@ -688,6 +697,12 @@ cdef class Communicator:
             raise DeepEPInvalidUsage("the communicator is closed", 2)
         return self._comm
 
+    cdef _check_no_other_call(self, str what):
+        if self._call_depth > 0 and self._call_thread != PyThread_get_thread_ident():
+            raise DeepEPInvalidUsage(
+                f"{what}: another thread is inside a call of this communicator; its calls must not overlap (make them "
+                "from one thread, or one at a time)", 2)
+
     @property
     def closed(self):
         return self._comm == NULL
@@ -713,6 +728,7 @@ cdef class Communicator:
         calls); the process should then exit."""
         if self._comm == NULL:
             return
+        self._check_no_other_call("close()")
         cdef deepepComm_t comm = self._comm
         cdef deepepResult_t status
         self._comm = NULL
@@ -720,8 +736,11 @@ cdef class Communicator:
             self._async_stream.sync()  # async_finish calls still running use the buffer that the destroy frees
         except Exception:
             pass  # a fault there is the calls' to report (check_async_error); the collective destroy must still run
-        with nogil:
-            status = deepepCommDestroy(comm)
+        finally:  # even on KeyboardInterrupt: the peers wait for this rank's destroy
+            with nogil:
+                status = deepepCommDestroy(comm)
+            # Receive hooks still due can never run now: the book no longer keeps them, and their arrays, alive.
+            self._ll = None
         _check(status)
 
     def __enter__(self):
@@ -886,7 +905,7 @@ cdef class Communicator:
         cdef int k
         cdef int experts = _c_int("num_experts", num_experts)
         cdef deepepResult_t status
-        with _OnDevice(self.device):
+        with _InCall(self, "get_dispatch_layout"):
             view = _as_view(topk_idx, s)
             num_tokens, num_topk, row_stride = check_matrix(view, "topk_idx", (np.int64, np.int32), self.device)
             if experts <= 0 or experts % self.nranks != 0:
@@ -955,7 +974,7 @@ cdef class Communicator:
         caller = stream
         inputs = (x, x_scales, topk_idx, topk_weights)
         cdef size_t s = 0
-        with _OnDevice(self.device):
+        with _InCall(self, "dispatch"):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 result = self._dispatch(owed, stream, s, x, topk_idx, topk_weights, num_experts, x_scales, handle,
@@ -1159,7 +1178,7 @@ cdef class Communicator:
         caller = stream
         inputs = (x, topk_weights, *(tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)))
         cdef size_t s = 0
-        with _OnDevice(self.device):
+        with _InCall(self, "combine"):
             try:
                 stream, s = self._start(stream, previous_event, async_finish, owed)
                 if refused and handle.comm is not self:
@@ -1261,7 +1280,7 @@ cdef class Communicator:
         Load statistics (optional, cumulative: the receive adds to them, the caller zeroes them):
         ``stats_recv_count`` int64 or int32 [E_loc] gains the rows each local expert received; ``stats_wait_ns``
         int64 [R] gains the nanoseconds the receive waited for each source rank's tokens."""
-        with _OnDevice(self.device):
+        with _InCall(self, "low_latency_dispatch"):
             return _low_latency_dispatch(self, x, topk_idx, num_experts, use_fp8, round_scale, use_ue8m0,
                                          return_recv_hook, stream, out, stats_recv_count, stats_wait_ns,
                                          scales_token_contiguous)
@@ -1275,7 +1294,7 @@ cdef class Communicator:
         with ``zero_copy`` (the outputs were written into :meth:`low_latency_combine_buffer`); ``topk_idx`` and
         ``topk_weights`` [N, K] as given to the dispatch. Returns a :data:`LowLatencyCombineResult` ``(out, hook)``
         produced on ``stream``; ``out``: an array [N, H] bfloat16 to write instead of a new one."""
-        with _OnDevice(self.device):
+        with _InCall(self, "low_latency_combine"):
             return _low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, stream,
                                         out)
 
@@ -1285,6 +1304,33 @@ cdef class Communicator:
         received (the peers' next dispatch on the set may then write into it), and only while the communicator is open
         (unlike the arrays calls return, it is the communicator's own memory)."""
         return _low_latency_combine_buffer(self, handle)
+
+
+cdef class _InCall:
+    """``with _InCall(comm, what):`` a call of `comm` made by this thread, on the communicator's device (_OnDevice).
+    One made while another thread is inside a call of the same communicator is refused before it does anything (the
+    peers of a collective call then wait out the timeout: a program error, but no race on the communicator's state
+    or memory); calls it makes itself in this thread are allowed."""
+    cdef Communicator comm
+    cdef str what
+    cdef _OnDevice device
+
+    def __cinit__(self, Communicator comm, str what):
+        self.comm = comm
+        self.what = what
+        self.device = _OnDevice(comm.device)
+
+    def __enter__(self):
+        self.comm._check_no_other_call(self.what)
+        self.device.__enter__()
+        self.comm._call_thread = PyThread_get_thread_ident()
+        self.comm._call_depth += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.comm._call_depth -= 1
+        self.device.__exit__(exc_type, exc, tb)
+        return False
 
 
 def _expect(array, shape, dtype, str name, stream, int device):

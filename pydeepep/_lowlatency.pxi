@@ -125,14 +125,15 @@ cdef class _LowLatencyHook:
             raise DeepEPInvalidUsage(f"this {self.kind} receive hook belongs to a buffer set that was reused", 2)
         cdef deepepResult_t status
         cdef CUstream_st* cs = <CUstream_st*>self.stream
-        if self.kind == "dispatch":
-            self.dispatch_args.phase = deepepLowLatencyRecv
-            with nogil:
-                status = deepepLowLatencyDispatch(c, &self.dispatch_args, cs)
-        else:
-            self.combine_args.phase = deepepLowLatencyRecv
-            with nogil:
-                status = deepepLowLatencyCombine(c, &self.combine_args, cs)
+        with _InCall(comm, f"the {self.kind} receive hook"):
+            if self.kind == "dispatch":
+                self.dispatch_args.phase = deepepLowLatencyRecv
+                with nogil:
+                    status = deepepLowLatencyDispatch(c, &self.dispatch_args, cs)
+            else:
+                self.combine_args.phase = deepepLowLatencyRecv
+                with nogil:
+                    status = deepepLowLatencyCombine(c, &self.combine_args, cs)
         # Done also when the library refused the receive: it then completed the operation without data (unless the
         # stream is capturing, where it launches nothing and the receive is still to make).
         if status == deepepSuccess or not _capturing(self.stream, comm.device):

@@ -7,7 +7,7 @@ machine with a single GPU runs them too.
 
 import numpy as np
 import pytest
-from conftest import requires_gpus
+from conftest import import_or_skip, requires_gpus, skip_missing
 from test_gpu_ht import one_rank_ht
 from test_gpu_layout import single_rank
 from test_gpu_ll import one_rank_ll
@@ -101,14 +101,14 @@ def layout_of_claimed_rows(info, rows, cols, row_elements):
 
 def test_a_layout_whose_rows_span_more_than_2_to_the_64_bytes_is_refused():
     # Rows 2^32 elements apart: the extent, computed in 64 bits, wraps around to a few bytes.
-    pytest.importorskip("cupy")
+    import_or_skip("cupy")
     (message,) = pydeepep.spawn(layout_of_claimed_rows, nprocs=1, args=((1 << 29) + 1, 1, 1 << 32), timeout=120)
     assert "topk_idx" in message, message
 
 
 def test_a_layout_of_more_slots_than_an_int32_count_holds_is_refused():
     # 2^26 tokens of top-32: 2^31 slots, one more than an expert's int32 count holds.
-    pytest.importorskip("cupy")
+    import_or_skip("cupy")
     (message,) = pydeepep.spawn(layout_of_claimed_rows, nprocs=1, args=(1 << 26, 32, 32), timeout=120)
     assert "num_tokens * num_topk is 2147483648" in message, message
 
@@ -136,9 +136,75 @@ def dispatch_where_an_expert_count_could_pass_int32(info):
 
 def test_a_dispatch_whose_expert_counts_could_pass_int32_is_refused():
     # Alignment 1 used to pass the bound on expert_alignment, and an expert's count could wrap.
-    pytest.importorskip("cupy")
+    import_or_skip("cupy")
     (message,) = pydeepep.spawn(dispatch_where_an_expert_count_could_pass_int32, nprocs=1, timeout=120)
     assert "num_topk = 2147483648 rows may reach one expert" in message, message
+
+
+def calls_from_another_thread_during_a_call(info):
+    """What a second thread's calls of the communicator raise while the first thread is inside a dispatch (in the
+    allocator the dispatch calls with its row count), and whether that dispatch still gives the oracle's rows."""
+    import threading
+    import types
+
+    import cupy
+    from conftest import bf16_bits, bf16_values
+
+    from pydeepep import reference
+
+    n, h, k, e = 32, 256, 2, 4
+    rng = np.random.default_rng(3)
+    x = bf16_bits(rng.standard_normal((n, h)).astype(np.float32))
+    topk = np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int64)
+    said = {}
+    with pydeepep.Communicator(
+        info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=n, hidden=h, num_topk=k, num_experts=e
+    ) as comm:
+        x_dev, topk_dev = cupy.asarray(x), cupy.asarray(topk)
+        others = {
+            "close": comm.close,
+            "get_dispatch_layout": lambda: comm.get_dispatch_layout(topk_dev, e),
+            "dispatch": lambda: comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e),
+        }
+
+        def allocate(rows):
+            for name, call in others.items():
+
+                def attempt(name=name, call=call):
+                    try:
+                        call()
+                        said[name] = "accepted"
+                    except pydeepep.DeepEPError as exc:
+                        said[name] = f"{type(exc).__name__}: {exc}"
+
+                worker = threading.Thread(target=attempt)
+                worker.start()
+                worker.join()
+            return types.SimpleNamespace(
+                recv_x=cupy.empty((rows, h), cupy.uint16),
+                recv_scales=None,
+                recv_topk_idx=cupy.empty((rows, k), cupy.int64),
+                recv_topk_weights=None,
+                recv_src_idx=cupy.empty((rows,), cupy.int32),
+            )
+
+        result = comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e, out=allocate)
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        want = reference.dispatch([bf16_values(x)], [topk], None, e)[0][0]
+        said["the dispatch's rows match the oracle"] = bool(np.array_equal(bf16_values(result.recv_x.to_numpy()), want))
+        said["open afterwards"] = not comm.closed
+    return said
+
+
+def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_completes():
+    import_or_skip("cupy")
+    (said,) = pydeepep.spawn(calls_from_another_thread_during_a_call, nprocs=1, timeout=120)
+    for name in ("close", "get_dispatch_layout", "dispatch"):
+        assert said[name].startswith("DeepEPInvalidUsage: ") and "another thread is inside a call" in said[name], said
+        assert said[name].split(": ")[1].startswith(name), said
+    assert said["the dispatch's rows match the oracle"] is True, said
+    assert said["open afterwards"] is True, said
 
 
 def nonfinite_ll(info):
@@ -182,11 +248,15 @@ def nonfinite_ll(info):
         (want_out,) = reference.low_latency_combine([y], [topk], [w], [want[3]])
         want_bits = (want_out.view(np.uint32) >> 16).astype(np.uint16)
         out["combine"] = np.array_equal(got, want_bits) or f"{got[:, :8].tolist()} != {want_bits[:, :8].tolist()}"
+        try:  # non-finite values are data, not faults
+            comm.check_async_error()
+        except pydeepep.DeepEPError as exc:
+            out["asynchronous error"] = repr(exc)
     return out
 
 
 def test_nan_and_infinities_in_low_latency_rows_follow_the_oracle_bit_for_bit():
-    pytest.importorskip("cupy")
+    import_or_skip("cupy")
     (result,) = pydeepep.spawn(nonfinite_ll, nprocs=1, timeout=120)
     assert all(v is True for v in result.values()), result
 
@@ -200,7 +270,7 @@ def run_c_test(tmp_path, name):
 
     cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     if shutil.which("cc") is None or not (cuda_home / "include" / "cuda.h").exists():
-        pytest.skip("needs a C compiler and the CUDA toolkit headers")
+        skip_missing("needs a C compiler and the CUDA toolkit headers")
     binary = tmp_path / name
     lib_dir = pydeepep.get_lib_dir()
     source = Path(__file__).resolve().parent / "c" / f"{name}.c"

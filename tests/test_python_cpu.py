@@ -1,6 +1,7 @@
 """CPU tier for the Python package: the reference, stream and array protocol handling, DeviceArray export, errors,
 the launcher and the command line. Nothing here needs a GPU."""
 
+import copy
 import ctypes
 import os
 import pickle
@@ -253,6 +254,18 @@ def test_an_unusual_spelling_of_an_element_type_changes_no_later_array():
     assert pydeepep.DeviceArray(0x7000, (2,), np.uint16, 0, 0).dtype.metadata is None
 
 
+@pytest.mark.parametrize("duplicate", [pickle.dumps, copy.copy, copy.deepcopy])
+def test_objects_owning_device_resources_cannot_be_pickled_or_copied(duplicate):
+    # A copy would own the same memory (or event) and free it a second time; spawn pickles what a rank returns.
+    from pydeepep import _core
+
+    with pytest.raises(TypeError, match="cannot be pickled or copied: it owns device memory"):
+        duplicate(pydeepep.DeviceArray(0x7000, (2, 3), "bfloat16", 0, 0))
+    for cls in (_core._Allocation, pydeepep.Event):  # made without __init__: no CUDA call
+        with pytest.raises(TypeError, match="cannot pickle"):
+            duplicate(cls.__new__(cls))
+
+
 @pytest.mark.parametrize("shape", [(2**64 - 1,), (2**62, 2**62), (2**40, 2**20)])
 def test_arrays_larger_than_any_gpu_are_refused_not_wrapped(shape):
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="more than any GPU holds"):
@@ -320,14 +333,22 @@ def test_interface_arrays_are_read_directly_with_strides_in_elements():
         dict(shape=(2, 2), typestr="<f4", strides=(8, 2)),  # half-element steps
     ],
 )
-def test_interface_arrays_the_direct_reader_cannot_describe_take_the_general_path(fields):
+def test_interface_arrays_the_direct_reader_cannot_describe_take_the_general_path(fields, monkeypatch):
+    import cuda.core.utils
+
     from pydeepep import _core
 
-    try:
-        view = _core._as_view(Interface(**fields), 7)
-    except Exception:  # the general path needs the CUDA driver, absent here
-        view = None
-    assert not isinstance(view, _core._InterfaceView)
+    made = []
+
+    class GeneralPath:  # stands in for cuda.core's StridedMemoryView, which needs the CUDA driver
+        def __init__(self, obj, stream_ptr):
+            made.append((obj, stream_ptr))
+
+    monkeypatch.setattr(cuda.core.utils, "StridedMemoryView", GeneralPath)
+    array = Interface(**fields)
+    view = _core._as_view(array, 7)
+    assert isinstance(view, GeneralPath)
+    assert made == [(array, 7)]
 
 
 def test_interface_arrays_are_checked_like_any_other():
