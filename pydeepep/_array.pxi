@@ -317,6 +317,7 @@ def empty_cache(device=None):
     their streams are returned once they complete, at a later call."""
     if not _pools:
         return
+    _run_deferred_frees()
     from cuda.bindings import driver
 
     for ordinal, pool in list(_pools.items()):
@@ -345,21 +346,53 @@ cdef class _Allocation:
         self.other_streams.append((handle, stream))
 
     def __dealloc__(self):
-        cdef void* previous = NULL
         if self.ptr == 0:
             return
-        # The legacy default stream means "the current context's": make the owning device's context current.
-        if pydeepep_ctx_push(<void*>self.context) == 0:
-            for handle, _ in self.other_streams or ():
-                try:
-                    _make_stream_wait(handle, self.stream)
-                except Exception:  # at interpreter exit the driver may be gone, and with it the work to order
-                    pass
-            pydeepep_mem_free_async(self.ptr, <void*>self.stream)  # fails harmlessly at interpreter exit
-            pydeepep_ctx_pop(&previous)
+        _free_or_defer(self.ptr, self.stream, self.context, self.other_streams)
+
+
+# Frees that a stream capturing a CUDA graph held back: (ptr, stream, context, other streams). Freed on such a stream,
+# or after work queued on one, the memory would become a free node of the graph, which may free only memory the graph
+# allocated (the capture would fail); they run at the next allocation or empty_cache() once no stream captures.
+_deferred_frees = []
+
+
+cdef bint _free_or_defer(unsigned long long ptr, size_t stream, size_t context, list other_streams):
+    """Frees `ptr` stream-ordered on `stream` after the work queued on `other_streams` ((handle, owner) pairs), or
+    keeps it for later where one of those streams is capturing a graph; True once freed (or the driver is gone)."""
+    cdef void* previous = NULL
+    cdef int capture = 0
+    # The legacy default stream means "the current context's": make the owning device's context current.
+    if pydeepep_ctx_push(<void*>context) != 0:
+        return True  # at interpreter exit the driver may be gone, and with it the memory
+    try:
+        for handle in (stream, *(h for h, _ in other_streams or ())):
+            if pydeepep_stream_is_capturing(<void*><size_t>handle, &capture) == 0 and capture != 0:
+                _deferred_frees.append((ptr, stream, context, other_streams))
+                return False
+        for handle, _ in other_streams or ():
+            try:
+                _make_stream_wait(handle, stream)
+            except Exception:  # at interpreter exit the driver may be gone, and with it the work to order
+                pass
+        pydeepep_mem_free_async(ptr, <void*>stream)  # fails harmlessly at interpreter exit
+        return True
+    finally:
+        pydeepep_ctx_pop(&previous)
+
+
+cdef _run_deferred_frees():
+    """The frees a capture held back whose streams capture no more."""
+    global _deferred_frees
+    if not _deferred_frees:
+        return
+    held, _deferred_frees = _deferred_frees, []
+    for ptr, stream, context, other_streams in held:
+        _free_or_defer(ptr, stream, context, other_streams)  # keeps it again while a stream still captures
 
 
 cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
+    _run_deferred_frees()
     if _capturing(stream, device):
         # The memory would belong to the graph, and a graph holding allocations it does not free cannot be launched
         # a second time.

@@ -167,8 +167,8 @@ def still_works(comm, rank, seed):
     combined = comm.combine(result.recv_x, result.handle)
     ll = comm.low_latency_dispatch(x, topk, E, use_fp8=False)
     # Random expert outputs: ones would make every combine the sum of its weights, whatever rows it read.
-    ys = [bf16_bits(np.random.default_rng([seed, r, 1]).standard_normal((E // R, R * T, H))) for r in range(R)]
-    out, _ = comm.low_latency_combine(cupy.asarray(ys[rank]), topk, w, ll)
+    ll_ys = [bf16_bits(np.random.default_rng([seed, r, 1]).standard_normal((E // R, R * T, H))) for r in range(R)]
+    out, _ = comm.low_latency_combine(cupy.asarray(ll_ys[rank]), topk, w, ll)
     cupy.cuda.runtime.deviceSynchronize()
     comm.check_async_error()
 
@@ -179,7 +179,7 @@ def still_works(comm, rank, seed):
         [bf16_values(d[0]) for d in data], [d[1] for d in data], E, T, use_fp8=False
     )
     want_ll_out = reference.low_latency_combine(
-        [bf16_values(y) for y in ys],
+        [bf16_values(y) for y in ll_ys],
         [d[1] for d in data],
         [d[2] for d in data],
         [wl[3] for wl in want_ll],
@@ -448,13 +448,18 @@ def bad_id_on_one_rank(info):
     data = [inputs(r) for r in range(info.nranks)]
     data[0][1][0, 0] = -1
     skipped = reference.dispatch([bf16_values(d[0]) for d in data], [d[1] for d in data], None, E)
-    want_out = reference.combine([w[0] for w in skipped], [w[4] for w in skipped], [N] * info.nranks)[info.rank][0]
+    want_out = reference.combine([w[0] for w in skipped], [w[4] for w in skipped], [N] * info.nranks)[info.rank]
     m = skipped[info.rank][0].shape[0]
     worst_differs = None
     if not exact_equal(worst_rows[:m], skipped[info.rank][0]):
         worst_differs = "the worst-case rows"
     elif not exact_equal(worst_out, want_out):
-        worst_differs = "the combine after the worst-case dispatch"
+        tokens = np.nonzero(np.any(worst_out.view(np.uint32) != want_out.view(np.uint32), axis=1))[0]
+        t = tokens[0]
+        worst_differs = (
+            f"the combine after the worst-case dispatch (tokens {tokens[:8].tolist()}, {len(tokens)} of {N}; token "
+            f"{t}: {worst_out[t, :4].tolist()} where the oracle has {want_out[t, :4].tolist()})"
+        )
     return said, seconds, bool(np.array_equal(bf16_values(rows), want)), worst_differs
 
 

@@ -207,6 +207,40 @@ def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_
     assert said["open afterwards"] is True, said
 
 
+def array_released_during_a_capture(info):
+    """An array made on a stream and released while that stream captures a CUDA graph: its free waits for the next
+    allocation (a free inside the capture would be a node of the graph, which frees only its own memory, and the
+    capture would fail). Returns the frees held back after the release and after the next allocation, and whether
+    the graph ran."""
+    from cuda.bindings import driver
+
+    from pydeepep import _core
+    from pydeepep.bench import CapturedGraph
+
+    stream = driver.cuStreamCreate(1)[1]  # non-blocking
+    handle = int(stream)
+    kept = [pydeepep.empty((4096,), "uint8", device=0, stream=handle)]
+    held = []
+
+    def release():
+        kept.clear()
+        held.append(len(_core._deferred_frees))
+
+    graph = CapturedGraph(release, handle)
+    graph.launch()
+    driver.cuStreamSynchronize(stream)
+    pydeepep.empty((16,), "uint8", device=0, stream=handle)
+    held.append(len(_core._deferred_frees))
+    graph.close()
+    driver.cuStreamSynchronize(stream)
+    driver.cuStreamDestroy(stream)
+    return held
+
+
+def test_an_array_released_while_its_stream_captures_a_graph_is_freed_after_the_capture():
+    assert pydeepep.spawn(array_released_during_a_capture, nprocs=1, timeout=120) == [[1, 0]]
+
+
 def nonfinite_ll(info):
     """Low-latency calls on rows holding NaN and infinities, against the oracle: the FP8 cast (the block maximum
     skips NaN; an infinite channel gives an infinite scale), BF16 rows unchanged, and the combine's NaN pattern."""
