@@ -325,14 +325,17 @@ def empty_cache(device=None):
             _driver_result(driver.cuMemPoolTrimTo(driver.CUmemoryPool(pool), 0), "trimming the memory pool")
 
 
-@cython.no_gc_clear
+@cython.no_gc
 cdef class _Allocation:
     """Device memory from pydeepep's pool, freed stream-ordered on the stream it was allocated on, after the work that
     other streams using it (a shared allocation's writers, DeviceArray.record_stream) had queued by then. Memory that
-    several arrays share (_empty_group) is freed once all of them are gone. no_gc_clear: the garbage collector, freeing
-    a reference cycle, would otherwise empty other_streams before __dealloc__ and the free would wait for nothing."""
+    several arrays share (_empty_group) is freed once all of them are gone. no_gc: the garbage collector, freeing a
+    reference cycle through an array, would otherwise empty other_streams, or destroy the streams (a CuPy stream's
+    __del__), before __dealloc__, and the free would wait for nothing or run on a destroyed stream; untracked, what it
+    holds counts as referenced from outside the cycle and lives until it is freed."""
     cdef unsigned long long ptr
     cdef size_t stream
+    cdef object stream_owner  # the Python object of `stream`, if any: kept alive until the free is queued
     cdef size_t context
     cdef bint shared
     cdef list other_streams  # (stream handle, stream owner) of the other streams the free waits for
@@ -348,27 +351,31 @@ cdef class _Allocation:
     def __dealloc__(self):
         if self.ptr == 0:
             return
-        _free_or_defer(self.ptr, self.stream, self.context, self.other_streams)
+        _free_or_defer(self.ptr, self.stream, self.stream_owner, self.context, self.other_streams)
 
 
-# Frees that a stream capturing a CUDA graph held back: (ptr, stream, context, other streams). Freed on such a stream,
+# Frees that a stream capturing a CUDA graph held back: (ptr, stream, its owner, context, other streams), the owners
+# keeping the streams alive until the free is queued. Freed on such a stream,
 # or after work queued on one, the memory would become a free node of the graph, which may free only memory the graph
 # allocated (the capture would fail); they run at the next allocation or empty_cache() once no stream captures.
 _deferred_frees = []
 
 
-cdef bint _free_or_defer(unsigned long long ptr, size_t stream, size_t context, list other_streams):
+cdef bint _free_or_defer(unsigned long long ptr, size_t stream, stream_owner, size_t context, list other_streams):
     """Frees `ptr` stream-ordered on `stream` after the work queued on `other_streams` ((handle, owner) pairs), or
     keeps it for later where one of those streams is capturing a graph; True once freed (or the driver is gone)."""
     cdef void* previous = NULL
     cdef int capture = 0
+    cdef int status
     # The legacy default stream means "the current context's": make the owning device's context current.
     if pydeepep_ctx_push(<void*>context) != 0:
         return True  # at interpreter exit the driver may be gone, and with it the memory
     try:
         for handle in (stream, *(h for h, _ in other_streams or ())):
-            if pydeepep_stream_is_capturing(<void*><size_t>handle, &capture) == 0 and capture != 0:
-                _deferred_frees.append((ptr, stream, context, other_streams))
+            # CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (906): the legacy stream, while a blocking stream captures.
+            status = pydeepep_stream_is_capturing(<void*><size_t>handle, &capture)
+            if (status == 0 and capture != 0) or status == 906:
+                _deferred_frees.append((ptr, stream, stream_owner, context, other_streams))
                 return False
         for handle, _ in other_streams or ():
             try:
@@ -382,13 +389,19 @@ cdef bint _free_or_defer(unsigned long long ptr, size_t stream, size_t context, 
 
 
 cdef _run_deferred_frees():
-    """The frees a capture held back whose streams capture no more."""
-    global _deferred_frees
-    if not _deferred_frees:
-        return
-    held, _deferred_frees = _deferred_frees, []
-    for ptr, stream, context, other_streams in held:
-        _free_or_defer(ptr, stream, context, other_streams)  # keeps it again while a stream still captures
+    """The frees a capture held back whose streams capture no more (kept again where one still does). Entries are
+    taken one at a time, so that a thread running them at the same time (a release by the garbage collector) never
+    frees one twice, and one the driver refuses loses only itself."""
+    for _ in range(len(_deferred_frees)):
+        try:
+            entry = _deferred_frees.pop(0)
+        except IndexError:  # another thread took the rest
+            return
+        ptr, stream, stream_owner, context, other_streams = entry
+        try:
+            _free_or_defer(ptr, stream, stream_owner, context, other_streams)
+        except Exception:  # the memory stays with the pool until the process ends
+            pass
 
 
 cdef _Allocation _allocate(size_t nbytes, int device, size_t stream):
@@ -519,6 +532,8 @@ cdef class DeviceArray:
             self._stream_owner = stream
             return
         cdef size_t handle = stream_handle(stream)
+        if isinstance(self._owner, DeviceArray):  # a view made over another array: its memory waits for the write
+            (<DeviceArray>self._owner).record_stream(stream)
         if handle == self._stream:
             return
         if _capturing(handle, self.device_id):
@@ -532,12 +547,10 @@ cdef class DeviceArray:
         cdef _Allocation block
         if not isinstance(self._owner, _Allocation):  # memory pydeepep did not allocate: only the export changes
             self._stream_owner = stream
-            if isinstance(self._owner, DeviceArray):  # a view made over another array: its memory waits for the write
-                (<DeviceArray>self._owner).record_stream(stream)
         else:
             block = <_Allocation>self._owner
             if not block.shared:
-                block.stream = handle
+                block.stream, block.stream_owner = handle, stream
                 self._stream_owner = stream
             else:
                 # The other arrays of the memory may still be written on its first stream: the free waits for both.

@@ -250,6 +250,7 @@ def _empty_group(specs, int device, stream):
     block = _allocate(total, device, handle) if total else None
     if block is not None:
         (<_Allocation>block).shared = sized > 1
+        (<_Allocation>block).stream_owner = stream
     arrays = []
     for part in parts:
         if part is None:
@@ -425,6 +426,8 @@ cdef class Handle:
 
     def close(self):
         if self._h != NULL:
+            # The running call may be using this handle: it is destroyed only when no call of its communicator runs.
+            (<Communicator>self.comm)._check_no_call("Handle.close()", any_thread=True)
             h = self._h
             self._h = NULL
             _check(deepepHandleDestroy(h))
@@ -697,11 +700,19 @@ cdef class Communicator:
             raise DeepEPInvalidUsage("the communicator is closed", 2)
         return self._comm
 
-    cdef _check_no_other_call(self, str what):
-        if self._call_depth > 0 and self._call_thread != PyThread_get_thread_ident():
+    cdef _check_no_call(self, str what, bint any_thread=False):
+        """Refuses `what` while another thread is inside a call of this communicator (or, with `any_thread`, while
+        any call is: what frees the communicator or a handle must not run from a callback of a call either)."""
+        if self._call_depth == 0:
+            return
+        if self._call_thread != PyThread_get_thread_ident():
             raise DeepEPInvalidUsage(
                 f"{what}: another thread is inside a call of this communicator; its calls must not overlap (make them "
                 "from one thread, or one at a time)", 2)
+        if any_thread:
+            raise DeepEPInvalidUsage(
+                f"{what}: a call of this communicator is still running (this is a callback of it, such as an out= "
+                "allocator); make it after that call returns", 2)
 
     @property
     def closed(self):
@@ -728,7 +739,7 @@ cdef class Communicator:
         calls); the process should then exit."""
         if self._comm == NULL:
             return
-        self._check_no_other_call("close()")
+        self._check_no_call("close()", any_thread=True)
         cdef deepepComm_t comm = self._comm
         cdef deepepResult_t status
         self._comm = NULL
@@ -897,7 +908,7 @@ cdef class Communicator:
         those shapes and dtypes (uint8 accepted for the mask), and returns it. Stream-ordered; no host
         synchronisation; capturable in a CUDA graph.
         """
-        cdef deepepComm_t comm = self._live()
+        cdef deepepComm_t comm = NULL
         cdef size_t s = stream_handle(stream)
         cdef deepepDataType_t index_type
         cdef size_t topk_ptr, rank_ptr, expert_ptr, mask_ptr
@@ -906,6 +917,7 @@ cdef class Communicator:
         cdef int experts = _c_int("num_experts", num_experts)
         cdef deepepResult_t status
         with _InCall(self, "get_dispatch_layout"):
+            comm = self._live()  # inside the guard: a close() from another thread before it is refused
             view = _as_view(topk_idx, s)
             num_tokens, num_topk, row_stride = check_matrix(view, "topk_idx", (np.int64, np.int32), self.device)
             if experts <= 0 or experts % self.nranks != 0:
@@ -1321,7 +1333,9 @@ cdef class _InCall:
         self.device = _OnDevice(comm.device)
 
     def __enter__(self):
-        self.comm._check_no_other_call(self.what)
+        self.comm._check_no_call(self.what)
+        if _deferred_frees:  # frees a capture held back: here too, where the outputs come from another allocator
+            _run_deferred_frees()
         self.device.__enter__()
         self.comm._call_thread = PyThread_get_thread_ident()
         self.comm._call_depth += 1

@@ -126,6 +126,7 @@ cdef class _LowLatencyHook:
         cdef deepepResult_t status
         cdef CUstream_st* cs = <CUstream_st*>self.stream
         with _InCall(comm, f"the {self.kind} receive hook"):
+            c = comm._live()  # again inside the guard: a close() from another thread before it is refused
             if self.kind == "dispatch":
                 self.dispatch_args.phase = deepepLowLatencyRecv
                 with nogil:
@@ -229,12 +230,14 @@ def _refuse_low_latency_dispatch(Communicator comm, num_experts, bint use_fp8, b
     pydeepep had the call: as for a dispatch pydeepep refuses, it runs without data, counts as made, and `exc` gets
     its refused_result. Raises instead, refusing nothing, where pydeepep could not refuse the call either (no
     low-latency area, a receive hook due on the buffer set, a stream that is no stream)."""
-    book = _ll_book(comm)
-    cdef deepepComm_t c = comm._live()
-    cdef int buffer_set = _next_dispatch_set(book)
-    cdef size_t s = stream_handle(stream)
-    _refuse_low_latency(c, 0, buffer_set, _phase(return_recv_hook), s)
-    _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
+    cdef int buffer_set
+    cdef size_t s
+    with _InCall(comm, "refusing a low-latency dispatch"):
+        book = _ll_book(comm)
+        buffer_set = _next_dispatch_set(book)
+        s = stream_handle(stream)
+        _refuse_low_latency(comm._live(), 0, buffer_set, _phase(return_recv_hook), s)
+        _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
 
 
 def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_fp8, bint round_scale,
@@ -403,9 +406,11 @@ def _refuse_low_latency_combine(Communicator comm, handle, bint return_recv_hook
     pydeepep had the call: it runs without data, as for a combine pydeepep refuses. Raises instead, refusing nothing,
     where pydeepep could not refuse it either (a handle that is no current dispatch result of `comm`, a receive hook
     due on its buffer set, a stream that is no stream)."""
-    _combine_book(comm, handle)
-    cdef size_t s = stream_handle(stream)
-    _refuse_low_latency(comm._live(), 1, handle.buffer_set, _phase(return_recv_hook), s)
+    cdef size_t s
+    with _InCall(comm, "refusing a low-latency combine"):
+        _combine_book(comm, handle)
+        s = stream_handle(stream)
+        _refuse_low_latency(comm._live(), 1, handle.buffer_set, _phase(return_recv_hook), s)
 
 
 def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, bint zero_copy,

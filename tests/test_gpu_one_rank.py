@@ -166,6 +166,9 @@ def calls_from_another_thread_during_a_call(info):
             "get_dispatch_layout": lambda: comm.get_dispatch_layout(topk_dev, e),
             "dispatch": lambda: comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e),
         }
+        spare = pydeepep.Handle(comm)
+        # What frees the communicator or a handle is refused from the call's own callback too.
+        own_thread = {"close()": comm.close, "Handle.close()": spare.close}
 
         def allocate(rows):
             for name, call in others.items():
@@ -180,6 +183,12 @@ def calls_from_another_thread_during_a_call(info):
                 worker = threading.Thread(target=attempt)
                 worker.start()
                 worker.join()
+            for name, call in own_thread.items():
+                try:
+                    call()
+                    said[name] = "accepted"
+                except pydeepep.DeepEPError as exc:
+                    said[name] = f"{type(exc).__name__}: {exc}"
             return types.SimpleNamespace(
                 recv_x=cupy.empty((rows, h), cupy.uint16),
                 recv_scales=None,
@@ -194,6 +203,7 @@ def calls_from_another_thread_during_a_call(info):
         want = reference.dispatch([bf16_values(x)], [topk], None, e)[0][0]
         said["the dispatch's rows match the oracle"] = bool(np.array_equal(bf16_values(result.recv_x.to_numpy()), want))
         said["open afterwards"] = not comm.closed
+        spare.close()  # accepted once the call returned
     return said
 
 
@@ -203,6 +213,11 @@ def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_
     for name in ("close", "get_dispatch_layout", "dispatch"):
         assert said[name].startswith("DeepEPInvalidUsage: ") and "another thread is inside a call" in said[name], said
         assert said[name].split(": ")[1].startswith(name), said
+    for name in ("close()", "Handle.close()"):
+        assert said[name] == (
+            f"DeepEPInvalidUsage: {name}: a call of this communicator is still running (this is a callback of it, "
+            "such as an out= allocator); make it after that call returns"
+        ), said
     assert said["the dispatch's rows match the oracle"] is True, said
     assert said["open afterwards"] is True, said
 
