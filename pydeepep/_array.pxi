@@ -225,6 +225,8 @@ cdef bint _capturing(size_t stream, int device) except -1:
     if status == 0:
         status = pydeepep_stream_is_capturing(<void*>stream, &capture)
         pydeepep_ctx_pop(&previous)
+    if status == 906:  # CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: the legacy stream, while a blocking stream captures
+        return True
     if status != 0:
         raise DeepEPCudaError(f"cuStreamIsCapturing failed (CUDA driver error {status})", 3)
     return capture != 0
@@ -332,7 +334,9 @@ cdef class _Allocation:
     several arrays share (_empty_group) is freed once all of them are gone. no_gc: the garbage collector, freeing a
     reference cycle through an array, would otherwise empty other_streams, or destroy the streams (a CuPy stream's
     __del__), before __dealloc__, and the free would wait for nothing or run on a destroyed stream; untracked, what it
-    holds counts as referenced from outside the cycle and lives until it is freed."""
+    holds counts as referenced from outside the cycle and lives until it is freed. The price: a cycle that runs back
+    from a stream object to the arrays made on it is never collected (a Communicator passed as the stream, whose
+    pending receive hooks hold such arrays, until close())."""
     cdef unsigned long long ptr
     cdef size_t stream
     cdef object stream_owner  # the Python object of `stream`, if any: kept alive until the free is queued
@@ -532,15 +536,15 @@ cdef class DeviceArray:
             self._stream_owner = stream
             return
         cdef size_t handle = stream_handle(stream)
-        if isinstance(self._owner, DeviceArray):  # a view made over another array: its memory waits for the write
-            (<DeviceArray>self._owner).record_stream(stream)
-        if handle == self._stream:
-            return
-        if _capturing(handle, self.device_id):
+        if handle != self._stream and _capturing(handle, self.device_id):
             # The wait would be on an event recorded outside the capture, and the memory would be freed inside it.
             raise DeepEPInvalidUsage(
                 "an out= array made on another stream is written by a call being captured in a CUDA graph: make the "
                 "out= arrays on the capturing stream (before the capture)", 2)
+        if isinstance(self._owner, DeviceArray):  # a view made over another array: its memory waits for the write
+            (<DeviceArray>self._owner).record_stream(stream)
+        if handle == self._stream:
+            return
         with _OnDevice(self.device_id):
             _make_stream_wait(self._stream, handle)
         self._stream = handle

@@ -1333,12 +1333,20 @@ cdef class _InCall:
         self.device = _OnDevice(comm.device)
 
     def __enter__(self):
-        self.comm._check_no_call(self.what)
-        if _deferred_frees:  # frees a capture held back: here too, where the outputs come from another allocator
+        # Frees a capture held back run here too (where the outputs come from another allocator), before the check:
+        # they may release the GIL, and nothing may come between the check and the claim below.
+        if _deferred_frees:
             _run_deferred_frees()
-        self.device.__enter__()
+        self.comm._check_no_call(self.what)
+        # Claimed right after the check, in C (a Python call in between could let the garbage collector run a
+        # finalizer, and another thread with it).
         self.comm._call_thread = PyThread_get_thread_ident()
         self.comm._call_depth += 1
+        try:
+            self.device.__enter__()
+        except BaseException:
+            self.comm._call_depth -= 1
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
