@@ -170,25 +170,20 @@ def calls_from_another_thread_during_a_call(info):
         # What frees the communicator or a handle is refused from the call's own callback too.
         own_thread = {"close()": comm.close, "Handle.close()": spare.close}
 
+        def outcome(call):
+            try:
+                call()
+                return "accepted"
+            except pydeepep.DeepEPError as exc:
+                return f"{type(exc).__name__}: {exc}"
+
         def allocate(rows):
             for name, call in others.items():
-
-                def attempt(name=name, call=call):
-                    try:
-                        call()
-                        said[name] = "accepted"
-                    except pydeepep.DeepEPError as exc:
-                        said[name] = f"{type(exc).__name__}: {exc}"
-
-                worker = threading.Thread(target=attempt)
+                worker = threading.Thread(target=lambda name=name, call=call: said.update({name: outcome(call)}))
                 worker.start()
                 worker.join()
             for name, call in own_thread.items():
-                try:
-                    call()
-                    said[name] = "accepted"
-                except pydeepep.DeepEPError as exc:
-                    said[name] = f"{type(exc).__name__}: {exc}"
+                said[name] = outcome(call)
             return types.SimpleNamespace(
                 recv_x=cupy.empty((rows, h), cupy.uint16),
                 recv_scales=None,
