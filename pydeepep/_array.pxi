@@ -216,20 +216,30 @@ cdef int _load_driver() except -1:
     return 0
 
 
+cdef int _capture_status(size_t stream, bint* capturing) noexcept:
+    """cuStreamIsCapturing of `stream` in the current context: the driver's status, and whether it captures. The
+    implicit-capture error (906: the legacy stream, while a blocking stream captures) counts as capturing."""
+    cdef int capture = 0
+    cdef int status = pydeepep_stream_is_capturing(<void*>stream, &capture)
+    if status == 906:
+        capturing[0] = True
+        return 0
+    capturing[0] = status == 0 and capture != 0
+    return status
+
+
 cdef bint _capturing(size_t stream, int device) except -1:
     """Whether `stream` (of `device`) is capturing a CUDA graph (a direct driver call: it runs on every allocation)."""
     _load_driver()
     cdef void* previous = NULL
-    cdef int capture = 0
+    cdef bint capturing = False
     cdef int status = pydeepep_ctx_push(<void*>_primary_context(device))  # the legacy stream is the context's
     if status == 0:
-        status = pydeepep_stream_is_capturing(<void*>stream, &capture)
+        status = _capture_status(stream, &capturing)
         pydeepep_ctx_pop(&previous)
-    if status == 906:  # CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: the legacy stream, while a blocking stream captures
-        return True
     if status != 0:
         raise DeepEPCudaError(f"cuStreamIsCapturing failed (CUDA driver error {status})", 3)
-    return capture != 0
+    return capturing
 
 
 def _driver_result(result, str what):
@@ -369,18 +379,18 @@ cdef bint _free_or_defer(unsigned long long ptr, size_t stream, stream_owner, si
     """Frees `ptr` stream-ordered on `stream` after the work queued on `other_streams` ((handle, owner) pairs), or
     keeps it for later where one of those streams is capturing a graph; True once freed (or the driver is gone)."""
     cdef void* previous = NULL
-    cdef int capture = 0
-    cdef int status
+    cdef bint capturing = False
     # The legacy default stream means "the current context's": make the owning device's context current.
     if pydeepep_ctx_push(<void*>context) != 0:
         return True  # at interpreter exit the driver may be gone, and with it the memory
     try:
-        for handle in (stream, *(h for h, _ in other_streams or ())):
-            # CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (906): the legacy stream, while a blocking stream captures.
-            status = pydeepep_stream_is_capturing(<void*><size_t>handle, &capture)
-            if (status == 0 and capture != 0) or status == 906:
-                _deferred_frees.append((ptr, stream, stream_owner, context, other_streams))
-                return False
+        _capture_status(stream, &capturing)  # a stream the driver cannot query is freed on, as before
+        for handle, _ in other_streams or ():
+            if not capturing:
+                _capture_status(handle, &capturing)
+        if capturing:
+            _deferred_frees.append((ptr, stream, stream_owner, context, other_streams))
+            return False
         for handle, _ in other_streams or ():
             try:
                 _make_stream_wait(handle, stream)
@@ -396,6 +406,8 @@ cdef _run_deferred_frees():
     """The frees a capture held back whose streams capture no more (kept again where one still does). Entries are
     taken one at a time, so that a thread running them at the same time (a release by the garbage collector) never
     frees one twice, and one the driver refuses loses only itself."""
+    if not _deferred_frees:
+        return
     for _ in range(len(_deferred_frees)):
         try:
             entry = _deferred_frees.pop(0)
@@ -488,7 +500,6 @@ cdef DeviceArray _new_array(size_t ptr, tuple shape, tuple element, int device_i
     return array
 
 
-@cython.no_gc_clear  # as _Allocation: its memory is freed on the stream that _stream_owner keeps alive until then
 cdef class DeviceArray:
     """A C-contiguous array in device memory produced by pydeepep.
 
@@ -504,7 +515,7 @@ cdef class DeviceArray:
     cdef readonly int device_id
     cdef object _stream           # int handle of the stream whose work produces the data (a view's: its base's)
     cdef object _owner            # keeps the memory alive (an _Allocation), or None
-    cdef public object _stream_owner  # the Python stream object the memory was allocated on, kept alive
+    cdef public object _stream_owner  # the Python object of `_stream`, kept alive while consumers may use it
     cdef object _base                 # an array whose memory this one views (kept alive, never freed here)
     cdef object _element_strides
 
@@ -572,11 +583,6 @@ cdef class DeviceArray:
             self._base.record_stream(stream)
         elif isinstance(self._owner, DeviceArray):
             self._owner.record_stream(stream)
-
-    def __dealloc__(self):
-        # Free the memory (the _Allocation frees itself) while the stream it was allocated on is certainly alive:
-        # _stream_owner is released only after this method.
-        self._owner = None
 
     def __reduce__(self):
         raise TypeError(

@@ -1335,8 +1335,7 @@ cdef class _InCall:
     def __enter__(self):
         # Frees a capture held back run here too (where the outputs come from another allocator), before the check:
         # they may release the GIL, and nothing may come between the check and the claim below.
-        if _deferred_frees:
-            _run_deferred_frees()
+        _run_deferred_frees()
         self.comm._check_no_call(self.what)
         # Claimed right after the check, in C (a Python call in between could let the garbage collector run a
         # finalizer, and another thread with it).

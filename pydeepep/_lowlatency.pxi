@@ -120,13 +120,14 @@ cdef class _LowLatencyHook:
         if self.done:
             raise DeepEPInvalidUsage(f"this {self.kind} receive hook was already called", 2)
         cdef Communicator comm = self.comm
-        cdef deepepComm_t c = comm._live()
+        cdef deepepComm_t c = NULL
+        comm._live()  # a closed communicator says so first
         if self.book.pending[self.buffer_set] is not self or self.book.generation[self.buffer_set] != self.generation:
             raise DeepEPInvalidUsage(f"this {self.kind} receive hook belongs to a buffer set that was reused", 2)
         cdef deepepResult_t status
         cdef CUstream_st* cs = <CUstream_st*>self.stream
         with _InCall(comm, f"the {self.kind} receive hook"):
-            c = comm._live()  # again inside the guard: a close() from another thread before it is refused
+            c = comm._live()  # inside the guard: a close() from another thread before it is refused
             if self.kind == "dispatch":
                 self.dispatch_args.phase = deepepLowLatencyRecv
                 with nogil:
