@@ -634,7 +634,9 @@ void destroy_comm(deepepComm* comm) {
   }
   NvshmemHold hold{kTeardownSkipped};
   DeviceGuard guard(comm->device);
-  cudaError_t stream_status = cudaStreamSynchronize(comm->stream);
+  // Calls run on the callers' streams and may still be running: wait for the whole device, not only the communicator's
+  // stream, before the ranks meet and anything they use is freed.
+  cudaError_t stream_status = cudaDeviceSynchronize();
   const bool peer_lost = peer_may_be_lost(*comm);  // before the record is freed
   // NVSHMEM's teardown spins on the device until every rank joins: with a dead peer it would never end and would keep
   // this process from exiting. So the ranks first meet through words in their buffers, with a bounded wait, and only
@@ -643,7 +645,7 @@ void destroy_comm(deepepComm* comm) {
   free_local_resources(comm);
   comm->magic = 0;
   if (stream_status != cudaSuccess) {
-    fail_cuda(stream_status, "cudaStreamSynchronize(communicator stream)", __FILE__, __LINE__);
+    fail_cuda(stream_status, "cudaDeviceSynchronize (before the teardown)", __FILE__, __LINE__);
   }
   if (!all_arrived) {
     // The heap stays mapped until the process exits; NVSHMEM cannot be initialised again in this process.

@@ -733,25 +733,20 @@ cdef class Communicator:
     def close(self):
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
         calls returned stay valid, but for a zero-copy dispatch's ``recv_x``, a view of the communicator's buffer,
-        which goes with it; the communicator's stream lives on for the process. Waits
-        at most the timeout for the other ranks: if one never comes, frees this rank's resources and raises
-        :class:`DeepEPTimeoutError` (unless a call already reported a timeout or a rank is masked out of low-latency
-        calls); the process should then exit."""
+        which goes with it; the communicator's stream lives on for the process. Waits for calls still running on
+        their streams (it synchronises the device), then at most the timeout for the other ranks: if one never
+        comes, frees this rank's resources and raises :class:`DeepEPTimeoutError` (unless a call already reported a
+        timeout or a rank is masked out of low-latency calls); the process should then exit."""
         if self._comm == NULL:
             return
         self._check_no_call("close()", any_thread=True)
         cdef deepepComm_t comm = self._comm
         cdef deepepResult_t status
         self._comm = NULL
-        try:
-            self._async_stream.sync()  # async_finish calls still running use the buffer that the destroy frees
-        except Exception:
-            pass  # a fault there is the calls' to report (check_async_error); the collective destroy must still run
-        finally:  # even on KeyboardInterrupt: the peers wait for this rank's destroy
-            with nogil:
-                status = deepepCommDestroy(comm)
-            # Receive hooks still due can never run now: the book no longer keeps them, and their arrays, alive.
-            self._ll = None
+        with nogil:  # waits for calls still running on their streams, async_finish ones included
+            status = deepepCommDestroy(comm)
+        # Receive hooks still due can never run now: the book no longer keeps them, and their arrays, alive.
+        self._ll = None
         _check(status)
 
     def __enter__(self):

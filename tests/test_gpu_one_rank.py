@@ -251,6 +251,62 @@ def test_an_array_released_while_its_stream_captures_a_graph_is_freed_after_the_
     assert pydeepep.spawn(array_released_during_a_capture, nprocs=1, timeout=120) == [[1, 0]]
 
 
+def close_while_a_call_runs(info):
+    """A low-latency dispatch queued behind a kernel that holds its stream for a second, then close() at once.
+    Returns the seconds close() took, whether the stream had finished by then, and the dispatch's rows against the
+    oracle's (True or the first mismatch)."""
+    import time
+
+    import cupy
+    from conftest import bf16_bits, bf16_values
+    from test_gpu_bad_input import SPIN_SOURCE
+    from test_gpu_ll import check_dispatch
+
+    from pydeepep import reference
+
+    hidden, experts, tokens = 256, 4, 8
+    rng = np.random.default_rng(11)
+    x = bf16_values(bf16_bits(rng.standard_normal((tokens, hidden)).astype(np.float32)))
+    topk = np.stack([rng.permutation(experts)[:2] for _ in range(tokens)]).astype(np.int64)
+    topk[1, 0] = topk[5, 1] = -1
+    want = reference.low_latency_dispatch([x], [topk], experts, tokens, False, False)[0]
+    with cupy.cuda.Device(0):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        spin = cupy.RawKernel(SPIN_SOURCE, "spin")
+        x_dev, topk_dev = cupy.asarray(bf16_bits(x)), cupy.asarray(topk)
+        cupy.cuda.runtime.deviceSynchronize()
+        with pydeepep.Communicator(
+            info.unique_id,
+            0,
+            1,
+            device=0,
+            timeout=30,
+            max_tokens_per_rank=16,
+            hidden=hidden,
+            num_topk=2,
+            num_experts=experts,
+            low_latency_max_tokens=tokens,
+        ) as comm:
+            with stream:
+                spin((1,), (1,), (np.uint64(1_000_000_000),))
+            result = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, stream=stream.ptr)
+            start = time.monotonic()
+            comm.close()
+            seconds = time.monotonic() - start
+            finished = stream.done
+        return seconds, finished, check_dispatch(result, want, [(x, topk, None)], 0, experts, 1, False, False)
+
+
+def test_close_waits_for_calls_still_running_on_their_streams():
+    """close() frees what a running call uses (its flags, the buffer it writes into): it waits for the device first,
+    not only for the communicator's own stream."""
+    import_or_skip("cupy")
+    ((seconds, finished, rows),) = pydeepep.spawn(close_while_a_call_runs, nprocs=1, timeout=120)
+    assert finished is True, "close() returned with the dispatch's stream still running"
+    assert seconds > 0.8, f"close() took {seconds:.2f} s; the spin in front of the dispatch holds the stream 1 s"
+    assert rows is True, rows
+
+
 def nonfinite_ll(info):
     """Low-latency calls on rows holding NaN and infinities, against the oracle: the FP8 cast (the block maximum
     skips NaN; an infinite channel gives an infinite scale), BF16 rows unchanged, and the combine's NaN pattern."""

@@ -198,7 +198,8 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
                                              const deepepConfig* config);
 
 /* Destroys a communicator; NULL is accepted and does nothing. Blocking and collective (frees the symmetric heap
- * and finalises NVSHMEM). Waits for the communicator's own stream, then for every rank to reach this call, at most
+ * and finalises NVSHMEM). Waits for the device (so for calls of this communicator still running on the callers'
+ * streams, and for any other work queued on it), then for every rank to reach this call, at most
  * the communicator's timeout. If a rank does not arrive (it may be dead), this rank's resources are freed and
  * NVSHMEM's collective teardown, which would wait for it forever, is skipped: the result is deepepTimeout, or
  * deepepSuccess when an earlier call already reported a timeout or masked a rank. A rank that stopped waiting tells
