@@ -289,7 +289,7 @@ def close_while_a_call_runs(info):
         ) as comm:
             with stream:
                 spin((1,), (1,), (np.uint64(1_000_000_000),))
-            result = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, stream=stream.ptr)
+            result = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, stream=stream)
             start = time.monotonic()
             comm.close()
             seconds = time.monotonic() - start
