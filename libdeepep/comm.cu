@@ -635,8 +635,16 @@ void destroy_comm(deepepComm* comm) {
   NvshmemHold hold{kTeardownSkipped};
   DeviceGuard guard(comm->device);
   // Calls run on the callers' streams and may still be running: wait for the whole device, not only the communicator's
-  // stream, before the ranks meet and anything they use is freed.
+  // stream, before the ranks meet and anything they use is freed. A graph capture on another stream of the device
+  // refuses a device-wide wait (not a sticky error): then only the communicator's stream is waited for, so that this
+  // rank still meets its peers; the header tells callers not to destroy during a capture.
+  const char* waited_for = "cudaDeviceSynchronize (before the teardown)";
   cudaError_t stream_status = cudaDeviceSynchronize();
+  if (stream_status == cudaErrorStreamCaptureUnsupported || stream_status == cudaErrorStreamCaptureImplicit) {
+    cudaGetLastError();
+    waited_for = "cudaStreamSynchronize(communicator stream)";
+    stream_status = cudaStreamSynchronize(comm->stream);
+  }
   const bool peer_lost = peer_may_be_lost(*comm);  // before the record is freed
   // NVSHMEM's teardown spins on the device until every rank joins: with a dead peer it would never end and would keep
   // this process from exiting. So the ranks first meet through words in their buffers, with a bounded wait, and only
@@ -645,7 +653,7 @@ void destroy_comm(deepepComm* comm) {
   free_local_resources(comm);
   comm->magic = 0;
   if (stream_status != cudaSuccess) {
-    fail_cuda(stream_status, "cudaDeviceSynchronize (before the teardown)", __FILE__, __LINE__);
+    fail_cuda(stream_status, waited_for, __FILE__, __LINE__);
   }
   if (!all_arrived) {
     // The heap stays mapped until the process exits; NVSHMEM cannot be initialised again in this process.

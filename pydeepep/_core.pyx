@@ -734,9 +734,10 @@ cdef class Communicator:
         """Destroys the communicator (collective: every rank calls it). Calling it again does nothing. Arrays that
         calls returned stay valid, but for a zero-copy dispatch's ``recv_x``, a view of the communicator's buffer,
         which goes with it; the communicator's stream lives on for the process. Waits for calls still running on
-        their streams (it synchronises the device), then at most the timeout for the other ranks: if one never
-        comes, frees this rank's resources and raises :class:`DeepEPTimeoutError` (unless a call already reported a
-        timeout or a rank is masked out of low-latency calls); the process should then exit."""
+        their streams (it synchronises the device: do not close during a CUDA graph capture on that device, which
+        the wait would conflict with), then at most the timeout for the other ranks: if one never comes, frees this
+        rank's resources and raises :class:`DeepEPTimeoutError` (unless a call already reported a timeout or a rank
+        is masked out of low-latency calls); the process should then exit."""
         if self._comm == NULL:
             return
         self._check_no_call("close()", any_thread=True)
