@@ -251,6 +251,22 @@ def test_an_array_released_while_its_stream_captures_a_graph_is_freed_after_the_
     assert pydeepep.spawn(array_released_during_a_capture, nprocs=1, timeout=120) == [[1, 0]]
 
 
+def one_rank_ll_communicator(info, hidden, experts, tokens):
+    """A communicator of one rank on GPU 0 for low-latency calls of up to `tokens` tokens with top-2 routing."""
+    return pydeepep.Communicator(
+        info.unique_id,
+        0,
+        1,
+        device=0,
+        timeout=30,
+        max_tokens_per_rank=16,
+        hidden=hidden,
+        num_topk=2,
+        num_experts=experts,
+        low_latency_max_tokens=tokens,
+    )
+
+
 def close_while_a_call_runs(info):
     """A low-latency dispatch queued behind a kernel that holds its stream for a second, then close() at once.
     Returns the seconds close() took, whether the stream had finished by then, and the dispatch's rows against the
@@ -275,18 +291,7 @@ def close_while_a_call_runs(info):
         spin = cupy.RawKernel(SPIN_SOURCE, "spin")
         x_dev, topk_dev = cupy.asarray(bf16_bits(x)), cupy.asarray(topk)
         cupy.cuda.runtime.deviceSynchronize()
-        with pydeepep.Communicator(
-            info.unique_id,
-            0,
-            1,
-            device=0,
-            timeout=30,
-            max_tokens_per_rank=16,
-            hidden=hidden,
-            num_topk=2,
-            num_experts=experts,
-            low_latency_max_tokens=tokens,
-        ) as comm:
+        with one_rank_ll_communicator(info, hidden, experts, tokens) as comm:
             # The first low-latency call sets its buffers up and waits for the stream: made once before the spin.
             comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, stream=stream)
             stream.synchronize()
@@ -326,18 +331,7 @@ def nonfinite_ll(info):
     topk = np.array([[0, 1], [1, -1], [0, -1]], np.int64)
     w = rng.random((3, 2)).astype(np.float32)
     out = {}
-    with pydeepep.Communicator(
-        info.unique_id,
-        0,
-        1,
-        device=0,
-        timeout=30,
-        max_tokens_per_rank=16,
-        hidden=hidden,
-        num_topk=2,
-        num_experts=experts,
-        low_latency_max_tokens=tokens,
-    ) as comm:
+    with one_rank_ll_communicator(info, hidden, experts, tokens) as comm:
         x_dev, topk_dev = cupy.asarray(bf16_bits(x)), cupy.asarray(topk)
         for use_fp8, round_scale in ((True, False), (True, True), (False, False)):
             want = reference.low_latency_dispatch([x], [topk], experts, tokens, use_fp8, round_scale)[0]
