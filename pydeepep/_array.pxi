@@ -519,8 +519,9 @@ cdef class DeviceArray:
     cdef object _base                 # an array whose memory this one views (kept alive, never freed here)
     cdef object _element_strides
 
-    def __init__(self, size_t ptr, shape, dtype, int device_id, stream, owner=None):
-        self._set(ptr, _checked_shape(shape), _element_type(dtype), device_id, stream_handle(stream), owner)
+    def __init__(self, ptr, shape, dtype, device_id, stream, owner=None):
+        self._set(_c_int("ptr", ptr, 0, 2**64 - 1), _checked_shape(shape), _element_type(dtype),
+                  _c_int("device_id", device_id), stream_handle(stream), owner)
         self._stream_owner = stream  # the exported stream must outlive the array's consumers
 
     cdef _set(self, size_t ptr, tuple shape, tuple element, int device_id, size_t stream, owner):

@@ -88,14 +88,14 @@ cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_ran
     return config
 
 
-def buffer_size_hint(int nranks, *, buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8,
+def buffer_size_hint(nranks, *, buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8,
                      num_experts=256, low_latency_max_tokens=0, zero_copy_dispatch=False):
     """Bytes of communication buffer per rank a workload needs on `nranks` ranks (what a Communicator with the same
     arguments allocates)."""
     cdef deepepConfig config = _make_config(None, 100.0, buffer_bytes, max_tokens_per_rank, hidden, num_topk,
                                             num_experts, False, low_latency_max_tokens, "auto", zero_copy_dispatch)
     cdef size_t nbytes = 0
-    _check(deepepGetBufferSizeHint(&config, nranks, &nbytes))
+    _check(deepepGetBufferSizeHint(&config, _c_int("nranks", nranks), &nbytes))
     return nbytes
 
 
@@ -199,10 +199,10 @@ def _device(int ordinal):
     return dev
 
 
-def empty(shape, dtype, *, int device, stream=None):
+def empty(shape, dtype, *, device, stream=None):
     """A new DeviceArray, allocated stream-ordered on `stream` from pydeepep's memory pool on `device` (contents
     undefined). Freed memory stays in that pool for later outputs."""
-    return _empty_group(((shape, dtype),), device, stream)[0]
+    return _empty_group(((shape, dtype),), _c_int("device", device), stream)[0]
 
 
 cdef size_t _GROUP_ALIGNMENT = 256
@@ -268,10 +268,11 @@ def _empty_group(specs, int device, stream):
     return arrays
 
 
-def to_device(array, *, int device, stream=None):
+def to_device(array, *, device, stream=None):
     """Copies a NumPy array to a new DeviceArray on `device` (stream-ordered on `stream`)."""
     from cuda.bindings import driver
 
+    device = _c_int("device", device)
     host = np.ascontiguousarray(array)
     if not host.dtype.isnative:
         host = host.astype(host.dtype.newbyteorder("="))  # the device reads little-endian values
@@ -635,7 +636,7 @@ cdef class Communicator:
     def __cinit__(self):
         self._comm = NULL
 
-    def __init__(self, bytes unique_id, int rank, int nranks, *, device=None, double timeout=100.0,
+    def __init__(self, bytes unique_id, rank, nranks, *, device=None, double timeout=100.0,
                  buffer_bytes=0, max_tokens_per_rank=4096, hidden=7168, num_topk=8, num_experts=256,
                  allow_nvlink_multicast=False, low_latency_max_tokens=0, low_latency_transport="auto",
                  zero_copy_dispatch=False):
@@ -643,6 +644,8 @@ cdef class Communicator:
             raise DeepEPInvalidArgument(
                 f"unique_id has {len(unique_id)} bytes; it must be the {DEEPEP_UNIQUE_ID_BYTES} bytes that "
                 "get_unique_id() returns", 1)
+        cdef int rank_ = _c_int("rank", rank)
+        cdef int nranks_ = _c_int("nranks", nranks)
         cdef deepepConfig config = _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden,
                                                 num_topk, num_experts, allow_nvlink_multicast,
                                                 low_latency_max_tokens, low_latency_transport, zero_copy_dispatch)
@@ -654,7 +657,7 @@ cdef class Communicator:
         cdef deepepComm_t comm = NULL
         cdef deepepResult_t status
         with nogil:
-            status = deepepCommInitRank(&comm, nranks, &uid, rank, &config)
+            status = deepepCommInitRank(&comm, nranks_, &uid, rank_, &config)
         _check(status)
         self._comm = comm
         try:
@@ -824,51 +827,67 @@ cdef class Communicator:
             if isinstance(array, DeviceArray):
                 array.record_stream(caller)
 
-    def measure_push_bandwidth(self, int num_sms, size_t nbytes=256 << 20, int iterations=10, stream=None):
+    def measure_push_bandwidth(self, num_sms, nbytes=256 << 20, iterations=10, stream=None):
         """Diagnostic: GB/s of SM-driven 16-byte stores into the next rank's buffer with ``num_sms`` blocks (median
-        of ``iterations`` passes). Every rank calls it at the same time, with no dispatch or combine in flight."""
-        cdef deepepComm_t comm = self._live()
-        cdef size_t s = stream_handle(stream)
+        of ``iterations`` passes). Every rank calls it at the same time, with no dispatch or combine in flight on any
+        rank (it overwrites the peers' receive regions)."""
+        cdef int sms = _c_int("num_sms", num_sms)
+        cdef size_t size = _c_int("nbytes", nbytes, 0, 2**64 - 1)
+        cdef int passes = _c_int("iterations", iterations)
+        cdef deepepComm_t comm
+        cdef size_t s
         cdef double gbps = 0
         cdef deepepResult_t status
-        with nogil:
-            status = deepepCommMeasurePushBandwidth(comm, num_sms, nbytes, iterations, &gbps, <CUstream_st*>s)
+        with _InCall(self, "measure_push_bandwidth"):
+            comm = self._live()
+            s = stream_handle(stream)
+            with nogil:
+                status = deepepCommMeasurePushBandwidth(comm, sms, size, passes, &gbps, <CUstream_st*>s)
         _check(status)
         return gbps
 
-    def measure_flag_round(self, int iterations=20, stream=None):
+    def measure_flag_round(self, iterations=20, stream=None):
         """Diagnostic: microseconds per low-latency kernel that moves nothing and only exchanges one round of
         per-block flags with every peer (the fixed cost every low-latency call pays), ``iterations`` back to back,
         median of 5 passes. Every rank calls it at the same time; needs a low-latency area, every rank over
         NVLink and none masked."""
-        cdef deepepComm_t comm = self._live()
-        cdef size_t s = stream_handle(stream)
+        cdef int passes = _c_int("iterations", iterations)
+        cdef deepepComm_t comm
+        cdef size_t s
         cdef double us = 0
         cdef deepepResult_t status
-        with nogil:
-            status = deepepCommMeasureFlagRound(comm, iterations, &us, <CUstream_st*>s)
+        with _InCall(self, "measure_flag_round"):
+            comm = self._live()
+            s = stream_handle(stream)
+            with nogil:
+                status = deepepCommMeasureFlagRound(comm, passes, &us, <CUstream_st*>s)
         _check(status)
         return us
 
-    def low_latency_mask_rank(self, int rank, bint masked=True):
+    def low_latency_mask_rank(self, rank, bint masked=True):
         """Masks ``rank`` out of low-latency calls (or takes it back with ``masked=False``): it is never waited for or
         written to, and this rank's tokens routed to its experts are skipped like -1 slots. A low-latency call that
         times out waiting for a rank masks it by itself; after ``clear_async_error()`` the survivors go on among
         themselves. Every surviving rank must mask the same ranks. Blocking (synchronises the device)."""
-        cdef deepepComm_t comm = self._live()
+        cdef int peer = _c_int("rank", rank)
+        cdef deepepComm_t comm
         cdef deepepResult_t status
-        with nogil:
-            status = deepepCommLowLatencyMaskRank(comm, rank, 1 if masked else 0)
+        with _InCall(self, "low_latency_mask_rank"):
+            comm = self._live()
+            with nogil:
+                status = deepepCommLowLatencyMaskRank(comm, peer, 1 if masked else 0)
         _check(status)
 
     def low_latency_masked_ranks(self):
         """A list of ``nranks`` booleans: which ranks this rank has masked out of low-latency calls."""
-        cdef deepepComm_t comm = self._live()
+        cdef deepepComm_t comm
         flags = np.zeros(self.nranks, np.intc)
         cdef int[::1] view = flags
         cdef deepepResult_t status
-        with nogil:
-            status = deepepCommLowLatencyMaskedRanks(comm, &view[0])
+        with _InCall(self, "low_latency_masked_ranks"):
+            comm = self._live()
+            with nogil:
+                status = deepepCommLowLatencyMaskedRanks(comm, &view[0])
         _check(status)
         return [bool(v) for v in flags]
 

@@ -165,6 +165,11 @@ def calls_from_another_thread_during_a_call(info):
             "close": comm.close,
             "get_dispatch_layout": lambda: comm.get_dispatch_layout(topk_dev, e),
             "dispatch": lambda: comm.dispatch(x_dev, topk_idx=topk_dev, num_experts=e),
+            # Diagnostics and masks release the GIL in the library as the calls do.
+            "measure_push_bandwidth": lambda: comm.measure_push_bandwidth(1, 1 << 20, 1),
+            "measure_flag_round": lambda: comm.measure_flag_round(1),
+            "low_latency_mask_rank": lambda: comm.low_latency_mask_rank(0, False),
+            "low_latency_masked_ranks": comm.low_latency_masked_ranks,
         }
         spare = pydeepep.Handle(comm)
         # What frees the communicator or a handle is refused from the call's own callback too.
@@ -205,7 +210,15 @@ def calls_from_another_thread_during_a_call(info):
 def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_completes():
     import_or_skip("cupy")
     (said,) = pydeepep.spawn(calls_from_another_thread_during_a_call, nprocs=1, timeout=120)
-    for name in ("close", "get_dispatch_layout", "dispatch"):
+    for name in (
+        "close",
+        "get_dispatch_layout",
+        "dispatch",
+        "measure_push_bandwidth",
+        "measure_flag_round",
+        "low_latency_mask_rank",
+        "low_latency_masked_ranks",
+    ):
         assert said[name].startswith("DeepEPInvalidUsage: ") and "another thread is inside a call" in said[name], said
         assert said[name].split(": ")[1].startswith(name), said
     for name in ("close()", "Handle.close()"):

@@ -1012,3 +1012,32 @@ def test_int_arguments_past_32_bits_are_refused_with_the_library_error():
     assert _c_int("num_sms", -(1 << 31)) == -(1 << 31)
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"num_sms is 1099511627776; it must be in \["):
         _c_int("num_sms", operator.index(1 << 40))
+
+
+def test_counts_given_as_floats_are_refused_not_truncated():
+    """docs/python-api.md: a count or index that is no integer raises TypeError (a C int argument would take 2.9 as
+    2), and one too large for its C field names the argument; the checks come before any GPU is needed."""
+    uid = bytes(128)  # DEEPEP_UNIQUE_ID_BYTES; its contents are never read here
+    refused_as_type = {
+        "buffer_size_hint(nranks)": lambda: pydeepep.buffer_size_hint(2.9),
+        "Communicator(rank)": lambda: pydeepep.Communicator(uid, 0.7, 1),
+        "Communicator(nranks)": lambda: pydeepep.Communicator(uid, 0, 1.5),
+        "empty(device)": lambda: pydeepep.empty((4,), "uint8", device=0.9),
+        "to_device(device)": lambda: pydeepep.to_device(np.zeros(4, np.uint8), device=0.9),
+        "DeviceArray(device_id)": lambda: pydeepep.DeviceArray(0, (4,), "uint8", 0.9, None),
+        "DeviceArray(ptr)": lambda: pydeepep.DeviceArray(1.0, (4,), "uint8", 0, None),
+    }
+    outcomes = {}
+    for name, call in refused_as_type.items():
+        try:
+            call()
+            outcomes[name] = "accepted"
+        except Exception as exc:
+            outcomes[name] = f"{type(exc).__name__}: {exc}"
+    taken = {name: said for name, said in outcomes.items() if not said.startswith("TypeError: ")}
+    assert not taken, taken
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"nranks is 1099511627776; it must be in \["):
+        pydeepep.buffer_size_hint(1 << 40)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"rank is 1099511627776; it must be in \["):
+        pydeepep.Communicator(uid, 1 << 40, 1)
+    assert pydeepep.buffer_size_hint(np.int64(2)) == pydeepep.buffer_size_hint(2)

@@ -473,8 +473,8 @@ DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call,
 /* Diagnostic: the SM-driven NVLink push bandwidth this rank reaches into the next rank's buffer (rank + 1 modulo
  * nranks; its own buffer on one rank) with `num_sms` blocks of 16-byte stores, `bytes` per pass (clamped to one
  * rank's receive region, about (high-throughput bytes - 1 MiB) / nranks; the figure is of the clamped size), median of
- * `iterations` passes. [out] gb_per_s. Blocking. Every rank calls it at the same time (it overwrites peers' receive
- * regions, so no dispatch or combine may be in flight anywhere). */
+ * `iterations` passes (1 to 10000; `bytes` at least 16). [out] gb_per_s. Blocking. Every rank calls it at the same time
+ * (it overwrites peers' receive regions, so no dispatch or combine may be in flight anywhere). */
 DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int num_sms, size_t bytes, int iterations,
                                                          double* gb_per_s, struct CUstream_st* stream);
 
@@ -666,8 +666,9 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int
  * 1 peers' acknowledgements seen, 2 dispatch: the tokens' expert ids sent, 3 rows stored, 4 the block's arrival flags
  * published, 5 receive: peers' flags seen, 6 receive: outputs written, 7 end; 0 where
  * a block did not pass a point. Fills `marks` [num_blocks][DEEPEP_LL_TIMELINE_MARKS] with those of the last
- * low-latency kernel launched (after the caller synchronised with it). Blocking. [out] marks, num_blocks. Returns
- * deepepInvalidUsage when the timeline is off. */
+ * low-latency kernel launched (after the caller synchronised with it). Blocking. [in] capacity_blocks: the rows
+ * `marks` holds, at least the low-latency grid's blocks (the SM count is enough; deepepInvalidArgument otherwise).
+ * [out] marks, num_blocks. Returns deepepInvalidUsage when the timeline is off. */
 #define DEEPEP_LL_TIMELINE_MARKS 8
 DEEPEP_API deepepResult_t deepepCommLowLatencyTimeline(deepepComm_t comm, int64_t* marks, int capacity_blocks,
                                                        int* num_blocks);
