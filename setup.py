@@ -23,6 +23,23 @@ def project_version() -> str:
     return re.search(r"project\(deepep VERSION ([0-9.]+)", text).group(1)
 
 
+def source_commit() -> str:
+    """The commit this tree is, with "-dirty" where tracked files differ from it; "unknown" outside a git checkout of
+    this project (a copy without .git, or a tree inside another project's repository)."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != ROOT:
+            return "unknown"
+        head = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if changed else "")
+
+
 def cmake_executable() -> str:
     try:
         import cmake  # the PyPI package puts a current CMake beside the interpreter
@@ -59,6 +76,8 @@ class BuildWithCMake(build_ext):
         subprocess.check_call(configure, cwd=build_dir)
         subprocess.check_call([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir)
         subprocess.check_call([cmake, "--install", "."], cwd=build_dir)
+        # What `python -m pydeepep.bench` records as the commit measured (pydeepep/_build_commit.txt).
+        (package_dir / "_build_commit.txt").write_text(source_commit() + "\n")
 
         for ext in self.extensions:
             ext.include_dirs.append(str(package_dir / "include"))

@@ -7,9 +7,11 @@ time per call replayed from a CUDA graph (no host gaps) for the graph-capturable
 synchronisation included, for the full dispatch. N = 0 rows give the protocol's fixed cost. The low-latency section
 first measures its floor (ll_flag_round: a kernel on the low-latency grid that moves nothing and exchanges one round
 of per-block flags), then times, for T in {1, 32, 128, 256} tokens per rank (H = 7168, K = 8, E = 288), FP8 dispatch
-and BF16 combine replayed from CUDA graphs, the same dispatch + combine pairs called from Python without a graph
-(ll_pair_eager, per pair, host time included), and the send and receive phases of hooked calls. Writes a JSON record
-(machine, commit, command, results) and, where matplotlib is installed, a PNG plot of GB/s against SMs.
+and BF16 combine replayed from CUDA graphs (the combine as a dispatch + combine pair less the dispatch alone), the
+same dispatch + combine pairs called from Python without a graph (ll_pair_eager, per pair, host time included), and
+the send and receive phases of hooked calls (GB/s only for what sends). Writes a JSON record
+(machine, commit, command, results, failed_sections) and, where matplotlib is installed, a PNG plot of GB/s against
+SMs. A section that fails (ht, zc, ll) leaves the others' figures in the record, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -102,6 +103,7 @@ def device_time(fn, stream: int, launches: int, repeat: int = 20) -> float:
 
 HIDDEN = 7168
 SMS = (8, 16, 24, 32, 48)
+MODES = ("ht", "zc", "ll")  # the sections, in the order they run
 
 
 def _log(info, text):
@@ -325,8 +327,9 @@ def phase_times(send, receive, stream: int, repeat: int = 10, launches: int = 5)
     return float(np.median(sends)), float(np.median(receives))
 
 
-def hook_phases(comm, stream, x, topk, weights, y, dispatch_out, combine_out, fp8_row) -> dict:
-    """Send and receive phases of hooked low-latency dispatch and combine (see phase_times)."""
+def hook_phases(comm, stream, x, topk, weights, y, dispatch_out, combine_out, dispatch_bytes, combine_bytes) -> dict:
+    """Send and receive phases of hooked low-latency dispatch and combine (see phase_times): case -> (µs, the bytes
+    the phase sends to other ranks)."""
     hooked = {}
 
     def dispatch_send():
@@ -348,12 +351,12 @@ def hook_phases(comm, stream, x, topk, weights, y, dispatch_out, combine_out, fp
     found = {}
     ptr = int(stream.handle)
     send_us, receive_us = phase_times(dispatch_send, dispatch_receive, ptr)
-    found["ll_dispatch_send"] = (send_us, fp8_row)
+    found["ll_dispatch_send"] = (send_us, dispatch_bytes)
     found["ll_dispatch_receive"] = (receive_us, 0)
     dispatch_send()  # a current dispatch for the combines (those captured above belong to the graph)
     dispatch_receive()
     send_us, receive_us = phase_times(combine_send, combine_receive, ptr)
-    found["ll_combine_send"] = (send_us, HIDDEN * 2)
+    found["ll_combine_send"] = (send_us, combine_bytes)
     found["ll_combine_receive"] = (receive_us, 0)
     return found
 
@@ -430,7 +433,7 @@ def bench_ll_rank(info, iters, tokens_list, transport="auto"):
         # moves nothing and exchanges one round of per-block flags.
         try:
             floor_us = comm.measure_flag_round(stream=stream)
-            rows.append({"case": "ll_flag_round", "num_tokens": 0, "sms": 0, "us": floor_us, "gbps": 0.0})
+            rows.append({"case": "ll_flag_round", "num_tokens": 0, "sms": 0, "us": floor_us})
             _log(info, f"  ll_flag_round        (one round of per-block flags, nothing moved) {floor_us:8.1f} us")
         except pydeepep.DeepEPInvalidArgument as exc:  # ranks outside the NVLink domain: reported, not fatal
             _log(info, f"  (ll_flag_round not measured: {exc})")
@@ -439,7 +442,9 @@ def bench_ll_rank(info, iters, tokens_list, transport="auto"):
         y = pydeepep.empty((local, comm.nranks * max_tokens, HIDDEN), "bfloat16", device=comm.device, stream=stream)
         for t in tokens_list:
             topk_np = np.argsort(rng.random((t, LL_EXPERTS)), axis=1)[:, :LL_TOPK].astype(np.int64)
-            remote_pairs = int(np.count_nonzero(topk_np // local != comm.rank))
+            # The dispatch sends an FP8 row (with its scales) for each of this rank's (token, expert) pairs on another
+            # rank; the combine sends a BF16 row back for each row this rank's experts received from another rank.
+            dispatch_bytes = int(np.count_nonzero(topk_np // local != comm.rank)) * (HIDDEN + HIDDEN // 128 * 4)
             x = pydeepep.to_device(
                 rng.integers(0, 1 << 14, size=(t, HIDDEN), dtype=np.uint16), device=comm.device, stream=stream
             )
@@ -447,6 +452,8 @@ def bench_ll_rank(info, iters, tokens_list, transport="auto"):
             weights = pydeepep.to_device(rng.random((t, LL_TOPK)).astype(np.float32), device=comm.device, stream=stream)
             results = [comm.low_latency_dispatch(x, topk, LL_EXPERTS, stream=stream) for _ in range(2)]
             outs = [comm.low_latency_combine(y, topk, weights, r, stream=stream).out for r in results]
+            received = results[0].recv_layout_range.to_numpy()[:, :, 1]  # [local expert, source rank]: rows
+            combine_bytes = (int(received.sum()) - int(received[:, comm.rank].sum())) * HIDDEN * 2
 
             def dispatches(x=x, topk=topk, results=results):
                 for r in results:
@@ -462,22 +469,26 @@ def bench_ll_rank(info, iters, tokens_list, transport="auto"):
             # The same pairs called from Python one after another, no graph: what an eager decoding step pays, the
             # binding's host time included.
             eager_us = time_calls(pairs, ptr, 5, iters) / 2
-            fp8_row = HIDDEN + HIDDEN // 128 * 4
             found = {
-                "ll_dispatch_fp8": (dispatch_us, fp8_row),
-                "ll_combine_bf16": (combine_us, HIDDEN * 2),
+                "ll_dispatch_fp8": (dispatch_us, dispatch_bytes),
+                "ll_combine_bf16": (combine_us, combine_bytes),
                 "ll_pair_eager": (eager_us, 0),
             }
             if os.environ.get("DEEPEP_LL_TIMELINE") == "1":
                 ll_timelines(comm, info, stream, x, topk, weights, y, results[0], outs[0], t)
             try:
-                found.update(hook_phases(comm, stream, x, topk, weights, y, results[0], outs[0], fp8_row))
+                found.update(
+                    hook_phases(comm, stream, x, topk, weights, y, results[0], outs[0], dispatch_bytes, combine_bytes)
+                )
             except Exception as exc:  # a figure not measured is reported, not fatal
                 _log(info, f"  (hook phases not measured at T={t}: {exc})")
-            for case, (us, row_bytes) in found.items():
-                gbps = remote_pairs * row_bytes / (us * 1e-6) / 1e9 if row_bytes else 0.0
-                rows.append({"case": case, "num_tokens": t, "sms": 0, "us": us, "gbps": gbps})
-                _log(info, f"  {case:<20} T={t:<5} {us:8.1f} us {gbps:7.1f} GB/s")
+            for case, (us, nbytes) in found.items():
+                row = {"case": case, "num_tokens": t, "sms": 0, "us": us}
+                if nbytes:  # a phase that sends nothing has no GB/s (not 0)
+                    row["gbps"] = nbytes / (us * 1e-6) / 1e9
+                rows.append(row)
+                gbps = f"{row['gbps']:7.1f} GB/s" if nbytes else ""
+                _log(info, f"  {case:<20} T={t:<5} {us:8.1f} us {gbps}")
         comm.check_async_error()
     return rows
 
@@ -578,21 +589,16 @@ def machine_description() -> str:
 
 
 def git_commit() -> str:
-    """The commit measured: $DEEPEP_COMMIT when set (a copy without .git), else what git says where the package lives
-    (an editable install) or in the working directory (`pip install . && python -m pydeepep.bench` from the
-    checkout), else "unknown"."""
+    """The commit measured: $DEEPEP_COMMIT when set, else the one the installed package was built from (written at
+    build time; "-dirty" where tracked files differed from it), else "unknown". Not what git says where the bench runs:
+    the package may be installed inside another repository, and the checkout may have moved on since the build."""
     if os.environ.get("DEEPEP_COMMIT"):
         return os.environ["DEEPEP_COMMIT"]
-    for where in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
-        try:
-            found = subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except Exception:
-            found = ""
-        if found:
-            return found
-    return "unknown"
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_commit.txt")) as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def plot(record: dict, path: str) -> bool:
@@ -670,6 +676,9 @@ def main(argv=None) -> int:
         help="skip the N = 0 runs (the protocol's fixed cost: launch, acknowledgements, count exchange)",
     )
     args = parser.parse_args(argv)
+    modes = set(args.modes.split(","))
+    if not modes <= set(MODES):
+        parser.error(f"--modes: unknown {', '.join(sorted(modes - set(MODES)))} (choose from {', '.join(MODES)})")
     if args.goals:
         with open(args.goals) as f:
             record = json.load(f)
@@ -695,26 +704,25 @@ def main(argv=None) -> int:
     tokens_list = tuple(int(v) for v in args.tokens.split(","))
     if not args.no_floor and 0 not in tokens_list:
         tokens_list = (0, *tokens_list)
-    modes = set(args.modes.split(","))
+    ll_tokens = tuple(int(v) for v in args.ll_tokens.split(","))
+    sections = {
+        "ht": (bench_rank, (args.warmup, args.iters, sms_list, tokens_list, False), 900),
+        "zc": (bench_rank, (args.warmup, args.iters, sms_list, tokens_list, True), 900),
+        "ll": (bench_ll_rank, (args.iters, ll_tokens, args.ll_transport), 600),
+    }
     per_rank = [[] for _ in range(nranks)]
-    for mode in ("ht", "zc"):
-        if mode in modes:
-            rows = pydeepep.spawn(
-                bench_rank,
-                nprocs=nranks,
-                args=(args.warmup, args.iters, sms_list, tokens_list, mode == "zc"),
-                timeout=900,
-            )
-            per_rank = [mine + more for mine, more in zip(per_rank, rows, strict=True)]
-    if "ll" in modes:
-        ll_tokens = tuple(int(v) for v in args.ll_tokens.split(","))
+    failed = {}  # section -> what went wrong; the record keeps what the others measured, and the exit status is 1
+    for mode in MODES:
+        if mode not in modes:
+            continue
+        fn, fn_args, timeout = sections[mode]
         try:
-            ll_rows = pydeepep.spawn(
-                bench_ll_rank, nprocs=nranks, args=(args.iters, ll_tokens, args.ll_transport), timeout=600
-            )
-            per_rank = [rows + more for rows, more in zip(per_rank, ll_rows, strict=True)]
-        except LaunchError as exc:  # keep what the high-throughput section measured
-            print(f"low-latency section failed: {exc}", file=sys.stderr)
+            rows = pydeepep.spawn(fn, nprocs=nranks, args=fn_args, timeout=timeout)
+        except LaunchError as exc:
+            print(f"section {mode} failed: {exc}", file=sys.stderr)
+            failed[mode] = str(exc)
+            continue
+        per_rank = [mine + more for mine, more in zip(per_rank, rows, strict=True)]
     record = {
         "machine": machine_description(),
         "commit": git_commit(),
@@ -722,6 +730,7 @@ def main(argv=None) -> int:
         "nranks": nranks,
         "started": started,
         "results": per_rank,
+        "failed_sections": failed,
     }
     with open(args.output, "w") as f:
         json.dump(record, f, indent=1)
@@ -738,6 +747,9 @@ def main(argv=None) -> int:
     png = os.path.splitext(args.output)[0] + ".png"
     if plot(record, png):
         print(f"(plot written to {png})")
+    if failed:
+        print(f"FAILED sections: {', '.join(failed)} (their errors are above and in the record)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,8 +3,10 @@ the launcher and the command line. Nothing here needs a GPU."""
 
 import copy
 import ctypes
+import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1041,3 +1043,46 @@ def test_counts_given_as_floats_are_refused_not_truncated():
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"rank is 1099511627776; it must be in \["):
         pydeepep.Communicator(uid, 1 << 40, 1)
     assert pydeepep.buffer_size_hint(np.int64(2)) == pydeepep.buffer_size_hint(2)
+
+
+def test_bench_records_the_commit_the_package_was_built_from(tmp_path, monkeypatch):
+    from pydeepep import bench
+
+    installed = Path(bench.__file__).with_name("_build_commit.txt")
+    if installed.exists():  # written by setup.py at build time: a commit, "-dirty" where the tree differed, or unknown
+        assert re.fullmatch(r"([0-9a-f]{40}(-dirty)?|unknown)\n", installed.read_text()), installed.read_text()
+    monkeypatch.delenv("DEEPEP_COMMIT", raising=False)
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "bench.py"))
+    assert bench.git_commit() == "unknown"  # no record, and no guess from whatever repository lies around
+    (tmp_path / "_build_commit.txt").write_text("0123abc-dirty\n")
+    assert bench.git_commit() == "0123abc-dirty"
+    monkeypatch.setenv("DEEPEP_COMMIT", "given")
+    assert bench.git_commit() == "given"
+
+
+def test_bench_keeps_the_sections_that_ran_and_fails_when_one_did_not(tmp_path, monkeypatch, capsys):
+    from pydeepep import bench
+
+    def fake_spawn(fn, nprocs, args, timeout):
+        if fn is bench.bench_ll_rank:
+            raise LaunchError("rank 1 failed: boom")
+        return [[{"case": "combine_bf16", "num_tokens": 512, "sms": 24, "us": 40.0 + rank}] for rank in range(nprocs)]
+
+    monkeypatch.setattr(bench, "local_device_count", lambda: 2)
+    monkeypatch.setattr(bench.pydeepep, "spawn", fake_spawn)
+    monkeypatch.setattr(bench, "plot", lambda record, path: False)
+    output = tmp_path / "r.json"
+    assert bench.main(["--modes", "ht,ll", "--output", str(output)]) == 1
+    record = json.loads(output.read_text())
+    assert record["failed_sections"] == {"ll": "rank 1 failed: boom"}
+    assert [[row["us"] for row in rows] for rows in record["results"]] == [[40.0], [41.0]]
+    assert "section ll failed: rank 1 failed: boom" in capsys.readouterr().err
+    assert bench.main(["--modes", "ht", "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["failed_sections"] == {}
+
+
+def test_bench_refuses_an_unknown_mode(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pydeepep.bench", "--modes", "ht,LL"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 2 and "--modes: unknown LL (choose from ht, zc, ll)" in out.stderr, out.stderr
