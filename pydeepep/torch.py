@@ -14,6 +14,7 @@ be captured in a CUDA graph: make one before capturing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 
@@ -22,7 +23,7 @@ import torch.utils.dlpack
 
 import pydeepep
 from pydeepep import bootstrap
-from pydeepep.errors import DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPNotSupported
+from pydeepep.errors import DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPNotSupported, DeepEPRemoteError
 
 __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
 
@@ -224,8 +225,10 @@ class Buffer:
         enable_shrink: bool = False,
         comm=None,
     ):
-        if allow_mnnvl or use_fabric:
-            raise DeepEPNotSupported("multi-node NVLink (allow_mnnvl / use_fabric) is not supported", 8)
+        # allow_mnnvl only permits multi-node NVLink, which one NVLink domain never uses (and ranks beyond it are
+        # refused by the calls that need NVLink): accepted. use_fabric changes how the buffer is allocated: refused.
+        if use_fabric:
+            raise DeepEPNotSupported("multi-node NVLink fabric memory (use_fabric) is not supported", 8)
         if comm is not None:
             raise DeepEPNotSupported("comm= (an existing communicator) is not supported; pass the process group", 8)
         import torch.distributed as dist
@@ -236,6 +239,7 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.low_latency_mode = bool(low_latency_mode)
         self.num_nvl_bytes = max(int(num_nvl_bytes), 0)
+        self.num_rdma_bytes = max(int(num_rdma_bytes), 0)  # kept for code that reads it (Megatron-Core); unused
         self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
         # The device current now is the Buffer's (as with DeepEP), also when the communicator comes later.
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -286,6 +290,36 @@ class Buffer:
             max_tokens_per_rank=int(os.environ.get("DEEPEP_MAX_TOKENS_PER_RANK", 16384)),
             **workload,
         )
+
+    def _first_call_agreed(self, check):
+        """``check()``: a call's checks that must pass before its communicator can be created, and what they return.
+        On a low_latency_mode Buffer's first call, which creates the communicator collectively, the ranks first tell
+        each other whether their checks passed: a rank refused there raises its error and the others raise
+        DeepEPRemoteError naming it, instead of waiting in the creation until the process group's timeout. Later
+        calls run ``check()`` alone (a refusal then reaches the peers through the communicator)."""
+        if self.comm is not None:
+            return check()
+        import torch.distributed as dist
+
+        try:
+            value, problem = check(), None
+        except Exception as exc:
+            value, problem = None, exc
+        said = [None] * self.group_size
+        mine = None if problem is None else f"{type(problem).__name__}: {problem}"
+        # An NCCL group moves the objects through GPU tensors on torch's current device: make it the Buffer's.
+        nccl = dist.get_backend(self.group) == "nccl" and self._device is not None
+        with torch.cuda.device(self._device) if nccl else contextlib.nullcontext():
+            dist.all_gather_object(said, mine, group=self.group)
+        if problem is not None:
+            raise problem
+        refused = [rank for rank, message in enumerate(said) if message is not None]
+        if refused:
+            raise DeepEPRemoteError(
+                f"rank {refused[0]} refused this Buffer's first low-latency call, which creates the communicator "
+                f"({said[refused[0]]}); no communicator was created"
+            )
+        return value
 
     def _communicator(self):
         """The communicator of a high-throughput call. In low-latency mode the first call creates it; before any
@@ -367,7 +401,7 @@ class Buffer:
     def get_comm_stream(self):
         if self.comm is None:
             raise DeepEPInvalidUsage("this low_latency_mode Buffer has no communicator until its first call", 2)
-        return torch.cuda.ExternalStream(self.comm.stream)
+        return torch.cuda.ExternalStream(self.comm.stream, device=self.comm.device)
 
     def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0, use_rdma_buffer: bool = False):
         raise DeepEPNotSupported("the communication buffer is not exposed as a tensor", 8)
@@ -389,8 +423,8 @@ class Buffer:
     ):
         comm = self._communicator()
         stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
-        if event is not None:
-            event.wait(comm if async_finish else stream)
+        if event is not None:  # any event type dispatch and combine take (pydeepep, PyTorch, CuPy, cuda.core)
+            pydeepep._core._wait_event(comm.stream if async_finish else stream, event)
         if async_finish:
             pydeepep.Event.record(stream).wait(comm)
         run_on = comm if async_finish else stream
@@ -432,7 +466,10 @@ class Buffer:
             payload, scales = (x[0], x[1]) if fp8 else (x, None)
             if fp8 and scales.dim() == 2 and scales.shape[1] > 1 and scales.stride(1) != 1:
                 # Column-major scales (as DeepGEMM lays them out): pydeepep reads rows of scales, so they are copied
-                # (N * H / 128 words); row-major ones, padded rows included, are read in place.
+                # (N * H / 128 words) on the current stream, after previous_event like the call; row-major ones,
+                # padded rows included, are read in place.
+                if event is not None:
+                    pydeepep._core._wait_event(stream, event)
                 scales = scales.contiguous()
             # The expert count, where the call routes (pydeepep refuses a missing topk_idx itself).
             num_experts = None if num_tokens_per_expert is None else num_tokens_per_expert.numel()
@@ -625,17 +662,21 @@ class Buffer:
         handed = False  # whether pydeepep has the call (it refuses what it finds wrong itself)
         forked = False  # whether the call moved to the communicator's stream (async_finish)
         try:
-            _check_phases(async_finish, return_recv_hook)
-            hidden = _width(x, "x")
-            if x.shape[0] > num_max_dispatch_tokens_per_rank:
-                raise DeepEPInvalidArgument(
-                    f"x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank "
-                    f"({num_max_dispatch_tokens_per_rank})",
-                    1,
-                )
-            comm = self._low_latency_communicator(
-                (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
-            )
+
+            def sizes():
+                _check_phases(async_finish, return_recv_hook)
+                hidden = _width(x, "x")
+                if x.shape[0] > num_max_dispatch_tokens_per_rank:
+                    raise DeepEPInvalidArgument(
+                        f"x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank "
+                        f"({num_max_dispatch_tokens_per_rank})",
+                        1,
+                    )
+                return (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
+
+            needed = self._first_call_agreed(sizes)
+            hidden = needed[1]
+            comm = self._low_latency_communicator(needed)
             stream = self._low_latency_stream(async_finish)
             forked = async_finish
             outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)

@@ -60,8 +60,8 @@ def test_event_overlap_without_an_event_is_a_no_op():
 
 
 def test_unsupported_modes_are_refused_before_any_communication():
-    with pytest.raises(pydeepep.DeepEPNotSupported, match="multi-node"):
-        deep_ep.Buffer(None, allow_mnnvl=True)
+    with pytest.raises(pydeepep.DeepEPNotSupported, match="use_fabric"):
+        deep_ep.Buffer(None, allow_mnnvl=True, use_fabric=True)
     with pytest.raises(pydeepep.DeepEPNotSupported, match="comm="):
         deep_ep.Buffer(None, comm=object())
 
@@ -201,6 +201,56 @@ def test_low_latency_options_pydeepep_lacks_are_refused_before_any_communication
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="first call"):
         buffer.get_comm_stream()
     assert created == []
+
+
+def test_a_buffer_has_deepeps_attributes_and_takes_its_harmless_options(group, created):
+    # allow_mnnvl only permits multi-node NVLink (SGLang passes it always); Megatron-Core reads num_rdma_bytes.
+    buffer = deep_ep.Buffer(group, 1 << 20, 1 << 22, low_latency_mode=True, allow_mnnvl=True, enable_shrink=True)
+    assert (buffer.num_nvl_bytes, buffer.num_rdma_bytes) == (1 << 20, 1 << 22)
+    assert (buffer.rank, buffer.group_size, buffer.group, buffer.low_latency_mode) == (0, 1, group, True)
+    assert created == []
+
+
+def refuse_the_first_low_latency_call_on_rank_0(info, path):
+    """Two gloo ranks, no GPU: rank 0's first low-latency dispatch has one token too many. Returns what the call
+    raised on this rank and how long it took."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    def never(self, ll_sizes):
+        raise AssertionError("a communicator was being created")
+
+    deep_ep.Buffer._new_communicator = never
+    dist.init_process_group(
+        "gloo", init_method=f"file://{path}", rank=info.rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        buffer = deep_ep.Buffer(dist.group.WORLD, 0, 1 << 20, low_latency_mode=True)
+        start = time.monotonic()
+        try:
+            buffer.low_latency_dispatch(*ll_inputs(tokens=65 if info.rank == 0 else 4), 64, 16)
+            said = "accepted"
+        except Exception as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        return said, time.monotonic() - start
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_first_low_latency_call_refused_on_one_rank_is_refused_on_all(tmp_path):
+    """The first low-latency call creates the communicator (collective): a rank refusing it says so to the others,
+    which would otherwise wait in the creation until the process group's timeout."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    (said0, seconds0), (said1, seconds1) = pydeepep.spawn(
+        refuse_the_first_low_latency_call_on_rank_0, nprocs=2, args=(str(tmp_path / "pg"),), timeout=120
+    )
+    assert said0.startswith("DeepEPInvalidArgument: x has 65 tokens, more than"), said0
+    assert said1.startswith("DeepEPRemoteError: rank 0 refused this Buffer's first low-latency call"), said1
+    assert "x has 65 tokens" in said1, said1
+    assert max(seconds0, seconds1) < 30, (seconds0, seconds1)
 
 
 def test_combine_out_must_be_a_contiguous_bfloat16_cuda_tensor():
