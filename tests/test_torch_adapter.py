@@ -208,6 +208,8 @@ def test_a_buffer_has_deepeps_attributes_and_takes_its_harmless_options(group, c
     buffer = deep_ep.Buffer(group, 1 << 20, 1 << 22, low_latency_mode=True, allow_mnnvl=True, enable_shrink=True)
     assert (buffer.num_nvl_bytes, buffer.num_rdma_bytes) == (1 << 20, 1 << 22)
     assert (buffer.rank, buffer.group_size, buffer.group, buffer.low_latency_mode) == (0, 1, group, True)
+    with pytest.raises(pydeepep.DeepEPNotSupported, match="not exposed as a tensor"):
+        buffer.get_local_buffer_tensor(torch.bfloat16)
     assert created == []
 
 
