@@ -373,7 +373,9 @@ static int nvl_domain_size(const deepepComm& comm) {
 static void free_local_resources(deepepComm* comm) {
   std::lock_guard<std::mutex> retired_lock(comm->retired_mutex);  // a handle's destruction may park storage meanwhile
   if (!comm->retired_handles.empty()) {
-    cudaDeviceSynchronize();  // their last uses may be on any stream
+    // Their last uses may be on any stream. (Refused while a stream of the device captures: not a sticky error, and
+    // not this thread's to keep.)
+    if (cudaDeviceSynchronize() != cudaSuccess) cudaGetLastError();
     for (const auto& retired : comm->retired_handles) {
       cudaFree(retired.storage);
       cudaEventDestroy(retired.last_use);
@@ -637,7 +639,9 @@ void destroy_comm(deepepComm* comm) {
   // Calls run on the callers' streams and may still be running: wait for the whole device, not only the communicator's
   // stream, before the ranks meet and anything they use is freed. A graph capture on another stream of the device
   // refuses a device-wide wait (not a sticky error): then only the communicator's stream is waited for, so that this
-  // rank still meets its peers; the header tells callers not to destroy during a capture.
+  // rank still meets its peers; the header tells callers not to destroy during a capture. The wait has no bound of its
+  // own: work of another library that never ends (a collective waiting for a lost peer) holds it, as it would hold the
+  // frees below, which synchronise the device too.
   const char* waited_for = "cudaDeviceSynchronize (before the teardown)";
   cudaError_t stream_status = cudaDeviceSynchronize();
   if (stream_status == cudaErrorStreamCaptureUnsupported || stream_status == cudaErrorStreamCaptureImplicit) {

@@ -520,7 +520,7 @@ cdef class DeviceArray:
     cdef object _element_strides
 
     def __init__(self, ptr, shape, dtype, device_id, stream, owner=None):
-        self._set(_c_int("ptr", ptr, 0, 2**64 - 1), _checked_shape(shape), _element_type(dtype),
+        self._set(_address(ptr), _checked_shape(shape), _element_type(dtype),
                   _c_int("device_id", device_id), stream_handle(stream), owner)
         self._stream_owner = stream  # the exported stream must outlive the array's consumers
 

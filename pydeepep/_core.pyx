@@ -65,6 +65,14 @@ def _c_int(str name, value, object low=-2**31, object high=2**31 - 1):
     return number
 
 
+def _address(value):
+    """A device address: an integer, or an object that converts to one (cuda.bindings' CUdeviceptr has __int__ only);
+    never a float or a string, which would be taken as some other number."""
+    if isinstance(value, (float, str, bytes)):
+        raise TypeError(f"ptr is {type(value).__name__} {value!r}; it must be an integer device address")
+    return _c_int("ptr", value if hasattr(value, "__index__") else int(value), 0, 2**64 - 1)
+
+
 cdef deepepConfig _make_config(device, timeout, buffer_bytes, max_tokens_per_rank, hidden, num_topk, num_experts,
                                allow_nvlink_multicast, low_latency_max_tokens=0,
                                low_latency_transport="auto", zero_copy_dispatch=False) except *:
@@ -747,10 +755,17 @@ cdef class Communicator:
         cdef deepepComm_t comm = self._comm
         cdef deepepResult_t status
         self._comm = NULL
-        with nogil:  # waits for calls still running on their streams, async_finish ones included
-            status = deepepCommDestroy(comm)
-        # Receive hooks still due can never run now: the book no longer keeps them, and their arrays, alive.
-        self._ll = None
+        try:
+            # The destroy waits for the device, async_finish calls included, but only for its own stream while a
+            # graph is being captured on the device: those calls use the buffer that it frees.
+            self._async_stream.sync()
+        except Exception:
+            pass  # a fault there is the calls' to report (check_async_error); the collective destroy must still run
+        finally:  # even on KeyboardInterrupt: the peers wait for this rank's destroy
+            with nogil:
+                status = deepepCommDestroy(comm)
+            # Receive hooks still due can never run now: the book no longer keeps them, and their arrays, alive.
+            self._ll = None
         _check(status)
 
     def __enter__(self):

@@ -129,6 +129,15 @@ def _width(tensor, name: str) -> int:
     return tensor.shape[1]
 
 
+def _refuse_first_call_in_capture() -> None:
+    if _capturing():
+        raise DeepEPInvalidUsage(
+            "the first call on a low_latency_mode Buffer creates its communicator, which is collective and cannot "
+            "be captured in a CUDA graph: make one low-latency call (or clean_low_latency_buffer) before capturing",
+            2,
+        )
+
+
 def _check_phases(async_finish: bool, return_recv_hook: bool) -> None:
     if async_finish and return_recv_hook:
         raise DeepEPInvalidArgument(
@@ -256,12 +265,7 @@ class Buffer:
     def _create_communicator(self, ll_sizes) -> None:
         """Creates the communicator (collective), with a low-latency area for `ll_sizes` (T, hidden, num_topk,
         num_experts) or none."""
-        if _capturing():
-            raise DeepEPInvalidUsage(
-                "the first call on a low_latency_mode Buffer creates its communicator, which is collective and cannot "
-                "be captured in a CUDA graph: make one low-latency call (or clean_low_latency_buffer) before capturing",
-                2,
-            )
+        _refuse_first_call_in_capture()
         self.comm = self._new_communicator(ll_sizes)
         self._ll_sizes = ll_sizes
 
@@ -299,6 +303,7 @@ class Buffer:
         calls run ``check()`` alone (a refusal then reaches the peers through the communicator)."""
         if self.comm is not None:
             return check()
+        _refuse_first_call_in_capture()  # before the exchange, which a capture would break
         import torch.distributed as dist
 
         try:
@@ -308,8 +313,7 @@ class Buffer:
         said = [None] * self.group_size
         mine = None if problem is None else f"{type(problem).__name__}: {problem}"
         # An NCCL group moves the objects through GPU tensors on torch's current device: make it the Buffer's.
-        nccl = dist.get_backend(self.group) == "nccl" and self._device is not None
-        with torch.cuda.device(self._device) if nccl else contextlib.nullcontext():
+        with torch.cuda.device(self._device) if self._device is not None else contextlib.nullcontext():
             dist.all_gather_object(said, mine, group=self.group)
         if problem is not None:
             raise problem

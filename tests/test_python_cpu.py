@@ -1043,6 +1043,9 @@ def test_counts_given_as_floats_are_refused_not_truncated():
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"rank is 1099511627776; it must be in \["):
         pydeepep.Communicator(uid, 1 << 40, 1)
     assert pydeepep.buffer_size_hint(np.int64(2)) == pydeepep.buffer_size_hint(2)
+    from cuda.bindings import driver  # an address may come as cuda.bindings' CUdeviceptr (no __index__)
+
+    assert pydeepep.DeviceArray(driver.CUdeviceptr(4096), (4,), "uint8", 0, None).ptr == 4096
 
 
 def test_bench_records_the_commit_the_package_was_built_from(tmp_path, monkeypatch):

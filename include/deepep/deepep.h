@@ -199,16 +199,16 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
 
 /* Destroys a communicator; NULL is accepted and does nothing. Blocking and collective (frees the symmetric heap
  * and finalises NVSHMEM). Waits for the device (so for calls of this communicator still running on the callers'
- * streams, and for any other work queued on it), then for every rank to reach this call, at most the communicator's
- * timeout. Do not call it while a stream of the device captures a CUDA graph: a device-wide wait conflicts with the
- * capture, which CUDA may then invalidate, and the destroy then waits for its own stream only. If a rank does not
- * arrive (it may be dead), this rank's resources are freed and NVSHMEM's collective teardown, which would wait for it
- * forever, is skipped: the result is deepepTimeout, or deepepSuccess when an earlier call already reported a timeout or
- * masked a rank. A rank that stopped waiting tells the ranks that arrive after it, which then skip the teardown at once
- * too. The process should then exit (NVSHMEM cannot start again in it: a later deepepCommInitRank returns
- * deepepInvalidUsage). The ranks meet through their NVLink-mapped buffers: with a rank outside this rank's NVLink
- * domain, or more than 64 ranks, they do not, and a rank that does not arrive makes NVSHMEM's teardown wait instead, up
- * to the same timeout (deepepTimeout, with NVSHMEM's thread left behind). */
+ * streams, and for any other work queued on it: work of another library that never ends holds it), then for every rank
+ * to reach this call, at most the communicator's timeout. Do not call it while a stream of the device captures a CUDA
+ * graph: a device-wide wait conflicts with the capture, which CUDA may then invalidate, and the destroy then waits for
+ * its own stream only. If a rank does not arrive (it may be dead), this rank's resources are freed and NVSHMEM's
+ * collective teardown, which would wait for it forever, is skipped: the result is deepepTimeout, or deepepSuccess when
+ * an earlier call already reported a timeout or masked a rank. A rank that stopped waiting tells the ranks that arrive
+ * after it, which then skip the teardown at once too. The process should then exit (NVSHMEM cannot start again in it: a
+ * later deepepCommInitRank returns deepepInvalidUsage). The ranks meet through their NVLink-mapped buffers: with a rank
+ * outside this rank's NVLink domain, or more than 64 ranks, they do not, and a rank that does not arrive makes
+ * NVSHMEM's teardown wait instead, up to the same timeout (deepepTimeout, with NVSHMEM's thread left behind). */
 DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm);
 
 /* Local queries. */
