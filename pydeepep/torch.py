@@ -25,7 +25,7 @@ import pydeepep
 from pydeepep import bootstrap
 from pydeepep.errors import DeepEPInvalidArgument, DeepEPInvalidUsage, DeepEPNotSupported, DeepEPRemoteError
 
-__all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "topk_idx_t"]
 
 topk_idx_t = torch.int64
 
@@ -56,6 +56,21 @@ class Config:
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         return 0  # one NVLink domain: no RDMA buffer
+
+
+class EventHandle:
+    """DeepEP's ``deep_ep.utils.EventHandle``: an event recorded on PyTorch's current stream when made, so that
+    ``EventOverlap(EventHandle())`` (as Megatron-Core writes it) can be waited on or passed as ``previous_event``."""
+
+    def __init__(self):
+        self.event = pydeepep.Event.record(torch.cuda.current_stream().cuda_stream)
+        self.handle = self.event.handle  # the raw CUevent, which pydeepep's previous_event takes
+
+    def wait(self, stream) -> None:
+        self.event.wait(stream)
+
+    def current_stream_wait(self) -> None:
+        self.event.wait(torch.cuda.current_stream().cuda_stream)
 
 
 class EventOverlap:

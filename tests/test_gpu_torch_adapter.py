@@ -427,6 +427,8 @@ def adapter_rank(info, init_file):
         # A chain on the communicator's stream: layout after an event of Buffer.capture(), dispatch after the layout's
         # event, combine after the dispatch's; the current stream waits once at the end.
         start = deep_ep.Buffer.capture()
+        recorded = deep_ep.EventOverlap(deep_ep.EventHandle())  # as Megatron-Core writes it (deep_ep.utils there)
+        recorded.current_stream_wait()
         per_rank2, _, per_expert2, in_rank2, layout_done = buffer.get_dispatch_layout(
             topk, E, previous_event=start, async_finish=True, allocate_on_comm_stream=True
         )
@@ -447,7 +449,7 @@ def adapter_rank(info, init_file):
         with combine_done:
             pass
         out["previous_event_and_capture"] = (
-            all(e.event is not None for e in (start, layout_done, dispatch_done, combine_done))
+            all(e.event is not None for e in (start, recorded, layout_done, dispatch_done, combine_done))
             and np.array_equal(per_expert2.cpu().numpy(), want_layout[1])
             and np.array_equal(recv_x2.float().cpu().numpy(), mine[0])
             and np.array_equal(combined2.float().cpu().numpy(), want_out[info.rank][0])

@@ -10,7 +10,7 @@ import pydeepep.torch as deep_ep  # noqa: E402
 
 def test_module_surface_matches_deepep():
     assert deep_ep.topk_idx_t is torch.int64
-    for name in ("Buffer", "Config", "EventOverlap"):
+    for name in ("Buffer", "Config", "EventOverlap", "EventHandle"):
         assert hasattr(deep_ep, name)
     for method in (
         "get_dispatch_layout",
