@@ -40,6 +40,20 @@ def source_commit() -> str:
     return head + ("-dirty" if changed else "")
 
 
+def stale_cmake_cache(build_dir: Path) -> bool:
+    """Whether the CMake cache in `build_dir` names a file or folder that is gone: pip builds in a temporary
+    environment (CMake, ninja and the NVSHMEM wheel under /tmp/pip-build-env-*) that it deletes afterwards, so the next
+    `pip install` of the same checkout would find a cache pointing nowhere."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return False
+    for line in cache.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith((":FILEPATH", ":PATH")) and value.startswith("/") and not Path(value).exists():
+            return True
+    return False
+
+
 def cmake_executable() -> str:
     try:
         import cmake  # the PyPI package puts a current CMake beside the interpreter
@@ -55,6 +69,8 @@ class BuildWithCMake(build_ext):
     def run(self):
         package_dir = Path(self.get_ext_fullpath("pydeepep._core")).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
+        if stale_cmake_cache(build_dir):
+            shutil.rmtree(build_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = cmake_executable()
         configure = [

@@ -1,5 +1,8 @@
+#include <dirent.h>
+#include <fcntl.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -225,13 +228,40 @@ static void set_process_nvshmem_defaults() {
   setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
 }
 
+// The file descriptors open in this process (empty where /proc/self/fd cannot be read).
+static std::set<int> open_descriptors() {
+  std::set<int> fds;
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return fds;
+  const int own = dirfd(dir);
+  while (const dirent* entry = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(entry->d_name, &end, 10);
+    if (end != entry->d_name && *end == '\0' && fd != own) fds.insert(static_cast<int>(fd));
+  }
+  closedir(dir);
+  return fds;
+}
+
 void get_unique_id(deepepUniqueId* id) {
   // NVLink multicast stays off here too (see create_comm): a config asking for it comes too late in this process.
   setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
   set_process_nvshmem_defaults();
   nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  const std::set<int> before = open_descriptors();
   const int status = nvshmemx_get_uniqueid(&nvshmem_id);
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_get_uniqueid failed with status %d", status);
+  // NVSHMEM opens the bootstrap root's listening socket without close-on-exec: a program this process starts (a shell
+  // command, a launcher) would inherit it and keep the port open after this process ends. The sockets the call
+  // opened get close-on-exec (another thread's socket opened meanwhile would too, which only a program exec'd to
+  // inherit it would notice).
+  for (const int fd : open_descriptors()) {
+    struct stat info;
+    if (before.count(fd) == 0 && fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode)) {
+      const int flags = fcntl(fd, F_GETFD);
+      if (flags >= 0) fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+    }
+  }
   std::memcpy(id->internal, &nvshmem_id, sizeof(nvshmem_id));
 }
 

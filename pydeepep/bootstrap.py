@@ -64,8 +64,15 @@ def _read_id_file(path: str, timeout: float) -> bytes:
     size = None  # of the file as last seen, for the timeout's message
     while True:
         try:
-            with open(path, "rb") as f:
+            # Not blocking: a FIFO put at the path would hold open() forever (the checks below then refuse it).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
                 info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise DeepEPInvalidArgument(
+                        f"DEEPEP_UNIQUE_ID_FILE {path} is not a regular file; rank 0 writes the id there as one: use "
+                        "a fresh path in a folder of your own"
+                    )
                 if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
                     raise DeepEPInvalidArgument(
                         f"DEEPEP_UNIQUE_ID_FILE {path} is owned by user {info.st_uid} with mode "

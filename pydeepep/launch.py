@@ -75,10 +75,19 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="pydeepep-parent-watch", daemon=True).start()
 
 
-def _rank_main(fn, rank, nranks, device, id_queue, result_queue, args, kwargs):
-    _exit_with_parent()
+def _set_job_env() -> None:
+    """_JOB_ENV where the variable is unset or empty (an empty interface name, from an unset shell variable, would
+    let NVSHMEM's bootstrap listen on every interface's first address)."""
     for key, value in _JOB_ENV.items():
-        os.environ.setdefault(key, value)
+        if not os.environ.get(key):
+            os.environ[key] = value
+
+
+def _rank_main(fn, rank, nranks, device, id_queue, report, args, kwargs):
+    """A rank: its result, or its traceback, goes to the parent through `report` (this rank's own pipe), pickled
+    here, so that a result that cannot be pickled is reported as this rank's failure."""
+    _exit_with_parent()
+    _set_job_env()
     try:
         from . import get_unique_id
 
@@ -87,14 +96,13 @@ def _rank_main(fn, rank, nranks, device, id_queue, result_queue, args, kwargs):
             for _ in range(nranks - 1):
                 id_queue.put(unique_id)
         else:
-            unique_id = id_queue.get(timeout=120)
+            unique_id = id_queue.get()  # the parent bounds the job, and ends this rank if rank 0 fails
         value = fn(RankInfo(rank, nranks, device, unique_id), *args, **kwargs)
-        # Pickled here, so that a result that cannot be is reported as this rank's failure (the queue's feeder thread
-        # would drop the error and let the process exit 0 without a report).
-        result_queue.put((rank, True, pickle.dumps(value)))
+        message = pickle.dumps((True, pickle.dumps(value)))
     except BaseException:  # report everything, KeyboardInterrupt included, then exit non-zero
-        result_queue.put((rank, False, traceback.format_exc()))
+        report.send_bytes(pickle.dumps((False, traceback.format_exc())))
         raise SystemExit(1) from None
+    report.send_bytes(message)
 
 
 def spawn(
@@ -134,23 +142,25 @@ def spawn(
         raise ValueError(f"devices is {devices}; it must give a GPU index (>= 0) to each of the {nprocs} ranks")
     ctx = mp.get_context("spawn")
     id_queue = ctx.Queue()
-    result_queue = ctx.Queue()
+    # One pipe per rank, whose writing end only that rank holds: a rank that ends, even in the middle of sending its
+    # result, closes it, and its reader sees the end (a queue shared with this process would wait for the rest).
+    pipes = [ctx.Pipe(duplex=False) for _ in range(nprocs)]
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, nprocs, devices[rank], id_queue, result_queue, args, kwargs or {}),
+            args=(fn, rank, nprocs, devices[rank], id_queue, pipes[rank][1], args, kwargs or {}),
             name=f"pydeepep-rank{rank}",
         )
         for rank in range(nprocs)
     ]
+    reports: queue.Queue = queue.Queue()  # (rank, the pickled report or None where the rank sent none)
     results: dict[int, Any] = {}
     failure = None
     interrupted = True  # until the wait ends by itself: an exception (Ctrl-C, say), while starting too, kills the ranks
     saved = {key: os.environ.get(key) for key in _JOB_ENV}
     try:
         try:
-            for key, value in _JOB_ENV.items():
-                os.environ.setdefault(key, value)
+            _set_job_env()
             for p in procs:
                 p.start()
         finally:
@@ -159,25 +169,18 @@ def spawn(
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+        for rank, (reader, writer) in enumerate(pipes):
+            writer.close()  # the rank's copy is the only one left
+            # A thread per rank reads, so that a report cut short blocks no wait below: the deadline still holds.
+            threading.Thread(target=_read_report, args=(rank, reader, reports), daemon=True).start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(results) < nprocs and failure is None:
             try:
-                rank, ok, value = result_queue.get(timeout=0.2)
-                if ok:
-                    try:
-                        results[rank] = pickle.loads(value)
-                    except Exception as error:  # a class the parent cannot import, say
-                        failure = f"rank {rank}'s result could not be unpickled here: {error!r}"
-                else:
-                    failure = f"rank {rank} failed:\n{value}"
+                rank, report = reports.get(timeout=0.2)
             except queue.Empty:
-                for rank, p in enumerate(procs):
-                    if rank not in results and p.exitcode is not None:
-                        # Give its report a moment to arrive before declaring a silent death.
-                        time.sleep(0.5)
-                        if result_queue.empty():
-                            failure = f"rank {rank} exited with code {p.exitcode} without reporting"
-                        break
+                report = rank = None
+            if rank is not None:
+                failure = _take_report(rank, report, procs[rank], results)
             if deadline is not None and time.monotonic() > deadline and failure is None:
                 missing = sorted(set(range(nprocs)) - set(results))
                 failure = f"ranks {missing} did not finish within {timeout} s"
@@ -194,18 +197,45 @@ def spawn(
             p.join(timeout=max(0.0, join_deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
-                p.join()
+                p.join(timeout=10)  # a process in an uninterruptible wait (in a driver) may outlast even a kill
                 killed.add(rank)
     if failure is not None:
         raise LaunchError(failure)
-    # A rank that reported and then died on its way out (a crash in teardown, os._exit in an exit handler): its
-    # results stand, but say so. (A rank whose communicator timed out leaves NVSHMEM's setup thread behind, which
-    # may take the process down at exit.)
-    crashed = [(rank, p.exitcode) for rank, p in enumerate(procs) if rank not in killed and p.exitcode != 0]
-    if crashed:
-        warnings.warn(
-            "; ".join(f"rank {rank} exited with code {code} after reporting" for rank, code in crashed),
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    # A rank that reported and then died on its way out (a crash in teardown, os._exit in an exit handler), or did not
+    # exit within 30 s and was killed: its results stand, but say so. (A rank whose communicator timed out leaves
+    # NVSHMEM's setup thread behind, which may take the process down at exit.)
+    unclean = [
+        f"rank {rank} did not exit within 30 s after reporting and was killed"
+        if rank in killed
+        else f"rank {rank} exited with code {p.exitcode} after reporting"
+        for rank, p in enumerate(procs)
+        if rank in killed or p.exitcode != 0
+    ]
+    if unclean:
+        warnings.warn("; ".join(unclean), RuntimeWarning, stacklevel=2)
     return [results[r] for r in range(nprocs)]
+
+
+def _read_report(rank: int, reader, reports: queue.Queue) -> None:
+    try:
+        report = reader.recv_bytes()
+    except (EOFError, OSError):  # the rank ended without sending all of it
+        report = None
+    finally:
+        reader.close()
+    reports.put((rank, report))
+
+
+def _take_report(rank: int, report, process, results: dict) -> str | None:
+    """Files a rank's report into `results`; what went wrong, where something did."""
+    if report is None:
+        process.join(timeout=5)  # for its exit code: its pipe closed as it ended
+        return f"rank {rank} exited with code {process.exitcode} without reporting"
+    ok, value = pickle.loads(report)
+    if not ok:
+        return f"rank {rank} failed:\n{value}"
+    try:
+        results[rank] = pickle.loads(value)
+    except Exception as error:  # a class the parent cannot import, say
+        return f"rank {rank}'s result could not be unpickled here: {error!r}"
+    return None

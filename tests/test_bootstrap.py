@@ -84,6 +84,19 @@ def test_from_env_times_out_when_rank_zero_never_writes(monkeypatch, tmp_path):
         bootstrap.from_env(timeout=0.3)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_from_env_refuses_an_id_path_that_is_no_regular_file(monkeypatch, tmp_path):
+    # Another user's FIFO at the path would have held open() forever, whatever the timeout.
+    fifo = tmp_path / "id"
+    os.mkfifo(fifo, 0o600)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("DEEPEP_UNIQUE_ID", raising=False)
+    monkeypatch.setenv("DEEPEP_UNIQUE_ID_FILE", str(fifo))
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="is not a regular file"):
+        bootstrap.from_env(timeout=0.3)
+
+
 def test_from_torch_distributed_broadcasts_rank_zeros_id(tmp_path):
     pytest.importorskip("torch.distributed")
     script = (

@@ -658,6 +658,23 @@ def exit_with_seven_after_reporting(info):
     return info.rank
 
 
+def die_while_sending_a_large_result(info):
+    import os
+    import signal
+    import threading
+
+    if info.rank == 1:  # killed while its 256 MB result is pickled or on its way to the parent
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return b"x" * (256 << 20)
+    return info.rank
+
+
+def bootstrap_interface(info):
+    import os
+
+    return os.environ.get("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+
+
 def test_spawn_returns_results_by_rank_with_a_shared_unique_id():
     results = spawn(report_rank, nprocs=3, args=("x",), timeout=120)
     assert [r[:3] for r in results] == [(0, 3, 0), (1, 3, 1), (2, 3, 2)]
@@ -693,6 +710,27 @@ def test_spawn_reports_a_result_that_cannot_be_sent_back_at_once():
 def test_spawn_warns_of_a_rank_that_dies_after_reporting():
     with pytest.warns(RuntimeWarning, match="rank 1 exited with code 7 after reporting"):
         assert spawn(exit_with_seven_after_reporting, nprocs=2, timeout=120) == [0, 1]
+
+
+def test_spawn_ends_at_its_timeout_when_a_rank_dies_in_the_middle_of_its_result():
+    """A rank's result travels through a pipe only that rank writes: a rank killed while sending leaves no half
+    message that the parent waits on past the timeout (a queue shared with the parent did)."""
+    import time
+
+    start = time.monotonic()
+    try:
+        outcome = spawn(die_while_sending_a_large_result, nprocs=2, timeout=20)
+    except LaunchError as exc:
+        outcome = str(exc)
+    # Killed before or while sending: reported as a rank that ended without reporting; after: its result stands.
+    assert "rank 1 exited with code -9 without reporting" in str(outcome) or outcome[0] == 0, outcome
+    assert time.monotonic() - start < 50
+
+
+def test_spawn_sets_the_bootstrap_interface_where_the_caller_left_it_empty(monkeypatch):
+    monkeypatch.setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "")  # an unset shell variable exported, say
+    assert spawn(bootstrap_interface, nprocs=1, timeout=120) == ["lo"]
+    assert os.environ["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] == ""  # the caller's own environment is left as it was
 
 
 def test_spawn_refuses_a_timeout_that_is_no_number_of_seconds():

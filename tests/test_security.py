@@ -77,6 +77,27 @@ def test_nothing_listens_after_the_process_that_made_the_id_exits():
     assert still == []
 
 
+def test_a_program_the_id_maker_starts_does_not_inherit_its_listening_socket(tmp_path):
+    """The bootstrap root's socket is close-on-exec: a shell command started after get_unique_id (even with
+    close_fds=False) holds no listener, so nothing keeps the port open once the id's maker exits."""
+    code = (
+        "import os, pydeepep, subprocess, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_security import listening_sockets\n"
+        "pydeepep.get_unique_id()\n"
+        "assert listening_sockets(os.getpid()), 'no listener to check'\n"
+        "child = subprocess.Popen(['sleep', '30'], close_fds=False)\n"
+        "try:\n"
+        "    print(' '.join(listening_sockets(child.pid)) or 'none')\n"
+        "finally:\n"
+        "    child.kill()\n"
+    )
+    env = dict(os.environ, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["none"], out.stdout
+
+
 def test_installed_files_are_not_world_writable():
     root = Path(pydeepep.__file__).parent
     writable = [p for p in root.rglob("*") if not p.is_symlink() and p.stat().st_mode & stat.S_IWOTH]
