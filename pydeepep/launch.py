@@ -83,12 +83,15 @@ def _set_job_env() -> None:
             os.environ[key] = value
 
 
-def _rank_main(fn, rank, nranks, device, id_queue, report, args, kwargs):
-    """A rank: its result, or its traceback, goes to the parent through `report` (this rank's own pipe), pickled
-    here, so that a result that cannot be pickled is reported as this rank's failure."""
+def _rank_main(job, rank, nranks, device, id_queue, report):
+    """A rank: runs the pickled (fn, args, kwargs) of `job`; its result, or its traceback, goes to the parent through
+    `report` (this rank's own pipe), pickled here, so that a result that cannot be pickled is reported as this rank's
+    failure. `job` is unpickled here too, so that a function this process cannot import is reported with its
+    traceback (multiprocessing would print it and exit before any report)."""
     _exit_with_parent()
     _set_job_env()
     try:
+        fn, args, kwargs = pickle.loads(job)
         from . import get_unique_id
 
         if rank == 0:
@@ -140,6 +143,7 @@ def spawn(
     devices = list(range(nprocs)) if devices is None else [operator.index(d) for d in devices]
     if len(devices) != nprocs or min(devices) < 0:
         raise ValueError(f"devices is {devices}; it must give a GPU index (>= 0) to each of the {nprocs} ranks")
+    job = pickle.dumps((fn, args, kwargs or {}))  # here, so that what cannot be pickled fails before any rank starts
     ctx = mp.get_context("spawn")
     id_queue = ctx.Queue()
     # One pipe per rank, whose writing end only that rank holds: a rank that ends, even in the middle of sending its
@@ -148,7 +152,7 @@ def spawn(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, nprocs, devices[rank], id_queue, pipes[rank][1], args, kwargs or {}),
+            args=(job, rank, nprocs, devices[rank], id_queue, pipes[rank][1]),
             name=f"pydeepep-rank{rank}",
         )
         for rank in range(nprocs)

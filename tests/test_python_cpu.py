@@ -716,15 +716,34 @@ def test_spawn_ends_at_its_timeout_when_a_rank_dies_in_the_middle_of_its_result(
     """A rank's result travels through a pipe only that rank writes: a rank killed while sending leaves no half
     message that the parent waits on past the timeout (a queue shared with the parent did)."""
     import time
+    import warnings
 
     start = time.monotonic()
     try:
-        outcome = spawn(die_while_sending_a_large_result, nprocs=2, timeout=20)
+        with warnings.catch_warnings():  # killed after its report: a warning, and its result stands
+            warnings.simplefilter("ignore", RuntimeWarning)
+            outcome = spawn(die_while_sending_a_large_result, nprocs=2, timeout=20)
     except LaunchError as exc:
         outcome = str(exc)
     # Killed before or while sending: reported as a rank that ended without reporting; after: its result stands.
     assert "rank 1 exited with code -9 without reporting" in str(outcome) or outcome[0] == 0, outcome
     assert time.monotonic() - start < 50
+
+
+def test_spawn_reports_a_function_its_ranks_cannot_import_with_the_traceback(tmp_path):
+    # A function of a `python -c` program: the ranks have no module to import it from.
+    script = (
+        "from pydeepep.launch import spawn, LaunchError\n"
+        "def job(info):\n"
+        "    return info.rank\n"
+        "try:\n"
+        "    spawn(job, nprocs=1, timeout=60)\n"
+        "except LaunchError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    said = out.stdout
+    assert "rank 0 failed:" in said and "Traceback" in said and "job" in said, (said, out.stderr)
 
 
 def test_spawn_sets_the_bootstrap_interface_where_the_caller_left_it_empty(monkeypatch):
