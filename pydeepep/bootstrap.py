@@ -57,6 +57,21 @@ def _write_id_file(path: str, unique_id: bytes) -> None:
         raise
 
 
+def _check_id_file(path: str, info: os.stat_result) -> None:
+    """Refuses what rank 0 did not write: anything but a regular file, or one another user owns or others may use."""
+    if not stat.S_ISREG(info.st_mode):
+        raise DeepEPInvalidArgument(
+            f"DEEPEP_UNIQUE_ID_FILE {path} is not a regular file; rank 0 writes the id there as one: use a fresh "
+            "path in a folder of your own"
+        )
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise DeepEPInvalidArgument(
+            f"DEEPEP_UNIQUE_ID_FILE {path} is owned by user {info.st_uid} with mode "
+            f"{stat.S_IMODE(info.st_mode):o}; rank 0 writes it as this user (uid {os.getuid()}) with mode 600: use "
+            "a fresh path in a folder of your own"
+        )
+
+
 def _read_id_file(path: str, timeout: float) -> bytes:
     """Rank 0's id from `path`, once it holds 128 bytes. A file that another user owns, or that others may read or
     write, is refused: whoever can write it could point this job's ranks at a job of their own."""
@@ -66,19 +81,12 @@ def _read_id_file(path: str, timeout: float) -> bytes:
         try:
             # Not blocking: a FIFO put at the path would hold open() forever (the checks below then refuse it).
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                _check_id_file(path, os.fstat(fd))
+            except BaseException:
+                os.close(fd)
+                raise
             with os.fdopen(fd, "rb") as f:
-                info = os.fstat(f.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    raise DeepEPInvalidArgument(
-                        f"DEEPEP_UNIQUE_ID_FILE {path} is not a regular file; rank 0 writes the id there as one: use "
-                        "a fresh path in a folder of your own"
-                    )
-                if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-                    raise DeepEPInvalidArgument(
-                        f"DEEPEP_UNIQUE_ID_FILE {path} is owned by user {info.st_uid} with mode "
-                        f"{stat.S_IMODE(info.st_mode):o}; rank 0 writes it as this user (uid {os.getuid()}) with mode "
-                        "600: use a fresh path in a folder of your own"
-                    )
                 data = f.read()
             if len(data) == 128:
                 return data

@@ -83,15 +83,18 @@ def _set_job_env() -> None:
             os.environ[key] = value
 
 
-def _rank_main(job, rank, nranks, device, id_queue, report):
-    """A rank: runs the pickled (fn, args, kwargs) of `job`; its result, or its traceback, goes to the parent through
-    `report` (this rank's own pipe), pickled here, so that a result that cannot be pickled is reported as this rank's
-    failure. `job` is unpickled here too, so that a function this process cannot import is reported with its
-    traceback (multiprocessing would print it and exit before any report)."""
+def _rank_main(pickled_fn, rank, nranks, device, id_queue, report, args, kwargs, id_timeout):
+    """A rank: its result, or its traceback, goes to the parent through `report` (this rank's own pipe), pickled
+    here, so that a result that cannot be pickled is reported as this rank's failure. The function is unpickled here
+    too, so that one this process cannot import is reported with its traceback (multiprocessing would print it and
+    exit before any report)."""
+    # Only this process may hold the pipe's writing end: a program it starts (os.system, a library's fork) would keep
+    # the pipe open after this rank died, and the parent would not see the end.
+    os.set_inheritable(report.fileno(), False)
     _exit_with_parent()
     _set_job_env()
     try:
-        fn, args, kwargs = pickle.loads(job)
+        fn = pickle.loads(pickled_fn)
         from . import get_unique_id
 
         if rank == 0:
@@ -99,7 +102,7 @@ def _rank_main(job, rank, nranks, device, id_queue, report):
             for _ in range(nranks - 1):
                 id_queue.put(unique_id)
         else:
-            unique_id = id_queue.get()  # the parent bounds the job, and ends this rank if rank 0 fails
+            unique_id = id_queue.get(timeout=id_timeout)  # the parent also ends this rank if rank 0 fails
         value = fn(RankInfo(rank, nranks, device, unique_id), *args, **kwargs)
         message = pickle.dumps((True, pickle.dumps(value)))
     except BaseException:  # report everything, KeyboardInterrupt included, then exit non-zero
@@ -143,7 +146,9 @@ def spawn(
     devices = list(range(nprocs)) if devices is None else [operator.index(d) for d in devices]
     if len(devices) != nprocs or min(devices) < 0:
         raise ValueError(f"devices is {devices}; it must give a GPU index (>= 0) to each of the {nprocs} ranks")
-    job = pickle.dumps((fn, args, kwargs or {}))  # here, so that what cannot be pickled fails before any rank starts
+    # The function by reference, with plain pickle (multiprocessing's own pickler takes the arguments, which may hold
+    # multiprocessing objects): a function the ranks cannot import fails inside a rank, with its traceback reported.
+    pickled_fn = pickle.dumps(fn)
     ctx = mp.get_context("spawn")
     id_queue = ctx.Queue()
     # One pipe per rank, whose writing end only that rank holds: a rank that ends, even in the middle of sending its
@@ -152,7 +157,7 @@ def spawn(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(job, rank, nprocs, devices[rank], id_queue, pipes[rank][1]),
+            args=(pickled_fn, rank, nprocs, devices[rank], id_queue, pipes[rank][1], args, kwargs or {}, timeout),
             name=f"pydeepep-rank{rank}",
         )
         for rank in range(nprocs)
@@ -178,13 +183,20 @@ def spawn(
             # A thread per rank reads, so that a report cut short blocks no wait below: the deadline still holds.
             threading.Thread(target=_read_report, args=(rank, reader, reports), daemon=True).start()
         deadline = None if timeout is None else time.monotonic() + timeout
+        ended_at: dict[int, float] = {}  # when a rank not yet reported was first seen ended
         while len(results) < nprocs and failure is None:
             try:
                 rank, report = reports.get(timeout=0.2)
-            except queue.Empty:
-                report = rank = None
-            if rank is not None:
                 failure = _take_report(rank, report, procs[rank], results)
+            except queue.Empty:
+                pass
+            # A rank that ended has at most a pipe buffer's worth of its report left to read: give that a second, in
+            # case something else still holds its pipe open and no end comes.
+            now = time.monotonic()
+            for rank, p in enumerate(procs):
+                if failure is None and rank not in results and p.exitcode is not None:
+                    if now - ended_at.setdefault(rank, now) > 1.0 and reports.empty():
+                        failure = f"rank {rank} exited with code {p.exitcode} without reporting"
             if deadline is not None and time.monotonic() > deadline and failure is None:
                 missing = sorted(set(range(nprocs)) - set(results))
                 failure = f"ranks {missing} did not finish within {timeout} s"
@@ -221,10 +233,14 @@ def spawn(
 
 
 def _read_report(rank: int, reader, reports: queue.Queue) -> None:
+    """Hands `rank`'s report to `reports`: its bytes, None where the rank ended without sending all of it, or the
+    exception that receiving it raised (a MemoryError, say), so that the wait never misses a rank."""
     try:
         report = reader.recv_bytes()
-    except (EOFError, OSError):  # the rank ended without sending all of it
+    except (EOFError, OSError):
         report = None
+    except BaseException as exc:
+        report = exc
     finally:
         reader.close()
     reports.put((rank, report))
@@ -235,6 +251,8 @@ def _take_report(rank: int, report, process, results: dict) -> str | None:
     if report is None:
         process.join(timeout=5)  # for its exit code: its pipe closed as it ended
         return f"rank {rank} exited with code {process.exitcode} without reporting"
+    if isinstance(report, BaseException):
+        return f"rank {rank}'s report could not be received here: {report!r}"
     ok, value = pickle.loads(report)
     if not ok:
         return f"rank {rank} failed:\n{value}"

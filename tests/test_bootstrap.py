@@ -97,6 +97,18 @@ def test_from_env_refuses_an_id_path_that_is_no_regular_file(monkeypatch, tmp_pa
         bootstrap.from_env(timeout=0.3)
 
 
+def test_from_env_refuses_a_folder_as_the_id_path_and_keeps_no_descriptor(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("DEEPEP_UNIQUE_ID", raising=False)
+    monkeypatch.setenv("DEEPEP_UNIQUE_ID_FILE", str(tmp_path))
+    open_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="is not a regular file"):
+        bootstrap.from_env(timeout=0.3)
+    if open_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == open_before
+
+
 def test_from_torch_distributed_broadcasts_rank_zeros_id(tmp_path):
     pytest.importorskip("torch.distributed")
     script = (

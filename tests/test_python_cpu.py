@@ -669,6 +669,18 @@ def die_while_sending_a_large_result(info):
     return info.rank
 
 
+def exit_leaving_a_child_behind(info):
+    import os
+
+    os.system("sleep 20 &")  # inherits what this rank does not mark close-on-exec
+    os._exit(3)
+
+
+def put_rank_in(info, results):
+    results.put(info.rank)
+    return info.rank
+
+
 def bootstrap_interface(info):
     import os
 
@@ -744,6 +756,23 @@ def test_spawn_reports_a_function_its_ranks_cannot_import_with_the_traceback(tmp
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     said = out.stdout
     assert "rank 0 failed:" in said and "Traceback" in said and "job" in said, (said, out.stderr)
+
+
+def test_spawn_sees_a_rank_end_without_reporting_while_its_child_lives_on():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 0 exited with code 3 without reporting"):
+        spawn(exit_leaving_a_child_behind, nprocs=1, timeout=60)
+    assert time.monotonic() - start < 15  # not the timeout
+
+
+def test_spawn_passes_multiprocessing_objects_to_its_ranks():
+    import multiprocessing
+
+    results = multiprocessing.get_context("spawn").Queue()
+    assert spawn(put_rank_in, nprocs=2, args=(results,), timeout=120) == [0, 1]
+    assert sorted(results.get(timeout=10) for _ in range(2)) == [0, 1]
 
 
 def test_spawn_sets_the_bootstrap_interface_where_the_caller_left_it_empty(monkeypatch):
