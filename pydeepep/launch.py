@@ -190,12 +190,13 @@ def spawn(
                 failure = _take_report(rank, report, procs[rank], results)
             except queue.Empty:
                 pass
-            # A rank that ended has at most a pipe buffer's worth of its report left to read: give that a second, in
-            # case something else still holds its pipe open and no end comes.
+            # A rank that ended has at most a pipe buffer's worth of its report left to read, which its reader takes
+            # at once: after 5 s (room for this thread unpickling a large result meanwhile), the rank sent none, and
+            # something else holds its pipe open (a process it forked), so that no end comes.
             now = time.monotonic()
             for rank, p in enumerate(procs):
                 if failure is None and rank not in results and p.exitcode is not None:
-                    if now - ended_at.setdefault(rank, now) > 1.0 and reports.empty():
+                    if now - ended_at.setdefault(rank, now) > 5.0 and reports.empty():
                         failure = f"rank {rank} exited with code {p.exitcode} without reporting"
             if deadline is not None and time.monotonic() > deadline and failure is None:
                 missing = sorted(set(range(nprocs)) - set(results))
