@@ -131,7 +131,8 @@ def spawn(
     Raises :class:`LaunchError` with the failing rank's traceback if any rank raises, exits before reporting or
     returns a result that cannot be pickled, and after ``timeout`` seconds kills every rank and raises, so a hung job
     never outlives the call; a rank also ends at once if this process ends without that cleanup (killed). A rank that
-    exits abnormally after reporting its result gives a ``RuntimeWarning``.
+    exits abnormally after reporting its result gives a ``RuntimeWarning``. ``fn`` reports by returning: a
+    ``SystemExit`` in it, ``sys.exit(0)`` included, is that rank's failure.
     """
     if nprocs is None and devices is not None:
         nprocs = len(devices)
