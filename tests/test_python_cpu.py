@@ -1039,8 +1039,14 @@ def test_outputs_marked_read_only_are_refused_and_same_size_types_are_taken_as_b
     # int16 memory for a bfloat16 output (its bits as uint16): taken, as the message for other sizes promises.
     held = _core._expect(Interface(shape=(4, 3), typestr="<i2", stream=7), (4, 3), np.uint16, "recv_x", 7, 0)
     assert (held.ptr, held.shape, held.dtype) == (0x7000, (4, 3), np.dtype(np.uint16))
-    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"or another 2-byte integer or float type"):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"or another 2-byte integer type: its bits"):
         _core._expect(Interface(shape=(4, 3), typestr="<i4", stream=7), (4, 3), np.uint16, "recv_x", 7, 0)
+    # A float of another kind would read the bits as its own values: float16 (torch.half) for bfloat16 bits, float32
+    # for int32 counts, int32 for float32 weights, float64 for int64 ids.
+    for typestr, written in (("<f2", np.uint16), ("<f4", np.int32), ("<i4", np.float32), ("<f8", np.int64)):
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"has dtype .*; this call writes {np.dtype(written)}"):
+            _core._expect(Interface(shape=(4, 3), typestr=typestr, stream=7), (4, 3), written, "recv_x", 7, 0)
+    assert _core._expect(Interface(shape=(4, 3), typestr="<u4", stream=7), (4, 3), np.int32, "x", 7, 0).ptr == 0x7000
     # Bool and complex memory of the right size is no place for bits: a consumer would read them as its own values.
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out recv_x has dtype bool"):
         _core._expect(Interface(shape=(4, 3), typestr="|b1", stream=7), (4, 3), np.uint8, "recv_x", 7, 0)
