@@ -7,6 +7,7 @@ cimport cython
 
 import collections
 import operator
+import re
 import warnings
 
 import numpy as np
@@ -16,7 +17,7 @@ from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
 from .errors import (DeepEPBufferTooSmall, DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage,
-                     DeepEPNoDevice, DeepEPOutOfMemory, error_for_status)
+                     DeepEPNoDevice, DeepEPNotSupported, DeepEPOutOfMemory, error_for_status)
 from ._interop import (LEGACY_DEFAULT_STREAM, check_dense, check_matrix, dtype_name, is_device_array, payload_kind,
                        stream_handle)
 
@@ -164,6 +165,26 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
     return view
 
 
+_cuda_core_checked = False
+
+
+def _require_cuda_core_with_offsets():
+    """cuda.core before 1.2 takes a DLPack array's data pointer without its byte offset, so a view would name the
+    wrong memory: refused (pyproject asks for 1.2; an install without dependency resolution may still hold less)."""
+    global _cuda_core_checked
+    if _cuda_core_checked:
+        return
+    import cuda.core
+
+    version = getattr(cuda.core, "__version__", "0")
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release < (1, 2):
+        raise DeepEPNotSupported(
+            f"cuda.core {version} is installed; pydeepep needs 1.2 or later (earlier releases drop a DLPack array's "
+            "byte offset, so its data would be read from the wrong address): pip install 'cuda-core>=1.2'", 8)
+    _cuda_core_checked = True
+
+
 def _as_view(obj, stream):
     """A view of any DLPack / CAI device array (ptr, shape, strides in elements, dtype), ordered after its producer
     on `stream`."""
@@ -181,6 +202,7 @@ def _as_view(obj, stream):
         raise DeepEPInvalidArgument(
             f"expected a CUDA device array (DLPack or __cuda_array_interface__), got host data of type "
             f"{type(obj).__name__}; copy it to the device first (e.g. pydeepep.to_device)", 1)
+    _require_cuda_core_with_offsets()
     # cuda.core >= 1.2.2 deprecates the constructor for array-interface objects in favour of from_any_interface.
     make = getattr(StridedMemoryView, "from_any_interface", None) or StridedMemoryView
     try:

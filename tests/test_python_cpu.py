@@ -1181,3 +1181,17 @@ def test_bench_refuses_an_unknown_mode(tmp_path):
         [sys.executable, "-m", "pydeepep.bench", "--modes", "ht,LL"], capture_output=True, text=True, cwd=tmp_path
     )
     assert out.returncode == 2 and "--modes: unknown LL (choose from ht, zc, ll)" in out.stderr, out.stderr
+
+
+def test_a_cuda_core_that_drops_dlpack_byte_offsets_is_refused(monkeypatch):
+    import cuda.core
+
+    from pydeepep import _core
+
+    monkeypatch.setattr(cuda.core, "__version__", "1.1.1")
+    monkeypatch.setattr(_core, "_cuda_core_checked", False)
+    with pytest.raises(pydeepep.DeepEPNotSupported, match=r"cuda.core 1.1.1 is installed; pydeepep needs 1.2"):
+        _core._require_cuda_core_with_offsets()
+    monkeypatch.setattr(cuda.core, "__version__", "1.2.0")
+    _core._require_cuda_core_with_offsets()
+    assert _core._cuda_core_checked is True
