@@ -141,7 +141,7 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
             dtype = _INTERFACE_DTYPES[typestr] = np.dtype(typestr)
         if dtype.kind == "V":  # raw bytes (PyTorch's bfloat16): the element type only DLPack names
             return None
-        shape = tuple(interface["shape"])
+        shape = tuple(operator.index(extent) for extent in interface["shape"])  # no float truncated to an extent
         strides = interface.get("strides")
         if strides is not None:
             itemsize = dtype.itemsize
@@ -149,13 +149,14 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
                 return None
             strides = tuple(step // itemsize for step in strides)
         ptr, readonly = interface["data"]
+        ptr = 0 if ptr is None else operator.index(ptr)
         producer = interface.get("stream")
-    except Exception:
+    except Exception:  # the general path reads it, or refuses it with cuda.core's reason
         return None
     if producer is not None and producer != stream:
         _make_stream_wait(producer, stream)
     cdef _InterfaceView view = _InterfaceView.__new__(_InterfaceView)
-    view.ptr = ptr or 0
+    view.ptr = ptr
     view.shape = shape
     view.strides = strides
     view.dtype = dtype

@@ -312,6 +312,13 @@ class Interface:
         self.__cuda_array_interface__ = {"data": (0x7000, False), "version": 3, "stream": None, **fields}
 
 
+def test_an_interface_whose_pointer_is_no_integer_is_refused():
+    from pydeepep import _core
+
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="an integer is required"):
+        _core._as_view(Interface(shape=(2, 4), typestr="<f4", stream=7, data=(0x7000 + 0.75, False)), 7)
+
+
 def test_interface_arrays_are_read_directly_with_strides_in_elements():
     from pydeepep import _core
 
