@@ -717,13 +717,18 @@ def test_spawn_reports_the_failing_rank_with_its_traceback():
         spawn(fail_on_rank_one, nprocs=2, timeout=120)
 
 
-def test_spawn_reports_a_result_that_cannot_be_sent_back_at_once():
+def spawn_fails_within(seconds, match, fn, **kwargs):
+    """`spawn(fn, **kwargs)` raises LaunchError matching `match` in under `seconds` (not at its timeout, say)."""
     import time
 
     start = time.monotonic()
-    with pytest.raises(LaunchError, match="(?s)rank 0 failed.*pickle"):
-        spawn(return_a_lock, nprocs=1, timeout=120)
-    assert time.monotonic() - start < 60  # not the timeout
+    with pytest.raises(LaunchError, match=match):
+        spawn(fn, **kwargs)
+    assert time.monotonic() - start < seconds
+
+
+def test_spawn_reports_a_result_that_cannot_be_sent_back_at_once():
+    spawn_fails_within(60, "(?s)rank 0 failed.*pickle", return_a_lock, nprocs=1, timeout=120)
 
 
 def test_spawn_warns_of_a_rank_that_dies_after_reporting():
@@ -766,12 +771,8 @@ def test_spawn_reports_a_function_its_ranks_cannot_import_with_the_traceback(tmp
 
 
 def test_spawn_sees_a_rank_end_without_reporting_while_its_child_lives_on():
-    import time
-
-    start = time.monotonic()
-    with pytest.raises(LaunchError, match="rank 0 exited with code 3 without reporting"):
-        spawn(exit_leaving_a_child_behind, nprocs=1, timeout=60)
-    assert time.monotonic() - start < 15  # not the timeout
+    message = "rank 0 exited with code 3 without reporting"
+    spawn_fails_within(15, message, exit_leaving_a_child_behind, nprocs=1, timeout=60)
 
 
 def test_spawn_passes_multiprocessing_objects_to_its_ranks():
@@ -869,12 +870,7 @@ def test_spawn_kills_its_ranks_when_the_caller_is_interrupted():
 
 
 def test_spawn_kills_a_hung_job_at_its_timeout():
-    import time
-
-    start = time.monotonic()
-    with pytest.raises(LaunchError, match=r"ranks \[1\] did not finish"):
-        spawn(hang_on_rank_one, nprocs=2, timeout=8)
-    assert time.monotonic() - start < 45
+    spawn_fails_within(45, r"ranks \[1\] did not finish", hang_on_rank_one, nprocs=2, timeout=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
