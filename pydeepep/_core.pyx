@@ -1418,26 +1418,26 @@ def _expect(array, shape, dtype, str name, stream, int device):
         return None
     if array is None:
         raise DeepEPInvalidArgument(f"{label} is missing", 1)
-    cdef int itemsize = np.dtype(dtype).itemsize
+    written = np.dtype(dtype)  # once: this runs for every out= array of every call
     if isinstance(array, DeviceArray):
         element = array.dtype
-        if tuple(array.shape) != tuple(shape) or not _holds_bits_of(element, dtype):
+        if tuple(array.shape) != tuple(shape) or not _holds_bits_of(element, written):
             raise DeepEPInvalidArgument(
                 f"{label} has shape {tuple(array.shape)} and dtype {element.name}; this call writes "
-                f"{tuple(shape)} of {np.dtype(dtype).name}", 1)
+                f"{tuple(shape)} of {written.name}", 1)
         (<DeviceArray>array)._written_on(stream)
         return array
     view = _as_view(array, stream_handle(stream))
     element = check_dense(view, label, shape)
     _writable(view, label)
-    if not _holds_bits_of(element, dtype):
-        also = f" (or another {itemsize}-byte integer type: its bits)" if np.dtype(dtype).kind in "iu" else ""
+    if not _holds_bits_of(element, written):
+        also = f" (or another {written.itemsize}-byte integer type: its bits)" if written.kind in "iu" else ""
         raise DeepEPInvalidArgument(
-            f"{label} has dtype {dtype_name(element)}; this call writes {np.dtype(dtype).name}{also}", 1)
+            f"{label} has dtype {dtype_name(element)}; this call writes {written.name}{also}", 1)
     kind = dtype_name(element)
     held = kind if kind in _STORAGE_DTYPES else element
     if kind not in _DLPACK_TYPES:  # another type of the same size (int16 for bfloat16, say): written bit for bit
-        held = np.dtype(dtype)
+        held = written
     return DeviceArray(view.ptr, shape, held, device, stream, owner=array)
 
 
@@ -1445,8 +1445,7 @@ cdef bint _holds_bits_of(element, written):
     """Whether an output of `element`s can take what a call writes as `written`: the same size, and integers for
     integers (bfloat16 and float8 are written as their uint16 / uint8 bits, so their own types count too) or the
     same float type. Bool and complex elements, and a float of another kind (a float16 array for bfloat16 bits, a
-    float32 one for int32 counts), would read the bits as values of their own."""
-    written = np.dtype(written)
+    float32 one for int32 counts), would read the bits as values of their own. `written`: a NumPy dtype."""
     if element.itemsize != written.itemsize or element.kind in "bc":
         return False
     if written.kind == "f":
