@@ -61,6 +61,7 @@ constexpr const char* kTeardownSkipped =
     "timeout)";
 
 // What each rank publishes at setup so that ranks can check they agree before any collective relies on it.
+// Fields are only ever appended (see kHelloBytes).
 struct RankHello {
   int64_t rank;
   int64_t nranks;
@@ -76,20 +77,30 @@ struct RankHello {
   int64_t ll_max_topk;
   int64_t ll_max_local_experts;
   int64_t dispatch_area_offset;
+  // Bounds and choices the header says every rank must share, though the buffer's size and layout may not show them:
+  // a receiver sizes its checks (the int32 row counts, a worst-case dispatch's bound) by its own
+  // max_tokens_per_rank, and a low-latency receiver waits for the signals of the transport it chose itself.
+  int64_t max_tokens_per_rank;
+  int64_t ll_transport;
 };
 
-bool same_layout(const RankHello& a, const RankHello& b) {
-  return a.buffer_bytes == b.buffer_bytes && a.ht_bytes == b.ht_bytes && a.ll_offset == b.ll_offset &&
-         a.ll_max_tokens == b.ll_max_tokens && a.ll_max_hidden == b.ll_max_hidden && a.ll_max_topk == b.ll_max_topk &&
-         a.ll_max_local_experts == b.ll_max_local_experts && a.dispatch_area_offset == b.dispatch_area_offset;
+bool same_setup(const RankHello& a, const RankHello& b) {
+  return a.version == b.version && a.nranks == b.nranks && a.buffer_bytes == b.buffer_bytes &&
+         a.ht_bytes == b.ht_bytes && a.ll_offset == b.ll_offset && a.ll_max_tokens == b.ll_max_tokens &&
+         a.ll_max_hidden == b.ll_max_hidden && a.ll_max_topk == b.ll_max_topk &&
+         a.ll_max_local_experts == b.ll_max_local_experts && a.dispatch_area_offset == b.dispatch_area_offset &&
+         a.max_tokens_per_rank == b.max_tokens_per_rank && a.ll_transport == b.ll_transport;
 }
 
-std::string describe_layout(const RankHello& h) {
+std::string describe_setup(const RankHello& h) {
   return "buffer_bytes " + std::to_string(h.buffer_bytes) + " (high-throughput part " + std::to_string(h.ht_bytes) +
-         "), low-latency area at " + std::to_string(h.ll_offset) + " for " + std::to_string(h.ll_max_tokens) +
-         " tokens, hidden " + std::to_string(h.ll_max_hidden) + ", top-k " + std::to_string(h.ll_max_topk) + ", " +
-         std::to_string(h.ll_max_local_experts) + " local experts, zero-copy dispatch area at " +
-         std::to_string(h.dispatch_area_offset) + " and library version " + std::to_string(h.version);
+         "), max_tokens_per_rank " + std::to_string(h.max_tokens_per_rank) + ", low-latency area at " +
+         std::to_string(h.ll_offset) + " for " + std::to_string(h.ll_max_tokens) + " tokens, hidden " +
+         std::to_string(h.ll_max_hidden) + ", top-k " + std::to_string(h.ll_max_topk) + ", " +
+         std::to_string(h.ll_max_local_experts) + " local experts, low-latency transport " +
+         (h.ll_transport == DEEPEP_LL_TRANSPORT_NVSHMEM ? "nvshmem" : "auto") + ", zero-copy dispatch area at " +
+         std::to_string(h.dispatch_area_offset) + ", " + std::to_string(h.nranks) + " ranks and library version " +
+         std::to_string(h.version);
 }
 
 // The hello's allocation: fixed, so that a hello that grows does not make ranks of two builds pass different sizes
@@ -277,6 +288,8 @@ struct SetupRequest {
   size_t ll_control_bytes = 0;  // its control words, zeroed before any peer can write them
   LowLatencyArea ll_area;       // its layout
   size_t dispatch_area_offset = 0;
+  int max_tokens_per_rank = 0;
+  int ll_transport = DEEPEP_LL_TRANSPORT_AUTO;
   deepepUniqueId id = {};
   // What a failed setup leaves NVSHMEM in. The setup thread moves kNotStarted -> kStarted just before initialising
   // NVSHMEM (and gives up if it cannot: the caller abandoned it after a timeout), and to kFinalized once a collective
@@ -343,16 +356,18 @@ static void nvshmem_setup(SetupRequest* comm) {
                           comm->ll_area.max_hidden,
                           comm->ll_area.max_topk,
                           comm->ll_area.max_local_experts,
-                          static_cast<int64_t>(comm->dispatch_area_offset)};
+                          static_cast<int64_t>(comm->dispatch_area_offset),
+                          comm->max_tokens_per_rank,
+                          comm->ll_transport};
   const std::vector<RankHello> hellos = gather_from_every_rank(mine, kHelloBytes);
   std::string disagreement;
   comm->min_sm_count = comm->sm_count;
   for (int peer = 0; peer < comm->nranks && disagreement.empty(); ++peer) {
     const RankHello& theirs = hellos[peer];
     comm->min_sm_count = std::min(comm->min_sm_count, static_cast<int>(theirs.sm_count));
-    if (!same_layout(theirs, mine) || theirs.version != mine.version || theirs.nranks != mine.nranks) {
-      disagreement = "rank " + std::to_string(peer) + " has " + describe_layout(theirs) + "; this rank has " +
-                     describe_layout(mine);
+    if (!same_setup(theirs, mine)) {
+      disagreement =
+          "rank " + std::to_string(peer) + " has " + describe_setup(theirs) + "; this rank has " + describe_setup(mine);
     }
   }
   if (!disagreement.empty()) {
@@ -493,6 +508,8 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   request->ll_control_bytes = comm->ll_area.control_bytes;
   request->ll_area = comm->ll_area;
   request->dispatch_area_offset = comm->dispatch_area_offset;
+  request->max_tokens_per_rank = config.max_tokens_per_rank;
+  request->ll_transport = config.low_latency_transport;
   request->id = id;
   try {
     run_bounded(config.timeout_seconds, "NVSHMEM setup (deepepCommInitRank)",

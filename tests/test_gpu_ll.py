@@ -635,10 +635,11 @@ def lone_flag_round(info, timeout=5.0):
     return outcome
 
 
-# Pairs of configs whose buffers have one total size but two layouts (checked below through buffer_size_hint): peers
-# write into each other's buffers by the layout, so the sizes agreeing is not enough.
+# Pairs of configs whose buffers have one total size (checked below through buffer_size_hint) but which differ in what
+# peers rely on: the layout (peers write into each other's buffers by it), max_tokens_per_rank (a receiver's bounds)
+# or the low-latency transport (a receiver waits for the signals of its own). The sizes agreeing is not enough.
 _SAME_SIZE_LL_COMMON = dict(buffer_bytes=1 << 24, max_tokens_per_rank=64, num_topk=2, num_experts=8)
-SAME_SIZE_LAYOUTS = {
+SAME_SIZE_SETUPS = {
     # Low-latency areas cut two ways: T = 8 with H = 256 and T = 16 with H = 128 (16 MiB of high-throughput buffer).
     "low_latency": (
         dict(_SAME_SIZE_LL_COMMON, low_latency_max_tokens=8, hidden=256),
@@ -652,10 +653,20 @@ SAME_SIZE_LAYOUTS = {
         dict(max_tokens_per_rank=64, hidden=128, num_topk=2, num_experts=8, low_latency_max_tokens=16),
         ("high-throughput part",),
     ),
+    "max_tokens_per_rank": (
+        dict(buffer_bytes=1 << 24, max_tokens_per_rank=64),
+        dict(buffer_bytes=1 << 24, max_tokens_per_rank=128),
+        ("max_tokens_per_rank 64", "max_tokens_per_rank 128"),
+    ),
+    "low_latency_transport": (
+        dict(_SAME_SIZE_LL_COMMON, low_latency_max_tokens=8, hidden=256, low_latency_transport="auto"),
+        dict(_SAME_SIZE_LL_COMMON, low_latency_max_tokens=8, hidden=256, low_latency_transport="nvshmem"),
+        ("low-latency transport auto", "low-latency transport nvshmem"),
+    ),
 }
 
 
-def setup_with_rank_layout(info, case):
+def setup_with_rank_config(info, case):
     try:
         comm = pydeepep.Communicator(
             info.unique_id,
@@ -663,7 +674,7 @@ def setup_with_rank_layout(info, case):
             info.nranks,
             device=info.device,
             timeout=30,
-            **SAME_SIZE_LAYOUTS[case][info.rank % 2],
+            **SAME_SIZE_SETUPS[case][info.rank % 2],
         )
     except pydeepep.DeepEPError as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -671,12 +682,13 @@ def setup_with_rank_layout(info, case):
     return "created"
 
 
-@pytest.mark.parametrize("case", sorted(SAME_SIZE_LAYOUTS))
-def test_ranks_whose_buffers_have_one_size_but_two_layouts_are_refused_at_setup(case):
-    first, second, words = SAME_SIZE_LAYOUTS[case]
-    sizes = {pydeepep.buffer_size_hint(RANKS, **config) for config in (first, second)}
+@pytest.mark.parametrize("case", sorted(SAME_SIZE_SETUPS))
+def test_ranks_whose_buffers_have_one_size_but_differ_in_what_peers_rely_on_are_refused_at_setup(case):
+    first, second, words = SAME_SIZE_SETUPS[case]
+    sizing = [{k: v for k, v in config.items() if k != "low_latency_transport"} for config in (first, second)]
+    sizes = {pydeepep.buffer_size_hint(RANKS, **config) for config in sizing}
     assert len(sizes) == 1, sizes  # else the sizes alone would tell the layouts apart
-    for outcome in spawn_ranks(setup_with_rank_layout, nprocs=RANKS, args=(case,), timeout=180):
+    for outcome in spawn_ranks(setup_with_rank_config, nprocs=RANKS, args=(case,), timeout=180):
         assert outcome.startswith("DeepEPInvalidArgument") and "ranks disagree" in outcome, outcome
         assert all(word in outcome for word in words), outcome
 

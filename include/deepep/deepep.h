@@ -187,9 +187,10 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
  * (NVLink multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers.
  * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
  * thread is then left behind, and the process should exit: a later deepepCommInitRank in it returns
- * deepepInvalidUsage, as after any setup that failed with NVSHMEM started and not finalised). The ranks' configs must
- * give their buffers one layout (pass the same buffer_bytes, workload fields, low_latency_max_tokens and
- * zero_copy_dispatch): ranks whose layouts differ all get deepepInvalidArgument, which describes both. A step that
+ * deepepInvalidUsage, as after any setup that failed with NVSHMEM started and not finalised). The ranks must pass the
+ * same buffer_bytes, workload fields, low_latency_max_tokens, low_latency_transport and zero_copy_dispatch: ranks whose
+ * buffer layouts, max_tokens_per_rank or low-latency transports differ all get deepepInvalidArgument, which describes
+ * both (workload fields that size nothing, with buffer_bytes given, are not compared). A step that
  * fails on some ranks only, once the buffer is allocated and mapped, fails the call on every rank (the others get
  * deepepRemoteError), so that no rank keeps a communicator missing a peer; a rank failing inside NVSHMEM's own
  * initialisation or the buffer's allocation leaves the others waiting until their timeout. Not graph-capturable. [out]
