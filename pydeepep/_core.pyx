@@ -1410,7 +1410,8 @@ cdef class _InCall:
 def _expect(array, shape, dtype, str name, stream, int device):
     """A caller-provided output of exactly `shape` with elements of `dtype`'s size, or None where `shape` is None. A
     DeviceArray is re-targeted to the call that writes it on `stream`; any other device array must be C-contiguous
-    and is wrapped in a DeviceArray over its memory (which keeps it alive)."""
+    and is wrapped in a DeviceArray over its memory, which holds the view: the array and, for DLPack, the capsule,
+    whose deleter may be what frees the memory (a producer that exports a temporary)."""
     label = _out_label(name)
     if shape is None:
         if array is not None:
@@ -1438,7 +1439,7 @@ def _expect(array, shape, dtype, str name, stream, int device):
     held = kind if kind in _STORAGE_DTYPES else element
     if kind not in _DLPACK_TYPES:  # another type of the same size (int16 for bfloat16, say): written bit for bit
         held = written
-    return DeviceArray(view.ptr, shape, held, device, stream, owner=array)
+    return DeviceArray(view.ptr, shape, held, device, stream, owner=view)
 
 
 cdef bint _holds_bits_of(element, written):

@@ -365,6 +365,54 @@ def nonfinite_ll(info):
     return out
 
 
+def out_exported_as_a_temporary(info):
+    """A low-latency combine into an out= object whose __dlpack__ exports a new CuPy array each time (its memory then
+    belongs to the capsule alone). Returns whether that array lived while the result did, whether the result's rows
+    match the oracle, and whether the array was freed once the result was gone."""
+    import gc
+    import weakref
+
+    import cupy
+    from conftest import bf16_bits, bf16_values, exact_equal
+    from test_gpu_ll import make_inputs
+
+    from pydeepep import reference
+
+    hidden, experts, tokens = 256, 4, 8
+    x, topk, weights = make_inputs(12, 0, tokens, hidden, 2, experts, 1)
+    want = reference.low_latency_dispatch([bf16_values(x)], [topk], experts, tokens)
+    ys = bf16_bits(np.random.default_rng(13).standard_normal((experts, tokens, hidden)))
+    want_out = reference.low_latency_combine([bf16_values(ys)], [topk], [weights], [want[0][3]])[0]
+    exported = []
+
+    class Temporary:
+        def __dlpack__(self, **kwargs):
+            array = cupy.empty((tokens, hidden), cupy.uint16)
+            exported.append(weakref.ref(array))
+            return array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return (2, 0)  # kDLCUDA, device 0
+
+    with cupy.cuda.Device(0), one_rank_ll_communicator(info, hidden, experts, tokens) as comm:
+        topk_dev = cupy.asarray(topk)
+        handle = comm.low_latency_dispatch(cupy.asarray(x), topk_dev, experts)
+        out = comm.low_latency_combine(cupy.asarray(ys), topk_dev, cupy.asarray(weights), handle, out=Temporary()).out
+        gc.collect()
+        lived = len(exported) == 1 and exported[0]() is not None
+        rows = exact_equal(bf16_values(out.to_numpy()), want_out)
+        del out
+        gc.collect()
+        cupy.cuda.runtime.deviceSynchronize()
+        freed = exported[0]() is None
+    return lived, rows, freed
+
+
+def test_an_out_array_whose_memory_belongs_to_its_dlpack_capsule_lives_as_long_as_the_result():
+    import_or_skip("cupy")
+    assert pydeepep.spawn(out_exported_as_a_temporary, nprocs=1, timeout=120) == [(True, True, True)]
+
+
 def test_nan_and_infinities_in_low_latency_rows_follow_the_oracle_bit_for_bit():
     import_or_skip("cupy")
     (result,) = pydeepep.spawn(nonfinite_ll, nprocs=1, timeout=120)
