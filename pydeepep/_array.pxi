@@ -143,16 +143,28 @@ cdef void _fill_tensor(pydeepep_DLTensor* tensor, DeviceArray array, _ExportCont
 
 
 def _make_stream_wait(producer, consumer):
-    """Makes `consumer` wait for the work enqueued so far on `producer` (no host wait)."""
+    """Makes `consumer` wait for the work enqueued so far on `producer` (no host wait), a stream of another device
+    too: the event is made in the producer's context where the current one is not its (an event is recorded only on
+    a stream of its own context; a stream may wait for an event of any)."""
     from cuda.bindings import driver
 
     what = "ordering two streams"
     event = _driver_result(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), what)
     try:
-        _driver_result(driver.cuEventRecord(event, driver.CUstream(producer)), what)
+        if driver.cuEventRecord(event, driver.CUstream(producer))[0] != driver.CUresult.CUDA_SUCCESS:
+            driver.cuEventDestroy(event)
+            event = None
+            context = _driver_result(driver.cuStreamGetCtx(driver.CUstream(producer)), what)
+            _driver_result(driver.cuCtxPushCurrent(context), what)
+            try:
+                event = _driver_result(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), what)
+                _driver_result(driver.cuEventRecord(event, driver.CUstream(producer)), what)
+            finally:
+                driver.cuCtxPopCurrent()
         _driver_result(driver.cuStreamWaitEvent(driver.CUstream(consumer), event, 0), what)
     finally:
-        driver.cuEventDestroy(event)
+        if event is not None:
+            driver.cuEventDestroy(event)
 
 
 # Stream-ordered allocation with direct calls into the driver: a Python-level allocator costs tens of microseconds per
@@ -165,6 +177,12 @@ cdef extern from *:
     typedef int (*pydeepep_push_fn)(void*);
     typedef int (*pydeepep_pop_fn)(void**);
     typedef int (*pydeepep_capturing_fn)(void*, int*);
+    typedef int (*pydeepep_event_create_fn)(void**, unsigned int);
+    typedef int (*pydeepep_event_record_fn)(void*, void*);
+    typedef int (*pydeepep_event_fn)(void*);
+    static pydeepep_event_create_fn pydeepep_event_create = 0;
+    static pydeepep_event_record_fn pydeepep_event_record = 0;
+    static pydeepep_event_fn pydeepep_event_query = 0;
     static pydeepep_alloc_fn pydeepep_mem_alloc_from_pool_async = 0;
     static pydeepep_free_fn pydeepep_mem_free_async = 0;
     static pydeepep_push_fn pydeepep_ctx_push = 0;
@@ -176,6 +194,12 @@ cdef extern from *:
     ctypedef int (*pydeepep_push_fn)(void*) noexcept nogil
     ctypedef int (*pydeepep_pop_fn)(void**) noexcept nogil
     ctypedef int (*pydeepep_capturing_fn)(void*, int*) noexcept nogil
+    ctypedef int (*pydeepep_event_create_fn)(void**, unsigned int) noexcept nogil
+    ctypedef int (*pydeepep_event_record_fn)(void*, void*) noexcept nogil
+    ctypedef int (*pydeepep_event_fn)(void*) noexcept nogil
+    pydeepep_event_create_fn pydeepep_event_create
+    pydeepep_event_record_fn pydeepep_event_record
+    pydeepep_event_fn pydeepep_event_query
     pydeepep_alloc_fn pydeepep_mem_alloc_from_pool_async
     pydeepep_free_fn pydeepep_mem_free_async
     pydeepep_push_fn pydeepep_ctx_push
@@ -199,6 +223,8 @@ cdef int _load_driver() except -1:
         pop_address = ctypes.cast(lib.cuCtxPopCurrent_v2, ctypes.c_void_p).value
         alloc_address = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
         capturing_address = ctypes.cast(lib.cuStreamIsCapturing, ctypes.c_void_p).value
+        event_addresses = [ctypes.cast(f, ctypes.c_void_p).value
+                           for f in (lib.cuEventCreate, lib.cuEventRecord, lib.cuEventQuery)]
     except (OSError, AttributeError) as exc:  # no driver, or one too old for stream-ordered pools: as the library
         raise DeepEPNoDevice(f"the CUDA driver (libcuda.so.1) could not be used: {exc}", 7) from exc
     cdef size_t free_fn = free_address
@@ -206,9 +232,13 @@ cdef int _load_driver() except -1:
     cdef size_t pop_fn = pop_address
     cdef size_t alloc_fn = alloc_address
     cdef size_t capturing_fn = capturing_address
+    cdef size_t create_fn = event_addresses[0], record_fn = event_addresses[1], query_fn = event_addresses[2]
     global pydeepep_mem_alloc_from_pool_async, pydeepep_mem_free_async, pydeepep_ctx_push, pydeepep_ctx_pop
-    global pydeepep_stream_is_capturing
+    global pydeepep_stream_is_capturing, pydeepep_event_create, pydeepep_event_record, pydeepep_event_query
     pydeepep_stream_is_capturing = <pydeepep_capturing_fn>capturing_fn
+    pydeepep_event_create = <pydeepep_event_create_fn>create_fn
+    pydeepep_event_record = <pydeepep_event_record_fn>record_fn
+    pydeepep_event_query = <pydeepep_event_fn>query_fn
     pydeepep_mem_free_async = <pydeepep_free_fn>free_fn
     pydeepep_ctx_push = <pydeepep_push_fn>push_fn
     pydeepep_ctx_pop = <pydeepep_pop_fn>pop_fn
@@ -327,6 +357,7 @@ def empty_cache(device=None):
     """Returns the free memory of pydeepep's pools (all devices, or `device`) to the driver, as
     ``torch.cuda.empty_cache()`` does for PyTorch's: memory held by live arrays stays. Frees still in flight on
     their streams are returned once they complete, at a later call."""
+    _release_done_holds()
     if not _pools:
         return
     _run_deferred_frees()
@@ -400,6 +431,73 @@ cdef bint _free_or_defer(unsigned long long ptr, size_t stream, stream_owner, si
         return True
     finally:
         pydeepep_ctx_pop(&previous)
+
+
+# Objects that a call's queued work uses, held until that work is done: the arrays of other libraries that a call reads
+# or writes, with the DLPack capsules taken from them (for a producer that exports a temporary, the capsule alone owns
+# the memory). Their memory is not pydeepep's to free stream-ordered; released when their call was done, their
+# library could hand it out again while the call still ran (a temporary passed straight in, or a caller that drops
+# its array at once). Entries (event, device, objects), oldest first; released at later calls, empty_cache() and
+# close(). Events are reused per device.
+_held = collections.deque()
+_spare_events = {}
+# The objects the current call of this thread has taken so far, by stream (None outside a call): _InCall collects
+# them, _as_view and the receive hooks add to them.
+_taken = threading.local()
+
+
+cdef _keep_for_call(obj, size_t stream):
+    """Holds `obj` until the work the current call queues on `stream` is done (nothing outside a call)."""
+    taken = getattr(_taken, "by_stream", None)
+    if taken is not None:
+        taken.setdefault(stream, []).append(obj)
+
+
+cdef _hold_until_done(objects, size_t stream, int device):
+    """Keeps `objects` alive until the work queued so far on `stream` (of `device`, whose context is current) is
+    done. Not while `stream` captures a graph: its kernels run at each replay, so the caller keeps what a graph uses
+    for the graph's life."""
+    if _capturing(stream, device):
+        return
+    spare = _spare_events.setdefault(device, [])
+    cdef void* event = NULL
+    cdef size_t handle
+    if spare:
+        handle = spare.pop()
+        event = <void*>handle
+    elif pydeepep_event_create(&event, 2) != 0:  # CU_EVENT_DISABLE_TIMING
+        raise DeepEPCudaError("cuEventCreate failed while holding a call's arrays", 3)
+    if pydeepep_event_record(event, <void*>stream) != 0:
+        spare.append(<size_t>event)
+        raise DeepEPCudaError("cuEventRecord failed while holding a call's arrays", 3)
+    _held.append((<size_t>event, device, objects))
+
+
+cdef _release_done_holds():
+    """Lets go of the held objects whose work is done, oldest first (up to the first still running)."""
+    cdef size_t event
+    cdef int status
+    cdef void* previous = NULL
+    while _held:
+        try:
+            event, device, objects = _held[0]
+        except IndexError:  # another thread took the rest
+            return
+        status = pydeepep_ctx_push(<void*>_primary_context(device))  # the event's context, current for the query
+        if status == 0:
+            status = pydeepep_event_query(<void*>event)
+            pydeepep_ctx_pop(&previous)
+        if status == 600:  # CUDA_ERROR_NOT_READY
+            return
+        try:
+            if _held[0][0] != event:  # another thread released it meanwhile
+                continue
+            _held.popleft()
+        except IndexError:
+            return
+        if status == 0:  # else the context is broken: the event is not reused, and the objects go
+            _spare_events.setdefault(device, []).append(event)
+        objects = None  # may free memory, run finalizers
 
 
 cdef _run_deferred_frees():
@@ -633,7 +731,11 @@ cdef class DeviceArray:
             raise BufferError("pydeepep.DeviceArray exports without copying; copy=True is not supported")
         if dl_device is not None and tuple(dl_device) != (DL_CUDA, self.device_id):
             raise BufferError(f"cannot export to device {dl_device}; the data is on CUDA device {self.device_id}")
-        # DLPack: None means the legacy default stream, -1 means "do not synchronise".
+        # DLPack: None means the legacy default stream, -1 means "do not synchronise"; 0 is disallowed (it could mean
+        # the legacy or the per-thread default stream).
+        if stream == 0 and not isinstance(stream, bool):
+            raise BufferError("DLPack disallows stream 0 for CUDA: pass 1 (legacy default), 2 (per-thread default), "
+                              "a stream handle, -1 or None")
         if stream != -1:
             consumer = LEGACY_DEFAULT_STREAM if stream is None else stream_handle(stream)
             if consumer != self.stream:

@@ -8,6 +8,7 @@ cimport cython
 import collections
 import operator
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -188,7 +189,8 @@ def _require_cuda_core_with_offsets():
 
 def _as_view(obj, stream):
     """A view of any DLPack / CAI device array (ptr, shape, strides in elements, dtype), ordered after its producer
-    on `stream`."""
+    on `stream`. Inside a call, a view of another library's array is held until the work the call queues on `stream`
+    is done (_InCall): the view keeps the array, and the DLPack capsule taken from it, alive."""
     from cuda.core.utils import StridedMemoryView
 
     if isinstance(obj, DeviceArray):
@@ -198,6 +200,7 @@ def _as_view(obj, stream):
         return obj
     view = _interface_view(obj, stream)
     if view is not None:
+        _keep_for_call(view, stream)
         return view
     if not is_device_array(obj):
         raise DeepEPInvalidArgument(
@@ -207,11 +210,13 @@ def _as_view(obj, stream):
     # cuda.core >= 1.2.2 deprecates the constructor for array-interface objects in favour of from_any_interface.
     make = getattr(StridedMemoryView, "from_any_interface", None) or StridedMemoryView
     try:
-        return make(obj, stream_ptr=stream)
+        view = make(obj, stream_ptr=stream)
     except (BufferError, TypeError, AttributeError, ValueError) as exc:
         raise DeepEPInvalidArgument(
             f"expected a device array exposing DLPack or __cuda_array_interface__, got {type(obj).__name__}: {exc}",
             1) from exc
+    _keep_for_call(view, stream)
+    return view
 
 
 _devices = {}
@@ -304,7 +309,7 @@ def to_device(array, *, device, stream=None):
     from cuda.bindings import driver
 
     device = _c_int("device", device)
-    host = np.ascontiguousarray(array)
+    host = np.require(array, requirements="C")  # not ascontiguousarray, which makes a 0-d array 1-d
     if not host.dtype.isnative:
         host = host.astype(host.dtype.newbyteorder("="))  # the device reads little-endian values
     _device(device)  # current: a copy on the legacy default stream goes to the current context's device
@@ -423,7 +428,8 @@ cdef class Handle:
 
     def __init__(self, Communicator comm not None):
         cdef deepepHandle_t h = NULL
-        _check(deepepHandleCreate(comm._live(), &h))
+        with _InCall(comm, "Handle()"):  # it allocates on the device, which a call of another thread may be using
+            _check(deepepHandleCreate(comm._live(), &h))
         self._h = h
         self.comm = comm
         self.num_recv_rows = None
@@ -789,6 +795,7 @@ cdef class Communicator:
                 status = deepepCommDestroy(comm)
             # Receive hooks still due can never run now: the book no longer keeps them, and their arrays, alive.
             self._ll = None
+            _release_done_holds()  # the destroy waited for the device: the calls' holds are done
         _check(status)
 
     def __enter__(self):
@@ -934,23 +941,25 @@ cdef class Communicator:
         %globaltimer nanoseconds at which each block of the last low-latency kernel reached: start, peers'
         acknowledgements seen, (dispatch) the tokens' expert ids sent, rows stored, flags published, peers' flags
         seen, outputs written, end (0: not reached). Synchronise with the kernel first."""
-        cdef deepepComm_t comm = self._live()
         marks = np.zeros((1024, 8), np.int64)  # one row per block; GPUs have fewer SMs
         cdef int64_t[:, ::1] view = marks
         cdef int blocks = 0
-        _check(deepepCommLowLatencyTimeline(comm, &view[0, 0], <int>marks.shape[0], &blocks))
+        with _InCall(self, "low_latency_timeline"):
+            _check(deepepCommLowLatencyTimeline(self._live(), &view[0, 0], <int>marks.shape[0], &blocks))
         return marks[:blocks]
 
     def check_async_error(self):
         """Raises the error a stream-ordered call recorded on the device (a timeout, an out-of-range expert id), if
         any. Does not wait for the stream: synchronise first to see faults of work still in flight."""
         cdef deepepResult_t found = deepepSuccess
-        _check(deepepCommGetAsyncError(self._live(), &found))
+        with _InCall(self, "check_async_error"):  # a running call may be recording or reading the error
+            _check(deepepCommGetAsyncError(self._live(), &found))
         if found != deepepSuccess:
             _check(found)
 
     def clear_async_error(self):
-        _check(deepepCommClearAsyncError(self._live()))
+        with _InCall(self, "clear_async_error"):  # would wipe what a running call has just recorded
+            _check(deepepCommClearAsyncError(self._live()))
 
     def get_dispatch_layout(self, topk_idx, num_experts, stream=None, out=None):
         """Per-rank and per-expert token counts and the token-to-rank mask of a routing decision.
@@ -1375,10 +1384,12 @@ cdef class _InCall:
     """``with _InCall(comm, what):`` a call of `comm` made by this thread, on the communicator's device (_OnDevice).
     One made while another thread is inside a call of the same communicator is refused before it does anything (the
     peers of a collective call then wait out the timeout: a program error, but no race on the communicator's state
-    or memory); calls it makes itself in this thread are allowed."""
+    or memory); calls it makes itself in this thread are allowed. The outermost one collects the arrays of other
+    libraries that the call takes (_keep_for_call) and holds them until the work it queued on their streams is done."""
     cdef Communicator comm
     cdef str what
     cdef _OnDevice device
+    cdef bint outermost
 
     def __cinit__(self, Communicator comm, str what):
         self.comm = comm
@@ -1386,9 +1397,11 @@ cdef class _InCall:
         self.device = _OnDevice(comm.device)
 
     def __enter__(self):
-        # Frees a capture held back run here too (where the outputs come from another allocator), before the check:
-        # they may release the GIL, and nothing may come between the check and the claim below.
+        # Frees a capture held back run here too (where the outputs come from another allocator), and earlier calls'
+        # holds whose work is done are let go, before the check: they may release the GIL, and nothing may come
+        # between the check and the claim below.
         _run_deferred_frees()
+        _release_done_holds()
         self.comm._check_no_call(self.what)
         # Claimed right after the check, in C (a Python call in between could let the garbage collector run a
         # finalizer, and another thread with it).
@@ -1399,11 +1412,22 @@ cdef class _InCall:
         except BaseException:
             self.comm._call_depth -= 1
             raise
+        self.outermost = getattr(_taken, "by_stream", None) is None  # not a call made inside another call
+        if self.outermost:
+            _taken.by_stream = {}
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.comm._call_depth -= 1
-        self.device.__exit__(exc_type, exc, tb)
+        try:
+            if self.outermost:
+                taken, _taken.by_stream = _taken.by_stream, None
+                for stream, objects in taken.items():  # also after an error: work may have been queued
+                    _hold_until_done(objects, stream, self.comm.device)
+        except Exception:  # the driver failed to record an event (a broken context, which the next call reports)
+            pass
+        finally:
+            self.comm._call_depth -= 1
+            self.device.__exit__(exc_type, exc, tb)
         return False
 
 

@@ -128,6 +128,7 @@ cdef class _LowLatencyHook:
         cdef CUstream_st* cs = <CUstream_st*>self.stream
         with _InCall(comm, f"the {self.kind} receive hook"):
             c = comm._live()  # inside the guard: a close() from another thread before it is refused
+            _keep_for_call(self.keep, self.stream)  # the receive reads and writes them after this returns
             if self.kind == "dispatch":
                 self.dispatch_args.phase = deepepLowLatencyRecv
                 with nogil:

@@ -29,6 +29,7 @@ from conftest import (
     bf16_bits,
     bf16_values,
     log_scenario,
+    requires_gpus,
     requires_ranks,
     skip_missing,
     spawn_ranks,
@@ -837,3 +838,32 @@ def test_dlpack_consumers_wait_for_the_call_stream_when_out_arrays_came_from_ano
 @pytest.mark.parametrize("control", ["producer_cupy", "producer_torch", "consumer_cupy", "consumer_torch"])
 def test_ordering_controls_see_stale_data_without_a_wait(results, control):
     outcome(results, f"{control}_control")
+
+
+def stream_of_another_device_waited_for(info):
+    """A stream of GPU 0 made to wait (as a free after DeviceArray.record_stream, or a call after its input's
+    producer, is) for a stream of GPU 1 that a kernel holds for half a second, with GPU 0 current: whether it waited,
+    and whether it went on once the other stream was done."""
+    import cupy
+    from test_gpu_bad_input import SPIN_SOURCE
+
+    from pydeepep import _core
+
+    with cupy.cuda.Device(1):
+        other = cupy.cuda.Stream(non_blocking=True)
+        with other:
+            cupy.RawKernel(SPIN_SOURCE, "spin")((1,), (1,), (np.uint64(500_000_000),))
+    with cupy.cuda.Device(0):
+        waiting = cupy.cuda.Stream(non_blocking=True)
+        _core._make_stream_wait(other.ptr, waiting.ptr)
+        waited = not waiting.done and not other.done
+        other.synchronize()
+        waiting.synchronize()
+        return waited, waiting.done
+
+
+@requires_gpus(2)
+def test_a_stream_waits_for_a_stream_of_another_device():
+    # The event must be recorded in the other stream's context: made in the current one, the record failed, and the
+    # free of an array recorded on such a stream was queued without the wait.
+    assert pydeepep.spawn(stream_of_another_device_waited_for, nprocs=1, timeout=120) == [(True, True)]

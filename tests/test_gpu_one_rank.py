@@ -170,6 +170,11 @@ def calls_from_another_thread_during_a_call(info):
             "measure_flag_round": lambda: comm.measure_flag_round(1),
             "low_latency_mask_rank": lambda: comm.low_latency_mask_rank(0, False),
             "low_latency_masked_ranks": comm.low_latency_masked_ranks,
+            # The error record, which the running call may be writing, and the library's other state.
+            "check_async_error": comm.check_async_error,
+            "clear_async_error": comm.clear_async_error,
+            "low_latency_timeline": comm.low_latency_timeline,
+            "Handle()": lambda: pydeepep.Handle(comm),
         }
         spare = pydeepep.Handle(comm)
         # What frees the communicator or a handle is refused from the call's own callback too.
@@ -218,6 +223,10 @@ def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_
         "measure_flag_round",
         "low_latency_mask_rank",
         "low_latency_masked_ranks",
+        "check_async_error",
+        "clear_async_error",
+        "low_latency_timeline",
+        "Handle()",
     ):
         assert said[name].startswith("DeepEPInvalidUsage: ") and "another thread is inside a call" in said[name], said
         assert said[name].split(": ")[1].startswith(name), said
@@ -411,6 +420,78 @@ def out_exported_as_a_temporary(info):
 def test_an_out_array_whose_memory_belongs_to_its_dlpack_capsule_lives_as_long_as_the_result():
     import_or_skip("cupy")
     assert pydeepep.spawn(out_exported_as_a_temporary, nprocs=1, timeout=120) == [(True, True, True)]
+
+
+def arrays_of_a_held_call(info):
+    """get_dispatch_layout queued behind a kernel that holds its stream for half a second, every array it takes (the
+    routing and the three out= arrays) from a producer whose __dlpack__ exports a new CuPy view each time, of memory
+    the test keeps: the view is all that the DLPack capsule holds. Returns whether the views lived on after the call
+    returned, whether the next call let them go once the stream was done, and whether the counts are right."""
+    import gc
+    import weakref
+
+    import cupy
+    from test_gpu_bad_input import SPIN_SOURCE
+
+    tokens, experts = 64, 8
+    rng = np.random.default_rng(14)
+    topk = np.stack([rng.permutation(experts)[:2] for _ in range(tokens)]).astype(np.int64)
+    topk[rng.random(topk.shape) < 0.2] = -1
+    exported = []
+
+    class ViewEachTime:
+        def __init__(self, base):
+            self.base = base
+
+        def __dlpack__(self, **kwargs):
+            view = self.base[...]
+            exported.append(weakref.ref(view))
+            return view.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return (2, 0)  # kDLCUDA, device 0
+
+    with cupy.cuda.Device(0), one_rank_ll_communicator(info, 256, experts, 8) as comm:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        routing = cupy.asarray(topk)
+        outs = (cupy.zeros((1,), cupy.int32), cupy.zeros((experts,), cupy.int32), cupy.zeros((tokens, 1), cupy.bool_))
+        comm.get_dispatch_layout(routing, experts, stream=stream)  # a first call's setup may wait for the stream
+        cupy.cuda.runtime.deviceSynchronize()
+        with stream:
+            cupy.RawKernel(SPIN_SOURCE, "spin")((1,), (1,), (np.uint64(500_000_000),))
+        comm.get_dispatch_layout(ViewEachTime(routing), experts, stream=stream, out=tuple(map(ViewEachTime, outs)))
+        gc.collect()
+        lived = len(exported) == 4 and all(ref() is not None for ref in exported) and not stream.done
+        stream.synchronize()
+        comm.get_dispatch_layout(routing, experts, stream=stream)  # its start lets go of what finished calls held
+        gc.collect()
+        released = all(ref() is None for ref in exported)
+        valid = topk >= 0
+        counts = (
+            int(cupy.asnumpy(outs[0])[0]) == int(valid.any(axis=1).sum())
+            and np.array_equal(cupy.asnumpy(outs[1]), np.bincount(topk[valid], minlength=experts))
+            and np.array_equal(cupy.asnumpy(outs[2])[:, 0], valid.any(axis=1))
+        )
+    return lived, released, counts
+
+
+def test_the_arrays_a_call_takes_live_until_its_work_is_done():
+    """A call holds the arrays of other libraries it reads or writes (through the DLPack capsules taken from them)
+    until the work it queued is done: a temporary passed straight in is safe."""
+    import_or_skip("cupy")
+    assert pydeepep.spawn(arrays_of_a_held_call, nprocs=1, timeout=120) == [(True, True, True)]
+
+
+def to_device_round_trips(info):
+    """Whether to_device, then to_numpy, gives back each array's shape and values: a 0-d array, a transposed one
+    (not C-contiguous) and a big-endian one."""
+    arrays = [np.array(5, np.int32), np.arange(12, dtype=np.float32).reshape(3, 4).T, np.arange(4, dtype=">i4")]
+    back = [pydeepep.to_device(a, device=0).to_numpy() for a in arrays]
+    return [b.shape == a.shape and np.array_equal(b, a) for a, b in zip(arrays, back, strict=True)]
+
+
+def test_to_device_keeps_the_shape_and_values_of_any_array():
+    assert pydeepep.spawn(to_device_round_trips, nprocs=1, timeout=120) == [[True, True, True]]
 
 
 def test_nan_and_infinities_in_low_latency_rows_follow_the_oracle_bit_for_bit():

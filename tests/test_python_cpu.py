@@ -464,6 +464,8 @@ def test_dlpack_device_and_refusals():
         a.__dlpack__(stream=-1, copy=True)
     with pytest.raises(BufferError, match="device"):
         a.__dlpack__(stream=-1, dl_device=(1, 0))
+    with pytest.raises(BufferError, match="stream 0"):  # DLPack disallows it for CUDA: legacy or per-thread?
+        a.__dlpack__(stream=0)
 
 
 def test_ml_dtypes_types_are_held_as_their_bits():
