@@ -52,6 +52,9 @@ constexpr int64_t kDetailPeerRefused = -3;
 // AsyncErrorRecord::detail of a combine whose handle's worst-case dispatch failed (peer: the rank that refused that
 // dispatch, or -1): it moved no rows.
 constexpr int64_t kDetailDispatchFailed = -4;
+// AsyncErrorRecord::detail of a low-latency dispatch whose source routed with another number of experts per rank
+// (value: the source's): its tokens were left out.
+constexpr int64_t kDetailPeerExperts = -5;
 
 struct AsyncErrorRecord {
   int32_t code;    // deepepResult_t; 0 while nothing happened

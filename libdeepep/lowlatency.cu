@@ -579,6 +579,13 @@ __device__ __forceinline__ int32_t* source_ids(const DispatchParams& p, int sour
          static_cast<size_t>(source) * p.max_tokens * p.num_topk;
 }
 
+// The experts per rank that source `source` routed its tokens with, in this rank's own area (after the ids): a
+// receiver whose own differ would take other rows for its experts than the source sent it (the flag's word has no
+// room for it).
+__device__ __forceinline__ int32_t* source_experts_per_rank(const DispatchParams& p, int source) {
+  return source_ids(p, p.area.nranks) + source;
+}
+
 // The receive slot of token `token` of source `source` in this rank's own area.
 __device__ __forceinline__ uint8_t* token_slot(const DispatchParams& p, int source, int64_t token) {
   return p.area.set_base() + (static_cast<size_t>(source) * p.max_tokens + token) * p.row.row_bytes;
@@ -629,6 +636,17 @@ __device__ void dispatch_send(const DispatchParams& p, uint32_t seq, uint64_t de
       if (int32_t* there = a.at(d, ids_mine + at)) *there = id;
     }
     if (block_puts) ids_staged[at] = id;
+  }
+  if (blockIdx.x == 0) {  // the receivers read it once every block's flag came
+    int32_t* mine = source_experts_per_rank(p, a.rank);
+    for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
+      if (is_masked(d)) continue;
+      if (int32_t* there = a.at(d, mine)) {
+        *there = p.experts_per_rank;
+      } else {
+        nvshmem_int_p(mine, p.experts_per_rank, d);  // completed with the block's puts, before its flag
+      }
+    }
   }
   __syncthreads();
   if (block_puts && ids > 0) {
@@ -837,8 +855,10 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       // All of the source's words came (it would be masked otherwise), so flag_word[s] holds one.
       const uint32_t seen = flag_word[s];
       const uint32_t count = seen & ((1u << kFlagTopkShift) - 1);
+      const int32_t experts_per_rank = *source_experts_per_rank(p, s);
+      const bool same_experts = experts_per_rank == p.experts_per_rank;
       const bool fits = count <= p.max_tokens && seen == dispatch_flag_word(count, K, p.hidden, p.fp8, p.round_scale);
-      if (fits) tokens = static_cast<int32_t>(count);
+      if (fits && same_experts) tokens = static_cast<int32_t>(count);
       if (blockIdx.x == 0) {
         if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
         if (seen == kRefusedFlagWord) {
@@ -849,6 +869,11 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
           // read or written out of bounds; it wrote its rows with its own layout, so no output here is valid.
           record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerLayout,
                              seen);
+        } else if (!same_experts) {
+          // A source routing with another E sends tokens to ranks by its own split: this rank would take slots that
+          // source never wrote for experts it did not mean, and miss tokens it meant for this rank's experts.
+          record_async_error(a.error, deepepInvalidArgument, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerExperts,
+                             experts_per_rank);
         }
       }
     }
@@ -1453,7 +1478,7 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.send_rows_bytes = align_up(static_cast<size_t>(l.max_tokens) * row, 4096);
   const size_t ids = static_cast<size_t>(l.max_tokens) * l.max_topk * sizeof(int32_t);  // [T][K] of one rank
   l.ids_offset = l.send_rows_offset + l.send_rows_bytes;
-  l.send_ids_offset = l.ids_offset + align_up(R * ids, 4096);
+  l.send_ids_offset = l.ids_offset + align_up(R * ids + R * sizeof(int32_t), 4096);
   l.set_bytes = l.send_ids_offset + align_up(ids, 4096);
   l.total_bytes = l.control_bytes + kLowLatencySets * l.set_bytes;
   return l;

@@ -54,7 +54,7 @@ struct LowLatencyArea {
   size_t combine_rows_bytes = 0;   // per set
   size_t send_rows_offset = 0;     // from the set's start
   size_t send_rows_bytes = 0;      // per set
-  size_t ids_offset = 0;           // from the set's start
+  size_t ids_offset = 0;           // from the set's start: [R][T][K] int32, then [R] int32 experts per rank
   size_t send_ids_offset = 0;      // from the set's start
   size_t set_bytes = 0;
   size_t total_bytes = 0;

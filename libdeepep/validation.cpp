@@ -87,6 +87,13 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
                   "rank %d found %s in %s: the worst-case dispatch that routed its handle failed (%s: see the error "
                   "recorded then), so no rows moved and the output is not written; route the handle again",
                   record->rank, deepepGetErrorString(found), phase_name(record->phase), cause);
+  } else if (record->detail == kDetailPeerExperts) {
+    std::snprintf(text, sizeof(text),
+                  "rank %d found %s in %s: rank %d routed it with %lld experts per rank, another num_experts than "
+                  "this rank's (the ranks must agree on it); its tokens were left out, so none of this call's outputs "
+                  "here are valid",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
+                  static_cast<long long>(record->value));
   } else if (record->detail == kDetailPeerLayout) {
     std::snprintf(text, sizeof(text),
                   "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "

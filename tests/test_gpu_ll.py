@@ -385,13 +385,15 @@ def capture_without_out_case(comm, seed, n=80, h=512, k=4, e=16):
 
 def disagreeing_case(comm, seed, n=32, k=4, e=16):
     """Ranks whose calls lay out the rows they exchange differently (a dispatch with another hidden, FP8 choice or
-    round_scale, a combine of rows of another width): each rank that receives the other's rows gets an error naming
-    that rank, and the ranks stay in step: a matching call afterwards matches the oracle."""
+    round_scale, a combine of rows of another width) or route them by another number of experts: each rank that
+    receives the other's rows gets an error naming that rank, and the ranks stay in step: a matching call afterwards
+    matches the oracle."""
     R, me = comm.nranks, comm.rank
     local = e // R
     with cupy.cuda.Device(comm.device):
         x, topk, w = (dev(a) for a in make_inputs(seed, me, n, 1024, k, e, R))
         x_wide = dev(make_inputs(seed, me, n, 2048, k, e, R)[0])
+        topk_half = cupy.where(topk >= 0, topk % (e // 2), -1)  # valid ids for E = e and for E = e / 2
 
         def combine_other_widths():
             result = comm.low_latency_dispatch(x, topk, e)
@@ -401,6 +403,7 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
             "hidden": lambda: comm.low_latency_dispatch(x if me == 0 else x_wide, topk, e),
             "fp8 choice": lambda: comm.low_latency_dispatch(x, topk, e, use_fp8=me == 0),
             "round_scale": lambda: comm.low_latency_dispatch(x, topk, e, round_scale=me == 0),
+            "num_experts": lambda: comm.low_latency_dispatch(x, topk_half, e if me == 0 else e // 2),
             "combine width": combine_other_widths,
         }
         # Every rank makes every call, whatever the verdict, so that the ranks stay in step.
@@ -413,7 +416,9 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
                 failures.append(f"{what}: no error")
             except pydeepep.DeepEPInvalidArgument as exc:
                 # Rank 0's calls differ from all the others': it names one of them, they name rank 0.
-                found = re.search(r"rank (\d+) called it with rows laid out otherwise", str(exc))
+                found = re.search(
+                    r"rank (\d+) (called it with rows laid out otherwise|routed it with \d+ experts per rank)", str(exc)
+                )
                 if found is None or (int(found.group(1)) == 0) == (me == 0):
                     failures.append(f"{what}: {exc}")
             finally:

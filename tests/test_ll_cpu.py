@@ -203,8 +203,8 @@ def test_low_latency_area_holds_two_sets_of_the_worst_case():
     extra = hint(**workload, low_latency_max_tokens=128) - hint(**workload)
     # Per set: 144 local experts x 2 sources x 128 rows of 7168 BF16 values (the zero-copy combine buffer; the
     # dispatch receives into its first 2 x 128 rows), 128 x 8 combine rows, 128 send rows (staged for NVSHMEM puts),
-    # and the expert ids of 2 x 128 tokens and of this rank's 128 (8 int32 each).
-    per_set = 144 * 2 * 128 * 7168 * 2 + 128 * 8 * 7168 * 2 + 128 * 7168 * 2 + 3 * 128 * 8 * 4
+    # and the expert ids of 2 x 128 tokens (with each source's experts per rank) and of this rank's 128 (8 int32 each).
+    per_set = 144 * 2 * 128 * 7168 * 2 + 128 * 8 * 7168 * 2 + 128 * 7168 * 2 + 3 * 128 * 8 * 4 + 2 * 4
     assert 2 * per_set <= extra <= 2 * per_set + (8 << 20)
 
 
