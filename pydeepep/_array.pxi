@@ -180,6 +180,8 @@ cdef extern from *:
     typedef int (*pydeepep_event_create_fn)(void**, unsigned int);
     typedef int (*pydeepep_event_record_fn)(void*, void*);
     typedef int (*pydeepep_event_fn)(void*);
+    typedef int (*pydeepep_capture_mode_fn)(int*);
+    static pydeepep_capture_mode_fn pydeepep_exchange_capture_mode = 0;
     static pydeepep_event_create_fn pydeepep_event_create = 0;
     static pydeepep_event_record_fn pydeepep_event_record = 0;
     static pydeepep_event_fn pydeepep_event_query = 0;
@@ -197,6 +199,8 @@ cdef extern from *:
     ctypedef int (*pydeepep_event_create_fn)(void**, unsigned int) noexcept nogil
     ctypedef int (*pydeepep_event_record_fn)(void*, void*) noexcept nogil
     ctypedef int (*pydeepep_event_fn)(void*) noexcept nogil
+    ctypedef int (*pydeepep_capture_mode_fn)(int*) noexcept nogil
+    pydeepep_capture_mode_fn pydeepep_exchange_capture_mode
     pydeepep_event_create_fn pydeepep_event_create
     pydeepep_event_record_fn pydeepep_event_record
     pydeepep_event_fn pydeepep_event_query
@@ -224,7 +228,8 @@ cdef int _load_driver() except -1:
         alloc_address = ctypes.cast(lib.cuMemAllocFromPoolAsync, ctypes.c_void_p).value
         capturing_address = ctypes.cast(lib.cuStreamIsCapturing, ctypes.c_void_p).value
         event_addresses = [ctypes.cast(f, ctypes.c_void_p).value
-                           for f in (lib.cuEventCreate, lib.cuEventRecord, lib.cuEventQuery)]
+                           for f in (lib.cuEventCreate, lib.cuEventRecord, lib.cuEventQuery,
+                                     lib.cuThreadExchangeStreamCaptureMode)]
     except (OSError, AttributeError) as exc:  # no driver, or one too old for stream-ordered pools: as the library
         raise DeepEPNoDevice(f"the CUDA driver (libcuda.so.1) could not be used: {exc}", 7) from exc
     cdef size_t free_fn = free_address
@@ -233,8 +238,11 @@ cdef int _load_driver() except -1:
     cdef size_t alloc_fn = alloc_address
     cdef size_t capturing_fn = capturing_address
     cdef size_t create_fn = event_addresses[0], record_fn = event_addresses[1], query_fn = event_addresses[2]
+    cdef size_t mode_fn = event_addresses[3]
     global pydeepep_mem_alloc_from_pool_async, pydeepep_mem_free_async, pydeepep_ctx_push, pydeepep_ctx_pop
     global pydeepep_stream_is_capturing, pydeepep_event_create, pydeepep_event_record, pydeepep_event_query
+    global pydeepep_exchange_capture_mode
+    pydeepep_exchange_capture_mode = <pydeepep_capture_mode_fn>mode_fn
     pydeepep_stream_is_capturing = <pydeepep_capturing_fn>capturing_fn
     pydeepep_event_create = <pydeepep_event_create_fn>create_fn
     pydeepep_event_record = <pydeepep_event_record_fn>record_fn
@@ -437,8 +445,9 @@ cdef bint _free_or_defer(unsigned long long ptr, size_t stream, stream_owner, si
 # or writes, with the DLPack capsules taken from them (for a producer that exports a temporary, the capsule alone owns
 # the memory). Their memory is not pydeepep's to free stream-ordered; released when their call was done, their
 # library could hand it out again while the call still ran (a temporary passed straight in, or a caller that drops
-# its array at once). Entries (event, device, objects), oldest first; released at later calls, empty_cache() and
-# close(). Events are reused per device.
+# its array at once). Entries (event, device, objects), oldest first; released at the end of later calls that hold
+# something themselves (so never at a call captured in a graph), empty_cache() and close(). Events are reused per
+# device.
 _held = collections.deque()
 _spare_events = {}
 # The objects the current call of this thread has taken so far, by stream (None outside a call): _InCall collects
@@ -453,12 +462,12 @@ cdef _keep_for_call(obj, size_t stream):
         taken.setdefault(stream, []).append(obj)
 
 
-cdef _hold_until_done(objects, size_t stream, int device):
+cdef bint _hold_until_done(objects, size_t stream, int device) except -1:
     """Keeps `objects` alive until the work queued so far on `stream` (of `device`, whose context is current) is
-    done. Not while `stream` captures a graph: its kernels run at each replay, so the caller keeps what a graph uses
-    for the graph's life."""
+    done; whether it did. Not while `stream` captures a graph: its kernels run at each replay, so the caller keeps
+    what a graph uses for the graph's life."""
     if _capturing(stream, device):
-        return
+        return False
     spare = _spare_events.setdefault(device, [])
     cdef void* event = NULL
     cdef size_t handle
@@ -471,10 +480,25 @@ cdef _hold_until_done(objects, size_t stream, int device):
         spare.append(<size_t>event)
         raise DeepEPCudaError("cuEventRecord failed while holding a call's arrays", 3)
     _held.append((<size_t>event, device, objects))
+    return True
 
 
 cdef _release_done_holds():
-    """Lets go of the held objects whose work is done, oldest first (up to the first still running)."""
+    """Lets go of the held objects whose work is done, oldest first (up to the first still running). Querying an
+    event is an API call that a graph capture in global mode (PyTorch's) forbids to every thread; the events held
+    were all recorded outside captures, so this thread queries in relaxed mode, which the capture then allows."""
+    if not _held:
+        return
+    cdef int mode = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
+    if pydeepep_exchange_capture_mode(&mode) != 0:
+        return
+    try:
+        _release_done_holds_now()
+    finally:
+        pydeepep_exchange_capture_mode(&mode)  # the thread's mode as it was
+
+
+cdef _release_done_holds_now():
     cdef size_t event
     cdef int status
     cdef void* previous = NULL

@@ -1397,11 +1397,9 @@ cdef class _InCall:
         self.device = _OnDevice(comm.device)
 
     def __enter__(self):
-        # Frees a capture held back run here too (where the outputs come from another allocator), and earlier calls'
-        # holds whose work is done are let go, before the check: they may release the GIL, and nothing may come
-        # between the check and the claim below.
+        # Frees a capture held back run here too (where the outputs come from another allocator), before the check:
+        # they may release the GIL, and nothing may come between the check and the claim below.
         _run_deferred_frees()
-        _release_done_holds()
         self.comm._check_no_call(self.what)
         # Claimed right after the check, in C (a Python call in between could let the garbage collector run a
         # finalizer, and another thread with it).
@@ -1418,11 +1416,14 @@ cdef class _InCall:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        cdef bint held = False
         try:
             if self.outermost:
                 taken, _taken.by_stream = _taken.by_stream, None
                 for stream, objects in taken.items():  # also after an error: work may have been queued
-                    _hold_until_done(objects, stream, self.comm.device)
+                    held |= _hold_until_done(objects, stream, self.comm.device)
+                if held:  # not capturing: earlier calls' holds whose work is done are let go
+                    _release_done_holds()
         except Exception:  # the driver failed to record an event (a broken context, which the next call reports)
             pass
         finally:

@@ -411,8 +411,9 @@ def out_exported_as_a_temporary(info):
         lived = len(exported) == 1 and exported[0]() is not None
         rows = exact_equal(bf16_values(out.to_numpy()), want_out)
         del out
-        gc.collect()
         cupy.cuda.runtime.deviceSynchronize()
+        pydeepep.empty_cache()  # lets go of what finished calls held
+        gc.collect()
         freed = exported[0]() is None
     return lived, rows, freed
 
@@ -463,7 +464,9 @@ def arrays_of_a_held_call(info):
         gc.collect()
         lived = len(exported) == 4 and all(ref() is not None for ref in exported) and not stream.done
         stream.synchronize()
-        comm.get_dispatch_layout(routing, experts, stream=stream)  # its start lets go of what finished calls held
+        comm.get_dispatch_layout(
+            routing, experts, stream=stream
+        )  # it holds arrays too, then lets go of what finished calls held
         gc.collect()
         released = all(ref() is None for ref in exported)
         valid = topk >= 0
