@@ -365,7 +365,11 @@ static void nvshmem_setup(SetupRequest* comm) {
   for (int peer = 0; peer < comm->nranks && disagreement.empty(); ++peer) {
     const RankHello& theirs = hellos[peer];
     comm->min_sm_count = std::min(comm->min_sm_count, static_cast<int>(theirs.sm_count));
-    if (!same_setup(theirs, mine)) {
+    if (theirs.version != mine.version) {
+      // A build of another version may lay the hello out otherwise (or write less of it): only its version is read.
+      disagreement = "rank " + std::to_string(peer) + " runs library version " + std::to_string(theirs.version) +
+                     "; this rank runs " + std::to_string(mine.version);
+    } else if (!same_setup(theirs, mine)) {
       disagreement =
           "rank " + std::to_string(peer) + " has " + describe_setup(theirs) + "; this rank has " + describe_setup(mine);
     }

@@ -614,6 +614,23 @@ cdef tuple _element_type(dtype):
     return (stored, name)
 
 
+cdef class _OtherLibrarysMemory:
+    """The owner of a DeviceArray over an out= array of another library: the view the call took of it (which keeps
+    the array, and the DLPack capsule taken from it, alive). Calls that read or write such a DeviceArray hold it
+    until their work is done, as they hold that library's arrays (_keep_for_call)."""
+    cdef readonly object view
+
+    def __cinit__(self, view):
+        self.view = view
+
+
+cdef bint _holds_other_librarys_memory(DeviceArray array):
+    """Whether `array`, or the array it views (bits()), is over another library's out= array."""
+    while array._owner is None and isinstance(array._base, DeviceArray):
+        array = <DeviceArray>array._base
+    return isinstance(array._owner, _OtherLibrarysMemory)
+
+
 cdef DeviceArray _new_array(size_t ptr, tuple shape, tuple element, int device_id, size_t stream, owner):
     """A DeviceArray of parts already checked (_checked_shape, _element_type), without __init__'s checks: the calls
     make several outputs each, every time."""

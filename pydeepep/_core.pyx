@@ -197,6 +197,8 @@ def _as_view(obj, stream):
         # Our own arrays need no protocol round trip: order the stream after the producer and describe them.
         if obj.stream != stream:
             _make_stream_wait(obj.stream, stream)
+        if _holds_other_librarys_memory(obj):  # an earlier call's out= array of another library
+            _keep_for_call(obj, stream)
         return obj
     view = _interface_view(obj, stream)
     if view is not None:
@@ -1464,7 +1466,7 @@ def _expect(array, shape, dtype, str name, stream, int device):
     held = kind if kind in _STORAGE_DTYPES else element
     if kind not in _DLPACK_TYPES:  # another type of the same size (int16 for bfloat16, say): written bit for bit
         held = written
-    return DeviceArray(view.ptr, shape, held, device, stream, owner=view)
+    return DeviceArray(view.ptr, shape, held, device, stream, owner=_OtherLibrarysMemory(view))
 
 
 cdef bint _holds_bits_of(element, written):

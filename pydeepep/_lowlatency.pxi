@@ -455,9 +455,13 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
     cdef int T = comm._ll.max_tokens
     # The dispatch's routing arrays are read on this stream: after the dispatch wrote them, and freed only once read.
     for routing in (handle.recv_src_info, handle.recv_layout_range):
-        if isinstance(routing, DeviceArray) and (<DeviceArray>routing).stream != s:
+        if not isinstance(routing, DeviceArray):
+            continue
+        if (<DeviceArray>routing).stream != s:
             _make_stream_wait((<DeviceArray>routing).stream, s)
             routing.record_stream(stream)  # the object: the free waits on it, so it must outlive the array
+        if _holds_other_librarys_memory(routing):  # the dispatch's out= arrays: record_stream cannot keep them
+            _keep_for_call(routing, s)
     cdef int R = comm.nranks
     cdef int local = handle.num_experts // R
     cdef int64_t rows = <int64_t>R * T

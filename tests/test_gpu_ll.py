@@ -416,9 +416,10 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
                 failures.append(f"{what}: no error")
             except pydeepep.DeepEPInvalidArgument as exc:
                 # Rank 0's calls differ from all the others': it names one of them, they name rank 0.
-                found = re.search(
-                    r"rank (\d+) (called it with rows laid out otherwise|routed it with \d+ experts per rank)", str(exc)
+                said = (
+                    r"routed it with \d+ experts per rank" if what == "num_experts" else "called it with rows laid out"
                 )
+                found = re.search(rf"rank (\d+) {said}", str(exc))
                 if found is None or (int(found.group(1)) == 0) == (me == 0):
                     failures.append(f"{what}: {exc}")
             finally:

@@ -407,6 +407,8 @@ def out_exported_as_a_temporary(info):
         topk_dev = cupy.asarray(topk)
         handle = comm.low_latency_dispatch(cupy.asarray(x), topk_dev, experts)
         out = comm.low_latency_combine(cupy.asarray(ys), topk_dev, cupy.asarray(weights), handle, out=Temporary()).out
+        cupy.cuda.runtime.deviceSynchronize()
+        pydeepep.empty_cache()  # the call's own hold let go: the result alone holds the array now
         gc.collect()
         lived = len(exported) == 1 and exported[0]() is not None
         rows = exact_equal(bf16_values(out.to_numpy()), want_out)
