@@ -304,7 +304,8 @@ typedef struct deepepHandle* deepepHandle_t;
  * event of its last use and reused by a later handle once that work is done. The exceptions wait: a handle used
  * inside a stream capture (a replay may use it at any time: keep such handles for the graph's lifetime) or destroyed
  * after its communicator waits for the device, and a destroy that finds 8 destroyed handles' storage still parked
- * waits for the oldest one's last use.
+ * waits for the oldest one's last use. These waits have no bound of their own: work of another library queued before
+ * them that never ends holds them.
  *
  * Handles and CUDA graphs: a captured call sets the handle's host view (its routing's tokens, experts, num_sms and
  * receive counts) once, when it is captured, while every replay reads the handle's routing on the device and, where
@@ -655,11 +656,14 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
  * assumes the masked rank has stopped: one that was only late, by more than the timeout, and then resumes, may still
  * store the rows of its late call into the survivors' current buffer set (it saw their acknowledgements before they
  * masked it) and corrupt one of their later results unreported, so stop a timed-out rank's process rather than let it
- * go on. Masking does not apply to high-throughput calls. Blocking (synchronises the device first); not capturable.
+ * go on. Masking does not apply to high-throughput calls. Blocking (synchronises the device first, without a bound of
+ * its own: work of another library on the device that never ends, such as a collective waiting for the dead rank,
+ * holds it, so stop such work first); not capturable.
  * [in] rank: not this rank; masked: 1 to mask, 0 to take back. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
 
-/* The low-latency mask of this rank: masked[r] is 1 for a masked rank, else 0. Blocking. [out] masked [nranks] */
+/* The low-latency mask of this rank: masked[r] is 1 for a masked rank, else 0. Blocking (synchronises the device
+ * first, as deepepCommLowLatencyMaskRank does). [out] masked [nranks] */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskedRanks(deepepComm_t comm, int* masked);
 
 /* Diagnostic: when the environment variable DEEPEP_LL_TIMELINE=1 is set at communicator creation, every low-latency
