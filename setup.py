@@ -91,6 +91,10 @@ class BuildWithCMake(build_ext):
         jobs = os.environ.get("DEEPEP_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.check_call(configure, cwd=build_dir)
         subprocess.check_call([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir)
+        # What an earlier build installed goes first: a library of another version (libdeepep.so.0.2.0 beside
+        # .so.0.2.1) would be packaged too.
+        for installed in ("lib", "include"):
+            shutil.rmtree(package_dir / installed, ignore_errors=True)
         subprocess.check_call([cmake, "--install", "."], cwd=build_dir)
         # What `python -m pydeepep.bench` records as the commit measured (pydeepep/_build_commit.txt).
         (package_dir / "_build_commit.txt").write_text(source_commit() + "\n")

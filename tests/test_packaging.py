@@ -72,6 +72,16 @@ def test_version_of_package_and_library_agree():
     assert out.stdout.strip() == "{}.{}.{}".format(*pydeepep.version())
 
 
+def test_the_package_holds_the_library_of_its_own_version_only():
+    # An earlier build's install (libdeepep.so.0.2.0 beside .so.0.2.1) used to be packaged too.
+    version = "{}.{}.{}".format(*pydeepep.version())
+    libraries = sorted(path.name for path in Path(pydeepep.get_lib_dir()).glob("libdeepep.so*"))
+    assert all(
+        name in ("libdeepep.so", f"libdeepep.so.{version.rsplit('.', 1)[0]}", f"libdeepep.so.{version}")
+        for name in libraries
+    ), libraries
+
+
 @pytest.mark.skipif(
     cmake() is None or shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
     reason="needs cmake and nvcc (configuring the library)",
@@ -138,3 +148,56 @@ def test_a_checkout_that_differs_from_the_installed_copy_says_so(tmp_path):
         [sys.executable, "-m", "pydeepep", "--lib-dir"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert found.returncode != 0 and "differs from it (launch.py): reinstall" in found.stderr, found.stderr
+
+
+@pytest.mark.skipif(
+    cmake() is None
+    or shutil.which("c++") is None
+    or shutil.which("nvcc") is None
+    and not Path("/usr/local/cuda/bin/nvcc").exists(),
+    reason="needs cmake, nvcc and a C++ compiler (building the library)",
+)
+@pytest.mark.skipif(
+    os.environ.get("DEEPEP_TEST_GPU_TIER") == "1",
+    reason="a CPU-tier check that builds the library again: the GPU tier's time limit goes to the GPU suites",
+)
+def test_a_cmake_install_links_after_nvshmem_moved(tmp_path):
+    """The library built and installed by CMake alone, against an NVSHMEM tree that then moves away: a consumer's
+    find_package(deepep) finds NVSHMEM again (NVSHMEM_DIR) and links; the library's run path names the old tree."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.find_spec("nvidia.nvshmem")
+    if spec is None:
+        pytest.skip("needs the nvidia-nvshmem-cu13 wheel")
+    built_with, moved = tmp_path / "nvshmem", tmp_path / "nvshmem-moved"
+    shutil.copytree(list(spec.submodule_search_locations)[0], built_with, symlinks=True)
+    env = dict(os.environ)
+    if shutil.which("nvcc") is None:
+        env["CUDACXX"] = "/usr/local/cuda/bin/nvcc"
+    prefix = tmp_path / "prefix"
+
+    def run(*args, **kwargs):
+        done = subprocess.run(list(args), capture_output=True, text=True, env=env, **kwargs)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    run(cmake(), "-S", str(root), "-B", str(tmp_path / "build"), f"-DCMAKE_INSTALL_PREFIX={prefix}",
+        f"-DNVSHMEM_DIR={built_with}", f"-DPython3_EXECUTABLE={sys.executable}")  # fmt: skip
+    run(cmake(), "--build", str(tmp_path / "build"), "--parallel", str(os.cpu_count() or 2))
+    run(cmake(), "--install", str(tmp_path / "build"))
+    built_with.rename(moved)
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()
+    (consumer / "main.cpp").write_text(
+        "#include <deepep/deepep.h>\nint main() { int v = 0; return deepepGetVersion(&v) == deepepSuccess ? 0 : 1; }\n"
+    )
+    (consumer / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.24)\nproject(consumer LANGUAGES CXX)\n"
+        "find_package(deepep 0.2 CONFIG REQUIRED)\nadd_executable(main main.cpp)\n"
+        "target_link_libraries(main PRIVATE deepep::deepep)\n"
+    )
+    env["NVSHMEM_DIR"] = str(moved)
+    run(cmake(), "-S", str(consumer), "-B", str(consumer / "build"), f"-Ddeepep_DIR={prefix}/lib/cmake/deepep")
+    run(cmake(), "--build", str(consumer / "build"))
+    env["LD_LIBRARY_PATH"] = str(moved / "lib")  # the library's own run path names the tree that moved away
+    run(str(consumer / "build" / "main"))
