@@ -338,6 +338,44 @@ int main(void) {
          offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts),
          offsetof(deepepConfig, low_latency_max_tokens), offsetof(deepepConfig, low_latency_transport),
          offsetof(deepepConfig, zero_copy_dispatch), offsetof(deepepConfig, reserved));
+  {
+    /* The argument structs' defaults are what the header says they are: zero but for the fields it names. */
+    deepepDispatchArgs dispatch, dispatch_said;
+    deepepCombineArgs combine, combine_said;
+    deepepLowLatencyDispatchArgs ll_dispatch, ll_dispatch_said;
+    deepepLowLatencyCombineArgs ll_combine, ll_combine_said;
+    memset(&dispatch_said, 0, sizeof(dispatch_said));
+    dispatch_said.struct_size = sizeof(dispatch_said);
+    dispatch_said.topk_type = deepepInt64;
+    dispatch_said.x_type = deepepBFloat16;
+    dispatch_said.scales_type = deepepFloat32;
+    dispatch_said.expert_alignment = 1;
+    memset(&combine_said, 0, sizeof(combine_said));
+    combine_said.struct_size = sizeof(combine_said);
+    memset(&ll_dispatch_said, 0, sizeof(ll_dispatch_said));
+    ll_dispatch_said.struct_size = sizeof(ll_dispatch_said);
+    ll_dispatch_said.phase = deepepLowLatencySendRecv;
+    ll_dispatch_said.topk_type = deepepInt64;
+    ll_dispatch_said.stats_recv_count_type = deepepInt64;
+    ll_dispatch_said.use_fp8 = 1;
+    memset(&ll_combine_said, 0, sizeof(ll_combine_said));
+    ll_combine_said.struct_size = sizeof(ll_combine_said);
+    ll_combine_said.phase = deepepLowLatencySendRecv;
+    ll_combine_said.topk_type = deepepInt64;
+    memset(&dispatch, 0xff, sizeof(dispatch));
+    memset(&combine, 0xff, sizeof(combine));
+    memset(&ll_dispatch, 0xff, sizeof(ll_dispatch));
+    memset(&ll_combine, 0xff, sizeof(ll_combine));
+    if (deepepDispatchArgsInit(&dispatch, sizeof(dispatch)) != deepepSuccess ||
+        deepepCombineArgsInit(&combine, sizeof(combine)) != deepepSuccess ||
+        deepepLowLatencyDispatchArgsInit(&ll_dispatch, sizeof(ll_dispatch)) != deepepSuccess ||
+        deepepLowLatencyCombineArgsInit(&ll_combine, sizeof(ll_combine)) != deepepSuccess)
+      return 15;
+    printf("defaults %d %d %d %d\n", memcmp(&dispatch, &dispatch_said, sizeof(dispatch)) == 0,
+           memcmp(&combine, &combine_said, sizeof(combine)) == 0,
+           memcmp(&ll_dispatch, &ll_dispatch_said, sizeof(ll_dispatch)) == 0,
+           memcmp(&ll_combine, &ll_combine_said, sizeof(ll_combine)) == 0);
+  }
   printf("unique_id %zu\n", sizeof(deepepUniqueId));
   /* Each size-versioned struct: its size and where its fields end (before a trailing reserved field). */
   printf("init deepepConfigInit %zu %zu\n", sizeof(deepepConfig), offsetof(deepepConfig, reserved));
@@ -488,6 +526,11 @@ def test_config_init_fills_struct_size_and_defaults(lib):
     assert config.timeout_seconds == 100.0
     assert config.buffer_bytes == 0
     assert (config.max_tokens_per_rank, config.hidden, config.num_topk, config.num_experts) == (4096, 7168, 8, 256)
+
+
+def test_argument_structs_start_with_the_defaults_the_header_names(c_program_output):
+    # Dispatch, combine, low-latency dispatch, low-latency combine: field for field, padding included.
+    assert "defaults 1 1 1 1" in c_program_output.splitlines(), c_program_output
 
 
 def test_config_init_rejects_null(lib):

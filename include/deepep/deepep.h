@@ -383,7 +383,9 @@ typedef struct {
   int reserved; /* 0: room for a later field (the struct would otherwise end in padding that no initialiser sets) */
 } deepepDispatchArgs;
 
-/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepDispatchArgs)); see Conventions above. */
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepDispatchArgs)); see Conventions above. The
+ * defaults: topk_type deepepInt64, x_type deepepBFloat16, scales_type deepepFloat32, expert_alignment 1, every other
+ * field 0 or NULL. */
 DEEPEP_API deepepResult_t deepepDispatchArgsInit(deepepDispatchArgs* args, size_t struct_size);
 
 /* Fills `handle` with the routing of args (topk_idx, num_tokens, num_experts, expert_alignment, num_sms) and
@@ -439,7 +441,7 @@ typedef struct {
                               weight, 0 on ranks that do not hold its expert) */
 } deepepCombineArgs;
 
-/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepCombineArgs)). */
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepCombineArgs)): every field 0 or NULL. */
 DEEPEP_API deepepResult_t deepepCombineArgsInit(deepepCombineArgs* args, size_t struct_size);
 
 /* out[t] = bf16(sum over ranks d that received t, ascending, of float(x_d[row of t]) + bias0 + bias1), all sums in
@@ -580,7 +582,9 @@ typedef struct {
                              late or overloaded source stands out) */
 } deepepLowLatencyDispatchArgs;
 
-/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyDispatchArgs)). */
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyDispatchArgs)): phase
+ * deepepLowLatencySendRecv, topk_type and stats_recv_count_type deepepInt64, use_fp8 1, every other field 0 or
+ * NULL. */
 DEEPEP_API deepepResult_t deepepLowLatencyDispatchArgsInit(deepepLowLatencyDispatchArgs* args, size_t struct_size);
 
 /* Low-latency dispatch (see above). Collective, stream-ordered, no host synchronisation, capturable in a CUDA graph
@@ -614,7 +618,8 @@ typedef struct {
   void* out; /* [N, hidden] deepepBFloat16, contiguous; written by Recv and SendRecv */
 } deepepLowLatencyCombineArgs;
 
-/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyCombineArgs)). */
+/* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyCombineArgs)): phase
+ * deepepLowLatencySendRecv, topk_type deepepInt64, every other field 0 or NULL. */
 DEEPEP_API deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args, size_t struct_size);
 
 /* Low-latency combine (see above). Collective, stream-ordered, no host synchronisation, capturable in a CUDA graph
