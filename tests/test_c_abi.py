@@ -338,6 +338,15 @@ int main(void) {
          offsetof(deepepConfig, hidden), offsetof(deepepConfig, num_topk), offsetof(deepepConfig, num_experts),
          offsetof(deepepConfig, low_latency_max_tokens), offsetof(deepepConfig, low_latency_transport),
          offsetof(deepepConfig, zero_copy_dispatch), offsetof(deepepConfig, reserved));
+  printf("unique_id %zu\n", sizeof(deepepUniqueId));
+  /* Each size-versioned struct: its size and where its fields end (before a trailing reserved field). */
+  printf("init deepepConfigInit %zu %zu\n", sizeof(deepepConfig), offsetof(deepepConfig, reserved));
+  printf("init deepepDispatchArgsInit %zu %zu\n", sizeof(deepepDispatchArgs), offsetof(deepepDispatchArgs, reserved));
+  printf("init deepepCombineArgsInit %zu %zu\n", sizeof(deepepCombineArgs), sizeof(deepepCombineArgs));
+  printf("init deepepLowLatencyDispatchArgsInit %zu %zu\n", sizeof(deepepLowLatencyDispatchArgs),
+         sizeof(deepepLowLatencyDispatchArgs));
+  printf("init deepepLowLatencyCombineArgsInit %zu %zu\n", sizeof(deepepLowLatencyCombineArgs),
+         sizeof(deepepLowLatencyCombineArgs));
   {
     /* The argument structs' defaults are what the header says they are: zero but for the fields it names. */
     deepepDispatchArgs dispatch, dispatch_said;
@@ -376,15 +385,6 @@ int main(void) {
            memcmp(&ll_dispatch, &ll_dispatch_said, sizeof(ll_dispatch)) == 0,
            memcmp(&ll_combine, &ll_combine_said, sizeof(ll_combine)) == 0);
   }
-  printf("unique_id %zu\n", sizeof(deepepUniqueId));
-  /* Each size-versioned struct: its size and where its fields end (before a trailing reserved field). */
-  printf("init deepepConfigInit %zu %zu\n", sizeof(deepepConfig), offsetof(deepepConfig, reserved));
-  printf("init deepepDispatchArgsInit %zu %zu\n", sizeof(deepepDispatchArgs), offsetof(deepepDispatchArgs, reserved));
-  printf("init deepepCombineArgsInit %zu %zu\n", sizeof(deepepCombineArgs), sizeof(deepepCombineArgs));
-  printf("init deepepLowLatencyDispatchArgsInit %zu %zu\n", sizeof(deepepLowLatencyDispatchArgs),
-         sizeof(deepepLowLatencyDispatchArgs));
-  printf("init deepepLowLatencyCombineArgsInit %zu %zu\n", sizeof(deepepLowLatencyCombineArgs),
-         sizeof(deepepLowLatencyCombineArgs));
   return 0;
 }
 """
