@@ -1,5 +1,4 @@
-# Finds NVSHMEM: the pip wheel `nvidia-nvshmem-cu13` (located through Python) or a tree named by NVSHMEM_DIR; where
-# neither gives one, the trees listed in NVSHMEM_FALLBACK_DIRS (deepepConfig.cmake: the one libdeepep was built with).
+# Finds NVSHMEM: the pip wheel `nvidia-nvshmem-cu13` (located through Python) or a tree named by NVSHMEM_DIR.
 # Defines NVSHMEM::host (the host shared library) and NVSHMEM::device (the static device library, for -rdc links).
 #
 # The wheel ships lib/libnvshmem_host.so.3 (no unversioned name), lib/libnvshmem_device.a and bootstrap plugins,
@@ -24,8 +23,6 @@ if(NOT _nvshmem_hints)
     endif()
   endif()
 endif()
-
-list(APPEND _nvshmem_hints ${NVSHMEM_FALLBACK_DIRS})
 
 find_path(NVSHMEM_INCLUDE_DIR nvshmem.h HINTS ${_nvshmem_hints} PATH_SUFFIXES include NO_DEFAULT_PATH)
 find_library(NVSHMEM_HOST_LIBRARY NAMES nvshmem_host libnvshmem_host.so.3 HINTS ${_nvshmem_hints}
