@@ -84,12 +84,13 @@ struct RankHello {
   int64_t ll_transport;
 };
 
+// Of two hellos of one library version (which the caller compares first).
 bool same_setup(const RankHello& a, const RankHello& b) {
-  return a.version == b.version && a.nranks == b.nranks && a.buffer_bytes == b.buffer_bytes &&
-         a.ht_bytes == b.ht_bytes && a.ll_offset == b.ll_offset && a.ll_max_tokens == b.ll_max_tokens &&
-         a.ll_max_hidden == b.ll_max_hidden && a.ll_max_topk == b.ll_max_topk &&
-         a.ll_max_local_experts == b.ll_max_local_experts && a.dispatch_area_offset == b.dispatch_area_offset &&
-         a.max_tokens_per_rank == b.max_tokens_per_rank && a.ll_transport == b.ll_transport;
+  return a.nranks == b.nranks && a.buffer_bytes == b.buffer_bytes && a.ht_bytes == b.ht_bytes &&
+         a.ll_offset == b.ll_offset && a.ll_max_tokens == b.ll_max_tokens && a.ll_max_hidden == b.ll_max_hidden &&
+         a.ll_max_topk == b.ll_max_topk && a.ll_max_local_experts == b.ll_max_local_experts &&
+         a.dispatch_area_offset == b.dispatch_area_offset && a.max_tokens_per_rank == b.max_tokens_per_rank &&
+         a.ll_transport == b.ll_transport;
 }
 
 std::string describe_setup(const RankHello& h) {
@@ -99,8 +100,7 @@ std::string describe_setup(const RankHello& h) {
          std::to_string(h.ll_max_hidden) + ", top-k " + std::to_string(h.ll_max_topk) + ", " +
          std::to_string(h.ll_max_local_experts) + " local experts, low-latency transport " +
          (h.ll_transport == DEEPEP_LL_TRANSPORT_NVSHMEM ? "nvshmem" : "auto") + ", zero-copy dispatch area at " +
-         std::to_string(h.dispatch_area_offset) + ", " + std::to_string(h.nranks) + " ranks and library version " +
-         std::to_string(h.version);
+         std::to_string(h.dispatch_area_offset) + " and " + std::to_string(h.nranks) + " ranks";
 }
 
 // The hello's allocation: fixed, so that a hello that grows does not make ranks of two builds pass different sizes

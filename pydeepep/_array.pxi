@@ -456,7 +456,10 @@ _taken = threading.local()
 
 
 cdef _keep_for_call(obj, size_t stream):
-    """Holds `obj` until the work the current call queues on `stream` is done (nothing outside a call)."""
+    """Holds `obj` until the work the current call queues on `stream` is done (nothing outside a call). A DeviceArray
+    only where it is over another library's out= array: pydeepep's own memory is freed stream-ordered anyway."""
+    if isinstance(obj, DeviceArray) and not _holds_other_librarys_memory(<DeviceArray>obj):
+        return
     taken = getattr(_taken, "by_stream", None)
     if taken is not None:
         taken.setdefault(stream, []).append(obj)

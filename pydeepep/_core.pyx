@@ -191,19 +191,21 @@ def _as_view(obj, stream):
     """A view of any DLPack / CAI device array (ptr, shape, strides in elements, dtype), ordered after its producer
     on `stream`. Inside a call, a view of another library's array is held until the work the call queues on `stream`
     is done (_InCall): the view keeps the array, and the DLPack capsule taken from it, alive."""
-    from cuda.core.utils import StridedMemoryView
-
     if isinstance(obj, DeviceArray):
         # Our own arrays need no protocol round trip: order the stream after the producer and describe them.
         if obj.stream != stream:
             _make_stream_wait(obj.stream, stream)
-        if _holds_other_librarys_memory(obj):  # an earlier call's out= array of another library
-            _keep_for_call(obj, stream)
-        return obj
-    view = _interface_view(obj, stream)
-    if view is not None:
-        _keep_for_call(view, stream)
-        return view
+        view = obj
+    else:
+        view = _interface_view(obj, stream) or _general_view(obj, stream)
+    _keep_for_call(view, stream)
+    return view
+
+
+def _general_view(obj, stream):
+    """cuda.core's view of a DLPack / CAI device array that _interface_view does not read."""
+    from cuda.core.utils import StridedMemoryView
+
     if not is_device_array(obj):
         raise DeepEPInvalidArgument(
             f"expected a CUDA device array (DLPack or __cuda_array_interface__), got host data of type "
@@ -212,13 +214,11 @@ def _as_view(obj, stream):
     # cuda.core >= 1.2.2 deprecates the constructor for array-interface objects in favour of from_any_interface.
     make = getattr(StridedMemoryView, "from_any_interface", None) or StridedMemoryView
     try:
-        view = make(obj, stream_ptr=stream)
+        return make(obj, stream_ptr=stream)
     except (BufferError, TypeError, AttributeError, ValueError) as exc:
         raise DeepEPInvalidArgument(
             f"expected a device array exposing DLPack or __cuda_array_interface__, got {type(obj).__name__}: {exc}",
             1) from exc
-    _keep_for_call(view, stream)
-    return view
 
 
 _devices = {}

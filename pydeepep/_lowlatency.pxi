@@ -460,8 +460,7 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
         if (<DeviceArray>routing).stream != s:
             _make_stream_wait((<DeviceArray>routing).stream, s)
             routing.record_stream(stream)  # the object: the free waits on it, so it must outlive the array
-        if _holds_other_librarys_memory(routing):  # the dispatch's out= arrays: record_stream cannot keep them
-            _keep_for_call(routing, s)
+        _keep_for_call(routing, s)  # a dispatch's out= arrays of another library, which record_stream cannot keep
     cdef int R = comm.nranks
     cdef int local = handle.num_experts // R
     cdef int64_t rows = <int64_t>R * T

@@ -348,42 +348,33 @@ int main(void) {
   printf("init deepepLowLatencyCombineArgsInit %zu %zu\n", sizeof(deepepLowLatencyCombineArgs),
          sizeof(deepepLowLatencyCombineArgs));
   {
-    /* The argument structs' defaults are what the header says they are: zero but for the fields it names. */
+    /* The argument structs' defaults are what the header says they are: zero but for the fields it names. Each Init
+       fills a struct of 0xff bytes, compared byte for byte with one zeroed and given those fields. */
+#define ZEROED(s) (memset(&(s), 0, sizeof(s)), (s).struct_size = sizeof(s))
+#define INIT_GIVES(init, s, said) \
+  (memset(&(s), 0xff, sizeof(s)), init(&(s), sizeof(s)) == deepepSuccess && memcmp(&(s), &(said), sizeof(s)) == 0)
     deepepDispatchArgs dispatch, dispatch_said;
     deepepCombineArgs combine, combine_said;
     deepepLowLatencyDispatchArgs ll_dispatch, ll_dispatch_said;
     deepepLowLatencyCombineArgs ll_combine, ll_combine_said;
-    memset(&dispatch_said, 0, sizeof(dispatch_said));
-    dispatch_said.struct_size = sizeof(dispatch_said);
+    ZEROED(dispatch_said);
     dispatch_said.topk_type = deepepInt64;
     dispatch_said.x_type = deepepBFloat16;
     dispatch_said.scales_type = deepepFloat32;
     dispatch_said.expert_alignment = 1;
-    memset(&combine_said, 0, sizeof(combine_said));
-    combine_said.struct_size = sizeof(combine_said);
-    memset(&ll_dispatch_said, 0, sizeof(ll_dispatch_said));
-    ll_dispatch_said.struct_size = sizeof(ll_dispatch_said);
+    ZEROED(combine_said);
+    ZEROED(ll_dispatch_said);
     ll_dispatch_said.phase = deepepLowLatencySendRecv;
     ll_dispatch_said.topk_type = deepepInt64;
     ll_dispatch_said.stats_recv_count_type = deepepInt64;
     ll_dispatch_said.use_fp8 = 1;
-    memset(&ll_combine_said, 0, sizeof(ll_combine_said));
-    ll_combine_said.struct_size = sizeof(ll_combine_said);
+    ZEROED(ll_combine_said);
     ll_combine_said.phase = deepepLowLatencySendRecv;
     ll_combine_said.topk_type = deepepInt64;
-    memset(&dispatch, 0xff, sizeof(dispatch));
-    memset(&combine, 0xff, sizeof(combine));
-    memset(&ll_dispatch, 0xff, sizeof(ll_dispatch));
-    memset(&ll_combine, 0xff, sizeof(ll_combine));
-    if (deepepDispatchArgsInit(&dispatch, sizeof(dispatch)) != deepepSuccess ||
-        deepepCombineArgsInit(&combine, sizeof(combine)) != deepepSuccess ||
-        deepepLowLatencyDispatchArgsInit(&ll_dispatch, sizeof(ll_dispatch)) != deepepSuccess ||
-        deepepLowLatencyCombineArgsInit(&ll_combine, sizeof(ll_combine)) != deepepSuccess)
-      return 15;
-    printf("defaults %d %d %d %d\n", memcmp(&dispatch, &dispatch_said, sizeof(dispatch)) == 0,
-           memcmp(&combine, &combine_said, sizeof(combine)) == 0,
-           memcmp(&ll_dispatch, &ll_dispatch_said, sizeof(ll_dispatch)) == 0,
-           memcmp(&ll_combine, &ll_combine_said, sizeof(ll_combine)) == 0);
+    printf("defaults %d %d %d %d\n", INIT_GIVES(deepepDispatchArgsInit, dispatch, dispatch_said),
+           INIT_GIVES(deepepCombineArgsInit, combine, combine_said),
+           INIT_GIVES(deepepLowLatencyDispatchArgsInit, ll_dispatch, ll_dispatch_said),
+           INIT_GIVES(deepepLowLatencyCombineArgsInit, ll_combine, ll_combine_said));
   }
   return 0;
 }
