@@ -299,7 +299,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     const size_t R = static_cast<size_t>(c->nranks);
     const size_t tiles = std::max<size_t>(1, (static_cast<size_t>(h->max_tokens) + kRoutingTile - 1) / kRoutingTile);
     const size_t ints = static_cast<size_t>(h->max_tokens) * R + R + R * DEEPEP_MAX_LOCAL_EXPERTS +
-                        2 * R * kMaxBlocks * 2 + R + DEEPEP_MAX_LOCAL_EXPERTS + tiles * R + 3;
+                        2 * R * kMaxBlocks * 2 + R + DEEPEP_MAX_LOCAL_EXPERTS + tiles * R + 4;
     const size_t bytes = sizeof(int64_t) + ints * sizeof(int32_t);
     {
       // Reuse the storage of a destroyed handle whose last use has finished (no allocation, no device sync).
@@ -352,6 +352,7 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     h->routing_ticket = reinterpret_cast<uint32_t*>(take(1));
     h->routing_faults = take(2);  // with dispatch_failed after it: the routing clears both
     h->dispatch_failed = h->routing_faults + 1;
+    h->routing_op = reinterpret_cast<uint32_t*>(take(1));
     // New storage starts zeroed (reused storage keeps stale routing, which nothing reads before a routing rewrites
     // it: calls check `routed` first). The clearing is finished before the handle is returned: a memset left on the
     // legacy stream would race with routings on non-blocking streams.

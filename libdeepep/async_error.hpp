@@ -55,6 +55,10 @@ constexpr int64_t kDetailDispatchFailed = -4;
 // AsyncErrorRecord::detail of a low-latency dispatch whose source routed with another number of experts per rank
 // (value: the source's): its tokens were left out.
 constexpr int64_t kDetailPeerExperts = -5;
+// AsyncErrorRecord::detail of a high-throughput dispatch or combine whose peer passed the handle of another dispatch
+// than this rank's (value: the operations that routed the two handles, the peer's << 32 | this rank's): its rows
+// were left out.
+constexpr int64_t kDetailPeerRouting = -6;
 
 struct AsyncErrorRecord {
   int32_t code;    // deepepResult_t; 0 while nothing happened

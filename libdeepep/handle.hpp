@@ -60,6 +60,10 @@ struct deepepHandle {
   // (a rank refused it: that rank + 1; the ranks disagreed, or a wait timed out: -1): no rank moved rows or wrote
   // receive ranges, so a combine of this routing moves and waits for none, and says so (combine_kernel).
   int32_t* dispatch_failed = nullptr;
+  // The seq of the collective operation that routed the handle (its count exchange, or the worst-case dispatch that
+  // made it), written by that operation's kernel: a cached dispatch and a combine compare it across ranks, so that
+  // ranks passing the handles of different dispatches get an error (intranode.cu, routing_pair).
+  uint32_t* routing_op = nullptr;
   int64_t* num_recv_device = nullptr;
 
   deepep::HandleHostInfo host_info = {};  // receive counts of the last notify (valid when recv_counts_on_host)

@@ -52,6 +52,7 @@ struct alignas(16) RangeMessage {
   int64_t row_layout;  // the source's row_layout_word
   int32_t tokens;      // rows the source sends here in all
   int32_t num_blocks;  // the source's block count
+  uint32_t routing;    // the operation that routed the source's handle (routing_pair)
 };
 
 // What a rank that refused a call (bad input found on its host, deepepRefuseCall) sends where its part would be read
@@ -79,6 +80,7 @@ struct ControlRegion {
   uint64_t progress[kMaxNvlRanks][kMaxBlocks];          // (seq << 32) | rows of block b's dispatch range done
   uint64_t combine_progress[kMaxNvlRanks][kMaxBlocks];  // the same for combine (kRowsRefused: rows not pushed)
   uint64_t combine_layout[kMaxNvlRanks][kMaxBlocks];    // the source's combine_layout_word, before its first release
+  uint32_t combine_routing[kMaxNvlRanks][kMaxBlocks];   // the operation that routed the source's handle, the same way
   uint64_t ack[kMaxNvlRanks];                           // last seq each destination finished consuming
   // Each destination's zero-copy dispatch area, per dispatch, in the slot of its seq's parity: a cached dispatch sends
   // its message before it waits for the acknowledgements, so a destination that finished the previous operation
@@ -87,6 +89,15 @@ struct ControlRegion {
   ReadyMessage ready[2][kMaxNvlRanks];
 };
 static_assert(sizeof(ControlRegion) <= kArrivalOffset, "control region outgrew its reservation");
+
+// A handle's routing is named by the sequence number of the collective operation that routed it (its count exchange,
+// or the worst-case dispatch that made it), which every rank's handle of that dispatch holds alike: ranks compare it
+// before reading each other's rows, so that a cached dispatch or a combine with the handles of different dispatches on
+// different ranks is an error, not rows summed or copied for the wrong tokens. The record's value holds the peer's and
+// this rank's (kDetailPeerRouting).
+__device__ __forceinline__ int64_t routing_pair(uint32_t theirs, uint32_t mine) {
+  return static_cast<int64_t>(static_cast<uint64_t>(theirs) << 32 | mine);
+}
 
 constexpr int kDispatchWarps = 24;
 // Dispatch warps that push rows; the others copy received rows out, and the pushers join them once done. Large rows
@@ -164,6 +175,12 @@ int dispatch_push_warps(size_t row_bytes, int64_t num_tokens, int blocks, bool z
 constexpr int kVectorsInFlight = 4;
 // In a combine's progress count: the source could not push the rows (recorded there), so they are not read here.
 constexpr uint32_t kRowsRefused = 1u << 31;
+// In a combine's progress count: the source's last release for this block, so no more rows come. A source with none
+// for this rank releases it too, at the end, so that a rank whose handle expects rows the source's does not send (the
+// handles of different dispatches) finds out at once instead of at the timeout. Counts stay below it: with two ranks
+// or more, max_tokens_per_rank < 2^30 (comm.cu).
+constexpr uint32_t kRowsFinal = 1u << 30;
+constexpr uint32_t kRowsCount = kRowsFinal - 1;
 static_assert(kCombinePushWarps < kCombineWarps && kCombinePushWarpsLonePublisher < kCombineWarps &&
                   kCombinePushWarpsFewRows < kCombineWarps,
               "a combine block needs a warp after its pushing warps to publish");
@@ -499,10 +516,11 @@ __device__ __forceinline__ void store_host_ticket(uint64_t* where, uint64_t tick
 __global__ void notify_kernel(Protocol p, const int32_t* send_counts, const int32_t* expert_counts,
                               int experts_per_rank, int expert_alignment, int num_blocks, int32_t* recv_counts,
                               int32_t* recv_expert_counts, int64_t* num_recv_device, HandleHostInfo* host,
-                              uint64_t ticket, const int32_t* routing_faults) {
+                              uint64_t ticket, const int32_t* routing_faults, uint32_t* routing_op) {
   wait_for_previous_grid();  // the routing
   const uint32_t seq = p.op_state[0] + 1;
   const uint64_t deadline = global_timer_ns() + p.timeout_ns;
+  if (threadIdx.x == 0) *routing_op = seq;
   // A routing that skipped ids out of range (recorded) fails this call, and the count message says so to every rank,
   // as a refused call's does, so that every rank's notify fails with it and none goes on to a dispatch alone.
   const bool skipped_ids = *routing_faults != 0;
@@ -621,6 +639,7 @@ struct DispatchParams {
   uint64_t report_ticket;         // stored there once the counts are, unless this call's routing skipped ids (recorded)
   const int32_t* routing_faults;  // with report: 1 when this call's routing skipped ids out of range (recorded)
   int32_t* dispatch_failed;       // a worst-case dispatch's: set when its counts step fails (deepepHandle)
+  uint32_t* routing_op;           // deepepHandle's: read, or written by a worst-case dispatch (its own seq)
   // Zero-copy receive (dispatch_kernel<true>: a communicator with a dispatch area, recv_x is this rank's area): the
   // peers write payloads straight into recv_x and each row's scales and metadata (the part of a region's row after
   // its payload) into the area's side rows, which the receiving warps read as they would a region's row.
@@ -641,13 +660,20 @@ __device__ __forceinline__ int64_t row_layout_word(const DispatchRowLayout& L) {
          static_cast<int64_t>(L.num_topk) << 48;
 }
 
-// Whether source s's range message matches this rank: rows laid out otherwise would be misread, a total other than
-// this rank's count for the source would put rows into another source's outputs, and a block count other than
-// this rank's would pair blocks wrongly. A mismatch is recorded when `record` (one lane per block).
+// Whether source s's range message matches this rank: rows laid out otherwise would be misread, a handle of another
+// routing (the source's or this rank's) sends rows this rank's handle does not describe, a total other than this
+// rank's count for the source would put rows into another source's outputs, and a block count other than this rank's
+// would pair blocks wrongly. A mismatch is recorded when `record` (one lane per block).
 __device__ __forceinline__ bool range_accepted(const Protocol& p, const RangeMessage& message, int s, int64_t layout,
-                                               int64_t tokens, bool record) {
+                                               uint32_t routing, int64_t tokens, bool record) {
   if (message.row_layout == kRefusedRowLayout) {
     if (record) record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatch, s, kDetailPeerRefused, 0);
+    return false;
+  }
+  if (message.row_layout == layout && message.routing != routing) {
+    if (record)
+      record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kDispatch, s, kDetailPeerRouting,
+                         routing_pair(message.routing, routing));
     return false;
   }
   int64_t got = 0, expected = 0;
@@ -765,6 +791,8 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   // as soon as the destinations acknowledged the previous operation.
   bool fine = true;  // warp 0's: the destinations acknowledged the previous operation
   const bool sends_counts = q.worst_case && b == 0;
+  const uint32_t routing = q.worst_case ? seq : *q.routing_op;
+  if (q.worst_case && b == 0 && threadIdx.x == 0) *q.routing_op = seq;
   if (warp == 0) {
     fine = wait_acks(p, seq, deadline, Phase::kDispatch);
     if (sends_counts && fine) {
@@ -929,6 +957,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       message->row_layout = row_layout_word(L);
       message->tokens = q.send_counts[lane];
       message->num_blocks = gridDim.x;
+      message->routing = routing;
       store_release_sys(&message->flag, seq);
     }
     // Zero-copy: lane d learns where this source's rows start in rank d's area and how many it takes.
@@ -1075,7 +1104,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const RangeMessage& message = mine->ranges[s][b];
         start = message.start;
         count = message.count;
-        accepted = range_accepted(p, message, s, row_layout_word(L), offsets[s + 1] - offsets[s],
+        accepted = range_accepted(p, message, s, row_layout_word(L), routing, offsets[s + 1] - offsets[s],
                                   warp == push_warps && lane == 0);
       }
       if (warp == push_warps && lane == 0) {  // kept for the combine even when refused, so that it stays in step
@@ -1157,6 +1186,7 @@ struct CombineParams {
   const int32_t* recv_ranges;
   const int32_t* recv_counts;
   const int32_t* dispatch_failed;  // deepepHandle's: the worst-case dispatch that routed the handle failed
+  const uint32_t* routing_op;      // deepepHandle's: the operation that routed it (routing_pair)
   int64_t num_tokens;
   const uint8_t* x;
   int64_t x_stride_bytes;
@@ -1291,16 +1321,21 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
       }
     }
   } else if (ok && warp == kPushWarps) {
-    // Publisher: after each chunk lane d releases to rank d how many of its rows are back. Rows that could not be
-    // pushed (recorded above) are released all the same, marked refused, so that no rank waits forever. The layout
-    // word goes first (the releases order it).
+    // Publisher: after each chunk lane d releases to rank d how many of its rows are back, the last time marked
+    // final. Rows that could not be pushed (recorded above) are released all the same, marked refused, so that no
+    // rank waits forever. The layout and routing words go first (the releases order them).
     int32_t count = 0;
     uint32_t refused = 0;
-    if (lane < R && lane != p.rank) {
+    const bool peer_lane = lane < R && lane != p.rank;
+    auto describe_rows = [&] {
+      control_of(p.peers, lane)->combine_layout[p.rank][b] = combine_layout_word(q);
+      control_of(p.peers, lane)->combine_routing[p.rank][b] = *q.routing_op;
+    };
+    if (peer_lane) {
       const int32_t* range = q.recv_ranges + (static_cast<size_t>(lane) * kMaxBlocks + b) * 2;
       count = range[1];
       refused = combine_pushable(q, offsets, lane, range[0], count) ? 0u : kRowsRefused;
-      if (count > 0) control_of(p.peers, lane)->combine_layout[p.rank][b] = combine_layout_word(q);
+      if (count > 0) describe_rows();
     }
     const int32_t longest = __reduce_max_sync(0xffffffffu, count);
     uint32_t chunks = 0;
@@ -1312,8 +1347,14 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
       }
       if (count > c0) {
         const uint32_t done = static_cast<uint32_t>(min(count, c0 + chunk_rows));
-        store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done | refused));
+        const uint32_t final = static_cast<int32_t>(done) == count ? kRowsFinal : 0u;
+        store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, done | refused | final));
       }
+    }
+    // After the rows, off their path: the peers that get none from this block are told so too.
+    if (peer_lane && count == 0) {
+      describe_rows();
+      store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, kRowsFinal));
     }
   }
   if (ok) {
@@ -1331,6 +1372,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
       available[d] = 0;
       skipped[d] = false;
     }
+    const uint32_t routing = *q.routing_op;
     bool alive = true;
     while (alive) {
       int32_t claimed = lane == 0 ? atomicAdd(&tokens_claimed, 1) : 0;
@@ -1359,25 +1401,37 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
         const uint32_t needed = static_cast<uint32_t>(j - range_start[d]);
         if (available[d] <= needed) {
           uint64_t seen = 0;
-          alive =
-              __all_sync(0xffffffffu,
-                         wait_flag(
-                             &mine->combine_progress[d][b],
-                             [&](uint64_t v) { return (v >> 32) == seq && (v & ~kRowsRefused & 0xffffffffu) > needed; },
-                             deadline, p.error, p.rank, Phase::kCombine, d, &seen));
+          // Row `needed` is there, or the source's last release is (with fewer rows only on a handle mismatch).
+          auto arrived = [&](uint64_t v) {
+            return (v >> 32) == seq && ((v & kRowsCount) > needed || (v & kRowsFinal) != 0);
+          };
+          alive = __all_sync(0xffffffffu, wait_flag(&mine->combine_progress[d][b], arrived, deadline, p.error, p.rank,
+                                                    Phase::kCombine, d, &seen));
           if (!alive) break;
-          available[d] = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen) & ~kRowsRefused);
+          available[d] = __reduce_min_sync(0xffffffffu, static_cast<uint32_t>(seen) & kRowsCount);
           // Read after this lane's acquire of the progress, which the source released after writing the word.
           const uint64_t theirs = mine->combine_layout[d][b];
+          const uint32_t their_routing = mine->combine_routing[d][b];
           const bool refused = __any_sync(0xffffffffu, (static_cast<uint32_t>(seen) & kRowsRefused) != 0);
           const bool other_layout = __any_sync(0xffffffffu, theirs != combine_layout_word(q));
-          if (refused || other_layout) {
+          const bool other_routing = __any_sync(0xffffffffu, their_routing != routing);
+          // The source's last release holds fewer rows than this rank's handle expects from it (only with handles of
+          // different dispatches, which the routing words tell apart first).
+          const bool too_few = available[d] <= needed;
+          if (refused || other_layout || other_routing || too_few) {
             if (lane == 0) {
               // A refused call's word (refused_kernel) says so; otherwise the source could not push its rows.
               const bool call_refused = static_cast<int64_t>(theirs) == kRefusedRowLayout;
-              record_async_error(p.error, refused ? deepepRemoteError : deepepInvalidArgument, p.rank, Phase::kCombine,
-                                 d, call_refused ? kDetailPeerRefused : static_cast<int64_t>(theirs),
-                                 static_cast<int64_t>(combine_layout_word(q)));
+              if (refused || other_layout) {
+                record_async_error(p.error, refused ? deepepRemoteError : deepepInvalidArgument, p.rank,
+                                   Phase::kCombine, d, call_refused ? kDetailPeerRefused : static_cast<int64_t>(theirs),
+                                   static_cast<int64_t>(combine_layout_word(q)));
+              } else if (other_routing) {
+                record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kCombine, d, kDetailPeerRouting,
+                                   routing_pair(their_routing, routing));
+              } else {
+                record_async_error(p.error, deepepInternalError, p.rank, Phase::kCombine, d, needed + 1, available[d]);
+              }
             }
             skipped[d] = true;  // its later rows are not waited for either
             continue;
@@ -1594,7 +1648,7 @@ void launch_notify(const deepepComm& comm, deepepHandle& handle, int expert_alig
                 handle.expert_counts, handle.num_experts / comm.nranks, expert_alignment, handle.num_sms,
                 handle.recv_counts, handle.recv_expert_counts, handle.num_recv_device,
                 static_cast<HandleHostInfo*>(comm.notify_host_device), ticket,
-                static_cast<const int32_t*>(handle.routing_faults));
+                static_cast<const int32_t*>(handle.routing_faults), handle.routing_op);
 }
 
 void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepDispatchArgs& args,
@@ -1633,6 +1687,7 @@ void launch_dispatch(const deepepComm& comm, deepepHandle& handle, const deepepD
   q.out_rows = args.num_recv_rows;
   q.worst_case = worst_case;
   q.dispatch_failed = handle.dispatch_failed;
+  q.routing_op = handle.routing_op;
   if (report_ticket != 0) {
     q.report = static_cast<HandleHostInfo*>(comm.report_host_device);
     q.report_ticket = report_ticket;
@@ -1665,6 +1720,7 @@ void launch_combine(const deepepComm& comm, deepepHandle& handle, const deepepCo
   q.recv_ranges = handle.recv_ranges;
   q.recv_counts = handle.recv_counts;
   q.dispatch_failed = handle.dispatch_failed;
+  q.routing_op = handle.routing_op;
   q.num_tokens = handle.num_tokens;
   q.x = static_cast<const uint8_t*>(args.x);
   q.x_stride_bytes = (args.x_row_stride != 0 ? args.x_row_stride : args.hidden) * int64_t(2);

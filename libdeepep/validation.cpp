@@ -94,6 +94,14 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
                   "here are valid",
                   record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
                   static_cast<long long>(record->value));
+  } else if (record->detail == kDetailPeerRouting) {
+    const auto value = static_cast<uint64_t>(record->value);
+    std::snprintf(text, sizeof(text),
+                  "rank %d found %s in %s: rank %d passed the handle of another dispatch (routed by the "
+                  "communicator's operation %llu there, %llu here; every rank must pass its handle of the same "
+                  "dispatch); its rows were left out, so none of this call's outputs here are valid",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
+                  static_cast<unsigned long long>(value >> 32), static_cast<unsigned long long>(value & 0xffffffffu));
   } else if (record->detail == kDetailPeerLayout) {
     std::snprintf(text, sizeof(text),
                   "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "

@@ -668,6 +668,33 @@ def ht_scenarios(info):
             comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(x), handle=stale.handle
         )
         log_scenario("ht", info, "mismatched_handles", out["mismatched_handles"])
+        # The same with handles of two dispatches of the same inputs, whose totals agree: the handles name the
+        # operation that routed them, so the ranks still tell them apart.
+        x, topk, _ = make_inputs(50, info.rank, 64, 256, 4, 16)
+        first = dispatch_host_inputs(comm, x, topk, num_experts=16)
+        second = dispatch_host_inputs(comm, x, topk, num_experts=16)
+        stale = first if info.rank == 0 else second
+        out["other_dispatchs_handle_cached"] = refusal(
+            comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(x), handle=stale.handle
+        )
+        log_scenario("ht", info, "other_dispatchs_handle_cached", out["other_dispatchs_handle_cached"])
+        # Ranks that combine with the handles of different dispatches (one hidden and top-k, other routings): an error
+        # naming it, at once, never other tokens' rows summed or a wait until the timeout for rows that never come.
+        x, topk, _ = make_inputs(51, info.rank, 64, 256, 4, 16)
+        x2, topk2, _ = make_inputs(52, info.rank, 64, 256, 4, 16)
+        first = dispatch_host_inputs(comm, x, topk, num_experts=16)
+        second = dispatch_host_inputs(comm, x2, topk2, num_experts=16)
+        answered = first if info.rank == 0 else second
+        started = time.monotonic()
+        out["other_dispatchs_handle_combine"] = refusal(
+            comm,
+            pydeepep.DeepEPInvalidArgument,
+            comm.combine,
+            cupy.zeros((answered.recv_x.shape[0], 256), cupy.uint16),
+            answered.handle,
+        )
+        out["other_dispatchs_handle_combine_seconds"] = time.monotonic() - started
+        log_scenario("ht", info, "other_dispatchs_handle_combine", out["other_dispatchs_handle_combine"])
         # Ranks that combine rows of different widths (hidden 256 and 128): an error, never rows summed at the wrong
         # stride.
         x, topk, _ = make_inputs(43, info.rank, 64, 256, 4, 16)
@@ -1013,6 +1040,21 @@ def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
 def test_ranks_disagreeing_on_the_rows_they_exchange_get_an_error(results, scenario):
     for r in results:
         assert "invalid argument in dispatch:" in r.get(scenario, ""), r.get(scenario)
+
+
+@pytest.mark.parametrize("scenario", ["other_dispatchs_handle_cached", "other_dispatchs_handle_combine"])
+def test_ranks_passing_the_handles_of_different_dispatches_get_an_error_naming_it(results, scenario):
+    for r in results:
+        said = r.get(scenario, "")
+        assert said.startswith("DeepEPInvalidArgument: "), said
+        assert "passed the handle of another dispatch" in said, said
+
+
+def test_a_combine_with_the_handles_of_different_dispatches_fails_well_before_the_timeout(results):
+    for r in results:  # the communicator's timeout is 20 s
+        assert r.get("other_dispatchs_handle_combine_seconds", float("inf")) < 10, r.get(
+            "other_dispatchs_handle_combine_seconds"
+        )
 
 
 def test_ranks_combining_rows_of_other_widths_get_an_error(results):
