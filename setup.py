@@ -80,7 +80,7 @@ class BuildWithCMake(build_ext):
             f"-DCMAKE_INSTALL_PREFIX={package_dir}",
             "-DCMAKE_INSTALL_LIBDIR=lib",
             "-DCMAKE_INSTALL_INCLUDEDIR=include",
-            "-DDEEPEP_WHEEL_RPATH=ON",
+            "-DDEEPEP_WHEEL=ON",
             f"-DPython3_EXECUTABLE={sys.executable}",
         ]
         if os.environ.get("CUDA_ARCHITECTURES"):
