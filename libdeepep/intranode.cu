@@ -181,6 +181,9 @@ constexpr uint32_t kRowsRefused = 1u << 31;
 // or more, max_tokens_per_rank < 2^30 (comm.cu).
 constexpr uint32_t kRowsFinal = 1u << 30;
 constexpr uint32_t kRowsCount = kRowsFinal - 1;
+// A combine's progress when the source has no rows for this rank to push and says so at once (a refused call, a
+// handle whose worst-case dispatch failed): every row it could wait for is there, refused, and no more come.
+constexpr uint32_t kAllRowsRefused = kRowsRefused | kRowsFinal | kRowsCount;
 static_assert(kCombinePushWarps < kCombineWarps && kCombinePushWarpsLonePublisher < kCombineWarps &&
                   kCombinePushWarpsFewRows < kCombineWarps,
               "a combine block needs a warp after its pushing warps to publish");
@@ -339,7 +342,7 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
       } else if (call == deepepCallCombine) {
         // Every row the peer could wait for is there, refused: it reads none.
         peer->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
-        store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kRowsRefused | (kRowsRefused - 1)));
+        store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kAllRowsRefused));
       }
     }
   }
@@ -1255,17 +1258,22 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   }
   if (warp == 0) {
     const bool fine = wait_acks(p, seq, deadline, Phase::kCombine);
+    const int32_t failed = *q.dispatch_failed;
     if (lane == 0) {
       // After a worst-case dispatch that a rank refused or the ranks disagreed on (which every rank sees alike) no
       // rank has rows of it to push or receive ranges to push them by: every rank's combine of it, and of a cached
       // dispatch on the handle, moves nothing and waits for no rows until a routing clears the word (a refusing rank,
-      // which has no handle, makes its combine as a refusal). A timeout sets it on the ranks that saw one only, whose
-      // peers' combine then times out as before. So that an error cleared since is not lost, it is recorded again.
-      const int32_t failed = *q.dispatch_failed;
+      // which has no handle, makes its combine as a refusal). A timeout sets it on the ranks that saw one only: these
+      // tell their peers (below) that no rows come, as a refusal does, so that the peers' combine ends at once too. So
+      // that an error cleared since is not lost, it is recorded again.
       if (failed != 0 && b == 0)
         record_async_error(p.error, failed > 0 ? deepepRemoteError : deepepInvalidArgument, p.rank, Phase::kCombine,
                            failed > 0 ? failed - 1 : -1, kDetailDispatchFailed, 0);
       ok = fine && failed == 0;
+    }
+    if (fine && failed != 0 && lane < R && lane != p.rank) {
+      control_of(p.peers, lane)->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
+      store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, kAllRowsRefused));
     }
   }
   __syncthreads();

@@ -76,10 +76,13 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
                   phase_name(record->phase), static_cast<long long>(record->detail),
                   static_cast<long long>(record->value));
   } else if (record->detail == kDetailPeerRefused) {
+    // A high-throughput combine's peer also says so when its handle's worst-case dispatch failed (combine_kernel).
+    const bool combine = record->phase == static_cast<int32_t>(Phase::kCombine);
     std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: rank %d refused the call (bad input there: see the error it raised), so no "
-                  "rows moved between them",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer);
+                  "rank %d found %s in %s: rank %d refused the call (bad input there%s: see the error it raised), so "
+                  "no rows moved between them",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
+                  combine ? ", or a handle whose worst-case dispatch failed" : "");
   } else if (record->detail == kDetailDispatchFailed) {
     char cause[64] = "the ranks disagreed on it or timed out";
     if (record->peer >= 0) std::snprintf(cause, sizeof(cause), "rank %d refused it", record->peer);

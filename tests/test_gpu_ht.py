@@ -695,6 +695,24 @@ def ht_scenarios(info):
         )
         out["other_dispatchs_handle_combine_seconds"] = time.monotonic() - started
         log_scenario("ht", info, "other_dispatchs_handle_combine", out["other_dispatchs_handle_combine"])
+        # A rank whose handle's worst-case dispatch failed (here the ranks disagreed on E, which both saw) combines
+        # while its peer combines with a good handle, as after a timeout only one rank saw: the failed handle moves no
+        # rows and says so, so the peer's combine ends at once with DeepEPRemoteError instead of at the timeout.
+        x, topk, _ = make_inputs(53, info.rank, 64, 256, 4, 16)
+        failed = dispatch_host_inputs(comm, x, topk, num_experts=16 if info.rank == 0 else 32, num_worst_tokens=128)
+        out["failed_handle_dispatch"] = refusal(comm, pydeepep.DeepEPInvalidArgument, lambda: None)
+        good = dispatch_host_inputs(comm, x, topk, num_experts=16)
+        answered = good if info.rank == 0 else failed
+        started = time.monotonic()
+        out["failed_handle_combine"] = refusal(
+            comm,
+            pydeepep.DeepEPError,
+            comm.combine,
+            cupy.zeros((answered.recv_x.shape[0], 256), cupy.uint16),
+            answered.handle,
+        )
+        out["failed_handle_combine_seconds"] = time.monotonic() - started
+        log_scenario("ht", info, "failed_handle_combine", out["failed_handle_combine"])
         # Ranks that combine rows of different widths (hidden 256 and 128): an error, never rows summed at the wrong
         # stride.
         x, topk, _ = make_inputs(43, info.rank, 64, 256, 4, 16)
@@ -1055,6 +1073,19 @@ def test_a_combine_with_the_handles_of_different_dispatches_fails_well_before_th
         assert r.get("other_dispatchs_handle_combine_seconds", float("inf")) < 10, r.get(
             "other_dispatchs_handle_combine_seconds"
         )
+
+
+def test_a_combine_of_a_failed_worst_case_handle_ends_its_peers_combine_at_once(results):
+    for r in results:
+        said = r.get("failed_handle_dispatch", "")
+        assert said.startswith("DeepEPInvalidArgument: ") and "invalid argument in dispatch:" in said, said
+        assert r.get("failed_handle_combine_seconds", float("inf")) < 10, r.get("failed_handle_combine_seconds")
+    good = results[0].get("failed_handle_combine", "")
+    assert good.startswith("DeepEPRemoteError: ") and "refused the call" in good, good
+    for r in results[1:]:
+        failed = r.get("failed_handle_combine", "")
+        assert failed.startswith("DeepEPInvalidArgument: "), failed
+        assert "the worst-case dispatch that routed its handle failed" in failed, failed
 
 
 def test_ranks_combining_rows_of_other_widths_get_an_error(results):
