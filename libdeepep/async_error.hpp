@@ -59,6 +59,9 @@ constexpr int64_t kDetailPeerExperts = -5;
 // than this rank's (value: the operations that routed the two handles, the peer's << 32 | this rank's): its rows
 // were left out.
 constexpr int64_t kDetailPeerRouting = -6;
+// AsyncErrorRecord::detail of a high-throughput combine whose peer sent fewer rows than this rank's handle expects from
+// it, with handles of the same routing (value: the rows expected at least): its rows were left out.
+constexpr int64_t kDetailPeerFewerRows = -7;
 
 struct AsyncErrorRecord {
   int32_t code;    // deepepResult_t; 0 while nothing happened

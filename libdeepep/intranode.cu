@@ -794,7 +794,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   // as soon as the destinations acknowledged the previous operation.
   bool fine = true;  // warp 0's: the destinations acknowledged the previous operation
   const bool sends_counts = q.worst_case && b == 0;
-  const uint32_t routing = q.worst_case ? seq : *q.routing_op;
+  const uint32_t routed_by = q.worst_case ? seq : *q.routing_op;
   if (q.worst_case && b == 0 && threadIdx.x == 0) *q.routing_op = seq;
   if (warp == 0) {
     fine = wait_acks(p, seq, deadline, Phase::kDispatch);
@@ -960,7 +960,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       message->row_layout = row_layout_word(L);
       message->tokens = q.send_counts[lane];
       message->num_blocks = gridDim.x;
-      message->routing = routing;
+      message->routing = routed_by;
       store_release_sys(&message->flag, seq);
     }
     // Zero-copy: lane d learns where this source's rows start in rank d's area and how many it takes.
@@ -1093,6 +1093,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
       const int s = (p.rank + step) % R;
       int32_t start, count;
       bool accepted = true;
+      bool same_routing = true;  // the range describes this handle's routing: the combine may push by it
       if (s == p.rank) {
         const int32_t* range = q.send_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
         start = range[0];
@@ -1107,10 +1108,13 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         const RangeMessage& message = mine->ranges[s][b];
         start = message.start;
         count = message.count;
-        accepted = range_accepted(p, message, s, row_layout_word(L), routing, offsets[s + 1] - offsets[s],
+        accepted = range_accepted(p, message, s, row_layout_word(L), routed_by, offsets[s + 1] - offsets[s],
                                   warp == push_warps && lane == 0);
+        same_routing = message.row_layout == kRefusedRowLayout || message.routing == routed_by;
       }
-      if (warp == push_warps && lane == 0) {  // kept for the combine even when refused, so that it stays in step
+      // Kept for the combine even when refused, so that it stays in step; not a range of another routing (the peer
+      // passed the handle of another dispatch), which would spoil this handle for the combine made with the right one.
+      if (warp == push_warps && lane == 0 && same_routing) {
         int32_t* out = q.recv_ranges + (static_cast<size_t>(s) * kMaxBlocks + b) * 2;
         out[0] = start;
         out[1] = count;
@@ -1380,7 +1384,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
       available[d] = 0;
       skipped[d] = false;
     }
-    const uint32_t routing = *q.routing_op;
+    const uint32_t routed_by = *q.routing_op;
     bool alive = true;
     while (alive) {
       int32_t claimed = lane == 0 ? atomicAdd(&tokens_claimed, 1) : 0;
@@ -1422,9 +1426,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
           const uint32_t their_routing = mine->combine_routing[d][b];
           const bool refused = __any_sync(0xffffffffu, (static_cast<uint32_t>(seen) & kRowsRefused) != 0);
           const bool other_layout = __any_sync(0xffffffffu, theirs != combine_layout_word(q));
-          const bool other_routing = __any_sync(0xffffffffu, their_routing != routing);
-          // The source's last release holds fewer rows than this rank's handle expects from it (only with handles of
-          // different dispatches, which the routing words tell apart first).
+          const bool other_routing = __any_sync(0xffffffffu, their_routing != routed_by);
+          // The source's last release holds fewer rows than this rank's handle expects from it: the handles do not
+          // match (a rank that refused the dispatch and then made the combine with some other handle, say).
           const bool too_few = available[d] <= needed;
           if (refused || other_layout || other_routing || too_few) {
             if (lane == 0) {
@@ -1436,9 +1440,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
                                    static_cast<int64_t>(combine_layout_word(q)));
               } else if (other_routing) {
                 record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kCombine, d, kDetailPeerRouting,
-                                   routing_pair(their_routing, routing));
+                                   routing_pair(their_routing, routed_by));
               } else {
-                record_async_error(p.error, deepepInternalError, p.rank, Phase::kCombine, d, needed + 1, available[d]);
+                record_async_error(p.error, deepepInvalidArgument, p.rank, Phase::kCombine, d, kDetailPeerFewerRows,
+                                   needed + 1);
               }
             }
             skipped[d] = true;  // its later rows are not waited for either

@@ -105,6 +105,14 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
                   "dispatch); its rows were left out, so none of this call's outputs here are valid",
                   record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
                   static_cast<unsigned long long>(value >> 32), static_cast<unsigned long long>(value & 0xffffffffu));
+  } else if (record->detail == kDetailPeerFewerRows) {
+    std::snprintf(text, sizeof(text),
+                  "rank %d found %s in %s: rank %d sent fewer rows than this rank's handle expects from it (at least "
+                  "%lld in one block; the ranks must pass their handles of the same dispatch, and a rank that refused "
+                  "the dispatch must refuse its combine too); its rows were left out, so none of this call's outputs "
+                  "here are valid",
+                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
+                  static_cast<long long>(record->value));
   } else if (record->detail == kDetailPeerLayout) {
     std::snprintf(text, sizeof(text),
                   "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "

@@ -668,6 +668,17 @@ def ht_scenarios(info):
             comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(x), handle=stale.handle
         )
         log_scenario("ht", info, "mismatched_handles", out["mismatched_handles"])
+        # The right handles still serve their combine afterwards: a receiver keeps no range of another routing.
+        inputs = [make_inputs(44, r, 64, 256, 4, 16, drop=0.0) for r in range(info.nranks)]
+        want = reference.dispatch([bf16_values(x) for x, _, _ in inputs], [t for _, t, _ in inputs], None, 16)
+        want_out = reference.combine([w[0] for w in want], [w[4] for w in want], [64] * info.nranks)[info.rank]
+        try:
+            got = bf16_values(comm.combine(first.recv_x, first.handle).out.to_numpy())
+            comm.check_async_error()
+            out["right_handles_after_mismatched_ones"] = exact_equal(got, want_out) or "the combine differs"
+        except pydeepep.DeepEPError as exc:
+            out["right_handles_after_mismatched_ones"] = f"{type(exc).__name__}: {exc}"
+            comm.clear_async_error()
         # The same with handles of two dispatches of the same inputs, whose totals agree: the handles name the
         # operation that routed them, so the ranks still tell them apart.
         x, topk, _ = make_inputs(50, info.rank, 64, 256, 4, 16)
@@ -1066,6 +1077,12 @@ def test_ranks_passing_the_handles_of_different_dispatches_get_an_error_naming_i
         said = r.get(scenario, "")
         assert said.startswith("DeepEPInvalidArgument: "), said
         assert "passed the handle of another dispatch" in said, said
+
+
+def test_the_right_handles_serve_their_combine_after_a_call_with_mismatched_ones(results):
+    assert all_true([r.get("right_handles_after_mismatched_ones", "not run") for r in results]), [
+        r.get("right_handles_after_mismatched_ones") for r in results
+    ]
 
 
 def test_a_combine_with_the_handles_of_different_dispatches_fails_well_before_the_timeout(results):
