@@ -254,18 +254,12 @@ static std::set<int> open_descriptors() {
   return fds;
 }
 
-void get_unique_id(deepepUniqueId* id) {
-  // NVLink multicast stays off here too (see create_comm): a config asking for it comes too late in this process.
-  setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
-  set_process_nvshmem_defaults();
-  nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
-  const std::set<int> before = open_descriptors();
-  const int status = nvshmemx_get_uniqueid(&nvshmem_id);
-  if (status != 0) fail(deepepNvshmemError, "nvshmemx_get_uniqueid failed with status %d", status);
-  // NVSHMEM opens the bootstrap root's listening socket without close-on-exec: a program this process starts (a shell
-  // command, a launcher) would inherit it and keep the port open after this process ends. The sockets the call
-  // opened get close-on-exec (another thread's socket opened meanwhile would too, which only a program exec'd to
-  // inherit it would notice).
+// NVSHMEM opens its bootstrap sockets (the root's listening socket, the connections between the ranks) without
+// close-on-exec: a program this process starts (a shell command, a launcher, a compiler) would inherit them and keep
+// them open after this process ends, so a peer would not see the connection close. The sockets opened since `before`
+// get close-on-exec (another thread's socket opened meanwhile would too, which only a program exec'd to inherit it
+// would notice).
+static void mark_new_sockets_close_on_exec(const std::set<int>& before) {
   for (const int fd : open_descriptors()) {
     struct stat info;
     if (before.count(fd) == 0 && fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode)) {
@@ -273,6 +267,17 @@ void get_unique_id(deepepUniqueId* id) {
       if (flags >= 0) fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
     }
   }
+}
+
+void get_unique_id(deepepUniqueId* id) {
+  // NVLink multicast stays off here too (see create_comm): a config asking for it comes too late in this process.
+  setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
+  set_process_nvshmem_defaults();
+  nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  const std::set<int> before = open_descriptors();
+  const int status = nvshmemx_get_uniqueid(&nvshmem_id);
+  mark_new_sockets_close_on_exec(before);  // the bootstrap root's listening socket
+  if (status != 0) fail(deepepNvshmemError, "nvshmemx_get_uniqueid failed with status %d", status);
   std::memcpy(id->internal, &nvshmem_id, sizeof(nvshmem_id));
 }
 
@@ -335,7 +340,9 @@ static void nvshmem_setup(SetupRequest* comm) {
   int provided = 0;
   nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                 NVSHMEM_VENDOR_PATCH_VERSION};
+  const std::set<int> before = open_descriptors();
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
+  mark_new_sockets_close_on_exec(before);  // the bootstrap's connections between the ranks
   if (status != 0)
     fail(deepepNvshmemError, "NVSHMEM initialisation failed with status %d (rank %d of %d)", status, comm->rank,
          comm->nranks);

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import requires_ranks, spawn_ranks
+
 import pydeepep
 from pydeepep.launch import spawn
 
 
-def listening_sockets(pid: int) -> list[str]:
-    """Local addresses (hex ip:port as /proc shows them) of the TCP sockets `pid` listens on."""
+def tcp_sockets(pid: int) -> list[tuple[str, str]]:
+    """(local hex ip:port as /proc shows it, state) of each TCP socket `pid` has open."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -26,9 +28,14 @@ def listening_sockets(pid: int) -> list[str]:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[9] in inodes and fields[3] == "0A":  # 0A: LISTEN
-                found.append(fields[1])
+            if fields[9] in inodes:
+                found.append((fields[1], fields[3]))
     return found
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """Local addresses (hex ip:port as /proc shows them) of the TCP sockets `pid` listens on."""
+    return [address for address, state in tcp_sockets(pid) if state == "0A"]  # 0A: LISTEN
 
 
 LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
@@ -96,6 +103,27 @@ def test_a_program_the_id_maker_starts_does_not_inherit_its_listening_socket(tmp
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/", timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["none"], out.stdout
+
+
+def sockets_a_started_program_inherits(info):
+    """This rank's TCP sockets once its communicator is set up, and those a program it starts then (close_fds=False)
+    holds."""
+    with pydeepep.Communicator(info.unique_id, info.rank, info.nranks, device=info.device, timeout=30):
+        child = subprocess.Popen(["sleep", "30"], close_fds=False)
+        try:
+            return tcp_sockets(os.getpid()), tcp_sockets(child.pid)
+        finally:
+            child.kill()
+            child.wait()
+
+
+@requires_ranks(2)
+def test_a_program_a_rank_starts_inherits_none_of_the_bootstrap_connections():
+    # NVSHMEM's bootstrap connects the ranks over TCP without close-on-exec: a program a rank started (a compiler, a
+    # shell command) kept those connections open after the rank ended, so its peers did not see them close.
+    for own, inherited in spawn_ranks(sockets_a_started_program_inherits, nprocs=2, timeout=180):
+        assert own, "no bootstrap socket to check"
+        assert inherited == [], inherited
 
 
 def test_installed_files_are_not_world_writable():
