@@ -801,8 +801,11 @@ import os, sys, time
 from pydeepep.launch import spawn
 
 def wait(info, folder):
-    with open(os.path.join(folder, f"rank{info.rank}.pid"), "w") as f:
+    # Written aside, then renamed: the test reads a pid file as soon as it exists, never an empty one.
+    partial = os.path.join(folder, f"rank{info.rank}.partial")
+    with open(partial, "w") as f:
         f.write(str(os.getpid()))
+    os.replace(partial, os.path.join(folder, f"rank{info.rank}.pid"))
     time.sleep(120)
 
 if __name__ == "__main__":
