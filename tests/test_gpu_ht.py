@@ -661,13 +661,7 @@ def ht_scenarios(info):
         # from its peer than the peer sends): an error, never rows written into another source's outputs.
         x, topk, _ = make_inputs(44, info.rank, 64, 256, 4, 16, drop=0.0)
         x2, topk2, _ = make_inputs(45, info.rank, 64, 256, 4, 16, drop=0.6)
-        first = dispatch_host_inputs(comm, x, topk, num_experts=16)
-        second = dispatch_host_inputs(comm, x2, topk2, num_experts=16)
-        stale = first if info.rank == 0 else second
-        out["mismatched_handles"] = refusal(
-            comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(x), handle=stale.handle
-        )
-        log_scenario("ht", info, "mismatched_handles", out["mismatched_handles"])
+        first = cached_dispatch_with_mismatched_handles(comm, info, out, "mismatched_handles", (x, topk), (x2, topk2))
         # The right handles still serve their combine afterwards: a receiver keeps no range of another routing.
         inputs = [make_inputs(44, r, 64, 256, 4, 16, drop=0.0) for r in range(info.nranks)]
         want = reference.dispatch([bf16_values(x) for x, _, _ in inputs], [t for _, t, _ in inputs], None, 16)
@@ -682,13 +676,7 @@ def ht_scenarios(info):
         # The same with handles of two dispatches of the same inputs, whose totals agree: the handles name the
         # operation that routed them, so the ranks still tell them apart.
         x, topk, _ = make_inputs(50, info.rank, 64, 256, 4, 16)
-        first = dispatch_host_inputs(comm, x, topk, num_experts=16)
-        second = dispatch_host_inputs(comm, x, topk, num_experts=16)
-        stale = first if info.rank == 0 else second
-        out["other_dispatchs_handle_cached"] = refusal(
-            comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(x), handle=stale.handle
-        )
-        log_scenario("ht", info, "other_dispatchs_handle_cached", out["other_dispatchs_handle_cached"])
+        cached_dispatch_with_mismatched_handles(comm, info, out, "other_dispatchs_handle_cached", (x, topk), (x, topk))
         # Ranks that combine with the handles of different dispatches (one hidden and top-k, other routings): an error
         # naming it, at once, never other tokens' rows summed or a wait until the timeout for rows that never come.
         x, topk, _ = make_inputs(51, info.rank, 64, 256, 4, 16)
@@ -696,16 +684,9 @@ def ht_scenarios(info):
         first = dispatch_host_inputs(comm, x, topk, num_experts=16)
         second = dispatch_host_inputs(comm, x2, topk2, num_experts=16)
         answered = first if info.rank == 0 else second
-        started = time.monotonic()
-        out["other_dispatchs_handle_combine"] = refusal(
-            comm,
-            pydeepep.DeepEPInvalidArgument,
-            comm.combine,
-            cupy.zeros((answered.recv_x.shape[0], 256), cupy.uint16),
-            answered.handle,
+        timed_combine_refusal(
+            comm, info, out, "other_dispatchs_handle_combine", pydeepep.DeepEPInvalidArgument, answered
         )
-        out["other_dispatchs_handle_combine_seconds"] = time.monotonic() - started
-        log_scenario("ht", info, "other_dispatchs_handle_combine", out["other_dispatchs_handle_combine"])
         # A rank whose handle's worst-case dispatch failed (here the ranks disagreed on E, which both saw) combines
         # while its peer combines with a good handle, as after a timeout only one rank saw: the failed handle moves no
         # rows and says so, so the peer's combine ends at once with DeepEPRemoteError instead of at the timeout.
@@ -714,16 +695,7 @@ def ht_scenarios(info):
         out["failed_handle_dispatch"] = refusal(comm, pydeepep.DeepEPInvalidArgument, lambda: None)
         good = dispatch_host_inputs(comm, x, topk, num_experts=16)
         answered = good if info.rank == 0 else failed
-        started = time.monotonic()
-        out["failed_handle_combine"] = refusal(
-            comm,
-            pydeepep.DeepEPError,
-            comm.combine,
-            cupy.zeros((answered.recv_x.shape[0], 256), cupy.uint16),
-            answered.handle,
-        )
-        out["failed_handle_combine_seconds"] = time.monotonic() - started
-        log_scenario("ht", info, "failed_handle_combine", out["failed_handle_combine"])
+        timed_combine_refusal(comm, info, out, "failed_handle_combine", pydeepep.DeepEPError, answered)
         # Ranks that combine rows of different widths (hidden 256 and 128): an error, never rows summed at the wrong
         # stride.
         x, topk, _ = make_inputs(43, info.rank, 64, 256, 4, 16)
@@ -1009,6 +981,28 @@ def refusal(comm, error, call, *args, **kwargs):
         said = "unexpected " + traceback.format_exc()
     comm.clear_async_error()
     return said
+
+
+def cached_dispatch_with_mismatched_handles(comm, info, out, name, first_inputs, second_inputs):
+    """out[name]: refusal() of a cached dispatch of the first inputs in which rank 0 passes the handle of a dispatch of
+    `first_inputs` and the other ranks that of `second_inputs` ((x, topk_idx) each, E = 16). Returns the first
+    dispatch's result."""
+    first = dispatch_host_inputs(comm, *first_inputs, num_experts=16)
+    second = dispatch_host_inputs(comm, *second_inputs, num_experts=16)
+    stale = first if info.rank == 0 else second
+    out[name] = refusal(comm, pydeepep.DeepEPInvalidArgument, comm.dispatch, dev(first_inputs[0]), handle=stale.handle)
+    log_scenario("ht", info, name, out[name])
+    return first
+
+
+def timed_combine_refusal(comm, info, out, name, error, answered):
+    """out[name]: refusal() of a combine of zero rows (H = 256) with `answered`'s handle; out[name + "_seconds"]: how
+    long it took."""
+    started = time.monotonic()
+    rows = cupy.zeros((answered.recv_x.shape[0], 256), cupy.uint16)
+    out[name] = refusal(comm, error, comm.combine, rows, answered.handle)
+    out[name + "_seconds"] = time.monotonic() - started
+    log_scenario("ht", info, name, out[name])
 
 
 @pytest.fixture(scope="module")
