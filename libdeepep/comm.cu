@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -254,15 +255,18 @@ static std::set<int> open_descriptors() {
   return fds;
 }
 
-// NVSHMEM opens its bootstrap sockets (the root's listening socket, the connections between the ranks) without
+// NVSHMEM opens its bootstrap's TCP sockets (the root's listening socket, the connections between the ranks) without
 // close-on-exec: a program this process starts (a shell command, a launcher, a compiler) would inherit them and keep
-// them open after this process ends, so a peer would not see the connection close. The sockets opened since `before`
-// get close-on-exec (another thread's socket opened meanwhile would too, which only a program exec'd to inherit it
-// would notice).
+// them open after this process ends, so a peer would not see the connection close. The IPv4 and IPv6 sockets opened
+// since `before` get close-on-exec (another thread's opened meanwhile would too, which only a program exec'd to
+// inherit it would notice); local sockets (the driver's, MPS's, NVSHMEM's passing of memory handles) are left alone.
 static void mark_new_sockets_close_on_exec(const std::set<int>& before) {
   for (const int fd : open_descriptors()) {
     struct stat info;
-    if (before.count(fd) == 0 && fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode)) {
+    int domain = 0;
+    socklen_t length = sizeof(domain);
+    if (before.count(fd) == 0 && fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode) &&
+        getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && (domain == AF_INET || domain == AF_INET6)) {
       const int flags = fcntl(fd, F_GETFD);
       if (flags >= 0) fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
     }

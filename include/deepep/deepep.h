@@ -272,8 +272,9 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
  * source rank ascending, then by source token index ascending. A combine is the inverse: each rank returns the rows
  * it received (in the same order) and every source sums, in float32 and rank order, the rows of each of its tokens.
  * The routing of a dispatch lives in a handle, which combine and later *cached* dispatches (same routing, new
- * data) reuse. Every rank passes its handle of the same dispatch: a rank whose peer passed one of another dispatch
- * leaves that peer's rows out and records deepepInvalidArgument ("passed the handle of another dispatch").
+ * data) reuse. Every rank passes its handle of the same dispatch: a rank that reads rows from a peer that passed one
+ * of another dispatch leaves that peer's rows out and records deepepInvalidArgument ("passed the handle of another
+ * dispatch", or where the handles' routings agree "sent fewer rows than this rank's handle expects").
  *
  * Flows (all collective: every rank of the communicator makes the same calls in the same order, and its calls are
  * stream-ordered: one stream, or ordered by events):
