@@ -401,16 +401,19 @@ class Buffer:
         return Config(Buffer.num_sms)
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
         """Bytes of communication buffer per rank for low-latency calls of these sizes (num_topk 8). A hint only:
-        pydeepep sizes the area from the first low-latency call, whatever num_rdma_bytes says."""
+        pydeepep sizes the area from the first low-latency call, whatever num_rdma_bytes says. The arguments have
+        DeepEP's names: callers pass them by keyword (vLLM does)."""
         return pydeepep.buffer_size_hint(
             num_ranks,
             max_tokens_per_rank=1,
             hidden=hidden,
             num_topk=_DEFAULT_LL_TOPK,
             num_experts=num_experts,
-            low_latency_max_tokens=max_tokens,
+            low_latency_max_tokens=num_max_dispatch_tokens_per_rank,
         )
 
     @staticmethod

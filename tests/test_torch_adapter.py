@@ -78,6 +78,10 @@ def test_low_latency_size_hint():
         8, max_tokens_per_rank=1, hidden=7168, num_topk=8, num_experts=256, low_latency_max_tokens=128
     )
     assert hint > deep_ep.Buffer.get_low_latency_rdma_size_hint(64, 7168, 8, 256)
+    # By keyword, with DeepEP's names, as vLLM calls it.
+    assert hint == deep_ep.Buffer.get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank=128, hidden=7168, num_ranks=8, num_experts=256
+    )
 
 
 # ---- low-latency Buffers without a GPU: a world of one gloo rank, and a stand-in for the communicator -------------
