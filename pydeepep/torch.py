@@ -255,6 +255,9 @@ class Buffer:
             raise DeepEPNotSupported("multi-node NVLink fabric memory (use_fabric) is not supported", 8)
         if comm is not None:
             raise DeepEPNotSupported("comm= (an existing communicator) is not supported; pass the process group", 8)
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if int(value) < 0:
+                raise DeepEPInvalidArgument(f"{name} is {value}; it must be 0 or more (bytes)", 1)
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -262,8 +265,8 @@ class Buffer:
         self.group = group
         self.explicitly_destroy = explicitly_destroy
         self.low_latency_mode = bool(low_latency_mode)
-        self.num_nvl_bytes = max(int(num_nvl_bytes), 0)
-        self.num_rdma_bytes = max(int(num_rdma_bytes), 0)  # kept for code that reads it (Megatron-Core); unused
+        self.num_nvl_bytes = int(num_nvl_bytes)
+        self.num_rdma_bytes = int(num_rdma_bytes)  # kept for code that reads it (Megatron-Core); unused
         self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
         # The device current now is the Buffer's (as with DeepEP), also when the communicator comes later.
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None

@@ -71,6 +71,12 @@ def test_a_buffer_needs_torch_distributed():
         deep_ep.Buffer(None, low_latency_mode=True)
 
 
+@pytest.mark.parametrize("name", ["num_nvl_bytes", "num_rdma_bytes"])
+def test_a_negative_buffer_size_is_refused_naming_it(name):
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"{name} is -5"):
+        deep_ep.Buffer(None, **{name: -5})
+
+
 def test_low_latency_size_hint():
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
     assert isinstance(hint, int) and hint > 0
