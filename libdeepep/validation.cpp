@@ -59,6 +59,53 @@ void check_device_array(const deepepComm& comm, const void* pointer, size_t byte
   }
 }
 
+// What an asynchronous error record's detail names (the peer, the value), after "rank r found <error> in <phase>: ".
+static void describe_detail(const volatile AsyncErrorRecord* record, char* text, size_t size) {
+  const long long value = record->value;
+  if (record->detail == kDetailPeerRefused) {
+    // A high-throughput combine's peer also says so when its handle's worst-case dispatch failed (combine_kernel).
+    const bool combine = record->phase == static_cast<int32_t>(Phase::kCombine);
+    std::snprintf(text, size,
+                  "rank %d refused the call (bad input there%s: see the error it raised), so no rows moved between "
+                  "them",
+                  record->peer, combine ? ", or a handle whose worst-case dispatch failed" : "");
+  } else if (record->detail == kDetailDispatchFailed) {
+    char cause[64] = "the ranks disagreed on it or timed out";
+    if (record->peer >= 0) std::snprintf(cause, sizeof(cause), "rank %d refused it", record->peer);
+    std::snprintf(text, size,
+                  "the worst-case dispatch that routed its handle failed (%s: see the error recorded then), so no "
+                  "rows moved and the output is not written; route the handle again",
+                  cause);
+  } else if (record->detail == kDetailPeerExperts) {
+    std::snprintf(text, size,
+                  "rank %d routed it with %lld experts per rank, another num_experts than this rank's (the ranks "
+                  "must agree on it); its tokens were left out, so none of this call's outputs here are valid",
+                  record->peer, value);
+  } else if (record->detail == kDetailPeerRouting) {
+    std::snprintf(text, size,
+                  "rank %d passed the handle of another dispatch (routed by the communicator's operation %llu there, "
+                  "%llu here; every rank must pass its handle of the same dispatch); its rows were left out, so none "
+                  "of this call's outputs here are valid",
+                  record->peer, static_cast<unsigned long long>(value) >> 32,
+                  static_cast<unsigned long long>(value) & 0xffffffffu);
+  } else if (record->detail == kDetailPeerFewerRows) {
+    std::snprintf(text, size,
+                  "rank %d sent fewer rows than this rank's handle expects from it (at least %lld in one block; the "
+                  "ranks must pass their handles of the same dispatch, and a rank that refused the dispatch must "
+                  "refuse its combine too); its rows were left out, so none of this call's outputs here are valid",
+                  record->peer, value);
+  } else if (record->detail == kDetailPeerLayout) {
+    std::snprintf(text, size,
+                  "rank %d called it with rows laid out otherwise (layout word %#llx; the ranks must agree on top-k "
+                  "and hidden, and in a dispatch on the FP8 options); its rows were left out, and as it wrote them at "
+                  "its own offsets, none of this call's outputs here are valid",
+                  record->peer, static_cast<unsigned long long>(value));
+  } else {
+    std::snprintf(text, size, "entry %lld has value %lld (peer %d)", static_cast<long long>(record->detail), value,
+                  record->peer);
+  }
+}
+
 deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
   const volatile AsyncErrorRecord* record = comm.async_error;
   const int32_t code = record->code;
@@ -75,55 +122,11 @@ deepepResult_t read_async_error(const deepepComm& comm, std::string* message) {
     std::snprintf(text, sizeof(text), "rank %d in %s: %lld rows arrive but the outputs hold %lld", record->rank,
                   phase_name(record->phase), static_cast<long long>(record->detail),
                   static_cast<long long>(record->value));
-  } else if (record->detail == kDetailPeerRefused) {
-    // A high-throughput combine's peer also says so when its handle's worst-case dispatch failed (combine_kernel).
-    const bool combine = record->phase == static_cast<int32_t>(Phase::kCombine);
-    std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: rank %d refused the call (bad input there%s: see the error it raised), so "
-                  "no rows moved between them",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
-                  combine ? ", or a handle whose worst-case dispatch failed" : "");
-  } else if (record->detail == kDetailDispatchFailed) {
-    char cause[64] = "the ranks disagreed on it or timed out";
-    if (record->peer >= 0) std::snprintf(cause, sizeof(cause), "rank %d refused it", record->peer);
-    std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: the worst-case dispatch that routed its handle failed (%s: see the error "
-                  "recorded then), so no rows moved and the output is not written; route the handle again",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), cause);
-  } else if (record->detail == kDetailPeerExperts) {
-    std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: rank %d routed it with %lld experts per rank, another num_experts than "
-                  "this rank's (the ranks must agree on it); its tokens were left out, so none of this call's outputs "
-                  "here are valid",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
-                  static_cast<long long>(record->value));
-  } else if (record->detail == kDetailPeerRouting) {
-    const auto value = static_cast<uint64_t>(record->value);
-    std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: rank %d passed the handle of another dispatch (routed by the "
-                  "communicator's operation %llu there, %llu here; every rank must pass its handle of the same "
-                  "dispatch); its rows were left out, so none of this call's outputs here are valid",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
-                  static_cast<unsigned long long>(value >> 32), static_cast<unsigned long long>(value & 0xffffffffu));
-  } else if (record->detail == kDetailPeerFewerRows) {
-    std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: rank %d sent fewer rows than this rank's handle expects from it (at least "
-                  "%lld in one block; the ranks must pass their handles of the same dispatch, and a rank that refused "
-                  "the dispatch must refuse its combine too); its rows were left out, so none of this call's outputs "
-                  "here are valid",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
-                  static_cast<long long>(record->value));
-  } else if (record->detail == kDetailPeerLayout) {
-    std::snprintf(text, sizeof(text),
-                  "rank %d found %s in %s: rank %d called it with rows laid out otherwise (layout word %#llx; "
-                  "the ranks must agree on top-k and hidden, and in a dispatch on the FP8 options); its rows were "
-                  "left out, and as it wrote them at its own offsets, none of this call's outputs here are valid",
-                  record->rank, deepepGetErrorString(found), phase_name(record->phase), record->peer,
-                  static_cast<unsigned long long>(record->value));
   } else {
-    std::snprintf(text, sizeof(text), "rank %d found %s in %s: entry %lld has value %lld (peer %d)", record->rank,
-                  deepepGetErrorString(found), phase_name(record->phase), static_cast<long long>(record->detail),
-                  static_cast<long long>(record->value), record->peer);
+    char detail[448];
+    describe_detail(record, detail, sizeof(detail));
+    std::snprintf(text, sizeof(text), "rank %d found %s in %s: %s", record->rank, deepepGetErrorString(found),
+                  phase_name(record->phase), detail);
   }
   *message = std::string("asynchronous error: ") + text;
   return found;
