@@ -13,6 +13,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bounded.hpp"
@@ -240,19 +241,26 @@ static void set_process_nvshmem_defaults() {
   setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
 }
 
-// The file descriptors open in this process (empty where /proc/self/fd cannot be read).
-static std::set<int> open_descriptors() {
-  std::set<int> fds;
+// The IPv4 and IPv6 sockets open in this process, as (descriptor, inode) pairs (empty where /proc/self/fd cannot be
+// read). The inode tells a socket apart from an earlier one whose descriptor number it took over: another thread (the
+// bootstrap root's, in the process that made the id) may close a socket while NVSHMEM opens others.
+static std::set<std::pair<int, ino_t>> open_network_sockets() {
+  std::set<std::pair<int, ino_t>> sockets;
   DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return fds;
+  if (dir == nullptr) return sockets;
   const int own = dirfd(dir);
   while (const dirent* entry = readdir(dir)) {
     char* end = nullptr;
-    const long fd = std::strtol(entry->d_name, &end, 10);
-    if (end != entry->d_name && *end == '\0' && fd != own) fds.insert(static_cast<int>(fd));
+    const int fd = static_cast<int>(std::strtol(entry->d_name, &end, 10));
+    struct stat info;
+    int domain = 0;
+    socklen_t length = sizeof(domain);
+    if (end != entry->d_name && *end == '\0' && fd != own && fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode) &&
+        getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && (domain == AF_INET || domain == AF_INET6))
+      sockets.emplace(fd, info.st_ino);
   }
   closedir(dir);
-  return fds;
+  return sockets;
 }
 
 // NVSHMEM opens its bootstrap's TCP sockets (the root's listening socket, the connections between the ranks) without
@@ -260,16 +268,11 @@ static std::set<int> open_descriptors() {
 // them open after this process ends, so a peer would not see the connection close. The IPv4 and IPv6 sockets opened
 // since `before` get close-on-exec (another thread's opened meanwhile would too, which only a program exec'd to
 // inherit it would notice); local sockets (the driver's, MPS's, NVSHMEM's passing of memory handles) are left alone.
-static void mark_new_sockets_close_on_exec(const std::set<int>& before) {
-  for (const int fd : open_descriptors()) {
-    struct stat info;
-    int domain = 0;
-    socklen_t length = sizeof(domain);
-    if (before.count(fd) == 0 && fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode) &&
-        getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && (domain == AF_INET || domain == AF_INET6)) {
-      const int flags = fcntl(fd, F_GETFD);
-      if (flags >= 0) fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
-    }
+static void mark_new_sockets_close_on_exec(const std::set<std::pair<int, ino_t>>& before) {
+  for (const auto& [fd, inode] : open_network_sockets()) {
+    if (before.count({fd, inode}) != 0) continue;
+    const int flags = fcntl(fd, F_GETFD);
+    if (flags >= 0) fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
   }
 }
 
@@ -278,7 +281,7 @@ void get_unique_id(deepepUniqueId* id) {
   setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
   set_process_nvshmem_defaults();
   nvshmemx_uniqueid_t nvshmem_id = NVSHMEMX_UNIQUEID_INITIALIZER;
-  const std::set<int> before = open_descriptors();
+  const auto before = open_network_sockets();
   const int status = nvshmemx_get_uniqueid(&nvshmem_id);
   mark_new_sockets_close_on_exec(before);  // the bootstrap root's listening socket
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_get_uniqueid failed with status %d", status);
@@ -344,7 +347,7 @@ static void nvshmem_setup(SetupRequest* comm) {
   int provided = 0;
   nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                 NVSHMEM_VENDOR_PATCH_VERSION};
-  const std::set<int> before = open_descriptors();
+  const auto before = open_network_sockets();
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
   mark_new_sockets_close_on_exec(before);  // the bootstrap's connections between the ranks
   if (status != 0)
