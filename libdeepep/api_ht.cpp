@@ -10,9 +10,9 @@
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <thread>
+#include <unordered_map>
 
 #include "comm.hpp"
 #include "cuda_utils.hpp"
@@ -27,20 +27,25 @@ using namespace deepep;
 
 namespace {
 
+// Live handles by the value the caller holds, which is a serial number, never an address: a new handle may get the
+// memory of a destroyed one, and a stale value (a second destroy, a call after the destroy) would then act on it.
+// Values are multiples of 16, as an address of the struct would be, for callers that keep tags in the low bits.
 std::mutex handle_registry_mutex;
-std::set<deepepHandle*> live_handles;
+std::unordered_map<uintptr_t, deepepHandle*> live_handles;
+uintptr_t handles_made = 0;
 
 deepepHandle* checked_handle(deepepHandle_t handle, const deepepComm* comm) {
   DEEPEP_REQUIRE(handle != nullptr, "handle is NULL");
   std::lock_guard<std::mutex> lock(handle_registry_mutex);
-  if (live_handles.count(handle) == 0 || handle->magic != deepepHandle::kMagic) {
+  const auto live = live_handles.find(reinterpret_cast<uintptr_t>(handle));
+  if (live == live_handles.end()) {
     fail(deepepInvalidUsage, "handle %p is not a live handle (destroyed, or never created)",
          static_cast<void*>(handle));
   }
-  if (comm != nullptr && handle->comm != comm) {
+  if (comm != nullptr && live->second->comm != comm) {
     fail(deepepInvalidUsage, "the handle belongs to another communicator (or to a destroyed one)");
   }
-  return handle;
+  return live->second;
 }
 
 // The intranode kernels reach every rank by NVLink loads and stores.
@@ -366,8 +371,9 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     }
     free_on_failure.handle = nullptr;  // the handle owns its storage from here on
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
-    live_handles.insert(h.get());
-    *handle = h.release();
+    const uintptr_t value = ++handles_made << 4;
+    live_handles.emplace(value, h.release());
+    *handle = reinterpret_cast<deepepHandle_t>(value);
   });
 }
 
@@ -378,12 +384,11 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
     {
       std::lock_guard<std::mutex> lock(handle_registry_mutex);
       // One destruction per handle, also when two threads destroy it at once.
-      if (live_handles.erase(h) == 0) {
+      if (live_handles.erase(reinterpret_cast<uintptr_t>(handle)) == 0) {
         fail(deepepInvalidUsage, "handle %p is not a live handle (destroyed, or being destroyed)",
-             static_cast<void*>(h));
+             static_cast<void*>(handle));
       }
     }
-    h->magic = 0;
     std::unique_ptr<deepepHandle> owner(h);
     DeviceGuard guard(h->device);
     deepepComm* c = h->comm;

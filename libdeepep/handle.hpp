@@ -25,8 +25,6 @@ struct HandleHostInfo {
 }  // namespace deepep
 
 struct deepepHandle {
-  static constexpr uint64_t kMagic = 0x6465657065704831ull;  // "deepepH1"
-  uint64_t magic = kMagic;
   deepepComm* comm = nullptr;
   // The communicator's device and rank count (kept: the handle may outlive its communicator).
   int device = -1;

@@ -337,6 +337,66 @@ def test_close_waits_for_calls_still_running_on_their_streams():
     assert rows is True, rows
 
 
+def ll_arrays_shared_by_both_buffer_sets(info):
+    """Low-latency dispatches on the two buffer sets given the same arrays as out=, through an object that is not the
+    first dispatch's result: the first result's combine is refused once the second wrote there, and the second
+    dispatch is refused while the first one's receive, which writes those arrays, is still due."""
+    import types
+
+    import cupy
+    from conftest import bf16_bits, bf16_values
+    from test_gpu_ll import check_dispatch
+
+    from pydeepep import reference
+
+    hidden, experts, tokens = 256, 4, 8
+    rng = np.random.default_rng(17)
+    x = bf16_values(bf16_bits(rng.standard_normal((tokens, hidden)).astype(np.float32)))
+    topk = np.stack([rng.permutation(experts)[:2] for _ in range(tokens)]).astype(np.int64)
+    w = rng.random((tokens, 2)).astype(np.float32)
+    want = reference.low_latency_dispatch([x], [topk], experts, tokens, False, False)[0]
+    y = want[0]  # the dispatched rows as the expert outputs
+    (want_out,) = reference.low_latency_combine([y], [topk], [w], [want[3]])
+    want_bits = (want_out.view(np.uint32) >> 16).astype(np.uint16)
+    fields = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range")
+
+    def same_arrays(result):
+        return types.SimpleNamespace(**{name: getattr(result, name) for name in fields})
+
+    def refusal(call):
+        try:
+            call()
+        except pydeepep.DeepEPInvalidUsage as exc:
+            return str(exc)
+        return "accepted"
+
+    seen = {}
+    with one_rank_ll_communicator(info, hidden, experts, tokens) as comm:
+        x_dev, topk_dev, w_dev, y_dev = (cupy.asarray(a) for a in (bf16_bits(x), topk, w, bf16_bits(y)))
+        first = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False)  # set 0
+        second = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, out=same_arrays(first))  # set 1
+        seen["combine of the first"] = refusal(lambda: comm.low_latency_combine(y_dev, topk_dev, w_dev, first))
+        got = comm.low_latency_combine(y_dev, topk_dev, w_dev, second).out.to_numpy()
+        seen["combine of the second"] = np.array_equal(got, want_bits) or "differs from the oracle's"
+        third = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, return_recv_hook=True)  # set 0
+        seen["dispatch into the due receive's arrays"] = refusal(
+            lambda: comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, out=same_arrays(third))
+        )
+        third.hook()
+        cupy.cuda.runtime.deviceSynchronize()
+        seen["third"] = check_dispatch(third, want, [(x, topk, w)], 0, experts, 1, False, False)
+    return seen
+
+
+def test_low_latency_arrays_given_to_both_buffer_sets_are_caught_whatever_object_carries_them():
+    import_or_skip("cupy")
+    (seen,) = pydeepep.spawn(ll_arrays_shared_by_both_buffer_sets, nprocs=1, timeout=120)
+    assert "given as out= to a later dispatch" in seen["combine of the first"], seen
+    assert seen["combine of the second"] is True, seen
+    assert "receive hook was not called yet" in seen["dispatch into the due receive's arrays"], seen
+    assert seen["third"] is True, seen
+
+
 def nonfinite_ll(info):
     """Low-latency calls on rows holding NaN and infinities, against the oracle: the FP8 cast (the block maximum
     skips NaN; an infinite channel gives an infinite scale), BF16 rows unchanged, and the combine's NaN pattern."""
@@ -543,10 +603,11 @@ def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_
 def test_high_throughput_rules_from_c(tmp_path):
     """tests/c/ht_checks.c: an error the application left on the thread does not fail the next layout; a dispatch with
     num_topk > 0 and no topk_idx is refused naming topk_idx; with num_topk 0 the rows arrive unchanged; a 64-bit id
-    past int32 travels as -1; a rank with no tokens may pass NULL ids with num_topk > 0."""
+    past int32 travels as -1; a rank with no tokens may pass NULL ids with num_topk > 0; a destroyed handle stays
+    refused after another is created, which a second destroy of it leaves live."""
     result = run_c_test(tmp_path, "ht_checks")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("as expected") == 14, result.stdout
+    assert result.stdout.count("as expected") == 19, result.stdout
 
 
 def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):

@@ -302,7 +302,9 @@ DEEPEP_API deepepResult_t deepepGetDispatchLayout(deepepComm_t comm, const void*
 typedef struct deepepHandle* deepepHandle_t;
 
 /* Creates an empty handle for dispatches of up to config->max_tokens_per_rank tokens on `comm`. Local, blocking
- * (may allocate device memory; not capturable). Destroy accepts NULL and does not wait: the storage is kept with an
+ * (may allocate device memory; not capturable). A handle is an opaque value, not an address, and no later handle gets
+ * the value of a destroyed one: a call given a destroyed handle (a second destroy included) is deepepInvalidUsage,
+ * whatever was created since. Destroy accepts NULL and does not wait: the storage is kept with an
  * event of its last use and reused by a later handle once that work is done. The exceptions wait: a handle used
  * inside a stream capture (a replay may use it at any time: keep such handles for the graph's lifetime) or destroyed
  * after its communicator waits for the device, and a destroy that finds 8 destroyed handles' storage still parked

@@ -6,7 +6,9 @@
  * - the same dispatch with num_topk = 0 moves the rows unchanged;
  * - a cached dispatch carries a 64-bit id past int32 as -1 (not its low half, a plausible expert) and the others as
  *   they are;
- * - a rank with no tokens may pass NULL ids with num_topk > 0 (notify and dispatch).
+ * - a rank with no tokens may pass NULL ids with num_topk > 0 (notify and dispatch);
+ * - a destroyed handle stays refused once another is created (which may get its memory), and a second destroy of it
+ *   leaves the new handle alone.
  * Prints one line per step; exit status 0: as expected, 1: not, 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
@@ -35,7 +37,7 @@ int main(void) {
   deepepUniqueId id;
   deepepConfig config;
   deepepComm_t comm;
-  deepepHandle_t handle;
+  deepepHandle_t handle, stale;
   deepepDispatchArgs args;
   deepepResult_t result, async_error = deepepSuccess;
   cudaStream_t stream;
@@ -138,6 +140,23 @@ int main(void) {
   result = deepepCommGetAsyncError(comm, &async_error);
   expect("no asynchronous error", result == deepepSuccess && async_error == deepepSuccess,
          deepepGetErrorString(async_error));
+
+  /* The value of a destroyed handle names no later one. */
+  stale = handle;
+  result = deepepHandleDestroy(handle);
+  expect("handle destroyed", result == deepepSuccess, deepepGetErrorString(result));
+  result = deepepHandleCreate(comm, &handle);
+  expect("another handle created", result == deepepSuccess && handle != stale, deepepGetErrorString(result));
+  result = deepepHandleGetNumTokens(stale, &rows);
+  expect("the destroyed handle asked for its tokens",
+         result == deepepInvalidUsage && strstr(deepepGetLastErrorMessage(), "not a live handle") != NULL,
+         deepepGetLastErrorMessage());
+  result = deepepHandleDestroy(stale);
+  expect("the destroyed handle destroyed again", result == deepepInvalidUsage, deepepGetLastErrorMessage());
+  result = deepepHandleGetNumTokens(handle, &rows);
+  expect("the new handle asked for its tokens (live, no routing yet)",
+         result == deepepInvalidUsage && strstr(deepepGetLastErrorMessage(), "no routing yet") != NULL,
+         deepepGetLastErrorMessage());
 
   deepepHandleDestroy(handle);
   deepepCommDestroy(comm);
