@@ -38,10 +38,6 @@ LowLatencyCombineResult.__doc__ = """What a low-latency combine returns: ``out``
 ``return_recv_hook``, a callable that receives and writes ``out``; else None)."""
 
 
-# The generation of a dispatch result whose arrays a later dispatch wrote (out=): no set's, so it is never current.
-_OUTPUTS_REUSED = -1
-
-
 class _LowLatencyBook:
     """Per-communicator bookkeeping of the two buffer sets (host side, cheap checks only)."""
 
@@ -50,12 +46,30 @@ class _LowLatencyBook:
         self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
         self.generation = [0, 0]          # dispatches started on each set
         self.pending = [None, None]       # an unfinished Send on the set: its hook object
+        # Device addresses of the arrays the current dispatch of each set wrote, and whether a later dispatch (given
+        # some of them as out=, through any object) wrote its own rows and routing there. A current result keeps its
+        # arrays alive, so no other array can have their addresses meanwhile.
+        self.written = [frozenset(), frozenset()]
+        self.overwritten = [False, False]
 
-    def started(self, int buffer_set):
-        """Counts a dispatch on the set (a refused one too: it counts as made on every rank); its generation."""
+    def started(self, int buffer_set, written=frozenset()):
+        """Counts a dispatch on the set (a refused one too: it counts as made on every rank) that wrote the arrays at
+        the addresses `written`; its generation."""
         self.dispatches += 1
         self.generation[buffer_set] += 1
+        self.written[buffer_set] = written
+        self.overwritten[buffer_set] = False
+        if written & self.written[1 - buffer_set]:
+            self.overwritten[1 - buffer_set] = True
         return self.generation[buffer_set]
+
+    def check_out_arrays(self, int buffer_set, written):
+        """Refuses out= arrays (at the addresses `written`) that the due receive of the other set's dispatch writes."""
+        other = self.pending[1 - buffer_set]
+        if other is not None and other.kind == "dispatch" and written & self.written[1 - buffer_set]:
+            raise DeepEPInvalidUsage(
+                f"out= holds arrays of the dispatch sent on buffer set {1 - buffer_set}, whose receive hook was not "
+                "called yet: that receive would write the same arrays; call it first", 2)
 
     def check_not_pending(self, int buffer_set, str what):
         if self.pending[buffer_set] is not None:
@@ -64,14 +78,19 @@ class _LowLatencyBook:
                 f"sent on that set was never called; call it first", 2)
 
     def check_current(self, handle, str what):
-        if handle.generation == _OUTPUTS_REUSED:
-            raise DeepEPInvalidUsage(
-                f"{what}: the dispatch result's arrays were given as out= to a later dispatch, which wrote its own "
-                "rows and routing into them", 2)
         if handle.generation != self.generation[handle.buffer_set]:
             raise DeepEPInvalidUsage(
                 f"{what}: the dispatch result is stale (buffer set {handle.buffer_set} was reused by a later "
                 "dispatch; a result stays valid until the dispatch after next)", 2)
+        if self.overwritten[handle.buffer_set]:
+            raise DeepEPInvalidUsage(
+                f"{what}: the dispatch result's arrays were given as out= to a later dispatch, which wrote its own "
+                "rows and routing into them", 2)
+
+
+def _written_addresses(*arrays):
+    """The device addresses of the arrays a low-latency dispatch writes (None: not written)."""
+    return frozenset(a.ptr for a in arrays if a is not None)
 
 
 cdef object _ll_book(Communicator comm):
@@ -265,7 +284,9 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
             _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
         _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
         raise
-    result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
+    # The set now belongs to this dispatch.
+    result.generation = book.started(buffer_set, _written_addresses(
+        result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info, result.recv_layout_range))
     if return_recv_hook:
         hook.arm("dispatch", comm, book, buffer_set, result.generation, s, result)
         result.hook = hook
@@ -313,12 +334,6 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
             (scales_shape, scales_dtype) if use_fp8 else None, ((local,), np.int32), ((local, rows), np.int32),
             ((local, R, 2), np.int32)), comm.device, stream)
     else:
-        pending = getattr(out, "hook", None)
-        if isinstance(out, LowLatencyDispatchResult) and isinstance(pending, _LowLatencyHook) and not (
-                (<_LowLatencyHook>pending).done):
-            raise DeepEPInvalidUsage(
-                "out= is a dispatch result whose receive hook was not called yet: that receive would write the same "
-                "arrays; call it first", 2)
         recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
                          comm.device)
         recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
@@ -327,6 +342,8 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
         recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info", stream, comm.device)
         recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range",
                                     stream, comm.device)
+        comm._ll.check_out_arrays(buffer_set, _written_addresses(
+            recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range))
 
     count_ptr, count_view, count_kind = _stats_array(stats_recv_count, stream, "stats_recv_count", local,
                                                      ("int64", "int32"))
@@ -359,8 +376,6 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
     with nogil:
         status = deepepLowLatencyDispatch(c, a, <CUstream_st*>s)
     _check(status)
-    if isinstance(out, LowLatencyDispatchResult):
-        out.generation = _OUTPUTS_REUSED  # its arrays now hold this dispatch's rows and routing: no combine of it
 
     result = LowLatencyDispatchResult()
     result.recv_x = recv_x

@@ -284,9 +284,38 @@ def test_book_refuses_a_result_whose_set_was_reused():
     book.check_current(FakeResult(0, 3), "combine")
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="stale"):
         book.check_current(FakeResult(0, 2), "combine")
-    # A result whose arrays a later dispatch was given as out= holds that dispatch's rows: no set's generation.
+
+
+def test_book_refuses_a_result_whose_arrays_a_later_dispatch_wrote():
+    """The arrays are told by their addresses, whatever object carried them as out=: a dispatch on one set given an
+    array of the other set's current result (here one at 0x500) makes that result's combine refused."""
+    book = _core._LowLatencyBook(128)
+    first = FakeResult(0, book.started(0, frozenset({0x100, 0x200, 0x300})))
+    second = FakeResult(1, book.started(1, frozenset({0x400, 0x500})))
+    book.check_current(first, "combine")
+    book.check_current(second, "combine")
+    third = FakeResult(0, book.started(0, frozenset({0x600, 0x500})))
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="given as out= to a later dispatch"):
-        book.check_current(FakeResult(1, _core._OUTPUTS_REUSED), "combine")
+        book.check_current(second, "combine")
+    book.check_current(third, "combine")
+    fourth = FakeResult(1, book.started(1, frozenset({0x600})))  # set 1's new dispatch writes third's arrays
+    book.check_current(fourth, "combine")
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="given as out= to a later dispatch"):
+        book.check_current(third, "combine")
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="stale"):
+        book.check_current(first, "combine")
+
+
+def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
+    book = _core._LowLatencyBook(128)
+    book.started(0, frozenset({0x100, 0x200}))
+    book.pending[0] = FakeHook()
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="receive hook was not called yet"):
+        book.check_out_arrays(1, frozenset({0x200, 0x900}))
+    book.check_out_arrays(1, frozenset({0x900}))  # other arrays
+    book.check_out_arrays(0, frozenset({0x100}))  # set 0's own next dispatch is refused by check_not_pending
+    book.pending[0] = None
+    book.check_out_arrays(1, frozenset({0x200}))  # received: the arrays may be written again
 
 
 def test_book_refuses_a_set_whose_receive_hook_was_never_called():
