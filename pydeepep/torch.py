@@ -272,8 +272,8 @@ class Buffer:
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.comm = None
         self._ll_sizes = None  # (T, hidden, num_topk, num_experts) of the communicator's low-latency area, if any
-        # Per buffer set, the last low-latency dispatch's handle (by id) and the tensors of it that a combine reads:
-        # an asynchronous combine records them on the communicator's stream.
+        # Per buffer set, the last low-latency dispatch's generation and the tensors of it that a combine reads: an
+        # asynchronous combine records them on the communicator's stream.
         self._ll_combine_inputs = {}
         if not self.low_latency_mode:
             self._create_communicator(None)
@@ -286,6 +286,7 @@ class Buffer:
         _refuse_first_call_in_capture()
         self.comm = self._new_communicator(ll_sizes)
         self._ll_sizes = ll_sizes
+        self._ll_combine_inputs.clear()  # generations count again from the new communicator's
 
     def _new_communicator(self, ll_sizes):
         info = bootstrap.from_torch_distributed(self.group, device=self._device)
@@ -739,7 +740,9 @@ class Buffer:
             raise
         tensors = outputs.tensors
         layout = (tensors["recv_src_info"], tensors["recv_layout_range"])
-        self._ll_combine_inputs[result.buffer_set] = (id(result), *layout)
+        # A dispatch is named by its set and that set's generation, which no other dispatch of the communicator
+        # shares (an object's id may name another result once this one is gone).
+        self._ll_combine_inputs[result.buffer_set] = (result.generation, *layout)
         recv_x = tensors["recv_x"]
         if use_fp8:
             fp8 = _TORCH_TYPES["float8_e4m3fn"]  # None in PyTorch builds without float8: the bits stay uint8
@@ -807,7 +810,7 @@ class Buffer:
             out=out_array,
         )
         held = self._ll_combine_inputs.get(handle.buffer_set)
-        layout = held[1:] if held is not None and held[0] == id(handle) else ()  # the handle's src_info and ranges
+        layout = held[1:] if held is not None and held[0] == handle.generation else ()  # its src_info and ranges
         done = self._async_done(async_finish, (x, topk_idx, topk_weights, out, *layout))
         return out, done, result.hook
 
