@@ -82,10 +82,6 @@ class _LowLatencyBook:
             raise DeepEPInvalidUsage(
                 f"{what}: the dispatch result is stale (buffer set {handle.buffer_set} was reused by a later "
                 "dispatch; a result stays valid until the dispatch after next)", 2)
-        if self.overwritten[handle.buffer_set]:
-            raise DeepEPInvalidUsage(
-                f"{what}: the dispatch result's arrays were given as out= to a later dispatch, which wrote its own "
-                "rows and routing into them", 2)
 
 
 def _written_addresses(*arrays):
@@ -445,11 +441,16 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     except BaseException:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise
-    if handle.refused:
+    # A combine this rank cannot make, whose set the other ranks' combine is on: its side runs without data, so that
+    # theirs ends at once.
+    without_data = ("a dispatch that was refused on this rank" if handle.refused else
+                    "a dispatch result whose arrays were given as out= to a later dispatch, which wrote its own rows "
+                    "and routing into them" if book.overwritten[buffer_set] else None)
+    if without_data is not None:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise DeepEPInvalidUsage(
-            "low-latency combine of a dispatch that was refused on this rank: this rank's side of the combine ran "
-            "without data (the other ranks leave this rank's experts out and report it), and there is no output", 2)
+            f"low-latency combine of {without_data}: this rank's side of the combine ran without data (the other "
+            "ranks leave this rank's experts out and report it), and there is no output", 2)
     try:
         out_x = _low_latency_combine_call(comm, hook, s, x, topk_idx, topk_weights, handle, zero_copy, stream, out)
     except BaseException:

@@ -286,24 +286,20 @@ def test_book_refuses_a_result_whose_set_was_reused():
         book.check_current(FakeResult(0, 2), "combine")
 
 
-def test_book_refuses_a_result_whose_arrays_a_later_dispatch_wrote():
+def test_book_marks_a_result_whose_arrays_a_later_dispatch_wrote():
     """The arrays are told by their addresses, whatever object carried them as out=: a dispatch on one set given an
-    array of the other set's current result (here one at 0x500) makes that result's combine refused."""
+    array of the other set's current result (here one at 0x500) marks that set overwritten, and its combine is then
+    made without data."""
     book = _core._LowLatencyBook(128)
-    first = FakeResult(0, book.started(0, frozenset({0x100, 0x200, 0x300})))
-    second = FakeResult(1, book.started(1, frozenset({0x400, 0x500})))
-    book.check_current(first, "combine")
-    book.check_current(second, "combine")
-    third = FakeResult(0, book.started(0, frozenset({0x600, 0x500})))
-    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="given as out= to a later dispatch"):
-        book.check_current(second, "combine")
-    book.check_current(third, "combine")
-    fourth = FakeResult(1, book.started(1, frozenset({0x600})))  # set 1's new dispatch writes third's arrays
-    book.check_current(fourth, "combine")
-    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="given as out= to a later dispatch"):
-        book.check_current(third, "combine")
-    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="stale"):
-        book.check_current(first, "combine")
+    book.started(0, frozenset({0x100, 0x200, 0x300}))
+    book.started(1, frozenset({0x400, 0x500}))
+    assert book.overwritten == [False, False]
+    book.started(0, frozenset({0x600, 0x500}))
+    assert book.overwritten == [False, True]
+    book.started(1, frozenset({0x600}))  # set 1's new dispatch writes set 0's arrays
+    assert book.overwritten == [True, False]
+    book.started(0)  # a refused dispatch writes nothing
+    assert book.overwritten == [False, False]
 
 
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
