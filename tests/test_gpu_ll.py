@@ -9,6 +9,7 @@ source information and combine outputs. All scenarios run in one job; each test 
 import re
 import time
 import traceback
+import types
 
 import numpy as np
 import pytest
@@ -433,10 +434,11 @@ def disagreeing_case(comm, seed, n=32, k=4, e=16):
 def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
     """A low-latency call that only the last rank refuses on its host, by pydeepep (more tokens than T, an expert count
     that is no integer, expert outputs of the wrong shape) or by the library (rows wider than the communicator's
-    hidden), also a hooked dispatch, and a refused dispatch whose combine the refusing rank makes with the
-    exception's refused_result: that rank raises its refusal, every other rank finishes the call at once (well
-    within the communicator's 20 s timeout) with DeepEPRemoteError naming it, and the ranks stay in step (the
-    refused call counts as made, a refused Send needs no hook): a dispatch and combine afterwards match the oracle."""
+    hidden), also a hooked dispatch, a refused dispatch whose combine the refusing rank makes with the exception's
+    refused_result, and a combine of a result whose arrays that rank gave a later dispatch as out=: that rank raises
+    its refusal, every other rank finishes the call at once (well within the communicator's 20 s timeout) with
+    DeepEPRemoteError naming it, and the ranks stay in step (the refused call counts as made, a refused Send needs no
+    hook): a dispatch and combine afterwards match the oracle."""
     R, me = comm.nranks, comm.rank
     refuser = R - 1
     bad = me == refuser
@@ -457,6 +459,15 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
             except pydeepep.DeepEPInvalidArgument as exc:
                 result = exc.refused_result
             comm.low_latency_combine(cupy.zeros((local, R * T, h), cupy.uint16), topk, w, result)
+
+        def combine_of_overwritten_arrays():
+            # The refusing rank gives the first result's arrays to the next dispatch (on the other set) through another
+            # object: its combine of the first runs its side without data and raises.
+            first = comm.low_latency_dispatch(x, topk, e)
+            fields = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range")
+            same_arrays = types.SimpleNamespace(**{name: getattr(first, name) for name in fields})
+            comm.low_latency_dispatch(x, topk, e, out=same_arrays if bad else None)
+            comm.low_latency_combine(cupy.zeros((local, R * T, h), cupy.uint16), topk, w, first)
 
         def hooked_dispatch():
             result = comm.low_latency_dispatch(
@@ -482,6 +493,10 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
             "combine": (lambda: combine_with_rows(R * T - 1 if bad else R * T), invalid),
             "hooked dispatch": (hooked_dispatch, invalid),
             "refused dispatch, then its combine": (dispatch_refused_then_combined, pydeepep.DeepEPInvalidUsage),
+            "combine of a result whose arrays a later dispatch wrote": (
+                combine_of_overwritten_arrays,
+                pydeepep.DeepEPInvalidUsage,
+            ),
         }
         failures = one_rank_refusal_failures(comm, calls, refuser, cupy.cuda.runtime.deviceSynchronize)
         if failures:
