@@ -10,6 +10,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -27,12 +28,24 @@ using namespace deepep;
 
 namespace {
 
-// Live handles by the value the caller holds, which is a serial number, never an address: a new handle may get the
+// Live handles by the value the caller holds, which counts up and is never an address: a new handle may get the
 // memory of a destroyed one, and a stale value (a second destroy, a call after the destroy) would then act on it.
-// Values are multiples of 16, as an address of the struct would be, for callers that keep tags in the low bits.
+// The count starts at a random value, so that a second instance of the library in the process (libdeepep.so and
+// libdeepep.so.0.2 are two to the loader) does not take this one's handles for its own. Values are multiples of 16,
+// as an address of the struct would be, for callers that keep tags in the low bits.
 std::mutex handle_registry_mutex;
 std::unordered_map<uintptr_t, deepepHandle*> live_handles;
-uintptr_t handles_made = 0;
+uintptr_t last_handle_value = [] {
+  // Without a random source (random_device may throw), the clock and where this instance is loaded.
+  uintptr_t start = reinterpret_cast<uintptr_t>(&live_handles) ^
+                    static_cast<uintptr_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  try {
+    std::random_device random;
+    start = static_cast<uintptr_t>(random()) << 32 | random();
+  } catch (const std::exception&) {
+  }
+  return start & ~uintptr_t{15};
+}();
 
 deepepHandle* checked_handle(deepepHandle_t handle, const deepepComm* comm) {
   DEEPEP_REQUIRE(handle != nullptr, "handle is NULL");
@@ -371,9 +384,12 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
     }
     free_on_failure.handle = nullptr;  // the handle owns its storage from here on
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
-    const uintptr_t value = ++handles_made << 4;
-    live_handles.emplace(value, h.release());
-    *handle = reinterpret_cast<deepepHandle_t>(value);
+    do {
+      last_handle_value += 16;
+    } while (last_handle_value == 0);
+    live_handles.emplace(last_handle_value, h.get());
+    *handle = reinterpret_cast<deepepHandle_t>(last_handle_value);
+    h.release();
   });
 }
 

@@ -1348,9 +1348,9 @@ cdef class Communicator:
         bfloat16. Returns a :class:`LowLatencyDispatchResult` (also the handle of the combine), produced on
         ``stream`` with no host synchronisation (capturable). ``return_recv_hook``: only send; ``result.hook()``
         receives later. ``out``: an earlier result of the same shapes (or any object with its five array
-        attributes) whose arrays are written again (the combine of the result that held them then runs without
-        data and raises); arrays a due receive hook writes are refused. Dispatches alternate between two buffer
-        sets: a result stays valid until the dispatch after next.
+        attributes) whose arrays are written again (the combine of a result whose routing arrays were written
+        again runs without data and raises); arrays a due receive hook writes are refused. Dispatches alternate
+        between two buffer sets: a result stays valid until the dispatch after next.
 
         ``scales_token_contiguous``: the scales are stored [E_loc, columns, R*T] (row index fastest) instead of
         [E_loc, R*T, columns].

@@ -46,27 +46,32 @@ class _LowLatencyBook:
         self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
         self.generation = [0, 0]          # dispatches started on each set
         self.pending = [None, None]       # an unfinished Send on the set: its hook object
-        # Device addresses of the arrays the current dispatch of each set wrote, and whether a later dispatch (given
-        # some of them as out=, through any object) wrote its own rows and routing there. A current result keeps its
-        # arrays alive, so no other array can have their addresses meanwhile.
+        # Device addresses of the arrays the current dispatch of each set wrote, of those of them its combine reads
+        # (the routing), and whether a later dispatch (given some as out=, through any object) wrote there. A current
+        # result keeps its arrays alive, so no other array can have their addresses meanwhile.
         self.written = [frozenset(), frozenset()]
+        self.routing = [frozenset(), frozenset()]
         self.overwritten = [False, False]
 
-    def started(self, int buffer_set, written=frozenset()):
-        """Counts a dispatch on the set (a refused one too: it counts as made on every rank) that wrote the arrays at
-        the addresses `written`; its generation."""
+    def started(self, int buffer_set, result=None):
+        """Counts a dispatch on the set (a refused one too: it counts as made on every rank), which wrote the arrays of
+        `result` (None: none); its generation."""
         self.dispatches += 1
         self.generation[buffer_set] += 1
-        self.written[buffer_set] = written
+        routing = written = frozenset()
+        if result is not None:
+            routing = _addresses((result.recv_src_info, result.recv_layout_range))
+            written = routing | _addresses((result.recv_x, result.recv_scales, result.recv_count))
+        self.written[buffer_set], self.routing[buffer_set] = written, routing
         self.overwritten[buffer_set] = False
-        if written & self.written[1 - buffer_set]:
+        if written & self.routing[1 - buffer_set]:
             self.overwritten[1 - buffer_set] = True
         return self.generation[buffer_set]
 
-    def check_out_arrays(self, int buffer_set, written):
-        """Refuses out= arrays (at the addresses `written`) that the due receive of the other set's dispatch writes."""
+    def check_out_arrays(self, int buffer_set, arrays):
+        """Refuses out= arrays that the due receive of the other set's dispatch writes."""
         other = self.pending[1 - buffer_set]
-        if other is not None and other.kind == "dispatch" and written & self.written[1 - buffer_set]:
+        if other is not None and other.kind == "dispatch" and _addresses(arrays) & self.written[1 - buffer_set]:
             raise DeepEPInvalidUsage(
                 f"out= holds arrays of the dispatch sent on buffer set {1 - buffer_set}, whose receive hook was not "
                 "called yet: that receive would write the same arrays; call it first", 2)
@@ -84,8 +89,8 @@ class _LowLatencyBook:
                 "dispatch; a result stays valid until the dispatch after next)", 2)
 
 
-def _written_addresses(*arrays):
-    """The device addresses of the arrays a low-latency dispatch writes (None: not written)."""
+def _addresses(arrays):
+    """The device addresses of `arrays` (None: no array)."""
     return frozenset(a.ptr for a in arrays if a is not None)
 
 
@@ -280,9 +285,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
             _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
         _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
         raise
-    # The set now belongs to this dispatch.
-    result.generation = book.started(buffer_set, _written_addresses(
-        result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info, result.recv_layout_range))
+    result.generation = book.started(buffer_set, result)  # the set now belongs to this dispatch
     if return_recv_hook:
         hook.arm("dispatch", comm, book, buffer_set, result.generation, s, result)
         result.hook = hook
@@ -330,6 +333,10 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
             (scales_shape, scales_dtype) if use_fp8 else None, ((local,), np.int32), ((local, rows), np.int32),
             ((local, R, 2), np.int32)), comm.device, stream)
     else:
+        outputs = (out.recv_x, out.recv_scales, out.recv_count, out.recv_src_info, out.recv_layout_range)
+        # Arrays a due receive writes are refused before _expect makes them this call's (their stream would become
+        # this call's); another library's view of them is known by its address once wrapped, below.
+        comm._ll.check_out_arrays(buffer_set, [array for array in outputs if isinstance(array, DeviceArray)])
         recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
                          comm.device)
         recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
@@ -338,8 +345,7 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
         recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info", stream, comm.device)
         recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range",
                                     stream, comm.device)
-        comm._ll.check_out_arrays(buffer_set, _written_addresses(
-            recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range))
+        comm._ll.check_out_arrays(buffer_set, (recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range))
 
     count_ptr, count_view, count_kind = _stats_array(stats_recv_count, stream, "stats_recv_count", local,
                                                      ("int64", "int32"))
@@ -444,8 +450,8 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
     # A combine this rank cannot make, whose set the other ranks' combine is on: its side runs without data, so that
     # theirs ends at once.
     without_data = ("a dispatch that was refused on this rank" if handle.refused else
-                    "a dispatch result whose arrays were given as out= to a later dispatch, which wrote its own rows "
-                    "and routing into them" if book.overwritten[buffer_set] else None)
+                    "a dispatch result whose routing arrays (recv_src_info, recv_layout_range) were given as out= to "
+                    "a later dispatch, which wrote into them" if book.overwritten[buffer_set] else None)
     if without_data is not None:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise DeepEPInvalidUsage(

@@ -340,7 +340,8 @@ def test_close_waits_for_calls_still_running_on_their_streams():
 def ll_arrays_shared_by_both_buffer_sets(info):
     """Low-latency dispatches on the two buffer sets given the same arrays as out=, through an object that is not the
     first dispatch's result: the first result's combine is refused once the second wrote there, and the second
-    dispatch is refused while the first one's receive, which writes those arrays, is still due."""
+    dispatch is refused while the first one's receive, which writes those arrays, is still due, leaving them on the
+    stream of that receive."""
     import types
 
     import cupy
@@ -378,10 +379,19 @@ def ll_arrays_shared_by_both_buffer_sets(info):
         seen["combine of the first"] = refusal(lambda: comm.low_latency_combine(y_dev, topk_dev, w_dev, first))
         got = comm.low_latency_combine(y_dev, topk_dev, w_dev, second).out.to_numpy()
         seen["combine of the second"] = np.array_equal(got, want_bits) or "differs from the oracle's"
-        third = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, return_recv_hook=True)  # set 0
+        sending, other = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.runtime.deviceSynchronize()  # the calls so far ran on the default stream
+        third = comm.low_latency_dispatch(
+            x_dev, topk_dev, experts, use_fp8=False, return_recv_hook=True, stream=sending
+        )  # set 0
         seen["dispatch into the due receive's arrays"] = refusal(
-            lambda: comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, out=same_arrays(third))
+            lambda: comm.low_latency_dispatch(
+                x_dev, topk_dev, experts, use_fp8=False, out=same_arrays(third), stream=other
+            )
         )
+        streams = {getattr(third, name).stream for name in fields if getattr(third, name) is not None}
+        seen["third's arrays' streams"] = streams == {sending.ptr} or f"{streams} (sent on {sending.ptr})"
+        other.synchronize()  # the refused dispatch's side, before the receive
         third.hook()
         cupy.cuda.runtime.deviceSynchronize()
         seen["third"] = check_dispatch(third, want, [(x, topk, w)], 0, experts, 1, False, False)
@@ -394,6 +404,7 @@ def test_low_latency_arrays_given_to_both_buffer_sets_are_caught_whatever_object
     assert "given as out= to a later dispatch" in seen["combine of the first"], seen
     assert seen["combine of the second"] is True, seen
     assert "receive hook was not called yet" in seen["dispatch into the due receive's arrays"], seen
+    assert seen["third's arrays' streams"] is True, seen
     assert seen["third"] is True, seen
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import types
 
 import pytest
 from conftest import bogus_pointer, last_error
@@ -286,17 +287,29 @@ def test_book_refuses_a_result_whose_set_was_reused():
         book.check_current(FakeResult(0, 2), "combine")
 
 
-def test_book_marks_a_result_whose_arrays_a_later_dispatch_wrote():
-    """The arrays are told by their addresses, whatever object carried them as out=: a dispatch on one set given an
-    array of the other set's current result (here one at 0x500) marks that set overwritten, and its combine is then
-    made without data."""
+class FakeArray:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+def dispatched(x, count, src_info, ranges, scales=None):
+    """A stand-in for a dispatch result whose arrays are at these device addresses."""
+    arrays = (x, scales, count, src_info, ranges)
+    names = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range")
+    return types.SimpleNamespace(**{n: None if a is None else FakeArray(a) for n, a in zip(names, arrays, strict=True)})
+
+
+def test_book_marks_a_result_whose_routing_a_later_dispatch_wrote():
+    """Arrays are told by their addresses, whatever object carried them as out=: a dispatch on one set that writes
+    where the other set's current result has its routing (recv_src_info, recv_layout_range) marks that set
+    overwritten, and its combine is then made without data. Sharing only the rows (recv_x) leaves the routing whole."""
     book = _core._LowLatencyBook(128)
-    book.started(0, frozenset({0x100, 0x200, 0x300}))
-    book.started(1, frozenset({0x400, 0x500}))
+    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310))
+    book.started(1, dispatched(0x100, 0x500, 0x600, 0x610))  # the same recv_x, routing of its own
     assert book.overwritten == [False, False]
-    book.started(0, frozenset({0x600, 0x500}))
+    book.started(0, dispatched(0x100, 0x200, 0x600, 0x700))  # set 1's recv_src_info
     assert book.overwritten == [False, True]
-    book.started(1, frozenset({0x600}))  # set 1's new dispatch writes set 0's arrays
+    book.started(1, dispatched(0x800, 0x700, 0x900, 0x910))  # set 0's ranges, as its count
     assert book.overwritten == [True, False]
     book.started(0)  # a refused dispatch writes nothing
     assert book.overwritten == [False, False]
@@ -304,14 +317,13 @@ def test_book_marks_a_result_whose_arrays_a_later_dispatch_wrote():
 
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
     book = _core._LowLatencyBook(128)
-    book.started(0, frozenset({0x100, 0x200}))
+    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310))
     book.pending[0] = FakeHook()
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="receive hook was not called yet"):
-        book.check_out_arrays(1, frozenset({0x200, 0x900}))
-    book.check_out_arrays(1, frozenset({0x900}))  # other arrays
-    book.check_out_arrays(0, frozenset({0x100}))  # set 0's own next dispatch is refused by check_not_pending
+        book.check_out_arrays(1, [FakeArray(0x900), FakeArray(0x100)])  # its rows too
+    book.check_out_arrays(1, [FakeArray(0x900), None])  # other arrays
     book.pending[0] = None
-    book.check_out_arrays(1, frozenset({0x200}))  # received: the arrays may be written again
+    book.check_out_arrays(1, [FakeArray(0x100)])  # received: the arrays may be written again
 
 
 def test_book_refuses_a_set_whose_receive_hook_was_never_called():
