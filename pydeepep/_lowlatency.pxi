@@ -46,10 +46,9 @@ class _LowLatencyBook:
         self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
         self.generation = [0, 0]          # dispatches started on each set
         self.pending = [None, None]       # an unfinished Send on the set: its hook object
-        # Device addresses of the arrays the current dispatch of each set wrote, of those of them its combine reads
-        # (the routing), and whether a later dispatch (given some as out=, through any object) wrote there. A current
-        # result keeps its arrays alive, so no other array can have their addresses meanwhile.
-        self.written = [frozenset(), frozenset()]
+        # Device addresses of the routing arrays of each set's current dispatch (what its combine reads), and whether
+        # a later dispatch (given some of them as out=, through any object) wrote there. A current result keeps its
+        # arrays alive, so no other array can have their addresses meanwhile.
         self.routing = [frozenset(), frozenset()]
         self.overwritten = [False, False]
 
@@ -58,23 +57,21 @@ class _LowLatencyBook:
         `result` (None: none); its generation."""
         self.dispatches += 1
         self.generation[buffer_set] += 1
-        routing = written = frozenset()
-        if result is not None:
-            routing = _addresses((result.recv_src_info, result.recv_layout_range))
-            written = routing | _addresses((result.recv_x, result.recv_scales, result.recv_count))
-        self.written[buffer_set], self.routing[buffer_set] = written, routing
+        self.routing[buffer_set] = frozenset()
         self.overwritten[buffer_set] = False
-        if written & self.routing[1 - buffer_set]:
-            self.overwritten[1 - buffer_set] = True
+        if result is not None:
+            self.routing[buffer_set] = _addresses((result.recv_src_info, result.recv_layout_range))
+            if _dispatch_outputs(result) & self.routing[1 - buffer_set]:
+                self.overwritten[1 - buffer_set] = True
         return self.generation[buffer_set]
 
     def check_out_arrays(self, int buffer_set, arrays):
-        """Refuses out= arrays that the due receive of the other set's dispatch writes."""
+        """Refuses out= arrays of a call on `buffer_set` that the due receive of the other set's call writes."""
         other = self.pending[1 - buffer_set]
-        if other is not None and other.kind == "dispatch" and _addresses(arrays) & self.written[1 - buffer_set]:
+        if other is not None and _addresses(arrays) & other.writes:
             raise DeepEPInvalidUsage(
-                f"out= holds arrays of the dispatch sent on buffer set {1 - buffer_set}, whose receive hook was not "
-                "called yet: that receive would write the same arrays; call it first", 2)
+                f"out= holds arrays of the {other.kind} sent on buffer set {1 - buffer_set}, whose receive hook was "
+                "not called yet: that receive would write the same arrays; call it first", 2)
 
     def check_not_pending(self, int buffer_set, str what):
         if self.pending[buffer_set] is not None:
@@ -92,6 +89,12 @@ class _LowLatencyBook:
 def _addresses(arrays):
     """The device addresses of `arrays` (None: no array)."""
     return frozenset(a.ptr for a in arrays if a is not None)
+
+
+def _dispatch_outputs(result):
+    """The device addresses of the arrays a low-latency dispatch result holds."""
+    return _addresses((result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info,
+                       result.recv_layout_range))
 
 
 cdef object _ll_book(Communicator comm):
@@ -120,14 +123,17 @@ cdef class _LowLatencyHook:
     cdef object generation
     cdef size_t stream
     cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
+    cdef readonly frozenset writes  # the device addresses of the arrays the receive writes
     cdef object result  # a dispatch's result, until the hook ran: marked refused where its receive is refused
     cdef bint done
     cdef bint handed   # the library has the call (it refuses on its own from there)
 
-    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream, result=None):
+    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream, frozenset writes,
+             result=None):
         """Makes this the receive hook due on `buffer_set`, whose send just went out as `generation` (a dispatch's
-        with its `result`)."""
+        with its `result`), and whose receive writes the arrays at the addresses `writes`."""
         self.kind = kind
+        self.writes = writes
         self.result = result
         self.comm = comm
         self.book = book
@@ -287,7 +293,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
         raise
     result.generation = book.started(buffer_set, result)  # the set now belongs to this dispatch
     if return_recv_hook:
-        hook.arm("dispatch", comm, book, buffer_set, result.generation, s, result)
+        hook.arm("dispatch", comm, book, buffer_set, result.generation, s, _dispatch_outputs(result), result)
         result.hook = hook
     return result
 
@@ -466,7 +472,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         raise
     if not return_recv_hook:
         return LowLatencyCombineResult(out_x, None)
-    hook.arm("combine", comm, book, buffer_set, handle.generation, s)
+    hook.arm("combine", comm, book, buffer_set, handle.generation, s, _addresses((out_x,)))
     return LowLatencyCombineResult(out_x, hook)
 
 
@@ -512,8 +518,12 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
     if out is None:
         out_x = empty((tv.rows, hidden), "bfloat16", device=comm.device, stream=stream)
     else:
-        out_x = _expect(out[0] if isinstance(out, tuple) else out, (tv.rows, hidden), np.uint16, "out", stream,
-                        comm.device)
+        given = out[0] if isinstance(out, tuple) else out
+        # As for a dispatch's out=: an array a due receive writes is refused before _expect takes it over.
+        if isinstance(given, DeviceArray):
+            comm._ll.check_out_arrays(handle.buffer_set, (given,))
+        out_x = _expect(given, (tv.rows, hidden), np.uint16, "out", stream, comm.device)
+        comm._ll.check_out_arrays(handle.buffer_set, (out_x,))
 
     cdef deepepLowLatencyCombineArgs* a = &hook.combine_args
     a.x = <const void*>x_ptr

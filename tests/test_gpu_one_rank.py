@@ -377,8 +377,8 @@ def ll_arrays_shared_by_both_buffer_sets(info):
         first = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False)  # set 0
         second = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, out=same_arrays(first))  # set 1
         seen["combine of the first"] = refusal(lambda: comm.low_latency_combine(y_dev, topk_dev, w_dev, first))
-        got = comm.low_latency_combine(y_dev, topk_dev, w_dev, second).out.to_numpy()
-        seen["combine of the second"] = np.array_equal(got, want_bits) or "differs from the oracle's"
+        combined = comm.low_latency_combine(y_dev, topk_dev, w_dev, second).out
+        seen["combine of the second"] = np.array_equal(combined.to_numpy(), want_bits) or "differs from the oracle's"
         sending, other = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
         cupy.cuda.runtime.deviceSynchronize()  # the calls so far ran on the default stream
         third = comm.low_latency_dispatch(
@@ -395,6 +395,22 @@ def ll_arrays_shared_by_both_buffer_sets(info):
         third.hook()
         cupy.cuda.runtime.deviceSynchronize()
         seen["third"] = check_dispatch(third, want, [(x, topk, w)], 0, experts, 1, False, False)
+        # A combine's out= that the other set's due combine receive writes: refused, and left on that receive's stream.
+        on_0 = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, stream=sending)
+        on_1 = comm.low_latency_dispatch(x_dev, topk_dev, experts, use_fp8=False, stream=sending)
+        cupy.asarray(combined.bits()).fill(0)  # the due receive writes it again
+        cupy.cuda.runtime.deviceSynchronize()
+        due = comm.low_latency_combine(
+            y_dev, topk_dev, w_dev, on_0, out=combined, return_recv_hook=True, stream=sending
+        ).hook
+        seen["combine into the due combine's output"] = refusal(
+            lambda: comm.low_latency_combine(y_dev, topk_dev, w_dev, on_1, out=combined, stream=other)
+        )
+        seen["the output's stream"] = combined.stream == sending.ptr or f"{combined.stream} (sent on {sending.ptr})"
+        other.synchronize()
+        due()
+        cupy.cuda.runtime.deviceSynchronize()
+        seen["the due combine"] = np.array_equal(combined.to_numpy(), want_bits) or "differs from the oracle's"
     return seen
 
 
@@ -405,6 +421,9 @@ def test_low_latency_arrays_given_to_both_buffer_sets_are_caught_whatever_object
     assert seen["combine of the second"] is True, seen
     assert "receive hook was not called yet" in seen["dispatch into the due receive's arrays"], seen
     assert seen["third's arrays' streams"] is True, seen
+    assert "arrays of the combine sent on buffer set 0" in seen["combine into the due combine's output"], seen
+    assert seen["the output's stream"] is True, seen
+    assert seen["the due combine"] is True, seen
     assert seen["third"] is True, seen
 
 

@@ -317,11 +317,15 @@ def test_book_marks_a_result_whose_routing_a_later_dispatch_wrote():
 
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
     book = _core._LowLatencyBook(128)
-    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310))
-    book.pending[0] = FakeHook()
-    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="receive hook was not called yet"):
-        book.check_out_arrays(1, [FakeArray(0x900), FakeArray(0x100)])  # its rows too
+    due = FakeHook()
+    due.writes = frozenset({0x100, 0x200})  # the arrays its receive writes
+    book.pending[0] = due
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the dispatch sent on buffer set 0"):
+        book.check_out_arrays(1, [FakeArray(0x900), FakeArray(0x100)])
     book.check_out_arrays(1, [FakeArray(0x900), None])  # other arrays
+    due.kind = "combine"  # a combine's receive writes its out
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the combine sent on buffer set 0"):
+        book.check_out_arrays(1, [FakeArray(0x200)])
     book.pending[0] = None
     book.check_out_arrays(1, [FakeArray(0x100)])  # received: the arrays may be written again
 
