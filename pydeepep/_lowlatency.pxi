@@ -19,9 +19,9 @@ class LowLatencyDispatchResult:
     past the count; ``recv_layout_range`` [E_loc, R, 2] int32: (first row, rows) of each source rank. ``hook``: with
     ``return_recv_hook``, a callable that receives (the arrays hold the data once it ran, stream-ordered); else None.
     ``buffer_set`` and ``generation`` name the buffer set the result lives in; it stays valid until the dispatch after
-    next starts. ``refused``: the result a dispatch refused on this rank raised with (``exc.refused_result``; no
-    arrays): a combine given it runs this rank's side of the combine without data and raises, so that the ranks stay
-    in step.
+    next starts, or until a later dispatch given its routing arrays as ``out=`` writes them. ``refused``: the result a
+    dispatch refused on this rank raised with (``exc.refused_result``; no arrays): a combine given it runs this rank's
+    side of the combine without data and raises, so that the ranks stay in step.
     """
 
     __slots__ = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range", "hook", "buffer_set",
@@ -46,10 +46,10 @@ class _LowLatencyBook:
         self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
         self.generation = [0, 0]          # dispatches started on each set
         self.pending = [None, None]       # an unfinished Send on the set: its hook object
-        # Device addresses of the routing arrays of each set's current dispatch (what its combine reads), and whether
-        # a later dispatch (given some of them as out=, through any object) wrote there. A current result keeps its
-        # arrays alive, so no other array can have their addresses meanwhile.
-        self.routing = [frozenset(), frozenset()]
+        # The device memory of the routing arrays of each set's current dispatch (what its combine reads), and
+        # whether a later dispatch (given some of it as out=, through any object) wrote there. A current result keeps
+        # its arrays alive, so no other array can have that memory meanwhile.
+        self.routing = [(), ()]
         self.overwritten = [False, False]
 
     def started(self, int buffer_set, result=None):
@@ -57,18 +57,18 @@ class _LowLatencyBook:
         `result` (None: none); its generation."""
         self.dispatches += 1
         self.generation[buffer_set] += 1
-        self.routing[buffer_set] = frozenset()
+        self.routing[buffer_set] = ()
         self.overwritten[buffer_set] = False
         if result is not None:
-            self.routing[buffer_set] = _addresses((result.recv_src_info, result.recv_layout_range))
-            if _dispatch_outputs(result) & self.routing[1 - buffer_set]:
+            self.routing[buffer_set] = _spans((result.recv_src_info, result.recv_layout_range))
+            if _overlap(_dispatch_outputs(result), self.routing[1 - buffer_set]):
                 self.overwritten[1 - buffer_set] = True
         return self.generation[buffer_set]
 
     def check_out_arrays(self, int buffer_set, arrays):
         """Refuses out= arrays of a call on `buffer_set` that the due receive of the other set's call writes."""
         other = self.pending[1 - buffer_set]
-        if other is not None and _addresses(arrays) & other.writes:
+        if other is not None and _overlap(_spans(arrays), other.writes):
             raise DeepEPInvalidUsage(
                 f"out= holds arrays of the {other.kind} sent on buffer set {1 - buffer_set}, whose receive hook was "
                 "not called yet: that receive would write the same arrays; call it first", 2)
@@ -86,15 +86,21 @@ class _LowLatencyBook:
                 "dispatch; a result stays valid until the dispatch after next)", 2)
 
 
-def _addresses(arrays):
-    """The device addresses of `arrays` (None: no array)."""
-    return frozenset(a.ptr for a in arrays if a is not None)
+def _spans(arrays):
+    """The device memory of `arrays` as (first byte, end) ranges; None and empty arrays (which may share an address
+    with anything, 0 included) hold none."""
+    return tuple((a.ptr, a.ptr + a.nbytes) for a in arrays if a is not None and a.nbytes > 0)
+
+
+def _overlap(spans, others):
+    """Whether a range of `spans` shares a byte with one of `others`."""
+    return any(start < other_end and other_start < end for start, end in spans for other_start, other_end in others)
 
 
 def _dispatch_outputs(result):
-    """The device addresses of the arrays a low-latency dispatch result holds."""
-    return _addresses((result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info,
-                       result.recv_layout_range))
+    """The device memory of the arrays a low-latency dispatch result holds."""
+    return _spans((result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info,
+                   result.recv_layout_range))
 
 
 cdef object _ll_book(Communicator comm):
@@ -123,15 +129,15 @@ cdef class _LowLatencyHook:
     cdef object generation
     cdef size_t stream
     cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
-    cdef readonly frozenset writes  # the device addresses of the arrays the receive writes
+    cdef readonly tuple writes  # the device memory the receive writes, as _spans gives it
     cdef object result  # a dispatch's result, until the hook ran: marked refused where its receive is refused
     cdef bint done
     cdef bint handed   # the library has the call (it refuses on its own from there)
 
-    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream, frozenset writes,
+    cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream, tuple writes,
              result=None):
         """Makes this the receive hook due on `buffer_set`, whose send just went out as `generation` (a dispatch's
-        with its `result`), and whose receive writes the arrays at the addresses `writes`."""
+        with its `result`), and whose receive writes the memory `writes` (_spans)."""
         self.kind = kind
         self.writes = writes
         self.result = result
@@ -472,7 +478,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         raise
     if not return_recv_hook:
         return LowLatencyCombineResult(out_x, None)
-    hook.arm("combine", comm, book, buffer_set, handle.generation, s, _addresses((out_x,)))
+    hook.arm("combine", comm, book, buffer_set, handle.generation, s, _spans((out_x,)))
     return LowLatencyCombineResult(out_x, hook)
 
 

@@ -288,28 +288,29 @@ def test_book_refuses_a_result_whose_set_was_reused():
 
 
 class FakeArray:
-    def __init__(self, ptr):
-        self.ptr = ptr
+    def __init__(self, ptr, nbytes=0x10):
+        self.ptr, self.nbytes = ptr, nbytes
 
 
 def dispatched(x, count, src_info, ranges, scales=None):
-    """A stand-in for a dispatch result whose arrays are at these device addresses."""
+    """A stand-in for a dispatch result whose arrays (of 16 bytes each) are at these device addresses."""
     arrays = (x, scales, count, src_info, ranges)
     names = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range")
     return types.SimpleNamespace(**{n: None if a is None else FakeArray(a) for n, a in zip(names, arrays, strict=True)})
 
 
 def test_book_marks_a_result_whose_routing_a_later_dispatch_wrote():
-    """Arrays are told by their addresses, whatever object carried them as out=: a dispatch on one set that writes
-    where the other set's current result has its routing (recv_src_info, recv_layout_range) marks that set
-    overwritten, and its combine is then made without data. Sharing only the rows (recv_x) leaves the routing whole."""
+    """Arrays are told by the device memory they cover, whatever object carried them as out=: a dispatch on one set
+    that writes where the other set's current result has its routing (recv_src_info, recv_layout_range) marks that
+    set overwritten, and its combine is then made without data. Sharing only the rows (recv_x) leaves the routing
+    whole."""
     book = _core._LowLatencyBook(128)
     book.started(0, dispatched(0x100, 0x200, 0x300, 0x310))
     book.started(1, dispatched(0x100, 0x500, 0x600, 0x610))  # the same recv_x, routing of its own
     assert book.overwritten == [False, False]
     book.started(0, dispatched(0x100, 0x200, 0x600, 0x700))  # set 1's recv_src_info
     assert book.overwritten == [False, True]
-    book.started(1, dispatched(0x800, 0x700, 0x900, 0x910))  # set 0's ranges, as its count
+    book.started(1, dispatched(0x800, 0x708, 0x900, 0x910))  # a count inside set 0's ranges
     assert book.overwritten == [True, False]
     book.started(0)  # a refused dispatch writes nothing
     assert book.overwritten == [False, False]
@@ -318,16 +319,19 @@ def test_book_marks_a_result_whose_routing_a_later_dispatch_wrote():
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
     book = _core._LowLatencyBook(128)
     due = FakeHook()
-    due.writes = frozenset({0x100, 0x200})  # the arrays its receive writes
+    due.writes = _core._spans([FakeArray(0x100), FakeArray(0x200)])  # the memory its receive writes
     book.pending[0] = due
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the dispatch sent on buffer set 0"):
         book.check_out_arrays(1, [FakeArray(0x900), FakeArray(0x100)])
-    book.check_out_arrays(1, [FakeArray(0x900), None])  # other arrays
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the dispatch sent on buffer set 0"):
+        book.check_out_arrays(1, [FakeArray(0x1F8, 0x100)])  # a larger array over the end of one of them
+    book.check_out_arrays(1, [FakeArray(0x900), None, FakeArray(0x110)])  # other memory, next to it
+    book.check_out_arrays(1, [FakeArray(0x100, 0)])  # an empty array covers nothing (its address may be any)
     due.kind = "combine"  # a combine's receive writes its out
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the combine sent on buffer set 0"):
-        book.check_out_arrays(1, [FakeArray(0x200)])
+        book.check_out_arrays(1, [FakeArray(0x208)])
     book.pending[0] = None
-    book.check_out_arrays(1, [FakeArray(0x100)])  # received: the arrays may be written again
+    book.check_out_arrays(1, [FakeArray(0x100)])  # received: the memory may be written again
 
 
 def test_book_refuses_a_set_whose_receive_hook_was_never_called():
