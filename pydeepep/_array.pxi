@@ -754,7 +754,13 @@ cdef class DeviceArray:
 
     @property
     def nbytes(self):
-        return self.size * self.dtype.itemsize
+        return self.byte_size()
+
+    cdef size_t byte_size(self):
+        cdef size_t n = self.dtype.itemsize
+        for extent in self.shape:
+            n *= <size_t>extent
+        return n
 
     @property
     def __cuda_array_interface__(self):

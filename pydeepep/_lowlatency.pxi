@@ -52,23 +52,29 @@ class _LowLatencyBook:
         self.routing = [(), ()]
         self.overwritten = [False, False]
 
-    def started(self, int buffer_set, result=None):
+    def started(self, int buffer_set, result=None, bint given_outputs=False):
         """Counts a dispatch on the set (a refused one too: it counts as made on every rank), which wrote the arrays of
-        `result` (None: none); its generation."""
+        `result` (None: none; `given_outputs`: arrays the caller gave as out=, the only ones that may be another
+        result's); its generation."""
         self.dispatches += 1
         self.generation[buffer_set] += 1
         self.routing[buffer_set] = ()
         self.overwritten[buffer_set] = False
         if result is not None:
             self.routing[buffer_set] = _spans((result.recv_src_info, result.recv_layout_range))
-            if _overlap(_dispatch_outputs(result), self.routing[1 - buffer_set]):
+            if given_outputs and _overlap(_spans(_dispatch_outputs(result)), self.routing[1 - buffer_set]):
                 self.overwritten[1 - buffer_set] = True
         return self.generation[buffer_set]
 
-    def check_out_arrays(self, int buffer_set, arrays):
-        """Refuses out= arrays of a call on `buffer_set` that the due receive of the other set's call writes."""
+    def check_out_arrays(self, int buffer_set, arrays, bint device_arrays_only=False):
+        """Refuses out= arrays of a call on `buffer_set` (with `device_arrays_only`, the DeviceArrays among them)
+        that the due receive of the other set's call writes."""
         other = self.pending[1 - buffer_set]
-        if other is not None and _overlap(_spans(arrays), other.writes):
+        if other is None:
+            return
+        if device_arrays_only:
+            arrays = [array for array in arrays if isinstance(array, DeviceArray)]
+        if _overlap(_spans(arrays), _spans(other.writes)):
             raise DeepEPInvalidUsage(
                 f"out= holds arrays of the {other.kind} sent on buffer set {1 - buffer_set}, whose receive hook was "
                 "not called yet: that receive would write the same arrays; call it first", 2)
@@ -86,21 +92,36 @@ class _LowLatencyBook:
                 "dispatch; a result stays valid until the dispatch after next)", 2)
 
 
-def _spans(arrays):
+cpdef tuple _spans(arrays):
     """The device memory of `arrays` as (first byte, end) ranges; None and empty arrays (which may share an address
     with anything, 0 included) hold none."""
-    return tuple((a.ptr, a.ptr + a.nbytes) for a in arrays if a is not None and a.nbytes > 0)
+    cdef list spans = []
+    cdef size_t start, nbytes
+    for array in arrays:
+        if array is None:
+            continue
+        if isinstance(array, DeviceArray):  # the common case, without Python attribute calls
+            start, nbytes = (<DeviceArray>array).ptr, (<DeviceArray>array).byte_size()
+        else:
+            start, nbytes = array.ptr, array.nbytes
+        if nbytes:
+            spans.append((start, start + nbytes))
+    return tuple(spans)
 
 
-def _overlap(spans, others):
+cdef bint _overlap(tuple spans, tuple others):
     """Whether a range of `spans` shares a byte with one of `others`."""
-    return any(start < other_end and other_start < end for start, end in spans for other_start, other_end in others)
+    cdef size_t start, end, other_start, other_end
+    for start, end in spans:
+        for other_start, other_end in others:
+            if start < other_end and other_start < end:
+                return True
+    return False
 
 
-def _dispatch_outputs(result):
-    """The device memory of the arrays a low-latency dispatch result holds."""
-    return _spans((result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info,
-                   result.recv_layout_range))
+cdef tuple _dispatch_outputs(result):
+    """The arrays a low-latency dispatch result holds."""
+    return (result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info, result.recv_layout_range)
 
 
 cdef object _ll_book(Communicator comm):
@@ -129,7 +150,7 @@ cdef class _LowLatencyHook:
     cdef object generation
     cdef size_t stream
     cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
-    cdef readonly tuple writes  # the device memory the receive writes, as _spans gives it
+    cdef readonly tuple writes  # the arrays the receive writes (kept alive by `keep`)
     cdef object result  # a dispatch's result, until the hook ran: marked refused where its receive is refused
     cdef bint done
     cdef bint handed   # the library has the call (it refuses on its own from there)
@@ -137,7 +158,7 @@ cdef class _LowLatencyHook:
     cdef arm(self, str kind, Communicator comm, book, int buffer_set, generation, size_t stream, tuple writes,
              result=None):
         """Makes this the receive hook due on `buffer_set`, whose send just went out as `generation` (a dispatch's
-        with its `result`), and whose receive writes the memory `writes` (_spans)."""
+        with its `result`), and whose receive writes the arrays `writes`."""
         self.kind = kind
         self.writes = writes
         self.result = result
@@ -297,7 +318,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
             _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
         _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
         raise
-    result.generation = book.started(buffer_set, result)  # the set now belongs to this dispatch
+    result.generation = book.started(buffer_set, result, out is not None)  # the set now belongs to this dispatch
     if return_recv_hook:
         hook.arm("dispatch", comm, book, buffer_set, result.generation, s, _dispatch_outputs(result), result)
         result.hook = hook
@@ -348,7 +369,7 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
         outputs = (out.recv_x, out.recv_scales, out.recv_count, out.recv_src_info, out.recv_layout_range)
         # Arrays a due receive writes are refused before _expect makes them this call's (their stream would become
         # this call's); another library's view of them is known by its address once wrapped, below.
-        comm._ll.check_out_arrays(buffer_set, [array for array in outputs if isinstance(array, DeviceArray)])
+        comm._ll.check_out_arrays(buffer_set, outputs, True)
         recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
                          comm.device)
         recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
@@ -478,7 +499,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         raise
     if not return_recv_hook:
         return LowLatencyCombineResult(out_x, None)
-    hook.arm("combine", comm, book, buffer_set, handle.generation, s, _spans((out_x,)))
+    hook.arm("combine", comm, book, buffer_set, handle.generation, s, (out_x,))
     return LowLatencyCombineResult(out_x, hook)
 
 
@@ -526,8 +547,7 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
     else:
         given = out[0] if isinstance(out, tuple) else out
         # As for a dispatch's out=: an array a due receive writes is refused before _expect takes it over.
-        if isinstance(given, DeviceArray):
-            comm._ll.check_out_arrays(handle.buffer_set, (given,))
+        comm._ll.check_out_arrays(handle.buffer_set, (given,), True)
         out_x = _expect(given, (tv.rows, hidden), np.uint16, "out", stream, comm.device)
         comm._ll.check_out_arrays(handle.buffer_set, (out_x,))
 

@@ -305,24 +305,29 @@ def test_book_marks_a_result_whose_routing_a_later_dispatch_wrote():
     set overwritten, and its combine is then made without data. Sharing only the rows (recv_x) leaves the routing
     whole."""
     book = _core._LowLatencyBook(128)
-    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310))
-    book.started(1, dispatched(0x100, 0x500, 0x600, 0x610))  # the same recv_x, routing of its own
+    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310), True)
+    book.started(1, dispatched(0x100, 0x500, 0x600, 0x610), True)  # the same recv_x, routing of its own
     assert book.overwritten == [False, False]
-    book.started(0, dispatched(0x100, 0x200, 0x600, 0x700))  # set 1's recv_src_info
+    book.started(0, dispatched(0x100, 0x200, 0x600, 0x700), True)  # set 1's recv_src_info
     assert book.overwritten == [False, True]
-    book.started(1, dispatched(0x800, 0x708, 0x900, 0x910))  # a count inside set 0's ranges
+    book.started(1, dispatched(0x800, 0x708, 0x900, 0x910), True)  # a count inside set 0's ranges
     assert book.overwritten == [True, False]
     book.started(0)  # a refused dispatch writes nothing
+    assert book.overwritten == [False, False]
+    # Outputs the dispatch allocated itself cannot be a live result's: not compared.
+    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310), True)
+    book.started(1, dispatched(0x800, 0x300, 0x900, 0x910))
     assert book.overwritten == [False, False]
 
 
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
     book = _core._LowLatencyBook(128)
     due = FakeHook()
-    due.writes = _core._spans([FakeArray(0x100), FakeArray(0x200)])  # the memory its receive writes
+    due.writes = (FakeArray(0x100), FakeArray(0x200))  # the arrays its receive writes
     book.pending[0] = due
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the dispatch sent on buffer set 0"):
         book.check_out_arrays(1, [FakeArray(0x900), FakeArray(0x100)])
+    book.check_out_arrays(1, [FakeArray(0x900), types.SimpleNamespace(ptr=0x100, nbytes=0x10)], True)  # no DeviceArray
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="arrays of the dispatch sent on buffer set 0"):
         book.check_out_arrays(1, [FakeArray(0x1F8, 0x100)])  # a larger array over the end of one of them
     book.check_out_arrays(1, [FakeArray(0x900), None, FakeArray(0x110)])  # other memory, next to it
