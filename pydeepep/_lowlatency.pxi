@@ -150,7 +150,7 @@ cdef class _LowLatencyHook:
     cdef object generation
     cdef size_t stream
     cdef object keep   # arrays the call reads or writes, kept alive until the hook ran
-    cdef readonly tuple writes  # the arrays the receive writes (kept alive by `keep`)
+    cdef readonly tuple writes  # the arrays the receive writes, until it ran
     cdef object result  # a dispatch's result, until the hook ran: marked refused where its receive is refused
     cdef bint done
     cdef bint handed   # the library has the call (it refuses on its own from there)
@@ -195,7 +195,7 @@ cdef class _LowLatencyHook:
         if status == deepepSuccess or not _capturing(self.stream, comm.device):
             self.done = True
             self.book.pending[self.buffer_set] = None
-            self.keep = None
+            self.keep = self.writes = None
             if status != deepepSuccess and self.result is not None:
                 # No outputs were written: its combine, which the other ranks make, runs this rank's side without
                 # data and raises, as for a refused dispatch.
