@@ -757,11 +757,14 @@ __device__ __forceinline__ void write_expert_outputs(const DispatchParams& p, in
   }
   if (helper == 0) {
     p.recv_count[local] = rows;
-    if (p.stats_recv_count != nullptr) {  // one block owns each expert: no atomics needed
+    // One block owns each expert here, but the receive of the other buffer set may add to the same counters at the
+    // same time (two micro-batches on two streams sharing them, as DeepEP code does): atomic adds.
+    if (p.stats_recv_count != nullptr) {
       if (p.stats_recv_count_int32) {
-        static_cast<int32_t*>(p.stats_recv_count)[local] += rows;
+        atomicAdd(static_cast<int32_t*>(p.stats_recv_count) + local, rows);
       } else {
-        static_cast<int64_t*>(p.stats_recv_count)[local] += rows;
+        atomicAdd(reinterpret_cast<unsigned long long*>(static_cast<int64_t*>(p.stats_recv_count) + local),
+                  static_cast<unsigned long long>(rows));
       }
     }
   }

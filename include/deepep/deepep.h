@@ -579,7 +579,8 @@ typedef struct {
   int scales_token_contiguous; /* 1: recv_scales is stored [E_loc, columns, R*T] instead (the row index varies
                                   fastest, the layout DeepEP returns); 0 (default): [E_loc, R*T, columns] */
   /* Optional load statistics, cumulative over calls (the caller zeroes them when it wants; NULL: not kept). Recv
-   * and SendRecv add to them. */
+   * and SendRecv add to them, atomically: calls on both buffer sets may share them, also on two streams (read them
+   * after the receives of both). */
   void* stats_recv_count;                 /* [E_loc]: rows received per local expert */
   deepepDataType_t stats_recv_count_type; /* deepepInt64 (default) or deepepInt32 */
   int64_t* stats_wait_ns; /* [R]: nanoseconds this rank's receive spent waiting for each source rank's tokens (a
