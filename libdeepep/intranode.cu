@@ -302,6 +302,14 @@ __device__ __forceinline__ void send_ready(const Protocol& p, int source, uint32
   store_release_sys(&message->flag, seq);
 }
 
+// Tells `rank`'s combine block b that this rank pushes it no rows for operation `seq`: every row it could wait for is
+// there, refused (a refused call, a handle whose worst-case dispatch failed), so it reads none and waits for none.
+__device__ __forceinline__ void release_all_rows_refused(const Protocol& p, int rank, int b, uint32_t seq) {
+  ControlRegion* peer = control_of(p.peers, rank);
+  peer->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
+  store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kAllRowsRefused));
+}
+
 // This rank's side of a call it refused (deepepRefuseCall): once the peers acknowledged the previous operation (the
 // messages below overwrite what they read in it), it tells every peer where that call's kernel looks first, then
 // finishes the operation like any other, reading no input and writing no output, so that the ranks stay in step.
@@ -340,9 +348,7 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
         message->num_blocks = gridDim.x;
         store_release_sys(&message->flag, seq);
       } else if (call == deepepCallCombine) {
-        // Every row the peer could wait for is there, refused: it reads none.
-        peer->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
-        store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kAllRowsRefused));
+        release_all_rows_refused(p, d, b, seq);
       }
     }
   }
@@ -1275,10 +1281,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
                            failed > 0 ? failed - 1 : -1, kDetailDispatchFailed, 0);
       ok = fine && failed == 0;
     }
-    if (fine && failed != 0 && lane < R && lane != p.rank) {
-      control_of(p.peers, lane)->combine_layout[p.rank][b] = static_cast<uint64_t>(kRefusedRowLayout);
-      store_release_sys(&control_of(p.peers, lane)->combine_progress[p.rank][b], tagged(seq, kAllRowsRefused));
-    }
+    if (fine && failed != 0 && lane < R && lane != p.rank) release_all_rows_refused(p, lane, b, seq);
   }
   __syncthreads();
 

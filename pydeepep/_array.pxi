@@ -747,9 +747,12 @@ cdef class DeviceArray:
 
     @property
     def size(self):
-        n = 1
-        for s in self.shape:
-            n *= s
+        return self.element_count()
+
+    cdef size_t element_count(self):
+        cdef size_t n = 1
+        for extent in self.shape:
+            n *= <size_t>extent
         return n
 
     @property
@@ -757,10 +760,7 @@ cdef class DeviceArray:
         return self.byte_size()
 
     cdef size_t byte_size(self):
-        cdef size_t n = self.dtype.itemsize
-        for extent in self.shape:
-            n *= <size_t>extent
-        return n
+        return self.element_count() * <size_t>self.dtype.itemsize
 
     @property
     def __cuda_array_interface__(self):

@@ -120,7 +120,7 @@ cdef bint _overlap(tuple spans, tuple others):
 
 
 cdef tuple _dispatch_outputs(result):
-    """The arrays a low-latency dispatch result holds."""
+    """The arrays a low-latency dispatch result holds (or an out= object gives)."""
     return (result.recv_x, result.recv_scales, result.recv_count, result.recv_src_info, result.recv_layout_range)
 
 
@@ -366,18 +366,18 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
             (scales_shape, scales_dtype) if use_fp8 else None, ((local,), np.int32), ((local, rows), np.int32),
             ((local, R, 2), np.int32)), comm.device, stream)
     else:
-        outputs = (out.recv_x, out.recv_scales, out.recv_count, out.recv_src_info, out.recv_layout_range)
+        outputs = _dispatch_outputs(out)
         # Arrays a due receive writes are refused before _expect makes them this call's (their stream would become
         # this call's); another library's view of them is known by its address once wrapped, below.
         comm._ll.check_out_arrays(buffer_set, outputs, True)
-        recv_x = _expect(out.recv_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
+        given_x, given_scales, given_count, given_info, given_ranges = outputs
+        recv_x = _expect(given_x, (local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "recv_x", stream,
                          comm.device)
-        recv_scales = _expect(out.recv_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales",
-                              stream, comm.device)
-        recv_count = _expect(out.recv_count, (local,), np.int32, "recv_count", stream, comm.device)
-        recv_src_info = _expect(out.recv_src_info, (local, rows), np.int32, "recv_src_info", stream, comm.device)
-        recv_layout_range = _expect(out.recv_layout_range, (local, R, 2), np.int32, "recv_layout_range",
-                                    stream, comm.device)
+        recv_scales = _expect(given_scales, scales_shape if use_fp8 else None, scales_dtype, "recv_scales", stream,
+                              comm.device)
+        recv_count = _expect(given_count, (local,), np.int32, "recv_count", stream, comm.device)
+        recv_src_info = _expect(given_info, (local, rows), np.int32, "recv_src_info", stream, comm.device)
+        recv_layout_range = _expect(given_ranges, (local, R, 2), np.int32, "recv_layout_range", stream, comm.device)
         comm._ll.check_out_arrays(buffer_set, (recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range))
 
     count_ptr, count_view, count_kind = _stats_array(stats_recv_count, stream, "stats_recv_count", local,
