@@ -85,6 +85,49 @@ void note_phase(const deepepComm& comm, bool combine, int buffer_set, deepepLowL
   if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
 }
 
+ByteSpan span_of(const void* array, size_t bytes) {
+  const auto begin = reinterpret_cast<uintptr_t>(array);
+  return {begin, array != nullptr ? begin + bytes : begin};
+}
+
+bool overlaps_routing(const ByteSpan* spans, size_t count, const ByteSpan (&routing)[2]) {
+  for (size_t i = 0; i < count; ++i) {
+    if (spans[i].overlaps(routing[0]) || spans[i].overlaps(routing[1])) return true;
+  }
+  return false;
+}
+
+// A dispatch that starts on a set (made or refused) ends the routing the set's previous dispatch left.
+void start_dispatch_routing(const deepepComm& comm, int buffer_set) {
+  comm.ll_routing[buffer_set][0] = comm.ll_routing[buffer_set][1] = ByteSpan{};
+  comm.ll_routing_overwritten[buffer_set] = false;
+}
+
+// After a dispatch's Recv or SendRecv launched: `outputs` (recv_x, recv_scales, recv_count, recv_src_info,
+// recv_layout_range) hold its results, the last two its routing. Outputs over the other set's routing mark that set:
+// its combine would read this dispatch's routing.
+void note_dispatch_outputs(const deepepComm& comm, int buffer_set, const ByteSpan (&outputs)[5]) {
+  comm.ll_routing[buffer_set][0] = outputs[3];
+  comm.ll_routing[buffer_set][1] = outputs[4];
+  if (overlaps_routing(outputs, 5, comm.ll_routing[1 - buffer_set])) comm.ll_routing_overwritten[1 - buffer_set] = true;
+}
+
+// A combine's Send reads the routing (src_info, layout_range) of its set's dispatch. Refused where a later dispatch
+// wrote over those arrays, and where they are the other set's current dispatch's and not this set's.
+void check_combine_routing(const deepepComm& comm, int buffer_set, const ByteSpan (&given)[2]) {
+  const int other = 1 - buffer_set;
+  DEEPEP_REQUIRE(!comm.ll_routing_overwritten[buffer_set],
+                 "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written "
+                 "by a later dispatch on buffer set %d, whose outputs cover them: this combine would use that "
+                 "dispatch's routing (give each buffer set's dispatch outputs of its own)",
+                 buffer_set, other);
+  DEEPEP_REQUIRE(
+      !overlaps_routing(given, 2, comm.ll_routing[other]) || overlaps_routing(given, 2, comm.ll_routing[buffer_set]),
+      "src_info / layout_range are the routing arrays of the dispatch on buffer set %d, not of this "
+      "combine's buffer set %d: pass the recv_src_info / recv_layout_range its dispatch wrote",
+      other, buffer_set);
+}
+
 void check_flag(int value, const char* name) {
   DEEPEP_REQUIRE(value == 0 || value == 1, "%s is %d; it must be 0 or 1", name, value);
 }
@@ -258,6 +301,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
     check_phase_order(c, false, a.buffer_set, a.phase, capture.capturing());
+    if (a.phase != deepepLowLatencyRecv) start_dispatch_routing(c, a.buffer_set);
     RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
@@ -285,10 +329,14 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     if (token_rows * row.row_bytes > c.ll_area.receive_bytes) {
       fail_too_small(c, "the dispatch's receive slots", token_rows * row.row_bytes, c.ll_area.receive_bytes);
     }
+    const size_t scale_bytes = fp8 ? slots * (a.use_ue8m0 ? (a.hidden / 128 + 3) / 4 : a.hidden / 128) * 4 : 0;
+    const ByteSpan outputs[5] = {span_of(a.recv_x, slots * row.payload_bytes), span_of(a.recv_scales, scale_bytes),
+                                 span_of(a.recv_count, static_cast<size_t>(local) * 4),
+                                 span_of(a.recv_src_info, slots * 4),
+                                 span_of(a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4)};
     check_device_array(c, a.recv_x, slots * row.payload_bytes, 16, "recv_x");
     if (fp8) {
-      const size_t scales = a.use_ue8m0 ? (a.hidden / 128 + 3) / 4 : a.hidden / 128;
-      check_device_array(c, a.recv_scales, slots * scales * 4, 4, "recv_scales");
+      check_device_array(c, a.recv_scales, scale_bytes, 4, "recv_scales");
     } else {
       DEEPEP_REQUIRE(a.recv_scales == nullptr, "recv_scales is given but the output is BF16 (use_fp8 = 0)");
     }
@@ -308,6 +356,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
     note_phase(c, false, a.buffer_set, a.phase, capture.capturing());
+    if (a.phase != deepepLowLatencySend) note_dispatch_outputs(c, a.buffer_set, outputs);
   });
 }
 
@@ -343,6 +392,11 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     }
     check_device_array(c, a.src_info, slots * 4, 4, "src_info");
     check_device_array(c, a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "layout_range");
+    if (a.phase != deepepLowLatencyRecv) {
+      check_combine_routing(
+          c, a.buffer_set,
+          {span_of(a.src_info, slots * 4), span_of(a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4)});
+    }
     const int64_t w_stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
     DEEPEP_REQUIRE(w_stride >= a.num_topk, "weights_row_stride %lld is below num_topk %d",
                    static_cast<long long>(w_stride), a.num_topk);
@@ -365,6 +419,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
     require_not_capturing(stream, "a refusal");
     // Out of order it would take the place of the Send still due, as the calls' own refusals would (check_phase_order).
     check_phase_order(c, combine != 0, buffer_set, phase, false);
+    if (!combine && phase != deepepLowLatencyRecv) start_dispatch_routing(c, buffer_set);
     refuse(c, combine != 0, buffer_set, phase, stream);
   });
 }

@@ -50,6 +50,12 @@ size_t low_latency_offset(size_t ht_bytes);
 // hint reports).
 size_t total_buffer_size(const deepepConfig& config, int nranks);
 
+// The device memory [begin, end) of an array (begin == end: none).
+struct ByteSpan {
+  uintptr_t begin = 0, end = 0;
+  bool overlaps(const ByteSpan& other) const { return begin < other.end && other.begin < end; }
+};
+
 }  // namespace deepep
 
 struct deepepComm {
@@ -70,6 +76,12 @@ struct deepepComm {
   static constexpr int kLowLatencyNoRecvDue = -1;
   mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
   mutable bool ll_set_captured[2] = {false, false};
+  // Per low-latency buffer set, the memory of its current dispatch's routing arrays (recv_src_info, recv_layout_range:
+  // what its combine reads), empty until that dispatch's Recv wrote them; and whether a later dispatch on the other set
+  // wrote outputs over them since (a combine would then read that dispatch's routing). Kept for every call, captured
+  // ones included: the addresses a capture records are the ones its graph writes.
+  mutable deepep::ByteSpan ll_routing[2][2];
+  mutable bool ll_routing_overwritten[2] = {false, false};
   int num_sms = 0;                       // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass

@@ -46,24 +46,11 @@ class _LowLatencyBook:
         self.dispatches = 0               # dispatches issued: dispatch i uses set i % 2
         self.generation = [0, 0]          # dispatches started on each set
         self.pending = [None, None]       # an unfinished Send on the set: its hook object
-        # The device memory of the routing arrays of each set's current dispatch (what its combine reads), and
-        # whether a later dispatch (given some of it as out=, through any object) wrote there. A current result keeps
-        # its arrays alive, so no other array can have that memory meanwhile.
-        self.routing = [(), ()]
-        self.overwritten = [False, False]
 
-    def started(self, int buffer_set, result=None, bint given_outputs=False):
-        """Counts a dispatch on the set (a refused one too: it counts as made on every rank), which wrote the arrays of
-        `result` (None: none; `given_outputs`: arrays the caller gave as out=, the only ones that may be another
-        result's); its generation."""
+    def started(self, int buffer_set):
+        """Counts a dispatch on the set (a refused one too: it counts as made on every rank); its generation."""
         self.dispatches += 1
         self.generation[buffer_set] += 1
-        self.routing[buffer_set] = ()
-        self.overwritten[buffer_set] = False
-        if result is not None:
-            self.routing[buffer_set] = _spans((result.recv_src_info, result.recv_layout_range))
-            if given_outputs and _overlap(_spans(_dispatch_outputs(result)), self.routing[1 - buffer_set]):
-                self.overwritten[1 - buffer_set] = True
         return self.generation[buffer_set]
 
     def check_out_arrays(self, int buffer_set, arrays, bint device_arrays_only=False):
@@ -318,7 +305,7 @@ def _low_latency_dispatch(Communicator comm, x, topk_idx, num_experts, bint use_
             _refuse_low_latency(c, 0, buffer_set, hook.dispatch_args.phase, s)
         _count_refused_dispatch(comm, book, buffer_set, num_experts, use_fp8, exc)
         raise
-    result.generation = book.started(buffer_set, result, out is not None)  # the set now belongs to this dispatch
+    result.generation = book.started(buffer_set)  # the set now belongs to this dispatch
     if return_recv_hook:
         hook.arm("dispatch", comm, book, buffer_set, result.generation, s, _dispatch_outputs(result), result)
         result.hook = hook
@@ -481,15 +468,12 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise
     # A combine this rank cannot make, whose set the other ranks' combine is on: its side runs without data, so that
-    # theirs ends at once.
-    without_data = ("a dispatch that was refused on this rank" if handle.refused else
-                    "a dispatch result whose routing arrays (recv_src_info, recv_layout_range) were given as out= to "
-                    "a later dispatch, which wrote into them" if book.overwritten[buffer_set] else None)
-    if without_data is not None:
+    # theirs ends at once. (The library does the same for a result whose routing arrays a later dispatch wrote.)
+    if handle.refused:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise DeepEPInvalidUsage(
-            f"low-latency combine of {without_data}: this rank's side of the combine ran without data (the other "
-            "ranks leave this rank's experts out and report it), and there is no output", 2)
+            "low-latency combine of a dispatch that was refused on this rank: this rank's side of the combine ran "
+            "without data (the other ranks leave this rank's experts out and report it), and there is no output", 2)
     try:
         out_x = _low_latency_combine_call(comm, hook, s, x, topk_idx, topk_weights, handle, zero_copy, stream, out)
     except BaseException:

@@ -292,34 +292,6 @@ class FakeArray:
         self.ptr, self.nbytes = ptr, nbytes
 
 
-def dispatched(x, count, src_info, ranges, scales=None):
-    """A stand-in for a dispatch result whose arrays (of 16 bytes each) are at these device addresses."""
-    arrays = (x, scales, count, src_info, ranges)
-    names = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range")
-    return types.SimpleNamespace(**{n: None if a is None else FakeArray(a) for n, a in zip(names, arrays, strict=True)})
-
-
-def test_book_marks_a_result_whose_routing_a_later_dispatch_wrote():
-    """Arrays are told by the device memory they cover, whatever object carried them as out=: a dispatch on one set
-    that writes where the other set's current result has its routing (recv_src_info, recv_layout_range) marks that
-    set overwritten, and its combine is then made without data. Sharing only the rows (recv_x) leaves the routing
-    whole."""
-    book = _core._LowLatencyBook(128)
-    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310), True)
-    book.started(1, dispatched(0x100, 0x500, 0x600, 0x610), True)  # the same recv_x, routing of its own
-    assert book.overwritten == [False, False]
-    book.started(0, dispatched(0x100, 0x200, 0x600, 0x700), True)  # set 1's recv_src_info
-    assert book.overwritten == [False, True]
-    book.started(1, dispatched(0x800, 0x708, 0x900, 0x910), True)  # a count inside set 0's ranges
-    assert book.overwritten == [True, False]
-    book.started(0)  # a refused dispatch writes nothing
-    assert book.overwritten == [False, False]
-    # Outputs the dispatch allocated itself cannot be a live result's: not compared.
-    book.started(0, dispatched(0x100, 0x200, 0x300, 0x310), True)
-    book.started(1, dispatched(0x800, 0x300, 0x900, 0x910))
-    assert book.overwritten == [False, False]
-
-
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
     book = _core._LowLatencyBook(128)
     due = FakeHook()

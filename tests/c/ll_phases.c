@@ -2,8 +2,9 @@
  * a second Send on a set whose Recv is due and a Recv of the other kind return deepepInvalidUsage and launch nothing,
  * and so do refusals of such calls (deepepLowLatencyRefuseCall), while one in order is made; a call refused inside a
  * capture leaves its set checked; a Send captured in a graph is received by eager Recvs after each launch; the calls in
- * the right order succeed and the stream finishes clean. Prints one line per step; exit status 0: as expected, 1: not,
- * 3: setup failed. */
+ * the right order succeed; a combine given the other set's routing arrays, or routing arrays a later dispatch on the
+ * other set wrote over, is refused; the stream finishes clean. Prints one line per step; exit status 0: as expected, 1:
+ * not, 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
 #include <stdint.h>
@@ -30,7 +31,8 @@ int main(void) {
   cudaStream_t stream;
   int64_t topk[T * K];
   float weights[T * K];
-  void *x, *d_topk, *d_weights, *recv_x, *recv_count, *src_info, *layout, *out;
+  void *x, *d_topk, *d_weights, *recv_x, *recv_count, *out;
+  void *src_info[2], *layout[2]; /* the routing arrays of each buffer set's dispatch */
   deepepLowLatencyDispatchArgs d;
   deepepLowLatencyCombineArgs c;
   deepepResult_t async_error = deepepSuccess;
@@ -61,8 +63,10 @@ int main(void) {
       cudaMalloc(&x, (size_t)T * H * 2) != cudaSuccess || cudaMalloc(&d_topk, sizeof(topk)) != cudaSuccess ||
       cudaMalloc(&d_weights, sizeof(weights)) != cudaSuccess ||
       cudaMalloc(&recv_x, (size_t)E * T * H * 2) != cudaSuccess || cudaMalloc(&recv_count, E * 4) != cudaSuccess ||
-      cudaMalloc(&src_info, (size_t)E * T * 4) != cudaSuccess ||
-      cudaMalloc(&layout, (size_t)E * 2 * 4) != cudaSuccess || cudaMalloc(&out, (size_t)T * H * 2) != cudaSuccess ||
+      cudaMalloc(&src_info[0], (size_t)E * T * 4) != cudaSuccess ||
+      cudaMalloc(&src_info[1], (size_t)E * T * 4) != cudaSuccess ||
+      cudaMalloc(&layout[0], (size_t)E * 2 * 4) != cudaSuccess ||
+      cudaMalloc(&layout[1], (size_t)E * 2 * 4) != cudaSuccess || cudaMalloc(&out, (size_t)T * H * 2) != cudaSuccess ||
       cudaMemset(x, 0, (size_t)T * H * 2) != cudaSuccess ||
       cudaMemcpy(d_topk, topk, sizeof(topk), cudaMemcpyHostToDevice) != cudaSuccess ||
       cudaMemcpy(d_weights, weights, sizeof(weights), cudaMemcpyHostToDevice) != cudaSuccess) {
@@ -80,14 +84,14 @@ int main(void) {
   d.use_fp8 = 0;
   d.recv_x = recv_x;
   d.recv_count = recv_count;
-  d.recv_src_info = src_info;
-  d.recv_layout_range = layout;
+  d.recv_src_info = src_info[0];
+  d.recv_layout_range = layout[0];
   deepepLowLatencyCombineArgsInit(&c, sizeof(c));
   c.x = recv_x; /* the dispatched BF16 rows, as the experts' outputs */
   c.hidden = H;
   c.num_experts = E;
-  c.src_info = src_info;
-  c.layout_range = layout;
+  c.src_info = src_info[0];
+  c.layout_range = layout[0];
   c.num_tokens = T;
   c.topk_idx = d_topk;
   c.topk_type = deepepInt64;
@@ -113,9 +117,13 @@ int main(void) {
   c.phase = deepepLowLatencyRecv;
   expect("combine Recv on set 0, a dispatch's Recv due", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
   d.buffer_set = 1;
+  d.recv_src_info = src_info[1];
+  d.recv_layout_range = layout[1];
   d.phase = deepepLowLatencySendRecv;
   expect("dispatch SendRecv on set 1 meanwhile", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   d.buffer_set = 0;
+  d.recv_src_info = src_info[0];
+  d.recv_layout_range = layout[0];
   d.phase = deepepLowLatencyRecv;
   expect("dispatch Recv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   expect("dispatch Recv on set 0 again", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
@@ -138,6 +146,8 @@ int main(void) {
   /* A Send captured in a graph on set 1, the graph launched twice, each time received by an eager Recv: a set that a
    * capture used is not checked any more (the graph, not the call, sends). */
   d.buffer_set = 1;
+  d.recv_src_info = src_info[1];
+  d.recv_layout_range = layout[1];
   d.phase = deepepLowLatencySend;
   if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
     printf("capture failed to start\n");
@@ -159,11 +169,38 @@ int main(void) {
   }
   for (set = 0; set < 2; ++set) {
     c.buffer_set = set;
+    c.src_info = src_info[set];
+    c.layout_range = layout[set];
     c.phase = deepepLowLatencySend;
     expect("combine Send", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
     c.phase = deepepLowLatencyRecv;
     expect("combine Recv", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
   }
+  /* The routing a combine reads must be its own set's dispatch's. */
+  c.buffer_set = 0;
+  c.src_info = src_info[1];
+  c.layout_range = layout[1];
+  c.phase = deepepLowLatencySendRecv;
+  expect("combine on set 0 given set 1's routing arrays", deepepLowLatencyCombine(comm, &c, stream),
+         deepepInvalidUsage);
+  d.buffer_set = 0;
+  d.recv_src_info = src_info[0];
+  d.recv_layout_range = layout[0];
+  d.phase = deepepLowLatencySendRecv;
+  expect("dispatch SendRecv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
+  d.buffer_set = 1;
+  d.recv_src_info = src_info[1];
+  d.recv_layout_range = layout[0]; /* over set 0's routing */
+  expect("dispatch SendRecv on set 1 writing set 0's recv_layout_range", deepepLowLatencyDispatch(comm, &d, stream),
+         deepepSuccess);
+  c.src_info = src_info[0];
+  c.layout_range = layout[0];
+  expect("combine on set 0, its routing written over", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
+  c.buffer_set = 1;
+  c.src_info = src_info[1];
+  c.layout_range = layout[0];
+  expect("combine on set 1 given its dispatch's routing arrays", deepepLowLatencyCombine(comm, &c, stream),
+         deepepSuccess);
   expect("stream finished", cudaStreamSynchronize(stream) == cudaSuccess ? deepepSuccess : deepepCudaError,
          deepepSuccess);
   expect("no asynchronous error", deepepCommGetAsyncError(comm, &async_error), deepepSuccess);
