@@ -116,16 +116,19 @@ void note_dispatch_outputs(const deepepComm& comm, int buffer_set, const ByteSpa
 // wrote over those arrays, and where they are the other set's current dispatch's and not this set's.
 void check_combine_routing(const deepepComm& comm, int buffer_set, const ByteSpan (&given)[2]) {
   const int other = 1 - buffer_set;
-  DEEPEP_REQUIRE(!comm.ll_routing_overwritten[buffer_set],
-                 "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written "
-                 "by a later dispatch on buffer set %d, whose outputs cover them: this combine would use that "
-                 "dispatch's routing (give each buffer set's dispatch outputs of its own)",
-                 buffer_set, other);
-  DEEPEP_REQUIRE(
-      !overlaps_routing(given, 2, comm.ll_routing[other]) || overlaps_routing(given, 2, comm.ll_routing[buffer_set]),
-      "src_info / layout_range are the routing arrays of the dispatch on buffer set %d, not of this "
-      "combine's buffer set %d: pass the recv_src_info / recv_layout_range its dispatch wrote",
-      other, buffer_set);
+  if (comm.ll_routing_overwritten[buffer_set]) {
+    fail(deepepInvalidUsage,
+         "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written by a "
+         "later dispatch on buffer set %d, whose outputs cover them: this combine would use that dispatch's routing "
+         "(give each buffer set's dispatch outputs of its own)",
+         buffer_set, other);
+  }
+  if (overlaps_routing(given, 2, comm.ll_routing[other]) && !overlaps_routing(given, 2, comm.ll_routing[buffer_set])) {
+    fail(deepepInvalidUsage,
+         "src_info / layout_range are the routing arrays of the dispatch on buffer set %d, not of this combine's "
+         "buffer set %d: pass the recv_src_info / recv_layout_range its dispatch wrote",
+         other, buffer_set);
+  }
 }
 
 void check_flag(int value, const char* name) {
