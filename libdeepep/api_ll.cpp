@@ -41,6 +41,8 @@ void check_set_and_phase(int buffer_set, deepepLowLatencyPhase_t phase) {
 void refuse(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase, cudaStream_t stream) {
   // Before the launch: a refused Recv counts as made also where its launch fails (the caller is told so).
   if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
+  if (!combine && phase != deepepLowLatencyRecv)
+    comm.ll_dispatch[buffer_set] = LowLatencyDispatchRecord{};  // no routing
   DeviceGuard guard(comm.device);
   launch_low_latency_refusal(comm, combine, buffer_set, phase, stream);
 }
@@ -90,44 +92,64 @@ ByteSpan span_of(const void* array, size_t bytes) {
   return {begin, array != nullptr ? begin + bytes : begin};
 }
 
-bool overlaps_routing(const ByteSpan* spans, size_t count, const ByteSpan (&routing)[2]) {
-  for (size_t i = 0; i < count; ++i) {
-    if (spans[i].overlaps(routing[0]) || spans[i].overlaps(routing[1])) return true;
+bool overlaps_routing(const ByteSpan& array, const LowLatencyDispatchRecord& record) {
+  return array.overlaps(record.routing[0]) || array.overlaps(record.routing[1]);
+}
+
+// `outputs` of a call that ran eagerly: where they cover the routing of a set's dispatch, its combine would read
+// theirs.
+void mark_written(const deepepComm& comm, const ByteSpan* outputs, size_t count) {
+  for (LowLatencyDispatchRecord& record : comm.ll_dispatch) {
+    for (size_t i = 0; i < count; ++i) {
+      if (record.made && overlaps_routing(outputs[i], record)) record.overwritten = true;
+    }
   }
-  return false;
 }
 
-// A dispatch that starts on a set (made or refused) ends the routing the set's previous dispatch left.
-void start_dispatch_routing(const deepepComm& comm, int buffer_set) {
-  comm.ll_routing[buffer_set][0] = comm.ll_routing[buffer_set][1] = ByteSpan{};
-  comm.ll_routing_overwritten[buffer_set] = false;
+// After a dispatch launched: a Send or SendRecv begins its set's record anew (a set a capture used keeps none), and a
+// Recv or SendRecv fills it and marks the other set's routing its outputs cover. `outputs`: recv_x, recv_scales,
+// recv_count, recv_src_info, recv_layout_range, stats_recv_count, stats_wait_ns.
+void note_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& a, const ByteSpan (&outputs)[7]) {
+  LowLatencyDispatchRecord& record = comm.ll_dispatch[a.buffer_set];
+  const bool captured = comm.ll_set_captured[a.buffer_set];
+  if (a.phase != deepepLowLatencyRecv || captured) record = LowLatencyDispatchRecord{};
+  if (a.phase == deepepLowLatencySend || captured) return;
+  mark_written(comm, outputs, 7);
+  record = {true, false, a.num_tokens, a.num_topk, a.num_experts, {outputs[3], outputs[4]}};
 }
 
-// After a dispatch's Recv or SendRecv launched: `outputs` (recv_x, recv_scales, recv_count, recv_src_info,
-// recv_layout_range) hold its results, the last two its routing. Outputs over the other set's routing mark that set:
-// its combine would read this dispatch's routing.
-void note_dispatch_outputs(const deepepComm& comm, int buffer_set, const ByteSpan (&outputs)[5]) {
-  comm.ll_routing[buffer_set][0] = outputs[3];
-  comm.ll_routing[buffer_set][1] = outputs[4];
-  if (overlaps_routing(outputs, 5, comm.ll_routing[1 - buffer_set])) comm.ll_routing_overwritten[1 - buffer_set] = true;
-}
-
-// A combine's Send reads the routing (src_info, layout_range) of its set's dispatch. Refused where a later dispatch
-// wrote over those arrays, and where they are the other set's current dispatch's and not this set's.
-void check_combine_routing(const deepepComm& comm, int buffer_set, const ByteSpan (&given)[2]) {
-  const int other = 1 - buffer_set;
-  if (comm.ll_routing_overwritten[buffer_set]) {
+// A combine goes with its set's dispatch: the same token count, top-k and expert count, and, for its Send (which
+// reads them), that dispatch's routing arrays, which no later call wrote over. Eager calls on sets no capture used.
+void check_combine_against_dispatch(const deepepComm& comm, const deepepLowLatencyCombineArgs& a,
+                                    const ByteSpan (&given)[2]) {
+  const LowLatencyDispatchRecord& own = comm.ll_dispatch[a.buffer_set];
+  const LowLatencyDispatchRecord& other = comm.ll_dispatch[1 - a.buffer_set];
+  if (!own.made) {
     fail(deepepInvalidUsage,
-         "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written by a "
-         "later dispatch on buffer set %d, whose outputs cover them: this combine would use that dispatch's routing "
-         "(give each buffer set's dispatch outputs of its own)",
-         buffer_set, other);
+         "no low-latency dispatch on buffer set %d has written routing on this rank (none was made, or this rank "
+         "refused it: then refuse its combine as well, deepepLowLatencyRefuseCall)",
+         a.buffer_set);
   }
-  if (overlaps_routing(given, 2, comm.ll_routing[other]) && !overlaps_routing(given, 2, comm.ll_routing[buffer_set])) {
+  DEEPEP_REQUIRE(a.num_tokens == own.num_tokens && a.num_topk == own.num_topk && a.num_experts == own.num_experts,
+                 "num_tokens %lld, num_topk %d, num_experts %d: the dispatch on buffer set %d had %lld, %d, %d (a "
+                 "combine passes its dispatch's)",
+                 static_cast<long long>(a.num_tokens), a.num_topk, a.num_experts, a.buffer_set,
+                 static_cast<long long>(own.num_tokens), own.num_topk, own.num_experts);
+  if (a.phase == deepepLowLatencyRecv) return;
+  for (int i = 0; i < 2; ++i) {
+    if (overlaps_routing(given[i], other) && !overlaps_routing(given[i], own)) {
+      fail(deepepInvalidUsage,
+           "%s is a routing array of the dispatch on buffer set %d, not of this combine's buffer set %d: pass the "
+           "one its dispatch wrote",
+           i == 0 ? "src_info" : "layout_range", 1 - a.buffer_set, a.buffer_set);
+    }
+  }
+  if (own.overwritten && (overlaps_routing(given[0], own) || overlaps_routing(given[1], own))) {
     fail(deepepInvalidUsage,
-         "src_info / layout_range are the routing arrays of the dispatch on buffer set %d, not of this combine's "
-         "buffer set %d: pass the recv_src_info / recv_layout_range its dispatch wrote",
-         other, buffer_set);
+         "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written over by "
+         "a later call's outputs since: this combine would read that call's data (give each buffer set's dispatch "
+         "outputs of its own)",
+         a.buffer_set);
   }
 }
 
@@ -304,7 +326,6 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     require_low_latency(c);
     check_set_and_phase(a.buffer_set, a.phase);
     check_phase_order(c, false, a.buffer_set, a.phase, capture.capturing());
-    if (a.phase != deepepLowLatencyRecv) start_dispatch_routing(c, a.buffer_set);
     RefusalOnThrow refusal(stream, [&] { refuse(c, false, a.buffer_set, a.phase, stream); });
     const int local = check_experts(c, a.num_experts);
     check_routing(c, a.num_tokens, a.topk_idx, a.topk_type, a.num_topk, a.topk_row_stride);
@@ -333,10 +354,6 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
       fail_too_small(c, "the dispatch's receive slots", token_rows * row.row_bytes, c.ll_area.receive_bytes);
     }
     const size_t scale_bytes = fp8 ? slots * (a.use_ue8m0 ? (a.hidden / 128 + 3) / 4 : a.hidden / 128) * 4 : 0;
-    const ByteSpan outputs[5] = {span_of(a.recv_x, slots * row.payload_bytes), span_of(a.recv_scales, scale_bytes),
-                                 span_of(a.recv_count, static_cast<size_t>(local) * 4),
-                                 span_of(a.recv_src_info, slots * 4),
-                                 span_of(a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4)};
     check_device_array(c, a.recv_x, slots * row.payload_bytes, 16, "recv_x");
     if (fp8) {
       check_device_array(c, a.recv_scales, scale_bytes, 4, "recv_scales");
@@ -356,10 +373,18 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     }
     if (a.stats_wait_ns != nullptr)
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
+    const ByteSpan outputs[7] = {
+        span_of(a.recv_x, slots * row.payload_bytes),
+        span_of(a.recv_scales, scale_bytes),
+        span_of(a.recv_count, static_cast<size_t>(local) * 4),
+        span_of(a.recv_src_info, slots * 4),
+        span_of(a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4),
+        span_of(a.stats_recv_count, static_cast<size_t>(local) * (a.stats_recv_count_type == deepepInt64 ? 8 : 4)),
+        span_of(a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8)};
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
     note_phase(c, false, a.buffer_set, a.phase, capture.capturing());
-    if (a.phase != deepepLowLatencySend) note_dispatch_outputs(c, a.buffer_set, outputs);
+    note_dispatch(c, a, outputs);
   });
 }
 
@@ -395,19 +420,23 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     }
     check_device_array(c, a.src_info, slots * 4, 4, "src_info");
     check_device_array(c, a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "layout_range");
-    if (a.phase != deepepLowLatencyRecv) {
-      check_combine_routing(
-          c, a.buffer_set,
+    const bool eager = !capture.capturing() && !c.ll_set_captured[a.buffer_set];
+    if (eager) {
+      check_combine_against_dispatch(
+          c, a,
           {span_of(a.src_info, slots * 4), span_of(a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4)});
     }
     const int64_t w_stride = a.weights_row_stride != 0 ? a.weights_row_stride : a.num_topk;
     DEEPEP_REQUIRE(w_stride >= a.num_topk, "weights_row_stride %lld is below num_topk %d",
                    static_cast<long long>(w_stride), a.num_topk);
     check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, w_stride, 4), 4, "topk_weights");
-    check_device_array(c, a.out, static_cast<size_t>(a.num_tokens) * a.hidden * 2, 16, "out");
+    const size_t out_bytes = static_cast<size_t>(a.num_tokens) * a.hidden * 2;
+    check_device_array(c, a.out, out_bytes, 16, "out");
+    const ByteSpan out = span_of(a.out, out_bytes);
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
     note_phase(c, true, a.buffer_set, a.phase, capture.capturing());
+    if (eager && a.phase != deepepLowLatencySend) mark_written(c, &out, 1);
   });
 }
 
@@ -422,7 +451,6 @@ DEEPEP_API deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int comb
     require_not_capturing(stream, "a refusal");
     // Out of order it would take the place of the Send still due, as the calls' own refusals would (check_phase_order).
     check_phase_order(c, combine != 0, buffer_set, phase, false);
-    if (!combine && phase != deepepLowLatencyRecv) start_dispatch_routing(c, buffer_set);
     refuse(c, combine != 0, buffer_set, phase, stream);
   });
 }

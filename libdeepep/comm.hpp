@@ -56,6 +56,17 @@ struct ByteSpan {
   bool overlaps(const ByteSpan& other) const { return begin < other.end && other.begin < end; }
 };
 
+// What this rank knows of the low-latency dispatch whose results a buffer set holds, for the checks of the set's
+// combine (api_ll.cpp): kept for eager calls on sets no stream capture has used, as the phase order is.
+struct LowLatencyDispatchRecord {
+  bool made = false;         // its Recv (or SendRecv) ran here and wrote the routing below
+  bool overwritten = false;  // a later call's outputs covered some of that routing since
+  int64_t num_tokens = 0;
+  int num_topk = 0;
+  int num_experts = 0;
+  ByteSpan routing[2];  // recv_src_info, recv_layout_range: what the combine's Send reads
+};
+
 }  // namespace deepep
 
 struct deepepComm {
@@ -76,13 +87,8 @@ struct deepepComm {
   static constexpr int kLowLatencyNoRecvDue = -1;
   mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
   mutable bool ll_set_captured[2] = {false, false};
-  // Per low-latency buffer set, the memory of its current dispatch's routing arrays (recv_src_info, recv_layout_range:
-  // what its combine reads), empty until that dispatch's Recv wrote them; and whether a later dispatch on the other set
-  // wrote outputs over them since (a combine would then read that dispatch's routing). Kept for every call, captured
-  // ones included: the addresses a capture records are the ones its graph writes.
-  mutable deepep::ByteSpan ll_routing[2][2];
-  mutable bool ll_routing_overwritten[2] = {false, false};
-  int num_sms = 0;                       // of the device
+  mutable deepep::LowLatencyDispatchRecord ll_dispatch[2];  // per buffer set
+  int num_sms = 0;                                          // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
   size_t dispatch_area_offset = 0;       // the zero-copy dispatch area in every rank's buffer (see deepepConfig)

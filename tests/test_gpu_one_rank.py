@@ -417,7 +417,7 @@ def ll_arrays_shared_by_both_buffer_sets(info):
 def test_low_latency_arrays_given_to_both_buffer_sets_are_caught_whatever_object_carries_them():
     import_or_skip("cupy")
     (seen,) = pydeepep.spawn(ll_arrays_shared_by_both_buffer_sets, nprocs=1, timeout=120)
-    assert "were written by a later dispatch on buffer set 1" in seen["combine of the first"], seen
+    assert "were written over by a later call's outputs" in seen["combine of the first"], seen
     assert seen["combine of the second"] is True, seen
     assert "receive hook was not called yet" in seen["dispatch into the due receive's arrays"], seen
     assert seen["third's arrays' streams"] is True, seen
@@ -644,10 +644,15 @@ def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):
     """tests/c/ll_phases.c: a Recv with no Send due, a Send on a set whose Recv is due and a Recv of the other kind
     return deepepInvalidUsage, and so do refusals of such calls; a call refused inside a capture leaves its set
     checked; the calls in order succeed, a captured Send is received by eager Recvs after each launch of its graph; a
-    combine given the other set's routing arrays, or arrays a later dispatch on the other set wrote over, is refused;
-    and the stream ends clean."""
+    combine given a routing array of the other set's dispatch, routing arrays a later call wrote over, other sizes than
+    its dispatch's, or after its dispatch was refused on this rank, is refused; and the stream ends clean."""
     result = run_c_test(tmp_path, "ll_phases")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("as expected") == 29, result.stdout
-    assert "routing arrays of the dispatch on buffer set 1, not of this combine's buffer set 0" in result.stdout
-    assert "were written by a later dispatch on buffer set 1" in result.stdout
+    assert result.stdout.count("as expected") == 34, result.stdout
+    for refusal in (
+        "src_info is a routing array of the dispatch on buffer set 1, not of this combine's buffer set 0",
+        "num_tokens 7, num_topk 2, num_experts 4: the dispatch on buffer set 1 had 8, 2, 4",
+        "of the dispatch on buffer set 1 were written over by a later call's outputs",
+        "no low-latency dispatch on buffer set 1 has written routing on this rank",
+    ):
+        assert refusal in result.stdout, (refusal, result.stdout)

@@ -509,11 +509,14 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * Buffer sets and lifetimes. The low-latency area holds two buffer sets; each call names one (`buffer_set`, 0 or 1).
  * Use set (i % 2) for the i-th dispatch and the dispatch's set for its combine: then a dispatch's results (its
  * recv_src_info / recv_layout_range, which combine reads, and data waiting for a Recv phase) stay valid until the
- * dispatch after next starts (dispatch i + 2, which reuses the set), unless a dispatch on the other set writes outputs
- * over them. A combine (Send or SendRecv) is refused, its side of it launched without data as for any refusal (below),
- * where a dispatch's Recv or SendRecv on the other set has written outputs over its set's routing arrays since its
- * set's dispatch wrote them, or where src_info / layout_range are the other set's current routing arrays and not its
- * own set's (the arrays are told by the device memory they cover). The combine buffer of
+ * dispatch after next starts (dispatch i + 2, which reuses the set), unless a later call writes outputs over them.
+ * The library checks each combine against its set's dispatch, refusing it (its side launched without data, as for any
+ * refusal, below) where no dispatch on the set wrote routing on this rank (none was made, or this rank refused it),
+ * where num_tokens, num_topk or num_experts differ from the dispatch's, and, for a Send or SendRecv, where src_info or
+ * layout_range is a routing array of the other set's dispatch and not of its own, or where an output of a later call
+ * (a dispatch's outputs and statistics, a combine's out) covers the routing arrays given. Arrays are told by the device
+ * memory they cover, in the order of the calls; as with the phases (below), eager calls only, on sets no stream capture
+ * has used. The combine buffer of
  * deepepLowLatencyGetCombineBuffer expires sooner: once this rank's combine on the set has received, the peers' next
  * dispatch on the set may write into it. The outputs written into caller arrays are the caller's and never expire.
  *

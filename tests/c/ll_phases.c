@@ -2,8 +2,9 @@
  * a second Send on a set whose Recv is due and a Recv of the other kind return deepepInvalidUsage and launch nothing,
  * and so do refusals of such calls (deepepLowLatencyRefuseCall), while one in order is made; a call refused inside a
  * capture leaves its set checked; a Send captured in a graph is received by eager Recvs after each launch; the calls in
- * the right order succeed; a combine given the other set's routing arrays, or routing arrays a later dispatch on the
- * other set wrote over, is refused; the stream finishes clean. Prints one line per step; exit status 0: as expected, 1:
+ * the right order succeed; a combine given a routing array of the other set's dispatch, routing arrays a later call
+ * wrote over, other sizes than its dispatch's, or after its dispatch was refused here, is refused; the stream finishes
+ * clean. Prints one line per step; exit status 0: as expected, 1:
  * not, 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
@@ -127,6 +128,42 @@ int main(void) {
   d.phase = deepepLowLatencyRecv;
   expect("dispatch Recv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
   expect("dispatch Recv on set 0 again", deepepLowLatencyDispatch(comm, &d, stream), deepepInvalidUsage);
+  /* A combine goes with its set's dispatch: set 0's last one wrote src_info[0] / layout[0], set 1's src_info[1] /
+   * layout[1]. Each refusal still runs this rank's side of the call. */
+  c.phase = deepepLowLatencySendRecv;
+  c.src_info = src_info[1];
+  expect("combine on set 0 given set 1's src_info", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
+  c.buffer_set = 1;
+  c.layout_range = layout[1];
+  c.num_tokens = T - 1;
+  expect("combine on set 1 with fewer tokens than its dispatch", deepepLowLatencyCombine(comm, &c, stream),
+         deepepInvalidArgument);
+  c.num_tokens = T;
+  expect("combine on set 1", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
+  c.buffer_set = 0;
+  c.src_info = src_info[0];
+  c.layout_range = layout[0];
+  expect("combine on set 0", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
+  d.phase = deepepLowLatencySendRecv;
+  d.recv_layout_range = layout[1];
+  expect("dispatch SendRecv on set 0 writing over set 1's recv_layout_range",
+         deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
+  c.buffer_set = 1;
+  c.src_info = src_info[1];
+  c.layout_range = layout[1];
+  expect("combine on set 1, its routing written over", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
+  c.buffer_set = 0;
+  c.src_info = src_info[0];
+  expect("combine on set 0 given the arrays its dispatch wrote", deepepLowLatencyCombine(comm, &c, stream),
+         deepepSuccess);
+  expect("refusal of a dispatch SendRecv on set 1",
+         deepepLowLatencyRefuseCall(comm, 0, 1, deepepLowLatencySendRecv, stream), deepepSuccess);
+  c.buffer_set = 1;
+  c.src_info = src_info[1];
+  expect("combine on set 1, its dispatch refused here", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
+  d.recv_layout_range = layout[0];
+  expect("dispatch SendRecv on set 0 with routing arrays of its own", deepepLowLatencyDispatch(comm, &d, stream),
+         deepepSuccess);
   /* A dispatch refused inside a capture (hidden not a multiple of 8) records nothing: set 0 stays checked. */
   d.phase = deepepLowLatencySend;
   d.hidden = H - 4;
@@ -176,31 +213,6 @@ int main(void) {
     c.phase = deepepLowLatencyRecv;
     expect("combine Recv", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
   }
-  /* The routing a combine reads must be its own set's dispatch's. */
-  c.buffer_set = 0;
-  c.src_info = src_info[1];
-  c.layout_range = layout[1];
-  c.phase = deepepLowLatencySendRecv;
-  expect("combine on set 0 given set 1's routing arrays", deepepLowLatencyCombine(comm, &c, stream),
-         deepepInvalidUsage);
-  d.buffer_set = 0;
-  d.recv_src_info = src_info[0];
-  d.recv_layout_range = layout[0];
-  d.phase = deepepLowLatencySendRecv;
-  expect("dispatch SendRecv on set 0", deepepLowLatencyDispatch(comm, &d, stream), deepepSuccess);
-  d.buffer_set = 1;
-  d.recv_src_info = src_info[1];
-  d.recv_layout_range = layout[0]; /* over set 0's routing */
-  expect("dispatch SendRecv on set 1 writing set 0's recv_layout_range", deepepLowLatencyDispatch(comm, &d, stream),
-         deepepSuccess);
-  c.src_info = src_info[0];
-  c.layout_range = layout[0];
-  expect("combine on set 0, its routing written over", deepepLowLatencyCombine(comm, &c, stream), deepepInvalidUsage);
-  c.buffer_set = 1;
-  c.src_info = src_info[1];
-  c.layout_range = layout[0];
-  expect("combine on set 1 given its dispatch's routing arrays", deepepLowLatencyCombine(comm, &c, stream),
-         deepepSuccess);
   expect("stream finished", cudaStreamSynchronize(stream) == cudaSuccess ? deepepSuccess : deepepCudaError,
          deepepSuccess);
   expect("no asynchronous error", deepepCommGetAsyncError(comm, &async_error), deepepSuccess);
