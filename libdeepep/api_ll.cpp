@@ -106,16 +106,18 @@ void mark_written(const deepepComm& comm, const ByteSpan* outputs, size_t count)
   }
 }
 
-// After a dispatch launched: a Send or SendRecv begins its set's record anew (a set a capture used keeps none), and a
-// Recv or SendRecv fills it and marks the other set's routing its outputs cover. `outputs`: recv_x, recv_scales,
-// recv_count, recv_src_info, recv_layout_range, stats_recv_count, stats_wait_ns.
-void note_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& a, const ByteSpan (&outputs)[7]) {
+// After a dispatch launched: a Send or SendRecv begins its set's record anew (a set a capture used keeps none); an
+// eager Recv or SendRecv marks the routing its outputs cover and fills the record. (A call a capture records writes
+// when its graph is launched, which the library does not see.) `outputs`: recv_x, recv_scales, recv_count,
+// recv_src_info, recv_layout_range, stats_recv_count, stats_wait_ns.
+void note_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& a, const ByteSpan (&outputs)[7],
+                   bool capturing) {
   LowLatencyDispatchRecord& record = comm.ll_dispatch[a.buffer_set];
   const bool captured = comm.ll_set_captured[a.buffer_set];
   if (a.phase != deepepLowLatencyRecv || captured) record = LowLatencyDispatchRecord{};
-  if (a.phase == deepepLowLatencySend || captured) return;
+  if (a.phase == deepepLowLatencySend || capturing) return;
   mark_written(comm, outputs, 7);
-  record = {true, false, a.num_tokens, a.num_topk, a.num_experts, {outputs[3], outputs[4]}};
+  if (!captured) record = {true, false, a.num_tokens, a.num_topk, a.num_experts, {outputs[3], outputs[4]}};
 }
 
 // A combine goes with its set's dispatch: the same token count, top-k and expert count, and, for its Send (which
@@ -384,7 +386,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
     note_phase(c, false, a.buffer_set, a.phase, capture.capturing());
-    note_dispatch(c, a, outputs);
+    note_dispatch(c, a, outputs, capture.capturing());
   });
 }
 
@@ -420,8 +422,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     }
     check_device_array(c, a.src_info, slots * 4, 4, "src_info");
     check_device_array(c, a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4, 4, "layout_range");
-    const bool eager = !capture.capturing() && !c.ll_set_captured[a.buffer_set];
-    if (eager) {
+    if (!capture.capturing() && !c.ll_set_captured[a.buffer_set]) {
       check_combine_against_dispatch(
           c, a,
           {span_of(a.src_info, slots * 4), span_of(a.layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4)});
@@ -436,7 +437,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
     note_phase(c, true, a.buffer_set, a.phase, capture.capturing());
-    if (eager && a.phase != deepepLowLatencySend) mark_written(c, &out, 1);
+    if (!capture.capturing() && a.phase != deepepLowLatencySend) mark_written(c, &out, 1);
   });
 }
 

@@ -19,7 +19,7 @@ class LowLatencyDispatchResult:
     past the count; ``recv_layout_range`` [E_loc, R, 2] int32: (first row, rows) of each source rank. ``hook``: with
     ``return_recv_hook``, a callable that receives (the arrays hold the data once it ran, stream-ordered); else None.
     ``buffer_set`` and ``generation`` name the buffer set the result lives in; it stays valid until the dispatch after
-    next starts, or until a later dispatch given its routing arrays as ``out=`` writes them. ``refused``: the result a
+    next starts, or until a later call given its routing arrays as ``out=`` writes them. ``refused``: the result a
     dispatch refused on this rank raised with (``exc.refused_result``; no arrays): a combine given it runs this rank's
     side of the combine without data and raises, so that the ranks stay in step.
     """
@@ -468,7 +468,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise
     # A combine this rank cannot make, whose set the other ranks' combine is on: its side runs without data, so that
-    # theirs ends at once. (The library does the same for a result whose routing arrays a later dispatch wrote.)
+    # theirs ends at once. (The library does the same for a result whose routing arrays a later call wrote.)
     if handle.refused:
         _refuse_low_latency(c, 1, buffer_set, hook.combine_args.phase, s)
         raise DeepEPInvalidUsage(

@@ -515,8 +515,10 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * where num_tokens, num_topk or num_experts differ from the dispatch's, and, for a Send or SendRecv, where src_info or
  * layout_range is a routing array of the other set's dispatch and not of its own, or where an output of a later call
  * (a dispatch's outputs and statistics, a combine's out) covers the routing arrays given. Arrays are told by the device
- * memory they cover, in the order of the calls; as with the phases (below), eager calls only, on sets no stream capture
- * has used. The combine buffer of
+ * memory they cover, in the order of the calls. As with the phases (below), only eager calls count: the writes of calls
+ * a stream capture records are not seen, and a combine on a set a capture has used is not checked. The routing arrays
+ * to give are the ones the dispatch wrote, not copies (a copy at an address where the other set's routing lay may be
+ * taken for it). The combine buffer of
  * deepepLowLatencyGetCombineBuffer expires sooner: once this rank's combine on the set has received, the peers' next
  * dispatch on the set may write into it. The outputs written into caller arrays are the caller's and never expire.
  *
