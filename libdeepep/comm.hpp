@@ -87,8 +87,9 @@ struct deepepComm {
   static constexpr int kLowLatencyNoRecvDue = -1;
   mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
   mutable bool ll_set_captured[2] = {false, false};
-  mutable deepep::LowLatencyDispatchRecord ll_dispatch[2];  // per buffer set
-  int num_sms = 0;                                          // of the device
+  // Per buffer set, what this rank's dispatch on it was, for its combine's checks.
+  mutable deepep::LowLatencyDispatchRecord ll_dispatch[2];
+  int num_sms = 0;                       // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
   size_t dispatch_area_offset = 0;       // the zero-copy dispatch area in every rank's buffer (see deepepConfig)
