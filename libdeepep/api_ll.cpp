@@ -41,8 +41,7 @@ void check_set_and_phase(int buffer_set, deepepLowLatencyPhase_t phase) {
 void refuse(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase, cudaStream_t stream) {
   // Before the launch: a refused Recv counts as made also where its launch fails (the caller is told so).
   if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
-  if (!combine && phase != deepepLowLatencyRecv)
-    comm.ll_dispatch[buffer_set] = LowLatencyDispatchRecord{};  // no routing
+  if (!combine && phase != deepepLowLatencyRecv) comm.ll_dispatch_book.forget(buffer_set);
   DeviceGuard guard(comm.device);
   launch_low_latency_refusal(comm, combine, buffer_set, phase, stream);
 }
@@ -87,71 +86,40 @@ void note_phase(const deepepComm& comm, bool combine, int buffer_set, deepepLowL
   if (phase == deepepLowLatencyRecv) comm.ll_recv_due[buffer_set] = deepepComm::kLowLatencyNoRecvDue;
 }
 
-ByteSpan span_of(const void* array, size_t bytes) {
-  const auto begin = reinterpret_cast<uintptr_t>(array);
-  return {begin, array != nullptr ? begin + bytes : begin};
-}
-
-bool overlaps_routing(const ByteSpan& array, const LowLatencyDispatchRecord& record) {
-  return array.overlaps(record.routing[0]) || array.overlaps(record.routing[1]);
-}
-
-// `outputs` of a call that ran eagerly: where they cover the routing of a set's dispatch, its combine would read
-// theirs.
-void mark_written(const deepepComm& comm, const ByteSpan* outputs, size_t count) {
-  for (LowLatencyDispatchRecord& record : comm.ll_dispatch) {
-    for (size_t i = 0; i < count; ++i) {
-      if (record.made && overlaps_routing(outputs[i], record)) record.overwritten = true;
-    }
-  }
-}
-
-// After a dispatch launched: a Send or SendRecv begins its set's record anew (a set a capture used keeps none); an
-// eager Recv or SendRecv marks the routing its outputs cover and fills the record. (A call a capture records writes
-// when its graph is launched, which the library does not see.) `outputs`: recv_x, recv_scales, recv_count,
-// recv_src_info, recv_layout_range, stats_recv_count, stats_wait_ns.
-void note_dispatch(const deepepComm& comm, const deepepLowLatencyDispatchArgs& a, const ByteSpan (&outputs)[7],
-                   bool capturing) {
-  LowLatencyDispatchRecord& record = comm.ll_dispatch[a.buffer_set];
-  const bool captured = comm.ll_set_captured[a.buffer_set];
-  if (a.phase != deepepLowLatencyRecv || captured) record = LowLatencyDispatchRecord{};
-  if (a.phase == deepepLowLatencySend || capturing) return;
-  mark_written(comm, outputs, 7);
-  if (!captured) record = {true, false, a.num_tokens, a.num_topk, a.num_experts, {outputs[3], outputs[4]}};
-}
-
-// A combine goes with its set's dispatch: the same token count, top-k and expert count, and, for its Send (which
-// reads them), that dispatch's routing arrays, which no later call wrote over. Eager calls on sets no capture used.
+// A combine goes with its set's dispatch (LowLatencyDispatchBook::check_combine): eager calls on sets no capture used.
 void check_combine_against_dispatch(const deepepComm& comm, const deepepLowLatencyCombineArgs& a,
                                     const ByteSpan (&given)[2]) {
-  const LowLatencyDispatchRecord& own = comm.ll_dispatch[a.buffer_set];
-  const LowLatencyDispatchRecord& other = comm.ll_dispatch[1 - a.buffer_set];
-  if (!own.made) {
-    fail(deepepInvalidUsage,
-         "no low-latency dispatch on buffer set %d has written routing on this rank (none was made, or this rank "
-         "refused it: then refuse its combine as well, deepepLowLatencyRefuseCall)",
-         a.buffer_set);
-  }
-  DEEPEP_REQUIRE(a.num_tokens == own.num_tokens && a.num_topk == own.num_topk && a.num_experts == own.num_experts,
-                 "num_tokens %lld, num_topk %d, num_experts %d: the dispatch on buffer set %d had %lld, %d, %d (a "
-                 "combine passes its dispatch's)",
-                 static_cast<long long>(a.num_tokens), a.num_topk, a.num_experts, a.buffer_set,
-                 static_cast<long long>(own.num_tokens), own.num_topk, own.num_experts);
-  if (a.phase == deepepLowLatencyRecv) return;
-  for (int i = 0; i < 2; ++i) {
-    if (overlaps_routing(given[i], other) && !overlaps_routing(given[i], own)) {
+  const int set = a.buffer_set;
+  const LowLatencySizes sizes{a.num_tokens, a.num_topk, a.num_experts};
+  const CombineRefusal refusal =
+      comm.ll_dispatch_book.check_combine(set, a.phase != deepepLowLatencyRecv, sizes, given);
+  const LowLatencySizes& had = comm.ll_dispatch_book.record(set).sizes;
+  switch (refusal) {
+    case CombineRefusal::kNone:
+      return;
+    case CombineRefusal::kNoDispatch:
       fail(deepepInvalidUsage,
-           "%s is a routing array of the dispatch on buffer set %d, not of this combine's buffer set %d: pass the "
-           "one its dispatch wrote",
-           i == 0 ? "src_info" : "layout_range", 1 - a.buffer_set, a.buffer_set);
-    }
-  }
-  if (own.overwritten && (overlaps_routing(given[0], own) || overlaps_routing(given[1], own))) {
-    fail(deepepInvalidUsage,
-         "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written over by "
-         "a later call's outputs since: this combine would read that call's data (give each buffer set's dispatch "
-         "outputs of its own)",
-         a.buffer_set);
+           "no low-latency dispatch on buffer set %d has written routing on this rank (none was made, or this rank "
+           "refused it: then refuse its combine as well, deepepLowLatencyRefuseCall)",
+           set);
+    case CombineRefusal::kOtherSizes:
+      fail(deepepInvalidArgument,
+           "num_tokens %lld, num_topk %d, num_experts %d: the dispatch on buffer set %d had %lld, %d, %d (a combine "
+           "passes its dispatch's)",
+           static_cast<long long>(a.num_tokens), a.num_topk, a.num_experts, set, static_cast<long long>(had.num_tokens),
+           had.num_topk, had.num_experts);
+    case CombineRefusal::kOtherSetsSrcInfo:
+    case CombineRefusal::kOtherSetsLayoutRange:
+      fail(deepepInvalidUsage,
+           "%s is a routing array of the dispatch on buffer set %d, not of this combine's buffer set %d: pass the one "
+           "its dispatch wrote",
+           refusal == CombineRefusal::kOtherSetsSrcInfo ? "src_info" : "layout_range", 1 - set, set);
+    case CombineRefusal::kRoutingWrittenOver:
+      fail(deepepInvalidUsage,
+           "the routing arrays (recv_src_info, recv_layout_range) of the dispatch on buffer set %d were written over "
+           "by a later call's outputs since: this combine would read that call's data (give each buffer set's "
+           "dispatch outputs of its own)",
+           set);
   }
 }
 
@@ -375,7 +343,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     }
     if (a.stats_wait_ns != nullptr)
       check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
-    const ByteSpan outputs[7] = {
+    const ByteSpan outputs[LowLatencyDispatchBook::kDispatchOutputs] = {
         span_of(a.recv_x, slots * row.payload_bytes),
         span_of(a.recv_scales, scale_bytes),
         span_of(a.recv_count, static_cast<size_t>(local) * 4),
@@ -386,7 +354,9 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
     note_phase(c, false, a.buffer_set, a.phase, capture.capturing());
-    note_dispatch(c, a, outputs, capture.capturing());
+    c.ll_dispatch_book.note_dispatch(a.buffer_set, a.phase != deepepLowLatencyRecv, a.phase != deepepLowLatencySend,
+                                     c.ll_set_captured[a.buffer_set], capture.capturing(),
+                                     {a.num_tokens, a.num_topk, a.num_experts}, outputs);
   });
 }
 
@@ -437,7 +407,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
     note_phase(c, true, a.buffer_set, a.phase, capture.capturing());
-    if (!capture.capturing() && a.phase != deepepLowLatencySend) mark_written(c, &out, 1);
+    if (!capture.capturing() && a.phase != deepepLowLatencySend) c.ll_dispatch_book.note_written(&out, 1);
   });
 }
 

@@ -11,6 +11,7 @@
 
 #include "async_error.hpp"
 #include "deepep/deepep.h"
+#include "ll_dispatch_book.hpp"
 #include "lowlatency.hpp"
 
 namespace deepep {
@@ -50,23 +51,6 @@ size_t low_latency_offset(size_t ht_bytes);
 // hint reports).
 size_t total_buffer_size(const deepepConfig& config, int nranks);
 
-// The device memory [begin, end) of an array (begin == end: none).
-struct ByteSpan {
-  uintptr_t begin = 0, end = 0;
-  bool overlaps(const ByteSpan& other) const { return begin < other.end && other.begin < end; }
-};
-
-// What this rank knows of the low-latency dispatch whose results a buffer set holds, for the checks of the set's
-// combine (api_ll.cpp): kept for eager calls on sets no stream capture has used, as the phase order is.
-struct LowLatencyDispatchRecord {
-  bool made = false;         // its Recv (or SendRecv) ran here and wrote the routing below
-  bool overwritten = false;  // a later call's outputs covered some of that routing since
-  int64_t num_tokens = 0;
-  int num_topk = 0;
-  int num_experts = 0;
-  ByteSpan routing[2];  // recv_src_info, recv_layout_range: what the combine's Send reads
-};
-
 }  // namespace deepep
 
 struct deepepComm {
@@ -87,9 +71,8 @@ struct deepepComm {
   static constexpr int kLowLatencyNoRecvDue = -1;
   mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
   mutable bool ll_set_captured[2] = {false, false};
-  // Per buffer set, what this rank's dispatch on it was, for its combine's checks.
-  mutable deepep::LowLatencyDispatchRecord ll_dispatch[2];
-  int num_sms = 0;                       // of the device
+  mutable deepep::LowLatencyDispatchBook ll_dispatch_book;  // what each set's dispatch was, for its combine's checks
+  int num_sms = 0;                                          // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
   size_t dispatch_area_offset = 0;       // the zero-copy dispatch area in every rank's buffer (see deepepConfig)

@@ -8,6 +8,7 @@ import ctypes
 import shutil
 import subprocess
 import types
+from pathlib import Path
 
 import pytest
 from conftest import bogus_pointer, last_error
@@ -290,6 +291,23 @@ def test_book_refuses_a_result_whose_set_was_reused():
 class FakeArray:
     def __init__(self, ptr, nbytes=0x10):
         self.ptr, self.nbytes = ptr, nbytes
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_a_combine_is_checked_against_the_dispatch_of_its_buffer_set(tmp_path):
+    """tests/c/ll_dispatch_book.cpp, built against the library's own header (libdeepep/ll_dispatch_book.hpp, host code
+    alone): a combine after no dispatch or a refused one, with other sizes, given a routing array of the other set's
+    dispatch, or given routing a later call's outputs (a dispatch's, its statistics, a combine's out) covered, is
+    refused; sets sharing one workspace, copies, a receive alone and eager receives after a graph's sends are not, and
+    what a capture records is not seen."""
+    root = Path(__file__).resolve().parents[1]
+    binary = tmp_path / "ll_dispatch_book"
+    source = root / "tests" / "c" / "ll_dispatch_book.cpp"
+    build = ["c++", "-std=c++17", "-Wall", "-Wextra", "-Werror", f"-I{root / 'libdeepep'}", str(source), "-o"]
+    subprocess.run([*build, str(binary)], check=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("as expected") == 23, result.stdout
 
 
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():
