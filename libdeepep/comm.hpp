@@ -71,8 +71,9 @@ struct deepepComm {
   static constexpr int kLowLatencyNoRecvDue = -1;
   mutable int ll_recv_due[2] = {kLowLatencyNoRecvDue, kLowLatencyNoRecvDue};
   mutable bool ll_set_captured[2] = {false, false};
-  mutable deepep::LowLatencyDispatchBook ll_dispatch_book;  // what each set's dispatch was, for its combine's checks
-  int num_sms = 0;                                          // of the device
+  // What each set's dispatch was, for its combine's checks (ll_dispatch_book.hpp).
+  mutable deepep::LowLatencyDispatchBook ll_dispatch_book;
+  int num_sms = 0;                       // of the device
   int ll_blocks = 0;                     // of every low-latency kernel, the same on every rank (low_latency_blocks)
   int64_t max_tokens_per_rank = 0;       // from the config: the most tokens one call may pass
   size_t dispatch_area_offset = 0;       // the zero-copy dispatch area in every rank's buffer (see deepepConfig)
