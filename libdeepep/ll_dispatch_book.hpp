@@ -9,10 +9,13 @@
 
 namespace deepep {
 
-// The device memory [begin, end) of an array (begin == end: none).
+// The device memory [begin, end) of an array (begin == end: none, wherever it is).
 struct ByteSpan {
   uintptr_t begin = 0, end = 0;
-  bool overlaps(const ByteSpan& other) const { return begin < other.end && other.begin < end; }
+  bool empty() const { return begin == end; }
+  bool overlaps(const ByteSpan& other) const {
+    return !empty() && !other.empty() && begin < other.end && other.begin < end;
+  }
 };
 
 inline ByteSpan span_of(const void* array, size_t bytes) {

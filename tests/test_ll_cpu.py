@@ -307,7 +307,7 @@ def test_a_combine_is_checked_against_the_dispatch_of_its_buffer_set(tmp_path):
     subprocess.run([*build, str(binary)], check=True)
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
-    assert result.stdout.count("as expected") == 23, result.stdout
+    assert result.stdout.count("as expected") == 25, result.stdout
 
 
 def test_book_refuses_out_arrays_the_other_sets_due_receive_writes():

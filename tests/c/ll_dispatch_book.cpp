@@ -85,6 +85,8 @@ int main() {
            combine(book, 0, 0x10000, 0x10100, kSends, LowLatencySizes{7, 2, 4}), CombineRefusal::kOtherSizes);
     expect("a combine with another top-k", combine(book, 1, 0x20000, 0x20100, kSends, LowLatencySizes{8, 3, 4}),
            CombineRefusal::kOtherSizes);
+    expect("a combine with another expert count", combine(book, 1, 0x20000, 0x20100, kSends, LowLatencySizes{8, 2, 6}),
+           CombineRefusal::kOtherSizes);
     expect("a combine given the other set's src_info", combine(book, 0, 0x20000, 0x10100),
            CombineRefusal::kOtherSetsSrcInfo);
     expect("a combine given the other set's layout_range", combine(book, 0, 0x10000, 0x20100),
@@ -134,9 +136,14 @@ int main() {
     dispatch(book, 0, with_stats);
     expect("a combine whose routing a dispatch's statistics covered", combine(book, 1, 0x20000, 0x20100),
            CombineRefusal::kRoutingWrittenOver);
-    const ByteSpan none{};
-    book.note_written(&none, 1);
-    expect("an empty array covers nothing", combine(book, 0, 0x30000, 0x30100), kNone);
+    Outputs with_wait_times = outputs(0x400000, 0x40000, 0x40100);
+    with_wait_times.spans[6] = at(0x30000);
+    dispatch(book, 1, with_wait_times);
+    expect("a combine whose routing a dispatch's wait times covered", combine(book, 0, 0x30000, 0x30100),
+           CombineRefusal::kRoutingWrittenOver);
+    const ByteSpan empty{0x40080, 0x40080};  // an empty array (a rank with no tokens), inside set 1's routing
+    book.note_written(&empty, 1);
+    expect("an empty array covers nothing", combine(book, 1, 0x40000, 0x40100), kNone);
   }
   {
     // A set a capture has used keeps no record, and what a capture records is not seen; eager calls on a captured set
