@@ -79,7 +79,7 @@ class _LowLatencyBook:
                 "dispatch; a result stays valid until the dispatch after next)", 2)
 
 
-cpdef tuple _spans(arrays):
+cdef tuple _spans(arrays):
     """The device memory of `arrays` as (first byte, end) ranges; None and empty arrays (which may share an address
     with anything, 0 included) hold none."""
     cdef list spans = []
