@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <iterator>
 #include <vector>
 
 #include "comm.hpp"
@@ -403,11 +404,14 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, w_stride, 4), 4, "topk_weights");
     const size_t out_bytes = static_cast<size_t>(a.num_tokens) * a.hidden * 2;
     check_device_array(c, a.out, out_bytes, 16, "out");
-    const ByteSpan out = span_of(a.out, out_bytes);
+    if (a.stats_wait_ns != nullptr)
+      check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
+    const ByteSpan written[] = {span_of(a.out, out_bytes), span_of(a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8)};
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
     note_phase(c, true, a.buffer_set, a.phase, capture.capturing());
-    if (!capture.capturing() && a.phase != deepepLowLatencySend) c.ll_dispatch_book.note_written(&out, 1);
+    if (!capture.capturing() && a.phase != deepepLowLatencySend)
+      c.ll_dispatch_book.note_written(written, std::size(written));
   });
 }
 

@@ -1096,8 +1096,15 @@ struct CombineParams {
   int hidden;
   int64_t max_tokens;
   uint16_t* out;
-  bool x_symmetric;  // x is this set's combine buffer (zero-copy): NVSHMEM puts may read it in place
+  bool x_symmetric;        // x is this set's combine buffer (zero-copy): NVSHMEM puts may read it in place
+  int64_t* stats_wait_ns;  // optional, [nranks]
 };
+
+// Dynamic shared memory of a combine's receive: with wait statistics, block 0's [R] times at which it last saw one of
+// each source's flags; none without (the kernel then uses what it did before the statistics).
+__host__ __device__ constexpr size_t combine_recv_shared_bytes(bool stats, int nranks) {
+  return stats ? static_cast<size_t>(nranks) * sizeof(unsigned long long) : 0;
+}
 
 // Combine row [token][slot] in this rank's own area (a source rank's copy is where its token's slot arrives).
 __device__ __forceinline__ uint8_t* combine_row(const CombineParams& p, int64_t token, int slot) {
@@ -1220,13 +1227,27 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   load_slot(first_token, &first_e, &first_w);
 
   // A block with tokens waits for the flags of every block of every rank (the rows of a rank it does not wait for,
-  // masked or timed out, are skipped like -1 slots).
+  // masked or timed out, are skipped like -1 slots). Block 0, which has tokens whenever any block has, keeps the
+  // wait statistics: from the start of its wait to the last flag of each source it saw (nothing for a masked one).
   bool own_came = true;
   if (first_token < p.num_tokens) {
+    extern __shared__ unsigned long long seen_at[];  // [R], with statistics (combine_recv_shared_bytes)
+    const bool stats = p.stats_wait_ns != nullptr && blockIdx.x == 0;
+    const unsigned long long wait_start = stats ? global_timer_ns() : 0;
+    if (stats) {
+      for (int s = threadIdx.x; s < a.nranks; s += kThreads) seen_at[s] = wait_start;
+      __syncthreads();
+    }
     own_came = wait_all_blocks(
         a, [&](int s, int b) { return a.combine_flag(s, b); }, [](int) { return true; },
         [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyCombine,
-        [&](int s, uint64_t word) { flag_word[s] = static_cast<uint32_t>(word); });
+        [&](int s, uint64_t word) {
+          flag_word[s] = static_cast<uint32_t>(word);
+          if (stats) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
+        });
+    for (int s = threadIdx.x; stats && s < a.nranks; s += kThreads) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
+    }
     // A rank whose words did not all come is masked (or is this rank, whose rows are then not used), and skipped
     // whatever its word says; every other rank's word is in flag_word.
     const uint32_t ours = combine_flag_word(p.hidden, p.num_topk);
@@ -1640,9 +1661,12 @@ void launch_low_latency_combine(const deepepComm& comm, const deepepLowLatencyCo
   p.hidden = args.hidden;
   p.max_tokens = comm.ll_area.max_tokens;
   p.out = static_cast<uint16_t*>(args.out);
+  p.stats_wait_ns = args.stats_wait_ns;
   const int blocks = comm.ll_blocks;
+  const size_t shared =
+      args.phase == deepepLowLatencySend ? 0 : combine_recv_shared_bytes(p.stats_wait_ns != nullptr, comm.nranks);
   launch_call(args.topk_type == deepepInt64 ? combine_kernel<int64_t> : combine_kernel<int32_t>, p, args.phase, blocks,
-              0, stream);
+              shared, stream);
 }
 
 void launch_low_latency_refusal(const deepepComm& comm, bool combine, int buffer_set, deepepLowLatencyPhase_t phase,

@@ -50,8 +50,8 @@ inline size_t matrix_bytes(int64_t rows, int64_t cols, int64_t stride, size_t el
 constexpr size_t kMaxStructSize = size_t(1) << 16;
 
 // Where the fields this library knows end in each size-versioned struct of deepep.h: what follows (a `reserved` field,
-// or the fields of a newer header) must be zero. It is also the smallest struct_size a caller may pass, since 0.2.0
-// is the first release of this soname; once a field is appended, that minimum stays 0.2.0's end.
+// or the fields of a newer header) must be zero. A caller passes at least this size, or the exact size of an older
+// header's struct (kOlderStructSize: 0.2.0 is the first release of this soname).
 template <class T>
 constexpr size_t kFieldsEnd = T::not_a_size_versioned_struct;  // only the specialisations below exist
 template <>
@@ -64,15 +64,32 @@ template <>
 constexpr size_t kFieldsEnd<deepepLowLatencyDispatchArgs> =
     offsetof(deepepLowLatencyDispatchArgs, stats_wait_ns) + sizeof(void*);
 template <>
-constexpr size_t kFieldsEnd<deepepLowLatencyCombineArgs> = offsetof(deepepLowLatencyCombineArgs, out) + sizeof(void*);
+constexpr size_t kFieldsEnd<deepepLowLatencyCombineArgs> =
+    offsetof(deepepLowLatencyCombineArgs, stats_wait_ns) + sizeof(void*);
+
+// The sizeof of an older header's struct of this soname that ends before the fields above do (0: none). A program
+// built against it passes that size, and the fields its struct lacks take their defaults.
+template <class T>
+constexpr size_t kOlderStructSize = 0;
+template <>  // 0.2.0 and 0.2.1: up to `out`
+constexpr size_t kOlderStructSize<deepepLowLatencyCombineArgs> = offsetof(deepepLowLatencyCombineArgs, stats_wait_ns);
 
 // Refuses a struct_size no caller's struct has (`name`: the struct's parameter, for the message).
 template <class Args>
 void check_struct_size(size_t struct_size, const char* name) {
-  DEEPEP_REQUIRE(struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize,
-                 "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header, at least %zu (set it with the "
-                 "struct's Init function)",
-                 name, struct_size, name, kFieldsEnd<Args>);
+  const size_t older = kOlderStructSize<Args>;
+  if (struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize) return;
+  if (older != 0 && struct_size == older) return;
+  if (older != 0) {
+    fail(deepepInvalidArgument,
+         "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header: %zu (a 0.2.0 or 0.2.1 header) or at "
+         "least %zu (set it with the struct's Init function)",
+         name, struct_size, name, older, kFieldsEnd<Args>);
+  }
+  fail(deepepInvalidArgument,
+       "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header, at least %zu (set it with the struct's Init "
+       "function)",
+       name, struct_size, name, kFieldsEnd<Args>);
 }
 
 // What a *Init function does: writes `defaults` over the caller's struct of `struct_size` bytes (its header's

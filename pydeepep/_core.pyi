@@ -210,5 +210,6 @@ class Communicator:
         return_recv_hook: bool = ...,
         stream: Any = ...,
         out: Any = ...,
+        stats_wait_ns: Any = ...,
     ) -> LowLatencyCombineResult: ...
     def low_latency_combine_buffer(self, handle: LowLatencyDispatchResult) -> DeviceArray: ...

@@ -1364,17 +1364,20 @@ cdef class Communicator:
                                          scales_token_contiguous)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, bint zero_copy=False,
-                            bint return_recv_hook=False, stream=None, out=None):
+                            bint return_recv_hook=False, stream=None, out=None, stats_wait_ns=None):
         """Low-latency combine: ``out[t] = bf16(sum over k ascending, topk_idx[t, k] != -1, of topk_weights[t, k]
         * y)`` with y the expert output of (t, k) (float32 products and sums, no fused multiply-add).
 
         ``x`` [E_loc, R*T, H] bfloat16 in the layout of ``handle`` (the :class:`LowLatencyDispatchResult`), or None
         with ``zero_copy`` (the outputs were written into :meth:`low_latency_combine_buffer`); ``topk_idx`` and
         ``topk_weights`` [N, K] as given to the dispatch. Returns a :data:`LowLatencyCombineResult` ``(out, hook)``
-        produced on ``stream``; ``out``: an array [N, H] bfloat16 to write instead of a new one."""
+        produced on ``stream``; ``out``: an array [N, H] bfloat16 to write instead of a new one.
+
+        ``stats_wait_ns`` (optional, cumulative, as the dispatch's): int64 [R] gains the nanoseconds the receive
+        waited for each source rank's rows (nothing on a rank with no tokens, which waits for none)."""
         with _InCall(self, "low_latency_combine"):
             return _low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, stream,
-                                        out)
+                                        out, stats_wait_ns)
 
     def low_latency_combine_buffer(self, handle):
         """The library's combine buffer of ``handle``'s buffer set, [E_loc, R*T, H] bfloat16 (a view, no copy):

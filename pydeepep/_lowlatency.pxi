@@ -453,7 +453,7 @@ def _refuse_low_latency_combine(Communicator comm, handle, bint return_recv_hook
 
 
 def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, bint zero_copy,
-                         bint return_recv_hook, stream, out):
+                         bint return_recv_hook, stream, out, stats_wait_ns=None):
     book = _combine_book(comm, handle)
     cdef deepepComm_t c = comm._live()
     cdef int buffer_set = handle.buffer_set
@@ -475,7 +475,8 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
             "low-latency combine of a dispatch that was refused on this rank: this rank's side of the combine ran "
             "without data (the other ranks leave this rank's experts out and report it), and there is no output", 2)
     try:
-        out_x = _low_latency_combine_call(comm, hook, s, x, topk_idx, topk_weights, handle, zero_copy, stream, out)
+        out_x = _low_latency_combine_call(comm, hook, s, x, topk_idx, topk_weights, handle, zero_copy, stream, out,
+                                          stats_wait_ns)
     except BaseException:
         # Refused on this rank: its side of the call still runs, without data.
         if not hook.handed:
@@ -488,7 +489,7 @@ def _low_latency_combine(Communicator comm, x, topk_idx, topk_weights, handle, b
 
 
 def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s, x, topk_idx, topk_weights, handle,
-                              bint zero_copy, stream, out):
+                              bint zero_copy, stream, out, stats_wait_ns):
     """The checks and the library call of _low_latency_combine, into hook.combine_args; returns the output."""
     cdef deepepComm_t c = comm._live()
     cdef int T = comm._ll.max_tokens
@@ -534,6 +535,7 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
         comm._ll.check_out_arrays(handle.buffer_set, (given,), True)
         out_x = _expect(given, (tv.rows, hidden), np.uint16, "out", stream, comm.device)
         comm._ll.check_out_arrays(handle.buffer_set, (out_x,))
+    wait_ptr, wait_view, _ = _stats_array(stats_wait_ns, stream, "stats_wait_ns", R)
 
     cdef deepepLowLatencyCombineArgs* a = &hook.combine_args
     a.x = <const void*>x_ptr
@@ -550,12 +552,13 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
     a.topk_weights = <const float*><size_t>wv.ptr
     a.weights_row_stride = wv.stride
     a.out = <void*><size_t>out_x.ptr
+    a.stats_wait_ns = <int64_t*><size_t>wait_ptr
     cdef deepepResult_t status
     hook.handed = True
     with nogil:
         status = deepepLowLatencyCombine(c, a, <CUstream_st*>s)
     _check(status)
-    hook.keep = (keep_x, tv, wv, out_x, handle, stream)
+    hook.keep = (keep_x, tv, wv, out_x, handle, stream, wait_view)
     return out_x
 
 

@@ -219,6 +219,7 @@ cdef extern from "deepep/deepep.h" nogil:
         const float* topk_weights
         int64_t weights_row_stride
         void* out
+        int64_t* stats_wait_ns
 
     deepepResult_t deepepLowLatencyCombineArgsInit(deepepLowLatencyCombineArgs* args, size_t struct_size)
     deepepResult_t deepepLowLatencyRefuseCall(deepepComm_t comm, int combine, int buffer_set,

@@ -768,18 +768,14 @@ class Buffer:
     ):
         """``(combined_x [N, H] bfloat16, EventOverlap, hook)``. ``x`` [E_loc, R*T, H] bfloat16 in the layout of
         ``handle``; with ``zero_copy`` it is ignored (the rows are in get_next_low_latency_combine_buffer). ``out``: a
-        contiguous bfloat16 tensor [N, H] to write and return."""
+        contiguous bfloat16 tensor [N, H] to write and return. ``combine_wait_recv_cost_stats``: int64 [R] that gains
+        the nanoseconds the receive waited for each rank's rows (as
+        dispatch_wait_recv_cost_stats)."""
         forked = False  # whether the call moved to the communicator's stream (async_finish)
         try:
             if use_logfmt:
                 raise DeepEPNotSupported(
                     "use_logfmt (LogFMT-compressed combine) is not supported: pydeepep sends BF16", 8
-                )
-            if combine_wait_recv_cost_stats is not None:
-                raise DeepEPNotSupported(
-                    "combine_wait_recv_cost_stats is not supported: pydeepep keeps wait statistics for the dispatch "
-                    "only (dispatch_wait_recv_cost_stats)",
-                    8,
                 )
             _check_phases(async_finish, return_recv_hook)
             comm = self._low_latency_communicator()
@@ -808,10 +804,11 @@ class Buffer:
             return_recv_hook=return_recv_hook,
             stream=stream,
             out=out_array,
+            stats_wait_ns=combine_wait_recv_cost_stats,
         )
         held = self._ll_combine_inputs.get(handle.buffer_set)
         layout = held[1:] if held is not None and held[0] == handle.generation else ()  # its src_info and ranges
-        done = self._async_done(async_finish, (x, topk_idx, topk_weights, out, *layout))
+        done = self._async_done(async_finish, (x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats, *layout))
         return out, done, result.hook
 
     def get_next_low_latency_combine_buffer(self, handle):

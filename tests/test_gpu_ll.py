@@ -723,12 +723,12 @@ def test_a_lone_flag_round_times_out_instead_of_reading_an_earlier_one():
 
 def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
     """The load statistics add up: rows per local expert over several calls (on top of what the caller put there),
-    and the wait for a source rank that starts late (rank 1 sleeps before its first dispatch)."""
+    and the wait for a source rank that starts late (rank 1 sleeps before its first dispatch, and before a combine)."""
 
     R, me = comm.nranks, comm.rank
     local = e // R
     with cupy.cuda.Device(comm.device):
-        x, topk, _ = (dev(a) for a in make_inputs(seed, me, 100, h, k, e, R))
+        x, topk, weights = (dev(a) for a in make_inputs(seed, me, 100, h, k, e, R))
         counts = cupy.full((local,), 7, cupy.int64)
         counts32 = cupy.full((local,), 3, cupy.int32)
         waits = cupy.zeros((R,), cupy.int64)
@@ -756,6 +756,29 @@ def stats_case(comm, seed, h=512, k=4, e=16, calls=3, delay=0.5):
             return "stats_recv_count of the wrong length was accepted"
         except pydeepep.DeepEPInvalidArgument as exc:
             if "stats_recv_count" not in str(exc):
+                return str(exc)
+
+        # The combine's waits, on top of what the caller put there: rank 1 starts its combine late.
+        result = comm.low_latency_dispatch(x, topk, e, use_fp8=False)
+        expert_out = cupy.zeros((local, R * T, h), cupy.uint16)
+        combine_waits = cupy.full((R,), 5, cupy.int64)
+        cupy.cuda.runtime.deviceSynchronize()
+        if me == 1:
+            time.sleep(delay)
+        comm.low_latency_combine(expert_out, topk, weights, result, stats_wait_ns=combine_waits)
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        wait = combine_waits.get() - 5
+        if np.any(wait < 0):
+            return f"combine waits {wait.tolist()} went below what the caller put there"
+        if me == 0 and R > 1 and not (wait[1] >= 0.5 * delay * 1e9 and wait[1] > 10 * wait[0]):
+            return f"combine waits per source {wait.tolist()} ns do not show rank 1 starting {delay} s late"
+        # Refused on every rank (each runs its side without data, so the ranks stay in step): the last step.
+        try:
+            comm.low_latency_combine(expert_out, topk, weights, result, stats_wait_ns=cupy.zeros((R,), cupy.int32))
+            return "combine stats_wait_ns of dtype int32 was accepted"
+        except pydeepep.DeepEPInvalidArgument as exc:
+            if "stats_wait_ns" not in str(exc):
                 return str(exc)
     return True
 

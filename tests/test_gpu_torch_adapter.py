@@ -717,7 +717,7 @@ def ll_step(
 
 def ll_stats_case(buffer, me, nranks, seed):
     """cumulative_local_expert_recv_stats (int32) gains each dispatch's counts, also through a receive hook;
-    dispatch_wait_recv_cost_stats (int64) only grows."""
+    dispatch_wait_recv_cost_stats and combine_wait_recv_cost_stats (int64) only grow."""
     local = E_LL // nranks
     counts = torch.full((local,), 5, dtype=torch.int32, device="cuda")
     waits = torch.zeros((nranks,), dtype=torch.int64, device="cuda")
@@ -725,8 +725,8 @@ def ll_stats_case(buffer, me, nranks, seed):
     for i in range(2):
         inputs = [ll_inputs(seed + i, r) for r in range(nranks)]
         want = reference.low_latency_dispatch([a[0] for a in inputs], [a[1] for a in inputs], E_LL, T_LL)
-        x, topk, _ = ll_cuda(inputs[me])
-        _, recv_count, _, _, recv_hook = buffer.low_latency_dispatch(
+        x, topk, weights = ll_cuda(inputs[me])
+        _, recv_count, handle, _, recv_hook = buffer.low_latency_dispatch(
             x,
             topk,
             T_LL,
@@ -745,6 +745,11 @@ def ll_stats_case(buffer, me, nranks, seed):
     # Passed through to the library, they grew from zero (each dispatch waits some time for every source).
     if np.any(waits.cpu().numpy() < 0) or waits.sum().item() == 0:
         return f"dispatch_wait_recv_cost_stats {waits.cpu().tolist()}"
+    combine_waits = torch.zeros((nranks,), dtype=torch.int64, device="cuda")
+    expert_out = torch.zeros((local, nranks * T_LL, H_LL), dtype=torch.bfloat16, device="cuda")
+    buffer.low_latency_combine(expert_out, topk, weights, handle, combine_wait_recv_cost_stats=combine_waits)
+    if np.any(combine_waits.cpu().numpy() < 0) or combine_waits.sum().item() == 0:
+        return f"combine_wait_recv_cost_stats {combine_waits.cpu().tolist()}"
     return True
 
 

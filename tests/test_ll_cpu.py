@@ -70,6 +70,7 @@ class LowLatencyCombineArgs(ctypes.Structure):
         ("topk_weights", ctypes.c_void_p),
         ("weights_row_stride", ctypes.c_int64),
         ("out", ctypes.c_void_p),
+        ("stats_wait_ns", ctypes.c_void_p),
     ]
 
 
@@ -93,6 +94,24 @@ def test_combine_args_init_fills_size_and_defaults(lib):
     assert lib.deepepLowLatencyCombineArgsInit(ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))) == SUCCESS
     assert args.struct_size == ctypes.sizeof(LowLatencyCombineArgs)
     assert (args.buffer_set, args.phase, args.topk_type, args.zero_copy, args.out) == (0, 0, INT64, 0, None)
+    assert args.stats_wait_ns is None
+
+
+def test_combine_args_of_a_0_2_0_header_are_accepted_and_not_overrun(lib):
+    """A program built against 0.2.0 or 0.2.1 passes the combine struct as it was then (up to `out`, without
+    stats_wait_ns): Init writes that many bytes only; a size between it and today's is no header's and is refused."""
+    older = LowLatencyCombineArgs.stats_wait_ns.offset
+    buffer = (ctypes.c_ubyte * 512)(*([0xAB] * 512))
+    init = lib["deepepLowLatencyCombineArgsInit"]
+    init.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    assert init(ctypes.addressof(buffer), older) == SUCCESS, last_error(lib)
+    assert ctypes.c_size_t.from_buffer(buffer).value == older
+    assert bytes(buffer)[older:] == b"\xab" * (512 - older)
+    args = LowLatencyCombineArgs.from_buffer(buffer)
+    assert (args.phase, args.topk_type, args.out) == (0, INT64, None)
+    for size in (older + 4, older - 8):
+        assert init(ctypes.addressof(buffer), size) == INVALID_ARGUMENT, size
+        assert f"struct_size is {size}" in last_error(lib) and str(older) in last_error(lib)
 
 
 @pytest.mark.parametrize("function", ["deepepLowLatencyDispatchArgsInit", "deepepLowLatencyCombineArgsInit"])

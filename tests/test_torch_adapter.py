@@ -198,10 +198,6 @@ def test_low_latency_options_pydeepep_lacks_are_refused_before_any_communication
     weights = torch.zeros(4, 8)
     with pytest.raises(pydeepep.DeepEPNotSupported, match="use_logfmt"):
         buffer.low_latency_combine(x, topk, weights, None, use_logfmt=True)
-    with pytest.raises(pydeepep.DeepEPNotSupported, match="combine_wait_recv_cost_stats"):
-        buffer.low_latency_combine(
-            x, topk, weights, None, combine_wait_recv_cost_stats=torch.zeros(1, dtype=torch.int64)
-        )
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="return_recv_hook"):
         buffer.low_latency_dispatch(x, topk, 128, 16, async_finish=True, return_recv_hook=True)
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="no low-latency dispatch"):

@@ -630,6 +630,9 @@ typedef struct {
   const float* topk_weights; /* [N, num_topk] float32 */
   int64_t weights_row_stride;
   void* out; /* [N, hidden] deepepBFloat16, contiguous; written by Recv and SendRecv */
+  /* Optional wait statistics, cumulative over calls as the dispatch's (NULL: not kept; since 0.2.2). Recv and SendRecv
+   * add to it, atomically, when this rank has tokens (with none it waits for no rows). */
+  int64_t* stats_wait_ns; /* [R]: nanoseconds this rank's receive spent waiting for each source rank's rows */
 } deepepLowLatencyCombineArgs;
 
 /* [out] args: the defaults over struct_size bytes (pass sizeof(deepepLowLatencyCombineArgs)): phase

@@ -8,6 +8,7 @@
  * not, 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -31,6 +32,7 @@ int main(void) {
   deepepComm_t comm = NULL;
   cudaStream_t stream;
   int64_t topk[T * K];
+  int64_t host_waits[1] = {0};
   float weights[T * K];
   void *x, *d_topk, *d_weights, *recv_x, *recv_count, *out;
   void *src_info[2], *layout[2]; /* the routing arrays of each buffer set's dispatch */
@@ -156,6 +158,16 @@ int main(void) {
   c.src_info = src_info[0];
   expect("combine on set 0 given the arrays its dispatch wrote", deepepLowLatencyCombine(comm, &c, stream),
          deepepSuccess);
+  /* A program built against a 0.2.0 or 0.2.1 header passes the struct without stats_wait_ns: nothing past its size is
+   * read (a pointer there would fault on the device). A statistics array in host memory is refused. */
+  c.struct_size = offsetof(deepepLowLatencyCombineArgs, stats_wait_ns);
+  c.stats_wait_ns = (int64_t*)(uintptr_t)8;
+  expect("combine on set 0 through a 0.2.1 header's struct", deepepLowLatencyCombine(comm, &c, stream), deepepSuccess);
+  c.struct_size = sizeof(c);
+  c.stats_wait_ns = host_waits;
+  expect("combine on set 0 with stats_wait_ns in host memory", deepepLowLatencyCombine(comm, &c, stream),
+         deepepInvalidArgument);
+  c.stats_wait_ns = NULL;
   expect("refusal of a dispatch SendRecv on set 1",
          deepepLowLatencyRefuseCall(comm, 0, 1, deepepLowLatencySendRecv, stream), deepepSuccess);
   c.buffer_set = 1;
