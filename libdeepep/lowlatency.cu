@@ -361,21 +361,29 @@ __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
 // do not all come in time is masked (the timeout is recorded), so that the block goes on without it; this rank never
 // masks itself. `seen(s, word)` runs in the thread that saw one of rank s's words ready. Returns, in every thread,
 // whether this rank's own words (when wanted) all came.
+//
+// A thread waits for one word after another, so each group of per_source threads waits for the words of its own
+// sources only (one source per group while there are fewer ranks than threads): a thread then sees a source's word
+// as soon as that source has written it, not once another source's late word came before it in the thread's turn
+// (the wait statistics time each source by when its words were seen).
 template <class WordOf, class Wanted, class Ready, class Seen>
 __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Ready ready, uint64_t deadline,
                                 Phase phase, Seen seen) {
   const int blocks = static_cast<int>(gridDim.x);
+  const int per_source = a.nranks < kThreads ? kThreads / a.nranks : 1;
+  const int groups = kThreads / per_source;
   bool own_came = true;
-  for (int i = threadIdx.x; i < a.nranks * blocks; i += kThreads) {
-    const int s = i / blocks;
-    if (!wanted(s) || is_masked(s)) continue;
-    uint64_t word;
-    if (wait_flag(word_of(s, i % blocks), ready, deadline, a.error, a.rank, phase, s, &word)) {
-      seen(s, word);
-    } else if (s == a.rank) {
-      own_came = false;
-    } else {
-      mask_after_timeout(a, s);
+  for (int s = static_cast<int>(threadIdx.x) / per_source; s < a.nranks; s += groups) {
+    if (!wanted(s)) continue;
+    for (int b = static_cast<int>(threadIdx.x) % per_source; b < blocks && !is_masked(s); b += per_source) {
+      uint64_t word;
+      if (wait_flag(word_of(s, b), ready, deadline, a.error, a.rank, phase, s, &word)) {
+        seen(s, word);
+      } else if (s == a.rank) {
+        own_came = false;
+      } else {
+        mask_after_timeout(a, s);
+      }
     }
   }
   return __syncthreads_and(own_came);
@@ -1245,8 +1253,11 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
           flag_word[s] = static_cast<uint32_t>(word);
           if (stats) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
         });
+    // Not for a rank left out (masked, timed out, or this rank's own words late), as in the dispatch.
     for (int s = threadIdx.x; stats && s < a.nranks; s += kThreads) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
+      if (!is_masked(s) && (s != a.rank || own_came)) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
+      }
     }
     // A rank whose words did not all come is masked (or is this rank, whose rows are then not used), and skipped
     // whatever its word says; every other rank's word is in flag_word.

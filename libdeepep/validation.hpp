@@ -67,29 +67,26 @@ template <>
 constexpr size_t kFieldsEnd<deepepLowLatencyCombineArgs> =
     offsetof(deepepLowLatencyCombineArgs, stats_wait_ns) + sizeof(void*);
 
-// The sizeof of an older header's struct of this soname that ends before the fields above do (0: none). A program
-// built against it passes that size, and the fields its struct lacks take their defaults.
+// Whether `size` is the sizeof of an older release's struct of this soname that ends before the fields above do. A
+// program built against that header passes it, and the fields its struct lacks take their defaults. Appending a
+// field adds the struct's size before it here (every released size stays accepted).
 template <class T>
-constexpr size_t kOlderStructSize = 0;
-template <>  // 0.2.0 and 0.2.1: up to `out`
-constexpr size_t kOlderStructSize<deepepLowLatencyCombineArgs> = offsetof(deepepLowLatencyCombineArgs, stats_wait_ns);
+constexpr bool is_older_struct_size(size_t) {
+  return false;
+}
+template <>
+constexpr bool is_older_struct_size<deepepLowLatencyCombineArgs>(size_t size) {
+  return size == offsetof(deepepLowLatencyCombineArgs, stats_wait_ns);  // 0.2.0 and 0.2.1: up to `out`
+}
 
 // Refuses a struct_size no caller's struct has (`name`: the struct's parameter, for the message).
 template <class Args>
 void check_struct_size(size_t struct_size, const char* name) {
-  const size_t older = kOlderStructSize<Args>;
-  if (struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize) return;
-  if (older != 0 && struct_size == older) return;
-  if (older != 0) {
-    fail(deepepInvalidArgument,
-         "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header: %zu (a 0.2.0 or 0.2.1 header) or at "
-         "least %zu (set it with the struct's Init function)",
-         name, struct_size, name, older, kFieldsEnd<Args>);
-  }
-  fail(deepepInvalidArgument,
-       "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header, at least %zu (set it with the struct's Init "
-       "function)",
-       name, struct_size, name, kFieldsEnd<Args>);
+  DEEPEP_REQUIRE(
+      (struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize) || is_older_struct_size<Args>(struct_size),
+      "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header: at least %zu, or the size of an "
+      "older release's struct (set it with the struct's Init function)",
+      name, struct_size, name, kFieldsEnd<Args>);
 }
 
 // What a *Init function does: writes `defaults` over the caller's struct of `struct_size` bytes (its header's

@@ -811,6 +811,50 @@ class Buffer:
         done = self._async_done(async_finish, (x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats, *layout))
         return out, done, result.hook
 
+    # ---- masking ranks out of low-latency calls (DeepEP's enable_shrink surface) --------------------------------
+
+    def _masking_communicator(self, what: str):
+        """The communicator whose low-latency mask `what` reads or changes; None before the Buffer's first low-latency
+        call, when no rank is masked."""
+        if not self.low_latency_mode:
+            raise DeepEPInvalidUsage(f"{what} needs a Buffer created with low_latency_mode=True", 2)
+        return None if self.comm is None else self._low_latency_communicator()
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Masks ``rank_to_mask`` out of this rank's low-latency calls (``mask=True``: it is neither waited for nor
+        written to, and slots naming its experts are skipped) or takes it back (``False``), whether or not the
+        Buffer was made with ``enable_shrink`` (pydeepep can always mask). A low-latency call that times out waiting
+        for a rank masks it by itself. Every surviving rank must mask the same ranks; take a rank back only while no
+        rank has a low-latency call in flight, then meet (a barrier) before the next call. Blocking (synchronises the
+        device)."""
+        comm = self._masking_communicator("low_latency_update_mask_buffer")
+        if comm is None:
+            raise DeepEPInvalidUsage(
+                "low_latency_update_mask_buffer before the Buffer's first low-latency call, which creates its "
+                "communicator: make that call (or clean_low_latency_buffer) first",
+                2,
+            )
+        comm.low_latency_mask_rank(rank_to_mask, masked=bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status) -> None:
+        """Writes into ``mask_status`` (an integer tensor of ``num_ranks`` elements) 1 for each rank this rank has
+        masked, 0 for the others."""
+        comm = self._masking_communicator("low_latency_query_mask_buffer")
+        if not isinstance(mask_status, torch.Tensor) or mask_status.numel() != self.group_size:
+            shape = tuple(mask_status.shape) if isinstance(mask_status, torch.Tensor) else type(mask_status).__name__
+            raise DeepEPInvalidArgument(f"mask_status is {shape}; a tensor of {self.group_size} elements is needed", 1)
+        masked = [False] * self.group_size if comm is None else comm.low_latency_masked_ranks()
+        mask_status.copy_(torch.tensor(masked, dtype=mask_status.dtype).view(mask_status.shape))
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Takes every masked rank back (as ``low_latency_update_mask_buffer(rank, False)`` does, with its rules)."""
+        comm = self._masking_communicator("low_latency_clean_mask_buffer")
+        if comm is None:
+            return
+        for rank, masked in enumerate(comm.low_latency_masked_ranks()):
+            if masked:
+                comm.low_latency_mask_rank(rank, masked=False)
+
     def get_next_low_latency_combine_buffer(self, handle):
         """The combine buffer of ``handle``'s dispatch, bfloat16 [E_loc, R*T, H] (a view of pydeepep's buffer): write
         the expert outputs there and combine with ``zero_copy=True``."""

@@ -650,7 +650,7 @@ def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):
     result = run_c_test(tmp_path, "ll_phases")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("as expected") == 36, result.stdout
-    assert "stats_wait_ns" in result.stdout, result.stdout
+    assert "stats_wait_ns (0x" in result.stdout and "must be device memory" in result.stdout, result.stdout
     for refusal in (
         "src_info is a routing array of the dispatch on buffer set 1, not of this combine's buffer set 0",
         "num_tokens 7, num_topk 2, num_experts 4: the dispatch on buffer set 1 had 8, 2, 4",

@@ -745,11 +745,16 @@ def ll_stats_case(buffer, me, nranks, seed):
     # Passed through to the library, they grew from zero (each dispatch waits some time for every source).
     if np.any(waits.cpu().numpy() < 0) or waits.sum().item() == 0:
         return f"dispatch_wait_recv_cost_stats {waits.cpu().tolist()}"
+    # The last rank starts its combine late, so that rank 0 waits for its rows a while.
     combine_waits = torch.zeros((nranks,), dtype=torch.int64, device="cuda")
     expert_out = torch.zeros((local, nranks * T_LL, H_LL), dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    if me == nranks - 1:
+        time.sleep(0.05)
     buffer.low_latency_combine(expert_out, topk, weights, handle, combine_wait_recv_cost_stats=combine_waits)
-    if np.any(combine_waits.cpu().numpy() < 0) or combine_waits.sum().item() == 0:
-        return f"combine_wait_recv_cost_stats {combine_waits.cpu().tolist()}"
+    got = combine_waits.cpu().numpy()
+    if np.any(got < 0) or (me == 0 and nranks > 1 and got[nranks - 1] < 10_000_000):
+        return f"combine_wait_recv_cost_stats {got.tolist()} ns (the last rank started 50 ms late)"
     return True
 
 
@@ -880,6 +885,54 @@ def ll_refusal_case(buffer, me, nranks, seed):
     return True if verdict is True else f"after the refusals: {verdict}"
 
 
+def ll_mask_case(buffer, me, nranks, seed):
+    """DeepEP's mask buffer calls (its enable_shrink surface): every rank but the last masks the last, which masks
+    every other (with 2 ranks each masks the other); the query shows it; a dispatch and combine then run in the two
+    groups as if the ranks outside a group had no tokens and every slot naming their experts were -1; the mask cleaned
+    (and the ranks met), they work together again."""
+    import torch.distributed as dist
+
+    outcast, local = nranks - 1, E_LL // nranks
+    group = [me] if me == outcast else [r for r in range(nranks) if r != outcast]  # the ranks this one works with
+    inputs = [ll_inputs(seed, r) for r in range(nranks)]
+    nothing = (np.zeros((0, H_LL), np.float32), np.zeros((0, K_LL), np.int64), np.zeros((0, K_LL), np.float32))
+    # Each rank's tokens as this rank's group sees them.
+    seen = [
+        (x, np.where(np.isin(topk // local, group), topk, -1), w) if r in group else nothing
+        for r, (x, topk, w) in enumerate(inputs)
+    ]
+    status = torch.full((nranks,), 7, dtype=torch.int32, device="cuda")
+    buffer.low_latency_query_mask_buffer(status)
+    if status.tolist() != [0] * nranks:
+        return f"mask_status {status.tolist()} before any rank was masked"
+    for r in range(nranks):
+        if r not in group:
+            buffer.low_latency_update_mask_buffer(r, True)
+    try:
+        buffer.low_latency_query_mask_buffer(status)
+        if status.tolist() != [int(r not in group) for r in range(nranks)]:
+            return f"mask_status {status.tolist()} with the ranks outside {group} masked"
+        want = reference.low_latency_dispatch([s[0] for s in seen], [s[1] for s in seen], E_LL, T_LL)
+        x, topk, weights = ll_cuda(inputs[me])  # the real routing: the library skips the masked ranks' experts
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk, T_LL, E_LL)
+        verdict = check_ll_dispatch(recv_x, recv_count, want[me], nranks)
+        if verdict is not True:
+            return f"masked: {verdict}"
+        ys = ll_expert_outputs(seed, nranks)
+        want_out = reference.low_latency_combine(ys, [s[1] for s in seen], [s[2] for s in seen], [w[3] for w in want])
+        combined, _, _ = buffer.low_latency_combine(bf16_cuda(ys[me]), topk, weights, handle)
+        if not np.array_equal(combined.float().cpu().numpy(), want_out[me]):
+            return "masked: combine output differs"
+    finally:
+        buffer.low_latency_clean_mask_buffer()
+        dist.barrier()  # taking a rank back needs every rank idle and unmasked before the next call
+    buffer.low_latency_query_mask_buffer(status)
+    if status.tolist() != [0] * nranks:
+        return f"mask_status {status.tolist()} after clean_mask_buffer"
+    verdict = ll_step(buffer, me, nranks, seed + 1)
+    return True if verdict is True else f"after the mask was cleaned: {verdict}"
+
+
 LL_STEPS = {
     # The first call creates the communicator, sized from it (T, H, K, E).
     "ll_fp8": lambda b, me, r: ll_step(b, me, r, 1),
@@ -893,6 +946,7 @@ LL_STEPS = {
     "ll_sizes": lambda b, me, r: ll_sizes_case(b, me, r, 8),
     "ll_buffer_runs_ht": lambda b, me, r: ll_buffer_ht_case(b, me, r),
     "ll_adapter_refuses_on_one_rank": lambda b, me, r: ll_refusal_case(b, me, r, 30),
+    "ll_mask_buffer": lambda b, me, r: ll_mask_case(b, me, r, 40),
     "ll_cuda_graph": lambda b, me, r: ll_graph_case(b, me, r, 20),  # last: replays leave the buffer sets as captured
 }
 

@@ -22,6 +22,9 @@ def test_module_surface_matches_deepep():
         "low_latency_combine",
         "clean_low_latency_buffer",
         "get_next_low_latency_combine_buffer",
+        "low_latency_update_mask_buffer",
+        "low_latency_query_mask_buffer",
+        "low_latency_clean_mask_buffer",
     ):
         assert callable(getattr(deep_ep.Buffer, method))
 
@@ -101,9 +104,16 @@ class FakeCommunicator:
     def __init__(self, ll_sizes):
         self.ll_sizes = ll_sizes
         self.closed = False
+        self.masked = []  # the low-latency mask, as long as a test makes it
 
     def close(self):
         self.closed = True
+
+    def low_latency_masked_ranks(self):
+        return list(self.masked)
+
+    def low_latency_mask_rank(self, rank, masked=True):
+        self.masked[rank] = masked
 
 
 @pytest.fixture
@@ -183,11 +193,43 @@ def test_a_high_throughput_call_first_leaves_no_low_latency_area(group, created)
         buffer.low_latency_dispatch(*ll_inputs(), 128, 16)
 
 
+def test_the_mask_buffer_calls_map_onto_pydeepeps_masking(group, created):
+    buffer = deep_ep.Buffer(group, 0, 0, low_latency_mode=True, enable_shrink=True)
+    status = torch.full((1,), 7, dtype=torch.int32)
+    buffer.low_latency_query_mask_buffer(status)  # before the first low-latency call nothing is masked
+    assert status.tolist() == [0]
+    buffer.low_latency_clean_mask_buffer()
+    with pytest.raises(pydeepep.DeepEPInvalidUsage, match="first low-latency call"):
+        buffer.low_latency_update_mask_buffer(0, True)
+    assert created == []  # none of them made the communicator
+    buffer.clean_low_latency_buffer(128, 1024, 16)
+    buffer.group_size, buffer.comm.masked = 3, [False] * 3  # as on three ranks
+    buffer.low_latency_update_mask_buffer(2, True)
+    buffer.low_latency_update_mask_buffer(1, mask=True)
+    status = torch.full((3,), 7, dtype=torch.int64)
+    buffer.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0, 1, 1]
+    buffer.low_latency_update_mask_buffer(1)  # mask=False by default: taken back
+    buffer.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0, 0, 1]
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"mask_status is \(2,\); a tensor of 3 elements"):
+        buffer.low_latency_query_mask_buffer(torch.zeros(2, dtype=torch.int32))
+    buffer.low_latency_clean_mask_buffer()
+    assert buffer.comm.masked == [False] * 3
+
+
 def test_low_latency_calls_need_low_latency_mode(group, created):
     buffer = deep_ep.Buffer(group, 0, 0)
     assert created == [None]
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="low_latency_mode=True"):
         buffer.low_latency_dispatch(*ll_inputs(), 128, 16)
+    for masking in (
+        lambda: buffer.low_latency_update_mask_buffer(0, True),
+        lambda: buffer.low_latency_query_mask_buffer(torch.zeros(1, dtype=torch.int32)),
+        buffer.low_latency_clean_mask_buffer,
+    ):
+        with pytest.raises(pydeepep.DeepEPInvalidUsage, match="low_latency_mode=True"):
+            masking()
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="low_latency_mode=True"):
         buffer.clean_low_latency_buffer(128, 1024, 16)
 
