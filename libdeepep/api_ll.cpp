@@ -218,6 +218,15 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int ra
     DEEPEP_REQUIRE(rank >= 0 && rank < c.nranks, "rank is %d; it must be in [0, %d)", rank, c.nranks);
     DEEPEP_REQUIRE(rank != c.rank, "rank %d is this rank: a rank cannot mask itself", rank);
     check_flag(masked, "masked");
+    // A receive still due would wait for a rank taken back, which sent it nothing while masked.
+    for (int set = 0; masked == 0 && set < 2; ++set) {
+      if (c.ll_recv_due[set] != deepepComm::kLowLatencyNoRecvDue) {
+        fail(deepepInvalidUsage,
+             "rank %d is taken back while the receive of the %s sent on buffer set %d is due; make that receive (the "
+             "receive hook) first: a rank is taken back only while no low-latency call is in flight",
+             rank, c.ll_recv_due[set] == 0 ? "dispatch" : "combine", set);
+      }
+    }
     set_low_latency_mask(c, rank, masked != 0);
   });
 }

@@ -362,28 +362,39 @@ __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
 // masks itself. `seen(s, word)` runs in the thread that saw one of rank s's words ready. Returns, in every thread,
 // whether this rank's own words (when wanted) all came.
 //
-// A thread waits for one word after another, so each group of per_source threads waits for the words of its own
-// sources only (one source per group while there are fewer ranks than threads): a thread then sees a source's word
-// as soon as that source has written it, not once another source's late word came before it in the thread's turn
-// (the wait statistics time each source by when its words were seen).
+// A thread waits for one word after another. Up to kGroupedWaitMaxRanks ranks, each group of per_source threads
+// waits for the words of one source only: a thread then sees a source's word as soon as that source has written it,
+// not once another source's late word came before it in the thread's turn (the wait statistics time each source by
+// when its words were seen). With more ranks, groups of fewer than 4 threads would leave a thread more words to wait
+// for than the block's words spread evenly over its threads do, so the words are spread evenly (a thread's words may
+// then be of several sources).
+constexpr int kGroupedWaitMaxRanks = kThreads / 4;
 template <class WordOf, class Wanted, class Ready, class Seen>
 __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Ready ready, uint64_t deadline,
                                 Phase phase, Seen seen) {
   const int blocks = static_cast<int>(gridDim.x);
-  const int per_source = a.nranks < kThreads ? kThreads / a.nranks : 1;
-  const int groups = kThreads / per_source;
   bool own_came = true;
-  for (int s = static_cast<int>(threadIdx.x) / per_source; s < a.nranks; s += groups) {
-    if (!wanted(s)) continue;
-    for (int b = static_cast<int>(threadIdx.x) % per_source; b < blocks && !is_masked(s); b += per_source) {
-      uint64_t word;
-      if (wait_flag(word_of(s, b), ready, deadline, a.error, a.rank, phase, s, &word)) {
-        seen(s, word);
-      } else if (s == a.rank) {
-        own_came = false;
-      } else {
-        mask_after_timeout(a, s);
-      }
+  auto wait_word = [&](int s, int b) {
+    uint64_t word;
+    if (wait_flag(word_of(s, b), ready, deadline, a.error, a.rank, phase, s, &word)) {
+      seen(s, word);
+    } else if (s == a.rank) {
+      own_came = false;
+    } else {
+      mask_after_timeout(a, s);
+    }
+  };
+  if (a.nranks <= kGroupedWaitMaxRanks) {
+    const int per_source = kThreads / a.nranks;
+    const int s = static_cast<int>(threadIdx.x) / per_source;  // past the last rank for the threads left over
+    for (int b = static_cast<int>(threadIdx.x) % per_source; s < a.nranks && wanted(s) && b < blocks && !is_masked(s);
+         b += per_source) {
+      wait_word(s, b);
+    }
+  } else {
+    for (int i = threadIdx.x; i < a.nranks * blocks; i += kThreads) {
+      const int s = i / blocks;
+      if (wanted(s) && !is_masked(s)) wait_word(s, i % blocks);
     }
   }
   return __syncthreads_and(own_came);

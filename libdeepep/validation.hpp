@@ -51,7 +51,7 @@ constexpr size_t kMaxStructSize = size_t(1) << 16;
 
 // Where the fields this library knows end in each size-versioned struct of deepep.h: what follows (a `reserved` field,
 // or the fields of a newer header) must be zero. A caller passes at least this size, or the exact size of an older
-// header's struct (kOlderStructSize: 0.2.0 is the first release of this soname).
+// release's struct (OlderStructSizes: 0.2.0 is the first release of this soname).
 template <class T>
 constexpr size_t kFieldsEnd = T::not_a_size_versioned_struct;  // only the specialisations below exist
 template <>
@@ -67,26 +67,32 @@ template <>
 constexpr size_t kFieldsEnd<deepepLowLatencyCombineArgs> =
     offsetof(deepepLowLatencyCombineArgs, stats_wait_ns) + sizeof(void*);
 
-// Whether `size` is the sizeof of an older release's struct of this soname that ends before the fields above do. A
-// program built against that header passes it, and the fields its struct lacks take their defaults. Appending a
-// field adds the struct's size before it here (every released size stays accepted).
+// The sizeof of each older release's struct of this soname that ends before the fields above do (0: none). A program
+// built against that header passes it, and the fields its struct lacks take their defaults. Appending a field adds
+// the struct's size before it here: every released size stays accepted.
 template <class T>
-constexpr bool is_older_struct_size(size_t) {
-  return false;
-}
+struct OlderStructSizes {
+  static constexpr size_t sizes[1] = {0};
+};
 template <>
-constexpr bool is_older_struct_size<deepepLowLatencyCombineArgs>(size_t size) {
-  return size == offsetof(deepepLowLatencyCombineArgs, stats_wait_ns);  // 0.2.0 and 0.2.1: up to `out`
-}
+struct OlderStructSizes<deepepLowLatencyCombineArgs> {
+  static constexpr size_t sizes[1] = {offsetof(deepepLowLatencyCombineArgs, stats_wait_ns)};  // 0.2.0, 0.2.1
+};
 
 // Refuses a struct_size no caller's struct has (`name`: the struct's parameter, for the message).
 template <class Args>
 void check_struct_size(size_t struct_size, const char* name) {
-  DEEPEP_REQUIRE(
-      (struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize) || is_older_struct_size<Args>(struct_size),
-      "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header: at least %zu, or the size of an "
-      "older release's struct (set it with the struct's Init function)",
-      name, struct_size, name, kFieldsEnd<Args>);
+  if (struct_size >= kFieldsEnd<Args> && struct_size <= kMaxStructSize) return;
+  std::string older;  // the older sizes, for the message
+  for (const size_t size : OlderStructSizes<Args>::sizes) {
+    if (size == 0) continue;
+    if (struct_size == size) return;
+    older += (older.empty() ? ", or an older release's: " : ", ") + std::to_string(size);
+  }
+  fail(deepepInvalidArgument,
+       "%s->struct_size is %zu; it is sizeof(*%s) of the caller's header: at least %zu%s (set it with the struct's "
+       "Init function)",
+       name, struct_size, name, kFieldsEnd<Args>, older.c_str());
 }
 
 // What a *Init function does: writes `defaults` over the caller's struct of `struct_size` bytes (its header's

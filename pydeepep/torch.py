@@ -815,9 +815,15 @@ class Buffer:
 
     def _masking_communicator(self, what: str):
         """The communicator whose low-latency mask `what` reads or changes; None before the Buffer's first low-latency
-        call, when no rank is masked."""
+        call, when no rank is masked. The mask calls synchronise the device, which a capture cannot record."""
         if not self.low_latency_mode:
             raise DeepEPInvalidUsage(f"{what} needs a Buffer created with low_latency_mode=True", 2)
+        if _capturing():
+            raise DeepEPInvalidUsage(
+                f"{what} while the current stream captures a CUDA graph: it synchronises the device (pydeepep's mask "
+                "calls are not stream-ordered); call it outside the capture",
+                2,
+            )
         return None if self.comm is None else self._low_latency_communicator()
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
@@ -828,13 +834,20 @@ class Buffer:
         rank has a low-latency call in flight, then meet (a barrier) before the next call. Blocking (synchronises the
         device)."""
         comm = self._masking_communicator("low_latency_update_mask_buffer")
+        rank = int(rank_to_mask)
+        if not 0 <= rank < self.group_size:
+            raise DeepEPInvalidArgument(f"rank_to_mask is {rank_to_mask}; it must be in [0, {self.group_size})", 1)
+        if rank == self.rank:
+            if mask:
+                raise DeepEPInvalidArgument(f"rank_to_mask is {rank}, this rank: a rank cannot mask itself", 1)
+            return  # never masked: nothing to take back
         if comm is None:
             raise DeepEPInvalidUsage(
                 "low_latency_update_mask_buffer before the Buffer's first low-latency call, which creates its "
                 "communicator: make that call (or clean_low_latency_buffer) first",
                 2,
             )
-        comm.low_latency_mask_rank(rank_to_mask, masked=bool(mask))
+        comm.low_latency_mask_rank(rank, masked=bool(mask))
 
     def low_latency_query_mask_buffer(self, mask_status) -> None:
         """Writes into ``mask_status`` (an integer tensor of ``num_ranks`` elements) 1 for each rank this rank has
@@ -843,6 +856,9 @@ class Buffer:
         if not isinstance(mask_status, torch.Tensor) or mask_status.numel() != self.group_size:
             shape = tuple(mask_status.shape) if isinstance(mask_status, torch.Tensor) else type(mask_status).__name__
             raise DeepEPInvalidArgument(f"mask_status is {shape}; a tensor of {self.group_size} elements is needed", 1)
+        kind = mask_status.dtype
+        if kind.is_floating_point or kind.is_complex or kind == torch.bool:
+            raise DeepEPInvalidArgument(f"mask_status has dtype {kind}; an integer dtype (int32) is needed", 1)
         masked = [False] * self.group_size if comm is None else comm.low_latency_masked_ranks()
         mask_status.copy_(torch.tensor(masked, dtype=mask_status.dtype).view(mask_status.shape))
 

@@ -113,7 +113,10 @@ def test_combine_args_of_a_0_2_0_header_are_accepted_and_not_overrun(lib):
     assert (args.phase, args.topk_type, args.out) == (0, INT64, None)
     for size in (older + 4, older - 8):
         assert init(ctypes.addressof(buffer), size) == INVALID_ARGUMENT, size
-        assert f"struct_size is {size}" in last_error(lib) and "older release" in last_error(lib)
+        assert f"struct_size is {size}" in last_error(lib) and f"an older release's: {older}" in last_error(lib)
+    # A struct no older release had in another size says nothing of older ones.
+    assert lib.deepepLowLatencyDispatchArgsInit(ctypes.addressof(buffer), ctypes.c_size_t(16)) == INVALID_ARGUMENT
+    assert "struct_size is 16" in last_error(lib) and "older" not in last_error(lib)
 
 
 @pytest.mark.parametrize("function", ["deepepLowLatencyDispatchArgsInit", "deepepLowLatencyCombineArgsInit"])

@@ -199,11 +199,12 @@ def test_the_mask_buffer_calls_map_onto_pydeepeps_masking(group, created):
     buffer.low_latency_query_mask_buffer(status)  # before the first low-latency call nothing is masked
     assert status.tolist() == [0]
     buffer.low_latency_clean_mask_buffer()
+    buffer.group_size = 3  # as on three ranks
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="first low-latency call"):
-        buffer.low_latency_update_mask_buffer(0, True)
+        buffer.low_latency_update_mask_buffer(1, True)
     assert created == []  # none of them made the communicator
     buffer.clean_low_latency_buffer(128, 1024, 16)
-    buffer.group_size, buffer.comm.masked = 3, [False] * 3  # as on three ranks
+    buffer.comm.masked = [False] * 3
     buffer.low_latency_update_mask_buffer(2, True)
     buffer.low_latency_update_mask_buffer(1, mask=True)
     status = torch.full((3,), 7, dtype=torch.int64)
@@ -216,6 +217,31 @@ def test_the_mask_buffer_calls_map_onto_pydeepeps_masking(group, created):
         buffer.low_latency_query_mask_buffer(torch.zeros(2, dtype=torch.int32))
     buffer.low_latency_clean_mask_buffer()
     assert buffer.comm.masked == [False] * 3
+    buffer.low_latency_update_mask_buffer(0)  # this rank: never masked, nothing to take back
+    for bad, message in (
+        (lambda: buffer.low_latency_update_mask_buffer(0, True), "rank_to_mask is 0, this rank"),
+        (lambda: buffer.low_latency_update_mask_buffer(3, True), r"rank_to_mask is 3; it must be in \[0, 3\)"),
+        (lambda: buffer.low_latency_update_mask_buffer(-1), r"rank_to_mask is -1"),
+        (lambda: buffer.low_latency_query_mask_buffer(torch.zeros(3)), "dtype torch.float32; an integer dtype"),
+        (lambda: buffer.low_latency_query_mask_buffer(torch.zeros(3, dtype=torch.bool)), "dtype torch.bool"),
+    ):
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match=message):
+            bad()
+    assert buffer.comm.masked == [False] * 3
+
+
+def test_the_mask_buffer_calls_are_refused_inside_a_capture(group, created, monkeypatch):
+    buffer = deep_ep.Buffer(group, 0, 0, low_latency_mode=True)
+    buffer.clean_low_latency_buffer(128, 1024, 16)
+    buffer.comm.masked = [False]
+    monkeypatch.setattr(deep_ep, "_capturing", lambda: True)
+    for call in (
+        lambda: buffer.low_latency_update_mask_buffer(0),
+        lambda: buffer.low_latency_query_mask_buffer(torch.zeros(1, dtype=torch.int32)),
+        buffer.low_latency_clean_mask_buffer,
+    ):
+        with pytest.raises(pydeepep.DeepEPInvalidUsage, match="captures a CUDA graph"):
+            call()
 
 
 def test_low_latency_calls_need_low_latency_mode(group, created):

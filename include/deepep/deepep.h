@@ -674,7 +674,8 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
  * Every surviving rank must mask the same ranks: with more than two ranks, gather deepepCommLowLatencyMaskedRanks
  * from the survivors (outside this library) and mask the union everywhere before the next call, then clear the
  * asynchronous error. Taking a rank back (masked = 0) takes its acknowledgements as current: do it only while no
- * rank has a low-latency call in flight, on every rank, followed by a host barrier before the next call. Masking
+ * rank has a low-latency call in flight, on every rank, followed by a host barrier before the next call (while an
+ * eager Send's receive is due on this rank it is refused with deepepInvalidUsage). Masking
  * assumes the masked rank has stopped: one that was only late, by more than the timeout, and then resumes, may still
  * store the rows of its late call into the survivors' current buffer set (it saw their acknowledgements before they
  * masked it) and corrupt one of their later results unreported, so stop a timed-out rank's process rather than let it
