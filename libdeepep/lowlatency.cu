@@ -365,9 +365,9 @@ __device__ __forceinline__ bool acked(uint64_t v, uint32_t needed) {
 // A thread waits for one word after another. Up to kGroupedWaitMaxRanks ranks, each group of per_source threads
 // waits for the words of one source only: a thread then sees a source's word as soon as that source has written it,
 // not once another source's late word came before it in the thread's turn (the wait statistics time each source by
-// when its words were seen). With more ranks, groups of fewer than 4 threads would leave a thread more words to wait
-// for than the block's words spread evenly over its threads do, so the words are spread evenly (a thread's words may
-// then be of several sources).
+// when its words were seen); a thread then has about as many words as an even spread of the block's words over its
+// threads gives it (at 132 blocks at most one more). With more ranks, groups of fewer than 4 threads would leave it up
+// to twice as many, so the words are spread evenly (a thread's words may then be of several sources).
 constexpr int kGroupedWaitMaxRanks = kThreads / 4;
 template <class WordOf, class Wanted, class Ready, class Seen>
 __device__ bool wait_all_blocks(const Area& a, WordOf word_of, Wanted wanted, Ready ready, uint64_t deadline,
