@@ -462,7 +462,9 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
 
         def combine_of_overwritten_arrays():
             # The refusing rank gives the first result's arrays to the next dispatch (on the other set) through another
-            # object: its combine of the first runs its side without data and raises.
+            # object: its combine of the first runs its side without data and raises. The library checks this only on
+            # a buffer set no capture has used: the first dispatch must land on the set the graph scenarios left
+            # alone (at 52ae0db an extra dispatch in masked_peer moved it onto the other, and the combine went through).
             first = comm.low_latency_dispatch(x, topk, e)
             fields = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_layout_range")
             same_arrays = types.SimpleNamespace(**{name: getattr(first, name) for name in fields})
