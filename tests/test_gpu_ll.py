@@ -545,16 +545,20 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
             topk_dev = dev(topk_mine)  # the real routing: the library skips the masked ranks' experts itself
             result = comm.low_latency_dispatch(dev(x_mine), topk_dev, e, return_recv_hook=True)
             # A rank is not taken back while a receive is due here: that receive would wait for it. (No extra call:
-            # later scenarios rely on which buffer set their dispatches land on, as graphs have used one.)
+            # later scenarios rely on which buffer set their dispatches land on, as graphs have used one.) The receive
+            # is made on every path, so that a failure here is reported, not hidden by the take-back below.
             try:
-                comm.low_latency_mask_rank(masked[0], masked=False)
-                return "a rank was taken back while a dispatch's receive was due"
-            except pydeepep.DeepEPInvalidUsage as exc:
-                if "receive of the dispatch sent on buffer set" not in str(exc):
-                    return str(exc)
-            if comm.low_latency_masked_ranks() != [r in masked for r in range(R)]:
-                return f"masked ranks {comm.low_latency_masked_ranks()} after the refused take-back"
-            result.hook()
+                try:
+                    comm.low_latency_mask_rank(masked[0], masked=False)
+                    comm.low_latency_mask_rank(masked[0])  # masked again, so that the receive does not wait for it
+                    return "a rank was taken back while a dispatch's receive was due"
+                except pydeepep.DeepEPInvalidUsage as exc:
+                    if "receive of the dispatch sent on buffer set" not in str(exc):
+                        return str(exc)
+                if comm.low_latency_masked_ranks() != [r in masked for r in range(R)]:
+                    return f"masked ranks {comm.low_latency_masked_ranks()} after the refused take-back"
+            finally:
+                result.hook()
             out = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), result).out
             cupy.cuda.runtime.deviceSynchronize()
         comm.check_async_error()
