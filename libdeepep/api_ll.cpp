@@ -124,6 +124,14 @@ void check_combine_against_dispatch(const deepepComm& comm, const deepepLowLaten
   }
 }
 
+// An optional wait-statistics array (stats_wait_ns of a dispatch or a combine, int64 [R]): checked where given; the
+// memory it covers, which the call writes.
+ByteSpan checked_wait_stats(const deepepComm& comm, const int64_t* stats) {
+  const size_t bytes = static_cast<size_t>(comm.nranks) * 8;
+  if (stats != nullptr) check_device_array(comm, stats, bytes, 8, "stats_wait_ns");
+  return span_of(stats, bytes);
+}
+
 void check_flag(int value, const char* name) {
   DEEPEP_REQUIRE(value == 0 || value == 1, "%s is %d; it must be 0 or 1", name, value);
 }
@@ -351,8 +359,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
       const size_t element = a.stats_recv_count_type == deepepInt64 ? 8 : 4;
       check_device_array(c, a.stats_recv_count, static_cast<size_t>(local) * element, element, "stats_recv_count");
     }
-    if (a.stats_wait_ns != nullptr)
-      check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
+    const ByteSpan wait_stats = checked_wait_stats(c, a.stats_wait_ns);
     const ByteSpan outputs[LowLatencyDispatchBook::kDispatchOutputs] = {
         span_of(a.recv_x, slots * row.payload_bytes),
         span_of(a.recv_scales, scale_bytes),
@@ -360,7 +367,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyDispatch(deepepComm_t comm, const deep
         span_of(a.recv_src_info, slots * 4),
         span_of(a.recv_layout_range, static_cast<size_t>(local) * c.nranks * 2 * 4),
         span_of(a.stats_recv_count, static_cast<size_t>(local) * (a.stats_recv_count_type == deepepInt64 ? 8 : 4)),
-        span_of(a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8)};
+        wait_stats};
     launch_low_latency_dispatch(c, a, stream);
     refusal.launched();
     note_phase(c, false, a.buffer_set, a.phase, capture.capturing());
@@ -413,9 +420,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyCombine(deepepComm_t comm, const deepe
     check_device_array(c, a.topk_weights, matrix_bytes(a.num_tokens, a.num_topk, w_stride, 4), 4, "topk_weights");
     const size_t out_bytes = static_cast<size_t>(a.num_tokens) * a.hidden * 2;
     check_device_array(c, a.out, out_bytes, 16, "out");
-    if (a.stats_wait_ns != nullptr)
-      check_device_array(c, a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8, 8, "stats_wait_ns");
-    const ByteSpan written[] = {span_of(a.out, out_bytes), span_of(a.stats_wait_ns, static_cast<size_t>(c.nranks) * 8)};
+    const ByteSpan written[] = {span_of(a.out, out_bytes), checked_wait_stats(c, a.stats_wait_ns)};
     launch_low_latency_combine(c, a, stream);
     refusal.launched();
     note_phase(c, true, a.buffer_set, a.phase, capture.capturing());
