@@ -408,6 +408,31 @@ __device__ void wait_peer_acks(const Area& a, uint32_t needed, uint64_t deadline
       [&](uint64_t v) { return acked(v, needed); }, deadline, phase, [](int, uint64_t) {});
 }
 
+// The optional per-source wait statistics of a receive (stats_wait_ns, int64 [R]), kept by block 0: for each source,
+// the time from the start of the block's wait to the last of the source's flags it saw, added to totals[s]. `seen_at`
+// is [R] shared memory; the caller synchronises the block after the constructor.
+struct SourceWaitClock {
+  int64_t* totals;  // null in the blocks that keep none, and when no statistics were asked for
+  unsigned long long* seen_at;
+  unsigned long long start;
+
+  __device__ SourceWaitClock(int64_t* stats_wait_ns, unsigned long long* seen_at_shared, int nranks)
+      : totals(blockIdx.x == 0 ? stats_wait_ns : nullptr),
+        seen_at(seen_at_shared),
+        start(totals != nullptr ? global_timer_ns() : 0) {
+    for (int s = threadIdx.x; totals != nullptr && s < nranks; s += kThreads) seen_at[s] = start;
+  }
+  __device__ bool on() const { return totals != nullptr; }
+  // A thread saw one of source s's flags.
+  __device__ void saw(int s) const {
+    if (on()) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
+  }
+  // Source s's wait into the statistics (once per source, after the wait; not for a source left out).
+  __device__ void add(int s) const {
+    if (on()) atomicAdd(reinterpret_cast<unsigned long long*>(totals + s), seen_at[s] - start);
+  }
+};
+
 // End of an operation's final kernel, in every block: the block records the operation as complete and acknowledges
 // it to every peer, after the barrier, so that the block is done with the set before a peer writes into it again. The
 // receive wrote nothing to the peers (the send's writes went out before its flags' releases), and the set is this
@@ -857,9 +882,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
   for (int local = threadIdx.x; local < experts; local += kThreads) {
     owned_row_of[local] = local % blocks == static_cast<int>(blockIdx.x) ? (local / blocks) * R : -1;
   }
-  const bool stats = p.stats_wait_ns != nullptr && blockIdx.x == 0;
-  const unsigned long long wait_start = stats ? global_timer_ns() : 0;
-  for (int s = threadIdx.x; stats && s < R; s += kThreads) seen_at[s] = wait_start;
+  SourceWaitClock clock(p.stats_wait_ns, seen_at, R);
   __syncthreads();
 
   // Every block waits for the flags of every block of every source (a masked source sends nothing and is not waited
@@ -869,7 +892,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyDispatch,
       [&](int s, uint64_t word) {
         flag_word[s] = static_cast<uint32_t>(word);
-        if (stats) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
+        clock.saw(s);
       });
   for (int s = threadIdx.x; s < R; s += kThreads) {
     int32_t tokens = 0;
@@ -881,8 +904,8 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
       const bool same_experts = experts_per_rank == p.experts_per_rank;
       const bool fits = count <= p.max_tokens && seen == dispatch_flag_word(count, K, p.hidden, p.fp8, p.round_scale);
       if (fits && same_experts) tokens = static_cast<int32_t>(count);
+      clock.add(s);
       if (blockIdx.x == 0) {
-        if (stats) atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
         if (seen == kRefusedFlagWord) {
           // The source refused the call on its host: it sent nothing.
           record_async_error(a.error, deepepRemoteError, a.rank, Phase::kLowLatencyDispatch, s, kDetailPeerRefused, 0);
@@ -1251,24 +1274,18 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
   bool own_came = true;
   if (first_token < p.num_tokens) {
     extern __shared__ unsigned long long seen_at[];  // [R], with statistics (combine_recv_shared_bytes)
-    const bool stats = p.stats_wait_ns != nullptr && blockIdx.x == 0;
-    const unsigned long long wait_start = stats ? global_timer_ns() : 0;
-    if (stats) {
-      for (int s = threadIdx.x; s < a.nranks; s += kThreads) seen_at[s] = wait_start;
-      __syncthreads();
-    }
+    SourceWaitClock clock(p.stats_wait_ns, seen_at, a.nranks);
+    if (clock.on()) __syncthreads();  // the same in all of the block's threads
     own_came = wait_all_blocks(
         a, [&](int s, int b) { return a.combine_flag(s, b); }, [](int) { return true; },
         [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, deadline, Phase::kLowLatencyCombine,
         [&](int s, uint64_t word) {
           flag_word[s] = static_cast<uint32_t>(word);
-          if (stats) atomicMax(&seen_at[s], static_cast<unsigned long long>(global_timer_ns()));
+          clock.saw(s);
         });
     // Not for a rank left out (masked, timed out, or this rank's own words late), as in the dispatch.
-    for (int s = threadIdx.x; stats && s < a.nranks; s += kThreads) {
-      if (!is_masked(s) && (s != a.rank || own_came)) {
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.stats_wait_ns + s), seen_at[s] - wait_start);
-      }
+    for (int s = threadIdx.x; clock.on() && s < a.nranks; s += kThreads) {
+      if (!is_masked(s) && (s != a.rank || own_came)) clock.add(s);
     }
     // A rank whose words did not all come is masked (or is this rank, whose rows are then not used), and skipped
     // whatever its word says; every other rank's word is in flag_word.
