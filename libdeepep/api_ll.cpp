@@ -224,8 +224,11 @@ DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int ra
     DeviceGuard guard(c.device);  // first: the checks below call the runtime
     require_low_latency(c);
     DEEPEP_REQUIRE(rank >= 0 && rank < c.nranks, "rank is %d; it must be in [0, %d)", rank, c.nranks);
-    DEEPEP_REQUIRE(rank != c.rank, "rank %d is this rank: a rank cannot mask itself", rank);
     check_flag(masked, "masked");
+    if (rank == c.rank) {
+      DEEPEP_REQUIRE(masked == 0, "rank %d is this rank: a rank cannot mask itself", rank);
+      return;  // never masked: nothing to take back
+    }
     // A receive still due would wait for a rank taken back, which sent it nothing while masked.
     for (int set = 0; masked == 0 && set < 2; ++set) {
       if (c.ll_recv_due[set] != deepepComm::kLowLatencyNoRecvDue) {

@@ -837,17 +837,15 @@ class Buffer:
         rank = int(rank_to_mask)
         if not 0 <= rank < self.group_size:
             raise DeepEPInvalidArgument(f"rank_to_mask is {rank_to_mask}; it must be in [0, {self.group_size})", 1)
-        if rank == self.rank:
-            if mask:
-                raise DeepEPInvalidArgument(f"rank_to_mask is {rank}, this rank: a rank cannot mask itself", 1)
-            return  # never masked: nothing to take back
         if comm is None:
+            if not mask:
+                return  # no communicator yet: nothing is masked
             raise DeepEPInvalidUsage(
                 "low_latency_update_mask_buffer before the Buffer's first low-latency call, which creates its "
                 "communicator: make that call (or clean_low_latency_buffer) first",
                 2,
             )
-        comm.low_latency_mask_rank(rank, masked=bool(mask))
+        comm.low_latency_mask_rank(rank, masked=bool(mask))  # taking this rank back does nothing; masking it is refused
 
     def low_latency_query_mask_buffer(self, mask_status) -> None:
         """Writes into ``mask_status`` (an integer tensor of ``num_ranks`` elements) 1 for each rank this rank has

@@ -535,6 +535,19 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     try:
         if comm.low_latency_masked_ranks() != [r in masked for r in range(R)]:
             return f"masked ranks {comm.low_latency_masked_ranks()}"
+        comm.low_latency_mask_rank(me, masked=False)  # this rank: never masked, nothing to take back
+        for bad, error, words in (
+            (me, pydeepep.DeepEPInvalidArgument, "cannot mask itself"),
+            (R, pydeepep.DeepEPInvalidArgument, f"rank is {R}; it must be in [0, {R})"),
+        ):
+            try:
+                comm.low_latency_mask_rank(bad)
+                return f"rank {bad} was masked"
+            except error as exc:
+                if words not in str(exc):
+                    return str(exc)
+        if comm.low_latency_masked_ranks() != [r in masked for r in range(R)]:
+            return f"masked ranks {comm.low_latency_masked_ranks()} after this rank's take-back and the refusals"
         try:  # every rank masks one, so every rank refuses (and the ranks still count the call alike)
             comm.measure_flag_round(iterations=1)
             return "the floor was measured with a rank masked"

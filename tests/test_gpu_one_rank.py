@@ -646,10 +646,12 @@ def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):
     checked; the calls in order succeed, a captured Send is received by eager Recvs after each launch of its graph; a
     combine given a routing array of the other set's dispatch, routing arrays a later call wrote over, other sizes than
     its dispatch's, or after its dispatch was refused on this rank, is refused; a combine through a 0.2.1 header's
-    struct reads nothing past it, one with statistics in host memory is refused; and the stream ends clean."""
+    struct reads nothing past it, one with statistics in host memory is refused; the stream ends clean; and taking this
+    rank back does nothing while masking it is refused."""
     result = run_c_test(tmp_path, "ll_phases")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("as expected") == 36, result.stdout
+    assert result.stdout.count("as expected") == 38, result.stdout
+    assert "rank 0 is this rank: a rank cannot mask itself" in result.stdout, result.stdout
     assert "stats_wait_ns (0x" in result.stdout and "must be device memory" in result.stdout, result.stdout
     for refusal in (
         "src_info is a routing array of the dispatch on buffer set 1, not of this combine's buffer set 0",

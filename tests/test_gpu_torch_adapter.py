@@ -909,6 +909,13 @@ def ll_mask_case(buffer, me, nranks, seed):
         if r not in group:
             buffer.low_latency_update_mask_buffer(r, True)
     try:
+        buffer.low_latency_update_mask_buffer(me)  # this rank: never masked, nothing to take back
+        try:
+            buffer.low_latency_update_mask_buffer(me, True)
+            return "this rank masked itself"
+        except pydeepep.DeepEPInvalidArgument as exc:
+            if "cannot mask itself" not in str(exc):
+                return str(exc)
         buffer.low_latency_query_mask_buffer(status)
         if status.tolist() != [int(r not in group) for r in range(nranks)]:
             return f"mask_status {status.tolist()} with the ranks outside {group} masked"

@@ -682,7 +682,7 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
  * go on. Masking does not apply to high-throughput calls. Blocking (synchronises the device first, without a bound of
  * its own: work of another library on the device that never ends, such as a collective waiting for the dead rank,
  * holds it, so stop such work first); not capturable.
- * [in] rank: not this rank; masked: 1 to mask, 0 to take back. */
+ * [in] rank: any rank but this one to mask (taking this rank back does nothing); masked: 1 to mask, 0 to take back. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
 
 /* The low-latency mask of this rank: masked[r] is 1 for a masked rank, else 0. Blocking (synchronises the device

@@ -4,8 +4,8 @@
  * capture leaves its set checked; a Send captured in a graph is received by eager Recvs after each launch; the calls in
  * the right order succeed; a combine given a routing array of the other set's dispatch, routing arrays a later call
  * wrote over, other sizes than its dispatch's, or after its dispatch was refused here, is refused; the stream finishes
- * clean. Prints one line per step; exit status 0: as expected, 1:
- * not, 3: setup failed. */
+ * clean; taking this rank back does nothing, masking it is refused. Prints one line per step; exit status 0: as
+ * expected, 1: not, 3: setup failed. */
 #include <cuda_runtime.h>
 #include <deepep/deepep.h>
 #include <stddef.h>
@@ -229,6 +229,9 @@ int main(void) {
          deepepSuccess);
   expect("no asynchronous error", deepepCommGetAsyncError(comm, &async_error), deepepSuccess);
   expect("asynchronous error state", async_error, deepepSuccess);
+  expect("taking this rank back (never masked: nothing to do)", deepepCommLowLatencyMaskRank(comm, 0, 0),
+         deepepSuccess);
+  expect("masking this rank", deepepCommLowLatencyMaskRank(comm, 0, 1), deepepInvalidArgument);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   deepepCommDestroy(comm);
