@@ -55,7 +55,9 @@ class _LowLatencyBook:
 
     def check_out_arrays(self, int buffer_set, arrays, bint device_arrays_only=False):
         """Refuses out= arrays of a call on `buffer_set` (with `device_arrays_only`, the DeviceArrays among them)
-        that the due receive of the other set's call writes."""
+        that the due receive of the other set's call writes. A Python rule, not the library's: a result here is
+        arrays that stay valid, which that receive would overwrite; a C caller may reuse an array between the calls
+        (consume one set's outputs, then let the other set's Recv write the same memory), which is stream-ordered."""
         other = self.pending[1 - buffer_set]
         if other is None:
             return
