@@ -181,20 +181,20 @@ DEEPEP_API deepepResult_t deepepGetUniqueId(deepepUniqueId* id);
  * same id and nranks. Works on config->device and leaves the calling thread's current device as it was. Sets
  * NVSHMEM_DISABLE_NVLS=1 in the process environment unless config->allow_nvlink_multicast; unless already set,
  * NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 (no NVSHMEM proxy thread polling a CPU core where no remote transport needs it)
- * and, when the buffer does not fit NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE. These count only
- * in a process where NVSHMEM has not read its environment yet, not in one that made the id (deepepGetUniqueId), where
- * multicast is thus off unless NVSHMEM_DISABLE_NVLS=0 was set before that call. Initialises NVSHMEM
- * (NVLink multicast off unless asked), allocates the communication buffer on the symmetric heap, maps NVLink peers.
- * Every wait is bounded by config->timeout_seconds: if a peer never arrives, deepepTimeout is returned (NVSHMEM's setup
- * thread is then left behind, and the process should exit: a later deepepCommInitRank in it returns
- * deepepInvalidUsage, as after any setup that failed with NVSHMEM started and not finalised). The ranks must pass the
- * same buffer_bytes, workload fields, low_latency_max_tokens, low_latency_transport and zero_copy_dispatch: ranks whose
- * buffer layouts, max_tokens_per_rank or low-latency transports differ all get deepepInvalidArgument, which describes
- * both (workload fields that size nothing, with buffer_bytes given, are not compared). A step that
- * fails on some ranks only, once the buffer is allocated and mapped, fails the call on every rank (the others get
- * deepepRemoteError), so that no rank keeps a communicator missing a peer; a rank failing inside NVSHMEM's own
- * initialisation or the buffer's allocation leaves the others waiting until their timeout. Not graph-capturable. [out]
- * comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
+ * and, when the buffer comes within 128 MiB of NVSHMEM's default 1 GiB symmetric heap, NVSHMEM_SYMMETRIC_SIZE (the
+ * buffer's size plus 256 MiB). These count only in a process where NVSHMEM has not read its environment yet, not in
+ * one that made the id (deepepGetUniqueId), where multicast is thus off unless NVSHMEM_DISABLE_NVLS=0 was set before
+ * that call. Initialises NVSHMEM (NVLink multicast off unless asked), allocates the communication buffer on the
+ * symmetric heap, maps NVLink peers. Every wait is bounded by config->timeout_seconds: if a peer never arrives,
+ * deepepTimeout is returned (NVSHMEM's setup thread is then left behind, and the process should exit: a later
+ * deepepCommInitRank in it returns deepepInvalidUsage, as after any setup that failed with NVSHMEM started and not
+ * finalised). The ranks must pass the same buffer_bytes, workload fields, low_latency_max_tokens, low_latency_transport
+ * and zero_copy_dispatch: ranks whose buffer layouts, max_tokens_per_rank or low-latency transports differ all get
+ * deepepInvalidArgument, which describes both (workload fields that size nothing, with buffer_bytes given, are not
+ * compared). A step that fails on some ranks only, once the buffer is allocated and mapped, fails the call on every
+ * rank (the others get deepepRemoteError), so that no rank keeps a communicator missing a peer; a rank failing inside
+ * NVSHMEM's own initialisation or the buffer's allocation leaves the others waiting until their timeout. Not
+ * graph-capturable. [out] comm; [in] nranks, id, rank; [in] config: NULL for the defaults. */
 DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, const deepepUniqueId* id, int rank,
                                              const deepepConfig* config);
 
