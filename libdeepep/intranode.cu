@@ -310,6 +310,21 @@ __device__ __forceinline__ void release_all_rows_refused(const Protocol& p, int 
   store_release_sys(&peer->combine_progress[p.rank][b], tagged(seq, kAllRowsRefused));
 }
 
+// Tells `rank`'s dispatch block b that this rank moves it no rows for operation `seq` (a refused call, a cached
+// dispatch on a handle whose worst-case dispatch failed), with the handle's range where it has one (`send_ranges` and
+// `send_counts` not null), so that the peer's record of it (kept for the combine) stays true.
+__device__ __forceinline__ void send_refused_range(const Protocol& p, int rank, int b, uint32_t seq,
+                                                   const int32_t* send_ranges, const int32_t* send_counts) {
+  RangeMessage* message = &control_of(p.peers, rank)->ranges[p.rank][b];
+  const int32_t* range = send_ranges + (static_cast<size_t>(rank) * kMaxBlocks + b) * 2;
+  message->start = send_ranges != nullptr ? range[0] : 0;
+  message->count = send_ranges != nullptr ? range[1] : 0;
+  message->row_layout = kRefusedRowLayout;
+  message->tokens = send_counts != nullptr ? send_counts[rank] : 0;
+  message->num_blocks = gridDim.x;
+  store_release_sys(&message->flag, seq);
+}
+
 // This rank's side of a call it refused (deepepRefuseCall): once the peers acknowledged the previous operation (the
 // messages below overwrite what they read in it), it tells every peer where that call's kernel looks first, then
 // finishes the operation like any other, reading no input and writing no output, so that the ranks stay in step.
@@ -338,15 +353,7 @@ __global__ void refused_kernel(Protocol p, deepepCall_t call, const int32_t* sen
         store_release_sys(&message->flag, seq);
       }
       if (dispatch) {
-        // The handle's range where it has one, so that the peer's record of it (kept for the combine) stays true.
-        RangeMessage* message = &peer->ranges[p.rank][b];
-        const int32_t* range = send_ranges + (static_cast<size_t>(d) * kMaxBlocks + b) * 2;
-        message->start = send_ranges != nullptr ? range[0] : 0;
-        message->count = send_ranges != nullptr ? range[1] : 0;
-        message->row_layout = kRefusedRowLayout;
-        message->tokens = send_counts != nullptr ? send_counts[d] : 0;
-        message->num_blocks = gridDim.x;
-        store_release_sys(&message->flag, seq);
+        send_refused_range(p, d, b, seq, send_ranges, send_counts);
       } else if (call == deepepCallCombine) {
         release_all_rows_refused(p, d, b, seq);
       }
@@ -786,6 +793,10 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   if (threadIdx.x < kMaxNvlRanks) rows_done[threadIdx.x] = rows_claimed[threadIdx.x] = 0;
   if (threadIdx.x < kDispatchWarps) chunks_pushed[threadIdx.x] = 0;
   __syncthreads();
+  // A cached dispatch on a handle whose worst-case dispatch failed moves no rows, as its combine does (combine_kernel):
+  // the handle's receive counts are not those of its routing. It says so again (an error cleared since is not lost),
+  // and tells the peers as a refused call does, so that their dispatch ends at once.
+  const int32_t handle_failed = q.worst_case ? 0 : *q.dispatch_failed;
 
   if (kZeroCopy && !q.worst_case && b == 0 && warp == 1 && lane < R && lane != p.rank) {
     // Zero-copy: tell each source where its rows go in this rank's area at once (the work before this kernel is done
@@ -793,7 +804,7 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
     // more trip between the ranks ahead of the first push.
     int64_t first_row = 0;
     for (int s = 0; s < lane; ++s) first_row += q.recv_counts[s];
-    send_ready(p, lane, seq, first_row, min(q.out_rows, q.area_rows));
+    send_ready(p, lane, seq, first_row, handle_failed != 0 ? 0 : min(q.out_rows, q.area_rows));
   }
   // Steps 1-2. A worst-case dispatch learns the counts from the other ranks here; any other dispatch has them in
   // the handle already (from its count exchange or from the worst-case dispatch that made it), so its pushers start
@@ -804,6 +815,8 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
   if (q.worst_case && b == 0 && threadIdx.x == 0) *q.routing_op = seq;
   if (warp == 0) {
     fine = wait_acks(p, seq, deadline, Phase::kDispatch);
+    if (handle_failed != 0 && fine && lane < R && lane != p.rank)
+      send_refused_range(p, lane, b, seq, q.send_ranges, q.send_counts);
     if (sends_counts && fine) {
       // A reporting dispatch whose routing skipped ids out of range (recorded) refuses the call in the count message,
       // as a refused call does: its host's wait fails, so every rank's fails with it, and none goes on to a combine
@@ -834,12 +847,15 @@ __global__ void __launch_bounds__(kDispatchWarps * 32) dispatch_kernel(DispatchP
         fine = wait_flag(
             &mine->counts[s].flag, [&](uint64_t v) { return v == seq; }, deadline, p.error, p.rank, Phase::kDispatch,
             s);
-      ok = fine;
+      ok = fine && handle_failed == 0;
+      if (handle_failed != 0 && b == 0)
+        record_async_error(p.error, handle_failed > 0 ? deepepRemoteError : deepepInvalidArgument, p.rank,
+                           Phase::kDispatch, handle_failed > 0 ? handle_failed - 1 : -1, kDetailDispatchFailed, 0);
       int refusing = -1;  // the first source that refused the call
       int64_t total = 0;
       for (int s = 0; s < R; ++s) {
         offsets[s] = total;
-        if (!fine) continue;
+        if (!fine || handle_failed != 0) continue;
         if (q.worst_case && mine->counts[s].experts_per_rank == kRefusedExpertsPerRank) {
           // The source refused the call: so does every rank (no rows move), and all of them finish it.
           record_async_error(p.error, deepepRemoteError, p.rank, Phase::kDispatch, s, kDetailPeerRefused, 0);

@@ -63,12 +63,14 @@ void check_device_array(const deepepComm& comm, const void* pointer, size_t byte
 static void describe_detail(const volatile AsyncErrorRecord* record, char* text, size_t size) {
   const long long value = record->value;
   if (record->detail == kDetailPeerRefused) {
-    // A high-throughput combine's peer also says so when its handle's worst-case dispatch failed (combine_kernel).
-    const bool combine = record->phase == static_cast<int32_t>(Phase::kCombine);
+    // A high-throughput combine's or cached dispatch's peer also says so when its handle's worst-case dispatch
+    // failed (combine_kernel, dispatch_kernel).
+    const bool handle_call = record->phase == static_cast<int32_t>(Phase::kCombine) ||
+                             record->phase == static_cast<int32_t>(Phase::kDispatch);
     std::snprintf(text, size,
                   "rank %d refused the call (bad input there%s: see the error it raised), so no rows moved between "
                   "them",
-                  record->peer, combine ? ", or a handle whose worst-case dispatch failed" : "");
+                  record->peer, handle_call ? ", or a handle whose worst-case dispatch failed" : "");
   } else if (record->detail == kDetailDispatchFailed) {
     char cause[64] = "the ranks disagreed on it or timed out";
     if (record->peer >= 0) std::snprintf(cause, sizeof(cause), "rank %d refused it", record->peer);

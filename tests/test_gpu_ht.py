@@ -696,6 +696,12 @@ def ht_scenarios(info):
         good = dispatch_host_inputs(comm, x, topk, num_experts=16)
         answered = good if info.rank == 0 else failed
         timed_combine_refusal(comm, info, out, "failed_handle_combine", pydeepep.DeepEPError, answered)
+        # The same for a cached dispatch on the failed handle (the error was cleared since): it moves no rows, says
+        # why again, and the peer's dispatch ends at once.
+        started = time.monotonic()
+        out["failed_handle_cached"] = refusal(comm, pydeepep.DeepEPError, comm.dispatch, dev(x), handle=answered.handle)
+        out["failed_handle_cached_seconds"] = time.monotonic() - started
+        log_scenario("ht", info, "failed_handle_cached", out["failed_handle_cached"])
         # Ranks that combine rows of different widths (hidden 256 and 128): an error, never rows summed at the wrong
         # stride.
         x, topk, _ = make_inputs(43, info.rank, 64, 256, 4, 16)
@@ -1095,6 +1101,18 @@ def test_a_combine_of_a_failed_worst_case_handle_ends_its_peers_combine_at_once(
     assert good.startswith("DeepEPRemoteError: ") and "refused the call" in good, good
     for r in results[1:]:
         failed = r.get("failed_handle_combine", "")
+        assert failed.startswith("DeepEPInvalidArgument: "), failed
+        assert "the worst-case dispatch that routed its handle failed" in failed, failed
+
+
+def test_a_cached_dispatch_on_a_failed_worst_case_handle_moves_nothing_and_ends_its_peers_at_once(results):
+    for r in results:
+        assert r.get("failed_handle_cached_seconds", float("inf")) < 10, r.get("failed_handle_cached_seconds")
+    good = results[0].get("failed_handle_cached", "")
+    assert good.startswith("DeepEPRemoteError: ") and "refused the call" in good, good
+    assert "or a handle whose worst-case dispatch failed" in good, good
+    for r in results[1:]:
+        failed = r.get("failed_handle_cached", "")
         assert failed.startswith("DeepEPInvalidArgument: "), failed
         assert "the worst-case dispatch that routed its handle failed" in failed, failed
 

@@ -473,8 +473,8 @@ typedef enum {
  * routing for its combine only where `handle` here holds the same routing (otherwise route it again first). Where
  * the peers go on to the refused dispatch's combine, refuse it too (deepepCallCombine, with the dispatch's handle
  * where it was a cached one, else NULL and the dispatch's num_sms); after a refused worst-case dispatch their combine
- * moves no rows and records that the handle's dispatch failed. The refused call counts as made: do not retry it.
- * Stream-ordered; not capturable. */
+ * (and a cached dispatch on its handle) moves no rows and records that the handle's dispatch failed. The refused call
+ * counts as made: do not retry it. Stream-ordered; not capturable. */
 DEEPEP_API deepepResult_t deepepRefuseCall(deepepComm_t comm, deepepCall_t call, deepepHandle_t handle, int num_sms,
                                            struct CUstream_st* stream);
 
