@@ -582,9 +582,13 @@ cdef tuple _checked_shape(shape):
         raise TypeError(f"DeviceArray shape {given!r} must hold integers") from None
     if len(checked) > 8:
         raise DeepEPInvalidArgument("DeviceArray supports at most 8 dimensions", 1)
+    cdef object elements = 1  # a Python int: a product past 64 bits would wrap in C
     for extent in checked:
         if extent < 0:
             raise DeepEPInvalidArgument(f"DeviceArray shape {checked} has a negative extent", 1)
+        elements *= extent
+    if elements > _MAX_ALLOCATION:
+        raise DeepEPInvalidArgument(f"DeviceArray shape {checked} has {elements} elements, more than any GPU holds", 1)
     return checked
 
 

@@ -314,15 +314,18 @@ def to_device(array, *, device, stream=None):
     host = np.require(array, requirements="C")  # not ascontiguousarray, which makes a 0-d array 1-d
     if not host.dtype.isnative:
         host = host.astype(host.dtype.newbyteorder("="))  # the device reads little-endian values
-    _device(device)  # current: a copy on the legacy default stream goes to the current context's device
-    out = empty(host.shape, host.dtype, device=device, stream=stream)
-    if host.nbytes:
-        status, = driver.cuMemcpyHtoDAsync(out.ptr, host.ctypes.data, host.nbytes, driver.CUstream(out.stream))
-        if status == driver.CUresult.CUDA_SUCCESS:
-            # The host array may be freed as soon as we return: finish the (pageable) copy first.
-            status, = driver.cuStreamSynchronize(driver.CUstream(out.stream))
-        if status != driver.CUresult.CUDA_SUCCESS:
-            raise DeepEPCudaError(f"copy to device failed: {status!r}", 3)
+    # The device's context current for the copy (one on the legacy default stream goes to the current context's
+    # device), and the caller's again after it.
+    _check_visible(device)  # first: DeepEPNoDevice where no driver is
+    with _OnDevice(device):
+        out = empty(host.shape, host.dtype, device=device, stream=stream)
+        if host.nbytes:
+            status, = driver.cuMemcpyHtoDAsync(out.ptr, host.ctypes.data, host.nbytes, driver.CUstream(out.stream))
+            if status == driver.CUresult.CUDA_SUCCESS:
+                # The host array may be freed as soon as we return: finish the (pageable) copy first.
+                status, = driver.cuStreamSynchronize(driver.CUstream(out.stream))
+            if status != driver.CUresult.CUDA_SUCCESS:
+                raise DeepEPCudaError(f"copy to device failed: {status!r}", 3)
     return out
 
 
@@ -1384,7 +1387,8 @@ cdef class Communicator:
         write expert outputs there and combine with ``zero_copy=True``. Valid until this rank's combine on the set has
         received (the peers' next dispatch on the set may then write into it), and only while the communicator is open
         (unlike the arrays calls return, it is the communicator's own memory)."""
-        return _low_latency_combine_buffer(self, handle)
+        with _InCall(self, "low_latency_combine_buffer"):
+            return _low_latency_combine_buffer(self, handle)
 
 
 cdef class _InCall:
@@ -1459,6 +1463,7 @@ def _expect(array, shape, dtype, str name, stream, int device):
                 f"{label} has shape {tuple(array.shape)} and dtype {element.name}; this call writes "
                 f"{tuple(shape)} of {written.name}", 1)
         (<DeviceArray>array)._written_on(stream)
+        _keep_for_call(array, stream_handle(stream))  # over another library's memory: held until the call is done
         return array
     view = _as_view(array, stream_handle(stream))
     element = check_dense(view, label, shape)
@@ -1476,13 +1481,16 @@ def _expect(array, shape, dtype, str name, stream, int device):
 
 cdef bint _holds_bits_of(element, written):
     """Whether an output of `element`s can take what a call writes as `written`: the same size, and integers for
-    integers (bfloat16 and float8 are written as their uint16 / uint8 bits, so their own types count too) or the
-    same float type. Bool and complex elements, and a float of another kind (a float16 array for bfloat16 bits, a
-    float32 one for int32 counts), would read the bits as values of their own. `written`: a NumPy dtype."""
+    integers (bfloat16 and float8_e4m3fn are written as their uint16 / uint8 bits, so their own types count too, and
+    no other 2- or 1-byte type of ml_dtypes) or the same float type. Bool and complex elements, and a float of
+    another kind (a float16 array for bfloat16 bits, a float32 one for int32 counts), would read the bits as values of
+    their own. `written`: a NumPy dtype."""
     if element.itemsize != written.itemsize or element.kind in "bc":
         return False
     if written.kind == "f":
         return element == written
+    if element.kind == "V":  # ml_dtypes' types (float8_e5m2, float4_e2m1fn, ...): only those written as these bits
+        return _STORAGE_DTYPES.get(dtype_name(element)) == written
     return element.kind != "f"
 
 
@@ -1508,9 +1516,11 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
     view = _as_view(array, stream_handle(stream))
     element = check_dense(view, label, shape)
     _writable(view, label)
-    if element not in [np.dtype(d) for d in dtypes]:
-        raise DeepEPInvalidArgument(f"{label} has dtype {dtype_name(element)}; it must be "
-                                    + " or ".join(np.dtype(d).name for d in dtypes), 1)
+    # By name: a DeviceArray holds float8_e4m3fn as uint8 bits, which are not a uint8 array.
+    kind = (<DeviceArray>view).dtype_name if isinstance(view, DeviceArray) else dtype_name(element)
+    names = [np.dtype(d).name for d in dtypes]
+    if kind not in names:
+        raise DeepEPInvalidArgument(f"{label} has dtype {kind}; it must be " + " or ".join(names), 1)
     return view.ptr
 
 

@@ -220,6 +220,9 @@ def test_arrays_refuse_a_negative_extent():
         pydeepep.DeviceArray(0x7000, (-2, 3), np.int32, 0, 0)
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="negative extent"):
         pydeepep.empty((0, -5), "int32", device=0)  # refused before any allocation (no GPU needed)
+    # Extents whose product wraps in 64 bits (to 0 elements here) would describe an empty array at address 0.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="18446744073709551616 elements, more than any GPU holds"):
+        pydeepep.DeviceArray(0x7000, (1 << 32, 1 << 32), np.int32, 0, 0)
 
 
 def test_new_outputs_refuse_what_a_device_array_cannot_hold_before_allocating():
@@ -1065,6 +1068,50 @@ def test_outputs_marked_read_only_are_refused_and_same_size_types_are_taken_as_b
         _core._expect(Interface(shape=(4, 2), typestr="<u2", stream=7), (4, 3), np.uint16, "out", 7, 0)
 
 
+def _dlpack_stand_in(monkeypatch):
+    """Makes any array's view one of its `dtype` at 0x7000, [4, 3], as DLPack would give (no driver needed)."""
+    import types
+
+    from pydeepep import _core
+
+    def view_of(array, stream):
+        return types.SimpleNamespace(
+            ptr=0x7000,
+            shape=(4, 3),
+            strides=None,
+            dtype=array.dtype,
+            device_id=0,
+            readonly=False,
+            is_device_accessible=True,
+        )
+
+    monkeypatch.setattr(_core, "_general_view", view_of)
+    return lambda dtype: types.SimpleNamespace(dtype=np.dtype(dtype))
+
+
+def test_outputs_of_other_one_and_two_byte_raw_types_are_refused(monkeypatch):
+    # ml_dtypes' 1- and 2-byte types other than the two written as bits (float8_e5m2, float4_e2m1fn, ...) are of kind
+    # V, as these raw types are.
+    from pydeepep import _core
+
+    array_of = _dlpack_stand_in(monkeypatch)
+    for raw, written in (("V1", np.uint8), ("V2", np.uint16)):
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"has dtype .*; this call writes {np.dtype(written)}"):
+            _core._expect(array_of(raw), (4, 3), written, "recv_x", 7, 0)
+
+
+def test_outputs_of_ml_dtypes_types_are_taken_only_for_the_bits_they_hold(monkeypatch):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from pydeepep import _core
+
+    array_of = _dlpack_stand_in(monkeypatch)
+    assert _core._expect(array_of(ml_dtypes.float8_e4m3fn), (4, 3), np.uint8, "recv_x", 7, 0).ptr == 0x7000
+    assert _core._expect(array_of(ml_dtypes.bfloat16), (4, 3), np.uint16, "out", 7, 0).ptr == 0x7000
+    for other, written in ((ml_dtypes.float8_e5m2, np.uint8), (ml_dtypes.float8_e4m3fnuz, np.uint8)):
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match="; this call writes uint8"):
+            _core._expect(array_of(other), (4, 3), written, "recv_x", 7, 0)
+
+
 def test_only_a_pydeepep_array_names_its_payload_type_itself():
     from pydeepep import _core
 
@@ -1102,6 +1149,28 @@ def test_output_and_input_checks_on_pydeepep_arrays_need_no_gpu():
     counts = pydeepep.DeviceArray(0x9100, (2,), np.int64, 0, 5)
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="out num_tokens_per_rank has dtype int64; it must be"):
         _core._out_pointer(counts, 5, "num_tokens_per_rank", (2,), (np.int32,), 0)
+    # A float8 array holds its values as uint8 bits, but it is no uint8 mask.
+    mask = pydeepep.DeviceArray(0x9200, (4, 2), "uint8", 0, 5)
+    assert _core._out_pointer(mask, 5, "is_token_in_rank", (4, 2), (np.bool_, np.uint8), 0) == 0x9200
+    fp8 = pydeepep.DeviceArray(0x9300, (4, 2), "float8_e4m3fn", 0, 5)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="has dtype float8_e4m3fn; it must be bool or uint8"):
+        _core._out_pointer(fp8, 5, "is_token_in_rank", (4, 2), (np.bool_, np.uint8), 0)
+
+
+def test_an_out_array_over_another_librarys_memory_is_held_by_the_call_that_writes_it():
+    from pydeepep import _core
+
+    class Memory:
+        pass
+
+    memory = Memory()  # another library's array, which only its view keeps alive
+    given = pydeepep.DeviceArray(0x7000, (4, 3), "bfloat16", 0, 5, owner=_core._OtherLibrarysMemory(memory))
+    _core._taken.by_stream = {}  # inside a call (_InCall)
+    try:
+        assert _core._expect(given, (4, 3), np.uint16, "recv_x", 5, 0) is given
+        assert _core._taken.by_stream == {5: [given]}
+    finally:
+        _core._taken.by_stream = None
 
 
 def test_int_arguments_past_32_bits_are_refused_with_the_library_error():
