@@ -382,12 +382,12 @@ DEEPEP_API deepepResult_t deepepHandleCreate(deepepComm_t comm, deepepHandle_t* 
       cudaStreamDestroy(clear);
       if (status != cudaSuccess) fail_cuda(status, "clearing the handle's storage", __FILE__, __LINE__);
     }
-    free_on_failure.handle = nullptr;  // the handle owns its storage from here on
     std::lock_guard<std::mutex> lock(handle_registry_mutex);
     do {
       last_handle_value += 16;
     } while (last_handle_value == 0);
     live_handles.emplace(last_handle_value, h.get());
+    free_on_failure.handle = nullptr;  // registered (emplace may throw): the handle owns its storage from here on
     *handle = reinterpret_cast<deepepHandle_t>(last_handle_value);
     h.release();
   });
@@ -580,6 +580,8 @@ DEEPEP_API deepepResult_t deepepDispatch(deepepComm_t comm, const deepepDispatch
     }
     // Top-k ids travel with the tokens when num_topk > 0, which every rank must say alike (the rows are laid out by
     // it); a rank with no tokens may pass NULL ids.
+    DEEPEP_REQUIRE(a.num_topk >= 0, "num_topk is %d; it must be in [0, %d] (0: no ids travel with the tokens)",
+                   a.num_topk, DEEPEP_MAX_TOPK);
     DEEPEP_REQUIRE(a.num_topk <= 0 || a.topk_idx != nullptr || a.num_tokens == 0,
                    "topk_idx is NULL but num_topk is %d: with num_topk > 0 the ids travel with the tokens (every rank "
                    "alike); set num_topk to 0 on every rank to send none",

@@ -632,12 +632,13 @@ def test_calls_from_a_thread_with_no_context_leave_it_none_and_make_none_on_gpu_
 
 def test_high_throughput_rules_from_c(tmp_path):
     """tests/c/ht_checks.c: an error the application left on the thread does not fail the next layout; a dispatch with
-    num_topk > 0 and no topk_idx is refused naming topk_idx; with num_topk 0 the rows arrive unchanged; a 64-bit id
-    past int32 travels as -1; a rank with no tokens may pass NULL ids with num_topk > 0; a destroyed handle stays
-    refused after another is created, which a second destroy of it leaves live."""
+    num_topk > 0 and no topk_idx is refused naming topk_idx, and one with a negative num_topk naming it; with num_topk
+    0 the rows arrive unchanged; a 64-bit id past int32 travels as -1; a rank with no tokens may pass NULL ids with
+    num_topk > 0; a destroyed handle stays refused after another is created, which a second destroy of it leaves
+    live."""
     result = run_c_test(tmp_path, "ht_checks")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("as expected") == 19, result.stdout
+    assert result.stdout.count("as expected") == 20, result.stdout
 
 
 def test_low_latency_phases_out_of_order_are_refused_from_c(tmp_path):

@@ -3,7 +3,8 @@
  *   reports its own launches' status only;
  * - a dispatch with num_topk > 0 and no topk_idx (some tokens) is refused with a message naming topk_idx: the row
  *   layout follows num_topk, which every rank must give alike;
- * - the same dispatch with num_topk = 0 moves the rows unchanged;
+ * - a cached dispatch with a negative num_topk is refused, and the same dispatch with num_topk = 0 moves the rows
+ *   unchanged;
  * - a cached dispatch carries a 64-bit id past int32 as -1 (not its low half, a plausible expert) and the others as
  *   they are;
  * - a rank with no tokens may pass NULL ids with num_topk > 0 (notify and dispatch);
@@ -103,6 +104,11 @@ int main(void) {
   result = deepepDispatch(comm, &args, handle, stream);
   expect("dispatch with num_topk 2 and no topk_idx",
          result == deepepInvalidArgument && strstr(deepepGetLastErrorMessage(), "topk_idx is NULL") != NULL,
+         deepepGetLastErrorMessage());
+  args.num_topk = -3;
+  result = deepepDispatch(comm, &args, handle, stream);
+  expect("cached dispatch with num_topk -3",
+         result == deepepInvalidArgument && strstr(deepepGetLastErrorMessage(), "num_topk is -3") != NULL,
          deepepGetLastErrorMessage());
   args.num_topk = 0;
   result = deepepDispatch(comm, &args, handle, stream);
