@@ -174,6 +174,7 @@ def calls_from_another_thread_during_a_call(info):
             "check_async_error": comm.check_async_error,
             "clear_async_error": comm.clear_async_error,
             "low_latency_timeline": comm.low_latency_timeline,
+            "low_latency_combine_buffer": lambda: comm.low_latency_combine_buffer(None),
             "Handle()": lambda: pydeepep.Handle(comm),
         }
         spare = pydeepep.Handle(comm)
@@ -212,6 +213,31 @@ def calls_from_another_thread_during_a_call(info):
     return said
 
 
+def context_after_to_device(info):
+    """In a thread of its own (no context current): the current context after to_device, and the array's values."""
+    import threading
+
+    from cuda.bindings import driver
+
+    seen = {}
+
+    def copy():
+        array = pydeepep.to_device(np.arange(5, dtype=np.int32), device=0)
+        _, context = driver.cuCtxGetCurrent()
+        seen["context"] = int(context)
+        seen["values"] = array.to_numpy().tolist()
+
+    worker = threading.Thread(target=copy)
+    worker.start()
+    worker.join()
+    return seen
+
+
+def test_to_device_leaves_the_callers_context_as_it_was():
+    (seen,) = pydeepep.spawn(context_after_to_device, nprocs=1, timeout=60)
+    assert seen == {"context": 0, "values": [0, 1, 2, 3, 4]}, seen
+
+
 def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_completes():
     import_or_skip("cupy")
     (said,) = pydeepep.spawn(calls_from_another_thread_during_a_call, nprocs=1, timeout=120)
@@ -226,6 +252,7 @@ def test_a_call_from_another_thread_during_a_call_is_refused_and_the_first_call_
         "check_async_error",
         "clear_async_error",
         "low_latency_timeline",
+        "low_latency_combine_buffer",
         "Handle()",
     ):
         assert said[name].startswith("DeepEPInvalidUsage: ") and "another thread is inside a call" in said[name], said
