@@ -15,6 +15,7 @@ be captured in a CUDA graph: make one before capturing.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import types
 
@@ -117,13 +118,34 @@ def _num_sms_of(config):
     return getattr(config, "num_sms", None) if config is not None else Buffer.num_sms
 
 
-def _bits(tensor):
-    """bfloat16 / float8 tensors as their raw bits (a view), which every DLPack consumer understands."""
+def _plain(tensor):
+    """A tensor as pydeepep takes it: detached (a view; PyTorch exports no tensor that requires grad, and Megatron-Core
+    dispatches its router's probabilities inside an autograd Function), bfloat16 / float8 as their raw bits, which
+    every DLPack consumer understands. Anything else (None, another library's array) as it is."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.uint16)
     if _TORCH_TYPES["float8_e4m3fn"] is not None and tensor.dtype == _TORCH_TYPES["float8_e4m3fn"]:
         return tensor.view(torch.uint8)
     return tensor
+
+
+def _positive_num_sms(num_sms):
+    """``num_sms`` as a positive int (pydeepep reads 0 as its default count, which is neither the Config's nor
+    Buffer.num_sms)."""
+    value = operator.index(num_sms)
+    if value < 1:
+        raise DeepEPInvalidArgument(f"num_sms is {num_sms}; it must be positive", 1)
+    return value
+
+
+def _check_low_latency_area(tokens, hidden, num_experts):
+    """A low-latency area's sizes, each at least 1 (pydeepep makes no area for 0 tokens)."""
+    for name, value in (("num_max_dispatch_tokens_per_rank", tokens), ("hidden", hidden), ("num_experts", num_experts)):
+        if operator.index(value) < 1:
+            raise DeepEPInvalidArgument(f"{name} is {value}; it must be at least 1", 1)
 
 
 # The low-latency sizes (T, hidden, num_topk, num_experts), named as DeepEP's arguments name them.
@@ -256,7 +278,7 @@ class Buffer:
         if comm is not None:
             raise DeepEPNotSupported("comm= (an existing communicator) is not supported; pass the process group", 8)
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            if int(value) < 0:
+            if operator.index(value) < 0:
                 raise DeepEPInvalidArgument(f"{name} is {value}; it must be 0 or more (bytes)", 1)
         import torch.distributed as dist
 
@@ -265,8 +287,8 @@ class Buffer:
         self.group = group
         self.explicitly_destroy = explicitly_destroy
         self.low_latency_mode = bool(low_latency_mode)
-        self.num_nvl_bytes = int(num_nvl_bytes)
-        self.num_rdma_bytes = int(num_rdma_bytes)  # kept for code that reads it (Megatron-Core); unused
+        self.num_nvl_bytes = operator.index(num_nvl_bytes)
+        self.num_rdma_bytes = operator.index(num_rdma_bytes)  # kept for code that reads it (Megatron-Core); unused
         self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
         # The device current now is the Buffer's (as with DeepEP), also when the communicator comes later.
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -388,9 +410,7 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
-        if new_num_sms < 1:
-            raise DeepEPInvalidArgument(f"num_sms is {new_num_sms}; it must be positive", 1)
-        Buffer.num_sms = new_num_sms
+        Buffer.num_sms = _positive_num_sms(new_num_sms)
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -462,7 +482,7 @@ class Buffer:
             in_rank=((topk_idx.shape[0] if _columns(topk_idx) else 0, comm.nranks), torch.bool),
         )
         comm.get_dispatch_layout(
-            topk_idx, num_experts, stream=run_on, out=(outputs.per_rank, outputs.per_expert, outputs.in_rank)
+            _plain(topk_idx), num_experts, stream=run_on, out=(outputs.per_rank, outputs.per_expert, outputs.in_rank)
         )
         tensors = outputs.tensors
         done = self._async_done(async_finish, (topk_idx, *tensors.values()))
@@ -490,17 +510,19 @@ class Buffer:
             stream, event = self._run_stream(previous_event, async_finish, allocate_on_comm_stream)
             fp8 = isinstance(x, tuple)
             payload, scales = (x[0], x[1]) if fp8 else (x, None)
-            if fp8 and scales.dim() == 2 and scales.shape[1] > 1 and scales.stride(1) != 1:
-                # Column-major scales (as DeepGEMM lays them out): pydeepep reads rows of scales, so they are copied
-                # (N * H / 128 words) on the current stream, after previous_event like the call; row-major ones,
-                # padded rows included, are read in place.
+            rows, columns = scales.shape if fp8 and scales.dim() == 2 else (0, 0)
+            if (columns > 1 and scales.stride(1) != 1) or (rows > 1 and scales.stride(0) < columns):
+                # Column-major scales (as DeepGEMM lays them out), or rows that overlap (one scale expanded over the
+                # tokens): pydeepep reads separate rows of scales, so they are copied (N * H / 128 words) on the
+                # current stream, after previous_event like the call; row-major ones, padded rows included, are read
+                # in place.
                 if event is not None:
                     pydeepep._core._wait_event(stream, event)
                 scales = scales.contiguous()
             # The expert count, where the call routes (pydeepep refuses a missing topk_idx itself).
             num_experts = None if num_tokens_per_expert is None else num_tokens_per_expert.numel()
-            payload_bits = _bits(payload)
-            num_sms = (config or Config(Buffer.num_sms)).num_sms
+            payload_bits = _plain(payload)
+            num_sms = _positive_num_sms((config or Config(Buffer.num_sms)).num_sms)
         except BaseException as exc:
             refused = self._refuse_high_throughput("dispatch", handle, num_worst_tokens, _num_sms_of(config))
             pydeepep._core._give_refused_handle(exc, refused)  # for the combine the other ranks make of it
@@ -527,9 +549,9 @@ class Buffer:
 
         result = comm.dispatch(
             payload_bits,
-            x_scales=scales,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
+            x_scales=_plain(scales),
+            topk_idx=_plain(topk_idx),
+            topk_weights=_plain(topk_weights),
             num_experts=num_experts,
             handle=handle,
             expert_alignment=expert_alignment,
@@ -571,7 +593,7 @@ class Buffer:
             # DeepEP takes one bias, or a pair of which either may be None.
             biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
             biases = tuple(b for b in biases if b is not None)
-            x_bits, bias_bits = _bits(x), tuple(_bits(b) for b in biases) or None
+            x_bits, bias_bits = _plain(x), tuple(_plain(b) for b in biases) or None
         except BaseException:
             self._refuse_high_throughput("combine", handle, 0, None)
             raise
@@ -593,7 +615,7 @@ class Buffer:
         comm.combine(
             x_bits,
             handle,
-            topk_weights=topk_weights,
+            topk_weights=_plain(topk_weights),
             bias=bias_bits,
             stream=stream,
             previous_event=event,
@@ -663,6 +685,7 @@ class Buffer:
         """Nothing to clean: pydeepep's low-latency calls tell fresh data from stale by sequence numbers, so no
         buffer needs zeroing. As the Buffer's first call, creates the communicator (collective) with an area of these
         sizes (num_topk 8); later, checks that the sizes fit the area."""
+        self._first_call_agreed(lambda: _check_low_latency_area(num_max_dispatch_tokens_per_rank, hidden, num_experts))
         self._low_latency_communicator((num_max_dispatch_tokens_per_rank, hidden, None, num_experts))
 
     def low_latency_dispatch(
@@ -698,6 +721,7 @@ class Buffer:
                         f"({num_max_dispatch_tokens_per_rank})",
                         1,
                     )
+                _check_low_latency_area(num_max_dispatch_tokens_per_rank, hidden, num_experts)
                 return (num_max_dispatch_tokens_per_rank, hidden, _width(topk_idx, "topk_idx"), num_experts)
 
             needed = self._first_call_agreed(sizes)
@@ -706,11 +730,11 @@ class Buffer:
             stream = self._low_latency_stream(async_finish)
             forked = async_finish
             outputs = _ll_dispatch_outputs(comm, self._ll_sizes[0], num_experts, hidden, use_fp8, use_ue8m0, stream)
-            x_bits = _bits(x)
+            x_bits = _plain(x)
             handed = True
             result = comm.low_latency_dispatch(
                 x_bits,
-                topk_idx,
+                _plain(topk_idx),
                 num_experts,
                 use_fp8=use_fp8,
                 # DeepEP ignores the scale options of a BF16 dispatch; pydeepep would refuse them.
@@ -718,8 +742,8 @@ class Buffer:
                 use_ue8m0=bool(use_fp8 and use_ue8m0),
                 return_recv_hook=return_recv_hook,
                 stream=stream,
-                stats_recv_count=cumulative_local_expert_recv_stats,
-                stats_wait_ns=dispatch_wait_recv_cost_stats,
+                stats_recv_count=_plain(cumulative_local_expert_recv_stats),
+                stats_wait_ns=_plain(dispatch_wait_recv_cost_stats),
                 # DeepEP's scales are column-major: stored [E_loc, columns, R*T], returned transposed (a view).
                 scales_token_contiguous=True,
                 out=outputs,
@@ -788,7 +812,7 @@ class Buffer:
                 hidden = handle.hidden if zero_copy else x.shape[-1]
                 out = torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16, device=f"cuda:{comm.device}")
             # DeepEP passes the combine buffer itself as x with zero_copy; pydeepep reads the buffer and wants no x.
-            x_bits = None if zero_copy else _bits(x)
+            x_bits = None if zero_copy else _plain(x)
             out_array = None if out is None else _output(out, comm.device, stream)
         except BaseException:
             self._refuse_low_latency(
@@ -797,14 +821,14 @@ class Buffer:
             raise
         result = comm.low_latency_combine(
             x_bits,
-            topk_idx,
-            topk_weights,
+            _plain(topk_idx),
+            _plain(topk_weights),
             handle,
             zero_copy=zero_copy,
             return_recv_hook=return_recv_hook,
             stream=stream,
             out=out_array,
-            stats_wait_ns=combine_wait_recv_cost_stats,
+            stats_wait_ns=_plain(combine_wait_recv_cost_stats),
         )
         held = self._ll_combine_inputs.get(handle.buffer_set)
         layout = held[1:] if held is not None and held[0] == handle.generation else ()  # its src_info and ranges
@@ -834,7 +858,7 @@ class Buffer:
         rank has a low-latency call in flight, then meet (a barrier) before the next call. Blocking (synchronises the
         device)."""
         comm = self._masking_communicator("low_latency_update_mask_buffer")
-        rank = int(rank_to_mask)
+        rank = operator.index(rank_to_mask)
         if not 0 <= rank < self.group_size:
             raise DeepEPInvalidArgument(f"rank_to_mask is {rank_to_mask}; it must be in [0, {self.group_size})", 1)
         if comm is None:

@@ -78,6 +78,8 @@ def test_a_buffer_needs_torch_distributed():
 def test_a_negative_buffer_size_is_refused_naming_it(name):
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"{name} is -5"):
         deep_ep.Buffer(None, **{name: -5})
+    with pytest.raises(TypeError):  # 0.9 bytes is no size (int() would make it 0: sized from the workload)
+        deep_ep.Buffer(None, **{name: 0.9})
 
 
 def test_low_latency_size_hint():
@@ -153,6 +155,9 @@ def test_low_latency_buffer_creates_its_communicator_on_the_first_call(group, cr
     assert created == [(128, 1024, 8, 16)]  # num_topk 8: clean_low_latency_buffer does not name it
     buffer.clean_low_latency_buffer(64, 512, 16)  # fits: nothing to do
     assert len(created) == 1
+    for sizes, name in (((0, 1024, 16), "num_max_dispatch_tokens_per_rank"), ((8, 1024, 0), "num_experts")):
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match=f"{name} is 0; it must be at least 1"):
+            buffer.clean_low_latency_buffer(*sizes)
     x, topk = ll_inputs()
     too_large = [
         ((x, ll_inputs(num_topk=9)[1], 128, 16), "num_topk"),
@@ -171,6 +176,16 @@ def test_low_latency_buffer_creates_its_communicator_on_the_first_call(group, cr
     comm = buffer.comm
     buffer.destroy()
     assert comm.closed
+
+
+def test_a_first_low_latency_call_with_no_tokens_creates_no_communicator(group, created):
+    # pydeepep makes no low-latency area for 0 tokens: every later call would fail on its own.
+    buffer = deep_ep.Buffer(group, 0, 1 << 20, low_latency_mode=True)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="num_max_dispatch_tokens_per_rank is 0"):
+        buffer.clean_low_latency_buffer(0, 1024, 16)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="num_max_dispatch_tokens_per_rank is 0"):
+        buffer.low_latency_dispatch(*ll_inputs(tokens=0), 0, 16)
+    assert created == [] and buffer.comm is None
 
 
 def test_the_first_low_latency_call_cannot_be_captured(group, created, monkeypatch):
@@ -201,6 +216,8 @@ def test_the_mask_buffer_calls_map_onto_pydeepeps_masking(group, created):
     buffer.low_latency_clean_mask_buffer()
     buffer.group_size = 3  # as on three ranks
     buffer.low_latency_update_mask_buffer(1)  # nothing is masked yet: nothing to take back
+    with pytest.raises(TypeError):  # not rank 1
+        buffer.low_latency_update_mask_buffer(1.7)
     with pytest.raises(pydeepep.DeepEPInvalidUsage, match="first low-latency call"):
         buffer.low_latency_update_mask_buffer(1, True)
     assert created == []  # none of them made the communicator
@@ -335,12 +352,54 @@ def test_combine_out_must_be_a_contiguous_bfloat16_cuda_tensor():
         deep_ep._output(torch.zeros(4, 8), 0, None)
 
 
-def test_bfloat16_tensors_travel_as_their_bits_without_a_copy():
+def test_tensors_travel_detached_and_bfloat16_as_its_bits_without_a_copy():
     x = torch.randn(4, 8).to(torch.bfloat16)
-    bits = deep_ep._bits(x)
+    bits = deep_ep._plain(x)
     assert bits.dtype == torch.uint16 and bits.data_ptr() == x.data_ptr()
     y = torch.zeros(3, dtype=torch.int64)
-    assert deep_ep._bits(y) is y
+    assert deep_ep._plain(y).dtype == torch.int64 and deep_ep._plain(y).data_ptr() == y.data_ptr()
+    # PyTorch exports no tensor that requires grad (Megatron-Core's router probabilities do, as topk_weights).
+    probs = torch.randn(4, 2, requires_grad=True).softmax(-1)
+    plain = deep_ep._plain(probs)
+    assert not plain.requires_grad and plain.data_ptr() == probs.data_ptr()
+    plain.__dlpack__()  # exports
+    assert deep_ep._plain(None) is None
+
+
+class DispatchSeen(Exception):
+    """Raised by RecordingCommunicator.dispatch with what the adapter handed pydeepep."""
+
+
+class RecordingCommunicator(FakeCommunicator):
+    nranks, stream = 1, 0
+
+    def dispatch(self, x, **kwargs):
+        raise DispatchSeen(kwargs)
+
+
+def test_a_dispatch_hands_pydeepep_detached_tensors_and_scales_it_can_read(group, monkeypatch):
+    import types
+
+    monkeypatch.setattr(deep_ep.Buffer, "_new_communicator", lambda self, ll_sizes: RecordingCommunicator(ll_sizes))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: types.SimpleNamespace(cuda_stream=0))
+    buffer = deep_ep.Buffer(group, 1 << 20)
+    x = torch.zeros(4, 256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    per_tensor = torch.ones(1, 2).expand(4, 2)  # one scale for every token: strides (0, 1)
+    probs = torch.randn(4, 2, requires_grad=True).softmax(-1)
+    topk = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(DispatchSeen) as seen:
+        buffer.dispatch((x, per_tensor), topk_idx=topk, topk_weights=probs, num_tokens_per_expert=torch.zeros(2))
+    handed = seen.value.args[0]
+    assert not handed["topk_weights"].requires_grad and handed["topk_weights"].data_ptr() == probs.data_ptr()
+    assert handed["x_scales"].stride() == (2, 1) and handed["x_scales"].tolist() == [[1.0, 1.0]] * 4
+    # Row-major scales, padded rows included, are read in place.
+    padded = torch.ones(4, 3)[:, :2]
+    with pytest.raises(DispatchSeen) as seen:
+        buffer.dispatch((x, padded), topk_idx=topk, num_tokens_per_expert=torch.zeros(2))
+    assert seen.value.args[0]["x_scales"].data_ptr() == padded.data_ptr()
+    # Config(0) would reach pydeepep as "its default count": refused, as set_num_sms(0) is.
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="num_sms is 0; it must be positive"):
+        buffer.dispatch((x, padded), topk_idx=topk, num_tokens_per_expert=torch.zeros(2), config=deep_ep.Config(0))
 
 
 def test_a_high_throughput_call_the_adapter_refuses_is_refused_to_the_other_ranks(group, created, monkeypatch):
