@@ -365,6 +365,14 @@ def adapter_rank(info, init_file):
         )
         again = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=weights)
         out["cached_zero_copy_outputs"] = torch.equal(again[0], recv_x) and again[0].data_ptr() != recv_x.data_ptr()
+        # Weights that require grad, as Megatron-Core's router probabilities inside its autograd Function (PyTorch
+        # exports no such tensor: the adapter detaches), in a dispatch and in the combine.
+        probs = weights.clone().requires_grad_()
+        graded = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=probs)
+        combined_graded = buffer.combine(graded[0], handle, topk_weights=graded[2].clone().requires_grad_())
+        out["weights_requiring_grad"] = (
+            torch.equal(graded[2], recv_w) and torch.equal(combined_graded[0], combined) or "the results differ"
+        )
 
         # Outputs come from PyTorch's allocator (as DeepEP's do), so that Tensor.record_stream works on them: it does
         # nothing for memory PyTorch did not allocate. One request per output and none more (torch_allocations); a
@@ -559,6 +567,7 @@ def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buf
         "async_keeps_inputs",
         "combine",
         "cached_zero_copy_outputs",
+        "weights_requiring_grad",
         "outputs_from_torch_allocator",
         "fp8_column_major_scales",
         "inputs_read_in_place",
