@@ -263,9 +263,9 @@ def in_place_case(buffer, handle, x, topk, weights, recv_x, recv_w, mine, want_o
 
 
 def ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nranks):
-    """High-throughput calls the adapter itself refuses on the last rank, before pydeepep has them (an option it
-    refuses, an FP8 pair without its scales, a bias that is no tensor): that rank raises its error and its side of the
-    call still runs, so the others finish at once with DeepEPRemoteError naming it (not the timeout), and the ranks
+    """High-throughput calls refused on the last rank: by the adapter itself, before pydeepep has them (an option it
+    refuses, an FP8 pair without its scales), or by pydeepep (a bias that is no tensor, which the adapter hands on as
+    it is): that rank raises its error and its side of the call still runs, so the others finish at once with DeepEPRemoteError naming it (not the timeout), and the ranks
     stay in step: a cached dispatch and a combine afterwards run everywhere."""
     refuser = nranks - 1
     bad = me == refuser
@@ -282,7 +282,7 @@ def ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nr
         ),
         "combine with a bias that is no tensor": (
             lambda: buffer.combine(recv_x, handle, bias="no tensor" if bad else None),
-            AttributeError,
+            pydeepep.DeepEPInvalidArgument,
         ),
     }
     failures = one_rank_refusal_failures(buffer.comm, calls, refuser, torch.cuda.synchronize)
