@@ -265,8 +265,9 @@ def in_place_case(buffer, handle, x, topk, weights, recv_x, recv_w, mine, want_o
 def ht_refusal_case(buffer, x, topk, weights, per_expert, handle, recv_x, me, nranks):
     """High-throughput calls refused on the last rank: by the adapter itself, before pydeepep has them (an option it
     refuses, an FP8 pair without its scales), or by pydeepep (a bias that is no tensor, which the adapter hands on as
-    it is): that rank raises its error and its side of the call still runs, so the others finish at once with DeepEPRemoteError naming it (not the timeout), and the ranks
-    stay in step: a cached dispatch and a combine afterwards run everywhere."""
+    it is): that rank raises its error and its side of the call still runs, so the others finish at once with
+    DeepEPRemoteError naming it (not the timeout), and the ranks stay in step: a cached dispatch and a combine
+    afterwards run everywhere."""
     refuser = nranks - 1
     bad = me == refuser
     calls = {  # what -> (the call, what the refusing rank raises)
