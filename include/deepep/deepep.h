@@ -548,7 +548,8 @@ DEEPEP_API deepepResult_t deepepCommMeasurePushBandwidth(deepepComm_t comm, int 
  * refuses a call (a bad argument there alone) still launches its side of it, moving no data, once args passes its
  * struct checks (not NULL, a struct_size and fields this library takes) and buffer_set, phase and the phase order
  * check out (deepepLowLatencyRefuseCall), so that the other ranks finish the same call at once, leave that rank out
- * (as a masked one) and record deepepRemoteError naming it; the refused call counts as made on every rank. A call
+ * (as a masked one) and record deepepRemoteError naming it (except in a combine of no tokens, which reads no peer's
+ * flags, and so records nothing); the refused call counts as made on every rank. A call
  * refused before those checks pass launches nothing: the peers wait for it up to the timeout, and then mask this rank.
  * A refused Send completes its operation on this rank: call no Recv for it. Inside a stream capture a refusal
  * launches nothing (the capture is invalid anyway). */
