@@ -215,7 +215,9 @@ def _general_view(obj, stream):
     make = getattr(StridedMemoryView, "from_any_interface", None) or StridedMemoryView
     try:
         return make(obj, stream_ptr=stream)
-    except (BufferError, TypeError, AttributeError, ValueError) as exc:
+    except (BufferError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        # RuntimeError: PyTorch's for the interface of a tensor that requires grad (its DLPack export raises
+        # BufferError); the message says to detach it.
         raise DeepEPInvalidArgument(
             f"expected a device array exposing DLPack or __cuda_array_interface__, got {type(obj).__name__}: {exc}",
             1) from exc

@@ -52,7 +52,10 @@ _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 def is_device_array(obj: Any) -> bool:
     """Whether `obj` offers CUDA device memory through DLPack or the CUDA array interface (no CUDA call made)."""
-    if hasattr(obj, "__cuda_array_interface__"):
+    try:
+        if hasattr(obj, "__cuda_array_interface__"):
+            return True
+    except Exception:  # it has the interface but refuses it now (a PyTorch tensor that requires grad): say why later
         return True
     dlpack_device = getattr(obj, "__dlpack_device__", None)
     if dlpack_device is None:

@@ -1112,6 +1112,24 @@ def test_outputs_of_ml_dtypes_types_are_taken_only_for_the_bits_they_hold(monkey
             _core._expect(array_of(other), (4, 3), written, "recv_x", 7, 0)
 
 
+def test_an_array_that_refuses_to_be_exported_is_refused_with_its_reason():
+    from pydeepep import _core
+
+    class RequiresGrad:  # as a PyTorch CUDA tensor that requires grad answers both protocols
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, **kwargs):
+            raise BufferError("Can't export tensors that require gradient, use tensor.detach()")
+
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="got RequiresGrad: .*require.* grad"):
+        _core._as_view(RequiresGrad(), 7)
+
+
 def test_only_a_pydeepep_array_names_its_payload_type_itself():
     from pydeepep import _core
 
