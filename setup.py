@@ -40,18 +40,22 @@ def source_commit() -> str:
     return head + ("-dirty" if changed else "")
 
 
-def stale_cmake_cache(build_dir: Path) -> bool:
-    """Whether the CMake cache in `build_dir` names a file or folder that is gone: pip builds in a temporary
-    environment (CMake, ninja and the NVSHMEM wheel under /tmp/pip-build-env-*) that it deletes afterwards, so the next
-    `pip install` of the same checkout would find a cache pointing nowhere."""
+def stale_cmake_cache(build_dir: Path, settings: dict) -> bool:
+    """Whether the CMake cache in `build_dir` must go. It names a file or folder that is gone: pip builds in a
+    temporary environment (CMake, ninja and the NVSHMEM wheel under /tmp/pip-build-env-*) that it deletes afterwards,
+    so the next `pip install` of the same checkout would find a cache pointing nowhere. Or it holds another value of
+    one of `settings` (cache name -> value this build gives, None for none): CMake keeps what the cache holds, such as
+    the GPU architectures or the NVSHMEM tree found from NVSHMEM_DIR, when a later build gives another or none."""
     cache = build_dir / "CMakeCache.txt"
     if not cache.exists():
         return False
+    held = {}
     for line in cache.read_text(errors="replace").splitlines():
         key, _, value = line.partition("=")
         if key.endswith((":FILEPATH", ":PATH")) and value.startswith("/") and not Path(value).exists():
             return True
-    return False
+        held[key.partition(":")[0]] = value
+    return any(held.get(name) != value for name, value in settings.items())
 
 
 def cmake_executable() -> str:
@@ -69,7 +73,12 @@ class BuildWithCMake(build_ext):
     def run(self):
         package_dir = Path(self.get_ext_fullpath("pydeepep._core")).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
-        if stale_cmake_cache(build_dir):
+        # Given every time, so that a cache of an earlier build with other settings is never reused (above).
+        settings = {
+            "CMAKE_CUDA_ARCHITECTURES": os.environ.get("CUDA_ARCHITECTURES") or os.environ.get("CUDAARCHS") or "90",
+            "NVSHMEM_DIR": os.environ.get("NVSHMEM_DIR") or None,
+        }
+        if stale_cmake_cache(build_dir, settings):
             shutil.rmtree(build_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = cmake_executable()
@@ -83,10 +92,7 @@ class BuildWithCMake(build_ext):
             "-DDEEPEP_WHEEL=ON",
             f"-DPython3_EXECUTABLE={sys.executable}",
         ]
-        if os.environ.get("CUDA_ARCHITECTURES"):
-            configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHITECTURES']}")
-        if os.environ.get("NVSHMEM_DIR"):
-            configure.append(f"-DNVSHMEM_DIR={os.environ['NVSHMEM_DIR']}")
+        configure += [f"-D{name}={value}" for name, value in settings.items() if value is not None]
         if shutil.which("ninja") or _has_ninja_module():
             configure += ["-G", "Ninja"]
         jobs = os.environ.get("DEEPEP_BUILD_JOBS", str(os.cpu_count() or 2))

@@ -47,12 +47,20 @@ fi
 # A GPU machine whose driver the tests cannot reach would skip every GPU test and look like a pass.
 if ! (cd /tmp && $PY -c "from pydeepep.launch import local_device_count as n; assert n() > 0, 'no GPU seen'"); then
   echo "pydeepep sees no GPU here: the GPU tier cannot run"; rc=1
+# Nor would one with fewer GPUs than ranks: the multi-rank suites would skip (unless the ranks share a GPU).
+elif [ "${DEEPEP_TEST_SHARE_GPU:-0}" != 1 ] && ! (cd /tmp && $PY -c "
+from pydeepep.launch import local_device_count as n
+ranks = int('${DEEPEP_TEST_RANKS:-2}')
+assert n() >= ranks, f'{n()} GPU(s) for {ranks} ranks'"); then
+  echo "fewer GPUs than DEEPEP_TEST_RANKS: the multi-rank suites would skip (DEEPEP_TEST_SHARE_GPU=1 on one GPU)"; rc=1
 fi
 echo "== tests"
 # Here a test that would skip for a missing package or tool fails instead (tests/conftest.py, skip_missing); a module
 # that fails so while collected (the adapter suite without PyTorch) is an error, and the other modules still run.
 export DEEPEP_TEST_GPU_TIER=1
-$PY -P -m pytest -p no:cacheprovider --continue-on-collection-errors -rA -q "${@:-tests}" 2>&1 | tee "$LOG/tests.log" | tail -80
+# PYTHONSAFEPATH (Python 3.11+): the installed package, not the checkout's pydeepep/ (which 3.10 imports, and which
+# takes its modules from the installed copy).
+PYTHONSAFEPATH=1 $PY -m pytest -p no:cacheprovider --continue-on-collection-errors -rA -q "${@:-tests}" 2>&1 | tee "$LOG/tests.log" | tail -80
 tests_rc=${PIPESTATUS[0]}
 [ "$tests_rc" = 0 ] || rc=$tests_rc
 tar -czf "$LOG/logs.tar.gz" -C "$DEEPEP_TEST_LOG_DIR" . && rm -rf "$DEEPEP_TEST_LOG_DIR"

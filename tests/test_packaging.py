@@ -12,7 +12,8 @@ from conftest import gpu_count
 
 import pydeepep
 
-EXAMPLE_CPP = Path(__file__).resolve().parent.parent / "examples" / "cpp"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CPP = ROOT / "examples" / "cpp"
 
 
 def cmake():
@@ -213,3 +214,62 @@ def test_a_cmake_install_links_after_nvshmem_moved(tmp_path):
     run(cmake(), "--build", str(consumer / "build"))
     env["LD_LIBRARY_PATH"] = str(moved / "lib")  # the library's own run path names the tree that moved away
     run(str(consumer / "build" / "main"))
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_the_source_distribution_holds_what_its_build_needs(tmp_path):
+    """`setup.py sdist` of the tracked files (as pip and `python -m build` make it) holds every tracked source the
+    build reads: CMakeLists.txt, cmake/, include/, libdeepep/ and the Cython sources (MANIFEST.in)."""
+    import tarfile
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tree = tmp_path / "tree"
+    for name in tracked:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    made = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    (archive,) = (tmp_path / "dist").glob("pydeepep-*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        held = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    needed = [
+        name
+        for name in tracked
+        if name == "CMakeLists.txt"
+        or name.startswith(("cmake/", "include/", "libdeepep/"))
+        or re.fullmatch(r"pydeepep/[^/]+\.(pyx|pxi|pxd|py)", name)
+    ]
+    assert len(needed) > 30 and not [name for name in needed if name not in held], sorted(set(needed) - held)
+
+
+def setup_function_named(name):
+    """A function of setup.py, without running setup.py (which builds)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    namespace = {"Path": Path}
+    exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_a_cmake_cache_of_other_settings_or_gone_paths_is_not_reused(tmp_path):
+    stale = setup_function_named("stale_cmake_cache")
+    assert not stale(tmp_path, {"CMAKE_CUDA_ARCHITECTURES": "90"})  # no cache yet
+    cache = tmp_path / "CMakeCache.txt"
+    cache.write_text(f"CMAKE_CUDA_ARCHITECTURES:STRING=90\nCMAKE_INSTALL_PREFIX:PATH={tmp_path}\n")
+    assert not stale(tmp_path, {"CMAKE_CUDA_ARCHITECTURES": "90", "NVSHMEM_DIR": None})
+    # CMake would keep the cached list (no sm_90 code in a "default" build after one for sm_100), or the NVSHMEM tree.
+    assert stale(tmp_path, {"CMAKE_CUDA_ARCHITECTURES": "100", "NVSHMEM_DIR": None})
+    cache.write_text(f"CMAKE_CUDA_ARCHITECTURES:STRING=90\nNVSHMEM_DIR:PATH={tmp_path}\n")
+    assert stale(tmp_path, {"CMAKE_CUDA_ARCHITECTURES": "90", "NVSHMEM_DIR": None})
+    assert not stale(tmp_path, {"CMAKE_CUDA_ARCHITECTURES": "90", "NVSHMEM_DIR": str(tmp_path)})
+    # A path that is gone (pip's temporary build environment).
+    cache.write_text(f"CMAKE_CUDA_ARCHITECTURES:STRING=90\nCMAKE_MAKE_PROGRAM:FILEPATH={tmp_path / 'gone' / 'ninja'}\n")
+    assert stale(tmp_path, {"CMAKE_CUDA_ARCHITECTURES": "90"})
