@@ -351,8 +351,11 @@ static void nvshmem_setup(SetupRequest* comm) {
   status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
   mark_new_sockets_close_on_exec(before);  // the bootstrap's connections between the ranks
   if (status != 0)
-    fail(deepepNvshmemError, "NVSHMEM initialisation failed with status %d (rank %d of %d)", status, comm->rank,
-         comm->nranks);
+    fail(deepepNvshmemError,
+         "NVSHMEM initialisation failed with status %d (rank %d of %d); one cause is an NVSHMEM host library of "
+         "another version than the %d.%d.%d this library was built against (pip show nvidia-nvshmem-cu13)",
+         status, comm->rank, comm->nranks, NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+         NVSHMEM_VENDOR_PATCH_VERSION);
   if (nvshmem_n_pes() != comm->nranks || nvshmem_my_pe() != comm->rank) {
     fail(deepepInvalidArgument, "NVSHMEM placed this process as PE %d of %d, but the caller said rank %d of %d",
          nvshmem_my_pe(), nvshmem_n_pes(), comm->rank, comm->nranks);
