@@ -12,7 +12,8 @@
  *
  * Run:
  *   ./dispatch_layout [NUM_GPUS]
- * NUM_GPUS: the argument, else $DEEPEP_NUM_GPUS, else the GPUs under /proc/driver/nvidia/gpus, else 1.
+ * NUM_GPUS: the argument, else $DEEPEP_NUM_GPUS, else the entries of $CUDA_VISIBLE_DEVICES, else the GPUs under
+ * /proc/driver/nvidia/gpus, else 1.
  * Prints one line per rank, e.g. "rank 0/2: layout OK (tokens per rank: 40 37)"; exits 0 when every rank agrees
  * with the host, 1 otherwise.
  */
@@ -26,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -67,11 +69,21 @@ static int parse_count(const char* text) {
   return (int)value;
 }
 
-/* The NVIDIA driver lists one directory per GPU here; reading it does not start CUDA. */
-static int count_driver_gpus(void) {
-  DIR* dir = opendir("/proc/driver/nvidia/gpus");
+/* The GPUs this process may use, found without starting CUDA (which a process must not do before it forks): the
+ * entries of CUDA_VISIBLE_DEVICES where it is set, else the directories the NVIDIA driver lists, one per GPU. */
+static int count_visible_gpus(void) {
+  const char* visible = getenv("CUDA_VISIBLE_DEVICES");
+  DIR* dir;
   struct dirent* entry;
   int count = 0;
+  if (visible != NULL) {
+    const char* p;
+    for (p = visible; *p != '\0'; ++p) {
+      if ((p == visible || p[-1] == ',') && *p != ',') ++count;
+    }
+    return count;
+  }
+  dir = opendir("/proc/driver/nvidia/gpus");
   if (dir == NULL) return 0;
   while ((entry = readdir(dir)) != NULL) {
     if (entry->d_name[0] != '.') ++count;
@@ -92,7 +104,7 @@ static int choose_num_gpus(int argc, char** argv) {
     if (count < 0) fprintf(stderr, "DEEPEP_NUM_GPUS must be an integer in [1, %d]\n", MAX_GPUS);
     return count;
   }
-  count = count_driver_gpus();
+  count = count_visible_gpus();
   if (count > MAX_GPUS) count = MAX_GPUS;
   return count > 0 ? count : 1;
 }
@@ -323,7 +335,10 @@ int main(int argc, char** argv) {
       failed = 1;
       break;
     }
-    if (pid == 0) exit(run_rank(rank, nranks, &id));
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL); /* a rank never outlives the parent (killed, say, by a test's timeout) */
+      exit(run_rank(rank, nranks, &id));
+    }
     children[spawned++] = pid;
   }
 
