@@ -39,8 +39,29 @@ def _int_env(name: str, default: int | None = None) -> int:
     return int(value.strip())
 
 
+# Launcher variables that every rank of a job sees alike and that differ between jobs or between restarts of one
+# (torchrun, Slurm). The id file holds them after the id: a file an earlier job or attempt left at the same path names
+# other values, so that a rank that starts before rank 0 has written this job's file waits for it instead of joining
+# the dead job's bootstrap.
+_JOB_VARIABLES = (
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_ID",
+    "SLURM_RESTART_COUNT",
+)
+
+
+def _job_key() -> bytes:
+    return "\n".join(f"{name}={os.environ.get(name, '')}" for name in _JOB_VARIABLES).encode()
+
+
 def _write_id_file(path: str, unique_id: bytes) -> None:
-    """Writes the id so that no reader ever sees a partial file and nobody but this user can read it."""
+    """Writes the id (and the job's key) so that no reader ever sees a partial file and nobody but this user can read
+    it."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".deepep-id-")  # created with mode 0600
@@ -50,7 +71,7 @@ def _write_id_file(path: str, unique_id: bytes) -> None:
         ) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(unique_id)
+            f.write(unique_id + _job_key())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -73,10 +94,13 @@ def _check_id_file(path: str, info: os.stat_result) -> None:
 
 
 def _read_id_file(path: str, timeout: float) -> bytes:
-    """Rank 0's id from `path`, once it holds 128 bytes. A file that another user owns, or that others may read or
-    write, is refused: whoever can write it could point this job's ranks at a job of their own."""
+    """Rank 0's id from `path`, once it holds an id of this job (its key, _job_key). A file that another user owns, or
+    that others may read or write, is refused: whoever can write it could point this job's ranks at a job of their
+    own."""
     deadline = time.monotonic() + timeout
+    key = _job_key()
     size = None  # of the file as last seen, for the timeout's message
+    other_job = False  # whether it last held the id of another job
     while True:
         try:
             # Not blocking: a FIFO put at the path would hold open() forever (the checks below then refuse it).
@@ -88,17 +112,24 @@ def _read_id_file(path: str, timeout: float) -> bytes:
                 raise
             with os.fdopen(fd, "rb") as f:
                 data = f.read()
-            if len(data) == 128:
-                return data
+            if len(data) == 128 + len(key) and data[128:] == key:
+                return data[:128]
             size = len(data)
+            other_job = len(data) > 128 and data[128:].startswith(b"WORLD_SIZE=")
         except FileNotFoundError:
             pass
         if time.monotonic() > deadline:
             if size is None:
                 raise DeepEPTimeoutError(f"rank 0 did not write the unique id to {path} within {timeout} s")
+            if other_job:
+                raise DeepEPTimeoutError(
+                    f"{path} still holds the unique id of another job or attempt after {timeout} s (its launcher "
+                    f"variables {', '.join(_JOB_VARIABLES)} differ from this rank's): rank 0 did not write this "
+                    "job's; give each job a fresh path"
+                )
             raise DeepEPTimeoutError(
-                f"{path} holds {size} bytes, not the 128 of a unique id, after {timeout} s: rank 0 writes the id "
-                "itself (binary, not hex); give this job a fresh path"
+                f"{path} holds {size} bytes, not a unique id that rank 0 wrote, after {timeout} s: rank 0 writes the "
+                "id itself (binary, not hex); give this job a fresh path"
             )
         time.sleep(0.05)
 
@@ -107,8 +138,10 @@ def from_env(timeout: float = 120.0) -> RankInfo:
     """Rank, world size and device from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (device defaults to
     ``LOCAL_RANK``, else 0), and the unique id from ``DEEPEP_UNIQUE_ID`` (256 hex digits) or
     ``DEEPEP_UNIQUE_ID_FILE`` (rank 0 writes it; the others wait up to ``timeout`` seconds for it). Use a fresh
-    file path per job: a stale file from an earlier job would be read as this job's id. A file that another user
-    owns or that others may read or write is refused."""
+    file path per job: the file names the job by launcher variables (``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``,
+    torchrun's run id and restart count, Slurm's job, step and restart count), so that a file an earlier job or
+    attempt left is not read as this one's id, but two runs alike in all of these would still mix. A file that
+    another user owns or that others may read or write is refused."""
     try:
         seconds = float(timeout)
     except (TypeError, ValueError):

@@ -166,8 +166,23 @@ def test_from_env_says_what_a_file_of_the_wrong_size_holds(monkeypatch, tmp_path
     path.write_text("ab" * 128)  # the hex form, 256 bytes
     path.chmod(0o600)
     as_rank_one_reading(monkeypatch, path)
-    with pytest.raises(pydeepep.DeepEPTimeoutError, match="holds 256 bytes, not the 128 of a unique id"):
+    with pytest.raises(pydeepep.DeepEPTimeoutError, match="holds 256 bytes, not a unique id that rank 0 wrote"):
         bootstrap.from_env(timeout=0.2)
+
+
+def test_an_id_file_an_earlier_job_left_is_not_read_as_this_jobs(monkeypatch, tmp_path):
+    # A torchrun restart: the same path, another restart count. A rank that starts before rank 0 has written this
+    # attempt's file waits for it instead of joining the dead attempt's bootstrap.
+    path = tmp_path / "job.id"
+    as_rank_one_reading(monkeypatch, path)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    bootstrap._write_id_file(str(path), b"\x01" * 128)  # the first attempt's rank 0
+    assert bootstrap.from_env(timeout=5).unique_id == b"\x01" * 128
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(pydeepep.DeepEPTimeoutError, match="still holds the unique id of another job or attempt"):
+        bootstrap.from_env(timeout=0.3)
+    bootstrap._write_id_file(str(path), b"\x02" * 128)  # the second attempt's rank 0
+    assert bootstrap.from_env(timeout=5).unique_id == b"\x02" * 128
 
 
 def test_from_env_waits_its_timeout_given_as_any_real_number(monkeypatch, tmp_path):

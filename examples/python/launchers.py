@@ -8,9 +8,10 @@ its communicator and computes a dispatch layout.
     mpirun -np 2 python launchers.py --via mpi
     torchrun --nproc-per-node 2 launchers.py --via torch
 
-(The ranks after rank 0 take whatever 128-byte file they find at that path, so a file left by an earlier job would give
-them the wrong id: hence a fresh path per job.) Prints one line per rank and exits non-zero if the layout disagrees with
-the reference.
+(The ranks after rank 0 take an id file at that path that names the same launcher variables, WORLD_SIZE, MASTER_ADDR /
+MASTER_PORT and torchrun's or Slurm's job and restart counts; the two shell-started ranks above set none of those but
+WORLD_SIZE, so a file left by an earlier such job would give them the wrong id: hence a fresh path per job.) Prints
+one line per rank and exits non-zero if the layout disagrees with the reference.
 """
 
 import argparse
