@@ -111,10 +111,10 @@ def _log(info, text):
         print(text, flush=True)
 
 
-def bench_layout(comm, info, stream, warmup, iters):
+def bench_layout(comm, info, stream, warmup, iters, tokens_list):
     rows = []
     rng = np.random.default_rng(info.rank)
-    for n in NUM_TOKENS:
+    for n in tokens_list:
         topk = np.argsort(rng.random((n, NUM_EXPERTS)), axis=1)[:, :NUM_TOPK].astype(np.int64)
         topk_dev = pydeepep.to_device(topk, device=comm.device, stream=stream)
         outs = comm.get_dispatch_layout(topk_dev, NUM_EXPERTS, stream=stream)
@@ -278,7 +278,7 @@ def bench_rank(info, warmup, iters, sms_list=SMS, tokens_list=NUM_TOKENS, zero_c
     ) as comm:
         stream_owner = Device(comm.device).create_stream()  # keeps the stream alive while its handle is used
         stream = int(stream_owner.handle)
-        rows = [] if zero_copy else bench_layout(comm, info, stream, warmup, iters)
+        rows = [] if zero_copy else bench_layout(comm, info, stream, warmup, iters, tokens_list)
         rows += bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list)
         comm.check_async_error()
     return rows
