@@ -115,7 +115,7 @@ def _read_id_file(path: str, timeout: float) -> bytes:
             if len(data) == 128 + len(key) and data[128:] == key:
                 return data[:128]
             size = len(data)
-            other_job = len(data) > 128 and data[128:].startswith(b"WORLD_SIZE=")
+            other_job = len(data) > 128 and data[128:].startswith(key.partition(b"=")[0])  # a key, not this one
         except FileNotFoundError:
             pass
         if time.monotonic() > deadline:

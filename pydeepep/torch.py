@@ -124,7 +124,8 @@ def _plain(tensor):
     every DLPack consumer understands. Anything else (None, another library's array) as it is."""
     if not isinstance(tensor, torch.Tensor):
         return tensor
-    tensor = tensor.detach()
+    if tensor.requires_grad:  # only then: detach() makes a new tensor object on every call's hot path
+        tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.uint16)
     if _TORCH_TYPES["float8_e4m3fn"] is not None and tensor.dtype == _TORCH_TYPES["float8_e4m3fn"]:
