@@ -125,6 +125,12 @@ def test_pkg_config_file_finds_the_prefix_from_any_library_folder(tmp_path):
     assert fields["libdir"] == "${prefix}/lib/x86_64-linux-gnu" and fields["includedir"] == "${prefix}/include"
 
 
+def _env_putting_cwd_first():
+    # As a user's shell runs `python -m`: the current directory first on sys.path, so a checkout there shadows the
+    # installed package (the GPU tier sets PYTHONSAFEPATH for itself, which would hide what these tests check).
+    return {name: value for name, value in os.environ.items() if name != "PYTHONSAFEPATH"}
+
+
 def test_the_readme_commands_work_from_the_repository_root():
     # `pip install . && python -m pydeepep.bench` runs in the checkout, whose pydeepep/ (no compiled extension) comes
     # first on sys.path there: the installed copy serves the commands all the same.
@@ -133,7 +139,14 @@ def test_the_readme_commands_work_from_the_repository_root():
         pytest.skip("the checkout holds a built extension (an in-place or editable build): nothing is shadowed")
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=root,
+            env=_env_putting_cwd_first(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     lib_dir = run("pydeepep", "--lib-dir")
     assert lib_dir.returncode == 0, lib_dir.stderr
@@ -154,7 +167,12 @@ def test_a_checkout_that_differs_from_the_installed_copy_says_so(tmp_path):
     with open(checkout / "launch.py", "a") as edited:
         edited.write("\nEDITED = True\n")
     found = subprocess.run(
-        [sys.executable, "-m", "pydeepep", "--lib-dir"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pydeepep", "--lib-dir"],
+        cwd=tmp_path,
+        env=_env_putting_cwd_first(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert found.returncode != 0 and "differs from it (launch.py): reinstall" in found.stderr, found.stderr
 
