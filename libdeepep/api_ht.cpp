@@ -10,6 +10,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <random>
 #include <string>
 #include <thread>
@@ -421,11 +422,16 @@ DEEPEP_API deepepResult_t deepepHandleDestroy(deepepHandle_t handle) {
         cudaEventDestroy(oldest.last_use);
         c->retired_handles.erase(c->retired_handles.begin());
       }
-      c->retired_handles.push_back({h->device_storage, h->last_use});
-      return;
+      try {
+        c->retired_handles.push_back({h->device_storage, h->last_use});
+        return;
+      } catch (const std::bad_alloc&) {
+        // No host memory to park it: free it now, as below (never leaked).
+      }
     }
     lock.unlock();
-    // Used inside a captured graph (or the communicator is gone): work on any stream may still read the storage.
+    // Used inside a captured graph (or the communicator is gone, or parking failed): work on any stream may still
+    // read the storage.
     cudaDeviceSynchronize();
     cudaFree(h->device_storage);
     cudaEventDestroy(h->last_use);
