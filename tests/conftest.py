@@ -5,6 +5,7 @@ import ctypes
 import functools
 import importlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,11 +169,14 @@ def bogus_pointer():
 
 def log_scenario(suite: str, info, name: str, result) -> None:
     """A rank's scenario result as it comes, in $DEEPEP_TEST_LOG_DIR/<suite>_rank<r>.log when that is set (the GPU
-    tier script packs these files for debugging runs)."""
+    tier script packs these files for debugging runs), after the wall-clock time it came: the ranks' logs of one
+    machine then tell, for a call that timed out on one rank, whether its peer finished it long before or only after."""
     directory = os.environ.get("DEEPEP_TEST_LOG_DIR")
     if directory:
+        now = time.time()
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
         with open(os.path.join(directory, f"{suite}_rank{info.rank}.log"), "a") as f:
-            f.write(f"{name}: {result}\n")
+            f.write(f"{stamp} {name}: {result}\n")
 
 
 def one_rank_refusal_failures(comm, calls, refuser, synchronize) -> list:
@@ -181,7 +185,6 @@ def one_rank_refusal_failures(comm, calls, refuser, synchronize) -> list:
     returns what went wrong: the refusing rank must raise its refusal, every other rank DeepEPRemoteError naming it,
     each within 5 s (well within the test communicators' timeouts, which a rank waiting for the refuser would run
     into)."""
-    import time
 
     import pydeepep
 

@@ -8,7 +8,9 @@
 # each rank 80 / RANKS percent of the SMs, and stops it at the end; the suites that need a GPU per rank skip
 # (tests/conftest.py says why). Not 100 / RANKS: with 50 % each, one rank's low-latency grid started only once the
 # other's had timed out waiting for it (one H200, 2026-12-01); with 40 % or 25 % both grids ran together
-# (docs/reliability.md).
+# (docs/reliability.md). DEEPEP_TEST_MPS_PERCENT sets another share: with 4 ranks at 20 % each, one rank's low-latency
+# combine grid started only once another rank's had timed out (one H200, 2026-12-02; every run), at 12 % each all ran
+# together, while the high-throughput suite passed at 20 % (its 24-block grids need 24 SMs per rank).
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none} PYTHONUNBUFFERED=1
@@ -20,7 +22,7 @@ PY=${PYTHON:-python3}
 nvidia-smi -L
 if [ "${DEEPEP_TEST_SHARE_GPU:-0}" = 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
-  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 80 / ${DEEPEP_TEST_RANKS:-2} ))
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${DEEPEP_TEST_MPS_PERCENT:-$(( 80 / ${DEEPEP_TEST_RANKS:-2} ))}
   nvidia-cuda-mps-control -d || { echo "DEEPEP_TEST_SHARE_GPU=1 needs CUDA MPS (nvidia-cuda-mps-control)"; exit 1; }
   trap 'echo quit | nvidia-cuda-mps-control' EXIT
   echo "== every rank on GPU 0 under MPS, each with $CUDA_MPS_ACTIVE_THREAD_PERCENTAGE % of its SMs"
