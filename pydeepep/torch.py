@@ -105,6 +105,22 @@ def _to_torch(array):
     return tensor.view(logical) if logical is not None else tensor
 
 
+def _contiguous_where_the_call_runs(comm, tensor, stream, event, async_finish: bool):
+    """A contiguous copy of `tensor`, made on the stream a call of `comm` runs on and after the work it waits for:
+    the caller's `stream` after `event`, or with `async_finish` the communicator's stream after `stream` and `event`,
+    so that the caller's stream is not made to wait for `event` (the copy's memory then belongs to the
+    communicator's stream, which reads it)."""
+    if not async_finish:
+        if event is not None:
+            pydeepep._core._wait_event(stream, event)
+        return tensor.contiguous()
+    pydeepep._core._make_stream_wait(stream, comm.stream)
+    if event is not None:
+        pydeepep._core._wait_event(comm.stream, event)
+    with torch.cuda.stream(torch.cuda.ExternalStream(comm.stream, device=comm.device)):
+        return tensor.contiguous()
+
+
 def _columns(tensor) -> int:
     """Columns of what must be a 2-D array (a tensor, or another array with a shape), 0 for anything else: the outputs
     are sized before the call, which then refuses that argument itself (on every rank, where it is collective)."""
@@ -514,12 +530,9 @@ class Buffer:
             rows, columns = scales.shape if fp8 and scales.dim() == 2 else (0, 0)
             if (columns > 1 and scales.stride(1) != 1) or (rows > 1 and scales.stride(0) < columns):
                 # Column-major scales (as DeepGEMM lays them out), or rows that overlap (one scale expanded over the
-                # tokens): pydeepep reads separate rows of scales, so they are copied (N * H / 128 words) on the
-                # current stream, after previous_event like the call; row-major ones, padded rows included, are read
-                # in place.
-                if event is not None:
-                    pydeepep._core._wait_event(stream, event)
-                scales = scales.contiguous()
+                # tokens): pydeepep reads separate rows of scales, so they are copied (N * H / 128 words) where the
+                # call runs and after what it waits for; row-major ones, padded rows included, are read in place.
+                scales = _contiguous_where_the_call_runs(comm, scales, stream, event, async_finish)
             # The expert count, where the call routes (pydeepep refuses a missing topk_idx itself).
             num_experts = None if num_tokens_per_expert is None else num_tokens_per_expert.numel()
             payload_bits = _plain(payload)

@@ -433,6 +433,41 @@ def adapter_rank(info, init_file):
             ),
         )
 
+        def column_major_scales_after_a_late_event():
+            # With async_finish, column-major scales that a side stream writes only after 0.2 s of sleep, passed with
+            # that stream's event: they are copied on the communicator's stream after the event (the rows arrive with
+            # the late values), and the current stream is not made to wait for the event meanwhile.
+            torch.cuda.synchronize()
+            late = torch.full_like(scales_cm, -1.0)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(400_000_000)  # GPU clock cycles
+                late.copy_(scales_cm)
+                produced = deep_ep.EventOverlap(deep_ep.EventHandle())
+            if late.stride(0) != 1:
+                return f"the scales are not column-major (strides {late.stride()})"
+            (recv_q3, recv_s3), *_, done = buffer.dispatch(
+                (q, late),
+                handle=handle,
+                topk_idx=topk,
+                topk_weights=weights,
+                previous_event=produced,
+                async_finish=True,
+            )
+            mark = torch.cuda.current_stream().record_event()
+            while not mark.query() and not produced.event.event.query():
+                time.sleep(0.0005)
+            current_stream_free_first = mark.query() and not produced.event.event.query()
+            done.current_stream_wait()
+            if not current_stream_free_first:
+                return "the current stream waited for previous_event"
+            if not np.array_equal(recv_s3.cpu().numpy(), all_s[rows_of]):
+                return "the received scales are not the ones written before previous_event"
+            return np.array_equal(recv_q3.view(torch.uint8).cpu().numpy(), all_q[rows_of]) or "the rows differ"
+
+        step("fp8_column_major_scales_after_a_late_event", column_major_scales_after_a_late_event)
+
         # A chain on the communicator's stream: layout after an event of Buffer.capture(), dispatch after the layout's
         # event, combine after the dispatch's; the current stream waits once at the end.
         start = deep_ep.Buffer.capture()
@@ -572,6 +607,7 @@ def test_tensors_recorded_on_the_communicators_stream_may_be_freed_after_the_buf
         "outputs_from_torch_allocator",
         "fp8_column_major_scales",
         "inputs_read_in_place",
+        "fp8_column_major_scales_after_a_late_event",
         "previous_event_and_capture",
         "worst_case_dispatch_and_combine",
         "combine_bias_pairs",
