@@ -44,6 +44,7 @@ __all__ = [
 FP8_BLOCK = 128
 E4M3_MAX = 448.0
 AMAX_EPSILON = 1e-4
+INT32_MAX = 2**31 - 1
 
 
 def _layout_one(topk_idx: np.ndarray, num_experts: int, num_ranks: int):
@@ -211,6 +212,29 @@ def _check_topk(topk_idx, num_experts: int, rank: int, num_tokens: int | None = 
     return topk_idx.astype(np.int64)
 
 
+def _checked_topks(topk_idxs, num_experts: int, num_tokens=None) -> list:
+    """Every rank's topk_idx checked (with its token count where given), all with one number of slots."""
+    topks = [
+        _check_topk(t, num_experts, rank, None if num_tokens is None else num_tokens[rank])
+        for rank, t in enumerate(topk_idxs)
+    ]
+    for rank, topk in enumerate(topks):
+        if topk.shape[1] != topks[0].shape[1]:
+            raise ValueError(f"topk_idx of rank {rank} has {topk.shape[1]} slots but rank 0's has {topks[0].shape[1]}")
+    return topks
+
+
+def _check_bf16_values(x: np.ndarray, what: str) -> None:
+    """Refuses float32 data that a BF16 array cannot hold (the library's data are BF16: it could never see them)."""
+    rounded = bf16_round(x)
+    wrong = (rounded != x) & ~(np.isnan(rounded) & np.isnan(x))
+    if wrong.any():
+        at = tuple(int(i) for i in np.argwhere(wrong)[0])
+        raise ValueError(
+            f"{what} holds {float(x[at])!r} at {at}, which is no BF16 value (pass reference.bf16_round(x))"
+        )
+
+
 def _check_weights(weights, shape, rank: int) -> np.ndarray:
     weights = np.asarray(weights, dtype=np.float32)
     if weights.shape != shape:
@@ -253,8 +277,12 @@ def dispatch(xs, topk_idxs, topk_weights, num_experts: int, expert_alignment: in
     """
     num_ranks = _num_ranks(xs, ("topk_idxs", topk_idxs), ("topk_weights", topk_weights))
     experts_per_rank = _experts_per_rank(num_experts, num_ranks)
-    if int(expert_alignment) != expert_alignment or expert_alignment < 1:
-        raise ValueError(f"expert_alignment ({expert_alignment}) must be a positive integer")
+    if (
+        isinstance(expert_alignment, bool)
+        or int(expert_alignment) != expert_alignment
+        or not 1 <= expert_alignment <= INT32_MAX
+    ):
+        raise ValueError(f"expert_alignment ({expert_alignment!r}) must be an integer in [1, {INT32_MAX}]")
     expert_alignment = int(expert_alignment)
 
     is_fp8 = [isinstance(x, tuple) for x in xs]
@@ -273,13 +301,10 @@ def dispatch(xs, topk_idxs, topk_weights, num_experts: int, expert_alignment: in
             raise ValueError(f"the payload of rank {rank} has rows shaped unlike rank 0's")
         payloads.append(arrays)
 
-    topks, weights = [], []
-    for rank in range(num_ranks):
-        topk = _check_topk(topk_idxs[rank], num_experts, rank, payloads[rank][0].shape[0])
-        if topks and topk.shape[1] != topks[0].shape[1]:
-            raise ValueError(f"topk_idx of rank {rank} has {topk.shape[1]} slots but rank 0's has {topks[0].shape[1]}")
-        topks.append(topk)
-        weights.append(None if topk_weights is None else _check_weights(topk_weights[rank], topk.shape, rank))
+    topks = _checked_topks(topk_idxs, num_experts, [arrays[0].shape[0] for arrays in payloads])
+    weights = [
+        None if topk_weights is None else _check_weights(topk_weights[r], t.shape, r) for r, t in enumerate(topks)
+    ]
     in_rank = [_tokens_in_rank(topk, experts_per_rank, num_ranks) for topk in topks]
 
     results = []
@@ -403,7 +428,9 @@ def low_latency_dispatch(
     Every valid (token, expert) pair is delivered, so a token with two experts on one rank arrives twice. Rows of
     local expert e are grouped by source rank ascending, then source token ascending; rows past ``recv_count[e]``
     are zero, with -1 in ``recv_src``. ``recv_x`` holds ``fp8_cast`` values (scales in ``recv_scales``), or the
-    input values unchanged when ``use_fp8`` is False. Each rank may have at most ``max_tokens`` tokens.
+    input values unchanged when ``use_fp8`` is False. Each rank may have at most ``max_tokens`` tokens, and ``xs``
+    must hold BF16 values (float32 that BF16 holds exactly: ``bf16_round(x)``), as the library's inputs do; others
+    are refused, since the FP8 cast of a value the library could never receive would differ from its own.
     """
     num_ranks = _num_ranks(xs, ("topk_idxs", topk_idxs))
     experts_per_rank = _experts_per_rank(num_experts, num_ranks)
@@ -417,11 +444,12 @@ def low_latency_dispatch(
     for rank, x in enumerate(xs):
         if x.shape[0] > max_tokens:
             raise ValueError(f"rank {rank} has {x.shape[0]} tokens, more than max_tokens ({max_tokens})")
+        _check_bf16_values(x, f"xs of rank {rank}")
 
+    topks = _checked_topks(topk_idxs, num_experts, [x.shape[0] for x in xs])
     sent_x, sent_scales, tokens_of_expert = [], [], []
     for rank, x in enumerate(xs):
-        topk = _check_topk(topk_idxs[rank], num_experts, rank, x.shape[0])
-        topk = _first_namings(topk)
+        topk = _first_namings(topks[rank])
         if use_fp8:
             q, scales = fp8_cast(x, round_scale)
             sent_x.append(q)
@@ -476,7 +504,7 @@ def low_latency_combine(ys, topk_idxs, topk_weights, recv_srcs):
         raise ValueError("the ys entries must all be [local_experts, num_ranks * max_tokens, hidden], one shape")
     experts_per_rank, rows_per_expert, hidden = ys[0].shape
     num_experts = experts_per_rank * num_ranks
-    topks = [_check_topk(t, num_experts, rank) for rank, t in enumerate(topk_idxs)]
+    topks = _checked_topks(topk_idxs, num_experts)
     weights = [_check_weights(w, topks[rank].shape, rank) for rank, w in enumerate(topk_weights)]
     num_tokens = [t.shape[0] for t in topks]
 
@@ -487,6 +515,8 @@ def low_latency_combine(ys, topk_idxs, topk_weights, recv_srcs):
         src = np.asarray(recv_srcs[dst])
         if src.shape != (experts_per_rank, rows_per_expert, 2) or not np.issubdtype(src.dtype, np.integer):
             raise ValueError(f"recv_src of rank {dst} must be integer [{experts_per_rank}, {rows_per_expert}, 2]")
+        if np.any(src[src[:, :, 0] < 0] != -1):
+            raise ValueError(f"recv_src of rank {dst} has a row that is neither (-1, -1) (unused) nor a source")
         local, row = np.nonzero(src[:, :, 0] >= 0)
         source, token = src[local, row, 0].astype(np.int64), src[local, row, 1].astype(np.int64)
         if source.size and source.max() >= num_ranks:

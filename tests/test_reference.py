@@ -159,8 +159,9 @@ def test_dispatch_refuses_mismatched_rows_and_bad_arguments():
         reference.dispatch([rows(1, 2)], [np.array([[0]])], None, 2)
     with pytest.raises(ValueError, match="multiple"):
         reference.dispatch(XS, TOPK, None, 3)
-    with pytest.raises(ValueError, match="expert_alignment"):
-        reference.dispatch(XS, TOPK, None, 4, expert_alignment=0)
+    for alignment in (0, True, 2**31):  # True is no count; 2**31 leaves the int32 the counts are reported in
+        with pytest.raises(ValueError, match="expert_alignment"):
+            reference.dispatch(XS, TOPK, None, 4, expert_alignment=alignment)
     with pytest.raises(ValueError, match=r"\[-1, 4\)"):
         reference.dispatch(XS, [TOPK[0], np.array([[4, 0], [0, 0]])], None, 4)
 
@@ -495,6 +496,33 @@ def test_low_latency_dispatch_refuses_more_tokens_than_max_tokens():
     with pytest.raises(ValueError, match="max_tokens"):
         reference.low_latency_dispatch(xs, LL_TOPK, 4, 2, use_fp8=False)
     reference.low_latency_dispatch(xs, LL_TOPK, 4, 3, use_fp8=False)  # exactly max_tokens is fine
+
+
+def test_low_latency_calls_refuse_what_the_library_could_never_be_given():
+    xs = [rows(1, 2, hidden=2), rows(10, 20, 30, hidden=2)]
+    # 448.5 is no BF16 value (the library would receive 448 and cast with scale 1, not 448.5 / 448).
+    not_bf16 = np.zeros((1, 128), f32)
+    not_bf16[0, 0] = 448.5
+    with pytest.raises(ValueError, match=r"xs of rank 0 holds 448\.5 at \(0, 0\), which is no BF16 value"):
+        reference.low_latency_dispatch([not_bf16], [np.array([[0]])], 1, 1)
+    reference.low_latency_dispatch([reference.bf16_round(not_bf16)], [np.array([[0]])], 1, 1)
+    nan_row = np.full((1, 128), np.nan, f32)  # NaN is a BF16 value whatever its payload
+    reference.low_latency_dispatch([nan_row], [np.array([[0]])], 1, 1, use_fp8=False)
+    # One top-k width on every rank, in the dispatch and in the combine.
+    with pytest.raises(ValueError, match="rank 1 has 3 slots but rank 0's has 2"):
+        reference.low_latency_dispatch(xs, [LL_TOPK[0], np.array([[1, 2, -1], [0, 1, -1], [-1, -1, -1]])], 4, 4)
+    results = reference.low_latency_dispatch(xs, LL_TOPK, 4, 4, use_fp8=False)
+    ys = [r[0] for r in results]
+    weights = [np.ones(t.shape, f32) for t in LL_TOPK]
+    srcs = [r[3] for r in results]
+    with pytest.raises(ValueError, match="rank 1 has 1 slots but rank 0's has 2"):
+        reference.low_latency_combine(ys, [LL_TOPK[0], LL_TOPK[1][:, :1]], [weights[0], weights[1][:, :1]], srcs)
+    # An unused row is (-1, -1); any other negative source is refused, not taken as unused.
+    for row in ([-2, 0], [-1, 5]):
+        bad = [srcs[0].copy(), srcs[1]]
+        bad[0][0, 7] = row
+        with pytest.raises(ValueError, match=r"neither \(-1, -1\)"):
+            reference.low_latency_combine(ys, LL_TOPK, weights, bad)
 
 
 def test_low_latency_dispatch_delivers_a_token_naming_one_expert_twice_once_and_combine_adds_it_per_slot():
