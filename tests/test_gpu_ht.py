@@ -91,10 +91,14 @@ def run_case(
     num_sms=0,
     reruns=0,
     strided_topk=False,
+    cancelling_biases=False,
 ):
     """Dispatch then combine one case; returns True or a description of the first mismatch. `strided` (True: 16, or
     a number of elements): payload rows that many elements apart from the row length (FP8: bytes, scale rows 3
-    columns apart from theirs too); `strided_topk`: topk_idx and topk_weights rows apart from theirs as well."""
+    columns apart from theirs too); `strided_topk`: topk_idx and topk_weights rows apart from theirs as well;
+    `cancelling_biases`: expert rows of magnitudes 1 to 2^24, bias 0 minus the BF16 of their sum and bias 1 small,
+    so that each output is what the float32 additions in the documented order left over (standard normal BF16 values
+    add up exactly in any order, so the other cases cannot tell the order)."""
     R, me = comm.nranks, comm.rank
     ns = [n(r) if callable(n) else n for r in range(R)]
     inputs = [make_inputs(seed, r, ns[r], h, k, e, fp8, ue8m0, to_rank, nranks=R) for r in range(R)]
@@ -159,30 +163,42 @@ def run_case(
         if worst:
             if not (np.all(src[m:] == -1) and np.all(result.recv_topk_idx.to_numpy()[m:] == -1)):
                 return "worst-case padding rows are not marked with -1"
+            if weights and np.any(result.recv_topk_weights.to_numpy()[m:] != 0):
+                return "worst-case padding rows have weights other than 0"
+            if result.num_recv_tokens_per_expert != []:
+                return f"worst-case mode gave per-expert counts {result.num_recv_tokens_per_expert}, not []"
         elif result.num_recv_tokens_per_expert != [int(c) for c in exp_counts]:
             return f"per-expert counts {result.num_recv_tokens_per_expert} != {list(exp_counts)}"
 
         # Combine: fresh BF16 rows in receive order on every rank.
+        def combine_values(key, shape, magnitudes=None):
+            """BF16 bits of standard normal values, times 2^m for m drawn from `magnitudes` (lowest, highest)."""
+            rng = np.random.default_rng(key)
+            values = rng.standard_normal(shape)
+            if magnitudes:
+                values *= 2.0 ** rng.integers(magnitudes[0], magnitudes[1] + 1, size=shape)
+            return bf16_bits(values.astype(np.float32))
+
         ms = [w[4].shape[0] for w in want]
-        ys_bits = [
-            bf16_bits(np.random.default_rng([seed, 99, r]).standard_normal((ms[r], h)).astype(np.float32))
-            for r in range(R)
-        ]
+        spread = (0, 24) if cancelling_biases else None
+        ys_bits = [combine_values([seed, 99, r], (ms[r], h), spread) for r in range(R)]
         yw = [np.random.default_rng([seed, 98, r]).random((ms[r], k)).astype(np.float32) for r in range(R)]
-        bias_bits = [
-            [
-                bf16_bits(np.random.default_rng([seed, 97, r, i]).standard_normal((ns[r], h)).astype(np.float32))
-                for i in range(biases)
-            ]
-            for r in range(R)
-        ]
+        ys_oracle, srcs = [bf16_values(y) for y in ys_bits], [w[4] for w in want]
+        if cancelling_biases:
+            sums = reference.combine(ys_oracle, srcs, ns)
+            small = [combine_values([seed, 97, r, 1], (ns[r], h), (-8, -4)) for r in range(R)]
+            bias_bits = [[bf16_bits(-sums[r]), small[r]] for r in range(R)]
+        else:
+            bias_bits = [[combine_values([seed, 97, r, i], (ns[r], h)) for i in range(biases)] for r in range(R)]
         want_out = reference.combine(
-            [bf16_values(y) for y in ys_bits],
-            [w[4] for w in want],
-            ns,
-            [tuple(bf16_values(b) for b in bb) for bb in bias_bits],
-            topk_weights=yw,
+            ys_oracle, srcs, ns, [tuple(bf16_values(b) for b in bb) for bb in bias_bits], topk_weights=yw
         )
+        if cancelling_biases:  # the data must tell the documented order from another: the biases the other way round
+            swapped = reference.combine(
+                ys_oracle, srcs, ns, [tuple(bf16_values(b) for b in bb[::-1]) for bb in bias_bits]
+            )
+            if exact_equal(swapped[me], want_out[me][0]):
+                return "the combine's data sum alike in another order: the case tests nothing"
         y_dev = cupy.zeros((rows, h), cupy.uint16)
         y_dev[:m] = dev(ys_bits[me])
         yw_dev = cupy.zeros((rows, k), cupy.float32)
@@ -316,7 +332,7 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
             num_worst_tokens=R * n,
             stream=stream,
         )
-        if "route again a handle that a CUDA graph capture used" not in said:
+        if not refused_with(said, pydeepep.DeepEPInvalidUsage, "route again a handle that a CUDA graph capture used"):
             failures.append(f"routing the captured handle again outside the graph: {said}")
         graph.launch()  # the handle kept the routing the graph reads
         if not same(c_out[0]):
@@ -341,7 +357,7 @@ def captured_handles_case(comm, seed, n=128, h=256, k=4, e=16):
         if not same(wc_out[0]):
             failures.append("the worst-case replay differs")
         said = refusal(comm, pydeepep.DeepEPInvalidUsage, comm.combine, w_out.recv_x, worst, stream=stream)
-        if "routed by a dispatch captured in a CUDA graph" not in said:
+        if not refused_with(said, pydeepep.DeepEPInvalidUsage, "routed by a dispatch captured in a CUDA graph"):
             failures.append(f"a combine outside the graph with the handle it routes: {said}")
         graph.close()
     verdict = run_case(comm, seed + 1, n=200, h=512, k=k, e=e)
@@ -528,6 +544,8 @@ CASES = {
     "expert_alignment": dict(seed=10, n=257, h=256, k=8, e=32, alignment=128),
     "biases": dict(seed=11, n=200, h=512, k=4, e=16, biases=2),
     "one_bias": dict(seed=12, n=200, h=512, k=4, e=16, biases=1),
+    # The combine's order (ranks ascending, then bias 0, then bias 1) with data whose sums depend on it.
+    "biases_order_sensitive": dict(seed=39, n=200, h=512, k=4, e=16, cancelling_biases=True),
     "strided_rows": dict(seed=13, n=128, h=512, k=4, e=16, strided=True),
     "fp8_float_scales": dict(seed=14, n=512, h=2560, k=8, e=64, fp8=True),
     "fp8_ue8m0_scales": dict(seed=15, n=512, h=7168, k=8, e=64, fp8=True, ue8m0=True),
@@ -989,6 +1007,12 @@ def refusal(comm, error, call, *args, **kwargs):
     return said
 
 
+def refused_with(said, error, phrase):
+    """Whether refusal() gave `error` itself with `phrase` in its message (its text for another exception holds the
+    traceback, whose message may hold the same words)."""
+    return said.startswith(f"{error.__name__}: ") and phrase in said
+
+
 def cached_dispatch_with_mismatched_handles(comm, info, out, name, first_inputs, second_inputs):
     """out[name]: refusal() of a cached dispatch of the first inputs in which rank 0 passes the handle of a dispatch of
     `first_inputs` and the other ranks that of `second_inputs` ((x, topk_idx) each, E = 16). Returns the first
@@ -1055,7 +1079,8 @@ def test_zero_copy_dispatch_and_combine_match_the_oracle(zero_copy_results, scen
 
 def test_zero_copy_dispatch_of_more_rows_than_the_outputs_hold_is_an_error_with_the_count(zero_copy_results):
     for r in zero_copy_results:
-        assert "rows arrive but the outputs hold 10" in r.get("worst_overflow", ""), r.get("worst_overflow")
+        said = r.get("worst_overflow", "")
+        assert refused_with(said, pydeepep.DeepEPBufferTooSmall, "rows arrive but the outputs hold 10"), said
 
 
 def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
@@ -1068,7 +1093,8 @@ def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
 @pytest.mark.parametrize("scenario", ["disagreeing_layout", "disagreeing_layout_exact", "mismatched_handles"])
 def test_ranks_disagreeing_on_the_rows_they_exchange_get_an_error(results, scenario):
     for r in results:
-        assert "invalid argument in dispatch:" in r.get(scenario, ""), r.get(scenario)
+        said = r.get(scenario, "")
+        assert refused_with(said, pydeepep.DeepEPInvalidArgument, "invalid argument in dispatch:"), said
 
 
 @pytest.mark.parametrize("scenario", ["other_dispatchs_handle_cached", "other_dispatchs_handle_combine"])
@@ -1119,9 +1145,8 @@ def test_a_cached_dispatch_on_a_failed_worst_case_handle_moves_nothing_and_ends_
 
 def test_ranks_combining_rows_of_other_widths_get_an_error(results):
     for r in results:
-        assert "invalid argument in combine:" in r.get("disagreeing_combine_layout", ""), r.get(
-            "disagreeing_combine_layout"
-        )
+        said = r.get("disagreeing_combine_layout", "")
+        assert refused_with(said, pydeepep.DeepEPInvalidArgument, "invalid argument in combine:"), said
 
 
 def test_a_call_one_rank_refuses_ends_at_once_everywhere_and_the_ranks_stay_in_step(results):
@@ -1140,7 +1165,8 @@ def test_a_dispatch_refused_on_one_rank_leaves_a_handle_whose_combine_ends_the_p
 @pytest.mark.parametrize("scenario", ["worst_overflow", "bounded_overflow"])
 def test_more_rows_than_the_outputs_hold_is_an_error_with_the_count(results, scenario):
     for r in results:
-        assert "rows arrive but the outputs hold 10" in r.get(scenario, ""), r.get(scenario)
+        said = r.get(scenario, "")
+        assert refused_with(said, pydeepep.DeepEPBufferTooSmall, "rows arrive but the outputs hold 10"), said
 
 
 def one_rank_ht(info):

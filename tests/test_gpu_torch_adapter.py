@@ -372,7 +372,10 @@ def adapter_rank(info, init_file):
         graded = buffer.dispatch(x, handle=handle, topk_idx=topk, topk_weights=probs)
         combined_graded = buffer.combine(graded[0], handle, topk_weights=graded[2].clone().requires_grad_())
         out["weights_requiring_grad"] = (
-            torch.equal(graded[2], recv_w) and torch.equal(combined_graded[0], combined) or "the results differ"
+            torch.equal(graded[2], recv_w)
+            and torch.equal(combined_graded[0], combined)
+            and torch.equal(combined_graded[1], combined_w)
+            or "the results differ"
         )
 
         # Outputs come from PyTorch's allocator (as DeepEP's do), so that Tensor.record_stream works on them: it does
