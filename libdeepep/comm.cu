@@ -37,10 +37,11 @@ std::set<deepepComm*> live_comms;
 // handle (a second deepepCommDestroy, say) is then refused instead of acting on the new communicator.
 std::vector<std::unique_ptr<deepepComm>> retired_comms;
 
-// NVSHMEM is a per-process runtime, set up by one communicator at a time; under registry_mutex. A setup or teardown
-// that did not finish (a timeout, a lost peer, a failure that left NVSHMEM initialised) leaves it unusable for the
-// rest of the process: `nvshmem_unusable` then says why, and the next deepepCommInitRank says so instead of racing a
-// setup still running or initialising NVSHMEM a second time.
+// NVSHMEM is a per-process runtime, set up by one communicator at a time; under registry_mutex. Once it has started
+// it is unusable for the rest of the process: a teardown that finished leaves it finalised (NVSHMEM documents an
+// initialisation after nvshmem_finalize as undefined), and a setup or teardown that did not finish (a timeout, a lost
+// peer, a failure that left NVSHMEM initialised) may still be running. `nvshmem_unusable` then says why, and the next
+// deepepCommInitRank says so instead of initialising NVSHMEM a second time.
 bool nvshmem_in_use = false;  // a communicator holds it, or is being created or destroyed
 const char* nvshmem_unusable = nullptr;
 
@@ -58,6 +59,9 @@ struct NvshmemHold {
 };
 constexpr const char* kSetupUnfinished =
     "an earlier deepepCommInitRank's NVSHMEM setup did not finish (it failed or timed out with NVSHMEM started)";
+constexpr const char* kFinalized =
+    "NVSHMEM was finalised by an earlier communicator's teardown (a destroyed communicator, or a setup undone after "
+    "NVSHMEM started), and NVSHMEM documents initialising it again as undefined";
 constexpr const char* kTeardownSkipped =
     "an earlier communicator's NVSHMEM teardown did not run or finish (a peer lost or late, a stream error, or a "
     "timeout)";
@@ -538,10 +542,10 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
   } catch (...) {
     int not_started = SetupRequest::kNotStarted;
     const bool never_started = request->nvshmem.compare_exchange_strong(not_started, SetupRequest::kAbandoned);
-    if (!never_started && request->nvshmem != SetupRequest::kFinalized) hold.unusable = kSetupUnfinished;
+    if (!never_started) hold.unusable = request->nvshmem == SetupRequest::kFinalized ? kFinalized : kSetupUnfinished;
     throw;
   }
-  hold.unusable = kSetupUnfinished;  // until the communicator is made, or NVSHMEM torn down again
+  hold.unusable = kSetupUnfinished;  // until the communicator is made (or NVSHMEM finalised again: kFinalized)
   comm->buffer = request->buffer;
   comm->peer_buffers = request->peer_buffers;
   comm->ll_blocks = low_latency_blocks(request->min_sm_count);
@@ -592,7 +596,9 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
                   *every_rank_ok = every_rank_says_yes(ok);
                 });
   } catch (...) {
-    free_local_resources(raw);  // a peer did not take part: no collective teardown could finish
+    // A peer did not take part, so no collective teardown could finish, and this rank's resources stay allocated:
+    // the abandoned agreement may still run NVSHMEM's barrier kernel, which never ends, and freeing device memory
+    // (cudaFree, cudaFreeHost) would wait for it. The process cannot set up NVSHMEM again anyway.
     if (local_failure) std::rethrow_exception(local_failure);
     throw;
   }
@@ -604,7 +610,7 @@ deepepComm* create_comm(int nranks, const deepepUniqueId& id, int rank, const de
         nvshmem_free(buffer);
         nvshmem_finalize();
       });
-      hold.unusable = nullptr;
+      hold.unusable = kFinalized;
     } catch (const Error&) {
     }
     if (local_failure) std::rethrow_exception(local_failure);
@@ -669,9 +675,11 @@ static __global__ void arrival_barrier_kernel(void* const* peers, int rank, int 
   if (threadIdx.x == 0) *all_arrived = arrived;
 }
 
-// Whether every rank reached deepepCommDestroy within the timeout (this rank waits at most that long). Ranks outside
-// the NVLink domain have no words to write: then the answer is yes, and NVSHMEM's own teardown decides.
-static bool every_rank_arrives(const deepepComm& comm) {
+// Whether every rank reached deepepCommDestroy within the timeout (this rank waits at most that long); no when the
+// meeting itself failed on this device (`*status`: its CUDA error, else cudaSuccess). Ranks outside the NVLink domain
+// have no words to write: then the answer is yes, and NVSHMEM's own teardown decides.
+static bool every_rank_arrives(const deepepComm& comm, cudaError_t* status) {
+  *status = cudaSuccess;
   if (comm.nranks > kMaxArrivalRanks) return true;
   for (void* peer : comm.peer_buffers) {
     if (peer == nullptr) return true;
@@ -681,13 +689,14 @@ static bool every_rank_arrives(const deepepComm& comm) {
   int* flag = reinterpret_cast<int*>(comm.op_state_device + 2);
   int arrived = 0;
   const uint64_t timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
-  const bool ok =
+  cudaError_t result =
       try_launch_kernel(arrival_barrier_kernel, 1, 32 * ((comm.nranks + 31) / 32), 0, comm.stream, false, false,
-                        comm.peer_buffers_device, comm.rank, comm.nranks, timeout_ns, flag) == cudaSuccess &&
-      cudaMemcpyAsync(&arrived, flag, sizeof(int), cudaMemcpyDeviceToHost, comm.stream) == cudaSuccess &&
-      cudaStreamSynchronize(comm.stream) == cudaSuccess;
-  if (!ok) cudaGetLastError();
-  return ok && arrived != 0;
+                        comm.peer_buffers_device, comm.rank, comm.nranks, timeout_ns, flag);
+  if (result == cudaSuccess) result = cudaMemcpyAsync(&arrived, flag, sizeof(int), cudaMemcpyDeviceToHost, comm.stream);
+  if (result == cudaSuccess) result = cudaStreamSynchronize(comm.stream);
+  if (result != cudaSuccess) cudaGetLastError();
+  *status = result;
+  return result == cudaSuccess && arrived != 0;
 }
 
 void destroy_comm(deepepComm* comm) {
@@ -721,11 +730,16 @@ void destroy_comm(deepepComm* comm) {
   // NVSHMEM's teardown spins on the device until every rank joins: with a dead peer it would never end and would keep
   // this process from exiting. So the ranks first meet through words in their buffers, with a bounded wait, and only
   // when all arrive does the collective teardown run.
-  const bool all_arrived = stream_status == cudaSuccess && every_rank_arrives(*comm);
+  cudaError_t meeting_status = cudaSuccess;
+  const bool all_arrived = stream_status == cudaSuccess && every_rank_arrives(*comm, &meeting_status);
   free_local_resources(comm);
   comm->magic = 0;
   if (stream_status != cudaSuccess) {
     fail_cuda(stream_status, waited_for, __FILE__, __LINE__);
+  }
+  if (meeting_status != cudaSuccess) {
+    // Not a late peer: this device failed the meeting, so NVSHMEM's collective teardown is skipped all the same.
+    fail_cuda(meeting_status, "the ranks' meeting before NVSHMEM's teardown (deepepCommDestroy)", __FILE__, __LINE__);
   }
   if (!all_arrived) {
     // The heap stays mapped until the process exits; NVSHMEM cannot be initialised again in this process.
@@ -743,7 +757,7 @@ void destroy_comm(deepepComm* comm) {
                 nvshmem_free(buffer);
                 nvshmem_finalize();
               });
-  hold.unusable = nullptr;
+  hold.unusable = kFinalized;
 }
 
 bool is_live_comm(const deepepComm* comm) {

@@ -48,6 +48,27 @@ def proxy_cpu_and_setting(info):
         return share, None if value is None else value.decode()
 
 
+def communicator_after_a_closed_one(info):
+    """A bad argument refused before NVSHMEM starts leaves the process free to make a communicator; once that one is
+    closed, another is refused, naming why (NVSHMEM documents initialising it again after its teardown as undefined)."""
+    try:
+        pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=0)
+        return "a timeout of 0 was accepted"
+    except pydeepep.DeepEPInvalidArgument:
+        pass
+    with pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256):
+        pass
+    try:
+        pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=30)  # refused before the id is read
+        return "a second communicator was made after the first was closed"
+    except pydeepep.DeepEPInvalidUsage as exc:
+        return "finalised by an earlier communicator's teardown" in str(exc) or str(exc)
+
+
+def test_a_process_makes_one_communicator_in_its_lifetime():
+    assert pydeepep.spawn(communicator_after_a_closed_one, nprocs=1, timeout=120) == [True]
+
+
 def test_the_nvshmem_proxy_thread_is_off_unless_the_environment_says_otherwise(monkeypatch):
     # Set in this process before the spawn: rank 0 makes the id, NVSHMEM's first call, before the rank's function runs.
     monkeypatch.delenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", raising=False)

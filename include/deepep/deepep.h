@@ -27,9 +27,10 @@
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
  *
  * Limits of this release
- *  - One communicator per process at a time (NVSHMEM is initialised once per process). A second
- *    deepepCommInitRank while one is alive, being created or being destroyed returns deepepInvalidUsage, and so
- *    does any after a setup or teardown that did not finish (a timeout, a lost peer).
+ *  - One communicator per process (NVSHMEM is initialised once per process, and NVSHMEM documents initialising
+ *    it again after nvshmem_finalize as undefined). A second deepepCommInitRank returns deepepInvalidUsage: while
+ *    one is alive, being created or being destroyed, and after one was destroyed or a setup failed or timed out
+ *    with NVSHMEM started. A setup that fails before NVSHMEM starts (a bad argument) may be retried.
  *  - 1 <= nranks <= DEEPEP_MAX_RANKS; 1 <= num_topk <= DEEPEP_MAX_TOPK; num_experts divisible by nranks with at
  *    most DEEPEP_MAX_LOCAL_EXPERTS per rank; hidden at most DEEPEP_MAX_HIDDEN, and at most DEEPEP_LL_MAX_HIDDEN in a
  *    config with a low-latency area.
@@ -206,10 +207,11 @@ DEEPEP_API deepepResult_t deepepCommInitRank(deepepComm_t* comm, int nranks, con
  * its own stream only. If a rank does not arrive (it may be dead), this rank's resources are freed and NVSHMEM's
  * collective teardown, which would wait for it forever, is skipped: the result is deepepTimeout, or deepepSuccess when
  * an earlier call already reported a timeout or masked a rank. A rank that stopped waiting tells the ranks that arrive
- * after it, which then skip the teardown at once too. The process should then exit (NVSHMEM cannot start again in it: a
- * later deepepCommInitRank returns deepepInvalidUsage). The ranks meet through their NVLink-mapped buffers: with a rank
- * outside this rank's NVLink domain, or more than 64 ranks, they do not, and a rank that does not arrive makes
- * NVSHMEM's teardown wait instead, up to the same timeout (deepepTimeout, with NVSHMEM's thread left behind). */
+ * after it, which then skip the teardown at once too. After any destroy, NVSHMEM cannot start again in the process: a
+ * later deepepCommInitRank returns deepepInvalidUsage. A CUDA error of this rank's part of the meeting is returned
+ * (deepepCudaError), the teardown skipped as for a missing rank. The ranks meet through their NVLink-mapped buffers:
+ * with a rank outside this rank's NVLink domain, or more than 64 ranks, they do not, and a rank that does not arrive
+ * makes NVSHMEM's teardown wait instead, up to the same timeout (deepepTimeout, with NVSHMEM's thread left behind). */
 DEEPEP_API deepepResult_t deepepCommDestroy(deepepComm_t comm);
 
 /* Local queries. */
