@@ -344,6 +344,15 @@ static void nvshmem_setup(SetupRequest* comm) {
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int status = nvshmemx_set_attr_uniqueid_args(comm->rank, comm->nranks, &nvshmem_id, &attr);
   if (status != 0) fail(deepepNvshmemError, "nvshmemx_set_attr_uniqueid_args failed with status %d", status);
+  // Another user of NVSHMEM in the process (a second copy of this library, another communication library) may have
+  // initialised it: initialising it again is undefined, and this library's teardown would finalise it under them.
+  const int found = nvshmemx_init_status();
+  if (found == NVSHMEM_STATUS_IS_INITIALIZED || found == NVSHMEM_STATUS_LIMITED_MPG ||
+      found == NVSHMEM_STATUS_FULL_MPG) {
+    fail(deepepInvalidUsage,
+         "NVSHMEM is already initialised in this process by another user of it (another library, or another copy "
+         "of this one); a communicator needs NVSHMEM to itself");
+  }
   int not_started = SetupRequest::kNotStarted;
   if (!comm->nvshmem.compare_exchange_strong(not_started, SetupRequest::kStarted))
     fail(deepepTimeout, "NVSHMEM setup abandoned by its deepepCommInitRank (timeout) before it started");
