@@ -25,6 +25,9 @@
  *    (its primary context, the CUDA runtime's, to which streams and memory passed must belong) current for the call
  *    and leaves the calling thread's context as it found it.
  *  - Calls on one communicator (and its handles) must not run concurrently from several host threads.
+ *  - deepepGetUniqueId and deepepCommInitRank set NVSHMEM's environment variables (setenv), which C does not make
+ *    safe against other threads reading the environment at the same time: make them before starting threads that
+ *    call getenv, or while none does.
  *
  * Limits of this release
  *  - One communicator per process (NVSHMEM is initialised once per process, and NVSHMEM documents initialising
@@ -471,7 +474,9 @@ typedef enum {
  * NULL; a dispatch or a combine runs on its block count where it holds a routing, else on `num_sms` (as in
  * deepepDispatchArgs; the default one where it is no valid count), which must then be the peers' block count for a
  * cached dispatch or a combine to finish at once. deepepDispatch, deepepDispatchNotify and deepepCombine do this
- * themselves when they refuse their arguments (deepepDispatch and deepepCombine also when `args` is NULL). A refused
+ * themselves when they refuse their arguments (deepepDispatch and deepepCombine also when `args` is NULL; where
+ * they refuse the handle itself, a destroyed one say, on the default block count, so peers running another one wait
+ * for this rank until their timeout). A refused
  * dispatch lets the peers finish a cached or a worst-case dispatch, whichever they made; a peer's handle keeps a true
  * routing for its combine only where `handle` here holds the same routing (otherwise route it again first). Where
  * the peers go on to the refused dispatch's combine, refuse it too (deepepCallCombine, with the dispatch's handle
