@@ -708,7 +708,7 @@ cdef class Communicator:
             self._describe(comm)
         except BaseException:
             # The caller never gets this object to close(): destroy here (collective: the other ranks' close()
-            # meets it, or it ends at the timeout), so that the process can make another communicator.
+            # meets it, or it ends at the timeout), so that the ranks' teardown is not left waiting for this one.
             self._comm = NULL
             with nogil:
                 deepepCommDestroy(comm)

@@ -109,7 +109,8 @@ def _contiguous_where_the_call_runs(comm, tensor, stream, event, async_finish: b
     """A contiguous copy of `tensor`, made on the stream a call of `comm` runs on and after the work it waits for:
     the caller's `stream` after `event`, or with `async_finish` the communicator's stream after `stream` and `event`,
     so that the caller's stream is not made to wait for `event` (the copy's memory then belongs to the
-    communicator's stream, which reads it)."""
+    communicator's stream, which reads it, and `tensor`, read there later than the caller's stream runs, is recorded
+    on it: the caller may drop it at once)."""
     if not async_finish:
         if event is not None:
             pydeepep._core._wait_event(stream, event)
@@ -117,8 +118,11 @@ def _contiguous_where_the_call_runs(comm, tensor, stream, event, async_finish: b
     pydeepep._core._make_stream_wait(stream, comm.stream)
     if event is not None:
         pydeepep._core._wait_event(comm.stream, event)
-    with torch.cuda.stream(torch.cuda.ExternalStream(comm.stream, device=comm.device)):
-        return tensor.contiguous()
+    comm_stream = torch.cuda.ExternalStream(comm.stream, device=comm.device)
+    with torch.cuda.stream(comm_stream):
+        copy = tensor.contiguous()
+    tensor.record_stream(comm_stream)
+    return copy
 
 
 def _columns(tensor) -> int:

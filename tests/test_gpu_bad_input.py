@@ -289,7 +289,7 @@ def test_every_call_after_close_is_refused(results, call):
 def recorded_fault_rank(info):
     """Rank 0 records a fault of its own (an expert id out of range in a layout) and leaves it; then every rank makes
     a full dispatch (a count exchange). Returns what that dispatch raised, how long it took, and whether one after
-    clearing the fault gives the oracle's row count."""
+    clearing the fault gives the oracle's rows."""
     import time
 
     with open_communicator(info) as comm:

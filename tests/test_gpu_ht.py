@@ -544,7 +544,8 @@ CASES = {
     "expert_alignment": dict(seed=10, n=257, h=256, k=8, e=32, alignment=128),
     "biases": dict(seed=11, n=200, h=512, k=4, e=16, biases=2),
     "one_bias": dict(seed=12, n=200, h=512, k=4, e=16, biases=1),
-    # The combine's order (ranks ascending, then bias 0, then bias 1) with data whose sums depend on it.
+    # The combine's order (ranks ascending, then bias 0, then bias 1) with data whose sums depend on it: on two ranks
+    # the two rows add alike either way, so there the biases' place and order is what it tells apart.
     "biases_order_sensitive": dict(seed=39, n=200, h=512, k=4, e=16, cancelling_biases=True),
     "strided_rows": dict(seed=13, n=128, h=512, k=4, e=16, strided=True),
     "fp8_float_scales": dict(seed=14, n=512, h=2560, k=8, e=64, fp8=True),

@@ -51,11 +51,12 @@ def proxy_cpu_and_setting(info):
 def communicator_after_a_closed_one(info):
     """A bad argument refused before NVSHMEM starts leaves the process free to make a communicator; once that one is
     closed, another is refused, naming why (NVSHMEM documents initialising it again after its teardown as undefined)."""
-    try:
-        pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=0)
-        return "a timeout of 0 was accepted"
-    except pydeepep.DeepEPInvalidArgument:
-        pass
+    try:  # refused inside the setup, after it took NVSHMEM's hold, before NVSHMEM starts
+        pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=30, buffer_bytes=1)
+        return "a 1-byte buffer was accepted"
+    except pydeepep.DeepEPInvalidArgument as exc:
+        if "buffer_bytes" not in str(exc):
+            return str(exc)
     with pydeepep.Communicator(info.unique_id, 0, 1, device=0, timeout=30, max_tokens_per_rank=64, hidden=256):
         pass
     try:

@@ -33,7 +33,9 @@
  *  - One communicator per process (NVSHMEM is initialised once per process, and NVSHMEM documents initialising
  *    it again after nvshmem_finalize as undefined). A second deepepCommInitRank returns deepepInvalidUsage: while
  *    one is alive, being created or being destroyed, and after one was destroyed or a setup failed or timed out
- *    with NVSHMEM started, and while another user of NVSHMEM in the process (another library) has it initialised.
+ *    with NVSHMEM started, and while another user of NVSHMEM in the process (another library, through the same
+ *    NVSHMEM library) has it initialised: that rank refuses at once, and ranks whose processes have no such user
+ *    wait for it in NVSHMEM's initialisation until their timeout.
  *    A setup that fails before NVSHMEM starts (a bad argument) may be retried.
  *  - 1 <= nranks <= DEEPEP_MAX_RANKS; 1 <= num_topk <= DEEPEP_MAX_TOPK; num_experts divisible by nranks with at
  *    most DEEPEP_MAX_LOCAL_EXPERTS per rank; hidden at most DEEPEP_MAX_HIDDEN, and at most DEEPEP_LL_MAX_HIDDEN in a
