@@ -26,6 +26,20 @@ from .launch import RankInfo
 __all__ = ["from_env", "from_mpi", "from_torch_distributed"]
 
 
+def _listen_on_loopback_if_one_host(one_host: bool) -> None:
+    """Where every rank of the job runs on this host, the id's socket need not be reachable from elsewhere: the
+    bootstrap listens on the loopback interface, unless the caller named one (NVSHMEM otherwise picks the first
+    interface that is neither loopback nor docker, which other machines may reach). As pydeepep.spawn does."""
+    if one_host and not os.environ.get("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"):
+        os.environ["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] = "lo"
+
+
+def _launcher_says_one_host() -> bool:
+    """Whether the launcher's variables say all ranks are on this host (torchrun: LOCAL_WORLD_SIZE == WORLD_SIZE)."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    return local is not None and world is not None and local.strip() == world.strip()
+
+
 def _int_env(name: str, default: int | None = None) -> int:
     """A count or index from the environment: ASCII digits only (int() would also take "1_0" as 10 or other scripts'
     digits), never negative."""
@@ -165,6 +179,7 @@ def from_env(timeout: float = 120.0) -> RankInfo:
             raise DeepEPInvalidArgument(f"DEEPEP_UNIQUE_ID holds {len(unique_id)} bytes; 128 are needed")
     elif path is not None:
         if rank == 0:
+            _listen_on_loopback_if_one_host(_launcher_says_one_host())
             unique_id = get_unique_id()
             _write_id_file(path, unique_id)
         else:
@@ -199,12 +214,12 @@ def from_mpi(comm=None, device: int | None = None) -> RankInfo:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    on_this_host, rank_here = node.Get_size(), node.Get_rank()
+    node.Free()
+    _listen_on_loopback_if_one_host(on_this_host == comm.Get_size())
     unique_id = _broadcast_id(comm.Get_rank(), lambda payload: comm.bcast(payload, root=0))
-    if device is None:
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        device = node.Get_rank()
-        node.Free()
-    return RankInfo(comm.Get_rank(), comm.Get_size(), device, unique_id)
+    return RankInfo(comm.Get_rank(), comm.Get_size(), rank_here if device is None else device, unique_id)
 
 
 def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
@@ -231,5 +246,6 @@ def from_torch_distributed(group=None, device: int | None = None) -> RankInfo:
             device = _int_env("LOCAL_RANK")
         else:
             device = torch.cuda.current_device()
+    _listen_on_loopback_if_one_host(_launcher_says_one_host())
     unique_id = _broadcast_id(rank, broadcast)
     return RankInfo(rank, nranks, device, unique_id)

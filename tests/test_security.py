@@ -73,6 +73,28 @@ def test_single_node_jobs_listen_on_loopback_only():
     assert sockets and all(s.startswith(LOOPBACK + ":") for s in sockets), sockets
 
 
+def from_env_listeners(env):
+    """The listening sockets of a process whose rank 0 makes the id through bootstrap.from_env (an id file)."""
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pydeepep import bootstrap\n"
+        "from test_security import listening_sockets\n"
+        "bootstrap.from_env()\n"
+        "print(' '.join(listening_sockets(os.getpid())))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd="/")
+    return out.stdout.split()
+
+
+def test_a_torchrun_job_on_one_host_listens_on_loopback_only(tmp_path):
+    # torchrun's variables say every rank is here (LOCAL_WORLD_SIZE == WORLD_SIZE): nothing outside need reach the id.
+    env = {k: v for k, v in os.environ.items() if k != "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"}
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", DEEPEP_UNIQUE_ID_FILE=str(tmp_path / "id"))
+    sockets = from_env_listeners(env)
+    assert len(sockets) == 1 and sockets[0].startswith(LOOPBACK + ":"), sockets
+
+
 def test_nothing_listens_after_the_process_that_made_the_id_exits():
     sockets = make_id_and_report(dict(os.environ, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo"))
     port = sockets[0].split(":")[1]
