@@ -124,9 +124,9 @@ def spawn(
 
     Rank r runs on GPU ``devices[r]`` (default: GPU r); ``devices`` without ``nprocs`` runs one rank per entry. Ranks
     may share a GPU only under CUDA MPS (the Multi-Process Service), with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` giving
-    each of them at most 80 / nprocs percent of the SMs: without MPS their kernels, which wait for each other, take
-    turns on the GPU and time out, and with 100 / nprocs percent the low-latency ones were seen to as well
-    (docs/reliability.md).
+    each a share of the SMs: without MPS their kernels, which wait for each other, take turns on the GPU and time
+    out, and so did low-latency ones at 100 / nprocs percent, and for four ranks at 80 / nprocs; 40 % for two ranks
+    and 12 % for four ran together (docs/reliability.md).
 
     Raises :class:`LaunchError` with the failing rank's traceback if any rank raises, exits before reporting or
     returns a result that cannot be pickled, and after ``timeout`` seconds kills every rank and raises, so a hung job

@@ -1,9 +1,9 @@
 """A drop-in for code written against DeepEP's ``deep_ep.Buffer`` on PyTorch tensors: ``import pydeepep.torch as
 deep_ep``. Importable only where PyTorch is installed; the core never imports it.
 
-Same names, arguments and return tuples as DeepEP V1 (../shared/docs/COMPAT.md) for the layout, high-throughput and
-low-latency calls. Tensors go in and out through DLPack without copies or host synchronisations beyond what the call
-itself needs (the exact-size dispatch waits once for the receive count, as DeepEP does).
+Same names, arguments and return tuples as DeepEP V1 (docs/adapter.md in the repository) for the layout,
+high-throughput and low-latency calls. Tensors go in and out through DLPack without copies or host synchronisations
+beyond what the call itself needs (the exact-size dispatch waits once for the receive count, as DeepEP does).
 
 Low-latency mode: pydeepep sizes its low-latency area when the communicator is created, DeepEP only learns the sizes
 at call time. A ``Buffer(..., low_latency_mode=True)`` therefore creates its communicator on its first call (a

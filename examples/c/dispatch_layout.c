@@ -313,8 +313,11 @@ int main(int argc, char** argv) {
     fprintf(stderr, "deepepGetVersion failed: %s: %s\n", deepepGetErrorString(result), deepepGetLastErrorMessage());
     return 1;
   }
-  if (version / 10000 != DEEPEP_VERSION_MAJOR) {
-    fprintf(stderr, "libdeepep %d does not match the header's major version %d\n", version, DEEPEP_VERSION_MAJOR);
+  /* Releases 0.x keep their ABI within a minor version (the soname names it), later ones within a major version. */
+  if (version / 10000 != DEEPEP_VERSION_MAJOR ||
+      (DEEPEP_VERSION_MAJOR == 0 && version / 100 % 100 != DEEPEP_VERSION_MINOR)) {
+    fprintf(stderr, "libdeepep %d does not match the header's version %d.%d\n", version, DEEPEP_VERSION_MAJOR,
+            DEEPEP_VERSION_MINOR);
     return 1;
   }
 
