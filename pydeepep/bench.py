@@ -634,11 +634,15 @@ def plot(record: dict, path: str) -> bool:
     return True
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module's text as written, and each option's default after its help."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pydeepep.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pydeepep.bench", description=__doc__, formatter_class=_HelpFormatter
     )
-    parser.add_argument("--nranks", type=int, default=None, help="ranks (default: one per local GPU)")
+    parser.add_argument("--nranks", type=int, default=None, help="ranks; when not given, one per local GPU")
     parser.add_argument(
         "--warmup",
         type=int,
@@ -646,8 +650,12 @@ def main(argv=None) -> int:
         help="calls before the per-call timings (layout's Python call, full and bounded dispatch); "
         "the graph-timed cases warm up with their graph's first launches",
     )
-    parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--output", default="pydeepep_bench.json", help="where to write the JSON record")
+    parser.add_argument("--iters", type=int, default=100, help="timed calls (or graph replays) per case; medians")
+    parser.add_argument(
+        "--output",
+        default="pydeepep_bench.json",
+        help="where to write the JSON record (a PNG plot beside it where matplotlib is installed)",
+    )
     parser.add_argument("--sms", default=",".join(map(str, SMS)), help="SM counts, comma-separated")
     parser.add_argument("--tokens", default=",".join(map(str, NUM_TOKENS)), help="tokens per rank, comma-separated")
     parser.add_argument(
