@@ -14,8 +14,10 @@
  *    library: the *Init functions write only that many bytes, and the library reads a caller's struct only up to its
  *    struct_size, fields past it taking their defaults. A library older than the header zeroes the fields it does not
  *    know, and refuses a struct that sets any of them (deepepNotSupported) rather than ignore the setting. Later
- *    fields are only ever appended (or take the place of a `reserved` field, which must stay 0), and only within one
- *    soname: libdeepep.so.0.2 for every 0.2.x, then one per major version from 1.0 on.
+ *    fields are only ever appended (or take the place of a `reserved` field, which must stay 0), with 0 as their
+ *    default (a struct from DEEPEP_CONFIG_INIT or an *Init function of a newer header then runs with an older library
+ *    unless the caller sets the new field), and only within one soname: libdeepep.so.0.2 for every 0.2.x, then one
+ *    per major version from 1.0 on.
  *  - The stream is the last parameter of every stream-ordered call.
  *  - Array pointers are checked before anything is launched: host memory and memory of another device are
  *    refused with deepepInvalidArgument. Inside a stream capture, memory CUDA does not know is accepted unchecked:
