@@ -21,7 +21,7 @@ import time
 
 from . import get_unique_id
 from .errors import DeepEPInvalidArgument, DeepEPRemoteError, DeepEPTimeoutError
-from .launch import RankInfo
+from .launch import RankInfo, _set_job_default
 
 __all__ = ["from_env", "from_mpi", "from_torch_distributed"]
 
@@ -30,8 +30,8 @@ def _listen_on_loopback_if_one_host(one_host: bool) -> None:
     """Where every rank of the job runs on this host, the id's socket need not be reachable from elsewhere: the
     bootstrap listens on the loopback interface, unless the caller named one (NVSHMEM otherwise picks the first
     interface that is neither loopback nor docker, which other machines may reach). As pydeepep.spawn does."""
-    if one_host and not os.environ.get("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"):
-        os.environ["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] = "lo"
+    if one_host:
+        _set_job_default("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
 
 
 def _launcher_says_one_host() -> bool:

@@ -75,12 +75,16 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="pydeepep-parent-watch", daemon=True).start()
 
 
+def _set_job_default(key: str) -> None:
+    """_JOB_ENV's value of `key` where the variable is unset or empty (an empty interface name, from an unset shell
+    variable, would let NVSHMEM's bootstrap listen on every interface's first address)."""
+    if not os.environ.get(key):
+        os.environ[key] = _JOB_ENV[key]
+
+
 def _set_job_env() -> None:
-    """_JOB_ENV where the variable is unset or empty (an empty interface name, from an unset shell variable, would
-    let NVSHMEM's bootstrap listen on every interface's first address)."""
-    for key, value in _JOB_ENV.items():
-        if not os.environ.get(key):
-            os.environ[key] = value
+    for key in _JOB_ENV:
+        _set_job_default(key)
 
 
 def _rank_main(pickled_fn, rank, nranks, device, id_queue, report, args, kwargs, id_timeout):

@@ -537,6 +537,7 @@ class Buffer:
                 # tokens): pydeepep reads separate rows of scales, so they are copied (N * H / 128 words) where the
                 # call runs and after what it waits for; row-major ones, padded rows included, are read in place.
                 scales = _contiguous_where_the_call_runs(comm, scales, stream, event, async_finish)
+                event = None  # the copy waited for it, and the call runs after the copy on the same stream
             # The expert count, where the call routes (pydeepep refuses a missing topk_idx itself).
             num_experts = None if num_tokens_per_expert is None else num_tokens_per_expert.numel()
             payload_bits = _plain(payload)

@@ -1087,8 +1087,9 @@ def test_zero_copy_dispatch_of_more_rows_than_the_outputs_hold_is_an_error_with_
 def test_ranks_disagreeing_on_the_expert_count_get_an_error(results):
     for r in results:
         said = r.get("disagreeing_experts", "")  # a timeout of the count exchange names the notify too
-        assert said.startswith("DeepEPInvalidArgument: "), said
-        assert "found invalid argument in dispatch notify (count exchange)" in said, said
+        assert refused_with(
+            said, pydeepep.DeepEPInvalidArgument, "found invalid argument in dispatch notify (count exchange)"
+        ), said
 
 
 @pytest.mark.parametrize("scenario", ["disagreeing_layout", "disagreeing_layout_exact", "mismatched_handles"])
@@ -1102,8 +1103,7 @@ def test_ranks_disagreeing_on_the_rows_they_exchange_get_an_error(results, scena
 def test_ranks_passing_the_handles_of_different_dispatches_get_an_error_naming_it(results, scenario):
     for r in results:
         said = r.get(scenario, "")
-        assert said.startswith("DeepEPInvalidArgument: "), said
-        assert "passed the handle of another dispatch" in said, said
+        assert refused_with(said, pydeepep.DeepEPInvalidArgument, "passed the handle of another dispatch"), said
 
 
 def test_the_right_handles_serve_their_combine_after_a_call_with_mismatched_ones(results):
@@ -1122,26 +1122,28 @@ def test_a_combine_with_the_handles_of_different_dispatches_fails_well_before_th
 def test_a_combine_of_a_failed_worst_case_handle_ends_its_peers_combine_at_once(results):
     for r in results:
         said = r.get("failed_handle_dispatch", "")
-        assert said.startswith("DeepEPInvalidArgument: ") and "invalid argument in dispatch:" in said, said
+        assert refused_with(said, pydeepep.DeepEPInvalidArgument, "invalid argument in dispatch:"), said
         assert r.get("failed_handle_combine_seconds", float("inf")) < 10, r.get("failed_handle_combine_seconds")
     good = results[0].get("failed_handle_combine", "")
-    assert good.startswith("DeepEPRemoteError: ") and "refused the call" in good, good
+    assert refused_with(good, pydeepep.DeepEPRemoteError, "refused the call"), good
     for r in results[1:]:
         failed = r.get("failed_handle_combine", "")
-        assert failed.startswith("DeepEPInvalidArgument: "), failed
-        assert "the worst-case dispatch that routed its handle failed" in failed, failed
+        assert refused_with(
+            failed, pydeepep.DeepEPInvalidArgument, "the worst-case dispatch that routed its handle failed"
+        ), failed
 
 
 def test_a_cached_dispatch_on_a_failed_worst_case_handle_moves_nothing_and_ends_its_peers_at_once(results):
     for r in results:
         assert r.get("failed_handle_cached_seconds", float("inf")) < 10, r.get("failed_handle_cached_seconds")
     good = results[0].get("failed_handle_cached", "")
-    assert good.startswith("DeepEPRemoteError: ") and "refused the call" in good, good
+    assert refused_with(good, pydeepep.DeepEPRemoteError, "refused the call"), good
     assert "or a handle whose worst-case dispatch failed" in good, good
     for r in results[1:]:
         failed = r.get("failed_handle_cached", "")
-        assert failed.startswith("DeepEPInvalidArgument: "), failed
-        assert "the worst-case dispatch that routed its handle failed" in failed, failed
+        assert refused_with(
+            failed, pydeepep.DeepEPInvalidArgument, "the worst-case dispatch that routed its handle failed"
+        ), failed
 
 
 def test_ranks_combining_rows_of_other_widths_get_an_error(results):

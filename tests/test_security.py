@@ -41,12 +41,14 @@ def listening_sockets(pid: int) -> list[str]:
 LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 
 
-def make_id_and_report(env):
+def make_id_and_report(env, make_id="pydeepep.get_unique_id()"):
+    """The listening sockets of a new process (environment `env`) once `make_id` made the unique id there."""
     code = (
         "import os, pydeepep, sys\n"
+        "from pydeepep import bootstrap\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_security import listening_sockets\n"
-        "pydeepep.get_unique_id()\n"
+        f"{make_id}\n"
         "print(' '.join(listening_sockets(os.getpid())))\n"
     )
     # Run outside the source tree, whose pydeepep/ (without the built extension) would shadow the installed one.
@@ -73,25 +75,11 @@ def test_single_node_jobs_listen_on_loopback_only():
     assert sockets and all(s.startswith(LOOPBACK + ":") for s in sockets), sockets
 
 
-def from_env_listeners(env):
-    """The listening sockets of a process whose rank 0 makes the id through bootstrap.from_env (an id file)."""
-    code = (
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from pydeepep import bootstrap\n"
-        "from test_security import listening_sockets\n"
-        "bootstrap.from_env()\n"
-        "print(' '.join(listening_sockets(os.getpid())))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd="/")
-    return out.stdout.split()
-
-
 def test_a_torchrun_job_on_one_host_listens_on_loopback_only(tmp_path):
     # torchrun's variables say every rank is here (LOCAL_WORLD_SIZE == WORLD_SIZE): nothing outside need reach the id.
     env = {k: v for k, v in os.environ.items() if k != "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", DEEPEP_UNIQUE_ID_FILE=str(tmp_path / "id"))
-    sockets = from_env_listeners(env)
+    sockets = make_id_and_report(env, make_id="bootstrap.from_env()")  # rank 0 of an id file makes the id
     assert len(sockets) == 1 and sockets[0].startswith(LOOPBACK + ":"), sockets
 
 
