@@ -139,12 +139,15 @@ struct Area {
 
 // Sets `owner`'s copy of the flag this rank keeps at `ours`, after everything this thread (and, through the barriers
 // and fences before it, its block) wrote before: a system-scope release store over NVLink, or an NVSHMEM signal
-// (atomic, unlike a put of the word) after a system fence; the callers complete their NVSHMEM data puts first.
+// (atomic, unlike a put of the word) after an NVSHMEM fence; the callers complete their NVSHMEM data puts first.
+// The fence is a system fence and also orders this signal after every earlier one to `owner`: a block that put no
+// rows issues no quiet, so without it a network transport could deliver the signal of call s + 2 before the one of
+// call s to the same word, and the older value would overwrite the newer (the receiver then waits until its timeout).
 __device__ __forceinline__ void signal(const Area& a, int owner, uint64_t* ours, uint64_t value) {
   if (uint64_t* there = a.at(owner, ours)) {
     store_release_sys(there, value);
   } else {
-    __threadfence_system();
+    nvshmem_fence();
     nvshmemx_signal_op(ours, value, NVSHMEM_SIGNAL_SET, owner);
   }
 }
