@@ -229,11 +229,24 @@ def bench_case(comm, info, stream, warmup, iters, inp, n, sms, ceiling, sent_rem
     return rows
 
 
+def _meet(comm, stream: int) -> None:
+    """Returns once every rank has reached it, and the work queued on `stream` after it starts within microseconds
+    of the other ranks': a dispatch of no tokens, whose host waits for every rank's counts."""
+    empty_x = pydeepep.to_device(np.zeros((0, HIDDEN), dtype=np.uint16), device=comm.device, stream=stream)
+    empty_topk = pydeepep.to_device(np.zeros((0, NUM_TOPK), dtype=np.int64), device=comm.device, stream=stream)
+    comm.dispatch(empty_x, topk_idx=empty_topk, num_experts=NUM_EXPERTS, stream=stream)
+
+
 def bench_ht(comm, info, stream, warmup, iters, sms_list, tokens_list):
     """Full dispatch (count exchange + host sync), cached dispatch BF16 / FP8 and combine per (N, SMs), with the
     bytes that cross NVLink (rows sent to other ranks) and the SM-push ceiling of the same SM count."""
     rows = []
-    ceilings = {sms: comm.measure_push_bandwidth(sms, stream=stream) for sms in sms_list}
+    ceilings = {}
+    for sms in sms_list:
+        # Every rank pushes at once, as in a dispatch: a measurement by one rank alone would give it the links and its
+        # memory to itself (the layout section before this is local, so the ranks drift apart).
+        _meet(comm, stream)
+        ceilings[sms] = comm.measure_push_bandwidth(sms, stream=stream)
     for sms, gbps in ceilings.items():
         # The zero-copy section's own ceiling, which its ratios use, is recorded under a name of its own.
         case = "ceiling_push_zc" if comm.zero_copy_dispatch else "ceiling_push"
