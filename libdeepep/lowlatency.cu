@@ -30,7 +30,9 @@
 // and peer on expiry.
 // Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to (a
 // block goes by the mask as it was when its kernel started, plus its own timeouts: see block_mask); the slots naming
-// their experts are skipped like -1 slots, so the other ranks' operations complete without them.
+// their experts are skipped like -1 slots, so the other ranks' operations complete without them. A rank taken back
+// stays out of the combine of each set until the set's next dispatch (the one before sent it nothing and laid out none
+// of its tokens), but gets that combine's acknowledgements, which its next call on the set waits for.
 // Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
 // every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric buffer
 // (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag, and
@@ -104,7 +106,9 @@ struct Area {
   int set;
   AsyncErrorRecord* error;
   uint64_t timeout_ns;
-  uint32_t* mask;     // [nranks], this rank's: 1 for a rank masked out (never waited for, never written to)
+  uint32_t* mask;  // [nranks], this rank's: 1 for a rank masked out (never waited for, never written to)
+  // [nranks], this rank's, of this set: 1 for a rank taken back since the set's last dispatch (left out of its combine)
+  uint32_t* taken_back;
   int64_t* timeline;  // diagnostic [block][DEEPEP_LL_TIMELINE_MARKS] marks, or nullptr
 
   // Addresses in this rank's own area (also the symmetric addresses of the same objects on every peer).
@@ -308,17 +312,26 @@ __device__ __forceinline__ uint8_t* block_mask() {
   return masked;
 }
 
+// What the block's copy of the mask holds for a rank: masked, or (in a combine) taken back since the set's dispatch.
+enum : uint8_t { kRankMasked = 1, kRankTakenBack = 2 };
+
 // The block's copies of the mask and of Area::direct are read in two steps, so that the kernel's other first loads are
 // in flight with them: PeerTablesLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ... of the
 // mask and of Area::direct, and keep() stores them into the copies, which are complete once the block has passed a
 // barrier after that.
 class PeerTablesLoad {
  public:
-  __device__ __forceinline__ explicit PeerTablesLoad(const Area& a) : nranks_(a.nranks) {
+  // `combine`: whether the kernel is a combine's, which leaves out the ranks taken back since the set's dispatch too.
+  __device__ __forceinline__ PeerTablesLoad(const Area& a, bool combine) : nranks_(a.nranks) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int r = static_cast<int>(threadIdx.x) + i * kThreads;
-      masked_[i] = r < nranks_ && *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0;
+      masked_[i] = 0;
+      if (r < nranks_ && *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0) {
+        masked_[i] = kRankMasked;
+      } else if (r < nranks_ && combine && *reinterpret_cast<volatile const uint32_t*>(a.taken_back + r) != 0) {
+        masked_[i] = kRankTakenBack;
+      }
       direct_[i] = r < nranks_ ? static_cast<uint8_t*>(a.direct[r]) : nullptr;
     }
   }
@@ -336,12 +349,15 @@ class PeerTablesLoad {
  private:
   static constexpr int kPerThread = (DEEPEP_MAX_RANKS + kThreads - 1) / kThreads;
   int nranks_;
-  bool masked_[kPerThread];
+  uint8_t masked_[kPerThread];
   uint8_t* direct_[kPerThread];
 };
 
-// Whether rank `r` is masked out of this call (the block's copy of the mask).
+// Whether rank `r` is left out of this call's rows and flags (the block's copy of the mask).
 __device__ __forceinline__ bool is_masked(int r) { return block_mask()[r] != 0; }
+
+// Whether rank `r` is masked itself, and so gets no acknowledgements: a rank only taken back gets them.
+__device__ __forceinline__ bool is_masked_rank(int r) { return (block_mask()[r] & kRankMasked) != 0; }
 
 // A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it,
 // and so that this block goes on without it now (the other threads see it after the next barrier). A rank never
@@ -349,7 +365,7 @@ __device__ __forceinline__ bool is_masked(int r) { return block_mask()[r] != 0; 
 __device__ __forceinline__ void mask_after_timeout(const Area& a, int r) {
   if (r != a.rank) {
     atomicExch(a.mask + r, 1u);
-    block_mask()[r] = 1;
+    block_mask()[r] = kRankMasked;
   }
 }
 
@@ -448,7 +464,7 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
     if (combine) a.state()->last_combine[a.set][blockIdx.x] = seq;
   }
   for (int d = threadIdx.x; d < a.nranks; d += kThreads) {
-    if (d == a.rank || is_masked(d)) continue;
+    if (d == a.rank || is_masked_rank(d)) continue;
     if (uint64_t* there = a.at(d, a.ack(a.rank, blockIdx.x))) {
       store_ack_after_local_use(there, seq);
     } else {
@@ -464,9 +480,9 @@ struct OperationStart {
   uint32_t seq;               // of this operation on the set
   uint32_t previous_combine;  // seq of the last completed combine on the set
 };
-__device__ __forceinline__ OperationStart begin_operation(const Area& a) {
+__device__ __forceinline__ OperationStart begin_operation(const Area& a, bool combine) {
   wait_for_previous_grid();
-  const PeerTablesLoad tables(a);
+  const PeerTablesLoad tables(a, combine);
   const LowLatencyState* state = a.state();
   const OperationStart start = {state->seq[a.set][blockIdx.x] + 1u, state->last_combine[a.set][blockIdx.x]};
   timeline_start(a);
@@ -1111,7 +1127,11 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
-  const uint32_t seq = begin_operation(p.area).seq;
+  const uint32_t seq = begin_operation(p.area, false).seq;
+  // The combine of this dispatch leaves out no rank taken back before it (a later kernel: it sees these stores).
+  for (int r = threadIdx.x; (phases & kSend) && blockIdx.x == 0 && r < p.area.nranks; r += kThreads) {
+    p.area.taken_back[r] = 0;
+  }
   // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
   // must still wait for the live ranks.
   if (phases & kSend) dispatch_send<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
@@ -1385,7 +1405,7 @@ __device__ void combine_recv(const CombineParams& p, uint32_t seq, uint64_t dead
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, int phases) {
-  const OperationStart start = begin_operation(p.area);
+  const OperationStart start = begin_operation(p.area, true);
   const uint32_t seq = start.seq;
   if (phases & kSend) combine_send(p, seq, start.previous_combine, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
@@ -1402,7 +1422,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
 // peers read last) and publishes the refused word; then it waits for the peers' flags, after which their writes into
 // this rank's set are done, and completes the operation. A refused Send completes it too: no Recv will follow.
 __global__ void __launch_bounds__(kThreads, 1) refused_kernel(Area area, int phases, bool combine) {
-  const OperationStart start = begin_operation(area);
+  const OperationStart start = begin_operation(area, combine);
   const uint32_t seq = start.seq;
   const Phase phase = combine ? Phase::kLowLatencyCombine : Phase::kLowLatencyDispatch;
   auto flag = [&](int source, int block) {
@@ -1444,6 +1464,7 @@ Area make_area(const deepepComm& comm, int set) {
   a.timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
   a.timeline = comm.ll_timeline_device;
   a.mask = low_latency_mask(comm);
+  a.taken_back = low_latency_taken_back(comm, set);
   return a;
 }
 
@@ -1525,7 +1546,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.dispatch_flags_offset = l.ack_offset + block_words;
   l.combine_flags_offset = l.dispatch_flags_offset + block_words;
   l.mask_offset = l.combine_flags_offset + block_words;
-  l.round_words_offset = align_up(l.mask_offset + R * 4, sizeof(uint64_t));
+  l.taken_back_offset = l.mask_offset + R * 4;
+  l.round_words_offset = align_up(l.taken_back_offset + kLowLatencySets * R * 4, sizeof(uint64_t));
   l.control_bytes = align_up(l.round_words_offset + R * kMaxLowLatencyBlocks * sizeof(uint64_t), 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
@@ -1564,6 +1586,12 @@ uint32_t* low_latency_mask(const deepepComm& comm) {
   return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset + comm.ll_area.mask_offset);
 }
 
+uint32_t* low_latency_taken_back(const deepepComm& comm, int set) {
+  return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset +
+                                     comm.ll_area.taken_back_offset) +
+         static_cast<size_t>(set) * comm.nranks;
+}
+
 cudaError_t read_low_latency_mask(const deepepComm& comm, std::vector<uint32_t>* mask) {
   mask->assign(static_cast<size_t>(comm.nranks), 0);
   return cudaMemcpy(mask->data(), low_latency_mask(comm), mask->size() * sizeof(uint32_t), cudaMemcpyDeviceToHost);
@@ -1585,6 +1613,11 @@ void set_low_latency_mask(const deepepComm& comm, int rank, bool masked) {
       auto* acks = reinterpret_cast<uint64_t*>(area + comm.ll_area.ack_offset) +
                    (static_cast<size_t>(set) * comm.nranks + rank) * kMaxLowLatencyBlocks;
       DEEPEP_CUDA_CHECK(cudaMemcpy(acks, acked.data(), acked.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
+      // The set's last dispatch, if any, was made without the rank (or before a timeout masked it): its combine
+      // leaves the rank out too, until the set's next dispatch.
+      const uint32_t taken_back = 1;
+      DEEPEP_CUDA_CHECK(cudaMemcpy(low_latency_taken_back(comm, set) + rank, &taken_back, sizeof(taken_back),
+                                   cudaMemcpyHostToDevice));
     }
   }
   const uint32_t value = masked ? 1u : 0u;

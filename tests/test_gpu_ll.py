@@ -510,8 +510,8 @@ def one_rank_refuses_case(comm, seed, n=40, h=1024, k=4, e=16):
 def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     """The last rank is masked out: every other rank masks it, and it masks every other rank. Dispatch and combine then
     run in two groups (the last rank alone, the others together), as if the ranks outside a group had no tokens and
-    every slot naming their experts were -1; taken back, the ranks work together again. (With 2 ranks: each rank
-    masks the other.)"""
+    every slot naming their experts were -1. Taken back, the ranks still leave each other out of the combine of that
+    dispatch, and work together again from the next dispatch. (With 2 ranks: each rank masks the other.)"""
     R, me = comm.nranks, comm.rank
     outcast, local = R - 1, e // R
     group = [me] if me == outcast else [r for r in range(R) if r != outcast]  # the ranks this one works with
@@ -530,6 +530,13 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     want_out = reference.low_latency_combine(
         [bf16_values(y) for y in ys], topks, [w for _, _, w in seen], [w[3] for w in want]
     )[me]
+    # First a call on each buffer set with every rank: its rows stay in the combine rows that the masked ranks leave
+    # alone below, so that a combine summing them would differ (two calls: later scenarios rely on which set their
+    # dispatches land on).
+    for extra in (2, 3):
+        verdict = run_case(comm, seed + extra, n=n, h=h, k=k, e=e)
+        if verdict is not True:
+            return f"before masking: {verdict}"
     for r in masked:
         comm.low_latency_mask_rank(r)
     try:
@@ -580,6 +587,17 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
             return f"masked: {verdict}"
         if not exact_equal(bf16_values(out.to_numpy()), want_out):
             return "masked: combine output differs"
+        # Taken back on every rank, the ranks still leave each other out of that dispatch's combine: it sent them
+        # nothing and laid out none of their tokens, so summing their slots would add rows of an earlier call.
+        for r in masked:
+            comm.low_latency_mask_rank(r, masked=False)
+        host_barrier(comm)
+        with cupy.cuda.Device(comm.device):
+            again = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), result).out
+            cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        if not exact_equal(bf16_values(again.to_numpy()), want_out):
+            return "taken back: the combine of the dispatch made while masked differs"
     finally:
         for r in masked:
             comm.low_latency_mask_rank(r, masked=False)

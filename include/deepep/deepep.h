@@ -682,19 +682,20 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
 
 /* Masking a rank out of low-latency calls (for serving that goes on when a rank dies). A masked rank is never waited
  * for and never written to: this rank's tokens routed to its experts are not delivered (as if their top-k slots were
- * -1, in dispatch and combine alike), and nothing is received from it. A low-latency call that times out waiting for
- * a rank masks it on its own (the call still reports the timeout; each phase of a call waits at most the timeout).
- * Every surviving rank must mask the same ranks: with more than two ranks, gather deepepCommLowLatencyMaskedRanks
- * from the survivors (outside this library) and mask the union everywhere before the next call, then clear the
- * asynchronous error. Taking a rank back (masked = 0) takes its acknowledgements as current: do it only while no
- * rank has a low-latency call in flight, on every rank, followed by a host barrier before the next call (while an
- * eager Send's receive is due on this rank it is refused with deepepInvalidUsage). Masking
- * assumes the masked rank has stopped: one that was only late, by more than the timeout, and then resumes, may still
- * store the rows of its late call into the survivors' current buffer set (it saw their acknowledgements before they
- * masked it) and corrupt one of their later results unreported, so stop a timed-out rank's process rather than let it
- * go on. Masking does not apply to high-throughput calls. Blocking (synchronises the device first, without a bound of
- * its own: work of another library on the device that never ends, such as a collective waiting for the dead rank,
- * holds it, so stop such work first); not capturable.
+ * -1, in dispatch and combine alike), and nothing is received from it. A low-latency call that times out waiting for a
+ * rank masks it on its own (the call still reports the timeout; each phase of a call waits at most the timeout). Every
+ * surviving rank must mask the same ranks: with more than two ranks, gather deepepCommLowLatencyMaskedRanks from the
+ * survivors (outside this library) and mask the union everywhere before the next call, then clear the asynchronous
+ * error. Taking a rank back (masked = 0) takes its acknowledgements as current: do it only while no rank has a
+ * low-latency call in flight, on every rank, followed by a host barrier before the next call (while an eager Send's
+ * receive is due on this rank it is refused with deepepInvalidUsage). A rank taken back joins each buffer set's calls
+ * from the set's next dispatch: the combine of a dispatch made before (which sent it nothing and laid out none of its
+ * tokens) still leaves it out, on both sides. Masking assumes the masked rank has stopped: one that was only late, by
+ * more than the timeout, and then resumes, may still store the rows of its late call into the survivors' current buffer
+ * set (it saw their acknowledgements before they masked it) and corrupt one of their later results unreported, so stop
+ * a timed-out rank's process rather than let it go on. Masking does not apply to high-throughput calls. Blocking
+ * (synchronises the device first, without a bound of its own: work of another library on the device that never ends,
+ * such as a collective waiting for the dead rank, holds it, so stop such work first); not capturable.
  * [in] rank: any rank but this one to mask (taking this rank back does nothing); masked: 1 to mask, 0 to take back. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
 
