@@ -154,6 +154,10 @@ cdef _InterfaceView _interface_view(obj, size_t stream):
         producer = interface.get("stream")
     except Exception:  # the general path reads it, or refuses it with cuda.core's reason
         return None
+    if any(extent < 0 for extent in shape) or (strides is not None and len(strides) != len(shape)):
+        raise DeepEPInvalidArgument(
+            f"{type(obj).__name__}'s __cuda_array_interface__ gives shape {shape} and strides "
+            f"{interface.get('strides')}: no array has these", 1)
     if producer is not None and producer != stream:
         _make_stream_wait(producer, stream)
     cdef _InterfaceView view = _InterfaceView.__new__(_InterfaceView)
@@ -350,6 +354,11 @@ def _event_handle(event):
     """The CUevent handle of a pydeepep Event, a cuda.core Event, a CuPy / PyTorch event or an integer."""
     if isinstance(event, Event):
         return (<Event>event).handle
+    # A stream or an array has a handle or pointer too, which the driver would take for an event's.
+    if any(hasattr(event, name)
+           for name in ("__cuda_stream__", "cuda_stream", "wait_event", "__cuda_array_interface__", "__dlpack__")):
+        raise TypeError(
+            f"cannot take a CUDA event from {type(event).__name__}: it is a stream or an array, not an event")
     for attribute in ("handle", "ptr", "cuda_event"):  # cuda.core, CuPy, PyTorch
         if hasattr(event, attribute):
             return int(getattr(event, attribute))
@@ -920,7 +929,9 @@ cdef class Communicator:
         """Masks ``rank`` out of low-latency calls (or takes it back with ``masked=False``): it is never waited for or
         written to, and this rank's tokens routed to its experts are skipped like -1 slots. A low-latency call that
         times out waiting for a rank masks it by itself; after ``clear_async_error()`` the survivors go on among
-        themselves. Every surviving rank must mask the same ranks. Blocking (synchronises the device)."""
+        themselves. Every surviving rank must mask the same ranks. A rank taken back joins each buffer set's calls from
+        the set's next dispatch: the combine of a dispatch made before still leaves it out. Blocking (synchronises the
+        device)."""
         cdef int peer = _c_int("rank", rank)
         cdef deepepComm_t comm
         cdef deepepResult_t status
@@ -1464,6 +1475,9 @@ def _expect(array, shape, dtype, str name, stream, int device):
             raise DeepEPInvalidArgument(
                 f"{label} has shape {tuple(array.shape)} and dtype {element.name}; this call writes "
                 f"{tuple(shape)} of {written.name}", 1)
+        if array.device_id != device:
+            raise DeepEPInvalidArgument(
+                f"{label} is on device {array.device_id}; this communicator uses device {device}", 1)
         (<DeviceArray>array)._written_on(stream)
         _keep_for_call(array, stream_handle(stream))  # over another library's memory: held until the call is done
         return array
@@ -1513,17 +1527,31 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
     pass the stream object, which the array then keeps alive).
     """
     label = _out_label(name)
-    if isinstance(array, DeviceArray):  # first: its view is then taken on the call's stream, with no wait
+    names = [np.dtype(d).name for d in dtypes]
+    if isinstance(array, DeviceArray):
+        # Checked before it becomes this call's, so that a refused array keeps its stream; then its view is taken on
+        # the call's stream, with no wait.
+        _check_written_array(array, label, shape, names, device)
         (<DeviceArray>array)._written_on(stream)
     view = _as_view(array, stream_handle(stream))
+    _check_written_array(view, label, shape, names)
+    return view.ptr
+
+
+def _check_written_array(view, str label, shape, kinds, int device=-1):
+    """Refuses an array a call would write unless it is dense with exactly `shape`, writable, of an element kind in
+    `kinds` (by name: a DeviceArray holds float8_e4m3fn as uint8 bits, which are not a uint8 array) and, for a
+    DeviceArray and `device` >= 0, on `device` (the library checks any other array's memory itself). Returns the
+    kind."""
     element = check_dense(view, label, shape)
     _writable(view, label)
-    # By name: a DeviceArray holds float8_e4m3fn as uint8 bits, which are not a uint8 array.
     kind = (<DeviceArray>view).dtype_name if isinstance(view, DeviceArray) else dtype_name(element)
-    names = [np.dtype(d).name for d in dtypes]
-    if kind not in names:
-        raise DeepEPInvalidArgument(f"{label} has dtype {kind}; it must be " + " or ".join(names), 1)
-    return view.ptr
+    if kind not in kinds:
+        raise DeepEPInvalidArgument(f"{label} has dtype {kind}; it must be " + " or ".join(kinds), 1)
+    if device >= 0 and (<DeviceArray>view).device_id != device:
+        raise DeepEPInvalidArgument(
+            f"{label} is on device {(<DeviceArray>view).device_id}; this communicator uses device {device}", 1)
+    return kind
 
 
 include "_lowlatency.pxi"

@@ -24,6 +24,8 @@ def stream_handle(stream: Any) -> int:
         return LEGACY_DEFAULT_STREAM
     if isinstance(stream, bool):
         raise TypeError(f"stream must be a stream object or an integer handle, not {stream!r}")
+    if hasattr(stream, "__cuda_array_interface__") or hasattr(stream, "__dlpack__"):  # its .ptr is no stream's
+        raise TypeError(f"cannot take a CUDA stream from {type(stream).__name__}: it is an array, not a stream")
     if isinstance(stream, int):
         handle = stream
     elif hasattr(stream, "__cuda_stream__"):

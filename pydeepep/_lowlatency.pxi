@@ -209,13 +209,10 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     if obj is None:
         return 0, None, None
     if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
+        _check_written_array(obj, name, (length,), kinds)  # first: a refused array keeps its stream
         (<DeviceArray>obj)._written_on(stream)
     view = _as_view(obj, stream_handle(stream))
-    kind = dtype_name(check_dense(view, name, (length,)))
-    _writable(view, name)
-    if kind not in kinds:
-        raise DeepEPInvalidArgument(f"{name} has dtype {kind}; it must be " + " or ".join(kinds), 1)
-    return view.ptr, view, kind
+    return view.ptr, view, _check_written_array(view, name, (length,), kinds)
 
 
 def _ll_routing(Communicator comm, topk_idx, stream, int64_t num_tokens, int max_tokens):
@@ -324,6 +321,9 @@ def _low_latency_dispatch_call(Communicator comm, _LowLatencyHook hook, size_t s
     if num_experts <= 0 or num_experts % R != 0:
         raise DeepEPInvalidArgument(
             f"num_experts is {num_experts}; it must be a positive multiple of the number of ranks ({R})", 1)
+    if num_experts // R > DEEPEP_MAX_LOCAL_EXPERTS:  # before the outputs, which it sizes, are allocated
+        raise DeepEPInvalidArgument(
+            f"num_experts / nranks is {num_experts // R}; at most {DEEPEP_MAX_LOCAL_EXPERTS} experts per rank", 1)
     if use_ue8m0 and not round_scale:
         raise DeepEPInvalidArgument("use_ue8m0 needs round_scale=True (UE8M0 holds powers of two)", 1)
     if not use_fp8 and (round_scale or use_ue8m0):
@@ -520,7 +520,7 @@ def _low_latency_combine_call(Communicator comm, _LowLatencyHook hook, size_t s,
         shape = tuple(getattr(x, "shape", ()))
         if len(shape) != 3:
             raise DeepEPInvalidArgument(f"x has shape {shape}; it must be [{local}, {rows}, hidden]", 1)
-        hidden = shape[2]
+        hidden = _c_int("hidden (x.shape[2])", shape[2], 1)
         x_ptr, keep_x = _array3(x, s, "x", (local, rows, hidden), ("bfloat16",), comm.device)
     cdef _View tv = _ll_routing(comm, topk_idx, s, handle.num_tokens, T)
     if tv.cols != handle.num_topk:

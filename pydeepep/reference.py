@@ -27,6 +27,8 @@ Choices made where DESIGN.md is silent:
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 __all__ = [
@@ -47,12 +49,23 @@ AMAX_EPSILON = 1e-4
 INT32_MAX = 2**31 - 1
 
 
+def _integer(value, name: str) -> int:
+    """`value` as an int; a float, a bool or a string is refused rather than truncated or taken as a number."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {value!r}") from None
+
+
 def _layout_one(topk_idx: np.ndarray, num_experts: int, num_ranks: int):
     topk_idx = np.asarray(topk_idx)
     if topk_idx.ndim != 2:
         raise ValueError(f"topk_idx has shape {topk_idx.shape}; it must be [num_tokens, num_topk]")
     if not np.issubdtype(topk_idx.dtype, np.integer):
         raise ValueError(f"topk_idx has dtype {topk_idx.dtype}; it must be an integer type")
+    num_experts, num_ranks = _integer(num_experts, "num_experts"), _integer(num_ranks, "num_ranks")
     if num_ranks < 1 or num_experts < 1 or num_experts % num_ranks != 0:
         raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of num_ranks ({num_ranks})")
     if topk_idx.size and (topk_idx.min() < -1 or topk_idx.max() >= num_experts):
@@ -183,8 +196,13 @@ def ue8m0_pack(scales) -> np.ndarray:
 # Argument checks shared by the communication references.
 
 
-def _num_ranks(xs, *others) -> int:
-    num_ranks = len(xs)
+def _num_ranks(first, *others) -> int:
+    """The number of ranks: the entries of the per-rank list of `first` (name, list), which each (name, list) of
+    `others` given (not None) must match."""
+    for name, given in (first, *others):
+        if given is not None and not hasattr(given, "__len__"):
+            raise TypeError(f"{name} must hold one entry per rank (a list), not {type(given).__name__}")
+    num_ranks = len(first[1])
     if num_ranks < 1:
         raise ValueError("the per-rank lists are empty; there must be at least one rank")
     for name, other in others:
@@ -194,6 +212,7 @@ def _num_ranks(xs, *others) -> int:
 
 
 def _experts_per_rank(num_experts: int, num_ranks: int) -> int:
+    num_experts = _integer(num_experts, "num_experts")
     if num_experts < 1 or num_experts % num_ranks != 0:
         raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of num_ranks ({num_ranks})")
     return num_experts // num_ranks
@@ -275,7 +294,7 @@ def dispatch(xs, topk_idxs, topk_weights, num_experts: int, expert_alignment: in
     to ``expert_alignment``. ``xs[r]`` is an [N, H] array, or an FP8 pair ``(q, scales)``; ``recv_x`` then has the
     same form, rows copied unchanged.
     """
-    num_ranks = _num_ranks(xs, ("topk_idxs", topk_idxs), ("topk_weights", topk_weights))
+    num_ranks = _num_ranks(("xs", xs), ("topk_idxs", topk_idxs), ("topk_weights", topk_weights))
     experts_per_rank = _experts_per_rank(num_experts, num_ranks)
     if (
         isinstance(expert_alignment, bool)
@@ -354,7 +373,11 @@ def combine(ys, recv_srcs, num_tokens, biases=None, *, topk_weights=None):
     [M_d, K]) each result is ``(out, combined_weights [N_r, K] float32)``, summed the same way and not rounded.
     """
     num_ranks = _num_ranks(
-        ys, ("recv_srcs", recv_srcs), ("num_tokens", num_tokens), ("biases", biases), ("topk_weights", topk_weights)
+        ("ys", ys),
+        ("recv_srcs", recv_srcs),
+        ("num_tokens", num_tokens),
+        ("biases", biases),
+        ("topk_weights", topk_weights),
     )
     ys = [np.asarray(y, dtype=np.float32) for y in ys]
     if any(y.ndim != 2 for y in ys):
@@ -362,7 +385,7 @@ def combine(ys, recv_srcs, num_tokens, biases=None, *, topk_weights=None):
     hidden = ys[0].shape[1]
     if any(y.shape[1] != hidden for y in ys):
         raise ValueError("the ys entries disagree on the hidden size")
-    num_tokens = [int(n) for n in num_tokens]
+    num_tokens = [_integer(n, f"num_tokens[{rank}]") for rank, n in enumerate(num_tokens)]
     if any(n < 0 for n in num_tokens):
         raise ValueError("num_tokens entries must be non-negative")
 
@@ -432,9 +455,9 @@ def low_latency_dispatch(
     must hold BF16 values (float32 that BF16 holds exactly: ``bf16_round(x)``), as the library's inputs do; others
     are refused, since the FP8 cast of a value the library could never receive would differ from its own.
     """
-    num_ranks = _num_ranks(xs, ("topk_idxs", topk_idxs))
+    num_ranks = _num_ranks(("xs", xs), ("topk_idxs", topk_idxs))
     experts_per_rank = _experts_per_rank(num_experts, num_ranks)
-    max_tokens = int(max_tokens)
+    max_tokens = _integer(max_tokens, "max_tokens")
     xs = [np.asarray(x, dtype=np.float32) for x in xs]
     if any(x.ndim != 2 for x in xs):
         raise ValueError("every xs entry must be [num_tokens, hidden]")
@@ -498,7 +521,11 @@ def low_latency_combine(ys, topk_idxs, topk_weights, recv_srcs):
     ``ys[d]`` [E_loc, R*T, H] holds rank d's expert outputs in the dispatch layout; the row of (token t of rank r,
     expert e) is the row of local expert e % E_loc on rank e // E_loc whose ``recv_src`` is (r, t).
     """
-    num_ranks = _num_ranks(ys, ("topk_idxs", topk_idxs), ("topk_weights", topk_weights), ("recv_srcs", recv_srcs))
+    if topk_weights is None:
+        raise ValueError("topk_weights is required: the low-latency combine weights every slot")
+    num_ranks = _num_ranks(
+        ("ys", ys), ("topk_idxs", topk_idxs), ("topk_weights", topk_weights), ("recv_srcs", recv_srcs)
+    )
     ys = [np.asarray(y, dtype=np.float32) for y in ys]
     if ys[0].ndim != 3 or any(y.shape != ys[0].shape for y in ys):
         raise ValueError("the ys entries must all be [local_experts, num_ranks * max_tokens, hidden], one shape")

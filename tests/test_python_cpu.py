@@ -113,6 +113,19 @@ def test_objects_that_are_no_stream_raise_type_error(stream):
         _interop.stream_handle(stream)
 
 
+def test_an_array_is_no_stream_and_a_stream_or_array_is_no_event():
+    # Both have a handle or pointer that the driver would take for a stream's or an event's.
+    from pydeepep import _core
+
+    array = pydeepep.DeviceArray(0x7F0000001000, (4,), np.int32, 0, 0)
+    with pytest.raises(TypeError, match="it is an array, not a stream"):
+        _interop.stream_handle(array)
+    for wrong in (array, CudaStreamProtocol((0, 5)), TorchLikeStream(), Interface(shape=(2,), typestr="<f4")):
+        with pytest.raises(TypeError, match="not an event"):
+            _core._event_handle(wrong)
+    assert _core._event_handle(0x1234) == 0x1234
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Array protocol handling against fakes.
 
@@ -320,6 +333,16 @@ def test_an_interface_whose_pointer_is_no_integer_is_refused():
 
     with pytest.raises(pydeepep.DeepEPInvalidArgument, match="an integer is required"):
         _core._as_view(Interface(shape=(2, 4), typestr="<f4", stream=7, data=(0x7000 + 0.75, False)), 7)
+
+
+@pytest.mark.parametrize(
+    "fields", [dict(shape=(-3, 8), typestr="<f4"), dict(shape=(3, 8), typestr="<f4", strides=(32,))]
+)
+def test_an_interface_naming_no_possible_array_is_refused(fields):
+    from pydeepep import _core
+
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match="no array has these"):
+        _core._as_view(Interface(**fields), 7)
 
 
 def test_interface_arrays_are_read_directly_with_strides_in_elements():

@@ -498,6 +498,18 @@ def test_low_latency_dispatch_refuses_more_tokens_than_max_tokens():
     reference.low_latency_dispatch(xs, LL_TOPK, 4, 3, use_fp8=False)  # exactly max_tokens is fine
 
 
+def test_high_throughput_calls_refuse_arguments_of_the_wrong_kind():
+    results = reference.dispatch(XS, TOPK, WEIGHTS, 4)
+    ys, srcs = [r[0] for r in results], [r[4] for r in results]
+    with pytest.raises(TypeError, match="num_tokens must hold one entry per rank"):
+        reference.combine(ys, srcs, 3)
+    with pytest.raises(TypeError, match=r"num_tokens\[1\] must be an integer, not 2.0"):
+        reference.combine(ys, srcs, [3, 2.0])
+    with pytest.raises(TypeError, match="num_experts must be an integer"):
+        reference.dispatch_layout(TOPK[0], 4.0, 2)
+    assert [o.shape for o in reference.combine(ys, srcs, [3, np.int64(2)])] == [(3, 4), (2, 4)]
+
+
 def test_low_latency_calls_refuse_what_the_library_could_never_be_given():
     xs = [rows(1, 2, hidden=2), rows(10, 20, 30, hidden=2)]
     # 448.5 is no BF16 value (the library would receive 448 and cast with scale 1, not 448.5 / 448).
@@ -523,6 +535,15 @@ def test_low_latency_calls_refuse_what_the_library_could_never_be_given():
         bad[0][0, 7] = row
         with pytest.raises(ValueError, match=r"neither \(-1, -1\)"):
             reference.low_latency_combine(ys, LL_TOPK, weights, bad)
+    # Arguments of the wrong kind: a clear error naming the argument, never a count truncated from a float.
+    with pytest.raises(ValueError, match="topk_weights is required"):
+        reference.low_latency_combine(ys, LL_TOPK, None, srcs)
+    with pytest.raises(TypeError, match="max_tokens must be an integer, not 4.5"):
+        reference.low_latency_dispatch(xs, LL_TOPK, 4, 4.5)
+    with pytest.raises(TypeError, match="num_experts must be an integer, not 4.0"):
+        reference.low_latency_dispatch(xs, LL_TOPK, 4.0, 4)
+    with pytest.raises(TypeError, match="topk_idxs must hold one entry per rank"):
+        reference.low_latency_dispatch(xs, 7, 4, 4)
 
 
 def test_low_latency_dispatch_delivers_a_token_naming_one_expert_twice_once_and_combine_adds_it_per_slot():
