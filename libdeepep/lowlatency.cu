@@ -147,6 +147,8 @@ struct Area {
 // The fence is a system fence and also orders this signal after every earlier one to `owner`: a block that put no
 // rows issues no quiet, so without it a network transport could deliver the signal of call s + 2 before the one of
 // call s to the same word, and the older value would overwrite the newer (the receiver then waits until its timeout).
+// Like complete_puts' quiet, it is not bounded by the timeout: over a network transport it may wait for a dead peer
+// until NVSHMEM's own transport timeout.
 __device__ __forceinline__ void signal(const Area& a, int owner, uint64_t* ours, uint64_t value) {
   if (uint64_t* there = a.at(owner, ours)) {
     store_release_sys(there, value);
