@@ -479,14 +479,19 @@ __device__ void finish_operation(const Area& a, uint32_t seq, bool combine) {
 // launch), then loads the block's copies of the mask and of the peers' bases together with the block's sequence
 // numbers, and notes the timeline's start. The copies are complete on return.
 struct OperationStart {
-  uint32_t seq;               // of this operation on the set
-  uint32_t previous_combine;  // seq of the last completed combine on the set
+  uint32_t seq;  // of this operation on the set
+  // seq of the last completed combine on the set, or seq - 2 where that combine lies 2^30 or more operations back
+  // (acknowledgements compare modulo 2^32, so one 2^31 back would look ahead and never be reached): the peers
+  // acknowledged seq - 2, and so every operation before it, before this rank's operation seq - 1 could send.
+  uint32_t previous_combine;
 };
 __device__ __forceinline__ OperationStart begin_operation(const Area& a, bool combine) {
   wait_for_previous_grid();
   const PeerTablesLoad tables(a, combine);
   const LowLatencyState* state = a.state();
-  const OperationStart start = {state->seq[a.set][blockIdx.x] + 1u, state->last_combine[a.set][blockIdx.x]};
+  const uint32_t seq = state->seq[a.set][blockIdx.x] + 1u;
+  const uint32_t last_combine = state->last_combine[a.set][blockIdx.x];
+  const OperationStart start = {seq, seq - last_combine >= (1u << 30) ? seq - 2u : last_combine};
   timeline_start(a);
   tables.keep();
   __syncthreads();
