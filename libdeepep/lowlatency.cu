@@ -30,9 +30,10 @@
 // and peer on expiry.
 // Masked ranks (deepepCommLowLatencyMaskRank, or a peer whose wait timed out) are never waited for or written to (a
 // block goes by the mask as it was when its kernel started, plus its own timeouts: see block_mask); the slots naming
-// their experts are skipped like -1 slots, so the other ranks' operations complete without them. A rank taken back
-// stays out of the combine of each set until the set's next dispatch (the one before sent it nothing and laid out none
-// of its tokens), but gets that combine's acknowledgements, which its next call on the set waits for.
+// their experts are skipped like -1 slots, so the other ranks' operations complete without them. A combine also leaves
+// out the ranks that were masked when its set's dispatch was sent (which sent them nothing and laid out none of their
+// tokens), taken back since or not; one taken back still gets its acknowledgements, which its next call on the set
+// waits for.
 // Transport: writes to a peer in `Area::direct` are NVLink stores; to any other peer (outside the NVLink domain, or
 // every peer with DEEPEP_LL_TRANSPORT_NVSHMEM) they are NVSHMEM puts of rows staged in this rank's symmetric buffer
 // (dispatch: the set's send rows; combine: the set's combine buffer), completed with a quiet before the flag, and
@@ -107,8 +108,9 @@ struct Area {
   AsyncErrorRecord* error;
   uint64_t timeout_ns;
   uint32_t* mask;  // [nranks], this rank's: 1 for a rank masked out (never waited for, never written to)
-  // [nranks], this rank's, of this set: 1 for a rank taken back since the set's last dispatch (left out of its combine)
-  uint32_t* taken_back;
+  // [nranks], this rank's, of this set: 1 for a rank masked when the set's last dispatch was sent (left out of its
+  // combine)
+  uint32_t* dispatch_mask;
   int64_t* timeline;  // diagnostic [block][DEEPEP_LL_TIMELINE_MARKS] marks, or nullptr
 
   // Addresses in this rank's own area (also the symmetric addresses of the same objects on every peer).
@@ -314,8 +316,9 @@ __device__ __forceinline__ uint8_t* block_mask() {
   return masked;
 }
 
-// What the block's copy of the mask holds for a rank: masked, or (in a combine) taken back since the set's dispatch.
-enum : uint8_t { kRankMasked = 1, kRankTakenBack = 2 };
+// What the block's copy of the mask holds for a rank: masked, or (in a combine) masked when the set's dispatch was
+// sent.
+enum : uint8_t { kRankMasked = 1, kRankOutOfDispatch = 2 };
 
 // The block's copies of the mask and of Area::direct are read in two steps, so that the kernel's other first loads are
 // in flight with them: PeerTablesLoad loads this thread's ranks r = threadIdx.x, threadIdx.x + kThreads, ... of the
@@ -323,7 +326,7 @@ enum : uint8_t { kRankMasked = 1, kRankTakenBack = 2 };
 // barrier after that.
 class PeerTablesLoad {
  public:
-  // `combine`: whether the kernel is a combine's, which leaves out the ranks taken back since the set's dispatch too.
+  // `combine`: whether the kernel is a combine's, which leaves out the ranks its set's dispatch left out too.
   __device__ __forceinline__ PeerTablesLoad(const Area& a, bool combine) : nranks_(a.nranks) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
@@ -331,8 +334,8 @@ class PeerTablesLoad {
       masked_[i] = 0;
       if (r < nranks_ && *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0) {
         masked_[i] = kRankMasked;
-      } else if (r < nranks_ && combine && *reinterpret_cast<volatile const uint32_t*>(a.taken_back + r) != 0) {
-        masked_[i] = kRankTakenBack;
+      } else if (r < nranks_ && combine && *reinterpret_cast<volatile const uint32_t*>(a.dispatch_mask + r) != 0) {
+        masked_[i] = kRankOutOfDispatch;
       }
       direct_[i] = r < nranks_ ? static_cast<uint8_t*>(a.direct[r]) : nullptr;
     }
@@ -358,8 +361,16 @@ class PeerTablesLoad {
 // Whether rank `r` is left out of this call's rows and flags (the block's copy of the mask).
 __device__ __forceinline__ bool is_masked(int r) { return block_mask()[r] != 0; }
 
-// Whether rank `r` is masked itself, and so gets no acknowledgements: a rank only taken back gets them.
+// Whether rank `r` is masked itself, and so gets no acknowledgements (a rank only left out of the set's dispatch, and
+// taken back since, gets them).
 __device__ __forceinline__ bool is_masked_rank(int r) { return (block_mask()[r] & kRankMasked) != 0; }
+
+// A dispatch's send (or its refusal) keeps the mask it goes by, block 0's copy as its kernel started, for the set's
+// combine (a later kernel, which sees these stores): the ranks it leaves out stay out of that combine even when taken
+// back in between, and only those.
+__device__ __forceinline__ void note_dispatch_mask(const Area& a) {
+  for (int r = threadIdx.x; blockIdx.x == 0 && r < a.nranks; r += kThreads) a.dispatch_mask[r] = is_masked(r) ? 1u : 0u;
+}
 
 // A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it,
 // and so that this block goes on without it now (the other threads see it after the next barrier). A rank never
@@ -1135,10 +1146,7 @@ __device__ void dispatch_recv(const DispatchParams& p, uint32_t seq, uint64_t de
 template <typename Index>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p, int phases) {
   const uint32_t seq = begin_operation(p.area, false).seq;
-  // The combine of this dispatch leaves out no rank taken back before it (a later kernel: it sees these stores).
-  for (int r = threadIdx.x; (phases & kSend) && blockIdx.x == 0 && r < p.area.nranks; r += kThreads) {
-    p.area.taken_back[r] = 0;
-  }
+  if (phases & kSend) note_dispatch_mask(p.area);
   // Each phase's waits get the whole timeout: a receive after a send that waited out a dead peer's acknowledgement
   // must still wait for the live ranks.
   if (phases & kSend) dispatch_send<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
@@ -1430,6 +1438,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineParams p, i
 // this rank's set are done, and completes the operation. A refused Send completes it too: no Recv will follow.
 __global__ void __launch_bounds__(kThreads, 1) refused_kernel(Area area, int phases, bool combine) {
   const OperationStart start = begin_operation(area, combine);
+  if (!combine && (phases & kSend)) note_dispatch_mask(area);
   const uint32_t seq = start.seq;
   const Phase phase = combine ? Phase::kLowLatencyCombine : Phase::kLowLatencyDispatch;
   auto flag = [&](int source, int block) {
@@ -1471,7 +1480,7 @@ Area make_area(const deepepComm& comm, int set) {
   a.timeout_ns = static_cast<uint64_t>(comm.timeout_seconds * 1e9);
   a.timeline = comm.ll_timeline_device;
   a.mask = low_latency_mask(comm);
-  a.taken_back = low_latency_taken_back(comm, set);
+  a.dispatch_mask = low_latency_dispatch_mask(comm, set);
   return a;
 }
 
@@ -1553,8 +1562,8 @@ LowLatencyArea low_latency_area(const deepepConfig& config, int nranks) {
   l.dispatch_flags_offset = l.ack_offset + block_words;
   l.combine_flags_offset = l.dispatch_flags_offset + block_words;
   l.mask_offset = l.combine_flags_offset + block_words;
-  l.taken_back_offset = l.mask_offset + R * 4;
-  l.round_words_offset = align_up(l.taken_back_offset + kLowLatencySets * R * 4, sizeof(uint64_t));
+  l.dispatch_mask_offset = l.mask_offset + R * 4;
+  l.round_words_offset = align_up(l.dispatch_mask_offset + kLowLatencySets * R * 4, sizeof(uint64_t));
   l.control_bytes = align_up(l.round_words_offset + R * kMaxLowLatencyBlocks * sizeof(uint64_t), 4096);
   const size_t row = std::max(low_latency_row(config.hidden, false).row_bytes,
                               config.hidden % 128 == 0 ? low_latency_row(config.hidden, true).row_bytes : 0);
@@ -1593,9 +1602,9 @@ uint32_t* low_latency_mask(const deepepComm& comm) {
   return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset + comm.ll_area.mask_offset);
 }
 
-uint32_t* low_latency_taken_back(const deepepComm& comm, int set) {
+uint32_t* low_latency_dispatch_mask(const deepepComm& comm, int set) {
   return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(comm.buffer) + comm.ll_offset +
-                                     comm.ll_area.taken_back_offset) +
+                                     comm.ll_area.dispatch_mask_offset) +
          static_cast<size_t>(set) * comm.nranks;
 }
 
@@ -1620,11 +1629,6 @@ void set_low_latency_mask(const deepepComm& comm, int rank, bool masked) {
       auto* acks = reinterpret_cast<uint64_t*>(area + comm.ll_area.ack_offset) +
                    (static_cast<size_t>(set) * comm.nranks + rank) * kMaxLowLatencyBlocks;
       DEEPEP_CUDA_CHECK(cudaMemcpy(acks, acked.data(), acked.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
-      // The set's last dispatch, if any, was made without the rank (or before a timeout masked it): its combine
-      // leaves the rank out too, until the set's next dispatch.
-      const uint32_t taken_back = 1;
-      DEEPEP_CUDA_CHECK(cudaMemcpy(low_latency_taken_back(comm, set) + rank, &taken_back, sizeof(taken_back),
-                                   cudaMemcpyHostToDevice));
     }
   }
   const uint32_t value = masked ? 1u : 0u;

@@ -29,8 +29,8 @@ constexpr int kMaxLowLatencyBlocks = 160;
 //   combine flags    uint64 [set][R][kMaxLowLatencyBlocks]: (seq << 32) | hidden and top-k (combine_flag_word),
 //                    written by block b of rank s after its share of the rows of this rank's tokens
 //   mask             uint32 [R]: 1 for a rank masked out of low-latency calls (local; see deepepCommLowLatencyMaskRank)
-//   taken back       uint32 [set][R]: 1 for a rank taken back since the set's last dispatch, which its combine leaves
-//                    out (local: set when the rank is taken back, cleared by the set's next dispatch)
+//   dispatch mask    uint32 [set][R]: 1 for a rank masked when the set's last dispatch was sent, which its combine
+//                    leaves out (local; written by the dispatch's send)
 //   round words      uint64 [R][kMaxLowLatencyBlocks]: (epoch << 32) | round, written by block b of rank s in
 //                    deepepCommMeasureFlagRound (no call reads them)
 //   set 0, set 1     each: receive region, E_loc * R * T rows: a dispatch receives into its first R * T rows
@@ -48,8 +48,8 @@ struct LowLatencyArea {
   size_t ack_offset = 0;
   size_t dispatch_flags_offset = 0;
   size_t combine_flags_offset = 0;
-  size_t mask_offset = 0;        // [R] uint32
-  size_t taken_back_offset = 0;  // [set][R] uint32
+  size_t mask_offset = 0;           // [R] uint32
+  size_t dispatch_mask_offset = 0;  // [set][R] uint32
   size_t round_words_offset = 0;
   size_t control_bytes = 0;        // everything before set 0 (zeroed at setup)
   size_t receive_bytes = 0;        // per set
@@ -93,14 +93,13 @@ void launch_low_latency_refusal(const deepepComm& comm, bool combine, int buffer
 // The device array [R] of this rank's low-latency mask (1: masked).
 uint32_t* low_latency_mask(const deepepComm& comm);
 
-// The device array [R] of ranks taken back since the last dispatch on `set` (1: left out of its combine).
-uint32_t* low_latency_taken_back(const deepepComm& comm, int set);
+// The device array [R] of the ranks the last dispatch on `set` left out (1: left out of its combine as well).
+uint32_t* low_latency_dispatch_mask(const deepepComm& comm, int set);
 
 // This rank's low-latency mask, copied to the host (1: masked); does not synchronise the device first.
 cudaError_t read_low_latency_mask(const deepepComm& comm, std::vector<uint32_t>* mask);
 
-// Masks `rank` (or takes it back, taking its acknowledgements as up to date and leaving it out of the combines of
-// dispatches already made). Synchronises the device first.
+// Masks `rank` (or takes it back, taking its acknowledgements as up to date). Synchronises the device first.
 void set_low_latency_mask(const deepepComm& comm, int rank, bool masked);
 
 // Microseconds per low-latency kernel that only exchanges one round of per-block flags among the ranks (every peer

@@ -929,9 +929,8 @@ cdef class Communicator:
         """Masks ``rank`` out of low-latency calls (or takes it back with ``masked=False``): it is never waited for or
         written to, and this rank's tokens routed to its experts are skipped like -1 slots. A low-latency call that
         times out waiting for a rank masks it by itself; after ``clear_async_error()`` the survivors go on among
-        themselves. Every surviving rank must mask the same ranks. A rank taken back joins each buffer set's calls from
-        the set's next dispatch: the combine of a dispatch made before still leaves it out. Blocking (synchronises the
-        device)."""
+        themselves. Every surviving rank must mask the same ranks. The combine of a dispatch sent while a rank was
+        masked leaves it out, also when it was taken back in between. Blocking (synchronises the device)."""
         cdef int peer = _c_int("rank", rank)
         cdef deepepComm_t comm
         cdef deepepResult_t status

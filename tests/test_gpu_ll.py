@@ -532,11 +532,30 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     )[me]
     # First a call on each buffer set with every rank: its rows stay in the combine rows that the masked ranks leave
     # alone below, so that a combine summing them would differ (two calls: later scenarios rely on which set their
-    # dispatches land on).
-    for extra in (2, 3):
-        verdict = run_case(comm, seed + extra, n=n, h=h, k=k, e=e)
-        if verdict is not True:
-            return f"before masking: {verdict}"
+    # dispatches land on). In the second, the ranks are masked and taken back between the dispatch and its combine,
+    # which still has every rank: the dispatch had them all.
+    verdict = run_case(comm, seed + 2, n=n, h=h, k=k, e=e)
+    if verdict is not True:
+        return f"before masking: {verdict}"
+    everyone = reference.low_latency_dispatch([bf16_values(x) for x, _, _ in inputs], [t for _, t, _ in inputs], e, T)
+    want_everyone = reference.low_latency_combine(
+        [bf16_values(y) for y in ys], [t for _, t, _ in inputs], [w for _, _, w in inputs], [w[3] for w in everyone]
+    )[me]
+    with cupy.cuda.Device(comm.device):
+        topk_dev = dev(topk_mine)
+        before = comm.low_latency_dispatch(dev(x_mine), topk_dev, e)
+        cupy.cuda.runtime.deviceSynchronize()
+    for r in masked:
+        comm.low_latency_mask_rank(r)
+    for r in masked:
+        comm.low_latency_mask_rank(r, masked=False)
+    host_barrier(comm)
+    with cupy.cuda.Device(comm.device):
+        out = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), before).out
+        cupy.cuda.runtime.deviceSynchronize()
+    comm.check_async_error()
+    if not exact_equal(bf16_values(out.to_numpy()), want_everyone):
+        return "masked and taken back between a dispatch and its combine: the combine differs from every rank's sum"
     for r in masked:
         comm.low_latency_mask_rank(r)
     try:

@@ -688,9 +688,9 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
  * survivors (outside this library) and mask the union everywhere before the next call, then clear the asynchronous
  * error. Taking a rank back (masked = 0) takes its acknowledgements as current: do it only while no rank has a
  * low-latency call in flight, on every rank, followed by a host barrier before the next call (while an eager Send's
- * receive is due on this rank it is refused with deepepInvalidUsage). A rank taken back joins each buffer set's calls
- * from the set's next dispatch: the combine of a dispatch made before (which sent it nothing and laid out none of its
- * tokens) still leaves it out, on both sides. Masking assumes the masked rank has stopped: one that was only late, by
+ * receive is due on this rank it is refused with deepepInvalidUsage). The combine of a dispatch sent while a rank was
+ * masked (which sent it nothing and laid out none of its tokens) leaves it out, on both sides, also when it was taken
+ * back in between. Masking assumes the masked rank has stopped: one that was only late, by
  * more than the timeout, and then resumes, may still store the rows of its late call into the survivors' current buffer
  * set (it saw their acknowledgements before they masked it) and corrupt one of their later results unreported, so stop
  * a timed-out rank's process rather than let it go on. Masking does not apply to high-throughput calls. Blocking
