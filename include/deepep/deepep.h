@@ -690,12 +690,12 @@ DEEPEP_API deepepResult_t deepepLowLatencyGetCombineBuffer(deepepComm_t comm, in
  * low-latency call in flight, on every rank, followed by a host barrier before the next call (while an eager Send's
  * receive is due on this rank it is refused with deepepInvalidUsage). The combine of a dispatch sent while a rank was
  * masked (which sent it nothing and laid out none of its tokens) leaves it out, on both sides, also when it was taken
- * back in between. Masking assumes the masked rank has stopped: one that was only late, by
- * more than the timeout, and then resumes, may still store the rows of its late call into the survivors' current buffer
- * set (it saw their acknowledgements before they masked it) and corrupt one of their later results unreported, so stop
- * a timed-out rank's process rather than let it go on. Masking does not apply to high-throughput calls. Blocking
- * (synchronises the device first, without a bound of its own: work of another library on the device that never ends,
- * such as a collective waiting for the dead rank, holds it, so stop such work first); not capturable.
+ * back in between. Masking assumes the masked rank has stopped: one that was only late, by more than the timeout, and
+ * then resumes, may still store the rows of its late call into the survivors' current buffer set (it saw their
+ * acknowledgements before they masked it) and corrupt one of their later results unreported, so stop a timed-out rank's
+ * process rather than let it go on. Masking does not apply to high-throughput calls. Blocking (synchronises the device
+ * first, without a bound of its own: work of another library on the device that never ends, such as a collective
+ * waiting for the dead rank, holds it, so stop such work first); not capturable.
  * [in] rank: any rank but this one to mask (taking this rank back does nothing); masked: 1 to mask, 0 to take back. */
 DEEPEP_API deepepResult_t deepepCommLowLatencyMaskRank(deepepComm_t comm, int rank, int masked);
 
