@@ -365,11 +365,17 @@ __device__ __forceinline__ bool is_masked(int r) { return block_mask()[r] != 0; 
 // taken back since, gets them).
 __device__ __forceinline__ bool is_masked_rank(int r) { return (block_mask()[r] & kRankMasked) != 0; }
 
-// A dispatch's send (or its refusal) keeps the mask it goes by, block 0's copy as its kernel started, for the set's
-// combine (a later kernel, which sees these stores): the ranks it leaves out stay out of that combine even when taken
-// back in between, and only those.
+// A dispatch keeps the ranks it leaves out for its set's combine (a later kernel, which sees these stores), so that
+// they stay out of that combine even when taken back in between, and only they do: its send (or refusal) writes the
+// mask it goes by, block 0's copy as its kernel started; its receive adds, in every block, the ranks masked since (by
+// hand between a hook's send and receive, or by the block's own timeouts).
 __device__ __forceinline__ void note_dispatch_mask(const Area& a) {
   for (int r = threadIdx.x; blockIdx.x == 0 && r < a.nranks; r += kThreads) a.dispatch_mask[r] = is_masked(r) ? 1u : 0u;
+}
+__device__ __forceinline__ void note_masked_since_dispatch_send(const Area& a) {
+  for (int r = threadIdx.x; r < a.nranks; r += kThreads) {
+    if (is_masked(r)) a.dispatch_mask[r] = 1u;
+  }
 }
 
 // A wait for rank `r` timed out (the error is recorded): mask it, so that the survivors' later calls go on without it,
@@ -1152,6 +1158,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchParams p,
   if (phases & kSend) dispatch_send<Index>(p, seq, global_timer_ns() + p.area.timeout_ns);
   if (phases & kRecv) {
     dispatch_recv(p, seq, global_timer_ns() + p.area.timeout_ns);
+    note_masked_since_dispatch_send(p.area);
     finish_operation(p.area, seq, false);
   }
   timeline_mark(p.area, kMarkEnd);
@@ -1454,6 +1461,7 @@ __global__ void __launch_bounds__(kThreads, 1) refused_kernel(Area area, int pha
       area, flag, [&](int s) { return s != area.rank; },
       [&](uint64_t v) { return static_cast<uint32_t>(v >> 32) == seq; }, global_timer_ns() + area.timeout_ns, phase,
       [](int, uint64_t) {});
+  if (!combine) note_masked_since_dispatch_send(area);
   finish_operation(area, seq, combine);
   timeline_mark(area, kMarkEnd);
 }

@@ -511,7 +511,9 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     """The last rank is masked out: every other rank masks it, and it masks every other rank. Dispatch and combine then
     run in two groups (the last rank alone, the others together), as if the ranks outside a group had no tokens and
     every slot naming their experts were -1. Taken back, the ranks still leave each other out of the combine of that
-    dispatch, and work together again from the next dispatch. (With 2 ranks: each rank masks the other.)"""
+    dispatch, and work together again from the next dispatch. Before that, masked and taken back between a dispatch
+    with every rank and its combine, they keep every rank in that combine. (With 2 ranks: each rank masks the
+    other.)"""
     R, me = comm.nranks, comm.rank
     outcast, local = R - 1, e // R
     group = [me] if me == outcast else [r for r in range(R) if r != outcast]  # the ranks this one works with
@@ -545,6 +547,7 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
         topk_dev = dev(topk_mine)
         before = comm.low_latency_dispatch(dev(x_mine), topk_dev, e)
         cupy.cuda.runtime.deviceSynchronize()
+    host_barrier(comm)  # no rank has a call in flight when the ranks are taken back
     for r in masked:
         comm.low_latency_mask_rank(r)
     for r in masked:
