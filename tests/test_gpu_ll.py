@@ -543,22 +543,29 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
     want_everyone = reference.low_latency_combine(
         [bf16_values(y) for y in ys], [t for _, t, _ in inputs], [w for _, _, w in inputs], [w[3] for w in everyone]
     )[me]
+
+    def take_back_and_combine(handle, want_sum, failure):
+        """Takes every masked rank back, then combines the dispatch of `handle`: `failure` unless it gives want_sum."""
+        for r in masked:
+            comm.low_latency_mask_rank(r, masked=False)
+        host_barrier(comm)
+        with cupy.cuda.Device(comm.device):
+            out = comm.low_latency_combine(dev(ys[me]), dev(topk_mine), dev(w_mine), handle).out
+            cupy.cuda.runtime.deviceSynchronize()
+        comm.check_async_error()
+        return None if exact_equal(bf16_values(out.to_numpy()), want_sum) else failure
+
     with cupy.cuda.Device(comm.device):
-        topk_dev = dev(topk_mine)
-        before = comm.low_latency_dispatch(dev(x_mine), topk_dev, e)
+        before = comm.low_latency_dispatch(dev(x_mine), dev(topk_mine), e)
         cupy.cuda.runtime.deviceSynchronize()
-    host_barrier(comm)  # no rank has a call in flight when the ranks are taken back
+    host_barrier(comm)  # no rank has a call in flight when the ranks are masked and taken back
     for r in masked:
         comm.low_latency_mask_rank(r)
-    for r in masked:
-        comm.low_latency_mask_rank(r, masked=False)
-    host_barrier(comm)
-    with cupy.cuda.Device(comm.device):
-        out = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), before).out
-        cupy.cuda.runtime.deviceSynchronize()
-    comm.check_async_error()
-    if not exact_equal(bf16_values(out.to_numpy()), want_everyone):
-        return "masked and taken back between a dispatch and its combine: the combine differs from every rank's sum"
+    failure = take_back_and_combine(
+        before, want_everyone, "masked and taken back between a dispatch and its combine: the combine differs"
+    )
+    if failure:
+        return failure
     for r in masked:
         comm.low_latency_mask_rank(r)
     try:
@@ -611,15 +618,11 @@ def masked_peer_case(comm, seed, n=90, h=512, k=6, e=16):
             return "masked: combine output differs"
         # Taken back on every rank, the ranks still leave each other out of that dispatch's combine: it sent them
         # nothing and laid out none of their tokens, so summing their slots would add rows of an earlier call.
-        for r in masked:
-            comm.low_latency_mask_rank(r, masked=False)
-        host_barrier(comm)
-        with cupy.cuda.Device(comm.device):
-            again = comm.low_latency_combine(dev(ys[me]), topk_dev, dev(w_mine), result).out
-            cupy.cuda.runtime.deviceSynchronize()
-        comm.check_async_error()
-        if not exact_equal(bf16_values(again.to_numpy()), want_out):
-            return "taken back: the combine of the dispatch made while masked differs"
+        failure = take_back_and_combine(
+            result, want_out, "taken back: the combine of the dispatch made while masked differs"
+        )
+        if failure:
+            return failure
     finally:
         for r in masked:
             comm.low_latency_mask_rank(r, masked=False)
