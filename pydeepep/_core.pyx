@@ -19,8 +19,8 @@ from libc.string cimport memcpy
 
 from .errors import (DeepEPBufferTooSmall, DeepEPCudaError, DeepEPInvalidArgument, DeepEPInvalidUsage,
                      DeepEPNoDevice, DeepEPNotSupported, DeepEPOutOfMemory, error_for_status)
-from ._interop import (LEGACY_DEFAULT_STREAM, check_dense, check_matrix, dtype_name, is_device_array, payload_kind,
-                       stream_handle)
+from ._interop import (LEGACY_DEFAULT_STREAM, check_dense, check_matrix, dtype_name, is_device_array, offers_array,
+                       payload_kind, stream_handle)
 
 from pydeepep.deepep cimport *
 
@@ -355,8 +355,7 @@ def _event_handle(event):
     if isinstance(event, Event):
         return (<Event>event).handle
     # A stream or an array has a handle or pointer too, which the driver would take for an event's.
-    if any(hasattr(event, name)
-           for name in ("__cuda_stream__", "cuda_stream", "wait_event", "__cuda_array_interface__", "__dlpack__")):
+    if offers_array(event) or any(hasattr(event, name) for name in ("__cuda_stream__", "cuda_stream", "wait_event")):
         raise TypeError(
             f"cannot take a CUDA event from {type(event).__name__}: it is a stream or an array, not an event")
     for attribute in ("handle", "ptr", "cuda_event"):  # cuda.core, CuPy, PyTorch

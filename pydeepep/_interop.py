@@ -24,7 +24,7 @@ def stream_handle(stream: Any) -> int:
         return LEGACY_DEFAULT_STREAM
     if isinstance(stream, bool):
         raise TypeError(f"stream must be a stream object or an integer handle, not {stream!r}")
-    if hasattr(stream, "__cuda_array_interface__") or hasattr(stream, "__dlpack__"):  # its .ptr is no stream's
+    if offers_array(stream):  # its .ptr is no stream's
         raise TypeError(f"cannot take a CUDA stream from {type(stream).__name__}: it is an array, not a stream")
     if isinstance(stream, int):
         handle = stream
@@ -50,6 +50,14 @@ def stream_handle(stream: Any) -> int:
 
 
 _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def offers_array(obj: Any) -> bool:
+    """Whether `obj` offers an array protocol (CUDA array interface or DLPack), also one that refuses it now."""
+    try:
+        return hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__")
+    except Exception:  # the interface raises (a PyTorch tensor that requires grad): still an array
+        return True
 
 
 def is_device_array(obj: Any) -> bool:

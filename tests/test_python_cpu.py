@@ -120,7 +120,21 @@ def test_an_array_is_no_stream_and_a_stream_or_array_is_no_event():
     array = pydeepep.DeviceArray(0x7F0000001000, (4,), np.int32, 0, 0)
     with pytest.raises(TypeError, match="it is an array, not a stream"):
         _interop.stream_handle(array)
-    for wrong in (array, CudaStreamProtocol((0, 5)), TorchLikeStream(), Interface(shape=(2,), typestr="<f4")):
+
+    class RefusingInterface:  # a PyTorch tensor that requires grad: its interface raises
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+    with pytest.raises(TypeError, match="it is an array, not a stream"):
+        _interop.stream_handle(RefusingInterface())
+    for wrong in (
+        array,
+        CudaStreamProtocol((0, 5)),
+        TorchLikeStream(),
+        Interface(shape=(2,), typestr="<f4"),
+        RefusingInterface(),
+    ):
         with pytest.raises(TypeError, match="not an event"):
             _core._event_handle(wrong)
     assert _core._event_handle(0x1234) == 0x1234
