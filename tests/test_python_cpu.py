@@ -113,6 +113,25 @@ def test_objects_that_are_no_stream_raise_type_error(stream):
         _interop.stream_handle(stream)
 
 
+def test_a_refused_out_array_keeps_its_stream():
+    # Checked before it becomes the call's (stream 7): its readers and its free stay on stream 5. No CUDA call is made.
+    from pydeepep import _core
+
+    counts = pydeepep.DeviceArray(0x7000, (4,), np.int32, 1, 5)
+    for shape, dtypes, device, words in (
+        ((4,), (np.int32,), 0, "is on device 1; this communicator uses device 0"),
+        ((3,), (np.int32,), 1, r"has shape \(4,\); \(3,\) is needed"),
+        ((4,), (np.int64,), 1, "has dtype int32; it must be int64"),
+    ):
+        with pytest.raises(pydeepep.DeepEPInvalidArgument, match=words):
+            _core._out_pointer(counts, 7, "counts", shape, dtypes, device)
+        assert counts.stream == 5
+    stats = pydeepep.DeviceArray(0x7000, (4,), np.int64, 0, 5)
+    with pytest.raises(pydeepep.DeepEPInvalidArgument, match=r"stats has shape \(4,\); \(3,\) is needed"):
+        _core._stats_array(stats, 7, "stats", 3)
+    assert stats.stream == 5
+
+
 def test_an_array_is_no_stream_and_a_stream_or_array_is_no_event():
     # Both have a handle or pointer that the driver would take for a stream's or an event's.
     from pydeepep import _core
