@@ -331,12 +331,11 @@ class PeerTablesLoad {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int r = static_cast<int>(threadIdx.x) + i * kThreads;
-      masked_[i] = 0;
-      if (r < nranks_ && *reinterpret_cast<volatile const uint32_t*>(a.mask + r) != 0) {
-        masked_[i] = kRankMasked;
-      } else if (r < nranks_ && combine && *reinterpret_cast<volatile const uint32_t*>(a.dispatch_mask + r) != 0) {
-        masked_[i] = kRankOutOfDispatch;
-      }
+      // Both words loaded before either is tested, so that a combine's second load is in flight with the first.
+      const uint32_t masked = r < nranks_ ? *reinterpret_cast<volatile const uint32_t*>(a.mask + r) : 0u;
+      const uint32_t out_of_dispatch =
+          r < nranks_ && combine ? *reinterpret_cast<volatile const uint32_t*>(a.dispatch_mask + r) : 0u;
+      masked_[i] = masked != 0 ? kRankMasked : out_of_dispatch != 0 ? kRankOutOfDispatch : 0;
       direct_[i] = r < nranks_ ? static_cast<uint8_t*>(a.direct[r]) : nullptr;
     }
   }

@@ -1531,6 +1531,7 @@ def _out_pointer(array, stream, name, shape, dtypes, int device):
         # the call's stream, with no wait.
         _check_written_array(array, label, shape, names, device)
         (<DeviceArray>array)._written_on(stream)
+        return _as_view(array, stream_handle(stream)).ptr
     view = _as_view(array, stream_handle(stream))
     _check_written_array(view, label, shape, names)
     return view.ptr

@@ -209,8 +209,9 @@ def _stats_array(obj, stream, str name, int64_t length, kinds=("int64",)):
     if obj is None:
         return 0, None, None
     if isinstance(obj, DeviceArray):  # read and added to by the call: its readers and its free follow the call
-        _check_written_array(obj, name, (length,), kinds)  # first: a refused array keeps its stream
+        kind = _check_written_array(obj, name, (length,), kinds)  # first: a refused array keeps its stream
         (<DeviceArray>obj)._written_on(stream)
+        return obj.ptr, _as_view(obj, stream_handle(stream)), kind
     view = _as_view(obj, stream_handle(stream))
     return view.ptr, view, _check_written_array(view, name, (length,), kinds)
 
